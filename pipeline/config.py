@@ -1,0 +1,151 @@
+"""The one settings object. The environment is read here and nowhere else.
+
+Every setting has an environment variable ``LLMBATCH_<NAME>`` (upper case).
+An optional TOML file (``LLMBATCH_CONFIG``, default ``llmbatch.toml`` in the
+working directory) supplies values the environment does not. Secrets are kept
+in ``Secret`` so they never show in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import tomllib
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Secret(str):
+    """A string that hides itself in reprs and formatted output."""
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self else "Secret('')"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+def _tier_map(**values):
+    return field(default_factory=lambda: dict(values))
+
+
+@dataclass(frozen=True)
+class Settings:
+    # services (ports chosen so a system service on a default port does not collide)
+    database_url: str = "postgresql+psycopg://llmbatch@127.0.0.1:55432/llmbatch"
+    redis_url: str = "redis://127.0.0.1:56379/0"
+    kafka_bootstrap: str = "127.0.0.1:59092"
+    var_dir: Path = ROOT / "var"
+
+    # providers: with no key set, the built-in simulator answers
+    openai_api_key: Secret = Secret("")
+    anthropic_api_key: Secret = Secret("")
+    simulator_url: str = "http://127.0.0.1:58080"
+    openai_base_url: str = ""
+    anthropic_base_url: str = ""
+    provider_timeout_s: float = 60.0
+    max_attempts: int = 5
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+    # batcher
+    consumer_group: str = "llmbatch-batcher"
+    batch_max_size: dict = _tier_map(immediate=50, peak=200, offpeak=500, background=500)
+    batch_linger_s: dict = _tier_map(immediate=0.005, peak=0.2, offpeak=0.5, background=0.5)
+    sweep_after_s: float = 30.0
+
+    # workers
+    worker_concurrency: dict = _tier_map(immediate=2, peak=2, offpeak=1, background=1)
+    inflight_per_batch: dict = _tier_map(immediate=64, peak=64, offpeak=64, background=32)
+    batch_lease_s: float = 120.0
+    visibility_timeout_s: int = 7200
+
+    # pricing
+    pricing_file: Path | None = None
+
+    @property
+    def simulated(self) -> bool:
+        """True when no provider key is set and the simulator answers."""
+        return not (self.openai_api_key or self.anthropic_api_key)
+
+    def base_url(self, provider: str) -> str:
+        if provider == "openai":
+            return self.openai_base_url or (
+                "https://api.openai.com/v1" if self.openai_api_key else f"{self.simulator_url}/v1")
+        if provider == "anthropic":
+            return self.anthropic_base_url or (
+                "https://api.anthropic.com" if self.anthropic_api_key else self.simulator_url)
+        raise ConfigError(f"unknown provider {provider!r}")
+
+    def api_key(self, provider: str) -> str:
+        key = self.openai_api_key if provider == "openai" else self.anthropic_api_key
+        return key.reveal() if key else "sk-simulator"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url
+
+    @property
+    def libpq_url(self) -> str:
+        """The database URL as libpq/psycopg understands it."""
+        return self.database_url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def _coerce(value, current, name: str):
+    try:
+        if isinstance(current, bool):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        if isinstance(current, int) and not isinstance(current, bool):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, Decimal):
+            return Decimal(str(value))
+        if isinstance(current, Secret):
+            return Secret(value)
+        if isinstance(current, dict):
+            if isinstance(value, dict):
+                return {**current, **value}
+            pairs = (p.split("=", 1) for p in str(value).split(",") if p)
+            return {**current, **{k.strip(): type(next(iter(current.values())))(v) for k, v in pairs}}
+        if isinstance(current, Path) or name.endswith(("_dir", "_file")):
+            return Path(value) if value else None
+        return value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"setting {name}: cannot use {value!r}: {e}") from e
+
+
+def load_settings(env: dict | None = None) -> Settings:
+    """Build settings from defaults, the TOML file and the environment (in that order)."""
+    env = os.environ if env is None else env
+    base = Settings()
+    values: dict = {}
+    config_file = Path(env.get("LLMBATCH_CONFIG", "llmbatch.toml"))
+    if config_file.is_file():
+        with config_file.open("rb") as f:
+            values.update(tomllib.load(f))
+    for f in dataclasses.fields(Settings):
+        key = f"LLMBATCH_{f.name.upper()}"
+        if key in env:
+            values[f.name] = env[key]
+    # the providers' own variable names work too
+    for name, var in (("openai_api_key", "OPENAI_API_KEY"), ("anthropic_api_key", "ANTHROPIC_API_KEY")):
+        if name not in values and env.get(var):
+            values[name] = env[var]
+    unknown = set(values) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    coerced = {k: _coerce(v, getattr(base, k), k) for k, v in values.items()}
+    return dataclasses.replace(base, **coerced)
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, built once."""
+    return load_settings()

@@ -1,0 +1,29 @@
+"""Names shared by every process: topics, queues, tiers, key prefixes, states.
+
+Kept in one place so a producer, the batcher, the workers and the SQL agree.
+"""
+
+REQUESTS_TOPIC = "llm.requests"
+DLQ_TOPIC = "llm.requests.dlq"
+REQUESTS_PARTITIONS = 6
+
+TIERS = ("immediate", "peak", "offpeak", "background")
+#: Tiers whose batches go to Celery as soon as they are written.
+DISPATCHED_TIERS = ("immediate", "peak")
+#: Tiers whose batches wait in Postgres until the scheduler releases them.
+HELD_TIERS = ("offpeak", "background")
+
+
+def queue_for(tier: str) -> str:
+    """Celery queue name of a tier."""
+    return f"tier.{tier}"
+
+
+REDIS_PREFIX = "llmbatch:"
+
+# Request states. Terminal ones never change again.
+REQUEST_TERMINAL = ("succeeded", "failed", "cancelled")
+# Job states. ``paused_budget`` is an end for ``--wait`` but can resume.
+JOB_TERMINAL = ("completed", "failed", "cancelled", "paused_budget")
+
+SIMULATOR_LABEL = "simulator (no API key set: answers are simulated, not from a real model)"

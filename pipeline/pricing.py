@@ -1,0 +1,275 @@
+"""Prices as data, and exact cost arithmetic.
+
+The price book is ``pipeline/data/pricing.json`` (shipped in the package); a
+user file of the same shape (``pricing_file`` setting) adds models or
+overrides fields of existing ones without touching the package. Prices are
+USD per 1M tokens, kept as exact decimal strings and read into ``Decimal``;
+costs are exact ``Decimal`` USD, never rounded, never touched by a float.
+
+File shape::
+
+    {"models": {"gpt-4o": {"provider": "openai", "input": "2.50", "cached_input": "1.25",
+                           "output": "10.00", "batch_discount": "0.5",
+                           "context_window": 128000, "max_output_tokens": 16384,
+                           "aliases": ["gpt-4o-2024-08-06"], "effective_date": "2026-11-23",
+                           "source": "https://…"}}}
+
+Optional per model: ``cache_write`` and ``cache_write_1h`` (Anthropic 5-minute
+and 1-hour prompt-cache write prices; cache writes without them are priced at
+the base input price), ``limits_source``, ``note``. In a user file, an entry
+for a model already known is merged field by field over it, so
+``{"models": {"gpt-4o": {"input": "2.00"}}}`` changes one price.
+"""
+
+from __future__ import annotations
+
+import decimal
+import functools
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+
+from pipeline.errors import ConfigError, UnknownModelError
+
+PROVIDERS = ("openai", "anthropic")
+_MTOK = Decimal(1_000_000)
+_REQUIRED = ("provider", "input", "cached_input", "output", "batch_discount",
+             "context_window", "max_output_tokens", "effective_date", "source")
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """One model's prices (USD per 1M tokens) and limits."""
+
+    model: str
+    provider: str
+    input_per_mtok: Decimal
+    cached_input_per_mtok: Decimal     # OpenAI cached input; Anthropic cache read
+    output_per_mtok: Decimal
+    batch_discount: Decimal            # fraction off, "0.5" = half price
+    context_window: int
+    max_output_tokens: int
+    aliases: tuple[str, ...]
+    effective_date: str                # the day the price was read from ``source`` and in effect
+    source: str
+    cache_write_per_mtok: Decimal | None = None      # Anthropic 5-minute cache write; None = input price
+    cache_write_1h_per_mtok: Decimal | None = None   # Anthropic 1-hour cache write; None = input price
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens of one call, normalised across providers.
+
+    ``input_tokens`` counts every prompt token (OpenAI ``prompt_tokens``
+    semantics): cache reads and cache writes are included in it, and
+    ``cached_input_tokens``, ``cache_write_tokens`` and
+    ``cache_write_1h_tokens`` say how many of them were which.
+    ``output_tokens`` includes reasoning tokens.
+    """
+
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0        # Anthropic 5-minute cache writes (part of input_tokens)
+    cache_write_1h_tokens: int = 0     # Anthropic 1-hour cache writes (part of input_tokens)
+
+
+def _exact() -> decimal.Context:
+    """A context where any rounding raises instead of happening."""
+    ctx = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN)
+    ctx.traps[decimal.Inexact] = True
+    ctx.traps[decimal.Rounded] = True
+    return ctx
+
+
+def _apply_batch(price: ModelPrice, amount: Decimal, batch: bool) -> Decimal:
+    return amount * (1 - price.batch_discount) if batch else amount
+
+
+def cost(price: ModelPrice, usage: Usage, *, batch: bool = False) -> Decimal:
+    """Exact USD cost of ``usage`` at ``price`` (Batch API discount when ``batch``)."""
+    special = usage.cached_input_tokens + usage.cache_write_tokens + usage.cache_write_1h_tokens
+    if min(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
+           usage.cache_write_tokens, usage.cache_write_1h_tokens) < 0:
+        raise ValueError(f"negative token count in {usage}")
+    if special > usage.input_tokens:
+        raise ValueError(f"cached and cache-write tokens exceed input tokens in {usage}")
+    with decimal.localcontext(_exact()):
+        write_5m = price.cache_write_per_mtok if price.cache_write_per_mtok is not None else price.input_per_mtok
+        write_1h = (price.cache_write_1h_per_mtok if price.cache_write_1h_per_mtok is not None
+                    else price.input_per_mtok)
+        total = ((usage.input_tokens - special) * price.input_per_mtok
+                 + usage.cached_input_tokens * price.cached_input_per_mtok
+                 + usage.cache_write_tokens * write_5m
+                 + usage.cache_write_1h_tokens * write_1h
+                 + usage.output_tokens * price.output_per_mtok) / _MTOK
+        return _apply_batch(price, total, batch)
+
+
+def max_cost(price: ModelPrice, input_tokens: int, max_tokens: int | None, *,
+             batch: bool = False) -> Decimal:
+    """The most a request can cost: all input uncached, ``max_tokens`` of output.
+
+    ``max_tokens=None`` means the model's ``max_output_tokens``.
+    """
+    out = price.max_output_tokens if max_tokens is None else max_tokens
+    if input_tokens < 0 or out < 0:
+        raise ValueError("token counts must not be negative")
+    with decimal.localcontext(_exact()):
+        total = (input_tokens * price.input_per_mtok + out * price.output_per_mtok) / _MTOK
+        return _apply_batch(price, total, batch)
+
+
+def _int(value) -> int:
+    return int(value or 0)
+
+
+def usage_from_openai(usage: dict) -> Usage:
+    """From a chat.completion ``usage`` dict (``prompt_tokens``, ``completion_tokens``,
+    ``prompt_tokens_details.cached_tokens``). Responses-API names (``input_tokens``,
+    ``output_tokens``, ``input_tokens_details``) are understood too."""
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        inp, out = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details") or {}
+    else:
+        inp, out = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
+        details = usage.get("input_tokens_details") or {}
+    return Usage(input_tokens=inp, output_tokens=out, cached_input_tokens=_int(details.get("cached_tokens")))
+
+
+def usage_from_anthropic(usage: dict) -> Usage:
+    """From an Anthropic ``usage`` dict.
+
+    Anthropic's ``input_tokens`` excludes cache reads and writes; here
+    ``input_tokens = input + cache_read + cache_creation``,
+    ``cached_input_tokens = cache_read``, and cache creation is split into
+    5-minute and 1-hour writes when ``cache_creation`` gives the breakdown
+    (otherwise all of it counts as 5-minute writes, the default TTL).
+    """
+    base = _int(usage.get("input_tokens"))
+    read = _int(usage.get("cache_read_input_tokens"))
+    created = _int(usage.get("cache_creation_input_tokens"))
+    breakdown = usage.get("cache_creation") or {}
+    write_1h = min(_int(breakdown.get("ephemeral_1h_input_tokens")), created)
+    return Usage(input_tokens=base + read + created, output_tokens=_int(usage.get("output_tokens")),
+                 cached_input_tokens=read, cache_write_tokens=created - write_1h,
+                 cache_write_1h_tokens=write_1h)
+
+
+# --------------------------------------------------------------------------- the price book
+
+def _dec(entry: dict, key: str, where: str) -> Decimal:
+    raw = entry[key]
+    if isinstance(raw, float) or isinstance(raw, bool):
+        raise ConfigError(f"{where}: {key} must be a decimal string, not a float ({raw!r})")
+    try:
+        value = Decimal(str(raw))
+    except decimal.InvalidOperation as e:
+        raise ConfigError(f"{where}: {key} is not a number: {raw!r}") from e
+    if not value.is_finite() or value < 0:
+        raise ConfigError(f"{where}: {key} must be a finite, non-negative number: {raw!r}")
+    return value
+
+
+def _parse_entry(name: str, entry: dict, origin: str) -> ModelPrice:
+    where = f"{origin}: model {name!r}"
+    missing = [k for k in _REQUIRED if k not in entry]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)}")
+    if entry["provider"] not in PROVIDERS:
+        raise ConfigError(f"{where}: provider must be one of {', '.join(PROVIDERS)}")
+    discount = _dec(entry, "batch_discount", where)
+    if discount > 1:
+        raise ConfigError(f"{where}: batch_discount is a fraction off, at most 1: {discount}")
+    try:
+        context_window, max_out = int(entry["context_window"]), int(entry["max_output_tokens"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: context_window and max_output_tokens must be integers") from e
+    if context_window <= 0 or max_out <= 0:
+        raise ConfigError(f"{where}: context_window and max_output_tokens must be positive")
+    aliases = entry.get("aliases") or []
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise ConfigError(f"{where}: aliases must be a list of strings")
+    return ModelPrice(
+        model=name, provider=entry["provider"],
+        input_per_mtok=_dec(entry, "input", where),
+        cached_input_per_mtok=_dec(entry, "cached_input", where),
+        output_per_mtok=_dec(entry, "output", where),
+        batch_discount=discount,
+        context_window=context_window, max_output_tokens=max_out,
+        aliases=tuple(aliases), effective_date=str(entry["effective_date"]), source=str(entry["source"]),
+        cache_write_per_mtok=_dec(entry, "cache_write", where) if entry.get("cache_write") is not None else None,
+        cache_write_1h_per_mtok=(_dec(entry, "cache_write_1h", where)
+                                 if entry.get("cache_write_1h") is not None else None),
+    )
+
+
+def _read_models(text: str, origin: str) -> dict[str, dict]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{origin}: not valid JSON: {e}") from e
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+        raise ConfigError(f'{origin}: expected {{"models": {{name: {{...}}}}}}')
+    return models
+
+
+class PriceBook:
+    """Model prices by name, alias or dated id."""
+
+    def __init__(self, prices: dict[str, ModelPrice]):
+        self._prices = dict(prices)
+        self._index: dict[str, ModelPrice] = {}
+        for price in self._prices.values():
+            for key in (price.model, *price.aliases):
+                other = self._index.get(key)
+                if other is not None and other.model != price.model:
+                    raise ConfigError(f"price book: {key!r} names both {other.model!r} and {price.model!r}")
+                self._index[key] = price
+
+    @classmethod
+    def load(cls, user_file: Path | None = None) -> "PriceBook":
+        """The package price book, then ``user_file`` (if given) adding or overriding models."""
+        origin = "pipeline/data/pricing.json"
+        text = resources.files("pipeline").joinpath("data", "pricing.json").read_text(encoding="utf-8")
+        entries = _read_models(text, origin)
+        origins = dict.fromkeys(entries, origin)
+        if user_file is not None:
+            user_file = Path(user_file)
+            try:
+                user_text = user_file.read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"pricing file {user_file}: cannot read: {e}") from e
+            for name, entry in _read_models(user_text, str(user_file)).items():
+                entries[name] = {**entries.get(name, {}), **entry}
+                origins[name] = str(user_file)
+        return cls({name: _parse_entry(name, entry, origins[name]) for name, entry in entries.items()})
+
+    def resolve(self, model: str) -> ModelPrice:
+        """The price of a model name, alias or dated id; UnknownModelError otherwise."""
+        price = self._index.get(model) or self._index.get(model.strip().lower())
+        if price is None:
+            raise UnknownModelError(
+                f"unknown model {model!r}; known models: {', '.join(self.known_models())}")
+        return price
+
+    def known_models(self) -> list[str]:
+        """Canonical model names, sorted (aliases resolve to them)."""
+        return sorted(self._prices)
+
+    def __contains__(self, model: str) -> bool:
+        return model in self._index or model.strip().lower() in self._index
+
+    def __iter__(self):
+        return iter(self._prices[name] for name in self.known_models())
+
+
+@functools.cache
+def get_price_book() -> PriceBook:
+    """The process-wide price book (package file plus the ``pricing_file`` setting)."""
+    from pipeline.config import get_settings
+
+    return PriceBook.load(get_settings().pricing_file)

@@ -1,0 +1,297 @@
+"""Postgres access: the engine, migrations, and the statements every process shares.
+
+SQLAlchemy 2.0 Core over psycopg 3. Bulk writes go through one statement per
+batch (``jsonb_to_recordset``), never a row at a time. Repository functions take
+a connection so callers compose transactions (a state change and a result
+write commit together). Writes are idempotent on natural keys: a replayed
+message or a redelivered task changes nothing that is already done.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from decimal import Decimal
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from pipeline.config import ROOT, get_settings
+from pipeline.errors import InfrastructureError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = ROOT / "sql"
+
+
+@functools.cache
+def get_engine(url: str | None = None) -> Engine:
+    """One engine (and pool) per process."""
+    return sa.create_engine(url or get_settings().sqlalchemy_url, pool_size=5, max_overflow=10,
+                            pool_pre_ping=True, future=True)
+
+
+def dumps(value) -> str:
+    """JSON for jsonb parameters; Decimals keep their exact text."""
+    return json.dumps(value, separators=(",", ":"), default=_json_default, ensure_ascii=False)
+
+
+def _json_default(o):
+    if isinstance(o, Decimal):
+        return str(o)
+    if hasattr(o, "isoformat"):
+        return o.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ---------------------------------------------------------------- migrations
+
+def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
+    """Ordered migrations: ``NNN_name.sql`` at the top of ``sql/``."""
+    return sorted(p for p in directory.glob("[0-9][0-9][0-9]_*.sql"))
+
+
+def upgrade(engine: Engine | None = None) -> list[str]:
+    """Apply migrations not yet applied, each in its own transaction. Idempotent.
+
+    An advisory lock keeps two concurrent upgrades from racing.
+    """
+    engine = engine or get_engine()
+    applied_now = []
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(727001)"))
+            conn.execute(sa.text(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"))
+            done = set(conn.execute(sa.text("SELECT version FROM schema_migrations")).scalars())
+            for path in migration_files():
+                if path.stem in done:
+                    continue
+                conn.exec_driver_sql(path.read_text())
+                conn.execute(sa.text("INSERT INTO schema_migrations (version) VALUES (:v)"),
+                             {"v": path.stem})
+                applied_now.append(path.stem)
+    except sa.exc.OperationalError as e:
+        raise InfrastructureError(f"cannot reach Postgres: {e.orig}") from e
+    return applied_now
+
+
+# ---------------------------------------------------------------- jobs
+
+def create_job(conn: Connection, job_id: str, *, name: str | None, source: str | None,
+               priority: int | None, tier: str | None, budget_usd: Decimal | None,
+               on_budget: str, mode: str, simulated: bool) -> None:
+    conn.execute(sa.text(
+        "INSERT INTO jobs (job_id, name, source, priority, tier, budget_usd, on_budget, mode, simulated)"
+        " VALUES (:job_id, :name, :source, :priority, :tier, :budget_usd, :on_budget, :mode, :simulated)"),
+        dict(job_id=job_id, name=name, source=source, priority=priority, tier=tier,
+             budget_usd=budget_usd, on_budget=on_budget, mode=mode, simulated=simulated))
+
+
+def record_rejections(conn: Connection, job_id: str, rejections: list[dict]) -> None:
+    """Store rejected lines (``line``, ``custom_id``, ``reason``); idempotent."""
+    if not rejections:
+        return
+    conn.execute(sa.text(
+        "INSERT INTO rejections (job_id, line, custom_id, reason)"
+        " SELECT :job_id, x.line, x.custom_id, x.reason"
+        " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(line int, custom_id text, reason text)"
+        " ON CONFLICT DO NOTHING"), {"job_id": job_id, "rows": dumps(rejections)})
+
+
+def finish_submit(conn: Connection, job_id: str, *, lines_read: int, accepted: int, rejected: int) -> None:
+    """Submit is over: the job's counts are final and it can complete."""
+    conn.execute(sa.text(
+        "UPDATE jobs SET lines_read = :lines_read, accepted = :accepted, rejected = :rejected,"
+        " status = CASE WHEN status = 'submitting' THEN 'running' ELSE status END,"
+        " submitted_at = now() WHERE job_id = :job_id"),
+        dict(job_id=job_id, lines_read=lines_read, accepted=accepted, rejected=rejected))
+    refresh_jobs(conn, [job_id])
+
+
+def refresh_jobs(conn: Connection, job_ids) -> None:
+    """Mark running jobs completed once every accepted request is terminal.
+
+    Cheap when work remains: the partial index on open requests answers the
+    NOT EXISTS; the full count runs only when nothing is open.
+    """
+    ids = list(set(job_ids))
+    if not ids:
+        return
+    conn.execute(sa.text(
+        "UPDATE jobs j SET status = 'completed', finished_at = now()"
+        " WHERE j.job_id = ANY(:ids) AND j.status = 'running'"
+        " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.job_id"
+        "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"
+        " AND (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id) >= j.accepted"),
+        {"ids": ids})
+
+
+def job_status(conn: Connection, job_id: str) -> dict | None:
+    """The object ``status --json`` prints."""
+    row = conn.execute(sa.text(
+        "SELECT job_id, status, simulated, lines_read, accepted, rejected,"
+        " succeeded, failed, cancelled, pending, cost_usd, created_at, finished_at"
+        " FROM job_summary WHERE job_id = :j"), {"j": job_id}).mappings().first()
+    if row is None:
+        return None
+    tiers = dict(conn.execute(sa.text(
+        "SELECT tier, count(*) FROM requests WHERE job_id = :j GROUP BY tier"), {"j": job_id}).all())
+    return {
+        "job_id": row["job_id"],
+        "status": row["status"],
+        "provider": "simulator" if row["simulated"] else "live",
+        "counts": {
+            "total": row["lines_read"], "accepted": row["accepted"], "rejected": row["rejected"],
+            "succeeded": row["succeeded"], "failed": row["failed"], "cancelled": row["cancelled"],
+            "pending": row["pending"],
+        },
+        "tiers": tiers,
+        "cost_usd": str(row["cost_usd"]),
+        "created_at": row["created_at"].isoformat(),
+        "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
+    }
+
+
+# ---------------------------------------------------------------- batches
+
+_REQUEST_COLUMNS = (
+    "job_id text, custom_id text, line int, batch_id text, provider text, model text,"
+    " tier text, tier_reason text, priority smallint, deadline timestamptz, body jsonb,"
+    " metadata jsonb, input_tokens int, tokens_exact bool, max_cost_usd numeric,"
+    " status text, published_at timestamptz")
+
+
+def write_batches(conn: Connection, requests: list[dict], batches: list[dict]) -> dict[str, int]:
+    """Insert requests and their batches in one go; returns new requests per batch.
+
+    Requests already present (a replayed message) are skipped by the natural
+    key and do not count; a batch left with no new request is not written.
+    """
+    jobs = sorted({r["job_id"] for r in requests})
+    conn.execute(sa.text(
+        "INSERT INTO jobs (job_id, status) SELECT unnest(CAST(:ids AS text[])), 'running'"
+        " ON CONFLICT DO NOTHING"), {"ids": jobs})
+    inserted = conn.execute(sa.text(
+        f"INSERT INTO requests (job_id, custom_id, line, batch_id, provider, model, tier, tier_reason,"
+        f" priority, deadline, body, metadata, input_tokens, tokens_exact, max_cost_usd, status, published_at)"
+        f" SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x({_REQUEST_COLUMNS})"
+        f" ON CONFLICT (job_id, custom_id) DO NOTHING RETURNING batch_id"),
+        {"rows": dumps(requests)}).scalars().all()
+    counts: dict[str, int] = {}
+    for batch_id in inserted:
+        counts[batch_id] = counts.get(batch_id, 0) + 1
+    kept = [dict(b, size=counts[b["batch_id"]]) for b in batches if counts.get(b["batch_id"])]
+    if kept:
+        conn.execute(sa.text(
+            "INSERT INTO batches (batch_id, tier, provider, model, size, status)"
+            " SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb))"
+            " AS x(batch_id text, tier text, provider text, model text, size int, status text)"),
+            {"rows": dumps(kept)})
+    return counts
+
+
+def mark_dispatched(conn: Connection, batch_ids: list[str]) -> None:
+    conn.execute(sa.text(
+        "UPDATE batches SET status = 'dispatched', dispatched_at = now()"
+        " WHERE batch_id = ANY(:ids) AND status = 'queued'"), {"ids": batch_ids})
+
+
+def undispatched_batches(conn: Connection, older_than_s: float) -> list[tuple[str, str]]:
+    """Batches written but never handed to Celery, or whose worker lease ran out."""
+    return conn.execute(sa.text(
+        "SELECT batch_id, tier FROM batches"
+        " WHERE (status = 'queued' AND created_at < now() - make_interval(secs => :age))"
+        "    OR (status = 'running' AND lease_until < now() - make_interval(secs => :age))"
+        " ORDER BY created_at LIMIT 1000"), {"age": older_than_s}).all()
+
+
+def claim_batch(conn: Connection, batch_id: str, owner: str, lease_s: float) -> dict | None:
+    """Take the batch's lease, or None if another live worker holds it or it is done.
+
+    A redelivered Celery task keeps its task id, so it can take back its own lease.
+    """
+    row = conn.execute(sa.text(
+        "UPDATE batches SET status = 'running', lease_owner = :owner,"
+        " lease_until = now() + make_interval(secs => :lease), deliveries = deliveries + 1,"
+        " started_at = coalesce(started_at, now())"
+        " WHERE batch_id = :b AND (status IN ('queued', 'dispatched')"
+        "   OR (status = 'running' AND (lease_until < now() OR lease_owner = :owner)))"
+        " RETURNING batch_id, tier, provider, model, deliveries"),
+        {"b": batch_id, "owner": owner, "lease": lease_s}).mappings().first()
+    return dict(row) if row else None
+
+
+def renew_lease(conn: Connection, batch_id: str, owner: str, lease_s: float) -> bool:
+    return bool(conn.execute(sa.text(
+        "UPDATE batches SET lease_until = now() + make_interval(secs => :lease)"
+        " WHERE batch_id = :b AND lease_owner = :owner AND status = 'running'"),
+        {"b": batch_id, "owner": owner, "lease": lease_s}).rowcount)
+
+
+def open_requests(conn: Connection, batch_id: str) -> list[dict]:
+    """The batch's requests not yet finished, marked running."""
+    rows = conn.execute(sa.text(
+        "UPDATE requests r SET status = 'running', started_at = coalesce(started_at, now())"
+        " WHERE batch_id = :b AND status NOT IN ('succeeded', 'failed', 'cancelled')"
+        " RETURNING job_id, custom_id, provider, model, tier, body, input_tokens, max_cost_usd,"
+        " greatest(r.attempts, coalesce((SELECT max(a.attempt) FROM attempts a"
+        "   WHERE a.job_id = r.job_id AND a.custom_id = r.custom_id), 0)) AS attempts"),
+        {"b": batch_id}).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def finish_batch(conn: Connection, batch_id: str) -> None:
+    conn.execute(sa.text(
+        "UPDATE batches SET status = 'done', finished_at = now(), lease_until = NULL"
+        " WHERE batch_id = :b"), {"b": batch_id})
+
+
+def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict]) -> None:
+    """Store finished requests: result rows, attempt rows, terminal states. Idempotent.
+
+    ``outcomes``: job_id, custom_id, model, status ('succeeded'|'failed'),
+    status_code, response, error, token counts, usage_missing, cost_usd,
+    provider_request_id, latency_ms, attempts.
+    """
+    if attempts:
+        conn.execute(sa.text(
+            "INSERT INTO attempts (job_id, custom_id, attempt, status_code, error, latency_ms,"
+            " provider_request_id, cost_usd)"
+            " SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text,"
+            " attempt smallint, status_code int, error text, latency_ms int, provider_request_id text,"
+            " cost_usd numeric) ON CONFLICT DO NOTHING"), {"rows": dumps(attempts)})
+    if not outcomes:
+        return
+    rows = dumps(outcomes)
+    conn.execute(sa.text(
+        "INSERT INTO results (job_id, custom_id, model, status_code, response, error, input_tokens,"
+        " cached_input_tokens, output_tokens, usage_missing, cost_usd, provider_request_id, latency_ms)"
+        " SELECT x.job_id, x.custom_id, x.model, x.status_code, x.response, x.error, x.input_tokens,"
+        " x.cached_input_tokens, x.output_tokens, coalesce(x.usage_missing, false), x.cost_usd,"
+        " x.provider_request_id, x.latency_ms"
+        " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, model text,"
+        " status_code int, response jsonb, error jsonb, input_tokens int, cached_input_tokens int,"
+        " output_tokens int, usage_missing bool, cost_usd numeric, provider_request_id text, latency_ms int)"
+        " ON CONFLICT DO NOTHING"), {"rows": rows})
+    conn.execute(sa.text(
+        "UPDATE requests r SET status = x.status, attempts = x.attempts, finished_at = now()"
+        " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, status text,"
+        " attempts smallint)"
+        " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"
+        " AND r.status NOT IN ('succeeded', 'failed', 'cancelled')"), {"rows": rows})
+
+
+def iter_results(conn: Connection, job_id: str, chunk: int = 2000):
+    """Results of a job in input order, streamed."""
+    result = conn.execution_options(stream_results=True, yield_per=chunk).execute(sa.text(
+        "SELECT q.custom_id, q.line, q.status, r.status_code, r.response, r.error,"
+        " r.provider_request_id, r.cost_usd"
+        " FROM requests q LEFT JOIN results r USING (job_id, custom_id)"
+        " WHERE q.job_id = :j ORDER BY q.line NULLS LAST, q.custom_id"), {"j": job_id})
+    for row in result.mappings():
+        yield dict(row)
+

@@ -1,0 +1,37 @@
+"""Anthropic messages through ``AsyncAnthropic`` (raw JSON in and out, like the OpenAI provider)."""
+
+from __future__ import annotations
+
+import time
+
+import anthropic
+import httpx
+
+from pipeline.config import Settings
+from pipeline.errors import RetryableProviderError
+from pipeline.providers import Answer, classify_status
+
+
+class AnthropicProvider:
+    name = "anthropic"
+
+    def __init__(self, settings: Settings):
+        self.client = anthropic.AsyncAnthropic(
+            api_key=settings.api_key("anthropic"), base_url=settings.base_url("anthropic"),
+            max_retries=0, timeout=settings.provider_timeout_s,
+            http_client=anthropic.DefaultAioHttpClient(timeout=settings.provider_timeout_s))
+
+    async def call(self, body: dict, *, headers: dict) -> Answer:
+        started = time.monotonic()
+        try:
+            resp: httpx.Response = await self.client.post(
+                "/v1/messages", body=body, cast_to=httpx.Response, options={"headers": headers})
+        except anthropic.APIStatusError as e:
+            raise classify_status(e.status_code, e.message, e.request_id, e.response.headers) from e
+        except anthropic.APITimeoutError as e:
+            raise RetryableProviderError("timeout: the provider did not answer in time") from e
+        except anthropic.APIConnectionError as e:
+            raise RetryableProviderError(f"connection error: {e}") from e
+        return Answer(body=resp.json(), status_code=resp.status_code,
+                      request_id=resp.headers.get("request-id"),
+                      latency_ms=int((time.monotonic() - started) * 1000), headers=dict(resp.headers))

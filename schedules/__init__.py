@@ -1,0 +1,1 @@
+"""The scheduler side: releasing held (off-peak, background) batches to their workers."""

@@ -1,0 +1,100 @@
+"""Fixtures for tests against the real local stack (Kafka, Postgres, Redis, workers, simulator)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from pipeline import db
+from pipeline.config import ROOT, get_settings
+from tests.conftest import require
+
+LLMBATCH = str(Path(sys.executable).parent / "llmbatch")
+
+
+def _check(fn) -> tuple[bool, str]:
+    try:
+        fn()
+        return True, "ok"
+    except Exception as e:  # the reason goes into the failure message
+        return False, f"{type(e).__name__}: {e}"
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """The running stack; fails under CI (skips locally) when a part is missing."""
+    settings = get_settings()
+
+    def pg():
+        with db.get_engine().connect() as conn:
+            conn.execute(sa.text("SELECT 1 FROM jobs LIMIT 1"))
+
+    def redis_():
+        import redis
+        redis.Redis.from_url(settings.redis_url, socket_timeout=2).ping()
+
+    def kafka():
+        from confluent_kafka.admin import AdminClient
+        topics = AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(timeout=5).topics
+        assert "llm.requests" in topics, f"topic llm.requests missing: {sorted(topics)}"
+
+    def simulator():
+        urllib.request.urlopen(f"{settings.simulator_url}/healthz", timeout=2).read()
+
+    def workers():
+        from workers.app import app
+        replies = app.control.ping(timeout=2.0) or []
+        names = " ".join(k for r in replies for k in r)
+        for tier in ("immediate", "peak"):
+            assert f"{tier}@" in names, f"no {tier} worker answered ping: {names!r}"
+
+    for name, fn in (("Postgres", pg), ("Redis", redis_), ("Kafka", kafka), ("simulator", simulator),
+                     ("Celery workers", workers)):
+        require(name, *_check(fn))
+    for proc in ("batcher",):
+        pid_file = ROOT / "var" / "run" / f"{proc}.pid"
+        require(proc, pid_file.exists(), f"{pid_file.name} missing")
+    return settings
+
+
+@pytest.fixture
+def engine(stack):
+    return db.get_engine()
+
+
+def write_jsonl(path: Path, lines) -> Path:
+    with path.open("w") as f:
+        for line in lines:
+            f.write(line if isinstance(line, str) else json.dumps(line))
+            f.write("\n")
+    return path
+
+
+def chat_line(custom_id: str, text: str, model: str = "gpt-4o-mini", max_tokens: int = 32, **extra) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "max_tokens": max_tokens,
+                     "messages": [{"role": "user", "content": text}]}, **extra}
+
+
+def llmbatch(*args, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([LLMBATCH, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"llmbatch {args} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def wait_for(predicate, timeout: float = 60, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")

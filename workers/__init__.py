@@ -1,0 +1,1 @@
+"""Celery workers: one queue and one worker group per tier; a task runs a batch."""

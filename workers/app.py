@@ -1,0 +1,36 @@
+"""The Celery application.
+
+Delivery settings that make a killed worker lose nothing (FACTS.md):
+``task_acks_late`` + ``task_reject_on_worker_lost`` requeue a batch whose
+process died; prefetch 1 keeps long batches from waiting behind each other; the
+Redis visibility timeout is above the longest batch so a slow batch is not
+delivered twice. Results are not kept in a Celery backend: Postgres is the record.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from pipeline.config import get_settings
+from pipeline.constants import TIERS, queue_for
+
+settings = get_settings()
+
+app = Celery("llmbatch", broker=settings.redis_url, include=["workers.tasks"])
+app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    result_backend=None,
+    task_serializer="json",
+    accept_content=["json"],
+    task_queues=[Queue(queue_for(t)) for t in TIERS],
+    task_default_queue=queue_for("peak"),
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    broker_connection_retry_on_startup=True,
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    worker_hijack_root_logger=False,
+)

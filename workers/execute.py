@@ -1,0 +1,172 @@
+"""Execution of one batch: its requests run concurrently, results land in Postgres.
+
+1. take the batch's lease (a second delivery of the same batch while the first
+   is alive does nothing; a redelivery after a crash takes it back);
+2. load the requests not yet finished: a redelivered batch redoes only those;
+3. run them on the event loop, at most the tier's in-flight cap at once, each
+   with bounded retries;
+4. write outcomes and attempts in bulk every few hundred milliseconds, so a
+   crash loses at most that much finished work; each write is idempotent;
+5. mark the batch done and complete the jobs whose requests are all finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from decimal import Decimal
+
+from pipeline import db
+from pipeline.config import Settings
+from pipeline.errors import PermanentProviderError, ProviderError
+from pipeline.pricing import Usage, cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.providers import AttemptRecord, call_with_retries, get_provider
+
+log = logging.getLogger(__name__)
+
+MAX_DELIVERIES = 5
+FLUSH_EVERY_S = 0.25
+FLUSH_AT = 200
+
+
+class OutcomeWriter:
+    """Buffers outcomes and attempts and writes them in bulk, off the event loop."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.outcomes: list[dict] = []
+        self.attempts: list[dict] = []
+        self.lock = asyncio.Lock()
+
+    async def flush(self) -> None:
+        async with self.lock:
+            outcomes, attempts = self.outcomes, self.attempts
+            self.outcomes, self.attempts = [], []
+            if outcomes or attempts:
+                await asyncio.to_thread(self._write, outcomes, attempts)
+
+    def _write(self, outcomes, attempts) -> None:
+        with self.engine.begin() as conn:
+            db.write_outcomes(conn, outcomes, attempts)
+            db.refresh_jobs(conn, {o["job_id"] for o in outcomes})
+
+
+def _usage(provider: str, body: dict) -> Usage | None:
+    raw = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(raw, dict):
+        return None
+    return usage_from_openai(raw) if provider == "openai" else usage_from_anthropic(raw)
+
+
+async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> str:
+    provider = get_provider(req["provider"], settings)
+    price = get_price_book().resolve(req["model"])
+    key = f'{req["job_id"]}:{req["custom_id"]}'
+    headers = {"Idempotency-Key": key, "X-LLMBatch-Tier": req["tier"]}
+
+    last = {"attempt": req["attempts"], "row": None}
+
+    def on_attempt(a: AttemptRecord) -> None:
+        row = {"job_id": req["job_id"], "custom_id": req["custom_id"], "attempt": a.attempt,
+               "status_code": a.status_code, "error": a.error, "latency_ms": a.latency_ms,
+               "provider_request_id": a.request_id, "cost_usd": "0"}
+        last.update(attempt=a.attempt, row=row)
+        writer.attempts.append(row)
+
+    outcome = {"job_id": req["job_id"], "custom_id": req["custom_id"], "model": req["model"],
+               "response": None, "error": None, "input_tokens": None, "cached_input_tokens": None,
+               "output_tokens": None, "usage_missing": False, "cost_usd": "0",
+               "provider_request_id": None, "latency_ms": None, "status_code": None}
+    try:
+        answer = await call_with_retries(provider, req["body"], headers=headers, settings=settings,
+                                         first_attempt=req["attempts"] + 1, on_attempt=on_attempt)
+    except ProviderError as e:
+        code = "provider_error" if isinstance(e, PermanentProviderError) else "attempts_exhausted"
+        outcome.update(status="failed", status_code=e.status_code, provider_request_id=e.request_id,
+                       error={"code": code, "message": str(e)}, attempts=last["attempt"])
+        writer.outcomes.append(outcome)
+        return "failed"
+    usage = _usage(req["provider"], answer.body)
+    spent = cost(price, usage) if usage else Decimal(0)
+    last["row"]["cost_usd"] = str(spent)
+    outcome.update(
+        status="succeeded", status_code=answer.status_code, response=answer.body,
+        provider_request_id=answer.request_id, latency_ms=answer.latency_ms, cost_usd=str(spent),
+        usage_missing=usage is None, attempts=last["attempt"],
+        input_tokens=usage.input_tokens if usage else None,
+        cached_input_tokens=usage.cached_input_tokens if usage else None,
+        output_tokens=usage.output_tokens if usage else None)
+    if usage is None:
+        log.warning("request %s answered without usage: recorded as usage_missing, cost unknown", key)
+    writer.outcomes.append(outcome)
+    return "succeeded"
+
+
+async def _flusher(writer: OutcomeWriter, done: asyncio.Event) -> None:
+    while not done.is_set():
+        try:
+            await asyncio.wait_for(done.wait(), FLUSH_EVERY_S)
+        except asyncio.TimeoutError:
+            pass
+        await writer.flush()
+
+
+async def _keep_lease(engine, batch_id: str, owner: str, lease_s: float, done: asyncio.Event) -> None:
+    while not done.is_set():
+        try:
+            await asyncio.wait_for(done.wait(), lease_s / 3)
+        except asyncio.TimeoutError:
+            def renew():
+                with engine.begin() as conn:
+                    db.renew_lease(conn, batch_id, owner, lease_s)
+            await asyncio.to_thread(renew)
+
+
+async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=None) -> dict:
+    engine = engine or db.get_engine()
+    started = time.monotonic()
+
+    def claim():
+        with engine.begin() as conn:
+            batch = db.claim_batch(conn, batch_id, owner, settings.batch_lease_s)
+            if batch is None:
+                return None, []
+            return batch, db.open_requests(conn, batch_id)
+
+    batch, requests = await asyncio.to_thread(claim)
+    if batch is None:
+        return {"skipped": "done or leased by a live worker"}
+    writer = OutcomeWriter(engine)
+    if batch["deliveries"] > MAX_DELIVERIES:
+        log.error("batch %s delivered %d times: failing its %d open requests as poison",
+                  batch_id, batch["deliveries"], len(requests))
+        for r in requests:
+            writer.outcomes.append({"job_id": r["job_id"], "custom_id": r["custom_id"], "model": r["model"],
+                                    "status": "failed", "attempts": r["attempts"], "cost_usd": "0",
+                                    "error": {"code": "batch_poison",
+                                              "message": f"batch killed its worker {batch['deliveries'] - 1} times"}})
+        requests = []
+    sem = asyncio.Semaphore(settings.inflight_per_batch[batch["tier"]])
+    counts = {"succeeded": 0, "failed": 0}
+
+    async def one(req):
+        async with sem:
+            counts[await run_request(req, settings, writer)] += 1
+
+    done = asyncio.Event()
+    helpers = [asyncio.create_task(_flusher(writer, done)),
+               asyncio.create_task(_keep_lease(engine, batch_id, owner, settings.batch_lease_s, done))]
+    try:
+        await asyncio.gather(*(one(r) for r in requests))
+    finally:
+        done.set()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        await writer.flush()
+
+    def finish():
+        with engine.begin() as conn:
+            db.finish_batch(conn, batch_id)
+            db.refresh_jobs(conn, {r["job_id"] for r in requests})
+    await asyncio.to_thread(finish)
+    return dict(counts, requests=len(requests), seconds=round(time.monotonic() - started, 3))

@@ -1,0 +1,126 @@
+"""What the simulator has seen, as a provider would see it: ``GET /_stats``.
+
+Counted per model, per tier tag (header ``X-LLMBatch-Tier``, ``untagged``
+when absent), per model and tier, and in total:
+
+- ``requests``: requests received on the synchronous endpoints (any outcome)
+- ``successes`` and ``errors`` (status code, or ``timeout`` / ``hangup`` / ``client_closed``
+  when no answer was sent -> count)
+- ``in_flight`` now and ``peak_concurrency`` (most requests in flight at once)
+- ``peak_requests_60s`` / ``peak_tokens_60s``: the most requests, and the most
+  tokens (input + max output, the rate-limit cost), that arrived within any
+  sliding 60 s window
+- ``usage_tokens``: input + output tokens actually answered
+- ``duplicates``: requests whose ``Idempotency-Key`` had been seen before
+"""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.simulator.limits import PeakWindow
+
+UNTAGGED = "untagged"
+MAX_LISTED_DUPLICATE_KEYS = 100
+
+
+class Counter:
+    __slots__ = ("requests", "successes", "errors", "in_flight", "peak_concurrency",
+                 "window", "usage_tokens", "duplicates")
+
+    def __init__(self):
+        self.requests = 0
+        self.successes = 0
+        self.errors: dict[str, int] = {}
+        self.in_flight = 0
+        self.peak_concurrency = 0
+        self.window = PeakWindow()
+        self.usage_tokens = 0
+        self.duplicates = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "requests": self.requests,
+            "successes": self.successes,
+            "errors": dict(sorted(self.errors.items())),
+            "in_flight": self.in_flight,
+            "peak_concurrency": self.peak_concurrency,
+            "peak_requests_60s": self.window.peak_requests,
+            "peak_tokens_60s": self.window.peak_tokens,
+            "usage_tokens": self.usage_tokens,
+            "duplicates": self.duplicates,
+        }
+
+
+class Stats:
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.time()
+        self.total = Counter()
+        self.by_model: dict[str, Counter] = {}
+        self.by_tier: dict[str, Counter] = {}
+        self.by_model_tier: dict[tuple[str, str], Counter] = {}
+        self.seen_keys: set[str] = set()
+        self.duplicate_keys: dict[str, int] = {}
+        self.batch_requests: dict[str, int] = {}
+
+    def counters(self, model: str, tier: str | None) -> tuple[Counter, ...]:
+        tier = tier or UNTAGGED
+        m = self.by_model.get(model)
+        if m is None:
+            m = self.by_model[model] = Counter()
+        t = self.by_tier.get(tier)
+        if t is None:
+            t = self.by_tier[tier] = Counter()
+        mt = self.by_model_tier.get((model, tier))
+        if mt is None:
+            mt = self.by_model_tier[(model, tier)] = Counter()
+        return (self.total, m, t, mt)
+
+    def start(self, counters, now: float, cost: int, idempotency_key: str | None) -> None:
+        duplicate = False
+        if idempotency_key:
+            if idempotency_key in self.seen_keys:
+                duplicate = True
+                self.duplicate_keys[idempotency_key] = self.duplicate_keys.get(idempotency_key, 0) + 1
+            else:
+                self.seen_keys.add(idempotency_key)
+        for c in counters:
+            c.requests += 1
+            c.in_flight += 1
+            if c.in_flight > c.peak_concurrency:
+                c.peak_concurrency = c.in_flight
+            c.window.add(now, cost)
+            if duplicate:
+                c.duplicates += 1
+
+    @staticmethod
+    def finish(counters, status: int | str, usage_tokens: int = 0) -> None:
+        """``status``: the HTTP status sent, or ``"timeout"`` / ``"hangup"`` / ``"client_closed"``."""
+        key = None if status == 200 else str(status)
+        for c in counters:
+            c.in_flight -= 1
+            if key is None:
+                c.successes += 1
+                c.usage_tokens += usage_tokens
+            else:
+                c.errors[key] = c.errors.get(key, 0) + 1
+
+    def as_dict(self) -> dict:
+        by_model_tier: dict[str, dict] = {}
+        for (model, tier), c in sorted(self.by_model_tier.items()):
+            by_model_tier.setdefault(model, {})[tier] = c.as_dict()
+        listed = sorted(self.duplicate_keys.items(), key=lambda kv: -kv[1])[:MAX_LISTED_DUPLICATE_KEYS]
+        return {
+            "simulator": True,
+            "since": self.started,
+            "total": self.total.as_dict(),
+            "by_model": {k: c.as_dict() for k, c in sorted(self.by_model.items())},
+            "by_tier": {k: c.as_dict() for k, c in sorted(self.by_tier.items())},
+            "by_model_tier": by_model_tier,
+            "duplicate_keys": dict(listed),
+            "distinct_duplicate_keys": len(self.duplicate_keys),
+            "batch_requests": dict(sorted(self.batch_requests.items())),
+        }

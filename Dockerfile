@@ -1,0 +1,23 @@
+# The llmbatch application image (docker-compose.yml runs every app process
+# from it: migrate, simulator, batcher, workers, scheduler, flower).
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml ./
+COPY pipeline ./pipeline
+COPY workers ./workers
+COPY schedules ./schedules
+COPY sql ./sql
+# Editable, so that the package root stays /app: migrations are read from
+# sql/ and state (tokenizer files) lives in var/ beside the package.
+RUN pip install -e . \
+ && python -m pipeline.tokens provision \
+ && useradd --system --home-dir /app llmbatch \
+ && chown -R llmbatch /app/var
+USER llmbatch
+
+CMD ["llmbatch", "--help"]

@@ -232,6 +232,14 @@ def renew_lease(conn: Connection, batch_id: str, owner: str, lease_s: float) -> 
         {"b": batch_id, "owner": owner, "lease": lease_s}).rowcount)
 
 
+def release_lease(conn: Connection, batch_id: str, owner: str) -> None:
+    """End a lease early (the task failed): the sweep may hand the batch out again."""
+    conn.execute(sa.text(
+        "UPDATE batches SET lease_until = now() - make_interval(secs => 3600)"
+        " WHERE batch_id = :b AND lease_owner = :owner AND status = 'running'"),
+        {"b": batch_id, "owner": owner})
+
+
 def open_requests(conn: Connection, batch_id: str) -> list[dict]:
     """The batch's requests not yet finished, marked running."""
     rows = conn.execute(sa.text(

@@ -68,6 +68,9 @@ def parse_json_line(raw: bytes | str) -> dict:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as e:
+        if e.pos >= len(raw):
+            raise LineError(f"not valid JSON: the line ends at column {e.colno} before the JSON "
+                            f"is complete (truncated?)") from e
         raise LineError(f"not valid JSON: {e.msg} at column {e.colno}") from e
     if not isinstance(value, dict):
         raise LineError(f"expected a JSON object, got {_type_name(value)}")

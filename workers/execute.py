@@ -137,6 +137,20 @@ async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=Non
     batch, requests = await asyncio.to_thread(claim)
     if batch is None:
         return {"skipped": "done or leased by a live worker"}
+    try:
+        return await _execute(batch, requests, owner=owner, settings=settings, engine=engine, started=started)
+    except BaseException:
+        # Give the lease back so the sweep re-dispatches the batch (bounded by MAX_DELIVERIES).
+        def release():
+            with engine.begin() as conn:
+                db.release_lease(conn, batch_id, owner)
+        await asyncio.to_thread(release)
+        raise
+
+
+async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: Settings, engine,
+                   started: float) -> dict:
+    batch_id = batch["batch_id"]
     writer = OutcomeWriter(engine)
     if batch["deliveries"] > MAX_DELIVERIES:
         log.error("batch %s delivered %d times: failing its %d open requests as poison",

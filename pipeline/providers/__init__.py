@@ -19,6 +19,11 @@ from typing import Awaitable, Callable, Protocol
 from pipeline.config import Settings
 from pipeline.errors import PermanentProviderError, ProviderError, RetryableProviderError
 
+try:  # the SDKs' HTTP layer: httpx2 in current releases, httpx before
+    from httpx2 import Response as http_response
+except ImportError:  # pragma: no cover
+    from httpx import Response as http_response
+
 RETRYABLE_STATUS = {408, 409, 429, 529}
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import anthropic
-import httpx
 
 from pipeline.config import Settings
+from pipeline.providers import http_response
 from pipeline.errors import RetryableProviderError
 from pipeline.providers import Answer, classify_status
 
@@ -24,8 +24,8 @@ class AnthropicProvider:
     async def call(self, body: dict, *, headers: dict) -> Answer:
         started = time.monotonic()
         try:
-            resp: httpx.Response = await self.client.post(
-                "/v1/messages", body=body, cast_to=httpx.Response, options={"headers": headers})
+            resp = await self.client.post(
+                "/v1/messages", body=body, cast_to=http_response, options={"headers": headers})
         except anthropic.APIStatusError as e:
             raise classify_status(e.status_code, e.message, e.request_id, e.response.headers) from e
         except anthropic.APITimeoutError as e:

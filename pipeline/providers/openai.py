@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import openai
 
 from pipeline.config import Settings
+from pipeline.providers import http_response
 from pipeline.errors import RetryableProviderError
 from pipeline.providers import Answer, classify_status
 
@@ -29,8 +29,8 @@ class OpenAIProvider:
     async def call(self, body: dict, *, headers: dict) -> Answer:
         started = time.monotonic()
         try:
-            resp: httpx.Response = await self.client.post(
-                "/chat/completions", body=body, cast_to=httpx.Response, options={"headers": headers})
+            resp = await self.client.post(
+                "/chat/completions", body=body, cast_to=http_response, options={"headers": headers})
         except openai.APIStatusError as e:
             raise classify_status(e.status_code, e.message, e.request_id, e.response.headers) from e
         except openai.APITimeoutError as e:

@@ -4,7 +4,8 @@
 # var/log/NAME.log (the previous run's log is kept as NAME.log.1).
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VAR="$ROOT/var"
+# A second stack on one machine: LLMBATCH_VAR_DIR and LLMBATCH_PORT_OFFSET (see stack.sh).
+VAR="${LLMBATCH_VAR_DIR:-$ROOT/var}"
 RUN_DIR="$VAR/run"
 LOG_DIR="$VAR/log"
 VENV="$ROOT/.venv"

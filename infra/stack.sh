@@ -18,12 +18,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ALL=(postgres redis kafka simulator batcher
      worker-immediate worker-peak worker-offpeak worker-background flower)
 
-PG_PORT=55432
-REDIS_PORT=56379
-KAFKA_PORT=59092
-KAFKA_CONTROLLER_PORT=59093
-SIMULATOR_PORT=58080
-FLOWER_PORT=5555
+# LLMBATCH_PORT_OFFSET shifts every port, so a second stack (with its own
+# LLMBATCH_VAR_DIR) can run beside the first; pipeline/config.py applies the same shift.
+OFF=${LLMBATCH_PORT_OFFSET:-0}
+PG_PORT=$((55432 + OFF))
+REDIS_PORT=$((56379 + OFF))
+KAFKA_PORT=$((59092 + OFF))
+KAFKA_CONTROLLER_PORT=$((59093 + OFF))
+SIMULATOR_PORT=$((58080 + OFF))
+FLOWER_PORT=$((5555 + OFF))
 PG_USER=postgres            # the unprivileged system user that runs the server
 PGDATA="$VAR/pgdata"
 PG_SOCKET_DIR="$VAR/pgsocket"
@@ -235,7 +238,8 @@ kafka_java() { # MAIN-CLASS ARGS...
 
 kafka_config() {
     mkdir -p "$KAFKA_DIR/data"
-    sed "s#@KAFKA_DATA_DIR@#$KAFKA_DIR/data#g" "$ROOT/infra/kafka/server.properties" \
+    sed -e "s#@KAFKA_DATA_DIR@#$KAFKA_DIR/data#g" -e "s#59092#$KAFKA_PORT#g" \
+        -e "s#59093#$KAFKA_CONTROLLER_PORT#g" "$ROOT/infra/kafka/server.properties" \
         >"$KAFKA_DIR/server.properties.new"
     mv -f "$KAFKA_DIR/server.properties.new" "$KAFKA_DIR/server.properties"
 }

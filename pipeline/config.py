@@ -42,6 +42,8 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:56379/0"
     kafka_bootstrap: str = "127.0.0.1:59092"
     var_dir: Path = ROOT / "var"
+    #: shifts every default port, to run a second local stack beside the first
+    port_offset: int = 0
 
     # providers: with no key set, the built-in simulator answers
     openai_api_key: Secret = Secret("")
@@ -142,6 +144,12 @@ def load_settings(env: dict | None = None) -> Settings:
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
     coerced = {k: _coerce(v, getattr(base, k), k) for k, v in values.items()}
+    offset = coerced.get("port_offset", 0)
+    if offset:
+        for name, port in (("database_url", 55432), ("redis_url", 56379), ("kafka_bootstrap", 59092),
+                           ("simulator_url", 58080)):
+            if name not in coerced:
+                coerced[name] = getattr(base, name).replace(str(port), str(port + offset))
     return dataclasses.replace(base, **coerced)
 
 

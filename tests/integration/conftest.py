@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline import db
-from pipeline.config import ROOT, get_settings
+from pipeline.config import get_settings
 from tests.conftest import require
 
 LLMBATCH = str(Path(sys.executable).parent / "llmbatch")
@@ -59,7 +59,7 @@ def stack():
                      ("Celery workers", workers)):
         require(name, *_check(fn))
     for proc in ("batcher",):
-        pid_file = ROOT / "var" / "run" / f"{proc}.pid"
+        pid_file = settings.var_dir / "run" / f"{proc}.pid"
         require(proc, pid_file.exists(), f"{pid_file.name} missing")
     return settings
 

@@ -32,10 +32,12 @@ from decimal import Decimal, InvalidOperation
 from confluent_kafka import KafkaError, TopicPartition
 
 from pipeline import db
+from pipeline.cache import ResponseCache, cache_key, is_cacheable
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, REQUESTS_TOPIC, TIERS
 from pipeline.errors import LineError
 from pipeline.kafka import make_consumer, make_producer
+from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.tiers import classify
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ def decode(value: bytes | None, now: datetime) -> dict:
         "max_cost_usd": str(max_cost),
         "status": "queued" if tier in DISPATCHED_TIERS else "held",
         "published_at": m.get("published_at"),
+        "cache_key": cache_key(m["provider"], m["body"]) if is_cacheable(m["body"], m.get("cache")) else None,
     }
 
 
@@ -107,6 +110,7 @@ class Batcher:
         self.dispatch = dispatcher
         self.consumer = make_consumer(self.settings)
         self.dlq = make_producer(self.settings)
+        self.cache = ResponseCache(self.settings.redis_url, self.settings.cache_ttl_s)
         self.buffers: dict[tuple[str, str], Buffer] = {}
         self.pending: dict[int, dict[int, int]] = defaultdict(dict)   # partition -> {offset: count}
         self.consumed: dict[int, int] = {}                            # partition -> last offset seen
@@ -193,6 +197,7 @@ class Batcher:
         if not buffers:
             return
         rows, batches = [], []
+        cached = self._answer_from_cache(buffers, rows)
         for buf in buffers:
             size = self.settings.batch_max_size[buf.tier]
             # dedupe within the flush: one key twice in one INSERT fails
@@ -200,6 +205,8 @@ class Batcher:
             unique = []
             for row in buf.rows:
                 k = (row["job_id"], row["custom_id"])
+                if row["status"] == "succeeded":  # answered from the cache
+                    continue
                 if k not in seen:
                     seen.add(k)
                     unique.append(row)
@@ -212,7 +219,7 @@ class Batcher:
                     row["batch_id"] = batch_id
                     rows.append(row)
         with self.engine.begin() as conn:
-            counts = db.write_batches(conn, rows, batches)
+            counts = db.write_batches(conn, rows, batches, cached)
         self.stats["requests"] += sum(counts.values())
         self.stats["replayed"] += len(rows) - sum(counts.values())
         to_send = [b for b in batches if counts.get(b["batch_id"]) and b["status"] == "queued"]
@@ -229,6 +236,34 @@ class Batcher:
                     if not waiting[o]:
                         del waiting[o]
         self.stats["batches"] += len([b for b in batches if counts.get(b["batch_id"])])
+
+    def _answer_from_cache(self, buffers: list[Buffer], rows: list[dict]) -> list[dict]:
+        """Mark rows whose answer is cached as succeeded (appending them to ``rows``)
+        and return their result rows: cost 0, and the cost the hit saved."""
+        wanted = [r for b in buffers for r in b.rows if r["cache_key"]]
+        found = self.cache.get_many(sorted({r["cache_key"] for r in wanted}))
+        self.stats["cache_misses"] += len(wanted) - sum(1 for r in wanted if r["cache_key"] in found)
+        results, seen = [], set()
+        prices = get_price_book()
+        for row in wanted:
+            answer = found.get(row["cache_key"])
+            k = (row["job_id"], row["custom_id"])
+            if answer is None or k in seen:
+                continue
+            seen.add(k)
+            raw = answer.get("usage") or {}
+            usage = usage_from_openai(raw) if row["provider"] == "openai" else usage_from_anthropic(raw)
+            row.update(status="succeeded", batch_id=None)
+            rows.append(row)
+            results.append({
+                "job_id": row["job_id"], "custom_id": row["custom_id"], "model": row["model"],
+                "response": answer, "input_tokens": usage.input_tokens,
+                "cached_input_tokens": usage.cached_input_tokens, "output_tokens": usage.output_tokens,
+                "provider_request_id": answer.get("id"),
+                "saved_usd": str(cost(prices.resolve(row["model"]), usage)),
+            })
+        self.stats["cache_hits"] += len(results)
+        return results
 
     def sweep(self) -> int:
         """Dispatch batches committed but never dispatched, or whose worker died.

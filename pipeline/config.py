@@ -61,6 +61,7 @@ class Settings:
     batch_max_size: dict = _tier_map(immediate=50, peak=200, offpeak=500, background=500)
     batch_linger_s: dict = _tier_map(immediate=0.005, peak=0.2, offpeak=0.5, background=0.5)
     sweep_after_s: float = 30.0
+    cache_ttl_s: int = 7 * 24 * 3600
 
     # workers
     worker_concurrency: dict = _tier_map(immediate=2, peak=2, offpeak=1, background=1)

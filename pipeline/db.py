@@ -140,6 +140,9 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
         return None
     tiers = dict(conn.execute(sa.text(
         "SELECT tier, count(*) FROM requests WHERE job_id = :j GROUP BY tier"), {"j": job_id}).all())
+    cached, saved = conn.execute(sa.text(
+        "SELECT count(*), coalesce(sum(saved_usd), 0) FROM results WHERE job_id = :j AND from_cache"),
+        {"j": job_id}).one()
     return {
         "job_id": row["job_id"],
         "status": row["status"],
@@ -147,10 +150,11 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
         "counts": {
             "total": row["lines_read"], "accepted": row["accepted"], "rejected": row["rejected"],
             "succeeded": row["succeeded"], "failed": row["failed"], "cancelled": row["cancelled"],
-            "pending": row["pending"],
+            "pending": row["pending"], "cached": cached,
         },
         "tiers": tiers,
         "cost_usd": str(row["cost_usd"]),
+        "cache_saved_usd": str(saved),
         "created_at": row["created_at"].isoformat(),
         "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
     }
@@ -162,14 +166,18 @@ _REQUEST_COLUMNS = (
     "job_id text, custom_id text, line int, batch_id text, provider text, model text,"
     " tier text, tier_reason text, priority smallint, deadline timestamptz, body jsonb,"
     " metadata jsonb, input_tokens int, tokens_exact bool, max_cost_usd numeric,"
-    " status text, published_at timestamptz")
+    " status text, published_at timestamptz, cache_key text")
 
 
-def write_batches(conn: Connection, requests: list[dict], batches: list[dict]) -> dict[str, int]:
+def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
+                  cached: list[dict] = ()) -> dict[str, int]:
     """Insert requests and their batches in one go; returns new requests per batch.
 
     Requests already present (a replayed message) are skipped by the natural
     key and do not count; a batch left with no new request is not written.
+    ``cached`` are result rows for requests answered from the cache (their
+    request rows are in ``requests`` with no batch); they are written only for
+    requests inserted now, so a replay never adds a second answer.
     """
     jobs = sorted({r["job_id"] for r in requests})
     conn.execute(sa.text(
@@ -177,13 +185,15 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict]) -
         " ON CONFLICT DO NOTHING"), {"ids": jobs})
     inserted = conn.execute(sa.text(
         f"INSERT INTO requests (job_id, custom_id, line, batch_id, provider, model, tier, tier_reason,"
-        f" priority, deadline, body, metadata, input_tokens, tokens_exact, max_cost_usd, status, published_at)"
+        f" priority, deadline, body, metadata, input_tokens, tokens_exact, max_cost_usd, status,"
+        f" published_at, cache_key)"
         f" SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x({_REQUEST_COLUMNS})"
-        f" ON CONFLICT (job_id, custom_id) DO NOTHING RETURNING batch_id"),
-        {"rows": dumps(requests)}).scalars().all()
+        f" ON CONFLICT (job_id, custom_id) DO NOTHING RETURNING job_id, custom_id, batch_id"),
+        {"rows": dumps(requests)}).all()
     counts: dict[str, int] = {}
-    for batch_id in inserted:
-        counts[batch_id] = counts.get(batch_id, 0) + 1
+    for _, _, batch_id in inserted:
+        if batch_id is not None:
+            counts[batch_id] = counts.get(batch_id, 0) + 1
     kept = [dict(b, size=counts[b["batch_id"]]) for b in batches if counts.get(b["batch_id"])]
     if kept:
         conn.execute(sa.text(
@@ -191,6 +201,25 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict]) -
             " SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb))"
             " AS x(batch_id text, tier text, provider text, model text, size int, status text)"),
             {"rows": dumps(kept)})
+    if cached:
+        new = {(j, c) for j, c, b in inserted if b is None}
+        hits = [r for r in cached if (r["job_id"], r["custom_id"]) in new]
+        if hits:
+            conn.execute(sa.text(
+                "INSERT INTO results (job_id, custom_id, model, status_code, response, input_tokens,"
+                " cached_input_tokens, output_tokens, cost_usd, provider_request_id, latency_ms,"
+                " from_cache, saved_usd)"
+                " SELECT x.job_id, x.custom_id, x.model, 200, x.response, x.input_tokens,"
+                " x.cached_input_tokens, x.output_tokens, 0, x.provider_request_id, 0, true, x.saved_usd"
+                " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text,"
+                " model text, response jsonb, input_tokens int, cached_input_tokens int, output_tokens int,"
+                " provider_request_id text, saved_usd numeric)"
+                " ON CONFLICT DO NOTHING"), {"rows": dumps(hits)})
+            conn.execute(sa.text(
+                "UPDATE requests r SET finished_at = now(), started_at = now()"
+                " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text)"
+                " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"), {"rows": dumps(hits)})
+            refresh_jobs(conn, {r["job_id"] for r in hits})
     return counts
 
 
@@ -245,7 +274,7 @@ def open_requests(conn: Connection, batch_id: str) -> list[dict]:
     rows = conn.execute(sa.text(
         "UPDATE requests r SET status = 'running', started_at = coalesce(started_at, now())"
         " WHERE batch_id = :b AND status NOT IN ('succeeded', 'failed', 'cancelled')"
-        " RETURNING job_id, custom_id, provider, model, tier, body, input_tokens, max_cost_usd,"
+        " RETURNING job_id, custom_id, provider, model, tier, body, input_tokens, max_cost_usd, cache_key,"
         " greatest(r.attempts, coalesce((SELECT max(a.attempt) FROM attempts a"
         "   WHERE a.job_id = r.job_id AND a.custom_id = r.custom_id), 0)) AS attempts"),
         {"b": batch_id}).mappings().all()

@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from decimal import Decimal
 
 from pipeline import db
-from pipeline.config import Settings
+from pipeline.cache import ResponseCache
+from pipeline.config import Settings, get_settings
 from pipeline.errors import PermanentProviderError, ProviderError
 from pipeline.pricing import Usage, cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.providers import AttemptRecord, call_with_retries, get_provider
@@ -28,6 +30,12 @@ log = logging.getLogger(__name__)
 MAX_DELIVERIES = 5
 FLUSH_EVERY_S = 0.25
 FLUSH_AT = 200
+
+
+@functools.cache
+def _response_cache() -> ResponseCache:
+    settings = get_settings()
+    return ResponseCache(settings.redis_url, settings.cache_ttl_s)
 
 
 class OutcomeWriter:
@@ -45,6 +53,10 @@ class OutcomeWriter:
             self.outcomes, self.attempts = [], []
             if outcomes or attempts:
                 await asyncio.to_thread(self._write, outcomes, attempts)
+            answers = {o["cache_key"]: o["response"] for o in outcomes
+                       if o.get("cache_key") and o["status"] == "succeeded"}
+            if answers:
+                await asyncio.to_thread(_response_cache().put_many, answers)
 
     def _write(self, outcomes, attempts) -> None:
         with self.engine.begin() as conn:
@@ -75,7 +87,7 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> s
         writer.attempts.append(row)
 
     outcome = {"job_id": req["job_id"], "custom_id": req["custom_id"], "model": req["model"],
-               "response": None, "error": None, "input_tokens": None, "cached_input_tokens": None,
+               "cache_key": req.get("cache_key"), "response": None, "error": None, "input_tokens": None, "cached_input_tokens": None,
                "output_tokens": None, "usage_missing": False, "cost_usd": "0",
                "provider_request_id": None, "latency_ms": None, "status_code": None}
     try:

@@ -26,7 +26,7 @@ def test_job_runs_end_to_end_with_bad_lines_rejected(stack, engine, tmp_path):
     status = json.loads(proc.stdout)
     assert status["status"] == "completed"
     assert status["counts"] == {"total": 23, "accepted": 20, "rejected": 3, "succeeded": 20,
-                                "failed": 0, "cancelled": 0, "pending": 0}
+                                "failed": 0, "cancelled": 0, "pending": 0, "cached": 0}
     assert "simulator" in proc.stderr
     job = status["job_id"]
 
@@ -122,3 +122,30 @@ def test_replayed_messages_change_nothing_and_garbage_goes_to_dlq(stack, engine)
 def test_db_upgrade_is_idempotent(stack):
     proc = llmbatch("db", "upgrade", check=True)
     assert "schema up to date" in proc.stdout
+
+
+def test_deterministic_requests_are_answered_from_the_cache(stack, engine, tmp_path):
+    salt = uuid.uuid4().hex
+    lines = [chat_line(f"c{i}", f"{salt} cached question {i}", temperature=0) for i in range(5)]
+    for line in lines:
+        line["body"]["temperature"] = line.pop("temperature")
+    lines.append(chat_line("hot", f"{salt} not deterministic"))
+    path = write_jsonl(tmp_path / "cache.jsonl", lines)
+    first = json.loads(llmbatch("submit", path, "--wait", "--json", check=True).stdout)
+    second = json.loads(llmbatch("submit", path, "--wait", "--json", check=True).stdout)
+    assert first["counts"]["cached"] == 0 and first["counts"]["succeeded"] == 6
+    assert second["status"] == "completed"
+    assert second["counts"]["cached"] == 5 and second["counts"]["succeeded"] == 6
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT custom_id, from_cache, cost_usd, saved_usd, response FROM results WHERE job_id = :j"),
+            {"j": second["job_id"]}).all()
+        originals = dict(conn.execute(sa.text(
+            "SELECT custom_id, cost_usd FROM results WHERE job_id = :j"), {"j": first["job_id"]}).all())
+    for cid, from_cache, cost_usd, saved, response in rows:
+        if cid == "hot":
+            assert not from_cache and cost_usd > 0
+        else:
+            assert from_cache and cost_usd == 0 and saved == originals[cid] > 0
+            assert response["choices"][0]["message"]["content"].startswith("Simulated answer")
+    assert Decimal(second["cache_saved_usd"]) == sum(originals[f"c{i}"] for i in range(5))

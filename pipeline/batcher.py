@@ -67,12 +67,17 @@ def decode(value: bytes | None, now: datetime) -> dict:
                       ("body", dict), ("input_tokens", int)):
         if not isinstance(m.get(key), kind):
             raise LineError(f"field {key} missing or not {kind.__name__}")
+    if m.get("v") != 1:
+        raise LineError(f"unsupported message version {m.get('v')!r} (this batcher reads v 1)")
     if m["provider"] not in ("openai", "anthropic"):
         raise LineError(f"unknown provider {m['provider']!r}")
+    raw_cost = m.get("max_cost_usd")
     try:
-        max_cost = Decimal(str(m.get("max_cost_usd")))
+        if not isinstance(raw_cost, str):
+            raise InvalidOperation
+        max_cost = Decimal(raw_cost)
     except InvalidOperation as e:
-        raise LineError(f"max_cost_usd is not a decimal: {m.get('max_cost_usd')!r}") from e
+        raise LineError(f"max_cost_usd must be a decimal string, got {raw_cost!r}") from e
     deadline = None
     if m.get("deadline"):
         try:
@@ -83,6 +88,9 @@ def decode(value: bytes | None, now: datetime) -> dict:
     if tier is not None and tier not in TIERS:
         raise LineError(f"unknown tier {tier!r}")
     priority = m.get("priority")
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)
+                                 or not 0 <= priority <= 9):
+        raise LineError(f"priority must be an integer from 0 to 9, got {priority!r}")
     tier, reason = classify(priority, tier, deadline, now)
     return {
         "job_id": m["job_id"], "custom_id": m["custom_id"], "line": m.get("line"),

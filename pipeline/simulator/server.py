@@ -5,6 +5,9 @@ Endpoints:
 - ``POST /v1/chat/completions`` (OpenAI) and ``POST /v1/messages`` (Anthropic)
 - OpenAI Files + Batches and Anthropic Message Batches (see ``batches.py``)
 - ``GET /_stats``, ``POST /_reset``, ``GET /healthz``
+- ``GET /_config``; ``POST /_config`` with SimulatorConfig fields (JSON) changes
+  latency, injected errors or limits of the running simulator (tests turn faults
+  on and off without restarting it); ``DELETE /_config`` restores the startup config
 
 Order of events for one synchronous request:
 
@@ -23,6 +26,7 @@ rate-limit headers of the provider when limits are configured.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import random
@@ -34,7 +38,8 @@ from aiohttp import web
 from pipeline.constants import SIMULATOR_LABEL
 from pipeline.simulator import protocol
 from pipeline.simulator.answers import anthropic_answer, openai_answer
-from pipeline.simulator.config import ERROR_KINDS, SimulatorConfig
+from pipeline.errors import LLMBatchError
+from pipeline.simulator.config import ERROR_KINDS, SimulatorConfig, config_from_options
 from pipeline.simulator.limits import RateLimiter, retry_headers
 from pipeline.simulator.protocol import Problem
 from pipeline.simulator.stats import Stats
@@ -146,6 +151,7 @@ class Simulator:
 
     def __init__(self, config: SimulatorConfig):
         self.config = config.validate()
+        self.startup_config = self.config
         self.stats = Stats()
         self.limiter = RateLimiter(config.limit_for)
         self._answers: dict = {}
@@ -309,6 +315,26 @@ class Simulator:
         self.reset()
         return _json_response({"reset": True})
 
+    def configure(self, config: SimulatorConfig) -> None:
+        self.config = config.validate()
+        self.limiter = RateLimiter(self.config.limit_for)
+        self._reseed()
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        return _json_response(dataclasses.asdict(self.config))
+
+    async def post_config(self, request: web.Request) -> web.Response:
+        try:
+            changes = await request.json()
+            self.configure(config_from_options(None, **{**dataclasses.asdict(self.config), **changes}))
+        except (ValueError, TypeError, LLMBatchError) as e:
+            return _json_response({"error": str(e)}, status=400)
+        return _json_response(dataclasses.asdict(self.config))
+
+    async def delete_config(self, request: web.Request) -> web.Response:
+        self.configure(self.startup_config)
+        return _json_response(dataclasses.asdict(self.config))
+
     async def healthz(self, request: web.Request) -> web.Response:
         return _json_response({"ok": True, "simulator": True})
 
@@ -328,6 +354,9 @@ def build_app(config: SimulatorConfig | None = None) -> web.Application:
     sim.batches.add_routes(app)
     app.router.add_get("/_stats", sim.get_stats)
     app.router.add_post("/_reset", sim.post_reset)
+    app.router.add_get("/_config", sim.get_config)
+    app.router.add_post("/_config", sim.post_config)
+    app.router.add_delete("/_config", sim.delete_config)
     app.router.add_get("/healthz", sim.healthz)
     app.on_shutdown.append(sim.batches.shutdown)
     return app

@@ -604,3 +604,21 @@ def test_anthropic_message_batch_cancel():
     assert rc.processing == 0 and rc.succeeded > 0 and rc.canceled > 0 and rc.succeeded + rc.canceled == 40
     kinds = [r.result.type for r in results]
     assert kinds.count("canceled") == rc.canceled and kinds.count("succeeded") == rc.succeeded
+
+
+def test_runtime_config_turns_faults_on_and_off():
+    async def body():
+        async with serve(model_limits={MODEL: ModelLimit(100, None)}) as (url, oa, an, http):
+            async with http.post(f"{url}/_config", json={"error_rate": "500=1.0"}) as r:
+                assert r.status == 200
+                assert (await r.json())["error_rates"] == {"500": 1.0}
+            with pytest.raises(openai.InternalServerError):
+                await oa.chat.completions.create(model=MODEL, messages=MSGS)
+            async with http.post(f"{url}/_config", json={"latency": "sideways"}) as r:
+                assert r.status == 400
+            async with http.delete(f"{url}/_config") as r:
+                restored = await r.json()
+            assert restored["error_rates"] == {} and restored["model_limits"][MODEL]["rpm"] == 100
+            await oa.chat.completions.create(model=MODEL, messages=MSGS)
+
+    run(body())

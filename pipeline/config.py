@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -52,6 +53,8 @@ class Settings:
     openai_base_url: str = ""
     anthropic_base_url: str = ""
     provider_timeout_s: float = 60.0
+    #: the SDKs' HTTP transport: "aiohttp" (their aiohttp backend; measured faster here) or "httpx"
+    provider_http_client: str = "aiohttp"
     max_attempts: int = 5
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
@@ -69,8 +72,54 @@ class Settings:
     batch_lease_s: float = 120.0
     visibility_timeout_s: int = 7200
 
+    # limits (pipeline/budget.py, pipeline/ratelimit.py)
+    #: daily caps in USD per UTC day; ``llmbatch budget set`` overrides them; empty: no cap
+    budget_global_daily_usd: str = ""
+    budget_tier_daily_usd: dict = field(default_factory=dict)
+    #: a reservation not settled by then (its worker died) is released
+    budget_reservation_ttl_s: float = 180.0
+    #: model -> "rpm:tpm" (either part may be empty): the provider's limits, shared by all workers
+    rate_limits: dict = field(default_factory=dict)
+    #: peak's share of a model's limit while immediate work waits
+    rate_peak_share: float = 0.7
+    #: requests in flight per tier across every process and host (0: no cap beyond inflight_per_batch)
+    inflight_per_tier: dict = _tier_map(immediate=0, peak=0, offpeak=0, background=0)
+
     # pricing
     pricing_file: Path | None = None
+
+    # scheduler (schedules/): off-peak window, background fill, provider batches, upkeep
+    #: "system", or "db": every process reads now() from the sched_clock table (tests)
+    clock: str = "system"
+    scheduler_tick_s: float = 1.0
+    offpeak_open_cron: str = "0 22 * * *"
+    offpeak_close_cron: str = "0 6 * * *"
+    offpeak_timezone: str = "UTC"
+    #: pacing: batches released per tick, and at most this many waiting in Celery per held tier
+    release_per_tick: dict = _tier_map(offpeak=4, background=2)
+    release_max_waiting: dict = _tier_map(offpeak=8, background=2)
+    provider_batch_poll_s: float = 2.0
+    #: per provider batch: requests and bytes (the providers' limits by default)
+    provider_batch_max_requests: dict = _tier_map(openai=50_000, anthropic=100_000)
+    provider_batch_max_bytes: dict = _tier_map(openai=200_000_000, anthropic=256_000_000)
+    #: missed cron slots younger than this still run after a scheduler outage
+    schedule_misfire_grace_s: float = 3600.0
+    #: request and response bodies are purged this long after the request finished (0: never)
+    retention_days: float = 30.0
+    #: a batch 'dispatched' to Celery this long without a worker taking it is dispatched again
+    stuck_dispatched_s: float = 900.0
+    upkeep_every_s: float = 60.0
+
+    # what users see: metrics, logs, the read-only SQL role, Flower
+    metrics_host: str = "127.0.0.1"
+    #: the batcher's /metrics port; worker-TIER adds 1..4 (immediate, peak, offpeak, background),
+    #: the scheduler 5; 0 turns the endpoints off
+    metrics_port: int = 9100
+    log_format: str = "plain"          # plain | json
+    log_level: str = "INFO"
+    #: ``llmbatch sql`` connects with this; default: database_url as role llmbatch_reader
+    reader_database_url: str = ""
+    flower_url: str = "http://127.0.0.1:5555"
 
     @property
     def simulated(self) -> bool:
@@ -95,6 +144,13 @@ class Settings:
         return self.database_url
 
     @property
+    def reader_url(self) -> str:
+        """The URL of the read-only role (``llmbatch sql``)."""
+        if self.reader_database_url:
+            return self.reader_database_url
+        return re.sub(r"//[^@/]*@", "//llmbatch_reader@", self.database_url, count=1)
+
+    @property
     def libpq_url(self) -> str:
         """The database URL as libpq/psycopg understands it."""
         return self.database_url.replace("postgresql+psycopg://", "postgresql://")
@@ -116,7 +172,8 @@ def _coerce(value, current, name: str):
             if isinstance(value, dict):
                 return {**current, **value}
             pairs = (p.split("=", 1) for p in str(value).split(",") if p)
-            return {**current, **{k.strip(): type(next(iter(current.values())))(v) for k, v in pairs}}
+            kind = type(next(iter(current.values()))) if current else str
+            return {**current, **{k.strip(): kind(v) for k, v in pairs}}
         if isinstance(current, Path) or name.endswith(("_dir", "_file")):
             return Path(value) if value else None
         return value
@@ -148,9 +205,11 @@ def load_settings(env: dict | None = None) -> Settings:
     offset = coerced.get("port_offset", 0)
     if offset:
         for name, port in (("database_url", 55432), ("redis_url", 56379), ("kafka_bootstrap", 59092),
-                           ("simulator_url", 58080)):
+                           ("simulator_url", 58080), ("flower_url", 5555)):
             if name not in coerced:
                 coerced[name] = getattr(base, name).replace(str(port), str(port + offset))
+        if "metrics_port" not in coerced:
+            coerced["metrics_port"] = base.metrics_port + offset
     return dataclasses.replace(base, **coerced)
 
 

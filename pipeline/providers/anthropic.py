@@ -19,7 +19,8 @@ class AnthropicProvider:
         self.client = anthropic.AsyncAnthropic(
             api_key=settings.api_key("anthropic"), base_url=settings.base_url("anthropic"),
             max_retries=0, timeout=settings.provider_timeout_s,
-            http_client=anthropic.DefaultAioHttpClient(timeout=settings.provider_timeout_s))
+            http_client=(anthropic.DefaultAioHttpClient(timeout=settings.provider_timeout_s)
+                         if settings.provider_http_client == "aiohttp" else None))
 
     async def call(self, body: dict, *, headers: dict) -> Answer:
         started = time.monotonic()

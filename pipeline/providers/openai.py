@@ -24,7 +24,8 @@ class OpenAIProvider:
         self.client = openai.AsyncOpenAI(
             api_key=settings.api_key("openai"), base_url=settings.base_url("openai"),
             max_retries=0, timeout=settings.provider_timeout_s,
-            http_client=openai.DefaultAioHttpClient(timeout=settings.provider_timeout_s))
+            http_client=(openai.DefaultAioHttpClient(timeout=settings.provider_timeout_s)
+                         if settings.provider_http_client == "aiohttp" else None))
 
     async def call(self, body: dict, *, headers: dict) -> Answer:
         started = time.monotonic()

@@ -1,5 +1,5 @@
 # llmbatch: local stack without Docker. Every target is idempotent.
-.PHONY: setup up down status demo test test-unit bench clean
+.PHONY: setup up down status demo test test-unit test-faults bench bench-quick clean
 
 PY := .venv/bin/python
 
@@ -19,13 +19,33 @@ demo: up
 	@bash infra/demo.sh
 
 test: up
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/faults
+	@$(MAKE) --no-print-directory test-faults
+
+# Fault injection kills and restarts processes, so it gets a stack of its own
+# (shifted ports, own var dir), with short batch leases so a killed worker's
+# batch comes back in seconds; the stack is stopped afterwards, pass or fail.
+# Ports above the kernel's ephemeral range (32768-60999), so a client socket never holds one.
+FAULT_OFFSET ?= 5700
+FAULT_ENV := LLMBATCH_PORT_OFFSET=$(FAULT_OFFSET) LLMBATCH_VAR_DIR=$(CURDIR)/var/stack-faults \
+	LLMBATCH_BATCH_LEASE_S=10 LLMBATCH_SWEEP_AFTER_S=5 LLMBATCH_FAULTS=1
+
+test-faults: setup
+	@$(FAULT_ENV) bash infra/stack.sh up
+	@rm -f var/stack-faults/fault-report.jsonl; \
+	$(FAULT_ENV) LLMBATCH_FAULT_REPORT=$(CURDIR)/var/stack-faults/fault-report.jsonl \
+		$(PY) -m pytest tests/faults -q -p no:cacheprovider; rc=$$?; \
+	$(FAULT_ENV) bash infra/stack.sh down >/dev/null; exit $$rc
 
 test-unit: setup
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
 
+# All benchmarks, side by side with a plain asyncio client (bench/README.md); < 10 min.
 bench: up
-	$(PY) bench/e2e.py --requests 5000
+	cd bench && ../$(PY) run_all.py
+
+bench-quick: up
+	cd bench && ../$(PY) run_all.py --quick
 
 clean: down
 	rm -rf var

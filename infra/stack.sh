@@ -9,14 +9,14 @@
 #   infra/stack.sh kill NAME...       SIGKILL, as a crash would
 #
 # Names: postgres redis kafka simulator batcher worker-immediate worker-peak
-# worker-offpeak worker-background flower. Run infra/setup.sh first.
+# worker-offpeak worker-background scheduler flower. Run infra/setup.sh first.
 set -uo pipefail
 
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ALL=(postgres redis kafka simulator batcher
-     worker-immediate worker-peak worker-offpeak worker-background flower)
+     worker-immediate worker-peak worker-offpeak worker-background scheduler flower)
 
 # LLMBATCH_PORT_OFFSET shifts every port, so a second stack (with its own
 # LLMBATCH_VAR_DIR) can run beside the first; pipeline/config.py applies the same shift.
@@ -109,6 +109,10 @@ pg_bootstrap_db() {
         || pg_psql "create role llmbatch login" || return 1
     pg_psql "select 1 from pg_database where datname = 'llmbatch'" | grep -q 1 \
         || pg_psql "create database llmbatch owner llmbatch" || return 1
+    # the read-only role of `llmbatch sql` (grants: sql/004_views.sql)
+    pg_psql "select 1 from pg_roles where rolname = 'llmbatch_reader'" | grep -q 1 \
+        || pg_psql "create role llmbatch_reader login; alter role llmbatch_reader set default_transaction_read_only = on" \
+        || return 1
 }
 
 pg_migrate() {
@@ -192,7 +196,7 @@ up_redis() {
     rm -f "$(pid_file redis)"
     local started
     started=$(date +%s)
-    if ! redis-server "$ROOT/infra/redis.conf" --dir "$VAR/redis" \
+    if ! redis-server "$ROOT/infra/redis.conf" --port $REDIS_PORT --dir "$VAR/redis" \
             --pidfile "$(pid_file redis)" --logfile "$(log_file redis)" >/dev/null 2>&1; then
         say redis "FAILED to start"; show_log_tail redis; return 1
     fi
@@ -333,6 +337,7 @@ app_cmd() { # NAME -> the command line (one word a line)
         # INFO: the readiness line "batcher ready" is logged at INFO
         batcher) printf '%s\n' "$VENV/bin/llmbatch" --log-level INFO batcher ;;
         worker-*) printf '%s\n' "$VENV/bin/llmbatch" worker --tier "${1#worker-}" ;;
+        scheduler) printf '%s\n' "$VENV/bin/llmbatch" --log-level INFO scheduler ;;
         flower) printf '%s\n' "$VENV/bin/celery" -A workers.app flower \
                     --address=127.0.0.1 --port=$FLOWER_PORT ;;
     esac
@@ -343,6 +348,7 @@ app_ready() { # NAME
         simulator) echo "http_ok http://127.0.0.1:$SIMULATOR_PORT/healthz" ;;
         batcher) echo "[ \$(( \$(date +%s) - started )) -ge 2 ] && log_has batcher 'batcher ready'" ;;
         worker-*) echo "log_has $1 'ready.'" ;;
+        scheduler) echo "log_has scheduler 'scheduler ready'" ;;
         flower) echo "port_open $FLOWER_PORT" ;;
     esac
 }

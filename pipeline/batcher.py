@@ -31,7 +31,7 @@ from decimal import Decimal, InvalidOperation
 
 from confluent_kafka import KafkaError, TopicPartition
 
-from pipeline import db
+from pipeline import db, metrics
 from pipeline.cache import ResponseCache, cache_key, is_cacheable
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, REQUESTS_TOPIC, TIERS
@@ -48,6 +48,7 @@ class Buffer:
     tier: str
     provider: str
     model: str
+    mode: str = "realtime"                        # realtime | provider_batch
     rows: list = field(default_factory=list)
     origins: list = field(default_factory=list)   # (partition, offset) of each row
     since: float = field(default_factory=time.monotonic)
@@ -92,6 +93,9 @@ def decode(value: bytes | None, now: datetime) -> dict:
                                  or not 0 <= priority <= 9):
         raise LineError(f"priority must be an integer from 0 to 9, got {priority!r}")
     tier, reason = classify(priority, tier, deadline, now)
+    mode = m.get("mode") or "realtime"
+    if mode not in ("realtime", "provider_batch"):
+        raise LineError(f"unknown mode {mode!r}")
     return {
         "job_id": m["job_id"], "custom_id": m["custom_id"], "line": m.get("line"),
         "batch_id": None, "provider": m["provider"], "model": m["model"], "tier": tier,
@@ -99,7 +103,8 @@ def decode(value: bytes | None, now: datetime) -> dict:
         "deadline": m.get("deadline"), "body": m["body"], "metadata": m.get("metadata"),
         "input_tokens": m["input_tokens"], "tokens_exact": bool(m.get("tokens_exact", True)),
         "max_cost_usd": str(max_cost),
-        "status": "queued" if tier in DISPATCHED_TIERS else "held",
+        "status": "queued" if tier in DISPATCHED_TIERS and mode == "realtime" else "held",
+        "mode": mode,
         "published_at": m.get("published_at"),
         "cache_key": cache_key(m["provider"], m["body"]) if is_cacheable(m["body"], m.get("cache")) else None,
     }
@@ -183,10 +188,10 @@ class Batcher:
         except LineError as e:
             self._to_dlq(msg, e.reason)
             return
-        key = (row["tier"], row["model"])
+        key = (row["tier"], row["model"], row["mode"])
         buf = self.buffers.get(key)
         if buf is None:
-            buf = self.buffers[key] = Buffer(row["tier"], row["provider"], row["model"])
+            buf = self.buffers[key] = Buffer(row["tier"], row["provider"], row["model"], row["mode"])
         buf.rows.append(row)
         buf.origins.append((p, o))
         self.pending[p][o] = self.pending[p].get(o, 0) + 1
@@ -220,14 +225,17 @@ class Batcher:
                     unique.append(row)
             for i in range(0, len(unique), size):
                 batch_id = "b_" + uuid.uuid4().hex
-                status = "queued" if buf.tier in DISPATCHED_TIERS else "held"
+                # provider-batch work is held for the scheduler (schedules/provider_batches.py)
+                status = "queued" if buf.tier in DISPATCHED_TIERS and buf.mode == "realtime" else "held"
                 batches.append({"batch_id": batch_id, "tier": buf.tier, "provider": buf.provider,
-                                "model": buf.model, "status": status})
+                                "model": buf.model, "status": status, "mode": buf.mode})
                 for row in unique[i:i + size]:
                     row["batch_id"] = batch_id
                     rows.append(row)
         with self.engine.begin() as conn:
             counts = db.write_batches(conn, rows, batches, cached)
+            db.mark_provider_batch_mode(conn, [b["batch_id"] for b in batches
+                                               if b["mode"] == "provider_batch" and counts.get(b["batch_id"])])
         self.stats["requests"] += sum(counts.values())
         self.stats["replayed"] += len(rows) - sum(counts.values())
         to_send = [b for b in batches if counts.get(b["batch_id"]) and b["status"] == "queued"]
@@ -286,6 +294,9 @@ class Batcher:
         if stuck:
             with self.engine.begin() as conn:
                 db.mark_dispatched(conn, [b for b, _ in stuck])
+        # batches deferred by a budget whose period has rolled over (pipeline/budget.py)
+        from pipeline.budget import resume_due_batches
+        resume_due_batches(self.engine, self.dispatch)
         return len(stuck)
 
     # -------------------------------------------------------------- loop
@@ -311,6 +322,7 @@ class Batcher:
                     self.add(msg, now)
                 self.flush(self.due())
                 self._commit()
+                metrics.observe_consumer_lag(self.consumer)   # throttled: every few seconds
                 self.dlq.poll(0)
                 if time.monotonic() - self.last_sweep > self.settings.sweep_after_s / 2:
                     self.last_sweep = time.monotonic()

@@ -1,15 +1,30 @@
-"""The ``llmbatch`` command line.
+"""The ``llmbatch`` command line: thin wiring; the work is in the modules it calls.
 
-Exit codes: 0 success; 1 the job or command failed; 2 bad usage or input
-(missing or empty file, unknown job); 3 a service is unreachable; 130
-interrupted. Every read command takes ``--json``. Logging handlers are set up
-here and nowhere else.
+Verbs: ``submit``, ``status JOB [--watch]``, ``jobs``, ``results JOB``,
+``report``, ``sql``, ``doctor``, ``db upgrade``; the local stack: ``up``,
+``down``, ``ps`` (``status`` is a job's status, so the stack's is ``ps``);
+processes: ``batcher``, ``worker``, ``simulator``.
+
+Exit codes (every command):
+
+* 0 success (``status --watch``: the job completed);
+* 1 the job or command failed (a failed or paused job, a query error, a
+  ``doctor`` finding about settings or files);
+* 2 bad usage or input (missing or empty file, unknown job, bad option);
+* 3 a service is unreachable (Postgres, Redis, Kafka, workers: ``doctor``
+  says which and how to fix it);
+* 130 interrupted.
+
+Every read command takes ``--json``. Logging handlers are set up here and
+nowhere else (pipeline/logs.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from decimal import Decimal
@@ -26,8 +41,8 @@ log = logging.getLogger("pipeline.cli")
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from pipeline.logs import configure
+    configure(level, get_settings().log_format)
 
 
 def _provider_note() -> None:
@@ -92,13 +107,20 @@ def _print_status(status: dict, as_json: bool) -> None:
 @click.option("--name", help="A name for the job (default: the file name).")
 @click.option("--wait", is_flag=True, help="Wait until the job is finished.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job status as JSON.")
-def submit(file, priority, tier, budget_usd, on_budget, name, wait, as_json):
+@click.option("--mode", type=click.Choice(["realtime", "provider_batch"]), default="realtime", show_default=True,
+              help="provider_batch: through the provider's Batch API at half price (needs `llmbatch scheduler`).")
+@click.option("--batch-fallback", type=click.Choice(["realtime", "fail"]), default="realtime", show_default=True,
+              help="provider_batch: what happens to requests the provider batch did not run (expired, failed).")
+def submit(file, priority, tier, budget_usd, on_budget, name, wait, as_json, mode, batch_fallback):
     """Submit a JSONL file (OpenAI or Anthropic batch lines) as a job."""
     from pipeline.producer import submit_file
     _provider_note()
     try:
         report = submit_file(file, priority=priority, tier=tier, budget_usd=budget_usd,
-                             on_budget=on_budget, name=name, on_progress=_progress_printer())
+                             on_budget=on_budget, name=name, mode=mode, on_progress=_progress_printer())
+        if batch_fallback != "realtime":
+            from schedules.provider_batches import set_batch_fallback
+            set_batch_fallback(report.job_id, batch_fallback)
     except FileInputError as e:
         _fail(str(e), 2)
     except InfrastructureError as e:
@@ -126,36 +148,212 @@ def submit(file, priority, tier, budget_usd, on_budget, name, wait, as_json):
 @main.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True)
-def status(job_id, as_json):
-    """Show a job's counts and cost."""
-    with db.get_engine().connect() as conn:
-        st = db.job_status(conn, job_id)
+@click.option("--watch", "-w", is_flag=True, help="Refresh until the job ends (plain lines when not a terminal).")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+def status(job_id, as_json, watch, interval):
+    """Show a job per tier: queued, held, running, deferred, done, failed; spend, rate, ETA."""
+    from pipeline import views
+    engine = _engine_or_exit()
+    with engine.connect() as conn:
+        st = views.job_view(conn, job_id)
     if st is None:
         _fail(f"no job {job_id}", 2)
-    _print_status(st, as_json)
+    if watch:
+        try:
+            st = views.watch(engine, job_id, interval=interval) if not as_json else _watch_json(engine, job_id, interval)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        sys.exit(0 if st["status"] == "completed" else 1)
+    click.echo(json.dumps(st, default=str) if as_json else views.format_status(st))
+
+
+def _watch_json(engine, job_id: str, interval: float) -> dict:
+    from pipeline import views
+    while True:
+        with engine.connect() as conn:
+            st = views.job_view(conn, job_id)
+        click.echo(json.dumps(st, default=str))
+        if st["status"] in JOB_TERMINAL:
+            return st
+        time.sleep(interval)
+
+
+def _engine_or_exit():
+    """The engine, or exit 3 when Postgres does not answer."""
+    import sqlalchemy as sa
+    engine = db.get_engine()
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as e:
+        _fail(f"cannot reach Postgres ({get_settings().database_url.split('@')[-1]}): {e.orig};"
+              " run `llmbatch doctor`", 3)
+    return engine
 
 
 @main.command()
 @click.argument("job_id")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="File to write (default: stdout).")
-def results(job_id, output):
-    """Export a job's results in the OpenAI Batch output shape, one line per request."""
-    from pipeline.export import openai_line
-    engine = db.get_engine()
+@click.option("--format", "fmt", type=click.Choice(["openai", "anthropic", "csv"]), default="openai",
+              show_default=True, help="OpenAI Batch output lines, Anthropic Message Batches results, or CSV.")
+def results(job_id, output, fmt):
+    """Export a job's results, one line (or CSV row) per request, in input order."""
+    from pipeline.export import write_results
+    engine = _engine_or_exit()
     with engine.connect() as conn:
         if db.job_status(conn, job_id) is None:
             _fail(f"no job {job_id}", 2)
-        out = output.open("w") if output else sys.stdout
-        n = 0
+        out = output.open("w", newline="" if fmt == "csv" else None) if output else sys.stdout
         try:
-            for row in db.iter_results(conn, job_id):
-                out.write(json.dumps(openai_line(job_id, row)) + "\n")
-                n += 1
+            n = write_results(db.iter_results(conn, job_id), job_id, out, fmt)
         finally:
             if output:
                 out.close()
     if output:
         click.echo(f"wrote {n} results to {output}", err=True)
+
+
+@main.command()
+@click.option("--status", "status_", help="Only jobs in this state (running, completed, failed, ...).")
+@click.option("--since", help="Only jobs created since: 30m, 6h, 7d, or an ISO 8601 time.")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per job, one per line.")
+def jobs(status_, since, limit, as_json):
+    """List jobs, newest first."""
+    from pipeline import views
+    try:
+        since_at = views.parse_since(since)
+    except ValueError as e:
+        _fail(str(e), 2)
+    with _engine_or_exit().connect() as conn:
+        rows = views.list_jobs(conn, status=status_, since=since_at, limit=limit)
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r, default=str))
+        return
+    cols = ["job_id", "name", "status", "accepted", "succeeded", "failed", "pending", "cost_usd", "created_at"]
+    click.echo(views.format_table(cols, [[r[c] for c in cols] for r in rows]))
+
+
+@main.command("sql")
+@click.argument("query", required=False)
+@click.option("-f", "--file", "file_", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read the query from a file (e.g. sql/queries/recent_jobs.sql).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per row.")
+def sql_cmd(query, file_, as_json):
+    """Run a query as the read-only role llmbatch_reader and print a table."""
+    import psycopg
+
+    from pipeline import views
+    if bool(query) == bool(file_):
+        _fail('give a query ("select ...") or --file, not both', 2)
+    text = file_.read_text() if file_ else query
+    url = get_settings().reader_url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            conn.read_only = True
+            cur = conn.execute(text)
+            if cur.description is None:
+                click.echo(cur.statusmessage or "OK")
+                return
+            cols = [d.name for d in cur.description]
+            rows = cur.fetchall()
+    except psycopg.OperationalError as e:
+        _fail(f"cannot connect as llmbatch_reader: {e}; run `llmbatch doctor`", 3)
+    except psycopg.Error as e:
+        _fail(str(e).strip(), 1)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(dict(zip(cols, row)), default=str))
+    else:
+        click.echo(views.format_table(cols, rows))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json):
+    """Check every service and setting; say what is wrong and how to fix it."""
+    from pipeline import doctor as doc
+    checks = doc.run_checks(get_settings())
+    if as_json:
+        click.echo(json.dumps([c.as_dict() for c in checks]))
+    else:
+        click.echo(doc.render(checks))
+    sys.exit(doc.exit_code(checks))
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--since", help="Everything since: 30m, 6h, 7d (default 7d), or an ISO 8601 time.")
+@click.option("--chart", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the PNG (default: var/reports/cost-….png).")
+@click.option("--no-chart", is_flag=True, help="Only the table.")
+@click.option("--json", "as_json", is_flag=True)
+def report(job_id, since, chart, no_chart, as_json):
+    """Cost per tier and model, as a table and a chart (PNG) over time."""
+    from pipeline import report as rep
+    from pipeline import views
+    if job_id and since:
+        _fail("give a job or --since, not both", 2)
+    try:
+        since_at = None if job_id else views.parse_since(since or "7d")
+    except ValueError as e:
+        _fail(str(e), 2)
+    with _engine_or_exit().connect() as conn:
+        if job_id and db.job_status(conn, job_id) is None:
+            _fail(f"no job {job_id}", 2)
+        data = rep.cost_rows(conn, job_id=job_id, since=since_at)
+    title = f"job {job_id}" if job_id else f"since {since_at:%Y-%m-%d %H:%M} UTC"
+    path = None
+    if not no_chart:
+        path = rep.chart(data, chart or rep.default_chart_path(get_settings(), job_id), title)
+    table = rep.totals(data["rows"])
+    if as_json:
+        cols = ["tier", "model", "requests", "input_tokens", "output_tokens", "cost_usd", "share"]
+        click.echo(json.dumps({"scope": title, "step": data["step"], "chart": str(path) if path else None,
+                               "totals": [dict(zip(cols, r)) for r in table],
+                               "series": data["rows"]}, default=str))
+        return
+    _provider_note()
+    click.echo(f"cost report, {title} (per {data['step']})")
+    click.echo(views.format_table(["tier", "model", "requests", "input_tokens", "output_tokens", "cost_usd",
+                                   "share"], table, footer=False))
+    if path:
+        click.echo(f"chart: {path}")
+
+
+# ------------------------------------------------------------------ the local stack
+
+def _stack(action: str, names) -> None:
+    """Run infra/stack.sh (the same script as the make targets)."""
+    import subprocess
+
+    from pipeline.config import ROOT
+    script = ROOT / "infra" / "stack.sh"
+    if not script.is_file():
+        _fail("infra/stack.sh not found: up/down/ps need a source checkout", 2)
+    sys.exit(subprocess.call(["bash", str(script), action, *names]))
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+def up(names):
+    """Start the local stack, or only NAMES (like `make up`; idempotent)."""
+    _stack("up", names)
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+def down(names):
+    """Stop the local stack, or only NAMES (like `make down`)."""
+    _stack("down", names)
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+def ps(names):
+    """List the local stack's processes: NAME up|down PORT (like `make status`)."""
+    _stack("status", names)
 
 
 # ------------------------------------------------------------------ processes
@@ -179,8 +377,10 @@ def db_upgrade():
 @click.option("--max-seconds", type=float, help="Stop after this long (tests, benchmarks).")
 def batcher(max_seconds):
     """Run a batcher (a Kafka consumer group member)."""
+    from pipeline import metrics
     from pipeline.batcher import Batcher
     _setup_logging("INFO")
+    metrics.serve("batcher", get_settings(), with_state=True)
     Batcher().run(max_seconds=max_seconds)
 
 
@@ -191,8 +391,20 @@ def batcher(max_seconds):
 def worker(tier, concurrency, loglevel):
     """Run a Celery worker for one tier's queue."""
     from pipeline.constants import queue_for
+    settings = get_settings()
+    # before prometheus_client is imported (pipeline.metrics imports it): the pool
+    # processes write their samples under this directory and the parent serves the sum
+    mp_dir = Path(settings.var_dir) / "metrics" / f"worker-{tier}"
+    shutil.rmtree(mp_dir, ignore_errors=True)
+    mp_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp_dir)
+    from pipeline import metrics
+    if not metrics.multiprocess_enabled():
+        _fail("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set", 1)
+    metrics.set_tier(tier)
+    metrics.serve(f"worker-{tier}", settings)
     from workers.app import app
-    n = concurrency or get_settings().worker_concurrency[tier]
+    n = concurrency or settings.worker_concurrency[tier]
     app.worker_main(["worker", "-Q", queue_for(tier), "-c", str(n), "-n", f"{tier}@%h",
                      "--loglevel", loglevel, "-E"])
 
@@ -203,6 +415,17 @@ def simulator(ctx):
     """Run the provider simulator (OpenAI and Anthropic APIs). Options: see --help of the simulator."""
     from pipeline.simulator import config_from_args, run
     run(config_from_args(ctx.args))
+
+
+from pipeline.budget_cli import budget  # noqa: E402  (the command group lives beside its logic)
+
+main.add_command(budget)
+
+from schedules.cli import cancel, schedule, scheduler  # noqa: E402  (issue 6: the scheduler's commands)
+
+main.add_command(scheduler)
+main.add_command(schedule)
+main.add_command(cancel)
 
 
 def run() -> None:

@@ -89,8 +89,9 @@ class Settings:
     pricing_file: Path | None = None
 
     # scheduler (schedules/): off-peak window, background fill, provider batches, upkeep
-    #: "system", or "db": every process reads now() from the sched_clock table (tests)
-    clock: str = "system"
+    #: "db": now() is real time unless a test set the sched_clock row (shared by every process);
+    #: "system": real time only
+    clock: str = "db"
     scheduler_tick_s: float = 1.0
     offpeak_open_cron: str = "0 22 * * *"
     offpeak_close_cron: str = "0 6 * * *"

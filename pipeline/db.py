@@ -74,9 +74,26 @@ def upgrade(engine: Engine | None = None) -> list[str]:
                 conn.execute(sa.text("INSERT INTO schema_migrations (version) VALUES (:v)"),
                              {"v": path.stem})
                 applied_now.append(path.stem)
+            _set_reader_password(conn)
     except sa.exc.OperationalError as e:
         raise InfrastructureError(f"cannot reach Postgres: {e.orig}") from e
     return applied_now
+
+
+def _set_reader_password(conn: Connection) -> None:
+    """Give llmbatch_reader the password in ``reader_database_url``, when it has one
+    and we may (docker compose: password auth). Local stacks use trust: no password."""
+    from psycopg import sql
+    url = sa.engine.make_url(get_settings().reader_url)
+    if not (url.password and url.username == "llmbatch_reader"):
+        return
+    may, me = conn.execute(sa.text(
+        "SELECT rolsuper OR rolcreaterole, current_user FROM pg_roles WHERE rolname = current_user")).one()
+    if not may:
+        log.warning("cannot set llmbatch_reader's password: %s may not manage roles", me)
+        return
+    raw = conn.connection.driver_connection   # same transaction; no parameters, so no placeholder parsing
+    raw.execute(sql.SQL("ALTER ROLE llmbatch_reader PASSWORD {}").format(sql.Literal(url.password)))
 
 
 # ---------------------------------------------------------------- jobs
@@ -86,7 +103,8 @@ def create_job(conn: Connection, job_id: str, *, name: str | None, source: str |
                on_budget: str, mode: str, simulated: bool) -> None:
     conn.execute(sa.text(
         "INSERT INTO jobs (job_id, name, source, priority, tier, budget_usd, on_budget, mode, simulated)"
-        " VALUES (:job_id, :name, :source, :priority, :tier, :budget_usd, :on_budget, :mode, :simulated)"),
+        " VALUES (:job_id, :name, :source, :priority, :tier, :budget_usd, :on_budget, :mode, :simulated)"
+        " ON CONFLICT (job_id) DO NOTHING"),
         dict(job_id=job_id, name=name, source=source, priority=priority, tier=tier,
              budget_usd=budget_usd, on_budget=on_budget, mode=mode, simulated=simulated))
 
@@ -128,6 +146,17 @@ def refresh_jobs(conn: Connection, job_ids) -> None:
         "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"
         " AND (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id) >= j.accepted"),
         {"ids": ids})
+    # stopped by its own cap: nothing left but requests deferred by it (pipeline/budget.py);
+    # ``budget set --job`` puts it back to running
+    conn.execute(sa.text(
+        "UPDATE jobs j SET status = 'paused_budget'"
+        " WHERE j.job_id = ANY(:ids) AND j.status = 'running'"
+        " AND EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.job_id AND r.status = 'deferred'"
+        "             AND r.deferred_scope = 'job')"
+        " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.job_id"
+        "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'deferred'))"
+        " AND (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id) >= j.accepted"),
+        {"ids": ids})
 
 
 def job_status(conn: Connection, job_id: str) -> dict | None:
@@ -143,6 +172,10 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
     cached, saved = conn.execute(sa.text(
         "SELECT count(*), coalesce(sum(saved_usd), 0) FROM results WHERE job_id = :j AND from_cache"),
         {"j": job_id}).one()
+    cap, on_budget, fallback, deferred = conn.execute(sa.text(
+        "SELECT budget_usd, on_budget, fallback_model, (SELECT count(*) FROM requests r"
+        " WHERE r.job_id = j.job_id AND r.status = 'deferred') FROM jobs j WHERE job_id = :j"),
+        {"j": job_id}).one()
     return {
         "job_id": row["job_id"],
         "status": row["status"],
@@ -155,6 +188,9 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
         "tiers": tiers,
         "cost_usd": str(row["cost_usd"]),
         "cache_saved_usd": str(saved),
+        # deferred requests are also counted in pending (pipeline/budget.py)
+        "budget": {"cap_usd": str(cap) if cap is not None else None, "on_budget": on_budget,
+                   "deferred": deferred, "fallback_model": fallback},
         "created_at": row["created_at"].isoformat(),
         "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
     }
@@ -223,6 +259,13 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
     return counts
 
 
+def mark_provider_batch_mode(conn: Connection, batch_ids: list[str]) -> None:
+    """Label held batches for a provider Batch API (sql/003_schedules.sql); the scheduler sends them."""
+    if batch_ids:
+        conn.execute(sa.text("UPDATE batches SET mode = 'provider_batch' WHERE batch_id = ANY(:ids)"),
+                     {"ids": batch_ids})
+
+
 def mark_dispatched(conn: Connection, batch_ids: list[str]) -> None:
     conn.execute(sa.text(
         "UPDATE batches SET status = 'dispatched', dispatched_at = now()"
@@ -275,6 +318,8 @@ def open_requests(conn: Connection, batch_id: str) -> list[dict]:
         "UPDATE requests r SET status = 'running', started_at = coalesce(started_at, now())"
         " WHERE batch_id = :b AND status NOT IN ('succeeded', 'failed', 'cancelled')"
         " RETURNING job_id, custom_id, provider, model, tier, body, input_tokens, max_cost_usd, cache_key,"
+        " (SELECT j.on_budget FROM jobs j WHERE j.job_id = r.job_id) AS on_budget,"
+        " (SELECT j.fallback_model FROM jobs j WHERE j.job_id = r.job_id) AS fallback_model,"
         " greatest(r.attempts, coalesce((SELECT max(a.attempt) FROM attempts a"
         "   WHERE a.job_id = r.job_id AND a.custom_id = r.custom_id), 0)) AS attempts"),
         {"b": batch_id}).mappings().all()
@@ -326,7 +371,8 @@ def iter_results(conn: Connection, job_id: str, chunk: int = 2000):
     """Results of a job in input order, streamed."""
     result = conn.execution_options(stream_results=True, yield_per=chunk).execute(sa.text(
         "SELECT q.custom_id, q.line, q.status, r.status_code, r.response, r.error,"
-        " r.provider_request_id, r.cost_usd"
+        " r.provider_request_id, r.cost_usd, q.model, r.input_tokens, r.cached_input_tokens,"
+        " r.output_tokens"
         " FROM requests q LEFT JOIN results r USING (job_id, custom_id)"
         " WHERE q.job_id = :j ORDER BY q.line NULLS LAST, q.custom_id"), {"j": job_id})
     for row in result.mappings():

@@ -19,3 +19,92 @@ def openai_line(job_id: str, row: dict) -> dict:
         response = {"status_code": row["status_code"], "request_id": row["provider_request_id"],
                     "body": {"error": error}}
     return {"id": rid, "custom_id": row["custom_id"], "response": response, "error": error}
+
+
+# ------------------------------------------------------------------ Anthropic
+
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                 "content_filter": "refusal"}
+
+
+def answer_text(body) -> str | None:
+    """The answer's text, from an OpenAI chat completion or an Anthropic message."""
+    if not isinstance(body, dict):
+        return None
+    if body.get("type") == "message":
+        return "".join(b.get("text", "") for b in body.get("content") or [] if b.get("type") == "text")
+    choices = body.get("choices") or []
+    if choices:
+        return (choices[0].get("message") or {}).get("content")
+    return None
+
+
+def _as_anthropic_message(body: dict) -> dict:
+    """An Anthropic ``message`` for a response body (converted when it is an OpenAI completion)."""
+    if body.get("type") == "message":
+        return body
+    choice = (body.get("choices") or [{}])[0]
+    usage = body.get("usage") or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return {"id": body.get("id"), "type": "message", "role": "assistant", "model": body.get("model"),
+            "content": [{"type": "text", "text": (choice.get("message") or {}).get("content") or ""}],
+            "stop_reason": _STOP_REASONS.get(choice.get("finish_reason"), choice.get("finish_reason")),
+            "stop_sequence": None,
+            "usage": {"input_tokens": (usage.get("prompt_tokens") or 0) - cached,
+                      "cache_read_input_tokens": cached,
+                      "output_tokens": usage.get("completion_tokens") or 0}}
+
+
+def anthropic_line(job_id: str, row: dict) -> dict:
+    """One line of an Anthropic Message Batches results file."""
+    if row.get("response") is not None:
+        return {"custom_id": row["custom_id"],
+                "result": {"type": "succeeded", "message": _as_anthropic_message(row["response"])}}
+    if row.get("status") == "cancelled":
+        return {"custom_id": row["custom_id"], "result": {"type": "canceled"}}
+    error = row.get("error") or {"code": row["status"], "message": f"request is {row['status']} (not finished)"}
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 429: "rate_limit_error", 529: "overloaded_error"}.get(
+                row.get("status_code"), "api_error")
+    return {"custom_id": row["custom_id"],
+            "result": {"type": "errored",
+                       "error": {"type": "error",
+                                 "error": {"type": kind, "message": error.get("message") or error.get("code")}}}}
+
+
+# ------------------------------------------------------------------ CSV
+
+CSV_COLUMNS = ("custom_id", "line", "status", "status_code", "model", "answer", "input_tokens",
+               "cached_input_tokens", "output_tokens", "cost_usd", "error_code", "error_message",
+               "provider_request_id")
+
+
+def csv_row(job_id: str, row: dict) -> list:
+    """One CSV row (columns ``CSV_COLUMNS``): the answer's text, tokens, cost, error."""
+    error = row.get("error") or {}
+    return [row["custom_id"], row.get("line"), row["status"], row.get("status_code"), row.get("model"),
+            answer_text(row.get("response")), row.get("input_tokens"), row.get("cached_input_tokens"),
+            row.get("output_tokens"), row.get("cost_usd"), error.get("code"), error.get("message"),
+            row.get("provider_request_id")]
+
+
+FORMATS = {"openai": openai_line, "anthropic": anthropic_line, "csv": csv_row}
+
+
+def write_results(rows, job_id: str, out, fmt: str = "openai") -> int:
+    """Write ``rows`` (``db.iter_results``) to ``out`` in ``fmt``; returns the count."""
+    import csv
+    import json
+    n = 0
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(CSV_COLUMNS)
+        for row in rows:
+            writer.writerow(csv_row(job_id, row))
+            n += 1
+        return n
+    line = FORMATS[fmt]
+    for row in rows:
+        out.write(json.dumps(line(job_id, row), default=str) + "\n")
+        n += 1
+    return n

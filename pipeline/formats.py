@@ -30,6 +30,7 @@ OPENAI_URLS = ("/v1/chat/completions",)
 ANTHROPIC_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_CUSTOM_ID = 512
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+ANTHROPIC_ROLES = {"user", "assistant"}
 PIPELINE_FIELDS = {"priority", "tier", "deadline", "metadata", "cache"}
 
 
@@ -66,15 +67,49 @@ def parse_json_line(raw: bytes | str) -> dict:
             raise LineError(f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from e
     raw = raw.lstrip("\ufeff").strip()
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
-        if e.pos >= len(raw):
-            raise LineError(f"not valid JSON: the line ends at column {e.colno} before the JSON "
+        if e.pos >= len(raw) or e.msg.startswith("Unterminated string"):
+            raise LineError(f"not valid JSON: the line ends at column {len(raw) + 1} before the JSON "
                             f"is complete (truncated?)") from e
-        raise LineError(f"not valid JSON: {e.msg} at column {e.colno}") from e
+        raise LineError(f"not valid JSON: {e.msg.removesuffix(' at')} at column {e.colno}") from e
+    except RecursionError as e:
+        raise LineError("not usable JSON: arrays or objects are nested too deeply") from e
     if not isinstance(value, dict):
         raise LineError(f"expected a JSON object, got {_type_name(value)}")
+    if _SUSPECT_ESCAPE.search(raw):
+        _check_strings(value)
     return value
+
+
+def _no_constant(name: str):
+    # Python's json reads NaN and Infinity, but they are not JSON: Postgres (jsonb)
+    # and the providers refuse them, so such a line must stop here.
+    raise LineError(f"not valid JSON: {name} is not a JSON number")
+
+
+#: escapes that decode to characters Postgres jsonb or UTF-8 cannot store
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _check_strings(value) -> None:
+    """Reject NUL characters and unpaired surrogates (from ``\\u0000``, ``\\ud800`` escapes)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            if "\x00" in v:
+                raise LineError("a string contains the NUL character (\\u0000), which cannot be stored")
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise LineError(f"a string contains an unpaired UTF-16 surrogate "
+                                f"({v[e.start]!r}), which is not valid Unicode") from e
 
 
 def _require(obj: dict, key: str, kind, where: str):
@@ -87,18 +122,29 @@ def _require(obj: dict, key: str, kind, where: str):
     return value
 
 
-def _check_messages(messages: list, where: str) -> None:
+def _check_messages(messages: list, where: str, provider: str = "openai") -> None:
     if not messages:
         raise LineError(f"field {where}messages must not be empty")
+    roles = ROLES if provider == "openai" else ANTHROPIC_ROLES
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise LineError(f"{where}messages[{i}] must be an object, got {_type_name(m)}")
         role = m.get("role")
-        if role not in ROLES:
-            raise LineError(f"{where}messages[{i}].role must be one of {', '.join(sorted(ROLES))}, got {role!r}")
+        if role not in roles:
+            hint = " (Anthropic takes the system prompt in params.system)" if role == "system" else ""
+            raise LineError(f"{where}messages[{i}].role must be one of {', '.join(sorted(roles))}, "
+                            f"got {role!r}{hint}")
         content = m.get("content")
+        if content is None and (provider == "anthropic" or role != "assistant"):
+            raise LineError(f"{where}messages[{i}] has no content")
         if content is not None and not isinstance(content, (str, list)):
             raise LineError(f"{where}messages[{i}].content must be a string or an array, got {_type_name(content)}")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict):
+                    raise LineError(f"{where}messages[{i}].content[{j}] must be an object "
+                                    f"(a content part such as {{\"type\": \"text\", \"text\": ...}}), "
+                                    f"got {_type_name(part)}")
 
 
 def _pipeline_fields(obj: dict) -> dict:
@@ -151,7 +197,8 @@ def _max_tokens(body: dict, key: str, limit: int, model: str, required: bool) ->
         return limit
     value = body[key]
     if not isinstance(value, int) or isinstance(value, bool):
-        raise LineError(f"{key} must be an integer, got {_type_name(value)}")
+        shown = f" ({value!r})" if isinstance(value, (float, str)) and len(repr(value)) < 40 else ""
+        raise LineError(f"{key} must be an integer, got {_type_name(value)}{shown}")
     if value <= 0:
         raise LineError(f"{key} must be at least 1, got {value}")
     if value > limit:
@@ -161,6 +208,9 @@ def _max_tokens(body: dict, key: str, limit: int, model: str, required: bool) ->
 
 def parse_request(obj: dict, prices: PriceBook) -> Request:
     """Validate a decoded line of either format and price it."""
+    if "custom_id" not in obj and isinstance(obj.get("requests"), list):
+        raise LineError("this line is a whole batch ({\"requests\": [...]}): put one request per line, "
+                        "each {\"custom_id\", \"params\"} or {\"custom_id\", \"method\", \"url\", \"body\"}")
     if "params" in obj and "body" not in obj:
         provider = "anthropic"
         cid = _custom_id(obj, ANTHROPIC_CUSTOM_ID)
@@ -169,6 +219,10 @@ def parse_request(obj: dict, prices: PriceBook) -> Request:
     else:
         provider = "openai"
         cid = _custom_id(obj, None)
+        if "method" not in obj and "url" not in obj and "body" not in obj:
+            raise LineError("missing fields method, url and body: an OpenAI line is {\"custom_id\", "
+                            "\"method\": \"POST\", \"url\": \"/v1/chat/completions\", \"body\": {...}}; "
+                            "an Anthropic line is {\"custom_id\", \"params\": {...}}")
         method = obj.get("method")
         if method != "POST":
             raise LineError(f"method must be \"POST\", got {method!r}")
@@ -179,7 +233,7 @@ def parse_request(obj: dict, prices: PriceBook) -> Request:
         where = "body."
     model = _require(body, "model", str, where)
     messages = _require(body, "messages", list, where)
-    _check_messages(messages, where)
+    _check_messages(messages, where, provider)
     try:
         price = prices.resolve(model)
     except UnknownModelError as e:

@@ -23,6 +23,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Callable
 
+from confluent_kafka import KafkaError
+
 from pipeline import db
 from pipeline.config import Settings, get_settings
 from pipeline.constants import REQUESTS_TOPIC
@@ -41,7 +43,7 @@ def new_job_id() -> str:
 
 
 def to_message(job_id: str, line: int | None, req: Request, *, priority: int | None = None,
-               tier: str | None = None) -> bytes:
+               tier: str | None = None, mode: str = "realtime") -> bytes:
     """The Kafka message of a request (schema: pipeline/data/request.schema.json)."""
     msg = {
         "v": MESSAGE_VERSION, "job_id": job_id, "custom_id": req.custom_id, "line": line,
@@ -52,6 +54,8 @@ def to_message(job_id: str, line: int | None, req: Request, *, priority: int | N
         "tier": req.tier or tier,
         "deadline": req.deadline.isoformat() if req.deadline else None,
         "metadata": req.metadata, "cache": req.cache,
+        # realtime: our workers call the provider; provider_batch: a provider Batch API (schedules/)
+        "mode": mode,
         "published_at": datetime.now(timezone.utc).isoformat(),
     }
     return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
@@ -80,9 +84,13 @@ class _Deliveries:
         self.failed: dict[int, str] = {}
 
     def callback(self, line: int):
-        def on_delivery(err, _msg):
+        def on_delivery(err, msg):
             if err is None:
                 self.acked += 1
+            elif err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                size = len(msg.value() or b"") if msg is not None else 0
+                self.failed[line] = (f"the request is {size / 1e6:.1f} MB, more than the Kafka broker "
+                                     f"accepts in one message (its message.max.bytes): {err.str()}")
             else:
                 self.failed[line] = str(err)
         return on_delivery
@@ -140,7 +148,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                     if len(rejections) >= 1000:
                         flush_rejections()
                     continue
-                value = to_message(job_id, number, req, priority=priority, tier=tier)
+                value = to_message(job_id, number, req, priority=priority, tier=tier, mode=mode)
                 while True:
                     try:
                         producer.produce(REQUESTS_TOPIC, value=value, key=key,

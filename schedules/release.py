@@ -4,6 +4,17 @@ Off-peak and background batches are written ``held`` by the batcher. Releasing
 one flips it to ``queued`` in the same statement that picks it, so two
 releasers never hand out the same batch, then dispatches it; a crash between
 the two is repaired by the batcher's sweep, which dispatches ``queued`` batches.
+
+Only realtime batches are released here: provider-batch batches
+(``batches.mode = 'provider_batch'``) go to a provider Batch API
+(schedules/provider_batches.py).
+
+When the off-peak window closes, ``hold_unstarted`` puts batches released but
+not yet claimed by a worker (``queued`` / ``dispatched``) back to ``held``.
+Their Celery messages may still be delivered: ``db.claim_batch`` only claims
+``queued`` / ``dispatched`` batches, so such a task finds the batch held and
+does nothing; the next window dispatches it again. Batches a worker already
+started (``running``) finish.
 """
 
 from __future__ import annotations
@@ -15,12 +26,14 @@ from pipeline.batcher import dispatch
 
 
 def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, dispatcher=dispatch) -> list[str]:
+    if limit <= 0:
+        return []
     engine = engine or db.get_engine()
     with engine.begin() as conn:
         rows = conn.execute(sa.text(
             "WITH picked AS ("
             "  SELECT b.batch_id, b.tier FROM batches b"
-            "  WHERE b.status = 'held' AND b.tier = ANY(:tiers)"
+            "  WHERE b.status = 'held' AND b.tier = ANY(:tiers) AND b.mode = 'realtime'"
             "  ORDER BY (SELECT max(priority) FROM requests r WHERE r.batch_id = b.batch_id) DESC,"
             "           b.created_at"
             "  LIMIT :limit FOR UPDATE SKIP LOCKED)"
@@ -34,3 +47,35 @@ def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, disp
     with engine.begin() as conn:
         db.mark_dispatched(conn, [r.batch_id for r in rows])
     return [r.batch_id for r in rows]
+
+
+def waiting(tier: str, *, engine=None) -> int:
+    """Batches of ``tier`` released but not yet taken by a worker."""
+    engine = engine or db.get_engine()
+    with engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT count(*) FROM batches WHERE tier = :t AND mode = 'realtime'"
+            " AND status IN ('queued', 'dispatched')"), {"t": tier}).scalar()
+
+
+def held_count(tier: str, *, engine=None) -> int:
+    engine = engine or db.get_engine()
+    with engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT count(*) FROM batches WHERE tier = :t AND mode = 'realtime' AND status = 'held'"),
+            {"t": tier}).scalar()
+
+
+def hold_unstarted(tiers: tuple[str, ...], *, engine=None) -> list[str]:
+    """Put released batches no worker has started back to ``held`` (the window closed)."""
+    engine = engine or db.get_engine()
+    with engine.begin() as conn:
+        ids = conn.execute(sa.text(
+            "UPDATE batches SET status = 'held', dispatched_at = NULL"
+            " WHERE tier = ANY(:tiers) AND mode = 'realtime' AND status IN ('queued', 'dispatched')"
+            " RETURNING batch_id"), {"tiers": list(tiers)}).scalars().all()
+        if ids:
+            conn.execute(sa.text(
+                "UPDATE requests SET status = 'held' WHERE batch_id = ANY(:ids) AND status = 'queued'"),
+                {"ids": ids})
+    return ids

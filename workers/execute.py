@@ -18,9 +18,10 @@ import logging
 import time
 from decimal import Decimal
 
-from pipeline import db
+from pipeline import budget, db, metrics
 from pipeline.cache import ResponseCache
 from pipeline.config import Settings, get_settings
+from pipeline.budget import BudgetExceeded, BudgetUnavailable
 from pipeline.errors import PermanentProviderError, ProviderError
 from pipeline.pricing import Usage, cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.providers import AttemptRecord, call_with_retries, get_provider
@@ -45,23 +46,45 @@ class OutcomeWriter:
         self.engine = engine
         self.outcomes: list[dict] = []
         self.attempts: list[dict] = []
+        self.deferred: list[dict] = []            # requests a cap refused (pipeline/budget.py)
+        self.deferred_kinds: set[str] = set()     # 'job' | 'global' | 'tier' | 'unavailable', whole batch
+        self.settles: list[tuple] = []            # (reservation, actual cost) to settle after the write
+        self.budget: budget.Budget | None = None
         self.lock = asyncio.Lock()
 
     async def flush(self) -> None:
         async with self.lock:
-            outcomes, attempts = self.outcomes, self.attempts
-            self.outcomes, self.attempts = [], []
-            if outcomes or attempts:
-                await asyncio.to_thread(self._write, outcomes, attempts)
+            outcomes, attempts, deferred, settles = self.outcomes, self.attempts, self.deferred, self.settles
+            self.outcomes, self.attempts, self.deferred, self.settles = [], [], [], []
+            if outcomes or attempts or deferred:
+                def write():
+                    self._write(outcomes, attempts, deferred)
+                    for res, _ in settles:
+                        res.written = True
+                await asyncio.to_thread(write)
+            if settles:   # only once the ledger holds the cost: a rebuild from it then misses nothing
+                await self._settle(settles)
             answers = {o["cache_key"]: o["response"] for o in outcomes
                        if o.get("cache_key") and o["status"] == "succeeded"}
             if answers:
                 await asyncio.to_thread(_response_cache().put_many, answers)
 
-    def _write(self, outcomes, attempts) -> None:
+    async def _settle(self, settles) -> None:
+        results = await asyncio.gather(*(self.budget.settle(r, spent) for r, spent in settles),
+                                       return_exceptions=True)
+        failed = [s for s, r in zip(settles, results) if isinstance(r, BaseException)]
+        if failed:   # kept for the next flush; an expired reservation still settles ('late')
+            log.warning("budget: %d settlements failed, retried at the next flush: %s", len(failed),
+                        next(r for r in results if isinstance(r, BaseException)))
+            self.settles.extend(failed)
+
+    def _write(self, outcomes, attempts, deferred=()) -> None:
         with self.engine.begin() as conn:
             db.write_outcomes(conn, outcomes, attempts)
+            budget.write_deferred(conn, list(deferred))
             db.refresh_jobs(conn, {o["job_id"] for o in outcomes})
+        # the one metrics hook for request outcomes: counted once the rows are durable
+        metrics.record_outcomes(outcomes, attempts)
 
 
 def _usage(provider: str, body: dict) -> Usage | None:
@@ -71,8 +94,49 @@ def _usage(provider: str, body: dict) -> Usage | None:
     return usage_from_openai(raw) if provider == "openai" else usage_from_anthropic(raw)
 
 
+_budgets: dict[int, budget.Budget] = {}
+
+
+def _budget_for(settings: Settings, engine) -> budget.Budget:
+    """One Budget (and Redis client) per process and event loop."""
+    loop = asyncio.get_running_loop()
+    b = _budgets.get(id(loop))
+    if b is None:
+        b = _budgets[id(loop)] = budget.Budget(settings, engine, *budget.redis_clients(settings))
+    return b
+
+
+class _Limited:
+    """The provider behind the limits: every attempt first reserves its maximum cost.
+
+    A failed attempt releases its reservation at once; a successful one keeps
+    it in ``reservation`` until the writer settles it after the result is written.
+    """
+
+    def __init__(self, provider, req: dict, budget_: budget.Budget):
+        self.provider, self.req, self.budget = provider, req, budget_
+        self.name = provider.name
+        self.reservation: budget.Reservation | None = None
+
+    async def call(self, body: dict, *, headers: dict):
+        req = self.req
+        self.reservation = await self.budget.reserve(f'{req["job_id"]}:{req["custom_id"]}', req["job_id"],
+                                                     req["tier"], Decimal(str(req["max_cost_usd"])))
+        try:
+            return await self.provider.call(body, headers=headers)
+        except BaseException:
+            res, self.reservation = self.reservation, None
+            try:
+                await self.budget.release(res)
+            except Exception as e:  # the reservation expires by itself
+                log.warning("budget: release of %s failed (%s); it expires", res.rid, e)
+            raise
+
+
 async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> str:
     provider = get_provider(req["provider"], settings)
+    if writer.budget is not None:
+        provider = _Limited(provider, req, writer.budget)
     price = get_price_book().resolve(req["model"])
     key = f'{req["job_id"]}:{req["custom_id"]}'
     headers = {"Idempotency-Key": key, "X-LLMBatch-Tier": req["tier"]}
@@ -93,6 +157,20 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> s
     try:
         answer = await call_with_retries(provider, req["body"], headers=headers, settings=settings,
                                          first_attempt=req["attempts"] + 1, on_attempt=on_attempt)
+    except BudgetExceeded as e:
+        if req.get("on_budget") == "fail":
+            outcome.update(status="failed", error={"code": "budget_exceeded", "message": str(e)},
+                           attempts=last["attempt"])
+            writer.outcomes.append(outcome)
+            return "failed"
+        writer.deferred.append({"job_id": req["job_id"], "custom_id": req["custom_id"], "scope": e.kind})
+        writer.deferred_kinds.add(e.kind)
+        return "deferred"
+    except BudgetUnavailable as e:   # fail closed: no call without a reservation
+        log.warning("request %s deferred: %s", key, e)
+        writer.deferred.append({"job_id": req["job_id"], "custom_id": req["custom_id"], "scope": "unavailable"})
+        writer.deferred_kinds.add("unavailable")
+        return "deferred"
     except ProviderError as e:
         code = "provider_error" if isinstance(e, PermanentProviderError) else "attempts_exhausted"
         outcome.update(status="failed", status_code=e.status_code, provider_request_id=e.request_id,
@@ -112,6 +190,9 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> s
     if usage is None:
         log.warning("request %s answered without usage: recorded as usage_missing, cost unknown", key)
     writer.outcomes.append(outcome)
+    if isinstance(provider, _Limited) and provider.reservation is not None:
+        # no usage: the cost is unknown, so the maximum stays spent
+        writer.settles.append((provider.reservation, spent if usage else Decimal(str(req["max_cost_usd"]))))
     return "succeeded"
 
 
@@ -164,6 +245,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
                    started: float) -> dict:
     batch_id = batch["batch_id"]
     writer = OutcomeWriter(engine)
+    writer.budget = _budget_for(settings, engine)
     if batch["deliveries"] > MAX_DELIVERIES:
         log.error("batch %s delivered %d times: failing its %d open requests as poison",
                   batch_id, batch["deliveries"], len(requests))
@@ -174,7 +256,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
                                               "message": f"batch killed its worker {batch['deliveries'] - 1} times"}})
         requests = []
     sem = asyncio.Semaphore(settings.inflight_per_batch[batch["tier"]])
-    counts = {"succeeded": 0, "failed": 0}
+    counts = {"succeeded": 0, "failed": 0, "deferred": 0}
 
     async def one(req):
         async with sem:
@@ -192,7 +274,10 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
 
     def finish():
         with engine.begin() as conn:
-            db.finish_batch(conn, batch_id)
+            if writer.deferred_kinds:   # parked until a period rolls or a cap is raised
+                budget.defer_batch(conn, batch_id, writer.deferred_kinds)
+            else:
+                db.finish_batch(conn, batch_id)
             db.refresh_jobs(conn, {r["job_id"] for r in requests})
     await asyncio.to_thread(finish)
     return dict(counts, requests=len(requests), seconds=round(time.monotonic() - started, 3))

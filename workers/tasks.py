@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
+from celery.signals import task_prerun, worker_process_shutdown
+
+from pipeline import metrics
 from pipeline.config import get_settings
 from pipeline.constants import queue_for
 from workers.app import app
@@ -32,6 +36,19 @@ def execute_batch(self, batch_id: str) -> None:
     summary = _event_loop().run_until_complete(
         run_batch(batch_id, owner=self.request.id or batch_id, settings=get_settings()))
     log.info("batch %s: %s", batch_id, summary)
+
+
+@task_prerun.connect
+def _label_tier(task=None, **_):
+    """Metrics and log lines of this task carry the tier of the queue it came from."""
+    queue = ((getattr(task.request, "delivery_info", None) or {}).get("routing_key") or "") if task else ""
+    if queue.startswith("tier."):
+        metrics.set_tier(queue[len("tier."):])
+
+
+@worker_process_shutdown.connect
+def _metrics_process_gone(pid=None, **_):
+    metrics.mark_process_dead(pid or os.getpid())
 
 
 def enqueue_batch(batch_id: str, tier: str) -> None:

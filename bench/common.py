@@ -1,0 +1,175 @@
+"""Shared pieces of the benchmarks: the request file, the simulator's knobs, job waits, memory.
+
+The benchmarks run against the local stack that ``make up`` starts (or a second
+stack: ``LLMBATCH_PORT_OFFSET`` / ``LLMBATCH_VAR_DIR``). They change the running
+simulator through ``POST /_config`` and always restore it (``DELETE /_config``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from pipeline import db
+from pipeline.config import get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+PY = sys.executable
+LLMBATCH = str(Path(sys.executable).parent / "llmbatch")
+
+
+def write_requests(path: Path, n: int, *, model: str = "gpt-4o-mini", prefix: str = "bench",
+                   priority: int | None = None, max_tokens: int = 16) -> Path:
+    """N OpenAI batch lines; the plain client and the pipeline read the same file."""
+    with path.open("w") as f:
+        for i in range(n):
+            line = {"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": model, "max_tokens": max_tokens, "messages": [
+                        {"role": "user", "content": f"Benchmark request {i}: say something short."}]}}
+            if priority is not None:
+                line["priority"] = priority
+            f.write(json.dumps(line) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------ simulator
+
+def _sim(method: str, path: str, body: dict | None = None) -> dict:
+    url = get_settings().simulator_url + path
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def sim_stats() -> dict:
+    return _sim("GET", "/_stats")
+
+
+def sim_reset() -> None:
+    _sim("POST", "/_reset")
+
+
+@contextlib.contextmanager
+def simulator(**changes):
+    """Run the block with the simulator reconfigured (``/_config``), stats reset; restore after."""
+    _sim("POST", "/_config", changes)
+    sim_reset()
+    try:
+        yield
+    finally:
+        _sim("DELETE", "/_config")
+
+
+# ------------------------------------------------------------------ jobs
+
+def wait_job(job_id: str, timeout: float = 600, poll: float = 0.1) -> dict:
+    """Wait until every accepted request of the job is terminal; return the counts."""
+    engine = db.get_engine()
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            row = conn.execute(sa.text(
+                "SELECT j.status, j.accepted,"
+                " (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id AND r.status = 'succeeded'),"
+                " (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id AND r.status = 'failed')"
+                " FROM jobs j WHERE j.job_id = :j"), {"j": job_id}).one()
+        status, accepted, ok, failed = row
+        if status not in ("submitting", "running") or (accepted and ok + failed >= accepted):
+            return {"status": status, "accepted": accepted, "succeeded": ok, "failed": failed}
+        if time.monotonic() > deadline:
+            raise SystemExit(f"job {job_id} not finished within {timeout} s: {row}")
+        time.sleep(poll)
+
+
+def job_times(job_id: str) -> dict:
+    """Wall times of a job from Postgres: created → last request row, → last result row."""
+    with db.get_engine().connect() as conn:
+        row = conn.execute(sa.text(
+            "SELECT extract(epoch FROM (SELECT max(created_at) FROM results WHERE job_id = :j) - j.created_at),"
+            " extract(epoch FROM (SELECT max(created_at) - min(created_at) FROM requests WHERE job_id = :j)),"
+            " (SELECT count(*) FROM requests WHERE job_id = :j)"
+            " FROM jobs j WHERE j.job_id = :j"), {"j": job_id}).one()
+    return {"to_last_result_s": float(row[0]), "requests_written_span_s": float(row[1] or 0),
+            "requests": row[2]}
+
+
+def submit(path: Path, **kwargs) -> dict:
+    """Submit in a child process (so its own peak memory is measured); returns its report."""
+    code = (
+        "import json, sys, time\n"
+        "from pathlib import Path\n"
+        "from pipeline.producer import submit_file\n"
+        "t = time.monotonic()\n"
+        f"r = submit_file(Path({str(path)!r}), **{kwargs!r})\n"
+        "s = time.monotonic() - t\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "print(json.dumps({'job_id': r.job_id, 'lines': r.lines_read, 'accepted': r.accepted,"
+        " 'seconds': s, 'peak_rss_mb': int(hwm) / 1024}))\n")
+    proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    if proc.returncode:
+        raise SystemExit(f"submit failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ processes
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _vm(pid: int, field: str) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory() -> dict:
+    """VmHWM (peak resident set, MB) of every process in var/run/*.pid and of its children."""
+    out: dict = {}
+    for pid_file in sorted((get_settings().var_dir / "run").glob("*.pid")):
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        hwm = _vm(pid, "VmHWM")
+        if hwm is None:
+            continue
+        entry = {"pid": pid, "peak_rss_mb": round(hwm, 1)}
+        kids = {c: _vm(c, "VmHWM") for c in _children(pid)}
+        kids = {c: round(v, 1) for c, v in kids.items() if v is not None}
+        if kids:
+            entry["children_peak_rss_mb"] = list(kids.values())
+        out[pid_file.stem] = entry
+    return out
+
+
+def save(name: str, result: dict) -> dict:
+    RESULTS.mkdir(exist_ok=True)
+    result = {"benchmark": name, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "provider": "simulator" if get_settings().simulated else "live", **result}
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result), flush=True)
+    return result

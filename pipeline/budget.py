@@ -1,0 +1,662 @@
+"""Hard cost caps: reserve before a call, settle after, never overspend.
+
+Scopes: ``global`` per UTC day, ``tier:<tier>`` per UTC day, ``job:<job_id>``
+for the job's life. Before each provider call (each attempt) the worker
+reserves the request's maximum cost against every scope that applies, in one
+Lua script, so spend never exceeds a cap under any concurrency:
+
+1. ``reserve``: refused (``BudgetExceeded``) when settled spend + this amount
+   is over a cap; told to *wait* when only other live reservations stand in
+   the way (they settle below their maximum, so the cap gets used to the full);
+   otherwise the amount is held under a reservation id with an expiry;
+2. the call; a failed call ``release``-s its reservation at once;
+3. ``settle`` to the actual cost, run only after the result row is committed
+   in Postgres (so a rebuild from the ledger never misses a settled call).
+
+Money is integer *units* of 10^-8 USD (the scale of the ``numeric(18, 8)``
+columns), rounded up, never a float. Redis holds the live counters; Postgres
+holds the truth: a marker key carries a generation id, and when it is missing
+(FLUSHALL, first start) every reservation and settlement waits while one
+process rebuilds the counters from the ledger (``results.cost_usd``) and
+re-holds the maximum cost of every request still ``running``, under a lock.
+Redis unreachable means no call: ``BudgetUnavailable`` (fail closed).
+
+A reservation that outlives ``budget_reservation_ttl_s`` (its worker died)
+expires, and its amount is released by the next reserve.
+
+Public: ``Budget`` (worker side), ``to_units``/``from_units``, ``caps_for``,
+``set_cap``, ``show``, ``rebuild``, ``resume_due_batches``, the errors.
+This module must never let a call go ahead without a reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_CEILING, Decimal
+
+import sqlalchemy as sa
+
+from pipeline.config import Settings
+from pipeline.constants import HELD_TIERS, REDIS_PREFIX, TIERS
+from pipeline.errors import BudgetError, ConfigError, InfrastructureError
+
+log = logging.getLogger(__name__)
+
+UNIT = Decimal("0.00000001")          # 10^-8 USD, the scale of the ledger columns
+#: Lua compares amounts as doubles: exact below 2^53 units (about 90 million USD).
+MAX_CAP_USD = Decimal(50_000_000)
+NO_CAP = "-1"
+
+K = REDIS_PREFIX + "budget:"
+KEYS = [K + "gen", K + "caps", K + "spent", K + "held", K + "res", K + "res:exp"]
+LOCK_KEY = K + "rebuild-lock"
+#: how long a rebuild re-holds the maximum cost of a 'running' request nobody has re-asserted
+REHOLD_GRACE_S = 10.0
+
+
+class BudgetExceeded(BudgetError):
+    """A cap cannot take this request's maximum cost."""
+
+    def __init__(self, scope: str, spent: Decimal, cap: Decimal):
+        self.scope = scope            # 'global' | 'tier:peak' | 'job:…'
+        self.kind = scope.split(":", 1)[0]
+        self.spent, self.cap = spent, cap
+        super().__init__(f"budget {scope}: ${spent} spent of ${cap}")
+
+
+class BudgetUnavailable(BudgetError, InfrastructureError):
+    """The budget store (Redis) cannot be reached: no call goes ahead."""
+
+
+# ---------------------------------------------------------------- money
+
+def to_units(usd: Decimal | str) -> int:
+    """USD → integer 10^-8 units, rounded up (a reservation never under-holds)."""
+    return int(Decimal(str(usd)).quantize(UNIT, rounding=ROUND_CEILING) / UNIT)
+
+
+def from_units(units: int | str) -> Decimal:
+    return (Decimal(int(units)) * UNIT).normalize() if int(units) else Decimal(0)
+
+
+def day(now: datetime | None = None) -> str:
+    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%d")
+
+
+def next_day(now: datetime | None = None) -> datetime:
+    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    return datetime(now.year, now.month, now.day, tzinfo=timezone.utc) + timedelta(days=1)
+
+
+def fields_for(job_id: str, tier: str, today: str) -> list[tuple[str, str]]:
+    """(spent field, cap field) of every scope a request of ``job_id`` in ``tier`` counts against."""
+    return [(f"global@{today}", "global"), (f"tier:{tier}@{today}", f"tier:{tier}"),
+            (f"job:{job_id}", f"job:{job_id}")]
+
+
+def _parse_cap(value, name: str) -> Decimal | None:
+    if value is None or value == "":
+        return None
+    try:
+        cap = Decimal(str(value))
+    except ArithmeticError as e:
+        raise ConfigError(f"{name}: not a decimal amount: {value!r}") from e
+    if cap < 0 or cap > MAX_CAP_USD:
+        raise ConfigError(f"{name}: ${cap} is outside 0 … {MAX_CAP_USD}")
+    return cap
+
+
+def config_caps(settings: Settings) -> dict[str, Decimal]:
+    """Daily caps from the settings: ``{'global': …, 'tier:peak': …}``."""
+    caps = {}
+    g = _parse_cap(settings.budget_global_daily_usd, "budget_global_daily_usd")
+    if g is not None:
+        caps["global"] = g
+    for tier, value in (settings.budget_tier_daily_usd or {}).items():
+        if tier not in TIERS:
+            raise ConfigError(f"budget_tier_daily_usd: unknown tier {tier!r}")
+        c = _parse_cap(value, f"budget_tier_daily_usd[{tier}]")
+        if c is not None:
+            caps[f"tier:{tier}"] = c
+    return caps
+
+
+def caps_for(conn, settings: Settings) -> dict[str, Decimal]:
+    """Effective daily caps: ``budget set`` (Postgres) over config."""
+    caps = config_caps(settings)
+    for scope, usd in conn.execute(sa.text("SELECT scope, usd FROM budget_caps")).all():
+        caps[scope] = usd
+    return caps
+
+
+# ---------------------------------------------------------------- Lua
+
+_RELEASE_FN = """
+local function release(id)
+  local rec = redis.call('HGET', KEYS[5], id)
+  if rec then
+    local amount, gen, fields = string.match(rec, '^(%d+)|([^|]*)|(.*)$')
+    for f in string.gmatch(fields, '[^\\t]+') do redis.call('HINCRBY', KEYS[4], f, '-' .. amount) end
+    redis.call('HDEL', KEYS[5], id)
+  end
+  redis.call('ZREM', KEYS[6], id)
+  return rec
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# ARGV: ttl_ms, rid, amount, n, then n × (spent field, cap field)
+RESERVE = _RELEASE_FN + """
+local gen = redis.call('GET', KEYS[1])
+if not gen then return {'rebuild'} end
+local now = now_ms()
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, 200)) do release(id) end
+release(ARGV[2])                                 -- a retry re-reserves under the same id
+local amount = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local wait = false
+local sfields = {}
+for i = 0, n - 1 do
+  local sf, cf = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
+  local cap = redis.call('HGET', KEYS[2], cf)
+  local spent = redis.call('HGET', KEYS[3], sf)
+  if not cap or (not spent and string.sub(sf, 1, 4) == 'job:') then return {'load', cf, sf} end
+  spent = tonumber(spent or '0')
+  cap = tonumber(cap)
+  if cap >= 0 then
+    if spent + amount > cap then return {'refuse', cf, tostring(spent), tostring(cap)} end
+    if spent + tonumber(redis.call('HGET', KEYS[4], sf) or '0') + amount > cap then wait = cf end
+  end
+  sfields[#sfields + 1] = sf
+end
+if wait then return {'wait', wait} end
+for _, sf in ipairs(sfields) do redis.call('HINCRBY', KEYS[4], sf, ARGV[3]) end
+redis.call('HSET', KEYS[5], ARGV[2], ARGV[3] .. '|' .. gen .. '|' .. table.concat(sfields, '\\t'))
+redis.call('ZADD', KEYS[6], now + tonumber(ARGV[1]), ARGV[2])
+return {'ok', gen}
+"""
+
+# ARGV: rid, gen, actual, n, then n × (spent field, cap field). Returns spent and cap per pair.
+SETTLE = _RELEASE_FN + """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return {'rebuild'} end
+local rec = release(ARGV[1])
+local status = 'ok'
+if not rec then
+  -- expired before settling (same generation: never counted) or rebuilt after the
+  -- result row was committed (new generation: the ledger already counted it)
+  if cur == ARGV[2] then status = 'late' else status = 'gone' end
+end
+local out = {status}
+local n = tonumber(ARGV[4])
+for i = 0, n - 1 do
+  local sf, cf = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
+  if status ~= 'gone' then redis.call('HINCRBY', KEYS[3], sf, ARGV[3]) end
+  out[#out + 1] = redis.call('HGET', KEYS[3], sf) or '0'
+  out[#out + 1] = redis.call('HGET', KEYS[2], cf) or '-1'
+end
+return out
+"""
+
+RELEASE = _RELEASE_FN + "release(ARGV[1]) return 1"
+
+# ARGV: cap field, cap, spent field, spent — first load of a job's scope
+LOAD = """
+if not redis.call('GET', KEYS[1]) then return 0 end
+redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4])
+return 1
+"""
+
+# ARGV: gen, ttl_ms, json {caps: {f: units}, spent: {f: units}, res: [[rid, units, fields]]}
+INSTALL = """
+local data = cjson.decode(ARGV[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+for f, v in pairs(data.caps) do redis.call('HSET', KEYS[2], f, v) end
+for f, v in pairs(data.spent) do redis.call('HSET', KEYS[3], f, v) end
+local t = redis.call('TIME')
+local exp = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+for _, r in ipairs(data.res) do
+  for f in string.gmatch(r[3], '[^\\t]+') do redis.call('HINCRBY', KEYS[4], f, r[2]) end
+  redis.call('HSET', KEYS[5], r[1], r[2] .. '|' .. ARGV[1] .. '|' .. r[3])
+  redis.call('ZADD', KEYS[6], exp, r[1])
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return #data.res
+"""
+
+# ARGV: ttl_ms, then (rid, units, fields, written) × n: a live worker's own reservations in a
+# new generation: kept (expiry renewed) if the rebuild re-held them, else held again, unless
+# the result is already written (then the ledger the rebuild read has counted it)
+REASSERT = """
+local gen = redis.call('GET', KEYS[1])
+if not gen then return {'rebuild'} end
+local t = redis.call('TIME')
+local exp = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV, 4 do
+  local rid, amount, fields = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local exists = redis.call('HEXISTS', KEYS[5], rid) == 1
+  if exists or ARGV[i + 3] == '0' then
+    if not exists then
+      for f in string.gmatch(fields, '[^\\t]+') do redis.call('HINCRBY', KEYS[4], f, amount) end
+    end
+    redis.call('HSET', KEYS[5], rid, amount .. '|' .. gen .. '|' .. fields)
+    redis.call('ZADD', KEYS[6], exp, rid)
+  end
+end
+return {'ok', gen}
+"""
+
+# ARGV: cap field, cap units — set a cap only when the counters are live (else the rebuild reads Postgres)
+SET_CAP = """
+if not redis.call('GET', KEYS[1]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+# ---------------------------------------------------------------- rebuild from the ledger
+
+def ledger_snapshot(engine, settings: Settings, now: datetime | None = None) -> dict:
+    """Caps, today's spend per scope and the running requests, from one consistent snapshot."""
+    today = day(now)
+    start = next_day(now) - timedelta(days=1)
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            caps = {k: str(to_units(v)) for k, v in caps_for(conn, settings).items()}
+            for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
+                caps.setdefault(scope, NO_CAP)
+            spent: dict[str, str] = {}
+            g = conn.execute(sa.text("SELECT coalesce(sum(cost_usd), 0) FROM results WHERE created_at >= :s"),
+                             {"s": start}).scalar()
+            spent[f"global@{today}"] = str(to_units(g))
+            for tier, s in conn.execute(sa.text(
+                    "SELECT q.tier, sum(r.cost_usd) FROM results r JOIN requests q USING (job_id, custom_id)"
+                    " WHERE r.created_at >= :s GROUP BY q.tier"), {"s": start}).all():
+                spent[f"tier:{tier}@{today}"] = str(to_units(s))
+            for job_id, cap, s in conn.execute(sa.text(
+                    "SELECT j.job_id, j.budget_usd,"
+                    " (SELECT coalesce(sum(cost_usd), 0) FROM results r WHERE r.job_id = j.job_id)"
+                    " FROM jobs j WHERE j.status IN ('submitting', 'running', 'paused_budget')")).all():
+                caps[f"job:{job_id}"] = str(to_units(cap)) if cap is not None else NO_CAP
+                spent[f"job:{job_id}"] = str(to_units(s))
+            res = []
+            for job_id, cid, tier, max_cost in conn.execute(sa.text(
+                    "SELECT job_id, custom_id, tier, max_cost_usd FROM requests WHERE status = 'running'")).all():
+                fields = [sf for sf, _ in fields_for(job_id, tier, today)]
+                res.append([f"{job_id}:{cid}", str(to_units(max_cost)), "\t".join(fields)])
+    return {"caps": caps, "spent": spent, "res": res}
+
+
+def rebuild(engine, redis_sync, settings: Settings, *, wait_s: float = 60.0) -> bool:
+    """Rebuild the counters from Postgres if the marker is missing. True if this call rebuilt.
+
+    One process rebuilds under a lock; the others wait for the marker.
+    """
+    deadline = time.monotonic() + wait_s
+    while redis_sync.get(KEYS[0]) is None:
+        token = secrets.token_hex(8)
+        if redis_sync.set(LOCK_KEY, token, nx=True, px=int(wait_s * 1000)):
+            try:
+                if redis_sync.get(KEYS[0]) is not None:
+                    return False
+                snap = ledger_snapshot(engine, settings)
+                gen = secrets.token_hex(8)
+                # re-held for a short grace only: most 'running' requests are queued in their batch,
+                # not in a call; the live workers re-assert theirs within it (Budget._heartbeat)
+                n = redis_sync.eval(INSTALL, len(KEYS), *KEYS, gen, int(REHOLD_GRACE_S * 1000),
+                                    json.dumps(snap))
+                log.warning("budget counters rebuilt from the Postgres ledger (generation %s, %d running"
+                            " requests re-held)", gen, n)
+                return True
+            finally:
+                if redis_sync.get(LOCK_KEY) == token.encode():
+                    redis_sync.delete(LOCK_KEY)
+        if time.monotonic() > deadline:
+            raise BudgetUnavailable("budget counters are being rebuilt and the rebuild did not finish in time")
+        time.sleep(0.05)
+    return False
+
+
+def _ttl_ms(settings: Settings) -> int:
+    return int(settings.budget_reservation_ttl_s * 1000)
+
+
+# ---------------------------------------------------------------- worker side
+
+@dataclass
+class Reservation:
+    rid: str
+    gen: str
+    fields: list[tuple[str, str]]
+    units: int
+    period: str
+    #: its result row is committed: a rebuild's ledger may already count it
+    written: bool = False
+
+
+class Budget:
+    """Reservations for one worker process (async Redis; Postgres via threads)."""
+
+    def __init__(self, settings: Settings, engine, redis_async, redis_sync):
+        self.settings = settings
+        self.engine = engine
+        self.redis = redis_async
+        self.redis_sync = redis_sync
+        self._alerted: set[tuple] = set()
+        self._caps_synced = False
+        self.live: dict[str, Reservation] = {}    # this process's reservations not yet settled
+        self.gen: str | None = None
+        self._beat: asyncio.Task | None = None
+
+    async def _heartbeat(self) -> None:
+        """Re-assert live reservations soon after a rebuild (a new generation)."""
+        while True:
+            await asyncio.sleep(REHOLD_GRACE_S / 4)
+            try:
+                gen = await self.redis.get(KEYS[0])
+                if gen is None:
+                    if self.live:
+                        await self._rebuild()
+                    continue
+                await self._check_gen(gen.decode())
+            except Exception as e:  # next beat tries again; reserve/settle fail closed meanwhile
+                log.warning("budget heartbeat: %s", e)
+
+    async def _check_gen(self, gen: str) -> None:
+        if gen == self.gen:
+            return
+        old, self.gen = self.gen, gen
+        if old is None or not self.live:
+            return
+        args = [_ttl_ms(self.settings)]
+        for r in self.live.values():
+            args += [r.rid, r.units, "\t".join(sf for sf, _ in r.fields), int(r.written)]
+        out = await self._eval(REASSERT, *args)
+        if out and out[0] in (b"ok", "ok"):
+            for r in self.live.values():
+                if not r.written:   # a written one keeps its old generation: missing then means counted
+                    r.gen = gen
+            log.warning("budget: re-asserted %d live reservations in generation %s", len(self.live), gen)
+
+    async def _eval(self, script: str, *args):
+        try:
+            return await self.redis.eval(script, len(KEYS), *KEYS, *args)
+        except Exception as e:  # redis.ConnectionError, TimeoutError …: fail closed
+            raise BudgetUnavailable(f"budget store unreachable: {e}") from e
+
+    async def _rebuild(self) -> None:
+        try:
+            await asyncio.to_thread(rebuild, self.engine, self.redis_sync, self.settings)
+        except BudgetError:
+            raise
+        except Exception as e:
+            raise BudgetUnavailable(f"cannot rebuild the budget counters: {e}") from e
+
+    async def _sync_caps(self) -> None:
+        """Once per process: config caps may have changed since the counters were built."""
+        if self._caps_synced:
+            return
+
+        def read():
+            with self.engine.connect() as conn:
+                return caps_for(conn, self.settings)
+        caps = await asyncio.to_thread(read)
+        self._caps_synced = True
+        for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
+            await self._eval(SET_CAP, scope, str(to_units(caps[scope])) if scope in caps else NO_CAP)
+
+    async def _load_job(self, job_id: str) -> None:
+        def read():
+            with self.engine.connect() as conn:
+                return conn.execute(sa.text(
+                    "SELECT j.budget_usd, (SELECT coalesce(sum(cost_usd), 0) FROM results r"
+                    " WHERE r.job_id = j.job_id) FROM jobs j WHERE j.job_id = :j"), {"j": job_id}).first()
+        row = await asyncio.to_thread(read)
+        cap, spent = (row if row else (None, 0))
+        await self._eval(LOAD, f"job:{job_id}", str(to_units(cap)) if cap is not None else NO_CAP,
+                         f"job:{job_id}", str(to_units(spent)))
+
+    async def reserve(self, rid: str, job_id: str, tier: str, amount: Decimal) -> Reservation:
+        """Hold ``amount`` against every cap of the request, or raise ``BudgetExceeded``."""
+        units = to_units(amount)
+        waited = 0
+        if not self._caps_synced:
+            await self._sync_caps()
+        while True:
+            today = day()
+            fields = fields_for(job_id, tier, today)
+            args = [_ttl_ms(self.settings), rid, units, len(fields)] + [x for f in fields for x in f]
+            r = [x.decode() if isinstance(x, bytes) else x for x in await self._eval(RESERVE, *args)]
+            if r[0] == "ok":
+                if self._beat is None or self._beat.done():
+                    self._beat = asyncio.create_task(self._heartbeat())
+                await self._check_gen(r[1])
+                res = self.live[rid] = Reservation(rid, r[1], fields, units, today)
+                return res
+            if r[0] == "rebuild":
+                await self._rebuild()
+            elif r[0] == "load":
+                if r[1].startswith("job:"):
+                    await self._load_job(job_id)
+                else:   # a daily scope's cap missing: the counters predate it
+                    await self._sync_caps()
+            elif r[0] == "wait":
+                waited += 1
+                await asyncio.sleep(min(0.5, 0.02 * waited) * random.uniform(0.5, 1.5))
+            elif r[0] == "refuse":
+                spent, cap = from_units(r[2]), from_units(r[3])
+                await self._alert(r[1], fields, 100, cap, spent, today)
+                raise BudgetExceeded(r[1], spent, cap)
+            else:  # pragma: no cover
+                raise BudgetUnavailable(f"unexpected answer from the reserve script: {r}")
+
+    async def release(self, res: Reservation) -> None:
+        self.live.pop(res.rid, None)
+        await self._eval(RELEASE, res.rid)
+
+    async def settle(self, res: Reservation, actual: Decimal) -> None:
+        """Turn the hold into spend of ``actual``; run after the result row is committed."""
+        units = to_units(actual)
+        while True:
+            args = [res.rid, res.gen, units, len(res.fields)] + [x for f in res.fields for x in f]
+            r = [x.decode() if isinstance(x, bytes) else x for x in await self._eval(SETTLE, *args)]
+            if r[0] != "rebuild":
+                break
+            await self._rebuild()
+            await self._check_gen((await self.redis.get(KEYS[0]) or b"").decode())
+        self.live.pop(res.rid, None)
+        if r[0] == "late":
+            log.warning("reservation %s expired before it settled: $%s counted late", res.rid, actual)
+        for i, (_, cf) in enumerate(res.fields):
+            spent, cap = int(r[1 + 2 * i]), int(r[2 + 2 * i])
+            if cap < 0:
+                continue
+            for threshold in (100, 80):
+                if spent * 100 >= cap * threshold:
+                    await self._alert(cf, res.fields, threshold, from_units(cap), from_units(spent), res.period)
+                    break
+
+    async def _alert(self, scope: str, fields, threshold: int, cap: Decimal, spent: Decimal, period: str):
+        period = "job" if scope.startswith("job:") else period
+        key = (scope, period, threshold, cap)
+        if key in self._alerted:
+            return
+        self._alerted.add(key)
+        await asyncio.to_thread(record_alert, self.engine, scope, period, threshold, cap, spent)
+
+
+def record_alert(engine, scope: str, period: str, threshold: int, cap: Decimal, spent: Decimal) -> bool:
+    """A row in ``budget_alerts`` (once per scope, period, threshold and cap), a log line, a metric."""
+    with engine.begin() as conn:
+        new = conn.execute(sa.text(
+            "INSERT INTO budget_alerts (scope, period, threshold, cap_usd, spent_usd)"
+            " VALUES (:s, :p, :t, :c, :x) ON CONFLICT DO NOTHING"),
+            {"s": scope, "p": period, "t": threshold, "c": cap, "x": spent}).rowcount
+    if new:
+        what = "reached" if threshold == 100 else "at 80 % of"
+        log.warning("budget alert: %s %s its cap: $%s spent of $%s (%s)", scope, what, spent, cap, period)
+        try:  # the metrics module may not exist in every build
+            from pipeline import metrics
+            metrics.budget_alert(scope.split(":", 1)[0], threshold)
+        except (ImportError, AttributeError):
+            pass
+    return bool(new)
+
+
+# ---------------------------------------------------------------- deferral
+
+def write_deferred(conn, rows: list[dict]) -> None:
+    """Mark requests deferred (``job_id``, ``custom_id``, ``scope``); terminal ones stay as they are."""
+    if not rows:
+        return
+    from pipeline.db import dumps
+    conn.execute(sa.text(
+        "UPDATE requests r SET status = 'deferred', deferred_scope = x.scope"
+        " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, scope text)"
+        " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"
+        " AND r.status NOT IN ('succeeded', 'failed', 'cancelled')"), {"rows": dumps(rows)})
+
+
+def defer_batch(conn, batch_id: str, kinds: set[str], now: datetime | None = None) -> None:
+    """Park a batch with deferred requests until the earliest moment one of them may fit.
+
+    Daily caps: the next UTC day. Budget store down: a minute. Job cap only:
+    until the cap is raised (``budget set`` re-dispatches it).
+    """
+    now = now or datetime.now(timezone.utc)
+    until = None
+    if "unavailable" in kinds:
+        until = now + timedelta(seconds=60)
+    elif kinds & {"global", "tier"}:
+        until = next_day(now)
+    conn.execute(sa.text(
+        "UPDATE batches SET status = 'deferred', deferred_until = :u, lease_until = NULL"
+        " WHERE batch_id = :b"), {"b": batch_id, "u": until})
+
+
+def resume_due_batches(engine, dispatch) -> int:
+    """Hand deferred batches whose time has come back to their queues (the batcher's sweep calls this).
+
+    A crash after the UPDATE leaves them ``queued``: the ordinary sweep sends them.
+    """
+    with engine.begin() as conn:
+        # off-peak and background batches go back to 'held': the scheduler releases them in their window
+        due = conn.execute(sa.text(
+            "UPDATE batches SET deferred_until = NULL,"
+            " status = CASE WHEN tier = ANY(:held) THEN 'held' ELSE 'queued' END"
+            " WHERE status = 'deferred' AND deferred_until <= now() RETURNING batch_id, tier"),
+            {"held": list(HELD_TIERS)}).all()
+        due = [(b, t) for b, t in due if t not in HELD_TIERS]
+    for batch_id, tier in due:
+        log.info("budget: resuming deferred batch %s (%s)", batch_id, tier)
+        dispatch(batch_id, tier)
+    if due:
+        from pipeline.db import mark_dispatched
+        with engine.begin() as conn:
+            mark_dispatched(conn, [b for b, _ in due])
+    return len(due)
+
+
+# ---------------------------------------------------------------- command-line side
+
+def set_cap(engine, redis_sync, settings: Settings, scope: str, usd: Decimal) -> dict:
+    """Set a cap (Postgres first, then the live counters) and wake what it deferred.
+
+    ``scope``: 'global', 'tier:<tier>' or 'job:<job_id>'. Returns what changed.
+    """
+    usd = _parse_cap(usd, scope)
+    with engine.begin() as conn:
+        if scope.startswith("job:"):
+            job_id = scope[4:]
+            found = conn.execute(sa.text("UPDATE jobs SET budget_usd = :u WHERE job_id = :j"),
+                                 {"u": usd, "j": job_id}).rowcount
+            if not found:
+                raise BudgetError(f"no job {job_id}")
+            conn.execute(sa.text("UPDATE jobs SET status = 'running' WHERE job_id = :j AND status = 'paused_budget'"),
+                         {"j": job_id})
+            woken = conn.execute(sa.text(
+                "UPDATE batches b SET deferred_until = now() WHERE b.status = 'deferred'"
+                " AND b.batch_id IN (SELECT batch_id FROM requests WHERE job_id = :j AND status = 'deferred')"),
+                {"j": job_id}).rowcount
+        else:
+            conn.execute(sa.text(
+                "INSERT INTO budget_caps (scope, usd) VALUES (:s, :u)"
+                " ON CONFLICT (scope) DO UPDATE SET usd = excluded.usd, updated_at = now()"),
+                {"s": scope, "u": usd})
+            tier_only = scope[5:] if scope.startswith("tier:") else None
+            woken = conn.execute(sa.text(
+                "UPDATE batches SET deferred_until = now() WHERE status = 'deferred'"
+                " AND (CAST(:t AS text) IS NULL OR tier = :t)"), {"t": tier_only}).rowcount
+    try:
+        redis_sync.eval(SET_CAP, len(KEYS), *KEYS, scope, str(to_units(usd)))
+    except Exception as e:
+        raise BudgetUnavailable(f"cap saved in Postgres, but the budget store is unreachable: {e}") from e
+    return {"scope": scope, "usd": str(usd), "batches_resumed": woken}
+
+
+def show(engine, redis_sync, settings: Settings) -> dict:
+    """Caps, today's spend (live counters and ledger) and reservations held, per scope."""
+    today = day()
+    start = next_day() - timedelta(days=1)
+    try:
+        live = redis_sync.get(KEYS[0]) is not None
+        spent = {k.decode(): int(v) for k, v in redis_sync.hgetall(KEYS[2]).items()}
+        held = {k.decode(): int(v) for k, v in redis_sync.hgetall(KEYS[3]).items()}
+    except Exception as e:
+        raise BudgetUnavailable(f"budget store unreachable: {e}") from e
+    with engine.connect() as conn:
+        caps = caps_for(conn, settings)
+        ledger_tier = dict(conn.execute(sa.text(
+            "SELECT q.tier, sum(r.cost_usd) FROM results r JOIN requests q USING (job_id, custom_id)"
+            " WHERE r.created_at >= :s GROUP BY q.tier"), {"s": start}).all())
+        jobs = conn.execute(sa.text(
+            "SELECT j.job_id, j.status, j.budget_usd, j.on_budget,"
+            " (SELECT coalesce(sum(cost_usd), 0) FROM results r WHERE r.job_id = j.job_id) AS spent,"
+            " (SELECT count(*) FROM requests q WHERE q.job_id = j.job_id AND q.status = 'deferred') AS deferred"
+            " FROM jobs j WHERE j.budget_usd IS NOT NULL OR j.status = 'paused_budget'"
+            " ORDER BY j.created_at DESC LIMIT 50")).mappings().all()
+        alerts = conn.execute(sa.text(
+            "SELECT scope, period, threshold, cap_usd, spent_usd, created_at FROM budget_alerts"
+            " ORDER BY created_at DESC LIMIT 20")).mappings().all()
+
+    def scope(cap_field: str, spent_field: str, ledger: Decimal) -> dict:
+        cap = caps.get(cap_field)
+        return {"cap_usd": str(cap) if cap is not None else None,
+                "spent_usd": str(from_units(spent.get(spent_field, 0))) if live else None,
+                "held_usd": str(from_units(held.get(spent_field, 0))) if live else None,
+                "ledger_usd": str(ledger)}
+
+    return {
+        "period": today, "counters": "live" if live else "not built (rebuilt from Postgres on next use)",
+        "global": scope("global", f"global@{today}", sum(ledger_tier.values(), Decimal(0))),
+        "tiers": {t: scope(f"tier:{t}", f"tier:{t}@{today}", ledger_tier.get(t, Decimal(0))) for t in TIERS},
+        "jobs": [{"job_id": j["job_id"], "status": j["status"], "on_budget": j["on_budget"],
+                  "cap_usd": str(j["budget_usd"]) if j["budget_usd"] is not None else None,
+                  "spent_usd": str(j["spent"]), "deferred": j["deferred"],
+                  "held_usd": str(from_units(held.get(f"job:{j['job_id']}", 0))) if live else None}
+                 for j in jobs],
+        "alerts": [{**a, "cap_usd": str(a["cap_usd"]), "spent_usd": str(a["spent_usd"]),
+                    "created_at": a["created_at"].isoformat()} for a in alerts],
+    }
+
+
+def redis_clients(settings: Settings):
+    """(async, sync) Redis clients with short timeouts: the budget fails closed, fast."""
+    import redis
+    import redis.asyncio as aredis
+    kw = dict(socket_timeout=5, socket_connect_timeout=2)
+    # blocking pool: 200 requests reserving at once wait for a connection instead of failing
+    pool = aredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=32, timeout=10, **kw)
+    return aredis.Redis(connection_pool=pool), redis.Redis.from_url(settings.redis_url, **kw)

@@ -1,0 +1,89 @@
+"""``llmbatch budget show|set``: see and change cost caps (logic in pipeline/budget.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from decimal import Decimal, InvalidOperation
+
+import click
+
+from pipeline import budget as budget_mod
+from pipeline import db
+from pipeline.config import get_settings
+from pipeline.constants import TIERS
+from pipeline.errors import BudgetError, ConfigError
+
+
+def _redis():
+    import redis
+    return redis.Redis.from_url(get_settings().redis_url, socket_timeout=5, socket_connect_timeout=2)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+def budget():
+    """Cost caps: global and per tier per UTC day, and per job."""
+
+
+@budget.command("show")
+@click.option("--json", "as_json", is_flag=True)
+def show(as_json):
+    """Caps, today's spend, reservations held, paused jobs and recent alerts."""
+    try:
+        data = budget_mod.show(db.get_engine(), _redis(), get_settings())
+    except budget_mod.BudgetUnavailable as e:
+        _fail(str(e), 3)
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    click.echo(f"period {data['period']} (UTC)  counters: {data['counters']}")
+
+    def line(name, s):
+        cap = f"${s['cap_usd']}" if s["cap_usd"] is not None else "no cap"
+        live = f"spent ${s['spent_usd']}  held ${s['held_usd']}  " if s["spent_usd"] is not None else ""
+        click.echo(f"  {name:<12} {cap:<14} {live}ledger ${s['ledger_usd']}")
+    line("global", data["global"])
+    for t in TIERS:
+        line(t, data["tiers"][t])
+    if data["jobs"]:
+        click.echo("jobs:")
+        for j in data["jobs"]:
+            cap = f"${j['cap_usd']}" if j["cap_usd"] is not None else "no cap"
+            click.echo(f"  {j['job_id']}  {j['status']:<14} {cap:<12} spent ${j['spent_usd']}"
+                       f"  deferred {j['deferred']}  on budget: {j['on_budget']}")
+    if data["alerts"]:
+        click.echo("recent alerts:")
+        for a in data["alerts"]:
+            click.echo(f"  {a['created_at']}  {a['scope']} {a['period']}  {a['threshold']} %"
+                       f"  ${a['spent_usd']} of ${a['cap_usd']}")
+
+
+@budget.command("set")
+@click.option("--global", "global_", is_flag=True, help="The daily cap over everything.")
+@click.option("--tier", type=click.Choice(TIERS), help="The daily cap of one tier.")
+@click.option("--job", "job_id", help="The cap of one job (resumes it if its cap paused it).")
+@click.option("--usd", required=True, help="The cap in USD, e.g. 25 or 0.5.")
+def set_(global_, tier, job_id, usd):
+    """Set a cap; requests it deferred resume at once if they now fit."""
+    if sum(bool(x) for x in (global_, tier, job_id)) != 1:
+        _fail("give exactly one of --global, --tier T, --job JOB", 2)
+    try:
+        amount = Decimal(usd)
+    except InvalidOperation:
+        _fail(f"--usd: not an amount: {usd!r}", 2)
+    scope = "global" if global_ else f"tier:{tier}" if tier else f"job:{job_id}"
+    engine = db.get_engine()
+    try:
+        result = budget_mod.set_cap(engine, _redis(), get_settings(), scope, amount)
+    except budget_mod.BudgetUnavailable as e:
+        _fail(str(e), 3)
+    except (BudgetError, ConfigError) as e:
+        _fail(str(e), 2)
+    from workers.tasks import enqueue_batch
+    resumed = budget_mod.resume_due_batches(engine, enqueue_batch)
+    click.echo(f"{scope}: cap ${result['usd']}; {resumed} deferred batches resumed")

@@ -1,0 +1,203 @@
+"""``llmbatch doctor``: check every service and setting, say what is wrong and how to fix it.
+
+Each check returns a ``Check`` (name, ok, detail, fix, kind). It only reads:
+nothing here starts, writes or repairs anything. ``kind`` is ``service`` for
+something unreachable (exit 3) and ``setup`` for a wrong setting or file
+(exit 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.config import Settings
+from pipeline.constants import DLQ_TOPIC, REQUESTS_PARTITIONS, REQUESTS_TOPIC, TIERS
+
+UP = "make up   (or: llmbatch up)"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    kind: str = "service"   # service | setup
+    required: bool = True   # a failing optional check is a warning
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _try(name: str, fn, fix: str, kind: str = "service", required: bool = True) -> Check:
+    try:
+        detail = fn()
+        return Check(name, True, detail or "ok", kind=kind, required=required)
+    except Exception as e:  # the reason is the finding
+        return Check(name, False, f"{type(e).__name__}: {e}".strip()[:300], fix, kind, required)
+
+
+def check_settings(settings: Settings) -> list[Check]:
+    out = []
+    problems = []
+    for name in ("batch_max_size", "batch_linger_s", "worker_concurrency", "inflight_per_batch"):
+        value = getattr(settings, name)
+        extra = set(value) - set(TIERS)
+        if extra:
+            problems.append(f"{name} names unknown tiers {sorted(extra)}")
+        if any(v <= 0 for k, v in value.items() if name != "batch_linger_s"):
+            problems.append(f"{name} has a value <= 0")
+    if settings.log_format not in ("plain", "json"):
+        problems.append(f"log_format is {settings.log_format!r} (plain or json)")
+    if settings.pricing_file and not Path(settings.pricing_file).is_file():
+        problems.append(f"pricing_file {settings.pricing_file} does not exist")
+    out.append(Check("settings", not problems, "; ".join(problems) or "valid",
+                     "fix the LLMBATCH_* variables or llmbatch.toml (README: Configuration)", "setup"))
+    provider = ("simulator (no OPENAI_API_KEY / ANTHROPIC_API_KEY set)" if settings.simulated
+                else ", ".join(p for p, k in (("openai", settings.openai_api_key),
+                                               ("anthropic", settings.anthropic_api_key)) if k) + " keys set")
+    out.append(Check("provider", True, provider, kind="setup"))
+    return out
+
+
+def check_postgres(settings: Settings) -> list[Check]:
+    import sqlalchemy as sa
+
+    from pipeline import db
+
+    def reach():
+        with db.get_engine().connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return settings.database_url.split("@")[-1]
+
+    first = _try("postgres", reach, f"start it: {UP}; or set LLMBATCH_DATABASE_URL")
+    if not first.ok:
+        return [first]
+
+    def migrations():
+        with db.get_engine().connect() as conn:
+            done = set(conn.execute(sa.text("SELECT version FROM schema_migrations")).scalars())
+        missing = [p.stem for p in db.migration_files() if p.stem not in done]
+        if missing:
+            raise RuntimeError(f"not applied: {', '.join(missing)}")
+        return f"{len(done)} applied"
+
+    def reader():
+        import psycopg
+        url = settings.reader_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            conn.execute("SELECT 1 FROM job_summary LIMIT 1")
+            ro = conn.execute("SELECT has_table_privilege('jobs', 'INSERT')").fetchone()[0]
+        if ro:
+            raise RuntimeError("llmbatch_reader can INSERT into jobs: it must be read-only")
+        return "llmbatch_reader reads, cannot write"
+
+    return [first,
+            _try("migrations", migrations, "llmbatch db upgrade", "setup"),
+            _try("read-only role", reader,
+                 "as a Postgres superuser: CREATE ROLE llmbatch_reader LOGIN; then llmbatch db upgrade",
+                 "setup")]
+
+
+def check_redis(settings: Settings) -> Check:
+    def ping():
+        import redis
+        redis.Redis.from_url(settings.redis_url, socket_timeout=2).ping()
+        return settings.redis_url.split("@")[-1]
+    return _try("redis", ping, f"start it: {UP}; or set LLMBATCH_REDIS_URL")
+
+
+def check_kafka(settings: Settings) -> Check:
+    def topics():
+        from confluent_kafka.admin import AdminClient
+        md = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0}).list_topics(timeout=5)
+        missing = [t for t in (REQUESTS_TOPIC, DLQ_TOPIC) if t not in md.topics]
+        if missing:
+            raise RuntimeError(f"topics missing: {', '.join(missing)}")
+        n = len(md.topics[REQUESTS_TOPIC].partitions)
+        if n < REQUESTS_PARTITIONS:
+            raise RuntimeError(f"{REQUESTS_TOPIC} has {n} partitions, expected {REQUESTS_PARTITIONS}")
+        return f"{settings.kafka_bootstrap}: {REQUESTS_TOPIC} ({n} partitions), {DLQ_TOPIC}"
+    return _try("kafka", topics, f"start it (creates the topics): {UP}; or set LLMBATCH_KAFKA_BOOTSTRAP")
+
+
+def check_simulator(settings: Settings) -> Check:
+    def health():
+        urllib.request.urlopen(f"{settings.simulator_url}/healthz", timeout=2).read()
+        return settings.simulator_url
+    # only needed when it answers for a provider
+    return _try("simulator", health, f"start it: {UP}; or set LLMBATCH_SIMULATOR_URL",
+                required=settings.simulated)
+
+
+def check_workers(settings: Settings) -> Check:
+    def ping():
+        from workers.app import app
+        replies = app.control.ping(timeout=2.0) or []
+        names = sorted(k for r in replies for k in r)
+        missing = [t for t in TIERS if not any(n.startswith(f"{t}@") for n in names)]
+        if missing:
+            raise RuntimeError(f"no worker answered for tier(s) {', '.join(missing)}"
+                               f" (answered: {', '.join(names) or 'none'})")
+        return f"{len(names)} answered: {', '.join(names)}"
+    return _try("workers", ping, "start them: llmbatch up worker-immediate worker-peak worker-offpeak"
+                " worker-background (or: llmbatch worker --tier T)")
+
+
+def check_tokenizer(settings: Settings) -> Check:
+    def files():
+        from pipeline import tokens
+        d = tokens.default_cache_dir()
+        bad = []
+        for name, (url, expected) in tokens._registry().items():
+            path = d / tokens.cache_file_name(url)
+            if not path.is_file():
+                bad.append(f"{name} missing")
+            elif hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+                bad.append(f"{name} damaged (sha256 differs from tiktoken's)")
+        if bad:
+            raise RuntimeError(f"{d}: {', '.join(bad)}")
+        return f"{', '.join(tokens._registry())} present and verified"
+    return _try("tokenizer files", files, "python -m pipeline.tokens provision", "setup")
+
+
+def check_flower(settings: Settings) -> Check:
+    def auth():
+        try:
+            urllib.request.urlopen(settings.flower_url + "/", timeout=3)
+        except urllib.error.HTTPError as e:
+            if e.code == 401:
+                return f"{settings.flower_url}: up, basic auth on"
+            raise
+        raise RuntimeError(f"{settings.flower_url} answers without credentials: basic auth is off")
+    return _try("flower", auth, f"start it: {UP} (credentials: LLMBATCH_FLOWER_USER / LLMBATCH_FLOWER_PASSWORD)",
+                required=False)
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    return [*check_settings(settings), *check_postgres(settings), check_redis(settings),
+            check_kafka(settings), check_simulator(settings), check_workers(settings),
+            check_tokenizer(settings), check_flower(settings)]
+
+
+def exit_code(checks: list[Check]) -> int:
+    failed = [c for c in checks if not c.ok and c.required]
+    if any(c.kind == "service" for c in failed):
+        return 3
+    return 1 if failed else 0
+
+
+def render(checks: list[Check]) -> str:
+    lines = []
+    for c in checks:
+        mark = "ok  " if c.ok else ("FAIL" if c.required else "warn")
+        lines.append(f"{mark} {c.name:<16} {c.detail}")
+        if not c.ok and c.fix:
+            lines.append(f"     {'':<16} fix: {c.fix}")
+    bad = [c for c in checks if not c.ok and c.required]
+    lines.append("all checks passed" if not bad else f"{len(bad)} problem(s): {', '.join(c.name for c in bad)}")
+    return "\n".join(lines)

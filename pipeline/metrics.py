@@ -1,0 +1,239 @@
+"""Prometheus metrics: every name starts with ``llmbatch_``; each process serves /metrics.
+
+Public surface (other modules touch only these):
+
+- ``record_outcomes(outcomes, attempts)``: the one hook for request outcomes,
+  called by ``OutcomeWriter._write`` (workers/execute.py) after the rows commit;
+- ``CACHE_HITS`` / ``CACHE_MISSES`` (label ``model``): the response cache;
+- ``BUDGET_REMAINING`` (label ``scope``): set by the budget code;
+- ``LIMITER_WAIT`` (labels ``tier``, ``model``): observed by the rate limiter, seconds;
+- ``observe_consumer_lag(consumer)``: the batcher's loop, throttled here;
+- ``serve(role, settings)``: the CLI commands start the endpoint.
+
+Processes and ports (``metrics_port`` = P, default 9100, shifted by ``port_offset``):
+batcher P, worker-immediate P+1, worker-peak P+2, worker-offpeak P+3,
+worker-background P+4, scheduler P+5; bound to ``metrics_host`` (127.0.0.1).
+A Celery worker is a prefork pool: its processes write to files under
+``var/metrics/worker-TIER`` (``PROMETHEUS_MULTIPROC_DIR``, which the worker
+command sets, and empties, before this module is imported) and the parent
+serves their sum.
+
+Queue depth and held batches are read from Postgres at scrape time by the
+batcher's endpoint (every batcher reports the same numbers: use ``max`` across
+them). This module never raises into the caller: a metrics failure is logged
+and the work goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from pipeline.constants import TIERS
+
+log = logging.getLogger(__name__)
+
+#: the metric objects of this module (the dashboards test reads their names from here)
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+ROLE_PORT_OFFSET = {"batcher": 0, "worker-immediate": 1, "worker-peak": 2, "worker-offpeak": 3,
+                    "worker-background": 4, "scheduler": 5}
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
+_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+
+REQUESTS = Counter("llmbatch_requests", "Requests finished, by tier, model and final status",
+                   ["tier", "model", "status"], registry=REGISTRY)
+TOKENS = Counter("llmbatch_tokens", "Tokens billed, by kind: input (incl. cached), cached, output",
+                 ["tier", "model", "kind"], registry=REGISTRY)
+COST = Counter("llmbatch_cost_usd", "Dollars spent, from provider usage and the price book",
+               ["tier", "model"], registry=REGISTRY)
+PROVIDER_LATENCY = Histogram("llmbatch_provider_latency_seconds",
+                             "Provider latency of successful calls", ["tier", "model"],
+                             buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+RETRIES = Counter("llmbatch_retries", "Provider attempts after the first", ["tier"], registry=REGISTRY)
+RATE_LIMITED = Counter("llmbatch_provider_429", "429 (rate limited) answers from providers", ["tier"],
+                       registry=REGISTRY)
+CACHE_HITS = Counter("llmbatch_cache_hits", "Requests answered from the response cache", ["model"],
+                     registry=REGISTRY)
+CACHE_MISSES = Counter("llmbatch_cache_misses", "Cacheable requests the cache could not answer", ["model"],
+                       registry=REGISTRY)
+BUDGET_REMAINING = Gauge("llmbatch_budget_remaining_usd", "Dollars left in a budget scope's period",
+                         ["scope"], multiprocess_mode="mostrecent", registry=REGISTRY)
+LIMITER_WAIT = Histogram("llmbatch_limiter_wait_seconds", "Time a request waited for the rate limiter",
+                         ["tier", "model"], buckets=_WAIT_BUCKETS, registry=REGISTRY)
+CONSUMER_LAG = Gauge("llmbatch_kafka_consumer_lag", "Messages behind the partition's end (batcher)",
+                     ["partition"], multiprocess_mode="mostrecent", registry=REGISTRY)
+
+#: gauges the batcher's endpoint computes from Postgres and Redis at scrape time
+DB_GAUGES = {
+    "llmbatch_queue_depth": "Requests not finished, by tier and state (queued, held, running, deferred)",
+    "llmbatch_held_batches": "Batches held in Postgres for the scheduler, by tier",
+    "llmbatch_celery_queue_length": "Batch tasks waiting in a tier's Celery queue",
+}
+
+_context = {"tier": "unknown"}
+
+
+def set_tier(tier: str) -> None:
+    """The tier this worker process is executing (labels the outcomes it records)."""
+    _context["tier"] = tier
+
+
+def record_outcomes(outcomes: list[dict], attempts: list[dict]) -> None:
+    """Count finished requests, tokens, cost, latency, retries and 429s. Never raises."""
+    try:
+        tier = _context["tier"]
+        for o in outcomes:
+            model = o.get("model") or "unknown"
+            REQUESTS.labels(tier, model, o.get("status") or "unknown").inc()
+            for kind, key in (("input", "input_tokens"), ("cached", "cached_input_tokens"),
+                              ("output", "output_tokens")):
+                if o.get(key):
+                    TOKENS.labels(tier, model, kind).inc(o[key])
+            spent = float(o.get("cost_usd") or 0)
+            if spent:
+                COST.labels(tier, model).inc(spent)
+            if o.get("latency_ms") is not None and o.get("response") is not None:
+                PROVIDER_LATENCY.labels(tier, model).observe(o["latency_ms"] / 1000)
+        for a in attempts:
+            if (a.get("attempt") or 1) > 1:
+                RETRIES.labels(tier).inc()
+            if a.get("status_code") == 429:
+                RATE_LIMITED.labels(tier).inc()
+    except Exception:  # metrics must never fail a batch
+        log.exception("recording metrics failed")
+
+
+_lag_checked = [0.0]
+
+
+def observe_consumer_lag(consumer, every_s: float = 5.0) -> None:
+    """Set ``llmbatch_kafka_consumer_lag`` per assigned partition, at most every ``every_s``."""
+    now = time.monotonic()
+    if now - _lag_checked[0] < every_s:
+        return
+    _lag_checked[0] = now
+    try:
+        positions = consumer.position(consumer.assignment())
+        # a partition this process has not read from yet has no position: its committed offset counts
+        unread = [tp for tp in positions if tp.offset < 0]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(unread, timeout=2.0)} if unread else {}
+        for tp in positions:
+            low, high = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+            position = tp.offset if tp.offset >= 0 else committed.get(tp.partition, -1)
+            CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - (position if position >= 0 else low)))
+    except Exception as e:  # a rebalance in progress: try again next time
+        log.debug("consumer lag not measured: %s", e)
+
+
+# ------------------------------------------------------------------ serving
+
+class _StateCollector:
+    """Queue depth, held batches and Celery queue lengths, read when Prometheus scrapes."""
+
+    def __init__(self, settings, cache_s: float = 5.0):
+        self.settings = settings
+        self.cache_s = cache_s
+        self._cached: tuple[float, list] = (0.0, [])
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        now = time.monotonic()
+        if now - self._cached[0] > self.cache_s:
+            self._cached = (now, self._read())
+        return self._cached[1]
+
+    def _read(self) -> list:
+        import sqlalchemy as sa
+
+        from pipeline import db
+        depth = GaugeMetricFamily("llmbatch_queue_depth", DB_GAUGES["llmbatch_queue_depth"],
+                                  labels=["tier", "state"])
+        held = GaugeMetricFamily("llmbatch_held_batches", DB_GAUGES["llmbatch_held_batches"], labels=["tier"])
+        celery_q = GaugeMetricFamily("llmbatch_celery_queue_length", DB_GAUGES["llmbatch_celery_queue_length"],
+                                     labels=["tier"])
+        try:
+            with db.get_engine().connect() as conn:
+                counts = {(t, s): n for t, s, n in conn.execute(sa.text(
+                    "SELECT tier, status, count(*) FROM requests"
+                    " WHERE status NOT IN ('succeeded', 'failed', 'cancelled') GROUP BY 1, 2"))}
+                batches = dict(conn.execute(sa.text(
+                    "SELECT tier, count(*) FROM batches WHERE status = 'held' GROUP BY 1")).all())
+            for tier in TIERS:
+                for state in ("queued", "held", "running", "deferred"):
+                    depth.add_metric([tier, state], counts.get((tier, state), 0))
+                held.add_metric([tier], batches.get(tier, 0))
+        except Exception as e:
+            log.warning("queue depth not read from Postgres: %s", e)
+            return []
+        try:
+            import redis
+
+            from pipeline.constants import queue_for
+            r = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2)
+            for tier in TIERS:
+                celery_q.add_metric([tier], r.llen(queue_for(tier)))
+        except Exception as e:
+            log.warning("Celery queue lengths not read from Redis: %s", e)
+            return [depth, held]
+        return [depth, held, celery_q]
+
+
+def port_for(role: str, settings) -> int:
+    return settings.metrics_port + ROLE_PORT_OFFSET[role]
+
+
+def multiprocess_enabled() -> bool:
+    from prometheus_client import values
+    return getattr(values.ValueClass, "_multiprocess", False)
+
+
+def serve(role: str, settings, *, with_state: bool = False) -> int | None:
+    """Start this process's /metrics endpoint on a daemon thread; returns the port (None: off)."""
+    from prometheus_client import start_http_server
+    if not settings.metrics_port:
+        return None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    if with_state:
+        registry.register(_StateCollector(settings))
+    port = port_for(role, settings)
+    try:
+        start_http_server(port, addr=settings.metrics_host, registry=registry)
+    except OSError as e:
+        log.warning("metrics endpoint %s:%d not started: %s", settings.metrics_host, port, e)
+        return None
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
+    return port
+
+
+def mark_process_dead(pid: int) -> None:
+    """A pool process ended: drop its live gauges (counters keep their totals)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(pid)
+
+
+def exported_names() -> set[str]:
+    """Every sample name the endpoints can expose (``_total``, ``_bucket`` … included)."""
+    names = set(DB_GAUGES)
+    for metric in REGISTRY.collect():
+        base = metric.name
+        if metric.type == "counter":
+            names.update({f"{base}_total", f"{base}_created"})
+        elif metric.type == "histogram":
+            names.update({f"{base}_bucket", f"{base}_sum", f"{base}_count", f"{base}_created"})
+        else:
+            names.add(base)
+    return names

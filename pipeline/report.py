@@ -1,0 +1,122 @@
+"""``llmbatch report``: cost per tier and model, as a table and as a chart (PNG).
+
+The rows come from ``results`` joined with ``requests`` (the same numbers as
+the ``cost_daily`` view), for one job or for everything since a time. The
+time step adapts to the span: minutes up to two hours, hours up to two days,
+days beyond. The chart is stacked bars per (tier, model) over time, with the
+total in the title; matplotlib draws it off-screen (Agg), no display needed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from pipeline.constants import TIERS
+
+TIER_COLOURS = {"immediate": "#d62728", "peak": "#ff7f0e", "offpeak": "#1f77b4", "background": "#2ca02c"}
+
+
+#: (longest span, step name, Postgres interval): the first that covers the span wins
+STEPS = ((timedelta(minutes=10), "10 s", "10 seconds"), (timedelta(hours=2), "minute", "1 minute"),
+         (timedelta(days=2), "hour", "1 hour"), (timedelta.max, "day", "1 day"))
+
+
+def step_for(span: timedelta) -> tuple[str, str]:
+    for longest, name, interval in STEPS:
+        if span <= longest:
+            return name, interval
+    return STEPS[-1][1:]
+
+
+def cost_rows(conn: Connection, *, job_id: str | None = None, since: datetime | None = None) -> dict:
+    """``{"step", "rows": [{bucket, tier, model, requests, input_tokens, output_tokens, cost_usd}]}``."""
+    where = "x.job_id = :job" if job_id else "x.created_at >= :since"
+    params = {"job": job_id, "since": since}
+    first, last = conn.execute(sa.text(
+        f"SELECT min(x.created_at), max(x.created_at) FROM results x WHERE {where}"), params).one()
+    if first is None:
+        return {"step": "hour", "rows": [], "from": None, "to": None}
+    step, interval = step_for(last - first)
+    rows = conn.execute(sa.text(
+        f"SELECT date_bin(CAST('{interval}' AS interval), x.created_at, TIMESTAMPTZ '2000-01-01') AS bucket, q.tier, x.model, count(*) AS requests,"
+        " coalesce(sum(x.input_tokens), 0) AS input_tokens, coalesce(sum(x.output_tokens), 0) AS output_tokens,"
+        " sum(x.cost_usd) AS cost_usd"
+        f" FROM results x JOIN requests q USING (job_id, custom_id) WHERE {where}"
+        " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"), params).mappings().all()
+    return {"step": step, "rows": [dict(r) for r in rows], "from": first, "to": last}
+
+
+def totals(rows: list[dict]) -> list[list]:
+    """Table rows: tier, model, requests, input tokens, output tokens, cost, share of the total."""
+    acc: dict[tuple, list] = defaultdict(lambda: [0, 0, 0, Decimal(0)])
+    for r in rows:
+        a = acc[(r["tier"], r["model"])]
+        a[0] += r["requests"]
+        a[1] += r["input_tokens"]
+        a[2] += r["output_tokens"]
+        a[3] += r["cost_usd"] or Decimal(0)
+    grand = sum((a[3] for a in acc.values()), Decimal(0))
+    order = sorted(acc, key=lambda k: (TIERS.index(k[0]) if k[0] in TIERS else 9, k[1]))
+    out = [[t, m, *acc[(t, m)][:3], acc[(t, m)][3],
+            f"{(acc[(t, m)][3] / grand * 100 if grand else 0):.1f}%"] for t, m in order]
+    out.append(["total", "", sum(a[0] for a in acc.values()), sum(a[1] for a in acc.values()),
+                sum(a[2] for a in acc.values()), grand, "100.0%" if grand else "0.0%"])
+    return out
+
+
+def chart(data: dict, path: Path, title: str) -> Path:
+    """Stacked bars of cost per (tier, model) per time step, written as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    buckets = sorted({r["bucket"] for r in rows})
+    series: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        series[(r["tier"], r["model"])][r["bucket"]] = float(r["cost_usd"] or 0)
+    keys = sorted(series, key=lambda k: (TIERS.index(k[0]) if k[0] in TIERS else 9, k[1]))
+    xs = list(range(len(buckets)))   # one slot per time step: a single step still reads as one bar
+
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    bottom = [0.0] * len(buckets)
+    hatches = ["", "//", "..", "xx", "\\\\", "++"]
+    models = sorted({k[1] for k in keys})
+    for tier, model in keys:
+        values = [series[(tier, model)].get(b, 0.0) for b in buckets]
+        ax.bar(xs, values, width=0.7, bottom=bottom, label=f"{tier} / {model}",
+               color=TIER_COLOURS.get(tier, "#7f7f7f"), hatch=hatches[models.index(model) % len(hatches)],
+               edgecolor="white", linewidth=0.6)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    total = sum(bottom)
+    ax.set_title(f"{title}\ncost per tier and model, per {data['step']} — total ${total:,.4f}", fontsize=12)
+    ax.set_ylabel("cost (USD)")
+    ax.set_xlabel(f"time (UTC, per {data['step']})")
+    ax.yaxis.set_major_formatter(lambda v, _: f"${v:,.4f}" if total < 1 else f"${v:,.2f}")
+    fmt = {"10 s": "%H:%M:%S", "minute": "%m-%d %H:%M", "hour": "%m-%d %H:00", "day": "%Y-%m-%d"}[data["step"]]
+    every = max(1, len(xs) // 16)   # at most ~16 labels
+    ax.set_xticks(xs[::every], [b.astimezone(timezone.utc).strftime(fmt) for b in buckets][::every])
+    ax.set_xlim(-0.6, max(len(xs), 3) - 0.4)
+    fig.autofmt_xdate()
+    ax.grid(axis="y", alpha=0.3)
+    if keys:
+        ax.legend(title="tier / model", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no results in this range", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def default_chart_path(settings, job_id: str | None) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return Path(settings.var_dir) / "reports" / f"cost-{job_id or 'since'}-{stamp}.png"

@@ -1,0 +1,533 @@
+"""Jobs in ``provider_batch`` mode, through the providers' Batch APIs at half price.
+
+The batcher writes such requests as ``held`` batches with ``mode =
+'provider_batch'``. Every scheduler tick:
+
+1. **submit** — held provider-batch batches are packed by (provider, model)
+   into provider batches within the provider's limits (requests and bytes per
+   batch; a batch of ours that does not fit is split). One transaction records
+   the provider batch (``creating``) and marks its batches ``submitted`` and
+   their requests ``running``; then the JSONL is uploaded and the batch created
+   (OpenAI Files + Batches, Anthropic Message Batches). A failed creation puts
+   everything back to ``held`` for the next tick.
+2. **poll** — open provider batches are retrieved; one that ended is ingested:
+   answers and errors land in ``results`` / ``attempts`` / ``requests`` through
+   ``db.write_outcomes``, exactly like realtime results, with cost at the batch
+   discount (``pricing.cost(..., batch=True)``). Requests the provider did not
+   run (expired, cancelled, batch failed) are re-queued to realtime or marked
+   failed, as the job's ``batch_fallback`` says; those of a cancelled job are
+   ``cancelled``. Ingestion is idempotent: a crash mid-way redoes it harmlessly.
+
+Provider custom_ids are ``q`` + a hash of (job, custom_id): unique across the
+jobs that share a provider batch and valid for Anthropic's pattern.
+
+It must never hold a Postgres transaction open across a provider call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+from decimal import Decimal
+
+import sqlalchemy as sa
+
+from pipeline import db
+from pipeline.batcher import dispatch
+from pipeline.config import Settings, get_settings
+from pipeline.constants import DISPATCHED_TIERS
+from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
+
+log = logging.getLogger(__name__)
+
+OPENAI_ENDPOINT = "/v1/chat/completions"
+OPENAI_ENDED = ("completed", "failed", "expired", "cancelled")
+#: a provider batch stuck in 'creating' this long (the scheduler died mid-create) is recovered
+CREATING_STALE_S = 300
+_TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def provider_custom_id(job_id: str, custom_id: str) -> str:
+    return "q" + hashlib.blake2b(f"{job_id}\x00{custom_id}".encode(), digest_size=16).hexdigest()
+
+
+def request_line(provider: str, pid: str, body: dict) -> bytes:
+    if provider == "openai":
+        line = {"custom_id": pid, "method": "POST", "url": OPENAI_ENDPOINT, "body": body}
+    else:
+        line = {"custom_id": pid, "params": body}
+    return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def pack(sizes: list[int], max_requests: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Split items of the given byte sizes into consecutive chunks ``[start, end)`` within both limits."""
+    chunks, start, used = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_requests or used + size > max_bytes):
+            chunks.append((start, i))
+            start, used = i, 0
+        used += size
+    if start < len(sizes):
+        chunks.append((start, len(sizes)))
+    return chunks
+
+
+# ------------------------------------------------------------------ SDK clients
+
+def _openai(settings: Settings):
+    import openai
+    return openai.AsyncOpenAI(api_key=settings.api_key("openai"), base_url=settings.base_url("openai"),
+                              max_retries=2, timeout=120)
+
+
+def _anthropic(settings: Settings):
+    import anthropic
+    return anthropic.AsyncAnthropic(api_key=settings.api_key("anthropic"),
+                                    base_url=settings.base_url("anthropic"), max_retries=2, timeout=120)
+
+
+async def _create(settings: Settings, pb_id: str, provider: str, content: bytes, lines: list) -> dict:
+    if provider == "openai":
+        async with _openai(settings) as client:
+            f = await client.files.create(file=(f"{pb_id}.jsonl", content), purpose="batch")
+            b = await client.batches.create(input_file_id=f.id, endpoint=OPENAI_ENDPOINT,
+                                            completion_window="24h", metadata={"llmbatch_id": pb_id})
+            return {"provider_batch_id": b.id, "input_file_id": f.id, "provider_status": b.status}
+    async with _anthropic(settings) as client:
+        b = await client.messages.batches.create(requests=lines)
+        return {"provider_batch_id": b.id, "input_file_id": None, "provider_status": b.processing_status}
+
+
+async def _find_openai(settings: Settings, pb_id: str) -> dict | None:
+    """An OpenAI batch created for ``pb_id`` before a crash (found by its metadata)."""
+    async with _openai(settings) as client:
+        async for b in client.batches.list(limit=100):
+            if (b.metadata or {}).get("llmbatch_id") == pb_id:
+                return {"provider_batch_id": b.id, "input_file_id": b.input_file_id, "provider_status": b.status}
+    return None
+
+
+async def _poll(settings: Settings, provider: str, provider_batch_id: str) -> tuple[str, bool, list[dict] | None]:
+    """``(provider status, ended, result lines when ended)``."""
+    if provider == "openai":
+        async with _openai(settings) as client:
+            b = await client.batches.retrieve(provider_batch_id)
+            if b.status not in OPENAI_ENDED:
+                return b.status, False, None
+            lines = []
+            for fid in (b.output_file_id, b.error_file_id):
+                if fid:
+                    content = await client.files.content(fid)
+                    lines.extend(json.loads(x) for x in content.text.splitlines() if x.strip())
+            if b.status == "failed" and b.errors:
+                log.warning("provider batch %s failed: %s", provider_batch_id,
+                            [e.message for e in (b.errors.data or [])][:5])
+            return b.status, True, lines
+    from pipeline.providers import http_response
+    async with _anthropic(settings) as client:
+        b = await client.messages.batches.retrieve(provider_batch_id)
+        if b.processing_status != "ended":
+            return b.processing_status, False, None
+        resp = await client.get(b.results_url, cast_to=http_response,
+                                options={"headers": {"Accept": "application/binary"}})
+        return "ended", True, [json.loads(x) for x in resp.text.splitlines() if x.strip()]
+
+
+async def _cancel(settings: Settings, provider: str, provider_batch_id: str) -> str:
+    if provider == "openai":
+        async with _openai(settings) as client:
+            return (await client.batches.cancel(provider_batch_id)).status
+    async with _anthropic(settings) as client:
+        return (await client.messages.batches.cancel(provider_batch_id)).processing_status
+
+
+# ------------------------------------------------------------------ submit
+
+def submit_held(*, settings: Settings | None = None, engine=None, limit_batches: int = 2000) -> list[str]:
+    """Send held provider-batch work to the providers; returns our provider batch ids."""
+    settings = settings or get_settings()
+    engine = engine or db.get_engine()
+    created = []
+    with engine.begin() as conn:
+        batches = conn.execute(sa.text(
+            "SELECT batch_id, provider, model, tier FROM batches"
+            " WHERE status = 'held' AND mode = 'provider_batch' ORDER BY created_at"
+            " LIMIT :n FOR UPDATE SKIP LOCKED"), {"n": limit_batches}).mappings().all()
+        if not batches:
+            return []
+        groups: dict[tuple[str, str], list] = {}
+        for b in batches:
+            groups.setdefault((b["provider"], b["model"]), []).append(b)
+        for (provider, model), group in groups.items():
+            ids = [b["batch_id"] for b in group]
+            reqs = conn.execute(sa.text(
+                "SELECT job_id, custom_id, batch_id, body FROM requests"
+                " WHERE batch_id = ANY(:ids) AND status = 'held' ORDER BY batch_id, line, custom_id"),
+                {"ids": ids}).mappings().all()
+            # batches left with nothing to send (their job was cancelled) are done
+            conn.execute(sa.text(
+                "UPDATE batches b SET status = 'done', finished_at = now() WHERE b.batch_id = ANY(:ids)"
+                " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id AND r.status = 'held')"),
+                {"ids": ids})
+            if not reqs:
+                continue
+            sizes = [len(request_line(provider, provider_custom_id(r["job_id"], r["custom_id"]), r["body"]))
+                     for r in reqs]
+            for start, end in pack(sizes, settings.provider_batch_max_requests[provider],
+                                   settings.provider_batch_max_bytes[provider]):
+                pb_id = "pb_" + uuid.uuid4().hex[:20]
+                chunk = reqs[start:end]
+                conn.execute(sa.text(
+                    "INSERT INTO provider_batches (id, provider, model, status, requests, bytes)"
+                    " VALUES (:id, :p, :m, 'creating', :n, :bytes)"),
+                    {"id": pb_id, "p": provider, "m": model, "n": len(chunk), "bytes": sum(sizes[start:end])})
+                _assign(conn, pb_id, chunk)
+                created.append(pb_id)
+    for pb_id in created:
+        _create_at_provider(pb_id, settings, engine)
+    return created
+
+
+def _assign(conn, pb_id: str, chunk: list) -> None:
+    """Put ``chunk``'s requests in provider batch ``pb_id``; a batch of ours only partly in it is split."""
+    by_batch: dict[str, list] = {}
+    for r in chunk:
+        by_batch.setdefault(r["batch_id"], []).append((r["job_id"], r["custom_id"]))
+    for batch_id, keys in by_batch.items():
+        remaining = conn.execute(sa.text(
+            "SELECT count(*) FROM requests WHERE batch_id = :b AND status = 'held'"), {"b": batch_id}).scalar()
+        target = batch_id
+        if remaining > len(keys):   # split: the chunk's part becomes a batch of its own
+            target = "b_" + uuid.uuid4().hex
+            conn.execute(sa.text(
+                "INSERT INTO batches (batch_id, tier, provider, model, size, status, mode)"
+                " SELECT :new, tier, provider, model, :n, 'held', mode FROM batches WHERE batch_id = :b"),
+                {"new": target, "n": len(keys), "b": batch_id})
+            conn.execute(sa.text(
+                "UPDATE requests r SET batch_id = :new FROM jsonb_to_recordset(CAST(:keys AS jsonb))"
+                " AS x(job_id text, custom_id text)"
+                " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id AND r.batch_id = :b"),
+                {"new": target, "b": batch_id,
+                 "keys": db.dumps([{"job_id": j, "custom_id": c} for j, c in keys])})
+            conn.execute(sa.text("UPDATE batches SET size = size - :n WHERE batch_id = :b"),
+                         {"n": len(keys), "b": batch_id})
+        conn.execute(sa.text(
+            "UPDATE batches SET status = 'submitted', provider_batch = :pb, dispatched_at = now(),"
+            " started_at = now() WHERE batch_id = :b"), {"pb": pb_id, "b": target})
+        conn.execute(sa.text(
+            "UPDATE requests SET status = 'running', started_at = coalesce(started_at, now())"
+            " WHERE batch_id = :b AND status = 'held'"), {"b": target})
+
+
+def _pb_requests(conn, pb_id: str) -> list[dict]:
+    return [dict(r) for r in conn.execute(sa.text(
+        "SELECT r.job_id, r.custom_id, r.model, r.tier, r.body, r.status, r.attempts, r.batch_id,"
+        " j.batch_fallback, j.status AS job_status"
+        " FROM batches b JOIN requests r ON r.batch_id = b.batch_id JOIN jobs j ON j.job_id = r.job_id"
+        " WHERE b.provider_batch = :pb ORDER BY r.batch_id, r.line, r.custom_id"), {"pb": pb_id}).mappings()]
+
+
+def _create_at_provider(pb_id: str, settings: Settings, engine) -> None:
+    with engine.connect() as conn:
+        pb = conn.execute(sa.text("SELECT provider FROM provider_batches WHERE id = :id"), {"id": pb_id}).scalar()
+        reqs = _pb_requests(conn, pb_id)
+    lines = [{"custom_id": provider_custom_id(r["job_id"], r["custom_id"]), "params": r["body"]} for r in reqs]
+    content = b"".join(request_line(pb, provider_custom_id(r["job_id"], r["custom_id"]), r["body"]) for r in reqs)
+    try:
+        info = asyncio.run(_create(settings, pb_id, pb, content, lines))
+    except Exception as e:  # the provider refused or is unreachable: back to held, next tick retries
+        log.warning("provider batch %s (%s, %d requests): creation failed, held again: %s",
+                    pb_id, pb, len(reqs), e)
+        _abandon(engine, pb_id, f"create failed: {e}")
+        return
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "UPDATE provider_batches SET status = 'submitted', provider_batch_id = :pbid,"
+            " input_file_id = :fid, provider_status = :st, submitted_at = now() WHERE id = :id"),
+            {"id": pb_id, "pbid": info["provider_batch_id"], "fid": info["input_file_id"],
+             "st": info["provider_status"]})
+    log.info("provider batch %s: %s batch %s created, %d requests, %d bytes",
+             pb_id, pb, info["provider_batch_id"], len(reqs), len(content))
+
+
+def _abandon(engine, pb_id: str, reason: str) -> None:
+    """Give a provider batch that was never created back: its batches and requests are held again."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "UPDATE provider_batches SET status = 'abandoned', error = :e, ended_at = now() WHERE id = :id"),
+            {"id": pb_id, "e": reason[:2000]})
+        ids = conn.execute(sa.text(
+            "UPDATE batches SET status = 'held', provider_batch = NULL, dispatched_at = NULL, started_at = NULL"
+            " WHERE provider_batch = :id AND status = 'submitted' RETURNING batch_id"), {"id": pb_id}).scalars().all()
+        conn.execute(sa.text(
+            "UPDATE requests SET status = 'held' WHERE batch_id = ANY(:ids) AND status = 'running'"), {"ids": ids})
+
+
+def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
+    """Provider batches left in 'creating' by a dead scheduler: adopt (OpenAI, found by metadata) or hold again.
+
+    Anthropic batches carry no metadata: one created just before the crash
+    cannot be found, and its requests are sent again (the provider bills both).
+    """
+    settings = settings or get_settings()
+    engine = engine or db.get_engine()
+    with engine.connect() as conn:
+        stale = conn.execute(sa.text(
+            "SELECT id, provider FROM provider_batches WHERE status = 'creating'"
+            " AND created_at < now() - make_interval(secs => :s)"), {"s": CREATING_STALE_S}).all()
+    for pb_id, provider in stale:
+        found = asyncio.run(_find_openai(settings, pb_id)) if provider == "openai" else None
+        if found:
+            with engine.begin() as conn:
+                conn.execute(sa.text(
+                    "UPDATE provider_batches SET status = 'submitted', provider_batch_id = :pbid,"
+                    " input_file_id = :fid, provider_status = :st, submitted_at = now() WHERE id = :id"),
+                    {"id": pb_id, "pbid": found["provider_batch_id"], "fid": found["input_file_id"],
+                     "st": found["provider_status"]})
+            log.warning("provider batch %s: adopted %s created before a crash", pb_id, found["provider_batch_id"])
+        else:
+            _abandon(engine, pb_id, "left in 'creating' by a scheduler that stopped")
+            log.warning("provider batch %s: never confirmed as created; its requests are held again", pb_id)
+    return len(stale)
+
+
+# ------------------------------------------------------------------ poll and ingest
+
+def poll_open(*, settings: Settings | None = None, engine=None, dispatcher=dispatch) -> list[str]:
+    """Poll submitted provider batches due for a poll; ingest those that ended. Returns ended ids."""
+    settings = settings or get_settings()
+    engine = engine or db.get_engine()
+    with engine.connect() as conn:
+        due = conn.execute(sa.text(
+            "SELECT id, provider, provider_batch_id FROM provider_batches WHERE status = 'submitted'"
+            " AND (polled_at IS NULL OR polled_at < now() - make_interval(secs => :s)) ORDER BY submitted_at"),
+            {"s": settings.provider_batch_poll_s}).all()
+    ended = []
+    for pb_id, provider, pbid in due:
+        try:
+            status, done, lines = asyncio.run(_poll(settings, provider, pbid))
+        except Exception as e:
+            log.warning("provider batch %s (%s): poll failed, will retry: %s", pb_id, pbid, e)
+            continue
+        if not done:
+            with engine.begin() as conn:
+                conn.execute(sa.text(
+                    "UPDATE provider_batches SET provider_status = :st, polled_at = now() WHERE id = :id"),
+                    {"id": pb_id, "st": status})
+            continue
+        ingest(pb_id, provider, status, lines, settings=settings, engine=engine, dispatcher=dispatcher)
+        ended.append(pb_id)
+    return ended
+
+
+def _outcome(req: dict, provider: str, line: dict, prices) -> tuple[dict | None, dict | None, str | None]:
+    """``(outcome, attempt, not_run_reason)`` for one result line."""
+    attempt_no = (req["attempts"] or 0) + 1
+    base = {"job_id": req["job_id"], "custom_id": req["custom_id"], "model": req["model"],
+            "response": None, "error": None, "input_tokens": None, "cached_input_tokens": None,
+            "output_tokens": None, "usage_missing": False, "cost_usd": "0", "provider_request_id": None,
+            "latency_ms": None, "status_code": None, "attempts": attempt_no}
+    attempt = {"job_id": req["job_id"], "custom_id": req["custom_id"], "attempt": attempt_no,
+               "status_code": None, "error": None, "latency_ms": None, "provider_request_id": None,
+               "cost_usd": "0"}
+    if provider == "openai":
+        resp, err = line.get("response"), line.get("error")
+        if resp is None:
+            return None, None, (err or {}).get("code") or "not_run"
+        code, body = resp.get("status_code"), resp.get("body") or {}
+        base.update(status_code=code, provider_request_id=resp.get("request_id"))
+        attempt.update(status_code=code, provider_request_id=resp.get("request_id"))
+        raw_usage = body.get("usage") if code == 200 else None
+        usage = usage_from_openai(raw_usage) if isinstance(raw_usage, dict) else None
+        ok = code == 200
+        error = None if ok else (body.get("error") or {"code": "provider_error", "message": f"status {code}"})
+    else:
+        result = line.get("result") or {}
+        kind = result.get("type")
+        if kind in ("canceled", "expired"):
+            return None, None, kind
+        if kind == "succeeded":
+            body = result.get("message") or {}
+            ok, code, error = True, 200, None
+            base.update(provider_request_id=body.get("id"))
+            raw_usage = body.get("usage")
+            usage = usage_from_anthropic(raw_usage) if isinstance(raw_usage, dict) else None
+        else:
+            body, ok, usage = None, False, None
+            error = (result.get("error") or {}).get("error") or {"type": "errored"}
+            code = {"invalid_request_error": 400, "not_found_error": 404, "authentication_error": 401,
+                    "permission_error": 403, "overloaded_error": 529}.get(error.get("type"), 500)
+        base["status_code"] = attempt["status_code"] = code
+    if not ok:
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        base.update(status="failed", error={"code": "provider_error", "message": message,
+                                            "provider_error": error})
+        attempt["error"] = (message or "")[:500]
+        return base, attempt, None
+    spent = cost(prices.resolve(req["model"]), usage, batch=True) if usage else Decimal(0)
+    base.update(status="succeeded", response=body, cost_usd=str(spent), usage_missing=usage is None,
+                input_tokens=usage.input_tokens if usage else None,
+                cached_input_tokens=usage.cached_input_tokens if usage else None,
+                output_tokens=usage.output_tokens if usage else None)
+    attempt["cost_usd"] = str(spent)
+    return base, attempt, None
+
+
+def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, settings: Settings, engine,
+           dispatcher=dispatch) -> dict:
+    prices = get_price_book()
+    requeue: list[tuple[str, str]] = []
+    with engine.begin() as conn:
+        reqs = _pb_requests(conn, pb_id)
+        by_pid = {provider_custom_id(r["job_id"], r["custom_id"]): r for r in reqs}
+        outcomes, attempts, seen = [], [], set()
+        counts = {"succeeded": 0, "failed": 0, "requeued": 0, "cancelled": 0, "unknown_lines": 0}
+        for line in lines:
+            req = by_pid.get(line.get("custom_id"))
+            if req is None:
+                counts["unknown_lines"] += 1
+                continue
+            outcome, attempt, not_run = _outcome(req, provider, line, prices)
+            if outcome is not None:
+                seen.add(line["custom_id"])
+                outcomes.append(outcome)
+                attempts.append(attempt)
+                counts[outcome["status"]] += 1
+            else:
+                req["not_run"] = not_run
+        db.write_outcomes(conn, outcomes, attempts)
+        # requests the provider never ran (expired, cancelled, batch failed): fallback per job
+        cancel, fail = [], []
+        for pid, r in by_pid.items():
+            if pid in seen or r["status"] in _TERMINAL:
+                continue
+            reason = r.get("not_run") or f"batch_{status}"
+            if r["job_status"] == "cancelled":
+                cancel.append(r)
+            elif r["batch_fallback"] == "fail":
+                fail.append({"job_id": r["job_id"], "custom_id": r["custom_id"], "model": r["model"],
+                             "status": "failed", "attempts": r["attempts"] or 0, "cost_usd": "0",
+                             "error": {"code": reason, "message": f"the provider batch ended ({status})"
+                                                                  f" without running this request"}})
+            else:
+                requeue.append((r["job_id"], r["custom_id"]))
+        if cancel:
+            conn.execute(sa.text(
+                "UPDATE requests r SET status = 'cancelled', finished_at = now()"
+                " FROM jsonb_to_recordset(CAST(:k AS jsonb)) AS x(job_id text, custom_id text)"
+                " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id AND r.status NOT IN"
+                " ('succeeded', 'failed', 'cancelled')"),
+                {"k": db.dumps([{"job_id": r["job_id"], "custom_id": r["custom_id"]} for r in cancel])})
+        db.write_outcomes(conn, fail, [])
+        counts.update(cancelled=len(cancel), failed=counts["failed"] + len(fail), requeued=len(requeue))
+        new_batches = _requeue(conn, requeue, reqs) if requeue else []
+        conn.execute(sa.text(
+            "UPDATE batches SET status = 'done', finished_at = now() WHERE provider_batch = :pb"
+            " AND status = 'submitted'"), {"pb": pb_id})
+        conn.execute(sa.text(
+            "UPDATE provider_batches SET status = 'ended', provider_status = :st, ended_at = now(),"
+            " polled_at = now(), counts = CAST(:c AS jsonb) WHERE id = :id"),
+            {"id": pb_id, "st": status, "c": db.dumps(counts)})
+        db.refresh_jobs(conn, {r["job_id"] for r in reqs})
+    for batch_id, tier, state in new_batches:
+        if state == "queued":
+            dispatcher(batch_id, tier)
+    if new_batches:
+        with engine.begin() as conn:
+            db.mark_dispatched(conn, [b for b, _, s in new_batches if s == "queued"])
+    log.info("provider batch %s (%s) ended %s: %s", pb_id, provider, status, counts)
+    return counts
+
+
+def _requeue(conn, keys: list[tuple[str, str]], reqs: list[dict]) -> list[tuple[str, str, str]]:
+    """Move requests to new realtime batches (per tier): held tiers wait for release, others dispatch."""
+    tiers = {(r["job_id"], r["custom_id"]): r for r in reqs}
+    by_tier: dict[str, list] = {}
+    for k in keys:
+        by_tier.setdefault(tiers[k]["tier"], []).append(k)
+    out = []
+    model = reqs[0]["model"]   # a provider batch holds one model
+    provider = _provider_of(model)
+    for tier, ks in by_tier.items():
+        batch_id = "b_" + uuid.uuid4().hex
+        state = "queued" if tier in DISPATCHED_TIERS else "held"
+        conn.execute(sa.text(
+            "INSERT INTO batches (batch_id, tier, provider, model, size, status, mode)"
+            " VALUES (:b, :t, :p, :m, :n, :s, 'realtime')"),
+            {"b": batch_id, "t": tier, "p": provider, "m": model, "n": len(ks), "s": state})
+        conn.execute(sa.text(
+            "UPDATE requests r SET batch_id = :b, status = :s"
+            " FROM jsonb_to_recordset(CAST(:k AS jsonb)) AS x(job_id text, custom_id text)"
+            " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"),
+            {"b": batch_id, "s": state, "k": db.dumps([{"job_id": j, "custom_id": c} for j, c in ks])})
+        out.append((batch_id, tier, state))
+    log.info("re-queued %d requests the provider batch did not run to realtime batches %s",
+             len(keys), [b for b, _, _ in out])
+    return out
+
+
+def _provider_of(model: str) -> str:
+    return get_price_book().resolve(model).provider
+
+
+# ------------------------------------------------------------------ cancel
+
+def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) -> dict | None:
+    """Cancel a job: held and queued work stops, calls in flight finish, provider batches are cancelled.
+
+    Returns what was done, or None when there is no such job. Costs already
+    incurred stay in ``results``. A provider batch shared with another job's
+    requests is not cancelled (that would cancel the other job's work too).
+    """
+    settings = settings or get_settings()
+    engine = engine or db.get_engine()
+    with engine.begin() as conn:
+        job = conn.execute(sa.text("SELECT status FROM jobs WHERE job_id = :j FOR UPDATE"), {"j": job_id}).first()
+        if job is None:
+            return None
+        conn.execute(sa.text(
+            "UPDATE jobs SET status = 'cancelled', cancelled_at = now(), finished_at = coalesce(finished_at, now())"
+            " WHERE job_id = :j AND status NOT IN ('completed', 'failed', 'cancelled')"), {"j": job_id})
+        stopped = conn.execute(sa.text(
+            "UPDATE requests SET status = 'cancelled', finished_at = now()"
+            " WHERE job_id = :j AND status IN ('held', 'queued', 'deferred')"), {"j": job_id}).rowcount
+        done = conn.execute(sa.text(
+            "UPDATE batches b SET status = 'done', finished_at = now()"
+            " WHERE b.status IN ('held', 'queued', 'dispatched', 'deferred')"
+            " AND b.batch_id IN (SELECT batch_id FROM requests WHERE job_id = :j)"
+            " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
+            "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"j": job_id}).rowcount
+        pbs = conn.execute(sa.text(
+            "SELECT pb.id, pb.provider, pb.provider_batch_id FROM provider_batches pb"
+            " WHERE pb.status = 'submitted' AND pb.provider_batch_id IS NOT NULL"
+            " AND EXISTS (SELECT 1 FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
+            "             WHERE b.provider_batch = pb.id AND r.job_id = :j)"
+            " AND NOT EXISTS (SELECT 1 FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
+            "             WHERE b.provider_batch = pb.id AND r.job_id <> :j"
+            "             AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"j": job_id}).all()
+        running = conn.execute(sa.text(
+            "SELECT count(*) FROM requests WHERE job_id = :j AND status = 'running'"), {"j": job_id}).scalar()
+        if pbs:
+            conn.execute(sa.text("UPDATE provider_batches SET cancel_requested = true WHERE id = ANY(:ids)"),
+                         {"ids": [p.id for p in pbs]})
+    cancelled_at_provider = []
+    for pb_id, provider, pbid in pbs:
+        try:
+            state = asyncio.run(_cancel(settings, provider, pbid))
+            cancelled_at_provider.append({"provider_batch": pbid, "status": state})
+        except Exception as e:
+            log.warning("job %s: cancelling provider batch %s failed: %s", job_id, pbid, e)
+            cancelled_at_provider.append({"provider_batch": pbid, "error": str(e)})
+    return {"job_id": job_id, "previous_status": job.status, "requests_cancelled": stopped,
+            "batches_done": done, "still_running": running, "provider_batches": cancelled_at_provider}
+
+
+def set_batch_fallback(job_id: str, fallback: str, *, engine=None) -> None:
+    """``submit --batch-fallback``: 'realtime' (the default) or 'fail'. Read when a provider batch ends."""
+    if fallback not in ("realtime", "fail"):
+        raise ValueError(f"batch fallback must be 'realtime' or 'fail', got {fallback!r}")
+    with (engine or db.get_engine()).begin() as conn:
+        conn.execute(sa.text("UPDATE jobs SET batch_fallback = :f WHERE job_id = :j"), {"f": fallback, "j": job_id})

@@ -1,0 +1,109 @@
+"""Upkeep the scheduler runs every ``upkeep_every_s``.
+
+- **Retention**: request bodies (``requests.body``, ``metadata``) and response
+  bodies (``results.response``, ``error``) of requests finished more than
+  ``retention_days`` ago (on the scheduler's clock) are set to NULL and marked
+  ``purged_at``. Costs, token counts, statuses and attempts stay, so every
+  cost and count query gives the same answer after a purge. Done in chunks,
+  so no statement holds many row locks for long.
+- **Stuck batches**: batches ``queued`` but never dispatched, or ``running``
+  with an expired lease (``db.undispatched_batches``, the batcher's sweep), and
+  batches ``dispatched`` longer than ``stuck_dispatched_s`` with no worker
+  taking them (their Celery message was lost, e.g. Redis flushed) are
+  dispatched again. A second message for a batch is harmless: ``claim_batch``
+  lets one worker take it.
+- **Budget periods**: daily caps roll over by day key in ``pipeline.budget``;
+  batches deferred to the next period are resumed by its
+  ``resume_due_batches`` hook, called here as well as from the batcher's sweep.
+  Alerts at 80 % / 100 % are raised by ``pipeline.budget`` when spend is
+  settled, not here.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from pipeline import db
+from pipeline.batcher import dispatch
+from pipeline.config import Settings, get_settings
+from schedules.clock import Clock, get_clock
+
+log = logging.getLogger(__name__)
+
+PURGE_CHUNK = 5000
+
+
+def purge_bodies(*, settings: Settings | None = None, engine=None, clock: Clock | None = None) -> dict:
+    """Null request/response bodies past retention; returns rows purged per table."""
+    settings = settings or get_settings()
+    engine = engine or db.get_engine()
+    if settings.retention_days <= 0:
+        return {"requests": 0, "results": 0}
+    cutoff = (clock or get_clock(settings, engine)).now() - timedelta(days=settings.retention_days)
+    purged = {"requests": 0, "results": 0}
+    while True:
+        with engine.begin() as conn:
+            keys = conn.execute(sa.text(
+                "SELECT job_id, custom_id FROM requests WHERE purged_at IS NULL AND finished_at < :cut"
+                " AND status IN ('succeeded', 'failed', 'cancelled') LIMIT :n FOR UPDATE SKIP LOCKED"),
+                {"cut": cutoff, "n": PURGE_CHUNK}).all()
+            if not keys:
+                break
+            rows = db.dumps([{"job_id": j, "custom_id": c} for j, c in keys])
+            purged["requests"] += conn.execute(sa.text(
+                "UPDATE requests r SET body = NULL, metadata = NULL, purged_at = now()"
+                " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text)"
+                " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"), {"rows": rows}).rowcount
+            purged["results"] += conn.execute(sa.text(
+                "UPDATE results r SET response = NULL, error = NULL, purged_at = now()"
+                " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text)"
+                " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id AND r.purged_at IS NULL"),
+                {"rows": rows}).rowcount
+        if len(keys) < PURGE_CHUNK:
+            break
+    if purged["requests"]:
+        log.info("retention: purged bodies of %d requests and %d results finished before %s",
+                 purged["requests"], purged["results"], cutoff.isoformat())
+    return purged
+
+
+def redispatch_stuck(*, settings: Settings | None = None, engine=None, dispatcher=dispatch) -> list[str]:
+    settings = settings or get_settings()
+    engine = engine or db.get_engine()
+    with engine.begin() as conn:
+        stuck = list(db.undispatched_batches(conn, settings.sweep_after_s))
+        stuck += conn.execute(sa.text(
+            "SELECT batch_id, tier FROM batches WHERE status = 'dispatched'"
+            " AND dispatched_at < now() - make_interval(secs => :s) ORDER BY dispatched_at LIMIT 1000"),
+            {"s": settings.stuck_dispatched_s}).all()
+    for batch_id, tier in stuck:
+        log.warning("upkeep: batch %s (%s) stuck, dispatching it again", batch_id, tier)
+        dispatcher(batch_id, tier)
+    if stuck:
+        with engine.begin() as conn:
+            db.mark_dispatched(conn, [b for b, _ in stuck])
+            # mark_dispatched only moves 'queued'; a re-sent 'dispatched' batch restarts its timeout
+            conn.execute(sa.text(
+                "UPDATE batches SET dispatched_at = now() WHERE batch_id = ANY(:ids) AND status = 'dispatched'"),
+                {"ids": [b for b, _ in stuck]})
+    return [b for b, _ in stuck]
+
+
+def budget_rollover(*, engine=None, dispatcher=dispatch) -> int:
+    try:
+        from pipeline.budget import resume_due_batches
+    except ImportError:   # pragma: no cover - budgets not installed
+        return 0
+    return resume_due_batches(engine or db.get_engine(), dispatcher)
+
+
+def run_upkeep(*, settings: Settings | None = None, engine=None, clock: Clock | None = None,
+               dispatcher=dispatch) -> dict:
+    out = {"purged": purge_bodies(settings=settings, engine=engine, clock=clock),
+           "redispatched": len(redispatch_stuck(settings=settings, engine=engine, dispatcher=dispatcher)),
+           "budget_resumed": budget_rollover(engine=engine, dispatcher=dispatcher)}
+    return out
+

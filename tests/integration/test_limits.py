@@ -1,0 +1,185 @@
+"""Limits against real services: budget caps under concurrency, Redis loss, expiry, pause and resume."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import uuid
+from decimal import Decimal
+
+import pytest
+import sqlalchemy as sa
+
+from pipeline import budget
+from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
+
+AMOUNT = Decimal("0.0001")
+
+
+def _redis_db15(settings):
+    """The budget's keys in a Redis database of their own: the stack's workers never see them."""
+    url = settings.redis_url.rsplit("/", 1)[0] + "/15"
+    return dataclasses.replace(settings, redis_url=url)
+
+
+def _job(engine, cap: Decimal, n: int) -> tuple[str, list[str]]:
+    job = "job_limits_" + uuid.uuid4().hex[:10]
+    ids = [f"r{i}" for i in range(n)]
+    rows = [{"job_id": job, "custom_id": c, "provider": "openai", "model": "gpt-4o-mini", "tier": "background",
+             "tier_reason": "test", "priority": 0, "input_tokens": 1, "max_cost_usd": str(AMOUNT),
+             "status": "queued"} for c in ids]
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO jobs (job_id, status, budget_usd, accepted) VALUES (:j, 'running', :c, :n)"),
+                     {"j": job, "c": cap, "n": n})
+        conn.execute(sa.text(
+            "INSERT INTO requests (job_id, custom_id, provider, model, tier, tier_reason, priority, input_tokens,"
+            " max_cost_usd, status) SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text,"
+            " custom_id text, provider text, model text, tier text, tier_reason text, priority smallint,"
+            " input_tokens int, max_cost_usd numeric, status text)"), {"rows": json.dumps(rows)})
+    return job, ids
+
+
+def _ledger(engine, job: str) -> Decimal:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT coalesce(sum(cost_usd), 0) FROM results WHERE job_id = :j"),
+                            {"j": job}).scalar()
+
+
+def test_concurrent_reservations_hold_the_cap_through_a_redis_flush(stack, engine):
+    """300 requests, 64 at once, a cap worth 40 of them, FLUSHDB midway: spend ≤ cap, ≥ 90 % used."""
+    settings = _redis_db15(stack)
+    cap = AMOUNT * 40
+    job, ids = _job(engine, cap, 300)
+    aredis, sredis = budget.redis_clients(settings)
+    sredis.flushdb()
+    b = budget.Budget(settings, engine, aredis, sredis)
+    outcome = {"ok": 0, "refused": 0}
+    rng = random.Random(7)
+
+    def write_result(cid: str, spent: Decimal):   # what the OutcomeWriter does, before settling
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO results (job_id, custom_id, model, cost_usd) VALUES (:j, :c, 'gpt-4o-mini', :x)"),
+                {"j": job, "c": cid, "x": spent})
+            conn.execute(sa.text("UPDATE requests SET status = 'succeeded' WHERE job_id = :j AND custom_id = :c"),
+                         {"j": job, "c": cid})
+
+    async def one(cid: str, sem: asyncio.Semaphore):
+        async with sem:
+            with engine.begin() as conn:
+                conn.execute(sa.text("UPDATE requests SET status = 'running' WHERE job_id = :j AND custom_id = :c"),
+                             {"j": job, "c": cid})
+            try:
+                res = await b.reserve(f"{job}:{cid}", job, "background", AMOUNT)
+            except budget.BudgetExceeded:
+                outcome["refused"] += 1
+                return
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            spent = (AMOUNT * Decimal(rng.randint(50, 100)) / 100).quantize(budget.UNIT)
+            def write():
+                write_result(cid, spent)
+                res.written = True      # as the OutcomeWriter does, in its thread right after the commit
+            await asyncio.to_thread(write)
+            await b.settle(res, spent)
+            outcome["ok"] += 1
+
+    async def flush_midway():
+        while outcome["ok"] < 15:
+            await asyncio.sleep(0.005)
+        await aredis.flushdb()
+
+    async def main():
+        sem = asyncio.Semaphore(64)
+        await asyncio.gather(flush_midway(), *(one(c, sem) for c in ids))
+    asyncio.run(main())
+
+    spent = _ledger(engine, job)
+    assert spent <= cap, f"overspent: {spent} > {cap}"
+    assert spent >= cap * Decimal("0.9"), f"cap under-used: {spent} of {cap}"
+    assert outcome["ok"] + outcome["refused"] == 300 and outcome["refused"] > 0
+    # the live counter agrees with the ledger, nothing is left held
+    assert int(sredis.hget(budget.KEYS[2], f"job:{job}")) == budget.to_units(spent)
+    assert int(sredis.hget(budget.KEYS[3], f"job:{job}") or 0) == 0
+    with engine.connect() as conn:
+        alerts = conn.execute(sa.text("SELECT threshold FROM budget_alerts WHERE scope = :s"),
+                              {"s": f"job:{job}"}).scalars().all()
+    assert sorted(set(alerts)) == [80, 100]
+    sredis.flushdb()
+
+
+def test_a_dead_workers_reservation_expires(stack, engine):
+    settings = dataclasses.replace(_redis_db15(stack), budget_reservation_ttl_s=0.3)
+    job, _ = _job(engine, AMOUNT * 2, 2)
+    aredis, sredis = budget.redis_clients(settings)
+    sredis.flushdb()
+
+    async def main():
+        b = budget.Budget(settings, engine, aredis, sredis)
+        await b.reserve(f"{job}:r0", job, "background", AMOUNT * 2)      # never settled: its worker "died"
+        started = asyncio.get_running_loop().time()
+        res = await b.reserve(f"{job}:r1", job, "background", AMOUNT * 2)  # waits for the expiry
+        waited = asyncio.get_running_loop().time() - started
+        await b.release(res)
+        return waited
+    waited = asyncio.run(main())
+    assert 0.2 <= waited < 5
+    sredis.flushdb()
+
+
+def test_budget_store_down_fails_closed(stack, engine):
+    settings = dataclasses.replace(stack, redis_url="redis://127.0.0.1:1/0")
+    job, _ = _job(engine, AMOUNT, 1)
+    aredis, sredis = budget.redis_clients(settings)
+
+    async def main():
+        b = budget.Budget(settings, engine, aredis, sredis)
+        await b.reserve(f"{job}:r0", job, "background", AMOUNT)
+    with pytest.raises(budget.BudgetUnavailable):
+        asyncio.run(main())
+
+
+def _lines(n: int, tag: str):
+    return [chat_line(f"{tag}{i}", f"Budget question {tag}{i}: name a prime above {i}.", priority=6)
+            for i in range(n)]
+
+
+def test_job_cap_pauses_the_job_and_raising_it_resumes(stack, engine, tmp_path):
+    path = write_jsonl(tmp_path / "capped.jsonl", _lines(12, "p"))
+    # gpt-4o-mini, ~20 input tokens + 32 output: a max cost near $0.000022; room for about three
+    proc = llmbatch("submit", path, "--budget-usd", "0.00007", "--wait", "--json", timeout=120)
+    st = json.loads(proc.stdout)
+    assert proc.returncode == 1 and st["status"] == "paused_budget", proc.stderr
+    assert st["budget"]["deferred"] > 0
+    assert st["counts"]["succeeded"] + st["budget"]["deferred"] == 12
+    assert Decimal(st["cost_usd"]) <= Decimal("0.00007")
+    job = st["job_id"]
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM budget_alerts WHERE scope = :s AND threshold = 100"),
+                            {"s": f"job:{job}"}).scalar() >= 1
+    shown = json.loads(llmbatch("budget", "show", "--json", check=True).stdout)
+    mine = next(j for j in shown["jobs"] if j["job_id"] == job)
+    assert mine["status"] == "paused_budget" and mine["deferred"] == st["budget"]["deferred"]
+
+    llmbatch("budget", "set", "--job", job, "--usd", "1", check=True)
+
+    def done():
+        s = json.loads(llmbatch("status", job, "--json", check=True).stdout)
+        return s if s["status"] == "completed" else None
+    final = wait_for(done, timeout=60, every=0.5)
+    assert final["counts"]["succeeded"] == 12 and final["budget"]["deferred"] == 0
+
+
+def test_on_budget_fail_fails_with_budget_exceeded(stack, engine, tmp_path):
+    path = write_jsonl(tmp_path / "fail.jsonl", _lines(8, "f"))
+    proc = llmbatch("submit", path, "--budget-usd", "0.00005", "--on-budget", "fail", "--wait", "--json",
+                    timeout=120)
+    st = json.loads(proc.stdout)
+    assert st["status"] == "completed" and st["counts"]["failed"] > 0
+    assert Decimal(st["cost_usd"]) <= Decimal("0.00005")
+    with engine.connect() as conn:
+        codes = conn.execute(sa.text(
+            "SELECT DISTINCT error->>'code' FROM results WHERE job_id = :j AND error IS NOT NULL"),
+            {"j": st["job_id"]}).scalars().all()
+    assert codes == ["budget_exceeded"]

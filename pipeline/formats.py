@@ -24,7 +24,7 @@ from decimal import Decimal
 from pipeline.constants import TIERS
 from pipeline.errors import LineError, UnknownModelError
 from pipeline.pricing import PriceBook, max_cost
-from pipeline.tokens import count_request
+from pipeline.tokens import TokenCount, count_request
 
 OPENAI_URLS = ("/v1/chat/completions",)
 ANTHROPIC_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -206,8 +206,13 @@ def _max_tokens(body: dict, key: str, limit: int, model: str, required: bool) ->
     return value
 
 
-def parse_request(obj: dict, prices: PriceBook) -> Request:
-    """Validate a decoded line of either format and price it."""
+def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Request:
+    """Validate a decoded line of either format and price it.
+
+    ``anthropic_counter(body) -> int``, when given (an Anthropic key is set),
+    is Anthropic's own count_tokens endpoint: the count is then exact instead
+    of an estimate.
+    """
     if "custom_id" not in obj and isinstance(obj.get("requests"), list):
         raise LineError("this line is a whole batch ({\"requests\": [...]}): put one request per line, "
                         "each {\"custom_id\", \"params\"} or {\"custom_id\", \"method\", \"url\", \"body\"}")
@@ -248,7 +253,10 @@ def parse_request(obj: dict, prices: PriceBook) -> Request:
         if "system" in body and not isinstance(body["system"], (str, list)):
             raise LineError(f"params.system must be a string or an array, got {_type_name(body['system'])}")
         out_tokens = _max_tokens(body, "max_tokens", price.max_output_tokens, model, required=True)
-    count = count_request(provider, model, body)
+    if provider == "anthropic" and anthropic_counter is not None:
+        count = TokenCount(anthropic_counter(body), True, "anthropic:count_tokens")
+    else:
+        count = count_request(provider, model, body)
     if count.tokens > price.context_window:
         raise LineError(f"prompt is {count.tokens} tokens, over {model}'s context window of "
                         f"{price.context_window} tokens")

@@ -96,6 +96,14 @@ class _Deliveries:
         return on_delivery
 
 
+def _anthropic_counter(settings: Settings):
+    """Exact Anthropic counts when a key is set; otherwise the stored estimate is used."""
+    if not settings.anthropic_api_key:
+        return None
+    from pipeline.providers.anthropic import token_counter
+    return token_counter(settings)
+
+
 def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | None = None,
                 name: str | None = None, priority: int | None = None, tier: str | None = None,
                 budget_usd: Decimal | None = None, on_budget: str = "defer", mode: str = "realtime",
@@ -107,6 +115,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     if path.stat().st_size == 0:
         raise FileInputError(f"{path}: the file is empty")
     prices = get_price_book()
+    counter = _anthropic_counter(settings)
     engine = db.get_engine()
     job_id = job_id or new_job_id()
     report = SubmitReport(job_id)
@@ -137,7 +146,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                 try:
                     obj = parse_json_line(raw)
                     cid = obj.get("custom_id") if isinstance(obj.get("custom_id"), str) else None
-                    req = parse_request(obj, prices)
+                    req = parse_request(obj, prices, counter)
                     digest = hashlib.blake2b(req.custom_id.encode(), digest_size=8).digest()
                     if digest in seen:
                         raise LineError(f"duplicate custom_id {req.custom_id!r}: custom_id must be unique in a job")
@@ -197,7 +206,7 @@ def publish_request(line: dict, *, job_id: str, producer=None, settings: Setting
     invalid request and ``InfrastructureError`` when Kafka does not acknowledge.
     """
     settings = settings or get_settings()
-    req = parse_request(line, get_price_book())
+    req = parse_request(line, get_price_book(), _anthropic_counter(settings))
     own = producer is None
     producer = producer or make_producer(settings)
     result: list = []

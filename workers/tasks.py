@@ -35,7 +35,7 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 def execute_batch(self, batch_id: str) -> None:
     summary = _event_loop().run_until_complete(
         run_batch(batch_id, owner=self.request.id or batch_id, settings=get_settings()))
-    log.info("batch %s: %s", batch_id, summary)
+    log.info("batch %s: %s", batch_id, summary, extra={"batch": batch_id})
 
 
 @task_prerun.connect

@@ -8,7 +8,7 @@ import anthropic
 
 from pipeline.config import Settings
 from pipeline.providers import http_response
-from pipeline.errors import RetryableProviderError
+from pipeline.errors import InfrastructureError, LineError, RetryableProviderError
 from pipeline.providers import Answer, classify_status
 
 
@@ -36,3 +36,23 @@ class AnthropicProvider:
         return Answer(body=resp.json(), status_code=resp.status_code,
                       request_id=resp.headers.get("request-id"),
                       latency_ms=int((time.monotonic() - started) * 1000), headers=dict(resp.headers))
+
+
+def token_counter(settings: Settings):
+    """Anthropic's count_tokens endpoint as ``counter(body) -> int`` (used at submit when a key is set).
+
+    Only the fields count_tokens accepts are sent; a refusal becomes a
+    LineError with the provider's message, so the line is rejected, not guessed.
+    """
+    client = anthropic.Anthropic(api_key=settings.api_key("anthropic"), base_url=settings.base_url("anthropic"),
+                                 max_retries=2, timeout=settings.provider_timeout_s)
+    fields = ("model", "messages", "system", "tools", "tool_choice", "thinking")
+
+    def count(body: dict) -> int:
+        try:
+            return client.messages.count_tokens(**{k: body[k] for k in fields if k in body}).input_tokens
+        except anthropic.APIStatusError as e:
+            raise LineError(f"Anthropic count_tokens refused the request: {e.message}") from e
+        except anthropic.APIError as e:
+            raise InfrastructureError(f"Anthropic count_tokens unreachable: {e}") from e
+    return count

@@ -303,6 +303,19 @@ class Simulator:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self.handle(request, OPENAI)
 
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """Anthropic's count_tokens: the same count the simulator bills for the messages."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str) \
+                or not isinstance(body.get("messages"), list):
+            return _json_response({"type": "error", "error": {"type": "invalid_request_error",
+                                   "message": "model and messages are required"}}, status=400)
+        from pipeline.tokens import count_request
+        return _json_response({"input_tokens": count_request("anthropic", body["model"], body).tokens})
+
     async def messages(self, request: web.Request) -> web.StreamResponse:
         return await self.handle(request, ANTHROPIC)
 
@@ -351,6 +364,7 @@ def build_app(config: SimulatorConfig | None = None) -> web.Application:
     app.on_response_prepare.append(_mark)
     app.router.add_post("/v1/chat/completions", sim.chat_completions)
     app.router.add_post("/v1/messages", sim.messages)
+    app.router.add_post("/v1/messages/count_tokens", sim.count_tokens)
     sim.batches.add_routes(app)
     app.router.add_get("/_stats", sim.get_stats)
     app.router.add_post("/_reset", sim.post_reset)

@@ -622,3 +622,26 @@ def test_runtime_config_turns_faults_on_and_off():
             await oa.chat.completions.create(model=MODEL, messages=MSGS)
 
     run(body())
+
+
+def test_anthropic_count_tokens_gives_exact_counts_at_submit_when_a_key_is_set():
+    import dataclasses
+
+    from pipeline.config import Secret, load_settings
+    from pipeline.formats import parse_request
+    from pipeline.pricing import PriceBook
+    from pipeline.providers.anthropic import token_counter
+
+    async def body():
+        async with serve() as (url, oa, an, http):
+            settings = dataclasses.replace(load_settings({}), anthropic_api_key=Secret("sk-ant-test"),
+                                           anthropic_base_url=url)
+            line = {"custom_id": "c1", "params": {"model": CLAUDE, "max_tokens": 20, "system": "Be brief.",
+                                                   "messages": MSGS[1:]}}
+            counter = token_counter(settings)
+            req = await asyncio.to_thread(parse_request, line, PriceBook.load(), counter)
+            billed = await an.messages.create(**line["params"])
+            return req, billed.usage.input_tokens
+
+    req, billed = run(body())
+    assert req.tokens_exact is True and req.input_tokens == billed > 0

@@ -146,7 +146,7 @@ up_postgres() {
     fi
     local started
     started=$(date +%s)
-    if ! as_pg "$bin/pg_ctl" -D "$PGDATA" -l "$(log_file postgres)" -w -t 60 start >/dev/null 2>&1; then
+    if ! as_pg "$bin/pg_ctl" -D "$PGDATA" -l "$(log_file postgres)" -o "-p $PG_PORT" -w -t 60 start >/dev/null 2>&1; then
         say postgres "FAILED to start"
         show_log_tail postgres
         return 1

@@ -79,7 +79,7 @@ def _progress_printer():
 def _wait(job_id: str, poll_s: float = 0.5) -> dict:
     engine = db.get_engine()
     while True:
-        with engine.connect() as conn:
+        with db.transaction(engine) as conn:   # waits out a Postgres restart
             status = db.job_status(conn, job_id)
         if status["status"] in JOB_TERMINAL:
             return status

@@ -9,8 +9,10 @@ message or a redelivered task changes nothing that is already done.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import time
 import logging
 from decimal import Decimal
 from pathlib import Path
@@ -44,6 +46,26 @@ def _json_default(o):
     if hasattr(o, "isoformat"):
         return o.isoformat()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def transaction(engine: Engine, patience_s: float = 60.0):
+    """``engine.begin()`` that waits out a short Postgres outage (a restart) when connecting.
+
+    Only the connect is retried, never a statement: the block runs once.
+    """
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            conn = engine.connect()
+            break
+        except sa.exc.OperationalError as e:
+            if time.monotonic() > deadline:
+                raise InfrastructureError(f"cannot reach Postgres: {e.orig}") from e
+            log.warning("Postgres unreachable, retrying: %s", e.orig)
+            time.sleep(1.0)
+    with conn, conn.begin():
+        yield conn
 
 
 # ---------------------------------------------------------------- migrations

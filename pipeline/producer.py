@@ -119,7 +119,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     engine = db.get_engine()
     job_id = job_id or new_job_id()
     report = SubmitReport(job_id)
-    with engine.begin() as conn:
+    with db.transaction(engine) as conn:
         db.create_job(conn, job_id, name=name or path.name, source=str(path), priority=priority,
                       tier=tier, budget_usd=budget_usd, on_budget=on_budget, mode=mode,
                       simulated=settings.simulated)
@@ -132,7 +132,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
 
     def flush_rejections():
         if rejections:
-            with engine.begin() as conn:
+            with db.transaction(engine) as conn:
                 db.record_rejections(conn, job_id, rejections)
             rejections.clear()
 
@@ -181,7 +181,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     unacked = sent - deliveries.acked - len(deliveries.failed)
     if deliveries.failed or unacked:
         report.unacknowledged = sorted(deliveries.failed)
-        with engine.begin() as conn:
+        with db.transaction(engine) as conn:
             db.record_rejections(conn, job_id, [
                 {"line": n, "custom_id": None, "reason": f"Kafka did not acknowledge the message: {err}"}
                 for n, err in deliveries.failed.items()])
@@ -189,7 +189,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     report.rejected = report.lines_read - report.accepted
     if unacked:
         raise InfrastructureError(f"{unacked} messages were neither acknowledged nor failed by Kafka")
-    with engine.begin() as conn:
+    with db.transaction(engine) as conn:
         db.finish_submit(conn, job_id, lines_read=report.lines_read, accepted=report.accepted,
                          rejected=report.rejected)
     if on_progress:

@@ -18,11 +18,11 @@ import logging
 import time
 from decimal import Decimal
 
-from pipeline import budget, db, metrics
+from pipeline import budget, db, metrics, ratelimit
 from pipeline.cache import ResponseCache
 from pipeline.config import Settings, get_settings
 from pipeline.budget import BudgetExceeded, BudgetUnavailable
-from pipeline.errors import PermanentProviderError, ProviderError
+from pipeline.errors import PermanentProviderError, ProviderError, RetryableProviderError
 from pipeline.pricing import Usage, cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.providers import AttemptRecord, call_with_retries, get_provider
 
@@ -106,24 +106,54 @@ def _budget_for(settings: Settings, engine) -> budget.Budget:
     return b
 
 
+_limiters: dict[int, ratelimit.Limiter] = {}
+
+
+def _limiter_for(settings: Settings, budget_: budget.Budget) -> ratelimit.Limiter:
+    """One Limiter per process and event loop, on the budget's Redis client."""
+    loop = asyncio.get_running_loop()
+    lim = _limiters.get(id(loop))
+    if lim is None:
+        lim = _limiters[id(loop)] = ratelimit.Limiter(settings, budget_.redis)
+    return lim
+
+
 class _Limited:
-    """The provider behind the limits: every attempt first reserves its maximum cost.
+    """The provider behind the limits: every attempt first reserves its maximum cost,
+    then takes a tier in-flight lease and the model's rate admission (pipeline/ratelimit.py).
 
     A failed attempt releases its reservation at once; a successful one keeps
     it in ``reservation`` until the writer settles it after the result is written.
     """
 
-    def __init__(self, provider, req: dict, budget_: budget.Budget):
-        self.provider, self.req, self.budget = provider, req, budget_
+    def __init__(self, provider, req: dict, budget_: budget.Budget, limiter: ratelimit.Limiter | None = None):
+        self.provider, self.req, self.budget, self.limiter = provider, req, budget_, limiter
         self.name = provider.name
         self.reservation: budget.Reservation | None = None
+
+    async def _call_limited(self, body: dict, headers: dict):
+        req, lim = self.req, self.limiter
+        if lim is None:
+            return await self.provider.call(body, headers=headers)
+        # lease first, admission last: the window counts the call when it is really sent
+        async with lim.lease(req["tier"]) as lease_wait:
+            waited = await lim.admit(req["provider"], req["model"], req["tier"], ratelimit.request_tokens(req))
+            metrics.LIMITER_WAIT.labels(req["tier"], req["model"]).observe(lease_wait + waited)
+            try:
+                answer = await self.provider.call(body, headers=headers)
+            except RetryableProviderError as e:
+                if e.status_code == 429:   # every worker backs off together
+                    await lim.block(req["provider"], req["model"], e.retry_after or ratelimit.DEFAULT_BLOCK_S)
+                raise
+        await lim.observe_headers(req["provider"], req["model"], answer.headers)
+        return answer
 
     async def call(self, body: dict, *, headers: dict):
         req = self.req
         self.reservation = await self.budget.reserve(f'{req["job_id"]}:{req["custom_id"]}', req["job_id"],
                                                      req["tier"], Decimal(str(req["max_cost_usd"])))
         try:
-            return await self.provider.call(body, headers=headers)
+            return await self._call_limited(body, headers)
         except BaseException:
             res, self.reservation = self.reservation, None
             try:
@@ -136,7 +166,7 @@ class _Limited:
 async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> str:
     provider = get_provider(req["provider"], settings)
     if writer.budget is not None:
-        provider = _Limited(provider, req, writer.budget)
+        provider = _Limited(provider, req, writer.budget, _limiter_for(settings, writer.budget))
     price = get_price_book().resolve(req["model"])
     key = f'{req["job_id"]}:{req["custom_id"]}'
     ctx = {"job": req["job_id"], "request": req["custom_id"], "tier": req["tier"]}  # log correlation

@@ -1,0 +1,173 @@
+"""pipeline/ratelimit.py against the stack's Redis: shared windows, tier shares, 429 back-off,
+and the in-flight semaphore, with several asyncio "workers" each holding its own client."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import time
+
+from pipeline import ratelimit
+from pipeline.config import get_settings
+
+
+def _settings(**kw):
+    return dataclasses.replace(get_settings(), **kw)
+
+
+def _client():
+    import redis.asyncio as aredis
+    return aredis.Redis.from_url(get_settings().redis_url, socket_timeout=5)
+
+
+async def _cleanup(keys):
+    r = _client()
+    try:
+        for key in keys:
+            await r.delete(key)
+    finally:
+        await r.aclose()
+
+
+def test_shared_rpm_window_admits_at_most_the_limit(stack):
+    model = f"test-rl-{secrets.token_hex(4)}"
+    settings = _settings(rate_limits={model: "60:"})
+
+    async def main():
+        admitted = []
+
+        async def worker():
+            r = _client()
+            lim = ratelimit.Limiter(settings, r)
+            try:
+                for _ in range(30):
+                    await lim.admit("openai", model, "offpeak", 10)
+                    admitted.append(time.monotonic())
+            finally:
+                await r.aclose()
+
+        tasks = [asyncio.create_task(worker()) for _ in range(3)]
+        await asyncio.wait(tasks, timeout=4)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert len(admitted) == 60, len(admitted)
+        # the 61st is told to wait for the first admission to leave the 60 s window
+        r = _client()
+        try:
+            ok, wait_ms = await r.eval(ratelimit.ADMIT, 5, *ratelimit.rate_keys("openai", model), "probe", 10,
+                                       60, -1, "immediate", "0.7", ratelimit.WINDOW_MS, ratelimit.WAITING_TTL_MS)
+        finally:
+            await r.aclose()
+        assert ok == 0 and 50_000 < wait_ms <= 60_000, wait_ms
+        await _cleanup(ratelimit.rate_keys("openai", model))
+
+    asyncio.run(main())
+
+
+def test_sliding_window_paces_requests_and_tokens(stack, monkeypatch):
+    monkeypatch.setattr(ratelimit, "WINDOW_MS", 2000)   # a 2 s window keeps the test short
+    model = f"test-rl-{secrets.token_hex(4)}"
+    settings = _settings(rate_limits={model: "10:1000"})
+
+    async def main():
+        admitted = []   # (time, tokens)
+
+        async def worker(tokens):
+            r = _client()
+            lim = ratelimit.Limiter(settings, r)
+            try:
+                for _ in range(8):
+                    await lim.admit("openai", model, "offpeak", tokens)
+                    admitted.append((time.monotonic(), tokens))
+            finally:
+                await r.aclose()
+
+        t0 = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(worker(50), worker(50), worker(200)), 15)
+        elapsed = time.monotonic() - t0
+        admitted.sort()
+        for i, (t, _) in enumerate(admitted):
+            inside = [(u, n) for u, n in admitted[i:] if u < t + 1.95]
+            assert len(inside) <= 10
+            assert sum(n for _, n in inside) <= 1000
+        # 24 calls, 2400 tokens: the token limit (1000 per 2 s) binds: at least ~2 more windows
+        assert 3.5 < elapsed < 12, elapsed
+        await _cleanup(ratelimit.rate_keys("openai", model))
+
+    asyncio.run(main())
+
+
+def test_tier_shares_and_background(stack):
+    model = f"test-rl-{secrets.token_hex(4)}"
+    settings = _settings(rate_limits={model: "10:"}, rate_peak_share=0.7)
+    keys = ratelimit.rate_keys("openai", model)
+
+    async def main():
+        r = _client()
+        try:
+            async def admit(tier):
+                ok, wait_ms = await r.eval(ratelimit.ADMIT, 5, *keys, secrets.token_hex(4), 1, 10, -1, tier,
+                                           "0.7", ratelimit.WINDOW_MS, ratelimit.WAITING_TTL_MS)
+                return ok == 1
+            assert [await admit("peak") for _ in range(8)] == [True] * 7 + [False]   # peak: its share
+            assert await admit("offpeak")                 # offpeak: the whole limit ...
+            await r.set(keys[3], "1", px=5000)           # ... until an immediate request waits
+            assert not await admit("offpeak")
+            assert not await admit("background")          # nothing for background while others wait
+            assert await admit("immediate") and await admit("immediate")
+            assert not await admit("immediate")           # the whole limit, no more
+            await r.delete(keys[3], keys[4])
+            await r.delete(keys[0], keys[1])
+            await r.set(keys[4], "1", px=5000)           # peak waiting: background still waits
+            assert not await admit("background")
+            await r.delete(keys[4])
+            assert await admit("background")
+            lim = ratelimit.Limiter(settings, r)
+            await lim.block("openai", model, 1.0)         # a 429: every worker waits
+            t0 = time.monotonic()
+            await lim.admit("openai", model, "immediate", 1)
+            assert 0.8 < time.monotonic() - t0 < 2.5
+        finally:
+            await r.aclose()
+        await _cleanup(keys)
+
+    asyncio.run(main())
+
+
+def test_inflight_semaphore_holds_its_cap_and_frees_dead_leases(stack):
+    tier = f"test-{secrets.token_hex(4)}"
+    settings = _settings(inflight_per_tier={tier: 5})
+
+    async def main():
+        state = {"now": 0, "max": 0}
+        clients = [_client() for _ in range(3)]
+        limiters = [ratelimit.Limiter(settings, c, lease_ttl_s=10) for c in clients]
+
+        async def acquirer(i):
+            async with limiters[i % 3].lease(tier):
+                state["now"] += 1
+                state["max"] = max(state["max"], state["now"])
+                await asyncio.sleep(0.02)
+                state["now"] -= 1
+
+        t0 = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(acquirer(i) for i in range(50))), 15)
+        assert state["max"] == 5, state
+        assert time.monotonic() - t0 >= 50 / 5 * 0.02
+        assert await clients[0].zcard(ratelimit.lease_key(tier)) == 0
+
+        # two holders die without releasing (leases of 1 s): the slots come back after expiry
+        small = _settings(inflight_per_tier={tier: 2})
+        for lid in ("dead-1", "dead-2"):
+            assert await clients[0].eval(ratelimit.ACQUIRE, 1, ratelimit.lease_key(tier), lid, 2, 1000) == 1
+        t0 = time.monotonic()
+        async with ratelimit.Limiter(small, clients[1]).lease(tier) as waited:
+            assert 0.7 < waited < 3, waited
+        assert 0.7 < time.monotonic() - t0 < 3
+        for c in clients:
+            await c.aclose()
+        await _cleanup([ratelimit.lease_key(tier)])
+
+    asyncio.run(main())

@@ -161,13 +161,22 @@ def refresh_jobs(conn: Connection, job_ids) -> None:
     ids = list(set(job_ids))
     if not ids:
         return
-    conn.execute(sa.text(
+    completed = conn.execute(sa.text(
         "UPDATE jobs j SET status = 'completed', finished_at = now()"
         " WHERE j.job_id = ANY(:ids) AND j.status = 'running'"
         " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.job_id"
         "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"
-        " AND (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id) >= j.accepted"),
-        {"ids": ids})
+        " AND (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id) >= j.accepted"
+        " RETURNING j.job_id"), {"ids": ids}).scalars().all()
+    if completed:
+        # A worker killed after its last result but before closing its batch leaves the
+        # batch 'running' until its lease runs out; with nothing open in it, close it now.
+        conn.execute(sa.text(
+            "UPDATE batches b SET status = 'done', finished_at = now(), lease_until = NULL"
+            " WHERE b.batch_id IN (SELECT DISTINCT batch_id FROM requests WHERE job_id = ANY(:ids))"
+            " AND b.status IN ('queued', 'dispatched', 'running') AND b.mode = 'realtime'"
+            " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
+            "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": completed})
     # stopped by its own cap: nothing left but requests deferred by it (pipeline/budget.py);
     # ``budget set --job`` puts it back to running
     conn.execute(sa.text(

@@ -116,6 +116,25 @@ async def call_with_retries(provider: Provider, body: dict, *, headers: dict, se
         return answer
 
 
+async def post_raw(sdk, client, path: str, body: dict, headers: dict, request_id_header: str) -> Answer:
+    """POST the body as written through an official SDK client; map its errors to ours.
+
+    ``sdk`` is the ``openai`` or ``anthropic`` module: both name their
+    exceptions alike, so one mapping serves both providers.
+    """
+    started = time.monotonic()
+    try:
+        resp = await client.post(path, body=body, cast_to=http_response, options={"headers": headers})
+    except sdk.APIStatusError as e:
+        raise classify_status(e.status_code, e.message, e.request_id, e.response.headers) from e
+    except sdk.APITimeoutError as e:
+        raise RetryableProviderError("timeout: the provider did not answer in time") from e
+    except sdk.APIConnectionError as e:
+        raise RetryableProviderError(f"connection error: {e}") from e
+    return Answer(body=resp.json(), status_code=resp.status_code, request_id=resp.headers.get(request_id_header),
+                  latency_ms=int((time.monotonic() - started) * 1000), headers=dict(resp.headers))
+
+
 _clients: dict[str, Provider] = {}
 
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import anthropic
 
 from pipeline.config import Settings
-from pipeline.providers import http_response
-from pipeline.errors import InfrastructureError, LineError, RetryableProviderError
-from pipeline.providers import Answer, classify_status
+from pipeline.errors import InfrastructureError, LineError
+from pipeline.providers import Answer, post_raw
 
 
 class AnthropicProvider:
@@ -23,19 +20,7 @@ class AnthropicProvider:
                          if settings.provider_http_client == "aiohttp" else None))
 
     async def call(self, body: dict, *, headers: dict) -> Answer:
-        started = time.monotonic()
-        try:
-            resp = await self.client.post(
-                "/v1/messages", body=body, cast_to=http_response, options={"headers": headers})
-        except anthropic.APIStatusError as e:
-            raise classify_status(e.status_code, e.message, e.request_id, e.response.headers) from e
-        except anthropic.APITimeoutError as e:
-            raise RetryableProviderError("timeout: the provider did not answer in time") from e
-        except anthropic.APIConnectionError as e:
-            raise RetryableProviderError(f"connection error: {e}") from e
-        return Answer(body=resp.json(), status_code=resp.status_code,
-                      request_id=resp.headers.get("request-id"),
-                      latency_ms=int((time.monotonic() - started) * 1000), headers=dict(resp.headers))
+        return await post_raw(anthropic, self.client, "/v1/messages", body, headers, "request-id")
 
 
 def token_counter(settings: Settings):

@@ -34,7 +34,7 @@ import sqlalchemy as sa
 
 from pipeline import db
 from pipeline.config import ROOT, get_settings
-from tests.integration.conftest import LLMBATCH, stack  # noqa: F401  (pytest fixture)
+from tests.integration.conftest import LLMBATCH, stack, wait_for  # noqa: F401  (stack: pytest fixture)
 
 STACK_SH = ROOT / "infra" / "stack.sh"
 REPORT = Path(os.environ.get("LLMBATCH_FAULT_REPORT", ROOT / "var" / "fault-report.jsonl"))
@@ -190,13 +190,7 @@ def done(job_id: str) -> int:
 
 
 def wait_until(predicate, timeout: float, every: float = 0.25, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what} not met within {timeout} s")
+    return wait_for(predicate, timeout, every, what)
 
 
 def wait_terminal(job_id: str, n: int, timeout: float = 180) -> dict:

@@ -90,11 +90,11 @@ def llmbatch(*args, timeout: float = 300, check: bool = False) -> subprocess.Com
     return proc
 
 
-def wait_for(predicate, timeout: float = 60, every: float = 0.2):
+def wait_for(predicate, timeout: float = 60, every: float = 0.2, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
+    raise AssertionError(f"{what} not met within {timeout} s")

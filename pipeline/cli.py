@@ -96,6 +96,9 @@ def _print_status(status: dict, as_json: bool) -> None:
     click.echo(f"  succeeded {c['succeeded']}  failed {c['failed']}  cancelled {c['cancelled']}"
                f"  pending {c['pending']}")
     click.echo(f"  cost ${status['cost_usd']}")
+    if status["budget"]["fallback_model"]:
+        click.echo(f"  fallback {status['budget']['fallback_model']}: answered"
+                   f" {status['budget']['answered_by_fallback']}")
 
 
 @main.command()
@@ -111,13 +114,18 @@ def _print_status(status: dict, as_json: bool) -> None:
               help="provider_batch: through the provider's Batch API at half price (needs `llmbatch scheduler`).")
 @click.option("--batch-fallback", type=click.Choice(["realtime", "fail"]), default="realtime", show_default=True,
               help="provider_batch: what happens to requests the provider batch did not run (expired, failed).")
-def submit(file, priority, tier, budget_usd, on_budget, name, wait, as_json, mode, batch_fallback):
+@click.option("--fallback-model", metavar="MODEL",
+              help="A cheaper model of the same provider that answers when a line's model is over its "
+                   "budget or rate limit; results.model records which model answered.")
+def submit(file, priority, tier, budget_usd, on_budget, name, wait, as_json, mode, batch_fallback,
+           fallback_model):
     """Submit a JSONL file (OpenAI or Anthropic batch lines) as a job."""
     from pipeline.producer import submit_file
     _provider_note()
     try:
         report = submit_file(file, priority=priority, tier=tier, budget_usd=budget_usd,
-                             on_budget=on_budget, name=name, mode=mode, on_progress=_progress_printer())
+                             on_budget=on_budget, name=name, mode=mode, fallback_model=fallback_model,
+                             on_progress=_progress_printer())
         if batch_fallback != "realtime":
             from schedules.provider_batches import set_batch_fallback
             set_batch_fallback(report.job_id, batch_fallback)

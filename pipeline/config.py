@@ -82,6 +82,8 @@ class Settings:
     rate_limits: dict = field(default_factory=dict)
     #: peak's share of a model's limit while immediate work waits
     rate_peak_share: float = 0.7
+    #: a job with a fallback model sends a request to it rather than wait longer on the primary's window
+    fallback_rate_wait_s: float = 2.0
     #: requests in flight per tier across every process and host (0: no cap beyond inflight_per_batch)
     inflight_per_tier: dict = _tier_map(immediate=0, peak=0, offpeak=0, background=0)
 

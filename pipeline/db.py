@@ -122,13 +122,15 @@ def _set_reader_password(conn: Connection) -> None:
 
 def create_job(conn: Connection, job_id: str, *, name: str | None, source: str | None,
                priority: int | None, tier: str | None, budget_usd: Decimal | None,
-               on_budget: str, mode: str, simulated: bool) -> None:
+               on_budget: str, mode: str, simulated: bool, fallback_model: str | None = None) -> None:
     conn.execute(sa.text(
-        "INSERT INTO jobs (job_id, name, source, priority, tier, budget_usd, on_budget, mode, simulated)"
-        " VALUES (:job_id, :name, :source, :priority, :tier, :budget_usd, :on_budget, :mode, :simulated)"
-        " ON CONFLICT (job_id) DO NOTHING"),
+        "INSERT INTO jobs (job_id, name, source, priority, tier, budget_usd, on_budget, mode, simulated,"
+        " fallback_model)"
+        " VALUES (:job_id, :name, :source, :priority, :tier, :budget_usd, :on_budget, :mode, :simulated,"
+        " :fallback_model) ON CONFLICT (job_id) DO NOTHING"),
         dict(job_id=job_id, name=name, source=source, priority=priority, tier=tier,
-             budget_usd=budget_usd, on_budget=on_budget, mode=mode, simulated=simulated))
+             budget_usd=budget_usd, on_budget=on_budget, mode=mode, simulated=simulated,
+             fallback_model=fallback_model))
 
 
 def record_rejections(conn: Connection, job_id: str, rejections: list[dict]) -> None:
@@ -207,6 +209,9 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
         "SELECT budget_usd, on_budget, fallback_model, (SELECT count(*) FROM requests r"
         " WHERE r.job_id = j.job_id AND r.status = 'deferred') FROM jobs j WHERE job_id = :j"),
         {"j": job_id}).one()
+    by_fallback = conn.execute(sa.text(
+        "SELECT count(*) FROM results x JOIN requests r USING (job_id, custom_id)"
+        " WHERE x.job_id = :j AND x.model <> r.model"), {"j": job_id}).scalar() if fallback else 0
     return {
         "job_id": row["job_id"],
         "status": row["status"],
@@ -221,7 +226,7 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
         "cache_saved_usd": str(saved),
         # deferred requests are also counted in pending (pipeline/budget.py)
         "budget": {"cap_usd": str(cap) if cap is not None else None, "on_budget": on_budget,
-                   "deferred": deferred, "fallback_model": fallback},
+                   "deferred": deferred, "fallback_model": fallback, "answered_by_fallback": by_fallback},
         "created_at": row["created_at"].isoformat(),
         "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
     }

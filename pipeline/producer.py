@@ -28,7 +28,7 @@ from confluent_kafka import KafkaError
 from pipeline import db
 from pipeline.config import Settings, get_settings
 from pipeline.constants import REQUESTS_TOPIC
-from pipeline.errors import FileInputError, InfrastructureError, LineError
+from pipeline.errors import FileInputError, InfrastructureError, LineError, UnknownModelError
 from pipeline.formats import Request, parse_json_line, parse_request
 from pipeline.kafka import make_producer
 from pipeline.pricing import get_price_book
@@ -107,6 +107,7 @@ def _anthropic_counter(settings: Settings):
 def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | None = None,
                 name: str | None = None, priority: int | None = None, tier: str | None = None,
                 budget_usd: Decimal | None = None, on_budget: str = "defer", mode: str = "realtime",
+                fallback_model: str | None = None,
                 on_progress: Callable[[SubmitReport], None] | None = None) -> SubmitReport:
     settings = settings or get_settings()
     path = Path(path)
@@ -115,6 +116,11 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     if path.stat().st_size == 0:
         raise FileInputError(f"{path}: the file is empty")
     prices = get_price_book()
+    if fallback_model:
+        try:
+            fallback_model = prices.resolve(fallback_model).model
+        except UnknownModelError as e:
+            raise FileInputError(f"--fallback-model: {e.reason}") from None
     counter = _anthropic_counter(settings)
     engine = db.get_engine()
     job_id = job_id or new_job_id()
@@ -122,7 +128,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     with db.transaction(engine) as conn:
         db.create_job(conn, job_id, name=name or path.name, source=str(path), priority=priority,
                       tier=tier, budget_usd=budget_usd, on_budget=on_budget, mode=mode,
-                      simulated=settings.simulated)
+                      simulated=settings.simulated, fallback_model=fallback_model)
     producer = make_producer(settings)
     deliveries = _Deliveries()
     rejections: list[dict] = []

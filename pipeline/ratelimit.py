@@ -293,8 +293,13 @@ class Limiter:
                 await self.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, REDIS_RETRY_MAX_S)
 
-    async def admit(self, provider: str, model: str, tier: str, tokens: int) -> float:
-        """Wait until the model's window admits ``tokens`` for ``tier``. Returns seconds waited."""
+    async def admit(self, provider: str, model: str, tier: str, tokens: int,
+                    max_wait_s: float | None = None) -> float | None:
+        """Wait until the model's window admits ``tokens`` for ``tier``. Returns seconds waited.
+
+        With ``max_wait_s``: None, at once, when the window would keep the call
+        waiting longer than that in all (the caller has somewhere else to go).
+        """
         lim = limit_for(self.settings, provider, model)
         if lim is None:
             return 0.0
@@ -307,6 +312,8 @@ class Limiter:
                 repr(float(self.settings.rate_peak_share)), WINDOW_MS + WINDOW_GUARD_MS, WAITING_TTL_MS)
             if int(ok) == 1:
                 return time.monotonic() - started
+            if max_wait_s is not None and time.monotonic() - started + int(wait_ms) / 1000.0 > max_wait_s:
+                return None
             # re-ask at least every second so the waiting marks stay fresh; a little jitter
             await self.sleep(min(int(wait_ms) / 1000.0, 1.0) + random.random() * 0.01)
 

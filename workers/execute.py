@@ -21,10 +21,11 @@ from decimal import Decimal
 from pipeline import budget, db, metrics, ratelimit
 from pipeline.cache import ResponseCache
 from pipeline.config import Settings, get_settings
-from pipeline.budget import BudgetExceeded, BudgetUnavailable
+from pipeline.budget import BudgetExceeded, BudgetUnavailable, from_units
 from pipeline.errors import PermanentProviderError, ProviderError, RetryableProviderError
 from pipeline.pricing import Usage, cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.providers import AttemptRecord, call_with_retries, get_provider
+from workers.fallback import Fallback, fallback_for
 
 log = logging.getLogger(__name__)
 
@@ -124,36 +125,72 @@ class _Limited:
 
     A failed attempt releases its reservation at once; a successful one keeps
     it in ``reservation`` until the writer settles it after the result is written.
+    With a job's fallback model (workers/fallback.py) an attempt the primary's
+    cap or rate cannot take goes to the fallback; ``model`` is the one that answered.
     """
 
-    def __init__(self, provider, req: dict, budget_: budget.Budget, limiter: ratelimit.Limiter | None = None):
+    def __init__(self, provider, req: dict, budget_: budget.Budget, limiter: ratelimit.Limiter | None = None,
+                 fallback: Fallback | None = None, fallback_wait_s: float = 0.0):
         self.provider, self.req, self.budget, self.limiter = provider, req, budget_, limiter
+        self.fallback, self.fallback_wait_s = fallback, fallback_wait_s
         self.name = provider.name
+        self.model = req["model"]
         self.reservation: budget.Reservation | None = None
+        self._primary_throttled = False   # a 429 on the primary: later attempts go to the fallback
 
-    async def _call_limited(self, body: dict, headers: dict):
+    async def _admit(self, model: str) -> str:
+        """Wait for the model's rate window; the fallback's when the primary's is too far off."""
+        req, lim = self.req, self.limiter
+        tokens = ratelimit.request_tokens(req)
+        if self.fallback is not None and model != self.fallback.model:
+            if not self._primary_throttled and await lim.admit(
+                    req["provider"], model, req["tier"], tokens, self.fallback_wait_s) is not None:
+                return model
+            model = self.fallback.model
+        await lim.admit(req["provider"], model, req["tier"], tokens)
+        return model
+
+    async def _call_limited(self, body: dict, headers: dict, model: str):
         req, lim = self.req, self.limiter
         if lim is None:
-            return await self.provider.call(body, headers=headers)
+            return await self._send(body, headers, model)
         # lease first, admission last: the window counts the call when it is really sent
         async with lim.lease(req["tier"]) as lease_wait:
-            waited = await lim.admit(req["provider"], req["model"], req["tier"], ratelimit.request_tokens(req))
-            metrics.LIMITER_WAIT.labels(req["tier"], req["model"]).observe(lease_wait + waited)
+            started = time.monotonic()
+            model = await self._admit(model)
+            metrics.LIMITER_WAIT.labels(req["tier"], model).observe(lease_wait + time.monotonic() - started)
             try:
-                answer = await self.provider.call(body, headers=headers)
+                answer = await self._send(body, headers, model)
             except RetryableProviderError as e:
                 if e.status_code == 429:   # every worker backs off together
-                    await lim.block(req["provider"], req["model"], e.retry_after or ratelimit.DEFAULT_BLOCK_S)
+                    await lim.block(req["provider"], model, e.retry_after or ratelimit.DEFAULT_BLOCK_S)
+                    if self.fallback is not None and model != self.fallback.model:
+                        # the next attempt goes to the fallback: the primary's retry-after is not its wait
+                        self._primary_throttled, e.retry_after = True, None
                 raise
-        await lim.observe_headers(req["provider"], req["model"], answer.headers)
+        await lim.observe_headers(req["provider"], model, answer.headers)
         return answer
+
+    async def _send(self, body: dict, headers: dict, model: str):
+        self.model = model
+        return await self.provider.call(body if model == self.req["model"] else {**body, "model": model},
+                                        headers=headers)
 
     async def call(self, body: dict, *, headers: dict):
         req = self.req
-        self.reservation = await self.budget.reserve(f'{req["job_id"]}:{req["custom_id"]}', req["job_id"],
-                                                     req["tier"], Decimal(str(req["max_cost_usd"])))
+        rid, model = f'{req["job_id"]}:{req["custom_id"]}', req["model"]
         try:
-            return await self._call_limited(body, headers)
+            self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
+                                                         Decimal(str(req["max_cost_usd"])))
+        except BudgetExceeded as e:
+            if self.fallback is None:
+                raise
+            log.info("request %s: %s; trying fallback model %s", rid, e, self.fallback.model)
+            self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
+                                                         self.fallback.max_cost_usd)
+            model = self.fallback.model
+        try:
+            return await self._call_limited(body, headers, model)
         except BaseException:
             res, self.reservation = self.reservation, None
             try:
@@ -165,9 +202,10 @@ class _Limited:
 
 async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> str:
     provider = get_provider(req["provider"], settings)
+    prices = get_price_book()
     if writer.budget is not None:
-        provider = _Limited(provider, req, writer.budget, _limiter_for(settings, writer.budget))
-    price = get_price_book().resolve(req["model"])
+        provider = _Limited(provider, req, writer.budget, _limiter_for(settings, writer.budget),
+                            fallback_for(req, prices), settings.fallback_rate_wait_s)
     key = f'{req["job_id"]}:{req["custom_id"]}'
     ctx = {"job": req["job_id"], "request": req["custom_id"], "tier": req["tier"]}  # log correlation
     headers = {"Idempotency-Key": key, "X-LLMBatch-Tier": req["tier"]}
@@ -208,11 +246,12 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> s
                        error={"code": code, "message": str(e)}, attempts=last["attempt"])
         writer.outcomes.append(outcome)
         return "failed"
+    model = getattr(provider, "model", req["model"])   # the fallback's, when it answered
     usage = _usage(req["provider"], answer.body)
-    spent = cost(price, usage) if usage else Decimal(0)
+    spent = cost(prices.resolve(model), usage) if usage else Decimal(0)
     last["row"]["cost_usd"] = str(spent)
     outcome.update(
-        status="succeeded", status_code=answer.status_code, response=answer.body,
+        status="succeeded", model=model, status_code=answer.status_code, response=answer.body,
         provider_request_id=answer.request_id, latency_ms=answer.latency_ms, cost_usd=str(spent),
         usage_missing=usage is None, attempts=last["attempt"],
         input_tokens=usage.input_tokens if usage else None,
@@ -224,7 +263,7 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> s
     writer.outcomes.append(outcome)
     if isinstance(provider, _Limited) and provider.reservation is not None:
         # no usage: the cost is unknown, so the maximum stays spent
-        writer.settles.append((provider.reservation, spent if usage else Decimal(str(req["max_cost_usd"]))))
+        writer.settles.append((provider.reservation, spent if usage else from_units(provider.reservation.units)))
     return "succeeded"
 
 

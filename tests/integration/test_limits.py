@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline import budget
+from pipeline.pricing import get_price_book
 from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
 
 AMOUNT = Decimal("0.0001")
@@ -183,3 +184,34 @@ def test_on_budget_fail_fails_with_budget_exceeded(stack, engine, tmp_path):
             "SELECT DISTINCT error->>'code' FROM results WHERE job_id = :j AND error IS NOT NULL"),
             {"j": st["job_id"]}).scalars().all()
     assert codes == ["budget_exceeded"]
+
+
+def test_fallback_model_answers_what_the_primary_cap_cannot_take(stack, engine, tmp_path):
+    lines = [chat_line(f"fb{i}", f"Fallback question {i}: name a prime above {i}.", model="gpt-4o", priority=6)
+             for i in range(12)]
+    path = write_jsonl(tmp_path / "fallback.jsonl", lines)
+    # gpt-4o's maximum here is about $0.00037 a line, gpt-4o-mini's about $0.000022: the cap cannot
+    # take one gpt-4o call, and takes all twelve on the fallback
+    cap = Decimal("0.0003")
+    proc = llmbatch("submit", path, "--budget-usd", cap, "--fallback-model", "gpt-4o-mini", "--wait", "--json",
+                    timeout=120)
+    st = json.loads(proc.stdout)
+    assert proc.returncode == 0 and st["status"] == "completed", proc.stderr
+    assert st["counts"]["succeeded"] == 12 and Decimal(st["cost_usd"]) <= cap
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT x.model, r.model, x.input_tokens, x.output_tokens, x.cost_usd, x.response->>'model'"
+            " FROM results x JOIN requests r USING (job_id, custom_id) WHERE x.job_id = :j"),
+            {"j": st["job_id"]}).all()
+    assert {(answered, asked) for answered, asked, *_ in rows} == {("gpt-4o-mini", "gpt-4o")}
+    assert st["budget"]["answered_by_fallback"] == 12
+    mini = get_price_book().resolve("gpt-4o-mini")
+    for _, _, tin, tout, spent, provider_model in rows:
+        assert provider_model.startswith("gpt-4o-mini")        # the provider was asked for the fallback
+        assert spent == (tin * mini.input_per_mtok + tout * mini.output_per_mtok) / 1_000_000
+
+
+def test_submit_refuses_an_unknown_fallback_model(stack, tmp_path):
+    path = write_jsonl(tmp_path / "fb-unknown.jsonl", _lines(1, "u"))
+    proc = llmbatch("submit", path, "--fallback-model", "gpt-5-nonexistent")
+    assert proc.returncode == 2 and "--fallback-model: unknown model 'gpt-5-nonexistent'" in proc.stderr

@@ -66,6 +66,27 @@ def test_shared_rpm_window_admits_at_most_the_limit(stack):
     asyncio.run(main())
 
 
+def test_admit_gives_up_at_once_when_the_window_is_further_off_than_max_wait(stack):
+    """What sends a job's request to its fallback model (workers/fallback.py)."""
+    model = f"test-rl-{secrets.token_hex(4)}"
+    settings = _settings(rate_limits={model: "2:"})
+
+    async def main():
+        r = _client()
+        lim = ratelimit.Limiter(settings, r)
+        try:
+            assert await lim.admit("openai", model, "peak", 1, max_wait_s=2.0) is not None
+            assert await lim.admit("openai", model, "immediate", 1, max_wait_s=2.0) is not None
+            started = time.monotonic()
+            assert await lim.admit("openai", model, "immediate", 1, max_wait_s=2.0) is None
+            assert time.monotonic() - started < 0.5      # told the window is ~60 s off: no sleep
+        finally:
+            await r.aclose()
+            await _cleanup(ratelimit.rate_keys("openai", model))
+
+    asyncio.run(main())
+
+
 def test_sliding_window_paces_requests_and_tokens(stack, monkeypatch):
     monkeypatch.setattr(ratelimit, "WINDOW_MS", 2000)   # a 2 s window keeps the test short
     model = f"test-rl-{secrets.token_hex(4)}"

@@ -14,7 +14,9 @@ A consumer group member, at-least-once. For every poll round:
    partition that is still buffered.
 
 It must never commit an offset before the rows are in Postgres. A crash
-between steps 3 and 4 leaves a batch ``queued``: the sweep dispatches it.
+between steps 3 and 4 leaves a batch ``queued``: the sweep dispatches it. If the
+broker's Redis loses its data, the Celery queues go with it: the sweep sees its
+marker key gone and dispatches every batch no worker has taken yet again.
 """
 
 from __future__ import annotations
@@ -29,18 +31,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 
+import redis
 from confluent_kafka import KafkaError, TopicPartition
 
 from pipeline import db, metrics
 from pipeline.cache import ResponseCache, cache_key, is_cacheable
 from pipeline.config import Settings, get_settings
-from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, REQUESTS_TOPIC, TIERS
+from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC, TIERS
 from pipeline.errors import LineError
 from pipeline.kafka import make_consumer, make_producer
 from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.tiers import classify
 
 log = logging.getLogger(__name__)
+
+#: a key in the broker's Redis; its absence means the Celery queues were lost (Batcher.sweep)
+BROKER_MARK = REDIS_PREFIX + "broker-mark"
 
 
 @dataclass
@@ -288,6 +294,11 @@ class Batcher:
         """
         with self.engine.begin() as conn:
             stuck = db.undispatched_batches(conn, self.settings.sweep_after_s)
+            if self._broker_emptied():
+                lost = db.dispatched_batches(conn)
+                log.warning("the Celery broker's Redis lost its data (flushed, or restarted empty): "
+                            "dispatching the %d batches its queues held again", len(lost))
+                stuck += lost
         for batch_id, tier in stuck:
             log.warning("sweep: dispatching batch %s (%s) again", batch_id, tier)
             self.dispatch(batch_id, tier)
@@ -298,6 +309,18 @@ class Batcher:
         from pipeline.budget import resume_due_batches
         resume_due_batches(self.engine, self.dispatch)
         return len(stuck)
+
+    def _broker_emptied(self) -> bool:
+        """True when a marker key set in the broker's Redis is gone: the Celery queues went with it.
+
+        A batch dispatched twice runs once (its lease, db.claim_batch), so dispatching
+        again on a fresh marker (first start, or a stack started anew) costs nothing.
+        """
+        try:
+            return bool(self.cache.redis.set(BROKER_MARK, "1", nx=True))
+        except redis.RedisError as e:
+            log.warning("sweep: cannot reach Redis (%s)", e)
+            return False
 
     # -------------------------------------------------------------- loop
 

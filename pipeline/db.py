@@ -317,6 +317,12 @@ def undispatched_batches(conn: Connection, older_than_s: float) -> list[tuple[st
         " ORDER BY created_at LIMIT 1000"), {"age": older_than_s}).all()
 
 
+def dispatched_batches(conn: Connection) -> list[tuple[str, str]]:
+    """Batches handed to Celery that no worker has taken yet."""
+    return conn.execute(sa.text(
+        "SELECT batch_id, tier FROM batches WHERE status = 'dispatched' ORDER BY created_at")).all()
+
+
 def claim_batch(conn: Connection, batch_id: str, owner: str, lease_s: float) -> dict | None:
     """Take the batch's lease, or None if another live worker holds it or it is done.
 

@@ -197,3 +197,27 @@ def test_consumer_rebalance_1_3_1(fault_job, extras):
     job = submitted_job(proc)
     wait_terminal(job, n, 180)
     check_invariants("rebalance 1 -> 3 -> 1 batchers", job, n, started=started, cap=CAP, max_duplicate_calls=0)
+
+
+def test_redis_flushall_with_batches_waiting_in_the_queue(fault_job):
+    """FLUSHALL empties the Celery queues as well as the budget counters. With the peak worker
+    stopped, every batch of the job is waiting in its queue when Redis is flushed; the batcher's
+    sweep sees its marker key gone and dispatches them again (the scheduler's stuck-batch check,
+    ``stuck_dispatched_s``, would take 15 minutes), and spend is rebuilt from the ledger."""
+    import redis
+    n = 600
+    sim_config(latency_ms=20)
+    stack_sh("down", "worker-peak")
+    started = time.monotonic()
+    job = submit(fault_job(n), "--budget-usd", str(CAP))
+
+    def all_dispatched():
+        with db.get_engine().connect() as conn:
+            return conn.execute(sa.text(
+                "SELECT count(*) FROM requests r JOIN batches b USING (batch_id)"
+                " WHERE r.job_id = :j AND b.status = 'dispatched'"), {"j": job}).scalar() == n
+    wait_until(all_dispatched, 60, what=f"all {n} requests in dispatched batches")
+    redis.Redis.from_url(get_settings().redis_url).flushall()
+    stack_sh("up", "worker-peak")
+    wait_terminal(job, n, 60)
+    check_invariants("FLUSHALL with batches queued", job, n, started=started, cap=CAP, max_duplicate_calls=0)

@@ -113,20 +113,23 @@ _lag_checked = [0.0]
 
 
 def observe_consumer_lag(consumer, every_s: float = 5.0) -> None:
-    """Set ``llmbatch_kafka_consumer_lag`` per assigned partition, at most every ``every_s``."""
+    """Set ``llmbatch_kafka_consumer_lag`` per assigned partition, at most every ``every_s``.
+
+    Only from what the consumer already knows (its positions, and the high
+    watermarks its fetches brought back): a request to the broker here waits
+    behind the consumer's own long-poll fetch on the same connection, and
+    stalled the batcher, and every immediate request, for seconds.
+    A partition not fetched from yet is left out until it is.
+    """
     now = time.monotonic()
     if now - _lag_checked[0] < every_s:
         return
     _lag_checked[0] = now
     try:
-        positions = consumer.position(consumer.assignment())
-        # a partition this process has not read from yet has no position: its committed offset counts
-        unread = [tp for tp in positions if tp.offset < 0]
-        committed = {tp.partition: tp.offset for tp in consumer.committed(unread, timeout=2.0)} if unread else {}
-        for tp in positions:
-            low, high = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
-            position = tp.offset if tp.offset >= 0 else committed.get(tp.partition, -1)
-            CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - (position if position >= 0 else low)))
+        for tp in consumer.position(consumer.assignment()):
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            if tp.offset >= 0 and high >= 0:
+                CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - tp.offset))
     except Exception as e:  # a rebalance in progress: try again next time
         log.debug("consumer lag not measured: %s", e)
 

@@ -103,7 +103,7 @@ def test_worker_metrics_endpoint_counts_the_job(stack, job):
     batcher = urllib.request.urlopen(f"http://{stack.metrics_host}:{metrics.port_for('batcher', stack)}/metrics",
                                      timeout=5).read().decode()
     assert 'llmbatch_queue_depth{state="queued",tier="peak"}' in batcher
-    assert "llmbatch_kafka_consumer_lag" in batcher
+    assert 'llmbatch_kafka_consumer_lag{partition="' in batcher
 
 
 def test_flower_requires_credentials(stack):

@@ -5,8 +5,9 @@
 2. load the requests not yet finished: a redelivered batch redoes only those;
 3. run them on the event loop, at most the tier's in-flight cap at once, each
    with bounded retries;
-4. write outcomes and attempts in bulk every few hundred milliseconds, so a
-   crash loses at most that much finished work; each write is idempotent;
+4. write outcomes and attempts in bulk as they finish (group commit: the
+   outcomes that finish during one write share the next), so a crash loses
+   at most a write's worth of finished work; each write is idempotent;
 5. mark the batch done and complete the jobs whose requests are all finished.
 """
 
@@ -30,8 +31,9 @@ from workers.fallback import Fallback, fallback_for
 log = logging.getLogger(__name__)
 
 MAX_DELIVERIES = 5
-FLUSH_EVERY_S = 0.25
-FLUSH_AT = 200
+#: a write starts this long after the first outcome that waits for it, so outcomes
+#: finishing together share one transaction
+FLUSH_COALESCE_S = 0.02
 
 
 @functools.cache
@@ -52,6 +54,7 @@ class OutcomeWriter:
         self.settles: list[tuple] = []            # (reservation, actual cost) to settle after the write
         self.budget: budget.Budget | None = None
         self.lock = asyncio.Lock()
+        self.wake = asyncio.Event()               # an outcome waits to be written
 
     async def flush(self) -> None:
         async with self.lock:
@@ -268,11 +271,13 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> s
 
 
 async def _flusher(writer: OutcomeWriter, done: asyncio.Event) -> None:
+    """Group commit: write as soon as an outcome waits and the previous write is over."""
     while not done.is_set():
-        try:
-            await asyncio.wait_for(done.wait(), FLUSH_EVERY_S)
-        except asyncio.TimeoutError:
-            pass
+        await writer.wake.wait()
+        if done.is_set():
+            return
+        await asyncio.sleep(FLUSH_COALESCE_S)
+        writer.wake.clear()
         await writer.flush()
 
 
@@ -332,6 +337,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
     async def one(req):
         async with sem:
             counts[await run_request(req, settings, writer)] += 1
+        writer.wake.set()
 
     done = asyncio.Event()
     helpers = [asyncio.create_task(_flusher(writer, done)),
@@ -340,6 +346,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
         await asyncio.gather(*(one(r) for r in requests))
     finally:
         done.set()
+        writer.wake.set()
         await asyncio.gather(*helpers, return_exceptions=True)
         await writer.flush()
 

@@ -339,6 +339,23 @@ def claim_batch(conn: Connection, batch_id: str, owner: str, lease_s: float) -> 
     return dict(row) if row else None
 
 
+def claim_next_batch(conn: Connection, tier: str, owner: str, lease_s: float) -> dict | None:
+    """Take the lease of the tier's oldest dispatched batch no worker has started, or None.
+
+    For a worker whose batch has nothing left to start (workers/execute.py): the
+    batch's own Celery task then finds the lease held and does nothing.
+    """
+    row = conn.execute(sa.text(
+        "UPDATE batches SET status = 'running', lease_owner = :owner,"
+        " lease_until = now() + make_interval(secs => :lease), deliveries = deliveries + 1,"
+        " started_at = coalesce(started_at, now())"
+        " WHERE batch_id = (SELECT batch_id FROM batches WHERE tier = :tier AND status = 'dispatched'"
+        "   AND mode = 'realtime' ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " RETURNING batch_id, tier, provider, model, deliveries"),
+        {"tier": tier, "owner": owner, "lease": lease_s}).mappings().first()
+    return dict(row) if row else None
+
+
 def renew_lease(conn: Connection, batch_id: str, owner: str, lease_s: float) -> bool:
     return bool(conn.execute(sa.text(
         "UPDATE batches SET lease_until = now() + make_interval(secs => :lease)"

@@ -34,6 +34,9 @@ MAX_DELIVERIES = 5
 #: a write starts this long after the first outcome that waits for it, so outcomes
 #: finishing together share one transaction
 FLUSH_COALESCE_S = 0.02
+#: a task stops taking further batches of its tier after this long (far below the
+#: broker's visibility timeout, so the broker never hands its first batch out again)
+CHAIN_MAX_S = 600.0
 
 
 @functools.cache
@@ -293,32 +296,68 @@ async def _keep_lease(engine, batch_id: str, owner: str, lease_s: float, done: a
 
 
 async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=None) -> dict:
+    """Run the batch; once all of its requests have started, take the tier's next
+    dispatched batch too (``db.claim_next_batch``) and feed it through the same
+    in-flight slots. A process so never idles at a batch's tail, and in-flight work
+    stays level across batch boundaries. The stolen batch's own Celery task finds its
+    lease held (or the batch done) and does nothing.
+    """
     engine = engine or db.get_engine()
     started = time.monotonic()
 
     def claim():
         with engine.begin() as conn:
             batch = db.claim_batch(conn, batch_id, owner, settings.batch_lease_s)
-            if batch is None:
-                return None, []
-            return batch, db.open_requests(conn, batch_id)
+            return (batch, db.open_requests(conn, batch_id)) if batch else None
 
-    batch, requests = await asyncio.to_thread(claim)
-    if batch is None:
+    claimed = await asyncio.to_thread(claim)
+    if claimed is None:
         return {"skipped": "done or leased by a live worker"}
+    tier = claimed[0]["tier"]
+    sem = asyncio.Semaphore(settings.inflight_per_batch[tier])
+    runs, holder = [], owner
+    while claimed is not None:
+        drained = asyncio.Event()
+        run = asyncio.create_task(_run_claimed(*claimed, owner=holder, settings=settings, engine=engine,
+                                               sem=sem, drained=drained))
+        runs.append(run)
+        waiter = asyncio.create_task(drained.wait())
+        await asyncio.wait([run, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if (run.done() and run.exception()) or time.monotonic() - started > CHAIN_MAX_S:
+            break
+
+        def claim_next(holder=f"{owner}/{len(runs)}"):
+            with engine.begin() as conn:
+                batch = db.claim_next_batch(conn, tier, holder, settings.batch_lease_s)
+                return (batch, db.open_requests(conn, batch["batch_id"])) if batch else None
+
+        holder = f"{owner}/{len(runs)}"
+        claimed = await asyncio.to_thread(claim_next)
+    outcomes = await asyncio.gather(*runs, return_exceptions=True)
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    if failed:
+        raise failed[0]
+    totals = {k: sum(o[k] for o in outcomes) for k in ("succeeded", "failed", "deferred", "requests")}
+    return dict(totals, batches=len(runs), seconds=round(time.monotonic() - started, 3))
+
+
+async def _run_claimed(batch: dict, requests: list[dict], *, owner: str, settings: Settings, engine,
+                       sem: asyncio.Semaphore, drained: asyncio.Event) -> dict:
     try:
-        return await _execute(batch, requests, owner=owner, settings=settings, engine=engine, started=started)
+        return await _execute(batch, requests, owner=owner, settings=settings, engine=engine, sem=sem,
+                              drained=drained)
     except BaseException:
         # Give the lease back so the sweep re-dispatches the batch (bounded by MAX_DELIVERIES).
         def release():
             with engine.begin() as conn:
-                db.release_lease(conn, batch_id, owner)
+                db.release_lease(conn, batch["batch_id"], owner)
         await asyncio.to_thread(release)
         raise
 
 
 async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: Settings, engine,
-                   started: float) -> dict:
+                   sem: asyncio.Semaphore, drained: asyncio.Event) -> dict:
     batch_id = batch["batch_id"]
     writer = OutcomeWriter(engine)
     writer.budget = _budget_for(settings, engine)
@@ -331,11 +370,17 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
                                     "error": {"code": "batch_poison",
                                               "message": f"batch killed its worker {batch['deliveries'] - 1} times"}})
         requests = []
-    sem = asyncio.Semaphore(settings.inflight_per_batch[batch["tier"]])
     counts = {"succeeded": 0, "failed": 0, "deferred": 0}
+    waiting = len(requests)
+    if not waiting:
+        drained.set()
 
     async def one(req):
+        nonlocal waiting
         async with sem:
+            waiting -= 1
+            if not waiting:   # every request has started: the chain may take the next batch
+                drained.set()
             counts[await run_request(req, settings, writer)] += 1
         writer.wake.set()
 
@@ -358,4 +403,4 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
                 db.finish_batch(conn, batch_id)
             db.refresh_jobs(conn, {r["job_id"] for r in requests})
     await asyncio.to_thread(finish)
-    return dict(counts, requests=len(requests), seconds=round(time.monotonic() - started, 3))
+    return dict(counts, requests=len(requests))

@@ -336,7 +336,7 @@ app_cmd() { # NAME -> the command line (one word a line)
         simulator) printf '%s\n' "$VENV/bin/llmbatch" simulator --port $SIMULATOR_PORT ;;
         # INFO: the readiness line "batcher ready" is logged at INFO
         batcher) printf '%s\n' "$VENV/bin/llmbatch" --log-level INFO batcher ;;
-        worker-*) printf '%s\n' "$VENV/bin/llmbatch" worker --tier "${1#worker-}" ;;
+        worker-*) printf '%s\n' "$VENV/bin/llmbatch" --log-level INFO worker --tier "${1#worker-}" ;;
         scheduler) printf '%s\n' "$VENV/bin/llmbatch" --log-level INFO scheduler ;;
         flower) printf '%s\n' "$VENV/bin/celery" -A workers.app flower \
                     --address=127.0.0.1 --port=$FLOWER_PORT ;;

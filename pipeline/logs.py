@@ -23,6 +23,8 @@ import time
 ROOT_LOGGER = "llmbatch"
 #: packages whose loggers are routed to the root logger's handlers
 PACKAGES = (ROOT_LOGGER, "pipeline", "workers", "schedules")
+#: the SDKs' HTTP clients log one INFO line per request
+CHATTY = ("httpx", "httpx2", "openai", "anthropic")
 FIELDS = ("job", "batch", "request", "tier")
 
 # sk-…, sk-ant-…, sk-proj-…: provider key shapes (long enough not to hit ordinary words)
@@ -86,6 +88,8 @@ def configure(level: str = "INFO", fmt: str = "plain", stream=None) -> logging.L
     root.setLevel(min(lvl, logging.WARNING) if lvl <= logging.DEBUG else logging.WARNING)
     for name in PACKAGES:
         logging.getLogger(name).setLevel(lvl)
+    for name in CHATTY:   # pinned: a Celery worker sets the root logger to its --loglevel
+        logging.getLogger(name).setLevel(lvl if lvl <= logging.DEBUG else logging.WARNING)
     return logging.getLogger(ROOT_LOGGER)
 
 

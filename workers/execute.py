@@ -327,12 +327,13 @@ async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=Non
         if (run.done() and run.exception()) or time.monotonic() - started > CHAIN_MAX_S:
             break
 
-        def claim_next(holder=f"{owner}/{len(runs)}"):
+        holder = f"{owner}/{len(runs)}"   # a lease of its own: the batch's Celery task is another owner
+
+        def claim_next():
             with engine.begin() as conn:
                 batch = db.claim_next_batch(conn, tier, holder, settings.batch_lease_s)
                 return (batch, db.open_requests(conn, batch["batch_id"])) if batch else None
 
-        holder = f"{owner}/{len(runs)}"
         claimed = await asyncio.to_thread(claim_next)
     outcomes = await asyncio.gather(*runs, return_exceptions=True)
     failed = [o for o in outcomes if isinstance(o, BaseException)]

@@ -224,6 +224,7 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> s
                "provider_request_id": a.request_id, "cost_usd": "0"}
         last.update(attempt=a.attempt, row=row)
         writer.attempts.append(row)
+        writer.wake.set()   # a refused attempt is on record even while its retry waits
 
     outcome = {"job_id": req["job_id"], "custom_id": req["custom_id"], "model": req["model"],
                "cache_key": req.get("cache_key"), "response": None, "error": None, "input_tokens": None, "cached_input_tokens": None,

@@ -128,6 +128,8 @@ pg_migrate() {
 up_postgres() {
     if is_up postgres; then
         say postgres "already up (pid $(read_pid postgres), port $PG_PORT), unchanged"
+        # idempotent: an earlier `up` may have stopped between the start and the migrations
+        pg_bootstrap_db && pg_migrate
         return 0
     fi
     local bin
@@ -139,6 +141,7 @@ up_postgres() {
         # running, but its pid file in var/run was lost
         head -n1 "$PGDATA/postmaster.pid" >"$(pid_file postgres)"
         say postgres "already up (pid $(read_pid postgres), port $PG_PORT), unchanged"
+        pg_bootstrap_db && pg_migrate
         return 0
     fi
     if port_taken postgres; then

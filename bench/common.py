@@ -108,6 +108,7 @@ def submit(path: Path, **kwargs) -> dict:
     """Submit in a child process (so its own peak memory is measured); returns its report."""
     code = (
         "import json, sys, time\n"
+        "from decimal import Decimal\n"
         "from pathlib import Path\n"
         "from pipeline.producer import submit_file\n"
         "t = time.monotonic()\n"
@@ -120,6 +121,63 @@ def submit(path: Path, **kwargs) -> dict:
     if proc.returncode:
         raise SystemExit(f"submit failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ the stack's processes
+
+STACK_SH = ROOT / "infra" / "stack.sh"
+
+
+def stack_sh(action: str, *names: str, env: dict | None = None, check: bool = True) -> str:
+    """``infra/stack.sh ACTION NAME...`` for this stack (the env's port offset / var dir)."""
+    proc = subprocess.run(["bash", str(STACK_SH), action, *names], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"stack.sh {action} {' '.join(names)} failed: {proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+@contextlib.contextmanager
+def restarted(*names: str, **env: str):
+    """Run the block with the stack processes NAMES restarted with extra environment
+    (``LLMBATCH_...`` settings); afterwards they are restarted with the original one."""
+    stack_sh("down", *names)
+    try:
+        stack_sh("up", *names, env=env)
+        yield
+    finally:
+        stack_sh("down", *names, check=False)
+        stack_sh("up", *names)
+
+
+def clear_rate_limits() -> int:
+    """Forget the shared rate windows and in-flight leases (pipeline/ratelimit.py), so a run
+    does not start with the previous run's window; returns the number of keys deleted."""
+    import redis
+
+    from pipeline.ratelimit import K
+    r = redis.Redis.from_url(get_settings().redis_url)
+    keys = list(r.scan_iter(match=K + "*", count=1000))
+    return r.delete(*keys) if keys else 0
+
+
+def pct(values: list[float], p: float) -> float | None:
+    """The p-th percentile (nearest rank) of values; None when there are none."""
+    if not values:
+        return None
+    values = sorted(values)
+    return values[max(0, min(len(values) - 1, round(p / 100 * (len(values) - 1))))]
+
+
+def best_window(times: list[float], width: float) -> int:
+    """The most events (by time, seconds) within any window of ``width`` seconds."""
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] > width:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
 
 
 # ------------------------------------------------------------------ processes
@@ -166,10 +224,11 @@ def peak_memory() -> dict:
     return out
 
 
-def save(name: str, result: dict) -> dict:
+def save(name: str, result: dict, *, echo: bool = True) -> dict:
     RESULTS.mkdir(exist_ok=True)
     result = {"benchmark": name, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "provider": "simulator" if get_settings().simulated else "live", **result}
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), flush=True)
+    if echo:
+        print(json.dumps(result), flush=True)
     return result

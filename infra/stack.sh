@@ -31,7 +31,7 @@ PG_USER=postgres            # the unprivileged system user that runs the server
 PGDATA="$VAR/pgdata"
 PG_SOCKET_DIR="$VAR/pgsocket"
 KAFKA_DIR="$VAR/kafka"
-KAFKA_TOPICS="llm.requests:6 llm.requests.dlq:1"
+KAFKA_TOPICS="llm.requests:6 llm.requests.immediate:2 llm.requests.dlq:1"
 
 port_of() {
     case $1 in

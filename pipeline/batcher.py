@@ -1,6 +1,9 @@
 """The batcher: Kafka ``llm.requests`` → tiered, model-grouped batches in Postgres.
 
-A consumer group member, at-least-once. For every poll round:
+A consumer group member, at-least-once, of ``llm.requests`` and, with a
+consumer of its own read first at every turn, of its fast lane
+``llm.requests.immediate`` (where producers put what they classify
+immediate). For every poll round:
 
 1. decode each message; one that cannot be decoded or validated goes to
    ``llm.requests.dlq`` with the error and its origin in headers, and never
@@ -37,7 +40,7 @@ from confluent_kafka import KafkaError, TopicPartition
 from pipeline import db, metrics
 from pipeline.cache import ResponseCache, cache_key, is_cacheable
 from pipeline.config import Settings, get_settings
-from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC, TIERS
+from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC, TIERS
 from pipeline.errors import LineError
 from pipeline.kafka import make_consumer, make_producer
 from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
@@ -45,6 +48,8 @@ from pipeline.tiers import classify
 
 log = logging.getLogger(__name__)
 
+#: bulk messages taken in one turn of the loop (about 50 ms of work): the fast lane is read between turns
+BULK_TURN = 500
 #: a key in the broker's Redis; its absence means the Celery queues were lost (Batcher.sweep)
 BROKER_MARK = REDIS_PREFIX + "broker-mark"
 
@@ -56,7 +61,7 @@ class Buffer:
     model: str
     mode: str = "realtime"                        # realtime | provider_batch
     rows: list = field(default_factory=list)
-    origins: list = field(default_factory=list)   # (partition, offset) of each row
+    origins: list = field(default_factory=list)   # ((topic, partition), offset) of each row
     since: float = field(default_factory=time.monotonic)
 
 
@@ -128,12 +133,17 @@ class Batcher:
         self.engine = engine or db.get_engine()
         self.dispatch = dispatcher
         self.consumer = make_consumer(self.settings)
+        # the fast lane has a consumer (and so a fetch queue) of its own: in a shared one it
+        # waited behind every bulk message already fetched, up to the whole of a bulk job
+        self.fast = make_consumer(self.settings, group=self.settings.consumer_group + ".immediate")
+        self.consumers = {REQUESTS_TOPIC: self.consumer, IMMEDIATE_TOPIC: self.fast}
         self.dlq = make_producer(self.settings)
         self.cache = ResponseCache(self.settings.redis_url, self.settings.cache_ttl_s)
         self.buffers: dict[tuple[str, str], Buffer] = {}
-        self.pending: dict[int, dict[int, int]] = defaultdict(dict)   # partition -> {offset: count}
-        self.consumed: dict[int, int] = {}                            # partition -> last offset seen
-        self.committed: dict[int, int] = {}
+        # keyed by (topic, partition)
+        self.pending: dict[tuple, dict[int, int]] = defaultdict(dict)   # -> {offset: count}
+        self.consumed: dict[tuple, int] = {}                            # -> last offset seen
+        self.committed: dict[tuple, int] = {}
         self.stopping = False
         self.last_sweep = 0.0
         self.stats = defaultdict(int)
@@ -141,12 +151,12 @@ class Batcher:
     # -------------------------------------------------------------- kafka side
 
     def _on_assign(self, consumer, partitions):
-        log.info("assigned partitions %s", [p.partition for p in partitions])
+        log.info("assigned partitions %s", [f"{p.topic}[{p.partition}]" for p in partitions])
 
     def _on_revoke(self, consumer, partitions):
         """Give up buffered messages of revoked partitions; the next owner re-reads them."""
-        lost = {p.partition for p in partitions}
-        log.info("revoked partitions %s", sorted(lost))
+        lost = {(p.topic, p.partition) for p in partitions}
+        log.info("revoked partitions %s", [f"{t}[{p}]" for t, p in sorted(lost)])
         self._commit(sync=True)
         for key, buf in list(self.buffers.items()):
             keep = [(row, o) for row, o in zip(buf.rows, buf.origins) if o[0] not in lost]
@@ -169,25 +179,25 @@ class Batcher:
 
     def _commit(self, sync: bool = False) -> None:
         """Commit, per partition, up to the first offset still buffered."""
-        offsets = []
-        for p, last in self.consumed.items():
-            waiting = self.pending.get(p)
+        offsets = defaultdict(list)
+        for tp, last in self.consumed.items():
+            waiting = self.pending.get(tp)
             upto = min(waiting) if waiting else last + 1
-            if self.committed.get(p) != upto:
-                offsets.append(TopicPartition(REQUESTS_TOPIC, p, upto))
-                self.committed[p] = upto
-        if offsets:
-            if self.stats["dlq"]:
-                self.dlq.flush(30)   # DLQ copies must be durable before their offsets move
+            if self.committed.get(tp) != upto:
+                offsets[tp[0]].append(TopicPartition(*tp, upto))
+                self.committed[tp] = upto
+        if offsets and self.stats["dlq"]:
+            self.dlq.flush(30)   # DLQ copies must be durable before their offsets move
+        for topic, tps in offsets.items():
             try:
-                self.consumer.commit(offsets=offsets, asynchronous=not sync)
+                self.consumers[topic].commit(offsets=tps, asynchronous=not sync)
             except Exception as e:  # a revoked partition: its messages come back, that is fine
                 log.info("offset commit skipped: %s", e)
 
     # -------------------------------------------------------------- batching
 
     def add(self, msg, now: datetime) -> None:
-        p, o = msg.partition(), msg.offset()
+        p, o = (msg.topic(), msg.partition()), msg.offset()
         self.consumed[p] = max(o, self.consumed.get(p, -1))
         try:
             row = decode(msg.value(), now)
@@ -325,16 +335,20 @@ class Batcher:
     # -------------------------------------------------------------- loop
 
     def run(self, max_seconds: float | None = None) -> None:
-        self.consumer.subscribe([REQUESTS_TOPIC], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        for topic, consumer in self.consumers.items():
+            consumer.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         started = time.monotonic()
-        log.info("batcher ready (group %s, topic %s)", self.settings.consumer_group, REQUESTS_TOPIC)
+        log.info("batcher ready (group %s, topics %s, %s)", self.settings.consumer_group,
+                 IMMEDIATE_TOPIC, REQUESTS_TOPIC)
         try:
             while not self.stopping:
                 if max_seconds is not None and time.monotonic() - started > max_seconds:
                     break
-                timeout = 0.005 if self.buffers else 0.02  # idle: an immediate request waits at most 20 ms
-                msgs = self.consumer.consume(num_messages=1000, timeout=timeout)
+                # the fast lane first, at every turn; a bulk turn is short so the next comes soon
+                msgs = self.fast.consume(num_messages=1000, timeout=0)
+                idle = 0.005 if self.buffers else 0.02  # idle: an immediate request waits at most 20 ms
+                msgs += self.consumer.consume(num_messages=BULK_TURN, timeout=0 if msgs else idle)
                 now = datetime.now(timezone.utc)
                 for msg in msgs:
                     err = msg.error()
@@ -345,7 +359,7 @@ class Batcher:
                     self.add(msg, now)
                 self.flush(self.due())
                 self._commit()
-                metrics.observe_consumer_lag(self.consumer)   # throttled: every few seconds
+                metrics.observe_consumer_lag(*self.consumers.values())   # throttled: every few seconds
                 self.dlq.poll(0)
                 if time.monotonic() - self.last_sweep > self.settings.sweep_after_s / 2:
                     self.last_sweep = time.monotonic()
@@ -354,5 +368,6 @@ class Batcher:
             self._commit(sync=True)
         finally:
             self.dlq.flush(10)
-            self.consumer.close()
+            for consumer in self.consumers.values():
+                consumer.close()
             log.info("batcher stopped: %s", dict(self.stats))

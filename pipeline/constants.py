@@ -4,8 +4,12 @@ Kept in one place so a producer, the batcher, the workers and the SQL agree.
 """
 
 REQUESTS_TOPIC = "llm.requests"
+#: the fast lane: requests the producer classifies immediate never wait in a
+#: partition behind a bulk job's backlog
+IMMEDIATE_TOPIC = "llm.requests.immediate"
 DLQ_TOPIC = "llm.requests.dlq"
 REQUESTS_PARTITIONS = 6
+IMMEDIATE_PARTITIONS = 2
 
 TIERS = ("immediate", "peak", "offpeak", "background")
 #: Tiers whose batches go to Celery as soon as they are written.

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.config import Settings
-from pipeline.constants import DLQ_TOPIC, REQUESTS_PARTITIONS, REQUESTS_TOPIC, TIERS
+from pipeline.constants import DLQ_TOPIC, IMMEDIATE_TOPIC, REQUESTS_PARTITIONS, REQUESTS_TOPIC, TIERS
 
 UP = "make up   (or: llmbatch up)"
 
@@ -115,13 +115,13 @@ def check_kafka(settings: Settings) -> Check:
     def topics():
         from confluent_kafka.admin import AdminClient
         md = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0}).list_topics(timeout=5)
-        missing = [t for t in (REQUESTS_TOPIC, DLQ_TOPIC) if t not in md.topics]
+        missing = [t for t in (REQUESTS_TOPIC, IMMEDIATE_TOPIC, DLQ_TOPIC) if t not in md.topics]
         if missing:
             raise RuntimeError(f"topics missing: {', '.join(missing)}")
         n = len(md.topics[REQUESTS_TOPIC].partitions)
         if n < REQUESTS_PARTITIONS:
             raise RuntimeError(f"{REQUESTS_TOPIC} has {n} partitions, expected {REQUESTS_PARTITIONS}")
-        return f"{settings.kafka_bootstrap}: {REQUESTS_TOPIC} ({n} partitions), {DLQ_TOPIC}"
+        return f"{settings.kafka_bootstrap}: {REQUESTS_TOPIC} ({n} partitions), {IMMEDIATE_TOPIC}, {DLQ_TOPIC}"
     return _try("kafka", topics, f"start it (creates the topics): {UP}; or set LLMBATCH_KAFKA_BOOTSTRAP")
 
 

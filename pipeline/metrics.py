@@ -7,7 +7,7 @@ Public surface (other modules touch only these):
 - ``CACHE_HITS`` / ``CACHE_MISSES`` (label ``model``): the response cache;
 - ``BUDGET_REMAINING`` (label ``scope``): set by the budget code;
 - ``LIMITER_WAIT`` (labels ``tier``, ``model``): observed by the rate limiter, seconds;
-- ``observe_consumer_lag(consumer)``: the batcher's loop, throttled here;
+- ``observe_consumer_lag(*consumers)``: the batcher's loop, throttled here;
 - ``serve(role, settings)``: the CLI commands start the endpoint.
 
 Processes and ports (``metrics_port`` = P, default 9100, shifted by ``port_offset``):
@@ -112,7 +112,7 @@ def record_outcomes(outcomes: list[dict], attempts: list[dict]) -> None:
 _lag_checked = [0.0]
 
 
-def observe_consumer_lag(consumer, every_s: float = 5.0) -> None:
+def observe_consumer_lag(*consumers, every_s: float = 5.0) -> None:
     """Set ``llmbatch_kafka_consumer_lag`` per assigned partition, at most every ``every_s``.
 
     Only from what the consumer already knows (its positions, and the high
@@ -125,13 +125,14 @@ def observe_consumer_lag(consumer, every_s: float = 5.0) -> None:
     if now - _lag_checked[0] < every_s:
         return
     _lag_checked[0] = now
-    try:
-        for tp in consumer.position(consumer.assignment()):
-            _, high = consumer.get_watermark_offsets(tp, cached=True)
-            if tp.offset >= 0 and high >= 0:
-                CONSUMER_LAG.labels(str(tp.partition)).set(max(0, high - tp.offset))
-    except Exception as e:  # a rebalance in progress: try again next time
-        log.debug("consumer lag not measured: %s", e)
+    for consumer in consumers:
+        try:
+            for tp in consumer.position(consumer.assignment()):
+                _, high = consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and high >= 0:
+                    CONSUMER_LAG.labels(f"{tp.topic}[{tp.partition}]").set(max(0, high - tp.offset))
+        except Exception as e:  # a rebalance in progress: try again next time
+            log.debug("consumer lag not measured: %s", e)
 
 
 # ------------------------------------------------------------------ serving

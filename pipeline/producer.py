@@ -27,11 +27,12 @@ from confluent_kafka import KafkaError
 
 from pipeline import db
 from pipeline.config import Settings, get_settings
-from pipeline.constants import REQUESTS_TOPIC
+from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import FileInputError, InfrastructureError, LineError, UnknownModelError
 from pipeline.formats import Request, parse_json_line, parse_request
 from pipeline.kafka import make_producer
 from pipeline.pricing import get_price_book
+from pipeline.tiers import classify
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,21 @@ def to_message(job_id: str, line: int | None, req: Request, *, priority: int | N
         "published_at": datetime.now(timezone.utc).isoformat(),
     }
     return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def topic_for(req: Request, *, priority: int | None = None, tier: str | None = None,
+              mode: str = "realtime") -> str:
+    """The fast lane for a request the batcher will classify immediate, else the main topic.
+
+    The batcher classifies again when it reads the message (pipeline/tiers.py);
+    the topic only decides that an interactive request does not queue in a
+    partition behind a bulk job's backlog.
+    """
+    if mode != "realtime":
+        return REQUESTS_TOPIC
+    p = req.priority if req.priority is not None else priority
+    chosen, _ = classify(p, req.tier or tier, req.deadline, datetime.now(timezone.utc))
+    return IMMEDIATE_TOPIC if chosen == "immediate" else REQUESTS_TOPIC
 
 
 @dataclass
@@ -164,9 +180,10 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                         flush_rejections()
                     continue
                 value = to_message(job_id, number, req, priority=priority, tier=tier, mode=mode)
+                topic = topic_for(req, priority=priority, tier=tier, mode=mode)
                 while True:
                     try:
-                        producer.produce(REQUESTS_TOPIC, value=value, key=key,
+                        producer.produce(topic, value=value, key=key,
                                          on_delivery=deliveries.callback(number))
                         break
                     except BufferError:
@@ -216,7 +233,7 @@ def publish_request(line: dict, *, job_id: str, producer=None, settings: Setting
     own = producer is None
     producer = producer or make_producer(settings)
     result: list = []
-    producer.produce(REQUESTS_TOPIC, value=to_message(job_id, None, req), key=job_id.encode(),
+    producer.produce(topic_for(req), value=to_message(job_id, None, req), key=job_id.encode(),
                      on_delivery=lambda err, msg: result.append(err))
     producer.flush(timeout)
     if own:

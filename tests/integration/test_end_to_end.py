@@ -9,7 +9,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 from confluent_kafka import Consumer
 
-from pipeline.constants import DLQ_TOPIC, REQUESTS_TOPIC
+from pipeline.constants import DLQ_TOPIC, IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.kafka import make_producer
 from pipeline.pricing import Usage, cost, get_price_book
 from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
@@ -149,3 +149,37 @@ def test_deterministic_requests_are_answered_from_the_cache(stack, engine, tmp_p
             assert from_cache and cost_usd == 0 and saved == originals[cid] > 0
             assert response["choices"][0]["message"]["content"].startswith("Simulated answer")
     assert Decimal(second["cache_saved_usd"]) == sum(originals[f"c{i}"] for i in range(5))
+
+
+def test_immediate_requests_take_the_fast_lane_and_its_offsets_are_committed(stack, engine):
+    """publish_request puts what will run immediate on llm.requests.immediate, the rest on
+    llm.requests; the batcher reads both, each with a consumer group of its own, and commits
+    both once the rows are in Postgres."""
+    from confluent_kafka import TopicPartition
+    from pipeline.producer import publish_request
+    job = "job_test_" + uuid.uuid4().hex[:10]
+    producer = make_producer(stack)
+    for cid, priority in (("fast", 9), ("bulk", 5)):
+        publish_request(chat_line(cid, f"Fast lane {cid}", priority=priority), job_id=job, producer=producer,
+                        settings=stack)
+
+    def done():
+        with engine.connect() as conn:
+            return dict(conn.execute(sa.text("SELECT custom_id, tier FROM requests WHERE job_id = :j"
+                                             " AND status = 'succeeded'"), {"j": job}).all())
+    assert wait_for(lambda: len(done()) == 2 and done(), timeout=60) == {"fast": "immediate", "bulk": "peak"}
+
+    def where(topic, group_id):   # (partition, end offset, committed offset) of each partition
+        group = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": group_id,
+                          "enable.auto.commit": False})
+        try:
+            parts = group.list_topics(topic, timeout=10).topics[topic].partitions
+            return [(tp.partition, group.get_watermark_offsets(tp, timeout=10)[1], tp.offset)
+                    for tp in group.committed([TopicPartition(topic, p) for p in parts], timeout=10)]
+        finally:
+            group.close()
+    # everything published so far is consumed and committed on both topics, each by its own group
+    lanes = ((IMMEDIATE_TOPIC, stack.consumer_group + ".immediate"), (REQUESTS_TOPIC, stack.consumer_group))
+    for topic, group_id in lanes:
+        assert wait_for(lambda: all(c == end for _, end, c in where(topic, group_id) if end > 0), timeout=30), topic
+    assert sum(end for _, end, _ in where(*lanes[0])) >= 1

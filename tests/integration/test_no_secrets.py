@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline.config import ROOT
-from pipeline.constants import DLQ_TOPIC, REQUESTS_TOPIC
+from pipeline.constants import DLQ_TOPIC, IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from tests.integration.conftest import LLMBATCH, chat_line, wait_for, write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -138,6 +138,7 @@ def test_planted_key_is_nowhere(stack, engine, tmp_path, scheduler_paused):
     for f in stack_logs:
         assert "PLANTED" not in f.read_text(errors="replace"), f.name
 
-    kafka = b"\n".join(_kafka_values(stack, REQUESTS_TOPIC) + _kafka_values(stack, DLQ_TOPIC))
+    kafka = b"\n".join(_kafka_values(stack, REQUESTS_TOPIC) + _kafka_values(stack, IMMEDIATE_TOPIC)
+                      + _kafka_values(stack, DLQ_TOPIC))
     assert job.encode() in kafka   # sanity: the job's messages were read
     assert b"PLANTED" not in kafka

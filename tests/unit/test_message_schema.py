@@ -1,16 +1,18 @@
-"""The published JSON Schema describes the messages the producer really sends."""
+"""The published JSON Schema describes the messages the producer really sends, on the topic it chooses."""
 
 import json
+from datetime import datetime, timedelta, timezone
 from importlib import resources
 
 import jsonschema
 import pytest
 
 from pipeline.batcher import decode
+from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import LineError
 from pipeline.formats import parse_request
 from pipeline.pricing import PriceBook
-from pipeline.producer import to_message
+from pipeline.producer import to_message, topic_for
 
 SCHEMA = json.loads(resources.files("pipeline").joinpath("data/request.schema.json").read_text())
 PRICES = PriceBook.load()
@@ -36,3 +38,23 @@ def test_schema_and_batcher_reject_the_same_mistakes(change):
         jsonschema.validate(msg, SCHEMA)
     with pytest.raises(LineError):
         decode(json.dumps(msg).encode(), now=None)
+
+
+def _request(**line_extra):
+    line = {"custom_id": "x1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}, **line_extra}
+    return parse_request(line, PRICES)
+
+
+@pytest.mark.parametrize("line, job, topic", [
+    ({"priority": 9}, {}, IMMEDIATE_TOPIC),
+    ({"tier": "immediate"}, {}, IMMEDIATE_TOPIC),
+    ({}, {"priority": 8}, IMMEDIATE_TOPIC),                        # the job's default priority
+    ({"priority": 3}, {"tier": "immediate"}, IMMEDIATE_TOPIC),     # submit --tier immediate
+    ({"deadline": (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()}, {}, IMMEDIATE_TOPIC),
+    ({"priority": 7}, {}, REQUESTS_TOPIC),
+    ({}, {}, REQUESTS_TOPIC),
+    ({"priority": 9}, {"mode": "provider_batch"}, REQUESTS_TOPIC),
+])
+def test_what_the_batcher_will_call_immediate_takes_the_fast_lane(line, job, topic):
+    assert topic_for(_request(**line), **job) == topic

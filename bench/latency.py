@@ -10,7 +10,7 @@ service API (``publish_request``). For each probe:
 the pipeline adds on top of the provider. The provider call time is measured
 by the worker around the SDK call, so it includes the client's own overhead.
 
-    .venv/bin/python bench/latency.py --bulk 10000 --probes 150
+    .venv/bin/python bench/latency.py --bulk 30000 --probes 150
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def _pct(values: list[float], p: float) -> float:
     values = sorted(values)
     k = max(0, min(len(values) - 1, round(p / 100 * (len(values) - 1))))
     return values[k]
+
+
+def _spread(values: list[float]) -> dict | None:
+    return {f"p{p}": round(_pct(values, p), 1) for p in (50, 90, 99)} if values else None
 
 
 def run(bulk: int, probes: int, interval: float, latency_ms: float = 0.0) -> dict:
@@ -77,6 +81,8 @@ def run(bulk: int, probes: int, interval: float, latency_ms: float = 0.0) -> dic
     added = [float(total) - float(lat or 0) for total, lat, _, _, _ in rows]
     to_row = [float(r[3]) for r in rows]
     to_start = [float(r[4]) for r in rows if r[4] is not None]
+    after_start = [float(total) - float(lat or 0) - float(row) - float(start)
+                   for total, lat, _, row, start in rows if start is not None]
     return save("latency", {
         "bulk_requests": bulk, "bulk_job": result["job_id"], "bulk_status": counts,
         "bulk_results_while_probing": bulk_during,
@@ -85,14 +91,15 @@ def run(bulk: int, probes: int, interval: float, latency_ms: float = 0.0) -> dic
         "added_latency_ms": {"p50": round(_pct(added, 50), 1), "p90": round(_pct(added, 90), 1),
                              "p99": round(_pct(added, 99), 1), "max": round(max(added), 1),
                              "mean": round(statistics.fmean(added), 1)} if added else None,
-        "publish_to_request_row_ms_p50": round(_pct(to_row, 50), 1) if to_row else None,
-        "request_row_to_started_ms_p50": round(_pct(to_start, 50), 1) if to_start else None,
+        "publish_to_request_row_ms": _spread(to_row),
+        "request_row_to_started_ms": _spread(to_start),
+        "started_to_result_row_less_provider_ms": _spread(after_start),
     })
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--bulk", type=int, default=10000)
+    ap.add_argument("--bulk", type=int, default=30000)
     ap.add_argument("--probes", type=int, default=150)
     ap.add_argument("--interval", type=float, default=0.1)
     args = ap.parse_args()

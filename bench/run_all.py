@@ -35,7 +35,7 @@ def main() -> None:
     r_e2e = e2e.run(2000 if q else args.requests)
     r_bat = batcher.run(2000 if q else 10000)
     r_rl = ratelimit.run(1000 if q else 8000, rpm=600 if q else 6000)
-    r_lat = latency.run(1000 if q else 10000, 30 if q else 150, 0.1)
+    r_lat = latency.run(1000 if q else 30000, 30 if q else 150, 0.1)   # bulk outlasts the probes
     mem = save("memory", {"processes": peak_memory()})
     summary = {
         "e2e_requests": r_e2e["requests"],

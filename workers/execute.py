@@ -58,8 +58,11 @@ class OutcomeWriter:
         self.budget: budget.Budget | None = None
         self.lock = asyncio.Lock()
         self.wake = asyncio.Event()               # an outcome waits to be written
+        self.settling: set[asyncio.Task] = set()  # settlements of written outcomes, still running
 
     async def flush(self) -> None:
+        """Write what has finished; settle its reservations and cache its answers after,
+        in the background, so the next write need not wait for Redis."""
         async with self.lock:
             outcomes, attempts, deferred, settles = self.outcomes, self.attempts, self.deferred, self.settles
             self.outcomes, self.attempts, self.deferred, self.settles = [], [], [], []
@@ -69,12 +72,26 @@ class OutcomeWriter:
                     for res, _ in settles:
                         res.written = True
                 await asyncio.to_thread(write)
-            if settles:   # only once the ledger holds the cost: a rebuild from it then misses nothing
-                await self._settle(settles)
-            answers = {o["cache_key"]: o["response"] for o in outcomes
-                       if o.get("cache_key") and o["status"] == "succeeded"}
-            if answers:
-                await asyncio.to_thread(_response_cache().put_many, answers)
+        answers = {o["cache_key"]: o["response"] for o in outcomes
+                   if o.get("cache_key") and o["status"] == "succeeded"}
+        if settles or answers:   # only once the ledger holds the cost: a rebuild from it then misses nothing
+            task = asyncio.create_task(self._after_write(settles, answers))
+            self.settling.add(task)
+            task.add_done_callback(self.settling.discard)
+
+    async def drain(self) -> None:
+        """The last write, and every settlement: the batch is over only when its spend is settled."""
+        await self.flush()
+        await asyncio.gather(*self.settling)
+        if self.settles:   # failed ones: one more try, then their reservations expire by themselves
+            await self.flush()
+            await asyncio.gather(*self.settling)
+
+    async def _after_write(self, settles, answers) -> None:
+        if settles:
+            await self._settle(settles)
+        if answers:
+            await asyncio.to_thread(_response_cache().put_many, answers)
 
     async def _settle(self, settles) -> None:
         results = await asyncio.gather(*(self.budget.settle(r, spent) for r, spent in settles),
@@ -395,7 +412,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
         done.set()
         writer.wake.set()
         await asyncio.gather(*helpers, return_exceptions=True)
-        await writer.flush()
+        await writer.drain()
 
     def finish():
         with engine.begin() as conn:

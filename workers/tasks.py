@@ -10,13 +10,19 @@ import asyncio
 import logging
 import os
 
-from celery.signals import task_prerun, worker_process_shutdown
+from celery.signals import task_prerun, worker_process_init, worker_process_shutdown
 
-from pipeline import metrics
+# Imported here, in the worker's parent before the pool forks: otherwise every pool process
+# imported the SDKs during its first batch, about two seconds of an immediate request's time.
+import pipeline.providers.anthropic  # noqa: F401
+import pipeline.providers.openai  # noqa: F401
+from pipeline import db, metrics
 from pipeline.config import get_settings
 from pipeline.constants import queue_for
+from pipeline.pricing import get_price_book
+from pipeline.providers import get_provider
 from workers.app import app
-from workers.execute import run_batch
+from workers.execute import _budget_for, _limiter_for, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,20 @@ def _event_loop() -> asyncio.AbstractEventLoop:
         _loop = asyncio.new_event_loop()
         asyncio.set_event_loop(_loop)
     return _loop
+
+
+@worker_process_init.connect
+def _warm_up(**_):
+    """A new pool process makes its event loop, SDK clients, budget and limiter before its
+    first task, not during it."""
+    settings = get_settings()
+    get_price_book()
+
+    async def make():
+        for name in ("openai", "anthropic"):
+            get_provider(name, settings)
+        _limiter_for(settings, _budget_for(settings, db.get_engine()))
+    _event_loop().run_until_complete(make())
 
 
 @app.task(name="llmbatch.execute_batch", bind=True)

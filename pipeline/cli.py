@@ -412,6 +412,10 @@ def worker(tier, concurrency, loglevel):
     metrics.set_tier(tier)
     metrics.serve(f"worker-{tier}", settings)
     from workers.app import app
+    # the SDKs, imported before the pool forks: otherwise every pool process imported them
+    # during its first batch, about two seconds of an immediate request's time under load
+    import pipeline.providers.anthropic  # noqa: F401
+    import pipeline.providers.openai  # noqa: F401
     n = concurrency or settings.worker_concurrency[tier]
     app.worker_main(["worker", "-Q", queue_for(tier), "-c", str(n), "-n", f"{tier}@%h",
                      "--loglevel", loglevel, "-E"])

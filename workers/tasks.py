@@ -12,10 +12,6 @@ import os
 
 from celery.signals import task_prerun, worker_process_init, worker_process_shutdown
 
-# Imported here, in the worker's parent before the pool forks: otherwise every pool process
-# imported the SDKs during its first batch, about two seconds of an immediate request's time.
-import pipeline.providers.anthropic  # noqa: F401
-import pipeline.providers.openai  # noqa: F401
 from pipeline import db, metrics
 from pipeline.config import get_settings
 from pipeline.constants import queue_for

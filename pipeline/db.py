@@ -323,20 +323,24 @@ def dispatched_batches(conn: Connection) -> list[tuple[str, str]]:
         "SELECT batch_id, tier FROM batches WHERE status = 'dispatched' ORDER BY created_at")).all()
 
 
+def _take_lease(conn: Connection, where: str, params: dict) -> dict | None:
+    """Lease the batch ``where`` picks to ``params["owner"]`` for ``params["lease"]`` seconds."""
+    row = conn.execute(sa.text(
+        "UPDATE batches SET status = 'running', lease_owner = :owner,"
+        " lease_until = now() + make_interval(secs => :lease), deliveries = deliveries + 1,"
+        " started_at = coalesce(started_at, now())"
+        f" WHERE {where} RETURNING batch_id, tier, provider, model, deliveries"), params).mappings().first()
+    return dict(row) if row else None
+
+
 def claim_batch(conn: Connection, batch_id: str, owner: str, lease_s: float) -> dict | None:
     """Take the batch's lease, or None if another live worker holds it or it is done.
 
     A redelivered Celery task keeps its task id, so it can take back its own lease.
     """
-    row = conn.execute(sa.text(
-        "UPDATE batches SET status = 'running', lease_owner = :owner,"
-        " lease_until = now() + make_interval(secs => :lease), deliveries = deliveries + 1,"
-        " started_at = coalesce(started_at, now())"
-        " WHERE batch_id = :b AND (status IN ('queued', 'dispatched')"
-        "   OR (status = 'running' AND (lease_until < now() OR lease_owner = :owner)))"
-        " RETURNING batch_id, tier, provider, model, deliveries"),
-        {"b": batch_id, "owner": owner, "lease": lease_s}).mappings().first()
-    return dict(row) if row else None
+    return _take_lease(conn, "batch_id = :b AND (status IN ('queued', 'dispatched')"
+                             " OR (status = 'running' AND (lease_until < now() OR lease_owner = :owner)))",
+                       {"b": batch_id, "owner": owner, "lease": lease_s})
 
 
 def claim_next_batch(conn: Connection, tier: str, owner: str, lease_s: float) -> dict | None:
@@ -345,15 +349,10 @@ def claim_next_batch(conn: Connection, tier: str, owner: str, lease_s: float) ->
     For a worker whose batch has nothing left to start (workers/execute.py): the
     batch's own Celery task then finds the lease held and does nothing.
     """
-    row = conn.execute(sa.text(
-        "UPDATE batches SET status = 'running', lease_owner = :owner,"
-        " lease_until = now() + make_interval(secs => :lease), deliveries = deliveries + 1,"
-        " started_at = coalesce(started_at, now())"
-        " WHERE batch_id = (SELECT batch_id FROM batches WHERE tier = :tier AND status = 'dispatched'"
-        "   AND mode = 'realtime' ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
-        " RETURNING batch_id, tier, provider, model, deliveries"),
-        {"tier": tier, "owner": owner, "lease": lease_s}).mappings().first()
-    return dict(row) if row else None
+    return _take_lease(conn, "batch_id = (SELECT batch_id FROM batches WHERE tier = :tier"
+                             " AND status = 'dispatched' AND mode = 'realtime'"
+                             " ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)",
+                       {"tier": tier, "owner": owner, "lease": lease_s})
 
 
 def renew_lease(conn: Connection, batch_id: str, owner: str, lease_s: float) -> bool:

@@ -142,6 +142,15 @@ def _limiter_for(settings: Settings, budget_: budget.Budget) -> ratelimit.Limite
     return lim
 
 
+async def prepare(settings: Settings) -> None:
+    """Make this process's SDK clients, budget and limiter now (a new pool process), so
+    its first batch does not pay for them."""
+    get_price_book()
+    for name in ("openai", "anthropic"):
+        get_provider(name, settings)
+    _limiter_for(settings, _budget_for(settings, db.get_engine()))
+
+
 class _Limited:
     """The provider behind the limits: every attempt first reserves its maximum cost,
     then takes a tier in-flight lease and the model's rate admission (pipeline/ratelimit.py).
@@ -322,13 +331,8 @@ async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=Non
     """
     engine = engine or db.get_engine()
     started = time.monotonic()
-
-    def claim():
-        with engine.begin() as conn:
-            batch = db.claim_batch(conn, batch_id, owner, settings.batch_lease_s)
-            return (batch, db.open_requests(conn, batch_id)) if batch else None
-
-    claimed = await asyncio.to_thread(claim)
+    lease_s = settings.batch_lease_s
+    claimed = await _claim(engine, lambda conn: db.claim_batch(conn, batch_id, owner, lease_s))
     if claimed is None:
         return {"skipped": "done or leased by a live worker"}
     tier = claimed[0]["tier"]
@@ -346,19 +350,22 @@ async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=Non
             break
 
         holder = f"{owner}/{len(runs)}"   # a lease of its own: the batch's Celery task is another owner
-
-        def claim_next():
-            with engine.begin() as conn:
-                batch = db.claim_next_batch(conn, tier, holder, settings.batch_lease_s)
-                return (batch, db.open_requests(conn, batch["batch_id"])) if batch else None
-
-        claimed = await asyncio.to_thread(claim_next)
+        claimed = await _claim(engine, lambda conn, h=holder: db.claim_next_batch(conn, tier, h, lease_s))
     outcomes = await asyncio.gather(*runs, return_exceptions=True)
     failed = [o for o in outcomes if isinstance(o, BaseException)]
     if failed:
         raise failed[0]
     totals = {k: sum(o[k] for o in outcomes) for k in ("succeeded", "failed", "deferred", "requests")}
     return dict(totals, batches=len(runs), seconds=round(time.monotonic() - started, 3))
+
+
+async def _claim(engine, take) -> tuple[dict, list[dict]] | None:
+    """In one transaction: lease a batch with ``take(conn)`` and mark its open requests running."""
+    def run():
+        with engine.begin() as conn:
+            batch = take(conn)
+            return (batch, db.open_requests(conn, batch["batch_id"])) if batch else None
+    return await asyncio.to_thread(run)
 
 
 async def _run_claimed(batch: dict, requests: list[dict], *, owner: str, settings: Settings, engine,

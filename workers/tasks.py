@@ -12,13 +12,11 @@ import os
 
 from celery.signals import task_prerun, worker_process_init, worker_process_shutdown
 
-from pipeline import db, metrics
+from pipeline import metrics
 from pipeline.config import get_settings
 from pipeline.constants import queue_for
-from pipeline.pricing import get_price_book
-from pipeline.providers import get_provider
 from workers.app import app
-from workers.execute import _budget_for, _limiter_for, run_batch
+from workers.execute import prepare, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +35,7 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 def _warm_up(**_):
     """A new pool process makes its event loop, SDK clients, budget and limiter before its
     first task, not during it."""
-    settings = get_settings()
-    get_price_book()
-
-    async def make():
-        for name in ("openai", "anthropic"):
-            get_provider(name, settings)
-        _limiter_for(settings, _budget_for(settings, db.get_engine()))
-    _event_loop().run_until_complete(make())
+    _event_loop().run_until_complete(prepare(get_settings()))
 
 
 @app.task(name="llmbatch.execute_batch", bind=True)

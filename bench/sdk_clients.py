@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     port = free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "pipeline.simulator", "--port", str(port)],
+    sim = subprocess.Popen([sys.executable, "-m", "simulator", "--port", str(port)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,8 +1,10 @@
-"""llmbatch: tiered, budgeted batch processing of LLM requests.
+"""The core every llmbatch process imports: settings, errors, formats, tiers,
+tokens, pricing, the stores (Postgres, Kafka, Redis: cache, budget, rate
+limits), providers, the producer and the batcher.
 
-Public surface: ``Settings``/``get_settings`` (configuration), ``publish_request``
-(the producer API for services) and the exception tree in ``pipeline.errors``.
-Everything else is internal and may change.
+It imports none of ``llmbatch``, ``workers``, ``schedules`` or ``simulator``
+(tests/unit/test_layout.py): the batcher sends its Celery task by name.
+The public surface is re-exported by the ``llmbatch`` package.
 """
 
 __version__ = "0.1.0"

@@ -122,8 +122,8 @@ def decode(value: bytes | None, now: datetime) -> dict:
 
 
 def dispatch(batch_id: str, tier: str) -> None:
-    """Hand a batch to its tier's Celery queue."""
-    from workers.tasks import enqueue_batch
+    """Hand a batch to its tier's Celery queue (by task name: pipeline never imports workers)."""
+    from pipeline.dispatch import enqueue_batch
     enqueue_batch(batch_id, tier)
 
 

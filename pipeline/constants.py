@@ -18,6 +18,10 @@ DISPATCHED_TIERS = ("immediate", "peak")
 HELD_TIERS = ("offpeak", "background")
 
 
+#: the Celery task that runs a batch (workers/tasks.py); producers send it by name
+EXECUTE_BATCH_TASK = "llmbatch.execute_batch"
+
+
 def queue_for(tier: str) -> str:
     """Celery queue name of a tier."""
     return f"tier.{tier}"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from pipeline import db
-from pipeline.batcher import dispatch
+from pipeline.dispatch import enqueue_batch as dispatch
 
 
 def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, dispatcher=dispatch) -> list[str]:

@@ -19,14 +19,15 @@ import logging
 import time
 from decimal import Decimal
 
-from pipeline import budget, db, metrics, ratelimit
+from pipeline import budget, db, metrics
 from pipeline.cache import ResponseCache
 from pipeline.config import Settings, get_settings
 from pipeline.budget import BudgetExceeded, BudgetUnavailable, from_units
-from pipeline.errors import PermanentProviderError, ProviderError, RetryableProviderError
+from pipeline.errors import PermanentProviderError, ProviderError
 from pipeline.pricing import Usage, cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.providers import AttemptRecord, call_with_retries, get_provider
-from workers.fallback import Fallback, fallback_for
+from workers.fallback import fallback_for
+from workers.limited import Limited, budget_for, limiter_for
 
 log = logging.getLogger(__name__)
 
@@ -118,125 +119,20 @@ def _usage(provider: str, body: dict) -> Usage | None:
     return usage_from_openai(raw) if provider == "openai" else usage_from_anthropic(raw)
 
 
-_budgets: dict[int, budget.Budget] = {}
-
-
-def _budget_for(settings: Settings, engine) -> budget.Budget:
-    """One Budget (and Redis client) per process and event loop."""
-    loop = asyncio.get_running_loop()
-    b = _budgets.get(id(loop))
-    if b is None:
-        b = _budgets[id(loop)] = budget.Budget(settings, engine, *budget.redis_clients(settings))
-    return b
-
-
-_limiters: dict[int, ratelimit.Limiter] = {}
-
-
-def _limiter_for(settings: Settings, budget_: budget.Budget) -> ratelimit.Limiter:
-    """One Limiter per process and event loop, on the budget's Redis client."""
-    loop = asyncio.get_running_loop()
-    lim = _limiters.get(id(loop))
-    if lim is None:
-        lim = _limiters[id(loop)] = ratelimit.Limiter(settings, budget_.redis)
-    return lim
-
-
 async def prepare(settings: Settings) -> None:
     """Make this process's SDK clients, budget and limiter now (a new pool process), so
     its first batch does not pay for them."""
     get_price_book()
     for name in ("openai", "anthropic"):
         get_provider(name, settings)
-    _limiter_for(settings, _budget_for(settings, db.get_engine()))
-
-
-class _Limited:
-    """The provider behind the limits: every attempt first reserves its maximum cost,
-    then takes a tier in-flight lease and the model's rate admission (pipeline/ratelimit.py).
-
-    A failed attempt releases its reservation at once; a successful one keeps
-    it in ``reservation`` until the writer settles it after the result is written.
-    With a job's fallback model (workers/fallback.py) an attempt the primary's
-    cap or rate cannot take goes to the fallback; ``model`` is the one that answered.
-    """
-
-    def __init__(self, provider, req: dict, budget_: budget.Budget, limiter: ratelimit.Limiter | None = None,
-                 fallback: Fallback | None = None, fallback_wait_s: float = 0.0):
-        self.provider, self.req, self.budget, self.limiter = provider, req, budget_, limiter
-        self.fallback, self.fallback_wait_s = fallback, fallback_wait_s
-        self.name = provider.name
-        self.model = req["model"]
-        self.reservation: budget.Reservation | None = None
-        self._primary_throttled = False   # a 429 on the primary: later attempts go to the fallback
-
-    async def _admit(self, model: str) -> str:
-        """Wait for the model's rate window; the fallback's when the primary's is too far off."""
-        req, lim = self.req, self.limiter
-        tokens = ratelimit.request_tokens(req)
-        if self.fallback is not None and model != self.fallback.model:
-            if not self._primary_throttled and await lim.admit(
-                    req["provider"], model, req["tier"], tokens, self.fallback_wait_s) is not None:
-                return model
-            model = self.fallback.model
-        await lim.admit(req["provider"], model, req["tier"], tokens)
-        return model
-
-    async def _call_limited(self, body: dict, headers: dict, model: str):
-        req, lim = self.req, self.limiter
-        if lim is None:
-            return await self._send(body, headers, model)
-        # lease first, admission last: the window counts the call when it is really sent
-        async with lim.lease(req["tier"]) as lease_wait:
-            started = time.monotonic()
-            model = await self._admit(model)
-            metrics.LIMITER_WAIT.labels(req["tier"], model).observe(lease_wait + time.monotonic() - started)
-            try:
-                answer = await self._send(body, headers, model)
-            except RetryableProviderError as e:
-                if e.status_code == 429:   # every worker backs off together
-                    await lim.block(req["provider"], model, e.retry_after or ratelimit.DEFAULT_BLOCK_S)
-                    if self.fallback is not None and model != self.fallback.model:
-                        # the next attempt goes to the fallback: the primary's retry-after is not its wait
-                        self._primary_throttled, e.retry_after = True, None
-                raise
-        await lim.observe_headers(req["provider"], model, answer.headers)
-        return answer
-
-    async def _send(self, body: dict, headers: dict, model: str):
-        self.model = model
-        return await self.provider.call(body if model == self.req["model"] else {**body, "model": model},
-                                        headers=headers)
-
-    async def call(self, body: dict, *, headers: dict):
-        req = self.req
-        rid, model = f'{req["job_id"]}:{req["custom_id"]}', req["model"]
-        try:
-            self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
-                                                         Decimal(str(req["max_cost_usd"])))
-        except BudgetExceeded as e:
-            if self.fallback is None:
-                raise
-            log.info("request %s: %s; trying fallback model %s", rid, e, self.fallback.model)
-            self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
-                                                         self.fallback.max_cost_usd)
-            model = self.fallback.model
-        try:
-            return await self._call_limited(body, headers, model)
-        except BaseException:
-            res, self.reservation = self.reservation, None
-            try:
-                await self.budget.release(res)
-            except Exception as e:  # the reservation expires by itself
-                log.warning("budget: release of %s failed (%s); it expires", res.rid, e)
-            raise
+    limiter_for(settings, budget_for(settings, db.get_engine()))
 
 
 async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> str:
     provider = get_provider(req["provider"], settings)
     prices = get_price_book()
     if writer.budget is not None:
-        provider = _Limited(provider, req, writer.budget, _limiter_for(settings, writer.budget),
+        provider = Limited(provider, req, writer.budget, limiter_for(settings, writer.budget),
                             fallback_for(req, prices), settings.fallback_rate_wait_s)
     key = f'{req["job_id"]}:{req["custom_id"]}'
     ctx = {"job": req["job_id"], "request": req["custom_id"], "tier": req["tier"]}  # log correlation
@@ -294,7 +190,7 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> s
         log.warning("request %s answered without usage: recorded as usage_missing, cost unknown", key,
                     extra=ctx)
     writer.outcomes.append(outcome)
-    if isinstance(provider, _Limited) and provider.reservation is not None:
+    if isinstance(provider, Limited) and provider.reservation is not None:
         # no usage: the cost is unknown, so the maximum stays spent
         writer.settles.append((provider.reservation, spent if usage else from_units(provider.reservation.units)))
     return "succeeded"
@@ -386,7 +282,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
                    sem: asyncio.Semaphore, drained: asyncio.Event) -> dict:
     batch_id = batch["batch_id"]
     writer = OutcomeWriter(engine)
-    writer.budget = _budget_for(settings, engine)
+    writer.budget = budget_for(settings, engine)
     if batch["deliveries"] > MAX_DELIVERIES:
         log.error("batch %s delivered %d times: failing its %d open requests as poison",
                   batch_id, batch["deliveries"], len(requests), extra={"batch": batch_id, "tier": batch["tier"]})

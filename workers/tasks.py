@@ -14,7 +14,7 @@ from celery.signals import task_prerun, worker_process_init, worker_process_shut
 
 from pipeline import metrics
 from pipeline.config import get_settings
-from pipeline.constants import queue_for
+from pipeline.constants import EXECUTE_BATCH_TASK
 from workers.app import app
 from workers.execute import prepare, run_batch
 
@@ -38,7 +38,7 @@ def _warm_up(**_):
     _event_loop().run_until_complete(prepare(get_settings()))
 
 
-@app.task(name="llmbatch.execute_batch", bind=True)
+@app.task(name=EXECUTE_BATCH_TASK, bind=True)
 def execute_batch(self, batch_id: str) -> None:
     summary = _event_loop().run_until_complete(
         run_batch(batch_id, owner=self.request.id or batch_id, settings=get_settings()))
@@ -57,6 +57,3 @@ def _label_tier(task=None, **_):
 def _metrics_process_gone(pid=None, **_):
     metrics.mark_process_dead(pid or os.getpid())
 
-
-def enqueue_batch(batch_id: str, tier: str) -> None:
-    execute_batch.apply_async(args=[batch_id], queue=queue_for(tier))

@@ -151,7 +151,7 @@ def test_closing_window_holds_released_batches_not_started(scheduler, tmp_path):
         assert _counts(engine, job) == {"held": 5}
         assert hold_unstarted(("offpeak",)) == []   # already done by the scheduler
         # the Celery message arriving now finds the batch held and does nothing
-        from workers.tasks import enqueue_batch
+        from pipeline.dispatch import enqueue_batch
         enqueue_batch(batch, "offpeak")
         time.sleep(3)
         assert _counts(engine, job) == {"held": 5}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -11,9 +12,10 @@ from decimal import Decimal
 import pytest
 from click.testing import CliRunner
 
-from pipeline import logs, metrics, views
-from pipeline.cli import main
-from pipeline.doctor import Check, exit_code, render
+from pipeline import logs, metrics
+from llmbatch.cli import views
+from llmbatch.cli import main
+from llmbatch.cli.doctor import Check, exit_code, render
 
 
 def status(**over):
@@ -72,7 +74,7 @@ def test_parse_since():
 
 
 def test_exit_codes_are_documented_and_bad_usage_exits_2():
-    from pipeline import cli
+    cli = importlib.import_module("llmbatch.cli.main")
     for code in ("* 0", "* 1", "* 2", "* 3", "* 130"):
         assert code in cli.__doc__
     result = CliRunner().invoke(main, ["jobs", "--since", "yesterday"])

@@ -10,7 +10,7 @@ from pipeline.budget import BudgetExceeded, Reservation, to_units
 from pipeline.errors import RetryableProviderError
 from pipeline.pricing import get_price_book
 from pipeline.providers import Answer
-from workers.execute import _Limited
+from workers.limited import Limited
 from workers.fallback import Fallback, fallback_for
 
 PRICES = get_price_book()
@@ -103,7 +103,7 @@ class Provider:
 
 def limited(provider, budget, limiter, req=None):
     req = req or request()
-    return _Limited(provider, req, budget, limiter, fallback_for(req, PRICES), fallback_wait_s=2.0)
+    return Limited(provider, req, budget, limiter, fallback_for(req, PRICES), fallback_wait_s=2.0)
 
 
 def test_primary_answers_when_it_can():

@@ -17,9 +17,9 @@ from openai import AsyncOpenAI
 
 from pipeline import tokens
 from pipeline.errors import ConfigError
-from pipeline.simulator import SimulatorConfig, config_from_args, start
-from pipeline.simulator.config import ModelLimit
-from pipeline.simulator.limits import go_duration
+from simulator import SimulatorConfig, config_from_args, start
+from simulator.config import ModelLimit
+from simulator.limits import go_duration
 
 MODEL = "gpt-4o-mini"
 CLAUDE = "claude-haiku-4-5"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-from pipeline.simulator.answers import Answer
+from simulator.answers import Answer
 
 OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 ANTHROPIC_ROLES = ("user", "assistant")

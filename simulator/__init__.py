@@ -4,17 +4,17 @@ It is the default provider when no API key is set. Answers are deterministic
 and carry real token counts; latency, injected errors and per-model RPM/TPM
 limits are configurable; ``GET /_stats`` shows what a provider would have seen.
 
-    from pipeline.simulator import SimulatorConfig, build_app, run, config_from_args
+    from simulator import SimulatorConfig, build_app, run, config_from_args
 """
 
-from pipeline.simulator.config import (
+from simulator.config import (
     ModelLimit,
     SimulatorConfig,
     build_parser,
     config_from_args,
     config_from_options,
 )
-from pipeline.simulator.server import SIMULATOR_KEY, build_app, run, start
+from simulator.server import SIMULATOR_KEY, build_app, run, start
 
 __all__ = [
     "ModelLimit",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline.simulator.limits import PeakWindow
+from simulator.limits import PeakWindow
 
 UNTAGGED = "untagged"
 MAX_LISTED_DUPLICATE_KEYS = 100

@@ -84,6 +84,6 @@ def set_(global_, tier, job_id, usd):
         _fail(str(e), 3)
     except (BudgetError, ConfigError) as e:
         _fail(str(e), 2)
-    from workers.tasks import enqueue_batch
+    from pipeline.dispatch import enqueue_batch
     resumed = budget_mod.resume_due_batches(engine, enqueue_batch)
     click.echo(f"{scope}: cap ${result['usd']}; {resumed} deferred batches resumed")

@@ -36,13 +36,13 @@ import time
 from aiohttp import web
 
 from pipeline.constants import SIMULATOR_LABEL
-from pipeline.simulator import protocol
-from pipeline.simulator.answers import anthropic_answer, openai_answer
+from simulator import protocol
+from simulator.answers import anthropic_answer, openai_answer
 from pipeline.errors import LLMBatchError
-from pipeline.simulator.config import ERROR_KINDS, SimulatorConfig, config_from_options
-from pipeline.simulator.limits import RateLimiter, retry_headers
-from pipeline.simulator.protocol import Problem
-from pipeline.simulator.stats import Stats
+from simulator.config import ERROR_KINDS, SimulatorConfig, config_from_options
+from simulator.limits import RateLimiter, retry_headers
+from simulator.protocol import Problem
+from simulator.stats import Stats
 
 SIMULATOR_HEADER = "x-llmbatch-simulator"
 TIER_HEADER = "X-LLMBatch-Tier"
@@ -158,7 +158,7 @@ class Simulator:
         self._run = secrets.token_hex(4)
         self._ids = itertools.count(1)
         self._reseed()
-        from pipeline.simulator.batches import BatchStore
+        from simulator.batches import BatchStore
 
         self.batches = BatchStore(self)
 

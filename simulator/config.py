@@ -1,6 +1,6 @@
 """Settings of the simulator: one dataclass, built from a file or from CLI options.
 
-``config_from_args(argv)`` is shared by ``python -m pipeline.simulator`` and the
+``config_from_args(argv)`` is shared by ``python -m simulator`` and the
 ``llmbatch simulator`` command, so both accept the same options.
 """
 
@@ -182,7 +182,7 @@ def parse_model_limits(value) -> dict[str, ModelLimit]:
     return out
 
 
-def build_parser(prog: str = "python -m pipeline.simulator") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m simulator") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Local simulator of the OpenAI and Anthropic APIs.")
     p.add_argument("--config", help="TOML or JSON file with simulator settings (options below override it)")
     p.add_argument("--host")
@@ -228,6 +228,6 @@ def config_from_options(config: str | None = None, **options) -> SimulatorConfig
 
 
 def config_from_args(argv: list[str] | None = None) -> SimulatorConfig:
-    """Parse command-line options (as ``python -m pipeline.simulator`` takes them)."""
+    """Parse command-line options (as ``python -m simulator`` takes them)."""
     ns = build_parser().parse_args(argv)
     return config_from_options(**vars(ns))

@@ -37,7 +37,7 @@ from pipeline.config import get_settings
 from pipeline.constants import JOB_TERMINAL, SIMULATOR_LABEL, TIERS
 from pipeline.errors import FileInputError, InfrastructureError, LLMBatchError
 
-log = logging.getLogger("pipeline.cli")
+log = logging.getLogger("llmbatch.cli")
 
 
 def _setup_logging(level: str = "INFO") -> None:
@@ -160,7 +160,7 @@ def submit(file, priority, tier, budget_usd, on_budget, name, wait, as_json, mod
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
 def status(job_id, as_json, watch, interval):
     """Show a job per tier: queued, held, running, deferred, done, failed; spend, rate, ETA."""
-    from pipeline import views
+    from llmbatch.cli import views
     engine = _engine_or_exit()
     with engine.connect() as conn:
         st = views.job_view(conn, job_id)
@@ -176,7 +176,7 @@ def status(job_id, as_json, watch, interval):
 
 
 def _watch_json(engine, job_id: str, interval: float) -> dict:
-    from pipeline import views
+    from llmbatch.cli import views
     while True:
         with engine.connect() as conn:
             st = views.job_view(conn, job_id)
@@ -228,7 +228,7 @@ def results(job_id, output, fmt):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per job, one per line.")
 def jobs(status_, since, limit, as_json):
     """List jobs, newest first."""
-    from pipeline import views
+    from llmbatch.cli import views
     try:
         since_at = views.parse_since(since)
     except ValueError as e:
@@ -252,7 +252,7 @@ def sql_cmd(query, file_, as_json):
     """Run a query as the read-only role llmbatch_reader and print a table."""
     import psycopg
 
-    from pipeline import views
+    from llmbatch.cli import views
     if bool(query) == bool(file_):
         _fail('give a query ("select ...") or --file, not both', 2)
     text = file_.read_text() if file_ else query
@@ -281,7 +281,7 @@ def sql_cmd(query, file_, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def doctor(as_json):
     """Check every service and setting; say what is wrong and how to fix it."""
-    from pipeline import doctor as doc
+    from llmbatch.cli import doctor as doc
     checks = doc.run_checks(get_settings())
     if as_json:
         click.echo(json.dumps([c.as_dict() for c in checks]))
@@ -299,8 +299,8 @@ def doctor(as_json):
 @click.option("--json", "as_json", is_flag=True)
 def report(job_id, since, chart, no_chart, as_json):
     """Cost per tier and model, as a table and a chart (PNG) over time."""
-    from pipeline import report as rep
-    from pipeline import views
+    from llmbatch.cli import report as rep
+    from llmbatch.cli import views
     if job_id and since:
         _fail("give a job or --since, not both", 2)
     try:
@@ -425,15 +425,15 @@ def worker(tier, concurrency, loglevel):
 @click.pass_context
 def simulator(ctx):
     """Run the provider simulator (OpenAI and Anthropic APIs). Options: see --help of the simulator."""
-    from pipeline.simulator import config_from_args, run
+    from simulator import config_from_args, run
     run(config_from_args(ctx.args))
 
 
-from pipeline.budget_cli import budget  # noqa: E402  (the command group lives beside its logic)
+from llmbatch.cli.budget import budget  # noqa: E402  (the command group lives beside its logic)
 
 main.add_command(budget)
 
-from schedules.cli import cancel, schedule, scheduler  # noqa: E402  (issue 6: the scheduler's commands)
+from llmbatch.cli.schedule import cancel, schedule, scheduler  # noqa: E402  (issue 6: the scheduler's commands)
 
 main.add_command(scheduler)
 main.add_command(schedule)

@@ -1,9 +1,9 @@
-"""``python -m pipeline.simulator --port 58080 --latency-ms 0 --error-rate 429=0.2 --rpm 6000``."""
+"""``python -m simulator --port 58080 --latency-ms 0 --error-rate 429=0.2 --rpm 6000``."""
 
 import sys
 
 from pipeline.errors import ConfigError
-from pipeline.simulator import config_from_args, run
+from simulator import config_from_args, run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from pipeline.simulator.protocol import Problem, anthropic_error_body
+from simulator.protocol import Problem, anthropic_error_body
 
 DAY_S = 24 * 3600
 CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -291,7 +291,7 @@ class BatchStore:
         return items, errors, (next(iter(models)) if len(models) == 1 else None)
 
     async def _run_openai(self, batch: dict) -> None:
-        from pipeline.simulator.server import OPENAI
+        from simulator.server import OPENAI
 
         cfg = self.sim.config
         await asyncio.sleep(cfg.batch_stage_s)
@@ -452,7 +452,7 @@ class BatchStore:
         return _json(self._an_view(batch, request))
 
     async def _run_anthropic(self, batch: dict) -> None:
-        from pipeline.simulator.server import ANTHROPIC
+        from simulator.server import ANTHROPIC
 
         cfg = self.sim.config
         items = self._anthropic_requests[batch["id"]]

@@ -1,0 +1,127 @@
+"""One request's provider behind its limits: budget reservation, tier lease, rate window.
+
+``Limited`` wraps a provider for one request: every attempt reserves its
+maximum cost first (pipeline/budget.py), then takes the tier's in-flight lease
+and the model's rate admission (pipeline/ratelimit.py), and only then calls.
+It must never let a call go out without a reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from decimal import Decimal
+
+from pipeline import budget, metrics, ratelimit
+from pipeline.config import Settings
+from pipeline.budget import BudgetExceeded
+from pipeline.errors import RetryableProviderError
+from workers.fallback import Fallback
+
+log = logging.getLogger(__name__)
+
+
+_budgets: dict[int, budget.Budget] = {}
+
+
+def budget_for(settings: Settings, engine) -> budget.Budget:
+    """One Budget (and Redis client) per process and event loop."""
+    loop = asyncio.get_running_loop()
+    b = _budgets.get(id(loop))
+    if b is None:
+        b = _budgets[id(loop)] = budget.Budget(settings, engine, *budget.redis_clients(settings))
+    return b
+
+
+_limiters: dict[int, ratelimit.Limiter] = {}
+
+
+def limiter_for(settings: Settings, budget_: budget.Budget) -> ratelimit.Limiter:
+    """One Limiter per process and event loop, on the budget's Redis client."""
+    loop = asyncio.get_running_loop()
+    lim = _limiters.get(id(loop))
+    if lim is None:
+        lim = _limiters[id(loop)] = ratelimit.Limiter(settings, budget_.redis)
+    return lim
+
+
+class Limited:
+    """The provider behind the limits: every attempt first reserves its maximum cost,
+    then takes a tier in-flight lease and the model's rate admission (pipeline/ratelimit.py).
+
+    A failed attempt releases its reservation at once; a successful one keeps
+    it in ``reservation`` until the writer settles it after the result is written.
+    With a job's fallback model (workers/fallback.py) an attempt the primary's
+    cap or rate cannot take goes to the fallback; ``model`` is the one that answered.
+    """
+
+    def __init__(self, provider, req: dict, budget_: budget.Budget, limiter: ratelimit.Limiter | None = None,
+                 fallback: Fallback | None = None, fallback_wait_s: float = 0.0):
+        self.provider, self.req, self.budget, self.limiter = provider, req, budget_, limiter
+        self.fallback, self.fallback_wait_s = fallback, fallback_wait_s
+        self.name = provider.name
+        self.model = req["model"]
+        self.reservation: budget.Reservation | None = None
+        self._primary_throttled = False   # a 429 on the primary: later attempts go to the fallback
+
+    async def _admit(self, model: str) -> str:
+        """Wait for the model's rate window; the fallback's when the primary's is too far off."""
+        req, lim = self.req, self.limiter
+        tokens = ratelimit.request_tokens(req)
+        if self.fallback is not None and model != self.fallback.model:
+            if not self._primary_throttled and await lim.admit(
+                    req["provider"], model, req["tier"], tokens, self.fallback_wait_s) is not None:
+                return model
+            model = self.fallback.model
+        await lim.admit(req["provider"], model, req["tier"], tokens)
+        return model
+
+    async def _call_limited(self, body: dict, headers: dict, model: str):
+        req, lim = self.req, self.limiter
+        if lim is None:
+            return await self._send(body, headers, model)
+        # lease first, admission last: the window counts the call when it is really sent
+        async with lim.lease(req["tier"]) as lease_wait:
+            started = time.monotonic()
+            model = await self._admit(model)
+            metrics.LIMITER_WAIT.labels(req["tier"], model).observe(lease_wait + time.monotonic() - started)
+            try:
+                answer = await self._send(body, headers, model)
+            except RetryableProviderError as e:
+                if e.status_code == 429:   # every worker backs off together
+                    await lim.block(req["provider"], model, e.retry_after or ratelimit.DEFAULT_BLOCK_S)
+                    if self.fallback is not None and model != self.fallback.model:
+                        # the next attempt goes to the fallback: the primary's retry-after is not its wait
+                        self._primary_throttled, e.retry_after = True, None
+                raise
+        await lim.observe_headers(req["provider"], model, answer.headers)
+        return answer
+
+    async def _send(self, body: dict, headers: dict, model: str):
+        self.model = model
+        return await self.provider.call(body if model == self.req["model"] else {**body, "model": model},
+                                        headers=headers)
+
+    async def call(self, body: dict, *, headers: dict):
+        req = self.req
+        rid, model = f'{req["job_id"]}:{req["custom_id"]}', req["model"]
+        try:
+            self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
+                                                         Decimal(str(req["max_cost_usd"])))
+        except BudgetExceeded as e:
+            if self.fallback is None:
+                raise
+            log.info("request %s: %s; trying fallback model %s", rid, e, self.fallback.model)
+            self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
+                                                         self.fallback.max_cost_usd)
+            model = self.fallback.model
+        try:
+            return await self._call_limited(body, headers, model)
+        except BaseException:
+            res, self.reservation = self.reservation, None
+            try:
+                await self.budget.release(res)
+            except Exception as e:  # the reservation expires by itself
+                log.warning("budget: release of %s failed (%s); it expires", res.rid, e)
+            raise

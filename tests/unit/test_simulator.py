@@ -452,13 +452,13 @@ def test_openai_batch_lifecycle_end_to_end():
             err = _jsonl((await oa.files.content(b.error_file_id)).text)
             direct = await oa.chat.completions.create(**lines[5]["body"])
             page1 = await oa.batches.list(limit=1)
+            stats = await get_stats(http, url)   # before the second batch, which may finish at once
             # a second batch, so the list pages
             fid2 = await _upload(oa, [_oa_line(100)])
             b2 = await oa.batches.create(input_file_id=fid2, endpoint="/v1/chat/completions",
                                          completion_window="24h")
             first = await oa.batches.list(limit=1)
             second = await oa.batches.list(limit=1, after=first.data[0].id)
-            stats = await get_stats(http, url)
             return b, seen, out, err, direct, page1, b2, first, second, stats
 
     b, seen, out, err, direct, page1, b2, first, second, stats = run(body())

@@ -38,43 +38,74 @@ def _tier_map(**values):
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of every process.
+
+    Each field carries its one-line meaning in a ``#:`` comment just above it;
+    ``python -m pipeline.config docs`` turns them into docs/CONFIGURATION.md
+    (tests/unit/test_config_docs.py fails when a field has none, or the file
+    is out of date). A plain ``#`` comment after a blank line starts a section.
+    """
+
     # services (ports chosen so a system service on a default port does not collide)
+    #: Postgres, the system of record (SQLAlchemy URL, psycopg 3 driver)
     database_url: str = "postgresql+psycopg://llmbatch@127.0.0.1:55432/llmbatch"
+    #: Redis: Celery broker, budget counters, rate windows, response cache
     redis_url: str = "redis://127.0.0.1:56379/0"
+    #: Kafka bootstrap servers (host:port, comma-separated)
     kafka_bootstrap: str = "127.0.0.1:59092"
+    #: where the local stack keeps its state: data, logs, pids, metrics, reports, tokenizer files
     var_dir: Path = ROOT / "var"
     #: shifts every default port, to run a second local stack beside the first
     port_offset: int = 0
 
     # providers: with no key set, the built-in simulator answers
+    #: OpenAI API key (``OPENAI_API_KEY`` works too); set, OpenAI itself answers instead of the simulator
     openai_api_key: Secret = Secret("")
+    #: Anthropic API key (``ANTHROPIC_API_KEY`` works too); set, Anthropic itself answers
     anthropic_api_key: Secret = Secret("")
+    #: the provider simulator, used for every provider whose key is not set
     simulator_url: str = "http://127.0.0.1:58080"
+    #: override OpenAI's endpoint (a proxy, Azure, the simulator); empty: the key decides
     openai_base_url: str = ""
+    #: override Anthropic's endpoint; empty: the key decides
     anthropic_base_url: str = ""
+    #: client timeout of one provider call, in seconds
     provider_timeout_s: float = 60.0
     #: the SDKs' HTTP transport: "aiohttp" (their aiohttp backend; measured faster here) or "httpx"
     provider_http_client: str = "aiohttp"
+    #: provider attempts per request, the first included; then it fails ``attempts_exhausted``
     max_attempts: int = 5
+    #: first retry delay (doubling, full jitter) when the provider gave no retry-after
     backoff_base_s: float = 0.5
+    #: longest retry delay without retry-after (a provider's retry-after is honoured up to 10 times this)
     backoff_max_s: float = 30.0
 
     # batcher
+    #: the batcher's Kafka consumer group (the fast lane's group is this + ``.immediate``)
     consumer_group: str = "llmbatch-batcher"
+    #: requests per batch, per tier
     batch_max_size: dict = _tier_map(immediate=50, peak=200, offpeak=500, background=500)
+    #: seconds a batch waits to fill before it is written, per tier
     batch_linger_s: dict = _tier_map(immediate=0.005, peak=0.2, offpeak=0.5, background=0.5)
+    #: a batch ``queued`` this long and never dispatched, or ``running`` with an expired lease, is dispatched again
     sweep_after_s: float = 30.0
+    #: seconds a cached answer of a deterministic request stays in Redis
     cache_ttl_s: int = 7 * 24 * 3600
 
     # workers
+    #: worker processes per tier (``llmbatch worker --tier T``; ``--concurrency`` overrides)
     worker_concurrency: dict = _tier_map(immediate=2, peak=2, offpeak=1, background=1)
+    #: provider calls in flight at once inside one batch, per tier
     inflight_per_batch: dict = _tier_map(immediate=64, peak=64, offpeak=64, background=32)
+    #: seconds a worker's lease on a batch lasts unrenewed (renewed every third of it); then another may take it
     batch_lease_s: float = 120.0
+    #: Celery's Redis visibility timeout: an unacknowledged batch message is redelivered after this long
     visibility_timeout_s: int = 7200
 
     # limits (pipeline/budget.py, pipeline/ratelimit.py)
     #: daily caps in USD per UTC day; ``llmbatch budget set`` overrides them; empty: no cap
     budget_global_daily_usd: str = ""
+    #: daily cap in USD per tier (``peak=5,offpeak=20``); ``llmbatch budget set`` overrides them
     budget_tier_daily_usd: dict = field(default_factory=dict)
     #: a reservation not settled by then (its worker died) is released
     budget_reservation_ttl_s: float = 180.0
@@ -88,22 +119,30 @@ class Settings:
     inflight_per_tier: dict = _tier_map(immediate=0, peak=0, offpeak=0, background=0)
 
     # pricing
+    #: your own price file (JSON, in the shape of pipeline/data/pricing.json): adds or overrides models
     pricing_file: Path | None = None
 
     # scheduler (schedules/): off-peak window, background fill, provider batches, upkeep
     #: "db": now() is real time unless a test set the sched_clock row (shared by every process);
     #: "system": real time only
     clock: str = "db"
+    #: seconds between scheduler ticks (window, background fill, provider batches)
     scheduler_tick_s: float = 1.0
+    #: cron (5 fields, crontab meaning) at which the off-peak window opens
     offpeak_open_cron: str = "0 22 * * *"
+    #: cron at which the off-peak window closes
     offpeak_close_cron: str = "0 6 * * *"
+    #: time zone of the off-peak crons (IANA name)
     offpeak_timezone: str = "UTC"
-    #: pacing: batches released per tick, and at most this many waiting in Celery per held tier
+    #: pacing: batches released per tick, per held tier
     release_per_tick: dict = _tier_map(offpeak=4, background=2)
+    #: pacing: at most this many released batches waiting in Celery, per held tier
     release_max_waiting: dict = _tier_map(offpeak=8, background=2)
+    #: seconds between polls of an open provider batch
     provider_batch_poll_s: float = 2.0
-    #: per provider batch: requests and bytes (the providers' limits by default)
+    #: per provider batch: requests (the providers' limits by default)
     provider_batch_max_requests: dict = _tier_map(openai=50_000, anthropic=100_000)
+    #: per provider batch: bytes of JSONL (the providers' limits by default)
     provider_batch_max_bytes: dict = _tier_map(openai=200_000_000, anthropic=256_000_000)
     #: missed cron slots younger than this still run after a scheduler outage
     schedule_misfire_grace_s: float = 3600.0
@@ -111,17 +150,22 @@ class Settings:
     retention_days: float = 30.0
     #: a batch 'dispatched' to Celery this long without a worker taking it is dispatched again
     stuck_dispatched_s: float = 900.0
+    #: seconds between upkeep runs (retention, stuck batches, budget periods)
     upkeep_every_s: float = 60.0
 
     # what users see: metrics, logs, the read-only SQL role, Flower
+    #: where the /metrics endpoints listen (``0.0.0.0`` in compose)
     metrics_host: str = "127.0.0.1"
     #: the batcher's /metrics port; worker-TIER adds 1..4 (immediate, peak, offpeak, background),
     #: the scheduler 5; 0 turns the endpoints off
     metrics_port: int = 9100
-    log_format: str = "plain"          # plain | json
+    #: log line format: ``plain`` or ``json``
+    log_format: str = "plain"
+    #: log level name; not read by any process yet (they take ``llmbatch --log-level`` / ``worker --loglevel``)
     log_level: str = "INFO"
     #: ``llmbatch sql`` connects with this; default: database_url as role llmbatch_reader
     reader_database_url: str = ""
+    #: Flower's address, for ``llmbatch doctor``
     flower_url: str = "http://127.0.0.1:5555"
 
     @property
@@ -220,3 +264,124 @@ def load_settings(env: dict | None = None) -> Settings:
 def get_settings() -> Settings:
     """The process-wide settings, built once."""
     return load_settings()
+
+
+# ---------------------------------------------------------------- the reference (docs/CONFIGURATION.md)
+
+DOCS_COMMAND = "python -m pipeline.config docs > docs/CONFIGURATION.md"
+
+
+def field_docs(cls: type = None) -> dict[str, tuple[str, str]]:
+    """``{field: (section, meaning)}`` read from the ``#:`` comments of ``Settings``' source.
+
+    Read from the source, not stored at run time, so a meaning is one comment
+    line beside its field and the settings object stays a plain dataclass.
+    A field with no ``#:`` comment gets an empty meaning.
+    """
+    import ast
+    import inspect
+    import textwrap
+
+    lines = textwrap.dedent(inspect.getsource(cls or Settings)).splitlines()
+    body = ast.parse("\n".join(lines)).body[0].body
+    out, section, seen = {}, "", 0
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        row = node.lineno - 1
+        for i in range(seen, row):                  # a plain comment after a blank line: a section
+            text = lines[i].strip()
+            after = lines[i - 1].strip()
+            if text.startswith("#") and not text.startswith("#:") and (not after or after.startswith("class ")):
+                section = text.lstrip("# ").strip()
+        comment, i = [], row - 1
+        while i >= 0 and lines[i].strip().startswith("#:"):
+            comment.insert(0, lines[i].strip()[2:].strip().replace("``", "`"))
+            i -= 1
+        out[node.target.id] = (section, " ".join(comment))
+        seen = node.end_lineno
+    return out
+
+
+def _shown(value) -> str:
+    """A default as you would write it in the environment variable."""
+    if isinstance(value, Secret) or value == "":
+        return "(empty)"
+    if value is None:
+        return "(none)"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "(empty)"
+    if isinstance(value, Path):
+        return f"<repo>/{value.relative_to(ROOT)}" if value.is_relative_to(ROOT) else str(value)
+    return str(value)
+
+
+def _kind(f: dataclasses.Field, value) -> str:
+    if isinstance(value, Secret):
+        return "secret"
+    if isinstance(value, dict):
+        return "map `k=v,…`"
+    if f.name.endswith(("_dir", "_file")):
+        return "path"
+    return {int: "int", float: "float", str: "str", bool: "bool"}.get(type(value), type(value).__name__)
+
+
+def settings_reference(cls: type = None) -> str:
+    """docs/CONFIGURATION.md: every setting, its variable, type, default and meaning, by section."""
+    cls = cls or Settings
+    base, docs = cls(), field_docs(cls)
+    lines = [
+        "# Configuration",
+        "",
+        f"<!-- Generated from pipeline/config.py (Settings) by `{DOCS_COMMAND}`. Do not edit by hand. -->",
+        "",
+        "One settings object, `pipeline/config.py` `Settings`, built once per process by",
+        "`get_settings()`. Every setting is read, in this order (later wins), from its default,",
+        "from the TOML file `llmbatch.toml` in the working directory (another file:",
+        "`LLMBATCH_CONFIG=path`; keys are the setting names), and from its environment variable",
+        "`LLMBATCH_<NAME>`. `OPENAI_API_KEY` and `ANTHROPIC_API_KEY` work as well as their",
+        "`LLMBATCH_` names. An unknown key in the TOML file is an error.",
+        "",
+        "Maps are written `key=value,key=value` (`LLMBATCH_BATCH_MAX_SIZE=peak=100`); the keys you",
+        "give replace those of the default, the others stay. With `LLMBATCH_PORT_OFFSET=N` the",
+        "default ports of Postgres, Redis, Kafka, the simulator, Flower and metrics move up by N",
+        "(a setting you give yourself is used as given). Secrets never show in a repr or a log line.",
+        "",
+        "To add a setting: a field on `Settings` with a `#:` comment line above it saying what it",
+        f"means, then `{DOCS_COMMAND}` (tests/unit/test_config_docs.py checks both).",
+    ]
+    section = None
+    for f in dataclasses.fields(cls):
+        where, meaning = docs.get(f.name, ("", ""))
+        if where != section:
+            section = where
+            title, _, note = where.partition(" (")
+            lines += ["", f"## {title[:1].upper() + title[1:] or 'Settings'}", ""]
+            lines += [f"({note}", ""] if note else []
+            lines += ["| setting | environment variable | type | default | meaning |", "|---|---|---|---|---|"]
+        value = getattr(base, f.name)
+        cells = [f"`{f.name}`", f"`LLMBATCH_{f.name.upper()}`", _kind(f, value),
+                 f"`{_shown(value)}`", meaning or "**(no meaning given)**"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += [
+        "",
+        "## Read outside the settings object",
+        "",
+        "| variable | read by | meaning |",
+        "|---|---|---|",
+        "| `LLMBATCH_CONFIG` | `load_settings` | the TOML settings file (default `llmbatch.toml`) |",
+        "| `LLMBATCH_FLOWER_USER`, `LLMBATCH_FLOWER_PASSWORD` | infra/stack.sh, docker-compose.yml |"
+        " Flower's basic auth |",
+        "| `LLMBATCH_GRAFANA_USER`, `LLMBATCH_GRAFANA_PASSWORD` | docker-compose.yml | Grafana's admin login |",
+        "| `LLMBATCH_FAULTS` | tests/faults | `1`: the fault tests may kill and restart the stack's processes |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["docs"]:
+        sys.exit(f"usage: {DOCS_COMMAND}")
+    sys.stdout.write(settings_reference())

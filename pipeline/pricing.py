@@ -127,6 +127,16 @@ def max_cost(price: ModelPrice, input_tokens: int, max_tokens: int | None, *,
         return _apply_batch(price, total, batch)
 
 
+def answered_price(prices: "PriceBook", response: dict | None, sent_model: str) -> ModelPrice:
+    """The price of the model that answered: the ``model`` of the provider's response
+    when the price book knows it (a dated id resolves through the aliases), otherwise
+    the model the request was sent to. A producer's label is never the price."""
+    answered = response.get("model") if isinstance(response, dict) else None
+    if isinstance(answered, str) and answered in prices:
+        return prices.resolve(answered)
+    return prices.resolve(sent_model)
+
+
 def _int(value) -> int:
     return int(value or 0)
 

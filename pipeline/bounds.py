@@ -64,6 +64,9 @@ SCHEMA_ITEM_OVERHEAD = 24
 OPENAI_TOOLS_OVERHEAD = 32
 #: OpenAI chat framing, per the cookbook formula
 TOKENS_PER_MESSAGE, TOKENS_PER_NAME, REPLY_PRIMING = 3, 1, 3
+#: Anthropic framing per message and for the system prompt (Claude's is not published;
+#: the message count_tokens reports for a one-word message is a few tokens): 5 each
+ANTHROPIC_TOKENS_PER_MESSAGE = 5
 #: per content part (separators between parts) and per image part (its container)
 TOKENS_PER_PART, TOKENS_PER_IMAGE = 1, 16
 #: Anthropic's tool-use system prompt: the largest figure it publishes is 530 tokens (Claude 3 Opus, auto)
@@ -422,14 +425,15 @@ def _anthropic_input(body: dict) -> tuple[int, tuple[str, ...]]:
     n = REPLY_PRIMING
     system = body.get("system")
     if system:
-        n += TOKENS_PER_MESSAGE + _anthropic_blocks(system, "params.system", ttls)
+        n += ANTHROPIC_TOKENS_PER_MESSAGE + _anthropic_blocks(system, "params.system", ttls)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise LineError("params.messages must be a non-empty array")
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise LineError(f"params.messages[{i}] must be an object")
-        n += TOKENS_PER_MESSAGE + _anthropic_blocks(msg.get("content"), f"params.messages[{i}].content", ttls)
+        n += ANTHROPIC_TOKENS_PER_MESSAGE + _anthropic_blocks(msg.get("content"), f"params.messages[{i}].content",
+                                                              ttls)
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):

@@ -263,8 +263,8 @@ def test_count_request_anthropic_is_an_estimate():
     count = count_request("anthropic", "claude-haiku-4-5", body)
     assert count.exact is False
     assert count.method == "estimate:o200k_base"
-    # 3 priming + (3 per message + estimate_claude_text: ceil(1.35 x 3 o200k tokens) + 3) x 2
-    assert count.tokens == 3 + (3 + 5 + 3) + (3 + 5 + 3)
+    # 3 priming + (5 per message + estimate_claude_text: ceil(1.35 x 3 o200k tokens) + 3) x 2
+    assert count.tokens == 3 + (5 + 5 + 3) + (5 + 5 + 3)
     blocks = {"model": "claude-haiku-4-5", "max_tokens": 100,
               "system": [{"type": "text", "text": "Be brief."}],
               "messages": [{"role": "user", "content": [{"type": "text", "text": "Hello world!"}]}]}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import struct
 import zlib
 
@@ -32,8 +33,9 @@ from simulator.protocol import Problem, validate_anthropic_message, validate_ope
 PRICES = PriceBook.load()
 OPENAI_MODELS = [p.model for p in PRICES if p.provider == "openai"]
 CLAUDE_MODELS = [p.model for p in PRICES if p.provider == "anthropic"]
-SETTINGS = settings(max_examples=400, deadline=None, derandomize=True,
-                    suppress_health_check=list(HealthCheck))
+#: 400 by default (seconds on a quiet machine); LLMBATCH_BOUNDS_EXAMPLES=5000 for a longer run
+SETTINGS = settings(max_examples=int(os.environ.get("LLMBATCH_BOUNDS_EXAMPLES", "400")), deadline=None,
+                    derandomize=True, suppress_health_check=list(HealthCheck))
 SEEN = {"generated": 0, "accepted": 0}
 
 # --------------------------------------------------------------------------- strategies

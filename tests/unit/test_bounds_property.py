@@ -269,3 +269,13 @@ def test_the_property_catches_the_old_bound():
     found = find(bodies, overspent, settings=settings(max_examples=400, deadline=None, database=None,
                                                       suppress_health_check=list(HealthCheck)))
     print(f"\nold bound overspent by: {found}")
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.one_of(texts, st.lists(texts, min_size=1, max_size=20).map("".join)))
+def test_claude_estimate_is_never_below_the_simulators_count(text):
+    """The documented margin of estimate_claude_text against the simulator's independent count."""
+    from pipeline.tokens import estimate_claude_text
+    from simulator.billing import claude_count
+
+    assert estimate_claude_text(text) >= claude_count(text)

@@ -27,7 +27,6 @@ import base64
 import functools
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import sys

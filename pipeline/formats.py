@@ -23,8 +23,8 @@ from decimal import Decimal
 
 from pipeline.constants import TIERS
 from pipeline.errors import LineError, UnknownModelError
-from pipeline.pricing import PriceBook, max_cost
-from pipeline.tokens import TokenCount, count_request
+from pipeline.bounds import request_bound
+from pipeline.pricing import PriceBook
 
 OPENAI_URLS = ("/v1/chat/completions",)
 ANTHROPIC_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -190,28 +190,13 @@ def _custom_id(obj: dict, pattern: re.Pattern | None) -> str:
     return cid
 
 
-def _max_tokens(body: dict, key: str, limit: int, model: str, required: bool) -> int:
-    if key not in body or body[key] is None:
-        if required:
-            raise LineError(f"missing field params.{key}")
-        return limit
-    value = body[key]
-    if not isinstance(value, int) or isinstance(value, bool):
-        shown = f" ({value!r})" if isinstance(value, (float, str)) and len(repr(value)) < 40 else ""
-        raise LineError(f"{key} must be an integer, got {_type_name(value)}{shown}")
-    if value <= 0:
-        raise LineError(f"{key} must be at least 1, got {value}")
-    if value > limit:
-        raise LineError(f"{key} is {value}, over {model}'s output limit of {limit} tokens")
-    return value
-
-
 def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Request:
     """Validate a decoded line of either format and price it.
 
-    ``anthropic_counter(body) -> int``, when given (an Anthropic key is set),
-    is Anthropic's own count_tokens endpoint: the count is then exact instead
-    of an estimate.
+    The tokens and the maximum cost are :func:`pipeline.bounds.request_bound`'s,
+    the one rule the batcher applies again. ``anthropic_counter(body) -> int``,
+    when given (an Anthropic key is set), is Anthropic's own count_tokens
+    endpoint: it can raise the input count above the estimate, never lower it.
     """
     if "custom_id" not in obj and isinstance(obj.get("requests"), list):
         raise LineError("this line is a whole batch ({\"requests\": [...]}): put one request per line, "
@@ -246,23 +231,17 @@ def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Reque
     if price.provider != provider:
         fmt = "Anthropic (custom_id, params)" if price.provider == "anthropic" else "OpenAI (custom_id, method, url, body)"
         raise LineError(f"model {model} is served by {price.provider}: use the {fmt} line format")
-    if provider == "openai":
-        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        out_tokens = _max_tokens(body, key, price.max_output_tokens, model, required=False)
-    else:
-        if "system" in body and not isinstance(body["system"], (str, list)):
-            raise LineError(f"params.system must be a string or an array, got {_type_name(body['system'])}")
-        out_tokens = _max_tokens(body, "max_tokens", price.max_output_tokens, model, required=True)
+    if provider == "anthropic" and "system" in body and not isinstance(body["system"], (str, list)):
+        raise LineError(f"params.system must be a string or an array, got {_type_name(body['system'])}")
+    bound = request_bound(provider, body, prices)   # first: a line that cannot be bounded costs no call
+    declared = None
     if provider == "anthropic" and anthropic_counter is not None:
-        count = TokenCount(anthropic_counter(body), True, "anthropic:count_tokens")
-    else:
-        count = count_request(provider, model, body)
-    if count.tokens > price.context_window:
-        raise LineError(f"prompt is {count.tokens} tokens, over {model}'s context window of "
-                        f"{price.context_window} tokens")
+        declared = anthropic_counter(body)
+        bound = request_bound(provider, body, prices, declared_input_tokens=declared)
     return Request(
         custom_id=cid, provider=provider, model=model, body=body,
-        input_tokens=count.tokens, tokens_exact=count.exact, max_tokens=out_tokens,
-        max_cost_usd=max_cost(price, count.tokens, out_tokens),
+        input_tokens=bound.input_tokens,
+        tokens_exact=bound.tokens_exact or (declared is not None and bound.input_tokens == declared),
+        max_tokens=bound.max_output_tokens, max_cost_usd=bound.max_cost_usd,
         **_pipeline_fields(obj),
     )

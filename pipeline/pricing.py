@@ -16,7 +16,9 @@ File shape::
 
 Optional per model: ``cache_write`` and ``cache_write_1h`` (Anthropic 5-minute
 and 1-hour prompt-cache write prices; cache writes without them are priced at
-the base input price), ``limits_source``, ``note``. In a user file, an entry
+the base input price), ``image_base`` + ``image_tile`` or
+``image_patch_multiplier`` (OpenAI image input: tile or patch formula; an
+OpenAI model with neither takes no images), ``limits_source``, ``note``. In a user file, an entry
 for a model already known is merged field by field over it, so
 ``{"models": {"gpt-4o": {"input": "2.00"}}}`` changes one price.
 """
@@ -56,6 +58,9 @@ class ModelPrice:
     source: str
     cache_write_per_mtok: Decimal | None = None      # Anthropic 5-minute cache write; None = input price
     cache_write_1h_per_mtok: Decimal | None = None   # Anthropic 1-hour cache write; None = input price
+    image_base: int | None = None                    # OpenAI tile models: tokens per image (low detail)
+    image_tile: int | None = None                    # OpenAI tile models: tokens per 512-px tile
+    image_patch_multiplier: Decimal | None = None    # OpenAI patch models: tokens per 32-px patch
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,16 @@ def max_cost(price: ModelPrice, input_tokens: int, max_tokens: int | None, *,
     with decimal.localcontext(_exact()):
         total = (input_tokens * price.input_per_mtok + out * price.output_per_mtok) / _MTOK
         return _apply_batch(price, total, batch)
+
+
+def answered_price(prices: "PriceBook", response: dict | None, sent_model: str) -> ModelPrice:
+    """The price of the model that answered: the ``model`` of the provider's response
+    when the price book knows it (a dated id resolves through the aliases), otherwise
+    the model the request was sent to. A producer's label is never the price."""
+    answered = response.get("model") if isinstance(response, dict) else None
+    if isinstance(answered, str) and answered in prices:
+        return prices.resolve(answered)
+    return prices.resolve(sent_model)
 
 
 def _int(value) -> int:
@@ -203,7 +218,22 @@ def _parse_entry(name: str, entry: dict, origin: str) -> ModelPrice:
         cache_write_per_mtok=_dec(entry, "cache_write", where) if entry.get("cache_write") is not None else None,
         cache_write_1h_per_mtok=(_dec(entry, "cache_write_1h", where)
                                  if entry.get("cache_write_1h") is not None else None),
+        **_image_fields(entry, where),
     )
+
+
+def _image_fields(entry: dict, where: str) -> dict:
+    out: dict = {}
+    tiles = [entry.get(k) for k in ("image_base", "image_tile")]
+    if any(v is not None for v in tiles):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in tiles):
+            raise ConfigError(f"{where}: image_base and image_tile must both be positive integers")
+        out["image_base"], out["image_tile"] = tiles
+    if entry.get("image_patch_multiplier") is not None:
+        if out:
+            raise ConfigError(f"{where}: give image_base/image_tile or image_patch_multiplier, not both")
+        out["image_patch_multiplier"] = _dec(entry, "image_patch_multiplier", where)
+    return out
 
 
 def _read_models(text: str, origin: str) -> dict[str, dict]:

@@ -27,7 +27,6 @@ import base64
 import functools
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -46,10 +45,7 @@ TOKENS_PER_MESSAGE = 3   # <|start|>{role/name}\n{content}<|end|>\n
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3        # every reply is primed with <|start|>assistant<|message|>
 
-# Anthropic estimate: same shape of overhead; a documented approximation.
-ANTHROPIC_TOKENS_PER_MESSAGE = 3
-ANTHROPIC_SYSTEM_OVERHEAD = 3
-ANTHROPIC_REPLY_PRIMING = 3
+# Anthropic estimate: see estimate_claude_text.
 ESTIMATE_ENCODING = "o200k_base"
 
 _lock = threading.Lock()
@@ -309,41 +305,40 @@ def _openai_is_plain_text(body: dict) -> bool:
     return True
 
 
-def _anthropic_text(value) -> str:
-    """All text of an Anthropic ``system`` or message ``content`` (string or blocks)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    parts: list[str] = []
-    for block in value if isinstance(value, list) else [value]:
-        if not isinstance(block, dict):
-            continue
-        kind = block.get("type")
-        if kind == "text":
-            parts.append(block.get("text", ""))
-        elif kind == "tool_use":
-            parts.append(block.get("name", ""))
-            parts.append(json.dumps(block.get("input", {}), ensure_ascii=False))
-        elif kind == "tool_result":
-            parts.append(_anthropic_text(block.get("content")))
-        elif kind in ("thinking",):
-            parts.append(block.get("thinking", ""))
-    return "\n".join(p for p in parts if p)
+#: Claude estimate margin: ``ceil(o200k × NUM / DEN)``, plus, for every non-ASCII
+#: character, its UTF-8 length less one, plus a constant per text (see estimate_claude_text)
+CLAUDE_MARGIN_NUM, CLAUDE_MARGIN_DEN = 135, 100
+CLAUDE_TEXT_OVERHEAD = 3
+
+
+def estimate_claude_text(text: str) -> int:
+    """An upper estimate of the Claude tokens of ``text`` (Claude's tokenizer is not public).
+
+    ``ceil(1.35 × o200k_base tokens) + Σ (UTF-8 bytes − 1) over non-ASCII
+    characters + 3``. Why this shape: Claude's tokenizer makes more tokens than
+    OpenAI's on English (public comparisons put it at roughly 10–30 % more), so
+    35 % on the o200k count covers ASCII text; o200k packs non-Latin scripts and
+    emoji far tighter than older byte-level vocabularies (a Hindi or emoji run
+    can take 2–3 × the tokens elsewhere), so every non-ASCII character adds its
+    extra bytes, the most a byte-level BPE can spend on it. The margin is checked
+    by a property test (tests/unit/test_bounds_property.py) against the
+    simulator's own, independent Claude-like count; against Claude itself it is
+    an estimate: the exact count is the count_tokens endpoint's (used when an
+    Anthropic key is set).
+    """
+    if not text:
+        return 0
+    base = len(get_encoding(ESTIMATE_ENCODING).encode_ordinary(text))
+    extra = 0 if text.isascii() else sum(len(ch.encode("utf-8")) - 1 for ch in text if ord(ch) > 127)
+    return -(-base * CLAUDE_MARGIN_NUM // CLAUDE_MARGIN_DEN) + extra + CLAUDE_TEXT_OVERHEAD
 
 
 def estimate_anthropic_tokens(body: dict) -> int:
-    """An estimate of an Anthropic messages request's input tokens (see :func:`count_request`)."""
-    enc = get_encoding(ESTIMATE_ENCODING).encode_ordinary
-    n = ANTHROPIC_REPLY_PRIMING
-    system = _anthropic_text(body.get("system"))
-    if system:
-        n += ANTHROPIC_SYSTEM_OVERHEAD + len(enc(system))
-    for msg in body.get("messages") or ():
-        n += ANTHROPIC_TOKENS_PER_MESSAGE + len(enc(_anthropic_text(msg.get("content"))))
-    if body.get("tools"):
-        n += len(enc(json.dumps(body["tools"], ensure_ascii=False)))
-    return n
+    """An upper estimate of an Anthropic messages request's input tokens: the bound of
+    :func:`pipeline.bounds.request_bound` (text, images, tools and their system prompt)."""
+    from pipeline import bounds   # bounds builds on this module
+
+    return bounds.anthropic_input_tokens(body)
 
 
 def count_request(provider: str, model: str, body: dict) -> TokenCount:
@@ -353,10 +348,9 @@ def count_request(provider: str, model: str, body: dict) -> TokenCount:
       (method ``"tiktoken:<encoding>"``). ``exact`` is False when the body
       carries things the formula does not cover (tools, images, audio, tool
       calls, several text parts in one message).
-    * Anthropic messages: an **estimate**, ``exact=False``, method
-      ``"estimate:o200k_base"``: the o200k_base count of all text (``system``
-      as a string or text blocks, message content as a string or blocks) plus
-      3 tokens per message, 3 for a system prompt and 3 priming the reply.
+    * Anthropic messages: an **upper estimate**, ``exact=False``, method
+      ``"estimate:o200k_base"``: :func:`estimate_claude_text` of every text,
+      images, tools and tool-use blocks as :mod:`pipeline.bounds` bounds them.
       Claude's tokenizer is not public; the exact count comes from Anthropic's
       ``/v1/messages/count_tokens`` endpoint when an API key is set.
     """

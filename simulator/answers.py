@@ -1,26 +1,34 @@
-"""Deterministic simulated answers with real token counts.
+"""Deterministic simulated answers, billed by the simulator's own rules (``billing.py``).
 
 The answer to a request is derived from a sha256 of its model and prompt
-(OpenAI: ``messages``; Anthropic: ``system`` + ``messages``): the text starts
-``"Simulated answer <first 8 hex digits>:"`` and goes on with 12 to 59 words
-chosen by the hash. Each word is one token in o200k_base and cl100k_base, so
-lengths are stable. When the request's maximum output tokens is smaller than
-the answer, the answer is cut to the longest prefix (whole words, then characters of
-the next word) whose token count fits, and
+(OpenAI: ``messages``; Anthropic: ``system`` + ``messages``) and the choice
+index: the text starts ``"Simulated answer <first 8 hex digits>:"`` and goes
+on with 12 to 59 words chosen by the hash. When the request's maximum output
+tokens is smaller than the answer, the answer is cut to the longest prefix
+(whole words, then characters of the next word) whose token count fits, and
 the finish reason says so (``length`` / ``max_tokens``).
 
-Token counts come from :mod:`pipeline.tokens`:
-- OpenAI: ``prompt_tokens = count_chat_tokens(messages, model)``,
-  ``completion_tokens = count_text_tokens(content, model)`` (exact);
-- Anthropic: ``input_tokens = count_request("anthropic", model, body).tokens``
-  (an estimate, as Claude's tokenizer is not public) and ``output_tokens`` the
-  same estimate's encoding (o200k_base) applied to the answer text.
+What an answer holds: its choices (text, or a tool call, with the output
+tokens the choice bills), the prompt tokens, and what prompt caching needs
+(``segments`` for Anthropic breakpoints, a prefix key for OpenAI). How much a
+call bills is decided per call by :func:`usage` (prompt caching has state;
+worst-case mode bills every limit), so the answer itself can be memoised.
+
+- ``n`` choices (OpenAI): each its own text, each billed; the prompt once.
+- Tools: with tools and ``tool_choice`` not ``none``, a choice is a tool call
+  when the choice is forced (``required``, a named function, Anthropic
+  ``any``/``tool``) or, under ``auto``, when its hash says so.
+- Reasoning models (o-series, gpt-5) spend hidden reasoning tokens inside the
+  limit; Anthropic ``thinking`` returns a thinking block within ``max_tokens``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
+
+from simulator import billing
 
 WORDS = (
     "the of and to in is it that for on with as was at by this from are be or an have not but "
@@ -32,8 +40,9 @@ assert len(WORDS) == 64
 MIN_WORDS = 12
 EXTRA_WORDS = 48
 
-#: Maximum output tokens assumed for rate-limit accounting when an OpenAI
-#: request does not set ``max_tokens`` / ``max_completion_tokens``.
+#: Maximum output tokens assumed for rate-limit accounting when an OpenAI request does
+#: not set ``max_tokens`` / ``max_completion_tokens`` (billing, in worst case, uses the
+#: model's maximum output instead)
 OPENAI_DEFAULT_MAX_OUTPUT = 4096
 
 
@@ -64,8 +73,6 @@ def capped_text(pieces: list[str], max_tokens: int | None, count) -> tuple[str, 
             lo = mid
         else:
             hi = mid - 1
-    # then as many characters of the next piece as still fit (cut mid-word, like a
-    # model stopped at a token boundary)
     prefix = "".join(pieces[:lo])
     nxt = pieces[lo]
     a, b = 0, len(nxt) - 1
@@ -78,41 +85,250 @@ def capped_text(pieces: list[str], max_tokens: int | None, count) -> tuple[str, 
     return prefix + nxt[:a], True
 
 
-class Answer:
-    __slots__ = ("text", "truncated", "input_tokens", "output_tokens", "cost")
+class Choice:
+    __slots__ = ("text", "truncated", "tool_call", "reasoning_tokens", "thinking", "output_tokens")
 
-    def __init__(self, text, truncated, input_tokens, output_tokens, cost):
+    def __init__(self, text, truncated, output_tokens, tool_call=None, reasoning_tokens=0, thinking=None):
         self.text = text
         self.truncated = truncated
-        self.input_tokens = input_tokens
-        self.output_tokens = output_tokens
-        self.cost = cost  # rate-limit cost: input tokens + max output tokens
+        self.tool_call = tool_call          # {"name", "arguments" (OpenAI JSON text) / "input" (dict)}
+        self.reasoning_tokens = reasoning_tokens
+        self.thinking = thinking            # Anthropic thinking text
+        self.output_tokens = output_tokens  # all billed output of this choice (reasoning included)
+
+
+class Answer:
+    __slots__ = ("provider", "model", "choices", "input_tokens", "limit", "segments", "cache_key",
+                 "cache_prefix_tokens", "cost")
+
+    def __init__(self, provider, model, choices, input_tokens, limit, cost, segments=(), cache_key=None,
+                 cache_prefix_tokens=0):
+        self.provider = provider
+        self.model = model
+        self.choices = choices
+        self.input_tokens = input_tokens    # the whole prompt, before any cache
+        self.limit = limit                  # output tokens per choice the call may bill
+        self.cost = cost                    # rate-limit cost: input tokens + n × limit
+        self.segments = segments            # Anthropic: (tokens, ttl, prefix key) in cache order
+        self.cache_key = cache_key          # OpenAI: key of the cacheable prefix
+        self.cache_prefix_tokens = cache_prefix_tokens
+
+    # the first choice, for callers that know there is one
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def truncated(self) -> bool:
+        return self.choices[0].truncated
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(c.output_tokens for c in self.choices)
+
+
+def _required_args(schema) -> dict:
+    props = (schema or {}).get("properties") or {} if isinstance(schema, dict) else {}
+    req = (schema or {}).get("required") or [] if isinstance(schema, dict) else []
+    return {k: "simulated" for k in req if k in props}
+
+
+def _openai_tool(body: dict, digest: bytes) -> dict | None:
+    tools = [t["function"] for t in body.get("tools") or () if isinstance(t, dict) and "function" in t]
+    tools += [f for f in body.get("functions") or () if isinstance(f, dict)]
+    if not tools:
+        return None
+    choice = body.get("tool_choice", body.get("function_call", "auto"))
+    if choice == "none":
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or choice).get("name")
+        tool = next((t for t in tools if t.get("name") == name), tools[0])
+    elif choice == "required" or digest[10] & 1:
+        tool = tools[digest[11] % len(tools)]
+    else:
+        return None
+    return {"name": str(tool.get("name", "tool")),
+            "arguments": json.dumps(_required_args(tool.get("parameters")))}
 
 
 def openai_answer(body: dict) -> Answer:
-    """Raises ``UnknownModelError`` for a model without a tiktoken encoding."""
-    from pipeline import tokens
-
+    """Raises ``LookupError`` for a model without a tiktoken encoding."""
     model = body["model"]
+    count = billing.openai_counter(model)
+    if count is None:
+        raise LookupError(model)
     messages = body["messages"]
-    prompt = tokens.count_chat_tokens(messages, model)
-    limit = body.get("max_completion_tokens")
-    if limit is None:
-        limit = body.get("max_tokens")
-    text, truncated = capped_text(answer_pieces(prompt_digest(model, messages)), limit,
-                                  lambda s: tokens.count_text_tokens(s, model))
-    completion = tokens.count_text_tokens(text, model)
-    cost = prompt + (limit if limit is not None else OPENAI_DEFAULT_MAX_OUTPUT)
-    return Answer(text, truncated, prompt, completion, cost)
+    prompt = billing.openai_prompt(body)
+    given = [v for v in (body.get("max_completion_tokens"), body.get("max_tokens")) if v is not None]
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    n = body.get("n") or 1
+    reasoning = billing.is_reasoning(model)
+    choices = []
+    for i in range(n):
+        digest = prompt_digest(model, messages) if i == 0 else prompt_digest(model, messages, i)
+        spent = 0
+        if reasoning:
+            spent = 16 + digest[9] % 112
+            if limit is not None:
+                spent = min(spent, limit // 2)
+        room = None if limit is None else limit - spent
+        call = _openai_tool(body, digest)
+        if call is not None:
+            used = 4 + count(call["name"]) + count(call["arguments"])
+            if room is None or used <= room:
+                choices.append(Choice(None, False, used + spent, tool_call=call, reasoning_tokens=spent))
+                continue
+        text, truncated = capped_text(answer_pieces(digest), room, count)
+        choices.append(Choice(text, truncated, count(text) + spent, reasoning_tokens=spent))
+    per_choice = limit if given else billing.max_output(model)
+    prefix = messages[:-1]
+    key, prefix_tokens = None, 0
+    if prefix and prompt >= billing.OPENAI_CACHE_MIN:
+        prefix_tokens = billing.openai_prompt({**body, "messages": prefix})
+        key = prompt_digest(model, prefix, body.get("tools"), body.get("response_format")).hex()
+    rate_cost = prompt + (limit if given else OPENAI_DEFAULT_MAX_OUTPUT) * n
+    return Answer("openai", model, choices, prompt, per_choice, rate_cost,
+                  cache_key=key, cache_prefix_tokens=prefix_tokens)
+
+
+def _anthropic_tool(body: dict, digest: bytes) -> dict | None:
+    tools = [t for t in body.get("tools") or () if isinstance(t, dict)]
+    if not tools:
+        return None
+    choice = body.get("tool_choice") or {"type": "auto"}
+    kind = choice.get("type", "auto")
+    if kind == "none":
+        return None
+    if kind == "tool":
+        tool = next((t for t in tools if t.get("name") == choice.get("name")), tools[0])
+    elif kind == "any" or digest[10] & 1:
+        tool = tools[digest[11] % len(tools)]
+    else:
+        return None
+    return {"name": str(tool.get("name", "tool")), "input": _required_args(tool.get("input_schema"))}
 
 
 def anthropic_answer(body: dict) -> Answer:
-    from pipeline import tokens
-
     model = body["model"]
-    prompt = tokens.count_request("anthropic", model, body).tokens
-    enc = tokens.get_encoding(tokens.ESTIMATE_ENCODING).encode_ordinary
     limit = body["max_tokens"]
+    segments = billing.anthropic_segments(body)
+    prompt = 3 + sum(t for t, _, _ in segments)
     digest = prompt_digest(model, body.get("system"), body["messages"])
-    text, truncated = capped_text(answer_pieces(digest), limit, lambda s: len(enc(s)))
-    return Answer(text, truncated, prompt, len(enc(text)), prompt + limit)
+    count = billing.claude_count
+    thinking, spent = None, 0
+    if isinstance(body.get("thinking"), dict) and body["thinking"].get("type") in ("enabled", "adaptive"):
+        budget = body["thinking"].get("budget_tokens") or limit
+        thinking, _ = capped_text(answer_pieces(digest[::-1]), min(budget, limit - 1), count)
+        spent = count(thinking)
+    room = limit - spent
+    call = _anthropic_tool(body, digest)
+    if call is not None:
+        used = 5 + count(call["name"]) + count(json.dumps(call["input"]))
+        if used <= room:
+            choice = Choice(None, False, used + spent, tool_call=call, thinking=thinking)
+            return Answer("anthropic", model, [choice], prompt, limit, prompt + limit, segments=segments)
+    text, truncated = capped_text(answer_pieces(digest), room, count)
+    choice = Choice(text, truncated, count(text) + spent, thinking=thinking)
+    return Answer("anthropic", model, [choice], prompt, limit, prompt + limit, segments=segments)
+
+
+# --------------------------------------------------------------------------- billing a call
+
+class PromptCache:
+    """Prompt-cache entries: prefix key -> expiry (monotonic seconds)."""
+
+    TTL_S = {"5m": 300.0, "1h": 3600.0}
+    OPENAI_TTL_S = 600.0
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.entries: dict[str, float] = {}
+
+    def hit(self, key: str) -> bool:
+        expiry = self.entries.get(key)
+        return expiry is not None and expiry > self.clock()
+
+    def put(self, key: str, ttl_s: float) -> None:
+        self.entries[key] = max(self.entries.get(key, 0.0), self.clock() + ttl_s)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def usage(answer: Answer, *, worst_case: bool, cache: PromptCache) -> dict:
+    """What this call bills, in the provider's usage shape; updates ``cache``."""
+    if answer.provider == "openai":
+        return _openai_usage(answer, worst_case, cache)
+    return _anthropic_usage(answer, worst_case, cache)
+
+
+def _openai_usage(answer: Answer, worst_case: bool, cache: PromptCache) -> dict:
+    reasoning = billing.is_reasoning(answer.model)
+    if worst_case:
+        out = answer.limit * len(answer.choices)
+        visible = sum(c.output_tokens - c.reasoning_tokens for c in answer.choices)
+        reasoning_tokens = out - visible if reasoning else 0
+        cached = 0
+    else:
+        out = answer.output_tokens
+        reasoning_tokens = sum(c.reasoning_tokens for c in answer.choices)
+        cached = 0
+        if answer.cache_key is not None:
+            if cache.hit(answer.cache_key) and answer.cache_prefix_tokens >= billing.OPENAI_CACHE_MIN:
+                cached = answer.cache_prefix_tokens // billing.OPENAI_CACHE_STEP * billing.OPENAI_CACHE_STEP
+            cache.put(answer.cache_key, cache.OPENAI_TTL_S)
+    return {
+        "prompt_tokens": answer.input_tokens,
+        "completion_tokens": out,
+        "total_tokens": answer.input_tokens + out,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens, "audio_tokens": 0,
+                                      "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+    }
+
+
+def _anthropic_usage(answer: Answer, worst_case: bool, cache: PromptCache) -> dict:
+    total = answer.input_tokens
+    breakpoints = []   # (cumulative tokens up to and including the piece, ttl, key)
+    cum = 3
+    for tokens, ttl, key in answer.segments:
+        cum += tokens
+        if ttl is not None:
+            breakpoints.append((cum, ttl, key))
+    read = write_5m = write_1h = 0
+    if worst_case:
+        out = answer.limit
+        if breakpoints:   # the whole prompt written at the longest TTL named
+            if any(ttl == "1h" for _, ttl, _ in breakpoints):
+                write_1h = total
+            else:
+                write_5m = total
+    else:
+        out = answer.output_tokens
+        minimum = 2 * billing.CACHE_MIN_TOKENS if "haiku" in answer.model else billing.CACHE_MIN_TOKENS
+        start = 0
+        for i in range(len(breakpoints) - 1, -1, -1):
+            cum_i, _, key = breakpoints[i]
+            if cache.hit(key):
+                read, start = cum_i, i + 1
+                cache.put(key, 300.0)   # a read refreshes the entry
+                break
+        done = read
+        for cum_i, ttl, key in breakpoints[start:]:
+            if cum_i < minimum:
+                continue   # below the minimum cacheable length: silently not cached
+            if ttl == "1h":
+                write_1h += cum_i - done
+            else:
+                write_5m += cum_i - done
+            done = cum_i
+            cache.put(key, cache.TTL_S.get(ttl, 300.0))
+    return {
+        "input_tokens": total - read - write_5m - write_1h,
+        "output_tokens": out,
+        "cache_creation_input_tokens": write_5m + write_1h,
+        "cache_read_input_tokens": read,
+        "cache_creation": {"ephemeral_5m_input_tokens": write_5m, "ephemeral_1h_input_tokens": write_1h},
+        "service_tier": "standard",
+    }

@@ -330,12 +330,12 @@ class BatchStore:
                 err_lines.append(line)
                 counts["failed"] += 1
             else:
-                line["response"] = {"status_code": 200, "request_id": rid,
-                                    "body": OPENAI.ok(answer, body["model"], self.sim)}
+                reply = OPENAI.ok(answer, body["model"], self.sim)
+                line["response"] = {"status_code": 200, "request_id": rid, "body": reply}
                 out_lines.append(line)
                 counts["completed"] += 1
-                usage[0] += answer.input_tokens
-                usage[1] += answer.output_tokens
+                usage[0] += reply["usage"]["prompt_tokens"]
+                usage[1] += reply["usage"]["completion_tokens"]
                 self._count(body["model"])
             done = pos + 1
             if done % per_step == 0:

@@ -50,6 +50,13 @@ class SimulatorConfig:
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
 
+    # extra seconds every answered call is held before its answer (on top of the latency):
+    # a call that outlives a reservation TTL, for the tests of reservations
+    hold_s: float = 0.0
+    # bill every call up to its limits: each choice to max_tokens (or the model's maximum),
+    # input at the highest rate that applies (billing.py)
+    worst_case: bool = False
+
     # injected errors: kind -> probability per request (see ERROR_KINDS)
     error_rates: dict[str, float] = field(default_factory=dict)
     # seconds put in retry-after of an injected 429
@@ -78,8 +85,10 @@ class SimulatorConfig:
     def validate(self) -> "SimulatorConfig":
         if self.latency not in LATENCY_KINDS:
             raise ConfigError(f"simulator latency must be one of {', '.join(LATENCY_KINDS)}, not {self.latency!r}")
-        if self.latency_ms < 0 or self.jitter_ms < 0:
-            raise ConfigError("simulator latency_ms and jitter_ms must be >= 0")
+        if self.latency_ms < 0 or self.jitter_ms < 0 or self.hold_s < 0:
+            raise ConfigError("simulator latency_ms, jitter_ms and hold_s must be >= 0")
+        if not isinstance(self.worst_case, bool):
+            raise ConfigError(f"simulator worst_case must be true or false, not {self.worst_case!r}")
         for kind, rate in self.error_rates.items():
             if kind not in ERROR_KINDS:
                 raise ConfigError(f"unknown simulator error kind {kind!r} (known: {', '.join(ERROR_KINDS)})")
@@ -190,6 +199,10 @@ def build_parser(prog: str = "python -m simulator") -> argparse.ArgumentParser:
     p.add_argument("--latency", choices=LATENCY_KINDS, help="latency distribution")
     p.add_argument("--latency-ms", type=float, help="fixed latency, or the mean")
     p.add_argument("--jitter-ms", type=float, help="half-width (uniform) or standard deviation (normal)")
+    p.add_argument("--hold", type=float, dest="hold_s",
+                   help="hold every answered call this many extra seconds (outlive reservation TTLs)")
+    p.add_argument("--worst-case", action="store_const", const=True, dest="worst_case",
+                   help="bill every call up to its limits (max_tokens per choice, highest input rate)")
     p.add_argument("--error-rate", help="injected errors, e.g. 429=0.2,500=0.05,529=0.01,timeout=0.001,hangup=0.001")
     p.add_argument("--retry-after", type=float, dest="injected_retry_after_s",
                    help="retry-after seconds of injected 429s")

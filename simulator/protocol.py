@@ -81,8 +81,10 @@ def validate_openai_chat(body: dict) -> None:
         if body.get(name) is not None and not _positive_int(body[name]):
             raise Problem(f"Invalid '{name}': expected an integer of at least 1, got {body[name]!r}.",
                           name, "invalid_value")
-    if body.get("n") not in (None, 1):
-        raise Problem("The simulator supports only n=1.", "n", "invalid_value")
+    n = body.get("n")
+    if n is not None and not (_positive_int(n) and n <= 128):
+        raise Problem(f"Invalid 'n': integer above maximum value. Expected a value <= 128, but got {n!r} "
+                      f"instead.", "n", "invalid_value")
     if body.get("stream"):
         raise Problem("The simulator does not support streaming (stream=true).", "stream", "invalid_value")
 
@@ -95,27 +97,29 @@ def openai_error_body(message: str, kind: str, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def chat_completion(answer: Answer, model: str, completion_id: str) -> dict:
+def _openai_message(choice) -> dict:
+    msg = {"role": "assistant", "content": choice.text, "refusal": None, "annotations": []}
+    if choice.tool_call is not None:
+        msg["tool_calls"] = [{"id": f"call_{abs(hash(choice.tool_call['name'])) % 10**12:012d}",
+                              "type": "function", "function": dict(choice.tool_call)}]
+    return msg
+
+
+def _finish(choice) -> str:
+    if choice.tool_call is not None:
+        return "tool_calls"
+    return "length" if choice.truncated else "stop"
+
+
+def chat_completion(answer: Answer, usage: dict, model: str, completion_id: str) -> dict:
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": answer.text, "refusal": None, "annotations": []},
-            "logprobs": None,
-            "finish_reason": "length" if answer.truncated else "stop",
-        }],
-        "usage": {
-            "prompt_tokens": answer.input_tokens,
-            "completion_tokens": answer.output_tokens,
-            "total_tokens": answer.input_tokens + answer.output_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0,
-                                          "rejected_prediction_tokens": 0},
-        },
+        "choices": [{"index": i, "message": _openai_message(c), "logprobs": None, "finish_reason": _finish(c)}
+                    for i, c in enumerate(answer.choices)],
+        "usage": usage,
         "service_tier": "default",
         "system_fingerprint": "fp_llmbatch_simulator",
     }
@@ -152,6 +156,12 @@ def validate_anthropic_message(body: dict) -> None:
         raise Problem("system: Input should be a valid string or list", "system")
     if body.get("stream"):
         raise Problem("stream: the simulator does not support streaming", "stream")
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not _positive_int(budget) or budget < 1024 or budget >= body["max_tokens"]:
+            raise Problem("thinking.budget_tokens: must be at least 1024 and less than max_tokens",
+                          "thinking.budget_tokens")
 
 
 def anthropic_error(p: Problem, request_id: str | None = None) -> dict:
@@ -165,20 +175,25 @@ def anthropic_error_body(kind: str, message: str, request_id: str | None = None)
     return body
 
 
-def anthropic_message(answer: Answer, model: str, message_id: str) -> dict:
+def anthropic_message(answer: Answer, usage: dict, model: str, message_id: str) -> dict:
+    choice = answer.choices[0]
+    content = []
+    if choice.thinking is not None:
+        content.append({"type": "thinking", "thinking": choice.thinking, "signature": "simulated"})
+    if choice.tool_call is not None:
+        content.append({"type": "tool_use", "id": f"toolu_{message_id[-12:]}", "name": choice.tool_call["name"],
+                        "input": choice.tool_call["input"]})
+        stop = "tool_use"
+    else:
+        content.append({"type": "text", "text": choice.text})
+        stop = "max_tokens" if choice.truncated else "end_turn"
     return {
         "id": message_id,
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": answer.text}],
-        "stop_reason": "max_tokens" if answer.truncated else "end_turn",
+        "content": content,
+        "stop_reason": stop,
         "stop_sequence": None,
-        "usage": {
-            "input_tokens": answer.input_tokens,
-            "output_tokens": answer.output_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-            "service_tier": "standard",
-        },
+        "usage": usage,
     }

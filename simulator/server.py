@@ -6,7 +6,7 @@ Endpoints:
 - OpenAI Files + Batches and Anthropic Message Batches (see ``batches.py``)
 - ``GET /_stats``, ``POST /_reset``, ``GET /healthz``
 - ``GET /_config``; ``POST /_config`` with SimulatorConfig fields (JSON) changes
-  latency, injected errors or limits of the running simulator (tests turn faults
+  latency, ``hold_s``, ``worst_case``, injected errors or limits of the running simulator (tests turn faults
   on and off without restarting it); ``DELETE /_config`` restores the startup config
 
 Order of events for one synchronous request:
@@ -36,8 +36,8 @@ import time
 from aiohttp import web
 
 from pipeline.constants import SIMULATOR_LABEL
-from simulator import protocol
-from simulator.answers import anthropic_answer, openai_answer
+from simulator import billing, protocol
+from simulator.answers import PromptCache, anthropic_answer, openai_answer, usage
 from pipeline.errors import LLMBatchError
 from simulator.config import ERROR_KINDS, SimulatorConfig, config_from_options
 from simulator.limits import RateLimiter, retry_headers
@@ -98,7 +98,7 @@ class _OpenAI:
 
     @staticmethod
     def ok(answer, model: str, sim: "Simulator") -> dict:
-        return protocol.chat_completion(answer, model, sim.new_id("chatcmpl-"))
+        return protocol.chat_completion(answer, sim.bill(answer), model, sim.new_id("chatcmpl-"))
 
     overloaded_status = 503
 
@@ -137,7 +137,7 @@ class _Anthropic:
 
     @staticmethod
     def ok(answer, model: str, sim: "Simulator") -> dict:
-        return protocol.anthropic_message(answer, model, sim.new_id("msg_"))
+        return protocol.anthropic_message(answer, sim.bill(answer), model, sim.new_id("msg_"))
 
     overloaded_status = 529
 
@@ -155,6 +155,7 @@ class Simulator:
         self.stats = Stats()
         self.limiter = RateLimiter(config.limit_for)
         self._answers: dict = {}
+        self.prompt_cache = PromptCache()
         self._run = secrets.token_hex(4)
         self._ids = itertools.count(1)
         self._reseed()
@@ -198,7 +199,12 @@ class Simulator:
     def new_id(self, prefix: str) -> str:
         return f"{prefix}{self._run}{next(self._ids):012x}"
 
+    def bill(self, answer) -> dict:
+        """The usage this call bills (prompt caching has state; worst case bills every limit)."""
+        return usage(answer, worst_case=self.config.worst_case, cache=self.prompt_cache)
+
     def reset(self) -> None:
+        self.prompt_cache.clear()
         self.stats.reset()
         self.limiter.reset()
         self._reseed()
@@ -222,13 +228,9 @@ class Simulator:
             raw = json.dumps(body, sort_keys=True).encode()
         try:
             return self.answer(dialect, raw, body)
-        except Exception as e:
-            from pipeline.errors import UnknownModelError
-
-            if isinstance(e, UnknownModelError):
-                raise Problem(f"The model `{body['model']}` does not exist or you do not have access to it.",
-                              "model", "model_not_found", status=404) from None
-            raise
+        except LookupError:
+            raise Problem(f"The model `{body['model']}` does not exist or you do not have access to it.",
+                          "model", "model_not_found", status=404) from None
 
     # ---- the synchronous endpoints -----------------------------------------
 
@@ -268,7 +270,7 @@ class Simulator:
                 if not lim.ok:
                     status = 429
                     return _json_response(dialect.limit_error(lim, model), 429, headers)
-            delay = self.draw_latency()
+            delay = self.draw_latency() + self.config.hold_s
             if delay:
                 await asyncio.sleep(delay)
             if kind is not None:
@@ -287,8 +289,11 @@ class Simulator:
                     status = "hangup"
                     return self._hang_up(request)
             status = 200
-            usage = answer.input_tokens + answer.output_tokens
-            return _json_response(dialect.ok(answer, model, self), 200, headers)
+            reply = dialect.ok(answer, model, self)
+            billed = reply["usage"]
+            usage = (billed.get("total_tokens") or billed.get("input_tokens", 0) + billed.get("output_tokens", 0)
+                     + billed.get("cache_creation_input_tokens", 0) + billed.get("cache_read_input_tokens", 0))
+            return _json_response(reply, 200, headers)
         finally:
             self.stats.finish(counters, status, usage)
 
@@ -304,7 +309,7 @@ class Simulator:
         return await self.handle(request, OPENAI)
 
     async def count_tokens(self, request: web.Request) -> web.Response:
-        """Anthropic's count_tokens: the same count the simulator bills for the messages."""
+        """Anthropic's count_tokens: the same count the simulator bills for the prompt."""
         try:
             body = await request.json()
         except ValueError:
@@ -313,8 +318,7 @@ class Simulator:
                 or not isinstance(body.get("messages"), list):
             return _json_response({"type": "error", "error": {"type": "invalid_request_error",
                                    "message": "model and messages are required"}}, status=400)
-        from pipeline.tokens import count_request
-        return _json_response({"input_tokens": count_request("anthropic", body["model"], body).tokens})
+        return _json_response({"input_tokens": billing.anthropic_prompt(body)})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         return await self.handle(request, ANTHROPIC)
@@ -378,10 +382,8 @@ def build_app(config: SimulatorConfig | None = None) -> web.Application:
 
 def warm_up() -> None:
     """Load the tokenizers now, so the first request is not slow."""
-    from pipeline import tokens
-
-    for name in tokens.ENCODINGS:
-        tokens.get_encoding(name)
+    for name in ("o200k_base", "cl100k_base"):
+        billing.encoding(name)
 
 
 def banner(config: SimulatorConfig) -> str:
@@ -391,7 +393,9 @@ def banner(config: SimulatorConfig) -> str:
     errors = ",".join(f"{k}={v}" for k, v in config.error_rates.items()) or "none"
     return (f"llmbatch SIMULATOR — {SIMULATOR_LABEL} — listening on http://{config.host}:{config.port} "
             f"(latency {config.latency} {config.latency_ms}±{config.jitter_ms} ms, errors {errors}, "
-            f"limits {limits}, seed {config.seed})")
+            f"limits {limits}, seed {config.seed}"
+            + (", WORST CASE: every call billed to its limits" if config.worst_case else "")
+            + (f", each call held {config.hold_s} s" if config.hold_s else "") + ")")
 
 
 def run(config: SimulatorConfig) -> None:

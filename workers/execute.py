@@ -24,7 +24,7 @@ from pipeline.cache import ResponseCache
 from pipeline.config import Settings, get_settings
 from pipeline.budget import BudgetExceeded, BudgetUnavailable, from_units
 from pipeline.errors import PermanentProviderError, ProviderError
-from pipeline.pricing import Usage, cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.pricing import Usage, answered_price, cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.providers import AttemptRecord, call_with_retries, get_provider
 from workers.fallback import fallback_for
 from workers.limited import Limited, budget_for, limiter_for
@@ -177,7 +177,7 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> s
         return "failed"
     model = getattr(provider, "model", req["model"])   # the fallback's, when it answered
     usage = _usage(req["provider"], answer.body)
-    spent = cost(prices.resolve(model), usage) if usage else Decimal(0)
+    spent = cost(answered_price(prices, answer.body, model), usage) if usage else Decimal(0)
     last["row"]["cost_usd"] = str(spent)
     outcome.update(
         status="succeeded", model=model, status_code=answer.status_code, response=answer.body,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 from datetime import datetime, timezone
 
@@ -17,7 +18,7 @@ from openai import AsyncOpenAI
 
 from pipeline import tokens
 from pipeline.errors import ConfigError
-from simulator import SimulatorConfig, config_from_args, start
+from simulator import SimulatorConfig, billing, config_from_args, start
 from simulator.config import ModelLimit
 from simulator.limits import go_duration
 
@@ -121,11 +122,11 @@ def test_anthropic_message_shape_and_usage():
     assert m.id.startswith("msg_") and m.type == "message" and m.role == "assistant"
     assert m.model == CLAUDE
     assert m.content[0].type == "text" and m.content[0].text.startswith("Simulated answer ")
-    expected = tokens.count_request(
-        "anthropic", CLAUDE, {"model": CLAUDE, "max_tokens": 500, "system": "Be brief.", "messages": MSGS[1:]})
-    assert m.usage.input_tokens == expected.tokens
-    enc = tokens.get_encoding(tokens.ESTIMATE_ENCODING)
-    assert m.usage.output_tokens == len(enc.encode_ordinary(m.content[0].text))
+    # the simulator's own Claude stand-in (billing.py), not the pipeline's estimate
+    expected = billing.anthropic_prompt(
+        {"model": CLAUDE, "max_tokens": 500, "system": "Be brief.", "messages": MSGS[1:]})
+    assert m.usage.input_tokens == expected
+    assert m.usage.output_tokens == billing.claude_count(m.content[0].text)
     assert m.usage.cache_read_input_tokens == 0 and m.usage.cache_creation_input_tokens == 0
 
 
@@ -452,7 +453,7 @@ def test_openai_batch_lifecycle_end_to_end():
             err = _jsonl((await oa.files.content(b.error_file_id)).text)
             direct = await oa.chat.completions.create(**lines[5]["body"])
             page1 = await oa.batches.list(limit=1)
-            stats = await get_stats(http, url)   # before the second batch, which may finish at once
+            stats = await get_stats(http, url)   # before the second batch can run
             # a second batch, so the list pages
             fid2 = await _upload(oa, [_oa_line(100)])
             b2 = await oa.batches.create(input_file_id=fid2, endpoint="/v1/chat/completions",
@@ -644,4 +645,161 @@ def test_anthropic_count_tokens_gives_exact_counts_at_submit_when_a_key_is_set()
             return req, billed.usage.input_tokens
 
     req, billed = run(body())
-    assert req.tokens_exact is True and req.input_tokens == billed > 0
+    # the count_tokens figure can only raise the estimate (one rule with the batcher, which
+    # re-prices a message's declared count the same way): never below what is billed
+    from pipeline.bounds import anthropic_input_tokens
+
+    estimate = anthropic_input_tokens(line_params := {"model": CLAUDE, "max_tokens": 20, "system": "Be brief.",
+                                                      "messages": MSGS[1:]})
+    assert req.input_tokens == max(estimate, billed) >= billed > 0
+    assert req.tokens_exact is (billed >= estimate)
+
+
+# --------------------------------------------------------------------------- billing as the providers bill
+
+def test_n_choices_are_answered_and_billed():
+    async def body():
+        async with serve() as (url, oa, an, http):
+            one = await oa.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=50)
+            four = await oa.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=50, n=4)
+            async with http.post(f"{url}/v1/chat/completions",
+                                 json={"model": MODEL, "messages": MSGS, "n": 129}) as r:
+                refused = r.status
+            return one, four, refused
+
+    one, four, refused = run(body())
+    assert len(four.choices) == 4 and [c.index for c in four.choices] == [0, 1, 2, 3]
+    assert four.choices[0].message.content == one.choices[0].message.content
+    assert len({c.message.content for c in four.choices}) > 1
+    assert four.usage.prompt_tokens == one.usage.prompt_tokens          # the prompt is billed once
+    assert four.usage.completion_tokens == sum(
+        billing.openai_counter(MODEL)(c.message.content) for c in four.choices)
+    assert refused == 400
+
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Find an order.", "parameters": {
+    "type": "object", "properties": {"order": {"type": "string"}}, "required": ["order"]}}}]
+
+
+def test_tools_are_billed_and_answered_with_tool_calls():
+    async def body():
+        async with serve() as (url, oa, an, http):
+            plain = await oa.chat.completions.create(model=MODEL, messages=MSGS)
+            forced = await oa.chat.completions.create(model=MODEL, messages=MSGS, tools=TOOLS,
+                                                      tool_choice="required")
+            claude = await an.messages.create(
+                model=CLAUDE, max_tokens=200, messages=MSGS[1:], tool_choice={"type": "any"},
+                tools=[{"name": "lookup", "description": "Find an order.", "input_schema": TOOLS[0]["function"][
+                    "parameters"]}])
+            return plain, forced, claude
+
+    plain, forced, claude = run(body())
+    call = forced.choices[0].message.tool_calls[0]
+    assert forced.choices[0].finish_reason == "tool_calls" and call.function.name == "lookup"
+    assert json.loads(call.function.arguments) == {"order": "simulated"}
+    assert forced.usage.prompt_tokens > plain.usage.prompt_tokens + 10   # the definitions are billed
+    assert claude.stop_reason == "tool_use" and claude.content[0].type == "tool_use"
+    assert claude.usage.input_tokens > billing.ANTHROPIC_TOOL_PROMPT["any"]
+
+
+def test_images_are_billed_by_the_published_formulas():
+    import base64
+    import struct
+    import zlib
+
+    chunk = b"IHDR" + struct.pack(">II", 1024, 1024) + b"\x08\x02\x00\x00\x00"
+    data = base64.b64encode(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk
+                            + struct.pack(">I", zlib.crc32(chunk))).decode()
+
+    def msgs(detail):
+        return [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, {
+            "type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}", "detail": detail}}]}]
+
+    async def body():
+        async with serve() as (url, oa, an, http):
+            text = await oa.chat.completions.create(model="gpt-4o", messages=[
+                {"role": "user", "content": [{"type": "text", "text": "What is it?"}]}])
+            high = await oa.chat.completions.create(model="gpt-4o", messages=msgs("high"))
+            low = await oa.chat.completions.create(model="gpt-4o", messages=msgs("low"))
+            img = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
+            claude = await an.messages.count_tokens(model=CLAUDE, messages=[{"role": "user", "content": [img]}])
+            return text, high, low, claude
+
+    text, high, low, claude = run(body())
+    assert high.usage.prompt_tokens - text.usage.prompt_tokens == 85 + 170 * 4
+    assert low.usage.prompt_tokens - text.usage.prompt_tokens == 85
+    assert claude.input_tokens == 3 + 4 + math.ceil(1024 * 1024 / 750)
+
+
+def test_anthropic_cache_writes_then_reads_within_the_ttl():
+    system = [{"type": "text", "text": "policy " * 1500, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+
+    async def body():
+        async with serve() as (url, oa, an, http):
+            first = await an.messages.create(model="claude-sonnet-4-5", max_tokens=20, system=system,
+                                             messages=MSGS[1:])
+            second = await an.messages.create(model="claude-sonnet-4-5", max_tokens=20, system=system,
+                                              messages=[{"role": "user", "content": "Another question."}])
+            long_prompt = [{"role": "user", "content": "context " * 1500}, {"role": "assistant", "content": "ok"},
+                           {"role": "user", "content": "q1"}]
+            oa1 = await oa.chat.completions.create(model=MODEL, messages=long_prompt)
+            oa2 = await oa.chat.completions.create(model=MODEL, messages=long_prompt[:-1] + [
+                {"role": "user", "content": "q2"}])
+            return first, second, oa1, oa2
+
+    first, second, oa1, oa2 = run(body())
+    written = first.usage.cache_creation_input_tokens
+    assert written > 1024 and first.usage.cache_creation.ephemeral_1h_input_tokens == written
+    assert first.usage.cache_read_input_tokens == 0
+    assert second.usage.cache_read_input_tokens == written and second.usage.cache_creation_input_tokens == 0
+    assert oa1.usage.prompt_tokens_details.cached_tokens == 0
+    cached = oa2.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 1024 and cached % 128 == 0 and cached < oa2.usage.prompt_tokens
+
+
+def test_reasoning_and_thinking_tokens_are_output_within_the_limit():
+    async def body():
+        async with serve() as (url, oa, an, http):
+            o = await oa.chat.completions.create(model="o4-mini", messages=MSGS, max_completion_tokens=400)
+            t = await an.messages.create(model="claude-sonnet-4-5", max_tokens=3000, messages=MSGS[1:],
+                                         thinking={"type": "enabled", "budget_tokens": 2000})
+            return o, t
+
+    o, t = run(body())
+    r = o.usage.completion_tokens_details.reasoning_tokens
+    assert r > 0 and o.usage.completion_tokens == r + billing.openai_counter("o4-mini")(o.choices[0].message.content)
+    assert o.usage.completion_tokens <= 400
+    assert t.content[0].type == "thinking" and t.usage.output_tokens <= 3000
+    assert t.usage.output_tokens == billing.claude_count(t.content[0].thinking) + billing.claude_count(
+        t.content[1].text)
+
+
+def test_worst_case_mode_bills_every_limit_and_hold_keeps_calls_open():
+    system = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+
+    async def body():
+        async with serve() as (url, oa, an, http):
+            async with http.post(f"{url}/_config", json={"worst_case": True, "hold_s": 0.3}) as r:
+                assert r.status == 200 and (await r.json())["worst_case"] is True
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            o = await oa.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=50, n=3)
+            held = loop.time() - start
+            none = await oa.chat.completions.create(model=MODEL, messages=MSGS)
+            a = await an.messages.create(model="claude-sonnet-4-5", max_tokens=70, system=system, messages=MSGS[1:])
+            return o, held, none, a
+
+    o, held, none, a = run(body())
+    assert o.usage.completion_tokens == 150 and len(o.choices) == 3
+    assert held >= 0.3
+    assert none.usage.completion_tokens == billing.max_output(MODEL) == 16384
+    assert a.usage.output_tokens == 70 and a.usage.input_tokens == 0 and a.usage.cache_read_input_tokens == 0
+    assert a.usage.cache_creation.ephemeral_1h_input_tokens == a.usage.cache_creation_input_tokens > 0
+
+
+def test_worst_case_and_hold_from_the_command_line():
+    c = config_from_args(["--worst-case", "--hold", "200"])
+    assert c.worst_case is True and c.hold_s == 200.0
+    assert config_from_args([]).worst_case is False
+    with pytest.raises(ConfigError):
+        config_from_args(["--hold", "-1"])

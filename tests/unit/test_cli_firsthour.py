@@ -216,3 +216,48 @@ def test_partial_results_write_only_finished_requests():
 def test_a_paused_job_says_how_to_resume():
     text = views.format_status(status(status="paused_budget"))
     assert "llmbatch budget set --job job_x --usd" in text
+
+
+# ------------------------------------------------------------------ the report chart
+
+def test_the_report_chart_has_a_time_axis_so_a_gap_stays_a_gap(tmp_path):
+    from datetime import timedelta
+
+    from llmbatch.cli import report
+    t0 = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+    buckets = [t0, t0 + timedelta(minutes=1), t0 + timedelta(minutes=6)]
+    xs, width = report.time_axis(buckets, "minute")
+    one_minute = xs[1] - xs[0]
+    assert abs((xs[2] - xs[1]) - 5 * one_minute) < 1e-9   # 5 minutes apart, not neighbours
+    assert 0 < width < one_minute
+    rows = [{"bucket": b, "tier": "peak", "model": "gpt-4o-mini", "requests": 1, "input_tokens": 1,
+             "output_tokens": 1, "cost_usd": Decimal("0.01")} for b in buckets]
+    path = report.chart({"step": "minute", "rows": rows}, tmp_path / "c.png", "test")
+    assert path.stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ Flower, ps --json
+
+def test_the_batch_task_carries_its_tier_for_flower(monkeypatch):
+    from pipeline import dispatch
+    sent = []
+
+    class App:
+        def send_task(self, name, **kw):
+            sent.append((name, kw))
+    monkeypatch.setattr(dispatch, "_app", lambda: App())
+    dispatch.enqueue_batch("b_1", "peak")
+    dispatch.enqueue_batch("b_2", "offpeak", jobs=["job_a"])
+    assert sent[0][1]["args"] == ["b_1"] and sent[0][1]["kwargs"] == {"tier": "peak"}
+    assert sent[1][1]["kwargs"] == {"tier": "offpeak", "jobs": ["job_a"]}
+    import inspect
+
+    from workers.tasks import execute_batch
+    assert {"tier", "jobs"} <= set(inspect.signature(execute_batch.run).parameters)
+
+
+def test_ps_json_prints_one_object_per_process():
+    result = CliRunner().invoke(main, ["ps", "--json", "redis", "batcher"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["name"] for r in rows] == ["redis", "batcher"] and all(r["state"] in ("up", "down") for r in rows)

@@ -277,7 +277,7 @@ def follow(engine, job_id: str, *, interval: float = 1.0, out=None, tty: bool | 
     tty = out.isatty() if tty is None else tty
     last_key = None
     while True:
-        with engine.connect() as conn:
+        with db.transaction(engine) as conn:   # waits out a Postgres restart, saying so once
             st = job_view(conn, job_id)
         key = _wait_key(st)
         if tty:

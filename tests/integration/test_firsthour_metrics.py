@@ -102,3 +102,20 @@ def test_status_json_says_nothing_held_for_a_finished_job(stack, tmp_path):
     assert proc.returncode == 0, proc.stderr
     st = json.loads(llmbatch("status", json.loads(proc.stdout)["job_id"], "--json").stdout)
     assert st["held"] == [] and "E-" not in st["cost_usd"]
+
+
+def test_tier_latency_leaves_cache_hits_out_of_the_percentiles(stack, engine, tmp_path):
+    import sqlalchemy as sa
+    lines = [dict(chat_line(f"c{i}", f"latency question {i}", priority=6),
+                  body={"model": "gpt-4o-mini", "max_tokens": 8, "temperature": 0,
+                        "messages": [{"role": "user", "content": f"tier latency cache {i} {tmp_path.name}"}]})
+             for i in range(4)]
+    path = write_jsonl(tmp_path / "lat.jsonl", lines)
+    for _ in range(2):   # the second run is answered from the cache: 0 ms each
+        proc = llmbatch("submit", path, "--wait", timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    with engine.connect() as conn:
+        hits, zero_latency = conn.execute(sa.text(
+            "SELECT coalesce(sum(cache_hits), 0), count(*) FILTER (WHERE latency_p50_ms = 0)"
+            " FROM tier_latency WHERE hour >= date_trunc('hour', now()) - interval '1 hour'")).one()
+    assert hits >= 4 and zero_latency == 0

@@ -29,6 +29,18 @@ def status(**over):
     return st
 
 
+class Engine:
+    """Enough of an engine for ``db.transaction``: the views under test are monkeypatched."""
+
+    def connect(self):
+        import contextlib
+
+        class Conn(contextlib.nullcontext):
+            def begin(self):
+                return contextlib.nullcontext()
+        return Conn(None)
+
+
 # ------------------------------------------------------------------ held work, until when
 
 def test_held_offpeak_work_says_when_the_window_opens():
@@ -77,10 +89,6 @@ def test_wait_prints_one_line_per_change_when_not_a_terminal(monkeypatch):
     seq = iter([same, same, same, done])
     monkeypatch.setattr(views, "job_view", lambda conn, job_id: next(seq))
 
-    class Engine:
-        def connect(self):
-            import contextlib
-            return contextlib.nullcontext(None)
     out = io.StringIO()
     last = views.follow(Engine(), "job_x", interval=0, out=out, tty=False)
     lines = out.getvalue().splitlines()
@@ -94,10 +102,6 @@ def test_wait_redraws_one_line_on_a_terminal(monkeypatch):
     seq = iter([status(), status(status="completed")])
     monkeypatch.setattr(views, "job_view", lambda conn, job_id: next(seq))
 
-    class Engine:
-        def connect(self):
-            import contextlib
-            return contextlib.nullcontext(None)
     out = io.StringIO()
     views.follow(Engine(), "job_x", interval=0, out=out, tty=True)
     assert out.getvalue().count("\r") == 2 and out.getvalue().endswith("\n")

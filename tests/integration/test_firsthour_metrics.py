@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import metrics
@@ -34,7 +36,19 @@ def _endpoints(settings) -> dict[str, str]:
     return urls
 
 
-def test_every_panel_has_data_after_a_job(stack, tmp_path):
+@pytest.fixture
+def window_closed(stack):
+    """The scheduler's clock (the db clock) at 20:08 UTC: off-peak work stays held during the test."""
+    from datetime import datetime, timezone
+
+    from schedules.clock import DbClock
+    clock = DbClock()
+    clock.set(datetime.now(timezone.utc).replace(hour=20, minute=8, second=0, microsecond=0))
+    yield
+    clock.reset()
+
+
+def test_every_panel_has_data_after_a_job(stack, tmp_path, window_closed):
     # temperature 0: the second run is answered from the cache; a job cap gives a budget scope
     lines = [dict(chat_line(f"m{i}", f"metrics question {i}", priority=6),
                   body={"model": "gpt-4o-mini", "max_tokens": 8, "temperature": 0,
@@ -75,8 +89,15 @@ def test_every_panel_has_data_after_a_job(stack, tmp_path):
                 for n in _metric_names(target["expr"]):
                     wanted.setdefault(n, []).append(panel["title"])
         # the batcher reads its gauges from Postgres every few seconds: poll, do not sleep
-        have = wait_for(lambda: (h := names_with_data()) and all(h.get(n) for n in wanted) and h,
-                        timeout=90, every=2, what="every panel's metric has data")
+        last: dict = {}
+
+        def complete():
+            last.update(names_with_data())
+            return all(last.get(n) for n in wanted) and dict(last)
+        try:
+            have = wait_for(complete, timeout=90, every=2, what="every panel's metric has data")
+        except AssertionError:
+            raise AssertionError(f"no data for {sorted(n for n in wanted if not last.get(n))}") from None
         for n, titles in sorted(wanted.items()):
             print(f"{n}: {len(have[n])} samples  ({'; '.join(sorted(set(titles)))})")
         hits = sum(s.value for s in have["llmbatch_cache_hits_total"])

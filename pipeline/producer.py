@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 import sqlalchemy as sa
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from pipeline import db
 from pipeline.config import Settings, get_settings
@@ -153,16 +153,20 @@ def check_file(path: Path) -> None:
         raise FileInputError(f"{path} is not a regular file")
     if path.stat().st_size == 0:
         raise FileInputError(f"{path}: the file is empty")
-    first = b""
+    first, more = b"", False
     with path.open("rb") as f:
         for raw in f:
             stripped = raw.strip().removeprefix(b"\xef\xbb\xbf").strip()
+            if stripped and first:
+                more = True
+                break
             if stripped:
                 first = stripped
-                break
     if not first:
         raise FileInputError(f"{path}: every line is blank; a JSONL file has one request per line")
-    if first.startswith(b"["):
+    if first.startswith(b"[") and (more is False or not _parses(first)):
+        # a whole array on one line, or the opening of a pretty-printed one; an array line
+        # among JSONL lines is only that line's problem (rejected with its reason)
         raise FileInputError(f"{path}: this file is a JSON array, not JSONL: put one request per line "
                              "(e.g. `jq -c '.[]' FILE > FILE.jsonl`)")
     if first.startswith(b"{"):
@@ -179,6 +183,60 @@ def check_file(path: Path) -> None:
             if isinstance(whole, dict):
                 raise FileInputError(f"{path}: this file is one JSON object spread over several lines, not "
                                      "JSONL: put one request per line (e.g. `jq -c . FILE > FILE.jsonl`)")
+
+
+#: how long a submit waits for Kafka to answer before it gives up (a broker restart takes seconds)
+KAFKA_PATIENCE_S = 60.0
+
+
+class _OncePerKind(logging.Filter):
+    """librdkafka repeats a connection failure every few hundred ms: pass each kind of line
+    (numbers blanked) once, so an outage is one line, not hundreds."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = re.sub(r"\d+", "N", record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _kafka_logger() -> logging.Logger:
+    logger = logging.getLogger("pipeline.kafka.librdkafka")
+    if not any(isinstance(f, _OncePerKind) for f in logger.filters):
+        logger.addFilter(_OncePerKind())
+    return logger
+
+
+def _wait_for_kafka(producer, settings: Settings, patience_s: float = KAFKA_PATIENCE_S) -> None:
+    """Return once Kafka answers a metadata request; one line while waiting; InfrastructureError after."""
+    deadline = time.monotonic() + patience_s
+    waiting = False
+    while True:
+        try:
+            producer.list_topics(timeout=5)
+            if waiting:
+                log.warning("Kafka reachable again")
+            return
+        except KafkaException as e:
+            if time.monotonic() > deadline:
+                why = e.args[0].str() if e.args and hasattr(e.args[0], "str") else str(e)
+                raise InfrastructureError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {why}") from None
+            if not waiting:
+                log.warning("waiting for Kafka at %s (up to %.0f s)", settings.kafka_bootstrap, patience_s)
+                waiting = True
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+        return True
+    except ValueError:
+        return False
 
 
 class _Interrupt:
@@ -256,6 +314,8 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
             raise FileInputError(f"--fallback-model: {e.reason}") from None
     counter = _anthropic_counter(settings)
     engine = db.get_engine()
+    producer = make_producer(settings, logger=_kafka_logger())
+    _wait_for_kafka(producer, settings)   # before a job exists: Kafka down leaves no job behind
     seen: set[bytes] = set()
     if resume:
         if not job_id:
@@ -270,7 +330,6 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                           tier=tier, budget_usd=budget_usd, on_budget=on_budget, mode=mode,
                           simulated=settings.simulated, fallback_model=fallback_model)
     report = SubmitReport(job_id, resumed_from=previous["last_line"], last_line=previous["last_line"])
-    producer = make_producer(settings)
     deliveries = _Deliveries()
     rejections: list[dict] = []
     key = job_id.encode()

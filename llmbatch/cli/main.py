@@ -154,6 +154,9 @@ def submit(file, priority, tier, budget_usd, on_budget, name, wait, resume_job, 
                    f"  cancel: llmbatch cancel {report.job_id}", err=True)
         click.echo(report.job_id)
         sys.exit(130)
+    if report.accepted == 0 and report.unacknowledged:
+        _fail(f"Kafka ({get_settings().kafka_bootstrap}) acknowledged none of the {len(report.unacknowledged)}"
+              f" requests; job {report.job_id} failed; run `llmbatch doctor`", 3)
     if report.accepted == 0 and not report.resumed_from:
         common = report.most_common_reason()
         why = f"; most common reason ({common[1]} of {report.rejected} lines): {common[0]}" if common else ""

@@ -210,3 +210,13 @@ def test_postgres_unreachable_at_submit_says_so_once_and_points_to_doctor(tmp_pa
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.count("waiting for Postgres") == 1, proc.stderr
     assert "retrying" not in proc.stderr and "llmbatch doctor" in proc.stderr.splitlines()[-1]
+
+
+def test_kafka_unreachable_at_submit_says_so_once_and_leaves_no_job(engine, tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", [chat_line("a", "x")])
+    env = dict(os.environ, LLMBATCH_KAFKA_BOOTSTRAP="127.0.0.1:9")
+    proc = subprocess.run([LLMBATCH, "submit", str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("waiting for Kafka") == 1 and "FAIL" not in proc.stderr, proc.stderr
+    assert "llmbatch doctor" in proc.stderr.splitlines()[-1]
+    assert _job_by_source(engine, path) is None

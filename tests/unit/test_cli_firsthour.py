@@ -265,3 +265,9 @@ def test_ps_json_prints_one_object_per_process():
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert [r["name"] for r in rows] == ["redis", "batcher"] and all(r["state"] in ("up", "down") for r in rows)
+
+
+def test_an_array_line_among_jsonl_lines_is_only_that_lines_problem(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text('[1, 2]\n{"custom_id": "b"}\n')
+    check_file(f)   # the first line is rejected as "expected a JSON object", the rest runs

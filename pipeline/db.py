@@ -54,7 +54,9 @@ def transaction(engine: Engine, patience_s: float = 60.0):
 
     Only the connect is retried, never a statement: the block runs once.
     """
-    deadline = time.monotonic() + patience_s
+    started = time.monotonic()
+    deadline = started + patience_s
+    waiting = False
     while True:
         try:
             conn = engine.connect()
@@ -62,8 +64,14 @@ def transaction(engine: Engine, patience_s: float = 60.0):
         except sa.exc.OperationalError as e:
             if time.monotonic() > deadline:
                 raise InfrastructureError(f"cannot reach Postgres: {e.orig}") from e
-            log.warning("Postgres unreachable, retrying: %s", e.orig)
+            if not waiting:   # one line per state change, not one per attempt
+                log.warning("waiting for Postgres (up to %.0f s): %s", patience_s, str(e.orig).strip())
+                waiting = True
+            else:
+                log.debug("Postgres still unreachable: %s", e.orig)
             time.sleep(1.0)
+    if waiting:
+        log.warning("Postgres reachable again after %.0f s", time.monotonic() - started)
     with conn, conn.begin():
         yield conn
 

@@ -25,5 +25,8 @@ def _app() -> Celery:
     return app
 
 
-def enqueue_batch(batch_id: str, tier: str) -> None:
-    _app().send_task(EXECUTE_BATCH_TASK, args=[batch_id], queue=queue_for(tier))
+def enqueue_batch(batch_id: str, tier: str, jobs: list[str] | None = None) -> None:
+    """Send the batch's task; ``tier`` (and the ``jobs`` in it, when the caller knows them) go in
+    its kwargs so Flower's task list shows them next to the batch id."""
+    kwargs = {"tier": tier} | ({"jobs": list(jobs)} if jobs else {})
+    _app().send_task(EXECUTE_BATCH_TASK, args=[batch_id], kwargs=kwargs, queue=queue_for(tier))

@@ -88,6 +88,14 @@ def csv_row(job_id: str, row: dict) -> list:
             row.get("provider_request_id")]
 
 
+def finished_only(rows):
+    """Rows of requests in a terminal state (``results --partial``): an unfinished request is
+    not written, rather than written as an error it does not have."""
+    for row in rows:
+        if row.get("status") in ("succeeded", "failed", "cancelled"):
+            yield row
+
+
 FORMATS = {"openai": openai_line, "anthropic": anthropic_line, "csv": csv_row}
 
 

@@ -4,8 +4,11 @@ Public surface (other modules touch only these):
 
 - ``record_outcomes(outcomes, attempts)``: the one hook for request outcomes,
   called by ``OutcomeWriter._write`` (workers/execute.py) after the rows commit;
-- ``CACHE_HITS`` / ``CACHE_MISSES`` (label ``model``): the response cache;
-- ``BUDGET_REMAINING`` (label ``scope``): set by the budget code;
+- ``count_cache_from(stats)``: the batcher's cache counters (``cache_hits``,
+  ``cache_misses`` in its ``stats``) exported as ``llmbatch_cache_hits_total`` /
+  ``llmbatch_cache_misses_total``;
+- ``budget_alert(scope, threshold)``: a cap crossed 80 % or 100 % (pipeline/budget.py);
+- ``window_collector(...)``: the scheduler's off-peak window state;
 - ``LIMITER_WAIT`` (labels ``tier``, ``model``): observed by the rate limiter, seconds;
 - ``observe_consumer_lag(*consumers)``: the batcher's loop, throttled here;
 - ``serve(role, settings)``: the CLI commands start the endpoint.
@@ -18,8 +21,8 @@ A Celery worker is a prefork pool: its processes write to files under
 command sets, and empties, before this module is imported) and the parent
 serves their sum.
 
-Queue depth and held batches are read from Postgres at scrape time by the
-batcher's endpoint (every batcher reports the same numbers: use ``max`` across
+Queue depth, held batches and the budget left per scope are read from
+Postgres at scrape time by the batcher's endpoint (every batcher reports the same numbers: use ``max`` across
 them). This module never raises into the caller: a metrics failure is logged
 and the work goes on.
 """
@@ -58,12 +61,10 @@ PROVIDER_LATENCY = Histogram("llmbatch_provider_latency_seconds",
 RETRIES = Counter("llmbatch_retries", "Provider attempts after the first", ["tier"], registry=REGISTRY)
 RATE_LIMITED = Counter("llmbatch_provider_429", "429 (rate limited) answers from providers", ["tier"],
                        registry=REGISTRY)
-CACHE_HITS = Counter("llmbatch_cache_hits", "Requests answered from the response cache", ["model"],
-                     registry=REGISTRY)
-CACHE_MISSES = Counter("llmbatch_cache_misses", "Cacheable requests the cache could not answer", ["model"],
-                       registry=REGISTRY)
-BUDGET_REMAINING = Gauge("llmbatch_budget_remaining_usd", "Dollars left in a budget scope's period",
-                         ["scope"], multiprocess_mode="mostrecent", registry=REGISTRY)
+BUDGET_ALERTS = Counter("llmbatch_budget_alerts", "Budget alerts raised: a cap crossed 80 or 100 percent",
+                        ["scope", "threshold"], registry=REGISTRY)
+UP = Gauge("llmbatch_up", "1 while this process serves metrics", ["role"], multiprocess_mode="max",
+           registry=REGISTRY)
 LIMITER_WAIT = Histogram("llmbatch_limiter_wait_seconds", "Time a request waited for the rate limiter",
                          ["tier", "model"], buckets=_WAIT_BUCKETS, registry=REGISTRY)
 CONSUMER_LAG = Gauge("llmbatch_kafka_consumer_lag", "Messages behind the partition's end (batcher)",
@@ -72,11 +73,80 @@ CONSUMER_LAG = Gauge("llmbatch_kafka_consumer_lag", "Messages behind the partiti
 #: gauges the batcher's endpoint computes from Postgres and Redis at scrape time
 DB_GAUGES = {
     "llmbatch_queue_depth": "Requests not finished, by tier and state (queued, held, running, deferred)",
+    "llmbatch_budget_remaining_usd": "Dollars left in a budget scope's period (global, tier:T, job:J of open"
+                                     " jobs): the cap minus the ledger's spend",
     "llmbatch_held_batches": "Batches held in Postgres for the scheduler, by tier",
     "llmbatch_celery_queue_length": "Batch tasks waiting in a tier's Celery queue",
 }
 
 _context = {"tier": "unknown"}
+
+
+def budget_alert(scope: str, threshold: int) -> None:
+    """Count an alert (``scope``: global, tier or job; ``threshold``: 80 or 100). Never raises."""
+    try:
+        BUDGET_ALERTS.labels(scope, str(threshold)).inc()
+    except Exception:
+        log.exception("recording a budget alert metric failed")
+
+
+class _CacheCollector:
+    """The batcher's response-cache counters, read from its ``stats`` when scraped."""
+
+    def __init__(self):
+        self.stats: dict | None = None
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        stats = self.stats or {}
+        for name, key, text in (("llmbatch_cache_hits", "cache_hits", "Requests answered from the response cache"),
+                                ("llmbatch_cache_misses", "cache_misses",
+                                 "Cacheable requests the cache could not answer")):
+            family = CounterMetricFamily(name, text)
+            if self.stats is not None:
+                family.add_metric([], stats.get(key, 0))
+            yield family
+
+
+_CACHE = _CacheCollector()
+REGISTRY.register(_CACHE)
+
+
+def count_cache_from(stats: dict) -> None:
+    """Export the batcher's ``stats["cache_hits"]`` / ``["cache_misses"]`` (pipeline/batcher.py)."""
+    _CACHE.stats = stats
+
+
+class WindowCollector:
+    """The off-peak window as the scheduler sees it: open (1/0) and the next change (Unix time).
+
+    Built by the scheduler's command from its window (schedules/windows.py) and
+    clock, passed in as callables: pipeline imports no schedules code.
+    """
+
+    def __init__(self, is_open, next_change, now):
+        self.is_open, self.next_change, self.now = is_open, next_change, now
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        opened = GaugeMetricFamily("llmbatch_offpeak_window_open", "1 while the off-peak window is open")
+        change = GaugeMetricFamily("llmbatch_offpeak_window_next_change_timestamp_seconds",
+                                   "When the off-peak window next opens or closes (Unix time)")
+        try:
+            now = self.now()
+            opened.add_metric([], 1 if self.is_open(now) else 0)
+            nxt = self.next_change(now)
+            if nxt is not None:
+                change.add_metric([], nxt.timestamp())
+        except Exception as e:
+            log.warning("off-peak window state not read: %s", e)
+            return []
+        return [opened, change]
 
 
 def set_tier(tier: str) -> None:
@@ -170,10 +240,15 @@ class _StateCollector:
                     " WHERE status NOT IN ('succeeded', 'failed', 'cancelled') GROUP BY 1, 2"))}
                 batches = dict(conn.execute(sa.text(
                     "SELECT tier, count(*) FROM batches WHERE status = 'held' GROUP BY 1")).all())
+                budgets = self._budgets(conn)
             for tier in TIERS:
                 for state in ("queued", "held", "running", "deferred"):
                     depth.add_metric([tier, state], counts.get((tier, state), 0))
                 held.add_metric([tier], batches.get(tier, 0))
+            remaining = GaugeMetricFamily("llmbatch_budget_remaining_usd", DB_GAUGES["llmbatch_budget_remaining_usd"],
+                                          labels=["scope"])
+            for scope, left in sorted(budgets.items()):
+                remaining.add_metric([scope], float(left))
         except Exception as e:
             log.warning("queue depth not read from Postgres: %s", e)
             return []
@@ -186,8 +261,30 @@ class _StateCollector:
                 celery_q.add_metric([tier], r.llen(queue_for(tier)))
         except Exception as e:
             log.warning("Celery queue lengths not read from Redis: %s", e)
-            return [depth, held]
-        return [depth, held, celery_q]
+            return [depth, held, remaining]
+        return [depth, held, celery_q, remaining]
+
+    def _budgets(self, conn) -> dict:
+        """Cap minus spend: caps set with ``budget set`` and open jobs' caps (the budget_status view),
+        and the daily caps from the settings that ``budget set`` did not override."""
+        import sqlalchemy as sa
+        from decimal import Decimal
+        out = {scope: cap - spent for scope, cap, spent in conn.execute(sa.text(
+            "SELECT scope, cap_usd, spent_usd FROM budget_status WHERE scope NOT LIKE 'job:%'"
+            " OR substr(scope, 5) IN (SELECT job_id FROM jobs"
+            "   WHERE status IN ('submitting', 'running', 'paused_budget'))"))}
+        configured = {"global": self.settings.budget_global_daily_usd or None}
+        configured.update({f"tier:{t}": v for t, v in (self.settings.budget_tier_daily_usd or {}).items()})
+        missing = {k: v for k, v in configured.items() if v not in (None, "") and k not in out}
+        if missing:
+            today = dict(conn.execute(sa.text(
+                "SELECT q.tier, sum(x.cost_usd) FROM results x JOIN requests q USING (job_id, custom_id)"
+                " WHERE x.created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+                " GROUP BY 1")).all())
+            for scope, cap in missing.items():
+                spent = sum(today.values(), Decimal(0)) if scope == "global" else today.get(scope[5:], Decimal(0))
+                out[scope] = Decimal(str(cap)) - (spent or Decimal(0))
+        return out
 
 
 def port_for(role: str, settings) -> int:
@@ -199,11 +296,21 @@ def multiprocess_enabled() -> bool:
     return getattr(values.ValueClass, "_multiprocess", False)
 
 
-def serve(role: str, settings, *, with_state: bool = False) -> int | None:
-    """Start this process's /metrics endpoint on a daemon thread; returns the port (None: off)."""
+def serve(role: str, settings, *, with_state: bool = False, collectors=()) -> int | None:
+    """Start this process's /metrics endpoint on a daemon thread; returns the port (None: off).
+
+    Every endpoint answers with samples from its start: ``llmbatch_up``, and for a
+    worker its tier's retry and 429 counters at 0 (a worker that has not run a
+    batch yet has nothing else to say, and an empty body looks like a fault).
+    """
     from prometheus_client import start_http_server
     if not settings.metrics_port:
         return None
+    UP.labels(role).set(1)
+    if role.startswith("worker-"):
+        tier = role[len("worker-"):]
+        RETRIES.labels(tier)
+        RATE_LIMITED.labels(tier)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
         registry = CollectorRegistry()
@@ -212,6 +319,8 @@ def serve(role: str, settings, *, with_state: bool = False) -> int | None:
         registry = REGISTRY
     if with_state:
         registry.register(_StateCollector(settings))
+    for collector in collectors:
+        registry.register(collector)
     port = port_for(role, settings)
     try:
         start_http_server(port, addr=settings.metrics_host, registry=registry)
@@ -231,7 +340,8 @@ def mark_process_dead(pid: int) -> None:
 
 def exported_names() -> set[str]:
     """Every sample name the endpoints can expose (``_total``, ``_bucket`` … included)."""
-    names = set(DB_GAUGES)
+    names = set(DB_GAUGES) | {"llmbatch_offpeak_window_open",
+                               "llmbatch_offpeak_window_next_change_timestamp_seconds"}
     for metric in REGISTRY.collect():
         base = metric.name
         if metric.type == "counter":

@@ -7,6 +7,17 @@ number and reason, recorded in Postgres, and the rest of the job goes on.
 A line counts as accepted only when Kafka acknowledged it; lines Kafka did
 not acknowledge are reported by number and recorded as rejected.
 
+Whole-file mistakes are caught before a job exists (a directory, an empty
+file, a JSON array or one pretty-printed JSON object instead of JSONL). A
+job in which no line was accepted ends ``failed``, never an empty
+``completed``. Ctrl-C (SIGINT) stops reading at a line boundary: what was
+produced is flushed, and the job is finished with the lines handled so far,
+so it runs them and can be resumed (``resume=True``) from the next line.
+While it reads, the submit records its progress and process on the job row
+(``submit_progress_at``, sql/010): a submit that dies is closed by the
+scheduler's upkeep (schedules/upkeep.py ``close_abandoned_submits``), so no
+job stays ``submitting``.
+
 ``publish_request`` is the API for services publishing one request.
 """
 
@@ -15,15 +26,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
+import signal
+import socket
+import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable
 
-from confluent_kafka import KafkaError
+import sqlalchemy as sa
+from confluent_kafka import KafkaError, KafkaException
 
 from pipeline import db
 from pipeline.config import Settings, get_settings
@@ -85,11 +103,165 @@ class SubmitReport:
     rejected: int = 0
     unacknowledged: list[int] = field(default_factory=list)
     interrupted: bool = False
+    #: the last line number handled (read, and produced or rejected): a resume starts after it
+    last_line: int = 0
+    #: the first few rejections, ``{"line", "custom_id", "reason"}``, for the terminal
+    first_rejections: list[dict] = field(default_factory=list)
+    #: reasons grouped (numbers blanked), each with its count and one example
+    reason_counts: Counter = field(default_factory=Counter)
+    reason_example: dict = field(default_factory=dict)
+    resumed_from: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    def reject(self, line: int, custom_id: str | None, reason: str) -> dict:
+        self.rejected += 1
+        row = {"line": line, "custom_id": custom_id, "reason": reason}
+        if len(self.first_rejections) < FIRST_REJECTIONS:
+            self.first_rejections.append(row)
+        group = re.sub(r"\d+", "N", reason)
+        self.reason_counts[group] += 1
+        self.reason_example.setdefault(group, reason)
+        return row
+
+    def most_common_reason(self) -> tuple[str, int] | None:
+        if not self.reason_counts:
+            return None
+        group, n = self.reason_counts.most_common(1)[0]
+        return self.reason_example[group], n
+
+
+#: rejections kept in the report for the terminal; ``llmbatch rejections JOB`` lists them all
+FIRST_REJECTIONS = 5
+#: how often a running submit records its progress on the job row
+PROGRESS_EVERY_S = 2.0
+#: the largest file read whole to tell a pretty-printed JSON object from a JSONL file
+_WHOLE_JSON_MAX_BYTES = 64 * 1024 * 1024
+
+
+def check_file(path: Path) -> None:
+    """Refuse, before a job exists, a file that cannot be JSONL: a directory, an empty file,
+    a file of blank lines, a JSON array, or one JSON object spread over several lines."""
+    if path.is_dir():
+        raise FileInputError(f"{path} is a directory: give a JSONL file, one request per line")
+    if not path.exists():
+        raise FileInputError(f"{path}: no such file")
+    if not path.is_file():
+        raise FileInputError(f"{path} is not a regular file")
+    if path.stat().st_size == 0:
+        raise FileInputError(f"{path}: the file is empty")
+    first, more = b"", False
+    with path.open("rb") as f:
+        for raw in f:
+            stripped = raw.strip().removeprefix(b"\xef\xbb\xbf").strip()
+            if stripped and first:
+                more = True
+                break
+            if stripped:
+                first = stripped
+    if not first:
+        raise FileInputError(f"{path}: every line is blank; a JSONL file has one request per line")
+    if first.startswith(b"[") and (more is False or not _parses(first)):
+        # a whole array on one line, or the opening of a pretty-printed one; an array line
+        # among JSONL lines is only that line's problem (rejected with its reason)
+        raise FileInputError(f"{path}: this file is a JSON array, not JSONL: put one request per line "
+                             "(e.g. `jq -c '.[]' FILE > FILE.jsonl`)")
+    if first.startswith(b"{"):
+        try:
+            json.loads(first)
+            return
+        except ValueError:
+            pass
+        if path.stat().st_size <= _WHOLE_JSON_MAX_BYTES:
+            try:
+                whole = json.loads(path.read_bytes())
+            except ValueError:
+                return   # a broken first line: rejected with its reason like any other
+            if isinstance(whole, dict):
+                raise FileInputError(f"{path}: this file is one JSON object spread over several lines, not "
+                                     "JSONL: put one request per line (e.g. `jq -c . FILE > FILE.jsonl`)")
+
+
+#: how long a submit waits for Kafka to answer before it gives up (a broker restart takes seconds)
+KAFKA_PATIENCE_S = 60.0
+
+
+class _OncePerKind(logging.Filter):
+    """librdkafka repeats a connection failure every few hundred ms: pass each kind of line
+    (numbers blanked) once, so an outage is one line, not hundreds."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = re.sub(r"\d+", "N", record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _kafka_logger() -> logging.Logger:
+    logger = logging.getLogger("pipeline.kafka.librdkafka")
+    if not any(isinstance(f, _OncePerKind) for f in logger.filters):
+        logger.addFilter(_OncePerKind())
+    return logger
+
+
+def _wait_for_kafka(producer, settings: Settings, patience_s: float = KAFKA_PATIENCE_S) -> None:
+    """Return once Kafka answers a metadata request; one line while waiting; InfrastructureError after."""
+    deadline = time.monotonic() + patience_s
+    waiting = False
+    while True:
+        try:
+            producer.list_topics(timeout=5)
+            if waiting:
+                log.warning("Kafka reachable again")
+            return
+        except KafkaException as e:
+            if time.monotonic() > deadline:
+                why = e.args[0].str() if e.args and hasattr(e.args[0], "str") else str(e)
+                raise InfrastructureError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {why}") from None
+            if not waiting:
+                log.warning("waiting for Kafka at %s (up to %.0f s)", settings.kafka_bootstrap, patience_s)
+                waiting = True
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+        return True
+    except ValueError:
+        return False
+
+
+class _Interrupt:
+    """SIGINT sets a flag the read loop checks between lines, so an interrupt never lands
+    inside a Kafka callback or between producing a line and counting it. A second Ctrl-C
+    gives SIGINT back its default (a third one stops at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 class _Deliveries:
@@ -123,14 +295,17 @@ def _anthropic_counter(settings: Settings):
 def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | None = None,
                 name: str | None = None, priority: int | None = None, tier: str | None = None,
                 budget_usd: Decimal | None = None, on_budget: str = "defer", mode: str = "realtime",
-                fallback_model: str | None = None,
+                fallback_model: str | None = None, resume: bool = False,
                 on_progress: Callable[[SubmitReport], None] | None = None) -> SubmitReport:
+    """Publish every valid line of ``path`` as job ``job_id``; returns the report.
+
+    ``resume=True`` continues job ``job_id`` (submitted from the same file and
+    interrupted): lines up to the job's recorded line count are skipped, their
+    custom_ids still count as taken, and the job's counts add up.
+    """
     settings = settings or get_settings()
     path = Path(path)
-    if not path.is_file():
-        raise FileInputError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise FileInputError(f"{path}: the file is empty")
+    check_file(path)
     prices = get_price_book()
     if fallback_model:
         try:
@@ -139,18 +314,27 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
             raise FileInputError(f"--fallback-model: {e.reason}") from None
     counter = _anthropic_counter(settings)
     engine = db.get_engine()
-    job_id = job_id or new_job_id()
-    report = SubmitReport(job_id)
-    with db.transaction(engine) as conn:
-        db.create_job(conn, job_id, name=name or path.name, source=str(path), priority=priority,
-                      tier=tier, budget_usd=budget_usd, on_budget=on_budget, mode=mode,
-                      simulated=settings.simulated, fallback_model=fallback_model)
-    producer = make_producer(settings)
+    producer = make_producer(settings, logger=_kafka_logger())
+    _wait_for_kafka(producer, settings)   # before a job exists: Kafka down leaves no job behind
+    seen: set[bytes] = set()
+    if resume:
+        if not job_id:
+            raise FileInputError("--resume needs the job id")
+        previous = _start_resume(engine, job_id, path, seen)
+        priority, tier, mode = previous["priority"], previous["tier"], previous["mode"]
+    else:
+        previous = {"lines_read": 0, "accepted": 0, "rejected": 0, "last_line": 0}
+        job_id = job_id or new_job_id()
+        with db.transaction(engine) as conn:
+            db.create_job(conn, job_id, name=name or path.name, source=str(path), priority=priority,
+                          tier=tier, budget_usd=budget_usd, on_budget=on_budget, mode=mode,
+                          simulated=settings.simulated, fallback_model=fallback_model)
+    report = SubmitReport(job_id, resumed_from=previous["last_line"], last_line=previous["last_line"])
     deliveries = _Deliveries()
     rejections: list[dict] = []
-    seen: set[bytes] = set()
     key = job_id.encode()
-    last_progress = 0.0
+    produced = 0
+    last_progress = last_beat = 0.0
 
     def flush_rejections():
         if rejections:
@@ -158,66 +342,134 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                 db.record_rejections(conn, job_id, rejections)
             rejections.clear()
 
-    try:
-        with path.open("rb") as f:
-            for number, raw in enumerate(f, 1):
-                if not raw.strip() or raw.strip() == b"\xef\xbb\xbf":
-                    continue  # blank lines are not requests
-                report.lines_read += 1
-                cid = None
-                try:
-                    obj = parse_json_line(raw)
-                    cid = obj.get("custom_id") if isinstance(obj.get("custom_id"), str) else None
-                    req = parse_request(obj, prices, counter)
-                    digest = hashlib.blake2b(req.custom_id.encode(), digest_size=8).digest()
-                    if digest in seen:
-                        raise LineError(f"duplicate custom_id {req.custom_id!r}: custom_id must be unique in a job")
-                    seen.add(digest)
-                except LineError as e:
-                    report.rejected += 1
-                    rejections.append({"line": number, "custom_id": cid, "reason": e.reason})
-                    if len(rejections) >= 1000:
-                        flush_rejections()
-                    continue
-                value = to_message(job_id, number, req, priority=priority, tier=tier, mode=mode)
-                topic = topic_for(req, priority=priority, tier=tier, mode=mode)
-                while True:
-                    try:
-                        producer.produce(topic, value=value, key=key,
-                                         on_delivery=deliveries.callback(number))
+    def heartbeat():
+        with db.transaction(engine) as conn:
+            conn.execute(sa.text(
+                "UPDATE jobs SET lines_read = :n, submit_progress_at = now(), submit_pid = :pid,"
+                " submit_host = :host WHERE job_id = :j AND status = 'submitting'"),
+                {"n": previous["lines_read"] + report.lines_read, "pid": os.getpid(),
+                 "host": socket.gethostname(), "j": job_id})
+
+    heartbeat()
+    with _Interrupt() as interrupt:
+        try:
+            with path.open("rb") as f:
+                for number, raw in enumerate(f, 1):
+                    if interrupt.requested:
+                        report.interrupted = True
                         break
-                    except BufferError:
-                        producer.poll(0.05)
-                producer.poll(0)
-                if on_progress and time.monotonic() - last_progress > 0.2:
-                    last_progress = time.monotonic()
-                    report.accepted = deliveries.acked
-                    on_progress(report)
-    except KeyboardInterrupt:
-        report.interrupted = True
-    finally:
-        remaining = producer.flush(60)
-        if remaining:
-            log.error("kafka did not acknowledge %d messages within 60 s", remaining)
-        flush_rejections()
-    sent = report.lines_read - report.rejected
-    unacked = sent - deliveries.acked - len(deliveries.failed)
+                    if number <= previous["last_line"]:
+                        continue
+                    report.last_line = number
+                    if not raw.strip() or raw.strip() == b"\xef\xbb\xbf":
+                        continue  # blank lines are not requests
+                    report.lines_read += 1
+                    cid = None
+                    try:
+                        obj = parse_json_line(raw)
+                        cid = obj.get("custom_id") if isinstance(obj.get("custom_id"), str) else None
+                        req = parse_request(obj, prices, counter)
+                        digest = _digest(req.custom_id)
+                        if digest in seen:
+                            raise LineError(f"duplicate custom_id {req.custom_id!r}: custom_id must be unique"
+                                            " in a job")
+                        seen.add(digest)
+                    except LineError as e:
+                        rejections.append(report.reject(number, cid, e.reason))
+                        if len(rejections) >= 1000:
+                            flush_rejections()
+                        continue
+                    value = to_message(job_id, number, req, priority=priority, tier=tier, mode=mode)
+                    topic = topic_for(req, priority=priority, tier=tier, mode=mode)
+                    while True:
+                        try:
+                            producer.produce(topic, value=value, key=key,
+                                             on_delivery=deliveries.callback(number))
+                            produced += 1
+                            break
+                        except BufferError:
+                            producer.poll(0.05)
+                    producer.poll(0)
+                    now = time.monotonic()
+                    if on_progress and now - last_progress > 0.2:
+                        last_progress = now
+                        report.accepted = deliveries.acked
+                        on_progress(report)
+                    if now - last_beat > PROGRESS_EVERY_S:
+                        last_beat = now
+                        heartbeat()
+        finally:
+            remaining = producer.flush(60)
+            if remaining:
+                log.error("kafka did not acknowledge %d messages within 60 s", remaining)
+            flush_rejections()
+    unacked = produced - deliveries.acked - len(deliveries.failed)
     if deliveries.failed or unacked:
         report.unacknowledged = sorted(deliveries.failed)
         with db.transaction(engine) as conn:
             db.record_rejections(conn, job_id, [
                 {"line": n, "custom_id": None, "reason": f"Kafka did not acknowledge the message: {err}"}
                 for n, err in deliveries.failed.items()])
+        for n, err in deliveries.failed.items():
+            report.reject(n, None, f"Kafka did not acknowledge the message: {err}")
+        report.rejected = report.lines_read - deliveries.acked
     report.accepted = deliveries.acked
     report.rejected = report.lines_read - report.accepted
     if unacked:
-        raise InfrastructureError(f"{unacked} messages were neither acknowledged nor failed by Kafka")
+        # the job stays 'submitting' with its progress: the upkeep closes it with what reached Postgres
+        raise InfrastructureError(f"{unacked} messages were neither acknowledged nor failed by Kafka"
+                                  f" (job {job_id}; it will be closed with the lines that arrived)")
+    total_accepted = previous["accepted"] + report.accepted
     with db.transaction(engine) as conn:
-        db.finish_submit(conn, job_id, lines_read=report.lines_read, accepted=report.accepted,
-                         rejected=report.rejected)
+        db.finish_submit(conn, job_id, lines_read=previous["lines_read"] + report.lines_read,
+                         accepted=total_accepted, rejected=previous["rejected"] + report.rejected)
+        conn.execute(sa.text("UPDATE jobs SET submit_line = :n WHERE job_id = :j"),
+                     {"n": report.last_line, "j": job_id})
+        if total_accepted == 0:
+            # nothing will ever run: say so in the job's state, not as an empty 'completed'
+            conn.execute(sa.text(
+                "UPDATE jobs SET status = 'failed', finished_at = now() WHERE job_id = :j"
+                " AND status IN ('running', 'completed')"), {"j": job_id})
     if on_progress:
         on_progress(report)
     return report
+
+
+def _digest(custom_id: str) -> bytes:
+    return hashlib.blake2b(custom_id.encode(), digest_size=8).digest()
+
+
+def _start_resume(engine, job_id: str, path: Path, seen: set[bytes]) -> dict:
+    """Put an interrupted job back to ``submitting`` and take its counts; fills ``seen`` with the
+    custom_ids of the lines already accepted (read again from the file, which must be the same)."""
+    with db.transaction(engine) as conn:
+        row = conn.execute(sa.text(
+            "SELECT status, source, lines_read, accepted, rejected, coalesce(submit_line, 0) AS last_line,"
+            " priority, tier, mode FROM jobs WHERE job_id = :j FOR UPDATE"), {"j": job_id}).mappings().first()
+        if row is None:
+            raise FileInputError(f"--resume: no job {job_id}")
+        if row["status"] == "submitting":
+            raise FileInputError(f"--resume: job {job_id} is still being submitted")
+        if row["status"] == "cancelled":
+            raise FileInputError(f"--resume: job {job_id} was cancelled")
+        rejected_lines = set(conn.execute(sa.text(
+            "SELECT line FROM rejections WHERE job_id = :j AND line <= :n"),
+            {"j": job_id, "n": row["last_line"]}).scalars())
+        conn.execute(sa.text(
+            "UPDATE jobs SET status = 'submitting', finished_at = NULL WHERE job_id = :j"), {"j": job_id})
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number > row["last_line"]:
+                break
+            if number in rejected_lines or not raw.strip():
+                continue
+            try:
+                cid = parse_json_line(raw).get("custom_id")
+            except LineError:
+                continue
+            if isinstance(cid, str):
+                seen.add(_digest(cid))
+    return dict(row)
 
 
 def publish_request(line: dict, *, job_id: str, producer=None, settings: Settings | None = None,

@@ -17,6 +17,11 @@
   ``resume_due_batches`` hook, called here as well as from the batcher's sweep.
   Alerts at 80 % / 100 % are raised by ``pipeline.budget`` when spend is
   settled, not here.
+- **Abandoned submits** (``close_abandoned_submits``): a job still
+  ``submitting`` whose submit process is gone (same host, pid not alive) or
+  has recorded no progress for ``SUBMIT_STALE_S`` is closed with what it
+  published: its line count, the requests that reached Postgres as accepted,
+  its rejections. Then it runs and completes like any other job.
 """
 
 from __future__ import annotations
@@ -100,10 +105,69 @@ def budget_rollover(*, engine=None, dispatcher=dispatch) -> int:
     return resume_due_batches(engine or db.get_engine(), dispatcher)
 
 
+#: a submit records progress every couple of seconds (pipeline/producer.py); this much silence means it died
+SUBMIT_STALE_S = 120.0
+#: a submit whose process is gone is closed once its last progress is this old (the batcher has caught up)
+SUBMIT_GONE_GRACE_S = 10.0
+
+
+def _process_gone(host: str | None, pid: int | None) -> bool:
+    """True only when the submit ran on this host and its pid is not alive."""
+    import os
+    import socket
+    if not pid or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def close_abandoned_submits(*, engine=None, stale_s: float = SUBMIT_STALE_S) -> list[str]:
+    """Close jobs left ``submitting`` by a submit that died; returns their ids."""
+    engine = engine or db.get_engine()
+    with engine.connect() as conn:
+        candidates = conn.execute(sa.text(
+            "SELECT job_id, submit_host, submit_pid,"
+            " coalesce(submit_progress_at, created_at) < now() - make_interval(secs => :s) AS stale,"
+            # what the dead submit published may still be on its way through the batcher
+            " coalesce(submit_progress_at, created_at) < now() - make_interval(secs => :grace) AS settled"
+            " FROM jobs WHERE status = 'submitting'"), {"s": stale_s, "grace": SUBMIT_GONE_GRACE_S}).all()
+    dead = [j for j, host, pid, stale, settled in candidates if stale or (settled and _process_gone(host, pid))]
+    closed = []
+    for job_id in dead:
+        with engine.begin() as conn:
+            row = conn.execute(sa.text(
+                "UPDATE jobs j SET status = 'running', submitted_at = now(),"
+                " accepted = (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id),"
+                " rejected = (SELECT count(*) FROM rejections x WHERE x.job_id = j.job_id),"
+                " lines_read = greatest(coalesce(j.lines_read, 0),"
+                "   (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id)"
+                "   + (SELECT count(*) FROM rejections x WHERE x.job_id = j.job_id))"
+                " WHERE j.job_id = :j AND j.status = 'submitting'"
+                " RETURNING lines_read, accepted, rejected"), {"j": job_id}).first()
+            if row is None:
+                continue
+            if row.accepted == 0:
+                conn.execute(sa.text("UPDATE jobs SET status = 'failed', finished_at = now() WHERE job_id = :j"),
+                             {"j": job_id})
+            else:
+                db.refresh_jobs(conn, [job_id])
+        log.warning("upkeep: job %s was left submitting by a submit that is gone: closed with %d lines, "
+                    "%d accepted, %d rejected", job_id, row.lines_read, row.accepted, row.rejected,
+                    extra={"job": job_id})
+        closed.append(job_id)
+    return closed
+
+
 def run_upkeep(*, settings: Settings | None = None, engine=None, clock: Clock | None = None,
                dispatcher=dispatch) -> dict:
     out = {"purged": purge_bodies(settings=settings, engine=engine, clock=clock),
            "redispatched": len(redispatch_stuck(settings=settings, engine=engine, dispatcher=dispatcher)),
-           "budget_resumed": budget_rollover(engine=engine, dispatcher=dispatcher)}
+           "budget_resumed": budget_rollover(engine=engine, dispatcher=dispatcher),
+           "submits_closed": len(close_abandoned_submits(engine=engine))}
     return out
 

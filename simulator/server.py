@@ -328,6 +328,22 @@ class Simulator:
     async def get_stats(self, request: web.Request) -> web.Response:
         return _json_response(self.stats.as_dict())
 
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text of the ``/_stats`` counters per model (Prometheus scrapes it)."""
+        def esc(v: str) -> str:
+            return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        lines = ["# HELP llmbatch_simulator_requests_total Requests the simulator received, by model",
+                 "# TYPE llmbatch_simulator_requests_total counter",
+                 *(f'llmbatch_simulator_requests_total{{model="{esc(m)}"}} {c.requests}'
+                   for m, c in sorted(self.stats.by_model.items())),
+                 "# HELP llmbatch_simulator_errors_total Error answers the simulator gave, by model and kind",
+                 "# TYPE llmbatch_simulator_errors_total counter",
+                 *(f'llmbatch_simulator_errors_total{{model="{esc(m)}",kind="{esc(k)}"}} {n}'
+                   for m, c in sorted(self.stats.by_model.items()) for k, n in sorted(c.errors.items())),
+                 "# HELP llmbatch_simulator_in_flight Requests being answered now", "# TYPE llmbatch_simulator_in_flight gauge",
+                 f"llmbatch_simulator_in_flight {self.stats.total.in_flight}"]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
     async def post_reset(self, request: web.Request) -> web.Response:
         self.reset()
         return _json_response({"reset": True})
@@ -371,6 +387,7 @@ def build_app(config: SimulatorConfig | None = None) -> web.Application:
     app.router.add_post("/v1/messages/count_tokens", sim.count_tokens)
     sim.batches.add_routes(app)
     app.router.add_get("/_stats", sim.get_stats)
+    app.router.add_get("/metrics", sim.get_metrics)
     app.router.add_post("/_reset", sim.post_reset)
     app.router.add_get("/_config", sim.get_config)
     app.router.add_post("/_config", sim.post_config)

@@ -39,7 +39,8 @@ def _warm_up(**_):
 
 
 @app.task(name=EXECUTE_BATCH_TASK, bind=True)
-def execute_batch(self, batch_id: str) -> None:
+def execute_batch(self, batch_id: str, tier: str | None = None, jobs: list[str] | None = None) -> None:
+    """``tier`` and ``jobs`` are labels for Flower's task list; the batch row is what counts."""
     summary = _event_loop().run_until_complete(
         run_batch(batch_id, owner=self.request.id or batch_id, settings=get_settings()))
     log.info("batch %s: %s", batch_id, summary, extra={"batch": batch_id})

@@ -41,26 +41,32 @@ def show(as_json):
     if as_json:
         click.echo(json.dumps(data))
         return
+    from llmbatch.cli.views import money
     click.echo(f"period {data['period']} (UTC)  counters: {data['counters']}")
+    click.echo("  spent: settled in the live counters (Redis) that caps are enforced on;"
+               " held: reserved for calls in flight;\n  ledger: the cost of the results stored in Postgres,"
+               " the durable record the counters are rebuilt from.\n  They differ while calls are in flight"
+               " or their results are being written; a lasting difference is worth a look.")
 
     def line(name, s):
-        cap = f"${s['cap_usd']}" if s["cap_usd"] is not None else "no cap"
-        live = f"spent ${s['spent_usd']}  held ${s['held_usd']}  " if s["spent_usd"] is not None else ""
-        click.echo(f"  {name:<12} {cap:<14} {live}ledger ${s['ledger_usd']}")
+        cap = f"${money(s['cap_usd'])}" if s["cap_usd"] is not None else "no cap"
+        live = (f"spent ${money(s['spent_usd'])}  held ${money(s['held_usd'])}  "
+                if s["spent_usd"] is not None else "")
+        click.echo(f"  {name:<12} {cap:<14} {live}ledger ${money(s['ledger_usd'])}")
     line("global", data["global"])
     for t in TIERS:
         line(t, data["tiers"][t])
     if data["jobs"]:
         click.echo("jobs:")
         for j in data["jobs"]:
-            cap = f"${j['cap_usd']}" if j["cap_usd"] is not None else "no cap"
-            click.echo(f"  {j['job_id']}  {j['status']:<14} {cap:<12} spent ${j['spent_usd']}"
+            cap = f"${money(j['cap_usd'])}" if j["cap_usd"] is not None else "no cap"
+            click.echo(f"  {j['job_id']}  {j['status']:<14} {cap:<12} spent ${money(j['spent_usd'])}"
                        f"  deferred {j['deferred']}  on budget: {j['on_budget']}")
     if data["alerts"]:
         click.echo("recent alerts:")
         for a in data["alerts"]:
             click.echo(f"  {a['created_at']}  {a['scope']} {a['period']}  {a['threshold']} %"
-                       f"  ${a['spent_usd']} of ${a['cap_usd']}")
+                       f"  ${money(a['spent_usd'])} of ${money(a['cap_usd'])}")
 
 
 @budget.command("set")

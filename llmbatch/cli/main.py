@@ -35,6 +35,9 @@ import click
 from pipeline import db
 from pipeline.config import get_settings
 from pipeline.constants import JOB_TERMINAL, SIMULATOR_LABEL, TIERS
+
+#: every state a job can be in (sql/001_init.sql, pipeline/db.py, pipeline/budget.py)
+JOB_STATES = ("submitting", "running", "paused_budget", "completed", "failed", "cancelled")
 from pipeline.errors import FileInputError, InfrastructureError, LLMBatchError
 
 log = logging.getLogger("llmbatch.cli")
@@ -77,13 +80,13 @@ def _progress_printer():
 
 
 def _wait(job_id: str, poll_s: float = 0.5) -> dict:
+    """Follow the job until it ends: a progress line on a terminal, one line per change otherwise
+    (llmbatch/cli/views.py ``follow``), with what is held and until when."""
+    from llmbatch.cli import views
     engine = db.get_engine()
-    while True:
-        with db.transaction(engine) as conn:   # waits out a Postgres restart
-            status = db.job_status(conn, job_id)
-        if status["status"] in JOB_TERMINAL:
-            return status
-        time.sleep(poll_s)
+    with db.transaction(engine):   # waits out a Postgres restart, with one line
+        pass
+    return views.follow(engine, job_id, interval=poll_s)
 
 
 def _print_status(status: dict, as_json: bool) -> None:
@@ -95,7 +98,8 @@ def _print_status(status: dict, as_json: bool) -> None:
     click.echo(f"  lines {c['total']}  accepted {c['accepted']}  rejected {c['rejected']}")
     click.echo(f"  succeeded {c['succeeded']}  failed {c['failed']}  cancelled {c['cancelled']}"
                f"  pending {c['pending']}")
-    click.echo(f"  cost ${status['cost_usd']}")
+    from llmbatch.cli.views import money
+    click.echo(f"  cost ${money(status['cost_usd'])}")
     if status["budget"]["fallback_model"]:
         click.echo(f"  fallback {status['budget']['fallback_model']}: answered"
                    f" {status['budget']['answered_by_fallback']}")
@@ -108,7 +112,9 @@ def _print_status(status: dict, as_json: bool) -> None:
 @click.option("--budget-usd", type=Decimal, help="Cap on the job's spend.")
 @click.option("--on-budget", type=click.Choice(["defer", "fail"]), default="defer", show_default=True)
 @click.option("--name", help="A name for the job (default: the file name).")
-@click.option("--wait", is_flag=True, help="Wait until the job is finished.")
+@click.option("--wait", is_flag=True, help="Wait until the job is finished (progress, and what is held until when).")
+@click.option("--resume", "resume_job", metavar="JOB",
+              help="Continue an interrupted submit of the same FILE into job JOB, from the line after its last.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job status as JSON.")
 @click.option("--mode", type=click.Choice(["realtime", "provider_batch"]), default="realtime", show_default=True,
               help="provider_batch: through the provider's Batch API at half price (needs `llmbatch scheduler`).")
@@ -117,7 +123,7 @@ def _print_status(status: dict, as_json: bool) -> None:
 @click.option("--fallback-model", metavar="MODEL",
               help="A cheaper model of the same provider that answers when a line's model is over its "
                    "budget or rate limit; results.model records which model answered.")
-def submit(file, priority, tier, budget_usd, on_budget, name, wait, as_json, mode, batch_fallback,
+def submit(file, priority, tier, budget_usd, on_budget, name, wait, resume_job, as_json, mode, batch_fallback,
            fallback_model):
     """Submit a JSONL file (OpenAI or Anthropic batch lines) as a job."""
     from pipeline.producer import submit_file
@@ -125,32 +131,79 @@ def submit(file, priority, tier, budget_usd, on_budget, name, wait, as_json, mod
     try:
         report = submit_file(file, priority=priority, tier=tier, budget_usd=budget_usd,
                              on_budget=on_budget, name=name, mode=mode, fallback_model=fallback_model,
-                             on_progress=_progress_printer())
+                             job_id=resume_job, resume=bool(resume_job), on_progress=_progress_printer())
         if batch_fallback != "realtime":
             from schedules.provider_batches import set_batch_fallback
             set_batch_fallback(report.job_id, batch_fallback)
     except FileInputError as e:
         _fail(str(e), 2)
     except InfrastructureError as e:
-        _fail(str(e), 3)
+        _fail(f"{e}; run `llmbatch doctor`", 3)
     if sys.stderr.isatty():
         click.echo("", err=True)
-    click.echo(f"job {report.job_id}: {report.lines_read} lines, {report.accepted} accepted, "
+    resumed = f" (resumed after line {report.resumed_from})" if report.resumed_from else ""
+    click.echo(f"job {report.job_id}: {report.lines_read} lines{resumed}, {report.accepted} accepted, "
                f"{report.rejected} rejected ({report.elapsed:.1f} s)", err=True)
     if report.unacknowledged:
         click.echo(f"Kafka did not acknowledge lines: {', '.join(map(str, report.unacknowledged))}", err=True)
+    _print_rejections(report)
     if report.interrupted:
-        click.echo("interrupted: lines after the last one read were not submitted", err=True)
+        click.echo(f"interrupted after line {report.last_line}: job {report.job_id} keeps the {report.accepted}"
+                   f" published requests and runs them.\n"
+                   f"  resume: llmbatch submit {file} --resume {report.job_id}\n"
+                   f"  cancel: llmbatch cancel {report.job_id}", err=True)
+        click.echo(report.job_id)
         sys.exit(130)
+    if report.accepted == 0 and report.unacknowledged:
+        _fail(f"Kafka ({get_settings().kafka_bootstrap}) acknowledged none of the {len(report.unacknowledged)}"
+              f" requests; job {report.job_id} failed; run `llmbatch doctor`", 3)
+    if report.accepted == 0 and not report.resumed_from:
+        common = report.most_common_reason()
+        why = f"; most common reason ({common[1]} of {report.rejected} lines): {common[0]}" if common else ""
+        _fail(f"no line of {file} was accepted{why}; job {report.job_id} failed", 2)
     if wait:
-        status = _wait(report.job_id)
+        try:
+            status = _wait(report.job_id)
+        except KeyboardInterrupt:
+            _stopped_waiting(report.job_id)
         _print_status(status, as_json)
         sys.exit(0 if status["status"] == "completed" else 1)
     if as_json:
+        from llmbatch.cli import views
         with db.get_engine().connect() as conn:
-            click.echo(json.dumps(db.job_status(conn, report.job_id)))
+            click.echo(json.dumps(views.job_view(conn, report.job_id), default=str))
     else:
         click.echo(report.job_id)
+        _print_held_after_submit(report.job_id)
+
+
+def _print_rejections(report) -> None:
+    """The first few rejected lines and the command that lists every one."""
+    if not report.rejected:
+        return
+    for r in report.first_rejections:
+        click.echo(f"  line {r['line']}: {r['reason']}", err=True)
+    more = report.rejected - len(report.first_rejections)
+    click.echo(f"  {'… ' + str(more) + ' more; ' if more > 0 else ''}all rejected lines:"
+               f" llmbatch rejections {report.job_id}", err=True)
+
+
+def _print_held_after_submit(job_id: str) -> None:
+    """A job with held work says so at once, not hours later (issue 15)."""
+    from llmbatch.cli import views
+    try:
+        with db.get_engine().connect() as conn:
+            st = views.job_view(conn, job_id)
+    except Exception:   # the job id is printed; this is only a hint
+        return
+    for h in (st or {}).get("held") or []:
+        click.echo(f"held: {h['text']}", err=True)
+
+
+def _stopped_waiting(job_id: str) -> None:
+    click.echo(f"\nstopped waiting: job {job_id} goes on (`llmbatch status {job_id} --watch` follows it,"
+               f" `llmbatch cancel {job_id}` stops it)", err=True)
+    sys.exit(130)
 
 
 @main.command()
@@ -170,7 +223,7 @@ def status(job_id, as_json, watch, interval):
         try:
             st = views.watch(engine, job_id, interval=interval) if not as_json else _watch_json(engine, job_id, interval)
         except KeyboardInterrupt:
-            sys.exit(130)
+            _stopped_waiting(job_id)
         sys.exit(0 if st["status"] == "completed" else 1)
     click.echo(json.dumps(st, default=str) if as_json else views.format_status(st))
 
@@ -204,25 +257,54 @@ def _engine_or_exit():
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="File to write (default: stdout).")
 @click.option("--format", "fmt", type=click.Choice(["openai", "anthropic", "csv"]), default="openai",
               show_default=True, help="OpenAI Batch output lines, Anthropic Message Batches results, or CSV.")
-def results(job_id, output, fmt):
+@click.option("--partial", is_flag=True, help="The job is not finished: write only the requests that are.")
+def results(job_id, output, fmt, partial):
     """Export a job's results, one line (or CSV row) per request, in input order."""
-    from pipeline.export import write_results
+    from pipeline.export import finished_only, write_results
     engine = _engine_or_exit()
     with engine.connect() as conn:
-        if db.job_status(conn, job_id) is None:
+        st = db.job_status(conn, job_id)
+        if st is None:
             _fail(f"no job {job_id}", 2)
+        unfinished = st["counts"]["pending"]
+        if (st["status"] not in JOB_TERMINAL or unfinished) and not partial:
+            _fail(f"job {job_id} is {st['status']} with {unfinished} requests not finished: wait"
+                  f" (`llmbatch status {job_id} --watch`), or write the finished ones with --partial", 2)
+        rows = db.iter_results(conn, job_id)
+        if partial:
+            rows = finished_only(rows)
         out = output.open("w", newline="" if fmt == "csv" else None) if output else sys.stdout
         try:
-            n = write_results(db.iter_results(conn, job_id), job_id, out, fmt)
+            n = write_results(rows, job_id, out, fmt)
         finally:
             if output:
                 out.close()
-    if output:
-        click.echo(f"wrote {n} results to {output}", err=True)
+    note = f" (partial: {unfinished} not finished, left out)" if partial and unfinished else ""
+    if output or note:
+        click.echo(f"wrote {n} results{' to ' + str(output) if output else ''}{note}", err=True)
 
 
 @main.command()
-@click.option("--status", "status_", help="Only jobs in this state (running, completed, failed, ...).")
+@click.argument("job_id")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per rejected line.")
+def rejections(job_id, limit, as_json):
+    """The lines of a job that were rejected, with their line number and reason."""
+    from llmbatch.cli import views
+    with _engine_or_exit().connect() as conn:
+        if db.job_status(conn, job_id) is None:
+            _fail(f"no job {job_id}", 2)
+        rows = views.list_rejections(conn, job_id, limit=limit)
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r, default=str))
+        return
+    click.echo(views.format_table(["line", "custom_id", "reason"],
+                                  [[r["line"], r["custom_id"], r["reason"]] for r in rows]))
+
+
+@main.command()
+@click.option("--status", "status_", type=click.Choice(JOB_STATES), help="Only jobs in this state.")
 @click.option("--since", help="Only jobs created since: 30m, 6h, 7d, or an ISO 8601 time.")
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per job, one per line.")
@@ -359,9 +441,25 @@ def down(names):
 
 @main.command()
 @click.argument("names", nargs=-1)
-def ps(names):
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per process: name, state, port.")
+def ps(names, as_json):
     """List the local stack's processes: NAME up|down PORT (like `make status`)."""
-    _stack("status", names)
+    if not as_json:
+        _stack("status", names)
+    import subprocess
+
+    from pipeline.config import ROOT
+    proc = subprocess.run(["bash", str(ROOT / "infra" / "stack.sh"), "status", *names],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        click.echo(proc.stderr, err=True, nl=False)
+        sys.exit(proc.returncode)
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            port = parts[2] if len(parts) > 2 else None
+            click.echo(json.dumps({"name": parts[0], "state": parts[1],
+                                   "port": int(port) if port and port.isdigit() else port}))
 
 
 # ------------------------------------------------------------------ processes
@@ -388,8 +486,10 @@ def batcher(max_seconds):
     from pipeline import metrics
     from pipeline.batcher import Batcher
     _setup_logging("INFO")
+    the_batcher = Batcher()
+    metrics.count_cache_from(the_batcher.stats)   # its cache hits and misses, as counters
     metrics.serve("batcher", get_settings(), with_state=True)
-    Batcher().run(max_seconds=max_seconds)
+    the_batcher.run(max_seconds=max_seconds)
 
 
 @main.command()
@@ -443,6 +543,8 @@ main.add_command(cancel)
 def run() -> None:
     try:
         main()
+    except InfrastructureError as e:
+        _fail(f"{e}; run `llmbatch doctor`", 3)
     except LLMBatchError as e:
         _fail(str(e), 1)
 

@@ -3,8 +3,8 @@
 The rows come from ``results`` joined with ``requests`` (the same numbers as
 the ``cost_daily`` view), for one job or for everything since a time. The
 time step adapts to the span: minutes up to two hours, hours up to two days,
-days beyond. The chart is stacked bars per (tier, model) over time, with the
-total in the title; matplotlib draws it off-screen (Agg), no display needed.
+days beyond. The chart is stacked bars per (tier, model) on a time axis (a
+quiet stretch shows as a gap), with the total in the title; matplotlib draws it off-screen (Agg), no display needed.
 """
 
 from __future__ import annotations
@@ -70,6 +70,22 @@ def totals(rows: list[dict]) -> list[list]:
     return out
 
 
+#: the width of one time step, for bars on a time axis
+STEP_LENGTH = {"10 s": timedelta(seconds=10), "minute": timedelta(minutes=1), "hour": timedelta(hours=1),
+               "day": timedelta(days=1)}
+
+
+def time_axis(buckets: list[datetime], step: str) -> tuple[list[float], float]:
+    """Bar positions on a real time axis (matplotlib date numbers, days) and the bar width.
+
+    A gap in time stays a gap on the chart: two steps five minutes apart are
+    drawn five minutes apart, not as neighbouring bars.
+    """
+    from matplotlib import dates as mdates
+    xs = [float(mdates.date2num(b.astimezone(timezone.utc))) for b in buckets]
+    return xs, STEP_LENGTH[step] / timedelta(days=1) * 0.8
+
+
 def chart(data: dict, path: Path, title: str) -> Path:
     """Stacked bars of cost per (tier, model) per time step, written as a PNG."""
     import matplotlib
@@ -82,7 +98,7 @@ def chart(data: dict, path: Path, title: str) -> Path:
     for r in rows:
         series[(r["tier"], r["model"])][r["bucket"]] = float(r["cost_usd"] or 0)
     keys = sorted(series, key=lambda k: (TIERS.index(k[0]) if k[0] in TIERS else 9, k[1]))
-    xs = list(range(len(buckets)))   # one slot per time step: a single step still reads as one bar
+    xs, width = time_axis(buckets, data["step"])
 
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     bottom = [0.0] * len(buckets)
@@ -90,7 +106,7 @@ def chart(data: dict, path: Path, title: str) -> Path:
     models = sorted({k[1] for k in keys})
     for tier, model in keys:
         values = [series[(tier, model)].get(b, 0.0) for b in buckets]
-        ax.bar(xs, values, width=0.7, bottom=bottom, label=f"{tier} / {model}",
+        ax.bar(xs, values, width=width, bottom=bottom, label=f"{tier} / {model}",
                color=TIER_COLOURS.get(tier, "#7f7f7f"), hatch=hatches[models.index(model) % len(hatches)],
                edgecolor="white", linewidth=0.6)
         bottom = [b + v for b, v in zip(bottom, values)]
@@ -99,10 +115,14 @@ def chart(data: dict, path: Path, title: str) -> Path:
     ax.set_ylabel("cost (USD)")
     ax.set_xlabel(f"time (UTC, per {data['step']})")
     ax.yaxis.set_major_formatter(lambda v, _: f"${v:,.4f}" if total < 1 else f"${v:,.2f}")
+    from matplotlib import dates as mdates
     fmt = {"10 s": "%H:%M:%S", "minute": "%m-%d %H:%M", "hour": "%m-%d %H:00", "day": "%Y-%m-%d"}[data["step"]]
-    every = max(1, len(xs) // 16)   # at most ~16 labels
-    ax.set_xticks(xs[::every], [b.astimezone(timezone.utc).strftime(fmt) for b in buckets][::every])
-    ax.set_xlim(-0.6, max(len(xs), 3) - 0.4)
+    ax.xaxis_date(tz=timezone.utc)
+    ax.xaxis.set_major_locator(mdates.AutoDateLocator(tz=timezone.utc, maxticks=16))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter(fmt, tz=timezone.utc))
+    if xs:   # a single step still reads as one bar, with room either side
+        pad = max(width * 2, (max(xs) - min(xs)) * 0.03)
+        ax.set_xlim(min(xs) - pad, max(xs) + pad)
     fig.autofmt_xdate()
     ax.grid(axis="y", alpha=0.3)
     if keys:

@@ -33,11 +33,24 @@ def scheduler(max_seconds):
     for name in ("schedules", "pipeline"):
         if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
             logging.getLogger(name).setLevel(logging.INFO)
+    _serve_metrics()
     try:
         code = SchedulerService().run(max_seconds=max_seconds)
     except InfrastructureError as e:
         _fail(str(e), 3)
     sys.exit(code)
+
+
+def _serve_metrics() -> None:
+    """The scheduler's /metrics (port P+5): the off-peak window's state, and what every process exports."""
+    from pipeline import metrics
+    from pipeline.config import get_settings
+    from schedules.clock import get_clock
+    from schedules.windows import Window
+    settings = get_settings()
+    window, clock = Window.offpeak(settings), get_clock(settings)
+    metrics.serve("scheduler", settings, collectors=[metrics.WindowCollector(window.is_open, window.next_change,
+                                                                             clock.now)])
 
 
 @click.group()

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pipeline import db
+from pipeline.config import get_settings
 from pipeline.constants import JOB_TERMINAL, TIERS
 
 STATES = ("queued", "held", "running", "deferred", "done", "failed", "cancelled")
@@ -48,13 +49,98 @@ def job_view(conn: Connection, job_id: str) -> dict | None:
         " FROM jobs j WHERE j.job_id = :j"), {"j": job_id, "w": RATE_WINDOW_S}).one()
     window = max(1.0, min(float(RATE_WINDOW_S), float(age_s)))
     rate = recent / window
-    pending = st["counts"]["pending"]
-    st["by_tier"] = {t: dict(c, cost_usd=str(cost_by_tier.get(t) or 0))
+    st["by_tier"] = {t: dict(c, cost_usd=money(cost_by_tier.get(t) or 0))
                      for t, c in by_tier.items() if any(c.values())}
-    st["budget_usd"] = str(budget) if budget is not None else None
+    st["budget_usd"] = money(budget) if budget is not None else None
     st["rate_per_s"] = round(rate, 2)
-    st["eta_s"] = round(pending / rate) if rate > 0 and pending else (0 if not pending else None)
+    st["cost_usd"] = money(st["cost_usd"])
+    st["cache_saved_usd"] = money(st["cache_saved_usd"])
+    st["held"] = held_work(conn, {t: c["held"] for t, c in by_tier.items()}) if st["status"] not in JOB_TERMINAL \
+        else []
+    # held work runs when the scheduler releases it, not at today's rate: it is left out of the ETA
+    runnable = st["counts"]["pending"] - sum(h["requests"] for h in st["held"])
+    st["eta_s"] = round(runnable / rate) if rate > 0 and runnable > 0 else (0 if runnable <= 0 else None)
     return st
+
+
+#: the scheduler's leader lock (schedules/service.py LEADER_LOCK): held while a scheduler leads
+_SCHEDULER_LOCK = 727006
+
+
+def scheduler_running(conn: Connection) -> bool:
+    """True when a scheduler holds its leader lock (pg_locks is readable by every role)."""
+    return bool(conn.execute(sa.text(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k AND granted"),
+        {"k": _SCHEDULER_LOCK}).scalar())
+
+
+def held_work(conn: Connection, held_by_tier: dict[str, int], *, settings=None,
+              now: datetime | None = None, scheduler: bool | None = None) -> list[dict]:
+    """What is held and until when: one entry per held tier with a sentence for people.
+
+    The off-peak window's next opening comes from the scheduler's own window
+    settings and cron logic (schedules/windows.py) and its clock (the ``db``
+    clock tests move), so what ``status`` promises is what the scheduler does.
+    """
+    from schedules.clock import get_clock
+    from schedules.windows import Window
+    out = []
+    if not any(held_by_tier.get(t) for t in ("offpeak", "background")):
+        return out
+    settings = settings or get_settings()
+    if scheduler is None:
+        scheduler = scheduler_running(conn)
+    no_scheduler = "" if scheduler else "; no scheduler is running: start it with `llmbatch up scheduler`"
+    if held_by_tier.get("offpeak"):
+        window = Window.offpeak(settings)
+        now = now or get_clock(settings).now()
+        if window.is_open(now):
+            closes = window.next_change(now)
+            when = f"window open until {_clock_time(closes, settings)}, released as workers free up"
+            opens_at = now
+        else:
+            opens_at = window.next_change(now)
+            when = (f"window opens {_clock_time(opens_at, settings)}, in {human_duration((opens_at - now).total_seconds())}"
+                    if opens_at else "the window never opens (check LLMBATCH_OFFPEAK_OPEN_CRON)")
+        out.append({"tier": "offpeak", "requests": held_by_tier["offpeak"],
+                    "opens_at": opens_at.isoformat() if opens_at else None,
+                    "in_s": round((opens_at - now).total_seconds()) if opens_at else None,
+                    "text": f"{held_by_tier['offpeak']} off-peak, {when}{no_scheduler}"})
+    if held_by_tier.get("background"):
+        out.append({"tier": "background", "requests": held_by_tier["background"], "opens_at": None,
+                    "in_s": None,
+                    "text": f"{held_by_tier['background']} background, run when the immediate and peak queues"
+                            f" are idle{no_scheduler}"})
+    return out
+
+
+def _clock_time(at: datetime | None, settings) -> str:
+    """``22:00 UTC`` (in the window's time zone), with the date when it is not within a day."""
+    if at is None:
+        return "never"
+    return f"{at:%H:%M} {settings.offpeak_timezone}"
+
+
+def human_duration(seconds: float) -> str:
+    """``1 h 52 m``, ``5 m``, ``40 s``: for a time ahead, rounded up to the minute past a minute."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = -(-seconds // 60)
+    if minutes < 60:
+        return f"{minutes} m"
+    days, rest = divmod(minutes, 24 * 60)
+    h, m = divmod(rest, 60)
+    return (f"{days} d " if days else "") + f"{h} h {m} m"
+
+
+def money(value) -> str:
+    """Dollars as a plain decimal string: ``0``, ``0.0235``; never ``0E-8`` or ``1.20000000``."""
+    d = Decimal(str(value))
+    if d == 0:
+        return "0"
+    text = format(d.normalize(), "f")
+    return text
 
 
 def parse_since(text: str | None, now: datetime | None = None) -> datetime | None:
@@ -86,6 +172,14 @@ def list_jobs(conn: Connection, *, status: str | None = None, since: datetime | 
     return [dict(r) for r in rows]
 
 
+def list_rejections(conn: Connection, job_id: str, *, limit: int | None = None) -> list[dict]:
+    """Rejected lines of a job in line order (``llmbatch rejections``)."""
+    rows = conn.execute(sa.text(
+        "SELECT line, custom_id, reason, created_at FROM rejections WHERE job_id = :j"
+        " ORDER BY line NULLS LAST LIMIT :n"), {"j": job_id, "n": limit}).mappings().all()
+    return [dict(r) for r in rows]
+
+
 # ------------------------------------------------------------------ formatting
 
 def _cell(value) -> str:
@@ -95,6 +189,8 @@ def _cell(value) -> str:
         return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, (dict, list)):
         return json.dumps(value, default=str)
+    if isinstance(value, Decimal):
+        return format(value, "f") if value != 0 else "0"
     return str(value)
 
 
@@ -128,18 +224,74 @@ def _duration(seconds) -> str:
 def format_status(st: dict) -> str:
     """The multi-line status screen of a job."""
     c = st["counts"]
-    budget = f" of ${st['budget_usd']} budget" if st.get("budget_usd") else " (no job budget)"
+    budget = f" of ${money(st['budget_usd'])} budget" if st.get("budget_usd") else " (no job budget)"
     out = [f"job {st['job_id']}  {st['status']}  provider: {st['provider']}",
            f"lines {c['total']}  accepted {c['accepted']}  rejected {c['rejected']}"
            f"  |  done {c['succeeded']}  failed {c['failed']}  cancelled {c['cancelled']}"
            f"  pending {c['pending']}",
-           f"spend ${st['cost_usd']}{budget}  |  rate {st.get('rate_per_s', 0):.1f} req/s"
-           f"  |  ETA {_duration(st.get('eta_s')) if st['status'] not in JOB_TERMINAL else '-'}",
-           ""]
+           f"spend ${money(st['cost_usd'])}{budget}  |  rate {st.get('rate_per_s', 0):.1f} req/s"
+           f"  |  ETA {_eta(st)}"]
+    out += [f"held: {h['text']}" for h in st.get("held") or []]
+    if st["status"] == "paused_budget":
+        out.append(f"paused by its budget: raise the cap to resume, `llmbatch budget set --job {st['job_id']}"
+                   f" --usd AMOUNT`")
+    out.append("")
     rows = [[tier] + [v[s] for s in STATES] + [Decimal(v["cost_usd"])]
             for tier, v in st.get("by_tier", {}).items()]
     out.append(format_table(["tier", *STATES, "cost_usd"], rows, footer=False) if rows else "(no requests yet)")
     return "\n".join(out)
+
+
+def _eta(st: dict) -> str:
+    """The ETA of the work that can run now; held work is named on its own line."""
+    if st["status"] in JOB_TERMINAL:
+        return "-"
+    held = sum(h["requests"] for h in st.get("held") or [])
+    if held and held >= st["counts"]["pending"]:
+        return "- (only held work left)"
+    text = _duration(st.get("eta_s"))
+    return f"{text} (+ {held} held)" if held else text
+
+
+def wait_line(st: dict) -> str:
+    """One line of ``submit --wait``: progress, then what is held and until when."""
+    c = st["counts"]
+    text = (f"{st['status']}: {c['succeeded']}/{c['accepted']} done, {c['failed']} failed, "
+            f"{c['pending']} pending, spend ${money(st['cost_usd'])}, ETA {_eta(st)}")
+    for h in st.get("held") or []:
+        text += f" | held: {h['text']}"
+    return text
+
+
+def _wait_key(st: dict) -> tuple:
+    """What counts as a change for the plain (not a terminal) ``--wait`` output."""
+    c = st["counts"]
+    return (st["status"], c["succeeded"], c["failed"], c["cancelled"], c["pending"],
+            tuple((h["tier"], h["requests"], h.get("opens_at")) for h in st.get("held") or []))
+
+
+def follow(engine, job_id: str, *, interval: float = 1.0, out=None, tty: bool | None = None) -> dict:
+    """``submit --wait``: on a terminal one progress line redrawn in place; elsewhere one line
+    per change (not per poll). Returns the final status."""
+    out = out or sys.stderr
+    tty = out.isatty() if tty is None else tty
+    last_key = None
+    while True:
+        with db.transaction(engine) as conn:   # waits out a Postgres restart, saying so once
+            st = job_view(conn, job_id)
+        key = _wait_key(st)
+        if tty:
+            width = 200
+            out.write("\r\x1b[K" + wait_line(st)[:width])
+            if st["status"] in JOB_TERMINAL:
+                out.write("\n")
+        elif key != last_key:
+            out.write(f"{datetime.now(timezone.utc):%H:%M:%S} " + wait_line(st) + "\n")
+        last_key = key
+        out.flush()
+        if st["status"] in JOB_TERMINAL:
+            return st
+        time.sleep(interval)
 
 
 def status_line(st: dict) -> str:
@@ -149,9 +301,10 @@ def status_line(st: dict) -> str:
     eta = _duration(st.get("eta_s")) if st["status"] not in JOB_TERMINAL else "-"
     return (f"{datetime.now(timezone.utc):%H:%M:%S} {st['job_id']} {st['status']}"
             f" done={st['counts']['succeeded']}/{st['counts']['accepted']} failed={st['counts']['failed']}"
-            f" pending={st['counts']['pending']} spend=${st['cost_usd']}"
-            f"{'/' + st['budget_usd'] if st.get('budget_usd') else ''}"
-            f" rate={st.get('rate_per_s', 0):.1f}/s eta={eta} {tiers}")
+            f" pending={st['counts']['pending']} spend=${money(st['cost_usd'])}"
+            f"{'/' + money(st['budget_usd']) if st.get('budget_usd') else ''}"
+            f" rate={st.get('rate_per_s', 0):.1f}/s eta={eta} {tiers}"
+            + "".join(f" | held: {h['text']}" for h in st.get("held") or []))
 
 
 def watch(engine, job_id: str, *, interval: float = 1.0, out=None, tty: bool | None = None,

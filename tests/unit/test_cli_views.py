@@ -40,7 +40,7 @@ def test_table_is_aligned_like_psql():
 
 def test_status_screen_shows_tiers_budget_rate_eta():
     text = views.format_status(status())
-    assert "spend $0.0100 of $1.00 budget" in text and "rate 2.0 req/s" in text and "ETA 2s" in text
+    assert "spend $0.01 of $1 budget" in text and "rate 2.0 req/s" in text and "ETA 2s" in text
     header = text.splitlines()[4]
     for state in views.STATES:
         assert state in header

@@ -70,3 +70,65 @@ def test_grafana_is_provisioned_in_compose():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     volumes = " ".join(compose["services"]["grafana"]["volumes"])
     assert "infra/grafana/provisioning" in volumes and "infra/grafana/dashboards" in volumes
+
+
+# ------------------------------------------------------------------ issue 15: honest metrics
+
+def test_budget_alert_exists_and_counts():
+    before = metrics.REGISTRY.get_sample_value("llmbatch_budget_alerts_total", {"scope": "tier", "threshold": "100"})
+    metrics.budget_alert("tier", 100)
+    after = metrics.REGISTRY.get_sample_value("llmbatch_budget_alerts_total", {"scope": "tier", "threshold": "100"})
+    assert after == (before or 0) + 1
+
+
+def test_cache_counters_follow_the_batchers_stats():
+    stats = {"cache_hits": 7, "cache_misses": 3}
+    metrics.count_cache_from(stats)
+    assert metrics.REGISTRY.get_sample_value("llmbatch_cache_hits_total") == 7
+    stats["cache_hits"] += 2
+    assert metrics.REGISTRY.get_sample_value("llmbatch_cache_hits_total") == 9
+    assert metrics.REGISTRY.get_sample_value("llmbatch_cache_misses_total") == 3
+
+
+def test_every_name_the_readme_promises_is_exported():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Metrics, logs, Flower, Grafana", 1)[1].split("\n## ", 1)[0]
+    promised = set(re.findall(r"`([a-z_0-9]+)(?:\{[^}]*\})?`", section.split("Logs:", 1)[0]))
+    promised = {n if n.startswith("llmbatch_") else f"llmbatch_{n}" for n in promised
+                if not n.isupper() and "/" not in n and n not in {"metrics", "llmbatch_"}}
+    promised -= {"llmbatch_simulator_requests_total", "llmbatch_simulator_errors_total"}   # the simulator's own
+    exported = metrics.exported_names()
+    missing = {n for n in promised if n not in exported and f"{n}_bucket" not in exported}
+    assert not missing, f"README names metrics the code does not export: {sorted(missing)}"
+
+
+def test_the_window_collector_says_open_and_next_change():
+    from datetime import datetime, timezone
+
+    from schedules.windows import Window
+    w = Window("0 22 * * *", "0 6 * * *")
+    at = datetime(2026, 12, 1, 20, 8, tzinfo=timezone.utc)
+    families = {f.name: f for f in metrics.WindowCollector(w.is_open, w.next_change, lambda: at).collect()}
+    assert families["llmbatch_offpeak_window_open"].samples[0].value == 0
+    nxt = families["llmbatch_offpeak_window_next_change_timestamp_seconds"].samples[0].value
+    assert nxt == datetime(2026, 12, 1, 22, tzinfo=timezone.utc).timestamp()
+
+
+def test_the_simulator_serves_metrics():
+    import asyncio
+    import urllib.request
+
+    from simulator import SimulatorConfig
+    from simulator.server import start
+
+    async def run():
+        runner, url = await start(SimulatorConfig(host="127.0.0.1", port=0))
+        try:
+            return await asyncio.to_thread(lambda: urllib.request.urlopen(f"{url}/metrics", timeout=5))
+        finally:
+            await runner.cleanup()
+    resp = asyncio.run(run())
+    body = resp.read().decode()
+    assert resp.status == 200 and "llmbatch_simulator_in_flight 0" in body
+    from prometheus_client.parser import text_string_to_metric_families
+    assert {f.name for f in text_string_to_metric_families(body)} >= {"llmbatch_simulator_in_flight"}

@@ -118,13 +118,13 @@ def test_readme_first_example_runs_at_once_and_the_window_is_documented():
 
     from pipeline.tiers import classify
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    first = next(line for line in readme.splitlines() if line.startswith("llmbatch submit "))
-    assert "--wait" in first
+    first = next(line for line in readme.splitlines() if "llmbatch submit " in line).replace(")", " ")
     prio = int(first.split("--priority")[1].split()[0]) if "--priority" in first else None
     tier = first.split("--tier")[1].split()[0] if "--tier" in first else None
     chosen, _ = classify(prio, tier, None, datetime.now(timezone.utc))
     assert chosen in ("immediate", "peak"), f"the README's first example runs {chosen}: {first}"
-    section = readme.split("## The off-peak window", 1)[1].split("\n## ", 1)[0]
+    usage = (Path(__file__).resolve().parents[2] / "docs" / "USAGE.md").read_text()
+    section = usage.split("## Tiers and windows", 1)[1].split("\n## ", 1)[0]
     for word in ("LLMBATCH_OFFPEAK_OPEN_CRON", "LLMBATCH_OFFPEAK_CLOSE_CRON", "LLMBATCH_OFFPEAK_TIMEZONE",
                  "llmbatch schedule", "llmbatch status"):
         assert word in section, word

@@ -161,3 +161,10 @@ def test_unicode_is_kept():
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "日本語 🎉 é"}]}
     row = decode(raw(message(body=body)), NOW, PRICES)
     assert row["body"]["messages"][0]["content"] == "日本語 🎉 é"
+
+
+def test_small_costs_in_exponent_form_are_a_valid_hint():
+    # Python writes Decimal("0.00000015") as "1.5E-7": older producers sent that
+    decode(raw(message(max_cost_usd="1.5E-7")), NOW, PRICES)
+    m = message()
+    assert "E" not in m["max_cost_usd"].upper()

@@ -67,8 +67,10 @@ BULK_TURN = 500
 BROKER_MARK = REDIS_PREFIX + "broker-mark"
 #: a DLQ copy larger than this is cut (the broker refused the whole one); the header says so
 DLQ_MAX_VALUE = 512 * 1024
-#: SQLSTATE classes that mean "Postgres is not there" rather than "Postgres refuses this data"
-_OUTAGE_SQLSTATES = ("08", "53", "57", "58")
+#: SQLSTATE classes that mean "Postgres is not there (or not now)" rather than "Postgres refuses
+#: this data": connection, resources, operator intervention, system; and the transient ones,
+#: deadlock or serialization failure (40) and lock not available (55): retried, never dead-lettered
+_OUTAGE_SQLSTATES = ("08", "53", "57", "58", "40", "55")
 
 
 class Dependency:
@@ -135,17 +137,18 @@ def dispatch(batch_id: str, tier: str) -> None:
 
 
 def is_outage(error: BaseException) -> bool:
-    """True when ``error`` says Postgres is unreachable, not that it refuses the data."""
+    """True when ``error`` says Postgres is unreachable (or the failure is transient, such as
+    a deadlock), not that it refuses the data: such a write is retried, never dead-lettered."""
     if isinstance(error, (sa.exc.InterfaceError, sa.exc.TimeoutError)):
         return True
     if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
         return True
     orig = getattr(error, "orig", error)
-    if isinstance(error, sa.exc.OperationalError) or type(orig).__name__ in ("OperationalError",
-                                                                            "InterfaceError"):
-        state = getattr(orig, "sqlstate", None)
-        return state is None or state[:2] in _OUTAGE_SQLSTATES
-    return False
+    state = getattr(orig, "sqlstate", None)
+    if state is not None:
+        return state[:2] in _OUTAGE_SQLSTATES
+    return isinstance(error, sa.exc.OperationalError) or type(orig).__name__ in ("OperationalError",
+                                                                                "InterfaceError")
 
 
 class Batcher:

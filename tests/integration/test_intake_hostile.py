@@ -107,6 +107,12 @@ def row_key(value: bytes | None):
 
 def account(engine, dlq: DLQReader, messages, origins, job_ids) -> dict:
     """How each published message ended: its row, its DLQ copies. Returns the figures."""
+    def storable(j: str) -> bool:   # a job id Postgres could hold at all
+        try:
+            return "\x00" not in j and bool(j.encode("utf-8"))
+        except UnicodeEncodeError:
+            return False
+    job_ids = [j for j in job_ids if storable(j)]
     with engine.connect() as conn:
         rows = set(conn.execute(sa.text("SELECT job_id, custom_id FROM requests WHERE job_id = ANY(:j)"),
                                 {"j": list(job_ids)}).all())

@@ -105,3 +105,54 @@ def test_batcher_rides_out_postgres_killed_mid_job(stack, engine, restart_postgr
     assert len(down) >= 1 and len(back) >= 1, "the outage was not logged"
     assert len(down) <= 3, f"one log line per state change, got {len(down)}: {down[:5]}"
     dlq.close()
+
+
+def _service_up(settings, name: str) -> bool:
+    if name == "postgres":
+        return _postgres_up(settings)
+    if name == "redis":
+        import redis
+        try:
+            return bool(redis.Redis.from_url(settings.redis_url, socket_timeout=2).ping())
+        except redis.RedisError:
+            return False
+    from confluent_kafka.admin import AdminClient
+    try:
+        AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(timeout=3)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("name", ["redis", "kafka"])
+def test_batcher_rides_out_a_stopped_service(stack, engine, name):
+    """Redis (the cache, the broker, the sweep's marker) or Kafka stopped for a while mid-job."""
+    pid = batcher_pid(stack)
+    dlq = DLQReader(stack)
+    job = f"job_{name}stop_" + uuid.uuid4().hex[:10]
+    # cacheable (temperature 0) and dispatched tiers too: the cache and Celery both need Redis
+    msgs = [(REQUESTS_TOPIC, job.encode(), _valid(job, f"r{i}", priority=(i % 10), temperature=0))
+            for i in range(200)]
+    origins = publish(stack, msgs)
+    try:
+        assert _stack("down", name).returncode == 0
+        wait_for(lambda: not _service_up(stack, name), timeout=60, every=0.5, what=f"{name} stopped")
+        if name == "redis":   # Kafka is up: publish during the outage
+            during = [(REQUESTS_TOPIC, job.encode(), _valid(job, f"d{i}", priority=(i % 10), temperature=0))
+                      for i in range(200)]
+            origins += publish(stack, during)
+            msgs += during
+        time.sleep(15)        # the outage itself, not a wait for a condition
+        assert_same_batcher(stack, pid)
+    finally:
+        def up():
+            _stack("up", name)
+            return _service_up(stack, name)
+        wait_for(up, timeout=180, every=2.0, what=f"{name} started again")
+    after = [(REQUESTS_TOPIC, job.encode(), _valid(job, f"a{i}", priority=(i % 10))) for i in range(100)]
+    origins += publish(stack, after)
+    msgs += after
+    figures = wait_accounted(engine, dlq, msgs, origins, [job], timeout=240)
+    assert figures["rows"] == len(msgs) and figures["dlq"] == 0, figures
+    assert_same_batcher(stack, pid)
+    dlq.close()

@@ -216,6 +216,8 @@ class Batcher:
     def _on_commit(self, err, partitions) -> None:
         """An offset commit Kafka did not take is made again at the next turn."""
         failed = [p for p in partitions or () if p.error is not None]
+        if err is None and not failed:
+            self.kafka.ok()
         if err is not None or failed:
             for p in (partitions or ()):
                 if err is not None or p.error is not None:

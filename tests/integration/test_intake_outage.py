@@ -55,6 +55,13 @@ def restart_postgres(stack):
         wait_for(up, timeout=120, every=2.0, what="Postgres started again")
 
 
+def _in_job(value: bytes, job: str, cid: str) -> bytes:
+    out = value.replace(b'"job_id":"job_1"', f'"job_id":"{job}"'.encode())
+    out = out.replace(b'"custom_id":"x1"', f'"custom_id":"{cid}"'.encode())
+    assert out != value
+    return out
+
+
 def _messages(job: str, start: int, n: int) -> list:
     key = job.encode()
     out = []
@@ -72,14 +79,14 @@ def test_batcher_rides_out_postgres_killed_mid_job(stack, engine, restart_postgr
     job = "job_pgkill_" + uuid.uuid4().hex[:10]
     before = _messages(job, 0, 300)
     # one hostile message too: a refusal while Postgres is down must not be taken for bad data
-    hostile = [(REQUESTS_TOPIC, job.encode(), HOSTILE["max_cost NaN"])]
+    hostile = [(REQUESTS_TOPIC, job.encode(), _in_job(HOSTILE["max_cost NaN"], job, "h1"))]
     msgs = before + hostile
     origins = publish(stack, msgs)
     wait_accounted(engine, dlq, msgs, origins, [job], timeout=120)
 
     os.kill(_postmaster_pid(stack), signal.SIGKILL)
     wait_for(lambda: not _postgres_up(stack), timeout=30, every=0.5, what="Postgres gone")
-    during = _messages(job, 300, 300) + [(REQUESTS_TOPIC, job.encode(), HOSTILE["deadline without an offset"])]
+    during = _messages(job, 300, 300) + [(REQUESTS_TOPIC, job.encode(), _in_job(HOSTILE["deadline without an offset"], job, "h2"))]
     origins += publish(stack, during)
     msgs += during
     time.sleep(OUTAGE_S)          # the outage itself, not a wait for a condition

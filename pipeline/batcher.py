@@ -3,23 +3,36 @@
 A consumer group member, at-least-once, of ``llm.requests`` and, with a
 consumer of its own read first at every turn, of its fast lane
 ``llm.requests.immediate`` (where producers put what they classify
-immediate). For every poll round:
+immediate). Every message ends as exactly one of: a request row, or a copy
+on ``llm.requests.dlq`` with an ``error`` header and its origin in headers.
+For every poll round:
 
-1. decode each message; one that cannot be decoded or validated goes to
-   ``llm.requests.dlq`` with the error and its origin in headers, and never
-   blocks its partition;
+1. decode each message (``pipeline/messages.py``: strict JSON, the JSON
+   Schema, the cost recomputed from the price book); one that fails, for
+   any reason, goes to the DLQ and never blocks its partition;
 2. classify the tier and append to the buffer of its (tier, model);
 3. flush buffers that are full or have lingered long enough: one transaction
    writes the requests (deduped on (job, custom_id)) and their batch rows;
+   requests of a cancelled job are written ``cancelled`` and never batched.
+   A flush Postgres refuses for its data is split in halves until the
+   messages it refuses are isolated and dead-lettered; the rest commit;
 4. after the commit, hand immediate and peak batches to their Celery queues
    (off-peak and background stay held in Postgres for the scheduler);
 5. only then commit Kafka offsets, and only up to the first message of each
-   partition that is still buffered.
+   partition that is still buffered, waiting for Postgres, or whose DLQ copy
+   Kafka has not acknowledged yet.
 
-It must never commit an offset before the rows are in Postgres. A crash
-between steps 3 and 4 leaves a batch ``queued``: the sweep dispatches it. If the
-broker's Redis loses its data, the Celery queues go with it: the sweep sees its
-marker key gone and dispatches every batch no worker has taken yet again.
+It must never commit an offset before the rows (or the DLQ copy) are
+durable, and never exit because of a message or an outage: while Postgres
+is unreachable the partitions are paused and the write is retried with
+backoff; a Redis outage only delays dispatch (the sweep sends what is left
+``queued``) and makes the cache miss; Kafka errors are logged and waited
+out. One log line per state change (down, back), not one per attempt.
+
+A crash between steps 3 and 4 leaves a batch ``queued``: the sweep dispatches
+it. If the broker's Redis loses its data, the Celery queues go with it: the
+sweep sees its marker key gone and dispatches every batch no worker has
+taken yet again.
 """
 
 from __future__ import annotations
@@ -32,19 +45,19 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
 
 import redis
-from confluent_kafka import KafkaError, TopicPartition
+import sqlalchemy as sa
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from pipeline import db, metrics
-from pipeline.cache import ResponseCache, cache_key, is_cacheable
+from pipeline.cache import PREFIX as CACHE_PREFIX, ResponseCache
 from pipeline.config import Settings, get_settings
-from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC, TIERS
+from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC
 from pipeline.errors import LineError
 from pipeline.kafka import make_consumer, make_producer
+from pipeline.messages import MAX_REASON, decode
 from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
-from pipeline.tiers import classify
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +65,59 @@ log = logging.getLogger(__name__)
 BULK_TURN = 500
 #: a key in the broker's Redis; its absence means the Celery queues were lost (Batcher.sweep)
 BROKER_MARK = REDIS_PREFIX + "broker-mark"
+#: a DLQ copy larger than this is cut (the broker refused the whole one); the header says so
+DLQ_MAX_VALUE = 512 * 1024
+#: SQLSTATE classes that mean "Postgres is not there (or not now)" rather than "Postgres refuses
+#: this data": connection, resources, operator intervention, system; and the transient ones,
+#: deadlock or serialization failure (40) and lock not available (55): retried, never dead-lettered
+_OUTAGE_SQLSTATES = ("08", "53", "57", "58", "40", "55")
+
+
+class Dependency:
+    """Up or down, with capped exponential backoff; logs only when the state changes."""
+
+    def __init__(self, name: str, first_s: float = 0.5, max_s: float = 15.0):
+        self.name = name
+        self.first_s, self.max_s = first_s, max_s
+        self.down_since: float | None = None
+        self.delay = first_s
+        self.retry_at = 0.0
+        self.outages = 0
+
+    @property
+    def up(self) -> bool:
+        return self.down_since is None
+
+    def may_try(self) -> bool:
+        return self.up or time.monotonic() >= self.retry_at
+
+    def failed(self, error) -> None:
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            self.delay = self.first_s
+            self.outages += 1
+            log.warning("%s down: %s; waiting it out (retrying with backoff)", self.name,
+                        str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__)
+        else:
+            self.delay = min(self.delay * 2, self.max_s)
+        self.retry_at = now + self.delay
+
+    def ok(self) -> None:
+        if self.down_since is not None:
+            log.warning("%s back after %.1f s", self.name, time.monotonic() - self.down_since)
+            self.down_since = None
+            self.delay = self.first_s
+
+
+@dataclass(slots=True)
+class Item:
+    """A decoded message: its row and where it came from (for its offset and a DLQ copy)."""
+    row: dict
+    tp: tuple
+    offset: int
+    key: bytes | None
+    value: bytes | None
 
 
 @dataclass
@@ -60,65 +126,8 @@ class Buffer:
     provider: str
     model: str
     mode: str = "realtime"                        # realtime | provider_batch
-    rows: list = field(default_factory=list)
-    origins: list = field(default_factory=list)   # ((topic, partition), offset) of each row
+    items: list = field(default_factory=list)
     since: float = field(default_factory=time.monotonic)
-
-
-def decode(value: bytes | None, now: datetime) -> dict:
-    """A Kafka message → a ``requests`` row; raises LineError when unusable."""
-    if value is None:
-        raise LineError("empty message")
-    try:
-        m = json.loads(value)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LineError(f"not valid JSON: {e}") from e
-    if not isinstance(m, dict):
-        raise LineError("message is not a JSON object")
-    for key, kind in (("job_id", str), ("custom_id", str), ("provider", str), ("model", str),
-                      ("body", dict), ("input_tokens", int)):
-        if not isinstance(m.get(key), kind):
-            raise LineError(f"field {key} missing or not {kind.__name__}")
-    if m.get("v") != 1:
-        raise LineError(f"unsupported message version {m.get('v')!r} (this batcher reads v 1)")
-    if m["provider"] not in ("openai", "anthropic"):
-        raise LineError(f"unknown provider {m['provider']!r}")
-    raw_cost = m.get("max_cost_usd")
-    try:
-        if not isinstance(raw_cost, str):
-            raise InvalidOperation
-        max_cost = Decimal(raw_cost)
-    except InvalidOperation as e:
-        raise LineError(f"max_cost_usd must be a decimal string, got {raw_cost!r}") from e
-    deadline = None
-    if m.get("deadline"):
-        try:
-            deadline = datetime.fromisoformat(m["deadline"])
-        except (TypeError, ValueError) as e:
-            raise LineError(f"deadline is not ISO 8601: {m['deadline']!r}") from e
-    tier = m.get("tier")
-    if tier is not None and tier not in TIERS:
-        raise LineError(f"unknown tier {tier!r}")
-    priority = m.get("priority")
-    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)
-                                 or not 0 <= priority <= 9):
-        raise LineError(f"priority must be an integer from 0 to 9, got {priority!r}")
-    tier, reason = classify(priority, tier, deadline, now)
-    mode = m.get("mode") or "realtime"
-    if mode not in ("realtime", "provider_batch"):
-        raise LineError(f"unknown mode {mode!r}")
-    return {
-        "job_id": m["job_id"], "custom_id": m["custom_id"], "line": m.get("line"),
-        "batch_id": None, "provider": m["provider"], "model": m["model"], "tier": tier,
-        "tier_reason": reason, "priority": priority if priority is not None else 5,
-        "deadline": m.get("deadline"), "body": m["body"], "metadata": m.get("metadata"),
-        "input_tokens": m["input_tokens"], "tokens_exact": bool(m.get("tokens_exact", True)),
-        "max_cost_usd": str(max_cost),
-        "status": "queued" if tier in DISPATCHED_TIERS and mode == "realtime" else "held",
-        "mode": mode,
-        "published_at": m.get("published_at"),
-        "cache_key": cache_key(m["provider"], m["body"]) if is_cacheable(m["body"], m.get("cache")) else None,
-    }
 
 
 def dispatch(batch_id: str, tier: str) -> None:
@@ -127,23 +136,47 @@ def dispatch(batch_id: str, tier: str) -> None:
     enqueue_batch(batch_id, tier)
 
 
+def is_outage(error: BaseException) -> bool:
+    """True when ``error`` says Postgres is unreachable (or the failure is transient, such as
+    a deadlock), not that it refuses the data: such a write is retried, never dead-lettered."""
+    if isinstance(error, (sa.exc.InterfaceError, sa.exc.TimeoutError)):
+        return True
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return True
+    orig = getattr(error, "orig", error)
+    state = getattr(orig, "sqlstate", None)
+    if state is not None:
+        return state[:2] in _OUTAGE_SQLSTATES
+    return isinstance(error, sa.exc.OperationalError) or type(orig).__name__ in ("OperationalError",
+                                                                                "InterfaceError")
+
+
 class Batcher:
     def __init__(self, settings: Settings | None = None, *, dispatcher=dispatch, engine=None):
         self.settings = settings or get_settings()
         self.engine = engine or db.get_engine()
         self.dispatch = dispatcher
-        self.consumer = make_consumer(self.settings)
+        hooks = {"error_cb": self._on_kafka_error, "on_commit": self._on_commit}
+        self.consumer = make_consumer(self.settings, **hooks)
         # the fast lane has a consumer (and so a fetch queue) of its own: in a shared one it
         # waited behind every bulk message already fetched, up to the whole of a bulk job
-        self.fast = make_consumer(self.settings, group=self.settings.consumer_group + ".immediate")
+        self.fast = make_consumer(self.settings, group=self.settings.consumer_group + ".immediate", **hooks)
         self.consumers = {REQUESTS_TOPIC: self.consumer, IMMEDIATE_TOPIC: self.fast}
-        self.dlq = make_producer(self.settings)
+        self.dlq = make_producer(self.settings, error_cb=self._on_kafka_error)
         self.cache = ResponseCache(self.settings.redis_url, self.settings.cache_ttl_s)
-        self.buffers: dict[tuple[str, str], Buffer] = {}
+        self.buffers: dict[tuple, Buffer] = {}
+        #: items whose write waits for Postgres to come back (the partitions are paused meanwhile)
+        self.backlog: list[Item] = []
+        #: DLQ copies Kafka refused for good, to produce again
+        self.dlq_retry: list[tuple] = []
+        self.paused = False
         # keyed by (topic, partition)
         self.pending: dict[tuple, dict[int, int]] = defaultdict(dict)   # -> {offset: count}
         self.consumed: dict[tuple, int] = {}                            # -> last offset seen
         self.committed: dict[tuple, int] = {}
+        self.postgres = Dependency("Postgres")
+        self.redis = Dependency("Redis")
+        self.kafka = Dependency("Kafka")
         self.stopping = False
         self.last_sweep = 0.0
         self.stats = defaultdict(int)
@@ -152,6 +185,8 @@ class Batcher:
 
     def _on_assign(self, consumer, partitions):
         log.info("assigned partitions %s", [f"{p.topic}[{p.partition}]" for p in partitions])
+        if self.paused:
+            consumer.pause(partitions)
 
     def _on_revoke(self, consumer, partitions):
         """Give up buffered messages of revoked partitions; the next owner re-reads them."""
@@ -159,26 +194,87 @@ class Batcher:
         log.info("revoked partitions %s", [f"{t}[{p}]" for t, p in sorted(lost)])
         self._commit(sync=True)
         for key, buf in list(self.buffers.items()):
-            keep = [(row, o) for row, o in zip(buf.rows, buf.origins) if o[0] not in lost]
-            buf.rows = [r for r, _ in keep]
-            buf.origins = [o for _, o in keep]
-            if not buf.rows:
+            buf.items = [it for it in buf.items if it.tp not in lost]
+            if not buf.items:
                 del self.buffers[key]
+        self.backlog = [it for it in self.backlog if it.tp not in lost]
         for p in lost:
             self.pending.pop(p, None)
             self.consumed.pop(p, None)
             self.committed.pop(p, None)
 
-    def _to_dlq(self, msg, error: str) -> None:
-        headers = [("error", error.encode()), ("origin.topic", msg.topic().encode()),
-                   ("origin.partition", str(msg.partition()).encode()),
-                   ("origin.offset", str(msg.offset()).encode())]
-        self.dlq.produce(DLQ_TOPIC, value=msg.value(), key=msg.key(), headers=headers)
+    def _on_kafka_error(self, err) -> None:
+        if err.fatal():
+            log.error("kafka: fatal error: %s", err)
+        code = err.code()
+        if code in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE,
+                    KafkaError._TIMED_OUT, KafkaError.NETWORK_EXCEPTION):
+            self.kafka.failed(err)
+        else:
+            log.info("kafka: %s", err)
+
+    def _on_commit(self, err, partitions) -> None:
+        """An offset commit Kafka did not take is made again at the next turn."""
+        failed = [p for p in partitions or () if p.error is not None]
+        if err is None and not failed:
+            self.kafka.ok()
+        if err is not None or failed:
+            for p in (partitions or ()):
+                if err is not None or p.error is not None:
+                    self.committed.pop((p.topic, p.partition), None)
+            if err is not None and err.code() != KafkaError._NO_OFFSET:
+                log.info("offset commit not taken (made again): %s", err)
+
+    def _hold(self, tp: tuple, offset: int) -> None:
+        self.pending[tp][offset] = self.pending[tp].get(offset, 0) + 1
+
+    def _release(self, tp: tuple, offset: int) -> None:
+        waiting = self.pending.get(tp)
+        if waiting is not None and offset in waiting:
+            waiting[offset] -= 1
+            if not waiting[offset]:
+                del waiting[offset]
+
+    def _to_dlq(self, tp: tuple, offset: int, key, value, error: str) -> None:
+        """Copy a message to the DLQ; its offset is held until Kafka acknowledges the copy."""
+        error = error if len(error) <= MAX_REASON else error[:MAX_REASON - 1] + "…"
+        headers = [("error", error.encode("utf-8", "replace")), ("origin.topic", tp[0].encode()),
+                   ("origin.partition", str(tp[1]).encode()), ("origin.offset", str(offset).encode())]
+        self._hold(tp, offset)
         self.stats["dlq"] += 1
-        log.warning("message %s[%d]@%d to DLQ: %s", msg.topic(), msg.partition(), msg.offset(), error)
+        log.warning("message %s[%d]@%d to DLQ: %s", tp[0], tp[1], offset, error)
+        self._produce_dlq(tp, offset, key, value, headers)
+
+    def _produce_dlq(self, tp, offset, key, value, headers) -> None:
+        def delivered(err, _msg):
+            if err is None:
+                self._release(tp, offset)
+                return
+            if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and value and len(value) > DLQ_MAX_VALUE:
+                log.warning("DLQ copy of %s[%d]@%d is too large for the broker: sending its first %d bytes",
+                            tp[0], tp[1], offset, DLQ_MAX_VALUE)
+                self.dlq_retry.append((tp, offset, key, value[:DLQ_MAX_VALUE],
+                                       headers + [("value.truncated", str(len(value)).encode())]))
+            else:
+                self.kafka.failed(err)
+                self.dlq_retry.append((tp, offset, key, value, headers))
+        try:
+            self.dlq.produce(DLQ_TOPIC, value=value, key=key, headers=headers, on_delivery=delivered)
+        except BufferError:
+            self.dlq_retry.append((tp, offset, key, value, headers))   # the local queue is full
+        except KafkaException as e:
+            self.kafka.failed(e)
+            self.dlq_retry.append((tp, offset, key, value, headers))
+
+    def _retry_dlq(self) -> None:
+        if self.dlq_retry and self.kafka.may_try():
+            again, self.dlq_retry = self.dlq_retry, []
+            for args in again:
+                if args[0] in self.consumed:   # still ours: a revoked partition is re-read elsewhere
+                    self._produce_dlq(*args)
 
     def _commit(self, sync: bool = False) -> None:
-        """Commit, per partition, up to the first offset still buffered."""
+        """Commit, per partition, up to the first offset still held."""
         offsets = defaultdict(list)
         for tp, last in self.consumed.items():
             waiting = self.pending.get(tp)
@@ -186,138 +282,237 @@ class Batcher:
             if self.committed.get(tp) != upto:
                 offsets[tp[0]].append(TopicPartition(*tp, upto))
                 self.committed[tp] = upto
-        if offsets and self.stats["dlq"]:
-            self.dlq.flush(30)   # DLQ copies must be durable before their offsets move
         for topic, tps in offsets.items():
             try:
                 self.consumers[topic].commit(offsets=tps, asynchronous=not sync)
-            except Exception as e:  # a revoked partition: its messages come back, that is fine
+            except Exception as e:  # a revoked partition, or Kafka away: made again next turn
+                for tp in tps:
+                    self.committed.pop((tp.topic, tp.partition), None)
                 log.info("offset commit skipped: %s", e)
+
+    def _pause(self, on: bool) -> None:
+        """Stop (or restart) fetching while Postgres is away: the loop keeps polling, so
+        the group keeps its members, but nothing piles up in memory."""
+        if on == self.paused:
+            return
+        self.paused = on
+        for consumer in self.consumers.values():
+            try:
+                parts = consumer.assignment()
+                if parts:
+                    (consumer.pause if on else consumer.resume)(parts)
+            except KafkaException as e:
+                log.info("kafka: cannot %s partitions: %s", "pause" if on else "resume", e)
 
     # -------------------------------------------------------------- batching
 
     def add(self, msg, now: datetime) -> None:
-        p, o = (msg.topic(), msg.partition()), msg.offset()
-        self.consumed[p] = max(o, self.consumed.get(p, -1))
+        tp, o = (msg.topic(), msg.partition()), msg.offset()
+        self.consumed[tp] = max(o, self.consumed.get(tp, -1))
         try:
-            row = decode(msg.value(), now)
+            row = decode(msg.value(), now, get_price_book())
         except LineError as e:
-            self._to_dlq(msg, e.reason)
+            self._to_dlq(tp, o, msg.key(), msg.value(), e.reason)
+            return
+        except Exception as e:   # a defect here must cost one message, never the loop
+            log.exception("message %s[%d]@%d: unexpected error while decoding", tp[0], tp[1], o)
+            self._to_dlq(tp, o, msg.key(), msg.value(), f"{type(e).__name__}: {e}")
             return
         key = (row["tier"], row["model"], row["mode"])
         buf = self.buffers.get(key)
         if buf is None:
             buf = self.buffers[key] = Buffer(row["tier"], row["provider"], row["model"], row["mode"])
-        buf.rows.append(row)
-        buf.origins.append((p, o))
-        self.pending[p][o] = self.pending[p].get(o, 0) + 1
+        buf.items.append(Item(row, tp, o, msg.key(), msg.value()))
+        self._hold(tp, o)
 
     def due(self, force: bool = False) -> list[Buffer]:
         nowm = time.monotonic()
         out = []
         for key, buf in list(self.buffers.items()):
-            if force or len(buf.rows) >= self.settings.batch_max_size[buf.tier] \
+            if force or len(buf.items) >= self.settings.batch_max_size[buf.tier] \
                     or nowm - buf.since >= self.settings.batch_linger_s[buf.tier]:
                 out.append(self.buffers.pop(key))
         return out
 
     def flush(self, buffers: list[Buffer]) -> None:
-        """Write the buffers' requests and batches in one transaction, then dispatch."""
-        if not buffers:
+        """Write the buffers' requests and batches, then dispatch; what waits for Postgres
+        goes to the backlog."""
+        items = [it for buf in buffers for it in buf.items]
+        if not items:
             return
-        rows, batches = [], []
-        cached = self._answer_from_cache(buffers, rows)
-        for buf in buffers:
-            size = self.settings.batch_max_size[buf.tier]
-            # dedupe within the flush: one key twice in one INSERT fails
-            seen = set()
-            unique = []
-            for row in buf.rows:
-                k = (row["job_id"], row["custom_id"])
-                if row["status"] == "succeeded":  # answered from the cache
-                    continue
-                if k not in seen:
-                    seen.add(k)
-                    unique.append(row)
-            for i in range(0, len(unique), size):
-                batch_id = "b_" + uuid.uuid4().hex
-                # provider-batch work is held for the scheduler (schedules/provider_batches.py)
-                status = "queued" if buf.tier in DISPATCHED_TIERS and buf.mode == "realtime" else "held"
-                batches.append({"batch_id": batch_id, "tier": buf.tier, "provider": buf.provider,
-                                "model": buf.model, "status": status, "mode": buf.mode})
-                for row in unique[i:i + size]:
-                    row["batch_id"] = batch_id
-                    rows.append(row)
-        with self.engine.begin() as conn:
-            counts = db.write_batches(conn, rows, batches, cached)
-            db.mark_provider_batch_mode(conn, [b["batch_id"] for b in batches
-                                               if b["mode"] == "provider_batch" and counts.get(b["batch_id"])])
-        self.stats["requests"] += sum(counts.values())
-        self.stats["replayed"] += len(rows) - sum(counts.values())
-        to_send = [b for b in batches if counts.get(b["batch_id"]) and b["status"] == "queued"]
-        for b in to_send:
-            self.dispatch(b["batch_id"], b["tier"])
-        if to_send:
-            with self.engine.begin() as conn:
-                db.mark_dispatched(conn, [b["batch_id"] for b in to_send])
-        for buf in buffers:
-            for p, o in buf.origins:
-                waiting = self.pending.get(p)
-                if waiting is not None and o in waiting:
-                    waiting[o] -= 1
-                    if not waiting[o]:
-                        del waiting[o]
-        self.stats["batches"] += len([b for b in batches if counts.get(b["batch_id"])])
+        answers = self._cached_answers(items)
+        self.backlog.extend(self._write(items, answers))
+        self._pause(bool(self.backlog))
 
-    def _answer_from_cache(self, buffers: list[Buffer], rows: list[dict]) -> list[dict]:
-        """Mark rows whose answer is cached as succeeded (appending them to ``rows``)
-        and return their result rows: cost 0, and the cost the hit saved."""
-        wanted = [r for b in buffers for r in b.rows if r["cache_key"]]
-        found = self.cache.get_many(sorted({r["cache_key"] for r in wanted}))
-        self.stats["cache_misses"] += len(wanted) - sum(1 for r in wanted if r["cache_key"] in found)
-        results, seen = [], set()
-        prices = get_price_book()
-        for row in wanted:
-            answer = found.get(row["cache_key"])
+    def retry_backlog(self) -> None:
+        if self.backlog and self.postgres.may_try():
+            items, self.backlog = self.backlog, []
+            self.backlog = self._write(items, self._cached_answers(items))
+            self._pause(bool(self.backlog))
+
+    def _write(self, items: list[Item], answers: dict) -> list[Item]:
+        """Write ``items`` in one transaction; returns those left for when Postgres is back.
+
+        A refusal for data reasons splits the items in halves until each refused one
+        is alone, and that one goes to the DLQ with Postgres' reason.
+        """
+        rows, batches, cached = self._plan(items, answers)
+        try:
+            with self.engine.begin() as conn:
+                counts = db.write_batches(conn, rows, batches, cached)
+                db.mark_provider_batch_mode(conn, [b["batch_id"] for b in batches
+                                                   if b["mode"] == "provider_batch" and counts.get(b["batch_id"])])
+        except Exception as e:
+            if is_outage(e) or not self._postgres_reachable():
+                self.postgres.failed(getattr(e, "orig", e))
+                return items
+            if len(items) == 1:
+                it = items[0]
+                reason = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(e).strip() else ""
+                self._to_dlq(it.tp, it.offset, it.key, it.value,
+                             f"Postgres refused the request ({type(getattr(e, 'orig', e)).__name__}): {reason}")
+                self._release(it.tp, it.offset)
+                return []
+            mid = len(items) // 2
+            log.info("flush of %d requests refused by Postgres (%s): splitting it", len(items),
+                     type(getattr(e, "orig", e)).__name__)
+            left = self._write(items[:mid], answers)
+            return left + items[mid:] if left else self._write(items[mid:], answers)
+        self.postgres.ok()
+        self.stats["requests"] += sum(counts.values())
+        self.stats["replayed"] += len(items) - sum(counts.values()) - len(cached)
+        self.stats["cache_hits"] += len(cached)
+        self.stats["batches"] += len([b for b in batches if counts.get(b["batch_id"])])
+        self._send([b for b in batches if counts.get(b["batch_id"]) and b["status"] == "queued"])
+        for it in items:
+            self._release(it.tp, it.offset)
+        return []
+
+    def _postgres_reachable(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    def _plan(self, items: list[Item], answers: dict) -> tuple[list, list, list]:
+        """Rows (deduped on (job, custom_id)), their batches and the cache's result rows."""
+        rows, batches, cached, seen = [], [], [], set()
+        groups: dict[tuple, list] = defaultdict(list)
+        for it in items:
+            row = dict(it.row, batch_id=None)
             k = (row["job_id"], row["custom_id"])
-            if answer is None or k in seen:
+            if k in seen:   # one key twice in one INSERT fails
                 continue
             seen.add(k)
+            hit = self._cache_result(row, answers.get(row["cache_key"])) if row["cache_key"] else None
+            if hit is not None:
+                row["status"] = "succeeded"
+                rows.append(row)
+                cached.append(hit)
+                continue
+            groups[(row["tier"], row["provider"], row["model"], row["mode"])].append(row)
+        for (tier, provider, model, mode), group in groups.items():
+            size = self.settings.batch_max_size[tier]
+            for i in range(0, len(group), size):
+                batch_id = "b_" + uuid.uuid4().hex
+                # provider-batch work is held for the scheduler (schedules/provider_batches.py)
+                status = "queued" if tier in DISPATCHED_TIERS and mode == "realtime" else "held"
+                batches.append({"batch_id": batch_id, "tier": tier, "provider": provider,
+                                "model": model, "status": status, "mode": mode})
+                for row in group[i:i + size]:
+                    row["batch_id"] = batch_id
+                    rows.append(row)
+        return rows, batches, cached
+
+    def _send(self, batches: list[dict]) -> None:
+        """Dispatch committed batches; with Redis away they stay ``queued`` for the sweep."""
+        sent = []
+        for b in batches:
+            if not self.redis.may_try():
+                break
+            try:
+                self.dispatch(b["batch_id"], b["tier"])
+            except Exception as e:   # the broker (Redis) is unreachable
+                self.redis.failed(e)
+                break
+            self.redis.ok()
+            sent.append(b["batch_id"])
+        if len(sent) < len(batches):
+            log.info("%d batches left queued until Redis is back (the sweep sends them)",
+                     len(batches) - len(sent))
+        if sent:
+            try:
+                with self.engine.begin() as conn:
+                    db.mark_dispatched(conn, sent)
+            except Exception as e:   # still 'queued': the sweep sends them again, a lease runs each once
+                log.info("batches dispatched but not marked so: %s", e)
+
+    def _cached_answers(self, items: list[Item]) -> dict:
+        keys = sorted({it.row["cache_key"] for it in items if it.row["cache_key"]})
+        if not keys or not self.redis.may_try():
+            return {}
+        try:
+            values = self.cache.redis.mget([CACHE_PREFIX + k for k in keys])
+        except redis.RedisError as e:
+            self.redis.failed(e)
+            return {}
+        self.redis.ok()
+        out = {}
+        for k, v in zip(keys, values):
+            if v is not None:
+                try:
+                    out[k] = json.loads(v)
+                except ValueError:
+                    log.warning("cache entry %s is not JSON: ignored", k)
+        self.stats["cache_misses"] += len(keys) - len(out)
+        return out
+
+    def _cache_result(self, row: dict, answer: dict | None) -> dict | None:
+        """The result row of a request answered from the cache: cost 0, and what it saved."""
+        if not isinstance(answer, dict):
+            return None
+        try:
             raw = answer.get("usage") or {}
             usage = usage_from_openai(raw) if row["provider"] == "openai" else usage_from_anthropic(raw)
-            row.update(status="succeeded", batch_id=None)
-            rows.append(row)
-            results.append({
-                "job_id": row["job_id"], "custom_id": row["custom_id"], "model": row["model"],
+            saved = cost(get_price_book().resolve(row["model"]), usage)
+        except Exception as e:   # an entry we cannot read is a miss
+            log.warning("cache entry for %s/%s unusable (%s): a miss", row["job_id"], row["custom_id"], e)
+            return None
+        return {"job_id": row["job_id"], "custom_id": row["custom_id"], "model": row["model"],
                 "response": answer, "input_tokens": usage.input_tokens,
                 "cached_input_tokens": usage.cached_input_tokens, "output_tokens": usage.output_tokens,
-                "provider_request_id": answer.get("id"),
-                "saved_usd": str(cost(prices.resolve(row["model"]), usage)),
-            })
-        self.stats["cache_hits"] += len(results)
-        return results
+                "provider_request_id": answer.get("id"), "saved_usd": str(saved)}
 
     def sweep(self) -> int:
         """Dispatch batches committed but never dispatched, or whose worker died.
 
         Held batches are ``held``, not ``queued``: the sweep never releases them.
+        Skipped while Postgres or Redis is away; it runs again soon after.
         """
-        with self.engine.begin() as conn:
-            stuck = db.undispatched_batches(conn, self.settings.sweep_after_s)
-            if self._broker_emptied():
-                lost = db.dispatched_batches(conn)
-                log.warning("the Celery broker's Redis lost its data (flushed, or restarted empty): "
-                            "dispatching the %d batches its queues held again", len(lost))
-                stuck += lost
-        for batch_id, tier in stuck:
-            log.warning("sweep: dispatching batch %s (%s) again", batch_id, tier)
-            self.dispatch(batch_id, tier)
-        if stuck:
+        if not (self.postgres.up and self.redis.may_try()):
+            return 0
+        try:
             with self.engine.begin() as conn:
-                db.mark_dispatched(conn, [b for b, _ in stuck])
-        # batches deferred by a budget whose period has rolled over (pipeline/budget.py)
-        from pipeline.budget import resume_due_batches
-        resume_due_batches(self.engine, self.dispatch)
+                stuck = db.undispatched_batches(conn, self.settings.sweep_after_s)
+                if self._broker_emptied():
+                    lost = db.dispatched_batches(conn)
+                    log.warning("the Celery broker's Redis lost its data (flushed, or restarted empty): "
+                                "dispatching the %d batches its queues held again", len(lost))
+                    stuck += lost
+            for batch_id, tier in stuck:
+                log.warning("sweep: dispatching batch %s (%s) again", batch_id, tier)
+            self._send([{"batch_id": b, "tier": t} for b, t in stuck])
+            # batches deferred by a budget whose period has rolled over (pipeline/budget.py)
+            from pipeline.budget import resume_due_batches
+            resume_due_batches(self.engine, self.dispatch)
+        except Exception as e:   # an outage mid-sweep: the next sweep does it
+            log.warning("sweep not finished (%s: %s); it runs again", type(e).__name__,
+                        str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+            if is_outage(e):
+                self.postgres.failed(getattr(e, "orig", e))
+            return 0
         return len(stuck)
 
     def _broker_emptied(self) -> bool:
@@ -327,12 +522,42 @@ class Batcher:
         again on a fresh marker (first start, or a stack started anew) costs nothing.
         """
         try:
-            return bool(self.cache.redis.set(BROKER_MARK, "1", nx=True))
+            fresh = bool(self.cache.redis.set(BROKER_MARK, "1", nx=True))
         except redis.RedisError as e:
-            log.warning("sweep: cannot reach Redis (%s)", e)
+            self.redis.failed(e)
             return False
+        self.redis.ok()
+        return fresh
 
     # -------------------------------------------------------------- loop
+
+    def turn(self) -> None:
+        """One round: read (the fast lane first), decode, flush what is due, commit."""
+        msgs = self.fast.consume(num_messages=1000, timeout=0)
+        idle = 0.005 if self.buffers else 0.02  # idle: an immediate request waits at most 20 ms
+        if self.paused:
+            idle = 0.2
+        msgs += self.consumer.consume(num_messages=BULK_TURN, timeout=0 if msgs else idle)
+        now = datetime.now(timezone.utc)
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    self._on_kafka_error(err)
+                continue
+            self.kafka.ok()
+            self.add(msg, now)
+        if self.backlog:
+            self.retry_backlog()
+        if not self.backlog:
+            self.flush(self.due())
+        self._commit()
+        metrics.observe_consumer_lag(*self.consumers.values())   # throttled: every few seconds
+        self.dlq.poll(0)
+        self._retry_dlq()
+        if time.monotonic() - self.last_sweep > self.settings.sweep_after_s / 2:
+            self.last_sweep = time.monotonic()
+            self.sweep()
 
     def run(self, max_seconds: float | None = None) -> None:
         for topic, consumer in self.consumers.items():
@@ -345,26 +570,13 @@ class Batcher:
             while not self.stopping:
                 if max_seconds is not None and time.monotonic() - started > max_seconds:
                     break
-                # the fast lane first, at every turn; a bulk turn is short so the next comes soon
-                msgs = self.fast.consume(num_messages=1000, timeout=0)
-                idle = 0.005 if self.buffers else 0.02  # idle: an immediate request waits at most 20 ms
-                msgs += self.consumer.consume(num_messages=BULK_TURN, timeout=0 if msgs else idle)
-                now = datetime.now(timezone.utc)
-                for msg in msgs:
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("kafka: %s", err)
-                        continue
-                    self.add(msg, now)
-                self.flush(self.due())
-                self._commit()
-                metrics.observe_consumer_lag(*self.consumers.values())   # throttled: every few seconds
-                self.dlq.poll(0)
-                if time.monotonic() - self.last_sweep > self.settings.sweep_after_s / 2:
-                    self.last_sweep = time.monotonic()
-                    self.sweep()
-            self.flush(self.due(force=True))
+                try:
+                    self.turn()
+                except KafkaException as e:   # the broker away, a rebalance failing: wait, go on
+                    self.kafka.failed(e)
+                    time.sleep(min(self.kafka.delay, 5.0))
+            if not self.backlog:
+                self.flush(self.due(force=True))
             self._commit(sync=True)
         finally:
             self.dlq.flush(10)

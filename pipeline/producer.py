@@ -68,7 +68,7 @@ def to_message(job_id: str, line: int | None, req: Request, *, priority: int | N
         "v": MESSAGE_VERSION, "job_id": job_id, "custom_id": req.custom_id, "line": line,
         "provider": req.provider, "model": req.model, "body": req.body,
         "input_tokens": req.input_tokens, "tokens_exact": req.tokens_exact,
-        "max_cost_usd": str(req.max_cost_usd),
+        "max_cost_usd": format(req.max_cost_usd, "f"),   # never "1.5E-7": the schema wants plain digits
         "priority": req.priority if req.priority is not None else priority,
         "tier": req.tier or tier,
         "deadline": req.deadline.isoformat() if req.deadline else None,

@@ -30,7 +30,7 @@ class TierRules:
 
 def classify(priority: int | None, tier: str | None, deadline: datetime | None,
              now: datetime, rules: TierRules = TierRules()) -> tuple[str, str]:
-    """Return ``(tier, reason)``."""
+    """Return ``(tier, reason)``; ``deadline`` and ``now`` must carry a UTC offset (ValueError)."""
     if tier:
         return tier, "explicit tier"
     p = DEFAULT_PRIORITY if priority is None else priority
@@ -44,6 +44,9 @@ def classify(priority: int | None, tier: str | None, deadline: datetime | None,
         chosen = "background"
     reason = f"priority {p}" + (" (default)" if priority is None else "")
     if deadline is not None:
+        if deadline.tzinfo is None or deadline.utcoffset() is None:
+            # comparing it with an aware ``now`` raised TypeError deep in the batcher
+            raise ValueError(f"deadline {deadline.isoformat()} has no UTC offset")
         left = (deadline - now).total_seconds()
         if left <= rules.immediate_within_s:
             needed = "immediate"

@@ -7,7 +7,7 @@ from importlib import resources
 import jsonschema
 import pytest
 
-from pipeline.batcher import decode
+from pipeline.messages import decode
 from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import LineError
 from pipeline.formats import parse_request
@@ -25,17 +25,25 @@ def message(**line_extra) -> dict:
 
 
 def test_producer_messages_validate():
-    jsonschema.validate(message(), SCHEMA)
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    jsonschema.validate(message(), SCHEMA, format_checker=checker)
     jsonschema.validate(message(priority=2, tier="offpeak", deadline="2030-01-01T00:00:00Z",
-                                metadata={"a": 1}, cache=True), SCHEMA)
+                                metadata={"a": 1}, cache=True), SCHEMA, format_checker=checker)
+    # a deadline written without an offset is sent with UTC's
+    jsonschema.validate(message(deadline="2030-01-01T00:00:00"), SCHEMA, format_checker=checker)
 
 
 @pytest.mark.parametrize("change", [{"v": 2}, {"provider": "mistral"}, {"max_cost_usd": 0.1},
-                                    {"priority": 11}, {"tier": "urgent"}, {"body": "text"}])
+                                    {"priority": 11}, {"tier": "urgent"}, {"body": "text"},
+                                    {"custom_id": ""}, {"job_id": ""}, {"custom_id": "c" * 100_001},
+                                    {"metadata": "hi"}, {"published_at": "yesterday"}, {"line": "abc"},
+                                    {"input_tokens": 10**12}, {"max_cost_usd": "NaN"},
+                                    {"max_cost_usd": "-5"}, {"max_cost_usd": "1e12"},
+                                    {"deadline": "2026-12-02T10:00:00"}])
 def test_schema_and_batcher_reject_the_same_mistakes(change):
     msg = {**message(), **change}
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(msg, SCHEMA)
+        jsonschema.validate(msg, SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     with pytest.raises(LineError):
         decode(json.dumps(msg).encode(), now=None)
 

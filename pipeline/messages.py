@@ -1,0 +1,174 @@
+"""A Kafka request message → a ``requests`` row, or a ``LineError`` saying why not.
+
+Every message on ``llm.requests`` and ``llm.requests.immediate`` passes here
+before anything else touches it, in this order:
+
+1. ``parse``: strict UTF-8 and JSON (no ``NaN``/``Infinity``, no number that
+   is not finite, nesting at most ``MAX_DEPTH`` deep, checked without
+   recursion; no NUL character or unpaired surrogate in any string: Postgres
+   jsonb refuses them, and one such message used to fail a whole flush);
+2. ``validate``: the published JSON Schema (``pipeline/data/request.schema.json``)
+   with its format checker (RFC 3339 date-times, UTC offset required);
+3. ``to_row``: the maximum cost is recomputed from the price book
+   (``pipeline.bounds.request_bound``): the producer's ``max_cost_usd`` is a
+   hint at most and is never what is stored or reserved.
+
+This module never touches Kafka, Redis or Postgres, and never lets an
+exception other than ``LineError`` out of ``decode``'s data checks: the
+batcher dead-letters a message on any exception anyway, but the reason
+should be one a person reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from datetime import datetime, timezone
+from importlib import resources
+
+import jsonschema
+from jsonschema import Draft202012Validator
+
+from pipeline.bounds import request_bound
+from pipeline.cache import cache_key, is_cacheable
+from pipeline.constants import DISPATCHED_TIERS
+from pipeline.errors import LineError
+from pipeline.pricing import PriceBook, get_price_book
+from pipeline.tiers import classify
+
+#: deeper than any request body needs (content parts, tool schemas); far below Python's recursion limit
+MAX_DEPTH = 64
+#: a reason longer than this is cut: it goes into a Kafka header and a log line
+MAX_REASON = 300
+SUPPORTED_VERSION = 1
+
+
+def _strict_integer(checker, instance) -> bool:
+    # JSON Schema calls 5.0 an integer; Postgres' integer columns do not take it
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+@functools.cache
+def validator() -> Draft202012Validator:
+    schema = json.loads(resources.files("pipeline").joinpath("data/request.schema.json").read_text())
+    Draft202012Validator.check_schema(schema)
+    checker = Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer)
+    cls = jsonschema.validators.extend(Draft202012Validator, type_checker=checker)
+    return cls(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_REASON else text[:MAX_REASON - 1] + "…"
+
+
+def _no_constant(name: str):
+    raise LineError(f"not valid JSON: {name} is not a JSON number")
+
+
+def parse(value: bytes | None) -> dict:
+    """Strict JSON of one message; raises ``LineError``."""
+    if value is None:
+        raise LineError("empty message (no value)")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LineError(f"not valid UTF-8 (byte {e.start})") from e
+    try:
+        m = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise LineError(_cut(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")) from e
+    except RecursionError as e:   # the C decoder's own guard, far deeper than MAX_DEPTH
+        raise LineError(f"not usable JSON: nested more than {MAX_DEPTH} deep") from e
+    except ValueError as e:       # e.g. an integer of more than 4,300 digits
+        raise LineError(_cut(f"not usable JSON: {e}")) from e
+    if not isinstance(m, dict):
+        raise LineError(f"message is not a JSON object but {type(m).__name__}")
+    check_values(m)
+    return m
+
+
+def check_values(root) -> None:
+    """Reject what JSON allows but the pipeline cannot store; iterative, so any depth is safe."""
+    stack = [(root, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            if depth > MAX_DEPTH:
+                raise LineError(f"not usable JSON: nested more than {MAX_DEPTH} deep")
+            stack.extend((k, depth) for k in v)
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            if depth > MAX_DEPTH:
+                raise LineError(f"not usable JSON: nested more than {MAX_DEPTH} deep")
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, str):
+            if "\x00" in v:
+                raise LineError("a string contains the NUL character (\\u0000), which Postgres cannot store")
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise LineError("a string contains an unpaired UTF-16 surrogate, which is not Unicode") from e
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise LineError("a number is too large to be finite (e.g. 1e400)")
+
+
+def validate(m: dict) -> None:
+    """The JSON Schema, with formats; raises ``LineError`` naming the field."""
+    error = jsonschema.exceptions.best_match(validator().iter_errors(m))
+    if error is None:
+        return
+    where = "/".join(str(p) for p in error.absolute_path) or "message"
+    message = error.message
+    if error.validator == "format":
+        message = f"{_cut(repr(error.instance))} is not an RFC 3339 {error.validator_value} (with a UTC offset)"
+    raise LineError(_cut(f"{where}: {message}"))
+
+
+def _timestamp(value: str | None, field: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError as e:
+        raise LineError(_cut(f"{field}: {value!r} is not a usable date-time: {e}")) from e
+    if t.tzinfo is None:   # the schema's format check already refuses this
+        raise LineError(f"{field}: {value!r} has no UTC offset")
+    return t
+
+
+def to_row(m: dict, now: datetime, prices: PriceBook) -> dict:
+    """A validated message → a ``requests`` row (``batch_id`` still None)."""
+    if m["v"] != SUPPORTED_VERSION:
+        raise LineError(f"unsupported message version {m['v']!r} (this batcher reads v {SUPPORTED_VERSION})")
+    body = m["body"]
+    if m["model"] != body["model"]:
+        raise LineError(_cut(f"model {m['model']!r} differs from body.model {body['model']!r}"))
+    bound = request_bound(m["provider"], body, prices, declared_input_tokens=m["input_tokens"])
+    deadline = _timestamp(m.get("deadline"), "deadline")
+    published = _timestamp(m.get("published_at"), "published_at")
+    tier, reason = classify(m.get("priority"), m.get("tier"), deadline, now)
+    mode = m.get("mode") or "realtime"
+    priority = m.get("priority")
+    exact = bound.tokens_exact or (bound.input_tokens == m["input_tokens"] and m.get("tokens_exact", True))
+    return {
+        "job_id": m["job_id"], "custom_id": m["custom_id"], "line": m.get("line"),
+        "batch_id": None, "provider": m["provider"], "model": m["model"], "tier": tier,
+        "tier_reason": reason, "priority": priority if priority is not None else 5,
+        "deadline": deadline.isoformat() if deadline else None, "body": body,
+        "metadata": m.get("metadata"),
+        "input_tokens": bound.input_tokens, "tokens_exact": bool(exact),
+        # recomputed, never the producer's: a reservation is only as good as this number
+        "max_cost_usd": str(bound.max_cost_usd),
+        "status": "queued" if tier in DISPATCHED_TIERS and mode == "realtime" else "held",
+        "mode": mode,
+        "published_at": published.isoformat() if published else None,
+        "cache_key": cache_key(m["provider"], body) if is_cacheable(body, m.get("cache")) else None,
+    }
+
+
+def decode(value: bytes | None, now: datetime | None = None, prices: PriceBook | None = None) -> dict:
+    """Parse, validate and price one message; raises ``LineError`` with the reason."""
+    m = parse(value)
+    validate(m)
+    return to_row(m, now or datetime.now(timezone.utc), prices or get_price_book())

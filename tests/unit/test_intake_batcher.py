@@ -1,0 +1,214 @@
+"""The batcher's flush, without services: a refused flush is bisected down to the refused
+message (dead-lettered, the rest written), an outage is waited out (never dead-lettered),
+and no offset passes a message whose row or DLQ copy is not durable."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from pipeline import batcher as batcher_mod
+from pipeline.batcher import Batcher, Dependency, is_outage
+from pipeline.config import load_settings
+from tests.unit.test_intake_messages import NOW, message, raw
+
+
+class FakeMsg:
+    def __init__(self, value, offset, topic="llm.requests", partition=0):
+        self._v, self._o, self._t, self._p = value, offset, topic, partition
+
+    def value(self): return self._v
+    def key(self): return b"k"
+    def offset(self): return self._o
+    def topic(self): return self._t
+    def partition(self): return self._p
+    def error(self): return None
+
+
+class FakeConsumer:
+    def __init__(self, *a, **k):
+        self.commits, self.paused = [], False
+    def assignment(self): return ["tp"]
+    def pause(self, parts): self.paused = True
+    def resume(self, parts): self.paused = False
+    def commit(self, offsets, asynchronous=True): self.commits.append([(t.topic, t.partition, t.offset) for t in offsets])
+    def close(self): pass
+
+
+class FakeProducer:
+    def __init__(self, *a, **k):
+        self.sent, self.waiting, self.fail_next = [], [], 0
+    def produce(self, topic, value=None, key=None, headers=None, on_delivery=None):
+        self.waiting.append((topic, value, dict(headers), on_delivery))
+    def poll(self, timeout=0):
+        waiting, self.waiting = self.waiting, []
+        for topic, value, headers, cb in waiting:
+            if self.fail_next:
+                self.fail_next -= 1
+                cb(_KafkaErr(), None)
+            else:
+                self.sent.append((topic, value, headers))
+                cb(None, None)
+    def flush(self, timeout=0): self.poll()
+
+
+class _KafkaErr:
+    def code(self): return -195   # _TRANSPORT
+    def fatal(self): return False
+    def __str__(self): return "broker transport failure"
+
+
+class FakeEngine:
+    def __init__(self): self.reachable = True
+    @contextlib.contextmanager
+    def begin(self): yield object()
+    @contextlib.contextmanager
+    def connect(self):
+        if not self.reachable:
+            raise sa.exc.OperationalError("SELECT 1", {}, psycopg.OperationalError("connection refused"))
+        yield _Conn()
+
+
+class _Conn:
+    def execute(self, *a, **k): return None
+
+
+def data_error(text="invalid input syntax"):
+    err = psycopg.errors.NumericValueOutOfRange(text)
+    return sa.exc.DataError("INSERT", {}, err)
+
+
+@pytest.fixture
+def make(monkeypatch):
+    monkeypatch.setattr(batcher_mod, "make_consumer", FakeConsumer)
+    monkeypatch.setattr(batcher_mod, "make_producer", FakeProducer)
+    written = []
+
+    def build(write):
+        def write_batches(conn, rows, batches, cached=()):
+            write(rows)
+            written.extend(rows)
+            return {b["batch_id"]: sum(1 for r in rows if r["batch_id"] == b["batch_id"]) for b in batches}
+        monkeypatch.setattr(batcher_mod.db, "write_batches", write_batches)
+        monkeypatch.setattr(batcher_mod.db, "mark_provider_batch_mode", lambda conn, ids: None)
+        monkeypatch.setattr(batcher_mod.db, "mark_dispatched", lambda conn, ids: None)
+        b = Batcher(load_settings({}), engine=FakeEngine(), dispatcher=lambda *a: None)
+        b._cached_answers = lambda items: {}
+        return b
+    return build, written
+
+
+def feed(b, values):
+    for i, v in enumerate(values):
+        b.add(FakeMsg(v, i), NOW)
+
+
+def test_a_refused_message_is_isolated_and_dead_lettered(make):
+    build, written = make
+
+    def write(rows):
+        if any(r["custom_id"] in ("bad7", "bad30") for r in rows):
+            raise data_error()
+    b = build(write)
+    values = [raw(message(custom_id=("bad" if i in (7, 30) else "ok") + str(i), priority=6)) for i in range(100)]
+    feed(b, values)
+    b.flush(b.due(force=True))
+    b.dlq.poll()
+    assert sorted(r["custom_id"] for r in written) == sorted(f"ok{i}" for i in range(100) if i not in (7, 30))
+    assert sorted(int(h["origin.offset"]) for _, _, h in b.dlq.sent) == [7, 30]
+    assert all(h["error"].startswith(b"Postgres refused") for _, _, h in b.dlq.sent)
+    b._commit()
+    assert b.consumer.commits[-1] == [("llm.requests", 0, 100)]
+
+
+def test_an_outage_is_waited_out_not_dead_lettered(make, caplog):
+    build, written = make
+    down = {"on": True}
+
+    def write(rows):
+        if down["on"]:
+            raise sa.exc.OperationalError("INSERT", {}, psycopg.OperationalError("server closed the connection"))
+    b = build(write)
+    feed(b, [raw(message(custom_id=f"r{i}", priority=6)) for i in range(10)])
+    with caplog.at_level(logging.WARNING, logger="pipeline.batcher"):
+        b.flush(b.due(force=True))
+        assert len(b.backlog) == 10 and b.paused and b.consumer.paused
+        for _ in range(5):                     # retried while down: no new log line, no DLQ
+            b.postgres.retry_at = 0
+            b.retry_backlog()
+        b._commit()
+        assert not b.consumer.commits or b.consumer.commits[-1] == [("llm.requests", 0, 0)]
+        down["on"] = False
+        b.postgres.retry_at = 0
+        b.retry_backlog()
+    assert not b.backlog and not b.paused and not b.consumer.paused
+    assert len(written) == 10 and not b.dlq.sent and not b.dlq.waiting
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("Postgres down: server closed") \
+        and lines[1].startswith("Postgres back after"), lines
+    b._commit()
+    assert b.consumer.commits[-1] == [("llm.requests", 0, 10)]
+
+
+def test_an_offset_waits_for_its_dlq_copy(make):
+    build, _ = make
+    b = build(lambda rows: None)
+    b.dlq.fail_next = 1
+    feed(b, [b"not json", raw(message(custom_id="ok", priority=6))])
+    b.flush(b.due(force=True))
+    b.dlq.poll()          # Kafka refuses the DLQ copy once
+    b._commit()
+    assert b.consumer.commits[-1] == [("llm.requests", 0, 0)]   # not past the message
+    b.kafka.retry_at = 0
+    b._retry_dlq()
+    b.dlq.poll()
+    b._commit()
+    assert b.consumer.commits[-1] == [("llm.requests", 0, 2)]
+    assert len(b.dlq.sent) == 1
+
+
+def test_an_unexpected_error_in_decoding_costs_one_message(make, monkeypatch):
+    build, written = make
+    b = build(lambda rows: None)
+
+    def boom(value, now, prices):
+        if b"boom" in value:
+            raise ZeroDivisionError("a defect")
+        return real(value, now, prices)
+    real = batcher_mod.decode
+    monkeypatch.setattr(batcher_mod, "decode", boom)
+    feed(b, [raw(message(custom_id="boom", priority=6)), raw(message(custom_id="ok", priority=6))])
+    b.flush(b.due(force=True))
+    b.dlq.poll()
+    assert [r["custom_id"] for r in written] == ["ok"]
+    assert b.dlq.sent[0][2]["error"] == b"ZeroDivisionError: a defect"
+
+
+@pytest.mark.parametrize("error, outage", [
+    (sa.exc.OperationalError("x", {}, psycopg.OperationalError("connection refused")), True),
+    (sa.exc.InterfaceError("x", {}, psycopg.InterfaceError("connection already closed")), True),
+    (sa.exc.OperationalError("x", {}, psycopg.errors.AdminShutdown("terminating connection")), True),
+    (sa.exc.DataError("x", {}, psycopg.errors.NumericValueOutOfRange("numeric field overflow")), False),
+    (sa.exc.DataError("x", {}, psycopg.errors.UntranslatableCharacter("unsupported Unicode escape")), False),
+    (sa.exc.IntegrityError("x", {}, psycopg.errors.UniqueViolation("duplicate key")), False),
+    (sa.exc.OperationalError("x", {}, psycopg.errors.DeadlockDetected("deadlock detected")), True),
+    (sa.exc.OperationalError("x", {}, psycopg.errors.ProgramLimitExceeded("stack depth limit")), False),
+    (ValueError("odd"), False),
+])
+def test_outages_and_refusals_are_told_apart(error, outage):
+    assert is_outage(error) is outage
+
+
+def test_a_dependency_logs_state_changes_only(caplog):
+    d = Dependency("Redis")
+    with caplog.at_level(logging.WARNING, logger="pipeline.batcher"):
+        for _ in range(5):
+            d.failed(ConnectionError("refused"))
+        assert not d.up and d.delay > d.first_s
+        d.ok()
+        d.ok()
+    assert len(caplog.records) == 2 and d.up

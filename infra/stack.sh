@@ -11,6 +11,7 @@
 #   infra/stack.sh restart NAME...    down then up
 #   infra/stack.sh kill NAME...       SIGKILL to the process group, as a crash would;
 #                                     the supervisor starts it again
+#   infra/stack.sh secrets            generate var/secrets.env if missing (also docker compose's)
 #   infra/stack.sh exec NAME          what supervisord runs: the process, in the foreground
 #
 # This script prepares each service (initdb, roles and passwords, Kafka
@@ -648,11 +649,14 @@ main() {
             mapfile -t names < <(ordered down "$@")
             [ ${#names[@]} -gt 0 ] || exit 1
             do_kill "${names[@]}" ;;
+        secrets)
+            ensure_secrets
+            echo "${SECRETS_FILE#"$ROOT/"} (mode $(stat -c %a "$SECRETS_FILE"))" ;;
         exec)
             [ $# -eq 1 ] || die "usage: infra/stack.sh exec NAME (what supervisord runs)"
             do_exec "$1" ;;
         *)
-            echo "usage: infra/stack.sh up|down|status|restart|kill [NAME...]" >&2
+            echo "usage: infra/stack.sh up|down|status|restart|kill [NAME...] | secrets" >&2
             echo "names: ${ALL[*]}" >&2
             exit 2 ;;
     esac

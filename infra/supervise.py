@@ -183,29 +183,50 @@ def _group_alive(pgid: int) -> bool:
 
 
 def stop(names: list[str]) -> int:
+    """Stop the app processes among NAMES together (each its own warm shutdown, up to its
+    stopwaitsecs), then the services among them one by one in the order given (stack.sh
+    passes the reverse of the start order: Kafka, Redis, Postgres)."""
+    apps = [n for n in names if n not in POLICY]
+    services = [n for n in names if n in POLICY]
+    for wave in [apps] + [[n] for n in services]:
+        if wave and _stop_together(wave):
+            return 1
+    return 0
+
+
+def _stop_together(names: list[str]) -> int:
+    running = {}
     for name in names:
         i = info(name)
         if not i or i["statename"] not in ("RUNNING", "STARTING", "BACKOFF", "STOPPING"):
             (RUN / f"{name}.pid").unlink(missing_ok=True)
             say(name, "already down")
             continue
-        pid = i["pid"]
-        t0 = time.monotonic()
+        running[name] = i["pid"]
         try:
-            rpc().stopProcess(name, True)
+            rpc().stopProcess(name, False)
         except xmlrpc.client.Fault as e:
             if "NOT_RUNNING" not in e.faultString:
                 print(f"error: supervisord cannot stop {name}: {e.faultString}", file=sys.stderr)
                 return 1
-        # children the leader left behind (e.g. prefork pool processes whose parent was killed)
-        if pid and _group_alive(pid):
-            time.sleep(1)
-            if _group_alive(pid):
-                os.killpg(pid, signal.SIGKILL)
-        (RUN / f"{name}.pid").unlink(missing_ok=True)
-        took = time.monotonic() - t0
-        how = f"stopped (pid {pid})" if pid else "stopped (it was between restarts)"
-        say(name, how + ("" if took < 5 else f" in {took:.0f} s"))
+    t0 = time.monotonic()
+    left = dict(running)
+    while left:
+        for name in list(left):
+            i = info(name)
+            if i is None or i["statename"] in ("STOPPED", "EXITED", "FATAL"):
+                pid = left.pop(name)
+                # children the leader left behind (e.g. prefork pool processes of a killed worker)
+                if pid and _group_alive(pid):
+                    time.sleep(1)
+                    if _group_alive(pid):
+                        os.killpg(pid, signal.SIGKILL)
+                (RUN / f"{name}.pid").unlink(missing_ok=True)
+                took = time.monotonic() - t0
+                how = f"stopped (pid {pid})" if pid else "stopped (it was between restarts)"
+                say(name, how + ("" if took < 5 else f" in {took:.0f} s"))
+        if left:
+            time.sleep(0.2)
     return 0
 
 

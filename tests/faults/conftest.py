@@ -236,7 +236,10 @@ def wait_until(predicate, timeout: float, every: float = 0.25, what: str = "cond
 def wait_terminal(job_id: str, n: int, timeout: float = 180) -> dict:
     """Every one of the job's n requests in a terminal state (a lost request never gets there)."""
     def all_done():
-        c = counts(job_id)
+        try:
+            c = counts(job_id)
+        except sa.exc.OperationalError:    # Postgres restarting (a scenario's fault): poll again
+            return None
         terminal = sum(v for k, v in c.items() if k in ("succeeded", "failed", "cancelled"))
         return c if terminal >= n else None
     try:

@@ -1,5 +1,5 @@
 # llmbatch: local stack without Docker. Every target is idempotent.
-.PHONY: setup up down status demo test test-unit test-faults bench bench-quick clean
+.PHONY: setup up down status demo test test-unit test-faults down-faults bench bench-quick clean
 
 PY := .venv/bin/python
 
@@ -12,6 +12,7 @@ up: setup
 down:
 	@bash infra/stack.sh down
 
+# each process's state, pid, uptime and restarts (the supervisor restarts what dies)
 status:
 	@bash infra/stack.sh status
 
@@ -36,6 +37,10 @@ test-faults: setup
 	$(FAULT_ENV) LLMBATCH_FAULT_REPORT=$(CURDIR)/var/stack-faults/fault-report.jsonl \
 		$(PY) -m pytest tests/faults -q -p no:cacheprovider; rc=$$?; \
 	$(FAULT_ENV) bash infra/stack.sh down >/dev/null; exit $$rc
+
+# the fault stack, should a run have been interrupted before it stopped it
+down-faults:
+	@$(FAULT_ENV) bash infra/stack.sh down
 
 test-unit: setup
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider

@@ -1,7 +1,9 @@
 # Shared shell functions for infra/setup.sh and infra/stack.sh. Source it.
 #
-# Every process NAME keeps its pid in var/run/NAME.pid and its output in
-# var/log/NAME.log (the previous run's log is kept as NAME.log.1).
+# Every process NAME keeps its pid in var/run/NAME.pid (written by
+# `stack.sh exec` at each start, so it follows supervisord's restarts) and
+# its output in var/log/NAME.log (supervisord rotates it at 50 MB to
+# NAME.log.1). The stack's generated passwords are in var/secrets.env.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # A second stack on one machine: LLMBATCH_VAR_DIR and LLMBATCH_PORT_OFFSET (see stack.sh).
@@ -11,9 +13,10 @@ LOG_DIR="$VAR/log"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 
-# How long start_process waits for READY_CHECK (seconds); override per call
-# by setting READY_TIMEOUT in the environment of the call.
-READY_TIMEOUT_DEFAULT=60
+SECRETS_FILE="$VAR/secrets.env"
+
+# How long `stack.sh up` waits for a process to be ready (seconds).
+READY_TIMEOUT_DEFAULT=120
 
 say() { # NAME MESSAGE...
     local name=$1; shift
@@ -65,6 +68,16 @@ port_open() { # PORT
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+# True when PID is the process its pid file was written for: it started no later than the
+# file was written (a pid reused by an unrelated process started after it).
+pid_is_ours() { # PID FILE
+    local etimes mtime
+    etimes=$(ps -o etimes= -p "$1" 2>/dev/null | tr -d ' ') || return 1
+    [ -n "$etimes" ] || return 1
+    mtime=$(stat -c %Y "$2" 2>/dev/null) || return 1
+    [ $(($(date +%s) - etimes)) -le $((mtime + 2)) ]
+}
+
 # Signal PID's whole process group when PID leads one (setsid'ed), else PID.
 signal_tree() { # SIGNAL PID
     local sig=$1 pid=$2 pgid
@@ -91,64 +104,10 @@ show_log_tail() { # NAME [LINES]
     echo "-----" >&2
 }
 
-# Keep the previous run's log as NAME.log.1 and start a fresh one.
-rotate_log() { # NAME
-    local f
-    f=$(log_file "$1")
-    if [ -s "$f" ]; then mv -f "$f" "$f.1"; fi
-    : >"$f"
-}
-
-# start_process NAME READY_CHECK CMD...
-#   Starts CMD in its own session (survives the calling shell), output to
-#   var/log/NAME.log, pid to var/run/NAME.pid, then polls READY_CHECK (a shell
-#   command line, evaluated; $PID is the new process) until it succeeds, the
-#   process dies, or READY_TIMEOUT seconds pass. Skips a NAME that is up.
-#   Returns non-zero (after printing the log's tail) when the start fails.
-start_process() {
-    local name=$1 check=$2; shift 2
-    local timeout=${READY_TIMEOUT:-$READY_TIMEOUT_DEFAULT}
-    ensure_dirs
-    if is_up "$name"; then
-        say "$name" "already up (pid $(read_pid "$name")), unchanged"
-        return 0
-    fi
-    rm -f "$(pid_file "$name")"
-    rotate_log "$name"
-    local log started
-    log=$(log_file "$name")
-    started=$(date +%s)
-    # setsid without -f execs in place (the background child is not a group
-    # leader), so $! is the process itself and it leads its own group.
-    (cd "$ROOT" && PYTHONUNBUFFERED=1 exec setsid "$@" >>"$log" 2>&1 </dev/null) &
-    local pid=$!
-    echo "$pid" >"$(pid_file "$name")"
-    local deadline=$((started + timeout))
-    while :; do
-        if ! pid_alive "$pid"; then
-            wait "$pid" 2>/dev/null
-            say "$name" "FAILED: exited during start-up"
-            show_log_tail "$name"
-            rm -f "$(pid_file "$name")"
-            return 1
-        fi
-        if PID=$pid eval "$check" >/dev/null 2>&1; then
-            say "$name" "started (pid $pid) in $(($(date +%s) - started)) s"
-            return 0
-        fi
-        if [ "$(date +%s)" -ge "$deadline" ]; then
-            say "$name" "FAILED: not ready after ${timeout} s (still running as pid $pid; stopping it)"
-            show_log_tail "$name"
-            stop_process "$name" >/dev/null
-            return 1
-        fi
-        sleep 0.5
-    done
-}
-
 # stop_process NAME [TIMEOUT]
-#   SIGTERM to the process (a warm shutdown for Celery), wait up to TIMEOUT
-#   (default 20) seconds, then SIGKILL whatever is left of its process group.
+#   STOP_SIGNAL (default SIGTERM, a warm shutdown for Celery) to the process, wait up
+#   to TIMEOUT (default 20) seconds, then SIGKILL whatever is left of its process group.
+#   For a process outside the supervisor (infra/stack.sh stops supervised ones through it).
 stop_process() {
     local name=$1 timeout=${2:-20}
     local pid
@@ -159,7 +118,7 @@ stop_process() {
     fi
     local leader=
     [ "$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$pid" ] && leader=1
-    kill -TERM "$pid" 2>/dev/null
+    kill -s "${STOP_SIGNAL:-TERM}" "$pid" 2>/dev/null
     local i=0
     while pid_alive "$pid" && [ $i -lt $((timeout * 4)) ]; do
         sleep 0.25
@@ -215,6 +174,57 @@ pg_bindir() {
     d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
     [ -n "$d" ] && [ -x "$d/postgres" ] || return 1
     echo "$d"
+}
+
+# ---- the stack's secrets (var/secrets.env, mode 0600)
+
+random_secret() { # 24 random bytes as 48 hex digits: safe in URLs, configs and shells unquoted
+    od -An -N24 -tx1 /dev/urandom | tr -d ' \n'
+}
+
+# Create the secrets file, or add what an older one lacks; never change a value in it.
+# Keys are the settings' environment names (pipeline/config.py reads this file), so
+# `docker compose --env-file var/secrets.env` can use it as well.
+ensure_secrets() {
+    mkdir -p "$VAR"
+    local new=
+    if [ ! -e "$SECRETS_FILE" ]; then
+        (umask 077; printf '%s\n' "# Generated by infra/stack.sh for this stack: Postgres, Redis and Flower passwords." \
+            "# Keep it private (mode 0600). pipeline/config.py reads it; the environment wins over it." \
+            >"$SECRETS_FILE")
+        new=1
+    fi
+    chmod 600 "$SECRETS_FILE"
+    local key added=()
+    for key in LLMBATCH_DATABASE_PASSWORD LLMBATCH_READER_PASSWORD LLMBATCH_REDIS_PASSWORD \
+               LLMBATCH_FLOWER_PASSWORD LLMBATCH_GRAFANA_PASSWORD; do
+        grep -q "^$key=" "$SECRETS_FILE" || { echo "$key=$(random_secret)" >>"$SECRETS_FILE"; added+=("$key"); }
+    done
+    grep -q '^LLMBATCH_FLOWER_USER=' "$SECRETS_FILE" || echo "LLMBATCH_FLOWER_USER=llmbatch" >>"$SECRETS_FILE"
+    if [ -n "$new" ]; then
+        say secrets "generated ${SECRETS_FILE#"$ROOT/"} (mode 0600): Postgres, Redis, Flower passwords"
+    elif [ ${#added[@]} -gt 0 ]; then
+        say secrets "added ${added[*]} to ${SECRETS_FILE#"$ROOT/"}"
+    fi
+}
+
+# DB_PASSWORD READER_PASSWORD REDIS_PASSWORD FLOWER_USER FLOWER_PASSWORD: the environment's
+# LLMBATCH_* value when set (as in pipeline/config.py), else the secrets file's.
+load_secrets() {
+    [ -r "$SECRETS_FILE" ] || die "${SECRETS_FILE#"$ROOT/"} missing: run 'make setup' (or infra/stack.sh up)"
+    local k v
+    declare -A file=()
+    while IFS='=' read -r k v; do
+        [[ $k =~ ^LLMBATCH_[A-Z_]+$ ]] && file[$k]=$v
+    done <"$SECRETS_FILE"
+    DB_PASSWORD=${LLMBATCH_DATABASE_PASSWORD:-${file[LLMBATCH_DATABASE_PASSWORD]:-}}
+    READER_PASSWORD=${LLMBATCH_READER_PASSWORD:-${file[LLMBATCH_READER_PASSWORD]:-}}
+    REDIS_PASSWORD=${LLMBATCH_REDIS_PASSWORD:-${file[LLMBATCH_REDIS_PASSWORD]:-}}
+    FLOWER_USER=${LLMBATCH_FLOWER_USER:-${file[LLMBATCH_FLOWER_USER]:-}}
+    FLOWER_PASSWORD=${LLMBATCH_FLOWER_PASSWORD:-${file[LLMBATCH_FLOWER_PASSWORD]:-}}
+    [ -n "$DB_PASSWORD" ] && [ -n "$READER_PASSWORD" ] && [ -n "$REDIS_PASSWORD" ] \
+        && [ -n "$FLOWER_USER" ] && [ -n "$FLOWER_PASSWORD" ] \
+        || die "${SECRETS_FILE#"$ROOT/"} lacks a password: remove it and run 'make up' to generate one"
 }
 
 file_hash() { # FILE...

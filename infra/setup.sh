@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-time (idempotent) machine setup for llmbatch without Docker:
 #   Debian packages (PostgreSQL server, Redis), the .venv with the project
-#   installed, the Kafka broker jars from Maven Central, offline tokenizer
-#   files. Each step prints one line; a second run skips what is done.
+#   installed (supervisord with it), the Kafka broker jars from Maven Central,
+#   offline tokenizer files, and the stack's generated passwords
+#   (var/secrets.env, mode 0600). Each step prints one line; a second run
+#   skips what is done.
 set -uo pipefail
 
 # shellcheck source=lib.sh
@@ -100,6 +102,17 @@ step_tokens() {
     say tokens "tokenizer files provisioned (python -m pipeline.tokens provision)"
 }
 
+# ---- 5. The stack's passwords (Postgres roles, Redis, Flower): generated once, kept
+step_secrets() {
+    local out
+    out=$(ensure_secrets) || step_fail secrets "cannot write ${SECRETS_FILE#"$ROOT/"}"
+    if [ -n "$out" ]; then
+        echo "$out"
+    else
+        say secrets "present (${SECRETS_FILE#"$ROOT/"}, mode $(stat -c %a "$SECRETS_FILE"))"
+    fi
+}
+
 main() {
     local t0
     t0=$(date +%s)
@@ -107,6 +120,7 @@ main() {
     step_venv
     step_kafka
     step_tokens
+    step_secrets
     say setup "done in $(($(date +%s) - t0)) s (log: var/log/setup.log)"
 }
 

@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # Local llmbatch stack without Docker: Postgres, Redis, Kafka (KRaft) and the
-# app processes. All state lives under var/ at the repo root.
+# app processes, supervised by supervisord (infra/supervise.py) as systemd or
+# Kubernetes would: a process that dies is started again, with a growing
+# delay while it keeps dying at start-up. All state lives under var/ at the
+# repo root (or LLMBATCH_VAR_DIR).
 #
-#   infra/stack.sh up [NAME...]       start (in order), skipping what is up
-#   infra/stack.sh down [NAME...]     stop (in reverse order)
-#   infra/stack.sh status [NAME...]   NAME  up|down  PORT
+#   infra/stack.sh up [NAME...]       prepare and start (in order), skipping what is up
+#   infra/stack.sh down [NAME...]     stop (in reverse order); with no NAME, the supervisor too
+#   infra/stack.sh status [NAME...]   NAME STATE PID UPTIME RESTARTS PORT
 #   infra/stack.sh restart NAME...    down then up
-#   infra/stack.sh kill NAME...       SIGKILL, as a crash would
+#   infra/stack.sh kill NAME...       SIGKILL to the process group, as a crash would;
+#                                     the supervisor starts it again
+#   infra/stack.sh secrets            generate var/secrets.env if missing (also docker compose's)
+#   infra/stack.sh exec NAME          what supervisord runs: the process, in the foreground
+#
+# This script prepares each service (initdb, roles and passwords, Kafka
+# storage and topics, migrations) and decides when a start is ready;
+# supervisord owns the processes. The stack's passwords are generated into
+# var/secrets.env (mode 0600) and read from there by pipeline/config.py.
 #
 # Names: postgres redis kafka simulator batcher worker-immediate worker-peak
 # worker-offpeak worker-background scheduler flower. Run infra/setup.sh first.
@@ -27,11 +38,14 @@ KAFKA_PORT=$((59092 + OFF))
 KAFKA_CONTROLLER_PORT=$((59093 + OFF))
 SIMULATOR_PORT=$((58080 + OFF))
 FLOWER_PORT=$((5555 + OFF))
-PG_USER=postgres            # the unprivileged system user that runs the server
+PG_USER=postgres            # the unprivileged system user that runs the server (as root)
+[ "$(id -u)" = 0 ] || PG_USER=$(id -un)
 PGDATA="$VAR/pgdata"
 PG_SOCKET_DIR="$VAR/pgsocket"
 KAFKA_DIR="$VAR/kafka"
 KAFKA_TOPICS="llm.requests:6 llm.requests.immediate:2 llm.requests.dlq:1"
+# per process: the environment of the `up` that started it (supervisord restarts with it)
+ENV_DIR="$VAR/supervisor/env"
 
 port_of() {
     case $1 in
@@ -55,6 +69,131 @@ port_taken() { # NAME
     [ "$port" != - ] && port_open "$port"
 }
 
+# ---------------------------------------------------------------- supervision
+
+sv() { "$PY" "$ROOT/infra/supervise.py" "$@"; }
+
+# STATE and SPID of NAME as supervisord sees it (STATE ABSENT: no supervisord, or no such program).
+sv_state() { # NAME
+    read -r STATE SPID < <(sv state "$1" 2>/dev/null) || { STATE=ABSENT; SPID=-; }
+    [ -n "${STATE:-}" ] || STATE=ABSENT
+}
+
+ensure_supervisor() {
+    need_venv
+    [ -x "$VENV/bin/supervisord" ] || die "supervisord missing in .venv: run 'make setup' (infra/setup.sh)"
+    ensure_dirs
+    sv ensure "${ALL[@]}" || die "cannot start supervisord (log: ${LOG_DIR#"$ROOT/"}/supervisord.log)"
+}
+
+starts_of() { # NAME -> spawns since the last deliberate start
+    local n
+    n=$(cat "$RUN_DIR/$1.starts" 2>/dev/null) || n=0
+    echo "${n:-0}"
+}
+
+# The environment a process runs with: this call's LLMBATCH_* (and provider keys), kept in a
+# 0600 file so that supervisord's restarts run it exactly as `up` did.
+save_env() { # NAME
+    mkdir -p "$ENV_DIR"
+    local f="$ENV_DIR/$1.env" v
+    (umask 077; : >"$f.new")
+    for v in $(compgen -e); do
+        case $v in
+            LLMBATCH_*|OPENAI_*|ANTHROPIC_*|TIKTOKEN_*) printf 'export %s=%q\n' "$v" "${!v}" >>"$f.new" ;;
+        esac
+    done
+    mv -f "$f.new" "$f"
+}
+
+# A live process in NAME's pid file that supervisord does not own: left by a supervisord that
+# was killed, or by a stack from before supervision. Stop it, so the supervisor can own NAME.
+adopt_unsupervised() { # NAME
+    local name=$1 pid
+    pid=$(read_pid "$name") || return 0
+    pid_alive "$pid" && pid_is_ours "$pid" "$(pid_file "$name")" || { rm -f "$(pid_file "$name")"; return 0; }
+    say "$name" "running unsupervised (pid $pid): stopping it, to start it under the supervisor"
+    stop_unsupervised "$name" >/dev/null
+}
+
+stop_unsupervised() { # NAME  (SIGINT is Postgres' fast shutdown; SIGTERM for the rest)
+    local name=$1 sig=TERM
+    [ "$name" = postgres ] && sig=INT
+    STOP_SIGNAL=$sig stop_process "$name" 30
+}
+
+# Wait until NAME (started by the supervisor) passes READY_CHECK. With FAIL_FAST, a process
+# that dies during start-up is a failed start: it is stopped and the log's tail shown.
+wait_ready() { # NAME READY_CHECK TIMEOUT FAIL_FAST
+    local name=$1 check=$2 timeout=$3 fail_fast=$4
+    local started deadline port
+    started=$(date +%s)
+    deadline=$((started + timeout))
+    port=$(port_of "$name")
+    [ "$port" = - ] && port= || port=", port $port"
+    while :; do
+        sv_state "$name"
+        if [ "$fail_fast" = 1 ] && { [ "$(starts_of "$name")" -gt 1 ] \
+                || [[ $STATE == BACKOFF || $STATE == EXITED || $STATE == FATAL ]]; }; then
+            say "$name" "FAILED: exited during start-up"
+            show_log_tail "$name"
+            sv stop "$name" >/dev/null
+            return 1
+        fi
+        if [[ $STATE == RUNNING || $STATE == STARTING ]] && PID=$SPID eval "$check" >/dev/null 2>&1; then
+            say "$name" "started (pid $SPID$port) in $(($(date +%s) - started)) s"
+            return 0
+        fi
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            if [ "$fail_fast" = 1 ]; then
+                say "$name" "FAILED: not ready after ${timeout} s (state $STATE; stopping it)"
+                show_log_tail "$name"
+                sv stop "$name" >/dev/null
+            else
+                say "$name" "FAILED: not ready after ${timeout} s (state $STATE; the supervisor keeps trying)"
+                show_log_tail "$name"
+            fi
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+# Start NAME under the supervisor unless it is up, then wait for READY_CHECK.
+supervised_start() { # NAME READY_CHECK [TIMEOUT]
+    local name=$1 check=$2 timeout=${3:-$READY_TIMEOUT_DEFAULT} port
+    port=$(port_of "$name")
+    [ "$port" = - ] && port= || port=", port $port"
+    sv_state "$name"
+    case $STATE in
+        RUNNING)
+            say "$name" "already up (pid $SPID$port), unchanged"
+            return 0 ;;
+        STARTING|BACKOFF)
+            say "$name" "being restarted by the supervisor ($STATE, $(($(starts_of "$name") - 1)) restarts); waiting for it"
+            wait_ready "$name" "$check" "$timeout" 0
+            return ;;
+    esac
+    adopt_unsupervised "$name"
+    if port_taken "$name"; then
+        die "port $(port_of "$name") is taken by a process that is not this stack's $name"
+    fi
+    save_env "$name"
+    echo 0 >"$RUN_DIR/$name.starts"
+    sv start "$name" || return 1
+    wait_ready "$name" "$check" "$timeout" 1
+}
+
+# Readiness from the log lines the current process wrote (stack.sh exec notes where they start).
+log_has_since_start() { # NAME FIXED-STRING
+    local f pos size
+    f=$(log_file "$1")
+    pos=$(cat "$RUN_DIR/$1.logpos" 2>/dev/null) || pos=0
+    size=$(stat -c %s "$f" 2>/dev/null) || return 1
+    [ "$size" -ge "${pos:-0}" ] || pos=0
+    tail -c +$((${pos:-0} + 1)) "$f" | grep -qF -- "$2"
+}
+
 # ---------------------------------------------------------------- postgres
 
 # As root, run as the unprivileged server user; otherwise as ourselves.
@@ -62,12 +201,13 @@ as_pg() {
     if [ "$(id -u)" = 0 ]; then runuser -u "$PG_USER" -- "$@"; else "$@"; fi
 }
 
-pg_psql() { # SQL  (as superuser postgres over TCP; trust auth on 127.0.0.1)
-    psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p $PG_PORT -U postgres -d postgres -tAc "$1"
+# SQL from stdin, as the superuser postgres over the Unix socket (peer: only the OS user that
+# owns the data directory may); so no superuser password exists and none travels.
+pg_psql() {
+    as_pg psql -X -q -v ON_ERROR_STOP=1 -h "$PG_SOCKET_DIR" -p $PG_PORT -U postgres -d postgres -tA
 }
 
 pg_prepare_dirs() {
-    [ "$(id -u)" = 0 ] || PG_USER=$(id -un)
     id "$PG_USER" >/dev/null 2>&1 || die "no system user '$PG_USER' (install the postgresql package: infra/setup.sh)"
     # The server user must traverse every directory down to var/.
     if ! as_pg test -x "$VAR"; then
@@ -82,17 +222,16 @@ pg_prepare_dirs() {
     chown "$PG_USER": "$PGDATA" "$PG_SOCKET_DIR"
     chmod 700 "$PGDATA"
     chmod 755 "$PG_SOCKET_DIR"
-    touch "$(log_file postgres)"
-    chown "$PG_USER": "$(log_file postgres)"
 }
 
 pg_initdb() {
     local bin=$1
     [ -s "$PGDATA/PG_VERSION" ] && return 0
     say postgres "initdb (first run) in ${PGDATA#"$ROOT/"}"
+    # pg_hba.conf is replaced by pg_auth_files; nothing is trusted, not even for a moment
     as_pg "$bin/initdb" -D "$PGDATA" -U postgres -E UTF8 --no-locale \
-        --auth-local=trust --auth-host=trust >>"$(log_file postgres)" 2>&1 \
-        || { show_log_tail postgres; die "initdb failed"; }
+        --auth-local=peer --auth-host=reject >>"$(log_file postgres-init)" 2>&1 \
+        || { show_log_tail postgres-init; die "initdb failed"; }
     cat >>"$PGDATA/postgresql.conf" <<EOF
 
 # ---- llmbatch (infra/stack.sh) ----
@@ -101,18 +240,55 @@ port = $PG_PORT
 unix_socket_directories = '$PG_SOCKET_DIR'
 max_connections = 200
 shared_buffers = 256MB
+password_encryption = scram-sha-256
 EOF
 }
 
+# Authentication, rewritten on every `up` (so an older data directory that trusted TCP is
+# fixed too): scram-sha-256 for every TCP connection and for app roles on the socket; the
+# superuser only on the socket, as the data directory's OS user. Prints "changed" if it was.
+pg_auth_files() {
+    local hba ident
+    hba="# written by infra/stack.sh on every 'up' (edit it there, not here): no trust anywhere.
+# TCP: every role with its password (scram-sha-256; the stack's are in var/secrets.env).
+# Unix socket: the superuser postgres only as the OS user that owns the data directory.
+local   all   postgres                 peer map=llmbatch_stack
+local   all   all                      scram-sha-256
+host    all   all        127.0.0.1/32  scram-sha-256
+host    all   all        ::1/128       scram-sha-256"
+    ident="# written by infra/stack.sh: the data directory's OS user may be the superuser on the socket
+llmbatch_stack   $PG_USER   postgres"
+    if [ "$(cat "$PGDATA/pg_hba.conf" 2>/dev/null)" != "$hba" ] \
+            || [ "$(cat "$PGDATA/pg_ident.conf" 2>/dev/null)" != "$ident" ]; then
+        printf '%s\n' "$hba" >"$PGDATA/pg_hba.conf"
+        printf '%s\n' "$ident" >"$PGDATA/pg_ident.conf"
+        chown "$PG_USER": "$PGDATA/pg_hba.conf" "$PGDATA/pg_ident.conf"
+        chmod 600 "$PGDATA/pg_hba.conf" "$PGDATA/pg_ident.conf"
+        echo changed
+    fi
+}
+
+pg_ready() {
+    pg_isready -q -h 127.0.0.1 -p $PG_PORT -t 2
+}
+
+# Roles, their passwords (from var/secrets.env; set on every `up`, so a new file takes effect),
+# the database. Passwords go to psql on stdin, never on a command line.
 pg_bootstrap_db() {
-    pg_psql "select 1 from pg_roles where rolname = 'llmbatch'" | grep -q 1 \
-        || pg_psql "create role llmbatch login" || return 1
-    pg_psql "select 1 from pg_database where datname = 'llmbatch'" | grep -q 1 \
-        || pg_psql "create database llmbatch owner llmbatch" || return 1
-    # the read-only role of `llmbatch sql` (grants: sql/004_views.sql)
-    pg_psql "select 1 from pg_roles where rolname = 'llmbatch_reader'" | grep -q 1 \
-        || pg_psql "create role llmbatch_reader login; alter role llmbatch_reader set default_transaction_read_only = on" \
-        || return 1
+    load_secrets
+    {
+        printf '\\set dbpw %s\n\\set readerpw %s\n' "$DB_PASSWORD" "$READER_PASSWORD"
+        cat <<'SQL'
+SET password_encryption = 'scram-sha-256';
+SELECT 'CREATE ROLE llmbatch LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'llmbatch') \gexec
+-- the read-only role of `llmbatch sql` (grants: sql/004_views.sql)
+SELECT 'CREATE ROLE llmbatch_reader LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'llmbatch_reader') \gexec
+ALTER ROLE llmbatch_reader SET default_transaction_read_only = on;
+ALTER ROLE llmbatch WITH LOGIN PASSWORD :'dbpw';
+ALTER ROLE llmbatch_reader WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD :'readerpw';
+SELECT 'CREATE DATABASE llmbatch OWNER llmbatch' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'llmbatch') \gexec
+SQL
+    } | pg_psql >>"$(log_file postgres-init)" 2>&1
 }
 
 pg_migrate() {
@@ -120,113 +296,72 @@ pg_migrate() {
     [ -x "$VENV/bin/llmbatch" ] || die "no .venv/bin/llmbatch: run 'make setup' (infra/setup.sh)"
     if ! (cd "$ROOT" && "$VENV/bin/llmbatch" db upgrade) >>"$(log_file postgres-migrate)" 2>&1; then
         show_log_tail postgres-migrate
-        die "'llmbatch db upgrade' failed (log: var/log/postgres-migrate.log)"
+        die "'llmbatch db upgrade' failed (log: ${LOG_DIR#"$ROOT/"}/postgres-migrate.log)"
     fi
     say postgres "migrations applied (llmbatch db upgrade)"
 }
 
 up_postgres() {
-    if is_up postgres; then
-        say postgres "already up (pid $(read_pid postgres), port $PG_PORT), unchanged"
-        # idempotent: an earlier `up` may have stopped between the start and the migrations
-        pg_bootstrap_db && pg_migrate
-        return 0
-    fi
     local bin
     bin=$(pg_bindir) || die "PostgreSQL server not installed: run infra/setup.sh"
-    ensure_dirs
     pg_prepare_dirs
     pg_initdb "$bin"
-    if as_pg "$bin/pg_ctl" -D "$PGDATA" status >/dev/null 2>&1; then
-        # running, but its pid file in var/run was lost
-        head -n1 "$PGDATA/postmaster.pid" >"$(pid_file postgres)"
-        say postgres "already up (pid $(read_pid postgres), port $PG_PORT), unchanged"
-        pg_bootstrap_db && pg_migrate
-        return 0
+    local changed
+    changed=$(pg_auth_files)
+    sv_state postgres
+    if [ -n "$changed" ] && [ "$STATE" = RUNNING ]; then
+        kill -HUP "$SPID" 2>/dev/null && say postgres "authentication files rewritten: reloaded"
     fi
-    if port_taken postgres; then
-        die "port $PG_PORT is taken by a process that is not this stack's postgres"
-    fi
-    local started
-    started=$(date +%s)
-    if ! as_pg "$bin/pg_ctl" -D "$PGDATA" -l "$(log_file postgres)" -o "-p $PG_PORT" -w -t 60 start >/dev/null 2>&1; then
-        say postgres "FAILED to start"
-        show_log_tail postgres
-        return 1
-    fi
-    head -n1 "$PGDATA/postmaster.pid" >"$(pid_file postgres)"
-    pg_bootstrap_db || { say postgres "FAILED to create role/database llmbatch"; return 1; }
-    say postgres "started (pid $(read_pid postgres), port $PG_PORT) in $(($(date +%s) - started)) s"
+    supervised_start postgres pg_ready 60 || return 1
+    pg_bootstrap_db || { show_log_tail postgres-init; say postgres "FAILED to create roles/database llmbatch"; return 1; }
     pg_migrate
 }
 
-down_postgres() {
+exec_postgres() {
     local bin
-    if ! is_up postgres && [ -s "$PGDATA/postmaster.pid" ] && bin=$(pg_bindir) \
-            && as_pg "$bin/pg_ctl" -D "$PGDATA" status >/dev/null 2>&1; then
-        head -n1 "$PGDATA/postmaster.pid" >"$(pid_file postgres)"   # pid file was lost
-    fi
-    if ! is_up postgres; then
-        rm -f "$(pid_file postgres)"
-        say postgres "already down"
-        return 0
-    fi
     bin=$(pg_bindir) || die "PostgreSQL server not installed"
-    local pid
-    pid=$(read_pid postgres)
-    if as_pg "$bin/pg_ctl" -D "$PGDATA" -m fast -w -t 30 stop >/dev/null 2>&1; then
-        say postgres "stopped (pid $pid)"
-    else
-        kill -KILL "$pid" 2>/dev/null
-        say postgres "killed (pg_ctl stop failed, pid $pid)"
+    if [ "$(id -u)" = 0 ]; then
+        exec setpriv --reuid="$PG_USER" --regid="$PG_USER" --init-groups -- \
+            "$bin/postgres" -D "$PGDATA" -p "$PG_PORT"
     fi
-    rm -f "$(pid_file postgres)"
+    exec "$bin/postgres" -D "$PGDATA" -p "$PG_PORT"
 }
 
 # ---------------------------------------------------------------- redis
 
-up_redis() {
-    if is_up redis; then
-        say redis "already up (pid $(read_pid redis), port $REDIS_PORT), unchanged"
-        return 0
-    fi
-    command -v redis-server >/dev/null || die "redis-server not installed: run infra/setup.sh"
-    if port_taken redis; then
-        die "port $REDIS_PORT is taken by a process that is not this stack's redis"
-    fi
-    ensure_dirs
-    mkdir -p "$VAR/redis"
-    rm -f "$(pid_file redis)"
-    local started
-    started=$(date +%s)
-    if ! redis-server "$ROOT/infra/redis.conf" --port $REDIS_PORT --dir "$VAR/redis" \
-            --pidfile "$(pid_file redis)" --logfile "$(log_file redis)" >/dev/null 2>&1; then
-        say redis "FAILED to start"; show_log_tail redis; return 1
-    fi
-    local i
-    for i in $(seq 1 120); do
-        if [ "$(redis-cli -h 127.0.0.1 -p $REDIS_PORT ping 2>/dev/null)" = PONG ] && is_up redis; then
-            say redis "started (pid $(read_pid redis), port $REDIS_PORT) in $(($(date +%s) - started)) s"
-            return 0
-        fi
-        sleep 0.25
-    done
-    say redis "FAILED: no PONG within 30 s"; show_log_tail redis; return 1
+redis_cli() { # ARGS...  (the password from the environment, never on the command line)
+    REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli --no-auth-warning -h 127.0.0.1 -p $REDIS_PORT "$@"
 }
 
-down_redis() {
-    if ! is_up redis; then
-        rm -f "$(pid_file redis)"; say redis "already down"; return 0
-    fi
-    local pid
-    pid=$(read_pid redis)
-    # SHUTDOWN writes the AOF/RDB and removes the pid file
-    redis-cli -h 127.0.0.1 -p $REDIS_PORT shutdown >/dev/null 2>&1 || true
-    local i=0
-    while pid_alive "$pid" && [ $i -lt 80 ]; do sleep 0.25; i=$((i + 1)); done
-    if pid_alive "$pid"; then stop_process redis; return; fi
-    rm -f "$(pid_file redis)"
-    say redis "stopped (pid $pid)"
+redis_ready() {
+    [ "$(redis_cli ping 2>/dev/null)" = PONG ]
+}
+
+# infra/redis.conf plus this stack's port, paths and password, in a 0600 file.
+redis_config() {
+    load_secrets
+    mkdir -p "$VAR/redis"
+    local f="$VAR/redis/redis.conf"
+    (umask 077; cat >"$f.new" <<EOF
+# written by infra/stack.sh (mode 0600: it holds the password)
+include $ROOT/infra/redis.conf
+port $REDIS_PORT
+dir $VAR/redis
+logfile ""
+requirepass $REDIS_PASSWORD
+EOF
+    )
+    mv -f "$f.new" "$f"
+}
+
+up_redis() {
+    command -v redis-server >/dev/null || die "redis-server not installed: run infra/setup.sh"
+    redis_config
+    supervised_start redis redis_ready 30
+}
+
+exec_redis() {
+    exec redis-server "$VAR/redis/redis.conf"
 }
 
 # ---------------------------------------------------------------- kafka
@@ -264,10 +399,9 @@ while True:
     fi
     cid=$(cat "$KAFKA_DIR/cluster.id")
     say kafka "formatting storage (cluster id $cid)"
-    rotate_log kafka
     kafka_java kafka.tools.StorageTool format --cluster-id "$cid" \
-        --config "$KAFKA_DIR/server.properties" >>"$(log_file kafka)" 2>&1 \
-        || { show_log_tail kafka; die "kafka storage format failed"; }
+        --config "$KAFKA_DIR/server.properties" >>"$(log_file kafka-format)" 2>&1 \
+        || { show_log_tail kafka-format; die "kafka storage format failed"; }
 }
 
 # One metadata request through librdkafka; exit 0 when the broker answers.
@@ -306,22 +440,14 @@ EOF
 
 up_kafka() {
     need_venv
-    if is_up kafka; then
-        say kafka "already up (pid $(read_pid kafka), port $KAFKA_PORT), unchanged"
-        return 0
-    fi
     command -v java >/dev/null || die "java not found (Java 17 is needed for Kafka)"
-    if port_taken kafka; then
-        die "port $KAFKA_PORT is taken by a process that is not this stack's kafka"
-    fi
     kafka_classpath >/dev/null
-    ensure_dirs
-    kafka_config
-    kafka_format
-    READY_TIMEOUT=${KAFKA_READY_TIMEOUT:-60} start_process kafka kafka_ready \
-        java -Xms256m -Xmx768m -XX:+UseG1GC \
-        -Dlog4j2.configurationFile="$ROOT/infra/kafka/log4j2.properties" \
-        -cp "$(kafka_classpath)" kafka.Kafka "$KAFKA_DIR/server.properties" || return 1
+    sv_state kafka
+    if [ "$STATE" != RUNNING ]; then
+        kafka_config
+        kafka_format
+    fi
+    supervised_start kafka kafka_ready "${KAFKA_READY_TIMEOUT:-120}" || return 1
     local out
     if ! out=$(kafka_create_topics 2>&1); then
         say kafka "FAILED to create topics: $out"
@@ -330,7 +456,11 @@ up_kafka() {
     say kafka "topics: $(echo "$out" | paste -sd, | sed 's/,/, /g')"
 }
 
-down_kafka() { stop_process kafka 30; }
+exec_kafka() {
+    exec java -Xms256m -Xmx768m -XX:+UseG1GC \
+        -Dlog4j2.configurationFile="$ROOT/infra/kafka/log4j2.properties" \
+        -cp "$(kafka_classpath)" kafka.Kafka "$KAFKA_DIR/server.properties"
+}
 
 # ---------------------------------------------------------------- app processes
 
@@ -349,9 +479,9 @@ app_cmd() { # NAME -> the command line (one word a line)
 app_ready() { # NAME
     case $1 in
         simulator) echo "http_ok http://127.0.0.1:$SIMULATOR_PORT/healthz" ;;
-        batcher) echo "[ \$(( \$(date +%s) - started )) -ge 2 ] && log_has batcher 'batcher ready'" ;;
-        worker-*) echo "log_has $1 'ready.'" ;;
-        scheduler) echo "log_has scheduler 'scheduler ready'" ;;
+        batcher) echo "log_has_since_start batcher 'batcher ready'" ;;
+        worker-*) echo "log_has_since_start $1 'ready.'" ;;
+        scheduler) echo "log_has_since_start scheduler 'scheduler ready'" ;;
         flower) echo "port_open $FLOWER_PORT" ;;
     esac
 }
@@ -359,20 +489,49 @@ app_ready() { # NAME
 up_app() {
     local name=$1
     need_venv
-    if ! is_up "$name" && port_taken "$name"; then
-        die "port $(port_of "$name") is taken by a process that is not this stack's $name"
-    fi
     local -a cmd
     mapfile -t cmd < <(app_cmd "$name")
     [ -x "${cmd[0]}" ] || die "${cmd[0]#"$ROOT/"} not found: run infra/setup.sh"
+    supervised_start "$name" "$(app_ready "$name")"
+}
+
+exec_app() {
+    local name=$1
+    local -a cmd
+    mapfile -t cmd < <(app_cmd "$name")
     if [ "$name" = flower ]; then
-        # from the environment, not the command line (ps would show it)
-        export FLOWER_BASIC_AUTH="${LLMBATCH_FLOWER_USER:-admin}:${LLMBATCH_FLOWER_PASSWORD:-llmbatch}"
+        # the generated credentials, from the environment, not the command line (ps would show it)
+        load_secrets
+        export FLOWER_BASIC_AUTH="$FLOWER_USER:$FLOWER_PASSWORD"
     fi
-    start_process "$name" "$(app_ready "$name")" "${cmd[@]}"
-    local rc=$?
-    unset FLOWER_BASIC_AUTH
-    return $rc
+    exec "${cmd[@]}"
+}
+
+# What supervisord runs for NAME (every start and restart): the environment of the `up` that
+# started it, the pid file and the restart counter, then the process itself in the foreground.
+do_exec() {
+    local name=$1 v
+    valid_name "$name" || die "unknown process '$name'"
+    ensure_dirs
+    if [ -f "$ENV_DIR/$name.env" ]; then
+        for v in $(compgen -e); do
+            case $v in LLMBATCH_*|OPENAI_*|ANTHROPIC_*|TIKTOKEN_*) unset "$v" ;; esac
+        done
+        # shellcheck disable=SC1090
+        source "$ENV_DIR/$name.env"
+    fi
+    export LLMBATCH_VAR_DIR="$VAR" LLMBATCH_PORT_OFFSET="$OFF" PYTHONUNBUFFERED=1
+    echo $$ >"$(pid_file "$name")"
+    echo $(($(starts_of "$name") + 1)) >"$RUN_DIR/$name.starts"
+    stat -c %s "$(log_file "$name")" >"$RUN_DIR/$name.logpos" 2>/dev/null || echo 0 >"$RUN_DIR/$name.logpos"
+    [ "$(starts_of "$name")" -gt 1 ] && echo "---- $(date -u +%FT%TZ) started again by the supervisor (restart $(($(starts_of "$name") - 1))) ----"
+    cd "$ROOT" || exit 1
+    case $name in
+        postgres) exec_postgres ;;
+        redis) exec_redis ;;
+        kafka) exec_kafka ;;
+        *) exec_app "$name" ;;
+    esac
 }
 
 # ---------------------------------------------------------------- dispatch
@@ -402,6 +561,8 @@ ordered() { # up|down NAME...
 }
 
 do_up() {
+    ensure_secrets
+    ensure_supervisor
     local n
     for n in "$@"; do
         case $n in
@@ -413,24 +574,50 @@ do_up() {
     done
 }
 
-do_down() {
-    local n
+do_down() { # ALL_OF_IT NAME...
+    local everything=$1; shift
+    local n pid
+    if sv answering 2>/dev/null; then
+        sv stop "$@"
+    fi
+    # whatever runs outside the supervisor (a killed supervisord's orphans, an older stack)
     for n in "$@"; do
-        case $n in
-            postgres) down_postgres ;;
-            redis) down_redis ;;
-            kafka) down_kafka ;;
-            *) stop_process "$n" 20 ;;
-        esac
+        if pid=$(read_pid "$n") && pid_alive "$pid" && pid_is_ours "$pid" "$(pid_file "$n")"; then
+            stop_unsupervised "$n"
+        elif ! sv answering 2>/dev/null; then
+            rm -f "$(pid_file "$n")"
+            say "$n" "already down"
+        fi
+    done
+    if [ "$everything" = 1 ] && sv answering 2>/dev/null; then
+        sv shutdown
+    fi
+}
+
+do_kill() {
+    local n i
+    for n in "$@"; do
+        sv_state "$n"
+        if [[ $STATE != RUNNING && $STATE != STARTING && $STATE != STOPPING ]]; then
+            kill_process "$n"   # not supervised (or not running): the plain way
+            continue
+        fi
+        signal_tree KILL "$SPID"
+        local pid=$SPID
+        for i in $(seq 1 40); do
+            sv_state "$n"
+            [ "$SPID" != "$pid" ] && break
+            sleep 0.25
+        done
+        say "$n" "killed (SIGKILL, pid $pid); the supervisor starts it again"
     done
 }
 
 do_status() {
-    local n state
-    for n in "$@"; do
-        if is_up "$n"; then state=up; else state=down; fi
-        printf '%-18s %-5s %s\n' "$n" "$state" "$(port_of "$n")"
-    done
+    local -a specs=()
+    local n
+    for n in "$@"; do specs+=("$n=$(port_of "$n")"); done
+    sv status "${specs[@]}"
 }
 
 main() {
@@ -445,7 +632,7 @@ main() {
         down)
             mapfile -t names < <(ordered down "$@")
             [ ${#names[@]} -gt 0 ] || exit 1
-            do_down "${names[@]}" ;;
+            do_down "$([ $# -eq 0 ] && echo 1 || echo 0)" "${names[@]}" ;;
         status)
             mapfile -t names < <(ordered up "$@")
             [ ${#names[@]} -gt 0 ] || exit 1
@@ -454,16 +641,22 @@ main() {
             [ $# -gt 0 ] || die "usage: infra/stack.sh restart NAME..."
             mapfile -t names < <(ordered down "$@")
             [ ${#names[@]} -gt 0 ] || exit 1
-            do_down "${names[@]}"
+            do_down 0 "${names[@]}"
             mapfile -t names < <(ordered up "$@")
             do_up "${names[@]}" ;;
         kill)
             [ $# -gt 0 ] || die "usage: infra/stack.sh kill NAME..."
             mapfile -t names < <(ordered down "$@")
             [ ${#names[@]} -gt 0 ] || exit 1
-            for n in "${names[@]}"; do kill_process "$n"; done ;;
+            do_kill "${names[@]}" ;;
+        secrets)
+            ensure_secrets
+            echo "${SECRETS_FILE#"$ROOT/"} (mode $(stat -c %a "$SECRETS_FILE"))" ;;
+        exec)
+            [ $# -eq 1 ] || die "usage: infra/stack.sh exec NAME (what supervisord runs)"
+            do_exec "$1" ;;
         *)
-            echo "usage: infra/stack.sh up|down|status|restart|kill [NAME...]" >&2
+            echo "usage: infra/stack.sh up|down|status|restart|kill [NAME...] | secrets" >&2
             echo "names: ${ALL[*]}" >&2
             exit 2 ;;
     esac

@@ -2,8 +2,15 @@
 
 Every setting has an environment variable ``LLMBATCH_<NAME>`` (upper case).
 An optional TOML file (``LLMBATCH_CONFIG``, default ``llmbatch.toml`` in the
-working directory) supplies values the environment does not. Secrets are kept
-in ``Secret`` so they never show in a repr or a log line.
+working directory) supplies values the environment does not. Below both, the
+local stack's generated secrets file (``var_dir/secrets.env``, written 0600
+by ``infra/stack.sh``) supplies the passwords of Postgres, Redis and Flower,
+so every process, the CLI and the tests reach the password-protected stack
+without anyone exporting anything. The default database and Redis URLs carry
+those passwords; an explicit ``LLMBATCH_DATABASE_URL`` / ``LLMBATCH_REDIS_URL``
+is used as given. Secrets are kept in ``Secret`` so they never show in a
+repr, ``str()``, an f-string, ``format()`` or ``%s``; URLs with a password
+are masked in the settings' repr.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import functools
 import os
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -22,14 +30,33 @@ from pipeline.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+MASK = "**********"
+
+#: the generated secrets of the local stack, under ``var_dir`` (``infra/stack.sh`` writes it)
+SECRETS_FILE = "secrets.env"
+
+
 class Secret(str):
-    """A string that hides itself in reprs and formatted output."""
+    """A string that hides itself wherever it is turned into text: repr, ``str()``,
+    f-strings, ``format()`` and ``%s``. ``reveal()`` is the one way to the value,
+    so handing it to a client library is a visible, deliberate step."""
 
     def __repr__(self) -> str:
-        return "Secret('**********')" if self else "Secret('')"
+        return f"Secret('{MASK}')" if self else "Secret('')"
+
+    def __str__(self) -> str:
+        return MASK if self else ""
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
     def reveal(self) -> str:
         return str.__str__(self)
+
+
+def mask_url(url: str) -> str:
+    """``scheme://user:password@host`` with the password masked (for reprs and messages)."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", rf"\1{MASK}@", str.__str__(url))
 
 
 def _tier_map(**values):
@@ -51,6 +78,12 @@ class Settings:
     database_url: str = "postgresql+psycopg://llmbatch@127.0.0.1:55432/llmbatch"
     #: Redis: Celery broker, budget counters, rate windows, response cache
     redis_url: str = "redis://127.0.0.1:56379/0"
+    #: password of the role llmbatch, put into database_url when that names none (generated into var/secrets.env)
+    database_password: Secret = Secret("")
+    #: password of the read-only role llmbatch_reader (generated into var/secrets.env)
+    reader_password: Secret = Secret("")
+    #: Redis ``requirepass``, put into redis_url when that names none (generated into var/secrets.env)
+    redis_password: Secret = Secret("")
     #: Kafka bootstrap servers (host:port, comma-separated)
     kafka_bootstrap: str = "127.0.0.1:59092"
     #: where the local stack keeps its state: data, logs, pids, metrics, reports, tokenizer files
@@ -167,6 +200,18 @@ class Settings:
     reader_database_url: str = ""
     #: Flower's address, for ``llmbatch doctor``
     flower_url: str = "http://127.0.0.1:5555"
+    #: Flower's basic auth (generated into var/secrets.env by the local stack; no default)
+    flower_user: str = ""
+    flower_password: Secret = Secret("")
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_url") and isinstance(value, str) and not isinstance(value, Secret):
+                value = mask_url(value)
+            parts.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(parts)})"
 
     @property
     def simulated(self) -> bool:
@@ -192,15 +237,45 @@ class Settings:
 
     @property
     def reader_url(self) -> str:
-        """The URL of the read-only role (``llmbatch sql``)."""
+        """The URL of the read-only role (``llmbatch sql``): ``reader_database_url``, or
+        ``database_url`` with its user replaced by llmbatch_reader (and its password), also
+        when ``database_url`` names no user (libpq would then log in as the OS user)."""
         if self.reader_database_url:
             return self.reader_database_url
-        return re.sub(r"//[^@/]*@", "//llmbatch_reader@", self.database_url, count=1)
+        return with_user(self.database_url, "llmbatch_reader", self.reader_password)
 
     @property
     def libpq_url(self) -> str:
         """The database URL as libpq/psycopg understands it."""
         return self.database_url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def with_user(url: str, user: str, password: str = "") -> str:
+    """``url`` with its user (and password) replaced; the rest kept as written."""
+    parts = urllib.parse.urlsplit(str.__str__(url))
+    host = parts.netloc.rpartition("@")[2]
+    auth = urllib.parse.quote(user, safe="")
+    if password:
+        auth += ":" + urllib.parse.quote(str.__str__(password), safe="")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{auth}@{host}"))
+
+
+def read_secrets_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of the stack's secrets file (``#`` comments, optional quotes)."""
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return out
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        out[key.strip()] = value.strip().strip("'\"")
+    return out
 
 
 def _coerce(value, current, name: str):
@@ -248,6 +323,12 @@ def load_settings(env: dict | None = None) -> Settings:
     unknown = set(values) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    # the stack's generated secrets: below the environment and the TOML file
+    var_dir = Path(values["var_dir"]) if values.get("var_dir") else base.var_dir
+    for key, value in read_secrets_file(var_dir / SECRETS_FILE).items():
+        name = key.removeprefix("LLMBATCH_").lower()
+        if key.startswith("LLMBATCH_") and name in _SECRET_SETTINGS and name not in values:
+            values[name] = value
     coerced = {k: _coerce(v, getattr(base, k), k) for k, v in values.items()}
     offset = coerced.get("port_offset", 0)
     if offset:
@@ -257,7 +338,19 @@ def load_settings(env: dict | None = None) -> Settings:
                 coerced[name] = getattr(base, name).replace(str(port), str(port + offset))
         if "metrics_port" not in coerced:
             coerced["metrics_port"] = base.metrics_port + offset
+    # an explicit URL wins; the default ones carry the passwords
+    if "database_url" not in values and coerced.get("database_password"):
+        url = coerced.get("database_url", base.database_url)
+        coerced["database_url"] = with_user(url, "llmbatch", coerced["database_password"])
+    if "redis_url" not in values and coerced.get("redis_password"):
+        url = coerced.get("redis_url", base.redis_url)
+        coerced["redis_url"] = with_user(url, "", coerced["redis_password"])
     return dataclasses.replace(base, **coerced)
+
+
+#: settings the stack's secrets file may set (anything else in it is for infra/stack.sh alone)
+_SECRET_SETTINGS = frozenset({"database_password", "reader_password", "redis_password",
+                              "flower_user", "flower_password"})
 
 
 @functools.cache

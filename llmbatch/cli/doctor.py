@@ -170,12 +170,22 @@ def check_flower(settings: Settings) -> Check:
         try:
             urllib.request.urlopen(settings.flower_url + "/", timeout=3)
         except urllib.error.HTTPError as e:
-            if e.code == 401:
-                return f"{settings.flower_url}: up, basic auth on"
-            raise
-        raise RuntimeError(f"{settings.flower_url} answers without credentials: basic auth is off")
-    return _try("flower", auth, f"start it: {UP} (credentials: LLMBATCH_FLOWER_USER / LLMBATCH_FLOWER_PASSWORD)",
-                required=False)
+            if e.code != 401:
+                raise
+        else:
+            raise RuntimeError(f"{settings.flower_url} answers without credentials: basic auth is off")
+        if not (settings.flower_user and settings.flower_password):
+            return f"{settings.flower_url}: up, basic auth on (no credentials configured here to try)"
+        import base64
+        token = base64.b64encode(f"{settings.flower_user}:{settings.flower_password.reveal()}".encode()).decode()
+        req = urllib.request.Request(settings.flower_url + "/", headers={"Authorization": f"Basic {token}"})
+        try:
+            urllib.request.urlopen(req, timeout=3).read(0)
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{settings.flower_url} refuses the configured credentials ({e.code})") from e
+        return f"{settings.flower_url}: up, basic auth on, the configured credentials work"
+    return _try("flower", auth, f"start it: {UP} (credentials: LLMBATCH_FLOWER_USER / LLMBATCH_FLOWER_PASSWORD,"
+                " generated into var/secrets.env)", required=False)
 
 
 def run_checks(settings: Settings) -> list[Check]:

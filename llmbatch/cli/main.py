@@ -325,13 +325,47 @@ def jobs(status_, since, limit, as_json):
     click.echo(views.format_table(cols, [[r[c] for c in cols] for r in rows]))
 
 
+READER_ROLE = "llmbatch_reader"
+
+#: who the connection is, and whether it may do more than read: a superuser, a role that can
+#: make roles or databases or bypass row security, or a member of the role owning the database
+#: or the tables (a member of the owner can write whatever the owner can)
+_WHO_AM_I = """
+SELECT current_user,
+       r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolbypassrls,
+       pg_has_role(current_user, d.datdba, 'MEMBER')
+         OR coalesce(pg_has_role(current_user, (SELECT relowner FROM pg_class
+                                                 WHERE oid = to_regclass('public.jobs')), 'MEMBER'), false)
+FROM pg_roles r, pg_database d
+WHERE r.rolname = current_user AND d.datname = current_database()
+"""
+
+
+def _refuse_unless_reader(conn) -> None:
+    """Exit 2 unless the connection is the read-only role: the query would otherwise run with the
+    owner's (or a superuser's) rights, e.g. when the URL names no user and libpq logs in as the
+    OS user. The URL is the user's input, so this is bad usage, not a failed command."""
+    user, powerful, owner = conn.execute(_WHO_AM_I).fetchone()
+    if user != READER_ROLE or powerful or owner:
+        why = ("a superuser or a role that manages roles/databases" if powerful
+               else "the owner of the database or its tables (or a member of it)" if owner
+               else f"not {READER_ROLE}")
+        _fail(f"refusing to run: `llmbatch sql` connects as {user!r}, {why}; it runs only as the"
+              f" read-only role {READER_ROLE} (set LLMBATCH_READER_DATABASE_URL to"
+              f" postgresql+psycopg://{READER_ROLE}:PASSWORD@HOST:PORT/DB, or unset it)", 2)
+
+
 @main.command("sql")
 @click.argument("query", required=False)
 @click.option("-f", "--file", "file_", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Read the query from a file (e.g. sql/queries/recent_jobs.sql).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per row.")
 def sql_cmd(query, file_, as_json):
-    """Run a query as the read-only role llmbatch_reader and print a table."""
+    """Run a query as the read-only role llmbatch_reader and print a table.
+
+    Refuses (exit 2) when the configured connection is any other role: the
+    owner, a superuser, or whoever libpq picks for a URL without a user.
+    """
     import psycopg
 
     from llmbatch.cli import views
@@ -342,6 +376,7 @@ def sql_cmd(query, file_, as_json):
     try:
         with psycopg.connect(url, connect_timeout=5) as conn:
             conn.read_only = True
+            _refuse_unless_reader(conn)
             cur = conn.execute(text)
             if cur.description is None:
                 click.echo(cur.statusmessage or "OK")
@@ -349,7 +384,7 @@ def sql_cmd(query, file_, as_json):
             cols = [d.name for d in cur.description]
             rows = cur.fetchall()
     except psycopg.OperationalError as e:
-        _fail(f"cannot connect as llmbatch_reader: {e}; run `llmbatch doctor`", 3)
+        _fail(f"cannot connect as {READER_ROLE}: {e}; run `llmbatch doctor`", 3)
     except psycopg.Error as e:
         _fail(str(e).strip(), 1)
     if as_json:
@@ -441,9 +476,13 @@ def down(names):
 
 @main.command()
 @click.argument("names", nargs=-1)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per process: name, state, port.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per process: name, state, pid, uptime, restarts, port.")
 def ps(names, as_json):
-    """List the local stack's processes: NAME up|down PORT (like `make status`)."""
+    """List the local stack's processes: NAME STATE PID UPTIME RESTARTS PORT (like `make status`).
+
+    STATE: up, starting, backoff (died during start-up; the supervisor tries again after a
+    growing delay), stopping, down, or fatal (the supervisor gave up)."""
     if not as_json:
         _stack("status", names)
     import subprocess
@@ -454,12 +493,14 @@ def ps(names, as_json):
     if proc.returncode:
         click.echo(proc.stderr, err=True, nl=False)
         sys.exit(proc.returncode)
-    for line in proc.stdout.splitlines():
+
+    def value(v: str):
+        return None if v == "-" else int(v) if v.isdigit() else v
+    for line in proc.stdout.splitlines()[1:]:   # the first line is the header
         parts = line.split()
-        if len(parts) >= 2:
-            port = parts[2] if len(parts) > 2 else None
-            click.echo(json.dumps({"name": parts[0], "state": parts[1],
-                                   "port": int(port) if port and port.isdigit() else port}))
+        if len(parts) == 6:
+            click.echo(json.dumps(dict(zip(("name", "state", "pid", "uptime", "restarts", "port"),
+                                           map(value, parts)))))
 
 
 # ------------------------------------------------------------------ processes

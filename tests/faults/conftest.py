@@ -8,6 +8,13 @@ runs this directory and stops the stack. Without ``LLMBATCH_FAULTS=1`` every
 test here is skipped, so ``pytest tests`` on a shared stack never kills
 anything.
 
+The stack runs under supervisord (infra/supervise.py), as production runs
+under systemd or Kubernetes: a scenario that kill -9s a process does not
+start it again itself. ``crash`` kills it and then waits for the supervisor
+to have started it again (a new pid, its restart count one higher), so each
+scenario proves both that the pipeline survives the crash and that the
+stack brings the process back.
+
 Every scenario submits a small job (a few hundred to 2,000 requests, the
 simulator at 20–50 ms so the fault lands mid-job) and ends with
 ``check_invariants``: every request terminal, exactly one result per request,
@@ -123,12 +130,45 @@ def restore_stack(request):
 
 
 def _status() -> dict[str, str]:
+    return {name: row["state"] for name, row in supervised().items()}
+
+
+def supervised(*names: str) -> dict[str, dict]:
+    """``stack.sh status``: per process its state (up, starting, backoff, down, fatal, ...),
+    pid and restart count, as the supervisor reports them."""
     out = {}
-    for line in stack_sh("status", check=False).splitlines():
+    for line in stack_sh("status", *names, check=False).splitlines():
         parts = line.split()
-        if len(parts) >= 2:
-            out[parts[0]] = parts[1]
+        if len(parts) < 6 or parts[0] in ("NAME", "supervisord"):
+            continue
+        out[parts[0]] = {"state": parts[1], "pid": None if parts[2] == "-" else int(parts[2]),
+                         "restarts": 0 if parts[4] == "-" else int(parts[4])}
     return out
+
+
+def crash(name: str, *, leader_only: bool = False, timeout: float = 240) -> dict:
+    """kill -9 NAME, as a crash would, and wait until the supervisor has started it again.
+
+    ``stack.sh kill`` kills the process group; ``leader_only`` kills just the leader (the
+    Postgres postmaster, whose backends then outlive it as after a real postmaster crash).
+    Nothing here starts the process: the new pid and the restart count one higher are the
+    supervisor's work. Returns the process's row after the restart."""
+    before = supervised(name)[name]
+    assert before["state"] == "up" and before["pid"], f"{name} is not up before the crash: {before}"
+    if leader_only:
+        os.kill(before["pid"], signal.SIGKILL)
+    else:
+        stack_sh("kill", name)
+
+    def restarted():
+        row = supervised(name).get(name, {})
+        if row.get("state") == "up" and row["pid"] != before["pid"] and row["restarts"] > before["restarts"]:
+            return row
+        return None
+    try:
+        return wait_until(restarted, timeout, every=1.0, what=f"the supervisor restarting {name}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: now {supervised(name).get(name)}") from None
 
 
 # ------------------------------------------------------------------ the simulator
@@ -196,7 +236,10 @@ def wait_until(predicate, timeout: float, every: float = 0.25, what: str = "cond
 def wait_terminal(job_id: str, n: int, timeout: float = 180) -> dict:
     """Every one of the job's n requests in a terminal state (a lost request never gets there)."""
     def all_done():
-        c = counts(job_id)
+        try:
+            c = counts(job_id)
+        except sa.exc.OperationalError:    # Postgres restarting (a scenario's fault): poll again
+            return None
         terminal = sum(v for k, v in c.items() if k in ("succeeded", "failed", "cancelled"))
         return c if terminal >= n else None
     try:

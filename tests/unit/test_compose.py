@@ -6,6 +6,7 @@ schema that check-jsonschema ships (offline), and its services are read.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,7 @@ def test_app_environment_points_at_services(compose):
         for key in APP_ENV:
             assert key in env, (name, key)
         assert "@postgres:" in env["LLMBATCH_DATABASE_URL"]
-        assert env["LLMBATCH_REDIS_URL"].startswith("redis://redis:")
+        assert env["LLMBATCH_REDIS_URL"].startswith("redis://:") and "@redis:" in env["LLMBATCH_REDIS_URL"]
         assert env["LLMBATCH_KAFKA_BOOTSTRAP"].startswith("kafka:")
         assert env["LLMBATCH_SIMULATOR_URL"].startswith("http://simulator:")
 
@@ -95,8 +96,64 @@ def test_dependencies_have_conditions_and_healthchecks(compose):
 
 def test_flower_basic_auth_from_env(compose):
     env = compose["services"]["flower"]["environment"]
-    assert "LLMBATCH_FLOWER_USER" in env["FLOWER_BASIC_AUTH"]
-    assert "LLMBATCH_FLOWER_PASSWORD" in env["FLOWER_BASIC_AUTH"]
+    assert "${LLMBATCH_FLOWER_USER:?" in env["FLOWER_BASIC_AUTH"]
+    assert "${LLMBATCH_FLOWER_PASSWORD:?" in env["FLOWER_BASIC_AUTH"]
+
+
+def _interpolations(value: str) -> list[tuple[str, str, str]]:
+    """(variable, operator, rest) of every ${...} in a Compose value."""
+    return re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?+]?)([^}]*)\}", value)
+
+
+def _strings(node):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def test_no_password_has_a_default(compose):
+    """Every password (and the secret half of each credential) must come from the environment:
+    ``${VAR:?message}``, so compose refuses to start without it; never ``${VAR:-default}``
+    and never a literal password in a URL."""
+    secrets_seen = set()
+    for value in _strings(compose["services"]):
+        for var, op, _ in _interpolations(value):
+            if "PASSWORD" in var or var.endswith(("_KEY", "_SECRET")):
+                if var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+                    continue      # optional: without them the simulator answers
+                assert op == ":?", f"${{{var}}} must be required (${{{var}:?...}}), not {op or 'plain'}"
+                secrets_seen.add(var)
+        for user, password in re.findall(r"://([^:/@]*):([^@/]*)@", value):
+            assert password.startswith("${") and ":?" in password, f"literal password in {value!r}"
+    assert {"LLMBATCH_DATABASE_PASSWORD", "LLMBATCH_READER_PASSWORD", "LLMBATCH_REDIS_PASSWORD",
+            "LLMBATCH_FLOWER_PASSWORD", "LLMBATCH_GRAFANA_PASSWORD"} <= secrets_seen
+    s = compose["services"]
+    assert s["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${LLMBATCH_DATABASE_PASSWORD:?")
+    assert s["postgres"]["environment"]["POSTGRES_HOST_AUTH_METHOD"] == "scram-sha-256"
+    assert "requirepass" in " ".join(s["redis"]["command"])
+    assert not any("trust" in v for v in _strings(s)), "a service trusts connections"
+
+
+def test_the_stacks_secrets_file_has_every_variable_compose_requires(compose, tmp_path):
+    """`docker compose --env-file var/secrets.env` works: the file the local stack generates
+    defines every variable compose requires."""
+    import os
+    env = {**os.environ, "LLMBATCH_VAR_DIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "infra" / "stack.sh"), "secrets"], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / "secrets.env"
+    assert path.stat().st_mode & 0o777 == 0o600
+    defined = {line.split("=", 1)[0] for line in path.read_text().splitlines() if "=" in line
+               and not line.startswith("#")}
+    required = {var for value in _strings(compose["services"]) for var, op, _ in _interpolations(value)
+                if op == ":?"}
+    assert required <= defined, required - defined
 
 
 def test_prometheus_config_exists(compose):

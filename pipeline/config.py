@@ -200,8 +200,9 @@ class Settings:
     reader_database_url: str = ""
     #: Flower's address, for ``llmbatch doctor``
     flower_url: str = "http://127.0.0.1:5555"
-    #: Flower's basic auth (generated into var/secrets.env by the local stack; no default)
+    #: Flower's basic-auth user (generated into var/secrets.env by the local stack; no default)
     flower_user: str = ""
+    #: Flower's basic-auth password (generated into var/secrets.env by the local stack; no default)
     flower_password: Secret = Secret("")
 
     def __repr__(self) -> str:

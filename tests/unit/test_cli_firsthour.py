@@ -264,7 +264,10 @@ def test_ps_json_prints_one_object_per_process():
     result = CliRunner().invoke(main, ["ps", "--json", "redis", "batcher"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
-    assert [r["name"] for r in rows] == ["redis", "batcher"] and all(r["state"] in ("up", "down") for r in rows)
+    # the supervisor itself comes first, as in `make status`
+    assert [r["name"] for r in rows] == ["supervisord", "redis", "batcher"]
+    assert all(r["state"] in ("up", "down", "starting", "backoff", "fatal") for r in rows)
+    assert all(set(r) == {"name", "state", "pid", "uptime", "restarts", "port"} for r in rows)
 
 
 def test_an_array_line_among_jsonl_lines_is_only_that_lines_problem(tmp_path):

@@ -285,3 +285,39 @@ def test_requests_of_a_job_cancelled_mid_batch_are_not_sent(stack, engine):
     assert result["cancelled"] > 0 and {r["status"] for r in reqs.values()} <= {"succeeded", "cancelled"}
     assert result["succeeded"] + result["cancelled"] == n
     assert scalar(engine, "SELECT status FROM jobs WHERE job_id = :j", j=job) == "cancelled"
+
+
+def test_an_abandoned_batch_leaves_nothing_running(stack, engine):
+    """Item 5: the task running a batch is cancelled (its worker is shutting down): none of the
+    batch's requests goes on calling the provider, and the lease is given back for a re-run."""
+    n = 80
+    job, batch = make_batch(engine, n)
+    settings = dataclasses.replace(stack, inflight_per_batch={**stack.inflight_per_batch, "offpeak": 4})
+
+    async def abandon():
+        task = asyncio.ensure_future(run_batch(batch, owner="abandoned", settings=settings))
+        deadline = time.monotonic() + 60
+        while scalar(engine, "SELECT count(*) FROM requests WHERE job_id = :j AND status = 'succeeded'",
+                     j=job) < 8 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        stopped = sim_stats(stack)["total"]["requests"]
+        await asyncio.sleep(2.0)   # anything left running would go on calling meanwhile
+        return stopped, sim_stats(stack)["total"]["requests"]
+
+    with simulator_config(stack, latency_ms=100.0):
+        stopped, later = _loop.run_until_complete(abandon())
+    assert later == stopped, f"{later - stopped} provider calls after the batch was abandoned"
+    with engine.connect() as conn:
+        lease_left = conn.execute(sa.text(
+            "SELECT lease_until > now() FROM batches WHERE batch_id = :b"), {"b": batch}).scalar()
+    assert lease_left is False   # given back: the sweep hands it out again at once
+    outcome = _run(batch, stack)   # the re-run finishes what is open, once
+    assert {r["status"] for r in requests_of(engine, job).values()} == {"succeeded"}
+    assert outcome["succeeded"] < n   # what was written before is not redone
+    dups = keys_seen(stack, job)
+    assert sum(dups.values()) <= 4, dups   # only the calls cut off in flight (4 slots) are sent again

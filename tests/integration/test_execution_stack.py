@@ -67,6 +67,7 @@ def test_cancel_mid_job_takes_effect_without_deadlock_and_stops_provider_calls(s
                     "SELECT status, count(*) FROM requests WHERE job_id = :j GROUP BY 1"), {"j": job}).all())
                 job_status = conn.execute(sa.text("SELECT status FROM jobs WHERE job_id = :j"), {"j": job}).scalar()
             report.append({"job": job, "late_calls": late, "states": states, "status": job_status})
+    print(json.dumps(report))   # the figures: late calls and final states per cancelled job
     assert all(r["status"] == "cancelled" for r in report), report
     assert all(r["late_calls"] == 0 for r in report), report
     assert all(set(r["states"]) <= {"succeeded", "cancelled"} and r["states"].get("cancelled") for r in report), report

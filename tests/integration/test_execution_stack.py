@@ -35,7 +35,7 @@ def _provider_calls(stack) -> int:
 def test_cancel_mid_job_takes_effect_without_deadlock_and_stops_provider_calls(stack, engine, tmp_path):
     """Item 11b: five jobs cancelled while their batches are being claimed and run. Every cancel
     exits 0 with no traceback, every job ends cancelled with nothing left running, and no
-    provider call arrives later than 3 s after the cancel returned."""
+    provider call arrives later than 5 s after the cancel returned."""
     report = []
     with simulator_config(stack, latency_ms=2000.0, jitter_ms=200.0):   # slow enough to cancel mid-job
         for round_ in range(5):
@@ -48,9 +48,10 @@ def test_cancel_mid_job_takes_effect_without_deadlock_and_stops_provider_calls(s
             proc = llmbatch("cancel", job, "--json", timeout=180)
             assert proc.returncode == 0, proc.stderr
             assert "Traceback" not in proc.stderr and "eadlock" not in proc.stderr, proc.stderr
-            # a call that passed its check just before the cancel has arrived by now (on a loaded
-            # machine a worker resolving 64 checks at once sends the last of them some 100s of ms later)
-            time.sleep(3.0)
+            # a call that passed its check just before the cancel has arrived by now. On a starved
+            # machine (2 cores, processes starting) a worker resolving 64 checks at once was seen to
+            # send the last of them more than 3 s later; 5 s is the margin, not a speed claim
+            time.sleep(5.0)
             after_cancel = _provider_calls(stack)
 
             def settled():

@@ -3,6 +3,7 @@ against the real Postgres, Redis and simulator of the local stack."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import urllib.request
@@ -11,6 +12,11 @@ import uuid
 import sqlalchemy as sa
 
 from pipeline import db
+
+
+#: one event loop for every in-process batch of the test session, as a worker process has one:
+#: its SDK clients (one per process, pipeline/providers) live on it
+LOOP = asyncio.new_event_loop()
 
 
 def make_batch(engine, n: int, *, tier: str = "offpeak", model: str = "gpt-4o-mini", overrides=None,

@@ -14,12 +14,12 @@ import sqlalchemy as sa
 
 from pipeline import budget, db
 from schedules.provider_batches import cancel_job
-from tests.integration.execution_helpers import (keys_seen, make_batch, requests_of, scalar, sim_stats,
+from tests.integration.execution_helpers import (LOOP, keys_seen, make_batch, requests_of, scalar, sim_stats,
                                                  simulator_config)
 from workers.execute import run_batch
 
 
-_loop = asyncio.new_event_loop()   # one loop for the module, as a worker process has (its SDK clients live on it)
+_loop = LOOP
 
 
 def _run(batch: str, settings, owner: str | None = None) -> dict:

@@ -6,7 +6,6 @@ outage yet are started again afterwards (``make up`` is idempotent)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import subprocess
@@ -15,7 +14,7 @@ import time
 import uuid
 
 from pipeline.config import ROOT
-from tests.integration.execution_helpers import keys_seen, make_batch, requests_of, scalar, sim_stats, simulator_config
+from tests.integration.execution_helpers import LOOP, keys_seen, make_batch, requests_of, scalar, sim_stats, simulator_config
 from workers.execute import run_batch
 
 
@@ -43,7 +42,7 @@ def test_a_batch_rides_out_a_postgres_outage(stack, engine, caplog):
         outage["end"] = time.monotonic()
 
     before = sim_stats(stack)["total"]["requests"]
-    loop = asyncio.new_event_loop()
+    loop = LOOP
     t = threading.Thread(target=stop_postgres_mid_batch)
     try:
         with simulator_config(stack, latency_ms=150.0):
@@ -53,7 +52,6 @@ def test_a_batch_rides_out_a_postgres_outage(stack, engine, caplog):
             t.join()
     finally:
         t.join(300)
-        loop.close()
         _stack("up", check=False)   # whatever did not survive the outage (not this test's subject)
     calls = sim_stats(stack)["total"]["requests"] - before
     assert outage.get("end"), "Postgres was never stopped"

@@ -431,7 +431,7 @@ def budget(quick: bool) -> dict:
                         "redis_cli": (flushed.stdout + flushed.stderr).strip(),
                         "t": round(time.monotonic() - started, 1)}
             t.join()
-            status = _wait_status(job, ("paused_budget", "completed", "failed", "cancelled"), 300)
+            status = _wait_status(job, ("paused_budget", "completed", "completed_with_errors", "failed", "cancelled"), 300)
             paused_at = round(time.monotonic() - started, 1)
             spend = scalar("SELECT coalesce(sum(cost_usd), 0) FROM results WHERE job_id = :j", j=job)
             by_status = dict(q("SELECT status, count(*) FROM requests WHERE job_id = :j GROUP BY 1", j=job).all())
@@ -441,7 +441,7 @@ def budget(quick: bool) -> dict:
             raised = (max_cost * n * 2).quantize(Decimal("0.00000001"), rounding=ROUND_CEILING)
             cli = subprocess.run([LLMBATCH, "budget", "set", "--job", job, "--usd", str(raised)],
                                  capture_output=True, text=True, timeout=60, cwd=str(Path(__file__).parent.parent))
-            final = _wait_status(job, ("completed", "failed", "cancelled"), 300)
+            final = _wait_status(job, ("completed", "completed_with_errors", "failed", "cancelled"), 300)
             final_counts = dict(q("SELECT status, count(*) FROM requests WHERE job_id = :j GROUP BY 1", j=job).all())
             final_spend = scalar("SELECT coalesce(sum(cost_usd), 0) FROM results WHERE job_id = :j", j=job)
             stats = sim_stats()["total"]

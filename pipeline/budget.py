@@ -653,10 +653,25 @@ def show(engine, redis_sync, settings: Settings) -> dict:
 
 
 def redis_clients(settings: Settings):
-    """(async, sync) Redis clients with short timeouts: the budget fails closed, fast."""
+    """(async, sync) Redis clients with short timeouts: the budget fails closed, fast.
+
+    They recover from a Redis restart: a pooled connection idle longer than
+    ``health_check_interval`` is pinged before use, and a command that meets a
+    dead connection (ConnectionError, TimeoutError) reconnects and is sent again,
+    with backoff, a few times before the error reaches the caller.
+    """
     import redis
     import redis.asyncio as aredis
-    kw = dict(socket_timeout=5, socket_connect_timeout=2)
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RConnectionError, TimeoutError as RTimeoutError
+    from redis.retry import Retry
+
+    def kw(retry_cls):
+        return dict(socket_timeout=5, socket_connect_timeout=2, health_check_interval=10,
+                    retry=retry_cls(ExponentialBackoff(cap=1.0, base=0.05), 3),
+                    retry_on_error=[RConnectionError, RTimeoutError, ConnectionResetError, BrokenPipeError])
     # blocking pool: 200 requests reserving at once wait for a connection instead of failing
-    pool = aredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=32, timeout=10, **kw)
-    return aredis.Redis(connection_pool=pool), redis.Redis.from_url(settings.redis_url, **kw)
+    pool = aredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=32, timeout=10,
+                                                  **kw(AsyncRetry))
+    return aredis.Redis(connection_pool=pool), redis.Redis.from_url(settings.redis_url, **kw(Retry))

@@ -31,7 +31,14 @@ REDIS_PREFIX = "llmbatch:"
 
 # Request states. Terminal ones never change again.
 REQUEST_TERMINAL = ("succeeded", "failed", "cancelled")
-# Job states. ``paused_budget`` is an end for ``--wait`` but can resume.
-JOB_TERMINAL = ("completed", "failed", "cancelled", "paused_budget")
+# Job states (sql/006 checks them). A job ends ``completed`` only when every request
+# succeeded; ``completed_with_errors`` when some failed (or were cancelled);
+# ``failed`` when none succeeded (pipeline/db.py refresh_jobs).
+JOB_STATES = ("submitting", "running", "paused_budget",
+              "completed", "completed_with_errors", "failed", "cancelled")
+#: ends for ``--wait``; ``paused_budget`` can resume
+JOB_TERMINAL = ("completed", "completed_with_errors", "failed", "cancelled", "paused_budget")
+#: ends in which some request did not succeed: ``submit --wait`` exits 1
+JOB_UNSUCCESSFUL = ("completed_with_errors", "failed", "cancelled", "paused_budget")
 
 SIMULATOR_LABEL = "simulator (no API key set: answers are simulated, not from a real model)"

@@ -76,6 +76,51 @@ def transaction(engine: Engine, patience_s: float = 60.0):
         yield conn
 
 
+#: backoff of ``retrying``: first wait, growth, ceiling (seconds)
+RETRY_FIRST_S, RETRY_FACTOR, RETRY_MAX_S = 0.2, 2.0, 5.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error a later try of the same transaction can get past: Postgres down or
+    restarting, a dropped connection, a deadlock or serialization victim, a full pool."""
+    if isinstance(exc, InfrastructureError):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError))
+
+
+def retrying(engine: Engine, work, *, what: str, patience_s: float | None = None, sleep=time.sleep):
+    """``work(conn)`` in one transaction, tried again on a transient error until it commits.
+
+    A deadlock victim, a serialization failure and a Postgres outage are waited
+    out with backoff (a log line when it starts failing and one when it is
+    through, not one per try). ``patience_s``: give up after that long and raise
+    the last error (None: never). Other errors are raised at once. ``work``
+    must be safe to run again (every statement here is).
+    """
+    started, delay, failing = time.monotonic(), RETRY_FIRST_S, None
+    while True:
+        try:
+            with engine.begin() as conn:
+                out = work(conn)
+            if failing is not None:
+                log.warning("Postgres: %s went through after %.1f s", what, time.monotonic() - started)
+            return out
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if patience_s is not None and time.monotonic() - started > patience_s:
+                raise
+            reason = f"{type(getattr(e, 'orig', None) or e).__name__}"
+            if failing != reason:
+                log.warning("Postgres: %s failed (%s: %s); retrying with backoff", what, reason,
+                            str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e) else "")
+                failing = reason
+            sleep(delay)
+            delay = min(delay * RETRY_FACTOR, RETRY_MAX_S)
+
+
 # ---------------------------------------------------------------- migrations
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
@@ -163,28 +208,41 @@ def finish_submit(conn: Connection, job_id: str, *, lines_read: int, accepted: i
 
 
 def refresh_jobs(conn: Connection, job_ids) -> None:
-    """Mark running jobs completed once every accepted request is terminal.
+    """End running jobs once every accepted request is terminal, with their outcome:
+
+    * ``completed``: every request succeeded (and, if lines were rejected, at least one ran);
+    * ``failed``: none succeeded;
+    * ``completed_with_errors``: some succeeded, some failed or were cancelled.
 
     Cheap when work remains: the partial index on open requests answers the
-    NOT EXISTS; the full count runs only when nothing is open.
+    NOT EXISTS; the counts run only when nothing is open.
     """
-    ids = list(set(job_ids))
+    ids = sorted(set(job_ids))
     if not ids:
         return
     completed = conn.execute(sa.text(
-        "UPDATE jobs j SET status = 'completed', finished_at = now()"
-        " WHERE j.job_id = ANY(:ids) AND j.status = 'running'"
-        " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.job_id"
-        "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"
-        " AND (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id) >= j.accepted"
+        "WITH ended AS (SELECT j.job_id FROM jobs j WHERE j.job_id = ANY(:ids) AND j.status = 'running'"
+        "   AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.job_id"
+        "                   AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))),"
+        " c AS (SELECT r.job_id, count(*) AS n, count(*) FILTER (WHERE r.status = 'succeeded') AS ok,"
+        "   count(*) FILTER (WHERE r.status <> 'succeeded') AS bad"
+        "   FROM requests r WHERE r.job_id IN (SELECT job_id FROM ended) GROUP BY r.job_id)"
+        " UPDATE jobs j SET finished_at = now(), status = CASE"
+        "   WHEN coalesce(c.bad, 0) = 0 AND (coalesce(c.ok, 0) > 0 OR j.rejected = 0) THEN 'completed'"
+        "   WHEN coalesce(c.ok, 0) = 0 THEN 'failed' ELSE 'completed_with_errors' END"
+        " FROM ended e LEFT JOIN c ON c.job_id = e.job_id"
+        " WHERE j.job_id = e.job_id AND j.status = 'running' AND coalesce(c.n, 0) >= j.accepted"
         " RETURNING j.job_id"), {"ids": ids}).scalars().all()
     if completed:
         # A worker killed after its last result but before closing its batch leaves the
         # batch 'running' until its lease runs out; with nothing open in it, close it now.
+        # SKIP LOCKED: a batch another transaction holds is theirs to close (lock order, above).
         conn.execute(sa.text(
             "UPDATE batches b SET status = 'done', finished_at = now(), lease_until = NULL"
-            " WHERE b.batch_id IN (SELECT DISTINCT batch_id FROM requests WHERE job_id = ANY(:ids))"
-            " AND b.status IN ('queued', 'dispatched', 'running') AND b.mode = 'realtime'"
+            " WHERE b.batch_id IN (SELECT x.batch_id FROM batches x WHERE x.batch_id IN"
+            "   (SELECT DISTINCT batch_id FROM requests WHERE job_id = ANY(:ids))"
+            "   AND x.status IN ('queued', 'dispatched', 'running') AND x.mode = 'realtime'"
+            "   FOR UPDATE SKIP LOCKED)"
             " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
             "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": completed})
     # stopped by its own cap: nothing left but requests deferred by it (pipeline/budget.py);
@@ -346,19 +404,28 @@ def dispatched_batches(conn: Connection) -> list[tuple[str, str]]:
 
 
 def _take_lease(conn: Connection, where: str, params: dict) -> dict | None:
-    """Lease the batch ``where`` picks to ``params["owner"]`` for ``params["lease"]`` seconds."""
+    """Lease the batch ``where`` picks to ``params["owner"]`` for ``params["lease"]`` seconds.
+
+    ``crashes`` grows only when the batch is still ``running``: its previous holder
+    neither finished it, deferred it nor handed it back (a dead worker, a lost lease,
+    a batch that raised). A new batch, a budget resume or a clean re-dispatch is
+    ``queued``/``dispatched`` and counts nothing; ``deliveries`` counts every claim.
+    """
     row = conn.execute(sa.text(
-        "UPDATE batches SET status = 'running', lease_owner = :owner,"
+        "UPDATE batches SET lease_owner = :owner,"
         " lease_until = now() + make_interval(secs => :lease), deliveries = deliveries + 1,"
-        " started_at = coalesce(started_at, now())"
-        f" WHERE {where} RETURNING batch_id, tier, provider, model, deliveries"), params).mappings().first()
+        " crashes = crashes + CASE WHEN status = 'running' THEN 1 ELSE 0 END,"
+        " status = 'running', started_at = coalesce(started_at, now())"
+        f" WHERE {where} RETURNING batch_id, tier, provider, model, deliveries, crashes, last_failure"),
+        params).mappings().first()
     return dict(row) if row else None
 
 
 def claim_batch(conn: Connection, batch_id: str, owner: str, lease_s: float) -> dict | None:
     """Take the batch's lease, or None if another live worker holds it or it is done.
 
-    A redelivered Celery task keeps its task id, so it can take back its own lease.
+    A redelivered Celery task keeps its task id, so it can take back its own lease
+    (a crash: its worker died before it finished).
     """
     return _take_lease(conn, "batch_id = :b AND (status IN ('queued', 'dispatched')"
                              " OR (status = 'running' AND (lease_until < now() OR lease_owner = :owner)))",
@@ -378,22 +445,56 @@ def claim_next_batch(conn: Connection, tier: str, owner: str, lease_s: float) ->
 
 
 def renew_lease(conn: Connection, batch_id: str, owner: str, lease_s: float) -> bool:
+    """Extend the lease; False when it is not ours any more (another owner, or the batch ended)."""
     return bool(conn.execute(sa.text(
         "UPDATE batches SET lease_until = now() + make_interval(secs => :lease)"
         " WHERE batch_id = :b AND lease_owner = :owner AND status = 'running'"),
         {"b": batch_id, "owner": owner, "lease": lease_s}).rowcount)
 
 
-def release_lease(conn: Connection, batch_id: str, owner: str) -> None:
-    """End a lease early (the task failed): the sweep may hand the batch out again."""
+def release_lease(conn: Connection, batch_id: str, owner: str, reason: str | None = None) -> None:
+    """End a lease early (the batch raised): the sweep may hand the batch out again.
+
+    The batch stays ``running``, so the next claim counts a crash; ``reason`` is
+    kept for the poison message.
+    """
     conn.execute(sa.text(
-        "UPDATE batches SET lease_until = now() - make_interval(secs => 3600)"
+        "UPDATE batches SET lease_until = now() - make_interval(secs => 3600),"
+        " last_failure = coalesce(CAST(:r AS text), last_failure)"
         " WHERE batch_id = :b AND lease_owner = :owner AND status = 'running'"),
-        {"b": batch_id, "owner": owner})
+        {"b": batch_id, "owner": owner, "r": reason})
+
+
+def lock_batch(conn: Connection, batch_id: str) -> None:
+    """The first lock of a worker's write to a batch's requests (lock order, above)."""
+    conn.execute(sa.text("SELECT 1 FROM batches WHERE batch_id = :b FOR SHARE"), {"b": batch_id})
+
+
+def lock_job_batches(conn: Connection, job_id: str) -> list[str]:
+    """Lock every batch holding a request of the job, in batch_id order (lock order, above)."""
+    return conn.execute(sa.text(
+        "SELECT batch_id FROM batches WHERE batch_id IN"
+        " (SELECT DISTINCT batch_id FROM requests WHERE job_id = :j AND batch_id IS NOT NULL)"
+        " ORDER BY batch_id FOR UPDATE"), {"j": job_id}).scalars().all()
+
+
+def cancelled_jobs(conn: Connection, job_ids) -> set[str]:
+    """Which of these jobs are cancelled (a worker asks before each provider call)."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return set()
+    return set(conn.execute(sa.text(
+        "SELECT job_id FROM jobs WHERE job_id = ANY(:ids) AND status = 'cancelled'"), {"ids": ids}).scalars())
 
 
 def open_requests(conn: Connection, batch_id: str) -> list[dict]:
-    """The batch's requests not yet finished, marked running."""
+    """The batch's requests not yet finished, marked running; those of a cancelled job
+    become ``cancelled`` here and are not returned."""
+    conn.execute(sa.text(
+        "UPDATE requests r SET status = 'cancelled', finished_at = now()"
+        " WHERE r.batch_id = :b AND r.status NOT IN ('succeeded', 'failed', 'cancelled')"
+        " AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = r.job_id AND j.status = 'cancelled')"),
+        {"b": batch_id})
     rows = conn.execute(sa.text(
         "UPDATE requests r SET status = 'running', started_at = coalesce(started_at, now())"
         " WHERE batch_id = :b AND status NOT IN ('succeeded', 'failed', 'cancelled')"
@@ -406,16 +507,28 @@ def open_requests(conn: Connection, batch_id: str) -> list[dict]:
     return [dict(r) for r in rows]
 
 
-def finish_batch(conn: Connection, batch_id: str) -> None:
-    conn.execute(sa.text(
+def finish_batch(conn: Connection, batch_id: str, owner: str | None = None) -> bool:
+    """Mark the batch done: only while ``owner`` (when given) holds its lease, and only when
+    none of its requests is still open (an unwritten outcome keeps a batch from ending).
+    True when the batch is done."""
+    if owner is not None:
+        holder = conn.execute(sa.text("SELECT lease_owner, status FROM batches WHERE batch_id = :b FOR UPDATE"),
+                              {"b": batch_id}).first()
+        if holder is None or holder.status == "done":
+            return holder is not None
+        if holder.lease_owner != owner:
+            return False
+    return bool(conn.execute(sa.text(
         "UPDATE batches SET status = 'done', finished_at = now(), lease_until = NULL"
-        " WHERE batch_id = :b"), {"b": batch_id})
+        " WHERE batch_id = :b AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = :b"
+        "   AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"b": batch_id}).rowcount)
 
 
 def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict]) -> None:
     """Store finished requests: result rows, attempt rows, terminal states. Idempotent.
 
-    ``outcomes``: job_id, custom_id, model, status ('succeeded'|'failed'),
+    ``outcomes``: job_id, custom_id, model, status ('succeeded'|'failed'|'cancelled':
+    a cancelled one, never sent, gets no result row),
     status_code, response, error, token counts, usage_missing, cost_usd,
     provider_request_id, latency_ms, attempts.
     """
@@ -429,6 +542,7 @@ def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict])
     if not outcomes:
         return
     rows = dumps(outcomes)
+    answered = [o for o in outcomes if o["status"] in ("succeeded", "failed")]
     conn.execute(sa.text(
         "INSERT INTO results (job_id, custom_id, model, status_code, response, error, input_tokens,"
         " cached_input_tokens, output_tokens, usage_missing, cost_usd, provider_request_id, latency_ms)"
@@ -438,7 +552,7 @@ def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict])
         " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, model text,"
         " status_code int, response jsonb, error jsonb, input_tokens int, cached_input_tokens int,"
         " output_tokens int, usage_missing bool, cost_usd numeric, provider_request_id text, latency_ms int)"
-        " ON CONFLICT DO NOTHING"), {"rows": rows})
+        " ON CONFLICT DO NOTHING"), {"rows": dumps(answered)})
     conn.execute(sa.text(
         "UPDATE requests r SET status = x.status, attempts = x.attempts, finished_at = now()"
         " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, status text,"

@@ -484,16 +484,22 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) ->
     """
     settings = settings or get_settings()
     engine = engine or db.get_engine()
-    with engine.begin() as conn:
-        job = conn.execute(sa.text("SELECT status FROM jobs WHERE job_id = :j FOR UPDATE"), {"j": job_id}).first()
+
+    def work(conn):
+        # lock order (pipeline/db.py): the job's batches, then its requests, then the job;
+        # a worker's claim takes the batch before its requests too, so the two never deadlock
+        job = conn.execute(sa.text("SELECT status FROM jobs WHERE job_id = :j"), {"j": job_id}).first()
         if job is None:
             return None
-        conn.execute(sa.text(
-            "UPDATE jobs SET status = 'cancelled', cancelled_at = now(), finished_at = coalesce(finished_at, now())"
-            " WHERE job_id = :j AND status NOT IN ('completed', 'failed', 'cancelled')"), {"j": job_id})
+        db.lock_job_batches(conn, job_id)
+        # requests a worker holds ('running') are skipped by its check before each call
         stopped = conn.execute(sa.text(
             "UPDATE requests SET status = 'cancelled', finished_at = now()"
             " WHERE job_id = :j AND status IN ('held', 'queued', 'deferred')"), {"j": job_id}).rowcount
+        conn.execute(sa.text(
+            "UPDATE jobs SET status = 'cancelled', cancelled_at = now(), finished_at = coalesce(finished_at, now())"
+            " WHERE job_id = :j AND status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled')"),
+            {"j": job_id})
         done = conn.execute(sa.text(
             "UPDATE batches b SET status = 'done', finished_at = now()"
             " WHERE b.status IN ('held', 'queued', 'dispatched', 'deferred')"
@@ -513,6 +519,13 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) ->
         if pbs:
             conn.execute(sa.text("UPDATE provider_batches SET cancel_requested = true WHERE id = ANY(:ids)"),
                          {"ids": [p.id for p in pbs]})
+        return job, stopped, done, pbs, running
+
+    # a deadlock or serialization victim, or a Postgres restart, is tried again, never a traceback
+    out = db.retrying(engine, work, what=f"cancelling job {job_id}", patience_s=120.0)
+    if out is None:
+        return None
+    job, stopped, done, pbs, running = out
     cancelled_at_provider = []
     for pb_id, provider, pbid in pbs:
         try:

@@ -4,7 +4,7 @@ Delivery settings that make a killed worker lose nothing (FACTS.md):
 ``task_acks_late`` + ``task_reject_on_worker_lost`` requeue a batch whose
 process died; prefetch 1 keeps long batches from waiting behind each other; the
 Redis visibility timeout is above the longest batch so a slow batch is not
-delivered twice. Results are not kept in a Celery backend: Postgres is the record.
+delivered twice. The broker connection is retried for as long as Redis is away. Results are not kept in a Celery backend: Postgres is the record.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ app.conf.update(
     task_default_queue=queue_for("peak"),
     broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
     broker_connection_retry_on_startup=True,
+    # a Redis outage or restart is waited out (with Celery's backoff), never the end of the worker
+    broker_connection_retry=True,
+    broker_connection_max_retries=None,
     worker_send_task_events=True,
     task_send_sent_event=True,
     worker_hijack_root_logger=False,

@@ -1,14 +1,27 @@
 """Execution of one batch: its requests run concurrently, results land in Postgres.
 
 1. take the batch's lease (a second delivery of the same batch while the first
-   is alive does nothing; a redelivery after a crash takes it back);
-2. load the requests not yet finished: a redelivered batch redoes only those;
-3. run them on the event loop, at most the tier's in-flight cap at once, each
-   with bounded retries;
+   is alive does nothing; a redelivery after a crash takes it back, and counts
+   the crash: a batch whose runs keep ending unfinished is failed as poison);
+2. load the requests not yet finished: a redelivered batch redoes only those
+   (requests of a cancelled job become ``cancelled`` here);
+3. run them on the event loop inside an ``asyncio.TaskGroup``, at most the
+   tier's in-flight cap at once, each with bounded retries. A request that
+   raises unexpectedly fails alone (``internal_error``); if the batch itself is
+   abandoned, nothing of it is left running. Before every provider call the
+   request asks the ``Gate``: a cancelled job's request, or any request once the
+   lease is lost, is not sent;
 4. write outcomes and attempts in bulk as they finish (group commit: the
    outcomes that finish during one write share the next), so a crash loses
-   at most a write's worth of finished work; each write is idempotent;
-5. mark the batch done and complete the jobs whose requests are all finished.
+   at most a write's worth of finished work; each write is idempotent and is
+   retried until it is durable (a Postgres outage is waited out);
+5. mark the batch done and end the jobs whose requests are all finished; never
+   while an outcome of the batch is unwritten, and never once the lease is lost.
+
+The lease is renewed in the background; a renewal that fails is retried with
+backoff until the lease would run out. Lost (another owner took it, or it
+could not be renewed in time): no new provider call starts, calls in flight
+finish and are written, and the batch is left to its new holder.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from pipeline import budget, db, metrics
 from pipeline.cache import ResponseCache
 from pipeline.config import Settings, get_settings
 from pipeline.budget import BudgetExceeded, BudgetUnavailable, from_units
-from pipeline.errors import PermanentProviderError, ProviderError
+from pipeline.errors import LLMBatchError, PermanentProviderError, ProviderError
 from pipeline.pricing import Usage, answered_price, cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.providers import AttemptRecord, call_with_retries, get_provider
 from workers.fallback import fallback_for
@@ -31,13 +44,28 @@ from workers.limited import Limited, budget_for, limiter_for
 
 log = logging.getLogger(__name__)
 
-MAX_DELIVERIES = 5
+#: a batch whose runs ended this many times without finishing it is failed as poison
+MAX_CRASHES = 5
 #: a write starts this long after the first outcome that waits for it, so outcomes
 #: finishing together share one transaction
 FLUSH_COALESCE_S = 0.02
 #: a task stops taking further batches of its tier after this long (far below the
 #: broker's visibility timeout, so the broker never hands its first batch out again)
 CHAIN_MAX_S = 600.0
+#: lease renewal: retry a failed renewal after this long, doubling up to the cap
+RENEW_RETRY_S, RENEW_RETRY_MAX_S = 0.5, 5.0
+
+
+class WorkStopped(LLMBatchError):
+    """A request's call was not sent: see the subclasses."""
+
+
+class RequestCancelled(WorkStopped):
+    """Its job was cancelled."""
+
+
+class LeaseLost(WorkStopped):
+    """The batch's lease is no longer ours: its new holder runs the request."""
 
 
 @functools.cache
@@ -46,11 +74,24 @@ def _response_cache() -> ResponseCache:
     return ResponseCache(settings.redis_url, settings.cache_ttl_s)
 
 
-class OutcomeWriter:
-    """Buffers outcomes and attempts and writes them in bulk, off the event loop."""
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
 
-    def __init__(self, engine):
+
+class OutcomeWriter:
+    """Buffers outcomes and attempts and writes them in bulk, off the event loop.
+
+    A write is retried until it is durable: the buffers are emptied only after
+    the commit, so a failed write loses nothing (outcomes that finish meanwhile
+    wait in the buffers for the next one). A transient error (Postgres down,
+    connection dropped, deadlock) is waited out with backoff; a row Postgres
+    refuses outright is isolated and its request failed with the reason.
+    """
+
+    def __init__(self, engine, batch_id: str | None = None, *, sleep=time.sleep):
         self.engine = engine
+        self.batch_id = batch_id
+        self.sleep = sleep                        # between retries (in the writer's thread)
         self.outcomes: list[dict] = []
         self.attempts: list[dict] = []
         self.deferred: list[dict] = []            # requests a cap refused (pipeline/budget.py)
@@ -61,18 +102,23 @@ class OutcomeWriter:
         self.wake = asyncio.Event()               # an outcome waits to be written
         self.settling: set[asyncio.Task] = set()  # settlements of written outcomes, still running
 
+    @property
+    def unwritten(self) -> int:
+        return len(self.outcomes) + len(self.attempts) + len(self.deferred)
+
     async def flush(self) -> None:
         """Write what has finished; settle its reservations and cache its answers after,
         in the background, so the next write need not wait for Redis."""
         async with self.lock:
-            outcomes, attempts, deferred, settles = self.outcomes, self.attempts, self.deferred, self.settles
-            self.outcomes, self.attempts, self.deferred, self.settles = [], [], [], []
+            n_o, n_a, n_d, n_s = len(self.outcomes), len(self.attempts), len(self.deferred), len(self.settles)
+            outcomes, attempts, deferred = self.outcomes[:n_o], self.attempts[:n_a], self.deferred[:n_d]
+            settles = self.settles[:n_s]
             if outcomes or attempts or deferred:
-                def write():
-                    self._write(outcomes, attempts, deferred)
-                    for res, _ in settles:
-                        res.written = True
-                await asyncio.to_thread(write)
+                await asyncio.to_thread(self._write_durably, outcomes, attempts, deferred)
+                for res, _ in settles:
+                    res.written = True
+            # only now, with the rows committed, leave the buffers (appends went on behind them)
+            del self.outcomes[:n_o], self.attempts[:n_a], self.deferred[:n_d], self.settles[:n_s]
         answers = {o["cache_key"]: o["response"] for o in outcomes
                    if o.get("cache_key") and o["status"] == "succeeded"}
         if settles or answers:   # only once the ledger holds the cost: a rebuild from it then misses nothing
@@ -83,16 +129,19 @@ class OutcomeWriter:
     async def drain(self) -> None:
         """The last write, and every settlement: the batch is over only when its spend is settled."""
         await self.flush()
-        await asyncio.gather(*self.settling)
-        if self.settles:   # failed ones: one more try, then their reservations expire by themselves
+        await asyncio.gather(*self.settling, return_exceptions=True)
+        if self.settles or self.unwritten:   # failed settlements: one more try, then they expire
             await self.flush()
-            await asyncio.gather(*self.settling)
+            await asyncio.gather(*self.settling, return_exceptions=True)
 
     async def _after_write(self, settles, answers) -> None:
         if settles:
             await self._settle(settles)
         if answers:
-            await asyncio.to_thread(_response_cache().put_many, answers)
+            try:
+                await asyncio.to_thread(_response_cache().put_many, answers)
+            except Exception as e:   # a cache miss later costs a call, nothing else
+                log.warning("response cache: storing %d answers failed: %s", len(answers), e)
 
     async def _settle(self, settles) -> None:
         results = await asyncio.gather(*(self.budget.settle(r, spent) for r, spent in settles),
@@ -103,13 +152,116 @@ class OutcomeWriter:
                         next(r for r in results if isinstance(r, BaseException)))
             self.settles.extend(failed)
 
-    def _write(self, outcomes, attempts, deferred=()) -> None:
-        with self.engine.begin() as conn:
-            db.write_outcomes(conn, outcomes, attempts)
-            budget.write_deferred(conn, list(deferred))
-            db.refresh_jobs(conn, {o["job_id"] for o in outcomes})
+    def _write_durably(self, outcomes, attempts, deferred) -> None:
+        """One transaction, retried until it commits; a refused row is isolated."""
+        what = f"writing {len(outcomes)} outcomes of batch {self.batch_id}"
+        try:
+            db.retrying(self.engine, lambda conn: self._write(conn, outcomes, attempts, deferred),
+                        what=what, sleep=self.sleep)
+        except Exception as e:
+            log.error("%s: Postgres refused the write (%s); writing row by row to isolate it", what, _reason(e))
+            self._write_one_by_one(outcomes, attempts, deferred)
         # the one metrics hook for request outcomes: counted once the rows are durable
         metrics.record_outcomes(outcomes, attempts)
+
+    def _write_one_by_one(self, outcomes, attempts, deferred) -> None:
+        def each(rows, write, what):
+            for row in rows:
+                try:
+                    db.retrying(self.engine, lambda conn: write(conn, row), what=what, sleep=self.sleep)
+                except Exception as e:
+                    yield row, e
+        for o, e in list(each(outcomes, lambda c, o: self._write(c, [o], [], []), "writing an outcome")):
+            log.error("request %s:%s: its outcome cannot be stored (%s); recorded as failed",
+                      o["job_id"], o["custom_id"], _reason(e))
+            bad = internal_error(o, f"the outcome could not be stored: {_reason(e)}",
+                                 cost_usd=o.get("cost_usd") or "0")
+            db.retrying(self.engine, lambda conn: self._write(conn, [bad], [], []), what="writing an outcome",
+                        sleep=self.sleep)
+        for a, e in list(each(attempts, lambda c, a: self._write(c, [], [a], []), "writing an attempt")):
+            log.error("attempt %s of %s:%s cannot be stored (%s): dropped", a.get("attempt"), a["job_id"],
+                      a["custom_id"], _reason(e))
+        db.retrying(self.engine, lambda conn: self._write(conn, [], [], deferred), what="writing deferrals",
+                    sleep=self.sleep)
+
+    def _write(self, conn, outcomes, attempts, deferred=()) -> None:
+        if self.batch_id is not None:
+            db.lock_batch(conn, self.batch_id)   # lock order: batch, requests, jobs (pipeline/db.py)
+        db.write_outcomes(conn, outcomes, attempts)
+        budget.write_deferred(conn, list(deferred))
+        db.refresh_jobs(conn, {o["job_id"] for o in outcomes})
+
+
+def internal_error(req: dict, message: str, *, cost_usd: str = "0") -> dict:
+    """The failed outcome of a request the worker could not run (or store) as it should."""
+    return {"job_id": req["job_id"], "custom_id": req["custom_id"], "model": req["model"], "status": "failed",
+            "attempts": req.get("attempts") or 0, "cost_usd": cost_usd, "response": None,
+            "error": {"code": "internal_error", "message": message}}
+
+
+class Gate:
+    """Asked before every provider call: may this request's call go out now?
+
+    No, once the batch's lease is lost (``lost``), or when the request's job is
+    cancelled. The job check reads Postgres, coalesced: the requests asking
+    while one query runs share the next, so each answer is read after its
+    question was asked. Postgres unreachable: the call waits (fail closed).
+    """
+
+    def __init__(self, engine, lost: asyncio.Event):
+        self.engine, self.lost = engine, lost
+        self.cancelled: set[str] = set()
+        self._waiting: list[tuple[str, asyncio.Future]] = []
+        self._wake = asyncio.Event()
+
+    async def check(self, job_id: str) -> None:
+        if self.lost.is_set():
+            raise LeaseLost("the batch's lease is lost: left to its new holder")
+        if job_id not in self.cancelled:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting.append((job_id, fut))
+            self._wake.set()
+            await fut
+        if job_id in self.cancelled:
+            raise RequestCancelled(f"job {job_id} was cancelled")
+        if self.lost.is_set():
+            raise LeaseLost("the batch's lease is lost: left to its new holder")
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            waiting, self._waiting = self._waiting, []
+            jobs = {j for j, _ in waiting}
+            try:
+                found = await asyncio.to_thread(
+                    db.retrying, self.engine, lambda conn: db.cancelled_jobs(conn, jobs),
+                    what="checking for cancelled jobs")
+                self.cancelled |= found
+            except Exception as e:   # not transient (a bug): the calls wait for the next round
+                log.error("cancel check failed: %s", _reason(e))
+                self._waiting[:0] = waiting
+                self._wake.set()
+                await asyncio.sleep(1.0)
+                continue
+            for _, fut in waiting:
+                if not fut.done():
+                    fut.set_result(None)
+
+
+class Gated:
+    """A provider whose every call first asks the batch's ``Gate``."""
+
+    def __init__(self, provider, gate: Gate, job_id: str):
+        self.provider, self.gate, self.job_id = provider, gate, job_id
+        self.name = provider.name
+
+    def __getattr__(self, name):
+        return getattr(self.provider, name)
+
+    async def call(self, body: dict, *, headers: dict):
+        await self.gate.check(self.job_id)
+        return await self.provider.call(body, headers=headers)
 
 
 def _usage(provider: str, body: dict) -> Usage | None:
@@ -128,9 +280,14 @@ async def prepare(settings: Settings) -> None:
     limiter_for(settings, budget_for(settings, db.get_engine()))
 
 
-async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> str:
+async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate: Gate | None = None) -> str:
+    """Run one request; its outcome goes to ``writer``. Returns 'succeeded', 'failed',
+    'deferred', 'cancelled' or 'abandoned' (lease lost before its call: no outcome)."""
     provider = get_provider(req["provider"], settings)
     prices = get_price_book()
+    prices.resolve(req["model"])   # a model this worker cannot price fails here, before any call
+    if gate is not None:
+        provider = Gated(provider, gate, req["job_id"])
     if writer.budget is not None:
         provider = Limited(provider, req, writer.budget, limiter_for(settings, writer.budget),
                             fallback_for(req, prices), settings.fallback_rate_wait_s)
@@ -155,6 +312,13 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter) -> s
     try:
         answer = await call_with_retries(provider, req["body"], headers=headers, settings=settings,
                                          first_attempt=req["attempts"] + 1, on_attempt=on_attempt)
+    except RequestCancelled as e:
+        outcome.update(status="cancelled", error={"code": "cancelled", "message": str(e)},
+                       attempts=last["attempt"])
+        writer.outcomes.append(outcome)
+        return "cancelled"
+    except LeaseLost:
+        return "abandoned"
     except BudgetExceeded as e:
         if req.get("on_budget") == "fail":
             outcome.update(status="failed", error={"code": "budget_exceeded", "message": str(e)},
@@ -204,18 +368,57 @@ async def _flusher(writer: OutcomeWriter, done: asyncio.Event) -> None:
             return
         await asyncio.sleep(FLUSH_COALESCE_S)
         writer.wake.clear()
-        await writer.flush()
-
-
-async def _keep_lease(engine, batch_id: str, owner: str, lease_s: float, done: asyncio.Event) -> None:
-    while not done.is_set():
         try:
-            await asyncio.wait_for(done.wait(), lease_s / 3)
-        except asyncio.TimeoutError:
-            def renew():
-                with engine.begin() as conn:
-                    db.renew_lease(conn, batch_id, owner, lease_s)
-            await asyncio.to_thread(renew)
+            await writer.flush()
+        except Exception as e:   # the outcomes stay buffered: the next flush (or the drain) writes them
+            log.error("batch %s: a write failed: %s", writer.batch_id, _reason(e))
+            await asyncio.sleep(1.0)
+            writer.wake.set()
+
+
+async def _keep_lease(engine, batch_id: str, owner: str, lease_s: float, lost: asyncio.Event, *,
+                      clock=time.monotonic, sleep=asyncio.sleep) -> None:
+    """Renew the lease every third of its length until cancelled.
+
+    A renewal that fails is retried with backoff (one log line when renewals
+    start failing, one when they work again). The lease is lost when a renewal
+    finds it is not ours any more, or when it could not be renewed before it
+    runs out: then ``lost`` is set and this returns.
+    """
+    expires = clock() + lease_s   # by our clock; Postgres set it a little later, never earlier
+    margin = lease_s / 10         # give up this long before it runs out: no call may outlive our lease
+    failing_since = None
+    delay = RENEW_RETRY_S
+
+    def renew() -> bool:
+        with engine.begin() as conn:
+            return db.renew_lease(conn, batch_id, owner, lease_s)
+
+    while True:
+        await sleep(lease_s / 3 if failing_since is None else delay)
+        asked = clock()
+        if asked >= expires - margin:
+            log.error("batch %s: lease expired before it could be renewed (failing since %.1f s): "
+                      "no new provider calls; calls in flight finish", batch_id, asked - (failing_since or asked))
+            lost.set()
+            return
+        try:
+            ours = await asyncio.wait_for(asyncio.to_thread(renew), timeout=max(0.1, expires - margin - asked))
+        except Exception as e:   # Postgres down, a dropped connection, a slow statement: try again
+            if failing_since is None:
+                failing_since = asked
+                log.warning("batch %s: lease renewal failed (%s); retrying with backoff", batch_id, _reason(e))
+            delay = min(delay * 2, RENEW_RETRY_MAX_S, max(0.05, (expires - margin - clock()) / 2))
+            continue
+        if not ours:
+            log.error("batch %s: lease taken by another owner (or the batch ended): no new provider calls; "
+                      "calls in flight finish", batch_id)
+            lost.set()
+            return
+        expires = asked + lease_s
+        if failing_since is not None:
+            log.warning("batch %s: lease renewed again after %.1f s of failures", batch_id, asked - failing_since)
+            failing_since, delay = None, RENEW_RETRY_S
 
 
 async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=None) -> dict:
@@ -224,44 +427,59 @@ async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=Non
     in-flight slots. A process so never idles at a batch's tail, and in-flight work
     stays level across batch boundaries. The stolen batch's own Celery task finds its
     lease held (or the batch done) and does nothing.
+
+    The batches run in one TaskGroup: if this task is abandoned, none of them is
+    left running. A batch that fails does not stop the others; the first failure
+    is raised once all are over.
     """
     engine = engine or db.get_engine()
     started = time.monotonic()
     lease_s = settings.batch_lease_s
-    claimed = await _claim(engine, lambda conn: db.claim_batch(conn, batch_id, owner, lease_s))
+    claimed = await _claim(engine, lambda conn: db.claim_batch(conn, batch_id, owner, lease_s), batch_id)
     if claimed is None:
         return {"skipped": "done or leased by a live worker"}
     tier = claimed[0]["tier"]
     sem = asyncio.Semaphore(settings.inflight_per_batch[tier])
     runs, holder = [], owner
-    while claimed is not None:
-        drained = asyncio.Event()
-        run = asyncio.create_task(_run_claimed(*claimed, owner=holder, settings=settings, engine=engine,
-                                               sem=sem, drained=drained))
-        runs.append(run)
-        waiter = asyncio.create_task(drained.wait())
-        await asyncio.wait([run, waiter], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if (run.done() and run.exception()) or time.monotonic() - started > CHAIN_MAX_S:
-            break
 
-        holder = f"{owner}/{len(runs)}"   # a lease of its own: the batch's Celery task is another owner
-        claimed = await _claim(engine, lambda conn, h=holder: db.claim_next_batch(conn, tier, h, lease_s))
-    outcomes = await asyncio.gather(*runs, return_exceptions=True)
+    async def guarded(batch, requests, holder, drained):
+        try:
+            return await _run_claimed(batch, requests, owner=holder, settings=settings, engine=engine,
+                                      sem=sem, drained=drained)
+        except Exception as e:   # reported below, after the other batches are over
+            log.error("batch %s failed: %s", batch["batch_id"], _reason(e), exc_info=True)
+            return e
+
+    async with asyncio.TaskGroup() as tg:
+        while claimed is not None:
+            drained = asyncio.Event()
+            run = tg.create_task(guarded(*claimed, holder, drained))
+            runs.append(run)
+            waiter = tg.create_task(drained.wait())
+            await asyncio.wait([run, waiter], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if (run.done() and isinstance(run.result(), BaseException)) or time.monotonic() - started > CHAIN_MAX_S:
+                break
+            holder = f"{owner}/{len(runs)}"   # a lease of its own: the batch's Celery task is another owner
+            claimed = await _claim(engine, lambda conn, h=holder: db.claim_next_batch(conn, tier, h, lease_s),
+                                   f"next {tier} batch")
+    outcomes = [r.result() for r in runs]
     failed = [o for o in outcomes if isinstance(o, BaseException)]
     if failed:
         raise failed[0]
-    totals = {k: sum(o[k] for o in outcomes) for k in ("succeeded", "failed", "deferred", "requests")}
+    keys = ("succeeded", "failed", "deferred", "cancelled", "abandoned", "requests")
+    totals = {k: sum(o.get(k, 0) for o in outcomes) for k in keys}
     return dict(totals, batches=len(runs), seconds=round(time.monotonic() - started, 3))
 
 
-async def _claim(engine, take) -> tuple[dict, list[dict]] | None:
-    """In one transaction: lease a batch with ``take(conn)`` and mark its open requests running."""
-    def run():
-        with engine.begin() as conn:
-            batch = take(conn)
-            return (batch, db.open_requests(conn, batch["batch_id"])) if batch else None
-    return await asyncio.to_thread(run)
+async def _claim(engine, take, what: str) -> tuple[dict, list[dict]] | None:
+    """In one transaction: lease a batch with ``take(conn)`` and mark its open requests running.
+
+    Waits out a Postgres outage (the batch is not taken meanwhile, so nothing is lost)."""
+    def work(conn):
+        batch = take(conn)
+        return (batch, db.open_requests(conn, batch["batch_id"])) if batch else None
+    return await asyncio.to_thread(db.retrying, engine, work, what=f"claiming {what}")
 
 
 async def _run_claimed(batch: dict, requests: list[dict], *, owner: str, settings: Settings, engine,
@@ -269,33 +487,41 @@ async def _run_claimed(batch: dict, requests: list[dict], *, owner: str, setting
     try:
         return await _execute(batch, requests, owner=owner, settings=settings, engine=engine, sem=sem,
                               drained=drained)
-    except BaseException:
-        # Give the lease back so the sweep re-dispatches the batch (bounded by MAX_DELIVERIES).
-        def release():
-            with engine.begin() as conn:
-                db.release_lease(conn, batch["batch_id"], owner)
-        await asyncio.to_thread(release)
+    except BaseException as e:
+        # Give the lease back so the sweep re-dispatches the batch (a crash: bounded by MAX_CRASHES).
+        reason = _reason(e) if isinstance(e, Exception) else "its worker task was stopped"
+        try:
+            await asyncio.shield(asyncio.to_thread(
+                db.retrying, engine, lambda conn: db.release_lease(conn, batch["batch_id"], owner, reason),
+                what=f"releasing batch {batch['batch_id']}", patience_s=30.0))
+        except Exception as release_error:   # the lease runs out by itself
+            log.warning("batch %s: could not release its lease: %s", batch["batch_id"], _reason(release_error))
         raise
+
+
+def _poison(batch: dict, requests: list[dict]) -> list[dict]:
+    why = batch.get("last_failure") or "each time its worker died or lost the lease mid-batch"
+    message = (f"batch {batch['batch_id']} was left unfinished {batch['crashes']} times ({why}); "
+               f"its open requests are failed so that it stops being retried")
+    log.error("%s: failing %d requests", message, len(requests), extra={"batch": batch["batch_id"], "tier": batch["tier"]})
+    return [dict(internal_error(r, message), error={"code": "batch_poison", "message": message}) for r in requests]
 
 
 async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: Settings, engine,
                    sem: asyncio.Semaphore, drained: asyncio.Event) -> dict:
     batch_id = batch["batch_id"]
-    writer = OutcomeWriter(engine)
+    writer = OutcomeWriter(engine, batch_id)
     writer.budget = budget_for(settings, engine)
-    if batch["deliveries"] > MAX_DELIVERIES:
-        log.error("batch %s delivered %d times: failing its %d open requests as poison",
-                  batch_id, batch["deliveries"], len(requests), extra={"batch": batch_id, "tier": batch["tier"]})
-        for r in requests:
-            writer.outcomes.append({"job_id": r["job_id"], "custom_id": r["custom_id"], "model": r["model"],
-                                    "status": "failed", "attempts": r["attempts"], "cost_usd": "0",
-                                    "error": {"code": "batch_poison",
-                                              "message": f"batch killed its worker {batch['deliveries'] - 1} times"}})
+    jobs = {r["job_id"] for r in requests}
+    if batch.get("crashes", 0) >= MAX_CRASHES and requests:
+        writer.outcomes.extend(_poison(batch, requests))
         requests = []
-    counts = {"succeeded": 0, "failed": 0, "deferred": 0}
+    counts = {"succeeded": 0, "failed": 0, "deferred": 0, "cancelled": 0, "abandoned": 0}
     waiting = len(requests)
     if not waiting:
         drained.set()
+    lost = asyncio.Event()
+    gate = Gate(engine, lost)
 
     async def one(req):
         nonlocal waiting
@@ -303,26 +529,48 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
             waiting -= 1
             if not waiting:   # every request has started: the chain may take the next batch
                 drained.set()
-            counts[await run_request(req, settings, writer)] += 1
+            try:
+                counts[await run_request(req, settings, writer, gate)] += 1
+            except Exception as e:   # fails alone, on record; its siblings go on
+                log.error("request %s:%s failed unexpectedly: %s", req["job_id"], req["custom_id"], _reason(e),
+                          exc_info=True, extra={"batch": batch_id, "job": req["job_id"]})
+                writer.outcomes.append(internal_error(req, f"the worker could not run it: {_reason(e)}"))
+                counts["failed"] += 1
         writer.wake.set()
 
     done = asyncio.Event()
-    helpers = [asyncio.create_task(_flusher(writer, done)),
-               asyncio.create_task(_keep_lease(engine, batch_id, owner, settings.batch_lease_s, done))]
-    try:
-        await asyncio.gather(*(one(r) for r in requests))
-    finally:
-        done.set()
-        writer.wake.set()
-        await asyncio.gather(*helpers, return_exceptions=True)
-        await writer.drain()
+    async with asyncio.TaskGroup() as helpers:
+        flusher = helpers.create_task(_flusher(writer, done))
+        keeper = helpers.create_task(_keep_lease(engine, batch_id, owner, settings.batch_lease_s, lost))
+        checker = helpers.create_task(gate.run())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for r in requests:
+                    tg.create_task(one(r))
+        finally:
+            done.set()
+            writer.wake.set()
+            keeper.cancel()
+            checker.cancel()
+        await flusher
+    await writer.drain()   # retried until durable: nothing below runs while an outcome is unwritten
 
-    def finish():
-        with engine.begin() as conn:
-            if writer.deferred_kinds:   # parked until a period rolls or a cap is raised
-                budget.defer_batch(conn, batch_id, writer.deferred_kinds)
-            else:
-                db.finish_batch(conn, batch_id)
-            db.refresh_jobs(conn, {r["job_id"] for r in requests})
-    await asyncio.to_thread(finish)
+    def finish(conn):
+        if lost.is_set():   # the new holder finishes it
+            return "lost"
+        if writer.deferred_kinds:   # parked until a period rolls or a cap is raised
+            db.lock_batch(conn, batch_id)
+            budget.defer_batch(conn, batch_id, writer.deferred_kinds)
+            return "deferred"
+        if db.finish_batch(conn, batch_id, owner):
+            return "done"
+        return "open" if db.renew_lease(conn, batch_id, owner, settings.batch_lease_s) else "lost"
+
+    if writer.unwritten:   # pragma: no cover - drain returns only once written
+        raise RuntimeError(f"batch {batch_id}: {writer.unwritten} outcomes unwritten")
+    state = await asyncio.to_thread(db.retrying, engine, finish, what=f"finishing batch {batch_id}")
+    await asyncio.to_thread(db.retrying, engine, lambda conn: db.refresh_jobs(conn, jobs),
+                            what=f"ending the jobs of batch {batch_id}")
+    if state == "open":
+        raise RuntimeError(f"batch {batch_id}: requests still open after its run; left for a re-run")
     return dict(counts, requests=len(requests))

@@ -7,9 +7,12 @@ processes: ``batcher``, ``worker``, ``simulator``.
 
 Exit codes (every command):
 
-* 0 success (``status --watch``: the job completed);
-* 1 the job or command failed (a failed or paused job, a query error, a
-  ``doctor`` finding about settings or files);
+* 0 success (``submit --wait``, ``status --watch``: the job is ``completed``,
+  every request succeeded);
+* 1 the job or command failed: ``submit --wait`` and ``status --watch`` when
+  any request failed or was cancelled (``completed_with_errors``, ``failed``,
+  ``cancelled``) or the job paused on its budget; a query error; a ``doctor``
+  finding about settings or files;
 * 2 bad usage or input (missing or empty file, unknown job, bad option);
 * 3 a service is unreachable (Postgres, Redis, Kafka, workers: ``doctor``
   says which and how to fix it);
@@ -167,6 +170,7 @@ def submit(file, priority, tier, budget_usd, on_budget, name, wait, resume_job, 
         except KeyboardInterrupt:
             _stopped_waiting(report.job_id)
         _print_status(status, as_json)
+        # 'completed' only when every request succeeded (pipeline/db.py refresh_jobs)
         sys.exit(0 if status["status"] == "completed" else 1)
     if as_json:
         from llmbatch.cli import views

@@ -177,7 +177,8 @@ def test_on_budget_fail_fails_with_budget_exceeded(stack, engine, tmp_path):
     proc = llmbatch("submit", path, "--budget-usd", "0.00005", "--on-budget", "fail", "--wait", "--json",
                     timeout=120)
     st = json.loads(proc.stdout)
-    assert st["status"] == "completed" and st["counts"]["failed"] > 0
+    assert st["counts"]["failed"] > 0 and proc.returncode == 1
+    assert st["status"] == ("failed" if st["counts"]["succeeded"] == 0 else "completed_with_errors")
     assert Decimal(st["cost_usd"]) <= Decimal("0.00005")
     with engine.connect() as conn:
         codes = conn.execute(sa.text(

@@ -1,0 +1,96 @@
+"""Batches written straight into Postgres and run in this process (``workers.execute.run_batch``),
+against the real Postgres, Redis and simulator of the local stack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.request
+import uuid
+
+import sqlalchemy as sa
+
+from pipeline import db
+
+
+#: one event loop for every in-process batch of the test session, as a worker process has one:
+#: its SDK clients (one per process, pipeline/providers) live on it
+LOOP = asyncio.new_event_loop()
+
+
+def make_batch(engine, n: int, *, tier: str = "offpeak", model: str = "gpt-4o-mini", overrides=None,
+               batch_status: str = "queued") -> tuple[str, str]:
+    """A job with one batch of ``n`` requests ``r0``..; ``overrides``: custom_id -> column values.
+
+    The batch is 'queued' (the sweep dispatches queued batches only after ``sweep_after_s``, long
+    after the test has claimed it) in an off-peak tier, so no stack worker chains into it.
+    """
+    job, batch = f"exec-{uuid.uuid4().hex[:10]}", f"b-{uuid.uuid4().hex[:12]}"
+    overrides = overrides or {}
+    rows = []
+    for i in range(n):
+        cid = f"r{i}"
+        row = {"job_id": job, "custom_id": cid, "line": i + 1, "batch_id": batch, "provider": "openai",
+               "model": model, "tier": tier, "tier_reason": "test", "priority": 3,
+               "body": {"model": model, "max_tokens": 16,
+                        "messages": [{"role": "user", "content": f"execution test {job} {i}"}]},
+               "input_tokens": 20, "max_cost_usd": "0.0001", "status": "queued"}
+        row.update(overrides.get(cid, {}))
+        rows.append(row)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO jobs (job_id, status, accepted, lines_read) VALUES (:j, 'running', :n, :n)"),
+                     {"j": job, "n": n})
+        conn.execute(sa.text("INSERT INTO batches (batch_id, tier, provider, model, size, status)"
+                             " VALUES (:b, :t, 'openai', :m, :n, :s)"),
+                     {"b": batch, "t": tier, "m": model, "n": n, "s": batch_status})
+        conn.execute(sa.text(
+            "INSERT INTO requests (job_id, custom_id, line, batch_id, provider, model, tier, tier_reason, priority,"
+            " body, input_tokens, max_cost_usd, status)"
+            " SELECT x.job_id, x.custom_id, x.line, x.batch_id, x.provider, x.model, x.tier, x.tier_reason,"
+            " x.priority, x.body, x.input_tokens, CAST(x.max_cost_usd AS numeric), x.status"
+            " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, line int,"
+            " batch_id text, provider text, model text, tier text, tier_reason text, priority smallint,"
+            " body jsonb, input_tokens int, max_cost_usd text, status text)"), {"rows": json.dumps(rows)})
+    return job, batch
+
+
+def requests_of(engine, job: str) -> dict[str, dict]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT q.custom_id, q.status, r.error, r.response IS NOT NULL AS answered"
+            " FROM requests q LEFT JOIN results r USING (job_id, custom_id) WHERE q.job_id = :j"),
+            {"j": job}).mappings().all()
+    return {r["custom_id"]: dict(r) for r in rows}
+
+
+def scalar(engine, sql: str, **params):
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql), params).scalar()
+
+
+def sim_stats(settings) -> dict:
+    return json.load(urllib.request.urlopen(f"{settings.simulator_url}/_stats", timeout=10))
+
+
+def keys_seen(settings, job: str) -> dict[str, int]:
+    """Idempotency keys of ``job`` the simulator saw more than once (key -> extra sightings)."""
+    return {k: v for k, v in sim_stats(settings)["duplicate_keys"].items() if k.startswith(f"{job}:")}
+
+
+@contextlib.contextmanager
+def simulator_config(settings, **changes):
+    def call(method, body=None):
+        req = urllib.request.Request(f"{settings.simulator_url}/_config", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        return json.load(urllib.request.urlopen(req, timeout=10))
+    call("POST", changes)
+    try:
+        yield
+    finally:
+        call("DELETE")
+
+
+def engine_for_tests():
+    return db.get_engine()

@@ -6,6 +6,7 @@ Public surface (other modules touch only these):
   called by ``OutcomeWriter._write`` (workers/execute.py) after the rows commit;
 - ``CACHE_HITS`` / ``CACHE_MISSES`` (label ``model``): the response cache;
 - ``BUDGET_REMAINING`` (label ``scope``): set by the budget code;
+- ``BUDGET_DRIFT``: set by the budget reconcile (Redis counters against the ledger);
 - ``LIMITER_WAIT`` (labels ``tier``, ``model``): observed by the rate limiter, seconds;
 - ``observe_consumer_lag(*consumers)``: the batcher's loop, throttled here;
 - ``serve(role, settings)``: the CLI commands start the endpoint.
@@ -64,6 +65,9 @@ CACHE_MISSES = Counter("llmbatch_cache_misses", "Cacheable requests the cache co
                        registry=REGISTRY)
 BUDGET_REMAINING = Gauge("llmbatch_budget_remaining_usd", "Dollars left in a budget scope's period",
                          ["scope"], multiprocess_mode="mostrecent", registry=REGISTRY)
+#: set by the scheduler's budget reconcile (pipeline/budget.py ``reconcile``): 0 when Redis agrees with the ledger
+BUDGET_DRIFT = Gauge("llmbatch_budget_drift_usd", "Dollars the budget counters differed from the ledger at the"
+                     " last reconcile (then corrected)", multiprocess_mode="mostrecent", registry=REGISTRY)
 LIMITER_WAIT = Histogram("llmbatch_limiter_wait_seconds", "Time a request waited for the rate limiter",
                          ["tier", "model"], buckets=_WAIT_BUCKETS, registry=REGISTRY)
 CONSUMER_LAG = Gauge("llmbatch_kafka_consumer_lag", "Messages behind the partition's end (batcher)",

@@ -17,6 +17,11 @@
   ``resume_due_batches`` hook, called here as well as from the batcher's sweep.
   Alerts at 80 % / 100 % are raised by ``pipeline.budget`` when spend is
   settled, not here.
+- **Budget reconcile** (every ``budget_reconcile_every_s``, its own job in
+  schedules/service.py): the Redis counters are compared with the Postgres
+  ledger and rebuilt from it when they drifted (a settlement lost with its
+  process, Redis restarted from an old file); the drift found is the metric
+  ``llmbatch_budget_drift_usd``.
 """
 
 from __future__ import annotations
@@ -98,6 +103,28 @@ def budget_rollover(*, engine=None, dispatcher=dispatch) -> int:
     except ImportError:   # pragma: no cover - budgets not installed
         return 0
     return resume_due_batches(engine or db.get_engine(), dispatcher)
+
+
+def budget_reconcile(*, settings: Settings | None = None, engine=None) -> dict:
+    """Redis counters against the ledger (``pipeline.budget.reconcile``); the caps mirrored from Postgres."""
+    from pipeline import budget
+    settings = settings or get_settings()
+    redis = _budget_redis(settings)
+    out = budget.reconcile(engine or db.get_engine(), redis, settings)
+    if out["rebuilt"]:
+        log.warning("upkeep: budget counters rebuilt (%s)", out.get("reason"))
+    return out
+
+
+_redis_by_url: dict = {}
+
+
+def _budget_redis(settings: Settings):
+    from pipeline import budget
+    r = _redis_by_url.get(settings.redis_url)
+    if r is None:
+        r = _redis_by_url[settings.redis_url] = budget.redis_clients(settings)[1]
+    return r
 
 
 def run_upkeep(*, settings: Settings | None = None, engine=None, clock: Clock | None = None,

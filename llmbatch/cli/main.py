@@ -27,7 +27,6 @@ import os
 import shutil
 import sys
 import time
-from decimal import Decimal
 from pathlib import Path
 
 import click
@@ -36,6 +35,7 @@ from pipeline import db
 from pipeline.config import get_settings
 from pipeline.constants import JOB_TERMINAL, SIMULATOR_LABEL, TIERS
 from pipeline.errors import FileInputError, InfrastructureError, LLMBatchError
+from llmbatch.cli.budget import CAP_USD as _CAP_USD  # the one validation of a typed cap
 
 log = logging.getLogger("llmbatch.cli")
 
@@ -105,7 +105,7 @@ def _print_status(status: dict, as_json: bool) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--priority", type=click.IntRange(0, 9), help="Default priority for lines without one.")
 @click.option("--tier", type=click.Choice(TIERS), help="Run every line in this tier.")
-@click.option("--budget-usd", type=Decimal, help="Cap on the job's spend.")
+@click.option("--budget-usd", type=_CAP_USD, help="Cap on the job's spend (finite, 0 or more).")
 @click.option("--on-budget", type=click.Choice(["defer", "fail"]), default="defer", show_default=True)
 @click.option("--name", help="A name for the job (default: the file name).")
 @click.option("--wait", is_flag=True, help="Wait until the job is finished.")

@@ -467,6 +467,16 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None) -> 
     return {"caps": caps, "spent": spent, "res": res}
 
 
+def new_generation() -> str:
+    """A generation id that sorts by time: a marker older than one a process has seen means Redis
+    went back in time (an old file restored, marker and all), and its counters are wrong."""
+    return f"{time.time_ns() // 1_000_000:013d}{secrets.token_hex(4)}"
+
+
+def _older(gen: str, than: str | None) -> bool:
+    return bool(than) and len(gen) == len(than) == 21 and gen[:13].isdigit() and gen < than
+
+
 def rebuild(engine, redis_sync, settings: Settings, *, wait_s: float = 60.0) -> bool:
     """Rebuild the counters from Postgres if the marker is missing. True if this call rebuilt.
 
@@ -480,7 +490,7 @@ def rebuild(engine, redis_sync, settings: Settings, *, wait_s: float = 60.0) -> 
                 if redis_sync.get(KEYS[0]) is not None:
                     return False
                 snap = ledger_snapshot(engine, settings)
-                gen = secrets.token_hex(8)
+                gen = new_generation()
                 # re-held for a short grace only: most 'running' requests are queued in their batch,
                 # not in a call; the live workers re-assert theirs within it (Budget._heartbeat)
                 n = redis_sync.eval(INSTALL, len(KEYS), *KEYS, gen, int(REHOLD_GRACE_S * 1000),
@@ -607,6 +617,7 @@ class Budget:
         self.pending: dict[str, tuple[Reservation, int]] = {}   # settlements Redis did not take yet
         self.gen: str | None = None
         self._beat: asyncio.Task | None = None
+        self._run_id: str | None = None
 
     def _beat_s(self) -> float:
         return max(0.05, min(REHOLD_GRACE_S / 4, reservation_ttl_s(self.settings) / 4))
@@ -622,15 +633,45 @@ class Budget:
                     if self.live or self.pending:
                         await self._rebuild()
                     continue
+                if await self._restarted(gen):
+                    continue
+                if _older(gen.decode(), self.gen):
+                    await self._went_back(gen.decode())
+                    continue
                 await self._check_gen(gen.decode())
                 if self.live:
-                    await self._eval(RENEW, _ttl_ms(self.settings), *self.live)
+                    mine = [r for r in self.live.values() if r.gen == self.gen and not r.written]
+                    found = await self._eval(RENEW, _ttl_ms(self.settings), *self.live)
+                    if mine and int(found) < len(mine):   # holds of this generation vanished
+                        log.warning("budget: %d of this process's live holds are missing from the counters:"
+                                    " rebuilding them from the ledger", len(mine) - int(found))
+                        await self._eval(INVALIDATE, self.gen)
                 for rid, (res, units) in list(self.pending.items()):
                     await self._settle_once(res, units)
                     self.pending.pop(rid, None)
                     log.info("budget: settlement of %s retried and counted", rid)
             except Exception as e:  # next beat tries again; reserve/settle fail closed meanwhile
                 log.warning("budget heartbeat: %s", e)
+
+    async def _restarted(self, gen: bytes) -> bool:
+        """Redis restarted since the counters were built (an append-only file restores old
+        counters with their marker): drop them, so the next call rebuilds them from the ledger."""
+        run_id = str((await self.redis.info("server")).get("run_id", ""))
+        if run_id == self._run_id:
+            return False
+        built = await self.redis.get(RUN_ID_KEY)
+        if built is not None and built.decode() != run_id:
+            log.warning("budget: Redis restarted (run id %s, counters built under %s): rebuilding them",
+                        run_id, built.decode())
+            await self._eval(INVALIDATE, gen)
+            return True
+        self._run_id = run_id
+        return False
+
+    async def _went_back(self, gen: str) -> None:
+        log.warning("budget: the counters went back to generation %s after %s (Redis restored an old"
+                    " state): rebuilding them from the ledger", gen, self.gen)
+        await self._eval(INVALIDATE, gen)
 
     def _ensure_beat(self) -> None:
         if self._beat is None or self._beat.done():
@@ -700,6 +741,10 @@ class Budget:
             r = [x.decode() if isinstance(x, bytes) else x for x in await self._eval(RESERVE, *args)]
             if r[0] == "ok":
                 self._ensure_beat()
+                if _older(r[1], self.gen):   # Redis went back in time: these counters lost holds
+                    await self._eval(RELEASE, rid)
+                    await self._went_back(r[1])
+                    continue
                 await self._check_gen(r[1])
                 res = self.live[rid] = Reservation(rid, r[1], fields, units, today)
                 return res

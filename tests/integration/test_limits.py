@@ -111,7 +111,8 @@ def test_concurrent_reservations_hold_the_cap_through_a_redis_flush(stack, engin
 
 
 def test_a_dead_workers_reservation_expires(stack, engine):
-    settings = dataclasses.replace(_redis_db15(stack), budget_reservation_ttl_s=0.3)
+    settings = dataclasses.replace(_redis_db15(stack), budget_reservation_ttl_s=0.3, provider_timeout_s=0.1,
+                                   budget_reservation_margin_s=0.2)
     job, _ = _job(engine, AMOUNT * 2, 2)
     aredis, sredis = budget.redis_clients(settings)
     sredis.flushdb()

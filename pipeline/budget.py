@@ -618,6 +618,19 @@ class Budget:
         self.gen: str | None = None
         self._beat: asyncio.Task | None = None
         self._run_id: str | None = None
+        self._beat_redis = None
+
+    def _beat_client(self):
+        """The heartbeat's own connection: it never queues behind the requests' Redis calls, so a
+        busy process still renews its holds in time."""
+        if self._beat_redis is None:
+            try:
+                import redis.asyncio as aredis
+                self._beat_redis = aredis.Redis.from_url(self.settings.redis_url, socket_timeout=5,
+                                                         socket_connect_timeout=2)
+            except Exception:   # pragma: no cover - a client without a URL (tests): share the main one
+                self._beat_redis = self.redis
+        return self._beat_redis
 
     def _beat_s(self) -> float:
         return max(0.05, min(REHOLD_GRACE_S / 4, reservation_ttl_s(self.settings) / 4))
@@ -627,8 +640,9 @@ class Budget:
         billed), retry settlements Redis refused, re-assert holds after a rebuild."""
         while True:
             await asyncio.sleep(self._beat_s())
+            r = self._beat_client()
             try:
-                gen = await self.redis.get(KEYS[0])
+                gen = await r.get(KEYS[0])
                 if gen is None:
                     if self.live or self.pending:
                         await self._rebuild()
@@ -640,8 +654,8 @@ class Budget:
                     continue
                 await self._check_gen(gen.decode())
                 if self.live:
-                    mine = [r for r in self.live.values() if r.gen == self.gen and not r.written]
-                    found = await self._eval(RENEW, _ttl_ms(self.settings), *self.live)
+                    mine = [x for x in self.live.values() if x.gen == self.gen and not x.written]
+                    found = await r.eval(RENEW, len(KEYS), *KEYS, _ttl_ms(self.settings), *list(self.live))
                     if mine and int(found) < len(mine):   # holds of this generation vanished
                         log.warning("budget: %d of this process's live holds are missing from the counters:"
                                     " rebuilding them from the ledger", len(mine) - int(found))
@@ -656,10 +670,11 @@ class Budget:
     async def _restarted(self, gen: bytes) -> bool:
         """Redis restarted since the counters were built (an append-only file restores old
         counters with their marker): drop them, so the next call rebuilds them from the ledger."""
-        run_id = str((await self.redis.info("server")).get("run_id", ""))
+        r = self._beat_client()
+        run_id = str((await r.info("server")).get("run_id", ""))
         if run_id == self._run_id:
             return False
-        built = await self.redis.get(RUN_ID_KEY)
+        built = await r.get(RUN_ID_KEY)
         if built is not None and built.decode() != run_id:
             log.warning("budget: Redis restarted (run id %s, counters built under %s): rebuilding them",
                         run_id, built.decode())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from decimal import Decimal
 
@@ -69,6 +70,9 @@ class Limited:
         self.reservation: budget.Reservation | None = None
         self._primary_throttled = False   # a 429 on the primary: later attempts go to the fallback
         self._sent = False                # this attempt's request has gone out
+        # one hold id per execution of the request: a second execution of it (a batch delivered
+        # again while the first still runs) holds beside it instead of replacing its hold
+        self.rid = f'{req["job_id"]}:{req["custom_id"]}~{secrets.token_hex(4)}'
 
     async def _admit(self, model: str) -> str:
         """Wait for the model's rate window; the fallback's when the primary's is too far off."""
@@ -111,7 +115,7 @@ class Limited:
 
     async def call(self, body: dict, *, headers: dict):
         req = self.req
-        rid, model = f'{req["job_id"]}:{req["custom_id"]}', req["model"]
+        rid, model = self.rid, req["model"]
         try:
             self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
                                                          Decimal(str(req["max_cost_usd"])))

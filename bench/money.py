@@ -43,7 +43,7 @@ from pipeline.config import get_settings  # noqa: E402
 from pipeline.pricing import get_price_book, max_cost  # noqa: E402
 
 MODEL = "gpt-4o-mini"
-RPM = 120
+RPM = 60
 TTL_S = 5
 N_REALTIME, N_PB = 2000, 300
 MAX_TOKENS = 32
@@ -152,12 +152,13 @@ def one_run(i: int, engine, sredis) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--rpm", type=int, default=RPM, help="the model's rate limit for the realtime job")
     args = ap.parse_args()
     engine = db.get_engine()
     _, sredis = budget.redis_clients(get_settings())
     with engine.connect() as conn:
         previous = conn.execute(sa.text("SELECT usd FROM budget_caps WHERE scope = 'global'")).scalar()
-    env = {"LLMBATCH_RATE_LIMITS": f"{MODEL}={RPM}:", "LLMBATCH_RATE_PEAK_SHARE": "1.0",
+    env = {"LLMBATCH_RATE_LIMITS": f"{MODEL}={args.rpm}:", "LLMBATCH_RATE_PEAK_SHARE": "1.0",
            "LLMBATCH_BUDGET_RESERVATION_TTL_S": str(TTL_S), "LLMBATCH_PROVIDER_TIMEOUT_S": str(TTL_S),
            "LLMBATCH_BUDGET_RESERVATION_MARGIN_S": "0"}
     runs = []
@@ -177,7 +178,7 @@ def main() -> None:
         sredis.eval(budget.SET_CAP, len(budget.KEYS), *budget.KEYS, "global",
                     str(budget.to_units(previous)) if previous is not None else budget.NO_CAP)
     print(json.dumps({"bench": "money", "simulator": "current (no worst-case mode on this branch)",
-                      "rate_limit": f"{MODEL} {RPM} rpm", "reservation_ttl_s": TTL_S,
+                      "rate_limit": f"{MODEL} {args.rpm} rpm", "reservation_ttl_s": TTL_S,
                       "runs": len(runs), "all_ok": all(r["ok"] for r in runs)}))
 
 

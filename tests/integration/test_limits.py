@@ -118,8 +118,10 @@ def test_a_dead_workers_reservation_expires(stack, engine):
     sredis.flushdb()
 
     async def main():
+        dead = budget.Budget(settings, engine, aredis, sredis)
+        await dead.reserve(f"{job}:r0", job, "background", AMOUNT * 2)   # never settled: its worker "died"
+        dead._beat.cancel()                                                # and stopped renewing its holds
         b = budget.Budget(settings, engine, aredis, sredis)
-        await b.reserve(f"{job}:r0", job, "background", AMOUNT * 2)      # never settled: its worker "died"
         started = asyncio.get_running_loop().time()
         res = await b.reserve(f"{job}:r1", job, "background", AMOUNT * 2)  # waits for the expiry
         waited = asyncio.get_running_loop().time() - started

@@ -59,16 +59,43 @@ KEYS = [K + "gen", K + "caps", K + "spent", K + "held", K + "res", K + "res:exp"
 LOCK_KEY = K + "rebuild-lock"
 #: how long a rebuild re-holds the maximum cost of a 'running' request nobody has re-asserted
 REHOLD_GRACE_S = 10.0
+#: a provider batch's holds: its completion window (24 h) and a margin; settled when it is ingested
+PROVIDER_BATCH_HOLD_S = 25 * 3600.0
+#: Redis's run id when the counters were built: a restart (even one restoring the marker) is noticed
+RUN_ID_KEY = K + "redis-run-id"
 
 
 class BudgetExceeded(BudgetError):
-    """A cap cannot take this request's maximum cost."""
+    """A cap cannot take this request's maximum cost (now: deferred, or failed if the job says so)."""
 
-    def __init__(self, scope: str, spent: Decimal, cap: Decimal):
+    #: never fits, whatever is spent: the request fails at once instead of waiting forever
+    permanent = False
+    code = "budget_exceeded"
+
+    def __init__(self, scope: str, spent: Decimal, cap: Decimal, message: str | None = None):
         self.scope = scope            # 'global' | 'tier:peak' | 'job:…'
         self.kind = scope.split(":", 1)[0]
         self.spent, self.cap = spent, cap
-        super().__init__(f"budget {scope}: ${spent} spent of ${cap}")
+        super().__init__(message or f"budget {scope}: ${spent} spent of ${cap}")
+
+
+class BudgetNeverFits(BudgetExceeded):
+    """The request's maximum cost is above the cap itself: no period and no settlement makes room."""
+
+    permanent = True
+
+    def __init__(self, scope: str, amount: Decimal, cap: Decimal):
+        self.amount = amount
+        super().__init__(scope, Decimal(0), cap,
+                         f"budget {scope}: this request's maximum cost ${amount} is above the cap ${cap},"
+                         f" so it can never fit")
+
+
+class InvalidAmount(BudgetError):
+    """An amount that cannot be reserved (not a number, not finite, ≤ 0, absurd): that request fails."""
+
+    permanent = True
+    code = "invalid_max_cost"
 
 
 class BudgetUnavailable(BudgetError, InfrastructureError):
@@ -101,49 +128,117 @@ def fields_for(job_id: str, tier: str, today: str) -> list[tuple[str, str]]:
             (f"job:{job_id}", f"job:{job_id}")]
 
 
-def _parse_cap(value, name: str) -> Decimal | None:
+def parse_cap(value, name: str = "cap") -> Decimal | None:
+    """A cap in USD: finite, 0 … ``MAX_CAP_USD``; ``None``/``""`` is no cap. ``ConfigError`` names the problem."""
     if value is None or value == "":
         return None
     try:
-        cap = Decimal(str(value))
+        cap = Decimal(str(value).strip())
     except ArithmeticError as e:
         raise ConfigError(f"{name}: not a decimal amount: {value!r}") from e
+    if not cap.is_finite():
+        raise ConfigError(f"{name}: {value!r} is not a finite amount")
     if cap < 0 or cap > MAX_CAP_USD:
         raise ConfigError(f"{name}: ${cap} is outside 0 … {MAX_CAP_USD}")
     return cap
 
 
+_parse_cap = parse_cap
+
+
+def reservation_units(amount) -> int:
+    """The units to hold for ``amount`` USD; ``InvalidAmount`` unless it is finite, > 0 and ≤ ``MAX_CAP_USD``.
+
+    A zero or negative reservation would hold nothing (a call outside every cap),
+    and a malformed one must fail only its own request, never reach Redis.
+    """
+    try:
+        d = Decimal(str(amount).strip())
+    except ArithmeticError as e:
+        raise InvalidAmount(f"maximum cost {amount!r} is not an amount: the request cannot be reserved") from e
+    if not d.is_finite() or d <= 0 or d > MAX_CAP_USD:
+        raise InvalidAmount(f"maximum cost {amount!r} is not a positive finite amount up to ${MAX_CAP_USD}:"
+                            f" the request cannot be reserved")
+    return to_units(d)
+
+
 def config_caps(settings: Settings) -> dict[str, Decimal]:
-    """Daily caps from the settings: ``{'global': …, 'tier:peak': …}``."""
+    """Daily caps written in the settings: ``{'global': …, 'tier:peak': …}``.
+
+    Read only by ``apply_config`` (``llmbatch budget apply-config``): a process's
+    environment never changes the caps in force.
+    """
     caps = {}
-    g = _parse_cap(settings.budget_global_daily_usd, "budget_global_daily_usd")
+    g = parse_cap(settings.budget_global_daily_usd, "budget_global_daily_usd")
     if g is not None:
         caps["global"] = g
     for tier, value in (settings.budget_tier_daily_usd or {}).items():
         if tier not in TIERS:
             raise ConfigError(f"budget_tier_daily_usd: unknown tier {tier!r}")
-        c = _parse_cap(value, f"budget_tier_daily_usd[{tier}]")
+        c = parse_cap(value, f"budget_tier_daily_usd[{tier}]")
         if c is not None:
             caps[f"tier:{tier}"] = c
     return caps
 
 
-def caps_for(conn, settings: Settings) -> dict[str, Decimal]:
-    """Effective daily caps: ``budget set`` (Postgres) over config."""
-    caps = config_caps(settings)
-    for scope, usd in conn.execute(sa.text("SELECT scope, usd FROM budget_caps")).all():
-        caps[scope] = usd
-    return caps
+def caps_for(conn, settings: Settings | None = None) -> dict[str, Decimal]:
+    """The daily caps in force: the ``budget_caps`` table, the one source of truth (Redis mirrors it).
+
+    ``settings`` is not read: a worker started without the config, or with
+    another, must not be able to lower, raise or remove a cap.
+    """
+    return {scope: usd for scope, usd in conn.execute(sa.text("SELECT scope, usd FROM budget_caps")).all()}
+
+
+def job_cap_units(cap) -> str:
+    """A job's cap as stored (``jobs.budget_usd``) → counter units; NULL is no cap.
+
+    Defensive: a negative or non-finite cap written by an older version, or by
+    hand, holds everything (cap 0) instead of meaning "no cap".
+    """
+    if cap is None:
+        return NO_CAP
+    try:
+        return str(to_units(parse_cap(cap, "job cap")))
+    except (ConfigError, ArithmeticError, TypeError):
+        log.error("job cap %r is not a valid amount: treated as $0 (nothing runs until it is set again)", cap)
+        return "0"
+
+
+def reservation_ttl_s(settings: Settings) -> float:
+    """How long a hold outlives its last renewal: at least the provider timeout plus a margin.
+
+    A live process renews its holds (``Budget._heartbeat``) while they wait for a
+    lease or a rate window and while their call is in flight, so only a dead
+    worker's hold expires, and only after its call can no longer be answered
+    (``provider_timeout_s`` + ``budget_reservation_margin_s``).
+    """
+    return max(settings.budget_reservation_ttl_s,
+               settings.provider_timeout_s + settings.budget_reservation_margin_s)
 
 
 # ---------------------------------------------------------------- Lua
+#
+# The scripts never trust a stored value: a reservation record or counter that
+# does not parse (written by hand, or by an older version) drops the marker, so
+# the next call rebuilds every counter from the ledger, instead of a Lua error
+# that would defer every request of every job.
 
 _RELEASE_FN = """
+local function num(v)
+  -- an integer count of units, as written by this module, below 2^53: anything else is nil
+  if type(v) ~= 'string' or #v > 16 or not string.match(v, '^%-?%d+$') then return nil end
+  return tonumber(v)
+end
 local function release(id)
   local rec = redis.call('HGET', KEYS[5], id)
   if rec then
     local amount, gen, fields = string.match(rec, '^(%d+)|([^|]*)|(.*)$')
-    for f in string.gmatch(fields, '[^\\t]+') do redis.call('HINCRBY', KEYS[4], f, '-' .. amount) end
+    if amount then
+      for f in string.gmatch(fields, '[^\\t]+') do redis.call('HINCRBY', KEYS[4], f, '-' .. amount) end
+    else
+      redis.call('DEL', KEYS[1])                 -- unreadable record: the counters are rebuilt
+    end
     redis.call('HDEL', KEYS[5], id)
   end
   redis.call('ZREM', KEYS[6], id)
@@ -159,23 +254,29 @@ end
 RESERVE = _RELEASE_FN + """
 local gen = redis.call('GET', KEYS[1])
 if not gen then return {'rebuild'} end
+local amount = num(ARGV[3])
+if not amount or amount <= 0 then return {'invalid', tostring(ARGV[3])} end
 local now = now_ms()
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, 200)) do release(id) end
 release(ARGV[2])                                 -- a retry re-reserves under the same id
-local amount = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
 local wait = false
 local sfields = {}
 for i = 0, n - 1 do
   local sf, cf = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
-  local cap = redis.call('HGET', KEYS[2], cf)
-  local spent = redis.call('HGET', KEYS[3], sf)
-  if not cap or (not spent and string.sub(sf, 1, 4) == 'job:') then return {'load', cf, sf} end
-  spent = tonumber(spent or '0')
-  cap = tonumber(cap)
+  local rawcap = redis.call('HGET', KEYS[2], cf)
+  local rawspent = redis.call('HGET', KEYS[3], sf)
+  if not rawcap or (not rawspent and string.sub(sf, 1, 4) == 'job:') then return {'load', cf, sf} end
+  local cap, spent = num(rawcap), num(rawspent or '0')
+  local held = num(redis.call('HGET', KEYS[4], sf) or '0')
+  if cap == nil or spent == nil or held == nil then
+    redis.call('DEL', KEYS[1])
+    return {'rebuild'}
+  end
   if cap >= 0 then
+    if amount > cap then return {'never', cf, tostring(amount), tostring(cap)} end
     if spent + amount > cap then return {'refuse', cf, tostring(spent), tostring(cap)} end
-    if spent + tonumber(redis.call('HGET', KEYS[4], sf) or '0') + amount > cap then wait = cf end
+    if spent + held + amount > cap then wait = cf end
   end
   sfields[#sfields + 1] = sf
 end
@@ -187,9 +288,12 @@ return {'ok', gen}
 """
 
 # ARGV: rid, gen, actual, n, then n × (spent field, cap field). Returns spent and cap per pair.
+# gen '' : count the spend only if the hold is still there (a missing hold was counted by a rebuild)
 SETTLE = _RELEASE_FN + """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {'rebuild'} end
+local actual = num(ARGV[3])
+if not actual or actual < 0 then return {'invalid', tostring(ARGV[3])} end
 local rec = release(ARGV[1])
 local status = 'ok'
 if not rec then
@@ -210,6 +314,31 @@ return out
 
 RELEASE = _RELEASE_FN + "release(ARGV[1]) return 1"
 
+# ARGV: ttl_ms, rid… — renew the expiry of this process's live reservations (the heartbeat)
+RENEW = _RELEASE_FN + """
+local exp = now_ms() + tonumber(ARGV[1])
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('HEXISTS', KEYS[5], ARGV[i]) == 1 then
+    redis.call('ZADD', KEYS[6], exp, ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV: rid, new rid, ttl_ms — a call that may have been billed keeps its hold under a name of
+# its own (a retry re-reserves under the request's id) until it expires
+DETACH = _RELEASE_FN + """
+local rec = redis.call('HGET', KEYS[5], ARGV[1])
+if not rec then return 0 end
+redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('HSET', KEYS[5], ARGV[2], rec)
+redis.call('ZADD', KEYS[6], now_ms() + tonumber(ARGV[3]), ARGV[2])
+return 1
+"""
+
 # ARGV: cap field, cap, spent field, spent — first load of a job's scope
 LOAD = """
 if not redis.call('GET', KEYS[1]) then return 0 end
@@ -218,18 +347,18 @@ redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """
 
-# ARGV: gen, ttl_ms, json {caps: {f: units}, spent: {f: units}, res: [[rid, units, fields]]}
+# ARGV: gen, ttl_ms, json {caps: {f: units}, spent: {f: units}, res: [[rid, units, fields, ttl_ms?]]}
 INSTALL = """
 local data = cjson.decode(ARGV[3])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 for f, v in pairs(data.caps) do redis.call('HSET', KEYS[2], f, v) end
 for f, v in pairs(data.spent) do redis.call('HSET', KEYS[3], f, v) end
 local t = redis.call('TIME')
-local exp = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for _, r in ipairs(data.res) do
   for f in string.gmatch(r[3], '[^\\t]+') do redis.call('HINCRBY', KEYS[4], f, r[2]) end
   redis.call('HSET', KEYS[5], r[1], r[2] .. '|' .. ARGV[1] .. '|' .. r[3])
-  redis.call('ZADD', KEYS[6], exp, r[1])
+  redis.call('ZADD', KEYS[6], now + tonumber(r[4] or ARGV[2]), r[1])
 end
 redis.call('SET', KEYS[1], ARGV[1])
 return #data.res
@@ -257,11 +386,41 @@ end
 return {'ok', gen}
 """
 
+# ARGV: rid, actual — settle a hold by the fields it recorded; a hold that is gone (a rebuild after
+# the result was committed counted it from the ledger) adds nothing. Used for provider batches.
+SETTLE_HELD = _RELEASE_FN + """
+if not redis.call('GET', KEYS[1]) then return {'rebuild'} end
+local actual = num(ARGV[2])
+if not actual or actual < 0 then return {'invalid', tostring(ARGV[2])} end
+local rec = redis.call('HGET', KEYS[5], ARGV[1])
+if not rec then return {'gone'} end
+local amount, gen, fields = string.match(rec, '^(%d+)|([^|]*)|(.*)$')
+release(ARGV[1])
+if amount then
+  for f in string.gmatch(fields, '[^\\t]+') do redis.call('HINCRBY', KEYS[3], f, ARGV[2]) end
+end
+return {'ok'}
+"""
+
 # ARGV: cap field, cap units — set a cap only when the counters are live (else the rebuild reads Postgres)
 SET_CAP = """
 if not redis.call('GET', KEYS[1]) then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
+"""
+
+# ARGV: cap field, cap units — fill a missing cap from Postgres, never overwrite one ``budget set`` wrote since
+FILL_CAP = """
+if not redis.call('GET', KEYS[1]) then return 0 end
+redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# ARGV: gen — drop the counters of generation ``gen`` (the reconcile found them wrong): the next
+# call rebuilds them from the ledger
+INVALIDATE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
+return 0
 """
 
 
@@ -289,14 +448,33 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None) -> 
                     "SELECT j.job_id, j.budget_usd,"
                     " (SELECT coalesce(sum(cost_usd), 0) FROM results r WHERE r.job_id = j.job_id)"
                     " FROM jobs j WHERE j.status IN ('submitting', 'running', 'paused_budget')")).all():
-                caps[f"job:{job_id}"] = str(to_units(cap)) if cap is not None else NO_CAP
+                caps[f"job:{job_id}"] = job_cap_units(cap)
                 spent[f"job:{job_id}"] = str(to_units(s))
             res = []
-            for job_id, cid, tier, max_cost in conn.execute(sa.text(
-                    "SELECT job_id, custom_id, tier, max_cost_usd FROM requests WHERE status = 'running'")).all():
+            for job_id, cid, tier, max_cost, in_pb in conn.execute(sa.text(
+                    "SELECT q.job_id, q.custom_id, q.tier, q.max_cost_usd, b.provider_batch IS NOT NULL"
+                    " FROM requests q LEFT JOIN batches b ON b.batch_id = q.batch_id"
+                    " WHERE q.status = 'running'")).all():
                 fields = [sf for sf, _ in fields_for(job_id, tier, today)]
-                res.append([f"{job_id}:{cid}", str(to_units(max_cost)), "\t".join(fields)])
+                try:
+                    units = reservation_units(max_cost)
+                except InvalidAmount:   # never reserved, so never called: nothing to hold
+                    continue
+                entry = [f"{job_id}:{cid}", str(units), "\t".join(fields)]
+                if in_pb:   # nobody re-asserts a provider batch's holds: they last its whole window
+                    entry.append(int(PROVIDER_BATCH_HOLD_S * 1000))
+                res.append(entry)
     return {"caps": caps, "spent": spent, "res": res}
+
+
+def new_generation() -> str:
+    """A generation id that sorts by time: a marker older than one a process has seen means Redis
+    went back in time (an old file restored, marker and all), and its counters are wrong."""
+    return f"{time.time_ns() // 1_000_000:013d}{secrets.token_hex(4)}"
+
+
+def _older(gen: str, than: str | None) -> bool:
+    return bool(than) and len(gen) == len(than) == 21 and gen[:13].isdigit() and gen < than
 
 
 def rebuild(engine, redis_sync, settings: Settings, *, wait_s: float = 60.0) -> bool:
@@ -312,11 +490,12 @@ def rebuild(engine, redis_sync, settings: Settings, *, wait_s: float = 60.0) -> 
                 if redis_sync.get(KEYS[0]) is not None:
                     return False
                 snap = ledger_snapshot(engine, settings)
-                gen = secrets.token_hex(8)
+                gen = new_generation()
                 # re-held for a short grace only: most 'running' requests are queued in their batch,
                 # not in a call; the live workers re-assert theirs within it (Budget._heartbeat)
                 n = redis_sync.eval(INSTALL, len(KEYS), *KEYS, gen, int(REHOLD_GRACE_S * 1000),
                                     json.dumps(snap))
+                redis_sync.set(RUN_ID_KEY, _redis_run_id(redis_sync))
                 log.warning("budget counters rebuilt from the Postgres ledger (generation %s, %d running"
                             " requests re-held)", gen, n)
                 return True
@@ -329,8 +508,87 @@ def rebuild(engine, redis_sync, settings: Settings, *, wait_s: float = 60.0) -> 
     return False
 
 
+def _redis_run_id(redis_sync) -> str:
+    return str(redis_sync.info("server").get("run_id", ""))
+
+
+def _drift(engine, redis_sync, settings: Settings) -> tuple[str | None, dict[str, int], dict]:
+    """(generation, {spent field: Redis − ledger units} where they differ, ledger snapshot)."""
+    gen = redis_sync.get(KEYS[0])
+    live = {k.decode(): v.decode() for k, v in redis_sync.hgetall(KEYS[2]).items()}
+    snap = ledger_snapshot(engine, settings)
+    drift = {}
+    for field, units in snap["spent"].items():
+        have = live.get(field, "0" if not field.startswith("job:") else None)
+        if have is None:        # a job scope not loaded yet: loaded from the ledger on first use
+            continue
+        try:
+            d = int(have) - int(units)
+        except ValueError:      # unreadable counter: as wrong as it can be
+            d = -int(units) - 1
+        if d:
+            drift[field] = d
+    return (gen.decode() if gen else None), drift, snap
+
+
+def reconcile(engine, redis_sync, settings: Settings, *, recheck_s: float = 1.0) -> dict:
+    """Compare the Redis counters with the Postgres ledger; rebuild them when they drifted.
+
+    Run by the scheduler's upkeep (schedules/upkeep.py). A difference is drift
+    only if it is still the same ``recheck_s`` later: a result committed and not
+    yet settled differs for a moment. Drift (a settlement lost with its process,
+    a Redis restart that restored old counters) is corrected by a rebuild, which
+    is safe while calls are in flight (generations, ``Budget._check_gen``).
+    Caps are mirrored from Postgres every time. Returns what it found.
+    """
+    try:
+        gen = redis_sync.get(KEYS[0])
+        if gen is None:
+            rebuilt = rebuild(engine, redis_sync, settings)
+            return {"drift_units": {}, "rebuilt": rebuilt, "reason": "no counters"}
+        if (redis_sync.get(RUN_ID_KEY) or b"").decode() != _redis_run_id(redis_sync):
+            reason = "Redis restarted since the counters were built"
+            drift = _drift(engine, redis_sync, settings)[1]
+        else:
+            reason = "counters differ from the ledger"
+            gen1, first, _ = _drift(engine, redis_sync, settings)
+            drift = {}
+            if first:
+                time.sleep(recheck_s)
+                gen2, second, _ = _drift(engine, redis_sync, settings)
+                drift = {f: d for f, d in second.items() if first.get(f) == d} if gen1 == gen2 else {}
+            if not drift:
+                with engine.connect() as conn:
+                    caps = caps_for(conn)
+                for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
+                    redis_sync.eval(SET_CAP, len(KEYS), *KEYS, scope,
+                                    str(to_units(caps[scope])) if scope in caps else NO_CAP)
+                _report_drift({})
+                return {"drift_units": {}, "rebuilt": False}
+        total = sum(abs(d) for d in drift.values())
+        log.warning("budget reconcile: %s (%s); rebuilding from the ledger: %s", reason,
+                    f"${from_units(total)} in all", {f: str(from_units(abs(d)) * (1 if d > 0 else -1))
+                                                     for f, d in drift.items()})
+        _report_drift(drift)
+        redis_sync.eval(INVALIDATE, len(KEYS), *KEYS, redis_sync.get(KEYS[0]) or "")
+        rebuild(engine, redis_sync, settings)
+        return {"drift_units": drift, "rebuilt": True, "reason": reason}
+    except BudgetError:
+        raise
+    except Exception as e:
+        raise BudgetUnavailable(f"budget reconcile: {e}") from e
+
+
+def _report_drift(drift: dict[str, int]) -> None:
+    try:
+        from pipeline import metrics
+        metrics.BUDGET_DRIFT.set(float(from_units(sum(abs(d) for d in drift.values()))))
+    except Exception as e:  # a metric never stops the reconcile
+        log.debug("budget drift metric: %s", e)
+
+
 def _ttl_ms(settings: Settings) -> int:
-    return int(settings.budget_reservation_ttl_s * 1000)
+    return int(reservation_ttl_s(settings) * 1000)
 
 
 # ---------------------------------------------------------------- worker side
@@ -355,24 +613,84 @@ class Budget:
         self.redis = redis_async
         self.redis_sync = redis_sync
         self._alerted: set[tuple] = set()
-        self._caps_synced = False
         self.live: dict[str, Reservation] = {}    # this process's reservations not yet settled
+        self.pending: dict[str, tuple[Reservation, int]] = {}   # settlements Redis did not take yet
         self.gen: str | None = None
         self._beat: asyncio.Task | None = None
+        self._run_id: str | None = None
+        self._beat_redis = None
+
+    def _beat_client(self):
+        """The heartbeat's own connection: it never queues behind the requests' Redis calls, so a
+        busy process still renews its holds in time."""
+        if self._beat_redis is None:
+            try:
+                import redis.asyncio as aredis
+                self._beat_redis = aredis.Redis.from_url(self.settings.redis_url, socket_timeout=5,
+                                                         socket_connect_timeout=2)
+            except Exception:   # pragma: no cover - a client without a URL (tests): share the main one
+                self._beat_redis = self.redis
+        return self._beat_redis
+
+    def _beat_s(self) -> float:
+        return max(0.05, min(REHOLD_GRACE_S / 4, reservation_ttl_s(self.settings) / 4))
 
     async def _heartbeat(self) -> None:
-        """Re-assert live reservations soon after a rebuild (a new generation)."""
+        """While this process lives: renew its holds (a hold lives as long as its call can be
+        billed), retry settlements Redis refused, re-assert holds after a rebuild."""
         while True:
-            await asyncio.sleep(REHOLD_GRACE_S / 4)
+            await asyncio.sleep(self._beat_s())
+            r = self._beat_client()
             try:
-                gen = await self.redis.get(KEYS[0])
+                gen = await r.get(KEYS[0])
                 if gen is None:
-                    if self.live:
+                    if self.live or self.pending:
                         await self._rebuild()
                     continue
+                if await self._restarted(gen):
+                    continue
+                if _older(gen.decode(), self.gen):
+                    await self._went_back(gen.decode())
+                    continue
                 await self._check_gen(gen.decode())
+                if self.live:
+                    mine = [x for x in self.live.values() if x.gen == self.gen and not x.written]
+                    found = await r.eval(RENEW, len(KEYS), *KEYS, _ttl_ms(self.settings), *list(self.live))
+                    if mine and int(found) < len(mine):   # holds of this generation vanished
+                        log.warning("budget: %d of this process's live holds are missing from the counters:"
+                                    " rebuilding them from the ledger", len(mine) - int(found))
+                        await self._eval(INVALIDATE, self.gen)
+                for rid, (res, units) in list(self.pending.items()):
+                    await self._settle_once(res, units)
+                    self.pending.pop(rid, None)
+                    log.info("budget: settlement of %s retried and counted", rid)
             except Exception as e:  # next beat tries again; reserve/settle fail closed meanwhile
                 log.warning("budget heartbeat: %s", e)
+
+    async def _restarted(self, gen: bytes) -> bool:
+        """Redis restarted since the counters were built (an append-only file restores old
+        counters with their marker): drop them, so the next call rebuilds them from the ledger."""
+        r = self._beat_client()
+        run_id = str((await r.info("server")).get("run_id", ""))
+        if run_id == self._run_id:
+            return False
+        built = await r.get(RUN_ID_KEY)
+        if built is not None and built.decode() != run_id:
+            log.warning("budget: Redis restarted (run id %s, counters built under %s): rebuilding them",
+                        run_id, built.decode())
+            await self._eval(INVALIDATE, gen)
+            return True
+        self._run_id = run_id
+        return False
+
+    async def _went_back(self, gen: str) -> None:
+        log.warning("budget: the counters went back to generation %s after %s (Redis restored an old"
+                    " state): rebuilding them from the ledger", gen, self.gen)
+        await self._eval(INVALIDATE, gen)
+
+    def _ensure_beat(self) -> None:
+        if self._beat is None or self._beat.done():
+            self._beat = asyncio.create_task(self._heartbeat())
 
     async def _check_gen(self, gen: str) -> None:
         if gen == self.gen:
@@ -404,18 +722,17 @@ class Budget:
         except Exception as e:
             raise BudgetUnavailable(f"cannot rebuild the budget counters: {e}") from e
 
-    async def _sync_caps(self) -> None:
-        """Once per process: config caps may have changed since the counters were built."""
-        if self._caps_synced:
-            return
-
+    async def _load_caps(self) -> None:
+        """Mirror the daily caps from Postgres into counters that lack them (never from the settings)."""
         def read():
             with self.engine.connect() as conn:
-                return caps_for(conn, self.settings)
-        caps = await asyncio.to_thread(read)
-        self._caps_synced = True
+                return caps_for(conn)
+        try:
+            caps = await asyncio.to_thread(read)
+        except Exception as e:
+            raise BudgetUnavailable(f"cannot read the caps from Postgres: {e}") from e
         for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
-            await self._eval(SET_CAP, scope, str(to_units(caps[scope])) if scope in caps else NO_CAP)
+            await self._eval(FILL_CAP, scope, str(to_units(caps[scope])) if scope in caps else NO_CAP)
 
     async def _load_job(self, job_id: str) -> None:
         def read():
@@ -425,23 +742,24 @@ class Budget:
                     " WHERE r.job_id = j.job_id) FROM jobs j WHERE j.job_id = :j"), {"j": job_id}).first()
         row = await asyncio.to_thread(read)
         cap, spent = (row if row else (None, 0))
-        await self._eval(LOAD, f"job:{job_id}", str(to_units(cap)) if cap is not None else NO_CAP,
-                         f"job:{job_id}", str(to_units(spent)))
+        await self._eval(LOAD, f"job:{job_id}", job_cap_units(cap), f"job:{job_id}", str(to_units(spent)))
 
     async def reserve(self, rid: str, job_id: str, tier: str, amount: Decimal) -> Reservation:
-        """Hold ``amount`` against every cap of the request, or raise ``BudgetExceeded``."""
-        units = to_units(amount)
+        """Hold ``amount`` against every cap of the request, or raise ``BudgetExceeded``
+        (``BudgetNeverFits`` when it is above a cap itself, ``InvalidAmount`` when it is no amount)."""
+        units = reservation_units(amount)
         waited = 0
-        if not self._caps_synced:
-            await self._sync_caps()
         while True:
             today = day()
             fields = fields_for(job_id, tier, today)
             args = [_ttl_ms(self.settings), rid, units, len(fields)] + [x for f in fields for x in f]
             r = [x.decode() if isinstance(x, bytes) else x for x in await self._eval(RESERVE, *args)]
             if r[0] == "ok":
-                if self._beat is None or self._beat.done():
-                    self._beat = asyncio.create_task(self._heartbeat())
+                self._ensure_beat()
+                if _older(r[1], self.gen):   # Redis went back in time: these counters lost holds
+                    await self._eval(RELEASE, rid)
+                    await self._went_back(r[1])
+                    continue
                 await self._check_gen(r[1])
                 res = self.live[rid] = Reservation(rid, r[1], fields, units, today)
                 return res
@@ -451,14 +769,18 @@ class Budget:
                 if r[1].startswith("job:"):
                     await self._load_job(job_id)
                 else:   # a daily scope's cap missing: the counters predate it
-                    await self._sync_caps()
+                    await self._load_caps()
             elif r[0] == "wait":
                 waited += 1
                 await asyncio.sleep(min(0.5, 0.02 * waited) * random.uniform(0.5, 1.5))
+            elif r[0] == "never":
+                raise BudgetNeverFits(r[1], from_units(r[2]), from_units(r[3]))
             elif r[0] == "refuse":
                 spent, cap = from_units(r[2]), from_units(r[3])
                 await self._alert(r[1], fields, 100, cap, spent, today)
                 raise BudgetExceeded(r[1], spent, cap)
+            elif r[0] == "invalid":
+                raise InvalidAmount(f"maximum cost {amount!r} refused by the budget store")
             else:  # pragma: no cover
                 raise BudgetUnavailable(f"unexpected answer from the reserve script: {r}")
 
@@ -466,9 +788,15 @@ class Budget:
         self.live.pop(res.rid, None)
         await self._eval(RELEASE, res.rid)
 
-    async def settle(self, res: Reservation, actual: Decimal) -> None:
-        """Turn the hold into spend of ``actual``; run after the result row is committed."""
-        units = to_units(actual)
+    async def keep(self, res: Reservation, why: str) -> None:
+        """A call that may have been billed (timeout, connection lost after send): its hold stays,
+        under a name of its own, until it expires; the request's next attempt holds anew."""
+        self.live.pop(res.rid, None)
+        log.info("budget: %s may have been billed (%s): its hold of $%s stays until it expires",
+                 res.rid, why, from_units(res.units))
+        await self._eval(DETACH, res.rid, f"{res.rid}~{secrets.token_hex(4)}", _ttl_ms(self.settings))
+
+    async def _settle_once(self, res: Reservation, units: int) -> list:
         while True:
             args = [res.rid, res.gen, units, len(res.fields)] + [x for f in res.fields for x in f]
             r = [x.decode() if isinstance(x, bytes) else x for x in await self._eval(SETTLE, *args)]
@@ -478,7 +806,30 @@ class Budget:
             await self._check_gen((await self.redis.get(KEYS[0]) or b"").decode())
         self.live.pop(res.rid, None)
         if r[0] == "late":
-            log.warning("reservation %s expired before it settled: $%s counted late", res.rid, actual)
+            log.warning("reservation %s expired before it settled: $%s counted late", res.rid, from_units(units))
+        return r
+
+    async def settle(self, res: Reservation, actual: Decimal) -> None:
+        """Turn the hold into spend of ``actual``; run after the result row is committed.
+
+        Never dropped: when Redis cannot take it, the hold stays (renewed) and the
+        heartbeat retries until it is counted; if this process dies first, the
+        reconcile (``reconcile``) counts it from the ledger.
+        """
+        try:
+            units = to_units(actual)
+        except ArithmeticError:
+            units = -1
+        if units < 0:   # the cost is unknown: the maximum stays spent
+            log.error("reservation %s: actual cost %r is no amount; its maximum is counted", res.rid, actual)
+            units = res.units
+        try:
+            r = await self._settle_once(res, units)
+        except BudgetUnavailable as e:
+            self.pending[res.rid] = (res, units)
+            self._ensure_beat()
+            log.warning("budget: settlement of %s not taken (%s); retried until it is", res.rid, e)
+            return
         for i, (_, cf) in enumerate(res.fields):
             spent, cap = int(r[1 + 2 * i]), int(r[2 + 2 * i])
             if cap < 0:
@@ -553,12 +904,13 @@ def resume_due_batches(engine, dispatch) -> int:
     """
     with engine.begin() as conn:
         # off-peak and background batches go back to 'held': the scheduler releases them in their window
+        # so do provider-batch batches: the scheduler reserves and submits them (schedules/provider_batches.py)
         due = conn.execute(sa.text(
             "UPDATE batches SET deferred_until = NULL,"
-            " status = CASE WHEN tier = ANY(:held) THEN 'held' ELSE 'queued' END"
-            " WHERE status = 'deferred' AND deferred_until <= now() RETURNING batch_id, tier"),
+            " status = CASE WHEN tier = ANY(:held) OR mode = 'provider_batch' THEN 'held' ELSE 'queued' END"
+            " WHERE status = 'deferred' AND deferred_until <= now() RETURNING batch_id, tier, status"),
             {"held": list(HELD_TIERS)}).all()
-        due = [(b, t) for b, t in due if t not in HELD_TIERS]
+        due = [(b, t) for b, t, st in due if st == "queued"]
     for batch_id, tier in due:
         log.info("budget: resuming deferred batch %s (%s)", batch_id, tier)
         dispatch(batch_id, tier)
@@ -571,12 +923,17 @@ def resume_due_batches(engine, dispatch) -> int:
 
 # ---------------------------------------------------------------- command-line side
 
-def set_cap(engine, redis_sync, settings: Settings, scope: str, usd: Decimal) -> dict:
-    """Set a cap (Postgres first, then the live counters) and wake what it deferred.
+def set_cap(engine, redis_sync, settings: Settings, scope: str, usd) -> dict:
+    """Set a cap (Postgres, the source of truth, then its mirror in Redis) and wake what it deferred.
 
     ``scope``: 'global', 'tier:<tier>' or 'job:<job_id>'. Returns what changed.
     """
-    usd = _parse_cap(usd, scope)
+    usd = parse_cap(usd, scope)
+    if usd is None:
+        raise ConfigError(f"{scope}: no amount given")
+    if not (scope == "global" or scope.startswith("job:") or
+            (scope.startswith("tier:") and scope[5:] in TIERS)):
+        raise ConfigError(f"unknown budget scope {scope!r}: 'global', 'tier:<tier>' or 'job:<job id>'")
     with engine.begin() as conn:
         if scope.startswith("job:"):
             job_id = scope[4:]
@@ -604,6 +961,91 @@ def set_cap(engine, redis_sync, settings: Settings, scope: str, usd: Decimal) ->
     except Exception as e:
         raise BudgetUnavailable(f"cap saved in Postgres, but the budget store is unreachable: {e}") from e
     return {"scope": scope, "usd": str(usd), "batches_resumed": woken}
+
+
+def apply_config(engine, redis_sync, settings: Settings) -> list[dict]:
+    """``llmbatch budget apply-config``: write the caps in the settings to Postgres, once, on purpose.
+
+    The only way configuration reaches the caps in force; no process applies it by itself.
+    """
+    return [set_cap(engine, redis_sync, settings, scope, usd) for scope, usd in config_caps(settings).items()]
+
+
+# ---------------------------------------------------------------- synchronous holds (the scheduler)
+
+def reserve_now(engine, redis_sync, settings: Settings, rid: str, job_id: str, tier: str, amount,
+                *, ttl_s: float) -> str | None:
+    """One reservation without waiting: None when held; the scope when only other live holds are in
+    the way (try again later). Raises ``BudgetExceeded`` (``BudgetNeverFits``), ``InvalidAmount``,
+    ``BudgetUnavailable``, like ``Budget.reserve``.
+    """
+    units = reservation_units(amount)
+    for _ in range(5):
+        fields = fields_for(job_id, tier, day())
+        args = [int(ttl_s * 1000), rid, units, len(fields)] + [x for f in fields for x in f]
+        try:
+            r = [x.decode() if isinstance(x, bytes) else x
+                 for x in redis_sync.eval(RESERVE, len(KEYS), *KEYS, *args)]
+        except Exception as e:
+            raise BudgetUnavailable(f"budget store unreachable: {e}") from e
+        if r[0] == "ok":
+            return None
+        if r[0] == "wait":
+            return r[1]
+        if r[0] == "never":
+            raise BudgetNeverFits(r[1], from_units(r[2]), from_units(r[3]))
+        if r[0] == "refuse":
+            raise BudgetExceeded(r[1], from_units(r[2]), from_units(r[3]))
+        if r[0] == "invalid":
+            raise InvalidAmount(f"maximum cost {amount!r} refused by the budget store")
+        if r[0] == "rebuild":
+            rebuild(engine, redis_sync, settings)
+        elif r[0] == "load":
+            with engine.connect() as conn:
+                caps = caps_for(conn)
+                row = conn.execute(sa.text(
+                    "SELECT j.budget_usd, (SELECT coalesce(sum(cost_usd), 0) FROM results r"
+                    " WHERE r.job_id = j.job_id) FROM jobs j WHERE j.job_id = :j"), {"j": job_id}).first()
+            if r[1].startswith("job:"):
+                cap, spent = row if row else (None, 0)
+                redis_sync.eval(LOAD, len(KEYS), *KEYS, r[1], job_cap_units(cap), r[1], str(to_units(spent)))
+            else:
+                for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
+                    redis_sync.eval(FILL_CAP, len(KEYS), *KEYS, scope,
+                                    str(to_units(caps[scope])) if scope in caps else NO_CAP)
+    raise BudgetUnavailable(f"reservation {rid}: the budget counters kept changing")
+
+
+def settle_held(engine, redis_sync, settings: Settings, spent: dict[str, Decimal]) -> int:
+    """Settle holds ``{rid: actual USD}`` by the fields they recorded (provider batches), after the
+    results are committed; retried until Redis takes them (``BudgetUnavailable`` after that; the
+    reconcile counts from the ledger what stays unsettled). A missing hold adds nothing."""
+    counted = 0
+    for rid, actual in spent.items():
+        for attempt in range(10):
+            try:
+                r = redis_sync.eval(SETTLE_HELD, len(KEYS), *KEYS, rid, str(max(0, to_units(actual))))
+                if r[0] in (b"rebuild", "rebuild"):
+                    rebuild(engine, redis_sync, settings)
+                    continue
+                counted += r[0] in (b"ok", "ok")
+                break
+            except BudgetError:
+                raise
+            except Exception as e:
+                if attempt == 9:
+                    raise BudgetUnavailable(f"settling {rid}: {e}") from e
+                time.sleep(min(2.0, 0.1 * 2 ** attempt))
+    return counted
+
+
+def release_held(redis_sync, rids) -> None:
+    """Release holds whose calls never happened (a provider batch not created, requests not run)."""
+    try:
+        for rid in rids:
+            redis_sync.eval(RELEASE, len(KEYS), *KEYS, rid)
+    except Exception as e:
+        log.warning("budget: releasing %d holds failed (%s); they expire, and the reconcile corrects", len(rids), e)
 
 
 def show(engine, redis_sync, settings: Settings) -> dict:

@@ -136,12 +136,17 @@ class Settings:
     visibility_timeout_s: int = 7200
 
     # limits (pipeline/budget.py, pipeline/ratelimit.py)
-    #: daily caps in USD per UTC day; ``llmbatch budget set`` overrides them; empty: no cap
+    #: daily caps in USD per UTC day, applied only by ``llmbatch budget apply-config`` (the caps in
+    #: force live in Postgres, set with ``llmbatch budget set``); empty: no cap
     budget_global_daily_usd: str = ""
     #: daily cap in USD per tier (``peak=5,offpeak=20``); ``llmbatch budget set`` overrides them
     budget_tier_daily_usd: dict = field(default_factory=dict)
-    #: a reservation not settled by then (its worker died) is released
+    #: a reservation not renewed for this long (its worker died) is released; never less than
+    #: provider_timeout_s + budget_reservation_margin_s (pipeline/budget.py reservation_ttl_s)
     budget_reservation_ttl_s: float = 180.0
+    budget_reservation_margin_s: float = 30.0
+    #: the scheduler compares the Redis budget counters with the Postgres ledger this often
+    budget_reconcile_every_s: float = 30.0
     #: model -> "rpm:tpm" (either part may be empty): the provider's limits, shared by all workers
     rate_limits: dict = field(default_factory=dict)
     #: peak's share of a model's limit while immediate work waits

@@ -9,6 +9,7 @@ Public surface (other modules touch only these):
   ``llmbatch_cache_misses_total``;
 - ``budget_alert(scope, threshold)``: a cap crossed 80 % or 100 % (pipeline/budget.py);
 - ``window_collector(...)``: the scheduler's off-peak window state;
+- ``BUDGET_DRIFT``: set by the budget reconcile (Redis counters against the ledger);
 - ``LIMITER_WAIT`` (labels ``tier``, ``model``): observed by the rate limiter, seconds;
 - ``observe_consumer_lag(*consumers)``: the batcher's loop, throttled here;
 - ``serve(role, settings)``: the CLI commands start the endpoint.
@@ -65,6 +66,9 @@ BUDGET_ALERTS = Counter("llmbatch_budget_alerts", "Budget alerts raised: a cap c
                         ["scope", "threshold"], registry=REGISTRY)
 UP = Gauge("llmbatch_up", "1 while this process serves metrics", ["role"], multiprocess_mode="max",
            registry=REGISTRY)
+#: set by the scheduler's budget reconcile (pipeline/budget.py ``reconcile``): 0 when Redis agrees with the ledger
+BUDGET_DRIFT = Gauge("llmbatch_budget_drift_usd", "Dollars the budget counters differed from the ledger at the"
+                     " last reconcile (then corrected)", multiprocess_mode="mostrecent", registry=REGISTRY)
 LIMITER_WAIT = Histogram("llmbatch_limiter_wait_seconds", "Time a request waited for the rate limiter",
                          ["tier", "model"], buckets=_WAIT_BUCKETS, registry=REGISTRY)
 CONSUMER_LAG = Gauge("llmbatch_kafka_consumer_lag", "Messages behind the partition's end (batcher)",

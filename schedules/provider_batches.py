@@ -3,20 +3,30 @@
 The batcher writes such requests as ``held`` batches with ``mode =
 'provider_batch'``. Every scheduler tick:
 
-1. **submit** — held provider-batch batches are packed by (provider, model)
+1. **reserve** — before anything is sent, each held request's maximum cost at
+   the batch price is reserved against its job, tier and global caps
+   (``budget.reserve_now``, held for the batch's whole window). What fits is
+   sent; a request a cap refuses is moved to a deferred batch with the reason
+   in words (``requests.deferred_reason``); one only other live holds stand in
+   front of stays held for the next tick; one whose maximum is above a cap
+   itself (or is no amount) fails at once. Budget store down: nothing is sent.
+2. **submit** — held provider-batch batches are packed by (provider, model)
    into provider batches within the provider's limits (requests and bytes per
    batch; a batch of ours that does not fit is split). One transaction records
    the provider batch (``creating``) and marks its batches ``submitted`` and
    their requests ``running``; then the JSONL is uploaded and the batch created
    (OpenAI Files + Batches, Anthropic Message Batches). A failed creation puts
    everything back to ``held`` for the next tick.
-2. **poll** — open provider batches are retrieved; one that ended is ingested:
+3. **poll** — open provider batches are retrieved; one that ended is ingested:
    answers and errors land in ``results`` / ``attempts`` / ``requests`` through
    ``db.write_outcomes``, exactly like realtime results, with cost at the batch
    discount (``pricing.cost(..., batch=True)``). Requests the provider did not
    run (expired, cancelled, batch failed) are re-queued to realtime or marked
    failed, as the job's ``batch_fallback`` says; those of a cancelled job are
    ``cancelled``. Ingestion is idempotent: a crash mid-way redoes it harmlessly.
+   After the commit each hold is settled to the actual cost (the difference is
+   freed, the spend enters the Redis counters that realtime jobs see); holds of
+   requests not run are released.
 
 Provider custom_ids are ``q`` + a hash of (job, custom_id): unique across the
 jobs that share a provider batch and valid for Anthropic's pattern.
@@ -35,7 +45,7 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from pipeline import db
+from pipeline import budget, db
 from pipeline.batcher import dispatch
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS
@@ -146,49 +156,152 @@ async def _cancel(settings: Settings, provider: str, provider_batch_id: str) -> 
 
 # ------------------------------------------------------------------ submit
 
+_redis_by_url: dict[str, object] = {}
+
+
+def _budget_redis(settings: Settings):
+    """The scheduler's synchronous Redis client for the budget (one per URL)."""
+    r = _redis_by_url.get(settings.redis_url)
+    if r is None:
+        r = _redis_by_url[settings.redis_url] = budget.redis_clients(settings)[1]
+    return r
+
+
 def submit_held(*, settings: Settings | None = None, engine=None, limit_batches: int = 2000) -> list[str]:
-    """Send held provider-batch work to the providers; returns our provider batch ids."""
+    """Send held provider-batch work to the providers, only what its caps can hold; returns our
+    provider batch ids."""
     settings = settings or get_settings()
     engine = engine or db.get_engine()
+    redis = _budget_redis(settings)
     created = []
-    with engine.begin() as conn:
-        batches = conn.execute(sa.text(
-            "SELECT batch_id, provider, model, tier FROM batches"
-            " WHERE status = 'held' AND mode = 'provider_batch' ORDER BY created_at"
-            " LIMIT :n FOR UPDATE SKIP LOCKED"), {"n": limit_batches}).mappings().all()
-        if not batches:
-            return []
-        groups: dict[tuple[str, str], list] = {}
-        for b in batches:
-            groups.setdefault((b["provider"], b["model"]), []).append(b)
-        for (provider, model), group in groups.items():
-            ids = [b["batch_id"] for b in group]
-            reqs = conn.execute(sa.text(
-                "SELECT job_id, custom_id, batch_id, body FROM requests"
-                " WHERE batch_id = ANY(:ids) AND status = 'held' ORDER BY batch_id, line, custom_id"),
-                {"ids": ids}).mappings().all()
-            # batches left with nothing to send (their job was cancelled) are done
-            conn.execute(sa.text(
-                "UPDATE batches b SET status = 'done', finished_at = now() WHERE b.batch_id = ANY(:ids)"
-                " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id AND r.status = 'held')"),
-                {"ids": ids})
-            if not reqs:
-                continue
-            sizes = [len(request_line(provider, provider_custom_id(r["job_id"], r["custom_id"]), r["body"]))
-                     for r in reqs]
-            for start, end in pack(sizes, settings.provider_batch_max_requests[provider],
-                                   settings.provider_batch_max_bytes[provider]):
-                pb_id = "pb_" + uuid.uuid4().hex[:20]
-                chunk = reqs[start:end]
+    held: list[str] = []   # reservations taken this tick: given back if the transaction does not commit
+    try:
+        with engine.begin() as conn:
+            batches = conn.execute(sa.text(
+                "SELECT batch_id, provider, model, tier FROM batches"
+                " WHERE status = 'held' AND mode = 'provider_batch' ORDER BY created_at"
+                " LIMIT :n FOR UPDATE SKIP LOCKED"), {"n": limit_batches}).mappings().all()
+            if not batches:
+                return []
+            groups: dict[tuple[str, str], list] = {}
+            for b in batches:
+                groups.setdefault((b["provider"], b["model"]), []).append(b)
+            store_down = False
+            for (provider, model), group in groups.items():
+                ids = [b["batch_id"] for b in group]
+                # a deferred batch whose time came (resume_due_batches) is held again: its requests too
                 conn.execute(sa.text(
-                    "INSERT INTO provider_batches (id, provider, model, status, requests, bytes)"
-                    " VALUES (:id, :p, :m, 'creating', :n, :bytes)"),
-                    {"id": pb_id, "p": provider, "m": model, "n": len(chunk), "bytes": sum(sizes[start:end])})
-                _assign(conn, pb_id, chunk)
-                created.append(pb_id)
+                    "UPDATE requests SET status = 'held', deferred_scope = NULL, deferred_reason = NULL"
+                    " WHERE batch_id = ANY(:ids) AND status = 'deferred'"), {"ids": ids})
+                reqs = conn.execute(sa.text(
+                    "SELECT job_id, custom_id, batch_id, body, tier, model, max_cost_usd, attempts FROM requests"
+                    " WHERE batch_id = ANY(:ids) AND status = 'held' ORDER BY batch_id, line, custom_id"),
+                    {"ids": ids}).mappings().all()
+                if reqs and not store_down:
+                    reqs, store_down = _reserve(conn, reqs, settings, engine, redis, held)
+                else:
+                    reqs = []
+                # batches left with nothing to send (their job was cancelled, or the caps moved it) are done
+                conn.execute(sa.text(
+                    "UPDATE batches b SET status = 'done', finished_at = now() WHERE b.batch_id = ANY(:ids)"
+                    " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
+                    "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": ids})
+                if not reqs:
+                    continue
+                sizes = [len(request_line(provider, provider_custom_id(r["job_id"], r["custom_id"]), r["body"]))
+                         for r in reqs]
+                for start, end in pack(sizes, settings.provider_batch_max_requests[provider],
+                                       settings.provider_batch_max_bytes[provider]):
+                    pb_id = "pb_" + uuid.uuid4().hex[:20]
+                    chunk = reqs[start:end]
+                    conn.execute(sa.text(
+                        "INSERT INTO provider_batches (id, provider, model, status, requests, bytes)"
+                        " VALUES (:id, :p, :m, 'creating', :n, :bytes)"),
+                        {"id": pb_id, "p": provider, "m": model, "n": len(chunk), "bytes": sum(sizes[start:end])})
+                    _assign(conn, pb_id, chunk)
+                    created.append(pb_id)
+    except BaseException:
+        budget.release_held(redis, held)
+        raise
     for pb_id in created:
         _create_at_provider(pb_id, settings, engine)
     return created
+
+
+def _hold_amount(req, prices) -> Decimal:
+    """The most a request can cost through a Batch API: its maximum at the batch price."""
+    price = prices.resolve(req["model"])
+    return Decimal(str(req["max_cost_usd"])) * (1 - price.batch_discount)
+
+
+def _reserve(conn, reqs, settings: Settings, engine, redis, held: list[str]) -> tuple[list, bool]:
+    """Reserve each request's maximum; returns (the requests that fit, whether the store is down).
+
+    Refused ones move to a deferred batch with the reason; never-fitting or
+    invalid ones fail now; those only live holds stand in front of stay held.
+    """
+    prices = get_price_book()
+    fit, defer, fail, waiting = [], {}, [], 0
+    for i, r in enumerate(reqs):
+        rid = f'{r["job_id"]}:{r["custom_id"]}'
+        try:
+            amount = _hold_amount(r, prices)
+            in_the_way = budget.reserve_now(engine, redis, settings, rid, r["job_id"], r["tier"], amount,
+                                            ttl_s=budget.PROVIDER_BATCH_HOLD_S)
+        except budget.BudgetUnavailable as e:
+            log.warning("provider batches: budget store unreachable, %d requests stay held: %s", len(reqs) - i, e)
+            return _apply_budget_outcomes(conn, fit, defer, fail), True
+        except (budget.InvalidAmount, budget.BudgetNeverFits) as e:
+            fail.append((r, e))
+            continue
+        except budget.BudgetExceeded as e:
+            reason = (f"deferred: the {e.scope} cap ${e.cap} has ${e.spent} spent and cannot hold this"
+                      f" request's maximum of ${amount.quantize(budget.UNIT)} at the batch price")
+            defer.setdefault((r["batch_id"], e.kind), []).append((r, e.kind, reason))
+            continue
+        except Exception as e:   # an unknown model, a broken row: that request fails, alone
+            fail.append((r, budget.InvalidAmount(f"cannot price this request for its reservation: {e}")))
+            continue
+        if in_the_way is not None:
+            waiting += 1         # other live holds may settle below their maximum: try next tick
+            continue
+        held.append(rid)
+        fit.append(r)
+    if waiting:
+        log.info("provider batches: %d requests wait for live holds under their caps; next tick", waiting)
+    return _apply_budget_outcomes(conn, fit, defer, fail), False
+
+
+def _apply_budget_outcomes(conn, fit, defer, fail) -> list:
+    for (batch_id, kind), items in defer.items():
+        target = "b_" + uuid.uuid4().hex
+        until = budget.next_day() if kind in ("global", "tier") else None
+        conn.execute(sa.text(
+            "INSERT INTO batches (batch_id, tier, provider, model, size, status, mode, deferred_until)"
+            " SELECT :new, tier, provider, model, :n, 'deferred', mode, :u FROM batches WHERE batch_id = :b"),
+            {"new": target, "n": len(items), "b": batch_id, "u": until})
+        conn.execute(sa.text(
+            "UPDATE requests r SET batch_id = :new, status = 'deferred', deferred_scope = x.scope,"
+            " deferred_reason = x.reason FROM jsonb_to_recordset(CAST(:rows AS jsonb))"
+            " AS x(job_id text, custom_id text, scope text, reason text)"
+            " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id AND r.batch_id = :b"),
+            {"new": target, "b": batch_id, "rows": db.dumps(
+                [{"job_id": r["job_id"], "custom_id": r["custom_id"], "scope": k, "reason": why}
+                 for r, k, why in items])})
+        conn.execute(sa.text("UPDATE batches SET size = size - :n WHERE batch_id = :b"),
+                     {"n": len(items), "b": batch_id})
+        log.info("provider batches: %d requests of batch %s deferred (%s): %s", len(items), batch_id, kind,
+                 items[0][2])
+    if fail:
+        db.write_outcomes(conn, [{
+            "job_id": r["job_id"], "custom_id": r["custom_id"], "model": r["model"], "status": "failed",
+            "attempts": r["attempts"] or 0, "cost_usd": "0",
+            "error": {"code": e.code, "message": str(e)}} for r, e in fail], [])
+        log.warning("provider batches: %d requests failed before sending: %s", len(fail), fail[0][1])
+    jobs = {r["job_id"] for r, _ in fail} | {r["job_id"] for items in defer.values() for r, _, _ in items}
+    if jobs:
+        db.refresh_jobs(conn, jobs)
+    return fit
 
 
 def _assign(conn, pb_id: str, chunk: list) -> None:
@@ -262,8 +375,11 @@ def _abandon(engine, pb_id: str, reason: str) -> None:
         ids = conn.execute(sa.text(
             "UPDATE batches SET status = 'held', provider_batch = NULL, dispatched_at = NULL, started_at = NULL"
             " WHERE provider_batch = :id AND status = 'submitted' RETURNING batch_id"), {"id": pb_id}).scalars().all()
-        conn.execute(sa.text(
-            "UPDATE requests SET status = 'held' WHERE batch_id = ANY(:ids) AND status = 'running'"), {"ids": ids})
+        keys = conn.execute(sa.text(
+            "UPDATE requests SET status = 'held' WHERE batch_id = ANY(:ids) AND status = 'running'"
+            " RETURNING job_id, custom_id"), {"ids": ids}).all()
+    # never sent: the holds go (the next tick reserves again)
+    budget.release_held(_budget_redis(get_settings()), [f"{j}:{c}" for j, c in keys])
 
 
 def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
@@ -432,6 +548,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
             " polled_at = now(), counts = CAST(:c AS jsonb) WHERE id = :id"),
             {"id": pb_id, "st": status, "c": db.dumps(counts)})
         db.refresh_jobs(conn, {r["job_id"] for r in reqs})
+    _settle(pb_id, reqs, outcomes + fail, settings, engine)
     for batch_id, tier, state in new_batches:
         if state == "queued":
             dispatcher(batch_id, tier)
@@ -440,6 +557,23 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
             db.mark_dispatched(conn, [b for b, _, s in new_batches if s == "queued"])
     log.info("provider batch %s (%s) ended %s: %s", pb_id, provider, status, counts)
     return counts
+
+
+def _settle(pb_id: str, reqs: list[dict], outcomes: list[dict], settings: Settings, engine) -> None:
+    """After the results are committed: each hold becomes the request's actual cost (the rest of
+    its maximum is freed); holds of requests the provider did not run are released (a re-queued
+    request reserves again on its realtime path)."""
+    cost_of = {(o["job_id"], o["custom_id"]): Decimal(str(o.get("cost_usd") or 0)) for o in outcomes}
+    spent = {f"{j}:{c}": x for (j, c), x in cost_of.items()}
+    others = [f'{r["job_id"]}:{r["custom_id"]}' for r in reqs
+              if (r["job_id"], r["custom_id"]) not in cost_of and r["status"] not in _TERMINAL]
+    redis = _budget_redis(settings)
+    try:
+        budget.settle_held(engine, redis, settings, spent)
+    except budget.BudgetError as e:   # the results are in the ledger: the reconcile counts them
+        log.warning("provider batch %s: settling %d holds failed (%s); the budget reconcile corrects it",
+                    pb_id, len(spent), e)
+    budget.release_held(redis, others)
 
 
 def _requeue(conn, keys: list[tuple[str, str]], reqs: list[dict]) -> list[tuple[str, str, str]]:

@@ -19,6 +19,7 @@ Jobs of the leader's APScheduler:
 - ``sync`` (every 2 s): schedules table → APScheduler jobs; catch-up of cron
   slots missed while no scheduler ran; queued runs whose predecessor ended.
 - ``upkeep`` (every ``upkeep_every_s``): retention, stuck batches, budget periods.
+- ``budget-reconcile`` (every ``budget_reconcile_every_s``): Redis budget counters against the ledger.
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ class SchedulerService:
                          next_run_time=_now())
         self.aps.add_job(self.upkeep, "interval", seconds=s.upkeep_every_s, id="upkeep", jobstore="internal",
                          next_run_time=_now())
+        self.aps.add_job(self.reconcile, "interval", seconds=s.budget_reconcile_every_s, id="budget-reconcile",
+                         jobstore="internal", next_run_time=_now())
 
     def sync(self) -> None:
         """schedules table → APScheduler jobs; catch up missed slots; start queued runs."""
@@ -200,6 +203,12 @@ class SchedulerService:
             log.debug("upkeep: %s", out)
         except Exception:
             log.exception("scheduler upkeep failed")
+
+    def reconcile(self) -> None:
+        try:
+            upkeep.budget_reconcile(settings=self.settings, engine=self.engine)
+        except Exception as e:   # Redis or Postgres away: the next run tries again
+            log.warning("budget reconcile failed: %s", e)
 
     # ---------------------------------------------------------- main loop
 

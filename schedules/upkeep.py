@@ -22,6 +22,11 @@
   has recorded no progress for ``SUBMIT_STALE_S`` is closed with what it
   published: its line count, the requests that reached Postgres as accepted,
   its rejections. Then it runs and completes like any other job.
+- **Budget reconcile** (every ``budget_reconcile_every_s``, its own job in
+  schedules/service.py): the Redis counters are compared with the Postgres
+  ledger and rebuilt from it when they drifted (a settlement lost with its
+  process, Redis restarted from an old file); the drift found is the metric
+  ``llmbatch_budget_drift_usd``.
 """
 
 from __future__ import annotations
@@ -161,6 +166,26 @@ def close_abandoned_submits(*, engine=None, stale_s: float = SUBMIT_STALE_S) -> 
                     extra={"job": job_id})
         closed.append(job_id)
     return closed
+def budget_reconcile(*, settings: Settings | None = None, engine=None) -> dict:
+    """Redis counters against the ledger (``pipeline.budget.reconcile``); the caps mirrored from Postgres."""
+    from pipeline import budget
+    settings = settings or get_settings()
+    redis = _budget_redis(settings)
+    out = budget.reconcile(engine or db.get_engine(), redis, settings)
+    if out["rebuilt"]:
+        log.warning("upkeep: budget counters rebuilt (%s)", out.get("reason"))
+    return out
+
+
+_redis_by_url: dict = {}
+
+
+def _budget_redis(settings: Settings):
+    from pipeline import budget
+    r = _redis_by_url.get(settings.redis_url)
+    if r is None:
+        r = _redis_by_url[settings.redis_url] = budget.redis_clients(settings)[1]
+    return r
 
 
 def run_upkeep(*, settings: Settings | None = None, engine=None, clock: Clock | None = None,

@@ -35,7 +35,7 @@ from decimal import Decimal
 from pipeline import budget, db, metrics
 from pipeline.cache import ResponseCache
 from pipeline.config import Settings, get_settings
-from pipeline.budget import BudgetExceeded, BudgetUnavailable, from_units
+from pipeline.budget import BudgetExceeded, BudgetUnavailable, InvalidAmount, from_units
 from pipeline.errors import LLMBatchError, PermanentProviderError, ProviderError
 from pipeline.pricing import Usage, answered_price, cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.providers import AttemptRecord, call_with_retries, get_provider
@@ -319,9 +319,10 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate
         return "cancelled"
     except LeaseLost:
         return "abandoned"
-    except BudgetExceeded as e:
-        if req.get("on_budget") == "fail":
-            outcome.update(status="failed", error={"code": "budget_exceeded", "message": str(e)},
+    except (BudgetExceeded, InvalidAmount) as e:
+        # a maximum above the cap itself, or no valid amount, can never be reserved: fail now, alone
+        if req.get("on_budget") == "fail" or e.permanent:
+            outcome.update(status="failed", error={"code": e.code, "message": str(e)},
                            attempts=last["attempt"])
             writer.outcomes.append(outcome)
             return "failed"

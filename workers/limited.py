@@ -3,6 +3,10 @@
 ``Limited`` wraps a provider for one request: every attempt reserves its
 maximum cost first (pipeline/budget.py), then takes the tier's in-flight lease
 and the model's rate admission (pipeline/ratelimit.py), and only then calls.
+The hold is renewed by the budget's heartbeat through both waits and the call,
+so it lives as long as the call can still be billed. An attempt the provider
+answered with an error (never billed) releases its hold; one that may have been
+billed (timeout, connection lost, cancelled mid-call) keeps it until it expires.
 It must never let a call go out without a reservation.
 """
 
@@ -10,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from decimal import Decimal
 
 from pipeline import budget, metrics, ratelimit
 from pipeline.config import Settings
 from pipeline.budget import BudgetExceeded
-from pipeline.errors import RetryableProviderError
+from pipeline.errors import ProviderError, RetryableProviderError
 from workers.fallback import Fallback
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,10 @@ class Limited:
         self.model = req["model"]
         self.reservation: budget.Reservation | None = None
         self._primary_throttled = False   # a 429 on the primary: later attempts go to the fallback
+        self._sent = False                # this attempt's request has gone out
+        # one hold id per execution of the request: a second execution of it (a batch delivered
+        # again while the first still runs) holds beside it instead of replacing its hold
+        self.rid = f'{req["job_id"]}:{req["custom_id"]}~{secrets.token_hex(4)}'
 
     async def _admit(self, model: str) -> str:
         """Wait for the model's rate window; the fallback's when the primary's is too far off."""
@@ -100,12 +109,13 @@ class Limited:
 
     async def _send(self, body: dict, headers: dict, model: str):
         self.model = model
+        self._sent = True   # from here on the provider may bill, whatever we hear back
         return await self.provider.call(body if model == self.req["model"] else {**body, "model": model},
                                         headers=headers)
 
     async def call(self, body: dict, *, headers: dict):
         req = self.req
-        rid, model = f'{req["job_id"]}:{req["custom_id"]}', req["model"]
+        rid, model = self.rid, req["model"]
         try:
             self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
                                                          Decimal(str(req["max_cost_usd"])))
@@ -116,12 +126,17 @@ class Limited:
             self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
                                                          self.fallback.max_cost_usd)
             model = self.fallback.model
+        self._sent = False
         try:
             return await self._call_limited(body, headers, model)
-        except BaseException:
+        except BaseException as e:
             res, self.reservation = self.reservation, None
+            answered = isinstance(e, ProviderError) and e.status_code is not None
             try:
-                await self.budget.release(res)
-            except Exception as e:  # the reservation expires by itself
-                log.warning("budget: release of %s failed (%s); it expires", res.rid, e)
+                if self._sent and not answered:   # timeout, connection lost, cancelled mid-call
+                    await self.budget.keep(res, type(e).__name__ + ": " + str(e)[:200])
+                else:
+                    await self.budget.release(res)
+            except Exception as err:  # the reservation expires by itself
+                log.warning("budget: release of %s failed (%s); it expires", res.rid, err)
             raise

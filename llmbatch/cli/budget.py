@@ -1,10 +1,15 @@
-"""``llmbatch budget show|set``: see and change cost caps (logic in pipeline/budget.py)."""
+"""``llmbatch budget show|set|apply-config|reconcile``: see and change cost caps (logic in pipeline/budget.py).
+
+The caps in force live in Postgres: ``budget set`` writes them, ``apply-config``
+copies the ones written in the settings there once, on purpose. No other
+process's settings or environment changes them. ``CAP_USD`` is the one
+validation of a cap typed on any command line (``submit``, ``schedule add``).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from decimal import Decimal, InvalidOperation
 
 import click
 
@@ -18,6 +23,25 @@ from pipeline.errors import BudgetError, ConfigError
 def _redis():
     import redis
     return redis.Redis.from_url(get_settings().redis_url, socket_timeout=5, socket_connect_timeout=2)
+
+
+class CapUSD(click.ParamType):
+    """A cap in USD on the command line: finite, 0 … MAX_CAP_USD, else exit 2 with the reason."""
+
+    name = "usd"
+
+    def convert(self, value, param, ctx):
+        try:
+            cap = budget_mod.parse_cap(value, "amount")
+        except ConfigError as e:
+            self.fail(f"{value!r} is not a cap: give a finite amount in USD from 0 to {budget_mod.MAX_CAP_USD}"
+                      f" ({e})", param, ctx)
+        if cap is None:
+            self.fail("an empty amount is not a cap", param, ctx)
+        return cap
+
+
+CAP_USD = CapUSD()
 
 
 def _fail(message: str, code: int) -> None:
@@ -70,19 +94,33 @@ def show(as_json):
 
 
 @budget.command("set")
+@click.argument("scope_arg", metavar="[SCOPE]", required=False)
+@click.argument("usd_arg", metavar="[USD]", type=CAP_USD, required=False)
 @click.option("--global", "global_", is_flag=True, help="The daily cap over everything.")
 @click.option("--tier", type=click.Choice(TIERS), help="The daily cap of one tier.")
 @click.option("--job", "job_id", help="The cap of one job (resumes it if its cap paused it).")
-@click.option("--usd", required=True, help="The cap in USD, e.g. 25 or 0.5.")
-def set_(global_, tier, job_id, usd):
-    """Set a cap; requests it deferred resume at once if they now fit."""
-    if sum(bool(x) for x in (global_, tier, job_id)) != 1:
-        _fail("give exactly one of --global, --tier T, --job JOB", 2)
-    try:
-        amount = Decimal(usd)
-    except InvalidOperation:
-        _fail(f"--usd: not an amount: {usd!r}", 2)
-    scope = "global" if global_ else f"tier:{tier}" if tier else f"job:{job_id}"
+@click.option("--usd", type=CAP_USD, help="The cap in USD, e.g. 25 or 0.5.")
+def set_(scope_arg, usd_arg, global_, tier, job_id, usd):
+    """Set a cap; requests it deferred resume at once if they now fit.
+
+    Either ``budget set global 20`` / ``budget set tier:peak 5`` / ``budget set job:JOB 1``,
+    or the options ``--global`` / ``--tier T`` / ``--job JOB`` with ``--usd``.
+    """
+    if scope_arg is not None and usd_arg is None and usd is None:
+        _fail("give the amount: budget set SCOPE USD", 2)
+    amount = usd_arg if usd_arg is not None else usd
+    if amount is None:
+        _fail("give the amount (--usd, or budget set SCOPE USD)", 2)
+    if scope_arg is not None:
+        if global_ or tier or job_id:
+            _fail("give the scope either as SCOPE or as --global/--tier/--job, not both", 2)
+        scope = scope_arg
+        if scope in TIERS:
+            scope = f"tier:{scope}"
+    else:
+        if sum(bool(x) for x in (global_, tier, job_id)) != 1:
+            _fail("give exactly one of --global, --tier T, --job JOB", 2)
+        scope = "global" if global_ else f"tier:{tier}" if tier else f"job:{job_id}"
     engine = db.get_engine()
     try:
         result = budget_mod.set_cap(engine, _redis(), get_settings(), scope, amount)
@@ -93,3 +131,38 @@ def set_(global_, tier, job_id, usd):
     from pipeline.dispatch import enqueue_batch
     resumed = budget_mod.resume_due_batches(engine, enqueue_batch)
     click.echo(f"{scope}: cap ${result['usd']}; {resumed} deferred batches resumed")
+
+
+@budget.command("apply-config")
+def apply_config():
+    """Write the daily caps in the settings (llmbatch.toml, LLMBATCH_BUDGET_*) to Postgres, once."""
+    settings = get_settings()
+    try:
+        done = budget_mod.apply_config(db.get_engine(), _redis(), settings)
+    except budget_mod.BudgetUnavailable as e:
+        _fail(str(e), 3)
+    except (BudgetError, ConfigError) as e:
+        _fail(str(e), 2)
+    if not done:
+        click.echo("no caps in the settings; the caps in force are unchanged")
+    for d in done:
+        click.echo(f"{d['scope']}: cap ${d['usd']}")
+
+
+@budget.command("reconcile")
+@click.option("--json", "as_json", is_flag=True)
+def reconcile(as_json):
+    """Compare the Redis counters with the Postgres ledger now; rebuild them if they drifted."""
+    try:
+        out = budget_mod.reconcile(db.get_engine(), _redis(), get_settings())
+    except budget_mod.BudgetUnavailable as e:
+        _fail(str(e), 3)
+    if as_json:
+        click.echo(json.dumps({**out, "drift_usd": {f: str(budget_mod.from_units(d))
+                                                    for f, d in out["drift_units"].items()}}))
+        return
+    if out["rebuilt"]:
+        click.echo(f"counters rebuilt from the ledger ({out.get('reason')}); drift:"
+                   f" {({f: str(budget_mod.from_units(d)) for f, d in out['drift_units'].items()})}")
+    else:
+        click.echo("counters agree with the ledger")

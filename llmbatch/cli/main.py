@@ -30,7 +30,6 @@ import os
 import shutil
 import sys
 import time
-from decimal import Decimal
 from pathlib import Path
 
 import click
@@ -42,6 +41,7 @@ from pipeline.constants import JOB_TERMINAL, SIMULATOR_LABEL, TIERS
 #: every state a job can be in (sql/001_init.sql, pipeline/db.py, pipeline/budget.py)
 JOB_STATES = ("submitting", "running", "paused_budget", "completed", "failed", "cancelled")
 from pipeline.errors import FileInputError, InfrastructureError, LLMBatchError
+from llmbatch.cli.budget import CAP_USD as _CAP_USD  # the one validation of a typed cap
 
 log = logging.getLogger("llmbatch.cli")
 
@@ -112,7 +112,7 @@ def _print_status(status: dict, as_json: bool) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--priority", type=click.IntRange(0, 9), help="Default priority for lines without one.")
 @click.option("--tier", type=click.Choice(TIERS), help="Run every line in this tier.")
-@click.option("--budget-usd", type=Decimal, help="Cap on the job's spend.")
+@click.option("--budget-usd", type=_CAP_USD, help="Cap on the job's spend (finite, 0 or more).")
 @click.option("--on-budget", type=click.Choice(["defer", "fail"]), default="defer", show_default=True)
 @click.option("--name", help="A name for the job (default: the file name).")
 @click.option("--wait", is_flag=True, help="Wait until the job is finished (progress, and what is held until when).")

@@ -12,6 +12,7 @@ from decimal import Decimal
 
 import click
 
+from llmbatch.cli.budget import CAP_USD
 from pipeline.constants import TIERS
 from pipeline.errors import ConfigError, InfrastructureError, InputError
 
@@ -65,7 +66,7 @@ def schedule():
 @click.option("--timezone", default="UTC", show_default=True)
 @click.option("--tier", type=click.Choice(TIERS))
 @click.option("--priority", type=click.IntRange(0, 9))
-@click.option("--budget-usd", type=Decimal, help="Cap on each run's spend.")
+@click.option("--budget-usd", type=CAP_USD, help="Cap on each run's spend (finite, 0 or more).")
 @click.option("--mode", type=click.Choice(["realtime", "provider_batch"]), default="realtime", show_default=True)
 @click.option("--overlap", type=click.Choice(["skip", "queue"]), default="skip", show_default=True,
               help="When a run is still going at the next slot: skip that slot, or queue it.")

@@ -111,14 +111,17 @@ def test_concurrent_reservations_hold_the_cap_through_a_redis_flush(stack, engin
 
 
 def test_a_dead_workers_reservation_expires(stack, engine):
-    settings = dataclasses.replace(_redis_db15(stack), budget_reservation_ttl_s=0.3)
+    settings = dataclasses.replace(_redis_db15(stack), budget_reservation_ttl_s=0.3, provider_timeout_s=0.1,
+                                   budget_reservation_margin_s=0.2)
     job, _ = _job(engine, AMOUNT * 2, 2)
     aredis, sredis = budget.redis_clients(settings)
     sredis.flushdb()
 
     async def main():
+        dead = budget.Budget(settings, engine, aredis, sredis)
+        await dead.reserve(f"{job}:r0", job, "background", AMOUNT * 2)   # never settled: its worker "died"
+        dead._beat.cancel()                                                # and stopped renewing its holds
         b = budget.Budget(settings, engine, aredis, sredis)
-        await b.reserve(f"{job}:r0", job, "background", AMOUNT * 2)      # never settled: its worker "died"
         started = asyncio.get_running_loop().time()
         res = await b.reserve(f"{job}:r1", job, "background", AMOUNT * 2)  # waits for the expiry
         waited = asyncio.get_running_loop().time() - started

@@ -77,3 +77,82 @@ def test_deferred_batches_wait_for_the_next_day_a_minute_or_a_raised_cap():
     assert untils[1] is None                                  # only `budget set --job` wakes it
     assert (untils[2] - now).total_seconds() == 60
 
+
+
+# ---------------------------------------------------------------- issue 13: amounts, caps, TTL
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@pytest.mark.parametrize("bad", ["-5", -5, "0", 0, "NaN", "nan", "Infinity", "-Infinity", "sNaN", "abc", "",
+                                 "1e12", Decimal("50000000.00000001"), None, "1,5"])
+def test_a_reservation_of_no_real_amount_is_refused(bad):
+    """#12 item 2: a zero, negative, non-finite or absurd hold would bypass or poison the caps."""
+    with pytest.raises(budget.InvalidAmount, match="cannot be reserved"):
+        budget.reservation_units(bad)
+
+
+@given(st.decimals(allow_nan=True, allow_infinity=True, places=None))
+def test_reservation_units_are_positive_and_exact_in_lua_or_refused(d):
+    try:
+        units = budget.reservation_units(d)
+    except budget.InvalidAmount:
+        assert not d.is_finite() or d <= 0 or d > budget.MAX_CAP_USD
+        return
+    assert 0 < d <= budget.MAX_CAP_USD
+    assert 1 <= units < 2 ** 53 and len(str(units)) <= 16      # what the Lua scripts accept
+    assert budget.from_units(units) >= d                          # never under-holds
+
+
+@pytest.mark.parametrize("bad", ["-1", "NaN", "Infinity", "abc", "1e9"])
+def test_caps_are_finite_and_in_range(bad):
+    with pytest.raises(ConfigError):
+        budget.parse_cap(bad, "cap")
+    assert budget.parse_cap("0", "cap") == 0 and budget.parse_cap(" 2.5 ", "cap") == Decimal("2.5")
+
+
+def test_a_stored_job_cap_that_is_no_amount_holds_everything():
+    assert budget.job_cap_units(None) == budget.NO_CAP
+    assert budget.job_cap_units(Decimal(-1)) == "0"           # used to mean "no cap"
+    assert budget.job_cap_units(Decimal("NaN")) == "0"
+    assert budget.job_cap_units(Decimal("0.5")) == "50000000"
+
+
+def test_caps_in_force_never_come_from_the_settings():
+    """#13 item 4: the settings are not read; only the budget_caps rows are."""
+    class Conn:
+        def execute(self, stmt):
+            assert "budget_caps" in str(stmt)
+            return type("R", (), {"all": lambda self: [("global", Decimal(3))]})()
+    s = load_settings({"LLMBATCH_BUDGET_GLOBAL_DAILY_USD": "100", "LLMBATCH_CONFIG": "/nonexistent"})
+    assert budget.caps_for(Conn(), s) == {"global": Decimal(3)}
+
+
+def test_a_hold_outlives_the_provider_timeout():
+    """#13 item 3: a dead worker's hold expires only after its call can no longer be answered."""
+    s = load_settings({"LLMBATCH_BUDGET_RESERVATION_TTL_S": "1", "LLMBATCH_PROVIDER_TIMEOUT_S": "60",
+                       "LLMBATCH_CONFIG": "/nonexistent"})
+    assert budget.reservation_ttl_s(s) == 60 + s.budget_reservation_margin_s
+    s = load_settings({"LLMBATCH_BUDGET_RESERVATION_TTL_S": "900", "LLMBATCH_CONFIG": "/nonexistent"})
+    assert budget.reservation_ttl_s(s) == 900
+
+
+def test_the_never_fits_reason_names_both_numbers():
+    e = budget.BudgetNeverFits("job:j1", Decimal("0.0042"), Decimal("0.001"))
+    assert e.permanent and e.code == "budget_exceeded" and "$0.0042" in str(e) and "$0.001" in str(e)
+    assert not budget.BudgetExceeded("job:j1", Decimal(0), Decimal(1)).permanent
+
+
+@pytest.mark.parametrize("bad", ["-1", "NaN", "abc", "inf", "1e9"])
+def test_cap_input_is_validated_at_the_command_line(bad):
+    """#13 item 6: exit 2 with a clear message, before any service is touched."""
+    from click.testing import CliRunner
+
+    from llmbatch.cli.main import main
+    runner = CliRunner()
+    for args in (["submit", "nofile.jsonl", "--budget-usd", bad],
+                 ["schedule", "add", "n", "--cron", "0 1 * * *", "--file", "f.jsonl", "--budget-usd", bad],
+                 ["budget", "set", "global", "--", bad], ["budget", "set", "--global", "--usd", bad]):
+        out = runner.invoke(main, args)
+        assert out.exit_code == 2, (args, out.output)
+        assert "is not a cap" in out.output and "Traceback" not in out.output, out.output

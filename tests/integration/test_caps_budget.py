@@ -1,0 +1,294 @@
+"""Issue 13 against real Redis and Postgres, at the budget's own surface (pipeline/budget.py,
+workers/limited.py): amounts that poison nothing (#12 item 2), holds that outlive their waits and
+calls (item 3), caps no process's settings can change (item 4), spend that never drops out of the
+counters (item 5), reconcile after drift (item 7), and requests that can never fit (item 9).
+
+The budget's keys live in a Redis database of their own (15): the stack's workers never see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import uuid
+from decimal import Decimal
+
+import pytest
+import sqlalchemy as sa
+
+from pipeline import budget
+from pipeline.errors import RetryableProviderError
+from pipeline.providers import Answer
+from workers.limited import Limited
+
+AMOUNT = Decimal("0.0001")
+
+
+def _settings(stack, **kw):
+    url = stack.redis_url.rsplit("/", 1)[0] + "/15"
+    return dataclasses.replace(stack, redis_url=url, **kw)
+
+
+def _job(engine, cap: Decimal | None, n: int = 4) -> str:
+    job = "job_caps_" + uuid.uuid4().hex[:10]
+    rows = [{"job_id": job, "custom_id": f"r{i}", "provider": "openai", "model": "gpt-4o-mini",
+             "tier": "background", "tier_reason": "test", "priority": 0, "input_tokens": 1,
+             "max_cost_usd": str(AMOUNT), "status": "queued"} for i in range(n)]
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO jobs (job_id, status, budget_usd, accepted) VALUES (:j, 'running', :c, :n)"),
+                     {"j": job, "c": cap, "n": n})
+        conn.execute(sa.text(
+            "INSERT INTO requests (job_id, custom_id, provider, model, tier, tier_reason, priority, input_tokens,"
+            " max_cost_usd, status) SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text,"
+            " custom_id text, provider text, model text, tier text, tier_reason text, priority smallint,"
+            " input_tokens int, max_cost_usd numeric, status text)"), {"rows": json.dumps(rows)})
+    return job
+
+
+def _commit_result(engine, job: str, cid: str, spent: Decimal) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO results (job_id, custom_id, model, cost_usd) VALUES (:j, :c, 'gpt-4o-mini', :x)"),
+            {"j": job, "c": cid, "x": spent})
+        conn.execute(sa.text("UPDATE requests SET status = 'succeeded' WHERE job_id = :j AND custom_id = :c"),
+                     {"j": job, "c": cid})
+
+
+def _units(sredis, key: str, field: str) -> int:
+    return int(sredis.hget(key, field) or 0)
+
+
+@pytest.fixture
+def clients(stack):
+    made = []
+
+    def make(settings):
+        a, s = budget.redis_clients(settings)
+        s.flushdb()
+        made.append(s)
+        return a, s
+    yield make
+    for s in made:
+        s.flushdb()
+
+
+def test_a_negative_amount_is_refused_alone_and_a_poisoned_record_heals(stack, engine, clients):
+    """#12 item 2: '-5' used to be reserved and break the Lua script for every later request."""
+    settings = _settings(stack)
+    aredis, sredis = clients(settings)
+    job = _job(engine, AMOUNT * 10)
+
+    async def main():
+        b = budget.Budget(settings, engine, aredis, sredis)
+        for bad in ("-5", "0", "NaN", "-Infinity"):
+            with pytest.raises(budget.InvalidAmount):
+                await b.reserve(f"{job}:r0", job, "background", bad)
+        # the script itself refuses what the Python side would never send
+        out = await aredis.eval(budget.RESERVE, len(budget.KEYS), *budget.KEYS, 1000, f"{job}:x", "-5", 0)
+        assert out[0] in (b"invalid", b"rebuild")
+        ok = await b.reserve(f"{job}:r1", job, "background", AMOUNT)
+        # stored values no script wrote: a record, a counter, a cap
+        await aredis.hset(budget.KEYS[4], f"{job}:bad", "-5|g|job:" + job)
+        await aredis.zadd(budget.KEYS[5], {f"{job}:bad": 0})
+        await aredis.hset(budget.KEYS[2], "global@" + budget.day(), "lots")
+        await b.release(ok)
+        res = await b.reserve(f"{job}:r2", job, "background", AMOUNT)    # heals: rebuilt from the ledger
+        await b.settle(res, AMOUNT / 2)
+        return res
+    asyncio.run(main())
+    assert _units(sredis, budget.KEYS[2], f"job:{job}") == budget.to_units(AMOUNT / 2)
+    assert int(sredis.hget(budget.KEYS[2], "global@" + budget.day())) >= budget.to_units(AMOUNT / 2)
+
+
+def test_a_request_above_its_cap_fails_at_once_naming_both_numbers(stack, engine, clients):
+    """#9: it used to be deferred forever (``--wait`` hung)."""
+    settings = _settings(stack)
+    aredis, sredis = clients(settings)
+    job = _job(engine, AMOUNT / 2)
+
+    async def main():
+        b = budget.Budget(settings, engine, aredis, sredis)
+        with pytest.raises(budget.BudgetNeverFits) as e:
+            await asyncio.wait_for(b.reserve(f"{job}:r0", job, "background", AMOUNT), 10)
+        return e.value
+    e = asyncio.run(main())
+    assert e.permanent and "$0.0001" in str(e) and "$0.00005" in str(e), str(e)
+
+
+def test_a_process_with_other_settings_cannot_change_the_caps(stack, engine, clients):
+    """#4: a worker started without the config used to set the global cap to "no cap" for everyone."""
+    settings = _settings(stack)
+    aredis, sredis = clients(settings)
+    job = _job(engine, None)
+    with engine.begin() as conn:
+        old = conn.execute(sa.text("SELECT usd FROM budget_caps WHERE scope = 'global'")).scalar()
+    try:
+        budget.set_cap(engine, sredis, settings, "global", Decimal("1000"))   # the operator's cap
+        sredis.flushdb()                                                      # counters not built yet
+        for other in (dataclasses.replace(settings, budget_global_daily_usd=""),
+                      dataclasses.replace(settings, budget_global_daily_usd="0.5"),
+                      dataclasses.replace(settings, budget_global_daily_usd="999999")):
+            async def main(s=other):
+                b = budget.Budget(s, engine, *budget.redis_clients(s))
+                await b.release(await b.reserve(f"{job}:r0", job, "background", AMOUNT))
+            asyncio.run(main())
+            assert int(sredis.hget(budget.KEYS[1], "global")) == budget.to_units(Decimal(1000))
+        # the reconcile mirrors Postgres too, whatever the caller's settings say
+        budget.reconcile(engine, sredis, dataclasses.replace(settings, budget_global_daily_usd=""))
+        assert int(sredis.hget(budget.KEYS[1], "global")) == budget.to_units(Decimal(1000))
+    finally:
+        with engine.begin() as conn:
+            if old is None:
+                conn.execute(sa.text("DELETE FROM budget_caps WHERE scope = 'global'"))
+            else:
+                conn.execute(sa.text("UPDATE budget_caps SET usd = :u WHERE scope = 'global'"), {"u": old})
+
+
+class SlowProvider:
+    """Answers after ``seconds``; or raises ``error`` after sending."""
+    name = "openai"
+
+    def __init__(self, seconds: float, error: Exception | None = None):
+        self.seconds, self.error, self.calls = seconds, error, 0
+
+    async def call(self, body, *, headers):
+        self.calls += 1
+        await asyncio.sleep(self.seconds)
+        if self.error is not None:
+            raise self.error
+        return Answer(body={"usage": {}}, status_code=200, request_id="x", latency_ms=1, headers={})
+
+
+def _req(job: str, cid: str) -> dict:
+    return {"job_id": job, "custom_id": cid, "tier": "background", "provider": "openai",
+            "model": "gpt-4o-mini", "max_cost_usd": str(AMOUNT), "body": {}}
+
+
+def test_a_hold_lives_as_long_as_its_call_even_past_the_ttl(stack, engine, clients):
+    """#3: a call longer than the TTL used to lose its hold; a second call then spent under room for one."""
+    settings = _settings(stack, budget_reservation_ttl_s=0.3, provider_timeout_s=0.1, budget_reservation_margin_s=0)
+    aredis, sredis = clients(settings)
+    job = _job(engine, AMOUNT * Decimal("1.5"))
+    events = []
+
+    async def main():
+        b = budget.Budget(settings, engine, aredis, sredis)
+        first = Limited(SlowProvider(2.0), _req(job, "r0"), b)
+
+        async def second():
+            await asyncio.sleep(0.5)    # past the TTL: the first hold must still be there
+            lim = Limited(SlowProvider(0), _req(job, "r1"), b)
+            try:
+                await asyncio.wait_for(lim.call({}, headers={}), 1.0)
+                events.append("second call went out while the first was live")
+            except asyncio.TimeoutError:
+                events.append("second waited")
+        t = asyncio.create_task(second())
+        await first.call({}, headers={})
+        await b.settle(first.reservation, AMOUNT)
+        await t
+    asyncio.run(main())
+    assert events == ["second waited"], events
+    assert _units(sredis, budget.KEYS[2], f"job:{job}") <= budget.to_units(AMOUNT * Decimal("1.5"))
+
+
+def test_a_call_that_may_have_been_billed_keeps_its_hold_until_it_expires(stack, engine, clients):
+    """#5: a client timeout used to release the hold although the provider may have billed."""
+    settings = _settings(stack, budget_reservation_ttl_s=1.0, provider_timeout_s=0.1, budget_reservation_margin_s=0)
+    aredis, sredis = clients(settings)
+    job = _job(engine, AMOUNT * 10)
+
+    async def main():
+        b = budget.Budget(settings, engine, aredis, sredis)
+        timed_out = Limited(SlowProvider(0, RetryableProviderError("timeout: no answer")), _req(job, "r0"), b)
+        with pytest.raises(RetryableProviderError):
+            await timed_out.call({}, headers={})
+        held = _units(sredis, budget.KEYS[3], f"job:{job}")
+        answered = Limited(SlowProvider(0, RetryableProviderError("rate limited", 429)), _req(job, "r1"), b)
+        with pytest.raises(RetryableProviderError):
+            await answered.call({}, headers={})
+        held_after_429 = _units(sredis, budget.KEYS[3], f"job:{job}")
+        # the request's retry holds anew; the timed-out attempt's hold stays beside it
+        retry = Limited(SlowProvider(0), _req(job, "r0"), b)
+        await retry.call({}, headers={})
+        both = _units(sredis, budget.KEYS[3], f"job:{job}")
+        await b.settle(retry.reservation, AMOUNT / 4)
+        await asyncio.sleep(1.6)             # past the TTL: the detached hold expires
+        await b.release(await b.reserve(f"{job}:r2", job, "background", AMOUNT))
+        return held, held_after_429, both
+    held, held_after_429, both = asyncio.run(main())
+    assert held == budget.to_units(AMOUNT)
+    assert held_after_429 == budget.to_units(AMOUNT)       # the 429 was answered, never billed: released
+    assert both == 2 * budget.to_units(AMOUNT)
+    assert _units(sredis, budget.KEYS[3], f"job:{job}") == 0
+
+
+class FlakyRedis:
+    """The async client, but the settle script fails ``n`` times (Redis away during settlement)."""
+
+    def __init__(self, inner, n: int):
+        self.inner, self.n = inner, n
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def eval(self, script, *args):
+        if script in (budget.SETTLE,) and self.n > 0:
+            self.n -= 1
+            import redis
+            raise redis.ConnectionError("connection refused (test)")
+        return await self.inner.eval(script, *args)
+
+
+def test_a_settlement_is_retried_until_it_is_counted(stack, engine, clients):
+    """#5: a settlement that failed twice used to be dropped: the spend left the counters."""
+    settings = _settings(stack)
+    aredis, sredis = clients(settings)
+    job = _job(engine, AMOUNT * 10)
+
+    async def main():
+        b = budget.Budget(settings, engine, FlakyRedis(aredis, 6), sredis)
+        res = await b.reserve(f"{job}:r0", job, "background", AMOUNT)
+        await asyncio.to_thread(_commit_result, engine, job, "r0", AMOUNT / 2)
+        res.written = True
+        await b.settle(res, AMOUNT / 2)            # fails now; never raises, never drops it
+        for _ in range(200):
+            if not b.pending:
+                break
+            await asyncio.sleep(0.1)
+        return b.pending
+    assert asyncio.run(main()) == {}
+    assert _units(sredis, budget.KEYS[2], f"job:{job}") == budget.to_units(AMOUNT / 2)
+    assert _units(sredis, budget.KEYS[3], f"job:{job}") == 0
+
+
+def test_reconcile_puts_the_counters_back_on_the_ledger(stack, engine, clients):
+    """#5 and #7: a crash between commit and settle, a counter gone wrong, Redis restored from an old
+    file (the marker kept): the reconcile finds the drift, reports it, and rebuilds."""
+    from pipeline import metrics
+    settings = _settings(stack)
+    aredis, sredis = clients(settings)
+    job = _job(engine, AMOUNT * 10)
+
+    async def main():
+        b = budget.Budget(settings, engine, aredis, sredis)
+        res = await b.reserve(f"{job}:r0", job, "background", AMOUNT)
+        await b.settle(res, AMOUNT / 2)
+        await b.reserve(f"{job}:r1", job, "background", AMOUNT)        # then the worker dies
+    asyncio.run(main())
+    _commit_result(engine, job, "r0", AMOUNT / 2)
+    _commit_result(engine, job, "r1", Decimal("0.00003"))                      # committed, never settled
+    sredis.hincrby(budget.KEYS[2], "global@" + budget.day(), 12345)     # drift from nowhere
+    out = budget.reconcile(engine, sredis, settings, recheck_s=0.2)
+    assert out["rebuilt"] and out["drift_units"][f"job:{job}"] == -budget.to_units(Decimal("0.00003"))
+    assert metrics.BUDGET_DRIFT._value.get() > 0
+    snap = budget.ledger_snapshot(engine, settings)
+    live = {k.decode(): v.decode() for k, v in sredis.hgetall(budget.KEYS[2]).items()}
+    assert live[f"job:{job}"] == snap["spent"][f"job:{job}"] == str(budget.to_units(AMOUNT / 2 + Decimal("0.00003")))
+    assert live["global@" + budget.day()] == snap["spent"]["global@" + budget.day()]
+    assert budget.reconcile(engine, sredis, settings, recheck_s=0.2) == {"drift_units": {}, "rebuilt": False}
+    # a Redis restart (another run id than the counters were built under) is noticed too
+    sredis.set(budget.RUN_ID_KEY, "an-earlier-redis")
+    out = budget.reconcile(engine, sredis, settings, recheck_s=0.2)
+    assert out["rebuilt"] and "restarted" in out["reason"]

@@ -144,6 +144,7 @@ class Settings:
     #: a reservation not renewed for this long (its worker died) is released; never less than
     #: provider_timeout_s + budget_reservation_margin_s (pipeline/budget.py reservation_ttl_s)
     budget_reservation_ttl_s: float = 180.0
+    #: added to provider_timeout_s for the shortest a dead worker's hold can live: a call may still bill that long
     budget_reservation_margin_s: float = 30.0
     #: the scheduler compares the Redis budget counters with the Postgres ledger this often
     budget_reconcile_every_s: float = 30.0

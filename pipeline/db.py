@@ -210,7 +210,8 @@ def finish_submit(conn: Connection, job_id: str, *, lines_read: int, accepted: i
 def refresh_jobs(conn: Connection, job_ids) -> None:
     """End running jobs once every accepted request is terminal, with their outcome:
 
-    * ``completed``: every request succeeded (and, if lines were rejected, at least one ran);
+    * ``completed``: every request succeeded (and, if lines were rejected, at least one ran),
+      and no accepted line was refused by the batcher (``jobs.refused``, schedules/upkeep.py);
     * ``failed``: none succeeded;
     * ``completed_with_errors``: some succeeded, some failed or were cancelled.
 
@@ -228,10 +229,11 @@ def refresh_jobs(conn: Connection, job_ids) -> None:
         "   count(*) FILTER (WHERE r.status <> 'succeeded') AS bad"
         "   FROM requests r WHERE r.job_id IN (SELECT job_id FROM ended) GROUP BY r.job_id)"
         " UPDATE jobs j SET finished_at = now(), status = CASE"
-        "   WHEN coalesce(c.bad, 0) = 0 AND (coalesce(c.ok, 0) > 0 OR j.rejected = 0) THEN 'completed'"
+        "   WHEN coalesce(c.bad, 0) = 0 AND j.refused = 0 AND (coalesce(c.ok, 0) > 0 OR j.rejected = 0)"
+        "     THEN 'completed'"
         "   WHEN coalesce(c.ok, 0) = 0 THEN 'failed' ELSE 'completed_with_errors' END"
         " FROM ended e LEFT JOIN c ON c.job_id = e.job_id"
-        " WHERE j.job_id = e.job_id AND j.status = 'running' AND coalesce(c.n, 0) >= j.accepted"
+        " WHERE j.job_id = e.job_id AND j.status = 'running' AND coalesce(c.n, 0) + j.refused >= j.accepted"
         " RETURNING j.job_id"), {"ids": ids}).scalars().all()
     if completed:
         # A worker killed after its last result but before closing its batch leaves the
@@ -254,7 +256,7 @@ def refresh_jobs(conn: Connection, job_ids) -> None:
         "             AND r.deferred_scope = 'job')"
         " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.job_id"
         "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'deferred'))"
-        " AND (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id) >= j.accepted"),
+        " AND (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id) + j.refused >= j.accepted"),
         {"ids": ids})
 
 
@@ -262,7 +264,7 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
     """The object ``status --json`` prints."""
     row = conn.execute(sa.text(
         "SELECT job_id, status, simulated, lines_read, accepted, rejected,"
-        " succeeded, failed, cancelled, pending, cost_usd, created_at, finished_at"
+        " succeeded, failed, cancelled, pending, cost_usd, created_at, finished_at, refused"
         " FROM job_summary WHERE job_id = :j"), {"j": job_id}).mappings().first()
     if row is None:
         return None
@@ -286,6 +288,8 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
             "total": row["lines_read"], "accepted": row["accepted"], "rejected": row["rejected"],
             "succeeded": row["succeeded"], "failed": row["failed"], "cancelled": row["cancelled"],
             "pending": row["pending"], "cached": cached,
+            # accepted lines whose messages the batcher refused (llm.requests.dlq)
+            "refused": row["refused"],
         },
         "tiers": tiers,
         "cost_usd": str(row["cost_usd"]),

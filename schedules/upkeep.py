@@ -112,6 +112,8 @@ def budget_rollover(*, engine=None, dispatcher=dispatch) -> int:
 
 #: a submit records progress every couple of seconds (pipeline/producer.py); this much silence means it died
 SUBMIT_STALE_S = 120.0
+#: a job with every request finished but lines missing is ended after this long with nothing new
+SHORT_JOB_QUIET_S = 600.0
 #: a submit whose process is gone is closed once its last progress is this old (the batcher has caught up)
 SUBMIT_GONE_GRACE_S = 10.0
 
@@ -188,11 +190,45 @@ def _budget_redis(settings: Settings):
     return r
 
 
+def close_short_jobs(*, engine=None, quiet_s: float = SHORT_JOB_QUIET_S) -> list[str]:
+    """End jobs that wait for lines which will never come; returns their ids.
+
+    The producer counts a line accepted once Kafka has it; the batcher may still
+    refuse its message (to llm.requests.dlq: a field the schema forbids, a bad
+    date, a model the batcher's price book lacks). Such a job has every request
+    terminal and fewer requests than accepted lines. Once it has been quiet for
+    ``quiet_s`` (no new request row, long after its submit finished) the missing
+    lines are counted in ``jobs.refused`` and the job ends (``completed_with_errors``
+    or ``failed``, never ``completed``). The quiet time is far above a healthy
+    batcher's lag, so a batcher catching up after an outage is not mistaken for it.
+    """
+    engine = engine or db.get_engine()
+    with engine.begin() as conn:
+        rows = conn.execute(sa.text(
+            "WITH c AS (SELECT j.job_id, count(r.custom_id) AS n, max(r.created_at) AS last,"
+            "   count(r.custom_id) FILTER (WHERE r.status NOT IN ('succeeded', 'failed', 'cancelled')) AS open"
+            "   FROM jobs j LEFT JOIN requests r ON r.job_id = j.job_id"
+            "   WHERE j.status = 'running' AND coalesce(j.submitted_at, j.created_at)"
+            "         < now() - make_interval(secs => :q)"
+            "   GROUP BY j.job_id)"
+            " UPDATE jobs j SET refused = j.accepted - c.n FROM c"
+            " WHERE j.job_id = c.job_id AND j.status = 'running' AND c.open = 0 AND c.n + j.refused < j.accepted"
+            " AND coalesce(c.last, j.created_at) < now() - make_interval(secs => :q)"
+            " RETURNING j.job_id, j.refused"), {"q": quiet_s}).all()
+        db.refresh_jobs(conn, [j for j, _ in rows])
+    for job_id, refused in rows:
+        log.warning("upkeep: job %s waited %d s for %d accepted lines that never became requests"
+                    " (refused by the batcher: see llm.requests.dlq); ended without them",
+                    job_id, quiet_s, refused, extra={"job": job_id})
+    return [j for j, _ in rows]
+
+
 def run_upkeep(*, settings: Settings | None = None, engine=None, clock: Clock | None = None,
                dispatcher=dispatch) -> dict:
     out = {"purged": purge_bodies(settings=settings, engine=engine, clock=clock),
            "redispatched": len(redispatch_stuck(settings=settings, engine=engine, dispatcher=dispatcher)),
            "budget_resumed": budget_rollover(engine=engine, dispatcher=dispatcher),
-           "submits_closed": len(close_abandoned_submits(engine=engine))}
+           "submits_closed": len(close_abandoned_submits(engine=engine)),
+           "short_jobs_closed": len(close_short_jobs(engine=engine))}
     return out
 

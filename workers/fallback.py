@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from pipeline.errors import UnknownModelError
-from pipeline.pricing import PriceBook, max_cost
+from pipeline.bounds import request_bound
+from pipeline.errors import LineError
+from pipeline.pricing import PriceBook
 
 
 @dataclass(frozen=True)
@@ -29,24 +30,22 @@ class Fallback:
     max_cost_usd: Decimal
 
 
-def _max_tokens(body: dict) -> int | None:
-    value = body.get("max_completion_tokens") or body.get("max_tokens")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def fallback_for(req: dict, prices: PriceBook) -> Fallback | None:
-    """The fallback a request may use, or None (none set, other provider, or it cannot serve it)."""
+    """The fallback a request may use, or None (none set, other provider, or it cannot serve it).
+
+    Its maximum is the same true bound as every other reservation
+    (``pipeline.bounds.request_bound`` of the body with the fallback's model: ``n``,
+    tools, images, cache writes), never a cheaper formula of its own.
+    """
     name = req.get("fallback_model")
     if not name:
         return None
     try:
         price = prices.resolve(name)
-    except UnknownModelError:
+        if price.provider != req["provider"] or price.model == prices.resolve(req["model"]).model:
+            return None
+        bound = request_bound(req["provider"], {**(req.get("body") or {}), "model": name}, prices,
+                              declared_input_tokens=int(req.get("input_tokens") or 0))
+    except LineError:   # unknown, or cannot take the request as written (limits, content)
         return None
-    if price.provider != req["provider"] or price.model == prices.resolve(req["model"]).model:
-        return None
-    out = _max_tokens(req.get("body") or {})
-    input_tokens = int(req.get("input_tokens") or 0)
-    if (out is not None and out > price.max_output_tokens) or input_tokens > price.context_window:
-        return None
-    return Fallback(name, max_cost(price, input_tokens, out))
+    return Fallback(name, bound.max_cost_usd)

@@ -33,6 +33,19 @@ def test_fallback_is_priced_for_the_request_as_written():
     assert fb.max_cost_usd < Decimal("0.0125")
 
 
+def test_the_fallbacks_maximum_is_the_same_true_bound_as_the_primarys():
+    """n choices, tools and the rest count for the fallback too: its reservation was once a
+    plain input + max_tokens formula, which n=4 overran four times over."""
+    from pipeline.bounds import request_bound
+    body = {"model": "gpt-4o", "max_tokens": 1000, "n": 4, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+    fb = fallback_for(request(body=body), PRICES)
+    bound = request_bound("openai", {**body, "model": "gpt-4o-mini"}, PRICES, declared_input_tokens=1000)
+    assert fb.max_cost_usd == bound.max_cost_usd
+    mini = PRICES.resolve("gpt-4o-mini")
+    assert fb.max_cost_usd >= 4 * 1000 * mini.output_per_mtok / 1_000_000
+
+
 @pytest.mark.parametrize("over, why", [
     ({"fallback_model": None}, "the job has none"),
     ({"fallback_model": "claude-3-5-haiku-latest"}, "another provider"),

@@ -26,7 +26,7 @@ def test_job_runs_end_to_end_with_bad_lines_rejected(stack, engine, tmp_path):
     status = json.loads(proc.stdout)
     assert status["status"] == "completed"
     assert status["counts"] == {"total": 23, "accepted": 20, "rejected": 3, "succeeded": 20,
-                                "failed": 0, "cancelled": 0, "pending": 0, "cached": 0}
+                                "failed": 0, "cancelled": 0, "pending": 0, "cached": 0, "refused": 0}
     assert "simulator" in proc.stderr
     job = status["job_id"]
 

@@ -297,15 +297,17 @@ if not actual or actual < 0 then return {'invalid', tostring(ARGV[3])} end
 local rec = release(ARGV[1])
 local status = 'ok'
 if not rec then
-  -- expired before settling (same generation: never counted) or rebuilt after the
-  -- result row was committed (new generation: the ledger already counted it)
+  -- expired before settling (same generation: never counted), or the counters were
+  -- rebuilt since it was taken (new generation). Then the rebuild's ledger snapshot may
+  -- or may not hold this result: counted again all the same, since counting twice only
+  -- refuses early until the next reconcile, while not counting lets spend pass a cap
   if cur == ARGV[2] then status = 'late' else status = 'gone' end
 end
 local out = {status}
 local n = tonumber(ARGV[4])
 for i = 0, n - 1 do
   local sf, cf = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
-  if status ~= 'gone' then redis.call('HINCRBY', KEYS[3], sf, ARGV[3]) end
+  redis.call('HINCRBY', KEYS[3], sf, ARGV[3])
   out[#out + 1] = redis.call('HGET', KEYS[3], sf) or '0'
   out[#out + 1] = redis.call('HGET', KEYS[2], cf) or '-1'
 end

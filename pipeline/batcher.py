@@ -73,6 +73,11 @@ DLQ_MAX_VALUE = 512 * 1024
 _OUTAGE_SQLSTATES = ("08", "53", "57", "58", "40", "55")
 
 
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 class Dependency:
     """Up or down, with capped exponential backoff; logs only when the state changes."""
 
@@ -83,6 +88,7 @@ class Dependency:
         self.delay = first_s
         self.retry_at = 0.0
         self.outages = 0
+        self.conflicts = 0
 
     @property
     def up(self) -> bool:
@@ -97,11 +103,15 @@ class Dependency:
             self.down_since = now
             self.delay = self.first_s
             self.outages += 1
-            log.warning("%s down: %s; waiting it out (retrying with backoff)", self.name,
-                        str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__)
+            log.warning("%s down: %s; waiting it out (retrying with backoff)", self.name, _first_line(error))
         else:
             self.delay = min(self.delay * 2, self.max_s)
         self.retry_at = now + self.delay
+
+    def conflicted(self, error) -> None:
+        """A transient conflict, not an outage: retried at once, logged as what it is."""
+        self.conflicts += 1
+        log.info("%s conflict, retrying: %s", self.name, _first_line(error))
 
     def ok(self) -> None:
         if self.down_since is not None:
@@ -130,10 +140,17 @@ class Buffer:
     since: float = field(default_factory=time.monotonic)
 
 
-def dispatch(batch_id: str, tier: str) -> None:
+def dispatch(batch_id: str, tier: str, jobs: list[str] | None = None) -> None:
     """Hand a batch to its tier's Celery queue (by task name: pipeline never imports workers)."""
     from pipeline.dispatch import enqueue_batch
-    enqueue_batch(batch_id, tier)
+    enqueue_batch(batch_id, tier, jobs)
+
+
+def is_conflict(error: BaseException) -> bool:
+    """True for a transient conflict between transactions (deadlock, serialization failure, lock
+    not available): Postgres is up, and the same write is simply tried again."""
+    state = getattr(getattr(error, "orig", error), "sqlstate", None) or ""
+    return state[:2] == "40" or state == "55P03"
 
 
 def is_outage(error: BaseException) -> bool:
@@ -363,6 +380,9 @@ class Batcher:
                 db.mark_provider_batch_mode(conn, [b["batch_id"] for b in batches
                                                    if b["mode"] == "provider_batch" and counts.get(b["batch_id"])])
         except Exception as e:
+            if is_conflict(e):
+                self.postgres.conflicted(getattr(e, "orig", e))
+                return items
             if is_outage(e) or not self._postgres_reachable():
                 self.postgres.failed(getattr(e, "orig", e))
                 return items
@@ -419,9 +439,11 @@ class Batcher:
                 batch_id = "b_" + uuid.uuid4().hex
                 # provider-batch work is held for the scheduler (schedules/provider_batches.py)
                 status = "queued" if tier in DISPATCHED_TIERS and mode == "realtime" else "held"
+                part = group[i:i + size]
                 batches.append({"batch_id": batch_id, "tier": tier, "provider": provider,
-                                "model": model, "status": status, "mode": mode})
-                for row in group[i:i + size]:
+                                "model": model, "status": status, "mode": mode,
+                                "jobs": sorted({row["job_id"] for row in part})})
+                for row in part:
                     row["batch_id"] = batch_id
                     rows.append(row)
         return rows, batches, cached
@@ -433,7 +455,7 @@ class Batcher:
             if not self.redis.may_try():
                 break
             try:
-                self.dispatch(b["batch_id"], b["tier"])
+                self.dispatch(b["batch_id"], b["tier"], b.get("jobs"))
             except Exception as e:   # the broker (Redis) is unreachable
                 self.redis.failed(e)
                 break
@@ -510,7 +532,7 @@ class Batcher:
         except Exception as e:   # an outage mid-sweep: the next sweep does it
             log.warning("sweep not finished (%s: %s); it runs again", type(e).__name__,
                         str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
-            if is_outage(e):
+            if is_outage(e) and not is_conflict(e):
                 self.postgres.failed(getattr(e, "orig", e))
             return 0
         return len(stuck)

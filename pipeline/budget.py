@@ -42,6 +42,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import ROUND_CEILING, Decimal
 
 import sqlalchemy as sa
+from redis import exceptions as redis_exceptions
 
 from pipeline.config import Settings
 from pipeline.constants import HELD_TIERS, REDIS_PREFIX, TIERS
@@ -100,6 +101,21 @@ class InvalidAmount(BudgetError):
 
 class BudgetUnavailable(BudgetError, InfrastructureError):
     """The budget store (Redis) cannot be reached: no call goes ahead."""
+
+
+class BudgetScriptError(BudgetUnavailable):
+    """Redis answered, but a budget script refused its arguments: a bug, not an outage.
+
+    It still fails closed (no call without a reservation), but it is named for what it is, so an
+    operator does not go looking for a Redis outage that is not there.
+    """
+
+
+def store_error(e: Exception, what: str = "budget store unreachable") -> BudgetUnavailable:
+    """The budget error for a failed Redis call: a script's refusal, or the store out of reach."""
+    if isinstance(e, redis_exceptions.ResponseError):
+        return BudgetScriptError(f"budget script error (Redis answered): {e}")
+    return BudgetUnavailable(f"{what}: {e}")
 
 
 # ---------------------------------------------------------------- money
@@ -714,7 +730,7 @@ class Budget:
         try:
             return await self.redis.eval(script, len(KEYS), *KEYS, *args)
         except Exception as e:  # redis.ConnectionError, TimeoutError …: fail closed
-            raise BudgetUnavailable(f"budget store unreachable: {e}") from e
+            raise store_error(e) from e
 
     async def _rebuild(self) -> None:
         try:
@@ -784,7 +800,7 @@ class Budget:
             elif r[0] == "invalid":
                 raise InvalidAmount(f"maximum cost {amount!r} refused by the budget store")
             else:  # pragma: no cover
-                raise BudgetUnavailable(f"unexpected answer from the reserve script: {r}")
+                raise BudgetScriptError(f"unexpected answer from the reserve script: {r}")
 
     async def release(self, res: Reservation) -> None:
         self.live.pop(res.rid, None)
@@ -910,7 +926,9 @@ def resume_due_batches(engine, dispatch) -> int:
         due = conn.execute(sa.text(
             "UPDATE batches SET deferred_until = NULL,"
             " status = CASE WHEN tier = ANY(:held) OR mode = 'provider_batch' THEN 'held' ELSE 'queued' END"
-            " WHERE status = 'deferred' AND deferred_until <= now() RETURNING batch_id, tier, status"),
+            " WHERE batch_id IN (SELECT batch_id FROM batches WHERE status = 'deferred'"
+            "  AND deferred_until <= now() ORDER BY batch_id FOR UPDATE)"   # lock order: batch_id
+            " RETURNING batch_id, tier, status"),
             {"held": list(HELD_TIERS)}).all()
         due = [(b, t) for b, t, st in due if st == "queued"]
     for batch_id, tier in due:
@@ -938,17 +956,20 @@ def set_cap(engine, redis_sync, settings: Settings, scope: str, usd) -> dict:
         raise ConfigError(f"unknown budget scope {scope!r}: 'global', 'tier:<tier>' or 'job:<job id>'")
     with engine.begin() as conn:
         if scope.startswith("job:"):
+            from pipeline.db import lock_job_batches
             job_id = scope[4:]
-            found = conn.execute(sa.text("UPDATE jobs SET budget_usd = :u WHERE job_id = :j"),
-                                 {"u": usd, "j": job_id}).rowcount
-            if not found:
-                raise BudgetError(f"no job {job_id}")
-            conn.execute(sa.text("UPDATE jobs SET status = 'running' WHERE job_id = :j AND status = 'paused_budget'"),
-                         {"j": job_id})
+            # lock order (pipeline/db.py): the job's batches, then the job, as cancel takes them
+            lock_job_batches(conn, job_id)
             woken = conn.execute(sa.text(
                 "UPDATE batches b SET deferred_until = now() WHERE b.status = 'deferred'"
                 " AND b.batch_id IN (SELECT batch_id FROM requests WHERE job_id = :j AND status = 'deferred')"),
                 {"j": job_id}).rowcount
+            found = conn.execute(sa.text(
+                "UPDATE jobs SET budget_usd = :u,"
+                " status = CASE WHEN status = 'paused_budget' THEN 'running' ELSE status END"
+                " WHERE job_id = :j"), {"u": usd, "j": job_id}).rowcount
+            if not found:
+                raise BudgetError(f"no job {job_id}")
         else:
             conn.execute(sa.text(
                 "INSERT INTO budget_caps (scope, usd) VALUES (:s, :u)"
@@ -956,12 +977,13 @@ def set_cap(engine, redis_sync, settings: Settings, scope: str, usd) -> dict:
                 {"s": scope, "u": usd})
             tier_only = scope[5:] if scope.startswith("tier:") else None
             woken = conn.execute(sa.text(
-                "UPDATE batches SET deferred_until = now() WHERE status = 'deferred'"
-                " AND (CAST(:t AS text) IS NULL OR tier = :t)"), {"t": tier_only}).rowcount
+                "UPDATE batches SET deferred_until = now() WHERE batch_id IN (SELECT batch_id FROM batches"
+                "  WHERE status = 'deferred' AND (CAST(:t AS text) IS NULL OR tier = :t)"
+                "  ORDER BY batch_id FOR UPDATE)"), {"t": tier_only}).rowcount
     try:
         redis_sync.eval(SET_CAP, len(KEYS), *KEYS, scope, str(to_units(usd)))
     except Exception as e:
-        raise BudgetUnavailable(f"cap saved in Postgres, but the budget store is unreachable: {e}") from e
+        raise store_error(e, "cap saved in Postgres, but the budget store is unreachable") from e
     return {"scope": scope, "usd": str(usd), "batches_resumed": woken}
 
 
@@ -989,7 +1011,7 @@ def reserve_now(engine, redis_sync, settings: Settings, rid: str, job_id: str, t
             r = [x.decode() if isinstance(x, bytes) else x
                  for x in redis_sync.eval(RESERVE, len(KEYS), *KEYS, *args)]
         except Exception as e:
-            raise BudgetUnavailable(f"budget store unreachable: {e}") from e
+            raise store_error(e) from e
         if r[0] == "ok":
             return None
         if r[0] == "wait":
@@ -1059,7 +1081,7 @@ def show(engine, redis_sync, settings: Settings) -> dict:
         spent = {k.decode(): int(v) for k, v in redis_sync.hgetall(KEYS[2]).items()}
         held = {k.decode(): int(v) for k, v in redis_sync.hgetall(KEYS[3]).items()}
     except Exception as e:
-        raise BudgetUnavailable(f"budget store unreachable: {e}") from e
+        raise store_error(e) from e
     with engine.connect() as conn:
         caps = caps_for(conn, settings)
         ledger_tier = dict(conn.execute(sa.text(

@@ -38,12 +38,14 @@ def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, disp
             "           b.created_at"
             "  LIMIT :limit FOR UPDATE SKIP LOCKED)"
             " UPDATE batches b SET status = 'queued' FROM picked WHERE b.batch_id = picked.batch_id"
-            " RETURNING b.batch_id, b.tier"), {"tiers": list(tiers), "limit": limit}).all()
+            " RETURNING b.batch_id, b.tier,"
+            "  ARRAY(SELECT DISTINCT r.job_id FROM requests r WHERE r.batch_id = b.batch_id) AS jobs"),
+            {"tiers": list(tiers), "limit": limit}).all()
         conn.execute(sa.text(
             "UPDATE requests SET status = 'queued' WHERE batch_id = ANY(:ids) AND status = 'held'"),
             {"ids": [r.batch_id for r in rows]})
-    for batch_id, tier in rows:
-        dispatcher(batch_id, tier)
+    for batch_id, tier, jobs in rows:
+        dispatcher(batch_id, tier, jobs)
     with engine.begin() as conn:
         db.mark_dispatched(conn, [r.batch_id for r in rows])
     return [r.batch_id for r in rows]

@@ -35,7 +35,7 @@ from decimal import Decimal
 from pipeline import budget, db, metrics
 from pipeline.cache import ResponseCache
 from pipeline.config import Settings, get_settings
-from pipeline.budget import BudgetExceeded, BudgetUnavailable, InvalidAmount, from_units
+from pipeline.budget import BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount, from_units
 from pipeline.errors import LLMBatchError, PermanentProviderError, ProviderError
 from pipeline.pricing import Usage, answered_price, cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.providers import AttemptRecord, call_with_retries, get_provider
@@ -330,7 +330,9 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate
         writer.deferred_kinds.add(e.kind)
         return "deferred"
     except BudgetUnavailable as e:   # fail closed: no call without a reservation
-        log.warning("request %s deferred: %s", key, e, extra=ctx)
+        # a script's refusal is a bug to fix, not an outage to wait out: say so at error level
+        (log.error if isinstance(e, BudgetScriptError) else log.warning)(
+            "request %s deferred: %s", key, e, extra=ctx)
         writer.deferred.append({"job_id": req["job_id"], "custom_id": req["custom_id"], "scope": "unavailable"})
         writer.deferred_kinds.add("unavailable")
         return "deferred"

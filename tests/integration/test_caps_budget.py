@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from pipeline import budget
 from pipeline.errors import RetryableProviderError
 from pipeline.providers import Answer
+from tests.integration.conftest import wait_for
 from workers.limited import Limited
 
 AMOUNT = Decimal("0.0001")
@@ -292,3 +293,58 @@ def test_reconcile_puts_the_counters_back_on_the_ledger(stack, engine, clients):
     sredis.set(budget.RUN_ID_KEY, "an-earlier-redis")
     out = budget.reconcile(engine, sredis, settings, recheck_s=0.2)
     assert out["rebuilt"] and "restarted" in out["reason"]
+
+
+def test_raising_a_job_cap_while_the_job_is_cancelled_does_not_deadlock(stack, engine, clients):
+    """``budget set --job`` takes the job's batches before the job, in cancel's lock order.
+
+    The cancel side holds the job's batches and then updates the job (schedules/provider_batches.py
+    ``cancel_job``); ``set_cap`` starts while it holds them. Taken in the other order, one of the
+    two is killed by Postgres' deadlock detector.
+    """
+    import threading
+
+    from pipeline import db
+    settings = _settings(stack)
+    _, sredis = clients(settings)
+    job = _job(engine, Decimal("0.0001"))
+    batch = "b_lock_" + uuid.uuid4().hex[:10]
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO batches (batch_id, tier, provider, model, size, status)"
+                             " VALUES (:b, 'background', 'openai', 'gpt-4o-mini', 4, 'deferred')"), {"b": batch})
+        conn.execute(sa.text("UPDATE requests SET batch_id = :b, status = 'deferred' WHERE job_id = :j"),
+                     {"b": batch, "j": job})
+    errors, done = [], threading.Event()
+
+    def raise_cap():
+        try:
+            budget.set_cap(engine, sredis, settings, f"job:{job}", "0.01")
+        except Exception as e:   # a deadlock victim, say
+            errors.append(e)
+        finally:
+            done.set()
+
+    with engine.connect() as canceller:
+        tx = canceller.begin()
+        pid = canceller.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        db.lock_job_batches(canceller, job)
+        setter = threading.Thread(target=raise_cap)
+        setter.start()
+
+        def setter_waits_on_a_lock():
+            with engine.connect() as c:
+                return c.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND :p = ANY(pg_blocking_pids(pid))"), {"p": pid}).scalar()
+        wait_for(setter_waits_on_a_lock, 30, what="set_cap waiting on the canceller's locks")
+        try:
+            canceller.execute(sa.text("UPDATE jobs SET status = 'cancelled' WHERE job_id = :j"), {"j": job})
+            tx.commit()
+        except Exception as e:
+            errors.append(e)
+            tx.rollback()
+    setter.join(30)
+    assert done.is_set() and not errors, [type(e).__name__ + ": " + str(e).splitlines()[0] for e in errors]
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT budget_usd FROM jobs WHERE job_id = :j"), {"j": job}).scalar() \
+            == Decimal("0.01")

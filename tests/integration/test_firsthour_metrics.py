@@ -7,6 +7,7 @@ name must have at least one sample on some /metrics endpoint of the stack.
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.request
 
@@ -140,3 +141,23 @@ def test_tier_latency_leaves_cache_hits_out_of_the_percentiles(stack, engine, tm
             "SELECT coalesce(sum(cache_hits), 0), count(*) FILTER (WHERE latency_p50_ms = 0)"
             " FROM tier_latency WHERE hour >= date_trunc('hour', now()) - interval '1 hour'")).one()
     assert hits >= 4 and zero_latency == 0
+
+
+def _flower_tasks(stack) -> dict:
+    auth = base64.b64encode(f"{stack.flower_user}:{stack.flower_password.reveal()}".encode()).decode()
+    req = urllib.request.Request(stack.flower_url + "/api/tasks?taskname=llmbatch.execute_batch&limit=1000",
+                                 headers={"Authorization": "Basic " + auth})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_flower_shows_each_batch_with_its_job_and_tier(stack, tmp_path):
+    """Flower's task list names the job and tier of every batch the batcher sends, not a bare id."""
+    path = write_jsonl(tmp_path / "flower.jsonl", [chat_line(f"f{i}", f"flower {i}") for i in range(3)])
+    job = json.loads(llmbatch("submit", path, "--tier", "peak", "--wait", "--json", timeout=300,
+                              check=True).stdout)["job_id"]
+
+    def labelled():
+        return [t for t in _flower_tasks(stack).values() if job in (t.get("kwargs") or "")]
+    tasks = wait_for(labelled, 60, what=f"a Flower task whose kwargs name {job}")
+    assert all("'tier': 'peak'" in t["kwargs"] for t in tasks), [t["kwargs"] for t in tasks]

@@ -143,8 +143,24 @@ def test_budget_store_down_fails_closed(stack, engine):
     async def main():
         b = budget.Budget(settings, engine, aredis, sredis)
         await b.reserve(f"{job}:r0", job, "background", AMOUNT)
-    with pytest.raises(budget.BudgetUnavailable):
+    with pytest.raises(budget.BudgetUnavailable, match="unreachable") as caught:
         asyncio.run(main())
+    assert not isinstance(caught.value, budget.BudgetScriptError)
+
+
+def test_a_script_error_is_not_called_an_outage(stack):
+    """Redis that answers with a script error is a bug to report, not a store to wait for."""
+    settings = _redis_db15(stack)
+    aredis, sredis = budget.redis_clients(settings)
+
+    async def main():
+        b = budget.Budget(settings, None, aredis, sredis)
+        # a script that hands Redis a bad argument, as a bug would: Redis answers with an error
+        await b._eval("return redis.call('HINCRBY', KEYS[3], 'probe', ARGV[1])", "not-a-number")
+    with pytest.raises(budget.BudgetScriptError, match="script error") as caught:
+        asyncio.run(main())
+    assert "unreachable" not in str(caught.value)
+    sredis.flushdb()
 
 
 def _lines(n: int, tag: str):

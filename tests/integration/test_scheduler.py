@@ -148,7 +148,7 @@ def test_closing_window_holds_released_batches_not_started(scheduler, tmp_path):
                                  {"j": job}).scalar()
         sent = []
         while batch not in sent:
-            got = release_held(("offpeak",), limit=1, dispatcher=lambda b, t: None)
+            got = release_held(("offpeak",), limit=1, dispatcher=lambda b, t, jobs: None)
             assert got, "batch not released"
             sent += got
         assert _counts(engine, job) == {"queued": 5}

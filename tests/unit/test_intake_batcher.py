@@ -154,6 +154,28 @@ def test_an_outage_is_waited_out_not_dead_lettered(make, caplog):
     assert b.consumer.commits[-1] == [("llm.requests", 0, 10)]
 
 
+def test_a_deadlock_is_retried_and_not_called_an_outage(make, caplog):
+    """A deadlock or serialization failure is a conflict to retry, not Postgres down."""
+    build, written = make
+    conflicts = {"left": 2}
+
+    def write(rows):
+        if conflicts["left"]:
+            conflicts["left"] -= 1
+            raise sa.exc.OperationalError("INSERT", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+    b = build(write)
+    feed(b, [raw(message(custom_id=f"d{i}", priority=6)) for i in range(10)])
+    with caplog.at_level(logging.INFO, logger="pipeline.batcher"):
+        b.flush(b.due(force=True))
+        assert len(b.backlog) == 10 and b.postgres.up and b.postgres.outages == 0
+        b.retry_backlog()
+        b.retry_backlog()
+    assert not b.backlog and len(written) == 10 and not b.dlq.sent
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if "down" in line or "back after" in line], lines
+    assert sum("conflict" in line and "deadlock detected" in line for line in lines) == 2, lines
+
+
 def test_an_offset_waits_for_its_dlq_copy(make):
     build, _ = make
     b = build(lambda rows: None)

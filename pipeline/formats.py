@@ -16,6 +16,7 @@ module never touches Kafka or Postgres.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -78,7 +79,7 @@ def parse_json_line(raw: bytes | str) -> dict:
     if not isinstance(value, dict):
         raise LineError(f"expected a JSON object, got {_type_name(value)}")
     if _SUSPECT_ESCAPE.search(raw):
-        _check_strings(value)
+        check_values(value)
     return value
 
 
@@ -92,24 +93,37 @@ def _no_constant(name: str):
 _SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 
 
-def _check_strings(value) -> None:
-    """Reject NUL characters and unpaired surrogates (from ``\\u0000``, ``\\ud800`` escapes)."""
-    stack = [value]
+#: deeper than any request body needs (content parts, tool schemas), far below Python's recursion
+#: limit; deeper lines and messages are refused
+MAX_DEPTH = 64
+
+
+def check_values(root) -> None:
+    """Reject what JSON allows but the pipeline cannot store: NUL characters and unpaired
+    surrogates (from ``\\u0000``, ``\\ud800`` escapes), non-finite numbers, deep nesting.
+
+    One walk for submit's lines and the batcher's messages, so both refuse with the same words.
+    """
+    stack = [(root, 1)]
     while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise LineError(f"not usable JSON: nested more than {MAX_DEPTH} deep")
+            if isinstance(v, dict):
+                stack.extend((k, depth) for k in v)
+                v = v.values()
+            stack.extend((x, depth + 1) for x in v)
         elif isinstance(v, str):
             if "\x00" in v:
-                raise LineError("a string contains the NUL character (\\u0000), which cannot be stored")
+                raise LineError("a string contains the NUL character (\\u0000), which Postgres cannot store")
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise LineError(f"a string contains an unpaired UTF-16 surrogate "
                                 f"({v[e.start]!r}), which is not valid Unicode") from e
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise LineError("a number is too large to be finite (e.g. 1e400)")
 
 
 def _require(obj: dict, key: str, kind, where: str):

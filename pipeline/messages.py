@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from datetime import datetime, timezone
 from importlib import resources
 
@@ -34,11 +33,10 @@ from pipeline.bounds import request_bound
 from pipeline.cache import cache_key, is_cacheable
 from pipeline.constants import DISPATCHED_TIERS
 from pipeline.errors import LineError
+from pipeline.formats import MAX_DEPTH, check_values
 from pipeline.pricing import PriceBook, get_price_book
 from pipeline.tiers import classify
 
-#: deeper than any request body needs (content parts, tool schemas); far below Python's recursion limit
-MAX_DEPTH = 64
 #: a reason longer than this is cut: it goes into a Kafka header and a log line
 MAX_REASON = 300
 SUPPORTED_VERSION = 1
@@ -86,31 +84,6 @@ def parse(value: bytes | None) -> dict:
         raise LineError(f"message is not a JSON object but {type(m).__name__}")
     check_values(m)
     return m
-
-
-def check_values(root) -> None:
-    """Reject what JSON allows but the pipeline cannot store; iterative, so any depth is safe."""
-    stack = [(root, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, dict):
-            if depth > MAX_DEPTH:
-                raise LineError(f"not usable JSON: nested more than {MAX_DEPTH} deep")
-            stack.extend((k, depth) for k in v)
-            stack.extend((x, depth + 1) for x in v.values())
-        elif isinstance(v, list):
-            if depth > MAX_DEPTH:
-                raise LineError(f"not usable JSON: nested more than {MAX_DEPTH} deep")
-            stack.extend((x, depth + 1) for x in v)
-        elif isinstance(v, str):
-            if "\x00" in v:
-                raise LineError("a string contains the NUL character (\\u0000), which Postgres cannot store")
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise LineError("a string contains an unpaired UTF-16 surrogate, which is not Unicode") from e
-        elif isinstance(v, float) and not math.isfinite(v):
-            raise LineError("a number is too large to be finite (e.g. 1e400)")
 
 
 def validate(m: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import urllib.request
 import uuid
@@ -94,3 +95,28 @@ def simulator_config(settings, **changes):
 
 def engine_for_tests():
     return db.get_engine()
+
+
+def budget_settings(settings, **changes):
+    """The budget's keys in Redis database 15, of their own: the stack's workers never see them."""
+    url = settings.redis_url.rsplit("/", 1)[0] + "/15"
+    return dataclasses.replace(settings, redis_url=url, **changes)
+
+
+def insert_job(engine, cap, n: int, amount, prefix: str = "job_caps_") -> tuple[str, list[str]]:
+    """A running job capped at ``cap`` (None: no cap) with ``n`` queued background requests
+    ``r0``.. of ``amount`` each, written straight into Postgres (no batch yet)."""
+    job = prefix + uuid.uuid4().hex[:10]
+    ids = [f"r{i}" for i in range(n)]
+    rows = [{"job_id": job, "custom_id": c, "provider": "openai", "model": "gpt-4o-mini", "tier": "background",
+             "tier_reason": "test", "priority": 0, "input_tokens": 1, "max_cost_usd": str(amount),
+             "status": "queued"} for c in ids]
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO jobs (job_id, status, budget_usd, accepted) VALUES (:j, 'running', :c, :n)"),
+                     {"j": job, "c": cap, "n": n})
+        conn.execute(sa.text(
+            "INSERT INTO requests (job_id, custom_id, provider, model, tier, tier_reason, priority, input_tokens,"
+            " max_cost_usd, status) SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text,"
+            " custom_id text, provider text, model text, tier text, tier_reason text, priority smallint,"
+            " input_tokens int, max_cost_usd numeric, status text)"), {"rows": json.dumps(rows)})
+    return job, ids

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import uuid
 from decimal import Decimal
 
@@ -21,30 +20,14 @@ from pipeline import budget
 from pipeline.errors import RetryableProviderError
 from pipeline.providers import Answer
 from tests.integration.conftest import wait_for
+from tests.integration.execution_helpers import budget_settings, insert_job
 from workers.limited import Limited
 
 AMOUNT = Decimal("0.0001")
 
 
-def _settings(stack, **kw):
-    url = stack.redis_url.rsplit("/", 1)[0] + "/15"
-    return dataclasses.replace(stack, redis_url=url, **kw)
-
-
 def _job(engine, cap: Decimal | None, n: int = 4) -> str:
-    job = "job_caps_" + uuid.uuid4().hex[:10]
-    rows = [{"job_id": job, "custom_id": f"r{i}", "provider": "openai", "model": "gpt-4o-mini",
-             "tier": "background", "tier_reason": "test", "priority": 0, "input_tokens": 1,
-             "max_cost_usd": str(AMOUNT), "status": "queued"} for i in range(n)]
-    with engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO jobs (job_id, status, budget_usd, accepted) VALUES (:j, 'running', :c, :n)"),
-                     {"j": job, "c": cap, "n": n})
-        conn.execute(sa.text(
-            "INSERT INTO requests (job_id, custom_id, provider, model, tier, tier_reason, priority, input_tokens,"
-            " max_cost_usd, status) SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text,"
-            " custom_id text, provider text, model text, tier text, tier_reason text, priority smallint,"
-            " input_tokens int, max_cost_usd numeric, status text)"), {"rows": json.dumps(rows)})
-    return job
+    return insert_job(engine, cap, n, AMOUNT)[0]
 
 
 def _commit_result(engine, job: str, cid: str, spent: Decimal) -> None:
@@ -76,7 +59,7 @@ def clients(stack):
 
 def test_a_negative_amount_is_refused_alone_and_a_poisoned_record_heals(stack, engine, clients):
     """#12 item 2: '-5' used to be reserved and break the Lua script for every later request."""
-    settings = _settings(stack)
+    settings = budget_settings(stack)
     aredis, sredis = clients(settings)
     job = _job(engine, AMOUNT * 10)
 
@@ -104,7 +87,7 @@ def test_a_negative_amount_is_refused_alone_and_a_poisoned_record_heals(stack, e
 
 def test_a_request_above_its_cap_fails_at_once_naming_both_numbers(stack, engine, clients):
     """#9: it used to be deferred forever (``--wait`` hung)."""
-    settings = _settings(stack)
+    settings = budget_settings(stack)
     aredis, sredis = clients(settings)
     job = _job(engine, AMOUNT / 2)
 
@@ -119,7 +102,7 @@ def test_a_request_above_its_cap_fails_at_once_naming_both_numbers(stack, engine
 
 def test_a_process_with_other_settings_cannot_change_the_caps(stack, engine, clients):
     """#4: a worker started without the config used to set the global cap to "no cap" for everyone."""
-    settings = _settings(stack)
+    settings = budget_settings(stack)
     aredis, sredis = clients(settings)
     job = _job(engine, None)
     with engine.begin() as conn:
@@ -168,7 +151,7 @@ def _req(job: str, cid: str) -> dict:
 
 def test_a_hold_lives_as_long_as_its_call_even_past_the_ttl(stack, engine, clients):
     """#3: a call longer than the TTL used to lose its hold; a second call then spent under room for one."""
-    settings = _settings(stack, budget_reservation_ttl_s=0.3, provider_timeout_s=0.1, budget_reservation_margin_s=0)
+    settings = budget_settings(stack, budget_reservation_ttl_s=0.3, provider_timeout_s=0.1, budget_reservation_margin_s=0)
     aredis, sredis = clients(settings)
     job = _job(engine, AMOUNT * Decimal("1.5"))
     events = []
@@ -196,7 +179,7 @@ def test_a_hold_lives_as_long_as_its_call_even_past_the_ttl(stack, engine, clien
 
 def test_a_call_that_may_have_been_billed_keeps_its_hold_until_it_expires(stack, engine, clients):
     """#5: a client timeout used to release the hold although the provider may have billed."""
-    settings = _settings(stack, budget_reservation_ttl_s=1.0, provider_timeout_s=0.1, budget_reservation_margin_s=0)
+    settings = budget_settings(stack, budget_reservation_ttl_s=1.0, provider_timeout_s=0.1, budget_reservation_margin_s=0)
     aredis, sredis = clients(settings)
     job = _job(engine, AMOUNT * 10)
 
@@ -244,7 +227,7 @@ class FlakyRedis:
 
 def test_a_settlement_is_retried_until_it_is_counted(stack, engine, clients):
     """#5: a settlement that failed twice used to be dropped: the spend left the counters."""
-    settings = _settings(stack)
+    settings = budget_settings(stack)
     aredis, sredis = clients(settings)
     job = _job(engine, AMOUNT * 10)
 
@@ -268,7 +251,7 @@ def test_reconcile_puts_the_counters_back_on_the_ledger(stack, engine, clients):
     """#5 and #7: a crash between commit and settle, a counter gone wrong, Redis restored from an old
     file (the marker kept): the reconcile finds the drift, reports it, and rebuilds."""
     from pipeline import metrics
-    settings = _settings(stack)
+    settings = budget_settings(stack)
     aredis, sredis = clients(settings)
     job = _job(engine, AMOUNT * 10)
 
@@ -305,7 +288,7 @@ def test_raising_a_job_cap_while_the_job_is_cancelled_does_not_deadlock(stack, e
     import threading
 
     from pipeline import db
-    settings = _settings(stack)
+    settings = budget_settings(stack)
     _, sredis = clients(settings)
     job = _job(engine, Decimal("0.0001"))
     batch = "b_lock_" + uuid.uuid4().hex[:10]

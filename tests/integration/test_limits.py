@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import random
-import uuid
 from decimal import Decimal
 
 import pytest
@@ -15,31 +14,13 @@ import sqlalchemy as sa
 from pipeline import budget
 from pipeline.pricing import get_price_book
 from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
+from tests.integration.execution_helpers import budget_settings, insert_job
 
 AMOUNT = Decimal("0.0001")
 
 
-def _redis_db15(settings):
-    """The budget's keys in a Redis database of their own: the stack's workers never see them."""
-    url = settings.redis_url.rsplit("/", 1)[0] + "/15"
-    return dataclasses.replace(settings, redis_url=url)
-
-
 def _job(engine, cap: Decimal, n: int) -> tuple[str, list[str]]:
-    job = "job_limits_" + uuid.uuid4().hex[:10]
-    ids = [f"r{i}" for i in range(n)]
-    rows = [{"job_id": job, "custom_id": c, "provider": "openai", "model": "gpt-4o-mini", "tier": "background",
-             "tier_reason": "test", "priority": 0, "input_tokens": 1, "max_cost_usd": str(AMOUNT),
-             "status": "queued"} for c in ids]
-    with engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO jobs (job_id, status, budget_usd, accepted) VALUES (:j, 'running', :c, :n)"),
-                     {"j": job, "c": cap, "n": n})
-        conn.execute(sa.text(
-            "INSERT INTO requests (job_id, custom_id, provider, model, tier, tier_reason, priority, input_tokens,"
-            " max_cost_usd, status) SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text,"
-            " custom_id text, provider text, model text, tier text, tier_reason text, priority smallint,"
-            " input_tokens int, max_cost_usd numeric, status text)"), {"rows": json.dumps(rows)})
-    return job, ids
+    return insert_job(engine, cap, n, AMOUNT, prefix="job_limits_")
 
 
 def _ledger(engine, job: str) -> Decimal:
@@ -50,7 +31,7 @@ def _ledger(engine, job: str) -> Decimal:
 
 def test_concurrent_reservations_hold_the_cap_through_a_redis_flush(stack, engine):
     """300 requests, 64 at once, a cap worth 40 of them, FLUSHDB midway: spend ≤ cap, ≥ 90 % used."""
-    settings = _redis_db15(stack)
+    settings = budget_settings(stack)
     cap = AMOUNT * 40
     job, ids = _job(engine, cap, 300)
     aredis, sredis = budget.redis_clients(settings)
@@ -114,7 +95,7 @@ def test_concurrent_reservations_hold_the_cap_through_a_redis_flush(stack, engin
 
 
 def test_a_dead_workers_reservation_expires(stack, engine):
-    settings = dataclasses.replace(_redis_db15(stack), budget_reservation_ttl_s=0.3, provider_timeout_s=0.1,
+    settings = dataclasses.replace(budget_settings(stack), budget_reservation_ttl_s=0.3, provider_timeout_s=0.1,
                                    budget_reservation_margin_s=0.2)
     job, _ = _job(engine, AMOUNT * 2, 2)
     aredis, sredis = budget.redis_clients(settings)
@@ -150,7 +131,7 @@ def test_budget_store_down_fails_closed(stack, engine):
 
 def test_a_script_error_is_not_called_an_outage(stack):
     """Redis that answers with a script error is a bug to report, not a store to wait for."""
-    settings = _redis_db15(stack)
+    settings = budget_settings(stack)
     aredis, sredis = budget.redis_clients(settings)
 
     async def main():

@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import json
-import urllib.request
-from contextlib import contextmanager
 
 import sqlalchemy as sa
 
 from tests.integration.conftest import chat_line, llmbatch, write_jsonl
-
-
-@contextmanager
-def simulator_faults(url: str, **changes):
-    """Change the running simulator's config for the block, then restore it."""
-    def call(method, body=None):
-        req = urllib.request.Request(f"{url}/_config", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
-        return json.load(urllib.request.urlopen(req, timeout=5))
-    call("POST", changes)
-    try:
-        yield
-    finally:
-        call("DELETE")
+from tests.integration.execution_helpers import simulator_config
 
 
 def test_429_and_500_storm_ends_every_request_within_the_attempt_bound(stack, engine, tmp_path):
     n = 200
     path = write_jsonl(tmp_path / "storm.jsonl", [chat_line(f"s{i}", f"storm {i}") for i in range(n)])
-    with simulator_faults(stack.simulator_url, error_rate="429=0.2,500=0.05", injected_retry_after_s=0.05,
+    with simulator_config(stack, error_rate="429=0.2,500=0.05", injected_retry_after_s=0.05,
                           seed=7):
         proc = llmbatch("submit", path, "--wait", "--json")
     status = json.loads(proc.stdout)

@@ -1,21 +1,24 @@
 """The money run (issue 13): every path under its caps at once, printed as JSON.
 
-Per run, all at once against the stack:
+Per run, all at once against the stack, with the simulator in its worst-case mode (every
+call billed to its limits: all ``n`` choices to the output limit, every ``cache_control``
+prompt written at its longest TTL, schemas and tools counted by the simulator's own billing):
 
-- a realtime job of 2,000 requests (peak tier, 64 in flight per batch) under a job cap worth
-  about 100 requests' maximum, through a rate limit tight enough that requests wait longer
-  than the reservation TTL (the TTL is shortened to 5 s for the run: the "old TTL" a hold
-  used to die at while it waited);
+- a realtime OpenAI job of 2,000 mixed requests (peak tier, 64 in flight per batch): plain
+  lines, ``n`` of 1 to 4, tools with a ``response_format`` schema, and lines with no
+  ``max_tokens`` at all, under a job cap worth about 100 of its requests' maxima, through a
+  rate limit tight enough that requests wait longer than the reservation TTL (shortened to 5 s
+  for the run: the "old TTL" a hold used to die at while it waited);
+- a realtime Anthropic job of 300 requests whose system prompts are cache writes (5 minutes
+  and 1 hour TTL), under its own cap;
 - a provider-batch job of 300 requests with its own cap;
 - a global daily cap set from another process (``llmbatch budget set global …`` with an
   environment that has no caps in it) just before, at "today's ledger + room".
 
-Checks: spend ≤ every cap, ≥ 90 % of the job cap used, and after ``llmbatch budget reconcile``
-the Redis counters equal the Postgres ledger for both jobs and the global day.
+Checks: spend ≤ every cap, ≥ 90 % of the OpenAI job cap used, and after ``llmbatch budget
+reconcile`` the Redis counters equal the Postgres ledger for every job and the global day.
 
 Usage: ``python bench/money.py [--runs 5]`` against ``make up``. Benchmarks are not part of CI.
-The simulator's adversarial worst-case mode (another branch) is used when it offers one
-(``worst_case``); otherwise the run says ``"simulator": "current (no worst-case mode)"``.
 """
 
 from __future__ import annotations
@@ -40,25 +43,62 @@ from common import LLMBATCH, clear_rate_limits, restarted, simulator  # noqa: E4
 
 from pipeline import budget, db  # noqa: E402
 from pipeline.config import get_settings  # noqa: E402
-from pipeline.pricing import get_price_book, max_cost  # noqa: E402
+from pipeline.bounds import request_bound  # noqa: E402
+from pipeline.pricing import get_price_book  # noqa: E402
 
-MODEL = "gpt-4o-mini"
+MODEL, CLAUDE = "gpt-4o-mini", "claude-haiku-4-5"
 RPM = 60
 TTL_S = 5
-N_REALTIME, N_PB = 2000, 300
+N_REALTIME, N_CLAUDE, N_PB = 2000, 300, 300
 MAX_TOKENS = 32
+#: a system prompt long enough to be cached (Anthropic caches 1,024 tokens or more on Haiku)
+LONG_SYSTEM = "You answer in one short sentence. " * 200
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+ANSWER_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": {
+    "type": "object", "properties": {"prime": {"type": "integer"}, "why": {"type": "string"}},
+    "required": ["prime", "why"], "additionalProperties": False}}}
 
 
-def _lines(path: Path, n: int, tag: str, priority: int | None) -> Path:
+def _openai_line(tag: str, i: int) -> dict:
+    """Five shapes in turn: plain, n of 1-4, tools with a response schema, no max_tokens, plain."""
+    body = {"model": MODEL, "max_tokens": MAX_TOKENS, "messages": [
+        {"role": "user", "content": f"Money run {tag} {i}: name a prime above {i}."}]}
+    kind = i % 5
+    if kind == 1:
+        body["n"] = 1 + (i // 5) % 4
+    elif kind == 2:
+        body |= {"tools": [WEATHER_TOOL], "response_format": ANSWER_SCHEMA}
+    elif kind == 3:
+        del body["max_tokens"]          # bounded by the model's maximum output
+    return {"custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def _claude_line(tag: str, i: int) -> dict:
+    ttl = "1h" if i % 2 else "5m"
+    return {"custom_id": f"{tag}-{i}", "params": {
+        "model": CLAUDE, "max_tokens": MAX_TOKENS,
+        "system": [{"type": "text", "text": f"{tag} {i}. " + LONG_SYSTEM,
+                    "cache_control": {"type": "ephemeral", "ttl": ttl}}],
+        "messages": [{"role": "user", "content": f"Name a prime above {i}."}]}}
+
+
+def _write(path: Path, lines: list[dict], priority: int | None) -> Path:
     with path.open("w") as f:
-        for i in range(n):
-            line = {"custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"model": MODEL, "max_tokens": MAX_TOKENS, "messages": [
-                        {"role": "user", "content": f"Money run {tag} {i}: name a prime above {i}."}]}}
+        for line in lines:
             if priority is not None:
                 line["priority"] = priority
             f.write(json.dumps(line) + "\n")
     return path
+
+
+def _cap_for(lines: list[dict], count: int) -> Decimal:
+    """The summed maxima of the first ``count`` lines (every shape in turn): a cap the job will hit."""
+    prices, picked = get_price_book(), lines[:count]
+    total = sum((request_bound("openai" if "body" in ln else "anthropic", ln.get("body") or ln["params"],
+                               prices).max_cost_usd for ln in picked), Decimal(0))
+    return total.quantize(budget.UNIT)
 
 
 def _cli(*args, env=None) -> str:
@@ -81,36 +121,38 @@ def _open(conn, job: str) -> int:
 
 def one_run(i: int, engine, sredis) -> dict:
     started = time.monotonic()
-    line_max = max_cost(get_price_book().resolve(MODEL), 25, MAX_TOKENS)
-    job_cap = (line_max * 100).quantize(budget.UNIT)
-    pb_cap = Decimal("0.001")
+    tag = f"money{i}-{uuid.uuid4().hex[:6]}"
+    rt_lines = [_openai_line(tag + "-rt", k) for k in range(N_REALTIME)]
+    an_lines = [_claude_line(tag + "-an", k) for k in range(N_CLAUDE)]
+    pb_lines = [_openai_line(tag + "-pb", k) for k in range(N_PB)]
+    job_cap, an_cap, pb_cap = _cap_for(rt_lines, 100), _cap_for(an_lines, 30), _cap_for(pb_lines, 20)
     with engine.connect() as conn:
         before = conn.execute(sa.text("SELECT coalesce(sum(cost_usd), 0) FROM results"
                                       " WHERE created_at >= date_trunc('day', now() AT TIME ZONE 'UTC')"
                                       " AT TIME ZONE 'UTC'")).scalar()
         t0 = conn.execute(sa.text("SELECT now()")).scalar()
-    room = job_cap + pb_cap + line_max * 20
+    # room for the three caps and a little more: the global cap binds only if a job cap leaks
+    room = ((job_cap + an_cap + pb_cap) * Decimal("1.05")).quantize(budget.UNIT)
     global_cap = before + room
     # another process, with no caps in its environment, sets the global cap
     _cli("budget", "set", "global", global_cap, env={"LLMBATCH_BUDGET_GLOBAL_DAILY_USD": ""})
-    tag = f"money{i}-{uuid.uuid4().hex[:6]}"
     with tempfile.TemporaryDirectory() as tmp:
-        rt = _lines(Path(tmp) / "rt.jsonl", N_REALTIME, tag + "-rt", 6)
-        pb = _lines(Path(tmp) / "pb.jsonl", N_PB, tag + "-pb", None)
-        procs = [subprocess.Popen([LLMBATCH, "submit", str(rt), "--json", "--budget-usd", str(job_cap)],
-                                  stdout=subprocess.PIPE, text=True),
-                 subprocess.Popen([LLMBATCH, "submit", str(pb), "--json", "--budget-usd", str(pb_cap),
-                                   "--mode", "provider_batch", "--tier", "background"],
-                                  stdout=subprocess.PIPE, text=True)]
+        submits = [
+            [str(_write(Path(tmp) / "rt.jsonl", rt_lines, 6)), "--budget-usd", str(job_cap)],
+            [str(_write(Path(tmp) / "an.jsonl", an_lines, 6)), "--budget-usd", str(an_cap)],
+            [str(_write(Path(tmp) / "pb.jsonl", pb_lines, None)), "--budget-usd", str(pb_cap),
+             "--mode", "provider_batch", "--tier", "background"]]
+        procs = [subprocess.Popen([LLMBATCH, "submit", *args, "--json"], stdout=subprocess.PIPE, text=True)
+                 for args in submits]
         jobs = [json.loads(p.communicate(timeout=300)[0])["job_id"] for p in procs]
-    rt_job, pb_job = jobs
+    rt_job, an_job, pb_job = jobs
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         with engine.connect() as conn:
-            n = _open(conn, rt_job) + _open(conn, pb_job)
+            n = sum(_open(conn, j) for j in jobs)
             total = conn.execute(sa.text("SELECT count(*) FROM requests WHERE job_id = ANY(:j)"),
                                  {"j": jobs}).scalar()
-        if total == N_REALTIME + N_PB and n == 0:
+        if total == N_REALTIME + N_CLAUDE + N_PB and n == 0:
             break
         time.sleep(1)
     elapsed = time.monotonic() - started
@@ -119,7 +161,7 @@ def one_run(i: int, engine, sredis) -> dict:
     live = {k.decode(): v.decode() for k, v in sredis.hgetall(budget.KEYS[2]).items()}
     today = "global@" + budget.day()
     with engine.connect() as conn:
-        rt_spent, pb_spent = _ledger(conn, rt_job), _ledger(conn, pb_job)
+        spent = {j: _ledger(conn, j) for j in jobs}
         new_spend = conn.execute(sa.text("SELECT coalesce(sum(cost_usd), 0) FROM results WHERE created_at >= :t"),
                                  {"t": t0}).scalar()
         statuses = {j: dict(conn.execute(sa.text(
@@ -129,21 +171,28 @@ def one_run(i: int, engine, sredis) -> dict:
             "SELECT extract(epoch FROM r.created_at - q.started_at) FROM results r"
             " JOIN requests q USING (job_id, custom_id) WHERE r.job_id = :j AND q.started_at IS NOT NULL"),
             {"j": rt_job}).scalars().all()
+        cache_writes = conn.execute(sa.text(
+            "SELECT coalesce(sum((response->'usage'->>'cache_creation_input_tokens')::bigint), 0)"
+            " FROM results WHERE job_id = :j"),
+            {"j": an_job}).scalar()
     waits = [float(w) for w in waits]
+    caps = {rt_job: job_cap, an_job: an_cap, pb_job: pb_cap}
     checks = {
-        "job_spend_le_cap": rt_spent <= job_cap,
-        "job_cap_used_ge_90pct": rt_spent >= job_cap * Decimal("0.9"),
-        "pb_spend_le_cap": pb_spent <= pb_cap,
+        "openai_job_spend_le_cap": spent[rt_job] <= job_cap,
+        "openai_job_cap_used_ge_90pct": spent[rt_job] >= job_cap * Decimal("0.9"),
+        "anthropic_job_spend_le_cap": spent[an_job] <= an_cap,
+        "pb_spend_le_cap": spent[pb_job] <= pb_cap,
         "global_new_spend_le_room": new_spend <= room,
         "ledger_eq_redis_after_reconcile": all(
-            live.get(f) == snap["spent"].get(f) for f in (f"job:{rt_job}", f"job:{pb_job}", today)),
+            live.get(f) == snap["spent"].get(f) for f in [f"job:{j}" for j in jobs] + [today]),
     }
+    names = {rt_job: "openai_realtime", an_job: "anthropic_cache_writes", pb_job: "provider_batch"}
     return {"run": i, "ok": all(checks.values()), "checks": checks, "seconds": round(elapsed, 1),
-            "job_cap_usd": str(job_cap), "job_spent_usd": str(rt_spent),
-            "job_cap_used_pct": round(float(rt_spent / job_cap * 100), 2),
-            "pb_cap_usd": str(pb_cap), "pb_spent_usd": str(pb_spent),
+            "jobs": {names[j]: {"cap_usd": str(caps[j]), "spent_usd": str(spent[j]),
+                                "cap_used_pct": round(float(spent[j] / caps[j] * 100), 2),
+                                "statuses": statuses[j]} for j in jobs},
+            "anthropic_cache_write_tokens": int(cache_writes),
             "global_cap_usd": str(global_cap), "global_room_usd": str(room), "new_spend_usd": str(new_spend),
-            "statuses": {"realtime": statuses[rt_job], "provider_batch": statuses[pb_job]},
             "claim_to_result_s": {"max": round(max(waits), 1) if waits else None,
                                   "over_old_ttl": sum(w > TTL_S for w in waits), "of": len(waits)},
             "reconcile": {"rebuilt": out["rebuilt"], "drift_usd": out.get("drift_usd")}}
@@ -158,12 +207,12 @@ def main() -> None:
     _, sredis = budget.redis_clients(get_settings())
     with engine.connect() as conn:
         previous = conn.execute(sa.text("SELECT usd FROM budget_caps WHERE scope = 'global'")).scalar()
-    env = {"LLMBATCH_RATE_LIMITS": f"{MODEL}={args.rpm}:", "LLMBATCH_RATE_PEAK_SHARE": "1.0",
+    env = {"LLMBATCH_RATE_LIMITS": f"{MODEL}={args.rpm}:,{CLAUDE}={args.rpm}:", "LLMBATCH_RATE_PEAK_SHARE": "1.0",
            "LLMBATCH_BUDGET_RESERVATION_TTL_S": str(TTL_S), "LLMBATCH_PROVIDER_TIMEOUT_S": str(TTL_S),
            "LLMBATCH_BUDGET_RESERVATION_MARGIN_S": "0"}
     runs = []
     try:
-        with restarted("worker-peak", **env), simulator(latency="uniform", latency_ms=300, jitter_ms=100):
+        with restarted("worker-peak", **env), simulator(latency="uniform", latency_ms=300, jitter_ms=100, worst_case=True):
             for i in range(1, args.runs + 1):
                 clear_rate_limits()
                 r = one_run(i, engine, sredis)
@@ -177,8 +226,8 @@ def main() -> None:
                 conn.execute(sa.text("UPDATE budget_caps SET usd = :u WHERE scope = 'global'"), {"u": previous})
         sredis.eval(budget.SET_CAP, len(budget.KEYS), *budget.KEYS, "global",
                     str(budget.to_units(previous)) if previous is not None else budget.NO_CAP)
-    print(json.dumps({"bench": "money", "simulator": "current (no worst-case mode on this branch)",
-                      "rate_limit": f"{MODEL} {args.rpm} rpm", "reservation_ttl_s": TTL_S,
+    print(json.dumps({"bench": "money", "simulator": "worst case (every call billed to its limits)",
+                      "rate_limit": f"{MODEL}, {CLAUDE}: {args.rpm} rpm each", "reservation_ttl_s": TTL_S,
                       "runs": len(runs), "all_ok": all(r["ok"] for r in runs)}))
 
 

@@ -366,20 +366,41 @@ return 1
 """
 
 # ARGV: gen, ttl_ms, json {caps: {f: units}, spent: {f: units}, res: [[rid, units, fields, ttl_ms?]]}
+# Spent is rebuilt from the ledger; live holds are kept as they are (held is summed from them
+# again), because a hold may exist nowhere but here: the scheduler holds a provider batch's
+# requests while they are still 'held' in Postgres, a worker holds before its claim is durable.
+# Dropping them would free room already promised. 'running' requests not held are re-held.
+# Returns {holds kept, requests re-held}.
 INSTALL = """
 local data = cjson.decode(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local keep = {}
+local recs = redis.call('HGETALL', KEYS[5])
+for i = 1, #recs, 2 do
+  local id, rec = recs[i], recs[i + 1]
+  local exp = tonumber(redis.call('ZSCORE', KEYS[6], id) or '0')
+  local amount, fields = string.match(rec, '^(%d+)|[^|]*|(.*)$')
+  if amount and #amount <= 16 and exp and exp > now then keep[#keep + 1] = {id, amount, fields, exp, rec} end
+end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 for f, v in pairs(data.caps) do redis.call('HSET', KEYS[2], f, v) end
 for f, v in pairs(data.spent) do redis.call('HSET', KEYS[3], f, v) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function hold(id, amount, fields, exp, rec)
+  for f in string.gmatch(fields, '[^\\t]+') do redis.call('HINCRBY', KEYS[4], f, amount) end
+  redis.call('HSET', KEYS[5], id, rec)
+  redis.call('ZADD', KEYS[6], exp, id)
+end
+for _, k in ipairs(keep) do hold(k[1], k[2], k[3], k[4], k[5]) end
+local reheld = 0
 for _, r in ipairs(data.res) do
-  for f in string.gmatch(r[3], '[^\\t]+') do redis.call('HINCRBY', KEYS[4], f, r[2]) end
-  redis.call('HSET', KEYS[5], r[1], r[2] .. '|' .. ARGV[1] .. '|' .. r[3])
-  redis.call('ZADD', KEYS[6], now + tonumber(r[4] or ARGV[2]), r[1])
+  if redis.call('HEXISTS', KEYS[5], r[1]) == 0 then
+    hold(r[1], r[2], r[3], now + tonumber(r[4] or ARGV[2]), r[2] .. '|' .. ARGV[1] .. '|' .. r[3])
+    reheld = reheld + 1
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1])
-return #data.res
+return {#keep, reheld}
 """
 
 # ARGV: ttl_ms, then (rid, units, fields, written) × n: a live worker's own reservations in a
@@ -511,11 +532,11 @@ def rebuild(engine, redis_sync, settings: Settings, *, wait_s: float = 60.0) -> 
                 gen = new_generation()
                 # re-held for a short grace only: most 'running' requests are queued in their batch,
                 # not in a call; the live workers re-assert theirs within it (Budget._heartbeat)
-                n = redis_sync.eval(INSTALL, len(KEYS), *KEYS, gen, int(REHOLD_GRACE_S * 1000),
-                                    json.dumps(snap))
+                kept, reheld = redis_sync.eval(INSTALL, len(KEYS), *KEYS, gen, int(REHOLD_GRACE_S * 1000),
+                                               json.dumps(snap))
                 redis_sync.set(RUN_ID_KEY, _redis_run_id(redis_sync))
-                log.warning("budget counters rebuilt from the Postgres ledger (generation %s, %d running"
-                            " requests re-held)", gen, n)
+                log.warning("budget counters rebuilt from the Postgres ledger (generation %s, %d live holds"
+                            " kept, %d running requests re-held)", gen, kept, reheld)
                 return True
             finally:
                 if redis_sync.get(LOCK_KEY) == token.encode():

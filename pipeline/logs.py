@@ -40,6 +40,8 @@ class _Context(logging.Filter):
     """Adds missing correlation fields as None, so formatters can rely on them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if FIELDS is None:   # interpreter shutdown has cleared this module: a late __del__'s record
+            return False
         for f in FIELDS:
             if not hasattr(record, f):
                 setattr(record, f, None)

@@ -331,3 +331,27 @@ def test_raising_a_job_cap_while_the_job_is_cancelled_does_not_deadlock(stack, e
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT budget_usd FROM jobs WHERE job_id = :j"), {"j": job}).scalar() \
             == Decimal("0.01")
+
+
+def test_a_rebuild_midway_through_the_schedulers_holds_keeps_them(stack, engine, clients):
+    """The scheduler holds a provider batch's requests one by one while they are still 'held' in
+    Postgres. A reconcile's rebuild in the middle used to drop the holds taken so far (the ledger
+    shows no 'running' request to re-hold), so the rest of the pass filled the cap again: 93
+    requests went out under a cap with room for 88, and the job overspent."""
+    settings = budget_settings(stack)
+    _, sredis = clients(settings)
+    amount, cap = Decimal("0.00001135"), Decimal("0.001")
+    job, ids = insert_job(engine, cap, 120, amount)
+    granted = []
+    for k, cid in enumerate(ids):
+        if k == 40:   # the upkeep's reconcile finds drift and rebuilds, mid-pass
+            sredis.eval(budget.INVALIDATE, len(budget.KEYS), *budget.KEYS, sredis.get(budget.KEYS[0]))
+            assert budget.rebuild(engine, sredis, settings)
+        try:
+            if budget.reserve_now(engine, sredis, settings, f"{job}:{cid}", job, "background", amount,
+                                  ttl_s=budget.PROVIDER_BATCH_HOLD_S) is None:
+                granted.append(cid)
+        except budget.BudgetExceeded:
+            pass
+    room = int(cap / amount)   # 88
+    assert len(granted) == room, f"{len(granted)} holds of ${amount} granted under a ${cap} cap (room for {room})"

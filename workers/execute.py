@@ -406,7 +406,10 @@ async def _keep_lease(engine, batch_id: str, owner: str, lease_s: float, lost: a
             lost.set()
             return
         try:
-            ours = await asyncio.wait_for(asyncio.to_thread(renew), timeout=max(0.1, expires - margin - asked))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns a result that arrives with a
+            # cancellation and swallows it, and a keeper that outlives its batch keeps it open
+            async with asyncio.timeout(max(0.1, expires - margin - asked)):
+                ours = await asyncio.to_thread(renew)
         except Exception as e:   # Postgres down, a dropped connection, a slow statement: try again
             if failing_since is None:
                 failing_since = asked

@@ -28,6 +28,7 @@ from schedules.clock import DbClock
 from schedules.service import LEADER_LOCK
 from schedules.windows import Window
 from tests.integration.conftest import LLMBATCH, chat_line, llmbatch, wait_for, write_jsonl
+from tests.integration.execution_helpers import simulator_config
 
 ANTHROPIC_MODEL = "claude-3-5-haiku-latest"
 
@@ -219,7 +220,14 @@ def test_provider_batch_costs_half_of_realtime_with_identical_results(scheduler,
           f"({total_pb / total_rt:.2%})")
 
 
-def test_cancel_stops_held_work_and_cancels_the_provider_batch(scheduler, tmp_path):
+def test_cancel_stops_held_work_and_cancels_the_provider_batch(scheduler, stack, tmp_path):
+    """The provider batch stays in progress (30 s) until the cancel reaches it: with the
+    simulator's default 2 s, a loaded machine let the batch complete first (CI run 32)."""
+    with simulator_config(stack, batch_processing_s=30.0):
+        _cancel_a_provider_batch_job(scheduler, tmp_path)
+
+
+def _cancel_a_provider_batch_job(scheduler, tmp_path):
     engine = scheduler
     n = 400
     path = write_jsonl(tmp_path / "cancel.jsonl", [
@@ -227,7 +235,7 @@ def test_cancel_stops_held_work_and_cancels_the_provider_batch(scheduler, tmp_pa
                                           "messages": [{"role": "user", "content": f"cancel me {i} {uuid.uuid4().hex}"}]}}
         for i in range(n)])
     import anthropic  # noqa: F401  (imported before the race: the first import takes a second or more)
-    from schedules.provider_batches import cancel_job   # in-process: the simulator's batch takes 2 s
+    from schedules.provider_batches import cancel_job   # in-process: no CLI start-up in the race
     job = _submit(path, "--mode", "provider_batch", "--tier", "background")
 
     def submitted():

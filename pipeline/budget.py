@@ -56,7 +56,8 @@ MAX_CAP_USD = Decimal(50_000_000)
 NO_CAP = "-1"
 
 K = REDIS_PREFIX + "budget:"
-KEYS = [K + "gen", K + "caps", K + "spent", K + "held", K + "res", K + "res:exp"]
+#: KEYS[7]: the Postgres snapshot the counters were rebuilt from (SETTLE)
+KEYS = [K + "gen", K + "caps", K + "spent", K + "held", K + "res", K + "res:exp", K + "snapshot"]
 LOCK_KEY = K + "rebuild-lock"
 #: how long a rebuild re-holds the maximum cost of a 'running' request nobody has re-asserted
 REHOLD_GRACE_S = 10.0
@@ -266,6 +267,23 @@ local function now_ms()
 end
 """
 
+# counted(xid): the rebuild behind these counters counted the results that transaction committed,
+# because its ledger snapshot (KEYS[7], 'xmin:xmax:in-progress,…' as pg_current_snapshot prints
+# it) saw the commit. No snapshot or no xid: false.
+_COUNTED_FN = """
+local function counted(xid)
+  local snap = redis.call('GET', KEYS[7])
+  if not snap or not string.match(xid or '', '^%d+$') then return false end
+  local xmin, xmax, xip = string.match(snap, '^(%d+):(%d+):([%d,]*)$')
+  if not xmin then return false end
+  local x = tonumber(xid)
+  if x < tonumber(xmin) then return true end
+  if x >= tonumber(xmax) then return false end
+  for v in string.gmatch(xip, '%d+') do if tonumber(v) == x then return false end end
+  return true
+end
+"""
+
 # ARGV: ttl_ms, rid, amount, n, then n × (spent field, cap field)
 RESERVE = _RELEASE_FN + """
 local gen = redis.call('GET', KEYS[1])
@@ -303,27 +321,28 @@ redis.call('ZADD', KEYS[6], now + tonumber(ARGV[1]), ARGV[2])
 return {'ok', gen}
 """
 
-# ARGV: rid, gen, actual, n, then n × (spent field, cap field). Returns spent and cap per pair.
-# gen '' : count the spend only if the hold is still there (a missing hold was counted by a rebuild)
-SETTLE = _RELEASE_FN + """
+# ARGV: rid, gen, actual, xid, n, then n × (spent field, cap field). Returns spent and cap per pair.
+# The spend is counted unless the rebuild behind these counters already counted it (counted(xid)).
+# Whether the hold is still there says nothing: a rebuild keeps live holds and re-holds running
+# requests, result or not, and a hold that expired was never counted. No xid: counted, since
+# counting twice only refuses early until the next reconcile, while not counting lets spend pass a cap.
+SETTLE = _RELEASE_FN + _COUNTED_FN + """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {'rebuild'} end
 local actual = num(ARGV[3])
 if not actual or actual < 0 then return {'invalid', tostring(ARGV[3])} end
 local rec = release(ARGV[1])
 local status = 'ok'
-if not rec then
-  -- expired before settling (same generation: never counted), or the counters were
-  -- rebuilt since it was taken (new generation). Then the rebuild's ledger snapshot may
-  -- or may not hold this result: counted again all the same, since counting twice only
-  -- refuses early until the next reconcile, while not counting lets spend pass a cap
-  if cur == ARGV[2] then status = 'late' else status = 'gone' end
+if counted(ARGV[4]) then
+  status = 'counted'
+elseif not rec and cur == ARGV[2] then
+  status = 'late'                               -- expired before settling: never counted
 end
 local out = {status}
-local n = tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
 for i = 0, n - 1 do
-  local sf, cf = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
-  redis.call('HINCRBY', KEYS[3], sf, ARGV[3])
+  local sf, cf = ARGV[6 + 2 * i], ARGV[7 + 2 * i]
+  if status ~= 'counted' then redis.call('HINCRBY', KEYS[3], sf, ARGV[3]) end
   out[#out + 1] = redis.call('HGET', KEYS[3], sf) or '0'
   out[#out + 1] = redis.call('HGET', KEYS[2], cf) or '-1'
 end
@@ -365,7 +384,8 @@ redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """
 
-# ARGV: gen, ttl_ms, json {caps: {f: units}, spent: {f: units}, res: [[rid, units, fields, ttl_ms?]]}
+# ARGV: gen, ttl_ms, json {caps: {f: units}, spent: {f: units}, res: [[rid, units, fields, ttl_ms?]],
+# snapshot: the ledger's Postgres snapshot}
 # Spent is rebuilt from the ledger; live holds are kept as they are (held is summed from them
 # again), because a hold may exist nowhere but here: the scheduler holds a provider batch's
 # requests while they are still 'held' in Postgres, a worker holds before its claim is durable.
@@ -392,6 +412,7 @@ local function hold(id, amount, fields, exp, rec)
   redis.call('ZADD', KEYS[6], exp, id)
 end
 for _, k in ipairs(keep) do hold(k[1], k[2], k[3], k[4], k[5]) end
+redis.call('SET', KEYS[7], data.snapshot)
 local reheld = 0
 for _, r in ipairs(data.res) do
   if redis.call('HEXISTS', KEYS[5], r[1]) == 0 then
@@ -425,9 +446,10 @@ end
 return {'ok', gen}
 """
 
-# ARGV: rid, actual — settle a hold by the fields it recorded; a hold that is gone (a rebuild after
-# the result was committed counted it from the ledger) adds nothing. Used for provider batches.
-SETTLE_HELD = _RELEASE_FN + """
+# ARGV: rid, actual, xid — settle a hold by the fields it recorded; a hold that is gone (a rebuild after
+# the result was committed counted it from the ledger) adds nothing, nor does one a rebuild kept
+# although its ledger counted the result (counted(xid)). Used for provider batches.
+SETTLE_HELD = _RELEASE_FN + _COUNTED_FN + """
 if not redis.call('GET', KEYS[1]) then return {'rebuild'} end
 local actual = num(ARGV[2])
 if not actual or actual < 0 then return {'invalid', tostring(ARGV[2])} end
@@ -435,6 +457,7 @@ local rec = redis.call('HGET', KEYS[5], ARGV[1])
 if not rec then return {'gone'} end
 local amount, gen, fields = string.match(rec, '^(%d+)|([^|]*)|(.*)$')
 release(ARGV[1])
+if counted(ARGV[3]) then return {'counted'} end
 if amount then
   for f in string.gmatch(fields, '[^\\t]+') do redis.call('HINCRBY', KEYS[3], f, ARGV[2]) end
 end
@@ -472,6 +495,8 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None) -> 
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
+            # first, so it is the snapshot every query below reads: a settle asks it (SETTLE)
+            snapshot = conn.execute(sa.text("SELECT pg_current_snapshot()::text")).scalar()
             caps = {k: str(to_units(v)) for k, v in caps_for(conn, settings).items()}
             for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
                 caps.setdefault(scope, NO_CAP)
@@ -503,7 +528,7 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None) -> 
                 if in_pb:   # nobody re-asserts a provider batch's holds: they last its whole window
                     entry.append(int(PROVIDER_BATCH_HOLD_S * 1000))
                 res.append(entry)
-    return {"caps": caps, "spent": spent, "res": res}
+    return {"caps": caps, "spent": spent, "res": res, "snapshot": snapshot}
 
 
 def new_generation() -> str:
@@ -641,6 +666,15 @@ class Reservation:
     period: str
     #: its result row is committed: a rebuild's ledger may already count it
     written: bool = False
+    #: the id of the transaction that committed it (``commit_xid``): a rebuild's ledger counts it
+    #: exactly when that transaction is visible in the rebuild's snapshot
+    xid: str = ""
+
+
+def commit_xid(conn) -> str:
+    """The id of ``conn``'s transaction, read inside it: once it commits, the settle of its
+    results asks the counters' snapshot whether the rebuild behind them already counted them."""
+    return str(conn.execute(sa.text("SELECT pg_current_xact_id()::text")).scalar())
 
 
 class Budget:
@@ -837,7 +871,7 @@ class Budget:
 
     async def _settle_once(self, res: Reservation, units: int) -> list:
         while True:
-            args = [res.rid, res.gen, units, len(res.fields)] + [x for f in res.fields for x in f]
+            args = [res.rid, res.gen, units, res.xid, len(res.fields)] + [x for f in res.fields for x in f]
             r = [x.decode() if isinstance(x, bytes) else x for x in await self._eval(SETTLE, *args)]
             if r[0] != "rebuild":
                 break
@@ -1061,15 +1095,15 @@ def reserve_now(engine, redis_sync, settings: Settings, rid: str, job_id: str, t
     raise BudgetUnavailable(f"reservation {rid}: the budget counters kept changing")
 
 
-def settle_held(engine, redis_sync, settings: Settings, spent: dict[str, Decimal]) -> int:
-    """Settle holds ``{rid: actual USD}`` by the fields they recorded (provider batches), after the
-    results are committed; retried until Redis takes them (``BudgetUnavailable`` after that; the
-    reconcile counts from the ledger what stays unsettled). A missing hold adds nothing."""
+def settle_held(engine, redis_sync, settings: Settings, spent: dict[str, Decimal], xid: str = "") -> int:
+    """Settle holds ``{rid: actual USD}`` by the fields they recorded (provider batches), after
+    transaction ``xid`` committed the results; retried until Redis takes them (``BudgetUnavailable``
+    after that; the reconcile counts from the ledger what stays unsettled). A missing hold adds nothing."""
     counted = 0
     for rid, actual in spent.items():
         for attempt in range(10):
             try:
-                r = redis_sync.eval(SETTLE_HELD, len(KEYS), *KEYS, rid, str(max(0, to_units(actual))))
+                r = redis_sync.eval(SETTLE_HELD, len(KEYS), *KEYS, rid, str(max(0, to_units(actual))), xid)
                 if r[0] in (b"rebuild", "rebuild"):
                     rebuild(engine, redis_sync, settings)
                     continue

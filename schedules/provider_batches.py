@@ -548,7 +548,8 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
             " polled_at = now(), counts = CAST(:c AS jsonb) WHERE id = :id"),
             {"id": pb_id, "st": status, "c": db.dumps(counts)})
         db.refresh_jobs(conn, {r["job_id"] for r in reqs})
-    _settle(pb_id, reqs, outcomes + fail, settings, engine)
+        xid = budget.commit_xid(conn)
+    _settle(pb_id, reqs, outcomes + fail, settings, engine, xid)
     for batch_id, tier, state in new_batches:
         if state == "queued":
             dispatcher(batch_id, tier)
@@ -559,7 +560,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
     return counts
 
 
-def _settle(pb_id: str, reqs: list[dict], outcomes: list[dict], settings: Settings, engine) -> None:
+def _settle(pb_id: str, reqs: list[dict], outcomes: list[dict], settings: Settings, engine, xid: str) -> None:
     """After the results are committed: each hold becomes the request's actual cost (the rest of
     its maximum is freed); holds of requests the provider did not run are released (a re-queued
     request reserves again on its realtime path)."""
@@ -569,7 +570,7 @@ def _settle(pb_id: str, reqs: list[dict], outcomes: list[dict], settings: Settin
               if (r["job_id"], r["custom_id"]) not in cost_of and r["status"] not in _TERMINAL]
     redis = _budget_redis(settings)
     try:
-        budget.settle_held(engine, redis, settings, spent)
+        budget.settle_held(engine, redis, settings, spent, xid)
     except budget.BudgetError as e:   # the results are in the ledger: the reconcile counts them
         log.warning("provider batch %s: settling %d holds failed (%s); the budget reconcile corrects it",
                     pb_id, len(spent), e)

@@ -114,9 +114,9 @@ class OutcomeWriter:
             outcomes, attempts, deferred = self.outcomes[:n_o], self.attempts[:n_a], self.deferred[:n_d]
             settles = self.settles[:n_s]
             if outcomes or attempts or deferred:
-                await asyncio.to_thread(self._write_durably, outcomes, attempts, deferred)
-                for res, _ in settles:
-                    res.written = True
+                xids = await asyncio.to_thread(self._write_durably, outcomes, attempts, deferred)
+                for res, _ in settles:   # a settle retried from an earlier write keeps that write's xid
+                    res.written, res.xid = True, xids.get(res.rid.rsplit("~", 1)[0], res.xid)
             # only now, with the rows committed, leave the buffers (appends went on behind them)
             del self.outcomes[:n_o], self.attempts[:n_a], self.deferred[:n_d], self.settles[:n_s]
         answers = {o["cache_key"]: o["response"] for o in outcomes
@@ -152,23 +152,29 @@ class OutcomeWriter:
                         next(r for r in results if isinstance(r, BaseException)))
             self.settles.extend(failed)
 
-    def _write_durably(self, outcomes, attempts, deferred) -> None:
-        """One transaction, retried until it commits; a refused row is isolated."""
+    def _write_durably(self, outcomes, attempts, deferred) -> dict[str, str]:
+        """One transaction, retried until it commits; a refused row is isolated.
+        Returns the id of the transaction that committed each outcome (``budget.commit_xid``)."""
         what = f"writing {len(outcomes)} outcomes of batch {self.batch_id}"
         try:
-            db.retrying(self.engine, lambda conn: self._write(conn, outcomes, attempts, deferred),
-                        what=what, sleep=self.sleep)
+            xid = db.retrying(self.engine, lambda conn: self._write(conn, outcomes, attempts, deferred),
+                              what=what, sleep=self.sleep)
+            xids = {_rid(o): xid for o in outcomes}
         except Exception as e:
             log.error("%s: Postgres refused the write (%s); writing row by row to isolate it", what, _reason(e))
-            self._write_one_by_one(outcomes, attempts, deferred)
+            xids = self._write_one_by_one(outcomes, attempts, deferred)
         # the one metrics hook for request outcomes: counted once the rows are durable
         metrics.record_outcomes(outcomes, attempts)
+        return xids
 
-    def _write_one_by_one(self, outcomes, attempts, deferred) -> None:
+    def _write_one_by_one(self, outcomes, attempts, deferred) -> dict[str, str]:
+        xids: dict[str, str] = {}
+
         def each(rows, write, what):
             for row in rows:
                 try:
-                    db.retrying(self.engine, lambda conn: write(conn, row), what=what, sleep=self.sleep)
+                    xids[_rid(row)] = db.retrying(self.engine, lambda conn: write(conn, row), what=what,
+                                                  sleep=self.sleep)
                 except Exception as e:
                     yield row, e
         for o, e in list(each(outcomes, lambda c, o: self._write(c, [o], [], []), "writing an outcome")):
@@ -176,20 +182,27 @@ class OutcomeWriter:
                       o["job_id"], o["custom_id"], _reason(e))
             bad = internal_error(o, f"the outcome could not be stored: {_reason(e)}",
                                  cost_usd=o.get("cost_usd") or "0")
-            db.retrying(self.engine, lambda conn: self._write(conn, [bad], [], []), what="writing an outcome",
-                        sleep=self.sleep)
+            xids[_rid(o)] = db.retrying(self.engine, lambda conn: self._write(conn, [bad], [], []),
+                                        what="writing an outcome", sleep=self.sleep)
         for a, e in list(each(attempts, lambda c, a: self._write(c, [], [a], []), "writing an attempt")):
             log.error("attempt %s of %s:%s cannot be stored (%s): dropped", a.get("attempt"), a["job_id"],
                       a["custom_id"], _reason(e))
         db.retrying(self.engine, lambda conn: self._write(conn, [], [], deferred), what="writing deferrals",
                     sleep=self.sleep)
+        return xids
 
-    def _write(self, conn, outcomes, attempts, deferred=()) -> None:
+    def _write(self, conn, outcomes, attempts, deferred=()) -> str:
         if self.batch_id is not None:
             db.lock_batch(conn, self.batch_id)   # lock order: batch, requests, jobs (pipeline/db.py)
         db.write_outcomes(conn, outcomes, attempts)
         budget.write_deferred(conn, list(deferred))
         db.refresh_jobs(conn, {o["job_id"] for o in outcomes})
+        return budget.commit_xid(conn) if outcomes else ""
+
+
+def _rid(row: dict) -> str:
+    """A request's reservation id without its attempt's suffix (workers/limited.py)."""
+    return f"{row['job_id']}:{row['custom_id']}"
 
 
 def internal_error(req: dict, message: str, *, cost_usd: str = "0") -> dict:

@@ -30,13 +30,15 @@ def _job(engine, cap: Decimal | None, n: int = 4) -> str:
     return insert_job(engine, cap, n, AMOUNT)[0]
 
 
-def _commit_result(engine, job: str, cid: str, spent: Decimal) -> None:
+def _commit_result(engine, job: str, cid: str, spent: Decimal) -> str:
+    """What the OutcomeWriter does before settling; returns the commit's transaction id."""
     with engine.begin() as conn:
         conn.execute(sa.text(
             "INSERT INTO results (job_id, custom_id, model, cost_usd) VALUES (:j, :c, 'gpt-4o-mini', :x)"),
             {"j": job, "c": cid, "x": spent})
         conn.execute(sa.text("UPDATE requests SET status = 'succeeded' WHERE job_id = :j AND custom_id = :c"),
                      {"j": job, "c": cid})
+        return budget.commit_xid(conn)
 
 
 def _units(sredis, key: str, field: str) -> int:
@@ -247,6 +249,44 @@ def test_a_settlement_is_retried_until_it_is_counted(stack, engine, clients):
     assert _units(sredis, budget.KEYS[3], f"job:{job}") == 0
 
 
+@pytest.mark.parametrize("lost, committed", [
+    ("everything", "before"),   # FLUSHDB after the result's commit: the rebuild's ledger counts it
+    ("marker", "before"),       # only the marker: the rebuild keeps the live hold, and counts the result
+    ("everything", "after"),    # before the commit: the rebuild cannot have counted it, but re-holds it
+    ("marker", "after"),
+])
+def test_a_settle_across_a_rebuild_counts_its_spend_exactly_once(stack, engine, clients, lost, committed):
+    """A settle whose counters were rebuilt since its hold was taken used to count its spend again
+    when the rebuild's ledger already held it: the job's cap then refused early (CI, test_limits)."""
+    settings = budget_settings(stack)
+    aredis, sredis = clients(settings)
+    job = _job(engine, AMOUNT * 10)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE requests SET status = 'running' WHERE job_id = :j AND custom_id = 'r0'"),
+                     {"j": job})
+
+    def lose():
+        if lost == "everything":
+            sredis.flushdb()
+        else:
+            sredis.delete(budget.KEYS[0])
+        assert budget.rebuild(engine, sredis, settings)
+
+    async def main():
+        b = budget.Budget(settings, engine, aredis, sredis)
+        res = await b.reserve(f"{job}:r0", job, "background", AMOUNT)
+        if committed == "after":
+            lose()
+        res.xid = await asyncio.to_thread(_commit_result, engine, job, "r0", AMOUNT / 2)
+        res.written = True
+        if committed == "before":
+            lose()
+        await b.settle(res, AMOUNT / 2)
+    asyncio.run(main())
+    assert _units(sredis, budget.KEYS[2], f"job:{job}") == budget.to_units(AMOUNT / 2)
+    assert _units(sredis, budget.KEYS[3], f"job:{job}") == 0
+
+
 def test_reconcile_puts_the_counters_back_on_the_ledger(stack, engine, clients):
     """#5 and #7: a crash between commit and settle, a counter gone wrong, Redis restored from an old
     file (the marker kept): the reconcile finds the drift, reports it, and rebuilds."""
@@ -355,3 +395,28 @@ def test_a_rebuild_midway_through_the_schedulers_holds_keeps_them(stack, engine,
             pass
     room = int(cap / amount)   # 88
     assert len(granted) == room, f"{len(granted)} holds of ${amount} granted under a ${cap} cap (room for {room})"
+
+
+@pytest.mark.parametrize("committed", ["before", "after"])
+def test_a_provider_batch_settle_across_a_rebuild_counts_its_spend_exactly_once(stack, engine, clients,
+                                                                                committed):
+    """A rebuild keeps a provider batch's holds; settling one whose result the rebuild's ledger already
+    counted used to count it again."""
+    settings = budget_settings(stack)
+    _, sredis = clients(settings)
+    job = _job(engine, AMOUNT * 10)
+    rid = f"{job}:r0"
+    assert budget.reserve_now(engine, sredis, settings, rid, job, "background", AMOUNT,
+                              ttl_s=budget.PROVIDER_BATCH_HOLD_S) is None
+
+    def rebuild():
+        sredis.eval(budget.INVALIDATE, len(budget.KEYS), *budget.KEYS, sredis.get(budget.KEYS[0]))
+        assert budget.rebuild(engine, sredis, settings)
+    if committed == "after":
+        rebuild()
+    xid = _commit_result(engine, job, "r0", AMOUNT / 2)
+    if committed == "before":
+        rebuild()
+    budget.settle_held(engine, sredis, settings, {rid: AMOUNT / 2}, xid)
+    assert _units(sredis, budget.KEYS[2], f"job:{job}") == budget.to_units(AMOUNT / 2)
+    assert _units(sredis, budget.KEYS[3], f"job:{job}") == 0

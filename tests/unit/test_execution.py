@@ -48,7 +48,19 @@ def stored(monkeypatch):
     monkeypatch.setattr(db, "lock_batch", lambda conn, b: None)
     monkeypatch.setattr(db, "refresh_jobs", lambda conn, ids: None)
     monkeypatch.setattr(execute.budget, "write_deferred", lambda conn, d: rows["deferred"].extend(d))
+    xids = iter(range(100, 10**6))
+    monkeypatch.setattr(execute.budget, "commit_xid", lambda conn: str(next(xids)))
     return rows
+
+
+class SettleLog:
+    """The budget's settle, recorded: which reservation settled, with which commit's xid."""
+
+    def __init__(self):
+        self.settled: dict[str, str] = {}
+
+    async def settle(self, res, actual):
+        self.settled[res.rid] = res.xid
 
 
 def _outcome(cid: str, **extra) -> dict:
@@ -79,8 +91,14 @@ def test_a_failed_write_is_retried_until_durable_and_loses_nothing(stored):
 def test_a_row_postgres_refuses_fails_alone_with_the_reason(stored):
     stored["refuse"].add("bad")
     writer = execute.OutcomeWriter(FakeEngine(), "b1", sleep=lambda s: None)
+    writer.budget = SettleLog()
     writer.outcomes += [_outcome("a"), _outcome("bad"), _outcome("c")]
+    writer.settles += [(execute.budget.Reservation(f"j:{c}~0a1b", "g", [], 1, "d"), 0) for c in ("a", "bad", "c")]
     asyncio.run(writer.drain())
+    # each settles with the transaction that committed its row: the batch's failed, so one each
+    xids = writer.budget.settled
+    assert set(xids) == {"j:a~0a1b", "j:bad~0a1b", "j:c~0a1b"} and all(xids.values())
+    assert len(set(xids.values())) == 3
     by_id = {o["custom_id"]: o for o in stored["outcomes"]}
     assert set(by_id) == {"a", "bad", "c"}
     assert by_id["a"]["status"] == by_id["c"]["status"] == "succeeded"

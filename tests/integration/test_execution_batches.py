@@ -13,7 +13,9 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline import budget, db
+from pipeline.providers.openai import OpenAIProvider
 from schedules.provider_batches import cancel_job
+from tests.integration.conftest import wait_for
 from tests.integration.execution_helpers import (LOOP, keys_seen, make_batch, requests_of, scalar, sim_stats,
                                                  simulator_config)
 from workers.execute import run_batch
@@ -288,12 +290,22 @@ def test_requests_of_a_job_cancelled_mid_batch_are_not_sent(stack, engine):
     assert scalar(engine, "SELECT status FROM jobs WHERE job_id = :j", j=job) == "cancelled"
 
 
-def test_an_abandoned_batch_leaves_nothing_running(stack, engine):
+def test_an_abandoned_batch_leaves_nothing_running(stack, engine, monkeypatch):
     """Item 5: the task running a batch is cancelled (its worker is shutting down): none of the
-    batch's requests goes on calling the provider, and the lease is given back for a re-run."""
+    batch's requests goes on calling the provider, and the lease is given back for a re-run.
+
+    The calls counted are this process's own: the stack's batcher may hand the given-back batch
+    to a stack worker at once (its sweep), and that worker's calls are the re-run, not a leak."""
     n = 80
     job, batch = make_batch(engine, n)
     settings = dataclasses.replace(stack, inflight_per_batch={**stack.inflight_per_batch, "offpeak": 4})
+    sent = {"calls": 0}
+    real_call = OpenAIProvider.call
+
+    async def counted(self, body, *, headers):
+        sent["calls"] += 1
+        return await real_call(self, body, headers=headers)
+    monkeypatch.setattr(OpenAIProvider, "call", counted)
 
     async def abandon():
         task = asyncio.ensure_future(run_batch(batch, owner="abandoned", settings=settings))
@@ -306,19 +318,20 @@ def test_an_abandoned_batch_leaves_nothing_running(stack, engine):
             await task
         except asyncio.CancelledError:
             pass
-        stopped = sim_stats(stack)["total"]["requests"]
+        stopped = sent["calls"]
         await asyncio.sleep(2.0)   # anything left running would go on calling meanwhile
-        return stopped, sim_stats(stack)["total"]["requests"]
+        return stopped, sent["calls"]
 
     with simulator_config(stack, latency_ms=100.0):
         stopped, later = _loop.run_until_complete(abandon())
-    assert later == stopped, f"{later - stopped} provider calls after the batch was abandoned"
+    assert 8 <= stopped < n and later == stopped, f"{later - stopped} provider calls after the batch was abandoned"
     with engine.connect() as conn:
         lease_left = conn.execute(sa.text(
-            "SELECT lease_until > now() FROM batches WHERE batch_id = :b"), {"b": batch}).scalar()
-    assert lease_left is False   # given back: the sweep hands it out again at once
-    outcome = _run(batch, stack)   # the re-run finishes what is open, once
-    assert {r["status"] for r in requests_of(engine, job).values()} == {"succeeded"}
-    assert outcome["succeeded"] < n   # what was written before is not redone
+            "SELECT lease_until > now() FROM batches WHERE batch_id = :b AND lease_owner = 'abandoned'"),
+            {"b": batch}).scalar()
+    assert lease_left is not True   # given back (or already taken by the sweep's worker)
+    _run(batch, stack)   # the re-run finishes what is open, once (here, or in the stack's worker)
+    wait_for(lambda: {r["status"] for r in requests_of(engine, job).values()} == {"succeeded"}, 60,
+             what="every request of the abandoned batch succeeded")
     dups = keys_seen(stack, job)
     assert sum(dups.values()) <= 4, dups   # only the calls cut off in flight (4 slots) are sent again

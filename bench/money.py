@@ -122,7 +122,9 @@ def _open(conn, job: str) -> int:
 def one_run(i: int, engine, sredis) -> dict:
     started = time.monotonic()
     tag = f"money{i}-{uuid.uuid4().hex[:6]}"
-    rt_lines = [_openai_line(tag + "-rt", k) for k in range(N_REALTIME)]
+    # every sixth line of the realtime job is an Anthropic cache write: one file, both formats
+    rt_lines = [_claude_line(tag + "-rt", k) if k % 6 == 5 else _openai_line(tag + "-rt", k)
+                for k in range(N_REALTIME)]
     an_lines = [_claude_line(tag + "-an", k) for k in range(N_CLAUDE)]
     pb_lines = [_openai_line(tag + "-pb", k) for k in range(N_PB)]
     job_cap, an_cap, pb_cap = _cap_for(rt_lines, 100), _cap_for(an_lines, 30), _cap_for(pb_lines, 20)
@@ -173,8 +175,8 @@ def one_run(i: int, engine, sredis) -> dict:
             {"j": rt_job}).scalars().all()
         cache_writes = conn.execute(sa.text(
             "SELECT coalesce(sum((response->'usage'->>'cache_creation_input_tokens')::bigint), 0)"
-            " FROM results WHERE job_id = :j"),
-            {"j": an_job}).scalar()
+            " FROM results WHERE job_id = ANY(:j)"),
+            {"j": [rt_job, an_job]}).scalar()
     waits = [float(w) for w in waits]
     caps = {rt_job: job_cap, an_job: an_cap, pb_job: pb_cap}
     checks = {

@@ -12,7 +12,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from pipeline import db
+from pipeline import budget, db
 
 
 #: one event loop for every in-process batch of the test session, as a worker process has one:
@@ -101,6 +101,18 @@ def budget_settings(settings, **changes):
     """The budget's keys in Redis database 15, of their own: the stack's workers never see them."""
     url = settings.redis_url.rsplit("/", 1)[0] + "/15"
     return dataclasses.replace(settings, redis_url=url, **changes)
+
+
+def commit_result(engine, job: str, cid: str, spent) -> str:
+    """What the OutcomeWriter does before settling: the result row and the request's new status in
+    one transaction. Returns that transaction's id, for the settle (``budget.commit_xid``)."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO results (job_id, custom_id, model, cost_usd) VALUES (:j, :c, 'gpt-4o-mini', :x)"),
+            {"j": job, "c": cid, "x": spent})
+        conn.execute(sa.text("UPDATE requests SET status = 'succeeded' WHERE job_id = :j AND custom_id = :c"),
+                     {"j": job, "c": cid})
+        return budget.commit_xid(conn)
 
 
 def insert_job(engine, cap, n: int, amount, prefix: str = "job_caps_") -> tuple[str, list[str]]:

@@ -20,7 +20,7 @@ from pipeline import budget
 from pipeline.errors import RetryableProviderError
 from pipeline.providers import Answer
 from tests.integration.conftest import wait_for
-from tests.integration.execution_helpers import budget_settings, insert_job
+from tests.integration.execution_helpers import budget_settings, commit_result, insert_job
 from workers.limited import Limited
 
 AMOUNT = Decimal("0.0001")
@@ -28,17 +28,6 @@ AMOUNT = Decimal("0.0001")
 
 def _job(engine, cap: Decimal | None, n: int = 4) -> str:
     return insert_job(engine, cap, n, AMOUNT)[0]
-
-
-def _commit_result(engine, job: str, cid: str, spent: Decimal) -> str:
-    """What the OutcomeWriter does before settling; returns the commit's transaction id."""
-    with engine.begin() as conn:
-        conn.execute(sa.text(
-            "INSERT INTO results (job_id, custom_id, model, cost_usd) VALUES (:j, :c, 'gpt-4o-mini', :x)"),
-            {"j": job, "c": cid, "x": spent})
-        conn.execute(sa.text("UPDATE requests SET status = 'succeeded' WHERE job_id = :j AND custom_id = :c"),
-                     {"j": job, "c": cid})
-        return budget.commit_xid(conn)
 
 
 def _units(sredis, key: str, field: str) -> int:
@@ -236,7 +225,7 @@ def test_a_settlement_is_retried_until_it_is_counted(stack, engine, clients):
     async def main():
         b = budget.Budget(settings, engine, FlakyRedis(aredis, 6), sredis)
         res = await b.reserve(f"{job}:r0", job, "background", AMOUNT)
-        await asyncio.to_thread(_commit_result, engine, job, "r0", AMOUNT / 2)
+        await asyncio.to_thread(commit_result, engine, job, "r0", AMOUNT / 2)
         res.written = True
         await b.settle(res, AMOUNT / 2)            # fails now; never raises, never drops it
         for _ in range(200):
@@ -277,7 +266,7 @@ def test_a_settle_across_a_rebuild_counts_its_spend_exactly_once(stack, engine, 
         res = await b.reserve(f"{job}:r0", job, "background", AMOUNT)
         if committed == "after":
             lose()
-        res.xid = await asyncio.to_thread(_commit_result, engine, job, "r0", AMOUNT / 2)
+        res.xid = await asyncio.to_thread(commit_result, engine, job, "r0", AMOUNT / 2)
         res.written = True
         if committed == "before":
             lose()
@@ -301,8 +290,8 @@ def test_reconcile_puts_the_counters_back_on_the_ledger(stack, engine, clients):
         await b.settle(res, AMOUNT / 2)
         await b.reserve(f"{job}:r1", job, "background", AMOUNT)        # then the worker dies
     asyncio.run(main())
-    _commit_result(engine, job, "r0", AMOUNT / 2)
-    _commit_result(engine, job, "r1", Decimal("0.00003"))                      # committed, never settled
+    commit_result(engine, job, "r0", AMOUNT / 2)
+    commit_result(engine, job, "r1", Decimal("0.00003"))                      # committed, never settled
     sredis.hincrby(budget.KEYS[2], "global@" + budget.day(), 12345)     # drift from nowhere
     out = budget.reconcile(engine, sredis, settings, recheck_s=0.2)
     assert out["rebuilt"] and out["drift_units"][f"job:{job}"] == -budget.to_units(Decimal("0.00003"))
@@ -414,7 +403,7 @@ def test_a_provider_batch_settle_across_a_rebuild_counts_its_spend_exactly_once(
         assert budget.rebuild(engine, sredis, settings)
     if committed == "after":
         rebuild()
-    xid = _commit_result(engine, job, "r0", AMOUNT / 2)
+    xid = commit_result(engine, job, "r0", AMOUNT / 2)
     if committed == "before":
         rebuild()
     budget.settle_held(engine, sredis, settings, {rid: AMOUNT / 2}, xid)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from pipeline import budget
 from pipeline.pricing import get_price_book
 from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
-from tests.integration.execution_helpers import budget_settings, insert_job
+from tests.integration.execution_helpers import budget_settings, commit_result, insert_job
 
 AMOUNT = Decimal("0.0001")
 
@@ -40,15 +40,6 @@ def test_concurrent_reservations_hold_the_cap_through_a_redis_flush(stack, engin
     outcome = {"ok": 0, "refused": 0}
     rng = random.Random(7)
 
-    def write_result(cid: str, spent: Decimal):   # what the OutcomeWriter does, before settling
-        with engine.begin() as conn:
-            conn.execute(sa.text(
-                "INSERT INTO results (job_id, custom_id, model, cost_usd) VALUES (:j, :c, 'gpt-4o-mini', :x)"),
-                {"j": job, "c": cid, "x": spent})
-            conn.execute(sa.text("UPDATE requests SET status = 'succeeded' WHERE job_id = :j AND custom_id = :c"),
-                         {"j": job, "c": cid})
-            return budget.commit_xid(conn)
-
     async def one(cid: str, sem: asyncio.Semaphore):
         async with sem:
             with engine.begin() as conn:
@@ -63,7 +54,7 @@ def test_concurrent_reservations_hold_the_cap_through_a_redis_flush(stack, engin
             spent = (AMOUNT * Decimal(rng.randint(50, 100)) / 100).quantize(budget.UNIT)
             def write():
                 # as the OutcomeWriter does, in its thread right after the commit
-                res.xid, res.written = write_result(cid, spent), True
+                res.xid, res.written = commit_result(engine, job, cid, spent), True
             await asyncio.to_thread(write)
             await b.settle(res, spent)
             outcome["ok"] += 1

@@ -4,7 +4,7 @@ Endpoints:
 
 - ``POST /v1/chat/completions`` (OpenAI) and ``POST /v1/messages`` (Anthropic)
 - OpenAI Files + Batches and Anthropic Message Batches (see ``batches.py``)
-- ``GET /_stats``, ``POST /_reset``, ``GET /healthz``
+- ``GET /_stats`` (``?key_prefix=`` counts the calls of one job's keys), ``POST /_reset``, ``GET /healthz``
 - ``GET /_config``; ``POST /_config`` with SimulatorConfig fields (JSON) changes
   latency, ``hold_s``, ``worst_case``, injected errors or limits of the running simulator (tests turn faults
   on and off without restarting it); ``DELETE /_config`` restores the startup config
@@ -326,7 +326,7 @@ class Simulator:
     # ---- control endpoints -------------------------------------------------
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        return _json_response(self.stats.as_dict())
+        return _json_response(self.stats.as_dict(request.query.get("key_prefix")))
 
     async def get_metrics(self, request: web.Request) -> web.Response:
         """Prometheus text of the ``/_stats`` counters per model (Prometheus scrapes it)."""

@@ -12,6 +12,10 @@ when absent), per model and tier, and in total:
   sliding 60 s window
 - ``usage_tokens``: input + output tokens actually answered
 - ``duplicates``: requests whose ``Idempotency-Key`` had been seen before
+
+``GET /_stats?key_prefix=P`` adds ``keys``: the calls and distinct keys whose
+``Idempotency-Key`` starts with ``P``. A test counts its own job's calls this way
+(the pipeline's key is ``job:custom_id``), whatever else the stack is running.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class Stats:
         self.by_model: dict[str, Counter] = {}
         self.by_tier: dict[str, Counter] = {}
         self.by_model_tier: dict[tuple[str, str], Counter] = {}
-        self.seen_keys: set[str] = set()
+        self.key_calls: dict[str, int] = {}   # Idempotency-Key -> requests carrying it
         self.duplicate_keys: dict[str, int] = {}
         self.batch_requests: dict[str, int] = {}
 
@@ -82,11 +86,11 @@ class Stats:
     def start(self, counters, now: float, cost: int, idempotency_key: str | None) -> None:
         duplicate = False
         if idempotency_key:
-            if idempotency_key in self.seen_keys:
+            seen = self.key_calls.get(idempotency_key, 0)
+            self.key_calls[idempotency_key] = seen + 1
+            if seen:
                 duplicate = True
-                self.duplicate_keys[idempotency_key] = self.duplicate_keys.get(idempotency_key, 0) + 1
-            else:
-                self.seen_keys.add(idempotency_key)
+                self.duplicate_keys[idempotency_key] = seen
         for c in counters:
             c.requests += 1
             c.in_flight += 1
@@ -108,7 +112,11 @@ class Stats:
             else:
                 c.errors[key] = c.errors.get(key, 0) + 1
 
-    def as_dict(self) -> dict:
+    def keys_with_prefix(self, prefix: str) -> dict:
+        calls = [n for k, n in self.key_calls.items() if k.startswith(prefix)]
+        return {"prefix": prefix, "calls": sum(calls), "distinct": len(calls)}
+
+    def as_dict(self, key_prefix: str | None = None) -> dict:
         by_model_tier: dict[str, dict] = {}
         for (model, tier), c in sorted(self.by_model_tier.items()):
             by_model_tier.setdefault(model, {})[tier] = c.as_dict()
@@ -123,4 +131,5 @@ class Stats:
             "duplicate_keys": dict(listed),
             "distinct_duplicate_keys": len(self.duplicate_keys),
             "batch_requests": dict(sorted(self.batch_requests.items())),
+            **({"keys": self.keys_with_prefix(key_prefix)} if key_prefix is not None else {}),
         }

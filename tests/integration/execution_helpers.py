@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -72,6 +73,13 @@ def scalar(engine, sql: str, **params):
 
 def sim_stats(settings) -> dict:
     return json.load(urllib.request.urlopen(f"{settings.simulator_url}/_stats", timeout=10))
+
+
+def calls_of(settings, job: str) -> int:
+    """Provider calls the simulator received for ``job`` (its idempotency keys are ``job:custom_id``):
+    the stack's own workers may be running other tests' work at the same time."""
+    url = f"{settings.simulator_url}/_stats?" + urllib.parse.urlencode({"key_prefix": f"{job}:"})
+    return json.load(urllib.request.urlopen(url, timeout=10))["keys"]["calls"]
 
 
 def keys_seen(settings, job: str) -> dict[str, int]:

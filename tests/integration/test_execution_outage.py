@@ -14,7 +14,7 @@ import time
 import uuid
 
 from pipeline.config import ROOT
-from tests.integration.execution_helpers import LOOP, keys_seen, make_batch, requests_of, scalar, sim_stats, simulator_config
+from tests.integration.execution_helpers import LOOP, calls_of, keys_seen, make_batch, requests_of, scalar, simulator_config
 from workers.execute import run_batch
 
 
@@ -41,7 +41,6 @@ def test_a_batch_rides_out_a_postgres_outage(stack, engine, caplog):
         _stack("up", "postgres")
         outage["end"] = time.monotonic()
 
-    before = sim_stats(stack)["total"]["requests"]
     loop = LOOP
     t = threading.Thread(target=stop_postgres_mid_batch)
     try:
@@ -53,7 +52,7 @@ def test_a_batch_rides_out_a_postgres_outage(stack, engine, caplog):
     finally:
         t.join(300)
         _stack("up", check=False)   # whatever did not survive the outage (not this test's subject)
-    calls = sim_stats(stack)["total"]["requests"] - before
+    calls = calls_of(stack, job)
     assert outage.get("end"), "Postgres was never stopped"
     assert result["succeeded"] == n, result
     reqs = requests_of(engine, job)

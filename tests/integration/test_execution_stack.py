@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from pipeline.config import ROOT
 from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
-from tests.integration.execution_helpers import scalar, sim_stats, simulator_config
+from tests.integration.execution_helpers import calls_of, scalar, simulator_config
 
 
 def test_submit_wait_exits_1_and_the_job_is_failed_when_every_request_failed(stack, engine, tmp_path):
@@ -28,15 +28,6 @@ def test_submit_wait_exits_1_and_the_job_is_failed_when_every_request_failed(sta
     assert shown["status"] == "failed"
 
 
-#: a model no other test uses: the calls counted are this test's own, not those of held work
-#: the scheduler releases meanwhile (the off-peak window may be open while the suite runs)
-CANCEL_MODEL = "gpt-4.1-mini"
-
-
-def _provider_calls(stack, model: str = CANCEL_MODEL) -> int:
-    return sim_stats(stack)["by_model"].get(model, {}).get("requests", 0)
-
-
 def test_cancel_mid_job_takes_effect_without_deadlock_and_stops_provider_calls(stack, engine, tmp_path):
     """Item 11b: five jobs cancelled while their batches are being claimed and run. Every cancel
     exits 0 with no traceback, every job ends cancelled with nothing left running, and no
@@ -46,7 +37,8 @@ def test_cancel_mid_job_takes_effect_without_deadlock_and_stops_provider_calls(s
         for round_ in range(5):
             n = 1000
             path = write_jsonl(tmp_path / f"cancel{round_}.jsonl",
-                               [chat_line(f"c{i}", f"cancel round {round_} line {i}", model=CANCEL_MODEL, priority=6)
+                               [chat_line(f"c{i}", f"cancel round {round_} line {i}", model="gpt-4.1-mini",
+                                          priority=6)
                                 for i in range(n)])
             job = llmbatch("submit", path, check=True, timeout=180).stdout.strip().splitlines()[-1]
             wait_for(lambda: scalar(engine, "SELECT count(*) FROM requests WHERE job_id = :j AND status = 'succeeded'",
@@ -58,7 +50,7 @@ def test_cancel_mid_job_takes_effect_without_deadlock_and_stops_provider_calls(s
             # machine (2 cores, processes starting) a worker resolving 64 checks at once was seen to
             # send the last of them more than 3 s later; 5 s is the margin, not a speed claim
             time.sleep(5.0)
-            after_cancel = _provider_calls(stack)
+            after_cancel = calls_of(stack, job)   # this job's calls, whatever else the stack runs
 
             def settled():
                 with engine.connect() as conn:
@@ -68,7 +60,7 @@ def test_cancel_mid_job_takes_effect_without_deadlock_and_stops_provider_calls(s
                 return open_ == 0 and total == n
             wait_for(settled, timeout=240, every=0.5, what=f"every request of {job} to end")
             time.sleep(2.0)
-            late = _provider_calls(stack) - after_cancel
+            late = calls_of(stack, job) - after_cancel
             with engine.connect() as conn:
                 states = dict(conn.execute(sa.text(
                     "SELECT status, count(*) FROM requests WHERE job_id = :j GROUP BY 1"), {"j": job}).all())

@@ -331,18 +331,26 @@ def test_stats_peak_concurrency_tiers_and_duplicate_keys():
             calls.append(an.messages.create(model=CLAUDE, max_tokens=5, messages=MSGS[1:]))
             await asyncio.gather(*calls)
             stats = await get_stats(http, url)
+            prefixed = {}
+            for prefix in ("k1", "k", "none"):
+                async with http.get(f"{url}/_stats", params={"key_prefix": prefix}) as r:
+                    prefixed[prefix] = (await r.json())["keys"]
             async with http.post(f"{url}/_reset") as r:
                 assert r.status == 200
             async with http.get(f"{url}/healthz") as r:
                 health = (r.status, r.headers["x-llmbatch-simulator"])
-            return stats, await get_stats(http, url), health
+            return stats, prefixed, await get_stats(http, url), health
 
-    stats, after, health = run(body())
+    stats, prefixed, after, health = run(body())
     t = stats["total"]
     assert t["requests"] == 12 and t["successes"] == 12
     assert t["peak_concurrency"] == 12 and t["in_flight"] == 0
     assert t["duplicates"] == 3
     assert stats["duplicate_keys"] == {"k2": 2, "k1": 1}
+    assert "keys" not in stats
+    assert prefixed == {"k1": {"prefix": "k1", "calls": 2, "distinct": 1},
+                        "k": {"prefix": "k", "calls": 11, "distinct": 8},
+                        "none": {"prefix": "none", "calls": 0, "distinct": 0}}
     peak = stats["by_tier"]["peak"]
     assert peak["requests"] == 11 and peak["peak_concurrency"] == 11 and peak["duplicates"] == 3
     assert stats["by_tier"]["untagged"]["requests"] == 1

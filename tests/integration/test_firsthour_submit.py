@@ -44,17 +44,25 @@ def _start_submit(*args):
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ))
 
 
-def _progressed(engine, path, lines):
+def _progressed(engine, path, lines=1):
+    """The submit of ``path`` is still reading and has recorded ``lines``. It records its progress
+    at its first line and then every 2 s; a finished job's count is not progress: a submit that
+    ran to the end before the test saw it fails the wait instead of being signalled too late."""
     def check():
         row = _job_by_source(engine, path)
-        return row if row and row["lines_read"] >= lines else None
+        return row if row and row["status"] == "submitting" and row["lines_read"] >= lines else None
     return check
+
+
+def _wait_reading(engine, path):
+    """Polled every 20 ms: a file of n lines keeps the submit reading for n / ~14,000 s here."""
+    return wait_for(_progressed(engine, path), timeout=120, every=0.02, what="the submit to be reading")
 
 
 def test_ctrl_c_during_a_100k_line_submit_finishes_the_job_with_what_was_published(engine, tmp_path):
     path = _big_file(tmp_path / "big.jsonl", 100_000)
     proc = _start_submit(path, "--priority", 6)
-    wait_for(_progressed(engine, path, 1000), timeout=120, what="the submit recorded progress")
+    _wait_reading(engine, path)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=180)
     print(f"exit {proc.returncode}\nstdout: {out}\nstderr: {err}")
@@ -73,10 +81,10 @@ def test_ctrl_c_during_a_100k_line_submit_finishes_the_job_with_what_was_publish
 
 
 def test_an_interrupted_submit_resumes_from_the_next_line(engine, tmp_path):
-    n = 20_000
+    n = 60_000
     path = _big_file(tmp_path / "resume.jsonl", n, tier="offpeak")
     proc = _start_submit(path)
-    wait_for(_progressed(engine, path, 500), timeout=120, what="the submit recorded progress")
+    _wait_reading(engine, path)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err
@@ -98,10 +106,14 @@ def test_an_interrupted_submit_resumes_from_the_next_line(engine, tmp_path):
 def test_a_killed_submit_is_closed_by_the_upkeep_with_its_line_count(engine, tmp_path):
     path = _big_file(tmp_path / "killed.jsonl", 100_000, tier="offpeak")
     proc = _start_submit(path)
-    row = wait_for(_progressed(engine, path, 1000), timeout=120, what="the submit recorded progress")
+    job_id = _wait_reading(engine, path)["job_id"]
+
+    def published_while_reading():
+        job = _job(engine, job_id)
+        return job if job["status"] == "submitting" and job["requests"] > 0 else None
+    row = wait_for(published_while_reading, timeout=60, every=0.02, what="published lines in Postgres while reading")
     proc.kill()
     proc.wait(timeout=30)
-    job_id = row["job_id"]
     try:
         assert _job(engine, job_id)["status"] == "submitting"
         wait_for(lambda: job_id in close_abandoned_submits(engine=engine), timeout=120, every=1,

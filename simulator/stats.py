@@ -67,7 +67,6 @@ class Stats:
         self.by_tier: dict[str, Counter] = {}
         self.by_model_tier: dict[tuple[str, str], Counter] = {}
         self.key_calls: dict[str, int] = {}   # Idempotency-Key -> requests carrying it
-        self.duplicate_keys: dict[str, int] = {}
         self.batch_requests: dict[str, int] = {}
 
     def counters(self, model: str, tier: str | None) -> tuple[Counter, ...]:
@@ -88,9 +87,7 @@ class Stats:
         if idempotency_key:
             seen = self.key_calls.get(idempotency_key, 0)
             self.key_calls[idempotency_key] = seen + 1
-            if seen:
-                duplicate = True
-                self.duplicate_keys[idempotency_key] = seen
+            duplicate = seen > 0
         for c in counters:
             c.requests += 1
             c.in_flight += 1
@@ -120,7 +117,8 @@ class Stats:
         by_model_tier: dict[str, dict] = {}
         for (model, tier), c in sorted(self.by_model_tier.items()):
             by_model_tier.setdefault(model, {})[tier] = c.as_dict()
-        listed = sorted(self.duplicate_keys.items(), key=lambda kv: -kv[1])[:MAX_LISTED_DUPLICATE_KEYS]
+        duplicates = {k: n - 1 for k, n in self.key_calls.items() if n > 1}   # key -> extra sightings
+        listed = sorted(duplicates.items(), key=lambda kv: -kv[1])[:MAX_LISTED_DUPLICATE_KEYS]
         return {
             "simulator": True,
             "since": self.started,
@@ -129,7 +127,7 @@ class Stats:
             "by_tier": {k: c.as_dict() for k, c in sorted(self.by_tier.items())},
             "by_model_tier": by_model_tier,
             "duplicate_keys": dict(listed),
-            "distinct_duplicate_keys": len(self.duplicate_keys),
+            "distinct_duplicate_keys": len(duplicates),
             "batch_requests": dict(sorted(self.batch_requests.items())),
             **({"keys": self.keys_with_prefix(key_prefix)} if key_prefix is not None else {}),
         }

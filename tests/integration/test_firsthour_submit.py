@@ -44,19 +44,15 @@ def _start_submit(*args):
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ))
 
 
-def _progressed(engine, path, lines=1):
-    """The submit of ``path`` is still reading and has recorded ``lines``. It records its progress
-    at its first line and then every 2 s; a finished job's count is not progress: a submit that
-    ran to the end before the test saw it fails the wait instead of being signalled too late."""
-    def check():
-        row = _job_by_source(engine, path)
-        return row if row and row["status"] == "submitting" and row["lines_read"] >= lines else None
-    return check
-
-
 def _wait_reading(engine, path):
-    """Polled every 20 ms: a file of n lines keeps the submit reading for n / ~14,000 s here."""
-    return wait_for(_progressed(engine, path), timeout=120, every=0.02, what="the submit to be reading")
+    """The submit of ``path`` is still reading: it records its progress at its first line, then
+    every 2 s. A finished job's count is not progress, so a submit that ran to the end before the
+    test saw it fails the wait instead of being signalled too late. Polled every 20 ms: a file of
+    n lines keeps the submit reading for about n / 14,000 s here."""
+    def reading():
+        row = _job_by_source(engine, path)
+        return row if row and row["status"] == "submitting" and row["lines_read"] >= 1 else None
+    return wait_for(reading, timeout=120, every=0.02, what="the submit to be reading")
 
 
 def test_ctrl_c_during_a_100k_line_submit_finishes_the_job_with_what_was_published(engine, tmp_path):

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -28,7 +27,7 @@ from schedules.clock import DbClock
 from schedules.service import LEADER_LOCK
 from schedules.windows import Window
 from tests.integration.conftest import LLMBATCH, chat_line, llmbatch, wait_for, write_jsonl
-from tests.integration.execution_helpers import calls_of, simulator_config
+from tests.integration.execution_helpers import calls_of, sim_stats, simulator_config
 
 ANTHROPIC_MODEL = "claude-3-5-haiku-latest"
 
@@ -69,11 +68,6 @@ def scheduler(stack, tmp_path_factory):
     if proc is not None and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-
-
-def _sim_stats() -> dict:
-    with urllib.request.urlopen(f"{get_settings().simulator_url}/_stats", timeout=5) as r:
-        return json.loads(r.read())
 
 
 def _counts(engine, job: str) -> dict:
@@ -177,12 +171,12 @@ def test_provider_batch_costs_half_of_realtime_with_identical_results(scheduler,
     engine = scheduler
     n = 1000
     path = write_jsonl(tmp_path / f"{provider}.jsonl", _lines(provider, n))
-    batch_before = sum(_sim_stats()["batch_requests"].values())
+    batch_before = sum(sim_stats(get_settings())["batch_requests"].values())
     realtime = _submit(path, "--tier", "peak")
     batch = _submit(path, "--tier", "peak", "--mode", "provider_batch")
     wait_for(lambda: _job_status(engine, realtime) == "completed", timeout=180, every=1)
     wait_for(lambda: _job_status(engine, batch) == "completed", timeout=180, every=1)
-    assert sum(_sim_stats()["batch_requests"].values()) - batch_before == n
+    assert sum(sim_stats(get_settings())["batch_requests"].values()) - batch_before == n
 
     q = ("SELECT custom_id, status_code, response, error, input_tokens, cached_input_tokens, output_tokens,"
          " usage_missing, cost_usd FROM results WHERE job_id = :j ORDER BY custom_id")

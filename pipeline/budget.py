@@ -44,6 +44,7 @@ from decimal import ROUND_CEILING, Decimal
 import sqlalchemy as sa
 from redis import exceptions as redis_exceptions
 
+from pipeline.aio import checkpoint
 from pipeline.config import Settings
 from pipeline.constants import HELD_TIERS, REDIS_PREFIX, TIERS
 from pipeline.errors import BudgetError, ConfigError, InfrastructureError
@@ -713,6 +714,7 @@ class Budget:
         billed), retry settlements Redis refused, re-assert holds after a rebuild."""
         while True:
             await asyncio.sleep(self._beat_s())
+            checkpoint()   # a Redis call of the last beat may have swallowed our cancellation
             r = self._beat_client()
             try:
                 gen = await r.get(KEYS[0])

@@ -48,6 +48,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from pipeline.aio import checkpoint
 from pipeline.config import Settings
 from pipeline.constants import REDIS_PREFIX
 from pipeline.errors import ConfigError
@@ -316,6 +317,7 @@ class Limiter:
                 return None
             # re-ask at least every second so the waiting marks stay fresh; a little jitter
             await self.sleep(min(int(wait_ms) / 1000.0, 1.0) + random.random() * 0.01)
+            checkpoint()
 
     async def block(self, provider: str, model: str, seconds: float) -> None:
         """Push the model's shared window back: every worker waits ``seconds`` from now."""
@@ -345,6 +347,7 @@ class Limiter:
         delay = 0.005
         while int(await self._eval(ACQUIRE, [key], lid, cap, ttl_ms)) != 1:
             await self.sleep(delay * (0.5 + random.random()))
+            checkpoint()
             delay = min(delay * 1.5, 0.05)
         waited = time.monotonic() - started
         renewer = asyncio.create_task(self._renew(key, lid, ttl_ms))
@@ -360,6 +363,7 @@ class Limiter:
     async def _renew(self, key: str, lid: str, ttl_ms: int) -> None:
         while True:
             await asyncio.sleep(ttl_ms / 3000.0)
+            checkpoint()   # the last renewal may have swallowed our cancellation: the slot is free
             try:
                 if not int(await self.redis.eval(RENEW, 1, key, lid, ttl_ms)):
                     log.warning("rate limiter: lease %s expired while held", lid)

@@ -238,7 +238,7 @@ pg_initdb() {
 listen_addresses = '127.0.0.1'
 port = $PG_PORT
 unix_socket_directories = '$PG_SOCKET_DIR'
-max_connections = 200
+max_connections = 200       # 20 of them the reader's at most (sql/016_reader_limits.sql)
 shared_buffers = 256MB
 password_encryption = scram-sha-256
 EOF
@@ -287,7 +287,11 @@ ALTER ROLE llmbatch_reader SET default_transaction_read_only = on;
 ALTER ROLE llmbatch WITH LOGIN PASSWORD :'dbpw';
 ALTER ROLE llmbatch_reader WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD :'readerpw';
 SELECT 'CREATE DATABASE llmbatch OWNER llmbatch' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'llmbatch') \gexec
+\connect llmbatch
 SQL
+        # the reader's limits (connections, timeouts, temp files, no TEMP) need the superuser:
+        # the migration that sets them, applied here first (idempotent; db upgrade then finds them)
+        cat "$ROOT/sql/016_reader_limits.sql"
     } | pg_psql >>"$(log_file postgres-init)" 2>&1
 }
 

@@ -92,14 +92,27 @@ def check_postgres(settings: Settings) -> list[Check]:
         with psycopg.connect(url, connect_timeout=3) as conn:
             conn.execute("SELECT 1 FROM job_summary LIMIT 1")
             ro = conn.execute("SELECT has_table_privilege('jobs', 'INSERT')").fetchone()[0]
+            limit, temp = conn.execute(
+                "SELECT rolconnlimit, has_database_privilege(current_database(), 'TEMP')"
+                " FROM pg_roles WHERE rolname = current_user").fetchone()
+            timeout = conn.execute("SHOW statement_timeout").fetchone()[0]
+            temp_files = conn.execute("SHOW temp_file_limit").fetchone()[0]
         if ro:
             raise RuntimeError("llmbatch_reader can INSERT into jobs: it must be read-only")
-        return "llmbatch_reader reads, cannot write"
+        # without these a reader can take every connection or fill the disk (sql/016_reader_limits.sql)
+        loose = [what for what, bad in (("no connection limit", limit < 0), ("TEMP on the database", temp),
+                                        ("no statement_timeout", timeout == "0"),
+                                        ("no temp_file_limit", temp_files == "-1")) if bad]
+        if loose:
+            raise RuntimeError(f"llmbatch_reader has {', '.join(loose)}")
+        return (f"llmbatch_reader reads, cannot write; {limit} connections,"
+                f" statement_timeout {timeout}, temp_file_limit {temp_files}, no TEMP")
 
     return [first,
             _try("migrations", migrations, "llmbatch db upgrade", "setup"),
             _try("read-only role", reader,
-                 "as a Postgres superuser: CREATE ROLE llmbatch_reader LOGIN; then llmbatch db upgrade",
+                 "as a Postgres superuser: CREATE ROLE llmbatch_reader LOGIN (if missing), then in the"
+                 " database \\i sql/016_reader_limits.sql; then llmbatch db upgrade",
                  "setup")]
 
 

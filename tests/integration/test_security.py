@@ -10,9 +10,11 @@ the read-only role. The passwords are generated into ``var/secrets.env``
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -131,3 +133,91 @@ def test_secrets_file_is_private_and_on_no_command_line(stack):
         for key, value in secrets.items():
             assert value not in text, f"{key} on the command line of pid {cmdline.parent.name}"
     assert any("supervisord" in t for t in seen)   # sanity: the stack's processes were looked at
+
+
+# ---------------------------------------------------------------- the read-only role cannot hurt
+
+def _reader_libpq(stack) -> str:
+    return stack.reader_url.replace("postgresql+psycopg://", "postgresql://")
+
+
+async def _reader_sleeps(url: str, n: int, sleep_s: float, started: list) -> list:
+    """``n`` reader sessions at once, each running ``pg_sleep``: what each one ended with."""
+    import asyncio
+
+    async def one():
+        try:
+            conn = await psycopg.AsyncConnection.connect(url, connect_timeout=20, autocommit=True)
+        except psycopg.OperationalError as e:
+            return ("refused", str(e))
+        started.append(1)
+        async with conn:
+            try:
+                await conn.execute("SELECT pg_sleep(%s)", (sleep_s,))
+                return ("slept", "")
+            except psycopg.Error as e:
+                return ("cancelled", str(e))
+    return await asyncio.gather(*(one() for _ in range(n)))
+
+
+def test_reader_sessions_cannot_take_the_pipelines_connections(stack, tmp_path):
+    """200 reader sessions of pg_sleep took every slot: status exited 3 and a submit was never
+    recorded. Now the role's connection limit refuses the sessions past it, the pipeline keeps
+    its own connections, and statement_timeout ends the sleeps."""
+    import asyncio
+    import threading
+
+    from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
+
+    url = _reader_libpq(stack)
+    with psycopg.connect(url, connect_timeout=10) as conn:
+        limit = conn.execute("SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+        timeout = conn.execute("SELECT setting::int FROM pg_settings WHERE name = 'statement_timeout'").fetchone()[0]
+        max_conn = int(conn.execute("SHOW max_connections").fetchone()[0])
+
+    before = write_jsonl(tmp_path / "before.jsonl", [chat_line("b0", "before the reader flood")])
+    job_before = json.loads(llmbatch("submit", before, "--json", check=True).stdout.splitlines()[-1])["job_id"]
+
+    sleep_s = (timeout or 30_000) / 1000 + 30   # only statement_timeout can end them in time
+    started: list = []
+    results: list = []
+    runner = threading.Thread(target=lambda: results.extend(asyncio.run(_reader_sleeps(url, 200, sleep_s, started))))
+    runner.start()
+    try:
+        # every session is in, or refused (the refused ones return at once)
+        wait_for(lambda: len(started) >= min(limit if limit > 0 else 200, max_conn - 10), timeout=60,
+                 what="reader sessions sleeping")
+        time.sleep(2)
+        status = llmbatch("status", job_before, "--json", timeout=120)
+        assert status.returncode == 0, (len(started), status.returncode, status.stderr)
+        path = write_jsonl(tmp_path / "during.jsonl", [chat_line(f"r{i}", f"reader flood {i}") for i in range(3)])
+        submit = llmbatch("submit", path, "--json", timeout=120)
+        assert submit.returncode == 0, (len(started), submit.returncode, submit.stderr)
+        job = json.loads(submit.stdout.splitlines()[-1])["job_id"]
+        with psycopg.connect(stack.libpq_url, connect_timeout=10) as conn:
+            assert conn.execute("SELECT count(*) FROM jobs WHERE job_id = %s", (job,)).fetchone()[0] == 1
+    finally:
+        runner.join(timeout=sleep_s + 60)
+    assert 0 < limit <= max_conn // 4, f"llmbatch_reader may open {limit} of {max_conn} connections"
+    assert 0 < timeout <= 60_000, f"llmbatch_reader's statement_timeout is {timeout} ms"
+    outcomes = [r[0] for r in results]
+    assert outcomes.count("refused") + outcomes.count("cancelled") == 200, outcomes
+    assert outcomes.count("cancelled") <= limit, outcomes.count("cancelled")
+    assert all("too many connections for role" in msg for what, msg in results if what == "refused"), \
+        {msg for what, msg in results if what == "refused"}
+    assert all("statement timeout" in msg for what, msg in results if what == "cancelled"), \
+        {msg for what, msg in results if what == "cancelled"}
+
+
+def test_reader_cannot_make_temp_tables_or_lift_its_limits(stack):
+    """A reader turned read-only off and wrote a 269 MB temp table: TEMP is not the reader's,
+    and temp_file_limit is a superuser setting it cannot lift."""
+    with psycopg.connect(_reader_libpq(stack), connect_timeout=10, autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = off")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="temporary tables"):
+            conn.execute("CREATE TEMP TABLE big AS SELECT g FROM generate_series(1, 1000) g")
+        limit = conn.execute("SHOW temp_file_limit").fetchone()[0]
+        assert limit != "-1", "temp_file_limit is unlimited for llmbatch_reader"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SET temp_file_limit = -1")
+

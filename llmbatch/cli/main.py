@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import click
@@ -364,7 +365,10 @@ def _refuse_unless_reader(conn) -> None:
 @click.option("-f", "--file", "file_", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Read the query from a file (e.g. sql/queries/recent_jobs.sql).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per row.")
-def sql_cmd(query, file_, as_json):
+@click.option("--url", "print_url", is_flag=True,
+              help="Print the read-only role's connection string (no password) for psql or any"
+                   " client, e.g. psql \"$(llmbatch sql --url)\", and exit.")
+def sql_cmd(query, file_, as_json, print_url):
     """Run a query as the read-only role llmbatch_reader and print a table.
 
     Refuses (exit 2) when the configured connection is any other role: the
@@ -373,6 +377,13 @@ def sql_cmd(query, file_, as_json):
     import psycopg
 
     from llmbatch.cli import views
+    if print_url:
+        # the host and port this stack really uses (LLMBATCH_PORT_OFFSET included), so examples
+        # need no hard-coded port; the password stays out of it (PGPASSWORD, ~/.pgpass)
+        parts = urllib.parse.urlsplit(get_settings().reader_url.replace("postgresql+psycopg://", "postgresql://"))
+        user, _, host = parts.netloc.rpartition("@")
+        click.echo(urllib.parse.urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}@{host}")))
+        return
     if bool(query) == bool(file_):
         _fail('give a query ("select ...") or --file, not both', 2)
     text = file_.read_text() if file_ else query

@@ -221,3 +221,12 @@ def test_reader_cannot_make_temp_tables_or_lift_its_limits(stack):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SET temp_file_limit = -1")
 
+
+def test_sql_url_names_this_stacks_port_and_no_password(stack):
+    """The psql examples hard-coded 55432; ``llmbatch sql --url`` follows the port offset."""
+    from tests.integration.conftest import llmbatch
+
+    out = llmbatch("sql", "--url", check=True).stdout.strip()
+    url = urllib.parse.urlsplit(out)
+    assert (url.username, url.hostname, url.port) == ("llmbatch_reader", "127.0.0.1", _pg_port(stack)), out
+    assert url.password is None and stack.reader_password.reveal() not in out

@@ -48,6 +48,7 @@ from pipeline.aio import checkpoint
 from pipeline.config import Settings
 from pipeline.constants import HELD_TIERS, REDIS_PREFIX, TIERS
 from pipeline.errors import BudgetError, ConfigError, InfrastructureError
+from pipeline.ids import request_key
 
 log = logging.getLogger(__name__)
 
@@ -525,7 +526,7 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None) -> 
                     units = reservation_units(max_cost)
                 except InvalidAmount:   # never reserved, so never called: nothing to hold
                     continue
-                entry = [f"{job_id}:{cid}", str(units), "\t".join(fields)]
+                entry = [request_key(job_id, cid), str(units), "\t".join(fields)]
                 if in_pb:   # nobody re-asserts a provider batch's holds: they last its whole window
                     entry.append(int(PROVIDER_BATCH_HOLD_S * 1000))
                 res.append(entry)

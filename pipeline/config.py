@@ -113,6 +113,11 @@ class Settings:
     #: longest retry delay without retry-after (a provider's retry-after is honoured up to 10 times this)
     backoff_max_s: float = 30.0
 
+    # submit (pipeline/producer.py)
+    #: the longest line submit reads, in bytes: a longer one is refused with its line number before it
+    #: is parsed, so a submit's memory is bounded by this, not by the file (Kafka's message limit is 16 MiB)
+    max_line_bytes: int = 16 * 1024 * 1024
+
     # batcher
     #: the batcher's Kafka consumer group (the fast lane's group is this + ``.immediate``)
     consumer_group: str = "llmbatch-batcher"

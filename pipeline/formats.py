@@ -24,6 +24,7 @@ from decimal import Decimal
 
 from pipeline.constants import TIERS
 from pipeline.errors import LineError, UnknownModelError
+from pipeline.ids import refuse_control
 from pipeline.bounds import request_bound
 from pipeline.pricing import PriceBook
 
@@ -199,6 +200,7 @@ def _custom_id(obj: dict, pattern: re.Pattern | None) -> str:
     cid = _require(obj, "custom_id", str, "")
     if not cid or len(cid) > MAX_CUSTOM_ID:
         raise LineError(f"custom_id must be 1 to {MAX_CUSTOM_ID} characters")
+    refuse_control(cid, "custom_id")   # before the pattern: the reason names the character
     if pattern is not None and not pattern.match(cid):
         raise LineError(f"custom_id {cid!r} must match {pattern.pattern} (Anthropic's rule)")
     return cid

@@ -10,6 +10,14 @@ Correlation fields (``job``, ``batch``, ``request``, ``tier``) travel in
 it has. What must never be logged: API keys and prompt bodies. ``redact``
 masks anything shaped like a provider key in the final text as a last line of
 defence; the first line is not putting them there.
+
+A record is one line. Its text quotes values from input (custom_ids, job
+ids, provider messages), so the formatters escape every control character
+(C0, DEL, C1, the Unicode line separators, the bidirectional overrides) in
+the final text, exception and stack included: a newline becomes a
+backslash and an ``n``. No value can start a line of its own (a forged record
+with its own time and level) or send an escape sequence to the terminal of
+whoever tails the log. This is done here, once, not at each call site.
 """
 
 from __future__ import annotations
@@ -29,6 +37,26 @@ FIELDS = ("job", "batch", "request", "tier")
 
 # sk-…, sk-ant-…, sk-proj-…: provider key shapes (long enough not to hit ordinary words)
 _KEY = re.compile(r"\b(sk-(?:ant-|proj-)?)[A-Za-z0-9_\-]{16,}")
+
+
+#: what a log line must not carry raw: C0 and C1 controls, DEL, line and paragraph separators,
+#: bidirectional embeddings, overrides and isolates (they reorder what a reader sees)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(ch: str) -> str:
+    code = ord(ch)
+    return _NAMED.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line, with no control character: each one written as its escape."""
+    return _CONTROL.sub(lambda m: _escaped(m.group()), text)
+
+
+def _json_escaped(ch: str) -> str:
+    return f"\\u{ord(ch):04x}"
 
 
 def redact(text: str) -> str:
@@ -55,7 +83,7 @@ class PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         ctx = " ".join(f"{f}={getattr(record, f)}" for f in FIELDS if getattr(record, f, None))
-        return redact(f"{text} [{ctx}]" if ctx else text)
+        return escape_controls(redact(f"{text} [{ctx}]" if ctx else text))
 
 
 class JsonFormatter(logging.Formatter):
@@ -69,7 +97,9 @@ class JsonFormatter(logging.Formatter):
                 out[f] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(out, default=str, ensure_ascii=False))
+        # json escapes C0 itself; DEL, C1 and the separators would pass raw: \\u escapes, valid JSON
+        return _CONTROL.sub(lambda m: _json_escaped(m.group()), redact(json.dumps(out, default=str,
+                                                                              ensure_ascii=False)))
 
 
 def configure(level: str = "INFO", fmt: str = "plain", stream=None) -> logging.Logger:

@@ -34,6 +34,7 @@ from pipeline.cache import cache_key, is_cacheable
 from pipeline.constants import DISPATCHED_TIERS
 from pipeline.errors import LineError
 from pipeline.formats import MAX_DEPTH, check_values
+from pipeline.ids import refuse_control
 from pipeline.pricing import PriceBook, get_price_book
 from pipeline.tiers import classify
 
@@ -87,7 +88,14 @@ def parse(value: bytes | None) -> dict:
 
 
 def validate(m: dict) -> None:
-    """The JSON Schema, with formats; raises ``LineError`` naming the field."""
+    """The JSON Schema, with formats; raises ``LineError`` naming the field.
+
+    An id with a control character is refused first, in the words submit uses:
+    it would reach headers, Redis keys and log lines (pipeline/ids.py).
+    """
+    for name in ("job_id", "custom_id"):
+        if isinstance(m.get(name), str):
+            refuse_control(m[name], name)
     error = jsonschema.exceptions.best_match(validator().iter_errors(m))
     if error is None:
         return

@@ -1,8 +1,10 @@
 """Producer side: validate lines, price them, publish to Kafka.
 
-``submit_file`` streams a JSONL file in constant memory (apart from one
-8-byte hash per custom_id, to reject duplicates) and publishes every valid
-line with the idempotent producer. A bad line is rejected with its line
+``submit_file`` streams a JSONL file (a path, ``-`` for standard input,
+gzip recognised by its magic bytes: pipeline/lines.py) in memory bounded by
+the longest line it reads (``max_line_bytes``; a longer line is refused with
+its number, unread), apart from one 8-byte hash per custom_id, to reject
+duplicates, and publishes every valid line with the idempotent producer. A bad line is rejected with its line
 number and reason, recorded in Postgres, and the rest of the job goes on.
 A line counts as accepted only when Kafka acknowledged it; lines Kafka did
 not acknowledge are reported by number and recorded as rejected.
@@ -49,6 +51,7 @@ from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import FileInputError, InfrastructureError, LineError, UnknownModelError
 from pipeline.formats import Request, parse_json_line, parse_request
 from pipeline.kafka import make_producer
+from pipeline.lines import Oversized, is_stdin, open_input, read_lines
 from pipeline.pricing import get_price_book
 from pipeline.tiers import classify
 
@@ -138,13 +141,17 @@ class SubmitReport:
 FIRST_REJECTIONS = 5
 #: how often a running submit records its progress on the job row
 PROGRESS_EVERY_S = 2.0
-#: the largest file read whole to tell a pretty-printed JSON object from a JSONL file
-_WHOLE_JSON_MAX_BYTES = 64 * 1024 * 1024
-
-
-def check_file(path: Path) -> None:
+def check_file(path: Path, max_line_bytes: int = 16 * 1024 * 1024) -> None:
     """Refuse, before a job exists, a file that cannot be JSONL: a directory, an empty file,
-    a file of blank lines, a JSON array, or one JSON object spread over several lines."""
+    a file of blank lines, a JSON array, or one JSON object spread over several lines.
+
+    Reads at most ``max_line_bytes`` of any line (pipeline/lines.py): an oversized first line is
+    refused later with its number, and only a file of at most that size is read whole to tell a
+    pretty-printed object (a larger one is no request anyway). Standard input is not checked:
+    it can be read only once.
+    """
+    if is_stdin(path):
+        return
     if path.is_dir():
         raise FileInputError(f"{path} is a directory: give a JSONL file, one request per line")
     if not path.exists():
@@ -154,8 +161,10 @@ def check_file(path: Path) -> None:
     if path.stat().st_size == 0:
         raise FileInputError(f"{path}: the file is empty")
     first, more = b"", False
-    with path.open("rb") as f:
-        for raw in f:
+    with open_input(path) as f:
+        for raw in read_lines(f, max_line_bytes):
+            if isinstance(raw, Oversized):
+                return   # refused with its line number when it is read
             stripped = raw.strip().removeprefix(b"\xef\xbb\xbf").strip()
             if stripped and first:
                 more = True
@@ -175,9 +184,11 @@ def check_file(path: Path) -> None:
             return
         except ValueError:
             pass
-        if path.stat().st_size <= _WHOLE_JSON_MAX_BYTES:
+        with open_input(path) as f:
+            text = f.read(max_line_bytes + 1)
+        if len(text) <= max_line_bytes:
             try:
-                whole = json.loads(path.read_bytes())
+                whole = json.loads(text)
             except ValueError:
                 return   # a broken first line: rejected with its reason like any other
             if isinstance(whole, dict):
@@ -305,7 +316,9 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     """
     settings = settings or get_settings()
     path = Path(path)
-    check_file(path)
+    if is_stdin(path) and resume:
+        raise FileInputError("--resume reads the file again from its start: it needs a file, not standard input")
+    check_file(path, settings.max_line_bytes)
     prices = get_price_book()
     if fallback_model:
         try:
@@ -320,13 +333,14 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     if resume:
         if not job_id:
             raise FileInputError("--resume needs the job id")
-        previous = _start_resume(engine, job_id, path, seen)
+        previous = _start_resume(engine, job_id, path, seen, settings.max_line_bytes)
         priority, tier, mode = previous["priority"], previous["tier"], previous["mode"]
     else:
         previous = {"lines_read": 0, "accepted": 0, "rejected": 0, "last_line": 0}
         job_id = job_id or new_job_id()
         with db.transaction(engine) as conn:
-            db.create_job(conn, job_id, name=name or path.name, source=str(path), priority=priority,
+            db.create_job(conn, job_id, name=name or ("stdin" if is_stdin(path) else path.name),
+                          source=str(path), priority=priority,
                           tier=tier, budget_usd=budget_usd, on_budget=on_budget, mode=mode,
                           simulated=settings.simulated, fallback_model=fallback_model)
     report = SubmitReport(job_id, resumed_from=previous["last_line"], last_line=previous["last_line"])
@@ -353,19 +367,21 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     heartbeat()
     with _Interrupt() as interrupt:
         try:
-            with path.open("rb") as f:
-                for number, raw in enumerate(f, 1):
+            with open_input(path) as f:
+                for number, raw in enumerate(read_lines(f, settings.max_line_bytes), 1):
                     if interrupt.requested:
                         report.interrupted = True
                         break
                     if number <= previous["last_line"]:
                         continue
                     report.last_line = number
-                    if not raw.strip() or raw.strip() == b"\xef\xbb\xbf":
+                    if not isinstance(raw, Oversized) and (not raw.strip() or raw.strip() == b"\xef\xbb\xbf"):
                         continue  # blank lines are not requests
                     report.lines_read += 1
                     cid = None
                     try:
+                        if isinstance(raw, Oversized):
+                            raise LineError(oversized_reason(raw, settings.max_line_bytes))
                         obj = parse_json_line(raw)
                         cid = obj.get("custom_id") if isinstance(obj.get("custom_id"), str) else None
                         req = parse_request(obj, prices, counter)
@@ -435,11 +451,16 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     return report
 
 
+def oversized_reason(line: Oversized, max_line_bytes: int) -> str:
+    return (f"the line is {line.size:,} bytes, more than the {max_line_bytes:,} a line may have"
+            " (setting max_line_bytes): refused unread")
+
+
 def _digest(custom_id: str) -> bytes:
     return hashlib.blake2b(custom_id.encode(), digest_size=8).digest()
 
 
-def _start_resume(engine, job_id: str, path: Path, seen: set[bytes]) -> dict:
+def _start_resume(engine, job_id: str, path: Path, seen: set[bytes], max_line_bytes: int) -> dict:
     """Put an interrupted job back to ``submitting`` and take its counts; fills ``seen`` with the
     custom_ids of the lines already accepted (read again from the file, which must be the same)."""
     with db.transaction(engine) as conn:
@@ -457,11 +478,11 @@ def _start_resume(engine, job_id: str, path: Path, seen: set[bytes]) -> dict:
             {"j": job_id, "n": row["last_line"]}).scalars())
         conn.execute(sa.text(
             "UPDATE jobs SET status = 'submitting', finished_at = NULL WHERE job_id = :j"), {"j": job_id})
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
+    with open_input(path) as f:
+        for number, raw in enumerate(read_lines(f, max_line_bytes), 1):
             if number > row["last_line"]:
                 break
-            if number in rejected_lines or not raw.strip():
+            if number in rejected_lines or isinstance(raw, Oversized) or not raw.strip():
                 continue
             try:
                 cid = parse_json_line(raw).get("custom_id")

@@ -49,6 +49,7 @@ from pipeline import budget, db
 from pipeline.batcher import dispatch
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS
+from pipeline.ids import request_key
 from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ def _reserve(conn, reqs, settings: Settings, engine, redis, held: list[str]) -> 
     prices = get_price_book()
     fit, defer, fail, waiting = [], {}, [], 0
     for i, r in enumerate(reqs):
-        rid = f'{r["job_id"]}:{r["custom_id"]}'
+        rid = request_key(r["job_id"], r["custom_id"])
         try:
             amount = _hold_amount(r, prices)
             in_the_way = budget.reserve_now(engine, redis, settings, rid, r["job_id"], r["tier"], amount,
@@ -379,7 +380,7 @@ def _abandon(engine, pb_id: str, reason: str) -> None:
             "UPDATE requests SET status = 'held' WHERE batch_id = ANY(:ids) AND status = 'running'"
             " RETURNING job_id, custom_id"), {"ids": ids}).all()
     # never sent: the holds go (the next tick reserves again)
-    budget.release_held(_budget_redis(get_settings()), [f"{j}:{c}" for j, c in keys])
+    budget.release_held(_budget_redis(get_settings()), [request_key(j, c) for j, c in keys])
 
 
 def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
@@ -565,8 +566,8 @@ def _settle(pb_id: str, reqs: list[dict], outcomes: list[dict], settings: Settin
     its maximum is freed); holds of requests the provider did not run are released (a re-queued
     request reserves again on its realtime path)."""
     cost_of = {(o["job_id"], o["custom_id"]): Decimal(str(o.get("cost_usd") or 0)) for o in outcomes}
-    spent = {f"{j}:{c}": x for (j, c), x in cost_of.items()}
-    others = [f'{r["job_id"]}:{r["custom_id"]}' for r in reqs
+    spent = {request_key(j, c): x for (j, c), x in cost_of.items()}
+    others = [request_key(r["job_id"], r["custom_id"]) for r in reqs
               if (r["job_id"], r["custom_id"]) not in cost_of and r["status"] not in _TERMINAL]
     redis = _budget_redis(settings)
     try:

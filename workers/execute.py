@@ -37,6 +37,7 @@ from pipeline.cache import ResponseCache
 from pipeline.config import Settings, get_settings
 from pipeline.budget import BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount, from_units
 from pipeline.errors import LLMBatchError, PermanentProviderError, ProviderError
+from pipeline.ids import request_key
 from pipeline.pricing import Usage, answered_price, cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.providers import AttemptRecord, call_with_retries, get_provider
 from workers.fallback import fallback_for
@@ -202,7 +203,7 @@ class OutcomeWriter:
 
 def _rid(row: dict) -> str:
     """A request's reservation id without its attempt's suffix (workers/limited.py)."""
-    return f"{row['job_id']}:{row['custom_id']}"
+    return request_key(row["job_id"], row["custom_id"])
 
 
 def internal_error(req: dict, message: str, *, cost_usd: str = "0") -> dict:
@@ -304,7 +305,7 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate
     if writer.budget is not None:
         provider = Limited(provider, req, writer.budget, limiter_for(settings, writer.budget),
                             fallback_for(req, prices), settings.fallback_rate_wait_s)
-    key = f'{req["job_id"]}:{req["custom_id"]}'
+    key = request_key(req["job_id"], req["custom_id"])
     ctx = {"job": req["job_id"], "request": req["custom_id"], "tier": req["tier"]}  # log correlation
     headers = {"Idempotency-Key": key, "X-LLMBatch-Tier": req["tier"]}
 

@@ -22,6 +22,7 @@ from pipeline import budget, metrics, ratelimit
 from pipeline.config import Settings
 from pipeline.budget import BudgetExceeded
 from pipeline.errors import ProviderError, RetryableProviderError
+from pipeline.ids import request_key
 from workers.fallback import Fallback
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class Limited:
         self._sent = False                # this attempt's request has gone out
         # one hold id per execution of the request: a second execution of it (a batch delivered
         # again while the first still runs) holds beside it instead of replacing its hold
-        self.rid = f'{req["job_id"]}:{req["custom_id"]}~{secrets.token_hex(4)}'
+        self.rid = f'{request_key(req["job_id"], req["custom_id"])}~{secrets.token_hex(4)}'
 
     async def _admit(self, model: str) -> str:
         """Wait for the model's rate window; the fallback's when the primary's is too far off."""

@@ -110,7 +110,7 @@ def _print_status(status: dict, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path, allow_dash=True))
 @click.option("--priority", type=click.IntRange(0, 9), help="Default priority for lines without one.")
 @click.option("--tier", type=click.Choice(TIERS), help="Run every line in this tier.")
 @click.option("--budget-usd", type=_CAP_USD, help="Cap on the job's spend (finite, 0 or more).")
@@ -129,7 +129,10 @@ def _print_status(status: dict, as_json: bool) -> None:
                    "budget or rate limit; results.model records which model answered.")
 def submit(file, priority, tier, budget_usd, on_budget, name, wait, resume_job, as_json, mode, batch_fallback,
            fallback_model):
-    """Submit a JSONL file (OpenAI or Anthropic batch lines) as a job."""
+    """Submit a JSONL file (OpenAI or Anthropic batch lines) as a job.
+
+    FILE may be gzip-compressed (recognised by its content), or - to read standard input.
+    """
     from pipeline.producer import submit_file
     _provider_note()
     try:

@@ -76,7 +76,7 @@ def sim_stats(settings) -> dict:
 
 
 def calls_of(settings, job: str) -> int:
-    """Provider calls the simulator received for ``job`` (its idempotency keys are ``job:custom_id``):
+    """Provider calls the simulator received for ``job`` (its idempotency keys are ``job:<hash of custom_id>``):
     the stack's own workers may be running other tests' work at the same time."""
     url = f"{settings.simulator_url}/_stats?" + urllib.parse.urlencode({"key_prefix": f"{job}:"})
     return json.load(urllib.request.urlopen(url, timeout=10))["keys"]["calls"]

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from pipeline import budget
 from pipeline.errors import RetryableProviderError
+from pipeline.ids import request_key
 from pipeline.providers import Answer
 from tests.integration.conftest import wait_for
 from tests.integration.execution_helpers import budget_settings, commit_result, insert_job
@@ -377,7 +378,7 @@ def test_a_rebuild_midway_through_the_schedulers_holds_keeps_them(stack, engine,
             sredis.eval(budget.INVALIDATE, len(budget.KEYS), *budget.KEYS, sredis.get(budget.KEYS[0]))
             assert budget.rebuild(engine, sredis, settings)
         try:
-            if budget.reserve_now(engine, sredis, settings, f"{job}:{cid}", job, "background", amount,
+            if budget.reserve_now(engine, sredis, settings, request_key(job, cid), job, "background", amount,
                                   ttl_s=budget.PROVIDER_BATCH_HOLD_S) is None:
                 granted.append(cid)
         except budget.BudgetExceeded:
@@ -394,7 +395,7 @@ def test_a_provider_batch_settle_across_a_rebuild_counts_its_spend_exactly_once(
     settings = budget_settings(stack)
     _, sredis = clients(settings)
     job = _job(engine, AMOUNT * 10)
-    rid = f"{job}:r0"
+    rid = request_key(job, "r0")
     assert budget.reserve_now(engine, sredis, settings, rid, job, "background", AMOUNT,
                               ttl_s=budget.PROVIDER_BATCH_HOLD_S) is None
 

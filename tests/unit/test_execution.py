@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline import db
+from pipeline.ids import request_key
 from workers import execute
 
 
@@ -93,11 +94,12 @@ def test_a_row_postgres_refuses_fails_alone_with_the_reason(stored):
     writer = execute.OutcomeWriter(FakeEngine(), "b1", sleep=lambda s: None)
     writer.budget = SettleLog()
     writer.outcomes += [_outcome("a"), _outcome("bad"), _outcome("c")]
-    writer.settles += [(execute.budget.Reservation(f"j:{c}~0a1b", "g", [], 1, "d"), 0) for c in ("a", "bad", "c")]
+    rids = {c: f"{request_key('j', c)}~0a1b" for c in ("a", "bad", "c")}   # as workers/limited.py names holds
+    writer.settles += [(execute.budget.Reservation(rids[c], "g", [], 1, "d"), 0) for c in ("a", "bad", "c")]
     asyncio.run(writer.drain())
     # each settles with the transaction that committed its row: the batch's failed, so one each
     xids = writer.budget.settled
-    assert set(xids) == {"j:a~0a1b", "j:bad~0a1b", "j:c~0a1b"} and all(xids.values())
+    assert set(xids) == set(rids.values()) and all(xids.values())
     assert len(set(xids.values())) == 3
     by_id = {o["custom_id"]: o for o in stored["outcomes"]}
     assert set(by_id) == {"a", "bad", "c"}

@@ -1,0 +1,80 @@
+"""Submitted input as lines of bounded size: a file, a gzip file, or standard input.
+
+``open_input`` opens what ``llmbatch submit`` was given: ``-`` is standard
+input; a file (or stdin) that starts with gzip's magic bytes is decompressed
+as it is read, so ``reviews.jsonl.gz`` works as it is. ``read_lines`` yields
+one line at a time and never holds more than ``max_bytes`` (+1) of one line:
+a longer line is skipped to its end in fixed-size pieces and yielded as an
+``Oversized`` marker with its size, so the caller refuses it with its line
+number before anything parses it. A 300 MB line used to be read, decoded,
+parsed and tokenised whole: 7.5 GB of memory for one refusal.
+
+This module never parses JSON and never touches a service.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+#: ``llmbatch submit -``: the requests come on standard input
+STDIN = "-"
+GZIP_MAGIC = b"\x1f\x8b"
+#: how much of an oversized line is read at a time while it is skipped
+_SKIP_PIECE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Oversized:
+    """A line longer than the limit, skipped unread: its size in bytes (newline excluded)."""
+
+    size: int
+
+
+def is_stdin(source) -> bool:
+    return str(source) == STDIN
+
+
+def _buffered(raw: BinaryIO) -> io.BufferedReader:
+    return raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
+
+
+def open_input(source) -> BinaryIO:
+    """``source`` (a path, or ``-`` for standard input) as a binary stream, gunzipped when it is
+    gzip (recognised by its magic bytes, whatever its name)."""
+    raw = _buffered(sys.stdin.buffer) if is_stdin(source) else Path(source).open("rb")
+    if raw.peek(2)[:2] == GZIP_MAGIC:
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"))
+    return raw
+
+
+def is_gzip(path: Path) -> bool:
+    with Path(path).open("rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def read_lines(f: BinaryIO, max_bytes: int) -> Iterator[bytes | Oversized]:
+    """Each line of ``f`` (with its newline, as iterating a file gives it), or ``Oversized`` for a
+    line of more than ``max_bytes`` bytes; memory is bounded by ``max_bytes``, not by the line."""
+    while True:
+        raw = f.readline(max_bytes + 1)
+        if not raw:
+            return
+        if len(raw) <= max_bytes or raw.endswith(b"\n") and len(raw) == max_bytes + 1:
+            yield raw
+            continue
+        size = len(raw)
+        del raw
+        while True:
+            piece = f.readline(_SKIP_PIECE)
+            if not piece:
+                break
+            if piece.endswith(b"\n"):
+                size += len(piece) - 1
+                break
+            size += len(piece)
+        yield Oversized(size)

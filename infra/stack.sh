@@ -43,7 +43,6 @@ PG_USER=postgres            # the unprivileged system user that runs the server 
 PGDATA="$VAR/pgdata"
 PG_SOCKET_DIR="$VAR/pgsocket"
 KAFKA_DIR="$VAR/kafka"
-KAFKA_TOPICS="llm.requests:6 llm.requests.immediate:2 llm.requests.dlq:1"
 # per process: the environment of the `up` that started it (supervisord restarts with it)
 ENV_DIR="$VAR/supervisor/env"
 
@@ -382,16 +381,27 @@ kafka_java() { # MAIN-CLASS ARGS...
         -cp "$(kafka_classpath)" "$@"
 }
 
+# var/kafka/server.properties (0600: it holds the admin's password) from the template.
 kafka_config() {
+    load_secrets
     mkdir -p "$KAFKA_DIR/data"
-    sed -e "s#@KAFKA_DATA_DIR@#$KAFKA_DIR/data#g" -e "s#59092#$KAFKA_PORT#g" \
-        -e "s#59093#$KAFKA_CONTROLLER_PORT#g" "$ROOT/infra/kafka/server.properties" \
-        >"$KAFKA_DIR/server.properties.new"
+    (umask 077; sed -e "s#@KAFKA_DATA_DIR@#$KAFKA_DIR/data#g" -e "s#59092#$KAFKA_PORT#g" \
+        -e "s#59093#$KAFKA_CONTROLLER_PORT#g" -e "s#@KAFKA_ADMIN_PASSWORD@#$KAFKA_ADMIN_PASSWORD#g" \
+        "$ROOT/infra/kafka/server.properties" >"$KAFKA_DIR/server.properties.new")
     mv -f "$KAFKA_DIR/server.properties.new" "$KAFKA_DIR/server.properties"
 }
 
+# Format the storage once, with the admin's SCRAM credentials (KRaft keeps users in its metadata;
+# the other users are made by the admin at every `up`). A log formatted before Kafka had SASL
+# has no admin: it is moved aside (not deleted) and the storage formatted anew.
 kafka_format() {
-    [ -s "$KAFKA_DIR/data/meta.properties" ] && return 0
+    if [ -s "$KAFKA_DIR/data/meta.properties" ]; then
+        [ -e "$KAFKA_DIR/sasl" ] && return 0
+        local old="$KAFKA_DIR/data.pre-sasl.$(date +%s)"
+        say kafka "log formatted without SASL users: moved to ${old#"$ROOT/"}, formatting anew"
+        mv "$KAFKA_DIR/data" "$old"
+        mkdir -p "$KAFKA_DIR/data"
+    fi
     local cid
     if [ ! -s "$KAFKA_DIR/cluster.id" ]; then
         # a Kafka Uuid: 16 random bytes, base64url without padding, not starting with '-'
@@ -402,44 +412,29 @@ while True:
         echo "$cid" >"$KAFKA_DIR/cluster.id"
     fi
     cid=$(cat "$KAFKA_DIR/cluster.id")
-    say kafka "formatting storage (cluster id $cid)"
-    kafka_java kafka.tools.StorageTool format --cluster-id "$cid" \
-        --config "$KAFKA_DIR/server.properties" >>"$(log_file kafka-format)" 2>&1 \
-        || { show_log_tail kafka-format; die "kafka storage format failed"; }
+    say kafka "formatting storage (cluster id $cid, SCRAM user llmbatch-admin)"
+    # The password goes in a java @argfile (0600), never on a command line: ps would show it.
+    # The launcher expands the file; the JVM's own command line shows only its name.
+    local args="$KAFKA_DIR/format.args"
+    (umask 077; printf '%s\n' "-cp" "\"$(kafka_classpath)\"" kafka.tools.StorageTool format \
+        --cluster-id "$cid" --config "\"$KAFKA_DIR/server.properties\"" \
+        --add-scram "SCRAM-SHA-512=[name=llmbatch-admin,password=$KAFKA_ADMIN_PASSWORD]" >"$args")
+    java -Xms64m -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+        -Dlog4j2.configurationFile="$ROOT/infra/kafka/log4j2.properties" "@$args" \
+        >>"$(log_file kafka-format)" 2>&1 \
+        || { rm -f "$args"; show_log_tail kafka-format; die "kafka storage format failed"; }
+    rm -f "$args"
+    touch "$KAFKA_DIR/sasl"
 }
 
-# One metadata request through librdkafka; exit 0 when the broker answers.
-KAFKA_READY_PY='
-import sys
-from confluent_kafka.admin import AdminClient
-md = AdminClient({"bootstrap.servers": sys.argv[1], "log_level": 0}).list_topics(timeout=2)
-sys.exit(0 if md.brokers else 1)
-'
-
+# One metadata request as the admin; exit 0 when the broker answers.
 kafka_ready() {
-    "$PY" -c "$KAFKA_READY_PY" "127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1
+    "$PY" -m pipeline.kafka_admin ready >/dev/null 2>&1
 }
 
+# Topics, the pipeline's SCRAM users and their ACLs (pipeline/kafka_admin.py), as the admin.
 kafka_create_topics() {
-    "$PY" - "127.0.0.1:$KAFKA_PORT" $KAFKA_TOPICS <<'EOF'
-import sys
-from confluent_kafka.admin import AdminClient, NewTopic
-admin = AdminClient({"bootstrap.servers": sys.argv[1], "log_level": 0})
-existing = admin.list_topics(timeout=10).topics
-wanted = dict(t.split(":") for t in sys.argv[2:])
-new = [NewTopic(name, num_partitions=int(n), replication_factor=1)
-       for name, n in wanted.items() if name not in existing]
-for name, fut in (admin.create_topics(new, operation_timeout=30) if new else {}).items():
-    try:
-        fut.result(timeout=30)
-        print(f"created topic {name}")
-    except Exception as e:  # a concurrent creator is fine
-        if "TOPIC_ALREADY_EXISTS" not in str(e):
-            sys.exit(f"cannot create topic {name}: {e}")
-for name in wanted:
-    if name in existing:
-        print(f"topic {name} exists")
-EOF
+    "$PY" -m pipeline.kafka_admin setup
 }
 
 up_kafka() {
@@ -454,7 +449,7 @@ up_kafka() {
     supervised_start kafka kafka_ready "${KAFKA_READY_TIMEOUT:-120}" || return 1
     local out
     if ! out=$(kafka_create_topics 2>&1); then
-        say kafka "FAILED to create topics: $out"
+        say kafka "FAILED to create topics, users and ACLs: $out"
         return 1
     fi
     say kafka "topics: $(echo "$out" | paste -sd, | sed 's/,/, /g')"

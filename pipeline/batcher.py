@@ -7,13 +7,15 @@ immediate). Every message ends as exactly one of: a request row, or a copy
 on ``llm.requests.dlq`` with an ``error`` header and its origin in headers.
 For every poll round:
 
-1. decode each message (``pipeline/messages.py``: strict JSON, the JSON
-   Schema, the cost recomputed from the price book); one that fails, for
-   any reason, goes to the DLQ and never blocks its partition;
+1. check who sent each message (``pipeline/kafka.py`` ``verify``: the
+   producer's signature), then decode it (``pipeline/messages.py``: strict
+   JSON, the JSON Schema, the cost recomputed from the price book); one that
+   fails, for any reason, goes to the DLQ and never blocks its partition;
 2. classify the tier and append to the buffer of its (tier, model);
 3. flush buffers that are full or have lingered long enough: one transaction
    writes the requests (deduped on (job, custom_id)) and their batch rows;
-   requests of a cancelled job are written ``cancelled`` and never batched.
+   a request for a job that is finished, cancelled or another producer's is
+   not written but dead-lettered with that reason (``db.admit_requests``).
    A flush Postgres refuses for its data is split in halves until the
    messages it refuses are isolated and dead-lettered; the rest commit;
 4. after the commit, hand immediate and peak batches to their Celery queues
@@ -54,8 +56,8 @@ from pipeline import db, metrics
 from pipeline.cache import PREFIX as CACHE_PREFIX, ResponseCache
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC
-from pipeline.errors import LineError
-from pipeline.kafka import make_consumer, make_producer
+from pipeline.errors import ConfigError, LineError
+from pipeline.kafka import make_consumer, make_producer, verify
 from pipeline.messages import MAX_REASON, decode
 from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
 
@@ -171,6 +173,9 @@ def is_outage(error: BaseException) -> bool:
 class Batcher:
     def __init__(self, settings: Settings | None = None, *, dispatcher=dispatch, engine=None):
         self.settings = settings or get_settings()
+        if not self.settings.kafka_producer_key:
+            raise ConfigError("no kafka_producer_key: the batcher checks every message's producer signature"
+                              " with it (var/secrets.env, or LLMBATCH_KAFKA_PRODUCER_KEY)")
         self.engine = engine or db.get_engine()
         self.dispatch = dispatcher
         hooks = {"error_cb": self._on_kafka_error, "on_commit": self._on_commit}
@@ -179,7 +184,7 @@ class Batcher:
         # waited behind every bulk message already fetched, up to the whole of a bulk job
         self.fast = make_consumer(self.settings, group=self.settings.consumer_group + ".immediate", **hooks)
         self.consumers = {REQUESTS_TOPIC: self.consumer, IMMEDIATE_TOPIC: self.fast}
-        self.dlq = make_producer(self.settings, error_cb=self._on_kafka_error)
+        self.dlq = make_producer(self.settings, role="batcher", error_cb=self._on_kafka_error)
         self.cache = ResponseCache(self.settings.redis_url, self.settings.cache_ttl_s)
         self.buffers: dict[tuple, Buffer] = {}
         #: items whose write waits for Postgres to come back (the partitions are paused meanwhile)
@@ -327,7 +332,9 @@ class Batcher:
         tp, o = (msg.topic(), msg.partition()), msg.offset()
         self.consumed[tp] = max(o, self.consumed.get(tp, -1))
         try:
+            producer = verify(self.settings, msg.headers(), msg.value())
             row = decode(msg.value(), now, get_price_book())
+            row["producer"] = producer
         except LineError as e:
             self._to_dlq(tp, o, msg.key(), msg.value(), e.reason)
             return
@@ -376,6 +383,7 @@ class Batcher:
         rows, batches, cached = self._plan(items, answers)
         try:
             with self.engine.begin() as conn:
+                rows, refused = db.admit_requests(conn, rows)
                 counts = db.write_batches(conn, rows, batches, cached)
                 db.mark_provider_batch_mode(conn, [b["batch_id"] for b in batches
                                                    if b["mode"] == "provider_batch" and counts.get(b["batch_id"])])
@@ -405,6 +413,9 @@ class Batcher:
         self.stats["batches"] += len([b for b in batches if counts.get(b["batch_id"])])
         self._send([b for b in batches if counts.get(b["batch_id"]) and b["status"] == "queued"])
         for it in items:
+            reason = refused.get((it.row["job_id"], it.row["custom_id"], it.row["producer"]))
+            if reason is not None:   # its copy holds the offset until Kafka has it
+                self._to_dlq(it.tp, it.offset, it.key, it.value, reason)
             self._release(it.tp, it.offset)
         return []
 

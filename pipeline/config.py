@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import hmac
 import os
 import re
 import tomllib
@@ -86,6 +88,21 @@ class Settings:
     redis_password: Secret = Secret("")
     #: Kafka bootstrap servers (host:port, comma-separated)
     kafka_bootstrap: str = "127.0.0.1:59092"
+    #: Kafka's security protocol: ``SASL_PLAINTEXT`` (the local stack), ``SASL_SSL`` across hosts
+    kafka_security_protocol: str = "SASL_PLAINTEXT"
+    #: Kafka's SASL mechanism (the broker's listener accepts SCRAM-SHA-512)
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    #: the Kafka user this process produces requests as (a service: the one ``llmbatch kafka add-producer`` made)
+    kafka_user: str = "llmbatch-submit"
+    #: kafka_user's password; empty: derived from kafka_producer_key (the pipeline's own producers)
+    kafka_password: Secret = Secret("")
+    #: the batcher's Kafka password (user llmbatch-batcher; generated into var/secrets.env)
+    kafka_batcher_password: Secret = Secret("")
+    #: the Kafka admin's password (user llmbatch-admin: topics, users, ACLs; generated into var/secrets.env)
+    kafka_admin_password: Secret = Secret("")
+    #: the key producers' passwords derive from; the batcher checks each message's signature with it
+    #: (generated into var/secrets.env)
+    kafka_producer_key: Secret = Secret("")
     #: where the local stack keeps its state: data, logs, pids, metrics, reports, tokenizer files
     var_dir: Path = ROOT / "var"
     #: shifts every default port, to run a second local stack beside the first
@@ -357,12 +374,26 @@ def load_settings(env: dict | None = None) -> Settings:
     if "redis_url" not in values and coerced.get("redis_password"):
         url = coerced.get("redis_url", base.redis_url)
         coerced["redis_url"] = with_user(url, "", coerced["redis_password"])
+    # the pipeline's own producers (and a service that holds the key) derive their password
+    if not coerced.get("kafka_password") and coerced.get("kafka_producer_key"):
+        coerced["kafka_password"] = Secret(producer_password(coerced["kafka_producer_key"],
+                                                             coerced.get("kafka_user", base.kafka_user)))
     return dataclasses.replace(base, **coerced)
+
+
+def producer_password(key: str, user: str) -> str:
+    """The Kafka password of producer ``user``: HMAC-SHA256 of its name under the producer key.
+
+    Derived, not stored: the batcher recomputes it to check a message's signature
+    (pipeline/kafka.py), so nothing but the key has to be kept anywhere.
+    """
+    return hmac.new(str.__str__(key).encode(), b"kafka-producer:" + user.encode(), hashlib.sha256).hexdigest()
 
 
 #: settings the stack's secrets file may set (anything else in it is for infra/stack.sh alone)
 _SECRET_SETTINGS = frozenset({"database_password", "reader_password", "redis_password",
-                              "flower_user", "flower_password"})
+                              "flower_user", "flower_password", "kafka_batcher_password",
+                              "kafka_admin_password", "kafka_producer_key"})
 
 
 @functools.cache

@@ -11,6 +11,17 @@ DLQ_TOPIC = "llm.requests.dlq"
 REQUESTS_PARTITIONS = 6
 IMMEDIATE_PARTITIONS = 2
 
+# Kafka principals (SASL/SCRAM users; pipeline/kafka_admin.py grants their ACLs).
+#: the stack's own admin: the only principal that may create, alter or delete topics, users and ACLs
+KAFKA_ADMIN_USER = "llmbatch-admin"
+#: the batcher: reads the request topics (its groups), writes the DLQ
+KAFKA_BATCHER_USER = "llmbatch-batcher"
+#: the pipeline's own producer (submit, the scheduler's recurring jobs); services get producers of their own
+KAFKA_SUBMIT_USER = "llmbatch-submit"
+#: Kafka headers of a request message: who produced it, and its proof (pipeline/kafka.py sign)
+PRODUCER_HEADER = "llmbatch.producer"
+SIGNATURE_HEADER = "llmbatch.signature"
+
 TIERS = ("immediate", "peak", "offpeak", "background")
 #: Tiers whose batches go to Celery as soon as they are written.
 DISPATCHED_TIERS = ("immediate", "peak")
@@ -40,5 +51,8 @@ JOB_STATES = ("submitting", "running", "paused_budget",
 JOB_TERMINAL = ("completed", "completed_with_errors", "failed", "cancelled", "paused_budget")
 #: ends in which some request did not succeed: ``submit --wait`` exits 1
 JOB_UNSUCCESSFUL = ("completed_with_errors", "failed", "cancelled", "paused_budget")
+
+#: ends after which a job takes no new request: a message for one goes to the DLQ
+JOB_FINISHED = ("completed", "completed_with_errors", "failed")
 
 SIMULATOR_LABEL = "simulator (no API key set: answers are simulated, not from a real model)"

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline.config import ROOT, get_settings
+from pipeline.constants import JOB_FINISHED
 from pipeline.errors import InfrastructureError
 
 log = logging.getLogger(__name__)
@@ -175,15 +176,17 @@ def _set_reader_password(conn: Connection) -> None:
 
 def create_job(conn: Connection, job_id: str, *, name: str | None, source: str | None,
                priority: int | None, tier: str | None, budget_usd: Decimal | None,
-               on_budget: str, mode: str, simulated: bool, fallback_model: str | None = None) -> None:
+               on_budget: str, mode: str, simulated: bool, fallback_model: str | None = None,
+               producer: str | None = None) -> None:
+    """A job row; ``producer`` is the Kafka user whose messages it takes (sql/013_job_producer.sql)."""
     conn.execute(sa.text(
         "INSERT INTO jobs (job_id, name, source, priority, tier, budget_usd, on_budget, mode, simulated,"
-        " fallback_model)"
+        " fallback_model, producer)"
         " VALUES (:job_id, :name, :source, :priority, :tier, :budget_usd, :on_budget, :mode, :simulated,"
-        " :fallback_model) ON CONFLICT (job_id) DO NOTHING"),
+        " :fallback_model, :producer) ON CONFLICT (job_id) DO NOTHING"),
         dict(job_id=job_id, name=name, source=source, priority=priority, tier=tier,
              budget_usd=budget_usd, on_budget=on_budget, mode=mode, simulated=simulated,
-             fallback_model=fallback_model))
+             fallback_model=fallback_model, producer=producer))
 
 
 def record_rejections(conn: Connection, job_id: str, rejections: list[dict]) -> None:
@@ -309,6 +312,62 @@ _REQUEST_COLUMNS = (
     " tier text, tier_reason text, priority smallint, deadline timestamptz, body jsonb,"
     " metadata jsonb, input_tokens int, tokens_exact bool, max_cost_usd numeric,"
     " status text, published_at timestamptz, cache_key text")
+
+
+def admit_requests(conn: Connection, requests: list[dict]) -> tuple[list[dict], dict[tuple, str]]:
+    """The requests a job may still take, and why the others are refused.
+
+    A new job is created ``running``, owned by the producer of its first message
+    (``producer``: the Kafka user that signed it, pipeline/kafka.py). A request is
+    refused when its job is finished (``JOB_FINISHED``) or cancelled, or when
+    another producer owns the job: a job's counts, cost and state never change
+    after it ends, and nobody puts work into a job that is not theirs. A request
+    already stored (a replayed message) is never refused: writing it again is a no-op.
+
+    Returns (admitted requests, {(job_id, custom_id, producer): reason}). Takes the jobs'
+    rows FOR SHARE, so a job cannot end or be cancelled before the caller's
+    transaction (which writes the admitted requests) commits.
+    """
+    if not requests:
+        return requests, {}
+    owners: dict[str, str] = {}
+    for r in requests:
+        owners.setdefault(r["job_id"], r.get("producer"))
+    ids = sorted(owners)
+    conn.execute(sa.text(
+        "INSERT INTO jobs (job_id, status, producer)"
+        " SELECT x.j, 'running', x.p FROM unnest(CAST(:ids AS text[]), CAST(:producers AS text[])) AS x(j, p)"
+        " ON CONFLICT DO NOTHING"), {"ids": ids, "producers": [owners[j] for j in ids]})
+    jobs = {j: (status, owner) for j, status, owner in conn.execute(sa.text(
+        "SELECT job_id, status, producer FROM jobs WHERE job_id = ANY(:ids) ORDER BY job_id FOR SHARE"),
+        {"ids": ids}).all()}
+    refused: dict[tuple, str] = {}
+    for r in requests:
+        job, producer = r["job_id"], r.get("producer")
+        status, owner = jobs[job]
+        if status in JOB_FINISHED:
+            refused[(job, producer)] = f"job {job} is finished ({status}): it takes no new request"
+        elif status == "cancelled":
+            refused[(job, producer)] = f"job {job} was cancelled: it takes no new request"
+        elif owner != producer:
+            refused[(job, producer)] = (f"job {job} belongs to producer {owner!r}: a message from"
+                                        f" {producer!r} cannot add to it")
+    if not refused:
+        return requests, {}
+    stored = set(conn.execute(sa.text(
+        "SELECT r.job_id, r.custom_id FROM requests r"
+        " JOIN jsonb_to_recordset(CAST(:keys AS jsonb)) AS x(job_id text, custom_id text)"
+        " ON r.job_id = x.job_id AND r.custom_id = x.custom_id"),
+        {"keys": dumps([{"job_id": r["job_id"], "custom_id": r["custom_id"]} for r in requests
+                        if (r["job_id"], r.get("producer")) in refused])}).all())
+    admitted, out = [], {}
+    for r in requests:
+        reason = refused.get((r["job_id"], r.get("producer")))
+        if reason is None or (r["job_id"], r["custom_id"]) in stored:
+            admitted.append(r)
+        else:
+            out[(r["job_id"], r["custom_id"], r.get("producer"))] = reason
+    return admitted, out
 
 
 def write_batches(conn: Connection, requests: list[dict], batches: list[dict],

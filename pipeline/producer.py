@@ -50,7 +50,7 @@ from pipeline.config import Settings, get_settings
 from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import FileInputError, InfrastructureError, LineError, UnknownModelError
 from pipeline.formats import Request, parse_json_line, parse_request
-from pipeline.kafka import make_producer
+from pipeline.kafka import make_producer, sign
 from pipeline.lines import Oversized, is_stdin, open_input, read_lines
 from pipeline.pricing import get_price_book
 from pipeline.tiers import classify
@@ -342,7 +342,8 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
             db.create_job(conn, job_id, name=name or ("stdin" if is_stdin(path) else path.name),
                           source=str(path), priority=priority,
                           tier=tier, budget_usd=budget_usd, on_budget=on_budget, mode=mode,
-                          simulated=settings.simulated, fallback_model=fallback_model)
+                          simulated=settings.simulated, fallback_model=fallback_model,
+                          producer=settings.kafka_user)
     report = SubmitReport(job_id, resumed_from=previous["last_line"], last_line=previous["last_line"])
     deliveries = _Deliveries()
     rejections: list[dict] = []
@@ -399,7 +400,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                     topic = topic_for(req, priority=priority, tier=tier, mode=mode)
                     while True:
                         try:
-                            producer.produce(topic, value=value, key=key,
+                            producer.produce(topic, value=value, key=key, headers=sign(settings, value),
                                              on_delivery=deliveries.callback(number))
                             produced += 1
                             break
@@ -498,15 +499,21 @@ def publish_request(line: dict, *, job_id: str, producer=None, settings: Setting
     """Validate and publish one request for a service; blocks until Kafka acknowledges it.
 
     ``line`` is a line of either input format, as a dict. The job row is
-    created by the batcher if it does not exist. Raises ``LineError`` for an
-    invalid request and ``InfrastructureError`` when Kafka does not acknowledge.
+    created by the batcher if it does not exist, owned by the producer that
+    published its first request: ``settings.kafka_user``, whose credentials
+    (``kafka_user`` / ``kafka_password``, made by ``llmbatch kafka add-producer``)
+    authenticate to Kafka and sign the message (pipeline/kafka.py). A request
+    for a job that is finished, cancelled or another producer's goes to the
+    DLQ with that reason. Raises ``LineError`` for an invalid request and
+    ``InfrastructureError`` when Kafka does not acknowledge.
     """
     settings = settings or get_settings()
     req = parse_request(line, get_price_book(), _anthropic_counter(settings))
     own = producer is None
     producer = producer or make_producer(settings)
     result: list = []
-    producer.produce(topic_for(req), value=to_message(job_id, None, req), key=job_id.encode(),
+    value = to_message(job_id, None, req)
+    producer.produce(topic_for(req), value=value, key=job_id.encode(), headers=sign(settings, value),
                      on_delivery=lambda err, msg: result.append(err))
     producer.flush(timeout)
     if own:

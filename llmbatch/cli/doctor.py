@@ -126,16 +126,20 @@ def check_redis(settings: Settings) -> Check:
 
 def check_kafka(settings: Settings) -> Check:
     def topics():
-        from confluent_kafka.admin import AdminClient
-        md = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0}).list_topics(timeout=5)
-        missing = [t for t in (REQUESTS_TOPIC, IMMEDIATE_TOPIC, DLQ_TOPIC) if t not in md.topics]
+        from pipeline.kafka import make_admin
+        # the admin sees every topic; a service's producer sees only the ones it may write
+        admin = bool(settings.kafka_admin_password)
+        md = make_admin(settings, "admin" if admin else "producer").list_topics(timeout=5)
+        wanted = (REQUESTS_TOPIC, IMMEDIATE_TOPIC) + ((DLQ_TOPIC,) if admin else ())
+        missing = [t for t in wanted if t not in md.topics]
         if missing:
             raise RuntimeError(f"topics missing: {', '.join(missing)}")
         n = len(md.topics[REQUESTS_TOPIC].partitions)
         if n < REQUESTS_PARTITIONS:
             raise RuntimeError(f"{REQUESTS_TOPIC} has {n} partitions, expected {REQUESTS_PARTITIONS}")
         return f"{settings.kafka_bootstrap}: {REQUESTS_TOPIC} ({n} partitions), {IMMEDIATE_TOPIC}, {DLQ_TOPIC}"
-    return _try("kafka", topics, f"start it (creates the topics): {UP}; or set LLMBATCH_KAFKA_BOOTSTRAP")
+    return _try("kafka", topics, f"start it (creates the topics): {UP}; or set LLMBATCH_KAFKA_BOOTSTRAP"
+                " (and the Kafka user and password: LLMBATCH_KAFKA_USER, LLMBATCH_KAFKA_PASSWORD)")
 
 
 def check_simulator(settings: Settings) -> Check:

@@ -3,7 +3,8 @@
 Verbs: ``submit``, ``status JOB [--watch]``, ``jobs``, ``results JOB``,
 ``report``, ``sql``, ``doctor``, ``db upgrade``; the local stack: ``up``,
 ``down``, ``ps`` (``status`` is a job's status, so the stack's is ``ps``);
-processes: ``batcher``, ``worker``, ``simulator``.
+processes: ``batcher``, ``worker``, ``simulator``; Kafka producers for services:
+``kafka add-producer|remove-producer``.
 
 Exit codes (every command):
 
@@ -597,6 +598,10 @@ from llmbatch.cli.schedule import cancel, schedule, scheduler  # noqa: E402  (is
 main.add_command(scheduler)
 main.add_command(schedule)
 main.add_command(cancel)
+
+from llmbatch.cli.kafka import kafka  # noqa: E402  (Kafka producers for services)
+
+main.add_command(kafka)
 
 
 def run() -> None:

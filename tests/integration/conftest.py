@@ -42,7 +42,7 @@ def stack():
 
     def kafka():
         from confluent_kafka.admin import AdminClient
-        topics = AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(timeout=5).topics
+        topics = AdminClient(kafka_conf(settings)).list_topics(timeout=5).topics
         assert "llm.requests" in topics, f"topic llm.requests missing: {sorted(topics)}"
 
     def simulator():
@@ -88,6 +88,15 @@ def llmbatch(*args, timeout: float = 300, check: bool = False) -> subprocess.Com
     if check and proc.returncode != 0:
         raise AssertionError(f"llmbatch {args} exited {proc.returncode}: {proc.stderr}")
     return proc
+
+
+def kafka_conf(settings, role: str = "admin", **extra) -> dict:
+    """A confluent-kafka client configuration that logs in (SASL/SCRAM) as ``role``: the
+    stack's ``admin`` (every topic and group; tests read the DLQ with it), the pipeline's
+    ``producer`` (writes the request topics) or the ``batcher``. Every test client is made
+    from this one helper, so the tests use Kafka as the pipeline's own principals do."""
+    from pipeline.kafka import client_conf
+    return {**client_conf(settings, role), **extra}
 
 
 def wait_for(predicate, timeout: float = 60, every: float = 0.2, what: str = "condition"):

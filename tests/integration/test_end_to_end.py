@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from confluent_kafka import Consumer
 
 from pipeline.constants import DLQ_TOPIC, IMMEDIATE_TOPIC, REQUESTS_TOPIC
-from pipeline.kafka import make_producer
+from pipeline.kafka import make_producer, sign
 from pipeline.pricing import Usage, cost, get_price_book
-from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
+from tests.integration.conftest import chat_line, kafka_conf, llmbatch, wait_for, write_jsonl
 
 
 def test_job_runs_end_to_end_with_bad_lines_rejected(stack, engine, tmp_path):
@@ -89,13 +89,13 @@ def _message(job_id: str, custom_id: str) -> bytes:
 def test_replayed_messages_change_nothing_and_garbage_goes_to_dlq(stack, engine):
     job = "job_test_" + uuid.uuid4().hex[:10]
     producer = make_producer(stack)
-    dlq = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"t-{job}",
+    dlq = Consumer({**kafka_conf(stack), "group.id": f"t-{job}",
                     "auto.offset.reset": "latest", "enable.auto.commit": False})
     dlq.subscribe([DLQ_TOPIC])
     wait_for(lambda: dlq.poll(0.2) is None and dlq.assignment(), timeout=30)
     garbage = b"{this is not json " + job.encode()
     for value in (_message(job, "one"), garbage, _message(job, "one"), _message(job, "two")):
-        producer.produce(REQUESTS_TOPIC, key=job.encode(), value=value)
+        producer.produce(REQUESTS_TOPIC, key=job.encode(), value=value, headers=sign(stack, value))
     assert producer.flush(10) == 0
 
     def done():
@@ -170,7 +170,7 @@ def test_immediate_requests_take_the_fast_lane_and_its_offsets_are_committed(sta
     assert wait_for(lambda: len(done()) == 2 and done(), timeout=60) == {"fast": "immediate", "bulk": "peak"}
 
     def where(topic, group_id):   # (partition, end offset, committed offset) of each partition
-        group = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": group_id,
+        group = Consumer({**kafka_conf(stack), "group.id": group_id,
                           "enable.auto.commit": False})
         try:
             parts = group.list_topics(topic, timeout=10).topics[topic].partitions

@@ -138,7 +138,7 @@ def test_generated_messages_are_all_accounted_for(stack, engine):
     pid = batcher_pid(stack)
     run = uuid.uuid4().hex[:8]
     live, cancelled = f"job_fuzz_{run}", f"job_fuzz_cancelled_{run}"
-    with engine.begin() as conn:   # most valid messages become cancelled rows: fewer provider calls
+    with engine.begin() as conn:   # most valid messages go to the DLQ (a cancelled job takes none): fewer provider calls
         conn.execute(sa.text("INSERT INTO jobs (job_id, status) VALUES (:j, 'cancelled')"), {"j": cancelled})
     jobs = [live, cancelled, cancelled, cancelled]
     dlq = DLQReader(stack)

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.config import ROOT
 from pipeline.constants import REQUESTS_TOPIC
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import kafka_conf, wait_for
 from tests.integration.test_intake_hostile import (DLQReader, assert_same_batcher, batcher_pid, publish,
                                                    wait_accounted, _valid)
 from tests.unit.test_intake_messages import HOSTILE
@@ -128,7 +128,7 @@ def _service_up(settings, name: str) -> bool:
             return False
     from confluent_kafka.admin import AdminClient
     try:
-        AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(timeout=3)
+        AdminClient(kafka_conf(settings)).list_topics(timeout=3)
         return True
     except Exception:
         return False

@@ -44,7 +44,8 @@ def _closed_port() -> int:
 def _kafka_values(settings, topic: str) -> list[bytes]:
     """Every message of ``topic`` (fresh group, from the start, up to the end as of now)."""
     from confluent_kafka import Consumer, TopicPartition
-    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"no-secrets-{uuid.uuid4().hex}",
+    from tests.integration.conftest import kafka_conf
+    c = Consumer({**kafka_conf(settings), "group.id": f"no-secrets-{uuid.uuid4().hex}",
                   "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     try:
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions

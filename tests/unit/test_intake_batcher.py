@@ -14,14 +14,20 @@ import sqlalchemy as sa
 from pipeline import batcher as batcher_mod
 from pipeline.batcher import Batcher, Dependency, is_outage
 from pipeline.config import load_settings
+from pipeline.kafka import sign
 from tests.unit.test_intake_messages import NOW, message, raw
+
+#: the batcher checks every message's producer signature with this key
+SETTINGS = load_settings({"LLMBATCH_KAFKA_PRODUCER_KEY": "unit-test-key"})
 
 
 class FakeMsg:
-    def __init__(self, value, offset, topic="llm.requests", partition=0):
+    def __init__(self, value, offset, topic="llm.requests", partition=0, headers=None):
         self._v, self._o, self._t, self._p = value, offset, topic, partition
+        self._h = sign(SETTINGS, value) if headers is None else headers
 
     def value(self): return self._v
+    def headers(self): return self._h
     def key(self): return b"k"
     def offset(self): return self._o
     def topic(self): return self._t
@@ -94,9 +100,10 @@ def make(monkeypatch):
             written.extend(rows)
             return {b["batch_id"]: sum(1 for r in rows if r["batch_id"] == b["batch_id"]) for b in batches}
         monkeypatch.setattr(batcher_mod.db, "write_batches", write_batches)
+        monkeypatch.setattr(batcher_mod.db, "admit_requests", lambda conn, rows: (rows, {}))
         monkeypatch.setattr(batcher_mod.db, "mark_provider_batch_mode", lambda conn, ids: None)
         monkeypatch.setattr(batcher_mod.db, "mark_dispatched", lambda conn, ids: None)
-        b = Batcher(load_settings({}), engine=FakeEngine(), dispatcher=lambda *a: None)
+        b = Batcher(SETTINGS, engine=FakeEngine(), dispatcher=lambda *a: None)
         b._cached_answers = lambda items: {}
         return b
     return build, written

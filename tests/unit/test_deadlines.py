@@ -105,3 +105,15 @@ def test_no_deadline_no_change():
     assert classify(3, None, None, now, RULES, offpeak_opens=now + timedelta(hours=15))[0] == "offpeak"
     assert not release_due(now, None) and not missed(now, None)
 
+
+def test_status_names_missed_deadlines():
+    from llmbatch.cli import views
+    st = {"job_id": "job_d", "status": "completed_with_errors", "provider": "simulator",
+          "counts": {"total": 3, "accepted": 3, "rejected": 0, "succeeded": 1, "failed": 2, "cancelled": 0,
+                     "pending": 0},
+          "cost_usd": "0.001", "budget_usd": None, "rate_per_s": 0.0, "eta_s": 0, "by_tier": {},
+          "deadlines": {"with_deadline": 3, "on_time": 1, "late": 0, "missed": 2, "overdue": 0, "pending": 0,
+                        "next_deadline": None}}
+    text = views.format_status(st)
+    assert "deadlines: 2 MISSED (failed deadline_missed, not sent), 1 on time" in text
+    assert "2 MISSED" in views.wait_line(st)

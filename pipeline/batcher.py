@@ -60,6 +60,8 @@ from pipeline.errors import ConfigError, LineError
 from pipeline.kafka import make_consumer, make_producer, verify
 from pipeline.messages import MAX_REASON, decode
 from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.tiers import rules_for
+from pipeline.windows import Window
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,10 @@ class Batcher:
                               " with it (var/secrets.env, or LLMBATCH_KAFKA_PRODUCER_KEY)")
         self.engine = engine or db.get_engine()
         self.dispatch = dispatcher
+        # deadlines are classified against the off-peak window (pipeline/tiers.py); the batcher's
+        # clock is real time, the scheduler releases what this got wrong (schedules/deadlines.py)
+        self.window = Window.offpeak(self.settings)
+        self.tier_rules = rules_for(self.settings)
         hooks = {"error_cb": self._on_kafka_error, "on_commit": self._on_commit}
         self.consumer = make_consumer(self.settings, **hooks)
         # the fast lane has a consumer (and so a fetch queue) of its own: in a shared one it
@@ -328,12 +334,12 @@ class Batcher:
 
     # -------------------------------------------------------------- batching
 
-    def add(self, msg, now: datetime) -> None:
+    def add(self, msg, now: datetime, offpeak_opens: datetime | None = None) -> None:
         tp, o = (msg.topic(), msg.partition()), msg.offset()
         self.consumed[tp] = max(o, self.consumed.get(tp, -1))
         try:
             producer = verify(self.settings, msg.headers(), msg.value())
-            row = decode(msg.value(), now, get_price_book())
+            row = decode(msg.value(), now, get_price_book(), offpeak_opens=offpeak_opens, rules=self.tier_rules)
             row["producer"] = producer
         except LineError as e:
             self._to_dlq(tp, o, msg.key(), msg.value(), e.reason)
@@ -572,6 +578,7 @@ class Batcher:
             idle = 0.2
         msgs += self.consumer.consume(num_messages=BULK_TURN, timeout=0 if msgs else idle)
         now = datetime.now(timezone.utc)
+        opens = self._offpeak_opens(now) if msgs else None
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -579,7 +586,7 @@ class Batcher:
                     self._on_kafka_error(err)
                 continue
             self.kafka.ok()
-            self.add(msg, now)
+            self.add(msg, now, opens)
         if self.backlog:
             self.retry_backlog()
         if not self.backlog:
@@ -591,6 +598,11 @@ class Batcher:
         if time.monotonic() - self.last_sweep > self.settings.sweep_after_s / 2:
             self.last_sweep = time.monotonic()
             self.sweep()
+
+    def _offpeak_opens(self, now: datetime) -> datetime:
+        """When held off-peak work can first run; a window that never opens is infinitely far."""
+        opens = self.window.opens_at(now)
+        return opens if opens is not None else datetime.max.replace(tzinfo=timezone.utc)
 
     def run(self, max_seconds: float | None = None) -> None:
         for topic, consumer in self.consumers.items():

@@ -195,6 +195,9 @@ class Settings:
     offpeak_close_cron: str = "0 6 * * *"
     #: time zone of the off-peak crons (IANA name)
     offpeak_timezone: str = "UTC"
+    #: seconds allowed to run a request with a deadline: held work is released this long before its
+    #: deadline, window or not, and off-peak is chosen only when the window opens before that
+    deadline_margin_s: float = 900.0
     #: pacing: batches released per tick, per held tier
     release_per_tick: dict = _tier_map(offpeak=4, background=2)
     #: pacing: at most this many released batches waiting in Celery, per held tier

@@ -63,6 +63,8 @@ def anthropic_line(job_id: str, row: dict) -> dict:
     if row.get("status") == "cancelled":
         return {"custom_id": row["custom_id"], "result": {"type": "canceled"}}
     error = row.get("error") or {"code": row["status"], "message": f"request is {row['status']} (not finished)"}
+    if error.get("code") == "deadline_missed":   # not run by its deadline (schedules/deadlines.py)
+        return {"custom_id": row["custom_id"], "result": {"type": "expired"}}
     kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
             404: "not_found_error", 429: "rate_limit_error", 529: "overloaded_error"}.get(
                 row.get("status_code"), "api_error")

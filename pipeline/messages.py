@@ -36,7 +36,7 @@ from pipeline.errors import LineError
 from pipeline.formats import MAX_DEPTH, check_values
 from pipeline.ids import refuse_control
 from pipeline.pricing import PriceBook, get_price_book
-from pipeline.tiers import classify
+from pipeline.tiers import TierRules, classify
 
 #: a reason longer than this is cut: it goes into a Kafka header and a log line
 MAX_REASON = 300
@@ -118,8 +118,12 @@ def _timestamp(value: str | None, field: str) -> datetime | None:
     return t
 
 
-def to_row(m: dict, now: datetime, prices: PriceBook) -> dict:
-    """A validated message → a ``requests`` row (``batch_id`` still None)."""
+def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime | None = None,
+           rules: TierRules | None = None) -> dict:
+    """A validated message → a ``requests`` row (``batch_id`` still None).
+
+    ``offpeak_opens``/``rules``: the window's next opening and the deadline margin, so a
+    deadline is classified against the window (pipeline/tiers.py ``classify``)."""
     if m["v"] != SUPPORTED_VERSION:
         raise LineError(f"unsupported message version {m['v']!r} (this batcher reads v {SUPPORTED_VERSION})")
     body = m["body"]
@@ -128,7 +132,8 @@ def to_row(m: dict, now: datetime, prices: PriceBook) -> dict:
     bound = request_bound(m["provider"], body, prices, declared_input_tokens=m["input_tokens"])
     deadline = _timestamp(m.get("deadline"), "deadline")
     published = _timestamp(m.get("published_at"), "published_at")
-    tier, reason = classify(m.get("priority"), m.get("tier"), deadline, now)
+    tier, reason = classify(m.get("priority"), m.get("tier"), deadline, now, rules or TierRules(),
+                            offpeak_opens=offpeak_opens)
     mode = m.get("mode") or "realtime"
     priority = m.get("priority")
     exact = bound.tokens_exact or (bound.input_tokens == m["input_tokens"] and m.get("tokens_exact", True))
@@ -148,8 +153,10 @@ def to_row(m: dict, now: datetime, prices: PriceBook) -> dict:
     }
 
 
-def decode(value: bytes | None, now: datetime | None = None, prices: PriceBook | None = None) -> dict:
+def decode(value: bytes | None, now: datetime | None = None, prices: PriceBook | None = None, *,
+           offpeak_opens: datetime | None = None, rules: TierRules | None = None) -> dict:
     """Parse, validate and price one message; raises ``LineError`` with the reason."""
     m = parse(value)
     validate(m)
-    return to_row(m, now or datetime.now(timezone.utc), prices or get_price_book())
+    return to_row(m, now or datetime.now(timezone.utc), prices or get_price_book(),
+                  offpeak_opens=offpeak_opens, rules=rules)

@@ -8,6 +8,8 @@ Public surface (other modules touch only these):
   ``cache_misses`` in its ``stats``) exported as ``llmbatch_cache_hits_total`` /
   ``llmbatch_cache_misses_total``;
 - ``budget_alert(scope, threshold)``: a cap crossed 80 % or 100 % (pipeline/budget.py);
+- ``deadlines_missed(tier, n)`` / ``deadline_released(tier, n)``: the scheduler failed held
+  requests at their deadline, or released held batches early to meet one (schedules/deadlines.py);
 - ``window_collector(...)``: the scheduler's off-peak window state;
 - ``BUDGET_DRIFT``: set by the budget reconcile (Redis counters against the ledger);
 - ``LIMITER_WAIT`` (labels ``tier``, ``model``): observed by the rate limiter, seconds;
@@ -64,6 +66,10 @@ RATE_LIMITED = Counter("llmbatch_provider_429", "429 (rate limited) answers from
                        registry=REGISTRY)
 BUDGET_ALERTS = Counter("llmbatch_budget_alerts", "Budget alerts raised: a cap crossed 80 or 100 percent",
                         ["scope", "threshold"], registry=REGISTRY)
+DEADLINES_MISSED = Counter("llmbatch_deadlines_missed", "Requests failed deadline_missed: still held at their"
+                           " deadline (tier they were held in)", ["tier"], registry=REGISTRY)
+DEADLINE_RELEASES = Counter("llmbatch_deadline_releases", "Held batches released before the window to meet a"
+                            " deadline (tier they were held in)", ["tier"], registry=REGISTRY)
 UP = Gauge("llmbatch_up", "1 while this process serves metrics", ["role"], multiprocess_mode="max",
            registry=REGISTRY)
 #: set by the scheduler's budget reconcile (pipeline/budget.py ``reconcile``): 0 when Redis agrees with the ledger
@@ -92,6 +98,22 @@ def budget_alert(scope: str, threshold: int) -> None:
         BUDGET_ALERTS.labels(scope, str(threshold)).inc()
     except Exception:
         log.exception("recording a budget alert metric failed")
+
+
+def deadlines_missed(tier: str, n: int) -> None:
+    """Count requests failed ``deadline_missed`` (schedules/deadlines.py). Never raises."""
+    try:
+        DEADLINES_MISSED.labels(tier).inc(n)
+    except Exception:
+        log.exception("recording a missed-deadline metric failed")
+
+
+def deadline_released(tier: str, n: int) -> None:
+    """Count held batches released early for a deadline. Never raises."""
+    try:
+        DEADLINE_RELEASES.labels(tier).inc(n)
+    except Exception:
+        log.exception("recording a deadline-release metric failed")
 
 
 class _CacheCollector:

@@ -9,6 +9,11 @@ Only realtime batches are released here: provider-batch batches
 (``batches.mode = 'provider_batch'``) go to a provider Batch API
 (schedules/provider_batches.py).
 
+A batch whose earliest open deadline is near is released whatever the window
+(``release_for_deadlines``, called by schedules/deadlines.py) and lifted to the
+tier that runs it at once (peak, or immediate), so ``hold_unstarted`` leaves it
+alone: it must not wait for the next window.
+
 When the off-peak window closes, ``hold_unstarted`` puts batches released but
 not yet claimed by a worker (``queued`` / ``dispatched``) back to ``held``.
 Their Celery messages may still be delivered: ``db.claim_batch`` only claims
@@ -49,6 +54,40 @@ def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, disp
     with engine.begin() as conn:
         db.mark_dispatched(conn, [r.batch_id for r in rows])
     return [r.batch_id for r in rows]
+
+
+def release_for_deadlines(before, tier: str, limit: int = 1000, *, engine=None,
+                          dispatcher=dispatch) -> list[tuple[str, str]]:
+    """Release held realtime batches holding a request whose deadline is at or before ``before``,
+    as ``tier``; earliest deadline first. Returns ``(batch_id, tier it was held in)``."""
+    if limit <= 0:
+        return []
+    engine = engine or db.get_engine()
+    with engine.begin() as conn:
+        rows = conn.execute(sa.text(
+            "WITH due AS ("
+            "  SELECT r.batch_id, min(r.deadline) AS first FROM requests r"
+            "  WHERE r.status = 'held' AND r.deadline IS NOT NULL AND r.deadline <= :before"
+            "  GROUP BY r.batch_id),"
+            " picked AS ("
+            "  SELECT b.batch_id, b.tier FROM batches b JOIN due ON due.batch_id = b.batch_id"
+            "  WHERE b.status = 'held' AND b.mode = 'realtime'"
+            "  ORDER BY due.first LIMIT :limit FOR UPDATE OF b SKIP LOCKED)"
+            " UPDATE batches b SET status = 'queued', tier = :tier FROM picked"
+            " WHERE b.batch_id = picked.batch_id"
+            " RETURNING b.batch_id, picked.tier AS held_tier,"
+            "  ARRAY(SELECT DISTINCT r.job_id FROM requests r WHERE r.batch_id = b.batch_id) AS jobs"),
+            {"before": before, "tier": tier, "limit": limit}).all()
+        conn.execute(sa.text(
+            "UPDATE requests SET status = 'queued', tier = :tier,"
+            " tier_reason = tier_reason || ', released to ' || :tier || ' for its deadline'"
+            " WHERE batch_id = ANY(:ids) AND status = 'held'"),
+            {"ids": [r.batch_id for r in rows], "tier": tier})
+    for batch_id, _, jobs in rows:
+        dispatcher(batch_id, tier, jobs)
+    with engine.begin() as conn:
+        db.mark_dispatched(conn, [r.batch_id for r in rows])
+    return [(r.batch_id, r.held_tier) for r in rows]
 
 
 def waiting(tier: str, *, engine=None) -> int:

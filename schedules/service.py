@@ -12,7 +12,9 @@ Jobs of the leader's APScheduler:
 - ``schedule:NAME`` (Postgres job store, ``SQLAlchemyJobStore`` on our
   database, table ``apscheduler_jobs``): a recurring schedule's cron; fires
   ``recurring.fire_job``. Kept in step with the ``schedules`` table by ``sync``.
-- ``tick`` (every ``scheduler_tick_s``, in memory): the off-peak window
+- ``tick`` (every ``scheduler_tick_s``, in memory): deadlines first (fail
+  held requests past their deadline, release those at their latest start:
+  schedules/deadlines.py), then the off-peak window
   (release while open, paced; hold unstarted batches while closed),
   background fill (only while ``tier.immediate`` and ``tier.peak`` are empty
   in the broker), provider batches (submit, poll, ingest).
@@ -35,7 +37,8 @@ import psycopg
 from pipeline import db
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS, queue_for
-from schedules import provider_batches, recurring, release, upkeep
+from pipeline.tiers import rules_for
+from schedules import deadlines, provider_batches, recurring, release, upkeep
 from schedules.clock import Clock, get_clock
 from schedules.windows import Window, cron_trigger
 
@@ -71,6 +74,13 @@ class Ticker:
 
     def _kw(self):
         return {"engine": self.engine} | ({"dispatcher": self.dispatcher} if self.dispatcher else {})
+
+    def deadlines(self) -> dict:
+        """Before the window: a deadline outranks the window's pacing and priority order."""
+        now = self.clock.now()
+        missed = deadlines.expire_missed(now, engine=self.engine)
+        released = deadlines.release_due(now, rules_for(self.settings), **self._kw())
+        return {"missed": missed, "released": released}
 
     def offpeak(self) -> dict:
         now = self.clock.now()
@@ -109,7 +119,7 @@ class Ticker:
 
     def tick(self) -> dict:
         out = {}
-        for name in ("offpeak", "background", "provider"):
+        for name in ("deadlines", "offpeak", "background", "provider"):
             try:
                 out[name] = getattr(self, name)()
             except Exception:   # one part failing must not stop the others

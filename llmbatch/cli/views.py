@@ -57,10 +57,44 @@ def job_view(conn: Connection, job_id: str) -> dict | None:
     st["cache_saved_usd"] = money(st["cache_saved_usd"])
     st["held"] = held_work(conn, {t: c["held"] for t, c in by_tier.items()}) if st["status"] not in JOB_TERMINAL \
         else []
+    st["deadlines"] = deadline_view(conn, job_id, st["held"])
     # held work runs when the scheduler releases it, not at today's rate: it is left out of the ETA
     runnable = st["counts"]["pending"] - sum(h["requests"] for h in st["held"])
     st["eta_s"] = round(runnable / rate) if rate > 0 and runnable > 0 else (0 if runnable <= 0 else None)
     return st
+
+
+def deadline_view(conn: Connection, job_id: str, held: list[dict], *, settings=None) -> dict | None:
+    """How the job's deadlines went (view ``job_deadlines``, sql/017_deadlines.sql); None without any.
+
+    Missed: still held at its deadline, failed ``deadline_missed`` and never sent
+    (schedules/deadlines.py). Held work with a deadline before the window opens
+    is released at its latest start: the held lines say when.
+    """
+    row = conn.execute(sa.text(
+        "SELECT with_deadline, on_time, late, missed, overdue, pending, next_deadline"
+        " FROM job_deadlines WHERE job_id = :j"), {"j": job_id}).mappings().first()
+    if row is None:
+        return None
+    out = {k: row[k] for k in ("with_deadline", "on_time", "late", "missed", "overdue", "pending")}
+    out["next_deadline"] = row["next_deadline"].isoformat() if row["next_deadline"] else None
+    if held:
+        from pipeline.tiers import latest_start, rules_for
+        settings = settings or get_settings()
+        firsts = dict(conn.execute(sa.text(
+            "SELECT tier, min(deadline) FROM requests WHERE job_id = :j AND status = 'held'"
+            " AND deadline IS NOT NULL GROUP BY tier"), {"j": job_id}).all())
+        for h in held:
+            first = firsts.get(h["tier"])
+            if first is None:
+                continue
+            start_by = latest_start(first, rules_for(settings))
+            opens = datetime.fromisoformat(h["opens_at"]) if h.get("opens_at") else None
+            if opens is None or start_by < opens:
+                h["release_by"] = start_by.isoformat()
+                h["text"] += (f"; its first deadline ({_utc(first)}) has the scheduler release it by"
+                              f" {_utc(start_by)}")
+    return out
 
 
 #: the scheduler's leader lock (schedules/service.py LEADER_LOCK): held while a scheduler leads
@@ -232,6 +266,8 @@ def format_status(st: dict) -> str:
            f"spend ${money(st['cost_usd'])}{budget}  |  rate {st.get('rate_per_s', 0):.1f} req/s"
            f"  |  ETA {_eta(st)}"]
     out += [f"held: {h['text']}" for h in st.get("held") or []]
+    if st.get("deadlines"):
+        out.append(f"deadlines: {deadline_text(st['deadlines'])}")
     if st["status"] == "paused_budget":
         out.append(f"paused by its budget: raise the cap to resume, `llmbatch budget set --job {st['job_id']}"
                    f" --usd AMOUNT`")
@@ -240,6 +276,25 @@ def format_status(st: dict) -> str:
             for tier, v in st.get("by_tier", {}).items()]
     out.append(format_table(["tier", *STATES, "cost_usd"], rows, footer=False) if rows else "(no requests yet)")
     return "\n".join(out)
+
+
+def _utc(at: datetime) -> str:
+    return f"{at.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+def deadline_text(d: dict) -> str:
+    """``2 MISSED (failed deadline_missed, not sent), 1 late, 3 on time, 4 pending``."""
+    parts = []
+    if d["missed"]:
+        parts.append(f"{d['missed']} MISSED (failed deadline_missed, not sent)")
+    if d["overdue"]:
+        parts.append(f"{d['overdue']} overdue (still running past the deadline)")
+    for key, label in (("late", "late"), ("on_time", "on time"), ("pending", "pending")):
+        if d[key]:
+            parts.append(f"{d[key]} {label}")
+    if d.get("next_deadline"):
+        parts.append(f"next {_utc(datetime.fromisoformat(d['next_deadline']))}")
+    return ", ".join(parts) or "none"
 
 
 def _eta(st: dict) -> str:
@@ -260,6 +315,8 @@ def wait_line(st: dict) -> str:
             f"{c['pending']} pending, spend ${money(st['cost_usd'])}, ETA {_eta(st)}")
     for h in st.get("held") or []:
         text += f" | held: {h['text']}"
+    if (st.get("deadlines") or {}).get("missed"):
+        text += f" | deadlines: {deadline_text(st['deadlines'])}"
     return text
 
 

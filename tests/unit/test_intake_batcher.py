@@ -204,10 +204,10 @@ def test_an_unexpected_error_in_decoding_costs_one_message(make, monkeypatch):
     build, written = make
     b = build(lambda rows: None)
 
-    def boom(value, now, prices):
+    def boom(value, now, prices, **kw):
         if b"boom" in value:
             raise ZeroDivisionError("a defect")
-        return real(value, now, prices)
+        return real(value, now, prices, **kw)
     real = batcher_mod.decode
     monkeypatch.setattr(batcher_mod, "decode", boom)
     feed(b, [raw(message(custom_id="boom", priority=6)), raw(message(custom_id="ok", priority=6))])

@@ -490,6 +490,15 @@ return 0
 
 # ---------------------------------------------------------------- rebuild from the ledger
 
+#: what a provider call that got no answer costs in the ledger (sql/012_unconfirmed_spend.sql):
+#: its maximum while unconfirmed, the provider's figure once a report confirms it
+CALL_SPEND = ("CASE p.state WHEN 'unconfirmed' THEN p.max_cost_usd"
+              " WHEN 'confirmed' THEN coalesce(p.confirmed_usd, 0) ELSE 0 END")
+#: a job's spend in the ledger: its results, and its calls that may have been billed (alias ``j``)
+JOB_SPENT_SQL = ("((SELECT coalesce(sum(cost_usd), 0) FROM results r WHERE r.job_id = j.job_id)"
+                 f" + (SELECT coalesce(sum({CALL_SPEND}), 0) FROM provider_calls p"
+                 "    WHERE p.job_id = j.job_id AND p.state <> 'sent'))")
+
 def ledger_snapshot(engine, settings: Settings, now: datetime | None = None) -> dict:
     """Caps, today's spend per scope and the running requests, from one consistent snapshot."""
     today = day(now)
@@ -503,16 +512,19 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None) -> 
             for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
                 caps.setdefault(scope, NO_CAP)
             spent: dict[str, str] = {}
-            g = conn.execute(sa.text("SELECT coalesce(sum(cost_usd), 0) FROM results WHERE created_at >= :s"),
-                             {"s": start}).scalar()
+            g = conn.execute(sa.text(
+                "SELECT (SELECT coalesce(sum(cost_usd), 0) FROM results WHERE created_at >= :s)"
+                f" + (SELECT coalesce(sum({CALL_SPEND}), 0) FROM provider_calls p"
+                "    WHERE p.state <> 'sent' AND p.created_at >= :s)"), {"s": start}).scalar()
             spent[f"global@{today}"] = str(to_units(g))
             for tier, s in conn.execute(sa.text(
-                    "SELECT q.tier, sum(r.cost_usd) FROM results r JOIN requests q USING (job_id, custom_id)"
-                    " WHERE r.created_at >= :s GROUP BY q.tier"), {"s": start}).all():
+                    "SELECT tier, sum(c) FROM (SELECT q.tier, r.cost_usd AS c FROM results r"
+                    "  JOIN requests q USING (job_id, custom_id) WHERE r.created_at >= :s"
+                    f" UNION ALL SELECT p.tier, {CALL_SPEND} FROM provider_calls p"
+                    "  WHERE p.state <> 'sent' AND p.created_at >= :s) x GROUP BY tier"), {"s": start}).all():
                 spent[f"tier:{tier}@{today}"] = str(to_units(s))
             for job_id, cap, s in conn.execute(sa.text(
-                    "SELECT j.job_id, j.budget_usd,"
-                    " (SELECT coalesce(sum(cost_usd), 0) FROM results r WHERE r.job_id = j.job_id)"
+                    f"SELECT j.job_id, j.budget_usd, {JOB_SPENT_SQL}"
                     " FROM jobs j WHERE j.status IN ('submitting', 'running', 'paused_budget')")).all():
                 caps[f"job:{job_id}"] = job_cap_units(cap)
                 spent[f"job:{job_id}"] = str(to_units(s))
@@ -814,8 +826,8 @@ class Budget:
         def read():
             with self.engine.connect() as conn:
                 return conn.execute(sa.text(
-                    "SELECT j.budget_usd, (SELECT coalesce(sum(cost_usd), 0) FROM results r"
-                    " WHERE r.job_id = j.job_id) FROM jobs j WHERE j.job_id = :j"), {"j": job_id}).first()
+                    f"SELECT j.budget_usd, {JOB_SPENT_SQL} FROM jobs j WHERE j.job_id = :j"),
+                    {"j": job_id}).first()
         row = await asyncio.to_thread(read)
         cap, spent = (row if row else (None, 0))
         await self._eval(LOAD, f"job:{job_id}", job_cap_units(cap), f"job:{job_id}", str(to_units(spent)))
@@ -871,6 +883,21 @@ class Budget:
         log.info("budget: %s may have been billed (%s): its hold of $%s stays until it expires",
                  res.rid, why, from_units(res.units))
         await self._eval(DETACH, res.rid, f"{res.rid}~{secrets.token_hex(4)}", _ttl_ms(self.settings))
+
+    async def detach(self, res: Reservation) -> Reservation:
+        """A call that may have been billed: its hold moves to a name of its own and stays live
+        (renewed by the heartbeat) until ``settle`` counts it at its maximum, once the call is
+        on record as unconfirmed spend (pipeline/calls.py). The request's retry holds anew.
+        Unlike ``keep``, nothing returns to the caps when the hold would have expired."""
+        self.live.pop(res.rid, None)
+        held = Reservation(f"{res.rid.rsplit('~', 1)[0]}~{secrets.token_hex(4)}", res.gen, res.fields,
+                           res.units, res.period)
+        self.live[held.rid] = held
+        if not int(await self._eval(DETACH, res.rid, held.rid, _ttl_ms(self.settings))):
+            # the hold was gone (a rebuild since): hold it again under its new name until it is counted
+            await self._eval(REASSERT, _ttl_ms(self.settings), held.rid, held.units,
+                             "\t".join(sf for sf, _ in held.fields), 0)
+        return held
 
     async def _settle_once(self, res: Reservation, units: int) -> list:
         while True:
@@ -1086,8 +1113,8 @@ def reserve_now(engine, redis_sync, settings: Settings, rid: str, job_id: str, t
             with engine.connect() as conn:
                 caps = caps_for(conn)
                 row = conn.execute(sa.text(
-                    "SELECT j.budget_usd, (SELECT coalesce(sum(cost_usd), 0) FROM results r"
-                    " WHERE r.job_id = j.job_id) FROM jobs j WHERE j.job_id = :j"), {"j": job_id}).first()
+                    f"SELECT j.budget_usd, {JOB_SPENT_SQL} FROM jobs j WHERE j.job_id = :j"),
+                    {"j": job_id}).first()
             if r[1].startswith("job:"):
                 cap, spent = row if row else (None, 0)
                 redis_sync.eval(LOAD, len(KEYS), *KEYS, r[1], job_cap_units(cap), r[1], str(to_units(spent)))

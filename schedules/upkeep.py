@@ -26,7 +26,9 @@
   schedules/service.py): the Redis counters are compared with the Postgres
   ledger and rebuilt from it when they drifted (a settlement lost with its
   process, Redis restarted from an old file); the drift found is the metric
-  ``llmbatch_budget_drift_usd``.
+  ``llmbatch_budget_drift_usd``. Before it, calls still on record as sent
+  for longer than any call can run (their worker died and nobody took their
+  batch back) become unconfirmed spend (pipeline/calls.py).
 """
 
 from __future__ import annotations
@@ -170,10 +172,18 @@ def close_abandoned_submits(*, engine=None, stale_s: float = SUBMIT_STALE_S) -> 
     return closed
 def budget_reconcile(*, settings: Settings | None = None, engine=None) -> dict:
     """Redis counters against the ledger (``pipeline.budget.reconcile``); the caps mirrored from Postgres."""
-    from pipeline import budget
+    from pipeline import budget, calls
     settings = settings or get_settings()
     redis = _budget_redis(settings)
-    out = budget.reconcile(engine or db.get_engine(), redis, settings)
+    engine = engine or db.get_engine()
+    # calls on record as sent for longer than any call can run, whose batch nobody took back: spent
+    with engine.begin() as conn:
+        stale, xid = calls.unconfirm_stale(conn, budget.reservation_ttl_s(settings) + settings.batch_lease_s)
+    if stale:
+        log.warning("upkeep: %d calls sent by workers that stopped mid-call counted as unconfirmed spend",
+                    len(stale))
+        calls.settle_sync(redis, stale, xid)
+    out = budget.reconcile(engine, redis, settings)
     if out["rebuilt"]:
         log.warning("upkeep: budget counters rebuilt (%s)", out.get("reason"))
     return out

@@ -19,6 +19,10 @@ Order of events for one synchronous request:
 4. the rate limiter admits the request (or 429 with the provider's headers);
 5. wait the drawn latency; answer, or fail as drawn (500, 529, timeout, hangup).
 
+Billing follows a provider's: a generation is billed when it finishes, whether the
+client is still there or not (it timed out and closed the connection; the line was
+dropped after the generation). ``/_stats`` reports what was billed, per key.
+
 Every response carries ``x-llmbatch-simulator: 1``; answers also carry the
 rate-limit headers of the provider when limits are configured.
 """
@@ -158,6 +162,7 @@ class Simulator:
         self.prompt_cache = PromptCache()
         self._run = secrets.token_hex(4)
         self._ids = itertools.count(1)
+        self._unattended: set[asyncio.Task] = set()   # generations whose client went away
         self._reseed()
         from simulator.batches import BatchStore
 
@@ -271,8 +276,16 @@ class Simulator:
                     status = 429
                     return _json_response(dialect.limit_error(lim, model), 429, headers)
             delay = self.draw_latency() + self.config.hold_s
+            generates = kind in (None, "hangup")   # 500, 529 and 504 answer without a generation
+            key = headers_in.get(IDEMPOTENCY_HEADER)
             if delay:
-                await asyncio.sleep(delay)
+                done_at = time.monotonic() + delay
+                try:
+                    await asyncio.sleep(delay)
+                except asyncio.CancelledError:
+                    if generates:   # the client went away: the generation runs on, and is billed
+                        self._bill_later(answer, key, done_at - time.monotonic())
+                    raise
             if kind is not None:
                 if kind == "500":
                     status = 500
@@ -287,15 +300,27 @@ class Simulator:
                     return _json_response(dialect.error(504, rid), 504, headers)
                 if kind == "hangup":
                     status = "hangup"
+                    self.stats.bill(key, self.bill(answer))   # generated, then the line dropped
                     return self._hang_up(request)
             status = 200
             reply = dialect.ok(answer, model, self)
             billed = reply["usage"]
+            self.stats.bill(key, billed)
             usage = (billed.get("total_tokens") or billed.get("input_tokens", 0) + billed.get("output_tokens", 0)
                      + billed.get("cache_creation_input_tokens", 0) + billed.get("cache_read_input_tokens", 0))
             return _json_response(reply, 200, headers)
         finally:
             self.stats.finish(counters, status, usage)
+
+    def _bill_later(self, answer, key: str | None, remaining_s: float) -> None:
+        """A generation whose client has gone: it finishes anyway, and is billed when it does."""
+        async def finish():
+            if remaining_s > 0:
+                await asyncio.sleep(remaining_s)
+            self.stats.bill(key, self.bill(answer))
+        task = asyncio.get_running_loop().create_task(finish())
+        self._unattended.add(task)
+        task.add_done_callback(self._unattended.discard)
 
     @staticmethod
     def _hang_up(request: web.Request) -> web.StreamResponse:

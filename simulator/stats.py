@@ -12,9 +12,13 @@ when absent), per model and tier, and in total:
   sliding 60 s window
 - ``usage_tokens``: input + output tokens actually answered
 - ``duplicates``: requests whose ``Idempotency-Key`` had been seen before
+- ``billed``: what the provider bills, in its usage fields summed (``billed_calls`` generations).
+  A generation the simulator finished is billed whether or not its client was still there
+  (a client timeout, a hang-up): a real provider bills it all the same
 
 ``GET /_stats?key_prefix=P`` adds ``keys``: the calls and distinct keys whose
-``Idempotency-Key`` starts with ``P``. A test counts its own job's calls this way
+``Idempotency-Key`` starts with ``P``, and what those keys were billed (``billed_calls``,
+``billed``: usage fields summed; ``billed_by_key``). A test counts its own job's calls this way
 (the pipeline's key is ``job:custom_id``), whatever else the stack is running.
 """
 
@@ -67,6 +71,9 @@ class Stats:
         self.by_tier: dict[str, Counter] = {}
         self.by_model_tier: dict[tuple[str, str], Counter] = {}
         self.key_calls: dict[str, int] = {}   # Idempotency-Key -> requests carrying it
+        self.billed_calls = 0
+        self.billed: dict[str, int] = {}      # usage field -> billed total, all calls
+        self.key_billed: dict[str, dict[str, int]] = {}   # Idempotency-Key -> usage field -> total
         self.batch_requests: dict[str, int] = {}
 
     def counters(self, model: str, tier: str | None) -> tuple[Counter, ...]:
@@ -109,9 +116,25 @@ class Stats:
             else:
                 c.errors[key] = c.errors.get(key, 0) + 1
 
+    def bill(self, idempotency_key: str | None, usage: dict) -> None:
+        """Count one generation's bill (the provider's usage object), per key and in total."""
+        fields = dict(_flatten(usage))
+        self.billed_calls += 1
+        _add(self.billed, fields)
+        if idempotency_key:
+            per = self.key_billed.setdefault(idempotency_key, {})
+            per["calls"] = per.get("calls", 0) + 1
+            _add(per, fields)
+
     def keys_with_prefix(self, prefix: str) -> dict:
         calls = [n for k, n in self.key_calls.items() if k.startswith(prefix)]
-        return {"prefix": prefix, "calls": sum(calls), "distinct": len(calls)}
+        billed = {k: v for k, v in self.key_billed.items() if k.startswith(prefix)}
+        total: dict[str, int] = {}
+        for v in billed.values():
+            _add(total, {f: n for f, n in v.items() if f != "calls"})
+        return {"prefix": prefix, "calls": sum(calls), "distinct": len(calls),
+                "billed_calls": sum(v["calls"] for v in billed.values()), "billed": total,
+                "billed_by_key": dict(sorted(billed.items()))}
 
     def as_dict(self, key_prefix: str | None = None) -> dict:
         by_model_tier: dict[str, dict] = {}
@@ -129,5 +152,21 @@ class Stats:
             "duplicate_keys": dict(listed),
             "distinct_duplicate_keys": len(duplicates),
             "batch_requests": dict(sorted(self.batch_requests.items())),
+            "billed_calls": self.billed_calls,
+            "billed": dict(sorted(self.billed.items())),
             **({"keys": self.keys_with_prefix(key_prefix)} if key_prefix is not None else {}),
         }
+
+
+def _flatten(usage: dict, prefix: str = ""):
+    """Integer leaves of a usage object as (dotted name, value): ``prompt_tokens_details.cached_tokens``."""
+    for k, v in usage.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            yield f"{prefix}{k}", v
+
+
+def _add(into: dict[str, int], fields: dict[str, int]) -> None:
+    for f, n in fields.items():
+        into[f] = into.get(f, 0) + n

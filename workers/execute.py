@@ -32,7 +32,7 @@ import logging
 import time
 from decimal import Decimal
 
-from pipeline import budget, db, metrics
+from pipeline import budget, calls, db, metrics
 from pipeline.cache import ResponseCache
 from pipeline.config import Settings, get_settings
 from pipeline.budget import BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount, from_units
@@ -98,6 +98,8 @@ class OutcomeWriter:
         self.deferred: list[dict] = []            # requests a cap refused (pipeline/budget.py)
         self.deferred_kinds: set[str] = set()     # 'job' | 'global' | 'tier' | 'unavailable', whole batch
         self.settles: list[tuple] = []            # (reservation, actual cost) to settle after the write
+        self.unconfirmed: list[dict] = []         # calls that may have been billed (pipeline/calls.py)
+        self.answered: list[str] = []             # calls answered: off the record of calls in flight
         self.budget: budget.Budget | None = None
         self.lock = asyncio.Lock()
         self.wake = asyncio.Event()               # an outcome waits to be written
@@ -105,21 +107,25 @@ class OutcomeWriter:
 
     @property
     def unwritten(self) -> int:
-        return len(self.outcomes) + len(self.attempts) + len(self.deferred)
+        return len(self.outcomes) + len(self.attempts) + len(self.deferred) + len(self.unconfirmed)
 
     async def flush(self) -> None:
         """Write what has finished; settle its reservations and cache its answers after,
         in the background, so the next write need not wait for Redis."""
         async with self.lock:
             n_o, n_a, n_d, n_s = len(self.outcomes), len(self.attempts), len(self.deferred), len(self.settles)
+            n_u, n_c = len(self.unconfirmed), len(self.answered)
             outcomes, attempts, deferred = self.outcomes[:n_o], self.attempts[:n_a], self.deferred[:n_d]
             settles = self.settles[:n_s]
-            if outcomes or attempts or deferred:
-                xids = await asyncio.to_thread(self._write_durably, outcomes, attempts, deferred)
+            unconfirmed, answered = self.unconfirmed[:n_u], self.answered[:n_c]
+            if outcomes or attempts or deferred or unconfirmed or answered:
+                xids = await asyncio.to_thread(self._write_durably, outcomes, attempts, deferred,
+                                               unconfirmed, answered)
                 for res, _ in settles:   # a settle retried from an earlier write keeps that write's xid
                     res.written, res.xid = True, xids.get(res.rid.rsplit("~", 1)[0], res.xid)
             # only now, with the rows committed, leave the buffers (appends went on behind them)
             del self.outcomes[:n_o], self.attempts[:n_a], self.deferred[:n_d], self.settles[:n_s]
+            del self.unconfirmed[:n_u], self.answered[:n_c]
         answers = {o["cache_key"]: o["response"] for o in outcomes
                    if o.get("cache_key") and o["status"] == "succeeded"}
         if settles or answers:   # only once the ledger holds the cost: a rebuild from it then misses nothing
@@ -153,17 +159,22 @@ class OutcomeWriter:
                         next(r for r in results if isinstance(r, BaseException)))
             self.settles.extend(failed)
 
-    def _write_durably(self, outcomes, attempts, deferred) -> dict[str, str]:
+    def _write_durably(self, outcomes, attempts, deferred, unconfirmed=(), answered=()) -> dict[str, str]:
         """One transaction, retried until it commits; a refused row is isolated.
-        Returns the id of the transaction that committed each outcome (``budget.commit_xid``)."""
+        Returns the id of the transaction that committed each outcome and each unconfirmed call
+        (``budget.commit_xid``), by request."""
         what = f"writing {len(outcomes)} outcomes of batch {self.batch_id}"
         try:
-            xid = db.retrying(self.engine, lambda conn: self._write(conn, outcomes, attempts, deferred),
+            xid = db.retrying(self.engine, lambda conn: self._write(conn, outcomes, attempts, deferred,
+                                                                    unconfirmed, answered),
                               what=what, sleep=self.sleep)
-            xids = {_rid(o): xid for o in outcomes}
+            xids = {_rid(o): xid for o in [*unconfirmed, *outcomes]}
         except Exception as e:
             log.error("%s: Postgres refused the write (%s); writing row by row to isolate it", what, _reason(e))
             xids = self._write_one_by_one(outcomes, attempts, deferred)
+            xid = db.retrying(self.engine, lambda conn: self._write(conn, [], [], [], unconfirmed, answered),
+                              what="recording calls that may have been billed", sleep=self.sleep)
+            xids.update({_rid(u): xid for u in unconfirmed})
         # the one metrics hook for request outcomes: counted once the rows are durable
         metrics.record_outcomes(outcomes, attempts)
         return xids
@@ -192,13 +203,14 @@ class OutcomeWriter:
                     sleep=self.sleep)
         return xids
 
-    def _write(self, conn, outcomes, attempts, deferred=()) -> str:
+    def _write(self, conn, outcomes, attempts, deferred=(), unconfirmed=(), answered=()) -> str:
         if self.batch_id is not None:
             db.lock_batch(conn, self.batch_id)   # lock order: batch, requests, jobs (pipeline/db.py)
         db.write_outcomes(conn, outcomes, attempts)
         budget.write_deferred(conn, list(deferred))
+        calls.resolve(conn, list(unconfirmed), list(answered))
         db.refresh_jobs(conn, {o["job_id"] for o in outcomes})
-        return budget.commit_xid(conn) if outcomes else ""
+        return budget.commit_xid(conn) if outcomes or unconfirmed else ""
 
 
 def _rid(row: dict) -> str:
@@ -220,22 +232,27 @@ class Gate:
     cancelled. The job check reads Postgres, coalesced: the requests asking
     while one query runs share the next, so each answer is read after its
     question was asked. Postgres unreachable: the call waits (fail closed).
+
+    A call that asks with its record (``call``, pipeline/calls.py) is written in
+    the same transaction when it may go: durable before it is sent, at no round
+    trip of its own. Once on record it goes, even if the lease is lost meanwhile.
     """
 
     def __init__(self, engine, lost: asyncio.Event):
         self.engine, self.lost = engine, lost
         self.cancelled: set[str] = set()
-        self._waiting: list[tuple[str, asyncio.Future]] = []
+        self._waiting: list[tuple[str, asyncio.Future, dict | None]] = []
         self._wake = asyncio.Event()
 
-    async def check(self, job_id: str) -> None:
+    async def check(self, job_id: str, call: dict | None = None) -> None:
         if self.lost.is_set():
             raise LeaseLost("the batch's lease is lost: left to its new holder")
         if job_id not in self.cancelled:
             fut = asyncio.get_running_loop().create_future()
-            self._waiting.append((job_id, fut))
+            self._waiting.append((job_id, fut, call))
             self._wake.set()
-            await fut
+            if await fut:   # on record: it goes
+                return
         if job_id in self.cancelled:
             raise RequestCancelled(f"job {job_id} was cancelled")
         if self.lost.is_set():
@@ -246,11 +263,17 @@ class Gate:
             await self._wake.wait()
             self._wake.clear()
             waiting, self._waiting = self._waiting, []
-            jobs = {j for j, _ in waiting}
+            jobs = {j for j, _, _ in waiting}
+
+            def ask(conn):
+                found = db.cancelled_jobs(conn, jobs)
+                going = [] if self.lost.is_set() else [
+                    c for j, _, c in waiting if c is not None and j not in found and j not in self.cancelled]
+                calls.record_sent(conn, going)
+                return found, {c["call_id"] for c in going}
             try:
-                found = await asyncio.to_thread(
-                    db.retrying, self.engine, lambda conn: db.cancelled_jobs(conn, jobs),
-                    what="checking for cancelled jobs")
+                found, recorded = await asyncio.to_thread(
+                    db.retrying, self.engine, ask, what="checking for cancelled jobs")
                 self.cancelled |= found
             except Exception as e:   # not transient (a bug): the calls wait for the next round
                 log.error("cancel check failed: %s", _reason(e))
@@ -258,9 +281,43 @@ class Gate:
                 self._wake.set()
                 await asyncio.sleep(1.0)
                 continue
-            for _, fut in waiting:
+            for _, fut, call in waiting:
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(call is not None and call["call_id"] in recorded)
+
+
+class CallRecord:
+    """The batch's record of provider calls that may be billed (pipeline/calls.py), for ``Limited``.
+
+    ``sending``: on record (with the ``Gate``'s check) before the call leaves; ``answered``:
+    off the record at the next write; ``unconfirmed``: no answer, so the call is spend at its
+    maximum: its hold moves aside and stays until the write is durable, then is settled at
+    the maximum. Nothing returns to the caps when a hold would have expired.
+    """
+
+    def __init__(self, gate: Gate, writer: OutcomeWriter, batch_id: str | None, owner: str | None):
+        self.gate, self.writer, self.batch_id, self.owner = gate, writer, batch_id, owner
+
+    def _row(self, req: dict, res: budget.Reservation, call_id: str) -> dict:
+        return {"call_id": call_id, "hold_id": res.rid, "job_id": req["job_id"], "custom_id": req["custom_id"],
+                "tier": req["tier"], "batch_id": self.batch_id, "owner": self.owner,
+                "max_cost_usd": str(from_units(res.units))}
+
+    async def sending(self, req: dict, res: budget.Reservation, call_id: str) -> None:
+        await self.gate.check(req["job_id"], self._row(req, res, call_id))
+
+    def answered(self, call_id: str | None) -> None:
+        if call_id:
+            self.writer.answered.append(call_id)
+
+    async def unconfirmed(self, req: dict, res: budget.Reservation, call_id: str | None, why: str) -> None:
+        self.writer.unconfirmed.append(dict(self._row(req, res, call_id or f"{res.rid}.?"), reason=why[:500]))
+        self.writer.wake.set()
+        log.warning("request %s:%s: the call may have been billed (%s): $%s counted as unconfirmed spend",
+                    req["job_id"], req["custom_id"], why, from_units(res.units),
+                    extra={"job": req["job_id"], "request": req["custom_id"], "tier": req["tier"]})
+        held = await self.writer.budget.detach(res)   # raises if Redis is away: the ledger still has it
+        self.writer.settles.append((held, from_units(held.units)))
 
 
 class Gated:
@@ -294,17 +351,20 @@ async def prepare(settings: Settings) -> None:
     limiter_for(settings, budget_for(settings, db.get_engine()))
 
 
-async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate: Gate | None = None) -> str:
+async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate: Gate | None = None,
+                      owner: str | None = None) -> str:
     """Run one request; its outcome goes to ``writer``. Returns 'succeeded', 'failed',
     'deferred', 'cancelled' or 'abandoned' (lease lost before its call: no outcome)."""
     provider = get_provider(req["provider"], settings)
     prices = get_price_book()
     prices.resolve(req["model"])   # a model this worker cannot price fails here, before any call
-    if gate is not None:
-        provider = Gated(provider, gate, req["job_id"])
     if writer.budget is not None:
+        # the gate is asked by the call's record, right before it is sent (CallRecord)
+        record = CallRecord(gate, writer, writer.batch_id, owner) if gate is not None else None
         provider = Limited(provider, req, writer.budget, limiter_for(settings, writer.budget),
-                            fallback_for(req, prices), settings.fallback_rate_wait_s)
+                            fallback_for(req, prices), settings.fallback_rate_wait_s, calls=record)
+    elif gate is not None:
+        provider = Gated(provider, gate, req["job_id"])
     key = request_key(req["job_id"], req["custom_id"])
     ctx = {"job": req["job_id"], "request": req["custom_id"], "tier": req["tier"]}  # log correlation
     headers = {"Idempotency-Key": key, "X-LLMBatch-Tier": req["tier"]}
@@ -498,7 +558,11 @@ async def _claim(engine, take, what: str) -> tuple[dict, list[dict]] | None:
     Waits out a Postgres outage (the batch is not taken meanwhile, so nothing is lost)."""
     def work(conn):
         batch = take(conn)
-        return (batch, db.open_requests(conn, batch["batch_id"])) if batch else None
+        if not batch:
+            return None
+        # calls still on record as sent were cut off with the batch's last worker: spent, unconfirmed
+        batch["calls_cut_off"] = calls.take_over(conn, batch["batch_id"])
+        return batch, db.open_requests(conn, batch["batch_id"])
     return await asyncio.to_thread(db.retrying, engine, work, what=f"claiming {what}")
 
 
@@ -532,6 +596,9 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
     batch_id = batch["batch_id"]
     writer = OutcomeWriter(engine, batch_id)
     writer.budget = budget_for(settings, engine)
+    cut_off, xid = batch.get("calls_cut_off") or ([], "")
+    for res in calls.holds(cut_off, xid):   # their dead holds become spend at their maximum
+        await writer.budget.settle(res, from_units(res.units))
     jobs = {r["job_id"] for r in requests}
     if batch.get("crashes", 0) >= MAX_CRASHES and requests:
         writer.outcomes.extend(_poison(batch, requests))
@@ -550,7 +617,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
             if not waiting:   # every request has started: the chain may take the next batch
                 drained.set()
             try:
-                counts[await run_request(req, settings, writer, gate)] += 1
+                counts[await run_request(req, settings, writer, gate, owner)] += 1
             except Exception as e:   # fails alone, on record; its siblings go on
                 log.error("request %s:%s failed unexpectedly: %s", req["job_id"], req["custom_id"], _reason(e),
                           exc_info=True, extra={"batch": batch_id, "job": req["job_id"]})

@@ -5,8 +5,11 @@ maximum cost first (pipeline/budget.py), then takes the tier's in-flight lease
 and the model's rate admission (pipeline/ratelimit.py), and only then calls.
 The hold is renewed by the budget's heartbeat through both waits and the call,
 so it lives as long as the call can still be billed. An attempt the provider
-answered with an error (never billed) releases its hold; one that may have been
-billed (timeout, connection lost, cancelled mid-call) keeps it until it expires.
+answered with an error (never billed) releases its hold. With a ``calls`` record
+(workers/execute.py ``CallRecord``) each call is on record in Postgres before it
+is sent, and one that may have been billed (timeout, connection lost, cancelled
+mid-call) becomes unconfirmed spend at its maximum, for good (pipeline/calls.py);
+without one its hold stays until it expires.
 It must never let a call go out without a reservation.
 """
 
@@ -63,7 +66,7 @@ class Limited:
     """
 
     def __init__(self, provider, req: dict, budget_: budget.Budget, limiter: ratelimit.Limiter | None = None,
-                 fallback: Fallback | None = None, fallback_wait_s: float = 0.0):
+                 fallback: Fallback | None = None, fallback_wait_s: float = 0.0, calls=None):
         self.provider, self.req, self.budget, self.limiter = provider, req, budget_, limiter
         self.fallback, self.fallback_wait_s = fallback, fallback_wait_s
         self.name = provider.name
@@ -71,6 +74,9 @@ class Limited:
         self.reservation: budget.Reservation | None = None
         self._primary_throttled = False   # a 429 on the primary: later attempts go to the fallback
         self._sent = False                # this attempt's request has gone out
+        self.calls = calls                # the batch's record of calls that may be billed, if any
+        self._n = 0                       # calls sent by this execution: each has an id of its own
+        self.call_id: str | None = None   # this attempt's call, once on record
         # one hold id per execution of the request: a second execution of it (a batch delivered
         # again while the first still runs) holds beside it instead of replacing its hold
         self.rid = f'{request_key(req["job_id"], req["custom_id"])}~{secrets.token_hex(4)}'
@@ -110,6 +116,10 @@ class Limited:
 
     async def _send(self, body: dict, headers: dict, model: str):
         self.model = model
+        if self.calls is not None:   # on record before it leaves (and refused if the job was cancelled)
+            self._n += 1
+            self.call_id = f"{self.rid}.{self._n}"
+            await self.calls.sending(self.req, self.reservation, self.call_id)
         self._sent = True   # from here on the provider may bill, whatever we hear back
         return await self.provider.call(body if model == self.req["model"] else {**body, "model": model},
                                         headers=headers)
@@ -127,17 +137,26 @@ class Limited:
             self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
                                                          self.fallback.max_cost_usd)
             model = self.fallback.model
-        self._sent = False
+        self._sent, self.call_id = False, None
         try:
-            return await self._call_limited(body, headers, model)
+            answer = await self._call_limited(body, headers, model)
         except BaseException as e:
             res, self.reservation = self.reservation, None
             answered = isinstance(e, ProviderError) and e.status_code is not None
             try:
                 if self._sent and not answered:   # timeout, connection lost, cancelled mid-call
-                    await self.budget.keep(res, type(e).__name__ + ": " + str(e)[:200])
+                    why = type(e).__name__ + ": " + str(e)[:200]
+                    if self.calls is not None:
+                        await self.calls.unconfirmed(self.req, res, self.call_id, why)
+                    else:
+                        await self.budget.keep(res, why)
                 else:
+                    if self._sent and self.calls is not None:
+                        self.calls.answered(self.call_id)
                     await self.budget.release(res)
             except Exception as err:  # the reservation expires by itself
                 log.warning("budget: release of %s failed (%s); it expires", res.rid, err)
             raise
+        if self.calls is not None:
+            self.calls.answered(self.call_id)
+        return answer

@@ -260,6 +260,35 @@ def test_timeout_and_hangup():
     assert s2["total"]["errors"] == {"hangup": 1}
 
 
+def test_a_generation_is_billed_when_its_client_went_away():
+    """A provider bills what it generated: a client that timed out, or a line dropped after the
+    generation, does not make the call free (it used to be counted with no usage at all)."""
+    async def body():
+        async with serve(hold_s=0.6, worst_case=True) as (url, oa, an, http):
+            with pytest.raises(openai.APITimeoutError):
+                await oa.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=40, timeout=0.2,
+                                                 extra_headers={"Idempotency-Key": "jobA:r1"})
+            mid = await get_stats(http, url)
+            await asyncio.sleep(0.8)   # the generation finishes after its client has gone
+            async with http.get(f"{url}/_stats?key_prefix=jobA:") as r:
+                late = await r.json()
+        async with serve(error_rates={"hangup": 1.0}, worst_case=True) as (url, oa, an, http):
+            with pytest.raises(openai.APIConnectionError):
+                await oa.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=40,
+                                                 extra_headers={"Idempotency-Key": "jobB:r1"})
+            async with http.get(f"{url}/_stats?key_prefix=jobB:") as r:
+                hung = await r.json()
+        return mid, late, hung
+
+    mid, late, hung = run(body())
+    assert mid["billed_calls"] == 0                         # still generating
+    assert late["total"]["errors"] == {"client_closed": 1}
+    assert late["billed_calls"] == 1 and late["keys"]["billed_calls"] == 1
+    assert late["keys"]["billed"]["completion_tokens"] == 40   # worst case: to its limit
+    assert late["keys"]["billed_by_key"]["jobA:r1"]["calls"] == 1
+    assert hung["keys"]["billed_calls"] == 1 and hung["keys"]["billed"]["completion_tokens"] == 40
+
+
 # --------------------------------------------------------------------------- limits
 
 def test_rpm_limit_enforced_with_openai_headers():
@@ -348,9 +377,10 @@ def test_stats_peak_concurrency_tiers_and_duplicate_keys():
     assert t["duplicates"] == 3
     assert stats["duplicate_keys"] == {"k2": 2, "k1": 1}
     assert "keys" not in stats
-    assert prefixed == {"k1": {"prefix": "k1", "calls": 2, "distinct": 1},
-                        "k": {"prefix": "k", "calls": 11, "distinct": 8},
-                        "none": {"prefix": "none", "calls": 0, "distinct": 0}}
+    counted = {p: {k: v[k] for k in ("prefix", "calls", "distinct", "billed_calls")} for p, v in prefixed.items()}
+    assert counted == {"k1": {"prefix": "k1", "calls": 2, "distinct": 1, "billed_calls": 2},
+                       "k": {"prefix": "k", "calls": 11, "distinct": 8, "billed_calls": 11},
+                       "none": {"prefix": "none", "calls": 0, "distinct": 0, "billed_calls": 0}}
     peak = stats["by_tier"]["peak"]
     assert peak["requests"] == 11 and peak["peak_concurrency"] == 11 and peak["duplicates"] == 3
     assert stats["by_tier"]["untagged"]["requests"] == 1

@@ -1,0 +1,133 @@
+"""Provider calls that may have been billed: on record before they are sent, spent if unanswered.
+
+A provider bills a generation whether or not its answer reaches us. So a call is
+written to ``provider_calls`` (sql/012_unconfirmed_spend.sql) before it leaves
+the worker, and its fate decides what it costs:
+
+1. ``record_sent``: the row, state 'sent', in the transaction that also checks the
+   job is not cancelled (workers/execute.py ``Gate``): one coalesced round trip for
+   every call that starts meanwhile, not one write per call;
+2. answered (success, or an error status the provider does not bill): the row is
+   removed in the outcome's own write (``resolve``); the cost is in ``results``;
+3. no answer (a timeout, a dropped connection): the row becomes 'unconfirmed' at the
+   call's maximum cost (``resolve``), and the budget counts that maximum for good
+   (``pipeline.budget`` counts ``CALL_SPEND`` in the ledger; the worker settles its
+   hold at the maximum after the write);
+4. its worker died mid-call: whoever takes the batch back makes its 'sent' rows
+   'unconfirmed' in the claim's transaction (``take_over``), and the budget
+   reconcile does the same for rows older than any call can run (``unconfirm_stale``).
+
+Only a provider's report naming a call (``confirm``) lowers it to what was billed.
+This module must never let an unanswered call's spend leave the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import sqlalchemy as sa
+
+from pipeline import budget
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = "call_id, hold_id, job_id, custom_id, tier, batch_id, owner, max_cost_usd"
+
+
+def record_sent(conn, rows: list[dict]) -> None:
+    """Calls about to be sent (``call_id``, ``hold_id``, ``job_id``, ``custom_id``, ``tier``,
+    ``batch_id``, ``owner``, ``max_cost_usd``): durable before any of them leaves."""
+    if not rows:
+        return
+    from pipeline.db import dumps
+    conn.execute(sa.text(
+        f"INSERT INTO provider_calls ({_COLUMNS})"
+        f" SELECT {_COLUMNS} FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(call_id text, hold_id text,"
+        " job_id text, custom_id text, tier text, batch_id text, owner text, max_cost_usd numeric)"
+        " ON CONFLICT (call_id) DO NOTHING"), {"rows": dumps(rows)})
+
+
+def resolve(conn, unconfirmed: list[dict], answered: list[str]) -> None:
+    """Answered calls leave the table; unanswered ones become unconfirmed spend at their maximum
+    (written whole, so a call whose 'sent' row is missing is on record all the same)."""
+    if answered:
+        conn.execute(sa.text("DELETE FROM provider_calls WHERE call_id = ANY(:ids) AND state = 'sent'"),
+                     {"ids": list(answered)})
+    if unconfirmed:
+        from pipeline.db import dumps
+        conn.execute(sa.text(
+            f"INSERT INTO provider_calls ({_COLUMNS}, state, reason, resolved_at)"
+            f" SELECT {_COLUMNS}, 'unconfirmed', reason, now()"
+            " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(call_id text, hold_id text, job_id text,"
+            " custom_id text, tier text, batch_id text, owner text, max_cost_usd numeric, reason text)"
+            " ON CONFLICT (call_id) DO UPDATE SET state = 'unconfirmed', reason = excluded.reason,"
+            " resolved_at = now() WHERE provider_calls.state = 'sent'"), {"rows": dumps(unconfirmed)})
+
+
+def _unconfirm(conn, where: str, params: dict, reason: str) -> tuple[list[dict], str]:
+    rows = conn.execute(sa.text(
+        "UPDATE provider_calls SET state = 'unconfirmed', reason = :why, resolved_at = now()"
+        f" WHERE state = 'sent' AND {where}"
+        " RETURNING call_id, hold_id, job_id, custom_id, tier, max_cost_usd, created_at"),
+        {**params, "why": reason}).mappings().all()
+    return [dict(r) for r in rows], (budget.commit_xid(conn) if rows else "")
+
+
+def take_over(conn, batch_id: str) -> tuple[list[dict], str]:
+    """In the transaction that takes ``batch_id`` back: its calls still 'sent' were cut off with
+    their worker, and may have been billed. Returns them and the transaction's id (for the settle)."""
+    rows, xid = _unconfirm(conn, "batch_id = :b", {"b": batch_id},
+                           "its worker stopped mid-call; the batch was taken back")
+    if rows:
+        log.warning("batch %s: %d calls were in flight when its worker stopped: counted as unconfirmed"
+                    " spend of $%s", batch_id, len(rows), sum((r["max_cost_usd"] for r in rows), Decimal(0)))
+    return rows, xid
+
+
+def unconfirm_stale(conn, older_than_s: float) -> tuple[list[dict], str]:
+    """Calls 'sent' longer ago than any call can run (a dead worker's, whose batch nobody took back)."""
+    return _unconfirm(conn, "created_at < now() - make_interval(secs => :age)", {"age": older_than_s},
+                      "no answer recorded within the longest a call can run")
+
+
+def holds(rows: list[dict], xid: str, gen: str = "") -> list[budget.Reservation]:
+    """The budget holds of unconfirmed calls, to settle at their maximum once ``xid`` committed."""
+    out = []
+    for r in rows:
+        created = r.get("created_at") or datetime.now(timezone.utc)
+        period = budget.day(created)
+        units = budget.reservation_units(r["max_cost_usd"])
+        out.append(budget.Reservation(r["hold_id"], gen, budget.fields_for(r["job_id"], r["tier"], period),
+                                      units, period, written=True, xid=xid))
+    return out
+
+
+def settle_sync(redis_sync, rows: list[dict], xid: str) -> None:
+    """Count unconfirmed calls found by a process without a ``Budget`` (the reconcile): each dead
+    hold is released and its maximum counted, unless the counters' rebuild already read it."""
+    for res in holds(rows, xid):
+        args = [res.rid, res.gen, res.units, res.xid, len(res.fields)] + [x for f in res.fields for x in f]
+        redis_sync.eval(budget.SETTLE, len(budget.KEYS), *budget.KEYS, *args)
+
+
+def confirm(engine, redis_sync, reported: dict[str, Decimal]) -> int:
+    """A provider's report names calls ``{call_id: billed USD}``: their spend becomes what was billed.
+
+    The counters are rebuilt from the ledger afterwards (spend only goes down here). Returns the
+    number of calls confirmed."""
+    if not reported:
+        return 0
+    from pipeline.db import dumps
+    with engine.begin() as conn:
+        n = conn.execute(sa.text(
+            "UPDATE provider_calls p SET state = 'confirmed', confirmed_usd = x.usd, resolved_at = now()"
+            " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(call_id text, usd numeric)"
+            " WHERE p.call_id = x.call_id AND p.state IN ('sent', 'unconfirmed')"),
+            {"rows": dumps([{"call_id": k, "usd": str(v)} for k, v in reported.items()])}).rowcount
+    if n:
+        gen = redis_sync.get(budget.KEYS[0])
+        if gen is not None:
+            redis_sync.eval(budget.INVALIDATE, len(budget.KEYS), *budget.KEYS, gen)
+    return n

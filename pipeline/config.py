@@ -204,6 +204,9 @@ class Settings:
     release_max_waiting: dict = _tier_map(offpeak=8, background=2)
     #: seconds between polls of an open provider batch
     provider_batch_poll_s: float = 2.0
+    #: seconds one attempt to create a provider batch may take; a creation the provider has not
+    #: confirmed is looked for at the provider and sent again only after this long with none found
+    provider_batch_create_timeout_s: float = 120.0
     #: per provider batch: requests (the providers' limits by default)
     provider_batch_max_requests: dict = _tier_map(openai=50_000, anthropic=100_000)
     #: per provider batch: bytes of JSONL (the providers' limits by default)

@@ -13,10 +13,31 @@ The batcher writes such requests as ``held`` batches with ``mode =
 2. **submit** — held provider-batch batches are packed by (provider, model)
    into provider batches within the provider's limits (requests and bytes per
    batch; a batch of ours that does not fit is split). One transaction records
-   the provider batch (``creating``) and marks its batches ``submitted`` and
-   their requests ``running``; then the JSONL is uploaded and the batch created
-   (OpenAI Files + Batches, Anthropic Message Batches). A failed creation puts
-   everything back to ``held`` for the next tick.
+   the provider batch (``creating``: the *intent*) and marks its batches
+   ``submitted`` and their requests ``running``; then each attempt is counted
+   and timed on the row (``create_attempts``, ``create_started_at``) before
+   the JSONL is uploaded and the batch created (OpenAI Files + Batches,
+   Anthropic Message Batches), without the SDK's hidden retries (a retried
+   create is a second batch, billed twice). A creation the provider refused
+   (a 4xx answer) puts everything back to ``held`` and frees the holds; one
+   whose outcome is unknown (timeout, dropped connection, 5xx, or a scheduler
+   that died) stays ``creating`` with its holds: its lines count as spent at
+   their maximum until the provider says what it did.
+2b. **recover** — every tick, before submitting, each ``creating`` row is
+   looked for at the provider: OpenAI by the batch's metadata
+   (``llmbatch_id``); Anthropic (no metadata) by the request count and the
+   creation window (first attempt − clock skew .. last attempt +
+   ``provider_batch_create_timeout_s`` + skew), among batches no row of ours
+   owns, and once results exist by their custom_ids. One found is adopted
+   (``submitted``); it is sent again only when the provider lists none and
+   the last attempt is older than ``provider_batch_create_timeout_s``.
+2c. **cancel** — ``cancel_job`` sets ``cancel_requested`` on the job's
+   provider batches whatever their state; the scheduler carries it out each
+   tick until the provider confirms (``cancel_confirmed_at``): a batch created
+   after the cancel is cancelled the moment its id is known, a ``creating``
+   row the provider never created is closed without sending, one still being
+   looked for waits. What the provider ran before the cancel took effect is
+   ingested and billed; the rest is ``cancelled``, never re-queued.
 3. **poll** — open provider batches are retrieved; one that ended is ingested:
    answers and errors land in ``results`` / ``attempts`` / ``requests`` through
    ``db.write_outcomes``, exactly like realtime results, with cost at the batch
@@ -56,8 +77,10 @@ log = logging.getLogger(__name__)
 
 OPENAI_ENDPOINT = "/v1/chat/completions"
 OPENAI_ENDED = ("completed", "failed", "expired", "cancelled")
-#: a provider batch stuck in 'creating' this long (the scheduler died mid-create) is recovered
-CREATING_STALE_S = 300
+OPENAI_CANCEL_CONFIRMED = ("cancelling",) + OPENAI_ENDED
+ANTHROPIC_CANCEL_CONFIRMED = ("canceling", "ended")
+#: how far the provider's clock may be from ours, when matching a batch to its creation window
+CLOCK_SKEW_S = 60.0
 _TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -88,37 +111,138 @@ def pack(sizes: list[int], max_requests: int, max_bytes: int) -> list[tuple[int,
 
 # ------------------------------------------------------------------ SDK clients
 
-def _openai(settings: Settings):
+def _openai(settings: Settings, *, retries: int = 2, timeout: float = 120):
     import openai
     return openai.AsyncOpenAI(api_key=settings.api_key("openai"), base_url=settings.base_url("openai"),
-                              max_retries=2, timeout=120)
+                              max_retries=retries, timeout=timeout)
 
 
-def _anthropic(settings: Settings):
+def _anthropic(settings: Settings, *, retries: int = 2, timeout: float = 120):
     import anthropic
     return anthropic.AsyncAnthropic(api_key=settings.api_key("anthropic"),
-                                    base_url=settings.base_url("anthropic"), max_retries=2, timeout=120)
+                                    base_url=settings.base_url("anthropic"), max_retries=retries, timeout=timeout)
 
 
-async def _create(settings: Settings, pb_id: str, provider: str, content: bytes, lines: list) -> dict:
-    if provider == "openai":
-        async with _openai(settings) as client:
-            f = await client.files.create(file=(f"{pb_id}.jsonl", content), purpose="batch")
-            b = await client.batches.create(input_file_id=f.id, endpoint=OPENAI_ENDPOINT,
-                                            completion_window="24h", metadata={"llmbatch_id": pb_id})
-            return {"provider_batch_id": b.id, "input_file_id": f.id, "provider_status": b.status}
-    async with _anthropic(settings) as client:
-        b = await client.messages.batches.create(requests=lines)
-        return {"provider_batch_id": b.id, "input_file_id": None, "provider_status": b.processing_status}
+class NotCreated(Exception):
+    """The provider answered that it did not create the batch (a 4xx): safe to send again."""
 
 
-async def _find_openai(settings: Settings, pb_id: str) -> dict | None:
-    """An OpenAI batch created for ``pb_id`` before a crash (found by its metadata)."""
+def _refused(e: Exception) -> bool:
+    """A 4xx answer (but a 408 timeout) says the provider did not act; anything else may hide a batch."""
+    status = getattr(e, "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status != 408
+
+
+async def _create(settings: Settings, pb_id: str, provider: str, content: bytes, lines: list,
+                  cancelled=lambda: False) -> dict:
+    """One attempt, no SDK retries (a retried create is a second batch). Raises ``NotCreated`` when
+    the provider refused; any other exception leaves the outcome unknown. When ``cancelled()`` says
+    the job was cancelled while the call was under way, the new batch is cancelled at once, on the
+    same connection (``cancel_status`` in the answer): every moment lets the provider run lines."""
+    kw = {"retries": 0, "timeout": settings.provider_batch_create_timeout_s}
+    try:
+        if provider == "openai":
+            async with _openai(settings, **kw) as client:
+                try:   # a file alone is never billed: a failed upload is a refusal
+                    f = await client.files.create(file=(f"{pb_id}.jsonl", content), purpose="batch")
+                except Exception as e:
+                    raise NotCreated(f"input file upload failed: {e}") from e
+                b = await client.batches.create(input_file_id=f.id, endpoint=OPENAI_ENDPOINT,
+                                                completion_window="24h", metadata={"llmbatch_id": pb_id})
+                info = {"provider_batch_id": b.id, "input_file_id": f.id, "provider_status": b.status}
+                if cancelled():
+                    info["cancel_status"] = await _quiet(client.batches.cancel(b.id), "status")
+                return info
+        async with _anthropic(settings, **kw) as client:
+            b = await client.messages.batches.create(requests=lines)
+            info = {"provider_batch_id": b.id, "input_file_id": None, "provider_status": b.processing_status}
+            if cancelled():
+                info["cancel_status"] = await _quiet(client.messages.batches.cancel(b.id), "processing_status")
+            return info
+    except NotCreated:
+        raise
+    except Exception as e:
+        if _refused(e):
+            raise NotCreated(str(e)) from e
+        raise
+
+
+async def _quiet(call, field: str) -> str | None:
+    """The status a cancel answered, or None when it failed (the scheduler sends it again)."""
+    try:
+        return getattr(await call, field)
+    except Exception as e:
+        log.warning("cancelling a provider batch just created failed (the scheduler retries): %s", e)
+        return None
+
+
+def _epoch(value) -> float:
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
+async def _find_openai(settings: Settings, pb_id: str, since: float) -> dict | None:
+    """An OpenAI batch created for ``pb_id`` (its metadata names it), among those created since
+    ``since`` (unix time, the first attempt; the listing is newest first)."""
     async with _openai(settings) as client:
         async for b in client.batches.list(limit=100):
             if (b.metadata or {}).get("llmbatch_id") == pb_id:
                 return {"provider_batch_id": b.id, "input_file_id": b.input_file_id, "provider_status": b.status}
+            if _epoch(b.created_at) < since - CLOCK_SKEW_S:
+                break
     return None
+
+
+async def _find_anthropic(settings: Settings, intents: list[dict], known) -> dict[str, tuple]:
+    """Anthropic batches carry no metadata: match each intent (``id``, ``requests``, ``pids``,
+    ``start``, ``end``: its creation window in unix time) to the provider's batches no row of ours
+    owns (``known(ids)`` names those that are ours) by request count and creation time; an ended
+    one is confirmed by its custom_ids. Returns ``{intent id: ("found", info) | ("none",) |
+    ("unsure", why)}``."""
+    from pipeline.providers import http_response
+    earliest = min(i["start"] for i in intents)
+    listed = []
+    async with _anthropic(settings) as client:
+        async for b in client.messages.batches.list(limit=1000):
+            if _epoch(b.created_at) < earliest:
+                break
+            listed.append(b)
+        owned = known([b.id for b in listed])
+        listed = [b for b in listed if b.id not in owned]
+        cands: dict[str, list] = {}
+        for i in intents:
+            for b in listed:
+                c = b.request_counts
+                total = c.processing + c.succeeded + c.errored + c.canceled + c.expired
+                if total == i["requests"] and i["start"] <= _epoch(b.created_at) <= i["end"]:
+                    cands.setdefault(i["id"], []).append(b)
+        pids_of: dict[str, set] = {}
+        for b in {b.id: b for bs in cands.values() for b in bs}.values():
+            if b.processing_status == "ended" and b.results_url:
+                resp = await client.get(b.results_url, cast_to=http_response,
+                                        options={"headers": {"Accept": "application/binary"}})
+                pids_of[b.id] = {json.loads(x).get("custom_id") for x in resp.text.splitlines() if x.strip()}
+    claimed: dict[str, int] = {}
+    for bs in cands.values():
+        for b in bs:
+            claimed[b.id] = claimed.get(b.id, 0) + 1
+    out = {}
+    for i in intents:
+        bs = cands.get(i["id"], [])
+        exact = [b for b in bs if pids_of.get(b.id) == i["pids"]]
+        running = [b for b in bs if b.id not in pids_of]
+        pick = exact[0] if exact else (running[0] if len(running) == 1 and claimed[running[0].id] == 1 else None)
+        if len(exact) > 1:
+            log.error("provider batch %s: %d Anthropic batches hold its requests (%s): the provider billed them"
+                      " more than once; adopting %s", i["id"], len(exact), [b.id for b in exact], exact[0].id)
+        if pick is not None:
+            out[i["id"]] = ("found", {"provider_batch_id": pick.id, "input_file_id": None,
+                                      "provider_status": pick.processing_status})
+        elif running:
+            out[i["id"]] = ("unsure", f"{len(running)} Anthropic batches in progress match its count and window;"
+                                      " waiting for their results to tell by custom_id")
+        else:
+            out[i["id"]] = ("none",)
+    return out
 
 
 async def _poll(settings: Settings, provider: str, provider_batch_id: str) -> tuple[str, bool, list[dict] | None]:
@@ -344,31 +468,67 @@ def _pb_requests(conn, pb_id: str) -> list[dict]:
         " WHERE b.provider_batch = :pb ORDER BY r.batch_id, r.line, r.custom_id"), {"pb": pb_id}).mappings()]
 
 
-def _create_at_provider(pb_id: str, settings: Settings, engine) -> None:
-    with engine.connect() as conn:
-        pb = conn.execute(sa.text("SELECT provider FROM provider_batches WHERE id = :id"), {"id": pb_id}).scalar()
+def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int = 0) -> str:
+    """One attempt to create ``pb_id`` at the provider, made only if the row is still ``creating``,
+    not cancelled, with ``attempts`` attempts so far (compare-and-set: two schedulers never both
+    send it). The attempt is recorded before anything is sent. Returns ``created``, ``refused``
+    (held again, holds freed), ``unknown`` (left for ``recover_creating``, holds kept) or ``skipped``."""
+    with engine.begin() as conn:
+        pb = conn.execute(sa.text(
+            "UPDATE provider_batches SET create_attempts = create_attempts + 1, create_started_at = now(),"
+            " first_create_at = coalesce(first_create_at, now())"
+            " WHERE id = :id AND status = 'creating' AND create_attempts = :n AND NOT cancel_requested"
+            " RETURNING provider"), {"id": pb_id, "n": attempts}).scalar()
+        if pb is None:
+            return "skipped"
         reqs = _pb_requests(conn, pb_id)
     lines = [{"custom_id": provider_custom_id(r["job_id"], r["custom_id"]), "params": r["body"]} for r in reqs]
     content = b"".join(request_line(pb, provider_custom_id(r["job_id"], r["custom_id"]), r["body"]) for r in reqs)
+    def cancelled() -> bool:
+        with engine.connect() as conn:
+            return bool(conn.execute(sa.text("SELECT cancel_requested FROM provider_batches WHERE id = :id"),
+                                     {"id": pb_id}).scalar())
     try:
-        info = asyncio.run(_create(settings, pb_id, pb, content, lines))
-    except Exception as e:  # the provider refused or is unreachable: back to held, next tick retries
-        log.warning("provider batch %s (%s, %d requests): creation failed, held again: %s",
+        info = asyncio.run(_create(settings, pb_id, pb, content, lines, cancelled))
+    except NotCreated as e:   # the provider said no: nothing to bill, back to held, next tick retries
+        log.warning("provider batch %s (%s, %d requests): creation refused, held again: %s",
                     pb_id, pb, len(reqs), e)
-        _abandon(engine, pb_id, f"create failed: {e}")
-        return
-    with engine.begin() as conn:
-        conn.execute(sa.text(
-            "UPDATE provider_batches SET status = 'submitted', provider_batch_id = :pbid,"
-            " input_file_id = :fid, provider_status = :st, submitted_at = now() WHERE id = :id"),
-            {"id": pb_id, "pbid": info["provider_batch_id"], "fid": info["input_file_id"],
-             "st": info["provider_status"]})
+        _abandon(engine, pb_id, f"create refused: {e}", settings)
+        return "refused"
+    except Exception as e:    # the provider may have created it: never send again before asking it
+        log.warning("provider batch %s (%s, %d requests): creation not confirmed (%s: %s); its lines stay held"
+                    " at their maximum until the provider is asked what it created", pb_id, pb, len(reqs),
+                    type(e).__name__, e)
+        return "unknown"
+    _record_created(engine, pb_id, info, settings)
     log.info("provider batch %s: %s batch %s created, %d requests, %d bytes",
              pb_id, pb, info["provider_batch_id"], len(reqs), len(content))
+    return "created"
 
 
-def _abandon(engine, pb_id: str, reason: str) -> None:
-    """Give a provider batch that was never created back: its batches and requests are held again."""
+def _record_created(engine, pb_id: str, info: dict, settings: Settings) -> bool:
+    """The provider's batch is ours: ``submitted``. A cancel asked for meanwhile is sent at once."""
+    with engine.begin() as conn:
+        row = conn.execute(sa.text(
+            "UPDATE provider_batches SET status = 'submitted', provider_batch_id = :pbid,"
+            " input_file_id = :fid, provider_status = :st, submitted_at = now() WHERE id = :id"
+            " AND status = 'creating' RETURNING provider, cancel_requested"),
+            {"id": pb_id, "pbid": info["provider_batch_id"], "fid": info["input_file_id"],
+             "st": info["provider_status"]}).first()
+    if row is None:
+        return False
+    if row.cancel_requested:
+        confirmed = OPENAI_CANCEL_CONFIRMED if row.provider == "openai" else ANTHROPIC_CANCEL_CONFIRMED
+        if info.get("cancel_status") in confirmed:
+            _confirm_cancel(engine, pb_id, info["cancel_status"], True)
+        else:
+            _send_cancel(engine, pb_id, row.provider, info["provider_batch_id"], settings)
+    return True
+
+
+def _abandon(engine, pb_id: str, reason: str, settings: Settings | None = None) -> None:
+    """A provider batch the provider never created: its requests are held again (those of a
+    cancelled job are cancelled), and their holds freed (the next tick reserves again)."""
     with engine.begin() as conn:
         conn.execute(sa.text(
             "UPDATE provider_batches SET status = 'abandoned', error = :e, ended_at = now() WHERE id = :id"),
@@ -377,38 +537,155 @@ def _abandon(engine, pb_id: str, reason: str) -> None:
             "UPDATE batches SET status = 'held', provider_batch = NULL, dispatched_at = NULL, started_at = NULL"
             " WHERE provider_batch = :id AND status = 'submitted' RETURNING batch_id"), {"id": pb_id}).scalars().all()
         keys = conn.execute(sa.text(
-            "UPDATE requests SET status = 'held' WHERE batch_id = ANY(:ids) AND status = 'running'"
-            " RETURNING job_id, custom_id"), {"ids": ids}).all()
-    # never sent: the holds go (the next tick reserves again)
-    budget.release_held(_budget_redis(get_settings()), [request_key(j, c) for j, c in keys])
+            "UPDATE requests r SET status = CASE WHEN j.status = 'cancelled' THEN 'cancelled' ELSE 'held' END,"
+            " finished_at = CASE WHEN j.status = 'cancelled' THEN now() ELSE r.finished_at END"
+            " FROM jobs j WHERE j.job_id = r.job_id AND r.batch_id = ANY(:ids) AND r.status = 'running'"
+            " RETURNING r.job_id, r.custom_id, r.status"), {"ids": ids}).all()
+        conn.execute(sa.text(
+            "UPDATE batches b SET status = 'done', finished_at = now() WHERE b.batch_id = ANY(:ids)"
+            " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
+            "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": ids})
+        cancelled = {j for j, _, st in keys if st == "cancelled"}
+        if cancelled:
+            db.refresh_jobs(conn, cancelled)
+    budget.release_held(_budget_redis(settings or get_settings()), [request_key(j, c) for j, c, _ in keys])
+
+
+def _known_ids(engine):
+    def known(ids: list[str]) -> set[str]:
+        with engine.connect() as conn:
+            return set(conn.execute(sa.text(
+                "SELECT provider_batch_id FROM provider_batches WHERE provider_batch_id = ANY(:ids)"),
+                {"ids": ids}).scalars())
+    return known
 
 
 def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
-    """Provider batches left in 'creating' by a dead scheduler: adopt (OpenAI, found by metadata) or hold again.
+    """Carry every ``creating`` row (the intent) to a decision the provider backs, once per tick.
 
-    Anthropic batches carry no metadata: one created just before the crash
-    cannot be found, and its requests are sent again (the provider bills both).
+    Never attempted (the scheduler died between the intent and the call): sent now, or closed
+    if its job was cancelled. Attempted: looked for at the provider (OpenAI by metadata,
+    Anthropic by count, window and custom_ids); found, it is adopted (and cancelled, if that
+    was asked); sent again, or closed when cancelled, only when the provider lists none and the
+    last attempt is older than ``provider_batch_create_timeout_s``. Until then its requests stay
+    ``running`` and their holds stay: spent at their maximum, under the caps. Returns the rows seen.
     """
     settings = settings or get_settings()
     engine = engine or db.get_engine()
     with engine.connect() as conn:
-        stale = conn.execute(sa.text(
-            "SELECT id, provider FROM provider_batches WHERE status = 'creating'"
-            " AND created_at < now() - make_interval(secs => :s)"), {"s": CREATING_STALE_S}).all()
-    for pb_id, provider in stale:
-        found = asyncio.run(_find_openai(settings, pb_id)) if provider == "openai" else None
-        if found:
-            with engine.begin() as conn:
-                conn.execute(sa.text(
-                    "UPDATE provider_batches SET status = 'submitted', provider_batch_id = :pbid,"
-                    " input_file_id = :fid, provider_status = :st, submitted_at = now() WHERE id = :id"),
-                    {"id": pb_id, "pbid": found["provider_batch_id"], "fid": found["input_file_id"],
-                     "st": found["provider_status"]})
-            log.warning("provider batch %s: adopted %s created before a crash", pb_id, found["provider_batch_id"])
-        else:
-            _abandon(engine, pb_id, "left in 'creating' by a scheduler that stopped")
-            log.warning("provider batch %s: never confirmed as created; its requests are held again", pb_id)
-    return len(stale)
+        rows = [dict(r) for r in conn.execute(sa.text(
+            "SELECT id, provider, requests, create_attempts, cancel_requested,"
+            " extract(epoch FROM first_create_at)::float8 AS first_at,"
+            " extract(epoch FROM create_started_at)::float8 AS last_at,"
+            " coalesce(create_started_at < now() - make_interval(secs => :t), true) AS window_closed"
+            " FROM provider_batches WHERE status = 'creating' ORDER BY created_at"),
+            {"t": settings.provider_batch_create_timeout_s}).mappings()]
+        for r in rows:
+            if r["provider"] == "anthropic" and r["create_attempts"]:
+                r["pids"] = {provider_custom_id(q["job_id"], q["custom_id"]) for q in _pb_requests(conn, r["id"])}
+    found: dict[str, tuple] = {}
+    tried = [r for r in rows if r["create_attempts"]]
+    intents = [{"id": r["id"], "requests": r["requests"], "pids": r["pids"],
+                "start": r["first_at"] - CLOCK_SKEW_S,
+                "end": r["last_at"] + settings.provider_batch_create_timeout_s + CLOCK_SKEW_S}
+               for r in tried if r["provider"] == "anthropic"]
+    try:
+        if intents:
+            found.update(asyncio.run(_find_anthropic(settings, intents, _known_ids(engine))))
+    except Exception as e:
+        log.warning("provider batches: cannot list Anthropic batches to find %d unconfirmed creations: %s",
+                    len(intents), e)
+    for r in tried:
+        if r["provider"] != "openai":
+            continue
+        try:
+            hit = asyncio.run(_find_openai(settings, r["id"], r["first_at"]))
+            found[r["id"]] = ("found", hit) if hit else ("none",)
+        except Exception as e:
+            log.warning("provider batch %s: cannot list OpenAI batches to find it: %s", r["id"], e)
+    for r in rows:
+        pb_id = r["id"]
+        try:
+            if not r["create_attempts"]:
+                if r["cancel_requested"]:
+                    _abandon(engine, pb_id, "cancelled before it was sent", settings)
+                else:
+                    _create_at_provider(pb_id, settings, engine, attempts=0)
+                continue
+            verdict = found.get(pb_id, ("unsure", "the provider could not be asked"))
+            if verdict[0] == "found":
+                if _record_created(engine, pb_id, verdict[1], settings):
+                    log.warning("provider batch %s: adopted %s batch %s, created by an attempt whose answer"
+                                " was lost", pb_id, r["provider"], verdict[1]["provider_batch_id"])
+            elif verdict[0] == "none" and r["window_closed"]:
+                if r["cancel_requested"]:
+                    _abandon(engine, pb_id, "cancelled; the provider never created it", settings)
+                    log.info("provider batch %s: cancelled, and the provider has no batch for it", pb_id)
+                else:
+                    log.warning("provider batch %s: the provider has no batch for it %d attempt(s) on; sending"
+                                " it again", pb_id, r["create_attempts"])
+                    _create_at_provider(pb_id, settings, engine, attempts=r["create_attempts"])
+            else:
+                log.info("provider batch %s: creation unconfirmed, its lines held at their maximum (%s)", pb_id,
+                         verdict[1] if len(verdict) > 1 else "within its creation window")
+        except Exception:
+            log.exception("provider batch %s: recovery failed; the next tick tries again", pb_id)
+    return len(rows)
+
+
+async def _status(settings: Settings, provider: str, provider_batch_id: str) -> str:
+    if provider == "openai":
+        async with _openai(settings) as client:
+            return (await client.batches.retrieve(provider_batch_id)).status
+    async with _anthropic(settings) as client:
+        return (await client.messages.batches.retrieve(provider_batch_id)).processing_status
+
+
+def _send_cancel(engine, pb_id: str, provider: str, provider_batch_id: str, settings: Settings) -> dict:
+    """Ask the provider to cancel; confirmed once it says cancelling or ended (an ended batch has
+    nothing left to cancel). Unconfirmed, the scheduler asks again next tick."""
+    confirmed = OPENAI_CANCEL_CONFIRMED if provider == "openai" else ANTHROPIC_CANCEL_CONFIRMED
+    error = None
+    try:
+        state = asyncio.run(_cancel(settings, provider, provider_batch_id))
+    except Exception as e:   # e.g. "cannot cancel a completed batch": ask what it is
+        error = str(e)
+        try:
+            state = asyncio.run(_status(settings, provider, provider_batch_id))
+        except Exception:
+            state = None
+    ok = state in confirmed
+    if state is not None:
+        _confirm_cancel(engine, pb_id, state, ok)
+    if not ok:
+        log.warning("provider batch %s (%s): cancel not confirmed yet (%s); the scheduler asks again",
+                    pb_id, provider_batch_id, error or state)
+        return {"id": pb_id, "provider_batch": provider_batch_id, "error": error or f"status {state}"}
+    return {"id": pb_id, "provider_batch": provider_batch_id, "status": state}
+
+
+def _confirm_cancel(engine, pb_id: str, state: str, ok: bool) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "UPDATE provider_batches SET provider_status = :st, cancel_confirmed_at = CASE WHEN :ok"
+            " THEN coalesce(cancel_confirmed_at, now()) ELSE cancel_confirmed_at END WHERE id = :id"),
+            {"id": pb_id, "st": state, "ok": ok})
+    if ok:
+        log.info("provider batch %s: cancel confirmed by the provider (%s)", pb_id, state)
+
+
+def carry_out_cancels(*, settings: Settings | None = None, engine=None) -> int:
+    """Send the cancels the provider has not confirmed yet (rows ``creating`` wait for
+    ``recover_creating``: a batch is cancelled the moment its id is known). Returns those sent."""
+    settings = settings or get_settings()
+    engine = engine or db.get_engine()
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT id, provider, provider_batch_id FROM provider_batches WHERE status = 'submitted'"
+            " AND cancel_requested AND cancel_confirmed_at IS NULL ORDER BY cancel_requested_at")).all()
+    for pb_id, provider, pbid in rows:
+        _send_cancel(engine, pb_id, provider, pbid, settings)
+    return len(rows)
 
 
 # ------------------------------------------------------------------ poll and ingest
@@ -615,7 +892,10 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) ->
     """Cancel a job: held and queued work stops, calls in flight finish, provider batches are cancelled.
 
     Returns what was done, or None when there is no such job. Costs already
-    incurred stay in ``results``. A provider batch shared with another job's
+    incurred stay in ``results``. Each provider batch of the job, whatever its
+    state (``creating`` included), is marked ``cancel_requested``: the
+    scheduler carries that out until the provider confirms (a submitted one is
+    also cancelled here at once). A provider batch shared with another job's
     requests is not cancelled (that would cancel the other job's work too).
     """
     settings = settings or get_settings()
@@ -643,8 +923,8 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) ->
             " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
             "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"j": job_id}).rowcount
         pbs = conn.execute(sa.text(
-            "SELECT pb.id, pb.provider, pb.provider_batch_id FROM provider_batches pb"
-            " WHERE pb.status = 'submitted' AND pb.provider_batch_id IS NOT NULL"
+            "SELECT pb.id, pb.provider, pb.provider_batch_id, pb.status FROM provider_batches pb"
+            " WHERE pb.status IN ('creating', 'submitted')"
             " AND EXISTS (SELECT 1 FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
             "             WHERE b.provider_batch = pb.id AND r.job_id = :j)"
             " AND NOT EXISTS (SELECT 1 FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
@@ -653,8 +933,10 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) ->
         running = conn.execute(sa.text(
             "SELECT count(*) FROM requests WHERE job_id = :j AND status = 'running'"), {"j": job_id}).scalar()
         if pbs:
-            conn.execute(sa.text("UPDATE provider_batches SET cancel_requested = true WHERE id = ANY(:ids)"),
-                         {"ids": [p.id for p in pbs]})
+            conn.execute(sa.text(
+                "UPDATE provider_batches SET cancel_requested = true,"
+                " cancel_requested_at = coalesce(cancel_requested_at, now()) WHERE id = ANY(:ids)"),
+                {"ids": [p.id for p in pbs]})
         return job, stopped, done, pbs, running
 
     # a deadlock or serialization victim, or a Postgres restart, is tried again, never a traceback
@@ -663,13 +945,11 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) ->
         return None
     job, stopped, done, pbs, running = out
     cancelled_at_provider = []
-    for pb_id, provider, pbid in pbs:
-        try:
-            state = asyncio.run(_cancel(settings, provider, pbid))
-            cancelled_at_provider.append({"provider_batch": pbid, "status": state})
-        except Exception as e:
-            log.warning("job %s: cancelling provider batch %s failed: %s", job_id, pbid, e)
-            cancelled_at_provider.append({"provider_batch": pbid, "error": str(e)})
+    for pb_id, provider, pbid, status in pbs:
+        if status == "submitted":
+            cancelled_at_provider.append(_send_cancel(engine, pb_id, provider, pbid, settings))
+        else:   # its creation is under way or unconfirmed: cancelled the moment the provider names it
+            cancelled_at_provider.append({"id": pb_id, "provider_batch": None, "status": "cancel_requested"})
     return {"job_id": job_id, "previous_status": job.status, "requests_cancelled": stopped,
             "batches_done": done, "still_running": running, "provider_batches": cancelled_at_provider}
 

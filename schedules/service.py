@@ -17,7 +17,8 @@ Jobs of the leader's APScheduler:
   schedules/deadlines.py), then the off-peak window
   (release while open, paced; hold unstarted batches while closed),
   background fill (only while ``tier.immediate`` and ``tier.peak`` are empty
-  in the broker), provider batches (submit, poll, ingest).
+  in the broker), provider batches (recover unconfirmed creations, carry out
+  cancels, submit, poll, ingest).
 - ``sync`` (every 2 s): schedules table → APScheduler jobs; catch-up of cron
   slots missed while no scheduler ran; queued runs whose predecessor ended.
 - ``upkeep`` (every ``upkeep_every_s``): retention, stuck batches, budget periods.
@@ -113,9 +114,13 @@ class Ticker:
         return {"idle": True, "depth": 0, "released": len(released)}
 
     def provider(self) -> dict:
+        # in one thread, in this order: an unconfirmed creation is resolved (adopted, or sent
+        # again) before new work is sent, and a cancel is carried out before the next poll
+        creating = provider_batches.recover_creating(settings=self.settings, engine=self.engine)
+        cancels = provider_batches.carry_out_cancels(settings=self.settings, engine=self.engine)
         created = provider_batches.submit_held(settings=self.settings, engine=self.engine)
         ended = provider_batches.poll_open(settings=self.settings, **self._kw())
-        return {"created": len(created), "ended": len(ended)}
+        return {"creating": creating, "cancels": cancels, "created": len(created), "ended": len(ended)}
 
     def tick(self) -> dict:
         out = {}
@@ -208,7 +213,6 @@ class SchedulerService:
 
     def upkeep(self) -> None:
         try:
-            provider_batches.recover_creating(settings=self.settings, engine=self.engine)
             out = upkeep.run_upkeep(settings=self.settings, engine=self.engine, clock=self.clock)
             log.debug("upkeep: %s", out)
         except Exception:

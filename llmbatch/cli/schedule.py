@@ -141,4 +141,6 @@ def cancel(job_id, as_json):
         return
     click.echo(f"job {job_id} cancelled (was {out['previous_status']}): {out['requests_cancelled']} requests "
                f"cancelled, {out['still_running']} in flight finish, "
-               f"{len(out['provider_batches'])} provider batches cancelled")
+               f"{len(out['provider_batches'])} provider batches cancelled"
+               + (f" ({waiting} when the provider confirms their creation)" if (waiting := sum(
+                   p.get("status") == "cancel_requested" for p in out["provider_batches"])) else ""))

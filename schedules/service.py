@@ -103,9 +103,11 @@ class Ticker:
         return {"idle": True, "depth": 0, "released": len(released)}
 
     def provider(self) -> dict:
+        # first, holds of batches ingested but not settled: they free room for what is sent next
+        settled = provider_batches.settle_unsettled(settings=self.settings, engine=self.engine)
         created = provider_batches.submit_held(settings=self.settings, engine=self.engine)
         ended = provider_batches.poll_open(settings=self.settings, **self._kw())
-        return {"created": len(created), "ended": len(ended)}
+        return {"created": len(created), "ended": len(ended), "settled_late": settled}
 
     def tick(self) -> dict:
         out = {}

@@ -24,6 +24,17 @@ Redis unreachable means no call: ``BudgetUnavailable`` (fail closed).
 A reservation that outlives ``budget_reservation_ttl_s`` (its worker died)
 expires, and its amount is released by the next reserve.
 
+**One period per spend.** A daily scope's period is the UTC day, by the caps' one clock
+(``period``, pipeline/clock.py: setting ``clock``; tests move it). A spend belongs to the period
+of its reservation: the counters settle it there, its ledger row records it
+(``results.budget_period``), and the views and every rebuild count it there. A provider batch
+reserved on day D and ingested on D+1 is D's spend, never D+1's.
+
+**A wait says why, and ends.** A reservation that only other live holds stand in front of waits
+(they settle below their maximum); ``llmbatch status`` shows which cap, how much is held and by
+which jobs (``wait_status``), and after ``budget_wait_max_s`` it gives up (``BudgetWaitedOut``):
+its request is deferred a minute, with that reason, like a refusal, never dropped.
+
 Public: ``Budget`` (worker side), ``to_units``/``from_units``, ``caps_for``,
 ``set_cap``, ``show``, ``rebuild``, ``resume_due_batches``, the errors.
 This module must never let a call go ahead without a reservation.
@@ -40,11 +51,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_CEILING, Decimal
+from urllib.parse import unquote
 
 import sqlalchemy as sa
 from redis import exceptions as redis_exceptions
 
 from pipeline.aio import checkpoint
+from pipeline.clock import budget_now
 from pipeline.config import Settings
 from pipeline.constants import HELD_TIERS, REDIS_PREFIX, TIERS
 from pipeline.errors import BudgetError, ConfigError, InfrastructureError
@@ -58,6 +71,10 @@ MAX_CAP_USD = Decimal(50_000_000)
 NO_CAP = "-1"
 
 K = REDIS_PREFIX + "budget:"
+#: per job: why its reservations wait (``note_wait``), read by ``llmbatch status``
+WAIT_KEY = K + "wait:"
+#: a wait note outlives its last renewal this long
+WAIT_NOTE_TTL_S = 15
 #: KEYS[7]: the Postgres snapshot the counters were rebuilt from (SETTLE)
 KEYS = [K + "gen", K + "caps", K + "spent", K + "held", K + "res", K + "res:exp", K + "snapshot"]
 LOCK_KEY = K + "rebuild-lock"
@@ -93,6 +110,15 @@ class BudgetNeverFits(BudgetExceeded):
         super().__init__(scope, Decimal(0), cap,
                          f"budget {scope}: this request's maximum cost ${amount} is above the cap ${cap},"
                          f" so it can never fit")
+
+
+class BudgetWaitedOut(BudgetExceeded):
+    """Only other live holds stood in the way, for longer than ``budget_wait_max_s``: the request
+    is deferred for a minute (kind ``wait``) with the cap, what it holds and by whom in words."""
+
+    def __init__(self, scope: str, spent: Decimal, cap: Decimal, message: str):
+        super().__init__(scope, spent, cap, message)
+        self.kind = "wait"
 
 
 class InvalidAmount(BudgetError):
@@ -139,6 +165,11 @@ def day(now: datetime | None = None) -> str:
 def next_day(now: datetime | None = None) -> datetime:
     now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
     return datetime(now.year, now.month, now.day, tzinfo=timezone.utc) + timedelta(days=1)
+
+
+def period(settings: Settings, engine=None) -> str:
+    """Today's budget period (a UTC day) by the caps' one clock (pipeline/clock.py)."""
+    return day(budget_now(settings, engine))
 
 
 def fields_for(job_id: str, tier: str, today: str) -> list[tuple[str, str]]:
@@ -392,18 +423,27 @@ return 1
 # again), because a hold may exist nowhere but here: the scheduler holds a provider batch's
 # requests while they are still 'held' in Postgres, a worker holds before its claim is durable.
 # Dropping them would free room already promised. 'running' requests not held are re-held.
-# Returns {holds kept, requests re-held}.
+# Except data.drop: holds of requests whose result the ledger snapshot already counts (a settle
+# that failed or never ran): kept, they would count the spend twice and stall the cap.
+# Returns {holds kept, requests re-held, holds dropped}.
 INSTALL = """
 local data = cjson.decode(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local drop = {}
+for _, id in ipairs(data.drop or {}) do drop[id] = true end
 local keep = {}
+local dropped = 0
 local recs = redis.call('HGETALL', KEYS[5])
 for i = 1, #recs, 2 do
   local id, rec = recs[i], recs[i + 1]
   local exp = tonumber(redis.call('ZSCORE', KEYS[6], id) or '0')
   local amount, fields = string.match(rec, '^(%d+)|[^|]*|(.*)$')
-  if amount and #amount <= 16 and exp and exp > now then keep[#keep + 1] = {id, amount, fields, exp, rec} end
+  if drop[id] then
+    dropped = dropped + 1
+  elseif amount and #amount <= 16 and exp and exp > now then
+    keep[#keep + 1] = {id, amount, fields, exp, rec}
+  end
 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 for f, v in pairs(data.caps) do redis.call('HSET', KEYS[2], f, v) end
@@ -423,7 +463,7 @@ for _, r in ipairs(data.res) do
   end
 end
 redis.call('SET', KEYS[1], ARGV[1])
-return {#keep, reheld}
+return {#keep, reheld, dropped}
 """
 
 # ARGV: ttl_ms, then (rid, units, fields, written) × n: a live worker's own reservations in a
@@ -499,10 +539,15 @@ JOB_SPENT_SQL = ("((SELECT coalesce(sum(cost_usd), 0) FROM results r WHERE r.job
                  f" + (SELECT coalesce(sum({CALL_SPEND}), 0) FROM provider_calls p"
                  "    WHERE p.job_id = j.job_id AND p.state <> 'sent'))")
 
-def ledger_snapshot(engine, settings: Settings, now: datetime | None = None) -> dict:
-    """Caps, today's spend per scope and the running requests, from one consistent snapshot."""
-    today = day(now)
-    start = next_day(now) - timedelta(days=1)
+def ledger_snapshot(engine, settings: Settings, now: datetime | None = None, held_ids=()) -> dict:
+    """Caps, spend per scope and period, the running requests, from one consistent snapshot.
+
+    Spend is counted in the period of its reservation (``results.budget_period``): today's, and
+    that of every provider batch still open (reserved on an earlier day, settled into it).
+    ``held_ids``: the holds in Redis; ``drop`` names those whose request's result this snapshot
+    already counts (``INSTALL`` drops them).
+    """
+    today = day(now) if now is not None else period(settings, engine)
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
@@ -512,28 +557,21 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None) -> 
             for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
                 caps.setdefault(scope, NO_CAP)
             spent: dict[str, str] = {}
-            g = conn.execute(sa.text(
-                "SELECT (SELECT coalesce(sum(cost_usd), 0) FROM results WHERE created_at >= :s)"
-                f" + (SELECT coalesce(sum({CALL_SPEND}), 0) FROM provider_calls p"
-                "    WHERE p.state <> 'sent' AND p.created_at >= :s)"), {"s": start}).scalar()
-            spent[f"global@{today}"] = str(to_units(g))
-            for tier, s in conn.execute(sa.text(
-                    "SELECT tier, sum(c) FROM (SELECT q.tier, r.cost_usd AS c FROM results r"
-                    "  JOIN requests q USING (job_id, custom_id) WHERE r.created_at >= :s"
-                    f" UNION ALL SELECT p.tier, {CALL_SPEND} FROM provider_calls p"
-                    "  WHERE p.state <> 'sent' AND p.created_at >= :s) x GROUP BY tier"), {"s": start}).all():
-                spent[f"tier:{tier}@{today}"] = str(to_units(s))
             for job_id, cap, s in conn.execute(sa.text(
                     f"SELECT j.job_id, j.budget_usd, {JOB_SPENT_SQL}"
                     " FROM jobs j WHERE j.status IN ('submitting', 'running', 'paused_budget')")).all():
                 caps[f"job:{job_id}"] = job_cap_units(cap)
                 spent[f"job:{job_id}"] = str(to_units(s))
-            res = []
-            for job_id, cid, tier, max_cost, in_pb in conn.execute(sa.text(
-                    "SELECT q.job_id, q.custom_id, q.tier, q.max_cost_usd, b.provider_batch IS NOT NULL"
+            res, periods = [], {today}
+            for job_id, cid, tier, max_cost, in_pb, held_in in conn.execute(sa.text(
+                    "SELECT q.job_id, q.custom_id, q.tier, q.max_cost_usd, b.provider_batch IS NOT NULL,"
+                    " q.budget_period"
                     " FROM requests q LEFT JOIN batches b ON b.batch_id = q.batch_id"
                     " WHERE q.status = 'running'")).all():
-                fields = [sf for sf, _ in fields_for(job_id, tier, today)]
+                # a provider batch's hold stays in the period it was taken in; a worker's is re-asserted
+                when = held_in.isoformat() if in_pb and held_in is not None else today
+                periods.add(when)
+                fields = [sf for sf, _ in fields_for(job_id, tier, when)]
                 try:
                     units = reservation_units(max_cost)
                 except InvalidAmount:   # never reserved, so never called: nothing to hold
@@ -542,7 +580,35 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None) -> 
                 if in_pb:   # nobody re-asserts a provider batch's holds: they last its whole window
                     entry.append(int(PROVIDER_BATCH_HOLD_S * 1000))
                 res.append(entry)
-    return {"caps": caps, "spent": spent, "res": res, "snapshot": snapshot}
+            ps = sorted(periods)
+            for p in ps:
+                spent[f"global@{p}"] = "0"
+            for p, tier, s in conn.execute(sa.text(
+                    "SELECT p, tier, sum(c) FROM (SELECT r.budget_period::text AS p, q.tier, r.cost_usd AS c"
+                    "  FROM results r JOIN requests q USING (job_id, custom_id)"
+                    "  WHERE r.budget_period = ANY(CAST(:ps AS date[]))"
+                    f" UNION ALL SELECT p.budget_period::text, p.tier, {CALL_SPEND} FROM provider_calls p"
+                    "  WHERE p.state <> 'sent' AND p.budget_period = ANY(CAST(:ps AS date[]))) x"
+                    " GROUP BY 1, 2"), {"ps": ps}).all():
+                spent[f"global@{p}"] = str(int(spent[f"global@{p}"]) + to_units(s))
+                spent[f"tier:{tier}@{p}"] = str(to_units(s))
+            drop = _counted_holds(conn, held_ids)
+    return {"caps": caps, "spent": spent, "res": res, "snapshot": snapshot, "drop": drop}
+
+
+def _counted_holds(conn, held_ids) -> list[str]:
+    """The hold ids (``request_key``) whose request already has its result in the ledger.
+
+    A detached hold (``…~xxxx``, a call that may have been billed) is never among them.
+    """
+    wanted = {i for i in held_ids if "~" not in i and ":" in i}
+    if not wanted:
+        return []
+    # a key hashes its custom_id (pipeline/ids.py): compare keys of the jobs' results
+    jobs = sorted({unquote(i.split(":", 1)[0]) for i in wanted})
+    return [k for k in (request_key(j, c) for j, c in conn.execute(sa.text(
+        "SELECT job_id, custom_id FROM results WHERE job_id = ANY(:jobs)"), {"jobs": jobs}).all())
+        if k in wanted]
 
 
 def new_generation() -> str:
@@ -567,15 +633,17 @@ def rebuild(engine, redis_sync, settings: Settings, *, wait_s: float = 60.0) -> 
             try:
                 if redis_sync.get(KEYS[0]) is not None:
                     return False
-                snap = ledger_snapshot(engine, settings)
+                held_ids = [k.decode() for k in redis_sync.hkeys(KEYS[4])]
+                snap = ledger_snapshot(engine, settings, held_ids=held_ids)
                 gen = new_generation()
                 # re-held for a short grace only: most 'running' requests are queued in their batch,
                 # not in a call; the live workers re-assert theirs within it (Budget._heartbeat)
-                kept, reheld = redis_sync.eval(INSTALL, len(KEYS), *KEYS, gen, int(REHOLD_GRACE_S * 1000),
-                                               json.dumps(snap))
+                kept, reheld, dropped = redis_sync.eval(INSTALL, len(KEYS), *KEYS, gen,
+                                                        int(REHOLD_GRACE_S * 1000), json.dumps(snap))
                 redis_sync.set(RUN_ID_KEY, _redis_run_id(redis_sync))
                 log.warning("budget counters rebuilt from the Postgres ledger (generation %s, %d live holds"
-                            " kept, %d running requests re-held)", gen, kept, reheld)
+                            " kept, %d holds of requests already in the ledger dropped, %d running requests"
+                            " re-held)", gen, kept, dropped, reheld)
                 return True
             finally:
                 if redis_sync.get(LOCK_KEY) == token.encode():
@@ -630,12 +698,21 @@ def reconcile(engine, redis_sync, settings: Settings, *, recheck_s: float = 1.0)
         else:
             reason = "counters differ from the ledger"
             gen1, first, _ = _drift(engine, redis_sync, settings)
-            drift = {}
+            drift, stale = {}, set()
             if first:
                 time.sleep(recheck_s)
                 gen2, second, _ = _drift(engine, redis_sync, settings)
                 drift = {f: d for f, d in second.items() if first.get(f) == d} if gen1 == gen2 else {}
             if not drift:
+                # spend right, but holds of requests the ledger already counts (a settle that failed,
+                # or never ran): they stall their caps until a rebuild drops them
+                stale = _stale_holds(engine, redis_sync)
+                if stale:
+                    time.sleep(recheck_s)   # a worker settles what it just wrote within moments
+                    stale = stale & _stale_holds(engine, redis_sync)
+                if stale:
+                    reason = f"{len(stale)} holds of requests already in the ledger"
+            if not drift and not stale:
                 with engine.connect() as conn:
                     caps = caps_for(conn)
                 for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
@@ -655,6 +732,15 @@ def reconcile(engine, redis_sync, settings: Settings, *, recheck_s: float = 1.0)
         raise
     except Exception as e:
         raise BudgetUnavailable(f"budget reconcile: {e}") from e
+
+
+def _stale_holds(engine, redis_sync) -> set[str]:
+    """Holds whose request's result is already in the ledger (they should have been settled)."""
+    held_ids = [k.decode() for k in redis_sync.hkeys(KEYS[4])]
+    if not held_ids:
+        return set()
+    with engine.connect() as conn:
+        return set(_counted_holds(conn, held_ids))
 
 
 def _report_drift(drift: dict[str, int]) -> None:
@@ -836,9 +922,9 @@ class Budget:
         """Hold ``amount`` against every cap of the request, or raise ``BudgetExceeded``
         (``BudgetNeverFits`` when it is above a cap itself, ``InvalidAmount`` when it is no amount)."""
         units = reservation_units(amount)
-        waited = 0
+        waited, since, noted = 0, None, 0.0
         while True:
-            today = day()
+            today = period(self.settings, self.engine)
             fields = fields_for(job_id, tier, today)
             args = [_ttl_ms(self.settings), rid, units, len(fields)] + [x for f in fields for x in f]
             r = [x.decode() if isinstance(x, bytes) else x for x in await self._eval(RESERVE, *args)]
@@ -860,6 +946,13 @@ class Budget:
                     await self._load_caps()
             elif r[0] == "wait":
                 waited += 1
+                now = time.monotonic()
+                since = since or now
+                if now - noted > WAIT_NOTE_TTL_S / 3:   # say why, while it lasts (``llmbatch status``)
+                    noted = now
+                    await asyncio.to_thread(note_wait, self.redis_sync, job_id, r[1], _spent_field(fields, r[1]))
+                if now - since >= self.settings.budget_wait_max_s:
+                    raise await self._waited_out(r[1], _spent_field(fields, r[1]), now - since)
                 await asyncio.sleep(min(0.5, 0.02 * waited) * random.uniform(0.5, 1.5))
             elif r[0] == "never":
                 raise BudgetNeverFits(r[1], from_units(r[2]), from_units(r[3]))
@@ -871,6 +964,18 @@ class Budget:
                 raise InvalidAmount(f"maximum cost {amount!r} refused by the budget store")
             else:  # pragma: no cover
                 raise BudgetScriptError(f"unexpected answer from the reserve script: {r}")
+
+    async def _waited_out(self, cap_field: str, spent_field: str, waited_s: float) -> BudgetWaitedOut:
+        try:
+            w = await asyncio.to_thread(wait_reason, self.redis_sync, cap_field, spent_field)
+            why = describe_wait(w)
+            spent, cap = Decimal(w["spent_usd"]), Decimal(w["cap_usd"] or 0)
+        except Exception as e:   # the reason is best effort; giving up is not
+            why, spent, cap = f"the {cap_field} cap (its holds unreadable: {e})", Decimal(0), Decimal(0)
+        msg = (f"deferred: waited {waited_s:.0f}s (budget_wait_max_s) for live holds under {why};"
+               f" tried again in a minute")
+        log.warning("budget: %s", msg)
+        return BudgetWaitedOut(cap_field, spent, cap, msg)
 
     async def release(self, res: Reservation) -> None:
         self.live.pop(res.rid, None)
@@ -972,13 +1077,15 @@ def record_alert(engine, scope: str, period: str, threshold: int, cap: Decimal, 
 # ---------------------------------------------------------------- deferral
 
 def write_deferred(conn, rows: list[dict]) -> None:
-    """Mark requests deferred (``job_id``, ``custom_id``, ``scope``); terminal ones stay as they are."""
+    """Mark requests deferred (``job_id``, ``custom_id``, ``scope``, optional ``reason`` in words);
+    terminal ones stay as they are."""
     if not rows:
         return
     from pipeline.db import dumps
     conn.execute(sa.text(
-        "UPDATE requests r SET status = 'deferred', deferred_scope = x.scope"
-        " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, scope text)"
+        "UPDATE requests r SET status = 'deferred', deferred_scope = x.scope, deferred_reason = x.reason"
+        " FROM jsonb_to_recordset(CAST(:rows AS jsonb))"
+        " AS x(job_id text, custom_id text, scope text, reason text)"
         " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"
         " AND r.status NOT IN ('succeeded', 'failed', 'cancelled')"), {"rows": dumps(rows)})
 
@@ -986,12 +1093,12 @@ def write_deferred(conn, rows: list[dict]) -> None:
 def defer_batch(conn, batch_id: str, kinds: set[str], now: datetime | None = None) -> None:
     """Park a batch with deferred requests until the earliest moment one of them may fit.
 
-    Daily caps: the next UTC day. Budget store down: a minute. Job cap only:
-    until the cap is raised (``budget set`` re-dispatches it).
+    Daily caps: the next UTC day. Budget store down, or a wait on live holds that ran out
+    (``wait``): a minute. Job cap only: until the cap is raised (``budget set`` re-dispatches it).
     """
     now = now or datetime.now(timezone.utc)
     until = None
-    if "unavailable" in kinds:
+    if kinds & {"unavailable", "wait"}:
         until = now + timedelta(seconds=60)
     elif kinds & {"global", "tier"}:
         until = next_day(now)
@@ -1083,14 +1190,16 @@ def apply_config(engine, redis_sync, settings: Settings) -> list[dict]:
 # ---------------------------------------------------------------- synchronous holds (the scheduler)
 
 def reserve_now(engine, redis_sync, settings: Settings, rid: str, job_id: str, tier: str, amount,
-                *, ttl_s: float) -> str | None:
+                *, ttl_s: float, today: str | None = None) -> str | None:
     """One reservation without waiting: None when held; the scope when only other live holds are in
     the way (try again later). Raises ``BudgetExceeded`` (``BudgetNeverFits``), ``InvalidAmount``,
-    ``BudgetUnavailable``, like ``Budget.reserve``.
+    ``BudgetUnavailable``, like ``Budget.reserve``. ``today``: the period to hold it in (the
+    caller records it with the request, ``requests.budget_period``); by default the clock's.
     """
     units = reservation_units(amount)
+    today = today or period(settings, engine)
     for _ in range(5):
-        fields = fields_for(job_id, tier, day())
+        fields = fields_for(job_id, tier, today)
         args = [int(ttl_s * 1000), rid, units, len(fields)] + [x for f in fields for x in f]
         try:
             r = [x.decode() if isinstance(x, bytes) else x
@@ -1100,6 +1209,7 @@ def reserve_now(engine, redis_sync, settings: Settings, rid: str, job_id: str, t
         if r[0] == "ok":
             return None
         if r[0] == "wait":
+            note_wait(redis_sync, job_id, r[1], _spent_field(fields, r[1]))
             return r[1]
         if r[0] == "never":
             raise BudgetNeverFits(r[1], from_units(r[2]), from_units(r[3]))
@@ -1125,13 +1235,15 @@ def reserve_now(engine, redis_sync, settings: Settings, rid: str, job_id: str, t
     raise BudgetUnavailable(f"reservation {rid}: the budget counters kept changing")
 
 
-def settle_held(engine, redis_sync, settings: Settings, spent: dict[str, Decimal], xid: str = "") -> int:
+def settle_held(engine, redis_sync, settings: Settings, spent: dict[str, Decimal], xid: str = "",
+                *, attempts: int = 10) -> int:
     """Settle holds ``{rid: actual USD}`` by the fields they recorded (provider batches), after
-    transaction ``xid`` committed the results; retried until Redis takes them (``BudgetUnavailable``
-    after that; the reconcile counts from the ledger what stays unsettled). A missing hold adds nothing."""
+    transaction ``xid`` committed the results; ``attempts`` tries per hold (``BudgetUnavailable``
+    after that: the caller tries again later, and a rebuild drops the holds of results the ledger
+    counts). A missing hold adds nothing."""
     counted = 0
     for rid, actual in spent.items():
-        for attempt in range(10):
+        for attempt in range(attempts):
             try:
                 r = redis_sync.eval(SETTLE_HELD, len(KEYS), *KEYS, rid, str(max(0, to_units(actual))), xid)
                 if r[0] in (b"rebuild", "rebuild"):
@@ -1142,25 +1254,95 @@ def settle_held(engine, redis_sync, settings: Settings, spent: dict[str, Decimal
             except BudgetError:
                 raise
             except Exception as e:
-                if attempt == 9:
+                if attempt == attempts - 1:
                     raise BudgetUnavailable(f"settling {rid}: {e}") from e
                 time.sleep(min(2.0, 0.1 * 2 ** attempt))
     return counted
 
 
-def release_held(redis_sync, rids) -> None:
-    """Release holds whose calls never happened (a provider batch not created, requests not run)."""
+def release_held(redis_sync, rids, *, strict: bool = False) -> None:
+    """Release holds whose calls never happened (a provider batch not created, requests not run).
+
+    ``strict``: a failure raises ``BudgetUnavailable`` (the caller tries again) instead of a log line.
+    """
     try:
         for rid in rids:
             redis_sync.eval(RELEASE, len(KEYS), *KEYS, rid)
     except Exception as e:
+        if strict:
+            raise store_error(e, f"releasing {len(rids)} holds") from e
         log.warning("budget: releasing %d holds failed (%s); they expire, and the reconcile corrects", len(rids), e)
+
+
+# ---------------------------------------------------------------- why a reservation waits
+
+def _spent_field(fields, cap_field: str) -> str:
+    return next((sf for sf, cf in fields if cf == cap_field), "")
+
+
+def _wait_note(job_id: str, cap_field: str, spent_field: str, old: bytes | None) -> str:
+    """The note's JSON; ``since`` carried over from the note it renews (same cap)."""
+    since = time.time()
+    try:
+        prev = json.loads(old) if old else None
+        if prev and prev.get("cap") == cap_field:
+            since = float(prev["since"])
+    except (ValueError, TypeError, KeyError):
+        pass
+    return json.dumps({"job_id": job_id, "cap": cap_field, "field": spent_field, "since": since})
+
+
+def note_wait(redis_sync, job_id: str, cap_field: str, spent_field: str) -> None:
+    """Say that ``job_id``'s reservations wait on ``cap_field`` (read by ``wait_status``). Best effort."""
+    try:
+        key = WAIT_KEY + job_id
+        redis_sync.set(key, _wait_note(job_id, cap_field, spent_field, redis_sync.get(key)), ex=WAIT_NOTE_TTL_S)
+    except Exception as e:   # the note only explains; the reservation goes on without it
+        log.debug("budget: wait note for %s: %s", job_id, e)
+
+
+def wait_reason(redis_sync, cap_field: str, spent_field: str) -> dict:
+    """What stands in front of a cap: its cap, spend and holds now, and which jobs hold them."""
+    cap = int(redis_sync.hget(KEYS[1], cap_field) or -1)
+    spent = int(redis_sync.hget(KEYS[2], spent_field) or 0)
+    held = int(redis_sync.hget(KEYS[3], spent_field) or 0)
+    by_job: dict[str, list[int]] = {}
+    for rid, rec in redis_sync.hscan_iter(KEYS[4]):
+        rec = rec.decode(errors="replace")
+        parts = rec.split("|", 2)
+        if len(parts) == 3 and spent_field in parts[2].split("\t") and parts[0].isdigit():
+            b = by_job.setdefault(rid.decode(errors="replace").split(":", 1)[0], [0, 0])
+            b[0] += 1
+            b[1] += int(parts[0])
+    holders = sorted(({"job_id": j, "holds": n, "held_usd": str(from_units(u))} for j, (n, u) in by_job.items()),
+                     key=lambda h: -Decimal(h["held_usd"]))
+    return {"cap": cap_field, "cap_usd": str(from_units(cap)) if cap >= 0 else None,
+            "spent_usd": str(from_units(spent)), "held_usd": str(from_units(held)), "holders": holders[:5],
+            "holders_total": len(holders)}
+
+
+def describe_wait(w: dict) -> str:
+    """``the tier:background cap $0.01: $0.002 spent, $0.0079 held by job_x (100 holds, $0.0079)``."""
+    by = ", ".join(f"{h['job_id']} ({h['holds']} holds, ${h['held_usd']})" for h in w["holders"]) or "nobody now"
+    more = f" and {w['holders_total'] - len(w['holders'])} more jobs" if w["holders_total"] > len(w["holders"]) else ""
+    return (f"the {w['cap']} cap ${w['cap_usd']}: ${w['spent_usd']} spent, ${w['held_usd']} held by {by}{more}")
+
+
+def wait_status(redis_sync, job_id: str) -> dict | None:
+    """Why ``job_id``'s reservations wait right now (``llmbatch status``), or None."""
+    raw = redis_sync.get(WAIT_KEY + job_id)
+    if not raw:
+        return None
+    note = json.loads(raw)
+    w = wait_reason(redis_sync, note["cap"], note["field"])
+    w["waiting_s"] = round(max(0.0, time.time() - float(note["since"])), 1)
+    w["text"] = f"waiting {w['waiting_s']:.0f}s on " + describe_wait(w)
+    return w
 
 
 def show(engine, redis_sync, settings: Settings) -> dict:
     """Caps, today's spend (live counters and ledger) and reservations held, per scope."""
-    today = day()
-    start = next_day() - timedelta(days=1)
+    today = period(settings, engine)
     try:
         live = redis_sync.get(KEYS[0]) is not None
         spent = {k.decode(): int(v) for k, v in redis_sync.hgetall(KEYS[2]).items()}
@@ -1171,7 +1353,7 @@ def show(engine, redis_sync, settings: Settings) -> dict:
         caps = caps_for(conn, settings)
         ledger_tier = dict(conn.execute(sa.text(
             "SELECT q.tier, sum(r.cost_usd) FROM results r JOIN requests q USING (job_id, custom_id)"
-            " WHERE r.created_at >= :s GROUP BY q.tier"), {"s": start}).all())
+            " WHERE r.budget_period = CAST(:p AS date) GROUP BY q.tier"), {"p": today}).all())
         jobs = conn.execute(sa.text(
             "SELECT j.job_id, j.status, j.budget_usd, j.on_budget,"
             " (SELECT coalesce(sum(cost_usd), 0) FROM results r WHERE r.job_id = j.job_id) AS spent,"

@@ -170,6 +170,9 @@ class Settings:
     budget_reservation_margin_s: float = 30.0
     #: the scheduler compares the Redis budget counters with the Postgres ledger this often
     budget_reconcile_every_s: float = 30.0
+    #: a reservation that only other live holds stand in front of waits this long (``llmbatch status``
+    #: names the cap, what it holds and for which jobs), then its request is deferred a minute with that reason
+    budget_wait_max_s: float = 300.0
     #: model -> "rpm:tpm" (either part may be empty): the provider's limits, shared by all workers
     rate_limits: dict = field(default_factory=dict)
     #: peak's share of a model's limit while immediate work waits
@@ -184,8 +187,8 @@ class Settings:
     pricing_file: Path | None = None
 
     # scheduler (schedules/): off-peak window, background fill, provider batches, upkeep
-    #: "db": now() is real time unless a test set the sched_clock row (shared by every process);
-    #: "system": real time only
+    #: the one clock of the scheduler and the daily caps' periods (pipeline/clock.py): "db": real time
+    #: unless a test set the sched_clock row (shared by every process, and by Postgres' budget_day()); "system": real time only
     clock: str = "db"
     #: seconds between scheduler ticks (window, background fill, provider batches)
     scheduler_tick_s: float = 1.0

@@ -20,6 +20,7 @@ from typing import Protocol
 import sqlalchemy as sa
 
 from pipeline import db
+from pipeline.clock import from_row, read_db_clock
 from pipeline.config import Settings, get_settings
 from pipeline.errors import ConfigError
 
@@ -58,13 +59,7 @@ class DbClock:
 
     def now(self) -> datetime:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.text("SELECT frozen_at, offset_s FROM sched_clock WHERE id = 1")).first()
-        real = datetime.now(timezone.utc)
-        if row is None:
-            return real
-        if row.frozen_at is not None:
-            return row.frozen_at.astimezone(timezone.utc)
-        return real + timedelta(seconds=row.offset_s)
+            return from_row(read_db_clock(conn))   # the caps read the same row (pipeline/clock.py)
 
     def set(self, at: datetime | None = None, *, offset_s: float = 0.0) -> None:
         """Freeze time at ``at``, or (``at`` None) run real time shifted by ``offset_s``."""

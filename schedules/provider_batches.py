@@ -367,14 +367,18 @@ def _reserve(conn, reqs, settings: Settings, engine, redis, held: list[str]) -> 
     """
     prices = get_price_book()
     fit, defer, fail, waiting = [], {}, [], 0
+    # one period for the tick: each hold is taken in it and its request records it, so the spend
+    # lands in that period when the batch is ingested, however many days later (one period per spend)
+    today = budget.period(settings, engine)
     for i, r in enumerate(reqs):
         rid = request_key(r["job_id"], r["custom_id"])
         try:
             amount = _hold_amount(r, prices)
             in_the_way = budget.reserve_now(engine, redis, settings, rid, r["job_id"], r["tier"], amount,
-                                            ttl_s=budget.PROVIDER_BATCH_HOLD_S)
+                                            ttl_s=budget.PROVIDER_BATCH_HOLD_S, today=today)
         except budget.BudgetUnavailable as e:
             log.warning("provider batches: budget store unreachable, %d requests stay held: %s", len(reqs) - i, e)
+            _record_period(conn, fit, today)
             return _apply_budget_outcomes(conn, fit, defer, fail), True
         except (budget.InvalidAmount, budget.BudgetNeverFits) as e:
             fail.append((r, e))
@@ -394,7 +398,19 @@ def _reserve(conn, reqs, settings: Settings, engine, redis, held: list[str]) -> 
         fit.append(r)
     if waiting:
         log.info("provider batches: %d requests wait for live holds under their caps; next tick", waiting)
+    _record_period(conn, fit, today)
     return _apply_budget_outcomes(conn, fit, defer, fail), False
+
+
+def _record_period(conn, reqs, today: str) -> None:
+    """The period the requests' holds were taken in (``requests.budget_period``), in the transaction
+    that sends them: ingestion writes their spend there, a rebuild re-holds them there."""
+    if reqs:
+        conn.execute(sa.text(
+            "UPDATE requests r SET budget_period = CAST(:p AS date)"
+            " FROM jsonb_to_recordset(CAST(:k AS jsonb)) AS x(job_id text, custom_id text)"
+            " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"),
+            {"p": today, "k": db.dumps([{"job_id": r["job_id"], "custom_id": r["custom_id"]} for r in reqs])})
 
 
 def _apply_budget_outcomes(conn, fit, defer, fail) -> list:
@@ -463,7 +479,7 @@ def _assign(conn, pb_id: str, chunk: list) -> None:
 def _pb_requests(conn, pb_id: str) -> list[dict]:
     return [dict(r) for r in conn.execute(sa.text(
         "SELECT r.job_id, r.custom_id, r.model, r.tier, r.body, r.status, r.attempts, r.batch_id,"
-        " j.batch_fallback, j.status AS job_status"
+        " r.budget_period::text AS budget_period, j.batch_fallback, j.status AS job_status"
         " FROM batches b JOIN requests r ON r.batch_id = b.batch_id JOIN jobs j ON j.job_id = r.job_id"
         " WHERE b.provider_batch = :pb ORDER BY r.batch_id, r.line, r.custom_id"), {"pb": pb_id}).mappings()]
 
@@ -786,6 +802,8 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
                 continue
             outcome, attempt, not_run = _outcome(req, provider, line, prices)
             if outcome is not None:
+                if req.get("budget_period"):   # its spend is the period of its hold (one period per spend)
+                    outcome["budget_period"] = req["budget_period"]
                 seen.add(line["custom_id"])
                 outcomes.append(outcome)
                 attempts.append(attempt)
@@ -827,6 +845,10 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
             {"id": pb_id, "st": status, "c": db.dumps(counts)})
         db.refresh_jobs(conn, {r["job_id"] for r in reqs})
         xid = budget.commit_xid(conn)
+        # settled_at stays NULL until the holds are settled: whatever stops that (Redis refusing
+        # writes, a scheduler killed right after this commit), settle_unsettled finishes it
+        conn.execute(sa.text("UPDATE provider_batches SET settle_xid = :x, settled_at = NULL WHERE id = :id"),
+                     {"id": pb_id, "x": xid})
     _settle(pb_id, reqs, outcomes + fail, settings, engine, xid)
     for batch_id, tier, state in new_batches:
         if state == "queued":
@@ -838,21 +860,58 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
     return counts
 
 
-def _settle(pb_id: str, reqs: list[dict], outcomes: list[dict], settings: Settings, engine, xid: str) -> None:
+def _settle(pb_id: str, reqs: list[dict], outcomes: list[dict], settings: Settings, engine, xid: str) -> bool:
     """After the results are committed: each hold becomes the request's actual cost (the rest of
     its maximum is freed); holds of requests the provider did not run are released (a re-queued
-    request reserves again on its realtime path)."""
+    request reserves again on its realtime path). True once every hold is settled or released
+    (``provider_batches.settled_at``); else ``settle_unsettled`` tries again, next tick."""
     cost_of = {(o["job_id"], o["custom_id"]): Decimal(str(o.get("cost_usd") or 0)) for o in outcomes}
     spent = {request_key(j, c): x for (j, c), x in cost_of.items()}
     others = [request_key(r["job_id"], r["custom_id"]) for r in reqs
               if (r["job_id"], r["custom_id"]) not in cost_of and r["status"] not in _TERMINAL]
     redis = _budget_redis(settings)
     try:
-        budget.settle_held(engine, redis, settings, spent, xid)
-    except budget.BudgetError as e:   # the results are in the ledger: the reconcile counts them
-        log.warning("provider batch %s: settling %d holds failed (%s); the budget reconcile corrects it",
+        # a few quick tries: settle_unsettled tries again every tick, so no tick waits long on Redis
+        budget.settle_held(engine, redis, settings, spent, xid, attempts=4)
+        budget.release_held(redis, others, strict=True)
+    except budget.BudgetError as e:   # the results are in the ledger: settled again next tick
+        log.warning("provider batch %s: settling %d holds failed (%s); tried again every tick until counted",
                     pb_id, len(spent), e)
-    budget.release_held(redis, others)
+        return False
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE provider_batches SET settled_at = now() WHERE id = :id"), {"id": pb_id})
+    return True
+
+
+def settle_unsettled(*, settings: Settings | None = None, engine=None) -> int:
+    """Settle the holds of ended provider batches whose settle failed or never ran (the scheduler
+    died after the ingest commit). Idempotent: a hold already settled or dropped by a rebuild adds
+    nothing, and one the rebuild behind the counters already counted is only released
+    (``settle_xid``). Re-queued requests are left alone: their realtime reservation replaces
+    their hold under the same id. Returns how many provider batches it settled."""
+    settings = settings or get_settings()
+    engine = engine or db.get_engine()
+    with engine.connect() as conn:
+        due = conn.execute(sa.text(
+            "SELECT id, settle_xid FROM provider_batches WHERE status = 'ended' AND settled_at IS NULL"
+            " ORDER BY ended_at")).all()
+    done = 0
+    for pb_id, xid in due:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                "SELECT r.job_id, r.custom_id, r.status, x.cost_usd FROM batches b"
+                " JOIN requests r ON r.batch_id = b.batch_id"
+                " LEFT JOIN results x ON x.job_id = r.job_id AND x.custom_id = r.custom_id"
+                " WHERE b.provider_batch = :pb"), {"pb": pb_id}).mappings().all()
+        outcomes = [{"job_id": r["job_id"], "custom_id": r["custom_id"], "cost_usd": r["cost_usd"]}
+                    for r in rows if r["cost_usd"] is not None]
+        # requests of the batch without a result that no one will reserve again (cancelled)
+        reqs = [{"job_id": r["job_id"], "custom_id": r["custom_id"], "status": "running"}
+                for r in rows if r["cost_usd"] is None and r["status"] == "cancelled"]
+        if _settle(pb_id, reqs, outcomes, settings, engine, xid or ""):
+            done += 1
+            log.info("provider batch %s: holds settled after the ingest (%d results)", pb_id, len(outcomes))
+    return done
 
 
 def _requeue(conn, keys: list[tuple[str, str]], reqs: list[dict]) -> list[tuple[str, str, str]]:

@@ -114,13 +114,16 @@ class Ticker:
         return {"idle": True, "depth": 0, "released": len(released)}
 
     def provider(self) -> dict:
-        # in one thread, in this order: an unconfirmed creation is resolved (adopted, or sent
+        # in one thread, in this order: holds of batches ingested but not settled are settled (they
+        # free room for what is sent next), an unconfirmed creation is resolved (adopted, or sent
         # again) before new work is sent, and a cancel is carried out before the next poll
+        settled = provider_batches.settle_unsettled(settings=self.settings, engine=self.engine)
         creating = provider_batches.recover_creating(settings=self.settings, engine=self.engine)
         cancels = provider_batches.carry_out_cancels(settings=self.settings, engine=self.engine)
         created = provider_batches.submit_held(settings=self.settings, engine=self.engine)
         ended = provider_batches.poll_open(settings=self.settings, **self._kw())
-        return {"creating": creating, "cancels": cancels, "created": len(created), "ended": len(ended)}
+        return {"creating": creating, "cancels": cancels, "created": len(created), "ended": len(ended),
+                "settled_late": settled}
 
     def tick(self) -> dict:
         out = {}

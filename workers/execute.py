@@ -400,7 +400,8 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate
                            attempts=last["attempt"])
             writer.outcomes.append(outcome)
             return "failed"
-        writer.deferred.append({"job_id": req["job_id"], "custom_id": req["custom_id"], "scope": e.kind})
+        writer.deferred.append({"job_id": req["job_id"], "custom_id": req["custom_id"], "scope": e.kind,
+                                "reason": str(e)})
         writer.deferred_kinds.add(e.kind)
         return "deferred"
     except BudgetUnavailable as e:   # fail closed: no call without a reservation
@@ -432,6 +433,7 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate
                     extra=ctx)
     writer.outcomes.append(outcome)
     if isinstance(provider, Limited) and provider.reservation is not None:
+        outcome["budget_period"] = provider.reservation.period   # its spend is that period's, in the ledger too
         # no usage: the cost is unknown, so the maximum stays spent
         writer.settles.append((provider.reservation, spent if usage else from_units(provider.reservation.units)))
     return "succeeded"

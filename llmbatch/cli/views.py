@@ -61,6 +61,7 @@ def job_view(conn: Connection, job_id: str) -> dict | None:
     # held work runs when the scheduler releases it, not at today's rate: it is left out of the ETA
     runnable = st["counts"]["pending"] - sum(h["requests"] for h in st["held"])
     st["eta_s"] = round(runnable / rate) if rate > 0 and runnable > 0 else (0 if runnable <= 0 else None)
+    st["budget_wait"] = budget_wait(job_id) if st["status"] not in JOB_TERMINAL else None
     return st
 
 
@@ -95,6 +96,22 @@ def deadline_view(conn: Connection, job_id: str, held: list[dict], *, settings=N
                 h["text"] += (f"; its first deadline ({_utc(first)}) has the scheduler release it by"
                               f" {_utc(start_by)}")
     return out
+
+
+_budget_redis = None
+
+
+def budget_wait(job_id: str) -> dict | None:
+    """Why the job's reservations wait, if they do: the cap, its spend, what holds it and for whom
+    (pipeline/budget.py ``wait_status``). None when they do not, or Redis cannot say."""
+    global _budget_redis
+    from pipeline import budget
+    try:
+        if _budget_redis is None:
+            _budget_redis = budget.redis_clients(get_settings())[1]
+        return budget.wait_status(_budget_redis, job_id)
+    except Exception as e:   # status still shows the rest
+        return {"text": f"unknown: the budget store cannot say ({type(e).__name__})", "cap": None}
 
 
 #: the scheduler's leader lock (schedules/service.py LEADER_LOCK): held while a scheduler leads
@@ -268,6 +285,8 @@ def format_status(st: dict) -> str:
     out += [f"held: {h['text']}" for h in st.get("held") or []]
     if st.get("deadlines"):
         out.append(f"deadlines: {deadline_text(st['deadlines'])}")
+    if st.get("budget_wait"):
+        out.append(f"budget: {st['budget_wait']['text']}")
     if st["status"] == "paused_budget":
         out.append(f"paused by its budget: raise the cap to resume, `llmbatch budget set --job {st['job_id']}"
                    f" --usd AMOUNT`")
@@ -304,6 +323,8 @@ def _eta(st: dict) -> str:
     held = sum(h["requests"] for h in st.get("held") or [])
     if held and held >= st["counts"]["pending"]:
         return "- (only held work left)"
+    if st.get("budget_wait") and st["budget_wait"].get("cap"):
+        return f"unknown (waiting on the {st['budget_wait']['cap']} cap)"
     text = _duration(st.get("eta_s"))
     return f"{text} (+ {held} held)" if held else text
 
@@ -317,6 +338,8 @@ def wait_line(st: dict) -> str:
         text += f" | held: {h['text']}"
     if (st.get("deadlines") or {}).get("missed"):
         text += f" | deadlines: {deadline_text(st['deadlines'])}"
+    if st.get("budget_wait"):
+        text += f" | budget: {st['budget_wait']['text']}"
     return text
 
 

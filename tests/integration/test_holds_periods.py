@@ -1,0 +1,367 @@
+"""Issue 25 items 3 and 4 on the real stack: provider-batch holds end with their batch, a wait on
+live holds says why, and a spend counts in the period of its reservation across midnight.
+
+- Stalls: Redis refuses writes while a provider batch is ingested (``min-replicas-to-write``), or
+  the scheduler is killed -9 between the ingest commit and the settle. The holds used to stay
+  for ``PROVIDER_BATCH_HOLD_S`` (25 h), a reconcile kept them ("103 live holds kept"), and a later
+  job under the same cap sat ``running`` with no reason shown. Now the reconcile drops them, the
+  scheduler finishes the settle, ``status`` names the cap while the later job waits, and it ends.
+- Midnight: the caps' clock (``sched_clock``, setting ``clock = "db"``) moved across midnight with
+  a provider batch in flight: each day's spend, ledger and counters alike, within its cap.
+
+The stack's scheduler is stopped while a test drives a provider batch itself, and started again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from pipeline import budget, clock, db
+from pipeline.pricing import get_price_book
+from schedules import provider_batches
+from schedules.clock import DbClock
+from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
+from tests.integration.execution_helpers import budget_settings, commit_result, insert_job
+
+ROOT = Path(__file__).parents[2]
+
+
+def _stack(action: str, *names: str) -> None:
+    subprocess.run(["bash", "infra/stack.sh", action, *names], cwd=ROOT, check=True, capture_output=True,
+                   timeout=180)
+
+
+@pytest.fixture
+def no_scheduler(stack):
+    """The stack's scheduler stopped: this test alone polls, ingests and settles provider batches."""
+    _stack("down", "scheduler")
+    try:
+        yield
+    finally:
+        _stack("up", "scheduler")
+
+
+@pytest.fixture
+def caps(stack, engine):
+    """Set daily caps for one test; the caps in force before are put back after."""
+    _, sredis = budget.redis_clients(stack)
+    with engine.connect() as conn:
+        before = budget.caps_for(conn)
+    touched = []
+
+    def set_(scope: str, usd: Decimal) -> None:
+        touched.append(scope)
+        budget.set_cap(engine, sredis, stack, scope, usd)
+    yield set_
+    with engine.begin() as conn:
+        for scope in touched:
+            if scope in before:
+                conn.execute(sa.text("UPDATE budget_caps SET usd = :u WHERE scope = :s"),
+                             {"u": before[scope], "s": scope})
+            else:
+                conn.execute(sa.text("DELETE FROM budget_caps WHERE scope = :s"), {"s": scope})
+    for scope in touched:
+        sredis.eval(budget.SET_CAP, len(budget.KEYS), *budget.KEYS, scope,
+                    str(budget.to_units(before[scope])) if scope in before else budget.NO_CAP)
+
+
+def _submit(path, *args) -> str:
+    return json.loads(llmbatch("submit", path, "--json", *args, check=True).stdout)["job_id"]
+
+
+def _lines(n: int, tag: str, **extra):
+    return [chat_line(f"{tag}{i}", f"Hold question {tag}{i} {uuid.uuid4().hex[:6]}: name a prime above {i}.",
+                      **extra) for i in range(n)]
+
+
+def _counts(engine, job: str) -> dict:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text(
+            "SELECT status, count(*) FROM requests WHERE job_id = :j GROUP BY status"), {"j": job}).all())
+
+
+def _holds_of(sredis, job: str) -> list[str]:
+    return [k.decode() for k in sredis.hkeys(budget.KEYS[4]) if k.decode().startswith(job + ":")]
+
+
+def _pb_of(engine, job: str) -> str:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT DISTINCT b.provider_batch FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
+            " WHERE r.job_id = :j AND b.provider_batch IS NOT NULL"), {"j": job}).scalar()
+
+
+def _sent_and_ended(stack, engine, job: str, n: int) -> str:
+    """Submit ``job``'s held provider-batch work (this process, the stack's Redis), wait until the
+    provider says the batch ended, without ingesting it. Returns our provider batch id."""
+    wait_for(lambda: _counts(engine, job).get("held", 0) == n, timeout=60, what=f"{n} requests held")
+    provider_batches.submit_held(settings=stack, engine=engine)
+    pb = _pb_of(engine, job)
+    assert pb, _counts(engine, job)
+    with engine.connect() as conn:
+        provider, pbid = conn.execute(sa.text(
+            "SELECT provider, provider_batch_id FROM provider_batches WHERE id = :id"), {"id": pb}).one()
+    import asyncio
+    wait_for(lambda: asyncio.run(provider_batches._poll(stack, provider, pbid))[1], timeout=60, every=0.5,
+             what="the provider batch ended at the provider")
+    return pb
+
+
+def _workers_answer() -> None:
+    from workers.app import app
+
+    def peak_up():
+        return any(k.startswith("peak@") for r in (app.control.ping(timeout=1.0) or []) for k in r)
+    wait_for(peak_up, timeout=120, every=1, what="a peak worker answers")
+
+
+def _ledger_today(engine) -> Decimal:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT coalesce(sum(cost_usd), 0) FROM results WHERE budget_period = budget_day()")).scalar()
+
+
+def _later_job_waits_then_runs(stack, engine, caps, sredis, pb_job: str, fix) -> None:
+    """Under a global cap the provider batch's leftover holds stand in front of: a later realtime
+    job waits, ``status`` names the cap, what it holds and for whom; then ``fix`` (the operator's
+    reconcile, or the scheduler) and the job completes without any cap raised by hand."""
+    later_n, line_max = 3, Decimal("0.00003")      # above one line's maximum (gpt-4o-mini, 32 out)
+    today = budget.period(stack, engine)
+    held = budget.from_units(int(sredis.hget(budget.KEYS[3], f"global@{today}") or 0))
+    with engine.connect() as conn:
+        pb_spent = conn.execute(sa.text("SELECT coalesce(sum(cost_usd), 0) FROM results WHERE job_id = :j"),
+                                {"j": pb_job}).scalar()
+    # binding: room for the later job's maxima once the holds are gone, none while they stand
+    assert held - pb_spent > line_max * later_n, f"the batch's unused holds ${held - pb_spent} are too small"
+    caps("global", (_ledger_today(engine) + line_max * later_n).quantize(budget.UNIT))
+    path = write_jsonl(Path(os.environ.get("TMPDIR", "/tmp")) / f"later-{uuid.uuid4().hex[:6]}.jsonl",
+                       _lines(later_n, "lt", priority=6))
+    job = _submit(path)
+    note = wait_for(lambda: budget.wait_status(sredis, job), timeout=60, every=0.2,
+                    what="the later job's reservations say why they wait")
+    assert note["cap"] == "global", note
+    assert any(h["job_id"] == pb_job for h in note["holders"]), note
+    status = llmbatch("status", job, check=True).stdout
+    print(f"\nstatus while it waited:\n{status}")
+    assert "global cap" in status and pb_job in status, status
+    assert _counts(engine, job).get("succeeded", 0) == 0
+    fix()
+    wait_for(lambda: _counts(engine, job).get("succeeded", 0) == later_n, timeout=120, every=0.5,
+             what="the later job completed")
+    assert not _holds_of(sredis, pb_job), "the provider batch's holds are still there"
+
+
+def _settled_once(stack, engine, sredis, pb: str) -> None:
+    """The scheduler finished the settle, and the spend is counted once: counters = ledger."""
+    wait_for(lambda: engine.connect().execute(sa.text(
+        "SELECT settled_at IS NOT NULL FROM provider_batches WHERE id = :id"), {"id": pb}).scalar(),
+        timeout=90, every=0.5, what="the scheduler settled the provider batch")
+    out = budget.reconcile(engine, sredis, stack)
+    assert out["drift_units"] == {} and not out.get("reason"), out
+
+
+def test_a_settle_redis_refused_neither_stalls_a_later_job_nor_waits_without_a_reason(
+        stack, engine, no_scheduler, caps, tmp_path):
+    n = 100
+    _, sredis = budget.redis_clients(stack)
+    job = _submit(write_jsonl(tmp_path / "pb.jsonl", _lines(n, "rf", max_tokens=400)), "--mode", "provider_batch",
+                  "--tier", "background")
+    pb = _sent_and_ended(stack, engine, job, n)
+    assert len(_holds_of(sredis, job)) == n
+    sredis.config_set("min-replicas-to-write", 1)            # Redis refuses every write
+    try:
+        provider_batches.poll_open(settings=stack, engine=engine, dispatcher=lambda *a: None)
+    finally:
+        sredis.config_set("min-replicas-to-write", 0)
+    _workers_answer()   # the Celery broker refused writes too: its workers may be starting again
+    assert _counts(engine, job).get("succeeded") == n        # the results are in the ledger …
+    assert len(_holds_of(sredis, job)) == n                  # … and every hold is still there
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT settled_at FROM provider_batches WHERE id = :id"),
+                            {"id": pb}).scalar() is None
+
+    def reconcile():   # what the operator (or the upkeep) runs: it must drop the counted holds
+        out = json.loads(llmbatch("budget", "reconcile", "--json", check=True).stdout)
+        assert out["rebuilt"], out
+    _later_job_waits_then_runs(stack, engine, caps, sredis, job, reconcile)
+    _stack("up", "scheduler")                                # it finishes the settle: counted once
+    _settled_once(stack, engine, sredis, pb)
+
+
+_KILL_AFTER_COMMIT = """
+import os, signal, sys
+from pipeline import db
+from pipeline.config import get_settings
+from schedules import provider_batches
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)                      # the ingest committed; the settle never runs
+provider_batches._settle = die
+provider_batches.poll_open(settings=get_settings(), engine=db.get_engine(), dispatcher=lambda *a: None)
+"""
+
+
+def test_a_scheduler_killed_between_the_ingest_commit_and_the_settle_leaves_no_stall(
+        stack, engine, no_scheduler, caps, tmp_path):
+    n = 100
+    _, sredis = budget.redis_clients(stack)
+    job = _submit(write_jsonl(tmp_path / "pb.jsonl", _lines(n, "kl", max_tokens=400)), "--mode", "provider_batch",
+                  "--tier", "background")
+    pb = _sent_and_ended(stack, engine, job, n)
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_COMMIT], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
+    assert _counts(engine, job).get("succeeded") == n
+    assert len(_holds_of(sredis, job)) == n
+
+    def restart():   # the supervisor starts the scheduler again: its first tick settles
+        _stack("up", "scheduler")
+    _later_job_waits_then_runs(stack, engine, caps, sredis, job, restart)
+    _settled_once(stack, engine, sredis, pb)
+
+
+# ------------------------------------------------------------------ midnight
+
+def _pb_job(engine, n: int, amount: Decimal) -> str:
+    """A provider-batch job of ``n`` held background requests of ``amount`` (list price) each."""
+    job = "job_mid_" + uuid.uuid4().hex[:10]
+    batch = "b_" + uuid.uuid4().hex
+    body = {"model": "gpt-4o-mini", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO jobs (job_id, status, accepted, mode) VALUES (:j, 'running', :n,"
+                             " 'provider_batch')"), {"j": job, "n": n})
+        conn.execute(sa.text(
+            "INSERT INTO batches (batch_id, tier, provider, model, size, status, mode)"
+            " VALUES (:b, 'background', 'openai', 'gpt-4o-mini', :n, 'held', 'provider_batch')"),
+            {"b": batch, "n": n})
+        for i in range(n):
+            conn.execute(sa.text(
+                "INSERT INTO requests (job_id, custom_id, batch_id, line, provider, model, tier, tier_reason,"
+                " priority, input_tokens, max_cost_usd, status, body)"
+                " VALUES (:j, :c, :b, :i, 'openai', 'gpt-4o-mini', 'background', 'test', 0, 8, :a, 'held',"
+                " CAST(:body AS jsonb))"),
+                {"j": job, "c": f"m{i}", "b": batch, "i": i, "a": amount, "body": json.dumps(body)})
+    return job
+
+
+def _send(settings, engine, sredis, job: str) -> tuple[str, list[dict]]:
+    """The scheduler's reserve + assign for ``job`` (no provider call: its lines are written here)."""
+    held: list[str] = []
+    with engine.begin() as conn:
+        reqs = conn.execute(sa.text(
+            "SELECT job_id, custom_id, batch_id, body, tier, model, max_cost_usd, attempts FROM requests"
+            " WHERE job_id = :j AND status = 'held' ORDER BY line"), {"j": job}).mappings().all()
+        fit, down = provider_batches._reserve(conn, reqs, settings, engine, sredis, held)
+        assert not down
+        pb = "pb_" + uuid.uuid4().hex[:20]
+        # never polled by a scheduler (polled_at ahead): this test ingests it
+        conn.execute(sa.text(
+            "INSERT INTO provider_batches (id, provider, model, status, requests, bytes, provider_batch_id,"
+            " submitted_at, polled_at) VALUES (:id, 'openai', 'gpt-4o-mini', 'submitted', :n, 0, 'test',"
+            " now(), now() + interval '1 day')"), {"id": pb, "n": len(fit)})
+        provider_batches._assign(conn, pb, fit)
+    return pb, [dict(r) for r in fit]
+
+
+def _result_lines(fit: list[dict], output_tokens: int) -> list[dict]:
+    return [{"custom_id": provider_batches.provider_custom_id(r["job_id"], r["custom_id"]),
+             "response": {"status_code": 200, "request_id": "req_" + r["custom_id"],
+                          "body": {"id": "c", "object": "chat.completion", "model": "gpt-4o-mini",
+                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                                "finish_reason": "stop"}],
+                                   "usage": {"prompt_tokens": 8, "completion_tokens": output_tokens,
+                                             "total_tokens": 8 + output_tokens}}}} for r in fit]
+
+
+def _spent_by_period(engine, tier: str, days: list[date]) -> dict[date, Decimal]:
+    with engine.connect() as conn:
+        got = dict(conn.execute(sa.text(
+            "SELECT r.budget_period, sum(r.cost_usd) FROM results r JOIN requests q USING (job_id, custom_id)"
+            " WHERE r.budget_period = ANY(:d) AND q.tier = :t GROUP BY 1"), {"d": days, "t": tier}).all())
+    return {d: got.get(d, Decimal(0)) for d in days}
+
+
+def test_a_provider_batch_open_across_midnight_spends_each_day_within_its_cap(stack, engine, caps):
+    settings = budget_settings(stack)                      # Redis database 15: the stack never sees it
+    aredis, sredis = budget.redis_clients(settings)
+    sredis.flushdb()
+    db_clock = DbClock(engine)
+    # a day no other test spends in: the ledger of both days is this test's alone
+    day_d = date(2031, 3, 4) + timedelta(days=uuid.uuid4().int % 3000)
+    day_e = day_d + timedelta(days=1)
+    amount = Decimal("0.00002")                             # one request's maximum, list price
+    hold = (amount * (1 - get_price_book().resolve("gpt-4o-mini").batch_discount)).quantize(budget.UNIT)
+    cap = hold * 10                                         # the tier's cap, each day: binding below
+    caps("tier:background", cap)
+    try:
+        db_clock.set(datetime.combine(day_d, datetime.min.time(), timezone.utc) + timedelta(hours=23, minutes=59))
+        clock.forget()
+        assert budget.period(settings, engine) == day_d.isoformat()
+        pb_job = _pb_job(engine, 12, amount)
+        pb, fit = _send(settings, engine, sredis, pb_job)  # day D: 10 of 12 fit under D's cap
+        assert len(fit) == 10, len(fit)
+
+        # midnight passes while the provider batch runs
+        db_clock.set(datetime.combine(day_e, datetime.min.time(), timezone.utc) + timedelta(minutes=1))
+        clock.forget()
+        assert budget.period(settings, engine) == day_e.isoformat()
+        rt_job, ids = insert_job(engine, None, 12, hold, prefix="job_mid_rt_")
+
+        import asyncio
+
+        async def fill_day_e() -> int:   # realtime work fills day D+1's cap to the full
+            b = budget.Budget(settings, engine, aredis, sredis)
+            n = 0
+            for cid in ids:
+                try:
+                    res = await b.reserve(f"{rt_job}:{cid}", rt_job, "background", hold)
+                except budget.BudgetExceeded:
+                    break
+                res.xid = commit_result(engine, rt_job, cid, hold)
+                res.written = True
+                await b.settle(res, hold)
+                n += 1
+            if b._beat:
+                b._beat.cancel()
+            return n
+        filled = asyncio.run(fill_day_e())
+        assert filled == 10, filled
+
+        # a rebuild while the batch is still open keeps day D's holds in day D
+        sredis.eval(budget.INVALIDATE, len(budget.KEYS), *budget.KEYS, sredis.get(budget.KEYS[0]))
+        budget.rebuild(engine, sredis, settings)
+        assert int(sredis.hget(budget.KEYS[3], f"tier:background@{day_d}") or 0) == budget.to_units(hold) * 10
+
+        # the batch ends on D+1 (8 tokens in, 16 out each, at the batch price)
+        provider_batches.ingest(pb, "openai", "completed", _result_lines(fit, 16), settings=settings,
+                                engine=engine, dispatcher=lambda *a: None)
+        spent = _spent_by_period(engine, "background", [day_d, day_e])
+        print(f"\nmidnight: tier:background cap ${cap} per day; spent {day_d} ${spent[day_d]},"
+              f" {day_e} ${spent[day_e]} (the provider batch reserved on {day_d}, ingested on {day_e})")
+        assert 0 < spent[day_d] <= cap, spent
+        assert 0 < spent[day_e] <= cap, spent
+        assert spent[day_e] == hold * 10                    # D+1's own spend only: the cap was binding
+        # the counters, the view and a rebuild all say the same
+        live = {k.decode(): int(v) for k, v in sredis.hgetall(budget.KEYS[2]).items()}
+        assert live[f"tier:background@{day_e}"] == budget.to_units(spent[day_e]), live
+        assert live[f"tier:background@{day_d}"] == budget.to_units(spent[day_d]), live
+        assert not _holds_of(sredis, pb_job)
+        with engine.connect() as conn:
+            view = conn.execute(sa.text("SELECT period, spent_usd FROM budget_status"
+                                        " WHERE scope = 'tier:background'")).one()
+        assert view.period == day_e.isoformat() and view.spent_usd == spent[day_e], view
+        out = budget.reconcile(engine, sredis, settings)
+        assert out["drift_units"] == {} and not out["rebuilt"], out
+    finally:
+        db_clock.reset()
+        clock.forget()
+        sredis.flushdb()

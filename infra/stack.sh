@@ -381,7 +381,8 @@ kafka_java() { # MAIN-CLASS ARGS...
         -cp "$(kafka_classpath)" "$@"
 }
 
-# var/kafka/server.properties (0600: it holds the admin's password) from the template.
+# var/kafka/server.properties from the template, and var/kafka/admin.properties (the admin's
+# login for Kafka's own tools); both 0600: they hold the admin's password.
 kafka_config() {
     load_secrets
     mkdir -p "$KAFKA_DIR/data"
@@ -389,6 +390,10 @@ kafka_config() {
         -e "s#59093#$KAFKA_CONTROLLER_PORT#g" -e "s#@KAFKA_ADMIN_PASSWORD@#$KAFKA_ADMIN_PASSWORD#g" \
         "$ROOT/infra/kafka/server.properties" >"$KAFKA_DIR/server.properties.new")
     mv -f "$KAFKA_DIR/server.properties.new" "$KAFKA_DIR/server.properties"
+    # for Kafka's own tools as the admin (docs/OPERATIONS.md): --command-config / --consumer.config
+    (umask 077; printf '%s\n' "security.protocol=SASL_PLAINTEXT" "sasl.mechanism=SCRAM-SHA-512" \
+        "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"llmbatch-admin\" password=\"$KAFKA_ADMIN_PASSWORD\";" \
+        >"$KAFKA_DIR/admin.properties")
 }
 
 # Format the storage once, with the admin's SCRAM credentials (KRaft keeps users in its metadata;

@@ -17,9 +17,12 @@ from __future__ import annotations
 import gzip
 import io
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from pipeline.errors import FileInputError
 
 #: ``llmbatch submit -``: the requests come on standard input
 STDIN = "-"
@@ -52,16 +55,15 @@ def open_input(source) -> BinaryIO:
     return raw
 
 
-def is_gzip(path: Path) -> bool:
-    with Path(path).open("rb") as f:
-        return f.read(2) == GZIP_MAGIC
-
-
 def read_lines(f: BinaryIO, max_bytes: int) -> Iterator[bytes | Oversized]:
     """Each line of ``f`` (with its newline, as iterating a file gives it), or ``Oversized`` for a
-    line of more than ``max_bytes`` bytes; memory is bounded by ``max_bytes``, not by the line."""
+    line of more than ``max_bytes`` bytes; memory is bounded by ``max_bytes``, not by the line.
+
+    A stream that breaks off (a truncated or corrupt gzip file) raises ``FileInputError`` with
+    the reason, not a traceback.
+    """
     while True:
-        raw = f.readline(max_bytes + 1)
+        raw = _read(f, max_bytes + 1)
         if not raw:
             return
         if len(raw) <= max_bytes or raw.endswith(b"\n") and len(raw) == max_bytes + 1:
@@ -70,7 +72,7 @@ def read_lines(f: BinaryIO, max_bytes: int) -> Iterator[bytes | Oversized]:
         size = len(raw)
         del raw
         while True:
-            piece = f.readline(_SKIP_PIECE)
+            piece = _read(f, _SKIP_PIECE)
             if not piece:
                 break
             if piece.endswith(b"\n"):
@@ -78,3 +80,11 @@ def read_lines(f: BinaryIO, max_bytes: int) -> Iterator[bytes | Oversized]:
                 break
             size += len(piece)
         yield Oversized(size)
+
+
+def _read(f: BinaryIO, limit: int) -> bytes:
+    try:
+        return f.readline(limit)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise FileInputError(f"the input breaks off: {str(e) or type(e).__name__} (a truncated or corrupt gzip"
+                             " file?); the lines before it were read") from e

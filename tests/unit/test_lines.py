@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import io
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
+from pipeline.errors import FileInputError
 from pipeline.lines import Oversized, open_input, read_lines
 from pipeline.producer import check_file, oversized_reason
 
@@ -52,3 +54,10 @@ def test_check_file_does_not_read_an_oversized_first_line(tmp_path):
     f = tmp_path / "one-line.jsonl"
     f.write_bytes(b'{"custom_id": "' + b"y" * 5000 + b'"}')
     check_file(f, max_line_bytes=100)   # refused later, with its line number
+
+
+def test_a_truncated_gzip_file_is_named_not_a_traceback(tmp_path):
+    f = tmp_path / "cut.jsonl.gz"
+    f.write_bytes(gzip.compress(b'{"a": 1}\n' * 1000)[:60])
+    with open_input(f) as stream, pytest.raises(FileInputError, match="truncated or corrupt gzip"):
+        list(read_lines(stream, 100))

@@ -3,8 +3,8 @@
 ``submit_file`` streams a JSONL file (a path, ``-`` for standard input,
 gzip recognised by its magic bytes: pipeline/lines.py) in memory bounded by
 the longest line it reads (``max_line_bytes``; a longer line is refused with
-its number, unread), apart from one 8-byte hash per custom_id, to reject
-duplicates, and publishes every valid line with the idempotent producer. A bad line is rejected with its line
+its number, unread), apart from 16 to 32 bytes per custom_id, to reject
+duplicates (``DigestSet``), and publishes every valid line with the idempotent producer. A bad line is rejected with its line
 number and reason, recorded in Postgres, and the rest of the job goes on.
 A line counts as accepted only when Kafka acknowledged it; lines Kafka did
 not acknowledge are reported by number and recorded as rejected.
@@ -25,7 +25,6 @@ job stays ``submitting``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -51,7 +50,7 @@ from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import FileInputError, InfrastructureError, LineError, UnknownModelError
 from pipeline.formats import Request, parse_json_line, parse_request
 from pipeline.kafka import make_producer, sign
-from pipeline.lines import Oversized, is_stdin, open_input, read_lines
+from pipeline.lines import DigestSet, Oversized, is_stdin, open_input, read_lines
 from pipeline.pricing import get_price_book
 from pipeline.tiers import classify
 
@@ -329,7 +328,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     engine = db.get_engine()
     producer = make_producer(settings, logger=_kafka_logger())
     _wait_for_kafka(producer, settings)   # before a job exists: Kafka down leaves no job behind
-    seen: set[bytes] = set()
+    seen = DigestSet()
     if resume:
         if not job_id:
             raise FileInputError("--resume needs the job id")
@@ -386,11 +385,9 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                         obj = parse_json_line(raw)
                         cid = obj.get("custom_id") if isinstance(obj.get("custom_id"), str) else None
                         req = parse_request(obj, prices, counter)
-                        digest = _digest(req.custom_id)
-                        if digest in seen:
+                        if not seen.add(req.custom_id):
                             raise LineError(f"duplicate custom_id {req.custom_id!r}: custom_id must be unique"
                                             " in a job")
-                        seen.add(digest)
                     except LineError as e:
                         rejections.append(report.reject(number, cid, e.reason))
                         if len(rejections) >= 1000:
@@ -457,11 +454,7 @@ def oversized_reason(line: Oversized, max_line_bytes: int) -> str:
             " (setting max_line_bytes): refused unread")
 
 
-def _digest(custom_id: str) -> bytes:
-    return hashlib.blake2b(custom_id.encode(), digest_size=8).digest()
-
-
-def _start_resume(engine, job_id: str, path: Path, seen: set[bytes], max_line_bytes: int) -> dict:
+def _start_resume(engine, job_id: str, path: Path, seen: DigestSet, max_line_bytes: int) -> dict:
     """Put an interrupted job back to ``submitting`` and take its counts; fills ``seen`` with the
     custom_ids of the lines already accepted (read again from the file, which must be the same)."""
     with db.transaction(engine) as conn:
@@ -490,7 +483,7 @@ def _start_resume(engine, job_id: str, path: Path, seen: set[bytes], max_line_by
             except LineError:
                 continue
             if isinstance(cid, str):
-                seen.add(_digest(cid))
+                seen.add(cid)
     return dict(row)
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 from pipeline import db
 from pipeline.config import get_settings
 from pipeline.constants import JOB_TERMINAL, TIERS
+from pipeline.logs import escape_controls
 
 STATES = ("queued", "held", "running", "deferred", "done", "failed", "cancelled")
 #: the window the rate is measured over
@@ -242,7 +243,8 @@ def _cell(value) -> str:
         return json.dumps(value, default=str)
     if isinstance(value, Decimal):
         return format(value, "f") if value != 0 else "0"
-    return str(value)
+    # a cell may hold input (a refused custom_id with an escape sequence): shown, never obeyed
+    return escape_controls(str(value))
 
 
 def format_table(columns: list[str], rows: list, *, footer: bool = True) -> str:

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from pipeline.constants import REQUESTS_TOPIC
 from pipeline.dispatch import enqueue_batch
 from tests.integration.conftest import LLMBATCH, chat_line, llmbatch, wait_for, write_jsonl
-from tests.integration.execution_helpers import calls_of
+from tests.integration.execution_helpers import LOOP, calls_of, make_batch, requests_of
 from tests.integration.test_intake_hostile import DLQReader, publish, wait_accounted
 from tests.unit.test_intake_messages import message, raw
 
@@ -55,6 +55,19 @@ def test_printable_non_ascii_ids_run_end_to_end(stack, engine, tmp_path):
     _all_succeeded(engine, job, len(PRINTABLE_IDS))
     assert set(_statuses(engine, job)) == set(PRINTABLE_IDS)
     assert calls_of(stack, job) == len(PRINTABLE_IDS)   # one call each, under the job's own key prefix
+
+
+def test_a_worker_calls_with_any_printable_custom_id(stack, engine):
+    """The worker's own path, in process: the key used to be ``job:custom_id`` in the Idempotency-Key
+    header, and a non-ASCII id failed every call with UnicodeEncodeError (header 'Idempotency-Key')."""
+    from workers.execute import run_batch
+    job, batch = make_batch(engine, len(PRINTABLE_IDS),
+                            overrides={f"r{i}": {"custom_id": cid} for i, cid in enumerate(PRINTABLE_IDS)})
+    outcome = LOOP.run_until_complete(run_batch(batch, owner=f"test-{uuid.uuid4().hex[:8]}", settings=stack))
+    reqs = requests_of(engine, job)
+    assert {c: r["status"] for c, r in reqs.items()} == {c: "succeeded" for c in PRINTABLE_IDS}, \
+        {c: r["error"] for c, r in reqs.items()}
+    assert outcome["succeeded"] == len(PRINTABLE_IDS) and calls_of(stack, job) == len(PRINTABLE_IDS)
 
 
 def _log_offsets(stack) -> dict:

@@ -66,3 +66,10 @@ def test_a_forged_record_stays_inside_its_own_line(restore_logging):
     assert not any(line.startswith("2026-12-05 05:40:00") for line in lines)
     assert "\\n2026-12-05 05:40:00,000 CRITICAL" in lines[0] and "esc\\x1b[2J" in lines[0]
     assert "cr\\rinside" in lines[1] and "Traceback" in lines[1]
+
+
+def test_a_table_shows_a_refused_id_without_obeying_it():
+    from llmbatch.cli.views import format_table
+    table = format_table(["line", "custom_id", "reason"], [[3, "esc\x1b[2J", "x"], [4, "a\nb", "y"]])
+    assert not CONTROL.search(table.replace("\n", "")) and len(table.splitlines()) == 5
+    assert "esc\\x1b[2J" in table

@@ -141,7 +141,10 @@ class BudgetScriptError(BudgetUnavailable):
 
 
 def store_error(e: Exception, what: str = "budget store unreachable") -> BudgetUnavailable:
-    """The budget error for a failed Redis call: a script's refusal, or the store out of reach."""
+    """The budget error for a failed Redis call: a script's refusal, or the store out of reach
+    (a Redis out of memory, at maxmemory with noeviction, is an outage too, not a script's fault)."""
+    if isinstance(e, redis_exceptions.OutOfMemoryError):
+        return BudgetUnavailable(f"budget store out of memory (Redis at maxmemory refuses writes): {e}")
     if isinstance(e, redis_exceptions.ResponseError):
         return BudgetScriptError(f"budget script error (Redis answered): {e}")
     return BudgetUnavailable(f"{what}: {e}")
@@ -834,10 +837,13 @@ class Budget:
                         log.warning("budget: %d of this process's live holds are missing from the counters:"
                                     " rebuilding them from the ledger", len(mine) - int(found))
                         await self._eval(INVALIDATE, self.gen)
+                waited = len(self.pending)
                 for rid, (res, units) in list(self.pending.items()):
                     await self._settle_once(res, units)
                     self.pending.pop(rid, None)
-                    log.info("budget: settlement of %s retried and counted", rid)
+                    log.debug("budget: settlement of %s retried and counted", rid)
+                if waited:
+                    log.warning("budget: %d waiting settlement(s) retried and counted", waited)
             except Exception as e:  # next beat tries again; reserve/settle fail closed meanwhile
                 log.warning("budget heartbeat: %s", e)
 
@@ -1034,9 +1040,12 @@ class Budget:
         try:
             r = await self._settle_once(res, units)
         except BudgetUnavailable as e:
+            first = not self.pending   # one line when settlements start waiting, not one per request
             self.pending[res.rid] = (res, units)
             self._ensure_beat()
-            log.warning("budget: settlement of %s not taken (%s); retried until it is", res.rid, e)
+            (log.warning if first else log.debug)(
+                "budget: settlement of %s not taken (%s); retried until it is (and any others meanwhile)",
+                res.rid, e)
             return
         for i, (_, cf) in enumerate(res.fields):
             spent, cap = int(r[1 + 2 * i]), int(r[2 + 2 * i])

@@ -265,8 +265,10 @@ def lease_key(tier: str) -> str:
 # ---------------------------------------------------------------- worker side
 
 def _unavailable_errors() -> tuple:
-    from redis.exceptions import BusyLoadingError, ConnectionError as RConnectionError, TimeoutError as RTimeout
-    return (OSError, asyncio.TimeoutError, RConnectionError, RTimeout, BusyLoadingError)
+    from redis.exceptions import (BusyLoadingError, ConnectionError as RConnectionError, OutOfMemoryError,
+                                  TimeoutError as RTimeout)
+    # a Redis at maxmemory (noeviction) refuses the scripts' writes: an outage to wait out, like a stopped one
+    return (OSError, asyncio.TimeoutError, RConnectionError, RTimeout, BusyLoadingError, OutOfMemoryError)
 
 
 _UNAVAILABLE = _unavailable_errors()

@@ -9,7 +9,7 @@ delivered twice. The broker connection is retried for as long as Redis is away. 
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue
 
 from pipeline.config import get_settings
@@ -37,3 +37,11 @@ app.conf.update(
     task_send_sent_event=True,
     worker_hijack_root_logger=False,
 )
+
+
+@signals.celeryd_init.connect
+def _wait_out_a_full_redis(conf=None, **_):
+    """In a worker (not Flower, not a client of this app): a Redis out of memory is waited out like
+    a stopped one, not an "Unrecoverable error" that ends the worker (workers/broker.py). Only
+    here, so that every other connection keeps its plain ``redis://`` URL."""
+    conf.broker_transport = "workers.broker:Transport"

@@ -116,12 +116,36 @@ def check_postgres(settings: Settings) -> list[Check]:
                  "setup")]
 
 
+class RedisFull(RuntimeError):
+    """Redis answers but refuses writes: used memory is over maxmemory (policy noeviction)."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def check_redis(settings: Settings) -> Check:
     def ping():
         import redis
-        redis.Redis.from_url(settings.redis_url, socket_timeout=2).ping()
-        return settings.redis_url.split("@")[-1]
-    return _try("redis", ping, f"start it: {UP}; or set LLMBATCH_REDIS_URL")
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+        client.ping()
+        mem = client.info("memory")
+        used, limit = int(mem["used_memory"]), int(mem.get("maxmemory", 0))
+        policy = mem.get("maxmemory_policy", "?")
+        where = settings.redis_url.split("@")[-1]
+        if not limit:
+            return f"{where}; used memory {_mib(used)}, no maxmemory"
+        if used > limit:   # what Redis itself checks before each write
+            raise RedisFull(f"{where} is out of memory: used {_mib(used)} > maxmemory {_mib(limit)}"
+                            f" (policy {policy}): it refuses writes, so no batch is taken, acknowledged"
+                            " or budgeted; workers wait until it has room")
+        return f"{where}; used memory {_mib(used)} of maxmemory {_mib(limit)} ({used / limit:.0%}, policy {policy})"
+    check = _try("redis", ping, f"start it: {UP}; or set LLMBATCH_REDIS_URL")
+    if check.detail.startswith(RedisFull.__name__):
+        check.detail = check.detail.removeprefix(RedisFull.__name__ + ": ")
+        check.fix = ("give it memory: redis-cli CONFIG SET maxmemory <bytes> (and infra/redis.conf), or find"
+                     " what fills it: redis-cli --bigkeys")
+    return check
 
 
 def check_kafka(settings: Settings) -> Check:
@@ -206,8 +230,11 @@ def check_flower(settings: Settings) -> Check:
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    return [*check_settings(settings), *check_postgres(settings), check_redis(settings),
-            check_kafka(settings), check_simulator(settings), check_workers(settings),
+    redis_check, workers = check_redis(settings), check_workers(settings)
+    if not redis_check.ok and not workers.ok:   # the workers wait for Redis: starting more would not help
+        workers.fix = "fix redis first (above): the workers wait for it and answer again once it is back"
+    return [*check_settings(settings), *check_postgres(settings), redis_check,
+            check_kafka(settings), check_simulator(settings), workers,
             check_tokenizer(settings), check_flower(settings)]
 
 

@@ -117,3 +117,13 @@ def test_status_names_missed_deadlines():
     text = views.format_status(st)
     assert "deadlines: 2 MISSED (failed deadline_missed, not sent), 1 on time" in text
     assert "2 MISSED" in views.wait_line(st)
+
+
+def test_the_batcher_path_passes_the_window_to_the_rule():
+    """decode (what the batcher calls) classifies with the window's opening it is given."""
+    from pipeline.messages import decode
+    from tests.unit.test_intake_messages import message, raw
+    now = datetime(2026, 12, 5, 6, 30, tzinfo=UTC)
+    m = raw(message(priority=3, tier=None, deadline=(now + timedelta(hours=12, minutes=30)).isoformat()))
+    assert decode(m, now, offpeak_opens=window(22, 6).opens_at(now), rules=RULES)["tier"] == "peak"
+    assert decode(m, now, offpeak_opens=now, rules=RULES)["tier"] == "offpeak"   # the window is open

@@ -240,10 +240,11 @@ def _pb_job(engine, n: int, amount: Decimal) -> str:
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO jobs (job_id, status, accepted, mode) VALUES (:j, 'running', :n,"
                              " 'provider_batch')"), {"j": job, "n": n})
+        # 'deferred' far ahead, not 'held': the stack's scheduler must not send what this test sends
         conn.execute(sa.text(
-            "INSERT INTO batches (batch_id, tier, provider, model, size, status, mode)"
-            " VALUES (:b, 'background', 'openai', 'gpt-4o-mini', :n, 'held', 'provider_batch')"),
-            {"b": batch, "n": n})
+            "INSERT INTO batches (batch_id, tier, provider, model, size, status, mode, deferred_until)"
+            " VALUES (:b, 'background', 'openai', 'gpt-4o-mini', :n, 'deferred', 'provider_batch',"
+            " now() + interval '10 years')"), {"b": batch, "n": n})
         for i in range(n):
             conn.execute(sa.text(
                 "INSERT INTO requests (job_id, custom_id, batch_id, line, provider, model, tier, tier_reason,"
@@ -378,3 +379,6 @@ def test_a_provider_batch_open_across_midnight_spends_each_day_within_its_cap(st
         db_clock.reset()
         clock.forget()
         sredis.flushdb()
+        with engine.begin() as conn:   # nothing of this test stays open for the next one
+            conn.execute(sa.text("UPDATE jobs SET status = 'cancelled' WHERE job_id LIKE 'job_mid_%'"
+                                 " AND status = 'running'"))

@@ -17,7 +17,8 @@ Money is integer *units* of 10^-8 USD (the scale of the ``numeric(18, 8)``
 columns), rounded up, never a float. Redis holds the live counters; Postgres
 holds the truth: a marker key carries a generation id, and when it is missing
 (FLUSHALL, first start) every reservation and settlement waits while one
-process rebuilds the counters from the ledger (``results.cost_usd``) and
+process rebuilds the counters from the ledger (``results.cost_usd``, and the
+calls that got no answer at their maximum: ``CALL_SPEND``, pipeline/calls.py) and
 re-holds the maximum cost of every request still ``running``, under a lock.
 Redis unreachable means no call: ``BudgetUnavailable`` (fail closed).
 
@@ -1003,11 +1004,11 @@ class Budget:
         self.live.pop(res.rid, None)
         held = Reservation(f"{res.rid.rsplit('~', 1)[0]}~{secrets.token_hex(4)}", res.gen, res.fields,
                            res.units, res.period)
-        self.live[held.rid] = held
         if not int(await self._eval(DETACH, res.rid, held.rid, _ttl_ms(self.settings))):
-            # the hold was gone (a rebuild since): hold it again under its new name until it is counted
+            # the hold was gone (expired unrenewed): hold it again under its new name until it is counted
             await self._eval(REASSERT, _ttl_ms(self.settings), held.rid, held.units,
                              "\t".join(sf for sf, _ in held.fields), 0)
+        self.live[held.rid] = held
         return held
 
     async def _settle_once(self, res: Reservation, units: int) -> list:
@@ -1363,9 +1364,15 @@ def show(engine, redis_sync, settings: Settings) -> dict:
         ledger_tier = dict(conn.execute(sa.text(
             "SELECT q.tier, sum(r.cost_usd) FROM results r JOIN requests q USING (job_id, custom_id)"
             " WHERE r.budget_period = CAST(:p AS date) GROUP BY q.tier"), {"p": today}).all())
+        # calls that may have been billed, apart: spend the caps count, not yet confirmed by the provider
+        unconfirmed_tier = dict(conn.execute(sa.text(
+            "SELECT tier, sum(max_cost_usd) FROM provider_calls WHERE state = 'unconfirmed'"
+            " AND budget_period = CAST(:p AS date) GROUP BY tier"), {"p": today}).all())
         jobs = conn.execute(sa.text(
             "SELECT j.job_id, j.status, j.budget_usd, j.on_budget,"
             " (SELECT coalesce(sum(cost_usd), 0) FROM results r WHERE r.job_id = j.job_id) AS spent,"
+            " (SELECT coalesce(sum(max_cost_usd), 0) FROM provider_calls p"
+            "  WHERE p.job_id = j.job_id AND p.state = 'unconfirmed') AS unconfirmed,"
             " (SELECT count(*) FROM requests q WHERE q.job_id = j.job_id AND q.status = 'deferred') AS deferred"
             " FROM jobs j WHERE j.budget_usd IS NOT NULL OR j.status = 'paused_budget'"
             " ORDER BY j.created_at DESC LIMIT 50")).mappings().all()
@@ -1373,20 +1380,23 @@ def show(engine, redis_sync, settings: Settings) -> dict:
             "SELECT scope, period, threshold, cap_usd, spent_usd, created_at FROM budget_alerts"
             " ORDER BY created_at DESC LIMIT 20")).mappings().all()
 
-    def scope(cap_field: str, spent_field: str, ledger: Decimal) -> dict:
+    def scope(cap_field: str, spent_field: str, ledger: Decimal, unconfirmed: Decimal) -> dict:
         cap = caps.get(cap_field)
         return {"cap_usd": str(cap) if cap is not None else None,
                 "spent_usd": str(from_units(spent.get(spent_field, 0))) if live else None,
                 "held_usd": str(from_units(held.get(spent_field, 0))) if live else None,
-                "ledger_usd": str(ledger)}
+                "ledger_usd": str(ledger), "unconfirmed_usd": str(unconfirmed)}
 
     return {
         "period": today, "counters": "live" if live else "not built (rebuilt from Postgres on next use)",
-        "global": scope("global", f"global@{today}", sum(ledger_tier.values(), Decimal(0))),
-        "tiers": {t: scope(f"tier:{t}", f"tier:{t}@{today}", ledger_tier.get(t, Decimal(0))) for t in TIERS},
+        "global": scope("global", f"global@{today}", sum(ledger_tier.values(), Decimal(0)),
+                        sum(unconfirmed_tier.values(), Decimal(0))),
+        "tiers": {t: scope(f"tier:{t}", f"tier:{t}@{today}", ledger_tier.get(t, Decimal(0)),
+                           unconfirmed_tier.get(t, Decimal(0))) for t in TIERS},
         "jobs": [{"job_id": j["job_id"], "status": j["status"], "on_budget": j["on_budget"],
                   "cap_usd": str(j["budget_usd"]) if j["budget_usd"] is not None else None,
-                  "spent_usd": str(j["spent"]), "deferred": j["deferred"],
+                  "spent_usd": str(j["spent"]), "unconfirmed_usd": str(j["unconfirmed"]),
+                  "deferred": j["deferred"],
                   "held_usd": str(from_units(held.get(f"job:{j['job_id']}", 0))) if live else None}
                  for j in jobs],
         "alerts": [{**a, "cap_usd": str(a["cap_usd"]), "spent_usd": str(a["spent_usd"]),

@@ -280,6 +280,10 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
         "SELECT budget_usd, on_budget, fallback_model, (SELECT count(*) FROM requests r"
         " WHERE r.job_id = j.job_id AND r.status = 'deferred') FROM jobs j WHERE job_id = :j"),
         {"j": job_id}).one()
+    # calls that got no answer and may have been billed: spent at their maximum, apart from cost_usd
+    unconfirmed_calls, unconfirmed = conn.execute(sa.text(
+        "SELECT count(*), coalesce(sum(max_cost_usd), 0) FROM provider_calls"
+        " WHERE job_id = :j AND state = 'unconfirmed'"), {"j": job_id}).one()
     by_fallback = conn.execute(sa.text(
         "SELECT count(*) FROM results x JOIN requests r USING (job_id, custom_id)"
         " WHERE x.job_id = :j AND x.model <> r.model"), {"j": job_id}).scalar() if fallback else 0
@@ -296,6 +300,7 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
         },
         "tiers": tiers,
         "cost_usd": str(row["cost_usd"]),
+        "unconfirmed_usd": str(unconfirmed), "unconfirmed_calls": unconfirmed_calls,
         "cache_saved_usd": str(saved),
         # deferred requests are also counted in pending (pipeline/budget.py)
         "budget": {"cap_usd": str(cap) if cap is not None else None, "on_budget": on_budget,

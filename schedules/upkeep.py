@@ -178,7 +178,7 @@ def budget_reconcile(*, settings: Settings | None = None, engine=None) -> dict:
     engine = engine or db.get_engine()
     # calls on record as sent for longer than any call can run, whose batch nobody took back: spent
     with engine.begin() as conn:
-        stale, xid = calls.unconfirm_stale(conn, budget.reservation_ttl_s(settings) + settings.batch_lease_s)
+        stale, xid = calls.unconfirm_stale(conn, budget.reservation_ttl_s(settings))
     if stale:
         log.warning("upkeep: %d calls sent by workers that stopped mid-call counted as unconfirmed spend",
                     len(stale))

@@ -311,13 +311,19 @@ class CallRecord:
             self.writer.answered.append(call_id)
 
     async def unconfirmed(self, req: dict, res: budget.Reservation, call_id: str | None, why: str) -> None:
-        self.writer.unconfirmed.append(dict(self._row(req, res, call_id or f"{res.rid}.?"), reason=why[:500]))
-        self.writer.wake.set()
         log.warning("request %s:%s: the call may have been billed (%s): $%s counted as unconfirmed spend",
                     req["job_id"], req["custom_id"], why, from_units(res.units),
                     extra={"job": req["job_id"], "request": req["custom_id"], "tier": req["tier"]})
-        held = await self.writer.budget.detach(res)   # raises if Redis is away: the ledger still has it
-        self.writer.settles.append((held, from_units(held.units)))
+        try:
+            held = await self.writer.budget.detach(res)
+        except Exception as e:   # Redis away: the ledger has it, and the reconcile brings the counters to it
+            log.warning("budget: the hold of %s could not be kept (%s); the reconcile counts it", res.rid, e)
+            held = None
+        # the row and its settle in the same write: the settle then carries that write's xid
+        self.writer.unconfirmed.append(dict(self._row(req, res, call_id or f"{res.rid}.?"), reason=why[:500]))
+        if held is not None:
+            self.writer.settles.append((held, from_units(held.units)))
+        self.writer.wake.set()
 
 
 class Gated:

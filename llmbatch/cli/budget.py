@@ -69,14 +69,17 @@ def show(as_json):
     click.echo(f"period {data['period']} (UTC)  counters: {data['counters']}")
     click.echo("  spent: settled in the live counters (Redis) that caps are enforced on;"
                " held: reserved for calls in flight;\n  ledger: the cost of the results stored in Postgres,"
-               " the durable record the counters are rebuilt from.\n  They differ while calls are in flight"
+               " the durable record the counters are rebuilt from;\n  unconfirmed: calls that got no answer"
+               " (timeout, dropped connection, worker killed) and may have been billed:\n  counted at their maximum"
+               " against every cap until the provider confirms them.\n  They differ while calls are in flight"
                " or their results are being written; a lasting difference is worth a look.")
 
     def line(name, s):
         cap = f"${money(s['cap_usd'])}" if s["cap_usd"] is not None else "no cap"
         live = (f"spent ${money(s['spent_usd'])}  held ${money(s['held_usd'])}  "
                 if s["spent_usd"] is not None else "")
-        click.echo(f"  {name:<12} {cap:<14} {live}ledger ${money(s['ledger_usd'])}")
+        click.echo(f"  {name:<12} {cap:<14} {live}ledger ${money(s['ledger_usd'])}"
+                   f" + unconfirmed ${money(s['unconfirmed_usd'])}")
     line("global", data["global"])
     for t in TIERS:
         line(t, data["tiers"][t])
@@ -85,6 +88,7 @@ def show(as_json):
         for j in data["jobs"]:
             cap = f"${money(j['cap_usd'])}" if j["cap_usd"] is not None else "no cap"
             click.echo(f"  {j['job_id']}  {j['status']:<14} {cap:<12} spent ${money(j['spent_usd'])}"
+                       f" + unconfirmed ${money(j['unconfirmed_usd'])}"
                        f"  deferred {j['deferred']}  on budget: {j['on_budget']}")
     if data["alerts"]:
         click.echo("recent alerts:")

@@ -55,6 +55,7 @@ def job_view(conn: Connection, job_id: str) -> dict | None:
     st["budget_usd"] = money(budget) if budget is not None else None
     st["rate_per_s"] = round(rate, 2)
     st["cost_usd"] = money(st["cost_usd"])
+    st["unconfirmed_usd"] = money(st.get("unconfirmed_usd") or 0)
     st["cache_saved_usd"] = money(st["cache_saved_usd"])
     st["held"] = held_work(conn, {t: c["held"] for t, c in by_tier.items()}) if st["status"] not in JOB_TERMINAL \
         else []
@@ -284,6 +285,9 @@ def format_status(st: dict) -> str:
            f"  pending {c['pending']}",
            f"spend ${money(st['cost_usd'])}{budget}  |  rate {st.get('rate_per_s', 0):.1f} req/s"
            f"  |  ETA {_eta(st)}"]
+    if st.get("unconfirmed_calls"):
+        out.append(f"unconfirmed spend ${money(st['unconfirmed_usd'])}: {st['unconfirmed_calls']} calls got no"
+                   f" answer and may have been billed; counted at their maximum against the caps")
     out += [f"held: {h['text']}" for h in st.get("held") or []]
     if st.get("deadlines"):
         out.append(f"deadlines: {deadline_text(st['deadlines'])}")
@@ -384,6 +388,7 @@ def status_line(st: dict) -> str:
     return (f"{datetime.now(timezone.utc):%H:%M:%S} {st['job_id']} {st['status']}"
             f" done={st['counts']['succeeded']}/{st['counts']['accepted']} failed={st['counts']['failed']}"
             f" pending={st['counts']['pending']} spend=${money(st['cost_usd'])}"
+            f"{'+' + money(st['unconfirmed_usd']) + ' unconfirmed' if st.get('unconfirmed_calls') else ''}"
             f"{'/' + money(st['budget_usd']) if st.get('budget_usd') else ''}"
             f" rate={st.get('rate_per_s', 0):.1f}/s eta={eta} {tiers}"
             + "".join(f" | held: {h['text']}" for h in st.get("held") or []))

@@ -29,11 +29,12 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from pipeline import budget, providers
+from pipeline import budget, db, providers
 from pipeline.bounds import request_bound
 from pipeline.pricing import get_price_book
 from tests.integration.conftest import wait_for
-from tests.integration.execution_helpers import budget_settings, calls_of, make_batch, scalar, simulator_config
+from tests.integration.execution_helpers import (budget_settings, calls_of, make_batch, requests_of, scalar,
+                                                simulator_config)
 from workers import execute, limited
 
 MODEL = "gpt-4o-mini"
@@ -119,6 +120,19 @@ def test_timed_out_calls_are_spent_at_their_maximum(stack, engine, process):
     _report("timeout", job, calls, billed, cap, unconfirmed)
     assert calls >= 2 and billed <= cap, f"the provider billed ${billed} for {calls} calls under a ${cap} cap"
     assert unconfirmed >= billed and unconfirmed == calls * each   # every billed call is spent in the ledger
+    # the retries asked for a reservation of their own, and the cap refused them: nothing ran twice
+    assert {r["status"] for r in requests_of(engine, job).values()} == {"deferred"}
+    # status, budget show and the views show it apart from confirmed spend
+    with engine.connect() as conn:
+        st = db.job_status(conn, job)
+        view = conn.execute(sa.text("SELECT confirmed_usd, unconfirmed_usd FROM budget_spend WHERE scope = :s"),
+                            {"s": f"job:{job}"}).one()
+    assert Decimal(st["unconfirmed_usd"]) == unconfirmed and st["unconfirmed_calls"] == calls
+    assert Decimal(st["cost_usd"]) == 0
+    assert (view.confirmed_usd, view.unconfirmed_usd) == (0, unconfirmed)
+    shown = budget.show(engine, budget.redis_clients(settings)[1], settings)
+    assert Decimal(next(j for j in shown["jobs"] if j["job_id"] == job)["unconfirmed_usd"]) == unconfirmed
+    assert Decimal(shown["tiers"]["offpeak"]["unconfirmed_usd"]) >= unconfirmed
 
 
 def test_calls_the_provider_hung_up_on_are_spent_at_their_maximum(stack, engine, process):
@@ -160,7 +174,8 @@ def test_a_worker_killed_mid_call_leaves_its_calls_spent_for_the_rerun(stack, en
         doomed = subprocess.Popen([sys.executable, "-c", _DOOMED, batch, json.dumps(changes)],
                                   env=os.environ.copy())
         try:
-            wait_for(lambda: calls_of(settings, job) >= 9, timeout=30, what="a cap's worth of calls in flight")
+            wait_for(lambda: calls_of(settings, job) >= 9, timeout=120,
+                     what="a cap's worth of calls in flight")
         finally:
             os.kill(doomed.pid, signal.SIGKILL)
             doomed.wait()
@@ -172,3 +187,31 @@ def test_a_worker_killed_mid_call_leaves_its_calls_spent_for_the_rerun(stack, en
     _report("kill-9", job, calls, billed, cap, unconfirmed)
     assert calls >= 9 and billed <= cap, f"the provider billed ${billed} for {calls} calls under a ${cap} cap"
     assert unconfirmed >= billed and unconfirmed == calls * each
+
+
+def test_the_reconcile_counts_a_dead_workers_calls_nobody_took_back(stack, engine, process):
+    """A worker killed mid-call whose batch is not run again: once no call can still be running, the
+    budget upkeep makes its calls unconfirmed spend, and the counters count them."""
+    from schedules import upkeep
+    settings = process(provider_timeout_s=1.0, budget_reservation_ttl_s=1.0, budget_reservation_margin_s=0.0)
+    job, batch, each, cap = _capped_batch(engine, 8, 2.5)
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO provider_calls (call_id, hold_id, job_id, custom_id, tier, batch_id, owner, max_cost_usd,"
+            " created_at) SELECT :j || chr(58) || c || '~dead.1', :j || chr(58) || c || '~dead', :j, c, 'offpeak', :b,"
+            " 'dead-worker', :m, now() - make_interval(secs => :age) FROM unnest(CAST(:cids AS text[])) AS c"),
+            {"j": job, "b": batch, "m": each, "age": 5, "cids": ["r0", "r1"]})
+        conn.execute(sa.text(   # and one sent just now: a live worker's call in flight, not touched
+            "INSERT INTO provider_calls (call_id, hold_id, job_id, custom_id, tier, batch_id, owner, max_cost_usd)"
+            " VALUES (:c, :h, :j, 'r2', 'offpeak', :b, 'live-worker', :m)"),
+            {"c": f"{job}:r2~live.1", "h": f"{job}:r2~live", "j": job, "b": batch, "m": each})
+    sredis = budget.redis_clients(settings)[1]
+    budget.rebuild(engine, sredis, settings)
+    upkeep.budget_reconcile(settings=settings, engine=engine)
+    assert _unconfirmed(engine, job) == 2 * each
+    assert scalar(engine, "SELECT state FROM provider_calls WHERE call_id = :c", c=f"{job}:r2~live.1") == "sent"
+    spent = budget.from_units(int(sredis.hget(budget.KEYS[2], f"job:{job}") or 0))
+    assert spent == 2 * each   # counted once: by the settle, or by the rebuild that read the ledger, not both
+    with pytest.raises(budget.BudgetExceeded):   # the cap (2.5 calls) takes no third call
+        asyncio.run(budget.Budget(settings, engine, *budget.redis_clients(settings))
+                    .reserve(f"{job}:r2~x", job, "offpeak", each))

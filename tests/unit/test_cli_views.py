@@ -47,6 +47,16 @@ def test_status_screen_shows_tiers_budget_rate_eta():
     assert "peak" in text.splitlines()[6]
 
 
+def test_status_shows_unconfirmed_spend_apart_from_confirmed():
+    """Calls that got no answer may have been billed: their maximum is spend, shown on its own."""
+    text = views.format_status(status(unconfirmed_usd="0.0012", unconfirmed_calls=2))
+    assert "spend $0.01 of $1 budget" in text
+    assert "unconfirmed spend $0.0012: 2 calls got no answer" in text
+    assert "unconfirmed" not in views.format_status(status(unconfirmed_usd="0", unconfirmed_calls=0))
+    assert "spend=$0.01+0.0012 unconfirmed/1" in views.status_line(status(unconfirmed_usd="0.0012",
+                                                                         unconfirmed_calls=2))
+
+
 def test_watch_prints_plain_lines_when_not_a_terminal(monkeypatch):
     seq = iter([status(), status(status="completed", eta_s=0)])
     monkeypatch.setattr(views, "job_view", lambda conn, job_id: next(seq))

@@ -70,6 +70,7 @@ from pipeline import budget, db
 from pipeline.batcher import dispatch
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS
+from pipeline.errors import PermanentProviderError
 from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def _anthropic(settings: Settings, *, retries: int = 2, timeout: float = 120):
                                     base_url=settings.base_url("anthropic"), max_retries=retries, timeout=timeout)
 
 
-class NotCreated(Exception):
+class NotCreated(PermanentProviderError):
     """The provider answered that it did not create the batch (a 4xx): safe to send again."""
 
 
@@ -591,8 +592,11 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
             " extract(epoch FROM first_create_at)::float8 AS first_at,"
             " extract(epoch FROM create_started_at)::float8 AS last_at,"
             " coalesce(create_started_at < now() - make_interval(secs => :t), true) AS window_closed"
-            " FROM provider_batches WHERE status = 'creating' ORDER BY created_at"),
-            {"t": settings.provider_batch_create_timeout_s}).mappings()]
+            " FROM provider_batches WHERE status = 'creating'"
+            # the provider is asked at most once per poll interval per row
+            " AND (create_attempts = 0 OR polled_at IS NULL OR polled_at < now() - make_interval(secs => :p))"
+            " ORDER BY created_at"),
+            {"t": settings.provider_batch_create_timeout_s, "p": settings.provider_batch_poll_s}).mappings()]
         for r in rows:
             if r["provider"] == "anthropic" and r["create_attempts"]:
                 r["pids"] = {provider_custom_id(q["job_id"], q["custom_id"]) for q in _pb_requests(conn, r["id"])}
@@ -616,6 +620,10 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
             found[r["id"]] = ("found", hit) if hit else ("none",)
         except Exception as e:
             log.warning("provider batch %s: cannot list OpenAI batches to find it: %s", r["id"], e)
+    if found:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE provider_batches SET polled_at = now() WHERE id = ANY(:ids)"),
+                         {"ids": list(found)})
     for r in rows:
         pb_id = r["id"]
         try:

@@ -108,6 +108,13 @@ def _crash_at(step: str, mp) -> None:
         mp.setattr(pbm, "_settle", die)
 
 
+def _live_holds(settings, job: str) -> int:
+    """The job's reservations the budget holds in Redis (one per request: ``job:custom_id``)."""
+    from pipeline import budget
+    _, r = budget.redis_clients(settings)
+    return sum(r.hexists(budget.KEYS[4], f"{job}:r{i}") for i in range(N))
+
+
 def _terminal(engine, job: str) -> bool:
     c = pw.counts(engine, job)
     return bool(c) and not (set(c) - {"succeeded", "failed", "cancelled"})
@@ -141,6 +148,8 @@ def test_a_crash_at_each_step_bills_each_line_once(no_scheduler, stack, provider
             while time.monotonic() < deadline:
                 dead.provider()
                 time.sleep(0.1)
+        if step == "creating":   # unconfirmed: every line still held at its maximum, under the caps
+            assert _live_holds(stack, job) == N
         # a new scheduler on the same database (the old one's memory is gone)
         mp.undo()
         if hasattr(provider_batches, "CREATING_STALE_S"):
@@ -273,4 +282,5 @@ def test_a_cancel_before_the_creation_was_sent_sends_nothing(no_scheduler, stack
     seen = pw.provider_lines(stack, provider, pw.pids_of(job, N), since)
     assert seen == {"batches": [], "billed": {}}, seen
     assert pw.counts(engine, job) == {"cancelled": N}
+    assert _live_holds(stack, job) == 0, "the holds of lines never sent were not freed"
     assert [r["status"] for r in pw.pb_rows(engine, job)] in ([], ["abandoned"])

@@ -70,6 +70,7 @@ from pipeline import budget, db
 from pipeline.batcher import dispatch
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS
+from pipeline.errors import PermanentProviderError
 from pipeline.ids import request_key
 from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
 
@@ -123,7 +124,7 @@ def _anthropic(settings: Settings, *, retries: int = 2, timeout: float = 120):
                                     base_url=settings.base_url("anthropic"), max_retries=retries, timeout=timeout)
 
 
-class NotCreated(Exception):
+class NotCreated(PermanentProviderError):
     """The provider answered that it did not create the batch (a 4xx): safe to send again."""
 
 
@@ -193,50 +194,64 @@ async def _find_openai(settings: Settings, pb_id: str, since: float) -> dict | N
 
 
 async def _find_anthropic(settings: Settings, intents: list[dict], known) -> dict[str, tuple]:
-    """Anthropic batches carry no metadata: match each intent (``id``, ``requests``, ``pids``,
-    ``start``, ``end``: its creation window in unix time) to the provider's batches no row of ours
-    owns (``known(ids)`` names those that are ours) by request count and creation time; an ended
-    one is confirmed by its custom_ids. Returns ``{intent id: ("found", info) | ("none",) |
-    ("unsure", why)}``."""
+    """Anthropic batches carry no metadata: list the provider's batches created since the earliest
+    window opened, drop those a row of ours owns (``known(ids)``), read the custom_ids of the ended
+    ones that match an intent's count and window, and let ``match_anthropic`` decide."""
     from pipeline.providers import http_response
     earliest = min(i["start"] for i in intents)
-    listed = []
     async with _anthropic(settings) as client:
+        listed = []
         async for b in client.messages.batches.list(limit=1000):
             if _epoch(b.created_at) < earliest:
                 break
-            listed.append(b)
-        owned = known([b.id for b in listed])
-        listed = [b for b in listed if b.id not in owned]
-        cands: dict[str, list] = {}
-        for i in intents:
-            for b in listed:
-                c = b.request_counts
-                total = c.processing + c.succeeded + c.errored + c.canceled + c.expired
-                if total == i["requests"] and i["start"] <= _epoch(b.created_at) <= i["end"]:
-                    cands.setdefault(i["id"], []).append(b)
-        pids_of: dict[str, set] = {}
-        for b in {b.id: b for bs in cands.values() for b in bs}.values():
-            if b.processing_status == "ended" and b.results_url:
-                resp = await client.get(b.results_url, cast_to=http_response,
+            c = b.request_counts
+            listed.append({"id": b.id, "created": _epoch(b.created_at), "status": b.processing_status,
+                           "total": c.processing + c.succeeded + c.errored + c.canceled + c.expired,
+                           "results_url": b.results_url, "pids": None})
+        owned = known([b["id"] for b in listed]) if listed else set()
+        listed = [b for b in listed if b["id"] not in owned]
+        wanted = {b["id"] for bs in _candidates(intents, listed).values() for b in bs}
+        for b in listed:
+            if b["id"] in wanted and b["status"] == "ended" and b["results_url"]:
+                resp = await client.get(b["results_url"], cast_to=http_response,
                                         options={"headers": {"Accept": "application/binary"}})
-                pids_of[b.id] = {json.loads(x).get("custom_id") for x in resp.text.splitlines() if x.strip()}
+                b["pids"] = {json.loads(x).get("custom_id") for x in resp.text.splitlines() if x.strip()}
+    return match_anthropic(intents, listed)
+
+
+def _candidates(intents: list[dict], batches: list[dict]) -> dict[str, list[dict]]:
+    return {i["id"]: [b for b in batches if b["total"] == i["requests"] and i["start"] <= b["created"] <= i["end"]]
+            for i in intents}
+
+
+def match_anthropic(intents: list[dict], batches: list[dict]) -> dict[str, tuple]:
+    """Which provider batch, if any, each unconfirmed creation made (pure, so it can be tested alone).
+
+    ``intents``: ``id``, ``requests`` (count), ``pids`` (its custom_ids), ``start``/``end`` (its
+    creation window, unix time). ``batches``: the provider's batches no row of ours owns: ``id``,
+    ``total``, ``created``, ``status``, ``pids`` (the custom_ids of an ended one, else None).
+    An ended batch is ours only with exactly our custom_ids. One still running is adopted only
+    when it is the one candidate of the count and window, and no other intent's candidate; else
+    the answer is to wait for results. ``("none",)`` only when nothing matches count and window.
+    Returns ``{intent id: ("found", info) | ("none",) | ("unsure", why)}``.
+    """
+    cands = _candidates(intents, batches)
     claimed: dict[str, int] = {}
     for bs in cands.values():
         for b in bs:
-            claimed[b.id] = claimed.get(b.id, 0) + 1
+            claimed[b["id"]] = claimed.get(b["id"], 0) + 1
     out = {}
     for i in intents:
-        bs = cands.get(i["id"], [])
-        exact = [b for b in bs if pids_of.get(b.id) == i["pids"]]
-        running = [b for b in bs if b.id not in pids_of]
-        pick = exact[0] if exact else (running[0] if len(running) == 1 and claimed[running[0].id] == 1 else None)
+        bs = cands[i["id"]]
+        exact = [b for b in bs if b["pids"] == i["pids"]]
+        running = [b for b in bs if b["pids"] is None]
+        pick = exact[0] if exact else (running[0] if len(running) == 1 and claimed[running[0]["id"]] == 1 else None)
         if len(exact) > 1:
             log.error("provider batch %s: %d Anthropic batches hold its requests (%s): the provider billed them"
-                      " more than once; adopting %s", i["id"], len(exact), [b.id for b in exact], exact[0].id)
+                      " more than once; adopting %s", i["id"], len(exact), [b["id"] for b in exact], exact[0]["id"])
         if pick is not None:
-            out[i["id"]] = ("found", {"provider_batch_id": pick.id, "input_file_id": None,
-                                      "provider_status": pick.processing_status})
+            out[i["id"]] = ("found", {"provider_batch_id": pick["id"], "input_file_id": None,
+                                      "provider_status": pick["status"]})
         elif running:
             out[i["id"]] = ("unsure", f"{len(running)} Anthropic batches in progress match its count and window;"
                                       " waiting for their results to tell by custom_id")
@@ -594,8 +609,11 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
             " extract(epoch FROM first_create_at)::float8 AS first_at,"
             " extract(epoch FROM create_started_at)::float8 AS last_at,"
             " coalesce(create_started_at < now() - make_interval(secs => :t), true) AS window_closed"
-            " FROM provider_batches WHERE status = 'creating' ORDER BY created_at"),
-            {"t": settings.provider_batch_create_timeout_s}).mappings()]
+            " FROM provider_batches WHERE status = 'creating'"
+            # the provider is asked at most once per poll interval per row
+            " AND (create_attempts = 0 OR polled_at IS NULL OR polled_at < now() - make_interval(secs => :p))"
+            " ORDER BY created_at"),
+            {"t": settings.provider_batch_create_timeout_s, "p": settings.provider_batch_poll_s}).mappings()]
         for r in rows:
             if r["provider"] == "anthropic" and r["create_attempts"]:
                 r["pids"] = {provider_custom_id(q["job_id"], q["custom_id"]) for q in _pb_requests(conn, r["id"])}
@@ -619,6 +637,10 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
             found[r["id"]] = ("found", hit) if hit else ("none",)
         except Exception as e:
             log.warning("provider batch %s: cannot list OpenAI batches to find it: %s", r["id"], e)
+    if found:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE provider_batches SET polled_at = now() WHERE id = ANY(:ids)"),
+                         {"ids": list(found)})
     for r in rows:
         pb_id = r["id"]
         try:

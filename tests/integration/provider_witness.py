@@ -167,3 +167,20 @@ def paused(pid: int):
 
 def stack_pid(settings, name: str) -> int:
     return int((settings.var_dir / "run" / f"{name}.pid").read_text().strip())
+
+
+def bytes_waiting(settings) -> int:
+    """Bytes received by the kernel for the simulator's connections and not yet read by it: while
+    the simulator is stopped, a request sent to it (a creation) waits there."""
+    port = urllib.parse.urlsplit(settings.simulator_url).port
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":   # ESTABLISHED, server side
+                total += int(f[4].split(":")[1], 16)
+    return total

@@ -57,7 +57,9 @@ def test_cancel_while_creating(scheduler, stack, provider):
         job = pw.held_job(engine, provider, N, tag="cancel-creating")
         wait_for(lambda: any(r["status"] == "creating" for r in pw.pb_rows(engine, job)), timeout=30,
                  what="the provider batch in 'creating'")
-        time.sleep(1.0)   # the creation request waits in the paused provider's socket
+        # the creation request (OpenAI: its file upload) waits in the paused provider's socket
+        wait_for(lambda: pw.bytes_waiting(stack) > 0, timeout=30, every=0.05, what="the request sent")
+        time.sleep(0.2)
         out = cancel_job(job)
         at_return = 0     # the provider is stopped: it has run nothing
     f = _check(stack, engine, provider, job, since, at_return, "creating", out)

@@ -72,3 +72,71 @@ def test_anthropic_results():
         "type": "error", "error": {"type": "invalid_request_error", "message": "no"}}}}, get_price_book())
     assert bad["status"] == "failed" and bad["status_code"] == 400
     assert _outcome(req, "anthropic", {"custom_id": "q", "result": {"type": "expired"}}, get_price_book())[2] == "expired"
+
+
+# ------------------------------------------------------------------ finding a lost Anthropic creation
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+from schedules.provider_batches import match_anthropic  # noqa: E402
+
+
+@st.composite
+def worlds(draw):
+    """Unconfirmed creations (intents) and the provider's batches no row of ours owns: for each
+    intent, maybe the batch its lost attempt made (inside its window, running or ended), plus
+    foreign batches of any count, time and content."""
+    intents, batches, truth = [], [], {}
+    for k in range(draw(st.integers(1, 4))):
+        n = draw(st.integers(1, 4))
+        start = draw(st.integers(0, 100))
+        intent = {"id": f"pb{k}", "requests": n, "pids": {f"q{k}_{j}" for j in range(n)},
+                  "start": start, "end": start + draw(st.integers(0, 50))}
+        intents.append(intent)
+        if draw(st.booleans()):
+            ended = draw(st.booleans())
+            b = {"id": f"made{k}", "total": n, "created": draw(st.integers(intent["start"], intent["end"])),
+                 "status": "ended" if ended else "in_progress", "pids": intent["pids"] if ended else None}
+            batches.append(b)
+            truth[intent["id"]] = b["id"]
+    for k in range(draw(st.integers(0, 4))):
+        n = draw(st.integers(1, 4))
+        ended = draw(st.booleans())
+        batches.append({"id": f"foreign{k}", "total": n, "created": draw(st.integers(0, 160)),
+                        "status": "ended" if ended else "in_progress",
+                        "pids": {f"x{k}_{j}" for j in range(n)} if ended else None})
+    return intents, batches, truth
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(worlds())
+def test_a_lost_creation_is_matched_to_its_own_batch_or_waited_for(world):
+    intents, batches, truth = world
+    out = match_anthropic(intents, batches)
+    adopted = [v[1]["provider_batch_id"] for v in out.values() if v[0] == "found"]
+    assert len(adopted) == len(set(adopted)), out            # no provider batch adopted twice
+    by_id = {b["id"]: b for b in batches}
+    for i in intents:
+        verdict = out[i["id"]]
+        if i["id"] in truth:                                  # the provider made it: never sent again
+            assert verdict[0] != "none", (i, verdict)
+        if verdict[0] == "found":
+            b = by_id[verdict[1]["provider_batch_id"]]
+            if b["pids"] is not None:                         # an ended batch: by its custom_ids only
+                assert b["pids"] == i["pids"], (i, b)
+            assert b["total"] == i["requests"] and i["start"] <= b["created"] <= i["end"]
+        if verdict[0] == "none":   # nothing in its window could be its batch: none running of its
+            assert not any(b["total"] == i["requests"] and i["start"] <= b["created"] <= i["end"]   # count,
+                           and b["pids"] in (None, i["pids"]) for b in batches)   # none ended with its ids
+
+
+def test_a_running_batch_two_creations_could_have_made_is_not_adopted_until_it_ends():
+    a = {"id": "pbA", "requests": 2, "pids": {"a1", "a2"}, "start": 0, "end": 10}
+    b = {"id": "pbB", "requests": 2, "pids": {"b1", "b2"}, "start": 5, "end": 15}
+    running = {"id": "m1", "total": 2, "created": 7, "status": "in_progress", "pids": None}
+    out = match_anthropic([a, b], [running])
+    assert out["pbA"][0] == out["pbB"][0] == "unsure"
+    ended = dict(running, status="ended", pids={"b1", "b2"})
+    out = match_anthropic([a, b], [ended])
+    assert out["pbB"] == ("found", {"provider_batch_id": "m1", "input_file_id": None, "provider_status": "ended"})
+    assert out["pbA"] == ("none",)

@@ -382,3 +382,41 @@ def test_a_provider_batch_open_across_midnight_spends_each_day_within_its_cap(st
         with engine.begin() as conn:   # nothing of this test stays open for the next one
             conn.execute(sa.text("UPDATE jobs SET status = 'cancelled' WHERE job_id LIKE 'job_mid_%'"
                                  " AND status = 'running'"))
+
+
+# ------------------------------------------------------------------ a wait that ends
+
+def test_a_reservation_behind_live_holds_says_why_then_gives_up_after_budget_wait_max_s(stack, engine):
+    """It used to wait without a limit, and nothing said why. The holds in front of it are its own
+    job's here (a job cap: no cap another test shares), the most a cap can say about them."""
+    settings = budget_settings(stack, budget_wait_max_s=1.0)     # Redis database 15
+    aredis, sredis = budget.redis_clients(settings)
+    sredis.flushdb()
+    amount = Decimal("0.0001")
+    job, ids = insert_job(engine, amount * 2, 3, amount, prefix="job_wait_")
+
+    async def main():
+        b = budget.Budget(settings, engine, aredis, sredis)
+        held = [await b.reserve(f"{job}:{c}", job, "background", amount) for c in ids[:2]]
+        waiting = asyncio.create_task(b.reserve(f"{job}:{ids[2]}", job, "background", amount))
+        note = None
+        while note is None and not waiting.done():
+            await asyncio.sleep(0.05)
+            note = await asyncio.to_thread(budget.wait_status, sredis, job)
+        with pytest.raises(budget.BudgetWaitedOut) as e:
+            await waiting
+        for r in held:
+            await b.release(r)
+        b._beat.cancel()
+        return note, e.value
+    import asyncio
+    try:
+        note, e = asyncio.run(main())
+    finally:
+        sredis.flushdb()
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE jobs SET status = 'cancelled' WHERE job_id = :j"), {"j": job})
+    assert note and note["cap"] == f"job:{job}", note
+    assert note["holders"] == [{"job_id": job, "holds": 2, "held_usd": str(amount * 2)}], note
+    assert e.kind == "wait" and e.scope == f"job:{job}"
+    assert f"job:{job} cap ${amount * 2}" in str(e) and "2 holds" in str(e) and "budget_wait_max_s" in str(e), str(e)

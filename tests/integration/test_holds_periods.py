@@ -1,7 +1,7 @@
 """Issue 25 items 3 and 4 on the real stack: provider-batch holds end with their batch, a wait on
 live holds says why, and a spend counts in the period of its reservation across midnight.
 
-- Stalls: Redis refuses writes while a provider batch is ingested (``min-replicas-to-write``), or
+- Stalls: Redis refuses writes while a provider batch is ingested (an ACL user without ``@write``), or
   the scheduler is killed -9 between the ingest commit and the settle. The holds used to stay
   for ``PROVIDER_BATCH_HOLD_S`` (25 h), a reconcile kept them ("103 live holds kept"), and a later
   job under the same cap sat ``running`` with no reason shown. Now the reconcile drops them, the
@@ -14,6 +14,8 @@ The stack's scheduler is stopped while a test drives a provider batch itself, an
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,6 +25,7 @@ import uuid
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
@@ -118,12 +121,21 @@ def _sent_and_ended(stack, engine, job: str, n: int) -> str:
     return pb
 
 
-def _workers_answer() -> None:
-    from workers.app import app
-
-    def peak_up():
-        return any(k.startswith("peak@") for r in (app.control.ping(timeout=1.0) or []) for k in r)
-    wait_for(peak_up, timeout=120, every=1, what="a peak worker answers")
+@contextlib.contextmanager
+def _writes_refused(stack, sredis):
+    """Settings whose Redis user may read but not write (an ACL user without @write): every budget
+    script that writes fails, as under ``min-replicas-to-write``, but only for this process. Refusing
+    writes server-wide also refused the Celery broker's, and the stack's workers died and restarted."""
+    user, password = "llmbatch-test-" + uuid.uuid4().hex[:8], uuid.uuid4().hex
+    sredis.acl_setuser(user, enabled=True, passwords=["+" + password], keys=["*"], channels=["*"],
+                       commands=["+@all", "-@write"])
+    u = urlsplit(stack.redis_url)
+    url = f"{u.scheme}://{user}:{password}@{u.hostname}:{u.port}{u.path}"
+    try:
+        yield dataclasses.replace(stack, redis_url=url)
+    finally:
+        sredis.acl_deluser(user)
+        provider_batches._redis_by_url.pop(url, None)
 
 
 def _ledger_today(engine) -> Decimal:
@@ -179,12 +191,8 @@ def test_a_settle_redis_refused_neither_stalls_a_later_job_nor_waits_without_a_r
                   "--tier", "background")
     pb = _sent_and_ended(stack, engine, job, n)
     assert len(_holds_of(sredis, job)) == n
-    sredis.config_set("min-replicas-to-write", 1)            # Redis refuses every write
-    try:
-        provider_batches.poll_open(settings=stack, engine=engine, dispatcher=lambda *a: None)
-    finally:
-        sredis.config_set("min-replicas-to-write", 0)
-    _workers_answer()   # the Celery broker refused writes too: its workers may be starting again
+    with _writes_refused(stack, sredis) as refusing:         # Redis refuses this scheduler's writes
+        provider_batches.poll_open(settings=refusing, engine=engine, dispatcher=lambda *a: None)
     assert _counts(engine, job).get("succeeded") == n        # the results are in the ledger …
     assert len(_holds_of(sredis, job)) == n                  # … and every hold is still there
     with engine.connect() as conn:
@@ -382,3 +390,41 @@ def test_a_provider_batch_open_across_midnight_spends_each_day_within_its_cap(st
         with engine.begin() as conn:   # nothing of this test stays open for the next one
             conn.execute(sa.text("UPDATE jobs SET status = 'cancelled' WHERE job_id LIKE 'job_mid_%'"
                                  " AND status = 'running'"))
+
+
+# ------------------------------------------------------------------ a wait that ends
+
+def test_a_reservation_behind_live_holds_says_why_then_gives_up_after_budget_wait_max_s(stack, engine):
+    """It used to wait without a limit, and nothing said why. The holds in front of it are its own
+    job's here (a job cap: no cap another test shares), the most a cap can say about them."""
+    settings = budget_settings(stack, budget_wait_max_s=1.0)     # Redis database 15
+    aredis, sredis = budget.redis_clients(settings)
+    sredis.flushdb()
+    amount = Decimal("0.0001")
+    job, ids = insert_job(engine, amount * 2, 3, amount, prefix="job_wait_")
+
+    async def main():
+        b = budget.Budget(settings, engine, aredis, sredis)
+        held = [await b.reserve(f"{job}:{c}", job, "background", amount) for c in ids[:2]]
+        waiting = asyncio.create_task(b.reserve(f"{job}:{ids[2]}", job, "background", amount))
+        note = None
+        while note is None and not waiting.done():
+            await asyncio.sleep(0.05)
+            note = await asyncio.to_thread(budget.wait_status, sredis, job)
+        with pytest.raises(budget.BudgetWaitedOut) as e:
+            await waiting
+        for r in held:
+            await b.release(r)
+        b._beat.cancel()
+        return note, e.value
+    import asyncio
+    try:
+        note, e = asyncio.run(main())
+    finally:
+        sredis.flushdb()
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE jobs SET status = 'cancelled' WHERE job_id = :j"), {"j": job})
+    assert note and note["cap"] == f"job:{job}", note
+    assert note["holders"] == [{"job_id": job, "holds": 2, "held_usd": str(amount * 2)}], note
+    assert e.kind == "wait" and e.scope == f"job:{job}"
+    assert f"job:{job} cap ${amount * 2}" in str(e) and "2 holds" in str(e) and "budget_wait_max_s" in str(e), str(e)

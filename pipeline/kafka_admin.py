@@ -21,10 +21,11 @@ nothing has to be stored. Every function here is idempotent.
 
 from __future__ import annotations
 
+import secrets
+
 from confluent_kafka.admin import (AclBinding, AclBindingFilter, AclOperation, AclPermissionType,
                                    NewTopic, ResourcePatternType, ResourceType, ScramCredentialInfo,
-                                   ScramMechanism, UserScramCredentialDeletion,
-                                   UserScramCredentialUpsertion)
+                                   ScramMechanism, UserScramCredentialUpsertion)
 
 from pipeline.config import Settings, producer_password
 from pipeline.constants import (DLQ_TOPIC, IMMEDIATE_PARTITIONS, IMMEDIATE_TOPIC, KAFKA_ADMIN_USER,
@@ -121,15 +122,21 @@ def add_producer(settings: Settings, user: str, admin=None) -> str:
 
 
 def remove_producer(settings: Settings, user: str) -> None:
-    """Delete producer ``user``'s credentials and ACLs: it can no longer connect nor write."""
+    """Take producer ``user``'s ACLs away and change its password to one nobody knows: it can no
+    longer log in nor write.
+
+    Its SCRAM credentials are overwritten, not deleted: with Kafka 4.1.1 (KRaft, combined mode)
+    a deleted SCRAM user left every SCRAM login failing with "invalid credentials" after the next
+    broker restart, the admin's included (reproduced on a fresh broker: upserts alone survive a
+    restart; one deletion does not).
+    """
     if user in (KAFKA_ADMIN_USER, KAFKA_BATCHER_USER):
         raise ConfigError(f"{user} is a pipeline principal, not a producer")
     admin = make_admin(settings)
     pattern = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, f"User:{user}", None,
                                AclOperation.ANY, AclPermissionType.ANY)
     _wait(admin.delete_acls([pattern]), "delete the ACLs of")
-    _wait(admin.alter_user_scram_credentials([UserScramCredentialDeletion(user, _mechanism(settings))]),
-          "delete the credentials of", ("RESOURCE_NOT_FOUND",))
+    upsert_user(admin, settings, user, secrets.token_hex(32))
 
 
 def ready(settings: Settings) -> bool:

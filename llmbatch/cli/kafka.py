@@ -41,7 +41,8 @@ def add_producer(name: str) -> None:
 @kafka.command("remove-producer")
 @click.argument("name")
 def remove_producer(name: str) -> None:
-    """Delete Kafka user NAME and its ACLs: it can no longer connect."""
+    """Take Kafka user NAME's ACLs away and its password: it can no longer connect nor write."""
     from pipeline.kafka_admin import remove_producer as remove
     remove(get_settings(), name)
-    click.echo(f"Kafka producer {name} removed")
+    click.echo(f"Kafka producer {name} removed (no ACLs, a password nobody knows);"
+               " add-producer gives it back its own")

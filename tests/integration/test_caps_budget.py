@@ -59,17 +59,17 @@ def test_a_negative_amount_is_refused_alone_and_a_poisoned_record_heals(stack, e
         b = budget.Budget(settings, engine, aredis, sredis)
         for bad in ("-5", "0", "NaN", "-Infinity"):
             with pytest.raises(budget.InvalidAmount):
-                await b.reserve(f"{job}:r0", job, "background", bad)
+                await b.reserve(request_key(job, "r0"), job, "background", bad)
         # the script itself refuses what the Python side would never send
         out = await aredis.eval(budget.RESERVE, len(budget.KEYS), *budget.KEYS, 1000, f"{job}:x", "-5", 0)
         assert out[0] in (b"invalid", b"rebuild")
-        ok = await b.reserve(f"{job}:r1", job, "background", AMOUNT)
+        ok = await b.reserve(request_key(job, "r1"), job, "background", AMOUNT)
         # stored values no script wrote: a record, a counter, a cap
         await aredis.hset(budget.KEYS[4], f"{job}:bad", "-5|g|job:" + job)
         await aredis.zadd(budget.KEYS[5], {f"{job}:bad": 0})
         await aredis.hset(budget.KEYS[2], "global@" + budget.day(), "lots")
         await b.release(ok)
-        res = await b.reserve(f"{job}:r2", job, "background", AMOUNT)    # heals: rebuilt from the ledger
+        res = await b.reserve(request_key(job, "r2"), job, "background", AMOUNT)    # heals: rebuilt from the ledger
         await b.settle(res, AMOUNT / 2)
         return res
     asyncio.run(main())
@@ -86,7 +86,7 @@ def test_a_request_above_its_cap_fails_at_once_naming_both_numbers(stack, engine
     async def main():
         b = budget.Budget(settings, engine, aredis, sredis)
         with pytest.raises(budget.BudgetNeverFits) as e:
-            await asyncio.wait_for(b.reserve(f"{job}:r0", job, "background", AMOUNT), 10)
+            await asyncio.wait_for(b.reserve(request_key(job, "r0"), job, "background", AMOUNT), 10)
         return e.value
     e = asyncio.run(main())
     assert e.permanent and "$0.0001" in str(e) and "$0.00005" in str(e), str(e)
@@ -107,7 +107,7 @@ def test_a_process_with_other_settings_cannot_change_the_caps(stack, engine, cli
                       dataclasses.replace(settings, budget_global_daily_usd="999999")):
             async def main(s=other):
                 b = budget.Budget(s, engine, *budget.redis_clients(s))
-                await b.release(await b.reserve(f"{job}:r0", job, "background", AMOUNT))
+                await b.release(await b.reserve(request_key(job, "r0"), job, "background", AMOUNT))
             asyncio.run(main())
             assert int(sredis.hget(budget.KEYS[1], "global")) == budget.to_units(Decimal(1000))
         # the reconcile mirrors Postgres too, whatever the caller's settings say
@@ -191,7 +191,7 @@ def test_a_call_that_may_have_been_billed_keeps_its_hold_until_it_expires(stack,
         both = _units(sredis, budget.KEYS[3], f"job:{job}")
         await b.settle(retry.reservation, AMOUNT / 4)
         await asyncio.sleep(1.6)             # past the TTL: the detached hold expires
-        await b.release(await b.reserve(f"{job}:r2", job, "background", AMOUNT))
+        await b.release(await b.reserve(request_key(job, "r2"), job, "background", AMOUNT))
         return held, held_after_429, both
     held, held_after_429, both = asyncio.run(main())
     assert held == budget.to_units(AMOUNT)
@@ -225,7 +225,7 @@ def test_a_settlement_is_retried_until_it_is_counted(stack, engine, clients):
 
     async def main():
         b = budget.Budget(settings, engine, FlakyRedis(aredis, 6), sredis)
-        res = await b.reserve(f"{job}:r0", job, "background", AMOUNT)
+        res = await b.reserve(request_key(job, "r0"), job, "background", AMOUNT)
         await asyncio.to_thread(commit_result, engine, job, "r0", AMOUNT / 2)
         res.written = True
         await b.settle(res, AMOUNT / 2)            # fails now; never raises, never drops it
@@ -264,7 +264,7 @@ def test_a_settle_across_a_rebuild_counts_its_spend_exactly_once(stack, engine, 
 
     async def main():
         b = budget.Budget(settings, engine, aredis, sredis)
-        res = await b.reserve(f"{job}:r0", job, "background", AMOUNT)
+        res = await b.reserve(request_key(job, "r0"), job, "background", AMOUNT)
         if committed == "after":
             lose()
         res.xid = await asyncio.to_thread(commit_result, engine, job, "r0", AMOUNT / 2)
@@ -287,9 +287,9 @@ def test_reconcile_puts_the_counters_back_on_the_ledger(stack, engine, clients):
 
     async def main():
         b = budget.Budget(settings, engine, aredis, sredis)
-        res = await b.reserve(f"{job}:r0", job, "background", AMOUNT)
+        res = await b.reserve(request_key(job, "r0"), job, "background", AMOUNT)
         await b.settle(res, AMOUNT / 2)
-        await b.reserve(f"{job}:r1", job, "background", AMOUNT)        # then the worker dies
+        await b.reserve(request_key(job, "r1"), job, "background", AMOUNT)        # then the worker dies
     asyncio.run(main())
     commit_result(engine, job, "r0", AMOUNT / 2)
     commit_result(engine, job, "r1", Decimal("0.00003"))                      # committed, never settled

@@ -31,6 +31,7 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline.config import get_settings
+from pipeline.ids import request_key
 from schedules import provider_batches
 from schedules.clock import DbClock
 from schedules.service import Ticker
@@ -109,10 +110,10 @@ def _crash_at(step: str, mp) -> None:
 
 
 def _live_holds(settings, job: str) -> int:
-    """The job's reservations the budget holds in Redis (one per request: ``job:custom_id``)."""
+    """The job's reservations the budget holds in Redis (one per request: its ``request_key``)."""
     from pipeline import budget
     _, r = budget.redis_clients(settings)
-    return sum(r.hexists(budget.KEYS[4], f"{job}:r{i}") for i in range(N))
+    return sum(r.hexists(budget.KEYS[4], request_key(job, f"r{i}")) for i in range(N))
 
 
 def _terminal(engine, job: str) -> bool:

@@ -264,7 +264,7 @@ def test_a_settle_across_a_rebuild_counts_its_spend_exactly_once(stack, engine, 
 
     async def main():
         b = budget.Budget(settings, engine, aredis, sredis)
-        res = await b.reserve(request_key(job, "r0"), job, "background", AMOUNT)
+        res = await b.reserve(request_key(job, "r0"), job, "background", AMOUNT)   # as workers name holds
         if committed == "after":
             lose()
         res.xid = await asyncio.to_thread(commit_result, engine, job, "r0", AMOUNT / 2)

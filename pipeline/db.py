@@ -324,9 +324,12 @@ def admit_requests(conn: Connection, requests: list[dict]) -> tuple[list[dict], 
 
     A new job is created ``running``, owned by the producer of its first message
     (``producer``: the Kafka user that signed it, pipeline/kafka.py). A request is
-    refused when its job is finished (``JOB_FINISHED``) or cancelled, or when
-    another producer owns the job: a job's counts, cost and state never change
-    after it ends, and nobody puts work into a job that is not theirs. A request
+    refused when its job was cancelled, when another producer owns the job, or
+    when the job is finished (``JOB_FINISHED``) and came from a submit, whose
+    intake is closed: such a job's counts, cost and state never change after it
+    ends, and nobody puts work into a job that is not theirs. A job a service
+    streams into with ``publish_request`` has no end of intake: its owner's new
+    request makes it ``running`` again. A request
     already stored (a replayed message) is never refused: writing it again is a no-op.
 
     Returns (admitted requests, {(job_id, custom_id, producer): reason}). Takes the jobs'
@@ -343,28 +346,39 @@ def admit_requests(conn: Connection, requests: list[dict]) -> tuple[list[dict], 
         "INSERT INTO jobs (job_id, status, producer)"
         " SELECT x.j, 'running', x.p FROM unnest(CAST(:ids AS text[]), CAST(:producers AS text[])) AS x(j, p)"
         " ON CONFLICT DO NOTHING"), {"ids": ids, "producers": [owners[j] for j in ids]})
-    jobs = {j: (status, owner) for j, status, owner in conn.execute(sa.text(
-        "SELECT job_id, status, producer FROM jobs WHERE job_id = ANY(:ids) ORDER BY job_id FOR SHARE"),
-        {"ids": ids}).all()}
+    jobs = {j: (status, owner, stream) for j, status, owner, stream in conn.execute(sa.text(
+        "SELECT job_id, status, producer, submitted_at IS NULL AND source IS NULL FROM jobs"
+        " WHERE job_id = ANY(:ids) ORDER BY job_id FOR SHARE"), {"ids": ids}).all()}
     refused: dict[tuple, str] = {}
+    reopen: set[str] = set()
     for r in requests:
         job, producer = r["job_id"], r.get("producer")
-        status, owner = jobs[job]
-        if status in JOB_FINISHED:
-            refused[(job, producer)] = f"job {job} is finished ({status}): it takes no new request"
-        elif status == "cancelled":
+        status, owner, stream = jobs[job]
+        if status == "cancelled":
             refused[(job, producer)] = f"job {job} was cancelled: it takes no new request"
         elif owner != producer:
             refused[(job, producer)] = (f"job {job} belongs to producer {owner!r}: a message from"
                                         f" {producer!r} cannot add to it")
-    if not refused:
+        elif status in JOB_FINISHED and not stream:
+            refused[(job, producer)] = f"job {job} is finished ({status}): it takes no new request"
+        elif status in JOB_FINISHED:
+            reopen.add(job)
+    if not refused and not reopen:
         return requests, {}
     stored = set(conn.execute(sa.text(
         "SELECT r.job_id, r.custom_id FROM requests r"
         " JOIN jsonb_to_recordset(CAST(:keys AS jsonb)) AS x(job_id text, custom_id text)"
         " ON r.job_id = x.job_id AND r.custom_id = x.custom_id"),
         {"keys": dumps([{"job_id": r["job_id"], "custom_id": r["custom_id"]} for r in requests
-                        if (r["job_id"], r.get("producer")) in refused])}).all())
+                        if (r["job_id"], r.get("producer")) in refused or r["job_id"] in reopen])}).all())
+    reopen = {r["job_id"] for r in requests if r["job_id"] in reopen and (r["job_id"], r["custom_id"]) not in stored}
+    if reopen:
+        # a service's stream (publish_request; no submit closed its intake) is done whenever its
+        # requests so far are; a new one from its owner (not a replay) makes it running again,
+        # never a 'completed' job with a request still to run
+        conn.execute(sa.text("UPDATE jobs SET status = 'running', finished_at = NULL"
+                             " WHERE job_id = ANY(:ids) AND status = ANY(:ended)"),
+                     {"ids": sorted(reopen), "ended": list(JOB_FINISHED)})
     admitted, out = [], {}
     for r in requests:
         reason = refused.get((r["job_id"], r.get("producer")))

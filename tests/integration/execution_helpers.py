@@ -46,15 +46,20 @@ def make_batch(engine, n: int, *, tier: str = "offpeak", model: str = "gpt-4o-mi
         conn.execute(sa.text("INSERT INTO batches (batch_id, tier, provider, model, size, status)"
                              " VALUES (:b, :t, 'openai', :m, :n, :s)"),
                      {"b": batch, "t": tier, "m": model, "n": n, "s": batch_status})
-        conn.execute(sa.text(
-            "INSERT INTO requests (job_id, custom_id, line, batch_id, provider, model, tier, tier_reason, priority,"
-            " body, input_tokens, max_cost_usd, status)"
-            " SELECT x.job_id, x.custom_id, x.line, x.batch_id, x.provider, x.model, x.tier, x.tier_reason,"
-            " x.priority, x.body, x.input_tokens, CAST(x.max_cost_usd AS numeric), x.status"
-            " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, line int,"
-            " batch_id text, provider text, model text, tier text, tier_reason text, priority smallint,"
-            " body jsonb, input_tokens int, max_cost_usd text, status text)"), {"rows": json.dumps(rows)})
+        insert_requests(conn, rows)
     return job, batch
+
+
+def insert_requests(conn, rows: list[dict]) -> None:
+    """Request rows as the batcher writes them, in one statement (each row a dict of the columns)."""
+    conn.execute(sa.text(
+        "INSERT INTO requests (job_id, custom_id, line, batch_id, provider, model, tier, tier_reason, priority,"
+        " body, input_tokens, max_cost_usd, status)"
+        " SELECT x.job_id, x.custom_id, x.line, x.batch_id, x.provider, x.model, x.tier, x.tier_reason,"
+        " x.priority, x.body, x.input_tokens, CAST(x.max_cost_usd AS numeric), x.status"
+        " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, line int,"
+        " batch_id text, provider text, model text, tier text, tier_reason text, priority smallint,"
+        " body jsonb, input_tokens int, max_cost_usd text, status text)"), {"rows": json.dumps(rows)})
 
 
 def requests_of(engine, job: str) -> dict[str, dict]:

@@ -21,6 +21,7 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from schedules.provider_batches import provider_custom_id
+from tests.integration.execution_helpers import insert_requests
 
 ANTHROPIC_MODEL = "claude-3-5-haiku-latest"
 OPENAI_MODEL = "gpt-4o-mini"
@@ -136,14 +137,7 @@ def held_job(engine, provider: str, n: int, *, tag: str = "pbx") -> str:
         conn.execute(sa.text("INSERT INTO batches (batch_id, tier, provider, model, size, status, mode)"
                              " VALUES (:b, 'background', :p, :m, :n, 'held', 'provider_batch')"),
                      {"b": batch, "p": provider, "m": model, "n": n})
-        conn.execute(sa.text(
-            "INSERT INTO requests (job_id, custom_id, line, batch_id, provider, model, tier, tier_reason, priority,"
-            " body, input_tokens, max_cost_usd, status)"
-            " SELECT x.job_id, x.custom_id, x.line, x.batch_id, x.provider, x.model, x.tier, x.tier_reason,"
-            " x.priority, x.body, x.input_tokens, CAST(x.max_cost_usd AS numeric), x.status"
-            " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, line int,"
-            " batch_id text, provider text, model text, tier text, tier_reason text, priority smallint,"
-            " body jsonb, input_tokens int, max_cost_usd text, status text)"), {"rows": json.dumps(rows)})
+        insert_requests(conn, rows)
     return job
 
 

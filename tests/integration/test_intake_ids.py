@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from pipeline.constants import REQUESTS_TOPIC
 from pipeline.dispatch import enqueue_batch
 from tests.integration.conftest import LLMBATCH, chat_line, llmbatch, wait_for, write_jsonl
-from tests.integration.execution_helpers import LOOP, calls_of, make_batch, requests_of
+from tests.integration.execution_helpers import LOOP, calls_of, insert_requests, make_batch, requests_of
 from tests.integration.test_intake_hostile import DLQReader, publish, wait_accounted
 from tests.unit.test_intake_messages import message, raw
 
@@ -129,14 +129,7 @@ def test_a_hostile_job_is_refused_with_line_numbers_and_forges_no_log_line(stack
         conn.execute(sa.text("INSERT INTO batches (batch_id, tier, provider, model, size, status)"
                              " VALUES (:b, 'peak', 'openai', 'no-such-model', :n, 'dispatched')"),
                      {"b": batch, "n": len(rows)})
-        conn.execute(sa.text(
-            "INSERT INTO requests (job_id, custom_id, line, batch_id, provider, model, tier, tier_reason, priority,"
-            " body, input_tokens, max_cost_usd, status)"
-            " SELECT x.job_id, x.custom_id, x.line, x.batch_id, x.provider, x.model, x.tier, x.tier_reason,"
-            " x.priority, x.body, x.input_tokens, CAST(x.max_cost_usd AS numeric), x.status"
-            " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, line int,"
-            " batch_id text, provider text, model text, tier text, tier_reason text, priority smallint,"
-            " body jsonb, input_tokens int, max_cost_usd text, status text)"), {"rows": json.dumps(rows)})
+        insert_requests(conn, rows)
     enqueue_batch(batch, "peak", [wjob])
 
     def failed():

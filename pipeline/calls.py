@@ -17,7 +17,9 @@ the worker, and its fate decides what it costs:
    'unconfirmed' in the claim's transaction (``take_over``), and the budget
    reconcile does the same for rows older than any call can run (``unconfirm_stale``).
 
-Only a provider's report naming a call (``confirm``) lowers it to what was billed.
+Nothing lowers that maximum yet: neither provider reports usage per call in a form that
+names the call. The state 'confirmed' (with ``confirmed_usd``) is where such a report
+would put it; the ledger already counts it so. Without one, the call stays spent.
 This module must never let an unanswered call's spend leave the ledger.
 """
 
@@ -110,24 +112,3 @@ def settle_sync(redis_sync, rows: list[dict], xid: str) -> None:
     for res in holds(rows, xid):
         args = [res.rid, res.gen, res.units, res.xid, len(res.fields)] + [x for f in res.fields for x in f]
         redis_sync.eval(budget.SETTLE, len(budget.KEYS), *budget.KEYS, *args)
-
-
-def confirm(engine, redis_sync, reported: dict[str, Decimal]) -> int:
-    """A provider's report names calls ``{call_id: billed USD}``: their spend becomes what was billed.
-
-    The counters are rebuilt from the ledger afterwards (spend only goes down here). Returns the
-    number of calls confirmed."""
-    if not reported:
-        return 0
-    from pipeline.db import dumps
-    with engine.begin() as conn:
-        n = conn.execute(sa.text(
-            "UPDATE provider_calls p SET state = 'confirmed', confirmed_usd = x.usd, resolved_at = now()"
-            " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(call_id text, usd numeric)"
-            " WHERE p.call_id = x.call_id AND p.state IN ('sent', 'unconfirmed')"),
-            {"rows": dumps([{"call_id": k, "usd": str(v)} for k, v in reported.items()])}).rowcount
-    if n:
-        gen = redis_sync.get(budget.KEYS[0])
-        if gen is not None:
-            redis_sync.eval(budget.INVALIDATE, len(budget.KEYS), *budget.KEYS, gen)
-    return n

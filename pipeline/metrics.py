@@ -149,7 +149,7 @@ def count_cache_from(stats: dict) -> None:
 class WindowCollector:
     """The off-peak window as the scheduler sees it: open (1/0) and the next change (Unix time).
 
-    Built by the scheduler's command from its window (schedules/windows.py) and
+    Built by the scheduler's command from its window (pipeline/windows.py) and
     clock, passed in as callables: pipeline imports no schedules code.
     """
 

@@ -30,7 +30,7 @@ from pipeline.config import Settings, get_settings
 from pipeline.constants import JOB_TERMINAL, TIERS
 from pipeline.errors import ConfigError, InputError
 from schedules.clock import Clock, get_clock
-from schedules.windows import cron_trigger, fire_times, next_fire
+from pipeline.windows import cron_trigger, fire_times, next_fire
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from pipeline.constants import DISPATCHED_TIERS, queue_for
 from pipeline.tiers import rules_for
 from schedules import deadlines, provider_batches, recurring, release, upkeep
 from schedules.clock import Clock, get_clock
-from schedules.windows import Window, cron_trigger
+from pipeline.windows import Window, cron_trigger
 
 log = logging.getLogger(__name__)
 

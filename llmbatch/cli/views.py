@@ -132,11 +132,11 @@ def held_work(conn: Connection, held_by_tier: dict[str, int], *, settings=None,
     """What is held and until when: one entry per held tier with a sentence for people.
 
     The off-peak window's next opening comes from the scheduler's own window
-    settings and cron logic (schedules/windows.py) and its clock (the ``db``
+    settings and cron logic (pipeline/windows.py) and its clock (the ``db``
     clock tests move), so what ``status`` promises is what the scheduler does.
     """
     from schedules.clock import get_clock
-    from schedules.windows import Window
+    from pipeline.windows import Window
     out = []
     if not any(held_by_tier.get(t) for t in ("offpeak", "background")):
         return out

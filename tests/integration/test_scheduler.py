@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from pipeline.config import get_settings
 from schedules.clock import DbClock
 from schedules.service import LEADER_LOCK
-from schedules.windows import Window
+from pipeline.windows import Window
 from tests.integration.conftest import LLMBATCH, chat_line, llmbatch, wait_for, write_jsonl
 from tests.integration.execution_helpers import calls_of, sim_stats, simulator_config
 

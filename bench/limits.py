@@ -193,7 +193,7 @@ def rates(quick: bool, rpm: int = 600) -> dict:
         counts = wait_job(sub["job_id"], timeout=900)
         stats = sim_stats()["total"]
     return {"limit": f"rpm {rpm}", **_rate_figures(sub["job_id"], n, counts, stats, per_minute=rpm),
-            "note": "peak job with rate_peak_share=1.0: by design (DESIGN.md) peak alone may fill only 70 % "
+            "note": "peak job with rate_peak_share=1.0: by design (docs/USAGE.md, Tiers and windows) peak alone may fill only 70 % "
                     "of a model's limit, so the full limit is measured with the share lifted",
             "seconds": round(time.monotonic() - started, 1)}
 

@@ -9,13 +9,13 @@ tokens, as providers count) is admitted when the window holds fewer than the
 tier's effective request limit and at most its effective token limit - N;
 otherwise the script answers how long until enough of the window expires.
 
-Tier shares (DESIGN.md "Tiers"), decided inside the same script:
+Tier shares (docs/USAGE.md "Tiers and windows"), decided inside the same script:
 
 * ``immediate`` may use the whole limit. An immediate call told to wait marks
   the model "immediate waiting" (a key with a TTL of about 2.5 s, refreshed at least every
   second while it waits);
 * ``peak`` never fills more than ``rate_peak_share`` of the window (0.7 by
-  default; DESIGN.md "≤ 70 %"): the rest stays free for immediate work, which
+  default; docs/USAGE.md "Tiers and windows"): the rest stays free for immediate work, which
   then never waits behind a window peak has filled;
 * ``offpeak`` may use the whole limit (its window is open: nothing else runs in
   bulk), except while immediate work waits: then only ``rate_peak_share``;

@@ -1,6 +1,6 @@
 """Tier classification: which of the four tiers a request runs in, and why.
 
-Rules (DESIGN.md "Tiers"): an explicit tier wins; otherwise the priority
+Rules (docs/USAGE.md "Tiers and windows"): an explicit tier wins; otherwise the priority
 decides (≥ 8 immediate, 5–7 peak, 2–4 off-peak, 0–1 background); a deadline
 lifts a request to the lowest tier that can still meet it. Pure functions:
 no clock is read here, the caller passes ``now``.

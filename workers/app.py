@@ -1,6 +1,6 @@
 """The Celery application.
 
-Delivery settings that make a killed worker lose nothing (FACTS.md):
+Delivery settings that make a killed worker lose nothing (Celery's documentation on acks_late and reject_on_worker_lost):
 ``task_acks_late`` + ``task_reject_on_worker_lost`` requeue a batch whose
 process died; prefetch 1 keeps long batches from waiting behind each other; the
 Redis visibility timeout is above the longest batch so a slow batch is not

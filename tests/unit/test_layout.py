@@ -1,4 +1,4 @@
-"""The layout rule (DESIGN.md, "Layout"): imports point down.
+"""The layout rule (docs/ARCHITECTURE.md, "Layout and the import rule"): imports point down.
 
 ``llmbatch`` (the front door) may import everything; ``workers``,
 ``schedules`` and ``simulator`` import ``pipeline`` at most; ``pipeline``

@@ -110,7 +110,7 @@ def submit(path: Path, **kwargs) -> dict:
         "import json, sys, time\n"
         "from decimal import Decimal\n"
         "from pathlib import Path\n"
-        "from pipeline.producer import submit_file\n"
+        "from pipeline.intake.producer import submit_file\n"
         "t = time.monotonic()\n"
         f"r = submit_file(Path({str(path)!r}), **{kwargs!r})\n"
         "s = time.monotonic() - t\n"

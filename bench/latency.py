@@ -27,8 +27,8 @@ import sqlalchemy as sa
 from common import save, simulator, submit, wait_job, write_requests
 from pipeline import db
 from pipeline.config import get_settings
-from pipeline.kafka import make_producer
-from pipeline.producer import publish_request
+from pipeline.intake.kafka import make_producer
+from pipeline.intake.producer import publish_request
 
 
 def _pct(values: list[float], p: float) -> float:

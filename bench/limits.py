@@ -220,7 +220,7 @@ def rates_tpm(quick: bool) -> dict:
 
 
 def _tokens_per_call(path: Path) -> int:
-    from pipeline.formats import parse_request
+    from pipeline.intake.formats import parse_request
     from pipeline.pricing import get_price_book
     from pipeline.ratelimit import request_tokens
     first = json.loads(path.read_text().splitlines()[0])
@@ -305,8 +305,8 @@ def tier_shares(quick: bool, rpm: int = 600, rate: float = 2.0) -> dict:
 
 def _immediate_stream(job_id: str, rate: float, duration: float) -> dict:
     """Publish ``rate`` immediate requests a second for ``duration`` s; latency = result row − publish."""
-    from pipeline.kafka import make_producer
-    from pipeline.producer import publish_request
+    from pipeline.intake.kafka import make_producer
+    from pipeline.intake.producer import publish_request
     settings = get_settings()
     producer = make_producer(settings)
     n = int(rate * duration)
@@ -465,7 +465,7 @@ def budget(quick: bool) -> dict:
 
 
 def _max_cost(path: Path) -> Decimal:
-    from pipeline.formats import parse_request
+    from pipeline.intake.formats import parse_request
     from pipeline.pricing import get_price_book
     book = get_price_book()
     return max(parse_request(json.loads(line), book).max_cost_usd for line in path.read_text().splitlines())

@@ -434,12 +434,12 @@ while True:
 
 # One metadata request as the admin; exit 0 when the broker answers.
 kafka_ready() {
-    "$PY" -m pipeline.kafka_admin ready >/dev/null 2>&1
+    "$PY" -m pipeline.intake.kafka_admin ready >/dev/null 2>&1
 }
 
-# Topics, the pipeline's SCRAM users and their ACLs (pipeline/kafka_admin.py), as the admin.
+# Topics, the pipeline's SCRAM users and their ACLs (pipeline/intake/kafka_admin.py), as the admin.
 kafka_create_topics() {
-    "$PY" -m pipeline.kafka_admin setup
+    "$PY" -m pipeline.intake.kafka_admin setup
 }
 
 up_kafka() {

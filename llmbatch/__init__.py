@@ -15,7 +15,7 @@ The command line lives in ``llmbatch.cli``. Everything under ``pipeline``,
 from pipeline.config import Settings, get_settings
 from pipeline.errors import (BudgetError, ConfigError, InfrastructureError, InputError, LineError,
                              LLMBatchError, ProviderError)
-from pipeline.producer import publish_request
+from pipeline.intake.producer import publish_request
 
 __version__ = "0.1.0"
 

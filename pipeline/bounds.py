@@ -3,7 +3,7 @@
 ``request_bound(provider, body, prices)`` returns the input tokens, the most
 output tokens and the maximum cost in USD of one request body, or raises
 ``LineError`` when the request cannot be bounded. The producer prices a line
-with it at submit (``pipeline.formats.parse_request``), and the batcher
+with it at submit (``pipeline.intake.formats.parse_request``), and the batcher
 prices every message again with it: a producer's ``max_cost_usd`` is a hint
 at most and is never reserved as given.
 

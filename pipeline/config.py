@@ -130,7 +130,7 @@ class Settings:
     #: longest retry delay without retry-after (a provider's retry-after is honoured up to 10 times this)
     backoff_max_s: float = 30.0
 
-    # submit (pipeline/producer.py)
+    # submit (pipeline/intake/producer.py)
     #: the longest line submit reads, in bytes: a longer one is refused with its line number before it
     #: is parsed, so a submit's memory is bounded by this, not by the file (Kafka's message limit is 16 MiB)
     max_line_bytes: int = 16 * 1024 * 1024
@@ -394,7 +394,7 @@ def producer_password(key: str, user: str) -> str:
     """The Kafka password of producer ``user``: HMAC-SHA256 of its name under the producer key.
 
     Derived, not stored: the batcher recomputes it to check a message's signature
-    (pipeline/kafka.py), so nothing but the key has to be kept anywhere.
+    (pipeline/intake/kafka.py), so nothing but the key has to be kept anywhere.
     """
     return hmac.new(str.__str__(key).encode(), b"kafka-producer:" + user.encode(), hashlib.sha256).hexdigest()
 

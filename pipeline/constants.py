@@ -11,14 +11,14 @@ DLQ_TOPIC = "llm.requests.dlq"
 REQUESTS_PARTITIONS = 6
 IMMEDIATE_PARTITIONS = 2
 
-# Kafka principals (SASL/SCRAM users; pipeline/kafka_admin.py grants their ACLs).
+# Kafka principals (SASL/SCRAM users; pipeline/intake/kafka_admin.py grants their ACLs).
 #: the stack's own admin: the only principal that may create, alter or delete topics, users and ACLs
 KAFKA_ADMIN_USER = "llmbatch-admin"
 #: the batcher: reads the request topics (its groups), writes the DLQ
 KAFKA_BATCHER_USER = "llmbatch-batcher"
 #: the pipeline's own producer (submit, the scheduler's recurring jobs); services get producers of their own
 KAFKA_SUBMIT_USER = "llmbatch-submit"
-#: Kafka headers of a request message: who produced it, and its proof (pipeline/kafka.py sign)
+#: Kafka headers of a request message: who produced it, and its proof (pipeline/intake/kafka.py sign)
 PRODUCER_HEADER = "llmbatch.producer"
 SIGNATURE_HEADER = "llmbatch.signature"
 

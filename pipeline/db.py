@@ -323,7 +323,7 @@ def admit_requests(conn: Connection, requests: list[dict]) -> tuple[list[dict], 
     """The requests a job may still take, and why the others are refused.
 
     A new job is created ``running``, owned by the producer of its first message
-    (``producer``: the Kafka user that signed it, pipeline/kafka.py). A request is
+    (``producer``: the Kafka user that signed it, pipeline/intake/kafka.py). A request is
     refused when its job was cancelled, when another producer owns the job, or
     when the job is finished (``JOB_FINISHED``) and came from a submit, whose
     intake is closed: such a job's counts, cost and state never change after it

@@ -142,14 +142,14 @@ REGISTRY.register(_CACHE)
 
 
 def count_cache_from(stats: dict) -> None:
-    """Export the batcher's ``stats["cache_hits"]`` / ``["cache_misses"]`` (pipeline/batcher.py)."""
+    """Export the batcher's ``stats["cache_hits"]`` / ``["cache_misses"]`` (pipeline/intake/batcher.py)."""
     _CACHE.stats = stats
 
 
 class WindowCollector:
     """The off-peak window as the scheduler sees it: open (1/0) and the next change (Unix time).
 
-    Built by the scheduler's command from its window (pipeline/windows.py) and
+    Built by the scheduler's command from its window (pipeline/intake/windows.py) and
     clock, passed in as callables: pipeline imports no schedules code.
     """
 

@@ -13,7 +13,7 @@ Every tick, before the window's own release (schedules/service.py ``Ticker``):
    Requests already queued or running are not stopped: they finish, and if
    after their deadline the views call them ``late``.
 2. **Due**: a held batch whose earliest deadline leaves no more than
-   ``deadline_margin_s`` (its *latest start*, pipeline/tiers.py) is released
+   ``deadline_margin_s`` (its *latest start*, pipeline/intake/tiers.py) is released
    now, window or not, lifted to peak (immediate when the deadline is closer
    than the immediate threshold), so it is never held past its latest start.
 
@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from pipeline import db, metrics
-from pipeline.dispatch import enqueue_batch as dispatch
-from pipeline.tiers import TierRules
+from pipeline.intake.dispatch import enqueue_batch as dispatch
+from pipeline.intake.tiers import TierRules
 from schedules import release
 
 log = logging.getLogger(__name__)

@@ -67,7 +67,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from pipeline import budget, db
-from pipeline.batcher import dispatch
+from pipeline.intake.batcher import dispatch
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS
 from pipeline.errors import PermanentProviderError

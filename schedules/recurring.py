@@ -8,7 +8,7 @@ scheduler was up (slots older than ``schedule_misfire_grace_s`` are recorded
 as ``missed``). APScheduler only decides *when* to look (service.py);
 ``fire_due`` decides *what* runs, under a row lock on the schedule.
 
-Each run is a job submitted with ``pipeline.producer.submit_file`` and linked
+Each run is a job submitted with ``pipeline.intake.producer.submit_file`` and linked
 by ``jobs.schedule_name`` and ``schedule_runs.job_id``. A run still going when
 the next slot comes is not doubled: ``overlap = skip`` records the slot as
 ``skipped``; ``queue`` records it ``queued`` and submits it when the previous
@@ -30,7 +30,7 @@ from pipeline.config import Settings, get_settings
 from pipeline.constants import JOB_TERMINAL, TIERS
 from pipeline.errors import ConfigError, InputError
 from schedules.clock import Clock, get_clock
-from pipeline.windows import cron_trigger, fire_times, next_fire
+from pipeline.intake.windows import cron_trigger, fire_times, next_fire
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def run_now(name: str, *, settings: Settings | None = None, engine=None, clock: 
 
 def _submit_run(s: dict, run: dict, *, settings: Settings, engine, submit=None) -> None:
     if submit is None:
-        from pipeline.producer import submit_file as submit
+        from pipeline.intake.producer import submit_file as submit
     key = {"n": s["name"], "slot": run["scheduled_for"]}
     slot: datetime = run["scheduled_for"]
     try:

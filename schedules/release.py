@@ -27,7 +27,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from pipeline import db
-from pipeline.dispatch import enqueue_batch as dispatch
+from pipeline.intake.dispatch import enqueue_batch as dispatch
 
 
 def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, dispatcher=dispatch) -> list[str]:

@@ -38,10 +38,10 @@ import psycopg
 from pipeline import db
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS, queue_for
-from pipeline.tiers import rules_for
+from pipeline.intake.tiers import rules_for
 from schedules import deadlines, provider_batches, recurring, release, upkeep
 from schedules.clock import Clock, get_clock
-from pipeline.windows import Window, cron_trigger
+from pipeline.intake.windows import Window, cron_trigger
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from pipeline import db
-from pipeline.batcher import dispatch
+from pipeline.intake.batcher import dispatch
 from pipeline.config import Settings, get_settings
 from schedules.clock import Clock, get_clock
 
@@ -112,7 +112,7 @@ def budget_rollover(*, engine=None, dispatcher=dispatch) -> int:
     return resume_due_batches(engine or db.get_engine(), dispatcher)
 
 
-#: a submit records progress every couple of seconds (pipeline/producer.py); this much silence means it died
+#: a submit records progress every couple of seconds (pipeline/intake/producer.py); this much silence means it died
 SUBMIT_STALE_S = 120.0
 #: a job with every request finished but lines missing is ended after this long with nothing new
 SHORT_JOB_QUIET_S = 600.0

@@ -132,7 +132,7 @@ def set_(scope_arg, usd_arg, global_, tier, job_id, usd):
         _fail(str(e), 3)
     except (BudgetError, ConfigError) as e:
         _fail(str(e), 2)
-    from pipeline.dispatch import enqueue_batch
+    from pipeline.intake.dispatch import enqueue_batch
     resumed = budget_mod.resume_due_batches(engine, enqueue_batch)
     click.echo(f"{scope}: cap ${result['usd']}; {resumed} deferred batches resumed")
 

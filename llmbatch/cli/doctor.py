@@ -150,7 +150,7 @@ def check_redis(settings: Settings) -> Check:
 
 def check_kafka(settings: Settings) -> Check:
     def topics():
-        from pipeline.kafka import make_admin
+        from pipeline.intake.kafka import make_admin
         # the admin sees every topic; a service's producer sees only the ones it may write
         admin = bool(settings.kafka_admin_password)
         md = make_admin(settings, "admin" if admin else "producer").list_topics(timeout=5)

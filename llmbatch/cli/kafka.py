@@ -2,10 +2,10 @@
 
 A service that publishes requests (``llmbatch.publish_request``) connects as
 a producer of its own: a SASL/SCRAM user allowed to write the two request
-topics and nothing else (pipeline/kafka_admin.py). Its jobs are its own: the
+topics and nothing else (pipeline/intake/kafka_admin.py). Its jobs are its own: the
 batcher refuses its messages for another producer's job. Run by whoever holds
 the stack's admin password and producer key (var/secrets.env); the logic is in
-pipeline/kafka_admin.py.
+pipeline/intake/kafka_admin.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def add_producer(name: str) -> None:
     The password derives from the stack's producer key: running this again prints the
     same one; `remove-producer` takes the user away.
     """
-    from pipeline.kafka_admin import add_producer as add
+    from pipeline.intake.kafka_admin import add_producer as add
     settings = get_settings()
     password = add(settings, name)
     click.echo(f"# Kafka producer {name}: write access to the request topics; keep the password private")
@@ -42,7 +42,7 @@ def add_producer(name: str) -> None:
 @click.argument("name")
 def remove_producer(name: str) -> None:
     """Take Kafka user NAME's ACLs away and its password: it can no longer connect nor write."""
-    from pipeline.kafka_admin import remove_producer as remove
+    from pipeline.intake.kafka_admin import remove_producer as remove
     remove(get_settings(), name)
     click.echo(f"Kafka producer {name} removed (no ACLs, a password nobody knows);"
                " add-producer gives it back its own")

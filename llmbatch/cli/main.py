@@ -134,7 +134,7 @@ def submit(file, priority, tier, budget_usd, on_budget, name, wait, resume_job, 
 
     FILE may be gzip-compressed (recognised by its content), or - to read standard input.
     """
-    from pipeline.producer import submit_file
+    from pipeline.intake.producer import submit_file
     _provider_note()
     try:
         report = submit_file(file, priority=priority, tier=tier, budget_usd=budget_usd,
@@ -544,7 +544,7 @@ def db_upgrade():
 def batcher(max_seconds):
     """Run a batcher (a Kafka consumer group member)."""
     from pipeline import metrics
-    from pipeline.batcher import Batcher
+    from pipeline.intake.batcher import Batcher
     _setup_logging("INFO")
     the_batcher = Batcher()
     metrics.count_cache_from(the_batcher.stats)   # its cache hits and misses, as counters

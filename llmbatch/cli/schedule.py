@@ -46,7 +46,7 @@ def _serve_metrics() -> None:
     from pipeline import metrics
     from pipeline.config import get_settings
     from schedules.clock import get_clock
-    from pipeline.windows import Window
+    from pipeline.intake.windows import Window
     settings = get_settings()
     window, clock = Window.offpeak(settings), get_clock(settings)
     metrics.serve("scheduler", settings, collectors=[metrics.WindowCollector(window.is_open, window.next_change,

@@ -82,7 +82,7 @@ def deadline_view(conn: Connection, job_id: str, held: list[dict], *, settings=N
     out = {k: row[k] for k in ("with_deadline", "on_time", "late", "missed", "overdue", "pending")}
     out["next_deadline"] = row["next_deadline"].isoformat() if row["next_deadline"] else None
     if held:
-        from pipeline.tiers import latest_start, rules_for
+        from pipeline.intake.tiers import latest_start, rules_for
         settings = settings or get_settings()
         firsts = dict(conn.execute(sa.text(
             "SELECT tier, min(deadline) FROM requests WHERE job_id = :j AND status = 'held'"
@@ -132,11 +132,11 @@ def held_work(conn: Connection, held_by_tier: dict[str, int], *, settings=None,
     """What is held and until when: one entry per held tier with a sentence for people.
 
     The off-peak window's next opening comes from the scheduler's own window
-    settings and cron logic (pipeline/windows.py) and its clock (the ``db``
+    settings and cron logic (pipeline/intake/windows.py) and its clock (the ``db``
     clock tests move), so what ``status`` promises is what the scheduler does.
     """
     from schedules.clock import get_clock
-    from pipeline.windows import Window
+    from pipeline.intake.windows import Window
     out = []
     if not any(held_by_tier.get(t) for t in ("offpeak", "background")):
         return out

@@ -95,7 +95,7 @@ def kafka_conf(settings, role: str = "admin", **extra) -> dict:
     stack's ``admin`` (every topic and group; tests read the DLQ with it), the pipeline's
     ``producer`` (writes the request topics) or the ``batcher``. Every test client is made
     from this one helper, so the tests use Kafka as the pipeline's own principals do."""
-    from pipeline.kafka import client_conf
+    from pipeline.intake.kafka import client_conf
     return {**client_conf(settings, role), **extra}
 
 

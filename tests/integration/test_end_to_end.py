@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from confluent_kafka import Consumer
 
 from pipeline.constants import DLQ_TOPIC, IMMEDIATE_TOPIC, REQUESTS_TOPIC
-from pipeline.kafka import make_producer, sign
+from pipeline.intake.kafka import make_producer, sign
 from pipeline.pricing import Usage, cost, get_price_book
 from tests.integration.conftest import chat_line, kafka_conf, llmbatch, wait_for, write_jsonl
 
@@ -156,7 +156,7 @@ def test_immediate_requests_take_the_fast_lane_and_its_offsets_are_committed(sta
     llm.requests; the batcher reads both, each with a consumer group of its own, and commits
     both once the rows are in Postgres."""
     from confluent_kafka import TopicPartition
-    from pipeline.producer import publish_request
+    from pipeline.intake.producer import publish_request
     job = "job_test_" + uuid.uuid4().hex[:10]
     producer = make_producer(stack)
     for cid, priority in (("fast", 9), ("bulk", 5)):

@@ -20,7 +20,7 @@ import uuid
 import sqlalchemy as sa
 
 from pipeline.constants import REQUESTS_TOPIC
-from pipeline.dispatch import enqueue_batch
+from pipeline.intake.dispatch import enqueue_batch
 from tests.integration.conftest import LLMBATCH, chat_line, llmbatch, wait_for, write_jsonl
 from tests.integration.execution_helpers import LOOP, calls_of, insert_requests, make_batch, requests_of
 from tests.integration.test_intake_hostile import DLQReader, publish, wait_accounted

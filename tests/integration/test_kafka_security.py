@@ -28,8 +28,8 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.config import ROOT, Secret
 from pipeline.constants import DLQ_TOPIC, IMMEDIATE_TOPIC, PRODUCER_HEADER, REQUESTS_TOPIC
-from pipeline.kafka import sign
-from pipeline.kafka_admin import add_producer, remove_producer
+from pipeline.intake.kafka import sign
+from pipeline.intake.kafka_admin import add_producer, remove_producer
 from tests.integration.conftest import chat_line, kafka_conf, llmbatch, wait_for, write_jsonl
 from tests.integration.test_intake_hostile import DLQReader, _valid, publish
 
@@ -220,7 +220,7 @@ def test_a_service_with_its_own_producer_runs_its_own_job_and_may_add_to_it(stac
     """A service's job has no end of intake: it completes whenever its requests so far are done,
     and its owner's next request makes it running again (it is never ``completed`` with a
     request still to run, and never refused as finished)."""
-    from pipeline.producer import publish_request
+    from pipeline.intake.producer import publish_request
     job = "job_service_" + uuid.uuid4().hex[:10]
 
     def state():

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from pipeline.config import get_settings
 from schedules.clock import DbClock
 from schedules.service import LEADER_LOCK
-from pipeline.windows import Window
+from pipeline.intake.windows import Window
 from tests.integration.conftest import LLMBATCH, chat_line, llmbatch, wait_for, write_jsonl
 from tests.integration.execution_helpers import calls_of, sim_stats, simulator_config
 
@@ -147,7 +147,7 @@ def test_closing_window_holds_released_batches_not_started(scheduler, tmp_path):
         assert _counts(engine, job) == {"held": 5}
         assert hold_unstarted(("offpeak",)) == []   # already done by the scheduler
         # the Celery message arriving now finds the batch held and does nothing
-        from pipeline.dispatch import enqueue_batch
+        from pipeline.intake.dispatch import enqueue_batch
         enqueue_batch(batch, "offpeak")
         time.sleep(3)
         assert _counts(engine, job) == {"held": 5}

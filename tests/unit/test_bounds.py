@@ -14,7 +14,7 @@ import pytest
 from pipeline import bounds
 from pipeline.bounds import request_bound
 from pipeline.errors import LineError
-from pipeline.formats import parse_request
+from pipeline.intake.formats import parse_request
 from pipeline.pricing import PriceBook, Usage, answered_price, cost
 from pipeline.tokens import count_chat_tokens, count_text_tokens
 

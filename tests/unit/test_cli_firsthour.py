@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from llmbatch.cli import main, views
 from pipeline.config import load_settings
 from pipeline.errors import FileInputError
-from pipeline.producer import SubmitReport, check_file
+from pipeline.intake.producer import SubmitReport, check_file
 
 
 def status(**over):
@@ -116,7 +116,7 @@ def test_human_duration(seconds, text):
 def test_readme_first_example_runs_at_once_and_the_window_is_documented():
     from pathlib import Path
 
-    from pipeline.tiers import classify
+    from pipeline.intake.tiers import classify
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     first = next(line for line in readme.splitlines() if "llmbatch submit " in line).replace(")", " ")
     prio = int(first.split("--priority")[1].split()[0]) if "--priority" in first else None
@@ -243,7 +243,7 @@ def test_the_report_chart_has_a_time_axis_so_a_gap_stays_a_gap(tmp_path):
 # ------------------------------------------------------------------ Flower, ps --json
 
 def test_the_batch_task_carries_its_tier_for_flower(monkeypatch):
-    from pipeline import dispatch
+    from pipeline.intake import dispatch
     sent = []
 
     class App:

@@ -105,7 +105,7 @@ def test_every_name_the_readme_promises_is_exported():
 def test_the_window_collector_says_open_and_next_change():
     from datetime import datetime, timezone
 
-    from pipeline.windows import Window
+    from pipeline.intake.windows import Window
     w = Window("0 22 * * *", "0 6 * * *")
     at = datetime(2026, 12, 1, 20, 8, tzinfo=timezone.utc)
     families = {f.name: f for f in metrics.WindowCollector(w.is_open, w.next_change, lambda: at).collect()}

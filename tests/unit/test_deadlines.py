@@ -1,4 +1,4 @@
-"""Deadlines read with the off-peak window (pure: pipeline/tiers.py, pipeline/windows.py).
+"""Deadlines read with the off-peak window (pure: pipeline/intake/tiers.py, pipeline/intake/windows.py).
 
 The promise (docs/USAGE.md "Deadlines"): a request is never held past the
 latest time it can start and still meet its deadline. Two parts keep it: the
@@ -13,8 +13,8 @@ from functools import lru_cache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.tiers import TierRules, classify, latest_start, missed, release_due
-from pipeline.windows import Window
+from pipeline.intake.tiers import TierRules, classify, latest_start, missed, release_due
+from pipeline.intake.windows import Window
 
 UTC = timezone.utc
 HELD = ("offpeak", "background")
@@ -121,7 +121,7 @@ def test_status_names_missed_deadlines():
 
 def test_the_batcher_path_passes_the_window_to_the_rule():
     """decode (what the batcher calls) classifies with the window's opening it is given."""
-    from pipeline.messages import decode
+    from pipeline.intake.messages import decode
     from tests.unit.test_intake_messages import message, raw
     now = datetime(2026, 12, 5, 6, 30, tzinfo=UTC)
     m = raw(message(priority=3, tier=None, deadline=(now + timedelta(hours=12, minutes=30)).isoformat()))

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pipeline.errors import LineError, UnknownModelError
-from pipeline.formats import parse_json_line, parse_request
+from pipeline.intake.formats import parse_json_line, parse_request
 from pipeline.pricing import PriceBook
 from pipeline.tokens import count_chat_tokens
 

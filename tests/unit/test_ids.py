@@ -7,9 +7,9 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipeline import messages
+from pipeline.intake import messages
 from pipeline.errors import LineError
-from pipeline.formats import parse_request
+from pipeline.intake.formats import parse_request
 from pipeline.ids import request_key
 from pipeline.pricing import PriceBook
 

@@ -1,4 +1,4 @@
-"""The bad-input corpus against pipeline.formats alone (no services).
+"""The bad-input corpus against pipeline.intake.formats alone (no services).
 
 The same cases run end to end in tests/inputs/test_bad_input.py; here each
 line goes through ``parse_json_line`` + ``parse_request`` the way the
@@ -8,7 +8,7 @@ producer does (blank lines skipped, duplicates caught by custom_id).
 import pytest
 
 from pipeline.errors import LineError
-from pipeline.formats import parse_json_line, parse_request
+from pipeline.intake.formats import parse_json_line, parse_request
 from pipeline.pricing import PriceBook
 from tests.inputs.corpus import all_cases
 

@@ -9,10 +9,10 @@ import pytest
 
 from pipeline.bounds import request_bound
 from pipeline.errors import LineError
-from pipeline.formats import parse_request
-from pipeline.messages import MAX_DEPTH, decode
+from pipeline.intake.formats import parse_request
+from pipeline.intake.messages import MAX_DEPTH, decode
 from pipeline.pricing import PriceBook
-from pipeline.producer import to_message
+from pipeline.intake.producer import to_message
 
 PRICES = PriceBook.load()
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)

@@ -1,4 +1,4 @@
-"""Who sent a request message: the producer's signature (pipeline/kafka.py), without services.
+"""Who sent a request message: the producer's signature (pipeline/intake/kafka.py), without services.
 
 A message passes only when it is signed, under the password the stack's
 producer key gives the producer it names, over exactly its value; and the
@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 from pipeline.config import Secret, load_settings, producer_password
 from pipeline.constants import PRODUCER_HEADER, SIGNATURE_HEADER
 from pipeline.errors import ConfigError, LineError
-from pipeline.kafka import client_conf, sign, verify
+from pipeline.intake.kafka import client_conf, sign, verify
 from tests.unit.test_intake_batcher import FakeMsg, make  # noqa: F401  (the fixture)
 from tests.unit.test_intake_messages import NOW, message, raw
 
@@ -84,6 +84,6 @@ def test_the_batcher_dead_letters_unsigned_and_forged_messages_before_decoding(m
 
 
 def test_the_batcher_will_not_start_without_the_producer_key(monkeypatch):
-    from pipeline import batcher as batcher_mod
+    from pipeline.intake import batcher as batcher_mod
     with pytest.raises(ConfigError, match="kafka_producer_key"):
         batcher_mod.Batcher(load_settings({"LLMBATCH_VAR_DIR": "/nonexistent"}), engine=object())

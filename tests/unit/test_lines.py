@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pipeline.errors import FileInputError
-from pipeline.lines import DigestSet, Oversized, open_input, read_lines
-from pipeline.producer import check_file, oversized_reason
+from pipeline.intake.lines import DigestSet, Oversized, open_input, read_lines
+from pipeline.intake.producer import check_file, oversized_reason
 
 
 @settings(max_examples=300, deadline=None)

@@ -7,12 +7,12 @@ from importlib import resources
 import jsonschema
 import pytest
 
-from pipeline.messages import decode
+from pipeline.intake.messages import decode
 from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import LineError
-from pipeline.formats import parse_request
+from pipeline.intake.formats import parse_request
 from pipeline.pricing import PriceBook
-from pipeline.producer import to_message, topic_for
+from pipeline.intake.producer import to_message, topic_for
 
 SCHEMA = json.loads(resources.files("pipeline").joinpath("data/request.schema.json").read_text())
 PRICES = PriceBook.load()

@@ -667,7 +667,7 @@ def test_anthropic_count_tokens_gives_exact_counts_at_submit_when_a_key_is_set()
     import dataclasses
 
     from pipeline.config import Secret, load_settings
-    from pipeline.formats import parse_request
+    from pipeline.intake.formats import parse_request
     from pipeline.pricing import PriceBook
     from pipeline.providers.anthropic import token_counter
 

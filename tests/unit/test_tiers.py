@@ -2,7 +2,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pipeline.tiers import classify
+from pipeline.intake.tiers import classify
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.errors import ConfigError
 from schedules.clock import FixedClock
-from pipeline.windows import Window, cron_trigger, fire_times, next_fire
+from pipeline.intake.windows import Window, cron_trigger, fire_times, next_fire
 
 UTC = timezone.utc
 
@@ -74,7 +74,7 @@ def test_fixed_clock_moves_a_window():
 
 
 def test_crontab_day_of_week_numbers_mean_what_crontab_means():
-    from pipeline.windows import crontab_dow
+    from pipeline.intake.windows import crontab_dow
     assert crontab_dow("1-5") == "mon,tue,wed,thu,fri"
     assert crontab_dow("0") == crontab_dow("7") == "sun"
     assert crontab_dow("5-7") == "sun,fri,sat"

@@ -31,7 +31,7 @@ from pipeline.config import Settings, producer_password
 from pipeline.constants import (DLQ_TOPIC, IMMEDIATE_PARTITIONS, IMMEDIATE_TOPIC, KAFKA_ADMIN_USER,
                                 KAFKA_BATCHER_USER, KAFKA_SUBMIT_USER, REQUESTS_PARTITIONS, REQUESTS_TOPIC)
 from pipeline.errors import ConfigError, InfrastructureError
-from pipeline.kafka import make_admin
+from pipeline.intake.kafka import make_admin
 
 TOPICS = {REQUESTS_TOPIC: REQUESTS_PARTITIONS, IMMEDIATE_TOPIC: IMMEDIATE_PARTITIONS, DLQ_TOPIC: 1}
 #: the pipeline's own users (the admin is made at ``kafka-storage format`` time, infra/stack.sh)
@@ -144,7 +144,7 @@ def ready(settings: Settings) -> bool:
     return bool(make_admin(settings).list_topics(timeout=2).brokers)
 
 
-if __name__ == "__main__":   # infra/stack.sh: python -m pipeline.kafka_admin setup|ready
+if __name__ == "__main__":   # infra/stack.sh: python -m pipeline.intake.kafka_admin setup|ready
     import sys
 
     from pipeline.config import get_settings
@@ -155,7 +155,7 @@ if __name__ == "__main__":   # infra/stack.sh: python -m pipeline.kafka_admin se
         except Exception:
             sys.exit(1)
     if sys.argv[1:] != ["setup"]:
-        sys.exit("usage: python -m pipeline.kafka_admin setup|ready")
+        sys.exit("usage: python -m pipeline.intake.kafka_admin setup|ready")
     try:
         print("\n".join(setup(get_settings())))
     except Exception as e:

@@ -6,7 +6,7 @@ itself, only after the rows are in Postgres.
 
 Every client authenticates (SASL/SCRAM, ``kafka_security_protocol`` and
 ``kafka_sasl_mechanism``) as one of three principals, and the broker's ACLs
-(pipeline/kafka_admin.py) decide what each may do: a producer
+(pipeline/intake/kafka_admin.py) decide what each may do: a producer
 (``kafka_user``) writes the request topics; the batcher reads them and
 writes the DLQ; the admin alone creates or deletes topics, users and ACLs.
 

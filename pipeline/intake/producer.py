@@ -1,7 +1,7 @@
 """Producer side: validate lines, price them, publish to Kafka.
 
 ``submit_file`` streams a JSONL file (a path, ``-`` for standard input,
-gzip recognised by its magic bytes: pipeline/lines.py) in memory bounded by
+gzip recognised by its magic bytes: pipeline/intake/lines.py) in memory bounded by
 the longest line it reads (``max_line_bytes``; a longer line is refused with
 its number, unread), apart from 16 to 32 bytes per custom_id, to reject
 duplicates (``DigestSet``), and publishes every valid line with the idempotent producer. A bad line is rejected with its line
@@ -48,11 +48,11 @@ from pipeline import db
 from pipeline.config import Settings, get_settings
 from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import FileInputError, InfrastructureError, LineError, UnknownModelError
-from pipeline.formats import Request, parse_json_line, parse_request
-from pipeline.kafka import make_producer, sign
-from pipeline.lines import DigestSet, Oversized, is_stdin, open_input, read_lines
+from pipeline.intake.formats import Request, parse_json_line, parse_request
+from pipeline.intake.kafka import make_producer, sign
+from pipeline.intake.lines import DigestSet, Oversized, is_stdin, open_input, read_lines
 from pipeline.pricing import get_price_book
-from pipeline.tiers import classify
+from pipeline.intake.tiers import classify
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def topic_for(req: Request, *, priority: int | None = None, tier: str | None = N
               mode: str = "realtime") -> str:
     """The fast lane for a request the batcher will classify immediate, else the main topic.
 
-    The batcher classifies again when it reads the message (pipeline/tiers.py);
+    The batcher classifies again when it reads the message (pipeline/intake/tiers.py);
     the topic only decides that an interactive request does not queue in a
     partition behind a bulk job's backlog.
     """
@@ -144,7 +144,7 @@ def check_file(path: Path, max_line_bytes: int = 16 * 1024 * 1024) -> None:
     """Refuse, before a job exists, a file that cannot be JSONL: a directory, an empty file,
     a file of blank lines, a JSON array, or one JSON object spread over several lines.
 
-    Reads at most ``max_line_bytes`` of any line (pipeline/lines.py): an oversized first line is
+    Reads at most ``max_line_bytes`` of any line (pipeline/intake/lines.py): an oversized first line is
     refused later with its number, and only a file of at most that size is read whole to tell a
     pretty-printed object (a larger one is no request anyway). Standard input is not checked:
     it can be read only once.
@@ -216,7 +216,7 @@ class _OncePerKind(logging.Filter):
 
 
 def _kafka_logger() -> logging.Logger:
-    logger = logging.getLogger("pipeline.kafka.librdkafka")
+    logger = logging.getLogger("pipeline.intake.kafka.librdkafka")
     if not any(isinstance(f, _OncePerKind) for f in logger.filters):
         logger.addFilter(_OncePerKind())
     return logger
@@ -495,7 +495,7 @@ def publish_request(line: dict, *, job_id: str, producer=None, settings: Setting
     created by the batcher if it does not exist, owned by the producer that
     published its first request: ``settings.kafka_user``, whose credentials
     (``kafka_user`` / ``kafka_password``, made by ``llmbatch kafka add-producer``)
-    authenticate to Kafka and sign the message (pipeline/kafka.py). A request
+    authenticate to Kafka and sign the message (pipeline/intake/kafka.py). A request
     for a job that is finished, cancelled or another producer's goes to the
     DLQ with that reason. Raises ``LineError`` for an invalid request and
     ``InfrastructureError`` when Kafka does not acknowledge.

@@ -7,8 +7,8 @@ immediate). Every message ends as exactly one of: a request row, or a copy
 on ``llm.requests.dlq`` with an ``error`` header and its origin in headers.
 For every poll round:
 
-1. check who sent each message (``pipeline/kafka.py`` ``verify``: the
-   producer's signature), then decode it (``pipeline/messages.py``: strict
+1. check who sent each message (``pipeline/intake/kafka.py`` ``verify``: the
+   producer's signature), then decode it (``pipeline/intake/messages.py``: strict
    JSON, the JSON Schema, the cost recomputed from the price book); one that
    fails, for any reason, goes to the DLQ and never blocks its partition;
 2. classify the tier and append to the buffer of its (tier, model);
@@ -57,11 +57,11 @@ from pipeline.cache import PREFIX as CACHE_PREFIX, ResponseCache
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC
 from pipeline.errors import ConfigError, LineError
-from pipeline.kafka import make_consumer, make_producer, verify
-from pipeline.messages import MAX_REASON, decode
+from pipeline.intake.kafka import make_consumer, make_producer, verify
+from pipeline.intake.messages import MAX_REASON, decode
 from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
-from pipeline.tiers import rules_for
-from pipeline.windows import Window
+from pipeline.intake.tiers import rules_for
+from pipeline.intake.windows import Window
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Buffer:
 
 def dispatch(batch_id: str, tier: str, jobs: list[str] | None = None) -> None:
     """Hand a batch to its tier's Celery queue (by task name: pipeline never imports workers)."""
-    from pipeline.dispatch import enqueue_batch
+    from pipeline.intake.dispatch import enqueue_batch
     enqueue_batch(batch_id, tier, jobs)
 
 
@@ -180,7 +180,7 @@ class Batcher:
                               " with it (var/secrets.env, or LLMBATCH_KAFKA_PRODUCER_KEY)")
         self.engine = engine or db.get_engine()
         self.dispatch = dispatcher
-        # deadlines are classified against the off-peak window (pipeline/tiers.py); the batcher's
+        # deadlines are classified against the off-peak window (pipeline/intake/tiers.py); the batcher's
         # clock is real time, the scheduler releases what this got wrong (schedules/deadlines.py)
         self.window = Window.offpeak(self.settings)
         self.tier_rules = rules_for(self.settings)

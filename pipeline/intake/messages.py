@@ -33,10 +33,10 @@ from pipeline.bounds import request_bound
 from pipeline.cache import cache_key, is_cacheable
 from pipeline.constants import DISPATCHED_TIERS
 from pipeline.errors import LineError
-from pipeline.formats import MAX_DEPTH, check_values
+from pipeline.intake.formats import MAX_DEPTH, check_values
 from pipeline.ids import refuse_control
 from pipeline.pricing import PriceBook, get_price_book
-from pipeline.tiers import TierRules, classify
+from pipeline.intake.tiers import TierRules, classify
 
 #: a reason longer than this is cut: it goes into a Kafka header and a log line
 MAX_REASON = 300
@@ -123,7 +123,7 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
     """A validated message → a ``requests`` row (``batch_id`` still None).
 
     ``offpeak_opens``/``rules``: the window's next opening and the deadline margin, so a
-    deadline is classified against the window (pipeline/tiers.py ``classify``)."""
+    deadline is classified against the window (pipeline/intake/tiers.py ``classify``)."""
     if m["v"] != SUPPORTED_VERSION:
         raise LineError(f"unsupported message version {m['v']!r} (this batcher reads v {SUPPORTED_VERSION})")
     body = m["body"]

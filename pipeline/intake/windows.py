@@ -1,7 +1,7 @@
 """Time windows from cron expressions: is the off-peak window open at an instant?
 
 Used by the scheduler (which opens the window) and by the batcher (which asks
-whether the window opens in time for a request's deadline, pipeline/tiers.py).
+whether the window opens in time for a request's deadline, pipeline/intake/tiers.py).
 
 A window is a pair of crons, open and close, in one time zone. It is open at
 ``t`` when, looking forward from ``t``, the next close comes before the next

@@ -151,11 +151,11 @@ def restarted(*names: str, **env: str):
 
 
 def clear_rate_limits() -> int:
-    """Forget the shared rate windows and in-flight leases (pipeline/ratelimit.py), so a run
+    """Forget the shared rate windows and in-flight leases (pipeline/providers/ratelimit.py), so a run
     does not start with the previous run's window; returns the number of keys deleted."""
     import redis
 
-    from pipeline.ratelimit import K
+    from pipeline.providers.ratelimit import K
     r = redis.Redis.from_url(get_settings().redis_url)
     keys = list(r.scan_iter(match=K + "*", count=1000))
     return r.delete(*keys) if keys else 0

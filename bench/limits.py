@@ -222,7 +222,7 @@ def rates_tpm(quick: bool) -> dict:
 def _tokens_per_call(path: Path) -> int:
     from pipeline.intake.formats import parse_request
     from pipeline.pricing import get_price_book
-    from pipeline.ratelimit import request_tokens
+    from pipeline.providers.ratelimit import request_tokens
     first = json.loads(path.read_text().splitlines()[0])
     req = parse_request(first, get_price_book())
     return request_tokens({"input_tokens": req.input_tokens, "body": first["body"]})

@@ -157,7 +157,7 @@ class Settings:
     #: Celery's Redis visibility timeout: an unacknowledged batch message is redelivered after this long
     visibility_timeout_s: int = 7200
 
-    # limits (pipeline/budget.py, pipeline/ratelimit.py)
+    # limits (pipeline/budget.py, pipeline/providers/ratelimit.py)
     #: daily caps in USD per UTC day, applied only by ``llmbatch budget apply-config`` (the caps in
     #: force live in Postgres, set with ``llmbatch budget set``); empty: no cap
     budget_global_daily_usd: str = ""

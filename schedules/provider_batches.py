@@ -70,18 +70,12 @@ from pipeline import budget, db
 from pipeline.intake.batcher import dispatch
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS
-from pipeline.errors import PermanentProviderError
 from pipeline.ids import request_key
 from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.providers import batch_api
 
 log = logging.getLogger(__name__)
 
-OPENAI_ENDPOINT = "/v1/chat/completions"
-OPENAI_ENDED = ("completed", "failed", "expired", "cancelled")
-OPENAI_CANCEL_CONFIRMED = ("cancelling",) + OPENAI_ENDED
-ANTHROPIC_CANCEL_CONFIRMED = ("canceling", "ended")
-#: how far the provider's clock may be from ours, when matching a batch to its creation window
-CLOCK_SKEW_S = 60.0
 _TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -91,7 +85,7 @@ def provider_custom_id(job_id: str, custom_id: str) -> str:
 
 def request_line(provider: str, pid: str, body: dict) -> bytes:
     if provider == "openai":
-        line = {"custom_id": pid, "method": "POST", "url": OPENAI_ENDPOINT, "body": body}
+        line = {"custom_id": pid, "method": "POST", "url": batch_api.OPENAI_ENDPOINT, "body": body}
     else:
         line = {"custom_id": pid, "params": body}
     return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
@@ -108,190 +102,6 @@ def pack(sizes: list[int], max_requests: int, max_bytes: int) -> list[tuple[int,
     if start < len(sizes):
         chunks.append((start, len(sizes)))
     return chunks
-
-
-# ------------------------------------------------------------------ SDK clients
-
-def _openai(settings: Settings, *, retries: int = 2, timeout: float = 120):
-    import openai
-    return openai.AsyncOpenAI(api_key=settings.api_key("openai"), base_url=settings.base_url("openai"),
-                              max_retries=retries, timeout=timeout)
-
-
-def _anthropic(settings: Settings, *, retries: int = 2, timeout: float = 120):
-    import anthropic
-    return anthropic.AsyncAnthropic(api_key=settings.api_key("anthropic"),
-                                    base_url=settings.base_url("anthropic"), max_retries=retries, timeout=timeout)
-
-
-class NotCreated(PermanentProviderError):
-    """The provider answered that it did not create the batch (a 4xx): safe to send again."""
-
-
-def _refused(e: Exception) -> bool:
-    """A 4xx answer (but a 408 timeout) says the provider did not act; anything else may hide a batch."""
-    status = getattr(e, "status_code", None)
-    return isinstance(status, int) and 400 <= status < 500 and status != 408
-
-
-async def _create(settings: Settings, pb_id: str, provider: str, content: bytes, lines: list,
-                  cancelled=lambda: False) -> dict:
-    """One attempt, no SDK retries (a retried create is a second batch). Raises ``NotCreated`` when
-    the provider refused; any other exception leaves the outcome unknown. When ``cancelled()`` says
-    the job was cancelled while the call was under way, the new batch is cancelled at once, on the
-    same connection (``cancel_status`` in the answer): every moment lets the provider run lines."""
-    kw = {"retries": 0, "timeout": settings.provider_batch_create_timeout_s}
-    try:
-        if provider == "openai":
-            async with _openai(settings, **kw) as client:
-                try:   # a file alone is never billed: a failed upload is a refusal
-                    f = await client.files.create(file=(f"{pb_id}.jsonl", content), purpose="batch")
-                except Exception as e:
-                    raise NotCreated(f"input file upload failed: {e}") from e
-                b = await client.batches.create(input_file_id=f.id, endpoint=OPENAI_ENDPOINT,
-                                                completion_window="24h", metadata={"llmbatch_id": pb_id})
-                info = {"provider_batch_id": b.id, "input_file_id": f.id, "provider_status": b.status}
-                if cancelled():
-                    info["cancel_status"] = await _quiet(client.batches.cancel(b.id), "status")
-                return info
-        async with _anthropic(settings, **kw) as client:
-            b = await client.messages.batches.create(requests=lines)
-            info = {"provider_batch_id": b.id, "input_file_id": None, "provider_status": b.processing_status}
-            if cancelled():
-                info["cancel_status"] = await _quiet(client.messages.batches.cancel(b.id), "processing_status")
-            return info
-    except NotCreated:
-        raise
-    except Exception as e:
-        if _refused(e):
-            raise NotCreated(str(e)) from e
-        raise
-
-
-async def _quiet(call, field: str) -> str | None:
-    """The status a cancel answered, or None when it failed (the scheduler sends it again)."""
-    try:
-        return getattr(await call, field)
-    except Exception as e:
-        log.warning("cancelling a provider batch just created failed (the scheduler retries): %s", e)
-        return None
-
-
-def _epoch(value) -> float:
-    return value.timestamp() if hasattr(value, "timestamp") else float(value)
-
-
-async def _find_openai(settings: Settings, pb_id: str, since: float) -> dict | None:
-    """An OpenAI batch created for ``pb_id`` (its metadata names it), among those created since
-    ``since`` (unix time, the first attempt; the listing is newest first)."""
-    async with _openai(settings) as client:
-        async for b in client.batches.list(limit=100):
-            if (b.metadata or {}).get("llmbatch_id") == pb_id:
-                return {"provider_batch_id": b.id, "input_file_id": b.input_file_id, "provider_status": b.status}
-            if _epoch(b.created_at) < since - CLOCK_SKEW_S:
-                break
-    return None
-
-
-async def _find_anthropic(settings: Settings, intents: list[dict], known) -> dict[str, tuple]:
-    """Anthropic batches carry no metadata: list the provider's batches created since the earliest
-    window opened, drop those a row of ours owns (``known(ids)``), read the custom_ids of the ended
-    ones that match an intent's count and window, and let ``match_anthropic`` decide."""
-    from pipeline.providers import http_response
-    earliest = min(i["start"] for i in intents)
-    async with _anthropic(settings) as client:
-        listed = []
-        async for b in client.messages.batches.list(limit=1000):
-            if _epoch(b.created_at) < earliest:
-                break
-            c = b.request_counts
-            listed.append({"id": b.id, "created": _epoch(b.created_at), "status": b.processing_status,
-                           "total": c.processing + c.succeeded + c.errored + c.canceled + c.expired,
-                           "results_url": b.results_url, "pids": None})
-        owned = known([b["id"] for b in listed]) if listed else set()
-        listed = [b for b in listed if b["id"] not in owned]
-        wanted = {b["id"] for bs in _candidates(intents, listed).values() for b in bs}
-        for b in listed:
-            if b["id"] in wanted and b["status"] == "ended" and b["results_url"]:
-                resp = await client.get(b["results_url"], cast_to=http_response,
-                                        options={"headers": {"Accept": "application/binary"}})
-                b["pids"] = {json.loads(x).get("custom_id") for x in resp.text.splitlines() if x.strip()}
-    return match_anthropic(intents, listed)
-
-
-def _candidates(intents: list[dict], batches: list[dict]) -> dict[str, list[dict]]:
-    return {i["id"]: [b for b in batches if b["total"] == i["requests"] and i["start"] <= b["created"] <= i["end"]]
-            for i in intents}
-
-
-def match_anthropic(intents: list[dict], batches: list[dict]) -> dict[str, tuple]:
-    """Which provider batch, if any, each unconfirmed creation made (pure, so it can be tested alone).
-
-    ``intents``: ``id``, ``requests`` (count), ``pids`` (its custom_ids), ``start``/``end`` (its
-    creation window, unix time). ``batches``: the provider's batches no row of ours owns: ``id``,
-    ``total``, ``created``, ``status``, ``pids`` (the custom_ids of an ended one, else None).
-    An ended batch is ours only with exactly our custom_ids. One still running is adopted only
-    when it is the one candidate of the count and window, and no other intent's candidate; else
-    the answer is to wait for results. ``("none",)`` only when nothing matches count and window.
-    Returns ``{intent id: ("found", info) | ("none",) | ("unsure", why)}``.
-    """
-    cands = _candidates(intents, batches)
-    claimed: dict[str, int] = {}
-    for bs in cands.values():
-        for b in bs:
-            claimed[b["id"]] = claimed.get(b["id"], 0) + 1
-    out = {}
-    for i in intents:
-        bs = cands[i["id"]]
-        exact = [b for b in bs if b["pids"] == i["pids"]]
-        running = [b for b in bs if b["pids"] is None]
-        pick = exact[0] if exact else (running[0] if len(running) == 1 and claimed[running[0]["id"]] == 1 else None)
-        if len(exact) > 1:
-            log.error("provider batch %s: %d Anthropic batches hold its requests (%s): the provider billed them"
-                      " more than once; adopting %s", i["id"], len(exact), [b["id"] for b in exact], exact[0]["id"])
-        if pick is not None:
-            out[i["id"]] = ("found", {"provider_batch_id": pick["id"], "input_file_id": None,
-                                      "provider_status": pick["status"]})
-        elif running:
-            out[i["id"]] = ("unsure", f"{len(running)} Anthropic batches in progress match its count and window;"
-                                      " waiting for their results to tell by custom_id")
-        else:
-            out[i["id"]] = ("none",)
-    return out
-
-
-async def _poll(settings: Settings, provider: str, provider_batch_id: str) -> tuple[str, bool, list[dict] | None]:
-    """``(provider status, ended, result lines when ended)``."""
-    if provider == "openai":
-        async with _openai(settings) as client:
-            b = await client.batches.retrieve(provider_batch_id)
-            if b.status not in OPENAI_ENDED:
-                return b.status, False, None
-            lines = []
-            for fid in (b.output_file_id, b.error_file_id):
-                if fid:
-                    content = await client.files.content(fid)
-                    lines.extend(json.loads(x) for x in content.text.splitlines() if x.strip())
-            if b.status == "failed" and b.errors:
-                log.warning("provider batch %s failed: %s", provider_batch_id,
-                            [e.message for e in (b.errors.data or [])][:5])
-            return b.status, True, lines
-    from pipeline.providers import http_response
-    async with _anthropic(settings) as client:
-        b = await client.messages.batches.retrieve(provider_batch_id)
-        if b.processing_status != "ended":
-            return b.processing_status, False, None
-        resp = await client.get(b.results_url, cast_to=http_response,
-                                options={"headers": {"Accept": "application/binary"}})
-        return "ended", True, [json.loads(x) for x in resp.text.splitlines() if x.strip()]
-
-
-async def _cancel(settings: Settings, provider: str, provider_batch_id: str) -> str:
-    if provider == "openai":
-        async with _openai(settings) as client:
-            return (await client.batches.cancel(provider_batch_id)).status
-    async with _anthropic(settings) as client:
-        return (await client.messages.batches.cancel(provider_batch_id)).processing_status
 
 
 # ------------------------------------------------------------------ submit
@@ -520,8 +330,8 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
             return bool(conn.execute(sa.text("SELECT cancel_requested FROM provider_batches WHERE id = :id"),
                                      {"id": pb_id}).scalar())
     try:
-        info = asyncio.run(_create(settings, pb_id, pb, content, lines, cancelled))
-    except NotCreated as e:   # the provider said no: nothing to bill, back to held, next tick retries
+        info = asyncio.run(batch_api.create(settings, pb_id, pb, content, lines, cancelled))
+    except batch_api.NotCreated as e:   # the provider said no: nothing to bill, back to held, next tick retries
         log.warning("provider batch %s (%s, %d requests): creation refused, held again: %s",
                     pb_id, pb, len(reqs), e)
         _abandon(engine, pb_id, f"create refused: {e}", settings)
@@ -549,7 +359,7 @@ def _record_created(engine, pb_id: str, info: dict, settings: Settings) -> bool:
     if row is None:
         return False
     if row.cancel_requested:
-        confirmed = OPENAI_CANCEL_CONFIRMED if row.provider == "openai" else ANTHROPIC_CANCEL_CONFIRMED
+        confirmed = batch_api.OPENAI_CANCEL_CONFIRMED if row.provider == "openai" else batch_api.ANTHROPIC_CANCEL_CONFIRMED
         if info.get("cancel_status") in confirmed:
             _confirm_cancel(engine, pb_id, info["cancel_status"], True)
         else:
@@ -620,12 +430,12 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
     found: dict[str, tuple] = {}
     tried = [r for r in rows if r["create_attempts"]]
     intents = [{"id": r["id"], "requests": r["requests"], "pids": r["pids"],
-                "start": r["first_at"] - CLOCK_SKEW_S,
-                "end": r["last_at"] + settings.provider_batch_create_timeout_s + CLOCK_SKEW_S}
+                "start": r["first_at"] - batch_api.CLOCK_SKEW_S,
+                "end": r["last_at"] + settings.provider_batch_create_timeout_s + batch_api.CLOCK_SKEW_S}
                for r in tried if r["provider"] == "anthropic"]
     try:
         if intents:
-            found.update(asyncio.run(_find_anthropic(settings, intents, _known_ids(engine))))
+            found.update(asyncio.run(batch_api.find_anthropic(settings, intents, _known_ids(engine))))
     except Exception as e:
         log.warning("provider batches: cannot list Anthropic batches to find %d unconfirmed creations: %s",
                     len(intents), e)
@@ -633,7 +443,7 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
         if r["provider"] != "openai":
             continue
         try:
-            hit = asyncio.run(_find_openai(settings, r["id"], r["first_at"]))
+            hit = asyncio.run(batch_api.find_openai(settings, r["id"], r["first_at"]))
             found[r["id"]] = ("found", hit) if hit else ("none",)
         except Exception as e:
             log.warning("provider batch %s: cannot list OpenAI batches to find it: %s", r["id"], e)
@@ -671,25 +481,17 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
     return len(rows)
 
 
-async def _status(settings: Settings, provider: str, provider_batch_id: str) -> str:
-    if provider == "openai":
-        async with _openai(settings) as client:
-            return (await client.batches.retrieve(provider_batch_id)).status
-    async with _anthropic(settings) as client:
-        return (await client.messages.batches.retrieve(provider_batch_id)).processing_status
-
-
 def _send_cancel(engine, pb_id: str, provider: str, provider_batch_id: str, settings: Settings) -> dict:
     """Ask the provider to cancel; confirmed once it says cancelling or ended (an ended batch has
     nothing left to cancel). Unconfirmed, the scheduler asks again next tick."""
-    confirmed = OPENAI_CANCEL_CONFIRMED if provider == "openai" else ANTHROPIC_CANCEL_CONFIRMED
+    confirmed = batch_api.OPENAI_CANCEL_CONFIRMED if provider == "openai" else batch_api.ANTHROPIC_CANCEL_CONFIRMED
     error = None
     try:
-        state = asyncio.run(_cancel(settings, provider, provider_batch_id))
+        state = asyncio.run(batch_api.cancel(settings, provider, provider_batch_id))
     except Exception as e:   # e.g. "cannot cancel a completed batch": ask what it is
         error = str(e)
         try:
-            state = asyncio.run(_status(settings, provider, provider_batch_id))
+            state = asyncio.run(batch_api.status(settings, provider, provider_batch_id))
         except Exception:
             state = None
     ok = state in confirmed
@@ -740,7 +542,7 @@ def poll_open(*, settings: Settings | None = None, engine=None, dispatcher=dispa
     ended = []
     for pb_id, provider, pbid in due:
         try:
-            status, done, lines = asyncio.run(_poll(settings, provider, pbid))
+            status, done, lines = asyncio.run(batch_api.poll(settings, provider, pbid))
         except Exception as e:
             log.warning("provider batch %s (%s): poll failed, will retry: %s", pb_id, pbid, e)
             continue

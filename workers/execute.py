@@ -39,7 +39,8 @@ from pipeline.budget import BudgetExceeded, BudgetScriptError, BudgetUnavailable
 from pipeline.errors import LLMBatchError, PermanentProviderError, ProviderError
 from pipeline.ids import request_key
 from pipeline.pricing import Usage, answered_price, cost, get_price_book, usage_from_anthropic, usage_from_openai
-from pipeline.providers import AttemptRecord, call_with_retries, get_provider
+from pipeline.providers.retries import AttemptRecord, call_with_retries
+from pipeline.providers.base import get_provider
 from workers.fallback import fallback_for
 from workers.limited import Limited, budget_for, limiter_for
 

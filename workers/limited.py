@@ -2,7 +2,7 @@
 
 ``Limited`` wraps a provider for one request: every attempt reserves its
 maximum cost first (pipeline/budget.py), then takes the tier's in-flight lease
-and the model's rate admission (pipeline/ratelimit.py), and only then calls.
+and the model's rate admission (pipeline/providers/ratelimit.py), and only then calls.
 The hold is renewed by the budget's heartbeat through both waits and the call,
 so it lives as long as the call can still be billed. An attempt the provider
 answered with an error (never billed) releases its hold. With a ``calls`` record
@@ -21,7 +21,8 @@ import secrets
 import time
 from decimal import Decimal
 
-from pipeline import budget, metrics, ratelimit
+from pipeline import budget, metrics
+from pipeline.providers import ratelimit
 from pipeline.config import Settings
 from pipeline.budget import BudgetExceeded
 from pipeline.errors import ProviderError, RetryableProviderError
@@ -57,7 +58,7 @@ def limiter_for(settings: Settings, budget_: budget.Budget) -> ratelimit.Limiter
 
 class Limited:
     """The provider behind the limits: every attempt first reserves its maximum cost,
-    then takes a tier in-flight lease and the model's rate admission (pipeline/ratelimit.py).
+    then takes a tier in-flight lease and the model's rate admission (pipeline/providers/ratelimit.py).
 
     A failed attempt releases its reservation at once; a successful one keeps
     it in ``reservation`` until the writer settles it after the result is written.

@@ -6,7 +6,7 @@ import anthropic
 
 from pipeline.config import Settings
 from pipeline.errors import InfrastructureError, LineError
-from pipeline.providers import Answer, post_raw
+from pipeline.providers.base import Answer, post_raw
 
 
 class AnthropicProvider:

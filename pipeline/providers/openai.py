@@ -10,7 +10,7 @@ from __future__ import annotations
 import openai
 
 from pipeline.config import Settings
-from pipeline.providers import Answer, post_raw
+from pipeline.providers.base import Answer, post_raw
 
 
 class OpenAIProvider:

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from pipeline import budget
 from pipeline.errors import RetryableProviderError
 from pipeline.ids import request_key
-from pipeline.providers import Answer
+from pipeline.providers.base import Answer
 from tests.integration.conftest import wait_for
 from tests.integration.execution_helpers import budget_settings, commit_result, insert_job
 from workers.limited import Limited

@@ -32,6 +32,7 @@ import sqlalchemy as sa
 
 from pipeline import budget, clock, db
 from pipeline.pricing import get_price_book
+from pipeline.providers import batch_api
 from schedules import provider_batches
 from schedules.clock import DbClock
 from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
@@ -116,7 +117,7 @@ def _sent_and_ended(stack, engine, job: str, n: int) -> str:
         provider, pbid = conn.execute(sa.text(
             "SELECT provider, provider_batch_id FROM provider_batches WHERE id = :id"), {"id": pb}).one()
     import asyncio
-    wait_for(lambda: asyncio.run(provider_batches._poll(stack, provider, pbid))[1], timeout=60, every=0.5,
+    wait_for(lambda: asyncio.run(batch_api.poll(stack, provider, pbid))[1], timeout=60, every=0.5,
              what="the provider batch ended at the provider")
     return pb
 

@@ -32,6 +32,7 @@ import sqlalchemy as sa
 
 from pipeline.config import get_settings
 from pipeline.ids import request_key
+from pipeline.providers import batch_api
 from schedules import provider_batches
 from schedules.clock import DbClock
 from schedules.service import Ticker
@@ -80,25 +81,25 @@ def _settings():
 def _crash_at(step: str, mp) -> None:
     pbm = provider_batches
     if step == "creating":
-        real_create = pbm._create
+        real_create = batch_api.create
 
         async def create_then_die(*a, **k):
             await real_create(*a, **k)
             raise Crash("killed after the provider created the batch, before its answer was recorded")
-        mp.setattr(pbm, "_create", create_then_die)
+        mp.setattr(batch_api, "create", create_then_die)
     elif step == "submitted":
         def die(*a, **k):
             raise Crash("killed right after the creation was recorded")
         mp.setattr(pbm, "poll_open", die)
     elif step == "polling":
-        real_poll = pbm._poll
+        real_poll = batch_api.poll
 
         async def poll_then_die(*a, **k):
             out = await real_poll(*a, **k)
             if out[1]:
                 raise Crash("killed with the results fetched, before the ingest")
             return out
-        mp.setattr(pbm, "_poll", poll_then_die)
+        mp.setattr(batch_api, "poll", poll_then_die)
     elif step == "ingesting":
         def die(*a, **k):
             raise Crash("killed inside the ingest transaction")

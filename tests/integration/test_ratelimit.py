@@ -1,4 +1,4 @@
-"""pipeline/ratelimit.py against the stack's Redis: shared windows, tier shares, 429 back-off,
+"""pipeline/providers/ratelimit.py against the stack's Redis: shared windows, tier shares, 429 back-off,
 and the in-flight semaphore, with several asyncio "workers" each holding its own client."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import dataclasses
 import secrets
 import time
 
-from pipeline import ratelimit
+from pipeline.providers import ratelimit
 from pipeline.config import get_settings
 
 

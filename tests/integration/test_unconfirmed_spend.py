@@ -29,7 +29,8 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from pipeline import budget, db, providers
+from pipeline import budget, db
+from pipeline.providers import base
 from pipeline.bounds import request_bound
 from pipeline.pricing import get_price_book
 from tests.integration.conftest import wait_for
@@ -77,7 +78,7 @@ def _capped_batch(engine, n: int, fits: float, tier: str = "offpeak") -> tuple[s
 @pytest.fixture
 def process(stack, monkeypatch):
     """A worker process of its own: its settings reach its provider client, budget and limiter."""
-    monkeypatch.setattr(providers, "_clients", {})
+    monkeypatch.setattr(base, "_clients", {})
     monkeypatch.setattr(limited, "_budgets", {})
     monkeypatch.setattr(limited, "_limiters", {})
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 
-from pipeline import budget, ratelimit
+from pipeline import budget
+from pipeline.providers import ratelimit
 from pipeline.config import Settings
 
 

@@ -9,7 +9,7 @@ import pytest
 from pipeline.budget import BudgetExceeded, Reservation, to_units
 from pipeline.errors import RetryableProviderError
 from pipeline.pricing import get_price_book
-from pipeline.providers import Answer
+from pipeline.providers.base import Answer
 from workers.limited import Limited
 from workers.fallback import Fallback, fallback_for
 

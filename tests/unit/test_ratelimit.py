@@ -1,10 +1,10 @@
-"""Pure parts of pipeline/ratelimit.py: limit parsing, tier shares, token counts, reset headers."""
+"""Pure parts of pipeline/providers/ratelimit.py: limit parsing, tier shares, token counts, reset headers."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline import ratelimit
+from pipeline.providers import ratelimit
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 

@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.config import load_settings
 from pipeline.errors import PermanentProviderError, RetryableProviderError
-from pipeline.providers import Answer, call_with_retries, classify_status, retry_after
+from pipeline.providers.base import Answer
+from pipeline.providers.retries import call_with_retries, classify_status, retry_after
 
 SETTINGS = load_settings({"LLMBATCH_MAX_ATTEMPTS": "4", "LLMBATCH_CONFIG": "/nonexistent"})
 

@@ -78,7 +78,7 @@ def test_anthropic_results():
 
 from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
 
-from schedules.provider_batches import match_anthropic  # noqa: E402
+from pipeline.providers.batch_api import match_anthropic  # noqa: E402
 
 
 @st.composite

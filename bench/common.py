@@ -18,7 +18,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from pipeline import db
+from pipeline.stores import db
 from pipeline.config import get_settings
 
 ROOT = Path(__file__).resolve().parent.parent

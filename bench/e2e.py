@@ -25,7 +25,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from common import PY, ROOT, job_times, save, sim_stats, simulator, submit, wait_job, write_requests
-from pipeline import db
+from pipeline.stores import db
 
 
 def plain(path: Path, concurrency: int) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from common import save, simulator, submit, wait_job, write_requests
-from pipeline import db
+from pipeline.stores import db
 from pipeline.config import get_settings
 from pipeline.intake.kafka import make_producer
 from pipeline.intake.producer import publish_request

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from common import (LLMBATCH, RESULTS, best_window, clear_rate_limits, pct, restarted, save, sim_stats,
                     simulator, stack_sh, submit, wait_job, write_requests)
-from pipeline import db
+from pipeline.stores import db
 from pipeline.config import get_settings
 
 MODEL = "gpt-4o-mini"

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import LLMBATCH, clear_rate_limits, restarted, simulator  # noqa: E402
 
-from pipeline import budget, db  # noqa: E402
+from pipeline import budget  # noqa: E402
+from pipeline.stores import db
 from pipeline.config import get_settings  # noqa: E402
 from pipeline.bounds import request_bound  # noqa: E402
 from pipeline.pricing import get_price_book  # noqa: E402

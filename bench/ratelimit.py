@@ -21,7 +21,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from common import best_window, job_times, save, sim_stats, simulator, submit, wait_job, write_requests
-from pipeline import db
+from pipeline.stores import db
 
 
 def run(n: int, rpm: int = 6000, latency_ms: float = 1000.0) -> dict:

@@ -14,7 +14,7 @@ $LLMBATCH status "$job"
 .venv/bin/python - "$job" "$start" "$end" <<'PY'
 import sys
 import sqlalchemy as sa
-from pipeline import db
+from pipeline.stores import db
 job, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 with db.get_engine().connect() as conn:
     n, tokens_in, tokens_out, cost = conn.execute(sa.text(

@@ -63,6 +63,7 @@ from pipeline.config import Settings
 from pipeline.constants import HELD_TIERS, REDIS_PREFIX, TIERS
 from pipeline.errors import BudgetError, ConfigError, InfrastructureError
 from pipeline.ids import request_key
+from pipeline.stores.db import get_engine
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,10 @@ def next_day(now: datetime | None = None) -> datetime:
 
 
 def period(settings: Settings, engine=None) -> str:
-    """Today's budget period (a UTC day) by the caps' one clock (pipeline/clock.py)."""
+    """Today's budget period (a UTC day) by the caps' one clock (pipeline/clock.py); the ``db``
+    clock reads its row through ``engine``, by default this process's engine."""
+    if engine is None and settings.clock == "db":
+        engine = get_engine()
     return day(budget_now(settings, engine))
 
 
@@ -1091,7 +1095,7 @@ def write_deferred(conn, rows: list[dict]) -> None:
     terminal ones stay as they are."""
     if not rows:
         return
-    from pipeline.db import dumps
+    from pipeline.stores.db import dumps
     conn.execute(sa.text(
         "UPDATE requests r SET status = 'deferred', deferred_scope = x.scope, deferred_reason = x.reason"
         " FROM jsonb_to_recordset(CAST(:rows AS jsonb))"
@@ -1137,7 +1141,7 @@ def resume_due_batches(engine, dispatch) -> int:
         log.info("budget: resuming deferred batch %s (%s)", batch_id, tier)
         dispatch(batch_id, tier)
     if due:
-        from pipeline.db import mark_dispatched
+        from pipeline.stores.batches import mark_dispatched
         with engine.begin() as conn:
             mark_dispatched(conn, [b for b, _ in due])
     return len(due)
@@ -1158,9 +1162,9 @@ def set_cap(engine, redis_sync, settings: Settings, scope: str, usd) -> dict:
         raise ConfigError(f"unknown budget scope {scope!r}: 'global', 'tier:<tier>' or 'job:<job id>'")
     with engine.begin() as conn:
         if scope.startswith("job:"):
-            from pipeline.db import lock_job_batches
+            from pipeline.stores.jobs import lock_job_batches
             job_id = scope[4:]
-            # lock order (pipeline/db.py): the job's batches, then the job, as cancel takes them
+            # lock order (pipeline/stores/batches.py): the job's batches, then the job, as cancel takes them
             lock_job_batches(conn, job_id)
             woken = conn.execute(sa.text(
                 "UPDATE batches b SET deferred_until = now() WHERE b.status = 'deferred'"

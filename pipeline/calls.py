@@ -43,7 +43,7 @@ def record_sent(conn, rows: list[dict]) -> None:
     ``batch_id``, ``owner``, ``max_cost_usd``): durable before any of them leaves."""
     if not rows:
         return
-    from pipeline.db import dumps
+    from pipeline.stores.db import dumps
     conn.execute(sa.text(
         f"INSERT INTO provider_calls ({_COLUMNS})"
         f" SELECT {_COLUMNS} FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(call_id text, hold_id text,"
@@ -58,7 +58,7 @@ def resolve(conn, unconfirmed: list[dict], answered: list[str]) -> None:
         conn.execute(sa.text("DELETE FROM provider_calls WHERE call_id = ANY(:ids) AND state = 'sent'"),
                      {"ids": list(answered)})
     if unconfirmed:
-        from pipeline.db import dumps
+        from pipeline.stores.db import dumps
         conn.execute(sa.text(
             f"INSERT INTO provider_calls ({_COLUMNS}, state, reason, resolved_at)"
             f" SELECT {_COLUMNS}, 'unconfirmed', reason, now()"

@@ -55,14 +55,13 @@ def from_row(row: tuple[datetime | None, float] | None, real: datetime | None = 
 
 
 def budget_now(settings: Settings, engine=None) -> datetime:
-    """Now, by the caps' clock (``settings.clock``)."""
+    """Now, by the caps' clock (``settings.clock``); ``engine`` reads the ``db`` clock's row."""
     if settings.clock == "system":
         return datetime.now(timezone.utc)
     if settings.clock != "db":
         raise ConfigError(f"setting clock: {settings.clock!r} is not 'system' or 'db'")
-    if engine is None:
-        from pipeline import db
-        engine = db.get_engine()
+    if engine is None:   # the caller passes its engine: this module imports no store
+        raise ConfigError("clock 'db' reads sched_clock through an engine, and none was given")
     key = id(engine)
     hit = _cached.get(key)
     mono = time.monotonic()

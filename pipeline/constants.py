@@ -44,7 +44,7 @@ REDIS_PREFIX = "llmbatch:"
 REQUEST_TERMINAL = ("succeeded", "failed", "cancelled")
 # Job states (sql/006 checks them). A job ends ``completed`` only when every request
 # succeeded; ``completed_with_errors`` when some failed (or were cancelled);
-# ``failed`` when none succeeded (pipeline/db.py refresh_jobs).
+# ``failed`` when none succeeded (pipeline/stores/jobs.py refresh_jobs).
 JOB_STATES = ("submitting", "running", "paused_budget",
               "completed", "completed_with_errors", "failed", "cancelled")
 #: ends for ``--wait``; ``paused_budget`` can resume

@@ -236,8 +236,9 @@ def observe_consumer_lag(*consumers, every_s: float = 5.0) -> None:
 class _StateCollector:
     """Queue depth, held batches and Celery queue lengths, read when Prometheus scrapes."""
 
-    def __init__(self, settings, cache_s: float = 5.0):
+    def __init__(self, settings, engine, cache_s: float = 5.0):
         self.settings = settings
+        self.engine = engine   # a callable returning the Postgres engine: this module imports no store
         self.cache_s = cache_s
         self._cached: tuple[float, list] = (0.0, [])
 
@@ -253,14 +254,13 @@ class _StateCollector:
     def _read(self) -> list:
         import sqlalchemy as sa
 
-        from pipeline import db
         depth = GaugeMetricFamily("llmbatch_queue_depth", DB_GAUGES["llmbatch_queue_depth"],
                                   labels=["tier", "state"])
         held = GaugeMetricFamily("llmbatch_held_batches", DB_GAUGES["llmbatch_held_batches"], labels=["tier"])
         celery_q = GaugeMetricFamily("llmbatch_celery_queue_length", DB_GAUGES["llmbatch_celery_queue_length"],
                                      labels=["tier"])
         try:
-            with db.get_engine().connect() as conn:
+            with self.engine().connect() as conn:
                 counts = {(t, s): n for t, s, n in conn.execute(sa.text(
                     "SELECT tier, status, count(*) FROM requests"
                     " WHERE status NOT IN ('succeeded', 'failed', 'cancelled') GROUP BY 1, 2"))}
@@ -322,8 +322,11 @@ def multiprocess_enabled() -> bool:
     return getattr(values.ValueClass, "_multiprocess", False)
 
 
-def serve(role: str, settings, *, with_state: bool = False, collectors=()) -> int | None:
+def serve(role: str, settings, *, state_engine=None, collectors=()) -> int | None:
     """Start this process's /metrics endpoint on a daemon thread; returns the port (None: off).
+
+    ``state_engine`` (a callable returning the Postgres engine): also serve the queue depth,
+    held batches, Celery queue lengths and budgets, read when Prometheus scrapes (the batcher).
 
     Every endpoint answers with samples from its start: ``llmbatch_up``, and for a
     worker its tier's retry and 429 counters at 0 (a worker that has not run a
@@ -343,8 +346,8 @@ def serve(role: str, settings, *, with_state: bool = False, collectors=()) -> in
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY
-    if with_state:
-        registry.register(_StateCollector(settings))
+    if state_engine is not None:
+        registry.register(_StateCollector(settings, state_engine))
     for collector in collectors:
         registry.register(collector)
     port = port_for(role, settings)

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import sqlalchemy as sa
 
-from pipeline import db
+from pipeline.stores import db
 from pipeline.clock import from_row, read_db_clock
 from pipeline.config import Settings, get_settings
 from pipeline.errors import ConfigError

@@ -28,7 +28,8 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from pipeline import db, metrics
+from pipeline import metrics
+from pipeline.stores import db, jobs, outcomes as outcome_store
 from pipeline.intake.dispatch import enqueue_batch as dispatch
 from pipeline.intake.tiers import TierRules
 from schedules import release
@@ -65,14 +66,14 @@ def expire_missed(now: datetime, *, engine=None, limit: int = 5000) -> dict[str,
             "input_tokens": None, "cached_input_tokens": None, "output_tokens": None,
             "usage_missing": False, "cost_usd": 0, "provider_request_id": None, "latency_ms": None,
             "attempts": r["attempts"]} for r in rows]
-        db.write_outcomes(conn, outcomes, [])
+        outcome_store.write_outcomes(conn, outcomes, [])
         batches = sorted({r["batch_id"] for r in rows})
         conn.execute(sa.text(
             "UPDATE batches b SET status = 'done', finished_at = now()"
             " WHERE b.batch_id = ANY(:ids) AND b.status = 'held' AND NOT EXISTS (SELECT 1 FROM requests r"
             "   WHERE r.batch_id = b.batch_id AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"),
             {"ids": batches})
-        db.refresh_jobs(conn, {r["job_id"] for r in rows})
+        jobs.refresh_jobs(conn, {r["job_id"] for r in rows})
     by_tier: dict[str, int] = {}
     by_job: dict[str, int] = {}
     for r in rows:

@@ -31,7 +31,7 @@ The batcher writes such requests as ``held`` batches with ``mode =
    owns, and once results exist by their custom_ids. One found is adopted
    (``submitted``); it is sent again only when the provider lists none and
    the last attempt is older than ``provider_batch_create_timeout_s``.
-2c. **cancel** — ``cancel_job`` sets ``cancel_requested`` on the job's
+2c. **cancel** — ``cancel_job`` (pipeline/stores/jobs.py) sets ``cancel_requested`` on the job's
    provider batches whatever their state; the scheduler carries it out each
    tick until the provider confirms (``cancel_confirmed_at``): a batch created
    after the cancel is cancelled the moment its id is known, a ``creating``
@@ -66,7 +66,8 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from pipeline import budget, db
+from pipeline import budget
+from pipeline.stores import batches as batch_store, db, jobs as job_store, outcomes as outcome_store
 from pipeline.intake.batcher import dispatch
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS
@@ -259,14 +260,14 @@ def _apply_budget_outcomes(conn, fit, defer, fail) -> list:
         log.info("provider batches: %d requests of batch %s deferred (%s): %s", len(items), batch_id, kind,
                  items[0][2])
     if fail:
-        db.write_outcomes(conn, [{
+        outcome_store.write_outcomes(conn, [{
             "job_id": r["job_id"], "custom_id": r["custom_id"], "model": r["model"], "status": "failed",
             "attempts": r["attempts"] or 0, "cost_usd": "0",
             "error": {"code": e.code, "message": str(e)}} for r, e in fail], [])
         log.warning("provider batches: %d requests failed before sending: %s", len(fail), fail[0][1])
     jobs = {r["job_id"] for r, _ in fail} | {r["job_id"] for items in defer.values() for r, _, _ in items}
     if jobs:
-        db.refresh_jobs(conn, jobs)
+        job_store.refresh_jobs(conn, jobs)
     return fit
 
 
@@ -361,9 +362,9 @@ def _record_created(engine, pb_id: str, info: dict, settings: Settings) -> bool:
     if row.cancel_requested:
         confirmed = batch_api.OPENAI_CANCEL_CONFIRMED if row.provider == "openai" else batch_api.ANTHROPIC_CANCEL_CONFIRMED
         if info.get("cancel_status") in confirmed:
-            _confirm_cancel(engine, pb_id, info["cancel_status"], True)
+            job_store.confirm_cancel(engine, pb_id, info["cancel_status"], True)
         else:
-            _send_cancel(engine, pb_id, row.provider, info["provider_batch_id"], settings)
+            job_store.send_cancel(engine, pb_id, row.provider, info["provider_batch_id"], settings)
     return True
 
 
@@ -388,7 +389,7 @@ def _abandon(engine, pb_id: str, reason: str, settings: Settings | None = None) 
             "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": ids})
         cancelled = {j for j, _, st in keys if st == "cancelled"}
         if cancelled:
-            db.refresh_jobs(conn, cancelled)
+            job_store.refresh_jobs(conn, cancelled)
     budget.release_held(_budget_redis(settings or get_settings()), [request_key(j, c) for j, c, _ in keys])
 
 
@@ -481,39 +482,6 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
     return len(rows)
 
 
-def _send_cancel(engine, pb_id: str, provider: str, provider_batch_id: str, settings: Settings) -> dict:
-    """Ask the provider to cancel; confirmed once it says cancelling or ended (an ended batch has
-    nothing left to cancel). Unconfirmed, the scheduler asks again next tick."""
-    confirmed = batch_api.OPENAI_CANCEL_CONFIRMED if provider == "openai" else batch_api.ANTHROPIC_CANCEL_CONFIRMED
-    error = None
-    try:
-        state = asyncio.run(batch_api.cancel(settings, provider, provider_batch_id))
-    except Exception as e:   # e.g. "cannot cancel a completed batch": ask what it is
-        error = str(e)
-        try:
-            state = asyncio.run(batch_api.status(settings, provider, provider_batch_id))
-        except Exception:
-            state = None
-    ok = state in confirmed
-    if state is not None:
-        _confirm_cancel(engine, pb_id, state, ok)
-    if not ok:
-        log.warning("provider batch %s (%s): cancel not confirmed yet (%s); the scheduler asks again",
-                    pb_id, provider_batch_id, error or state)
-        return {"id": pb_id, "provider_batch": provider_batch_id, "error": error or f"status {state}"}
-    return {"id": pb_id, "provider_batch": provider_batch_id, "status": state}
-
-
-def _confirm_cancel(engine, pb_id: str, state: str, ok: bool) -> None:
-    with engine.begin() as conn:
-        conn.execute(sa.text(
-            "UPDATE provider_batches SET provider_status = :st, cancel_confirmed_at = CASE WHEN :ok"
-            " THEN coalesce(cancel_confirmed_at, now()) ELSE cancel_confirmed_at END WHERE id = :id"),
-            {"id": pb_id, "st": state, "ok": ok})
-    if ok:
-        log.info("provider batch %s: cancel confirmed by the provider (%s)", pb_id, state)
-
-
 def carry_out_cancels(*, settings: Settings | None = None, engine=None) -> int:
     """Send the cancels the provider has not confirmed yet (rows ``creating`` wait for
     ``recover_creating``: a batch is cancelled the moment its id is known). Returns those sent."""
@@ -524,7 +492,7 @@ def carry_out_cancels(*, settings: Settings | None = None, engine=None) -> int:
             "SELECT id, provider, provider_batch_id FROM provider_batches WHERE status = 'submitted'"
             " AND cancel_requested AND cancel_confirmed_at IS NULL ORDER BY cancel_requested_at")).all()
     for pb_id, provider, pbid in rows:
-        _send_cancel(engine, pb_id, provider, pbid, settings)
+        job_store.send_cancel(engine, pb_id, provider, pbid, settings)
     return len(rows)
 
 
@@ -634,7 +602,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
                 counts[outcome["status"]] += 1
             else:
                 req["not_run"] = not_run
-        db.write_outcomes(conn, outcomes, attempts)
+        outcome_store.write_outcomes(conn, outcomes, attempts)
         # requests the provider never ran (expired, cancelled, batch failed): fallback per job
         cancel, fail = [], []
         for pid, r in by_pid.items():
@@ -657,7 +625,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
                 " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id AND r.status NOT IN"
                 " ('succeeded', 'failed', 'cancelled')"),
                 {"k": db.dumps([{"job_id": r["job_id"], "custom_id": r["custom_id"]} for r in cancel])})
-        db.write_outcomes(conn, fail, [])
+        outcome_store.write_outcomes(conn, fail, [])
         counts.update(cancelled=len(cancel), failed=counts["failed"] + len(fail), requeued=len(requeue))
         new_batches = _requeue(conn, requeue, reqs) if requeue else []
         conn.execute(sa.text(
@@ -667,7 +635,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
             "UPDATE provider_batches SET status = 'ended', provider_status = :st, ended_at = now(),"
             " polled_at = now(), counts = CAST(:c AS jsonb) WHERE id = :id"),
             {"id": pb_id, "st": status, "c": db.dumps(counts)})
-        db.refresh_jobs(conn, {r["job_id"] for r in reqs})
+        job_store.refresh_jobs(conn, {r["job_id"] for r in reqs})
         xid = budget.commit_xid(conn)
         # settled_at stays NULL until the holds are settled: whatever stops that (Redis refusing
         # writes, a scheduler killed right after this commit), settle_unsettled finishes it
@@ -679,7 +647,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
             dispatcher(batch_id, tier)
     if new_batches:
         with engine.begin() as conn:
-            db.mark_dispatched(conn, [b for b, _, s in new_batches if s == "queued"])
+            batch_store.mark_dispatched(conn, [b for b, _, s in new_batches if s == "queued"])
     log.info("provider batch %s (%s) ended %s: %s", pb_id, provider, status, counts)
     return counts
 
@@ -767,79 +735,3 @@ def _requeue(conn, keys: list[tuple[str, str]], reqs: list[dict]) -> list[tuple[
 
 def _provider_of(model: str) -> str:
     return get_price_book().resolve(model).provider
-
-
-# ------------------------------------------------------------------ cancel
-
-def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) -> dict | None:
-    """Cancel a job: held and queued work stops, calls in flight finish, provider batches are cancelled.
-
-    Returns what was done, or None when there is no such job. Costs already
-    incurred stay in ``results``. Each provider batch of the job, whatever its
-    state (``creating`` included), is marked ``cancel_requested``: the
-    scheduler carries that out until the provider confirms (a submitted one is
-    also cancelled here at once). A provider batch shared with another job's
-    requests is not cancelled (that would cancel the other job's work too).
-    """
-    settings = settings or get_settings()
-    engine = engine or db.get_engine()
-
-    def work(conn):
-        # lock order (pipeline/db.py): the job's batches, then its requests, then the job;
-        # a worker's claim takes the batch before its requests too, so the two never deadlock
-        job = conn.execute(sa.text("SELECT status FROM jobs WHERE job_id = :j"), {"j": job_id}).first()
-        if job is None:
-            return None
-        db.lock_job_batches(conn, job_id)
-        # requests a worker holds ('running') are skipped by its check before each call
-        stopped = conn.execute(sa.text(
-            "UPDATE requests SET status = 'cancelled', finished_at = now()"
-            " WHERE job_id = :j AND status IN ('held', 'queued', 'deferred')"), {"j": job_id}).rowcount
-        conn.execute(sa.text(
-            "UPDATE jobs SET status = 'cancelled', cancelled_at = now(), finished_at = coalesce(finished_at, now())"
-            " WHERE job_id = :j AND status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled')"),
-            {"j": job_id})
-        done = conn.execute(sa.text(
-            "UPDATE batches b SET status = 'done', finished_at = now()"
-            " WHERE b.status IN ('held', 'queued', 'dispatched', 'deferred')"
-            " AND b.batch_id IN (SELECT batch_id FROM requests WHERE job_id = :j)"
-            " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
-            "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"j": job_id}).rowcount
-        pbs = conn.execute(sa.text(
-            "SELECT pb.id, pb.provider, pb.provider_batch_id, pb.status FROM provider_batches pb"
-            " WHERE pb.status IN ('creating', 'submitted')"
-            " AND EXISTS (SELECT 1 FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
-            "             WHERE b.provider_batch = pb.id AND r.job_id = :j)"
-            " AND NOT EXISTS (SELECT 1 FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
-            "             WHERE b.provider_batch = pb.id AND r.job_id <> :j"
-            "             AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"j": job_id}).all()
-        running = conn.execute(sa.text(
-            "SELECT count(*) FROM requests WHERE job_id = :j AND status = 'running'"), {"j": job_id}).scalar()
-        if pbs:
-            conn.execute(sa.text(
-                "UPDATE provider_batches SET cancel_requested = true,"
-                " cancel_requested_at = coalesce(cancel_requested_at, now()) WHERE id = ANY(:ids)"),
-                {"ids": [p.id for p in pbs]})
-        return job, stopped, done, pbs, running
-
-    # a deadlock or serialization victim, or a Postgres restart, is tried again, never a traceback
-    out = db.retrying(engine, work, what=f"cancelling job {job_id}", patience_s=120.0)
-    if out is None:
-        return None
-    job, stopped, done, pbs, running = out
-    cancelled_at_provider = []
-    for pb_id, provider, pbid, status in pbs:
-        if status == "submitted":
-            cancelled_at_provider.append(_send_cancel(engine, pb_id, provider, pbid, settings))
-        else:   # its creation is under way or unconfirmed: cancelled the moment the provider names it
-            cancelled_at_provider.append({"id": pb_id, "provider_batch": None, "status": "cancel_requested"})
-    return {"job_id": job_id, "previous_status": job.status, "requests_cancelled": stopped,
-            "batches_done": done, "still_running": running, "provider_batches": cancelled_at_provider}
-
-
-def set_batch_fallback(job_id: str, fallback: str, *, engine=None) -> None:
-    """``submit --batch-fallback``: 'realtime' (the default) or 'fail'. Read when a provider batch ends."""
-    if fallback not in ("realtime", "fail"):
-        raise ValueError(f"batch fallback must be 'realtime' or 'fail', got {fallback!r}")
-    with (engine or db.get_engine()).begin() as conn:
-        conn.execute(sa.text("UPDATE jobs SET batch_fallback = :f WHERE job_id = :j"), {"f": fallback, "j": job_id})

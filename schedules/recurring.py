@@ -25,7 +25,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from pipeline import db
+from pipeline.stores import db
 from pipeline.config import Settings, get_settings
 from pipeline.constants import JOB_TERMINAL, TIERS
 from pipeline.errors import ConfigError, InputError

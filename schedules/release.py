@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from pipeline import db
+from pipeline.stores import batches, db
 from pipeline.intake.dispatch import enqueue_batch as dispatch
 
 
@@ -52,7 +52,7 @@ def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, disp
     for batch_id, tier, jobs in rows:
         dispatcher(batch_id, tier, jobs)
     with engine.begin() as conn:
-        db.mark_dispatched(conn, [r.batch_id for r in rows])
+        batches.mark_dispatched(conn, [r.batch_id for r in rows])
     return [r.batch_id for r in rows]
 
 
@@ -86,7 +86,7 @@ def release_for_deadlines(before, tier: str, limit: int = 1000, *, engine=None,
     for batch_id, _, jobs in rows:
         dispatcher(batch_id, tier, jobs)
     with engine.begin() as conn:
-        db.mark_dispatched(conn, [r.batch_id for r in rows])
+        batches.mark_dispatched(conn, [r.batch_id for r in rows])
     return [(r.batch_id, r.held_tier) for r in rows]
 
 

@@ -35,7 +35,7 @@ import time
 
 import psycopg
 
-from pipeline import db
+from pipeline.stores import db
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS, queue_for
 from pipeline.intake.tiers import rules_for

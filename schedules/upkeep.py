@@ -38,7 +38,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from pipeline import db
+from pipeline.stores import batches, db, jobs
 from pipeline.intake.batcher import dispatch
 from pipeline.config import Settings, get_settings
 from schedules.clock import Clock, get_clock
@@ -86,7 +86,7 @@ def redispatch_stuck(*, settings: Settings | None = None, engine=None, dispatche
     settings = settings or get_settings()
     engine = engine or db.get_engine()
     with engine.begin() as conn:
-        stuck = list(db.undispatched_batches(conn, settings.sweep_after_s))
+        stuck = list(batches.undispatched_batches(conn, settings.sweep_after_s))
         stuck += conn.execute(sa.text(
             "SELECT batch_id, tier FROM batches WHERE status = 'dispatched'"
             " AND dispatched_at < now() - make_interval(secs => :s) ORDER BY dispatched_at LIMIT 1000"),
@@ -96,7 +96,7 @@ def redispatch_stuck(*, settings: Settings | None = None, engine=None, dispatche
         dispatcher(batch_id, tier)
     if stuck:
         with engine.begin() as conn:
-            db.mark_dispatched(conn, [b for b, _ in stuck])
+            batches.mark_dispatched(conn, [b for b, _ in stuck])
             # mark_dispatched only moves 'queued'; a re-sent 'dispatched' batch restarts its timeout
             conn.execute(sa.text(
                 "UPDATE batches SET dispatched_at = now() WHERE batch_id = ANY(:ids) AND status = 'dispatched'"),
@@ -164,7 +164,7 @@ def close_abandoned_submits(*, engine=None, stale_s: float = SUBMIT_STALE_S) -> 
                 conn.execute(sa.text("UPDATE jobs SET status = 'failed', finished_at = now() WHERE job_id = :j"),
                              {"j": job_id})
             else:
-                db.refresh_jobs(conn, [job_id])
+                jobs.refresh_jobs(conn, [job_id])
         log.warning("upkeep: job %s was left submitting by a submit that is gone: closed with %d lines, "
                     "%d accepted, %d rejected", job_id, row.lines_read, row.accepted, row.rejected,
                     extra={"job": job_id})
@@ -225,7 +225,7 @@ def close_short_jobs(*, engine=None, quiet_s: float = SHORT_JOB_QUIET_S) -> list
             " WHERE j.job_id = c.job_id AND j.status = 'running' AND c.open = 0 AND c.n + j.refused < j.accepted"
             " AND coalesce(c.last, j.created_at) < now() - make_interval(secs => :q)"
             " RETURNING j.job_id, j.refused"), {"q": quiet_s}).all()
-        db.refresh_jobs(conn, [j for j, _ in rows])
+        jobs.refresh_jobs(conn, [j for j, _ in rows])
     for job_id, refused in rows:
         log.warning("upkeep: job %s waited %d s for %d accepted lines that never became requests"
                     " (refused by the batcher: see llm.requests.dlq); ended without them",

@@ -1,6 +1,6 @@
 -- Views for the questions users ask, and the read-only role `llmbatch sql` uses.
 --
---   job_summary   one row per job: counts by state, cost, wall time (pipeline/db.job_status reads it)
+--   job_summary   one row per job: counts by state, cost, wall time (pipeline/stores/jobs.job_status reads it)
 --   cost_daily    spend and tokens by UTC day, provider, model and tier
 --   tier_latency  p50/p95 queue wait (started_at - created_at) and provider latency per tier per hour
 --   rejections    stays a TABLE (001): job_id, line, custom_id, reason, created_at; no view needed

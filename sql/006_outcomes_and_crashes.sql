@@ -2,7 +2,7 @@
 --
 -- A job is 'completed' only when every request succeeded; otherwise it ends
 -- 'completed_with_errors' (some failed or were cancelled) or 'failed' (none
--- succeeded). pipeline/db.py refresh_jobs decides; pipeline/constants.py
+-- succeeded). pipeline/stores/jobs.py refresh_jobs decides; pipeline/constants.py
 -- JOB_STATES and JOB_TERMINAL list the same states.
 --
 -- batches.crashes counts the deliveries whose previous holder neither finished,

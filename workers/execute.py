@@ -32,8 +32,9 @@ import logging
 import time
 from decimal import Decimal
 
-from pipeline import budget, calls, db, metrics
-from pipeline.cache import ResponseCache
+from pipeline import budget, calls, metrics
+from pipeline.stores import batches, db, jobs as job_store, outcomes as outcome_store
+from pipeline.stores.cache import ResponseCache
 from pipeline.config import Settings, get_settings
 from pipeline.budget import BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount, from_units
 from pipeline.errors import LLMBatchError, PermanentProviderError, ProviderError
@@ -206,11 +207,11 @@ class OutcomeWriter:
 
     def _write(self, conn, outcomes, attempts, deferred=(), unconfirmed=(), answered=()) -> str:
         if self.batch_id is not None:
-            db.lock_batch(conn, self.batch_id)   # lock order: batch, requests, jobs (pipeline/db.py)
-        db.write_outcomes(conn, outcomes, attempts)
+            batches.lock_batch(conn, self.batch_id)   # lock order: batch, requests, jobs (pipeline/stores/batches.py)
+        outcome_store.write_outcomes(conn, outcomes, attempts)
         budget.write_deferred(conn, list(deferred))
         calls.resolve(conn, list(unconfirmed), list(answered))
-        db.refresh_jobs(conn, {o["job_id"] for o in outcomes})
+        job_store.refresh_jobs(conn, {o["job_id"] for o in outcomes})
         return budget.commit_xid(conn) if outcomes or unconfirmed else ""
 
 
@@ -267,7 +268,7 @@ class Gate:
             jobs = {j for j, _, _ in waiting}
 
             def ask(conn):
-                found = db.cancelled_jobs(conn, jobs)
+                found = job_store.cancelled_jobs(conn, jobs)
                 going = [] if self.lost.is_set() else [
                     c for j, _, c in waiting if c is not None and j not in found and j not in self.cancelled]
                 calls.record_sent(conn, going)
@@ -478,7 +479,7 @@ async def _keep_lease(engine, batch_id: str, owner: str, lease_s: float, lost: a
 
     def renew() -> bool:
         with engine.begin() as conn:
-            return db.renew_lease(conn, batch_id, owner, lease_s)
+            return batches.renew_lease(conn, batch_id, owner, lease_s)
 
     while True:
         await sleep(lease_s / 3 if failing_since is None else delay)
@@ -524,7 +525,7 @@ async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=Non
     engine = engine or db.get_engine()
     started = time.monotonic()
     lease_s = settings.batch_lease_s
-    claimed = await _claim(engine, lambda conn: db.claim_batch(conn, batch_id, owner, lease_s), batch_id)
+    claimed = await _claim(engine, lambda conn: batches.claim_batch(conn, batch_id, owner, lease_s), batch_id)
     if claimed is None:
         return {"skipped": "done or leased by a live worker"}
     tier = claimed[0]["tier"]
@@ -550,7 +551,7 @@ async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=Non
             if (run.done() and isinstance(run.result(), BaseException)) or time.monotonic() - started > CHAIN_MAX_S:
                 break
             holder = f"{owner}/{len(runs)}"   # a lease of its own: the batch's Celery task is another owner
-            claimed = await _claim(engine, lambda conn, h=holder: db.claim_next_batch(conn, tier, h, lease_s),
+            claimed = await _claim(engine, lambda conn, h=holder: batches.claim_next_batch(conn, tier, h, lease_s),
                                    f"next {tier} batch")
     outcomes = [r.result() for r in runs]
     failed = [o for o in outcomes if isinstance(o, BaseException)]
@@ -571,7 +572,7 @@ async def _claim(engine, take, what: str) -> tuple[dict, list[dict]] | None:
             return None
         # calls still on record as sent were cut off with the batch's last worker: spent, unconfirmed
         batch["calls_cut_off"] = calls.take_over(conn, batch["batch_id"])
-        return batch, db.open_requests(conn, batch["batch_id"])
+        return batch, batches.open_requests(conn, batch["batch_id"])
     return await asyncio.to_thread(db.retrying, engine, work, what=f"claiming {what}")
 
 
@@ -585,7 +586,7 @@ async def _run_claimed(batch: dict, requests: list[dict], *, owner: str, setting
         reason = _reason(e) if isinstance(e, Exception) else "its worker task was stopped"
         try:
             await asyncio.shield(asyncio.to_thread(
-                db.retrying, engine, lambda conn: db.release_lease(conn, batch["batch_id"], owner, reason),
+                db.retrying, engine, lambda conn: batches.release_lease(conn, batch["batch_id"], owner, reason),
                 what=f"releasing batch {batch['batch_id']}", patience_s=30.0))
         except Exception as release_error:   # the lease runs out by itself
             log.warning("batch %s: could not release its lease: %s", batch["batch_id"], _reason(release_error))
@@ -655,17 +656,17 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
         if lost.is_set():   # the new holder finishes it
             return "lost"
         if writer.deferred_kinds:   # parked until a period rolls or a cap is raised
-            db.lock_batch(conn, batch_id)
+            batches.lock_batch(conn, batch_id)
             budget.defer_batch(conn, batch_id, writer.deferred_kinds)
             return "deferred"
-        if db.finish_batch(conn, batch_id, owner):
+        if batches.finish_batch(conn, batch_id, owner):
             return "done"
-        return "open" if db.renew_lease(conn, batch_id, owner, settings.batch_lease_s) else "lost"
+        return "open" if batches.renew_lease(conn, batch_id, owner, settings.batch_lease_s) else "lost"
 
     if writer.unwritten:   # pragma: no cover - drain returns only once written
         raise RuntimeError(f"batch {batch_id}: {writer.unwritten} outcomes unwritten")
     state = await asyncio.to_thread(db.retrying, engine, finish, what=f"finishing batch {batch_id}")
-    await asyncio.to_thread(db.retrying, engine, lambda conn: db.refresh_jobs(conn, jobs),
+    await asyncio.to_thread(db.retrying, engine, lambda conn: job_store.refresh_jobs(conn, jobs),
                             what=f"ending the jobs of batch {batch_id}")
     if state == "open":
         raise RuntimeError(f"batch {batch_id}: requests still open after its run; left for a re-run")

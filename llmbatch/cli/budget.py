@@ -14,7 +14,7 @@ import sys
 import click
 
 from pipeline import budget as budget_mod
-from pipeline import db
+from pipeline.stores import db
 from pipeline.config import get_settings
 from pipeline.constants import TIERS
 from pipeline.errors import BudgetError, ConfigError

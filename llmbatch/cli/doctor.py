@@ -67,7 +67,7 @@ def check_settings(settings: Settings) -> list[Check]:
 def check_postgres(settings: Settings) -> list[Check]:
     import sqlalchemy as sa
 
-    from pipeline import db
+    from pipeline.stores import db
 
     def reach():
         with db.get_engine().connect() as conn:

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import click
 
-from pipeline import db
+from pipeline.stores import db, jobs as job_store, outcomes
 from pipeline.config import get_settings
 from pipeline.constants import JOB_TERMINAL, SIMULATOR_LABEL, TIERS
 
-#: every state a job can be in (sql/001_init.sql, pipeline/db.py, pipeline/budget.py)
+#: every state a job can be in (sql/001_init.sql, pipeline/stores/jobs.py, pipeline/budget.py)
 JOB_STATES = ("submitting", "running", "paused_budget", "completed", "failed", "cancelled")
 from pipeline.errors import FileInputError, InfrastructureError, LLMBatchError
 from llmbatch.cli.budget import CAP_USD as _CAP_USD  # the one validation of a typed cap
@@ -141,7 +141,7 @@ def submit(file, priority, tier, budget_usd, on_budget, name, wait, resume_job, 
                              on_budget=on_budget, name=name, mode=mode, fallback_model=fallback_model,
                              job_id=resume_job, resume=bool(resume_job), on_progress=_progress_printer())
         if batch_fallback != "realtime":
-            from schedules.provider_batches import set_batch_fallback
+            from pipeline.stores.jobs import set_batch_fallback
             set_batch_fallback(report.job_id, batch_fallback)
     except FileInputError as e:
         _fail(str(e), 2)
@@ -175,7 +175,7 @@ def submit(file, priority, tier, budget_usd, on_budget, name, wait, resume_job, 
         except KeyboardInterrupt:
             _stopped_waiting(report.job_id)
         _print_status(status, as_json)
-        # 'completed' only when every request succeeded (pipeline/db.py refresh_jobs)
+        # 'completed' only when every request succeeded (pipeline/stores/jobs.py refresh_jobs)
         sys.exit(0 if status["status"] == "completed" else 1)
     if as_json:
         from llmbatch.cli import views
@@ -269,17 +269,17 @@ def _engine_or_exit():
 @click.option("--partial", is_flag=True, help="The job is not finished: write only the requests that are.")
 def results(job_id, output, fmt, partial):
     """Export a job's results, one line (or CSV row) per request, in input order."""
-    from pipeline.export import finished_only, write_results
+    from pipeline.stores.export import finished_only, write_results
     engine = _engine_or_exit()
     with engine.connect() as conn:
-        st = db.job_status(conn, job_id)
+        st = job_store.job_status(conn, job_id)
         if st is None:
             _fail(f"no job {job_id}", 2)
         unfinished = st["counts"]["pending"]
         if (st["status"] not in JOB_TERMINAL or unfinished) and not partial:
             _fail(f"job {job_id} is {st['status']} with {unfinished} requests not finished: wait"
                   f" (`llmbatch status {job_id} --watch`), or write the finished ones with --partial", 2)
-        rows = db.iter_results(conn, job_id)
+        rows = outcomes.iter_results(conn, job_id)
         if partial:
             rows = finished_only(rows)
         out = output.open("w", newline="" if fmt == "csv" else None) if output else sys.stdout
@@ -301,7 +301,7 @@ def rejections(job_id, limit, as_json):
     """The lines of a job that were rejected, with their line number and reason."""
     from llmbatch.cli import views
     with _engine_or_exit().connect() as conn:
-        if db.job_status(conn, job_id) is None:
+        if job_store.job_status(conn, job_id) is None:
             _fail(f"no job {job_id}", 2)
         rows = views.list_rejections(conn, job_id, limit=limit)
     if as_json:
@@ -444,7 +444,7 @@ def report(job_id, since, chart, no_chart, as_json):
     except ValueError as e:
         _fail(str(e), 2)
     with _engine_or_exit().connect() as conn:
-        if job_id and db.job_status(conn, job_id) is None:
+        if job_id and job_store.job_status(conn, job_id) is None:
             _fail(f"no job {job_id}", 2)
         data = rep.cost_rows(conn, job_id=job_id, since=since_at)
     title = f"job {job_id}" if job_id else f"since {since_at:%Y-%m-%d %H:%M} UTC"
@@ -548,7 +548,7 @@ def batcher(max_seconds):
     _setup_logging("INFO")
     the_batcher = Batcher()
     metrics.count_cache_from(the_batcher.stats)   # its cache hits and misses, as counters
-    metrics.serve("batcher", get_settings(), with_state=True)
+    metrics.serve("batcher", get_settings(), state_engine=db.get_engine)
     the_batcher.run(max_seconds=max_seconds)
 
 

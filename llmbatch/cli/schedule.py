@@ -132,7 +132,7 @@ def schedule_run(name, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def cancel(job_id, as_json):
     """Cancel a job: held and queued requests stop, calls in flight finish, provider batches are cancelled."""
-    from schedules.provider_batches import cancel_job
+    from pipeline.stores.jobs import cancel_job
     out = cancel_job(job_id)
     if out is None:
         _fail(f"no job {job_id}", 2)

@@ -18,7 +18,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pipeline import db
+from pipeline.stores import db, jobs
 from pipeline.config import get_settings
 from pipeline.constants import JOB_TERMINAL, TIERS
 from pipeline.logs import escape_controls
@@ -32,7 +32,7 @@ RATE_WINDOW_S = 30
 
 def job_view(conn: Connection, job_id: str) -> dict | None:
     """``db.job_status`` plus per-tier states, budget, rate and ETA (``status --json``)."""
-    st = db.job_status(conn, job_id)
+    st = jobs.job_status(conn, job_id)
     if st is None:
         return None
     by_tier = {t: dict.fromkeys(STATES, 0) for t in TIERS}

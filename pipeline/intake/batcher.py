@@ -52,8 +52,9 @@ import redis
 import sqlalchemy as sa
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from pipeline import db, metrics
-from pipeline.cache import PREFIX as CACHE_PREFIX, ResponseCache
+from pipeline import metrics
+from pipeline.stores import batches as batch_store, db
+from pipeline.stores.cache import PREFIX as CACHE_PREFIX, ResponseCache
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC
 from pipeline.errors import ConfigError, LineError
@@ -389,9 +390,9 @@ class Batcher:
         rows, batches, cached = self._plan(items, answers)
         try:
             with self.engine.begin() as conn:
-                rows, refused = db.admit_requests(conn, rows)
-                counts = db.write_batches(conn, rows, batches, cached)
-                db.mark_provider_batch_mode(conn, [b["batch_id"] for b in batches
+                rows, refused = batch_store.admit_requests(conn, rows)
+                counts = batch_store.write_batches(conn, rows, batches, cached)
+                batch_store.mark_provider_batch_mode(conn, [b["batch_id"] for b in batches
                                                    if b["mode"] == "provider_batch" and counts.get(b["batch_id"])])
         except Exception as e:
             if is_conflict(e):
@@ -484,7 +485,7 @@ class Batcher:
         if sent:
             try:
                 with self.engine.begin() as conn:
-                    db.mark_dispatched(conn, sent)
+                    batch_store.mark_dispatched(conn, sent)
             except Exception as e:   # still 'queued': the sweep sends them again, a lease runs each once
                 log.info("batches dispatched but not marked so: %s", e)
 
@@ -534,9 +535,9 @@ class Batcher:
             return 0
         try:
             with self.engine.begin() as conn:
-                stuck = db.undispatched_batches(conn, self.settings.sweep_after_s)
+                stuck = batch_store.undispatched_batches(conn, self.settings.sweep_after_s)
                 if self._broker_emptied():
-                    lost = db.dispatched_batches(conn)
+                    lost = batch_store.dispatched_batches(conn)
                     log.warning("the Celery broker's Redis lost its data (flushed, or restarted empty): "
                                 "dispatching the %d batches its queues held again", len(lost))
                     stuck += lost

@@ -17,7 +17,7 @@ producer's own Kafka password. Producer passwords derive from
 ``kafka_producer_key`` (pipeline/config.py ``producer_password``), so the
 batcher recomputes the password of the named producer and checks the
 signature: only whoever holds that producer's credentials can sign as it,
-and a job belongs to the producer that made it (pipeline/db.py).
+and a job belongs to the producer that made it (pipeline/stores/batches.py).
 """
 
 from __future__ import annotations

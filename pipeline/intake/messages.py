@@ -30,7 +30,7 @@ import jsonschema
 from jsonschema import Draft202012Validator
 
 from pipeline.bounds import request_bound
-from pipeline.cache import cache_key, is_cacheable
+from pipeline.stores.cache import cache_key, is_cacheable
 from pipeline.constants import DISPATCHED_TIERS
 from pipeline.errors import LineError
 from pipeline.intake.formats import MAX_DEPTH, check_values

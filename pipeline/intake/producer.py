@@ -44,7 +44,7 @@ from typing import Callable
 import sqlalchemy as sa
 from confluent_kafka import KafkaError, KafkaException
 
-from pipeline import db
+from pipeline.stores import db, jobs
 from pipeline.config import Settings, get_settings
 from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import FileInputError, InfrastructureError, LineError, UnknownModelError
@@ -338,7 +338,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
         previous = {"lines_read": 0, "accepted": 0, "rejected": 0, "last_line": 0}
         job_id = job_id or new_job_id()
         with db.transaction(engine) as conn:
-            db.create_job(conn, job_id, name=name or ("stdin" if is_stdin(path) else path.name),
+            jobs.create_job(conn, job_id, name=name or ("stdin" if is_stdin(path) else path.name),
                           source=str(path), priority=priority,
                           tier=tier, budget_usd=budget_usd, on_budget=on_budget, mode=mode,
                           simulated=settings.simulated, fallback_model=fallback_model,
@@ -353,7 +353,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     def flush_rejections():
         if rejections:
             with db.transaction(engine) as conn:
-                db.record_rejections(conn, job_id, rejections)
+                jobs.record_rejections(conn, job_id, rejections)
             rejections.clear()
 
     def heartbeat():
@@ -421,7 +421,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     if deliveries.failed or unacked:
         report.unacknowledged = sorted(deliveries.failed)
         with db.transaction(engine) as conn:
-            db.record_rejections(conn, job_id, [
+            jobs.record_rejections(conn, job_id, [
                 {"line": n, "custom_id": None, "reason": f"Kafka did not acknowledge the message: {err}"}
                 for n, err in deliveries.failed.items()])
         for n, err in deliveries.failed.items():
@@ -435,7 +435,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                                   f" (job {job_id}; it will be closed with the lines that arrived)")
     total_accepted = previous["accepted"] + report.accepted
     with db.transaction(engine) as conn:
-        db.finish_submit(conn, job_id, lines_read=previous["lines_read"] + report.lines_read,
+        jobs.finish_submit(conn, job_id, lines_read=previous["lines_read"] + report.lines_read,
                          accepted=total_accepted, rejected=previous["rejected"] + report.rejected)
         conn.execute(sa.text("UPDATE jobs SET submit_line = :n WHERE job_id = :j"),
                      {"n": report.last_line, "j": job_id})

@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from pipeline import db
+from pipeline.stores import db
 from pipeline.config import ROOT, get_settings
 from tests.integration.conftest import LLMBATCH, stack, wait_for  # noqa: F401  (stack: pytest fixture)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from pipeline import db
+from pipeline.stores import db
 from pipeline.config import get_settings
 from tests.conftest import require
 

@@ -13,7 +13,8 @@ import uuid
 
 import sqlalchemy as sa
 
-from pipeline import budget, db
+from pipeline import budget
+from pipeline.stores import db
 
 
 #: one event loop for every in-process batch of the test session, as a worker process has one:

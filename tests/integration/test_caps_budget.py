@@ -311,13 +311,13 @@ def test_reconcile_puts_the_counters_back_on_the_ledger(stack, engine, clients):
 def test_raising_a_job_cap_while_the_job_is_cancelled_does_not_deadlock(stack, engine, clients):
     """``budget set --job`` takes the job's batches before the job, in cancel's lock order.
 
-    The cancel side holds the job's batches and then updates the job (schedules/provider_batches.py
+    The cancel side holds the job's batches and then updates the job (pipeline/stores/jobs.py
     ``cancel_job``); ``set_cap`` starts while it holds them. Taken in the other order, one of the
     two is killed by Postgres' deadlock detector.
     """
     import threading
 
-    from pipeline import db
+    from pipeline.stores import jobs
     settings = budget_settings(stack)
     _, sredis = clients(settings)
     job = _job(engine, Decimal("0.0001"))
@@ -340,7 +340,7 @@ def test_raising_a_job_cap_while_the_job_is_cancelled_does_not_deadlock(stack, e
     with engine.connect() as canceller:
         tx = canceller.begin()
         pid = canceller.execute(sa.text("SELECT pg_backend_pid()")).scalar()
-        db.lock_job_batches(canceller, job)
+        jobs.lock_job_batches(canceller, job)
         setter = threading.Thread(target=raise_cap)
         setter.start()
 

@@ -12,9 +12,10 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from pipeline import budget, db
+from pipeline import budget
+from pipeline.stores import batches, jobs as job_store
 from pipeline.providers.openai import OpenAIProvider
-from schedules.provider_batches import cancel_job
+from pipeline.stores.jobs import cancel_job
 from tests.integration.conftest import wait_for
 from tests.integration.execution_helpers import (LOOP, calls_of, keys_seen, make_batch, requests_of, scalar,
                                                  simulator_config)
@@ -59,8 +60,8 @@ def _defer_and_resume(engine, batch: str, owner: str) -> None:
     """What a budget deferral does to a batch: claimed, its requests deferred, the batch parked,
     then resumed by the sweep (``resume_due_batches``)."""
     with engine.begin() as conn:
-        assert db.claim_batch(conn, batch, owner, 60) is not None
-        reqs = db.open_requests(conn, batch)
+        assert batches.claim_batch(conn, batch, owner, 60) is not None
+        reqs = batches.open_requests(conn, batch)
         budget.write_deferred(conn, [{"job_id": r["job_id"], "custom_id": r["custom_id"], "scope": "unavailable"}
                                      for r in reqs])
         budget.defer_batch(conn, batch, {"unavailable"})
@@ -87,8 +88,8 @@ def test_crashed_deliveries_are_counted_and_the_poison_message_says_so(stack, en
     job, batch = make_batch(engine, 3)
     for i in range(5):
         with engine.begin() as conn:
-            assert db.claim_batch(conn, batch, f"dead-{i}", 0.05) is not None
-            db.open_requests(conn, batch)
+            assert batches.claim_batch(conn, batch, f"dead-{i}", 0.05) is not None
+            batches.open_requests(conn, batch)
         time.sleep(0.1)   # the lease runs out: its holder died
     _run(batch, stack)
     reqs = requests_of(engine, job)
@@ -205,11 +206,11 @@ def test_job_outcome_says_whether_every_request_succeeded(stack, engine):
             for i, st in enumerate(states):
                 conn.execute(sa.text("UPDATE requests SET status = :s WHERE job_id = :j AND custom_id = :c"),
                              {"s": st, "j": job, "c": f"r{i}"})
-            db.refresh_jobs(conn, [job])
+            job_store.refresh_jobs(conn, [job])
         jobs[job] = expected
     with engine.connect() as conn:
         for job, expected in jobs.items():
-            assert db.job_status(conn, job)["status"] == expected
+            assert job_store.job_status(conn, job)["status"] == expected
             assert conn.execute(sa.text("SELECT status FROM job_summary WHERE job_id = :j"),
                                 {"j": job}).scalar() == expected
     with engine.begin() as conn, pytest.raises(sa.exc.IntegrityError):
@@ -222,7 +223,7 @@ def test_cancel_and_claim_in_opposite_order_do_not_deadlock(stack, engine):
     job, batch = make_batch(engine, 6)
     claim_conn = engine.connect()
     tx = claim_conn.begin()
-    assert db.claim_batch(claim_conn, batch, "claimer", 60) is not None   # the batch row is locked
+    assert batches.claim_batch(claim_conn, batch, "claimer", 60) is not None   # the batch row is locked
     outcome = {}
 
     def cancel():
@@ -238,7 +239,7 @@ def test_cancel_and_claim_in_opposite_order_do_not_deadlock(stack, engine):
         assert time.monotonic() < deadline, "the cancel never waited for the claim"
         time.sleep(0.05)
     try:
-        claimed = db.open_requests(claim_conn, batch)   # the order that deadlocked: batch, then requests
+        claimed = batches.open_requests(claim_conn, batch)   # the order that deadlocked: batch, then requests
         tx.commit()
     except Exception as e:
         tx.rollback()

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import pytest
 import sqlalchemy as sa
 
-from pipeline import budget, clock, db
+from pipeline import budget, clock
 from pipeline.pricing import get_price_book
 from pipeline.providers import batch_api
 from schedules import provider_batches
@@ -214,7 +214,7 @@ def test_a_settle_redis_refused_neither_stalls_a_later_job_nor_waits_without_a_r
 
 _KILL_AFTER_COMMIT = """
 import os, signal, sys
-from pipeline import db
+from pipeline.stores import db
 from pipeline.config import get_settings
 from schedules import provider_batches
 def die(*a, **k):

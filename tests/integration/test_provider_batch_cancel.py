@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from schedules.provider_batches import cancel_job
+from pipeline.stores.jobs import cancel_job
 from tests.integration import provider_witness as pw
 from tests.integration.conftest import wait_for
 from tests.integration.execution_helpers import calls_of, simulator_config

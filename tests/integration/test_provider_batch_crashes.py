@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from pipeline.config import get_settings
 from pipeline.ids import request_key
 from pipeline.providers import batch_api
+from pipeline.stores import jobs
 from schedules import provider_batches
 from schedules.clock import DbClock
 from schedules.service import Ticker
@@ -55,7 +56,7 @@ class Crash(BaseException):
 @pytest.fixture(scope="module")
 def no_scheduler(stack):
     """No scheduler runs (this module drives the ticks), a quick simulator; restored after."""
-    from pipeline import db
+    from pipeline.stores import db
     _stack("down", "scheduler")
     engine = db.get_engine()
     wait_for(lambda: _leader_pid(engine) is None, timeout=30, what="no scheduler leading")
@@ -103,7 +104,7 @@ def _crash_at(step: str, mp) -> None:
     elif step == "ingesting":
         def die(*a, **k):
             raise Crash("killed inside the ingest transaction")
-        mp.setattr(pbm.db, "refresh_jobs", die)   # the ingest transaction's last statement
+        mp.setattr(jobs, "refresh_jobs", die)   # the ingest transaction's last statement
     elif step == "settling":
         def die(*a, **k):
             raise Crash("killed after the ingest commit, before the settle")
@@ -229,7 +230,7 @@ def _crash_then_cancel(engine, settings, job: str, mp) -> dict:
             dead.provider()
             time.sleep(0.1)
     mp.undo()
-    return provider_batches.cancel_job(job, settings=settings, engine=engine)
+    return jobs.cancel_job(job, settings=settings, engine=engine)
 
 
 def _run_until_terminal(engine, settings, job: str) -> None:

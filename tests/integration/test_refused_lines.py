@@ -13,7 +13,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from pipeline import db
+from pipeline.stores import db, jobs
 from schedules.upkeep import close_short_jobs
 
 
@@ -52,5 +52,5 @@ def test_a_quiet_job_missing_lines_ends_with_them_counted(stack):
     assert _state(engine, slow) == ("running", 0)
     assert _state(engine, busy) == ("running", 0)
     with engine.connect() as conn:
-        assert db.job_status(conn, short)["counts"]["refused"] == 2
+        assert jobs.job_status(conn, short)["counts"]["refused"] == 2
     assert short not in close_short_jobs(engine=engine, quiet_s=600)   # once only

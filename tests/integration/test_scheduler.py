@@ -56,7 +56,7 @@ def _start_scheduler(log: Path) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def scheduler(stack, tmp_path_factory):
     """A leading scheduler: the stack's, or one started here for the module."""
-    from pipeline import db
+    from pipeline.stores import db
     engine = db.get_engine()
     DbClock(engine).reset()
     proc = None
@@ -225,7 +225,7 @@ def _cancel_a_provider_batch_job(scheduler, tmp_path):
                                           "messages": [{"role": "user", "content": f"cancel me {i} {uuid.uuid4().hex}"}]}}
         for i in range(n)])
     import anthropic  # noqa: F401  (imported before the race: the first import takes a second or more)
-    from schedules.provider_batches import cancel_job   # in-process: no CLI start-up in the race
+    from pipeline.stores.jobs import cancel_job   # in-process: no CLI start-up in the race
     job = _submit(path, "--mode", "provider_batch", "--tier", "background")
 
     def submitted():

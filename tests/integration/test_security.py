@@ -209,7 +209,7 @@ def test_reader_sessions_cannot_take_the_pipelines_connections(stack, tmp_path):
     assert outcomes.count("cancelled") <= limit, outcomes.count("cancelled")
     # a refused attempt holds a server process (and a slot) until it is refused: a burst of attempts can
     # briefly fill max_connections, and some are then refused for that instead (on a loaded CI machine,
-    # most of them); the pipeline's own connects wait such a moment out (pipeline/db.py), as status and
+    # most of them); the pipeline's own connects wait such a moment out (pipeline/stores/db.py), as status and
     # submit above did. What counts: no session past the role's limit ran.
     slots = ("too many connections for role", "remaining connection slots", "too many clients already")
     refused = [msg for what, msg in results if what == "refused"]

@@ -29,7 +29,8 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from pipeline import budget, db
+from pipeline import budget
+from pipeline.stores import jobs
 from pipeline.providers import base
 from pipeline.bounds import request_bound
 from pipeline.pricing import get_price_book
@@ -125,7 +126,7 @@ def test_timed_out_calls_are_spent_at_their_maximum(stack, engine, process):
     assert {r["status"] for r in requests_of(engine, job).values()} == {"deferred"}
     # status, budget show and the views show it apart from confirmed spend
     with engine.connect() as conn:
-        st = db.job_status(conn, job)
+        st = jobs.job_status(conn, job)
         view = conn.execute(sa.text("SELECT confirmed_usd, unconfirmed_usd FROM budget_spend WHERE scope = :s"),
                             {"s": f"job:{job}"}).one()
     assert Decimal(st["unconfirmed_usd"]) == unconfirmed and st["unconfirmed_calls"] == calls

@@ -211,7 +211,7 @@ def test_tables_print_decimals_plainly():
 
 
 def test_partial_results_write_only_finished_requests():
-    from pipeline.export import finished_only
+    from pipeline.stores.export import finished_only
     rows = [{"custom_id": "a", "status": "succeeded"}, {"custom_id": "b", "status": "held"},
             {"custom_id": "c", "status": "failed"}, {"custom_id": "d", "status": "running"}]
     assert [r["custom_id"] for r in finished_only(rows)] == ["a", "c"]

@@ -8,8 +8,9 @@ import contextlib
 import pytest
 import sqlalchemy as sa
 
-from pipeline import db
+
 from pipeline.ids import request_key
+from pipeline.stores import batches, jobs, outcomes as outcome_store
 from workers import execute
 
 
@@ -45,9 +46,9 @@ def stored(monkeypatch):
         rows["outcomes"] += outcomes
         rows["attempts"] += attempts
 
-    monkeypatch.setattr(db, "write_outcomes", write_outcomes)
-    monkeypatch.setattr(db, "lock_batch", lambda conn, b: None)
-    monkeypatch.setattr(db, "refresh_jobs", lambda conn, ids: None)
+    monkeypatch.setattr(outcome_store, "write_outcomes", write_outcomes)
+    monkeypatch.setattr(batches, "lock_batch", lambda conn, b: None)
+    monkeypatch.setattr(jobs, "refresh_jobs", lambda conn, ids: None)
     monkeypatch.setattr(execute.budget, "write_deferred", lambda conn, d: rows["deferred"].extend(d))
     xids = iter(range(100, 10**6))
     monkeypatch.setattr(execute.budget, "commit_xid", lambda conn: str(next(xids)))
@@ -150,7 +151,7 @@ def _keep(renewals, lease_s: float = 30.0, until: float = 200.0):
         return lost.is_set()
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(db, "renew_lease", renew)
+    mp.setattr(batches, "renew_lease", renew)
     try:
         return asyncio.run(run()), calls, clock.now
     finally:
@@ -195,7 +196,7 @@ def test_a_keeper_cancelled_as_its_renewal_comes_back_stops():
         return stopped
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(db, "renew_lease", renew)
+    mp.setattr(batches, "renew_lease", renew)
     mp.setattr(execute.asyncio, "to_thread", inline)
     try:
         stopped = asyncio.run(run())
@@ -238,7 +239,7 @@ def test_gate_stops_calls_of_a_cancelled_job_and_after_a_lost_lease(monkeypatch)
         asked.append(sorted(ids))
         return {"dead"} & set(ids)
 
-    monkeypatch.setattr(db, "cancelled_jobs", cancelled_jobs)
+    monkeypatch.setattr(jobs, "cancelled_jobs", cancelled_jobs)
 
     async def run():
         lost = asyncio.Event()

@@ -7,7 +7,7 @@ import io
 import json
 from decimal import Decimal
 
-from pipeline.export import anthropic_line, answer_text, openai_line, write_results
+from pipeline.stores.export import anthropic_line, answer_text, openai_line, write_results
 
 OPENAI_BODY = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},

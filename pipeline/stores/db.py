@@ -1,0 +1,174 @@
+"""Postgres access: the engine, transactions and retries, JSON parameters, and migrations.
+
+The statements every process shares live beside this module: jobs (pipeline/stores/jobs.py),
+batches and their requests (pipeline/stores/batches.py), outcomes (pipeline/stores/outcomes.py).
+
+SQLAlchemy 2.0 Core over psycopg 3. Bulk writes go through one statement per
+batch (``jsonb_to_recordset``), never a row at a time. Repository functions take
+a connection so callers compose transactions (a state change and a result
+write commit together). Writes are idempotent on natural keys: a replayed
+message or a redelivered task changes nothing that is already done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+import logging
+from decimal import Decimal
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from pipeline.config import ROOT, get_settings
+from pipeline.errors import InfrastructureError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = ROOT / "sql"
+
+
+@functools.cache
+def get_engine(url: str | None = None) -> Engine:
+    """One engine (and pool) per process."""
+    return sa.create_engine(url or get_settings().sqlalchemy_url, pool_size=5, max_overflow=10,
+                            pool_pre_ping=True, future=True)
+
+
+def dumps(value) -> str:
+    """JSON for jsonb parameters; Decimals keep their exact text."""
+    return json.dumps(value, separators=(",", ":"), default=_json_default, ensure_ascii=False)
+
+
+def _json_default(o):
+    if isinstance(o, Decimal):
+        return str(o)
+    if hasattr(o, "isoformat"):
+        return o.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def transaction(engine: Engine, patience_s: float = 60.0):
+    """``engine.begin()`` that waits out a short Postgres outage (a restart) when connecting.
+
+    Only the connect is retried, never a statement: the block runs once.
+    """
+    started = time.monotonic()
+    deadline = started + patience_s
+    waiting = False
+    while True:
+        try:
+            conn = engine.connect()
+            break
+        except sa.exc.OperationalError as e:
+            if time.monotonic() > deadline:
+                raise InfrastructureError(f"cannot reach Postgres: {e.orig}") from e
+            if not waiting:   # one line per state change, not one per attempt
+                log.warning("waiting for Postgres (up to %.0f s): %s", patience_s, str(e.orig).strip())
+                waiting = True
+            else:
+                log.debug("Postgres still unreachable: %s", e.orig)
+            time.sleep(1.0)
+    if waiting:
+        log.warning("Postgres reachable again after %.0f s", time.monotonic() - started)
+    with conn, conn.begin():
+        yield conn
+
+
+#: backoff of ``retrying``: first wait, growth, ceiling (seconds)
+RETRY_FIRST_S, RETRY_FACTOR, RETRY_MAX_S = 0.2, 2.0, 5.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error a later try of the same transaction can get past: Postgres down or
+    restarting, a dropped connection, a deadlock or serialization victim, a full pool."""
+    if isinstance(exc, InfrastructureError):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError))
+
+
+def retrying(engine: Engine, work, *, what: str, patience_s: float | None = None, sleep=time.sleep):
+    """``work(conn)`` in one transaction, tried again on a transient error until it commits.
+
+    A deadlock victim, a serialization failure and a Postgres outage are waited
+    out with backoff (a log line when it starts failing and one when it is
+    through, not one per try). ``patience_s``: give up after that long and raise
+    the last error (None: never). Other errors are raised at once. ``work``
+    must be safe to run again (every statement here is).
+    """
+    started, delay, failing = time.monotonic(), RETRY_FIRST_S, None
+    while True:
+        try:
+            with engine.begin() as conn:
+                out = work(conn)
+            if failing is not None:
+                log.warning("Postgres: %s went through after %.1f s", what, time.monotonic() - started)
+            return out
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if patience_s is not None and time.monotonic() - started > patience_s:
+                raise
+            reason = f"{type(getattr(e, 'orig', None) or e).__name__}"
+            if failing != reason:
+                log.warning("Postgres: %s failed (%s: %s); retrying with backoff", what, reason,
+                            str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e) else "")
+                failing = reason
+            sleep(delay)
+            delay = min(delay * RETRY_FACTOR, RETRY_MAX_S)
+
+
+# ---------------------------------------------------------------- migrations
+
+def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
+    """Ordered migrations: ``NNN_name.sql`` at the top of ``sql/``."""
+    return sorted(p for p in directory.glob("[0-9][0-9][0-9]_*.sql"))
+
+
+def upgrade(engine: Engine | None = None) -> list[str]:
+    """Apply migrations not yet applied, each in its own transaction. Idempotent.
+
+    An advisory lock keeps two concurrent upgrades from racing.
+    """
+    engine = engine or get_engine()
+    applied_now = []
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(727001)"))
+            conn.execute(sa.text(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"))
+            done = set(conn.execute(sa.text("SELECT version FROM schema_migrations")).scalars())
+            for path in migration_files():
+                if path.stem in done:
+                    continue
+                conn.exec_driver_sql(path.read_text())
+                conn.execute(sa.text("INSERT INTO schema_migrations (version) VALUES (:v)"),
+                             {"v": path.stem})
+                applied_now.append(path.stem)
+            _set_reader_password(conn)
+    except sa.exc.OperationalError as e:
+        raise InfrastructureError(f"cannot reach Postgres: {e.orig}") from e
+    return applied_now
+
+
+def _set_reader_password(conn: Connection) -> None:
+    """Give llmbatch_reader the password in ``reader_database_url``, when it has one
+    and we may (docker compose: password auth). Local stacks use trust: no password."""
+    from psycopg import sql
+    url = sa.engine.make_url(get_settings().reader_url)
+    if not (url.password and url.username == "llmbatch_reader"):
+        return
+    may, me = conn.execute(sa.text(
+        "SELECT rolsuper OR rolcreaterole, current_user FROM pg_roles WHERE rolname = current_user")).one()
+    if not may:
+        log.warning("cannot set llmbatch_reader's password: %s may not manage roles", me)
+        return
+    raw = conn.connection.driver_connection   # same transaction; no parameters, so no placeholder parsing
+    raw.execute(sql.SQL("ALTER ROLE llmbatch_reader PASSWORD {}").format(sql.Literal(url.password)))

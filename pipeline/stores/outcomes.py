@@ -1,0 +1,63 @@
+"""Finished requests in Postgres: result and attempt rows and terminal states (``write_outcomes``,
+idempotent), and a job's results read back in input order (``iter_results``).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from pipeline.stores.db import dumps
+
+
+def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict]) -> None:
+    """Store finished requests: result rows, attempt rows, terminal states. Idempotent.
+
+    ``outcomes``: job_id, custom_id, model, status ('succeeded'|'failed'|'cancelled':
+    a cancelled one, never sent, gets no result row),
+    status_code, response, error, token counts, usage_missing, cost_usd,
+    provider_request_id, latency_ms, attempts; ``budget_period`` ('YYYY-MM-DD'), the period its
+    cost was reserved in (pipeline/budget.py: one period per spend), by default the caps' clock's day.
+    """
+    if attempts:
+        conn.execute(sa.text(
+            "INSERT INTO attempts (job_id, custom_id, attempt, status_code, error, latency_ms,"
+            " provider_request_id, cost_usd)"
+            " SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text,"
+            " attempt smallint, status_code int, error text, latency_ms int, provider_request_id text,"
+            " cost_usd numeric) ON CONFLICT DO NOTHING"), {"rows": dumps(attempts)})
+    if not outcomes:
+        return
+    rows = dumps(outcomes)
+    answered = [o for o in outcomes if o["status"] in ("succeeded", "failed")]
+    conn.execute(sa.text(
+        "INSERT INTO results (job_id, custom_id, model, status_code, response, error, input_tokens,"
+        " cached_input_tokens, output_tokens, usage_missing, cost_usd, provider_request_id, latency_ms,"
+        " budget_period)"
+        " SELECT x.job_id, x.custom_id, x.model, x.status_code, x.response, x.error, x.input_tokens,"
+        " x.cached_input_tokens, x.output_tokens, coalesce(x.usage_missing, false), x.cost_usd,"
+        " x.provider_request_id, x.latency_ms, coalesce(x.budget_period, budget_day())"
+        " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, model text,"
+        " status_code int, response jsonb, error jsonb, input_tokens int, cached_input_tokens int,"
+        " output_tokens int, usage_missing bool, cost_usd numeric, provider_request_id text, latency_ms int,"
+        " budget_period date)"
+        " ON CONFLICT DO NOTHING"), {"rows": dumps(answered)})
+    conn.execute(sa.text(
+        "UPDATE requests r SET status = x.status, attempts = x.attempts, finished_at = now()"
+        " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, status text,"
+        " attempts smallint)"
+        " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"
+        " AND r.status NOT IN ('succeeded', 'failed', 'cancelled')"), {"rows": rows})
+
+
+def iter_results(conn: Connection, job_id: str, chunk: int = 2000):
+    """Results of a job in input order, streamed."""
+    result = conn.execution_options(stream_results=True, yield_per=chunk).execute(sa.text(
+        "SELECT q.custom_id, q.line, q.status, r.status_code, r.response, r.error,"
+        " r.provider_request_id, r.cost_usd, q.model, r.input_tokens, r.cached_input_tokens,"
+        " r.output_tokens"
+        " FROM requests q LEFT JOIN results r USING (job_id, custom_id)"
+        " WHERE q.job_id = :j ORDER BY q.line NULLS LAST, q.custom_id"), {"j": job_id})
+    for row in result.mappings():
+        yield dict(row)
+

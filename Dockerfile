@@ -19,7 +19,7 @@ COPY sql ./sql
 # Editable, so that the package root stays /app: migrations are read from
 # sql/ and state (tokenizer files) lives in var/ beside the package.
 RUN pip install -e . \
- && python -m pipeline.tokens provision \
+ && python -m pipeline.money.tokens provision \
  && useradd --system --home-dir /app llmbatch \
  && chown -R llmbatch /app/var
 USER llmbatch

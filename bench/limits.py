@@ -221,7 +221,7 @@ def rates_tpm(quick: bool) -> dict:
 
 def _tokens_per_call(path: Path) -> int:
     from pipeline.intake.formats import parse_request
-    from pipeline.pricing import get_price_book
+    from pipeline.money.pricing import get_price_book
     from pipeline.providers.ratelimit import request_tokens
     first = json.loads(path.read_text().splitlines()[0])
     req = parse_request(first, get_price_book())
@@ -466,7 +466,7 @@ def budget(quick: bool) -> dict:
 
 def _max_cost(path: Path) -> Decimal:
     from pipeline.intake.formats import parse_request
-    from pipeline.pricing import get_price_book
+    from pipeline.money.pricing import get_price_book
     book = get_price_book()
     return max(parse_request(json.loads(line), book).max_cost_usd for line in path.read_text().splitlines())
 

@@ -41,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import LLMBATCH, clear_rate_limits, restarted, simulator  # noqa: E402
 
-from pipeline import budget  # noqa: E402
+from pipeline.money import caps as caps_mod, ledger, scripts, units  # noqa: E402
 from pipeline.stores import db
 from pipeline.config import get_settings  # noqa: E402
-from pipeline.bounds import request_bound  # noqa: E402
-from pipeline.pricing import get_price_book  # noqa: E402
+from pipeline.money.bounds import request_bound  # noqa: E402
+from pipeline.money.pricing import get_price_book  # noqa: E402
 
 MODEL, CLAUDE = "gpt-4o-mini", "claude-haiku-4-5"
 RPM = 60
@@ -99,7 +99,7 @@ def _cap_for(lines: list[dict], count: int) -> Decimal:
     prices, picked = get_price_book(), lines[:count]
     total = sum((request_bound("openai" if "body" in ln else "anthropic", ln.get("body") or ln["params"],
                                prices).max_cost_usd for ln in picked), Decimal(0))
-    return total.quantize(budget.UNIT)
+    return total.quantize(units.UNIT)
 
 
 def _cli(*args, env=None) -> str:
@@ -135,7 +135,7 @@ def one_run(i: int, engine, sredis) -> dict:
                                       " AT TIME ZONE 'UTC'")).scalar()
         t0 = conn.execute(sa.text("SELECT now()")).scalar()
     # room for the three caps and a little more: the global cap binds only if a job cap leaks
-    room = ((job_cap + an_cap + pb_cap) * Decimal("1.05")).quantize(budget.UNIT)
+    room = ((job_cap + an_cap + pb_cap) * Decimal("1.05")).quantize(units.UNIT)
     global_cap = before + room
     # another process, with no caps in its environment, sets the global cap
     _cli("budget", "set", "global", global_cap, env={"LLMBATCH_BUDGET_GLOBAL_DAILY_USD": ""})
@@ -160,9 +160,9 @@ def one_run(i: int, engine, sredis) -> dict:
         time.sleep(1)
     elapsed = time.monotonic() - started
     out = json.loads(_cli("budget", "reconcile", "--json"))
-    snap = budget.ledger_snapshot(engine, get_settings())
-    live = {k.decode(): v.decode() for k, v in sredis.hgetall(budget.KEYS[2]).items()}
-    today = "global@" + budget.day()
+    snap = ledger.ledger_snapshot(engine, get_settings())
+    live = {k.decode(): v.decode() for k, v in sredis.hgetall(scripts.KEYS[2]).items()}
+    today = "global@" + caps_mod.day()
     with engine.connect() as conn:
         spent = {j: _ledger(conn, j) for j in jobs}
         new_spend = conn.execute(sa.text("SELECT coalesce(sum(cost_usd), 0) FROM results WHERE created_at >= :t"),
@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--rpm", type=int, default=RPM, help="the model's rate limit for the realtime job")
     args = ap.parse_args()
     engine = db.get_engine()
-    _, sredis = budget.redis_clients(get_settings())
+    _, sredis = scripts.redis_clients(get_settings())
     with engine.connect() as conn:
         previous = conn.execute(sa.text("SELECT usd FROM budget_caps WHERE scope = 'global'")).scalar()
     env = {"LLMBATCH_RATE_LIMITS": f"{MODEL}={args.rpm}:,{CLAUDE}={args.rpm}:", "LLMBATCH_RATE_PEAK_SHARE": "1.0",
@@ -227,8 +227,8 @@ def main() -> None:
                 conn.execute(sa.text("DELETE FROM budget_caps WHERE scope = 'global'"))
             else:
                 conn.execute(sa.text("UPDATE budget_caps SET usd = :u WHERE scope = 'global'"), {"u": previous})
-        sredis.eval(budget.SET_CAP, len(budget.KEYS), *budget.KEYS, "global",
-                    str(budget.to_units(previous)) if previous is not None else budget.NO_CAP)
+        sredis.eval(scripts.SET_CAP, len(scripts.KEYS), *scripts.KEYS, "global",
+                    str(units.to_units(previous)) if previous is not None else units.NO_CAP)
     print(json.dumps({"bench": "money", "simulator": "worst case (every call billed to its limits)",
                       "rate_limit": f"{MODEL}, {CLAUDE}: {args.rpm} rpm each", "reservation_ttl_s": TTL_S,
                       "runs": len(runs), "all_ok": all(r["ok"] for r in runs)}))

@@ -97,9 +97,9 @@ step_kafka() {
 
 # ---- 4. Offline tokenizer files
 step_tokens() {
-    (cd "$ROOT" && quiet "$PY" -m pipeline.tokens provision) \
-        || step_fail tokens "'python -m pipeline.tokens provision' failed"
-    say tokens "tokenizer files provisioned (python -m pipeline.tokens provision)"
+    (cd "$ROOT" && quiet "$PY" -m pipeline.money.tokens provision) \
+        || step_fail tokens "'python -m pipeline.money.tokens provision' failed"
+    say tokens "tokenizer files provisioned (python -m pipeline.money.tokens provision)"
 }
 
 # ---- 5. The stack's passwords (Postgres roles, Redis, Flower): generated once, kept

@@ -157,14 +157,14 @@ class Settings:
     #: Celery's Redis visibility timeout: an unacknowledged batch message is redelivered after this long
     visibility_timeout_s: int = 7200
 
-    # limits (pipeline/budget.py, pipeline/providers/ratelimit.py)
+    # limits (pipeline/money/budget.py, pipeline/providers/ratelimit.py)
     #: daily caps in USD per UTC day, applied only by ``llmbatch budget apply-config`` (the caps in
     #: force live in Postgres, set with ``llmbatch budget set``); empty: no cap
     budget_global_daily_usd: str = ""
     #: daily cap in USD per tier (``peak=5,offpeak=20``); ``llmbatch budget set`` overrides them
     budget_tier_daily_usd: dict = field(default_factory=dict)
     #: a reservation not renewed for this long (its worker died) is released; never less than
-    #: provider_timeout_s + budget_reservation_margin_s (pipeline/budget.py reservation_ttl_s)
+    #: provider_timeout_s + budget_reservation_margin_s (pipeline/money/caps.py reservation_ttl_s)
     budget_reservation_ttl_s: float = 180.0
     #: added to provider_timeout_s for the shortest a dead worker's hold can live: a call may still bill that long
     budget_reservation_margin_s: float = 30.0

@@ -7,7 +7,7 @@ Public surface (other modules touch only these):
 - ``count_cache_from(stats)``: the batcher's cache counters (``cache_hits``,
   ``cache_misses`` in its ``stats``) exported as ``llmbatch_cache_hits_total`` /
   ``llmbatch_cache_misses_total``;
-- ``budget_alert(scope, threshold)``: a cap crossed 80 % or 100 % (pipeline/budget.py);
+- ``budget_alert(scope, threshold)``: a cap crossed 80 % or 100 % (pipeline/money/admin.py);
 - ``deadlines_missed(tier, n)`` / ``deadline_released(tier, n)``: the scheduler failed held
   requests at their deadline, or released held batches early to meet one (schedules/deadlines.py);
 - ``window_collector(...)``: the scheduler's off-peak window state;
@@ -72,7 +72,7 @@ DEADLINE_RELEASES = Counter("llmbatch_deadline_releases", "Held batches released
                             " deadline (tier they were held in)", ["tier"], registry=REGISTRY)
 UP = Gauge("llmbatch_up", "1 while this process serves metrics", ["role"], multiprocess_mode="max",
            registry=REGISTRY)
-#: set by the scheduler's budget reconcile (pipeline/budget.py ``reconcile``): 0 when Redis agrees with the ledger
+#: set by the scheduler's budget reconcile (pipeline/money/ledger.py ``reconcile``): 0 when Redis agrees with the ledger
 BUDGET_DRIFT = Gauge("llmbatch_budget_drift_usd", "Dollars the budget counters differed from the ledger at the"
                      " last reconcile (then corrected)", multiprocess_mode="mostrecent", registry=REGISTRY)
 LIMITER_WAIT = Histogram("llmbatch_limiter_wait_seconds", "Time a request waited for the rate limiter",

@@ -5,7 +5,7 @@ The batcher writes such requests as ``held`` batches with ``mode =
 
 1. **reserve** — before anything is sent, each held request's maximum cost at
    the batch price is reserved against its job, tier and global caps
-   (``budget.reserve_now``, held for the batch's whole window). What fits is
+   (``holds.reserve_now``, held for the batch's whole window). What fits is
    sent; a request a cap refuses is moved to a deferred batch with the reason
    in words (``requests.deferred_reason``); one only other live holds stand in
    front of stays held for the next tick; one whose maximum is above a cap
@@ -40,7 +40,7 @@ The batcher writes such requests as ``held`` batches with ``mode =
    ingested and billed; the rest is ``cancelled``, never re-queued.
 3. **poll** — open provider batches are retrieved; one that ended is ingested:
    answers and errors land in ``results`` / ``attempts`` / ``requests`` through
-   ``db.write_outcomes``, exactly like realtime results, with cost at the batch
+   ``outcomes.write_outcomes``, exactly like realtime results, with cost at the batch
    discount (``pricing.cost(..., batch=True)``). Requests the provider did not
    run (expired, cancelled, batch failed) are re-queued to realtime or marked
    failed, as the job's ``batch_fallback`` says; those of a cancelled job are
@@ -66,13 +66,14 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from pipeline import budget
+from pipeline import errors
+from pipeline.money import budget, caps, holds, scripts, units
 from pipeline.stores import batches as batch_store, db, jobs as job_store, outcomes as outcome_store
 from pipeline.intake.batcher import dispatch
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS
 from pipeline.ids import request_key
-from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.money.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.providers import batch_api
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def _budget_redis(settings: Settings):
     """The scheduler's synchronous Redis client for the budget (one per URL)."""
     r = _redis_by_url.get(settings.redis_url)
     if r is None:
-        r = _redis_by_url[settings.redis_url] = budget.redis_clients(settings)[1]
+        r = _redis_by_url[settings.redis_url] = scripts.redis_clients(settings)[1]
     return r
 
 
@@ -172,7 +173,7 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                     _assign(conn, pb_id, chunk)
                     created.append(pb_id)
     except BaseException:
-        budget.release_held(redis, held)
+        holds.release_held(redis, held)
         raise
     for pb_id in created:
         _create_at_provider(pb_id, settings, engine)
@@ -195,27 +196,27 @@ def _reserve(conn, reqs, settings: Settings, engine, redis, held: list[str]) -> 
     fit, defer, fail, waiting = [], {}, [], 0
     # one period for the tick: each hold is taken in it and its request records it, so the spend
     # lands in that period when the batch is ingested, however many days later (one period per spend)
-    today = budget.period(settings, engine)
+    today = caps.period(settings, engine)
     for i, r in enumerate(reqs):
         rid = request_key(r["job_id"], r["custom_id"])
         try:
             amount = _hold_amount(r, prices)
-            in_the_way = budget.reserve_now(engine, redis, settings, rid, r["job_id"], r["tier"], amount,
-                                            ttl_s=budget.PROVIDER_BATCH_HOLD_S, today=today)
-        except budget.BudgetUnavailable as e:
+            in_the_way = holds.reserve_now(engine, redis, settings, rid, r["job_id"], r["tier"], amount,
+                                            ttl_s=scripts.PROVIDER_BATCH_HOLD_S, today=today)
+        except errors.BudgetUnavailable as e:
             log.warning("provider batches: budget store unreachable, %d requests stay held: %s", len(reqs) - i, e)
             _record_period(conn, fit, today)
             return _apply_budget_outcomes(conn, fit, defer, fail), True
-        except (budget.InvalidAmount, budget.BudgetNeverFits) as e:
+        except (errors.InvalidAmount, errors.BudgetNeverFits) as e:
             fail.append((r, e))
             continue
-        except budget.BudgetExceeded as e:
+        except errors.BudgetExceeded as e:
             reason = (f"deferred: the {e.scope} cap ${e.cap} has ${e.spent} spent and cannot hold this"
-                      f" request's maximum of ${amount.quantize(budget.UNIT)} at the batch price")
+                      f" request's maximum of ${amount.quantize(units.UNIT)} at the batch price")
             defer.setdefault((r["batch_id"], e.kind), []).append((r, e.kind, reason))
             continue
         except Exception as e:   # an unknown model, a broken row: that request fails, alone
-            fail.append((r, budget.InvalidAmount(f"cannot price this request for its reservation: {e}")))
+            fail.append((r, errors.InvalidAmount(f"cannot price this request for its reservation: {e}")))
             continue
         if in_the_way is not None:
             waiting += 1         # other live holds may settle below their maximum: try next tick
@@ -242,7 +243,7 @@ def _record_period(conn, reqs, today: str) -> None:
 def _apply_budget_outcomes(conn, fit, defer, fail) -> list:
     for (batch_id, kind), items in defer.items():
         target = "b_" + uuid.uuid4().hex
-        until = budget.next_day() if kind in ("global", "tier") else None
+        until = caps.next_day() if kind in ("global", "tier") else None
         conn.execute(sa.text(
             "INSERT INTO batches (batch_id, tier, provider, model, size, status, mode, deferred_until)"
             " SELECT :new, tier, provider, model, :n, 'deferred', mode, :u FROM batches WHERE batch_id = :b"),
@@ -390,7 +391,7 @@ def _abandon(engine, pb_id: str, reason: str, settings: Settings | None = None) 
         cancelled = {j for j, _, st in keys if st == "cancelled"}
         if cancelled:
             job_store.refresh_jobs(conn, cancelled)
-    budget.release_held(_budget_redis(settings or get_settings()), [request_key(j, c) for j, c, _ in keys])
+    holds.release_held(_budget_redis(settings or get_settings()), [request_key(j, c) for j, c, _ in keys])
 
 
 def _known_ids(engine):
@@ -664,9 +665,9 @@ def _settle(pb_id: str, reqs: list[dict], outcomes: list[dict], settings: Settin
     redis = _budget_redis(settings)
     try:
         # a few quick tries: settle_unsettled tries again every tick, so no tick waits long on Redis
-        budget.settle_held(engine, redis, settings, spent, xid, attempts=4)
-        budget.release_held(redis, others, strict=True)
-    except budget.BudgetError as e:   # the results are in the ledger: settled again next tick
+        holds.settle_held(engine, redis, settings, spent, xid, attempts=4)
+        holds.release_held(redis, others, strict=True)
+    except errors.BudgetError as e:   # the results are in the ledger: settled again next tick
         log.warning("provider batch %s: settling %d holds failed (%s); tried again every tick until counted",
                     pb_id, len(spent), e)
         return False

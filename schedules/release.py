@@ -16,7 +16,7 @@ alone: it must not wait for the next window.
 
 When the off-peak window closes, ``hold_unstarted`` puts batches released but
 not yet claimed by a worker (``queued`` / ``dispatched``) back to ``held``.
-Their Celery messages may still be delivered: ``db.claim_batch`` only claims
+Their Celery messages may still be delivered: ``batches.claim_batch`` only claims
 ``queued`` / ``dispatched`` batches, so such a task finds the batch held and
 does nothing; the next window dispatches it again. Batches a worker already
 started (``running``) finish.

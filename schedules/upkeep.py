@@ -7,15 +7,15 @@
   cost and count query gives the same answer after a purge. Done in chunks,
   so no statement holds many row locks for long.
 - **Stuck batches**: batches ``queued`` but never dispatched, or ``running``
-  with an expired lease (``db.undispatched_batches``, the batcher's sweep), and
+  with an expired lease (``batches.undispatched_batches``, the batcher's sweep), and
   batches ``dispatched`` longer than ``stuck_dispatched_s`` with no worker
   taking them (their Celery message was lost, e.g. Redis flushed) are
   dispatched again. A second message for a batch is harmless: ``claim_batch``
   lets one worker take it.
-- **Budget periods**: daily caps roll over by day key in ``pipeline.budget``;
+- **Budget periods**: daily caps roll over by day key in ``pipeline.money.caps``;
   batches deferred to the next period are resumed by its
   ``resume_due_batches`` hook, called here as well as from the batcher's sweep.
-  Alerts at 80 % / 100 % are raised by ``pipeline.budget`` when spend is
+  Alerts at 80 % / 100 % are raised by ``pipeline.money.admin`` when spend is
   settled, not here.
 - **Abandoned submits** (``close_abandoned_submits``): a job still
   ``submitting`` whose submit process is gone (same host, pid not alive) or
@@ -28,7 +28,7 @@
   process, Redis restarted from an old file); the drift found is the metric
   ``llmbatch_budget_drift_usd``. Before it, calls still on record as sent
   for longer than any call can run (their worker died and nobody took their
-  batch back) become unconfirmed spend (pipeline/calls.py).
+  batch back) become unconfirmed spend (pipeline/money/calls.py).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def redispatch_stuck(*, settings: Settings | None = None, engine=None, dispatche
 
 def budget_rollover(*, engine=None, dispatcher=dispatch) -> int:
     try:
-        from pipeline.budget import resume_due_batches
+        from pipeline.money.deferral import resume_due_batches
     except ImportError:   # pragma: no cover - budgets not installed
         return 0
     return resume_due_batches(engine or db.get_engine(), dispatcher)
@@ -171,19 +171,19 @@ def close_abandoned_submits(*, engine=None, stale_s: float = SUBMIT_STALE_S) -> 
         closed.append(job_id)
     return closed
 def budget_reconcile(*, settings: Settings | None = None, engine=None) -> dict:
-    """Redis counters against the ledger (``pipeline.budget.reconcile``); the caps mirrored from Postgres."""
-    from pipeline import budget, calls
+    """Redis counters against the ledger (``pipeline.money.ledger.reconcile``); the caps mirrored from Postgres."""
+    from pipeline.money import calls, caps, ledger
     settings = settings or get_settings()
     redis = _budget_redis(settings)
     engine = engine or db.get_engine()
     # calls on record as sent for longer than any call can run, whose batch nobody took back: spent
     with engine.begin() as conn:
-        stale, xid = calls.unconfirm_stale(conn, budget.reservation_ttl_s(settings))
+        stale, xid = calls.unconfirm_stale(conn, caps.reservation_ttl_s(settings))
     if stale:
         log.warning("upkeep: %d calls sent by workers that stopped mid-call counted as unconfirmed spend",
                     len(stale))
         calls.settle_sync(redis, stale, xid)
-    out = budget.reconcile(engine, redis, settings)
+    out = ledger.reconcile(engine, redis, settings)
     if out["rebuilt"]:
         log.warning("upkeep: budget counters rebuilt (%s)", out.get("reason"))
     return out
@@ -193,10 +193,10 @@ _redis_by_url: dict = {}
 
 
 def _budget_redis(settings: Settings):
-    from pipeline import budget
+    from pipeline.money import scripts
     r = _redis_by_url.get(settings.redis_url)
     if r is None:
-        r = _redis_by_url[settings.redis_url] = budget.redis_clients(settings)[1]
+        r = _redis_by_url[settings.redis_url] = scripts.redis_clients(settings)[1]
     return r
 
 

@@ -1,6 +1,6 @@
 """How the simulator counts and bills: its own rules, never the pipeline's.
 
-The simulator is a witness: an underestimate in ``pipeline.bounds`` must show
+The simulator is a witness: an underestimate in ``pipeline.money.bounds`` must show
 up as a call billed above its reservation. So nothing here imports the
 pipeline's counting or pricing; it uses tiktoken directly (the vocabulary
 files are the ones ``make setup`` provisions) and the providers' published
@@ -76,7 +76,7 @@ def encoding(name: str):
     provisions (idempotent, hash-checked); the counting is tiktoken's and this module's."""
     import tiktoken
 
-    from pipeline.tokens import default_cache_dir, provision
+    from pipeline.money.tokens import default_cache_dir, provision
 
     cache_dir = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or default_cache_dir())
     provision(cache_dir)

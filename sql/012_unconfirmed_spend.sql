@@ -5,7 +5,7 @@
 -- call is durable before it can be billed. An answer removes the row (its cost is
 -- in results). A call that went out and got no answer (a timeout, a dropped
 -- connection, a worker killed mid-call) becomes 'unconfirmed': spend at the
--- call's maximum cost, counted against every cap by the ledger (pipeline/budget.py
+-- call's maximum cost, counted against every cap by the ledger (pipeline/money/ledger.py
 -- ledger_snapshot) for good, until a provider report names it ('confirmed', with
 -- the cost it reports). A dead worker's 'sent' rows are made 'unconfirmed' by whoever
 -- takes its batch back, or by the budget reconcile once they are stale.

@@ -32,14 +32,23 @@ import logging
 import time
 from decimal import Decimal
 
-from pipeline import budget, calls, metrics
+from pipeline.money import calls, budget, deferral
+from pipeline import metrics
 from pipeline.stores import batches, db, jobs as job_store, outcomes as outcome_store
 from pipeline.stores.cache import ResponseCache
 from pipeline.config import Settings, get_settings
-from pipeline.budget import BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount, from_units
+from pipeline.errors import BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount
+from pipeline.money.units import from_units
 from pipeline.errors import LLMBatchError, PermanentProviderError, ProviderError
 from pipeline.ids import request_key
-from pipeline.pricing import Usage, answered_price, cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.money.pricing import (
+    Usage,
+    answered_price,
+    cost,
+    get_price_book,
+    usage_from_anthropic,
+    usage_from_openai,
+)
 from pipeline.providers.retries import AttemptRecord, call_with_retries
 from pipeline.providers.base import get_provider
 from workers.fallback import fallback_for
@@ -97,10 +106,10 @@ class OutcomeWriter:
         self.sleep = sleep                        # between retries (in the writer's thread)
         self.outcomes: list[dict] = []
         self.attempts: list[dict] = []
-        self.deferred: list[dict] = []            # requests a cap refused (pipeline/budget.py)
+        self.deferred: list[dict] = []            # requests a cap refused (pipeline/money/deferral.py)
         self.deferred_kinds: set[str] = set()     # 'job' | 'global' | 'tier' | 'unavailable', whole batch
         self.settles: list[tuple] = []            # (reservation, actual cost) to settle after the write
-        self.unconfirmed: list[dict] = []         # calls that may have been billed (pipeline/calls.py)
+        self.unconfirmed: list[dict] = []         # calls that may have been billed (pipeline/money/calls.py)
         self.answered: list[str] = []             # calls answered: off the record of calls in flight
         self.budget: budget.Budget | None = None
         self.lock = asyncio.Lock()
@@ -209,7 +218,7 @@ class OutcomeWriter:
         if self.batch_id is not None:
             batches.lock_batch(conn, self.batch_id)   # lock order: batch, requests, jobs (pipeline/stores/batches.py)
         outcome_store.write_outcomes(conn, outcomes, attempts)
-        budget.write_deferred(conn, list(deferred))
+        deferral.write_deferred(conn, list(deferred))
         calls.resolve(conn, list(unconfirmed), list(answered))
         job_store.refresh_jobs(conn, {o["job_id"] for o in outcomes})
         return budget.commit_xid(conn) if outcomes or unconfirmed else ""
@@ -235,7 +244,7 @@ class Gate:
     while one query runs share the next, so each answer is read after its
     question was asked. Postgres unreachable: the call waits (fail closed).
 
-    A call that asks with its record (``call``, pipeline/calls.py) is written in
+    A call that asks with its record (``call``, pipeline/money/calls.py) is written in
     the same transaction when it may go: durable before it is sent, at no round
     trip of its own. Once on record it goes, even if the lease is lost meanwhile.
     """
@@ -289,7 +298,7 @@ class Gate:
 
 
 class CallRecord:
-    """The batch's record of provider calls that may be billed (pipeline/calls.py), for ``Limited``.
+    """The batch's record of provider calls that may be billed (pipeline/money/calls.py), for ``Limited``.
 
     ``sending``: on record (with the ``Gate``'s check) before the call leaves; ``answered``:
     off the record at the next write; ``unconfirmed``: no answer, so the call is spend at its
@@ -513,7 +522,7 @@ async def _keep_lease(engine, batch_id: str, owner: str, lease_s: float, lost: a
 
 async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=None) -> dict:
     """Run the batch; once all of its requests have started, take the tier's next
-    dispatched batch too (``db.claim_next_batch``) and feed it through the same
+    dispatched batch too (``batches.claim_next_batch``) and feed it through the same
     in-flight slots. A process so never idles at a batch's tail, and in-flight work
     stays level across batch boundaries. The stolen batch's own Celery task finds its
     lease held (or the batch done) and does nothing.
@@ -657,7 +666,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
             return "lost"
         if writer.deferred_kinds:   # parked until a period rolls or a cap is raised
             batches.lock_batch(conn, batch_id)
-            budget.defer_batch(conn, batch_id, writer.deferred_kinds)
+            deferral.defer_batch(conn, batch_id, writer.deferred_kinds)
             return "deferred"
         if batches.finish_batch(conn, batch_id, owner):
             return "done"

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from pipeline.bounds import request_bound
+from pipeline.money.bounds import request_bound
 from pipeline.errors import LineError
-from pipeline.pricing import PriceBook
+from pipeline.money.pricing import PriceBook
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def fallback_for(req: dict, prices: PriceBook) -> Fallback | None:
     """The fallback a request may use, or None (none set, other provider, or it cannot serve it).
 
     Its maximum is the same true bound as every other reservation
-    (``pipeline.bounds.request_bound`` of the body with the fallback's model: ``n``,
+    (``pipeline.money.bounds.request_bound`` of the body with the fallback's model: ``n``,
     tools, images, cache writes), never a cheaper formula of its own.
     """
     name = req.get("fallback_model")

@@ -1,14 +1,14 @@
 """One request's provider behind its limits: budget reservation, tier lease, rate window.
 
 ``Limited`` wraps a provider for one request: every attempt reserves its
-maximum cost first (pipeline/budget.py), then takes the tier's in-flight lease
+maximum cost first (pipeline/money/budget.py), then takes the tier's in-flight lease
 and the model's rate admission (pipeline/providers/ratelimit.py), and only then calls.
 The hold is renewed by the budget's heartbeat through both waits and the call,
 so it lives as long as the call can still be billed. An attempt the provider
 answered with an error (never billed) releases its hold. With a ``calls`` record
 (workers/execute.py ``CallRecord``) each call is on record in Postgres before it
 is sent, and one that may have been billed (timeout, connection lost, cancelled
-mid-call) becomes unconfirmed spend at its maximum, for good (pipeline/calls.py);
+mid-call) becomes unconfirmed spend at its maximum, for good (pipeline/money/calls.py);
 without one its hold stays until it expires.
 It must never let a call go out without a reservation.
 """
@@ -21,10 +21,11 @@ import secrets
 import time
 from decimal import Decimal
 
-from pipeline import budget, metrics
+from pipeline import metrics
+from pipeline.money import budget, scripts
 from pipeline.providers import ratelimit
 from pipeline.config import Settings
-from pipeline.budget import BudgetExceeded
+from pipeline.errors import BudgetExceeded
 from pipeline.errors import ProviderError, RetryableProviderError
 from pipeline.ids import request_key
 from workers.fallback import Fallback
@@ -40,7 +41,7 @@ def budget_for(settings: Settings, engine) -> budget.Budget:
     loop = asyncio.get_running_loop()
     b = _budgets.get(id(loop))
     if b is None:
-        b = _budgets[id(loop)] = budget.Budget(settings, engine, *budget.redis_clients(settings))
+        b = _budgets[id(loop)] = budget.Budget(settings, engine, *scripts.redis_clients(settings))
     return b
 
 

@@ -1,4 +1,4 @@
-"""``llmbatch budget show|set|apply-config|reconcile``: see and change cost caps (logic in pipeline/budget.py).
+"""``llmbatch budget show|set|apply-config|reconcile``: see and change cost caps (logic in pipeline/money/admin.py and ledger.py).
 
 The caps in force live in Postgres: ``budget set`` writes them, ``apply-config``
 copies the ones written in the settings there once, on purpose. No other
@@ -13,7 +13,8 @@ import sys
 
 import click
 
-from pipeline import budget as budget_mod
+from pipeline import errors
+from pipeline.money import admin, deferral, ledger, units
 from pipeline.stores import db
 from pipeline.config import get_settings
 from pipeline.constants import TIERS
@@ -32,9 +33,9 @@ class CapUSD(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            cap = budget_mod.parse_cap(value, "amount")
+            cap = units.parse_cap(value, "amount")
         except ConfigError as e:
-            self.fail(f"{value!r} is not a cap: give a finite amount in USD from 0 to {budget_mod.MAX_CAP_USD}"
+            self.fail(f"{value!r} is not a cap: give a finite amount in USD from 0 to {units.MAX_CAP_USD}"
                       f" ({e})", param, ctx)
         if cap is None:
             self.fail("an empty amount is not a cap", param, ctx)
@@ -59,8 +60,8 @@ def budget():
 def show(as_json):
     """Caps, today's spend, reservations held, paused jobs and recent alerts."""
     try:
-        data = budget_mod.show(db.get_engine(), _redis(), get_settings())
-    except budget_mod.BudgetUnavailable as e:
+        data = admin.show(db.get_engine(), _redis(), get_settings())
+    except errors.BudgetUnavailable as e:
         _fail(str(e), 3)
     if as_json:
         click.echo(json.dumps(data))
@@ -127,13 +128,13 @@ def set_(scope_arg, usd_arg, global_, tier, job_id, usd):
         scope = "global" if global_ else f"tier:{tier}" if tier else f"job:{job_id}"
     engine = db.get_engine()
     try:
-        result = budget_mod.set_cap(engine, _redis(), get_settings(), scope, amount)
-    except budget_mod.BudgetUnavailable as e:
+        result = admin.set_cap(engine, _redis(), get_settings(), scope, amount)
+    except errors.BudgetUnavailable as e:
         _fail(str(e), 3)
     except (BudgetError, ConfigError) as e:
         _fail(str(e), 2)
     from pipeline.intake.dispatch import enqueue_batch
-    resumed = budget_mod.resume_due_batches(engine, enqueue_batch)
+    resumed = deferral.resume_due_batches(engine, enqueue_batch)
     click.echo(f"{scope}: cap ${result['usd']}; {resumed} deferred batches resumed")
 
 
@@ -142,8 +143,8 @@ def apply_config():
     """Write the daily caps in the settings (llmbatch.toml, LLMBATCH_BUDGET_*) to Postgres, once."""
     settings = get_settings()
     try:
-        done = budget_mod.apply_config(db.get_engine(), _redis(), settings)
-    except budget_mod.BudgetUnavailable as e:
+        done = admin.apply_config(db.get_engine(), _redis(), settings)
+    except errors.BudgetUnavailable as e:
         _fail(str(e), 3)
     except (BudgetError, ConfigError) as e:
         _fail(str(e), 2)
@@ -158,15 +159,15 @@ def apply_config():
 def reconcile(as_json):
     """Compare the Redis counters with the Postgres ledger now; rebuild them if they drifted."""
     try:
-        out = budget_mod.reconcile(db.get_engine(), _redis(), get_settings())
-    except budget_mod.BudgetUnavailable as e:
+        out = ledger.reconcile(db.get_engine(), _redis(), get_settings())
+    except errors.BudgetUnavailable as e:
         _fail(str(e), 3)
     if as_json:
-        click.echo(json.dumps({**out, "drift_usd": {f: str(budget_mod.from_units(d))
+        click.echo(json.dumps({**out, "drift_usd": {f: str(units.from_units(d))
                                                     for f, d in out["drift_units"].items()}}))
         return
     if out["rebuilt"]:
         click.echo(f"counters rebuilt from the ledger ({out.get('reason')}); drift:"
-                   f" {({f: str(budget_mod.from_units(d)) for f, d in out['drift_units'].items()})}")
+                   f" {({f: str(units.from_units(d)) for f, d in out['drift_units'].items()})}")
     else:
         click.echo("counters agree with the ledger")

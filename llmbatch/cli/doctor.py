@@ -191,7 +191,7 @@ def check_workers(settings: Settings) -> Check:
 
 def check_tokenizer(settings: Settings) -> Check:
     def files():
-        from pipeline import tokens
+        from pipeline.money import tokens
         d = tokens.default_cache_dir()
         bad = []
         for name, (url, expected) in tokens._registry().items():
@@ -203,7 +203,7 @@ def check_tokenizer(settings: Settings) -> Check:
         if bad:
             raise RuntimeError(f"{d}: {', '.join(bad)}")
         return f"{', '.join(tokens._registry())} present and verified"
-    return _try("tokenizer files", files, "python -m pipeline.tokens provision", "setup")
+    return _try("tokenizer files", files, "python -m pipeline.money.tokens provision", "setup")
 
 
 def check_flower(settings: Settings) -> Check:

@@ -40,7 +40,7 @@ from pipeline.stores import db, jobs as job_store, outcomes
 from pipeline.config import get_settings
 from pipeline.constants import JOB_TERMINAL, SIMULATOR_LABEL, TIERS
 
-#: every state a job can be in (sql/001_init.sql, pipeline/stores/jobs.py, pipeline/budget.py)
+#: every state a job can be in (sql/001_init.sql, pipeline/stores/jobs.py, pipeline/money/admin.py)
 JOB_STATES = ("submitting", "running", "paused_budget", "completed", "failed", "cancelled")
 from pipeline.errors import FileInputError, InfrastructureError, LLMBatchError
 from llmbatch.cli.budget import CAP_USD as _CAP_USD  # the one validation of a typed cap

@@ -31,7 +31,7 @@ RATE_WINDOW_S = 30
 # ------------------------------------------------------------------ queries
 
 def job_view(conn: Connection, job_id: str) -> dict | None:
-    """``db.job_status`` plus per-tier states, budget, rate and ETA (``status --json``)."""
+    """``jobs.job_status`` plus per-tier states, budget, rate and ETA (``status --json``)."""
     st = jobs.job_status(conn, job_id)
     if st is None:
         return None
@@ -105,13 +105,13 @@ _budget_redis = None
 
 def budget_wait(job_id: str) -> dict | None:
     """Why the job's reservations wait, if they do: the cap, its spend, what holds it and for whom
-    (pipeline/budget.py ``wait_status``). None when they do not, or Redis cannot say."""
+    (pipeline/money/waits.py ``wait_status``). None when they do not, or Redis cannot say."""
     global _budget_redis
-    from pipeline import budget
+    from pipeline.money import scripts, waits
     try:
         if _budget_redis is None:
-            _budget_redis = budget.redis_clients(get_settings())[1]
-        return budget.wait_status(_budget_redis, job_id)
+            _budget_redis = scripts.redis_clients(get_settings())[1]
+        return waits.wait_status(_budget_redis, job_id)
     except Exception as e:   # status still shows the rest
         return {"text": f"unknown: the budget store cannot say ({type(e).__name__})", "cap": None}
 

@@ -15,7 +15,7 @@ For every poll round:
 3. flush buffers that are full or have lingered long enough: one transaction
    writes the requests (deduped on (job, custom_id)) and their batch rows;
    a request for a job that is finished, cancelled or another producer's is
-   not written but dead-lettered with that reason (``db.admit_requests``).
+   not written but dead-lettered with that reason (``batches.admit_requests``).
    A flush Postgres refuses for its data is split in halves until the
    messages it refuses are isolated and dead-lettered; the rest commit;
 4. after the commit, hand immediate and peak batches to their Celery queues
@@ -60,7 +60,7 @@ from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, IMMEDIATE_TOPIC, RED
 from pipeline.errors import ConfigError, LineError
 from pipeline.intake.kafka import make_consumer, make_producer, verify
 from pipeline.intake.messages import MAX_REASON, decode
-from pipeline.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.money.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window
 
@@ -544,8 +544,8 @@ class Batcher:
             for batch_id, tier in stuck:
                 log.warning("sweep: dispatching batch %s (%s) again", batch_id, tier)
             self._send([{"batch_id": b, "tier": t} for b, t in stuck])
-            # batches deferred by a budget whose period has rolled over (pipeline/budget.py)
-            from pipeline.budget import resume_due_batches
+            # batches deferred by a budget whose period has rolled over (pipeline/money/deferral.py)
+            from pipeline.money.deferral import resume_due_batches
             resume_due_batches(self.engine, self.dispatch)
         except Exception as e:   # an outage mid-sweep: the next sweep does it
             log.warning("sweep not finished (%s: %s); it runs again", type(e).__name__,

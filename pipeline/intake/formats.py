@@ -25,8 +25,8 @@ from decimal import Decimal
 from pipeline.constants import TIERS
 from pipeline.errors import LineError, UnknownModelError
 from pipeline.ids import refuse_control
-from pipeline.bounds import request_bound
-from pipeline.pricing import PriceBook
+from pipeline.money.bounds import request_bound
+from pipeline.money.pricing import PriceBook
 
 OPENAI_URLS = ("/v1/chat/completions",)
 ANTHROPIC_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -209,7 +209,7 @@ def _custom_id(obj: dict, pattern: re.Pattern | None) -> str:
 def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Request:
     """Validate a decoded line of either format and price it.
 
-    The tokens and the maximum cost are :func:`pipeline.bounds.request_bound`'s,
+    The tokens and the maximum cost are :func:`pipeline.money.bounds.request_bound`'s,
     the one rule the batcher applies again. ``anthropic_counter(body) -> int``,
     when given (an Anthropic key is set), is Anthropic's own count_tokens
     endpoint: it can raise the input count above the estimate, never lower it.

@@ -10,7 +10,7 @@ before anything else touches it, in this order:
 2. ``validate``: the published JSON Schema (``pipeline/data/request.schema.json``)
    with its format checker (RFC 3339 date-times, UTC offset required);
 3. ``to_row``: the maximum cost is recomputed from the price book
-   (``pipeline.bounds.request_bound``): the producer's ``max_cost_usd`` is a
+   (``pipeline.money.bounds.request_bound``): the producer's ``max_cost_usd`` is a
    hint at most and is never what is stored or reserved.
 
 This module never touches Kafka, Redis or Postgres, and never lets an
@@ -29,13 +29,13 @@ from importlib import resources
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from pipeline.bounds import request_bound
+from pipeline.money.bounds import request_bound
 from pipeline.stores.cache import cache_key, is_cacheable
 from pipeline.constants import DISPATCHED_TIERS
 from pipeline.errors import LineError
 from pipeline.intake.formats import MAX_DEPTH, check_values
 from pipeline.ids import refuse_control
-from pipeline.pricing import PriceBook, get_price_book
+from pipeline.money.pricing import PriceBook, get_price_book
 from pipeline.intake.tiers import TierRules, classify
 
 #: a reason longer than this is cut: it goes into a Kafka header and a log line

@@ -51,7 +51,7 @@ from pipeline.errors import FileInputError, InfrastructureError, LineError, Unkn
 from pipeline.intake.formats import Request, parse_json_line, parse_request
 from pipeline.intake.kafka import make_producer, sign
 from pipeline.intake.lines import DigestSet, Oversized, is_stdin, open_input, read_lines
-from pipeline.pricing import get_price_book
+from pipeline.money.pricing import get_price_book
 from pipeline.intake.tiers import classify
 
 log = logging.getLogger(__name__)

@@ -102,7 +102,7 @@ FORMATS = {"openai": openai_line, "anthropic": anthropic_line, "csv": csv_row}
 
 
 def write_results(rows, job_id: str, out, fmt: str = "openai") -> int:
-    """Write ``rows`` (``db.iter_results``) to ``out`` in ``fmt``; returns the count."""
+    """Write ``rows`` (``outcomes.iter_results``) to ``out`` in ``fmt``; returns the count."""
     import csv
     import json
     n = 0

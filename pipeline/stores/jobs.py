@@ -99,7 +99,7 @@ def refresh_jobs(conn: Connection, job_ids) -> None:
             "   FOR UPDATE SKIP LOCKED)"
             " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
             "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": completed})
-    # stopped by its own cap: nothing left but requests deferred by it (pipeline/budget.py);
+    # stopped by its own cap: nothing left but requests deferred by it (pipeline/money/deferral.py);
     # ``budget set --job`` puts it back to running
     conn.execute(sa.text(
         "UPDATE jobs j SET status = 'paused_budget'"
@@ -151,7 +151,7 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
         "cost_usd": str(row["cost_usd"]),
         "unconfirmed_usd": str(unconfirmed), "unconfirmed_calls": unconfirmed_calls,
         "cache_saved_usd": str(saved),
-        # deferred requests are also counted in pending (pipeline/budget.py)
+        # deferred requests are also counted in pending (pipeline/money/deferral.py)
         "budget": {"cap_usd": str(cap) if cap is not None else None, "on_budget": on_budget,
                    "deferred": deferred, "fallback_model": fallback, "answered_by_fallback": by_fallback},
         "created_at": row["created_at"].isoformat(),

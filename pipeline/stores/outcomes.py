@@ -17,7 +17,7 @@ def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict])
     a cancelled one, never sent, gets no result row),
     status_code, response, error, token counts, usage_missing, cost_usd,
     provider_request_id, latency_ms, attempts; ``budget_period`` ('YYYY-MM-DD'), the period its
-    cost was reserved in (pipeline/budget.py: one period per spend), by default the caps' clock's day.
+    cost was reserved in (pipeline/money/budget.py: one period per spend), by default the caps' clock's day.
     """
     if attempts:
         conn.execute(sa.text(

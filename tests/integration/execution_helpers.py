@@ -13,7 +13,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from pipeline import budget
+from pipeline.money import budget
 from pipeline.stores import db
 
 

@@ -1,4 +1,4 @@
-"""Issue 13 against real Redis and Postgres, at the budget's own surface (pipeline/budget.py,
+"""Issue 13 against real Redis and Postgres, at the budget's own surface (pipeline/money/,
 workers/limited.py): amounts that poison nothing (#12 item 2), holds that outlive their waits and
 calls (item 3), caps no process's settings can change (item 4), spend that never drops out of the
 counters (item 5), reconcile after drift (item 7), and requests that can never fit (item 9).
@@ -16,7 +16,8 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from pipeline import budget
+from pipeline import errors as errors_mod
+from pipeline.money import admin, budget, caps, holds, ledger, scripts, units
 from pipeline.errors import RetryableProviderError
 from pipeline.ids import request_key
 from pipeline.providers.base import Answer
@@ -40,7 +41,7 @@ def clients(stack):
     made = []
 
     def make(settings):
-        a, s = budget.redis_clients(settings)
+        a, s = scripts.redis_clients(settings)
         s.flushdb()
         made.append(s)
         return a, s
@@ -58,23 +59,23 @@ def test_a_negative_amount_is_refused_alone_and_a_poisoned_record_heals(stack, e
     async def main():
         b = budget.Budget(settings, engine, aredis, sredis)
         for bad in ("-5", "0", "NaN", "-Infinity"):
-            with pytest.raises(budget.InvalidAmount):
+            with pytest.raises(errors_mod.InvalidAmount):
                 await b.reserve(request_key(job, "r0"), job, "background", bad)
         # the script itself refuses what the Python side would never send
-        out = await aredis.eval(budget.RESERVE, len(budget.KEYS), *budget.KEYS, 1000, f"{job}:x", "-5", 0)
+        out = await aredis.eval(scripts.RESERVE, len(scripts.KEYS), *scripts.KEYS, 1000, f"{job}:x", "-5", 0)
         assert out[0] in (b"invalid", b"rebuild")
         ok = await b.reserve(request_key(job, "r1"), job, "background", AMOUNT)
         # stored values no script wrote: a record, a counter, a cap
-        await aredis.hset(budget.KEYS[4], f"{job}:bad", "-5|g|job:" + job)
-        await aredis.zadd(budget.KEYS[5], {f"{job}:bad": 0})
-        await aredis.hset(budget.KEYS[2], "global@" + budget.day(), "lots")
+        await aredis.hset(scripts.KEYS[4], f"{job}:bad", "-5|g|job:" + job)
+        await aredis.zadd(scripts.KEYS[5], {f"{job}:bad": 0})
+        await aredis.hset(scripts.KEYS[2], "global@" + caps.day(), "lots")
         await b.release(ok)
         res = await b.reserve(request_key(job, "r2"), job, "background", AMOUNT)    # heals: rebuilt from the ledger
         await b.settle(res, AMOUNT / 2)
         return res
     asyncio.run(main())
-    assert _units(sredis, budget.KEYS[2], f"job:{job}") == budget.to_units(AMOUNT / 2)
-    assert int(sredis.hget(budget.KEYS[2], "global@" + budget.day())) >= budget.to_units(AMOUNT / 2)
+    assert _units(sredis, scripts.KEYS[2], f"job:{job}") == units.to_units(AMOUNT / 2)
+    assert int(sredis.hget(scripts.KEYS[2], "global@" + caps.day())) >= units.to_units(AMOUNT / 2)
 
 
 def test_a_request_above_its_cap_fails_at_once_naming_both_numbers(stack, engine, clients):
@@ -85,7 +86,7 @@ def test_a_request_above_its_cap_fails_at_once_naming_both_numbers(stack, engine
 
     async def main():
         b = budget.Budget(settings, engine, aredis, sredis)
-        with pytest.raises(budget.BudgetNeverFits) as e:
+        with pytest.raises(errors_mod.BudgetNeverFits) as e:
             await asyncio.wait_for(b.reserve(request_key(job, "r0"), job, "background", AMOUNT), 10)
         return e.value
     e = asyncio.run(main())
@@ -100,19 +101,19 @@ def test_a_process_with_other_settings_cannot_change_the_caps(stack, engine, cli
     with engine.begin() as conn:
         old = conn.execute(sa.text("SELECT usd FROM budget_caps WHERE scope = 'global'")).scalar()
     try:
-        budget.set_cap(engine, sredis, settings, "global", Decimal("1000"))   # the operator's cap
+        admin.set_cap(engine, sredis, settings, "global", Decimal("1000"))   # the operator's cap
         sredis.flushdb()                                                      # counters not built yet
         for other in (dataclasses.replace(settings, budget_global_daily_usd=""),
                       dataclasses.replace(settings, budget_global_daily_usd="0.5"),
                       dataclasses.replace(settings, budget_global_daily_usd="999999")):
             async def main(s=other):
-                b = budget.Budget(s, engine, *budget.redis_clients(s))
+                b = budget.Budget(s, engine, *scripts.redis_clients(s))
                 await b.release(await b.reserve(request_key(job, "r0"), job, "background", AMOUNT))
             asyncio.run(main())
-            assert int(sredis.hget(budget.KEYS[1], "global")) == budget.to_units(Decimal(1000))
+            assert int(sredis.hget(scripts.KEYS[1], "global")) == units.to_units(Decimal(1000))
         # the reconcile mirrors Postgres too, whatever the caller's settings say
-        budget.reconcile(engine, sredis, dataclasses.replace(settings, budget_global_daily_usd=""))
-        assert int(sredis.hget(budget.KEYS[1], "global")) == budget.to_units(Decimal(1000))
+        ledger.reconcile(engine, sredis, dataclasses.replace(settings, budget_global_daily_usd=""))
+        assert int(sredis.hget(scripts.KEYS[1], "global")) == units.to_units(Decimal(1000))
     finally:
         with engine.begin() as conn:
             if old is None:
@@ -166,7 +167,7 @@ def test_a_hold_lives_as_long_as_its_call_even_past_the_ttl(stack, engine, clien
         await t
     asyncio.run(main())
     assert events == ["second waited"], events
-    assert _units(sredis, budget.KEYS[2], f"job:{job}") <= budget.to_units(AMOUNT * Decimal("1.5"))
+    assert _units(sredis, scripts.KEYS[2], f"job:{job}") <= units.to_units(AMOUNT * Decimal("1.5"))
 
 
 def test_a_call_that_may_have_been_billed_keeps_its_hold_until_it_expires(stack, engine, clients):
@@ -180,24 +181,24 @@ def test_a_call_that_may_have_been_billed_keeps_its_hold_until_it_expires(stack,
         timed_out = Limited(SlowProvider(0, RetryableProviderError("timeout: no answer")), _req(job, "r0"), b)
         with pytest.raises(RetryableProviderError):
             await timed_out.call({}, headers={})
-        held = _units(sredis, budget.KEYS[3], f"job:{job}")
+        held = _units(sredis, scripts.KEYS[3], f"job:{job}")
         answered = Limited(SlowProvider(0, RetryableProviderError("rate limited", 429)), _req(job, "r1"), b)
         with pytest.raises(RetryableProviderError):
             await answered.call({}, headers={})
-        held_after_429 = _units(sredis, budget.KEYS[3], f"job:{job}")
+        held_after_429 = _units(sredis, scripts.KEYS[3], f"job:{job}")
         # the request's retry holds anew; the timed-out attempt's hold stays beside it
         retry = Limited(SlowProvider(0), _req(job, "r0"), b)
         await retry.call({}, headers={})
-        both = _units(sredis, budget.KEYS[3], f"job:{job}")
+        both = _units(sredis, scripts.KEYS[3], f"job:{job}")
         await b.settle(retry.reservation, AMOUNT / 4)
         await asyncio.sleep(1.6)             # past the TTL: the detached hold expires
         await b.release(await b.reserve(request_key(job, "r2"), job, "background", AMOUNT))
         return held, held_after_429, both
     held, held_after_429, both = asyncio.run(main())
-    assert held == budget.to_units(AMOUNT)
-    assert held_after_429 == budget.to_units(AMOUNT)       # the 429 was answered, never billed: released
-    assert both == 2 * budget.to_units(AMOUNT)
-    assert _units(sredis, budget.KEYS[3], f"job:{job}") == 0
+    assert held == units.to_units(AMOUNT)
+    assert held_after_429 == units.to_units(AMOUNT)       # the 429 was answered, never billed: released
+    assert both == 2 * units.to_units(AMOUNT)
+    assert _units(sredis, scripts.KEYS[3], f"job:{job}") == 0
 
 
 class FlakyRedis:
@@ -210,7 +211,7 @@ class FlakyRedis:
         return getattr(self.inner, name)
 
     async def eval(self, script, *args):
-        if script in (budget.SETTLE,) and self.n > 0:
+        if script in (scripts.SETTLE,) and self.n > 0:
             self.n -= 1
             import redis
             raise redis.ConnectionError("connection refused (test)")
@@ -235,8 +236,8 @@ def test_a_settlement_is_retried_until_it_is_counted(stack, engine, clients):
             await asyncio.sleep(0.1)
         return b.pending
     assert asyncio.run(main()) == {}
-    assert _units(sredis, budget.KEYS[2], f"job:{job}") == budget.to_units(AMOUNT / 2)
-    assert _units(sredis, budget.KEYS[3], f"job:{job}") == 0
+    assert _units(sredis, scripts.KEYS[2], f"job:{job}") == units.to_units(AMOUNT / 2)
+    assert _units(sredis, scripts.KEYS[3], f"job:{job}") == 0
 
 
 @pytest.mark.parametrize("lost, committed", [
@@ -259,8 +260,8 @@ def test_a_settle_across_a_rebuild_counts_its_spend_exactly_once(stack, engine, 
         if lost == "everything":
             sredis.flushdb()
         else:
-            sredis.delete(budget.KEYS[0])
-        assert budget.rebuild(engine, sredis, settings)
+            sredis.delete(scripts.KEYS[0])
+        assert ledger.rebuild(engine, sredis, settings)
 
     async def main():
         b = budget.Budget(settings, engine, aredis, sredis)
@@ -273,8 +274,8 @@ def test_a_settle_across_a_rebuild_counts_its_spend_exactly_once(stack, engine, 
             lose()
         await b.settle(res, AMOUNT / 2)
     asyncio.run(main())
-    assert _units(sredis, budget.KEYS[2], f"job:{job}") == budget.to_units(AMOUNT / 2)
-    assert _units(sredis, budget.KEYS[3], f"job:{job}") == 0
+    assert _units(sredis, scripts.KEYS[2], f"job:{job}") == units.to_units(AMOUNT / 2)
+    assert _units(sredis, scripts.KEYS[3], f"job:{job}") == 0
 
 
 def test_reconcile_puts_the_counters_back_on_the_ledger(stack, engine, clients):
@@ -293,18 +294,18 @@ def test_reconcile_puts_the_counters_back_on_the_ledger(stack, engine, clients):
     asyncio.run(main())
     commit_result(engine, job, "r0", AMOUNT / 2)
     commit_result(engine, job, "r1", Decimal("0.00003"))                      # committed, never settled
-    sredis.hincrby(budget.KEYS[2], "global@" + budget.day(), 12345)     # drift from nowhere
-    out = budget.reconcile(engine, sredis, settings, recheck_s=0.2)
-    assert out["rebuilt"] and out["drift_units"][f"job:{job}"] == -budget.to_units(Decimal("0.00003"))
+    sredis.hincrby(scripts.KEYS[2], "global@" + caps.day(), 12345)     # drift from nowhere
+    out = ledger.reconcile(engine, sredis, settings, recheck_s=0.2)
+    assert out["rebuilt"] and out["drift_units"][f"job:{job}"] == -units.to_units(Decimal("0.00003"))
     assert metrics.BUDGET_DRIFT._value.get() > 0
-    snap = budget.ledger_snapshot(engine, settings)
-    live = {k.decode(): v.decode() for k, v in sredis.hgetall(budget.KEYS[2]).items()}
-    assert live[f"job:{job}"] == snap["spent"][f"job:{job}"] == str(budget.to_units(AMOUNT / 2 + Decimal("0.00003")))
-    assert live["global@" + budget.day()] == snap["spent"]["global@" + budget.day()]
-    assert budget.reconcile(engine, sredis, settings, recheck_s=0.2) == {"drift_units": {}, "rebuilt": False}
+    snap = ledger.ledger_snapshot(engine, settings)
+    live = {k.decode(): v.decode() for k, v in sredis.hgetall(scripts.KEYS[2]).items()}
+    assert live[f"job:{job}"] == snap["spent"][f"job:{job}"] == str(units.to_units(AMOUNT / 2 + Decimal("0.00003")))
+    assert live["global@" + caps.day()] == snap["spent"]["global@" + caps.day()]
+    assert ledger.reconcile(engine, sredis, settings, recheck_s=0.2) == {"drift_units": {}, "rebuilt": False}
     # a Redis restart (another run id than the counters were built under) is noticed too
-    sredis.set(budget.RUN_ID_KEY, "an-earlier-redis")
-    out = budget.reconcile(engine, sredis, settings, recheck_s=0.2)
+    sredis.set(scripts.RUN_ID_KEY, "an-earlier-redis")
+    out = ledger.reconcile(engine, sredis, settings, recheck_s=0.2)
     assert out["rebuilt"] and "restarted" in out["reason"]
 
 
@@ -331,7 +332,7 @@ def test_raising_a_job_cap_while_the_job_is_cancelled_does_not_deadlock(stack, e
 
     def raise_cap():
         try:
-            budget.set_cap(engine, sredis, settings, f"job:{job}", "0.01")
+            admin.set_cap(engine, sredis, settings, f"job:{job}", "0.01")
         except Exception as e:   # a deadlock victim, say
             errors.append(e)
         finally:
@@ -375,13 +376,13 @@ def test_a_rebuild_midway_through_the_schedulers_holds_keeps_them(stack, engine,
     granted = []
     for k, cid in enumerate(ids):
         if k == 40:   # the upkeep's reconcile finds drift and rebuilds, mid-pass
-            sredis.eval(budget.INVALIDATE, len(budget.KEYS), *budget.KEYS, sredis.get(budget.KEYS[0]))
-            assert budget.rebuild(engine, sredis, settings)
+            sredis.eval(scripts.INVALIDATE, len(scripts.KEYS), *scripts.KEYS, sredis.get(scripts.KEYS[0]))
+            assert ledger.rebuild(engine, sredis, settings)
         try:
-            if budget.reserve_now(engine, sredis, settings, request_key(job, cid), job, "background", amount,
-                                  ttl_s=budget.PROVIDER_BATCH_HOLD_S) is None:
+            if holds.reserve_now(engine, sredis, settings, request_key(job, cid), job, "background", amount,
+                                  ttl_s=scripts.PROVIDER_BATCH_HOLD_S) is None:
                 granted.append(cid)
-        except budget.BudgetExceeded:
+        except errors_mod.BudgetExceeded:
             pass
     room = int(cap / amount)   # 88
     assert len(granted) == room, f"{len(granted)} holds of ${amount} granted under a ${cap} cap (room for {room})"
@@ -396,17 +397,17 @@ def test_a_provider_batch_settle_across_a_rebuild_counts_its_spend_exactly_once(
     _, sredis = clients(settings)
     job = _job(engine, AMOUNT * 10)
     rid = request_key(job, "r0")
-    assert budget.reserve_now(engine, sredis, settings, rid, job, "background", AMOUNT,
-                              ttl_s=budget.PROVIDER_BATCH_HOLD_S) is None
+    assert holds.reserve_now(engine, sredis, settings, rid, job, "background", AMOUNT,
+                              ttl_s=scripts.PROVIDER_BATCH_HOLD_S) is None
 
     def rebuild():
-        sredis.eval(budget.INVALIDATE, len(budget.KEYS), *budget.KEYS, sredis.get(budget.KEYS[0]))
-        assert budget.rebuild(engine, sredis, settings)
+        sredis.eval(scripts.INVALIDATE, len(scripts.KEYS), *scripts.KEYS, sredis.get(scripts.KEYS[0]))
+        assert ledger.rebuild(engine, sredis, settings)
     if committed == "after":
         rebuild()
     xid = commit_result(engine, job, "r0", AMOUNT / 2)
     if committed == "before":
         rebuild()
-    budget.settle_held(engine, sredis, settings, {rid: AMOUNT / 2}, xid)
-    assert _units(sredis, budget.KEYS[2], f"job:{job}") == budget.to_units(AMOUNT / 2)
-    assert _units(sredis, budget.KEYS[3], f"job:{job}") == 0
+    holds.settle_held(engine, sredis, settings, {rid: AMOUNT / 2}, xid)
+    assert _units(sredis, scripts.KEYS[2], f"job:{job}") == units.to_units(AMOUNT / 2)
+    assert _units(sredis, scripts.KEYS[3], f"job:{job}") == 0

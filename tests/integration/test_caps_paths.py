@@ -14,7 +14,7 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from pipeline import budget
+from pipeline.money import caps, ledger, scripts, units
 from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
 from tests.integration.execution_helpers import simulator_config
 
@@ -63,9 +63,9 @@ def test_provider_batch_mode_spends_within_its_cap_and_the_counters_see_it(stack
             {"j": job}).scalar()
     assert reason and f"job:{job} cap ${cap}" in reason, reason
     # the spend is in the counters realtime jobs see, and nothing stays held
-    _, sredis = budget.redis_clients(stack)
-    assert int(sredis.hget(budget.KEYS[2], f"job:{job}")) == budget.to_units(spent)
-    assert int(sredis.hget(budget.KEYS[3], f"job:{job}") or 0) == 0
+    _, sredis = scripts.redis_clients(stack)
+    assert int(sredis.hget(scripts.KEYS[2], f"job:{job}")) == units.to_units(spent)
+    assert int(sredis.hget(scripts.KEYS[3], f"job:{job}") or 0) == 0
 
 
 def test_a_request_above_its_job_cap_fails_at_once(stack, engine, tmp_path):
@@ -92,14 +92,14 @@ def test_counters_flushed_mid_job_come_back_to_the_ledger(stack, engine, tmp_pat
     line_max = Decimal("0.0000222")   # gpt-4o-mini, ~20 input tokens, 32 output, at list price
     cap = (line_max * 60).quantize(Decimal("0.00000001"))
     path = write_jsonl(tmp_path / "flush.jsonl", _lines(300, "fl", priority=6))
-    _, sredis = budget.redis_clients(stack)
+    _, sredis = scripts.redis_clients(stack)
     # slow answers, so the copy below is taken mid-job: at zero latency the whole cap was
     # spent before the first poll saw 10 results, and the old copy then equalled the ledger
     with simulator_config(stack, latency_ms=400.0, jitter_ms=100.0):
         job = _submit(path, "--budget-usd", cap)
         wait_for(lambda: _counts(engine, job).get("succeeded", 0) >= 10, timeout=120, every=0.05, what="10 done")
-        old = {k: sredis.dump(k) for k in budget.KEYS if sredis.exists(k)}
-        sredis.delete(*budget.KEYS)                       # the counters are gone mid-job
+        old = {k: sredis.dump(k) for k in scripts.KEYS if sredis.exists(k)}
+        sredis.delete(*scripts.KEYS)                       # the counters are gone mid-job
         wait_for(lambda: _settled(engine, job), timeout=240, every=1, what="capped job settled")
     spent = _ledger(engine, job)
     assert spent <= cap, f"overspent: ${spent} > ${cap}"
@@ -108,12 +108,12 @@ def test_counters_flushed_mid_job_come_back_to_the_ledger(stack, engine, tmp_pat
         sredis.restore(k, 0, v, replace=True)
     # the drift is real: the restored counter is short of the ledger (read before any reconcile;
     # the scheduler's own reconcile, every budget_reconcile_every_s, may be the one that fixes it)
-    restored = int(sredis.hget(budget.KEYS[2], f"job:{job}") or 0)
-    assert restored < budget.to_units(spent), (restored, spent)
+    restored = int(sredis.hget(scripts.KEYS[2], f"job:{job}") or 0)
+    assert restored < units.to_units(spent), (restored, spent)
     out = json.loads(llmbatch("budget", "reconcile", "--json", check=True).stdout)
     assert "drift_units" in out, out
-    snap = budget.ledger_snapshot(engine, stack)
-    live = {k.decode(): v.decode() for k, v in sredis.hgetall(budget.KEYS[2]).items()}
-    today = "global@" + budget.day()
-    assert live[f"job:{job}"] == snap["spent"][f"job:{job}"] == str(budget.to_units(spent))
+    snap = ledger.ledger_snapshot(engine, stack)
+    live = {k.decode(): v.decode() for k, v in sredis.hgetall(scripts.KEYS[2]).items()}
+    today = "global@" + caps.day()
+    assert live[f"job:{job}"] == snap["spent"][f"job:{job}"] == str(units.to_units(spent))
     assert live[today] == snap["spent"][today]

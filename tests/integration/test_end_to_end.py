@@ -11,7 +11,7 @@ from confluent_kafka import Consumer
 
 from pipeline.constants import DLQ_TOPIC, IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.intake.kafka import make_producer, sign
-from pipeline.pricing import Usage, cost, get_price_book
+from pipeline.money.pricing import Usage, cost, get_price_book
 from tests.integration.conftest import chat_line, kafka_conf, llmbatch, wait_for, write_jsonl
 
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from pipeline import budget
+from pipeline.money import deferral
 from pipeline.stores import batches, jobs as job_store
 from pipeline.providers.openai import OpenAIProvider
 from pipeline.stores.jobs import cancel_job
@@ -62,9 +62,9 @@ def _defer_and_resume(engine, batch: str, owner: str) -> None:
     with engine.begin() as conn:
         assert batches.claim_batch(conn, batch, owner, 60) is not None
         reqs = batches.open_requests(conn, batch)
-        budget.write_deferred(conn, [{"job_id": r["job_id"], "custom_id": r["custom_id"], "scope": "unavailable"}
+        deferral.write_deferred(conn, [{"job_id": r["job_id"], "custom_id": r["custom_id"], "scope": "unavailable"}
                                      for r in reqs])
-        budget.defer_batch(conn, batch, {"unavailable"})
+        deferral.defer_batch(conn, batch, {"unavailable"})
         conn.execute(sa.text("UPDATE batches SET deferred_until = now() WHERE batch_id = :b"), {"b": batch})
     with engine.begin() as conn:   # only this batch is due: leave other deferred batches alone
         conn.execute(sa.text("UPDATE batches SET status = 'queued', deferred_until = NULL WHERE batch_id = :b"),

@@ -30,8 +30,9 @@ from urllib.parse import urlsplit
 import pytest
 import sqlalchemy as sa
 
-from pipeline import budget, clock
-from pipeline.pricing import get_price_book
+from pipeline import clock, errors
+from pipeline.money import admin, budget, caps as caps_mod, ledger, scripts, units, waits
+from pipeline.money.pricing import get_price_book
 from pipeline.providers import batch_api
 from schedules import provider_batches
 from schedules.clock import DbClock
@@ -59,14 +60,14 @@ def no_scheduler(stack):
 @pytest.fixture
 def caps(stack, engine):
     """Set daily caps for one test; the caps in force before are put back after."""
-    _, sredis = budget.redis_clients(stack)
+    _, sredis = scripts.redis_clients(stack)
     with engine.connect() as conn:
-        before = budget.caps_for(conn)
+        before = caps_mod.caps_for(conn)
     touched = []
 
     def set_(scope: str, usd: Decimal) -> None:
         touched.append(scope)
-        budget.set_cap(engine, sredis, stack, scope, usd)
+        admin.set_cap(engine, sredis, stack, scope, usd)
     yield set_
     with engine.begin() as conn:
         for scope in touched:
@@ -76,8 +77,8 @@ def caps(stack, engine):
             else:
                 conn.execute(sa.text("DELETE FROM budget_caps WHERE scope = :s"), {"s": scope})
     for scope in touched:
-        sredis.eval(budget.SET_CAP, len(budget.KEYS), *budget.KEYS, scope,
-                    str(budget.to_units(before[scope])) if scope in before else budget.NO_CAP)
+        sredis.eval(scripts.SET_CAP, len(scripts.KEYS), *scripts.KEYS, scope,
+                    str(units.to_units(before[scope])) if scope in before else units.NO_CAP)
 
 
 def _submit(path, *args) -> str:
@@ -96,7 +97,7 @@ def _counts(engine, job: str) -> dict:
 
 
 def _holds_of(sredis, job: str) -> list[str]:
-    return [k.decode() for k in sredis.hkeys(budget.KEYS[4]) if k.decode().startswith(job + ":")]
+    return [k.decode() for k in sredis.hkeys(scripts.KEYS[4]) if k.decode().startswith(job + ":")]
 
 
 def _pb_of(engine, job: str) -> str:
@@ -145,7 +146,7 @@ def _ledger_today(engine) -> Decimal:
     with engine.connect() as conn:
         return conn.execute(sa.text(
             "SELECT (SELECT coalesce(sum(cost_usd), 0) FROM results WHERE budget_period = budget_day())"
-            f" + (SELECT coalesce(sum({budget.CALL_SPEND}), 0) FROM provider_calls p"
+            f" + (SELECT coalesce(sum({ledger.CALL_SPEND}), 0) FROM provider_calls p"
             "    WHERE p.state <> 'sent' AND p.budget_period = budget_day())")).scalar()
 
 
@@ -154,18 +155,18 @@ def _later_job_waits_then_runs(stack, engine, caps, sredis, pb_job: str, fix) ->
     job waits, ``status`` names the cap, what it holds and for whom; then ``fix`` (the operator's
     reconcile, or the scheduler) and the job completes without any cap raised by hand."""
     later_n, line_max = 3, Decimal("0.00003")      # above one line's maximum (gpt-4o-mini, 32 out)
-    today = budget.period(stack, engine)
-    held = budget.from_units(int(sredis.hget(budget.KEYS[3], f"global@{today}") or 0))
+    today = caps_mod.period(stack, engine)
+    held = units.from_units(int(sredis.hget(scripts.KEYS[3], f"global@{today}") or 0))
     with engine.connect() as conn:
         pb_spent = conn.execute(sa.text("SELECT coalesce(sum(cost_usd), 0) FROM results WHERE job_id = :j"),
                                 {"j": pb_job}).scalar()
     # binding: room for the later job's maxima once the holds are gone, none while they stand
     assert held - pb_spent > line_max * later_n, f"the batch's unused holds ${held - pb_spent} are too small"
-    caps("global", (_ledger_today(engine) + line_max * later_n).quantize(budget.UNIT))
+    caps("global", (_ledger_today(engine) + line_max * later_n).quantize(units.UNIT))
     path = write_jsonl(Path(os.environ.get("TMPDIR", "/tmp")) / f"later-{uuid.uuid4().hex[:6]}.jsonl",
                        _lines(later_n, "lt", priority=6))
     job = _submit(path)
-    note = wait_for(lambda: budget.wait_status(sredis, job), timeout=60, every=0.2,
+    note = wait_for(lambda: waits.wait_status(sredis, job), timeout=60, every=0.2,
                     what="the later job's reservations say why they wait")
     assert note["cap"] == "global", note
     assert any(h["job_id"] == pb_job for h in note["holders"]), note
@@ -184,14 +185,14 @@ def _settled_once(stack, engine, sredis, pb: str) -> None:
     wait_for(lambda: engine.connect().execute(sa.text(
         "SELECT settled_at IS NOT NULL FROM provider_batches WHERE id = :id"), {"id": pb}).scalar(),
         timeout=90, every=0.5, what="the scheduler settled the provider batch")
-    out = budget.reconcile(engine, sredis, stack)
+    out = ledger.reconcile(engine, sredis, stack)
     assert out["drift_units"] == {} and not out.get("reason"), out
 
 
 def test_a_settle_redis_refused_neither_stalls_a_later_job_nor_waits_without_a_reason(
         stack, engine, no_scheduler, caps, tmp_path):
     n = 100
-    _, sredis = budget.redis_clients(stack)
+    _, sredis = scripts.redis_clients(stack)
     job = _submit(write_jsonl(tmp_path / "pb.jsonl", _lines(n, "rf", max_tokens=400)), "--mode", "provider_batch",
                   "--tier", "background")
     pb = _sent_and_ended(stack, engine, job, n)
@@ -227,7 +228,7 @@ provider_batches.poll_open(settings=get_settings(), engine=db.get_engine(), disp
 def test_a_scheduler_killed_between_the_ingest_commit_and_the_settle_leaves_no_stall(
         stack, engine, no_scheduler, caps, tmp_path):
     n = 100
-    _, sredis = budget.redis_clients(stack)
+    _, sredis = scripts.redis_clients(stack)
     job = _submit(write_jsonl(tmp_path / "pb.jsonl", _lines(n, "kl", max_tokens=400)), "--mode", "provider_batch",
                   "--tier", "background")
     pb = _sent_and_ended(stack, engine, job, n)
@@ -300,12 +301,12 @@ def _result_lines(fit: list[dict], output_tokens: int) -> list[dict]:
 def _without_leftovers(engine, sredis, settings) -> None:
     """Counters built, and the short re-holds of other tests' requests left 'running' gone: a
     rebuild re-holds them for ``REHOLD_GRACE_S`` in today's period, this test's day D."""
-    budget.rebuild(engine, sredis, settings)
-    if not sredis.hlen(budget.KEYS[4]):
+    ledger.rebuild(engine, sredis, settings)
+    if not sredis.hlen(scripts.KEYS[4]):
         return
-    time.sleep(budget.REHOLD_GRACE_S + 0.5)   # nobody re-asserts them: they expire
-    for rid in sredis.zrangebyscore(budget.KEYS[5], "-inf", int(time.time() * 1000)):
-        sredis.eval(budget.RELEASE, len(budget.KEYS), *budget.KEYS, rid)
+    time.sleep(scripts.REHOLD_GRACE_S + 0.5)   # nobody re-asserts them: they expire
+    for rid in sredis.zrangebyscore(scripts.KEYS[5], "-inf", int(time.time() * 1000)):
+        sredis.eval(scripts.RELEASE, len(scripts.KEYS), *scripts.KEYS, rid)
 
 
 def _spent_by_period(engine, tier: str, days: list[date]) -> dict[date, Decimal]:
@@ -318,20 +319,20 @@ def _spent_by_period(engine, tier: str, days: list[date]) -> dict[date, Decimal]
 
 def test_a_provider_batch_open_across_midnight_spends_each_day_within_its_cap(stack, engine, caps):
     settings = budget_settings(stack)                      # Redis database 15: the stack never sees it
-    aredis, sredis = budget.redis_clients(settings)
+    aredis, sredis = scripts.redis_clients(settings)
     sredis.flushdb()
     db_clock = DbClock(engine)
     # a day no other test spends in: the ledger of both days is this test's alone
     day_d = date(2031, 3, 4) + timedelta(days=uuid.uuid4().int % 3000)
     day_e = day_d + timedelta(days=1)
     amount = Decimal("0.00002")                             # one request's maximum, list price
-    hold = (amount * (1 - get_price_book().resolve("gpt-4o-mini").batch_discount)).quantize(budget.UNIT)
+    hold = (amount * (1 - get_price_book().resolve("gpt-4o-mini").batch_discount)).quantize(units.UNIT)
     cap = hold * 10                                         # the tier's cap, each day: binding below
     caps("tier:background", cap)
     try:
         db_clock.set(datetime.combine(day_d, datetime.min.time(), timezone.utc) + timedelta(hours=23, minutes=59))
         clock.forget()
-        assert budget.period(settings, engine) == day_d.isoformat()
+        assert caps_mod.period(settings, engine) == day_d.isoformat()
         _without_leftovers(engine, sredis, settings)
         pb_job = _pb_job(engine, 12, amount)
         pb, fit = _send(settings, engine, sredis, pb_job)  # day D: 10 of 12 fit under D's cap
@@ -340,7 +341,7 @@ def test_a_provider_batch_open_across_midnight_spends_each_day_within_its_cap(st
         # midnight passes while the provider batch runs
         db_clock.set(datetime.combine(day_e, datetime.min.time(), timezone.utc) + timedelta(minutes=1))
         clock.forget()
-        assert budget.period(settings, engine) == day_e.isoformat()
+        assert caps_mod.period(settings, engine) == day_e.isoformat()
         rt_job, ids = insert_job(engine, None, 12, hold, prefix="job_mid_rt_")
 
         import asyncio
@@ -351,7 +352,7 @@ def test_a_provider_batch_open_across_midnight_spends_each_day_within_its_cap(st
             for cid in ids:
                 try:
                     res = await b.reserve(f"{rt_job}:{cid}", rt_job, "background", hold)
-                except budget.BudgetExceeded:
+                except errors.BudgetExceeded:
                     break
                 res.xid = commit_result(engine, rt_job, cid, hold)
                 res.written = True
@@ -364,9 +365,9 @@ def test_a_provider_batch_open_across_midnight_spends_each_day_within_its_cap(st
         assert filled == 10, filled
 
         # a rebuild while the batch is still open keeps day D's holds in day D
-        sredis.eval(budget.INVALIDATE, len(budget.KEYS), *budget.KEYS, sredis.get(budget.KEYS[0]))
-        budget.rebuild(engine, sredis, settings)
-        assert int(sredis.hget(budget.KEYS[3], f"tier:background@{day_d}") or 0) == budget.to_units(hold) * 10
+        sredis.eval(scripts.INVALIDATE, len(scripts.KEYS), *scripts.KEYS, sredis.get(scripts.KEYS[0]))
+        ledger.rebuild(engine, sredis, settings)
+        assert int(sredis.hget(scripts.KEYS[3], f"tier:background@{day_d}") or 0) == units.to_units(hold) * 10
 
         # the batch ends on D+1 (8 tokens in, 16 out each, at the batch price)
         provider_batches.ingest(pb, "openai", "completed", _result_lines(fit, 16), settings=settings,
@@ -378,15 +379,15 @@ def test_a_provider_batch_open_across_midnight_spends_each_day_within_its_cap(st
         assert 0 < spent[day_e] <= cap, spent
         assert spent[day_e] == hold * 10                    # D+1's own spend only: the cap was binding
         # the counters, the view and a rebuild all say the same
-        live = {k.decode(): int(v) for k, v in sredis.hgetall(budget.KEYS[2]).items()}
-        assert live[f"tier:background@{day_e}"] == budget.to_units(spent[day_e]), live
-        assert live[f"tier:background@{day_d}"] == budget.to_units(spent[day_d]), live
+        live = {k.decode(): int(v) for k, v in sredis.hgetall(scripts.KEYS[2]).items()}
+        assert live[f"tier:background@{day_e}"] == units.to_units(spent[day_e]), live
+        assert live[f"tier:background@{day_d}"] == units.to_units(spent[day_d]), live
         assert not _holds_of(sredis, pb_job)
         with engine.connect() as conn:
             view = conn.execute(sa.text("SELECT period, spent_usd FROM budget_status"
                                         " WHERE scope = 'tier:background'")).one()
         assert view.period == day_e.isoformat() and view.spent_usd == spent[day_e], view
-        out = budget.reconcile(engine, sredis, settings)
+        out = ledger.reconcile(engine, sredis, settings)
         assert out["drift_units"] == {} and not out["rebuilt"], out
     finally:
         db_clock.reset()
@@ -403,7 +404,7 @@ def test_a_reservation_behind_live_holds_says_why_then_gives_up_after_budget_wai
     """It used to wait without a limit, and nothing said why. The holds in front of it are its own
     job's here (a job cap: no cap another test shares), the most a cap can say about them."""
     settings = budget_settings(stack, budget_wait_max_s=1.0)     # Redis database 15
-    aredis, sredis = budget.redis_clients(settings)
+    aredis, sredis = scripts.redis_clients(settings)
     sredis.flushdb()
     amount = Decimal("0.0001")
     job, ids = insert_job(engine, amount * 2, 3, amount, prefix="job_wait_")
@@ -415,8 +416,8 @@ def test_a_reservation_behind_live_holds_says_why_then_gives_up_after_budget_wai
         note = None
         while note is None and not waiting.done():
             await asyncio.sleep(0.05)
-            note = await asyncio.to_thread(budget.wait_status, sredis, job)
-        with pytest.raises(budget.BudgetWaitedOut) as e:
+            note = await asyncio.to_thread(waits.wait_status, sredis, job)
+        with pytest.raises(errors.BudgetWaitedOut) as e:
             await waiting
         for r in held:
             await b.release(r)

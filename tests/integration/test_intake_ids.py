@@ -27,7 +27,7 @@ from tests.integration.test_intake_hostile import DLQReader, publish, wait_accou
 from tests.unit.test_intake_messages import message, raw
 
 PRINTABLE_IDS = ["café-1", "日本-2", "emoji 👩‍👩‍👧", "with space", "quote\"'`\\", "a:b~c/d"]
-FORGED = "2026-12-05 05:40:00,000 CRITICAL pipeline.budget FORGED"
+FORGED = "2026-12-05 05:40:00,000 CRITICAL pipeline.money.budget FORGED"
 HOSTILE_IDS = [f"a\n{FORGED}", "esc\x1b[2J", "cr\rinside", "nel\x85inside"]
 
 

@@ -11,8 +11,9 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from pipeline import budget
-from pipeline.pricing import get_price_book
+from pipeline import errors
+from pipeline.money import budget, ledger, scripts, units
+from pipeline.money.pricing import get_price_book
 from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
 from tests.integration.execution_helpers import budget_settings, commit_result, insert_job
 
@@ -34,7 +35,7 @@ def test_concurrent_reservations_hold_the_cap_through_a_redis_flush(stack, engin
     settings = budget_settings(stack)
     cap = AMOUNT * 40
     job, ids = _job(engine, cap, 300)
-    aredis, sredis = budget.redis_clients(settings)
+    aredis, sredis = scripts.redis_clients(settings)
     sredis.flushdb()
     b = budget.Budget(settings, engine, aredis, sredis)
     outcome = {"ok": 0, "refused": 0}
@@ -47,11 +48,11 @@ def test_concurrent_reservations_hold_the_cap_through_a_redis_flush(stack, engin
                              {"j": job, "c": cid})
             try:
                 res = await b.reserve(f"{job}:{cid}", job, "background", AMOUNT)
-            except budget.BudgetExceeded:
+            except errors.BudgetExceeded:
                 outcome["refused"] += 1
                 return
             await asyncio.sleep(rng.uniform(0, 0.02))
-            spent = (AMOUNT * Decimal(rng.randint(50, 100)) / 100).quantize(budget.UNIT)
+            spent = (AMOUNT * Decimal(rng.randint(50, 100)) / 100).quantize(units.UNIT)
             def write():
                 # as the OutcomeWriter does, in its thread right after the commit
                 res.xid, res.written = commit_result(engine, job, cid, spent), True
@@ -75,10 +76,10 @@ def test_concurrent_reservations_hold_the_cap_through_a_redis_flush(stack, engin
     assert outcome["ok"] + outcome["refused"] == 300 and outcome["refused"] > 0
     # a settle that crossed the flush counts its spend unless the rebuild's ledger already held it
     # (budget.SETTLE), so the live counter is the ledger, and nothing is left held
-    assert int(sredis.hget(budget.KEYS[2], f"job:{job}")) == budget.to_units(spent)
-    assert int(sredis.hget(budget.KEYS[3], f"job:{job}") or 0) == 0
-    budget.reconcile(engine, sredis, stack)
-    assert int(sredis.hget(budget.KEYS[2], f"job:{job}")) == budget.to_units(spent)
+    assert int(sredis.hget(scripts.KEYS[2], f"job:{job}")) == units.to_units(spent)
+    assert int(sredis.hget(scripts.KEYS[3], f"job:{job}") or 0) == 0
+    ledger.reconcile(engine, sredis, stack)
+    assert int(sredis.hget(scripts.KEYS[2], f"job:{job}")) == units.to_units(spent)
     with engine.connect() as conn:
         alerts = conn.execute(sa.text("SELECT threshold FROM budget_alerts WHERE scope = :s"),
                               {"s": f"job:{job}"}).scalars().all()
@@ -90,7 +91,7 @@ def test_a_dead_workers_reservation_expires(stack, engine):
     settings = dataclasses.replace(budget_settings(stack), budget_reservation_ttl_s=0.3, provider_timeout_s=0.1,
                                    budget_reservation_margin_s=0.2)
     job, _ = _job(engine, AMOUNT * 2, 2)
-    aredis, sredis = budget.redis_clients(settings)
+    aredis, sredis = scripts.redis_clients(settings)
     sredis.flushdb()
 
     async def main():
@@ -111,26 +112,26 @@ def test_a_dead_workers_reservation_expires(stack, engine):
 def test_budget_store_down_fails_closed(stack, engine):
     settings = dataclasses.replace(stack, redis_url="redis://127.0.0.1:1/0")
     job, _ = _job(engine, AMOUNT, 1)
-    aredis, sredis = budget.redis_clients(settings)
+    aredis, sredis = scripts.redis_clients(settings)
 
     async def main():
         b = budget.Budget(settings, engine, aredis, sredis)
         await b.reserve(f"{job}:r0", job, "background", AMOUNT)
-    with pytest.raises(budget.BudgetUnavailable, match="unreachable") as caught:
+    with pytest.raises(errors.BudgetUnavailable, match="unreachable") as caught:
         asyncio.run(main())
-    assert not isinstance(caught.value, budget.BudgetScriptError)
+    assert not isinstance(caught.value, errors.BudgetScriptError)
 
 
 def test_a_script_error_is_not_called_an_outage(stack):
     """Redis that answers with a script error is a bug to report, not a store to wait for."""
     settings = budget_settings(stack)
-    aredis, sredis = budget.redis_clients(settings)
+    aredis, sredis = scripts.redis_clients(settings)
 
     async def main():
         b = budget.Budget(settings, None, aredis, sredis)
         # a script that hands Redis a bad argument, as a bug would: Redis answers with an error
         await b._eval("return redis.call('HINCRBY', KEYS[3], 'probe', ARGV[1])", "not-a-number")
-    with pytest.raises(budget.BudgetScriptError, match="script error") as caught:
+    with pytest.raises(errors.BudgetScriptError, match="script error") as caught:
         asyncio.run(main())
     assert "unreachable" not in str(caught.value)
     sredis.flushdb()

@@ -113,9 +113,9 @@ def _crash_at(step: str, mp) -> None:
 
 def _live_holds(settings, job: str) -> int:
     """The job's reservations the budget holds in Redis (one per request: its ``request_key``)."""
-    from pipeline import budget
-    _, r = budget.redis_clients(settings)
-    return sum(r.hexists(budget.KEYS[4], request_key(job, f"r{i}")) for i in range(N))
+    from pipeline.money import scripts
+    _, r = scripts.redis_clients(settings)
+    return sum(r.hexists(scripts.KEYS[4], request_key(job, f"r{i}")) for i in range(N))
 
 
 def _terminal(engine, job: str) -> bool:

@@ -29,11 +29,12 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from pipeline import budget
+from pipeline import errors
+from pipeline.money import admin, budget, ledger, scripts, units
 from pipeline.stores import jobs
 from pipeline.providers import base
-from pipeline.bounds import request_bound
-from pipeline.pricing import get_price_book
+from pipeline.money.bounds import request_bound
+from pipeline.money.pricing import get_price_book
 from tests.integration.conftest import wait_for
 from tests.integration.execution_helpers import (budget_settings, calls_of, make_batch, requests_of, scalar,
                                                 simulator_config)
@@ -85,10 +86,10 @@ def process(stack, monkeypatch):
 
     def make(**changes):
         settings = budget_settings(stack, max_attempts=3, backoff_base_s=0.05, backoff_max_s=0.2, **changes)
-        budget.redis_clients(settings)[1].flushdb()
+        scripts.redis_clients(settings)[1].flushdb()
         return settings
     yield make
-    budget.redis_clients(budget_settings(stack))[1].flushdb()
+    scripts.redis_clients(budget_settings(stack))[1].flushdb()
 
 
 def _run(engine, batch: str, settings, owner: str = "test-worker") -> dict:
@@ -132,7 +133,7 @@ def test_timed_out_calls_are_spent_at_their_maximum(stack, engine, process):
     assert Decimal(st["unconfirmed_usd"]) == unconfirmed and st["unconfirmed_calls"] == calls
     assert Decimal(st["cost_usd"]) == 0
     assert (view.confirmed_usd, view.unconfirmed_usd) == (0, unconfirmed)
-    shown = budget.show(engine, budget.redis_clients(settings)[1], settings)
+    shown = admin.show(engine, scripts.redis_clients(settings)[1], settings)
     assert Decimal(next(j for j in shown["jobs"] if j["job_id"] == job)["unconfirmed_usd"]) == unconfirmed
     assert Decimal(shown["tiers"]["offpeak"]["unconfirmed_usd"]) >= unconfirmed
 
@@ -207,13 +208,13 @@ def test_the_reconcile_counts_a_dead_workers_calls_nobody_took_back(stack, engin
             "INSERT INTO provider_calls (call_id, hold_id, job_id, custom_id, tier, batch_id, owner, max_cost_usd)"
             " VALUES (:c, :h, :j, 'r2', 'offpeak', :b, 'live-worker', :m)"),
             {"c": f"{job}:r2~live.1", "h": f"{job}:r2~live", "j": job, "b": batch, "m": each})
-    sredis = budget.redis_clients(settings)[1]
-    budget.rebuild(engine, sredis, settings)
+    sredis = scripts.redis_clients(settings)[1]
+    ledger.rebuild(engine, sredis, settings)
     upkeep.budget_reconcile(settings=settings, engine=engine)
     assert _unconfirmed(engine, job) == 2 * each
     assert scalar(engine, "SELECT state FROM provider_calls WHERE call_id = :c", c=f"{job}:r2~live.1") == "sent"
-    spent = budget.from_units(int(sredis.hget(budget.KEYS[2], f"job:{job}") or 0))
+    spent = units.from_units(int(sredis.hget(scripts.KEYS[2], f"job:{job}") or 0))
     assert spent == 2 * each   # counted once: by the settle, or by the rebuild that read the ledger, not both
-    with pytest.raises(budget.BudgetExceeded):   # the cap (2.5 calls) takes no third call
-        asyncio.run(budget.Budget(settings, engine, *budget.redis_clients(settings))
+    with pytest.raises(errors.BudgetExceeded):   # the cap (2.5 calls) takes no third call
+        asyncio.run(budget.Budget(settings, engine, *scripts.redis_clients(settings))
                     .reserve(f"{job}:r2~x", job, "offpeak", each))

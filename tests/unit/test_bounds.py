@@ -1,4 +1,4 @@
-"""Each rule of pipeline.bounds.request_bound, one at a time (issue 13, items 2 and 8)."""
+"""Each rule of pipeline.money.bounds.request_bound, one at a time (issue 13, items 2 and 8)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import bounds
-from pipeline.bounds import request_bound
+from pipeline.money import bounds
+from pipeline.money.bounds import request_bound
 from pipeline.errors import LineError
 from pipeline.intake.formats import parse_request
-from pipeline.pricing import PriceBook, Usage, answered_price, cost
-from pipeline.tokens import count_chat_tokens, count_text_tokens
+from pipeline.money.pricing import PriceBook, Usage, answered_price, cost
+from pipeline.money.tokens import count_chat_tokens, count_text_tokens
 
 PRICES = PriceBook.load()
 MINI = PRICES.resolve("gpt-4o-mini")
@@ -229,7 +229,7 @@ def test_priced_by_the_model_that_answered():
 
 def test_the_simulator_does_not_import_the_pipelines_counting_or_pricing():
     root = Path(__file__).resolve().parents[2] / "simulator"
-    banned = ("pipeline.pricing", "pipeline.bounds", "count_request", "count_chat_tokens", "count_text_tokens",
+    banned = ("pipeline.money.pricing", "pipeline.money.bounds", "count_request", "count_chat_tokens", "count_text_tokens",
               "estimate_claude_text", "estimate_anthropic", "pipeline import tokens")
     for path in sorted(root.glob("*.py")):
         code = "\n".join(line for line in path.read_text().splitlines()

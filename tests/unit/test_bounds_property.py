@@ -24,9 +24,9 @@ import zlib
 from hypothesis import HealthCheck, assume, find, given, settings
 from hypothesis import strategies as st
 
-from pipeline.bounds import request_bound
+from pipeline.money.bounds import request_bound
 from pipeline.errors import LineError
-from pipeline.pricing import PriceBook, cost, max_cost, usage_from_anthropic, usage_from_openai
+from pipeline.money.pricing import PriceBook, cost, max_cost, usage_from_anthropic, usage_from_openai
 from simulator import answers
 from simulator.protocol import Problem, validate_anthropic_message, validate_openai_chat
 
@@ -249,7 +249,7 @@ def test_report_how_many_bodies_held():
 
 def _old_bound(provider: str, body: dict):
     """The bound before this change: input tokens x input price + max_tokens x output price."""
-    from pipeline.tokens import count_request
+    from pipeline.money.tokens import count_request
 
     price = PRICES.resolve(body["model"])
     out = body.get("max_completion_tokens") or body.get("max_tokens") or price.max_output_tokens
@@ -275,7 +275,7 @@ def test_the_property_catches_the_old_bound():
 @given(st.one_of(texts, st.lists(texts, min_size=1, max_size=20).map("".join)))
 def test_claude_estimate_is_never_below_the_simulators_count(text):
     """The documented margin of estimate_claude_text against the simulator's independent count."""
-    from pipeline.tokens import estimate_claude_text
+    from pipeline.money.tokens import estimate_claude_text
     from simulator.billing import claude_count
 
     assert estimate_claude_text(text) >= claude_count(text)

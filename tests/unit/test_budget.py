@@ -7,55 +7,56 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline import budget
+from pipeline import errors
+from pipeline.money import caps, deferral, units as units_mod
 from pipeline.config import load_settings
 from pipeline.errors import ConfigError
 
 
 def test_units_round_up_and_back_exactly():
-    assert budget.to_units(Decimal("0.00000001")) == 1
-    assert budget.to_units("0.000000001") == 1            # below the scale: held as one unit, never 0
-    assert budget.to_units(Decimal("0.0000217")) == 2170
-    assert budget.to_units(Decimal("12.5")) == 1_250_000_000
-    assert budget.from_units(1_250_000_000) == Decimal("12.5")
-    assert budget.from_units("0") == 0
+    assert units_mod.to_units(Decimal("0.00000001")) == 1
+    assert units_mod.to_units("0.000000001") == 1            # below the scale: held as one unit, never 0
+    assert units_mod.to_units(Decimal("0.0000217")) == 2170
+    assert units_mod.to_units(Decimal("12.5")) == 1_250_000_000
+    assert units_mod.from_units(1_250_000_000) == Decimal("12.5")
+    assert units_mod.from_units("0") == 0
     # a reservation is never below the cost the ledger will record (numeric(18, 8) rounds)
     for cost in ("0.000000015", "0.0000000149", "1.000000001"):
-        assert budget.from_units(budget.to_units(cost)) >= Decimal(cost).quantize(budget.UNIT)
+        assert units_mod.from_units(units_mod.to_units(cost)) >= Decimal(cost).quantize(units_mod.UNIT)
 
 
 def test_every_request_counts_against_global_tier_and_job_scopes():
-    fields = budget.fields_for("job_1", "peak", "2026-11-24")
+    fields = caps.fields_for("job_1", "peak", "2026-11-24")
     assert fields == [("global@2026-11-24", "global"), ("tier:peak@2026-11-24", "tier:peak"),
                       ("job:job_1", "job:job_1")]
 
 
 def test_days_are_utc():
     late = datetime(2026, 11, 24, 23, 59, 59, tzinfo=timezone.utc)
-    assert budget.day(late) == "2026-11-24"
-    assert budget.next_day(late) == datetime(2026, 11, 25, tzinfo=timezone.utc)
+    assert caps.day(late) == "2026-11-24"
+    assert caps.next_day(late) == datetime(2026, 11, 25, tzinfo=timezone.utc)
 
 
 def test_caps_from_config():
     s = load_settings({"LLMBATCH_BUDGET_GLOBAL_DAILY_USD": "100",
                        "LLMBATCH_BUDGET_TIER_DAILY_USD": "peak=20.5,background=1", "LLMBATCH_CONFIG": "/nonexistent"})
-    assert budget.config_caps(s) == {"global": Decimal(100), "tier:peak": Decimal("20.5"),
+    assert caps.config_caps(s) == {"global": Decimal(100), "tier:peak": Decimal("20.5"),
                                      "tier:background": Decimal(1)}
-    assert budget.config_caps(load_settings({"LLMBATCH_CONFIG": "/nonexistent"})) == {}
+    assert caps.config_caps(load_settings({"LLMBATCH_CONFIG": "/nonexistent"})) == {}
     with pytest.raises(ConfigError, match="unknown tier"):
-        budget.config_caps(load_settings({"LLMBATCH_BUDGET_TIER_DAILY_USD": "urgent=1",
+        caps.config_caps(load_settings({"LLMBATCH_BUDGET_TIER_DAILY_USD": "urgent=1",
                                           "LLMBATCH_CONFIG": "/nonexistent"}))
     with pytest.raises(ConfigError, match="outside"):
-        budget.config_caps(load_settings({"LLMBATCH_BUDGET_GLOBAL_DAILY_USD": "-1",
+        caps.config_caps(load_settings({"LLMBATCH_BUDGET_GLOBAL_DAILY_USD": "-1",
                                           "LLMBATCH_CONFIG": "/nonexistent"}))
     with pytest.raises(ConfigError, match="not a decimal"):
-        budget.config_caps(load_settings({"LLMBATCH_BUDGET_GLOBAL_DAILY_USD": "lots",
+        caps.config_caps(load_settings({"LLMBATCH_BUDGET_GLOBAL_DAILY_USD": "lots",
                                           "LLMBATCH_CONFIG": "/nonexistent"}))
 
 
 def test_caps_stay_exact_in_lua_doubles():
     # Lua compares amounts as doubles: every cap we accept must be an exact integer there
-    assert budget.to_units(budget.MAX_CAP_USD) < 2 ** 53
+    assert units_mod.to_units(units_mod.MAX_CAP_USD) < 2 ** 53
 
 
 class _Conn:
@@ -69,9 +70,9 @@ class _Conn:
 def test_deferred_batches_wait_for_the_next_day_a_minute_or_a_raised_cap():
     now = datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
     conn = _Conn()
-    budget.defer_batch(conn, "b1", {"global", "job"}, now)
-    budget.defer_batch(conn, "b2", {"job"}, now)
-    budget.defer_batch(conn, "b3", {"unavailable", "tier"}, now)
+    deferral.defer_batch(conn, "b1", {"global", "job"}, now)
+    deferral.defer_batch(conn, "b2", {"job"}, now)
+    deferral.defer_batch(conn, "b3", {"unavailable", "tier"}, now)
     untils = [p["u"] for _, p in conn.calls]
     assert untils[0] == datetime(2026, 11, 25, tzinfo=timezone.utc)
     assert untils[1] is None                                  # only `budget set --job` wakes it
@@ -88,34 +89,34 @@ from hypothesis import given, strategies as st  # noqa: E402
                                  "1e12", Decimal("50000000.00000001"), None, "1,5"])
 def test_a_reservation_of_no_real_amount_is_refused(bad):
     """#12 item 2: a zero, negative, non-finite or absurd hold would bypass or poison the caps."""
-    with pytest.raises(budget.InvalidAmount, match="cannot be reserved"):
-        budget.reservation_units(bad)
+    with pytest.raises(errors.InvalidAmount, match="cannot be reserved"):
+        units_mod.reservation_units(bad)
 
 
 @given(st.decimals(allow_nan=True, allow_infinity=True, places=None))
 def test_reservation_units_are_positive_and_exact_in_lua_or_refused(d):
     try:
-        units = budget.reservation_units(d)
-    except budget.InvalidAmount:
-        assert not d.is_finite() or d <= 0 or d > budget.MAX_CAP_USD
+        units = units_mod.reservation_units(d)
+    except errors.InvalidAmount:
+        assert not d.is_finite() or d <= 0 or d > units_mod.MAX_CAP_USD
         return
-    assert 0 < d <= budget.MAX_CAP_USD
+    assert 0 < d <= units_mod.MAX_CAP_USD
     assert 1 <= units < 2 ** 53 and len(str(units)) <= 16      # what the Lua scripts accept
-    assert budget.from_units(units) >= d                          # never under-holds
+    assert units_mod.from_units(units) >= d                          # never under-holds
 
 
 @pytest.mark.parametrize("bad", ["-1", "NaN", "Infinity", "abc", "1e9"])
 def test_caps_are_finite_and_in_range(bad):
     with pytest.raises(ConfigError):
-        budget.parse_cap(bad, "cap")
-    assert budget.parse_cap("0", "cap") == 0 and budget.parse_cap(" 2.5 ", "cap") == Decimal("2.5")
+        units_mod.parse_cap(bad, "cap")
+    assert units_mod.parse_cap("0", "cap") == 0 and units_mod.parse_cap(" 2.5 ", "cap") == Decimal("2.5")
 
 
 def test_a_stored_job_cap_that_is_no_amount_holds_everything():
-    assert budget.job_cap_units(None) == budget.NO_CAP
-    assert budget.job_cap_units(Decimal(-1)) == "0"           # used to mean "no cap"
-    assert budget.job_cap_units(Decimal("NaN")) == "0"
-    assert budget.job_cap_units(Decimal("0.5")) == "50000000"
+    assert units_mod.job_cap_units(None) == units_mod.NO_CAP
+    assert units_mod.job_cap_units(Decimal(-1)) == "0"           # used to mean "no cap"
+    assert units_mod.job_cap_units(Decimal("NaN")) == "0"
+    assert units_mod.job_cap_units(Decimal("0.5")) == "50000000"
 
 
 def test_caps_in_force_never_come_from_the_settings():
@@ -125,22 +126,22 @@ def test_caps_in_force_never_come_from_the_settings():
             assert "budget_caps" in str(stmt)
             return type("R", (), {"all": lambda self: [("global", Decimal(3))]})()
     s = load_settings({"LLMBATCH_BUDGET_GLOBAL_DAILY_USD": "100", "LLMBATCH_CONFIG": "/nonexistent"})
-    assert budget.caps_for(Conn(), s) == {"global": Decimal(3)}
+    assert caps.caps_for(Conn(), s) == {"global": Decimal(3)}
 
 
 def test_a_hold_outlives_the_provider_timeout():
     """#13 item 3: a dead worker's hold expires only after its call can no longer be answered."""
     s = load_settings({"LLMBATCH_BUDGET_RESERVATION_TTL_S": "1", "LLMBATCH_PROVIDER_TIMEOUT_S": "60",
                        "LLMBATCH_CONFIG": "/nonexistent"})
-    assert budget.reservation_ttl_s(s) == 60 + s.budget_reservation_margin_s
+    assert caps.reservation_ttl_s(s) == 60 + s.budget_reservation_margin_s
     s = load_settings({"LLMBATCH_BUDGET_RESERVATION_TTL_S": "900", "LLMBATCH_CONFIG": "/nonexistent"})
-    assert budget.reservation_ttl_s(s) == 900
+    assert caps.reservation_ttl_s(s) == 900
 
 
 def test_the_never_fits_reason_names_both_numbers():
-    e = budget.BudgetNeverFits("job:j1", Decimal("0.0042"), Decimal("0.001"))
+    e = errors.BudgetNeverFits("job:j1", Decimal("0.0042"), Decimal("0.001"))
     assert e.permanent and e.code == "budget_exceeded" and "$0.0042" in str(e) and "$0.001" in str(e)
-    assert not budget.BudgetExceeded("job:j1", Decimal(0), Decimal(1)).permanent
+    assert not errors.BudgetExceeded("job:j1", Decimal(0), Decimal(1)).permanent
 
 
 @pytest.mark.parametrize("bad", ["-1", "NaN", "abc", "inf", "1e9"])

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline import budget, clock
+from pipeline import clock, errors
+from pipeline.money import caps, deferral, waits
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 
@@ -29,36 +30,36 @@ def test_the_clock_row_is_a_frozen_instant_or_real_time_plus_an_offset(real, off
 def test_the_system_clock_ignores_the_row_and_an_unknown_clock_is_refused():
     s = Settings()
     before = datetime.now(timezone.utc)
-    assert budget.period(replace(s, clock="system")) in {budget.day(before), budget.day()}
+    assert caps.period(replace(s, clock="system")) in {caps.day(before), caps.day()}
     with pytest.raises(ConfigError):
         clock.budget_now(replace(s, clock="sundial"))
 
 
 def test_a_wait_note_keeps_when_it_started_on_the_same_cap_only():
-    first = json.loads(budget._wait_note("j", "global", "global@2026-12-05", None))
-    again = json.loads(budget._wait_note("j", "global", "global@2026-12-05", json.dumps(first).encode()))
-    other = json.loads(budget._wait_note("j", "tier:peak", "tier:peak@2026-12-05", json.dumps(first).encode()))
+    first = json.loads(waits._wait_note("j", "global", "global@2026-12-05", None))
+    again = json.loads(waits._wait_note("j", "global", "global@2026-12-05", json.dumps(first).encode()))
+    other = json.loads(waits._wait_note("j", "tier:peak", "tier:peak@2026-12-05", json.dumps(first).encode()))
     assert again["since"] == first["since"]
     assert other["since"] >= first["since"] and other["cap"] == "tier:peak"
-    assert json.loads(budget._wait_note("j", "global", "g", b"not json"))["cap"] == "global"
+    assert json.loads(waits._wait_note("j", "global", "g", b"not json"))["cap"] == "global"
 
 
 def test_the_wait_sentence_names_the_cap_what_is_held_and_by_whom():
     w = {"cap": "tier:background", "cap_usd": "0.01", "spent_usd": "0.002", "held_usd": "0.0079",
          "holders": [{"job_id": "job_a", "holds": 100, "held_usd": "0.0079"}], "holders_total": 3}
-    text = budget.describe_wait(w)
+    text = waits.describe_wait(w)
     assert "tier:background cap $0.01" in text and "$0.0079 held by job_a (100 holds" in text
     assert "2 more jobs" in text
 
 
 def test_a_wait_that_ran_out_is_deferred_a_minute_not_a_day():
-    e = budget.BudgetWaitedOut("global", Decimal("1"), Decimal("2"), "deferred: waited 300s")
-    assert isinstance(e, budget.BudgetExceeded) and e.kind == "wait" and not e.permanent
+    e = errors.BudgetWaitedOut("global", Decimal("1"), Decimal("2"), "deferred: waited 300s")
+    assert isinstance(e, errors.BudgetExceeded) and e.kind == "wait" and not e.permanent
 
     class Conn:
         def execute(self, _sql, params):
             self.until = params["u"]
     now = datetime(2026, 12, 5, 23, 59, tzinfo=timezone.utc)
     conn = Conn()
-    budget.defer_batch(conn, "b", {"wait"}, now)
+    deferral.defer_batch(conn, "b", {"wait"}, now)
     assert conn.until == now + timedelta(seconds=60)

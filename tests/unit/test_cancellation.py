@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pipeline import budget
+from pipeline.money import budget
 from pipeline.providers import ratelimit
 from pipeline.config import Settings
 

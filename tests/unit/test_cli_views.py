@@ -102,7 +102,7 @@ def test_every_read_command_takes_json():
 def test_doctor_exit_codes_and_fixes():
     ok = Check("redis", True, "ok")
     down = Check("kafka", False, "refused", "make up")
-    setup = Check("tokenizer files", False, "missing", "python -m pipeline.tokens provision", kind="setup")
+    setup = Check("tokenizer files", False, "missing", "python -m pipeline.money.tokens provision", kind="setup")
     warn = Check("flower", False, "down", "make up", required=False)
     assert exit_code([ok, warn]) == 0
     assert exit_code([ok, setup]) == 1

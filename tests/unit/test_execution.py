@@ -49,7 +49,7 @@ def stored(monkeypatch):
     monkeypatch.setattr(outcome_store, "write_outcomes", write_outcomes)
     monkeypatch.setattr(batches, "lock_batch", lambda conn, b: None)
     monkeypatch.setattr(jobs, "refresh_jobs", lambda conn, ids: None)
-    monkeypatch.setattr(execute.budget, "write_deferred", lambda conn, d: rows["deferred"].extend(d))
+    monkeypatch.setattr(execute.deferral, "write_deferred", lambda conn, d: rows["deferred"].extend(d))
     xids = iter(range(100, 10**6))
     monkeypatch.setattr(execute.budget, "commit_xid", lambda conn: str(next(xids)))
     return rows

@@ -6,9 +6,11 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.budget import BudgetExceeded, Reservation, to_units
+from pipeline.errors import BudgetExceeded
+from pipeline.money.budget import Reservation
+from pipeline.money.units import to_units
 from pipeline.errors import RetryableProviderError
-from pipeline.pricing import get_price_book
+from pipeline.money.pricing import get_price_book
 from pipeline.providers.base import Answer
 from workers.limited import Limited
 from workers.fallback import Fallback, fallback_for
@@ -36,7 +38,7 @@ def test_fallback_is_priced_for_the_request_as_written():
 def test_the_fallbacks_maximum_is_the_same_true_bound_as_the_primarys():
     """n choices, tools and the rest count for the fallback too: its reservation was once a
     plain input + max_tokens formula, which n=4 overran four times over."""
-    from pipeline.bounds import request_bound
+    from pipeline.money.bounds import request_bound
     body = {"model": "gpt-4o", "max_tokens": 1000, "n": 4, "messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
     fb = fallback_for(request(body=body), PRICES)

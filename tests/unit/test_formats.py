@@ -6,8 +6,8 @@ import pytest
 
 from pipeline.errors import LineError, UnknownModelError
 from pipeline.intake.formats import parse_json_line, parse_request
-from pipeline.pricing import PriceBook
-from pipeline.tokens import count_chat_tokens
+from pipeline.money.pricing import PriceBook
+from pipeline.money.tokens import count_chat_tokens
 
 PRICES = PriceBook.load()
 

@@ -71,8 +71,9 @@ def test_a_worker_shutting_down_stops_waiting(monkeypatch):
 
 
 def test_the_budget_and_limiter_call_a_full_redis_an_outage_not_a_script_bug():
-    from pipeline import budget
+    from pipeline import errors
+    from pipeline.money import scripts
     from pipeline.providers import ratelimit
-    err = budget.store_error(OutOfMemoryError("command not allowed when used memory > 'maxmemory'."))
-    assert type(err) is budget.BudgetUnavailable and "out of memory" in str(err)
+    err = scripts.store_error(OutOfMemoryError("command not allowed when used memory > 'maxmemory'."))
+    assert type(err) is errors.BudgetUnavailable and "out of memory" in str(err)
     assert isinstance(OutOfMemoryError("x"), ratelimit._UNAVAILABLE)   # the limiter waits it out

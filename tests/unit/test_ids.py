@@ -11,12 +11,12 @@ from pipeline.intake import messages
 from pipeline.errors import LineError
 from pipeline.intake.formats import parse_request
 from pipeline.ids import request_key
-from pipeline.pricing import PriceBook
+from pipeline.money.pricing import PriceBook
 
 PRICES = PriceBook.load()
 #: what RFC 9110 allows in a header value, and what http.client and the SDKs send: printable ASCII
 HEADER_SAFE = set(map(chr, range(0x21, 0x7f)))
-HOSTILE = ["a\n2026-12-05 05:40:00,000 CRITICAL pipeline.budget FORGED", "esc\x1b[2J", "cr\rinside",
+HOSTILE = ["a\n2026-12-05 05:40:00,000 CRITICAL pipeline.money.budget FORGED", "esc\x1b[2J", "cr\rinside",
            "tab\there", "nel\x85x", "del\x7f", "ls\u2028x"]
 
 any_text = st.text(min_size=1, max_size=80)

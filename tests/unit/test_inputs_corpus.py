@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.errors import LineError
 from pipeline.intake.formats import parse_json_line, parse_request
-from pipeline.pricing import PriceBook
+from pipeline.money.pricing import PriceBook
 from tests.inputs.corpus import all_cases
 
 PRICES = PriceBook.load()

@@ -7,11 +7,11 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.bounds import request_bound
+from pipeline.money.bounds import request_bound
 from pipeline.errors import LineError
 from pipeline.intake.formats import parse_request
 from pipeline.intake.messages import MAX_DEPTH, decode
-from pipeline.pricing import PriceBook
+from pipeline.money.pricing import PriceBook
 from pipeline.intake.producer import to_message
 
 PRICES = PriceBook.load()

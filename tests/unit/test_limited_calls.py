@@ -1,4 +1,4 @@
-"""What ``Limited`` puts on the record of calls that may be billed (pipeline/calls.py), per outcome.
+"""What ``Limited`` puts on the record of calls that may be billed (pipeline/money/calls.py), per outcome.
 
 A call goes on record before it is sent; an answer takes it off; no answer after it was
 sent (timeout, dropped connection, cancelled mid-call) makes it unconfirmed spend. A call
@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipeline.budget import to_units
+from pipeline.money.units import to_units
 from pipeline.errors import PermanentProviderError, RetryableProviderError
 from tests.unit.test_fallback import OK, FakeBudget, FakeLimiter, Provider, request
 from workers.execute import RequestCancelled

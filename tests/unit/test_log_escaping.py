@@ -23,7 +23,7 @@ def _record(msg, args, exc=False, **extra) -> logging.LogRecord:
             raise ValueError(*args or ("x",))
         except ValueError as e:
             exc_info = (type(e), e, e.__traceback__)
-    record = logging.LogRecord("pipeline.budget", logging.WARNING, __file__, 1, msg, args, exc_info)
+    record = logging.LogRecord("pipeline.money.budget", logging.WARNING, __file__, 1, msg, args, exc_info)
     for k, v in extra.items():
         setattr(record, k, v)
     return record
@@ -55,7 +55,7 @@ def restore_logging():
 def test_a_forged_record_stays_inside_its_own_line(restore_logging):
     out = io.StringIO()
     log = configure("INFO", "plain", out)
-    forged = "a\n2026-12-05 05:40:00,000 CRITICAL pipeline.budget FORGED"
+    forged = "a\n2026-12-05 05:40:00,000 CRITICAL pipeline.money.budget FORGED"
     log.warning("request %s failed", forged, extra={"request": "esc\x1b[2J"})
     try:
         raise RuntimeError("cr\rinside")

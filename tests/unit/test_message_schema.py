@@ -11,7 +11,7 @@ from pipeline.intake.messages import decode
 from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import LineError
 from pipeline.intake.formats import parse_request
-from pipeline.pricing import PriceBook
+from pipeline.money.pricing import PriceBook
 from pipeline.intake.producer import to_message, topic_for
 
 SCHEMA = json.loads(resources.files("pipeline").joinpath("data/request.schema.json").read_text())

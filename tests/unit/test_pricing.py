@@ -9,8 +9,16 @@ from importlib import resources
 import pytest
 
 from pipeline.errors import ConfigError, LineError, UnknownModelError
-from pipeline.pricing import (ModelPrice, PriceBook, Usage, cost, get_price_book, max_cost,
-                              usage_from_anthropic, usage_from_openai)
+from pipeline.money.pricing import (
+    ModelPrice,
+    PriceBook,
+    Usage,
+    cost,
+    get_price_book,
+    max_cost,
+    usage_from_anthropic,
+    usage_from_openai,
+)
 
 RAW = json.loads(resources.files("pipeline").joinpath("data", "pricing.json").read_text())["models"]
 BOOK = PriceBook.load()

@@ -4,7 +4,7 @@ import json
 import re
 from decimal import Decimal
 
-from pipeline.pricing import Usage, cost, get_price_book
+from pipeline.money.pricing import Usage, cost, get_price_book
 from schedules.provider_batches import _outcome, pack, provider_custom_id, request_line
 
 

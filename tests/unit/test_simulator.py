@@ -16,7 +16,7 @@ import pytest
 from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
 
-from pipeline import tokens
+from pipeline.money import tokens
 from pipeline.errors import ConfigError
 from simulator import SimulatorConfig, billing, config_from_args, start
 from simulator.config import ModelLimit
@@ -668,7 +668,7 @@ def test_anthropic_count_tokens_gives_exact_counts_at_submit_when_a_key_is_set()
 
     from pipeline.config import Secret, load_settings
     from pipeline.intake.formats import parse_request
-    from pipeline.pricing import PriceBook
+    from pipeline.money.pricing import PriceBook
     from pipeline.providers.anthropic import token_counter
 
     async def body():
@@ -685,7 +685,7 @@ def test_anthropic_count_tokens_gives_exact_counts_at_submit_when_a_key_is_set()
     req, billed = run(body())
     # the count_tokens figure can only raise the estimate (one rule with the batcher, which
     # re-prices a message's declared count the same way): never below what is billed
-    from pipeline.bounds import anthropic_input_tokens
+    from pipeline.money.bounds import anthropic_input_tokens
 
     estimate = anthropic_input_tokens(line_params := {"model": CLAUDE, "max_tokens": 20, "system": "Be brief.",
                                                       "messages": MSGS[1:]})

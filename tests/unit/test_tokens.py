@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tokens
+from pipeline.money import tokens
 from pipeline.errors import ConfigError, UnknownModelError
-from pipeline.tokens import (TokenCount, count_chat_tokens, count_request, count_text_tokens,
-                             encoding_name_for, provision)
+from pipeline.money.tokens import (
+    TokenCount,
+    count_chat_tokens,
+    count_request,
+    count_text_tokens,
+    encoding_name_for,
+    provision,
+)
 
 
 def _registry_from_source() -> dict[str, tuple[str, str]]:
@@ -205,7 +211,7 @@ def _message(rng: random.Random) -> dict:
 
 
 def _reference_count(messages: list[dict], model: str) -> int:
-    """The cookbook formula, straight from tiktoken.get_encoding (independent of pipeline.tokens)."""
+    """The cookbook formula, straight from tiktoken.get_encoding (independent of pipeline.money.tokens)."""
     import tiktoken
 
     name = "cl100k_base" if model.startswith(("gpt-4-", "gpt-3.5")) or model == "gpt-4" else "o200k_base"

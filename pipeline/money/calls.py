@@ -11,7 +11,7 @@ the worker, and its fate decides what it costs:
    removed in the outcome's own write (``resolve``); the cost is in ``results``;
 3. no answer (a timeout, a dropped connection): the row becomes 'unconfirmed' at the
    call's maximum cost (``resolve``), and the budget counts that maximum for good
-   (``pipeline.budget`` counts ``CALL_SPEND`` in the ledger; the worker settles its
+   (``pipeline.money.ledger`` counts ``CALL_SPEND`` in the ledger; the worker settles its
    hold at the maximum after the write);
 4. its worker died mid-call: whoever takes the batch back makes its 'sent' rows
    'unconfirmed' in the claim's transaction (``take_over``), and the budget
@@ -31,7 +31,7 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from pipeline import budget
+from pipeline.money import budget, caps, scripts, units as units_mod
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,9 @@ def holds(rows: list[dict], xid: str, gen: str = "") -> list[budget.Reservation]
     out = []
     for r in rows:
         created = r.get("created_at") or datetime.now(timezone.utc)
-        period = budget.day(created)
-        units = budget.reservation_units(r["max_cost_usd"])
-        out.append(budget.Reservation(r["hold_id"], gen, budget.fields_for(r["job_id"], r["tier"], period),
+        period = caps.day(created)
+        units = units_mod.reservation_units(r["max_cost_usd"])
+        out.append(budget.Reservation(r["hold_id"], gen, caps.fields_for(r["job_id"], r["tier"], period),
                                       units, period, written=True, xid=xid))
     return out
 
@@ -111,4 +111,4 @@ def settle_sync(redis_sync, rows: list[dict], xid: str) -> None:
     hold is released and its maximum counted, unless the counters' rebuild already read it."""
     for res in holds(rows, xid):
         args = [res.rid, res.gen, res.units, res.xid, len(res.fields)] + [x for f in res.fields for x in f]
-        redis_sync.eval(budget.SETTLE, len(budget.KEYS), *budget.KEYS, *args)
+        redis_sync.eval(scripts.SETTLE, len(scripts.KEYS), *scripts.KEYS, *args)

@@ -17,7 +17,7 @@ an estimate says so (:class:`TokenCount` ``exact=False``).
 
 Command line (used by ``make setup``)::
 
-    python -m pipeline.tokens provision [DIR]
+    python -m pipeline.money.tokens provision [DIR]
 """
 
 from __future__ import annotations
@@ -335,8 +335,8 @@ def estimate_claude_text(text: str) -> int:
 
 def estimate_anthropic_tokens(body: dict) -> int:
     """An upper estimate of an Anthropic messages request's input tokens: the bound of
-    :func:`pipeline.bounds.request_bound` (text, images, tools and their system prompt)."""
-    from pipeline import bounds   # bounds builds on this module
+    :func:`pipeline.money.bounds.request_bound` (text, images, tools and their system prompt)."""
+    from pipeline.money import bounds   # bounds builds on this module
 
     return bounds.anthropic_input_tokens(body)
 
@@ -350,7 +350,7 @@ def count_request(provider: str, model: str, body: dict) -> TokenCount:
       calls, several text parts in one message).
     * Anthropic messages: an **upper estimate**, ``exact=False``, method
       ``"estimate:o200k_base"``: :func:`estimate_claude_text` of every text,
-      images, tools and tool-use blocks as :mod:`pipeline.bounds` bounds them.
+      images, tools and tool-use blocks as :mod:`pipeline.money.bounds` bounds them.
       Claude's tokenizer is not public; the exact count comes from Anthropic's
       ``/v1/messages/count_tokens`` endpoint when an API key is set.
     """
@@ -370,7 +370,7 @@ def count_request(provider: str, model: str, body: dict) -> TokenCount:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "provision" or len(argv) > 2:
-        print("usage: python -m pipeline.tokens provision [DIR]", file=sys.stderr)
+        print("usage: python -m pipeline.money.tokens provision [DIR]", file=sys.stderr)
         return 2
     cache_dir = Path(argv[1]) if len(argv) == 2 else default_cache_dir()
     try:

@@ -20,7 +20,7 @@ and a property test checks the whole against the simulator's worst case):
   billed once. ``n`` above :data:`MAX_N` is rejected.
 * **Input text.** OpenAI: tiktoken counts, per message and per content part,
   plus one token per part. Anthropic (no public tokenizer):
-  :func:`pipeline.tokens.estimate_claude_text` (o200k with a margin, see
+  :func:`pipeline.money.tokens.estimate_claude_text` (o200k with a margin, see
   there), or the count_tokens figure when the producer has one.
 * **Schemas** (tools, functions, ``response_format`` JSON schemas, tool calls
   and tool_use inputs in the history): the tokens of their JSON
@@ -52,8 +52,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from pipeline.errors import LineError, UnknownModelError
-from pipeline.pricing import ModelPrice, PriceBook, Usage, cost
-from pipeline.tokens import _openai_is_plain_text, count_text_tokens, encoding_name_for, estimate_claude_text
+from pipeline.money.pricing import ModelPrice, PriceBook, Usage, cost
+from pipeline.money.tokens import _openai_is_plain_text, count_text_tokens, encoding_name_for, estimate_claude_text
 
 #: OpenAI's documented maximum of ``n``.
 MAX_N = 128

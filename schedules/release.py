@@ -7,7 +7,7 @@ the two is repaired by the batcher's sweep, which dispatches ``queued`` batches.
 
 Only realtime batches are released here: provider-batch batches
 (``batches.mode = 'provider_batch'``) go to a provider Batch API
-(schedules/provider_batches.py).
+(schedules/pb_submit.py, schedules/pb_ingest.py).
 
 A batch whose earliest open deadline is near is released whatever the window
 (``release_for_deadlines``, called by schedules/deadlines.py) and lifted to the

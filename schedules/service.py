@@ -39,7 +39,7 @@ from pipeline.stores import db
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS, queue_for
 from pipeline.intake.tiers import rules_for
-from schedules import deadlines, provider_batches, recurring, release, upkeep
+from schedules import deadlines, pb_ingest, pb_submit, recurring, release, upkeep
 from schedules.clock import Clock, get_clock
 from pipeline.intake.windows import Window, cron_trigger
 
@@ -117,11 +117,11 @@ class Ticker:
         # in one thread, in this order: holds of batches ingested but not settled are settled (they
         # free room for what is sent next), an unconfirmed creation is resolved (adopted, or sent
         # again) before new work is sent, and a cancel is carried out before the next poll
-        settled = provider_batches.settle_unsettled(settings=self.settings, engine=self.engine)
-        creating = provider_batches.recover_creating(settings=self.settings, engine=self.engine)
-        cancels = provider_batches.carry_out_cancels(settings=self.settings, engine=self.engine)
-        created = provider_batches.submit_held(settings=self.settings, engine=self.engine)
-        ended = provider_batches.poll_open(settings=self.settings, **self._kw())
+        settled = pb_ingest.settle_unsettled(settings=self.settings, engine=self.engine)
+        creating = pb_submit.recover_creating(settings=self.settings, engine=self.engine)
+        cancels = pb_submit.carry_out_cancels(settings=self.settings, engine=self.engine)
+        created = pb_submit.submit_held(settings=self.settings, engine=self.engine)
+        ended = pb_ingest.poll_open(settings=self.settings, **self._kw())
         return {"creating": creating, "cancels": cancels, "created": len(created), "ended": len(ended),
                 "settled_late": settled}
 

@@ -25,7 +25,7 @@ ALTER TABLE results ALTER COLUMN budget_period SET DEFAULT budget_day();
 ALTER TABLE results ALTER COLUMN budget_period SET NOT NULL;
 CREATE INDEX IF NOT EXISTS results_budget_period_idx ON results (budget_period);
 
--- the period a provider batch's hold on this request was taken in (schedules/provider_batches.py):
+-- the period a provider batch's hold on this request was taken in (schedules/pb_submit.py):
 -- its result is written into it, and a rebuild re-holds it there
 ALTER TABLE requests ADD COLUMN IF NOT EXISTS budget_period date;
 

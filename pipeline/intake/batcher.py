@@ -455,7 +455,7 @@ class Batcher:
             size = self.settings.batch_max_size[tier]
             for i in range(0, len(group), size):
                 batch_id = "b_" + uuid.uuid4().hex
-                # provider-batch work is held for the scheduler (schedules/provider_batches.py)
+                # provider-batch work is held for the scheduler (schedules/pb_submit.py)
                 status = "queued" if tier in DISPATCHED_TIERS and mode == "realtime" else "held"
                 part = group[i:i + size]
                 batches.append({"batch_id": batch_id, "tier": tier, "provider": provider,

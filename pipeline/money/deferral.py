@@ -54,7 +54,7 @@ def resume_due_batches(engine, dispatch) -> int:
     """
     with engine.begin() as conn:
         # off-peak and background batches go back to 'held': the scheduler releases them in their window
-        # so do provider-batch batches: the scheduler reserves and submits them (schedules/provider_batches.py)
+        # so do provider-batch batches: the scheduler reserves and submits them (schedules/pb_submit.py)
         due = conn.execute(sa.text(
             "UPDATE batches SET deferred_until = NULL,"
             " status = CASE WHEN tier = ANY(:held) OR mode = 'provider_batch' THEN 'held' ELSE 'queued' END"

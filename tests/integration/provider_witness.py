@@ -20,7 +20,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from schedules.provider_batches import provider_custom_id
+from schedules.pb_submit import provider_custom_id
 from tests.integration.execution_helpers import insert_requests
 
 ANTHROPIC_MODEL = "claude-3-5-haiku-latest"

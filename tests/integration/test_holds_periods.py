@@ -34,7 +34,7 @@ from pipeline import clock, errors
 from pipeline.money import admin, budget, caps as caps_mod, ledger, scripts, units, waits
 from pipeline.money.pricing import get_price_book
 from pipeline.providers import batch_api
-from schedules import provider_batches
+from schedules import pb_ingest, pb_submit
 from schedules.clock import DbClock
 from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
 from tests.integration.execution_helpers import budget_settings, commit_result, insert_job
@@ -111,7 +111,7 @@ def _sent_and_ended(stack, engine, job: str, n: int) -> str:
     """Submit ``job``'s held provider-batch work (this process, the stack's Redis), wait until the
     provider says the batch ended, without ingesting it. Returns our provider batch id."""
     wait_for(lambda: _counts(engine, job).get("held", 0) == n, timeout=60, what=f"{n} requests held")
-    provider_batches.submit_held(settings=stack, engine=engine)
+    pb_submit.submit_held(settings=stack, engine=engine)
     pb = _pb_of(engine, job)
     assert pb, _counts(engine, job)
     with engine.connect() as conn:
@@ -137,7 +137,7 @@ def _writes_refused(stack, sredis):
         yield dataclasses.replace(stack, redis_url=url)
     finally:
         sredis.acl_deluser(user)
-        provider_batches._redis_by_url.pop(url, None)
+        pb_submit._redis_by_url.pop(url, None)
 
 
 def _ledger_today(engine) -> Decimal:
@@ -198,7 +198,7 @@ def test_a_settle_redis_refused_neither_stalls_a_later_job_nor_waits_without_a_r
     pb = _sent_and_ended(stack, engine, job, n)
     assert len(_holds_of(sredis, job)) == n
     with _writes_refused(stack, sredis) as refusing:         # Redis refuses this scheduler's writes
-        provider_batches.poll_open(settings=refusing, engine=engine, dispatcher=lambda *a: None)
+        pb_ingest.poll_open(settings=refusing, engine=engine, dispatcher=lambda *a: None)
     assert _counts(engine, job).get("succeeded") == n        # the results are in the ledger …
     assert len(_holds_of(sredis, job)) == n                  # … and every hold is still there
     with engine.connect() as conn:
@@ -217,11 +217,11 @@ _KILL_AFTER_COMMIT = """
 import os, signal, sys
 from pipeline.stores import db
 from pipeline.config import get_settings
-from schedules import provider_batches
+from schedules import pb_ingest
 def die(*a, **k):
     os.kill(os.getpid(), signal.SIGKILL)                      # the ingest committed; the settle never runs
-provider_batches._settle = die
-provider_batches.poll_open(settings=get_settings(), engine=db.get_engine(), dispatcher=lambda *a: None)
+pb_ingest._settle = die
+pb_ingest.poll_open(settings=get_settings(), engine=db.get_engine(), dispatcher=lambda *a: None)
 """
 
 
@@ -276,7 +276,7 @@ def _send(settings, engine, sredis, job: str) -> tuple[str, list[dict]]:
         reqs = conn.execute(sa.text(
             "SELECT job_id, custom_id, batch_id, body, tier, model, max_cost_usd, attempts FROM requests"
             " WHERE job_id = :j AND status = 'held' ORDER BY line"), {"j": job}).mappings().all()
-        fit, down = provider_batches._reserve(conn, reqs, settings, engine, sredis, held)
+        fit, down = pb_submit._reserve(conn, reqs, settings, engine, sredis, held)
         assert not down
         pb = "pb_" + uuid.uuid4().hex[:20]
         # never polled by a scheduler (polled_at ahead): this test ingests it
@@ -284,12 +284,12 @@ def _send(settings, engine, sredis, job: str) -> tuple[str, list[dict]]:
             "INSERT INTO provider_batches (id, provider, model, status, requests, bytes, provider_batch_id,"
             " submitted_at, polled_at) VALUES (:id, 'openai', 'gpt-4o-mini', 'submitted', :n, 0, 'test',"
             " now(), now() + interval '1 day')"), {"id": pb, "n": len(fit)})
-        provider_batches._assign(conn, pb, fit)
+        pb_submit._assign(conn, pb, fit)
     return pb, [dict(r) for r in fit]
 
 
 def _result_lines(fit: list[dict], output_tokens: int) -> list[dict]:
-    return [{"custom_id": provider_batches.provider_custom_id(r["job_id"], r["custom_id"]),
+    return [{"custom_id": pb_submit.provider_custom_id(r["job_id"], r["custom_id"]),
              "response": {"status_code": 200, "request_id": "req_" + r["custom_id"],
                           "body": {"id": "c", "object": "chat.completion", "model": "gpt-4o-mini",
                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
@@ -370,7 +370,7 @@ def test_a_provider_batch_open_across_midnight_spends_each_day_within_its_cap(st
         assert int(sredis.hget(scripts.KEYS[3], f"tier:background@{day_d}") or 0) == units.to_units(hold) * 10
 
         # the batch ends on D+1 (8 tokens in, 16 out each, at the batch price)
-        provider_batches.ingest(pb, "openai", "completed", _result_lines(fit, 16), settings=settings,
+        pb_ingest.ingest(pb, "openai", "completed", _result_lines(fit, 16), settings=settings,
                                 engine=engine, dispatcher=lambda *a: None)
         spent = _spent_by_period(engine, "background", [day_d, day_e])
         print(f"\nmidnight: tier:background cap ${cap} per day; spent {day_d} ${spent[day_d]},"

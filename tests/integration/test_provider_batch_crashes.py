@@ -34,7 +34,7 @@ from pipeline.config import get_settings
 from pipeline.ids import request_key
 from pipeline.providers import batch_api
 from pipeline.stores import jobs
-from schedules import provider_batches
+from schedules import pb_ingest, pb_submit
 from schedules.clock import DbClock
 from schedules.service import Ticker
 from tests.integration import provider_witness as pw
@@ -80,7 +80,6 @@ def _settings():
 
 
 def _crash_at(step: str, mp) -> None:
-    pbm = provider_batches
     if step == "creating":
         real_create = batch_api.create
 
@@ -91,7 +90,7 @@ def _crash_at(step: str, mp) -> None:
     elif step == "submitted":
         def die(*a, **k):
             raise Crash("killed right after the creation was recorded")
-        mp.setattr(pbm, "poll_open", die)
+        mp.setattr(pb_ingest, "poll_open", die)
     elif step == "polling":
         real_poll = batch_api.poll
 
@@ -108,7 +107,7 @@ def _crash_at(step: str, mp) -> None:
     elif step == "settling":
         def die(*a, **k):
             raise Crash("killed after the ingest commit, before the settle")
-        mp.setattr(pbm, "_settle", die)
+        mp.setattr(pb_ingest, "_settle", die)
 
 
 def _live_holds(settings, job: str) -> int:
@@ -143,8 +142,8 @@ def test_a_crash_at_each_step_bills_each_line_once(no_scheduler, stack, provider
     job = pw.held_job(engine, provider, N)
     dead = Ticker(settings, engine, DbClock(engine))
     with pytest.MonkeyPatch.context() as mp:
-        if hasattr(provider_batches, "CREATING_STALE_S"):
-            mp.setattr(provider_batches, "CREATING_STALE_S", 0)
+        if hasattr(pb_submit, "CREATING_STALE_S"):
+            mp.setattr(pb_submit, "CREATING_STALE_S", 0)
         _crash_at(step, mp)
         deadline = time.monotonic() + 60
         with pytest.raises(Crash):
@@ -155,12 +154,12 @@ def test_a_crash_at_each_step_bills_each_line_once(no_scheduler, stack, provider
             assert _live_holds(stack, job) == N
         # a new scheduler on the same database (the old one's memory is gone)
         mp.undo()
-        if hasattr(provider_batches, "CREATING_STALE_S"):
-            mp.setattr(provider_batches, "CREATING_STALE_S", 0)
+        if hasattr(pb_submit, "CREATING_STALE_S"):
+            mp.setattr(pb_submit, "CREATING_STALE_S", 0)
         fresh = Ticker(settings, engine, DbClock(engine))
         deadline = time.monotonic() + 60
         while not _terminal(engine, job) and time.monotonic() < deadline:
-            provider_batches.recover_creating(settings=settings, engine=engine)
+            pb_submit.recover_creating(settings=settings, engine=engine)
             fresh.provider()
             time.sleep(0.2)
     assert _terminal(engine, job), pw.counts(engine, job)
@@ -279,7 +278,7 @@ def test_a_cancel_before_the_creation_was_sent_sends_nothing(no_scheduler, stack
     with pytest.MonkeyPatch.context() as mp:
         def die(*a, **k):
             raise Crash("killed between the intent's commit and the creation call")
-        mp.setattr(provider_batches, "_create_at_provider", die)
+        mp.setattr(pb_submit, "_create_at_provider", die)
         _crash_then_cancel(engine, settings, job, mp)
     _run_until_terminal(engine, settings, job)
     seen = pw.provider_lines(stack, provider, pw.pids_of(job, N), since)

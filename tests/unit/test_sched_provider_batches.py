@@ -5,7 +5,8 @@ import re
 from decimal import Decimal
 
 from pipeline.money.pricing import Usage, cost, get_price_book
-from schedules.provider_batches import _outcome, pack, provider_custom_id, request_line
+from schedules.pb_ingest import _outcome
+from schedules.pb_submit import pack, provider_custom_id, request_line
 
 
 def test_pack_respects_request_and_byte_limits():

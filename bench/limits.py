@@ -396,7 +396,7 @@ def crash(quick: bool, kills: int = 3) -> dict:
                                       stats["duplicates"] <= in_flight_sum),
         "provider_in_flight_at_kills_sum": in_flight_sum,
         # answered by the provider (200) but no result row kept: answers that died in the killed
-        # processes' buffers (outcomes are written every FLUSH_EVERY_S, workers/execute.py)
+        # processes' buffers (outcomes are written every FLUSH_EVERY_S, workers/writer.py)
         "provider_answered_not_recorded": stats["successes"] - n_results,
         "provider_requests": stats["requests"], "attempt_rows": attempts,
         "provider_errors": stats["errors"], "max_batch_deliveries": max_deliveries,

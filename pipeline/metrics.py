@@ -3,7 +3,7 @@
 Public surface (other modules touch only these):
 
 - ``record_outcomes(outcomes, attempts)``: the one hook for request outcomes,
-  called by ``OutcomeWriter._write`` (workers/execute.py) after the rows commit;
+  called by ``OutcomeWriter._write`` (workers/writer.py) after the rows commit;
 - ``count_cache_from(stats)``: the batcher's cache counters (``cache_hits``,
   ``cache_misses`` in its ``stats``) exported as ``llmbatch_cache_hits_total`` /
   ``llmbatch_cache_misses_total``;

@@ -1,7 +1,7 @@
 -- Provider calls that may have been billed (issue 24 #1).
 --
 -- A worker writes a row here before it sends a call ('sent'), in the transaction
--- that also asks whether the job was cancelled (workers/execute.py Gate), so a
+-- that also asks whether the job was cancelled (workers/gate.py Gate), so a
 -- call is durable before it can be billed. An answer removes the row (its cost is
 -- in results). A call that went out and got no answer (a timeout, a dropped
 -- connection, a worker killed mid-call) becomes 'unconfirmed': spend at the

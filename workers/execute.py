@@ -27,20 +27,17 @@ finish and are written, and the batch is left to its new holder.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from decimal import Decimal
 
-from pipeline.money import calls, budget, deferral
-from pipeline import metrics
-from pipeline.stores import batches, db, jobs as job_store, outcomes as outcome_store
-from pipeline.stores.cache import ResponseCache
-from pipeline.config import Settings, get_settings
-from pipeline.errors import BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount
-from pipeline.money.units import from_units
-from pipeline.errors import LLMBatchError, PermanentProviderError, ProviderError
+from pipeline.config import Settings
+from pipeline.errors import (
+    BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount, PermanentProviderError, ProviderError,
+)
 from pipeline.ids import request_key
+from pipeline.money import calls, deferral
+from pipeline.money.units import from_units
 from pipeline.money.pricing import (
     Usage,
     answered_price,
@@ -51,8 +48,11 @@ from pipeline.money.pricing import (
 )
 from pipeline.providers.retries import AttemptRecord, call_with_retries
 from pipeline.providers.base import get_provider
+from pipeline.stores import batches, db, jobs as job_store
 from workers.fallback import fallback_for
+from workers.gate import CallRecord, Gate, Gated, LeaseLost, RequestCancelled
 from workers.limited import Limited, budget_for, limiter_for
+from workers.writer import OutcomeWriter, describe_error, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -66,290 +66,6 @@ FLUSH_COALESCE_S = 0.02
 CHAIN_MAX_S = 600.0
 #: lease renewal: retry a failed renewal after this long, doubling up to the cap
 RENEW_RETRY_S, RENEW_RETRY_MAX_S = 0.5, 5.0
-
-
-class WorkStopped(LLMBatchError):
-    """A request's call was not sent: see the subclasses."""
-
-
-class RequestCancelled(WorkStopped):
-    """Its job was cancelled."""
-
-
-class LeaseLost(WorkStopped):
-    """The batch's lease is no longer ours: its new holder runs the request."""
-
-
-@functools.cache
-def _response_cache() -> ResponseCache:
-    settings = get_settings()
-    return ResponseCache(settings.redis_url, settings.cache_ttl_s)
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:1000]
-
-
-class OutcomeWriter:
-    """Buffers outcomes and attempts and writes them in bulk, off the event loop.
-
-    A write is retried until it is durable: the buffers are emptied only after
-    the commit, so a failed write loses nothing (outcomes that finish meanwhile
-    wait in the buffers for the next one). A transient error (Postgres down,
-    connection dropped, deadlock) is waited out with backoff; a row Postgres
-    refuses outright is isolated and its request failed with the reason.
-    """
-
-    def __init__(self, engine, batch_id: str | None = None, *, sleep=time.sleep):
-        self.engine = engine
-        self.batch_id = batch_id
-        self.sleep = sleep                        # between retries (in the writer's thread)
-        self.outcomes: list[dict] = []
-        self.attempts: list[dict] = []
-        self.deferred: list[dict] = []            # requests a cap refused (pipeline/money/deferral.py)
-        self.deferred_kinds: set[str] = set()     # 'job' | 'global' | 'tier' | 'unavailable', whole batch
-        self.settles: list[tuple] = []            # (reservation, actual cost) to settle after the write
-        self.unconfirmed: list[dict] = []         # calls that may have been billed (pipeline/money/calls.py)
-        self.answered: list[str] = []             # calls answered: off the record of calls in flight
-        self.budget: budget.Budget | None = None
-        self.lock = asyncio.Lock()
-        self.wake = asyncio.Event()               # an outcome waits to be written
-        self.settling: set[asyncio.Task] = set()  # settlements of written outcomes, still running
-
-    @property
-    def unwritten(self) -> int:
-        return len(self.outcomes) + len(self.attempts) + len(self.deferred) + len(self.unconfirmed)
-
-    async def flush(self) -> None:
-        """Write what has finished; settle its reservations and cache its answers after,
-        in the background, so the next write need not wait for Redis."""
-        async with self.lock:
-            n_o, n_a, n_d, n_s = len(self.outcomes), len(self.attempts), len(self.deferred), len(self.settles)
-            n_u, n_c = len(self.unconfirmed), len(self.answered)
-            outcomes, attempts, deferred = self.outcomes[:n_o], self.attempts[:n_a], self.deferred[:n_d]
-            settles = self.settles[:n_s]
-            unconfirmed, answered = self.unconfirmed[:n_u], self.answered[:n_c]
-            if outcomes or attempts or deferred or unconfirmed or answered:
-                xids = await asyncio.to_thread(self._write_durably, outcomes, attempts, deferred,
-                                               unconfirmed, answered)
-                for res, _ in settles:   # a settle retried from an earlier write keeps that write's xid
-                    res.written, res.xid = True, xids.get(res.rid.rsplit("~", 1)[0], res.xid)
-            # only now, with the rows committed, leave the buffers (appends went on behind them)
-            del self.outcomes[:n_o], self.attempts[:n_a], self.deferred[:n_d], self.settles[:n_s]
-            del self.unconfirmed[:n_u], self.answered[:n_c]
-        answers = {o["cache_key"]: o["response"] for o in outcomes
-                   if o.get("cache_key") and o["status"] == "succeeded"}
-        if settles or answers:   # only once the ledger holds the cost: a rebuild from it then misses nothing
-            task = asyncio.create_task(self._after_write(settles, answers))
-            self.settling.add(task)
-            task.add_done_callback(self.settling.discard)
-
-    async def drain(self) -> None:
-        """The last write, and every settlement: the batch is over only when its spend is settled."""
-        await self.flush()
-        await asyncio.gather(*self.settling, return_exceptions=True)
-        if self.settles or self.unwritten:   # failed settlements: one more try, then they expire
-            await self.flush()
-            await asyncio.gather(*self.settling, return_exceptions=True)
-
-    async def _after_write(self, settles, answers) -> None:
-        if settles:
-            await self._settle(settles)
-        if answers:
-            try:
-                await asyncio.to_thread(_response_cache().put_many, answers)
-            except Exception as e:   # a cache miss later costs a call, nothing else
-                log.warning("response cache: storing %d answers failed: %s", len(answers), e)
-
-    async def _settle(self, settles) -> None:
-        results = await asyncio.gather(*(self.budget.settle(r, spent) for r, spent in settles),
-                                       return_exceptions=True)
-        failed = [s for s, r in zip(settles, results) if isinstance(r, BaseException)]
-        if failed:   # kept for the next flush; an expired reservation still settles ('late')
-            log.warning("budget: %d settlements failed, retried at the next flush: %s", len(failed),
-                        next(r for r in results if isinstance(r, BaseException)))
-            self.settles.extend(failed)
-
-    def _write_durably(self, outcomes, attempts, deferred, unconfirmed=(), answered=()) -> dict[str, str]:
-        """One transaction, retried until it commits; a refused row is isolated.
-        Returns the id of the transaction that committed each outcome and each unconfirmed call
-        (``budget.commit_xid``), by request."""
-        what = f"writing {len(outcomes)} outcomes of batch {self.batch_id}"
-        try:
-            xid = db.retrying(self.engine, lambda conn: self._write(conn, outcomes, attempts, deferred,
-                                                                    unconfirmed, answered),
-                              what=what, sleep=self.sleep)
-            xids = {_rid(o): xid for o in [*unconfirmed, *outcomes]}
-        except Exception as e:
-            log.error("%s: Postgres refused the write (%s); writing row by row to isolate it", what, _reason(e))
-            xids = self._write_one_by_one(outcomes, attempts, deferred)
-            xid = db.retrying(self.engine, lambda conn: self._write(conn, [], [], [], unconfirmed, answered),
-                              what="recording calls that may have been billed", sleep=self.sleep)
-            xids.update({_rid(u): xid for u in unconfirmed})
-        # the one metrics hook for request outcomes: counted once the rows are durable
-        metrics.record_outcomes(outcomes, attempts)
-        return xids
-
-    def _write_one_by_one(self, outcomes, attempts, deferred) -> dict[str, str]:
-        xids: dict[str, str] = {}
-
-        def each(rows, write, what):
-            for row in rows:
-                try:
-                    xids[_rid(row)] = db.retrying(self.engine, lambda conn: write(conn, row), what=what,
-                                                  sleep=self.sleep)
-                except Exception as e:
-                    yield row, e
-        for o, e in list(each(outcomes, lambda c, o: self._write(c, [o], [], []), "writing an outcome")):
-            log.error("request %s:%s: its outcome cannot be stored (%s); recorded as failed",
-                      o["job_id"], o["custom_id"], _reason(e))
-            bad = internal_error(o, f"the outcome could not be stored: {_reason(e)}",
-                                 cost_usd=o.get("cost_usd") or "0")
-            xids[_rid(o)] = db.retrying(self.engine, lambda conn: self._write(conn, [bad], [], []),
-                                        what="writing an outcome", sleep=self.sleep)
-        for a, e in list(each(attempts, lambda c, a: self._write(c, [], [a], []), "writing an attempt")):
-            log.error("attempt %s of %s:%s cannot be stored (%s): dropped", a.get("attempt"), a["job_id"],
-                      a["custom_id"], _reason(e))
-        db.retrying(self.engine, lambda conn: self._write(conn, [], [], deferred), what="writing deferrals",
-                    sleep=self.sleep)
-        return xids
-
-    def _write(self, conn, outcomes, attempts, deferred=(), unconfirmed=(), answered=()) -> str:
-        if self.batch_id is not None:
-            batches.lock_batch(conn, self.batch_id)   # lock order: batch, requests, jobs (pipeline/stores/batches.py)
-        outcome_store.write_outcomes(conn, outcomes, attempts)
-        deferral.write_deferred(conn, list(deferred))
-        calls.resolve(conn, list(unconfirmed), list(answered))
-        job_store.refresh_jobs(conn, {o["job_id"] for o in outcomes})
-        return budget.commit_xid(conn) if outcomes or unconfirmed else ""
-
-
-def _rid(row: dict) -> str:
-    """A request's reservation id without its attempt's suffix (workers/limited.py)."""
-    return request_key(row["job_id"], row["custom_id"])
-
-
-def internal_error(req: dict, message: str, *, cost_usd: str = "0") -> dict:
-    """The failed outcome of a request the worker could not run (or store) as it should."""
-    return {"job_id": req["job_id"], "custom_id": req["custom_id"], "model": req["model"], "status": "failed",
-            "attempts": req.get("attempts") or 0, "cost_usd": cost_usd, "response": None,
-            "error": {"code": "internal_error", "message": message}}
-
-
-class Gate:
-    """Asked before every provider call: may this request's call go out now?
-
-    No, once the batch's lease is lost (``lost``), or when the request's job is
-    cancelled. The job check reads Postgres, coalesced: the requests asking
-    while one query runs share the next, so each answer is read after its
-    question was asked. Postgres unreachable: the call waits (fail closed).
-
-    A call that asks with its record (``call``, pipeline/money/calls.py) is written in
-    the same transaction when it may go: durable before it is sent, at no round
-    trip of its own. Once on record it goes, even if the lease is lost meanwhile.
-    """
-
-    def __init__(self, engine, lost: asyncio.Event):
-        self.engine, self.lost = engine, lost
-        self.cancelled: set[str] = set()
-        self._waiting: list[tuple[str, asyncio.Future, dict | None]] = []
-        self._wake = asyncio.Event()
-
-    async def check(self, job_id: str, call: dict | None = None) -> None:
-        if self.lost.is_set():
-            raise LeaseLost("the batch's lease is lost: left to its new holder")
-        if job_id not in self.cancelled:
-            fut = asyncio.get_running_loop().create_future()
-            self._waiting.append((job_id, fut, call))
-            self._wake.set()
-            if await fut:   # on record: it goes
-                return
-        if job_id in self.cancelled:
-            raise RequestCancelled(f"job {job_id} was cancelled")
-        if self.lost.is_set():
-            raise LeaseLost("the batch's lease is lost: left to its new holder")
-
-    async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            waiting, self._waiting = self._waiting, []
-            jobs = {j for j, _, _ in waiting}
-
-            def ask(conn):
-                found = job_store.cancelled_jobs(conn, jobs)
-                going = [] if self.lost.is_set() else [
-                    c for j, _, c in waiting if c is not None and j not in found and j not in self.cancelled]
-                calls.record_sent(conn, going)
-                return found, {c["call_id"] for c in going}
-            try:
-                found, recorded = await asyncio.to_thread(
-                    db.retrying, self.engine, ask, what="checking for cancelled jobs")
-                self.cancelled |= found
-            except Exception as e:   # not transient (a bug): the calls wait for the next round
-                log.error("cancel check failed: %s", _reason(e))
-                self._waiting[:0] = waiting
-                self._wake.set()
-                await asyncio.sleep(1.0)
-                continue
-            for _, fut, call in waiting:
-                if not fut.done():
-                    fut.set_result(call is not None and call["call_id"] in recorded)
-
-
-class CallRecord:
-    """The batch's record of provider calls that may be billed (pipeline/money/calls.py), for ``Limited``.
-
-    ``sending``: on record (with the ``Gate``'s check) before the call leaves; ``answered``:
-    off the record at the next write; ``unconfirmed``: no answer, so the call is spend at its
-    maximum: its hold moves aside and stays until the write is durable, then is settled at
-    the maximum. Nothing returns to the caps when a hold would have expired.
-    """
-
-    def __init__(self, gate: Gate, writer: OutcomeWriter, batch_id: str | None, owner: str | None):
-        self.gate, self.writer, self.batch_id, self.owner = gate, writer, batch_id, owner
-
-    def _row(self, req: dict, res: budget.Reservation, call_id: str) -> dict:
-        return {"call_id": call_id, "hold_id": res.rid, "job_id": req["job_id"], "custom_id": req["custom_id"],
-                "tier": req["tier"], "batch_id": self.batch_id, "owner": self.owner,
-                "max_cost_usd": str(from_units(res.units))}
-
-    async def sending(self, req: dict, res: budget.Reservation, call_id: str) -> None:
-        await self.gate.check(req["job_id"], self._row(req, res, call_id))
-
-    def answered(self, call_id: str | None) -> None:
-        if call_id:
-            self.writer.answered.append(call_id)
-
-    async def unconfirmed(self, req: dict, res: budget.Reservation, call_id: str | None, why: str) -> None:
-        log.warning("request %s:%s: the call may have been billed (%s): $%s counted as unconfirmed spend",
-                    req["job_id"], req["custom_id"], why, from_units(res.units),
-                    extra={"job": req["job_id"], "request": req["custom_id"], "tier": req["tier"]})
-        try:
-            held = await self.writer.budget.detach(res)
-        except Exception as e:   # Redis away: the ledger has it, and the reconcile brings the counters to it
-            log.warning("budget: the hold of %s could not be kept (%s); the reconcile counts it", res.rid, e)
-            held = None
-        # the row and its settle in the same write: the settle then carries that write's xid
-        self.writer.unconfirmed.append(dict(self._row(req, res, call_id or f"{res.rid}.?"), reason=why[:500]))
-        if held is not None:
-            self.writer.settles.append((held, from_units(held.units)))
-        self.writer.wake.set()
-
-
-class Gated:
-    """A provider whose every call first asks the batch's ``Gate``."""
-
-    def __init__(self, provider, gate: Gate, job_id: str):
-        self.provider, self.gate, self.job_id = provider, gate, job_id
-        self.name = provider.name
-
-    def __getattr__(self, name):
-        return getattr(self.provider, name)
-
-    async def call(self, body: dict, *, headers: dict):
-        await self.gate.check(self.job_id)
-        return await self.provider.call(body, headers=headers)
 
 
 def _usage(provider: str, body: dict) -> Usage | None:
@@ -467,7 +183,7 @@ async def _flusher(writer: OutcomeWriter, done: asyncio.Event) -> None:
         try:
             await writer.flush()
         except Exception as e:   # the outcomes stay buffered: the next flush (or the drain) writes them
-            log.error("batch %s: a write failed: %s", writer.batch_id, _reason(e))
+            log.error("batch %s: a write failed: %s", writer.batch_id, describe_error(e))
             await asyncio.sleep(1.0)
             writer.wake.set()
 
@@ -506,7 +222,7 @@ async def _keep_lease(engine, batch_id: str, owner: str, lease_s: float, lost: a
         except Exception as e:   # Postgres down, a dropped connection, a slow statement: try again
             if failing_since is None:
                 failing_since = asked
-                log.warning("batch %s: lease renewal failed (%s); retrying with backoff", batch_id, _reason(e))
+                log.warning("batch %s: lease renewal failed (%s); retrying with backoff", batch_id, describe_error(e))
             delay = min(delay * 2, RENEW_RETRY_MAX_S, max(0.05, (expires - margin - clock()) / 2))
             continue
         if not ours:
@@ -546,7 +262,7 @@ async def run_batch(batch_id: str, *, owner: str, settings: Settings, engine=Non
             return await _run_claimed(batch, requests, owner=holder, settings=settings, engine=engine,
                                       sem=sem, drained=drained)
         except Exception as e:   # reported below, after the other batches are over
-            log.error("batch %s failed: %s", batch["batch_id"], _reason(e), exc_info=True)
+            log.error("batch %s failed: %s", batch["batch_id"], describe_error(e), exc_info=True)
             return e
 
     async with asyncio.TaskGroup() as tg:
@@ -592,13 +308,13 @@ async def _run_claimed(batch: dict, requests: list[dict], *, owner: str, setting
                               drained=drained)
     except BaseException as e:
         # Give the lease back so the sweep re-dispatches the batch (a crash: bounded by MAX_CRASHES).
-        reason = _reason(e) if isinstance(e, Exception) else "its worker task was stopped"
+        reason = describe_error(e) if isinstance(e, Exception) else "its worker task was stopped"
         try:
             await asyncio.shield(asyncio.to_thread(
                 db.retrying, engine, lambda conn: batches.release_lease(conn, batch["batch_id"], owner, reason),
                 what=f"releasing batch {batch['batch_id']}", patience_s=30.0))
         except Exception as release_error:   # the lease runs out by itself
-            log.warning("batch %s: could not release its lease: %s", batch["batch_id"], _reason(release_error))
+            log.warning("batch %s: could not release its lease: %s", batch["batch_id"], describe_error(release_error))
         raise
 
 
@@ -638,9 +354,9 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
             try:
                 counts[await run_request(req, settings, writer, gate, owner)] += 1
             except Exception as e:   # fails alone, on record; its siblings go on
-                log.error("request %s:%s failed unexpectedly: %s", req["job_id"], req["custom_id"], _reason(e),
+                log.error("request %s:%s failed unexpectedly: %s", req["job_id"], req["custom_id"], describe_error(e),
                           exc_info=True, extra={"batch": batch_id, "job": req["job_id"]})
-                writer.outcomes.append(internal_error(req, f"the worker could not run it: {_reason(e)}"))
+                writer.outcomes.append(internal_error(req, f"the worker could not run it: {describe_error(e)}"))
                 counts["failed"] += 1
         writer.wake.set()
 

@@ -6,7 +6,7 @@ and the model's rate admission (pipeline/providers/ratelimit.py), and only then 
 The hold is renewed by the budget's heartbeat through both waits and the call,
 so it lives as long as the call can still be billed. An attempt the provider
 answered with an error (never billed) releases its hold. With a ``calls`` record
-(workers/execute.py ``CallRecord``) each call is on record in Postgres before it
+(workers/gate.py ``CallRecord``) each call is on record in Postgres before it
 is sent, and one that may have been billed (timeout, connection lost, cancelled
 mid-call) becomes unconfirmed spend at its maximum, for good (pipeline/money/calls.py);
 without one its hold stays until it expires.

@@ -5,7 +5,7 @@ written to ``provider_calls`` (sql/012_unconfirmed_spend.sql) before it leaves
 the worker, and its fate decides what it costs:
 
 1. ``record_sent``: the row, state 'sent', in the transaction that also checks the
-   job is not cancelled (workers/execute.py ``Gate``): one coalesced round trip for
+   job is not cancelled (workers/gate.py ``Gate``): one coalesced round trip for
    every call that starts meanwhile, not one write per call;
 2. answered (success, or an error status the provider does not bill): the row is
    removed in the outcome's own write (``resolve``); the cost is in ``results``;

@@ -10,8 +10,9 @@ import sqlalchemy as sa
 
 
 from pipeline.ids import request_key
+from pipeline.money.budget import Reservation
 from pipeline.stores import batches, jobs, outcomes as outcome_store
-from workers import execute
+from workers import execute, gate as gate_mod, writer as writer_mod
 
 
 def _pg_down() -> sa.exc.OperationalError:
@@ -49,9 +50,9 @@ def stored(monkeypatch):
     monkeypatch.setattr(outcome_store, "write_outcomes", write_outcomes)
     monkeypatch.setattr(batches, "lock_batch", lambda conn, b: None)
     monkeypatch.setattr(jobs, "refresh_jobs", lambda conn, ids: None)
-    monkeypatch.setattr(execute.deferral, "write_deferred", lambda conn, d: rows["deferred"].extend(d))
+    monkeypatch.setattr(writer_mod.deferral, "write_deferred", lambda conn, d: rows["deferred"].extend(d))
     xids = iter(range(100, 10**6))
-    monkeypatch.setattr(execute.budget, "commit_xid", lambda conn: str(next(xids)))
+    monkeypatch.setattr(writer_mod.budget, "commit_xid", lambda conn: str(next(xids)))
     return rows
 
 
@@ -72,7 +73,7 @@ def _outcome(cid: str, **extra) -> dict:
 
 def test_a_failed_write_is_retried_until_durable_and_loses_nothing(stored):
     engine = FakeEngine(failures=3)   # Postgres down for three tries
-    writer = execute.OutcomeWriter(engine, "b1", sleep=lambda s: None)
+    writer = writer_mod.OutcomeWriter(engine, "b1", sleep=lambda s: None)
 
     async def run():
         writer.outcomes.append(_outcome("a"))
@@ -92,11 +93,11 @@ def test_a_failed_write_is_retried_until_durable_and_loses_nothing(stored):
 
 def test_a_row_postgres_refuses_fails_alone_with_the_reason(stored):
     stored["refuse"].add("bad")
-    writer = execute.OutcomeWriter(FakeEngine(), "b1", sleep=lambda s: None)
+    writer = writer_mod.OutcomeWriter(FakeEngine(), "b1", sleep=lambda s: None)
     writer.budget = SettleLog()
     writer.outcomes += [_outcome("a"), _outcome("bad"), _outcome("c")]
     rids = {c: f"{request_key('j', c)}~0a1b" for c in ("a", "bad", "c")}   # as workers/limited.py names holds
-    writer.settles += [(execute.budget.Reservation(rids[c], "g", [], 1, "d"), 0) for c in ("a", "bad", "c")]
+    writer.settles += [(Reservation(rids[c], "g", [], 1, "d"), 0) for c in ("a", "bad", "c")]
     asyncio.run(writer.drain())
     # each settles with the transaction that committed its row: the batch's failed, so one each
     xids = writer.budget.settled
@@ -243,17 +244,17 @@ def test_gate_stops_calls_of_a_cancelled_job_and_after_a_lost_lease(monkeypatch)
 
     async def run():
         lost = asyncio.Event()
-        gate = execute.Gate(FakeEngine(), lost)
+        gate = gate_mod.Gate(FakeEngine(), lost)
         checker = asyncio.create_task(gate.run())
         try:
             await gate.check("alive")
-            with pytest.raises(execute.RequestCancelled):
+            with pytest.raises(gate_mod.RequestCancelled):
                 await gate.check("dead")
             results = await asyncio.gather(*(gate.check(j) for j in ["alive"] * 20 + ["dead"]),
                                            return_exceptions=True)
-            assert sum(isinstance(r, execute.RequestCancelled) for r in results) == 1
+            assert sum(isinstance(r, gate_mod.RequestCancelled) for r in results) == 1
             lost.set()
-            with pytest.raises(execute.LeaseLost):
+            with pytest.raises(gate_mod.LeaseLost):
                 await gate.check("alive")
         finally:
             checker.cancel()

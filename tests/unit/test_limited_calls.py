@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from pipeline.money.units import to_units
 from pipeline.errors import PermanentProviderError, RetryableProviderError
 from tests.unit.test_fallback import OK, FakeBudget, FakeLimiter, Provider, request
-from workers.execute import RequestCancelled
+from workers.gate import RequestCancelled
 from workers.limited import Limited
 
 

@@ -1,6 +1,11 @@
-"""The core every llmbatch process imports: settings, errors, formats, tiers,
-tokens, pricing, the stores (Postgres, Kafka, Redis: cache, budget, rate
-limits), providers, the producer and the batcher.
+"""The core every llmbatch process imports.
+
+At its top, the shared vocabulary and plumbing only: settings (``config``), the one exception
+tree (``errors``), ``constants``, ``ids``, the caps' ``clock``, ``aio``, ``logs``, ``metrics``;
+they import no folder. The folders (docs/ARCHITECTURE.md, "Layout and the import rule"):
+``intake`` (file to batches: parsing, the producer, Kafka, the batcher), ``money`` (tokens,
+bounds, pricing, the budget), ``providers`` (calls, retries, rate limits, Batch APIs) and
+``stores`` (Postgres and Redis: jobs, batches, outcomes, cache, export).
 
 It imports none of ``llmbatch``, ``workers``, ``schedules`` or ``simulator``
 (tests/unit/test_layout.py): the batcher sends its Celery task by name.

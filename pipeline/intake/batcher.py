@@ -558,7 +558,7 @@ class Batcher:
     def _broker_emptied(self) -> bool:
         """True when a marker key set in the broker's Redis is gone: the Celery queues went with it.
 
-        A batch dispatched twice runs once (its lease, db.claim_batch), so dispatching
+        A batch dispatched twice runs once (its lease, batches.claim_batch), so dispatching
         again on a fresh marker (first start, or a stack started anew) costs nothing.
         """
         try:

@@ -25,10 +25,10 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from common import save, simulator, submit, wait_job, write_requests
-from pipeline.stores import db
 from pipeline.config import get_settings
 from pipeline.intake.kafka import make_producer
 from pipeline.intake.producer import publish_request
+from pipeline.stores import db
 
 
 def _pct(values: list[float], p: float) -> float:

@@ -28,8 +28,8 @@ import sqlalchemy as sa
 
 from common import (LLMBATCH, RESULTS, best_window, clear_rate_limits, pct, restarted, save, sim_stats,
                     simulator, stack_sh, submit, wait_job, write_requests)
-from pipeline.stores import db
 from pipeline.config import get_settings
+from pipeline.stores import db
 
 MODEL = "gpt-4o-mini"
 NOW = lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # noqa: E731

@@ -41,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import LLMBATCH, clear_rate_limits, restarted, simulator  # noqa: E402
 
-from pipeline.money import caps as caps_mod, ledger, scripts, units  # noqa: E402
-from pipeline.stores import db
 from pipeline.config import get_settings  # noqa: E402
+from pipeline.money import caps as caps_mod, ledger, scripts, units  # noqa: E402
 from pipeline.money.bounds import request_bound  # noqa: E402
 from pipeline.money.pricing import get_price_book  # noqa: E402
+from pipeline.stores import db  # noqa: E402
 
 MODEL, CLAUDE = "gpt-4o-mini", "claude-haiku-4-5"
 RPM = 60

@@ -19,10 +19,10 @@ from typing import Protocol
 
 import sqlalchemy as sa
 
-from pipeline.stores import db
 from pipeline.clock import from_row, read_db_clock
 from pipeline.config import Settings, get_settings
 from pipeline.errors import ConfigError
+from pipeline.stores import db
 
 
 class Clock(Protocol):

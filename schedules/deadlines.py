@@ -29,9 +29,9 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from pipeline import metrics
-from pipeline.stores import db, jobs, outcomes as outcome_store
 from pipeline.intake.dispatch import enqueue_batch as dispatch
 from pipeline.intake.tiers import TierRules
+from pipeline.stores import db, jobs, outcomes as outcome_store
 from schedules import release
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from pipeline.stores import db
 from pipeline.config import Settings, get_settings
 from pipeline.constants import JOB_TERMINAL, TIERS
 from pipeline.errors import ConfigError, InputError
-from schedules.clock import Clock, get_clock
 from pipeline.intake.windows import cron_trigger, fire_times, next_fire
+from pipeline.stores import db
+from schedules.clock import Clock, get_clock
 
 log = logging.getLogger(__name__)
 

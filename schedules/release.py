@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from pipeline.stores import batches, db
 from pipeline.intake.dispatch import enqueue_batch as dispatch
+from pipeline.stores import batches, db
 
 
 def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, dispatcher=dispatch) -> list[str]:

@@ -35,13 +35,13 @@ import time
 
 import psycopg
 
-from pipeline.stores import db
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS, queue_for
 from pipeline.intake.tiers import rules_for
+from pipeline.intake.windows import Window, cron_trigger
+from pipeline.stores import db
 from schedules import deadlines, pb_ingest, pb_submit, recurring, release, upkeep
 from schedules.clock import Clock, get_clock
-from pipeline.intake.windows import Window, cron_trigger
 
 log = logging.getLogger(__name__)
 

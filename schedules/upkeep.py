@@ -38,9 +38,9 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from pipeline.stores import batches, db, jobs
-from pipeline.intake.batcher import dispatch
 from pipeline.config import Settings, get_settings
+from pipeline.intake.batcher import dispatch
+from pipeline.stores import batches, db, jobs
 from schedules.clock import Clock, get_clock
 
 log = logging.getLogger(__name__)

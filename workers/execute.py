@@ -37,7 +37,6 @@ from pipeline.errors import (
 )
 from pipeline.ids import request_key
 from pipeline.money import calls, deferral
-from pipeline.money.units import from_units
 from pipeline.money.pricing import (
     Usage,
     answered_price,
@@ -46,8 +45,9 @@ from pipeline.money.pricing import (
     usage_from_anthropic,
     usage_from_openai,
 )
-from pipeline.providers.retries import AttemptRecord, call_with_retries
+from pipeline.money.units import from_units
 from pipeline.providers.base import get_provider
+from pipeline.providers.retries import AttemptRecord, call_with_retries
 from pipeline.stores import batches, db, jobs as job_store
 from workers.fallback import fallback_for
 from workers.gate import CallRecord, Gate, Gated, LeaseLost, RequestCancelled

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from pipeline.money.bounds import request_bound
 from pipeline.errors import LineError
+from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook
 
 

@@ -22,12 +22,12 @@ import time
 from decimal import Decimal
 
 from pipeline import metrics
-from pipeline.money import budget, scripts
-from pipeline.providers import ratelimit
 from pipeline.config import Settings
 from pipeline.errors import BudgetExceeded
 from pipeline.errors import ProviderError, RetryableProviderError
 from pipeline.ids import request_key
+from pipeline.money import budget, scripts
+from pipeline.providers import ratelimit
 from workers.fallback import Fallback
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,11 @@ import sys
 import click
 
 from pipeline import errors
-from pipeline.money import admin, deferral, ledger, units
-from pipeline.stores import db
 from pipeline.config import get_settings
 from pipeline.constants import TIERS
 from pipeline.errors import BudgetError, ConfigError
+from pipeline.money import admin, deferral, ledger, units
+from pipeline.stores import db
 
 
 def _redis():

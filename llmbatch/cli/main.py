@@ -36,9 +36,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.stores import db, jobs as job_store, outcomes
 from pipeline.config import get_settings
 from pipeline.constants import JOB_TERMINAL, SIMULATOR_LABEL, TIERS
+from pipeline.stores import db, jobs as job_store, outcomes
 
 #: every state a job can be in (sql/001_init.sql, pipeline/stores/jobs.py, pipeline/money/admin.py)
 JOB_STATES = ("submitting", "running", "paused_budget", "completed", "failed", "cancelled")

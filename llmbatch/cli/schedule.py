@@ -45,8 +45,8 @@ def _serve_metrics() -> None:
     """The scheduler's /metrics (port P+5): the off-peak window's state, and what every process exports."""
     from pipeline import metrics
     from pipeline.config import get_settings
-    from schedules.clock import get_clock
     from pipeline.intake.windows import Window
+    from schedules.clock import get_clock
     settings = get_settings()
     window, clock = Window.offpeak(settings), get_clock(settings)
     metrics.serve("scheduler", settings, collectors=[metrics.WindowCollector(window.is_open, window.next_change,

@@ -18,10 +18,10 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pipeline.stores import db, jobs
 from pipeline.config import get_settings
 from pipeline.constants import JOB_TERMINAL, TIERS
 from pipeline.logs import escape_controls
+from pipeline.stores import db, jobs
 
 STATES = ("queued", "held", "running", "deferred", "done", "failed", "cancelled")
 #: the window the rate is measured over
@@ -135,8 +135,8 @@ def held_work(conn: Connection, held_by_tier: dict[str, int], *, settings=None,
     settings and cron logic (pipeline/intake/windows.py) and its clock (the ``db``
     clock tests move), so what ``status`` promises is what the scheduler does.
     """
-    from schedules.clock import get_clock
     from pipeline.intake.windows import Window
+    from schedules.clock import get_clock
     out = []
     if not any(held_by_tier.get(t) for t in ("offpeak", "background")):
         return out

@@ -53,16 +53,16 @@ import sqlalchemy as sa
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from pipeline import metrics
-from pipeline.stores import batches as batch_store, db
-from pipeline.stores.cache import PREFIX as CACHE_PREFIX, ResponseCache
 from pipeline.config import Settings, get_settings
 from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC
 from pipeline.errors import ConfigError, LineError
 from pipeline.intake.kafka import make_consumer, make_producer, verify
 from pipeline.intake.messages import MAX_REASON, decode
-from pipeline.money.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window
+from pipeline.money.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.stores import batches as batch_store, db
+from pipeline.stores.cache import PREFIX as CACHE_PREFIX, ResponseCache
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,14 @@ from importlib import resources
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from pipeline.money.bounds import request_bound
-from pipeline.stores.cache import cache_key, is_cacheable
 from pipeline.constants import DISPATCHED_TIERS
 from pipeline.errors import LineError
-from pipeline.intake.formats import MAX_DEPTH, check_values
 from pipeline.ids import refuse_control
-from pipeline.money.pricing import PriceBook, get_price_book
+from pipeline.intake.formats import MAX_DEPTH, check_values
 from pipeline.intake.tiers import TierRules, classify
+from pipeline.money.bounds import request_bound
+from pipeline.money.pricing import PriceBook, get_price_book
+from pipeline.stores.cache import cache_key, is_cacheable
 
 #: a reason longer than this is cut: it goes into a Kafka header and a log line
 MAX_REASON = 300

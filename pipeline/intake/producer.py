@@ -44,15 +44,15 @@ from typing import Callable
 import sqlalchemy as sa
 from confluent_kafka import KafkaError, KafkaException
 
-from pipeline.stores import db, jobs
 from pipeline.config import Settings, get_settings
 from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import FileInputError, InfrastructureError, LineError, UnknownModelError
 from pipeline.intake.formats import Request, parse_json_line, parse_request
 from pipeline.intake.kafka import make_producer, sign
 from pipeline.intake.lines import DigestSet, Oversized, is_stdin, open_input, read_lines
-from pipeline.money.pricing import get_price_book
 from pipeline.intake.tiers import classify
+from pipeline.money.pricing import get_price_book
+from pipeline.stores import db, jobs
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from pipeline.stores import db
 from pipeline.config import ROOT, get_settings
+from pipeline.stores import db
 from tests.integration.conftest import LLMBATCH, stack, wait_for  # noqa: F401  (stack: pytest fixture)
 
 STACK_SH = ROOT / "infra" / "stack.sh"

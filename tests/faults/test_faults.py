@@ -14,8 +14,8 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from pipeline.stores import db
 from pipeline.config import get_settings
+from pipeline.stores import db
 from tests.faults.conftest import (check_invariants, counts, crash, done, restart_with_env, sim_config, sim_stats,
                                    stack_sh, submit, submitted_job, supervised, wait_terminal, wait_until)
 

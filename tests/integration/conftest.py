@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from pipeline.stores import db
 from pipeline.config import get_settings
+from pipeline.stores import db
 from tests.conftest import require
 
 LLMBATCH = str(Path(sys.executable).parent / "llmbatch")

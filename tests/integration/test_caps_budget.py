@@ -17,9 +17,9 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline import errors as errors_mod
-from pipeline.money import admin, budget, caps, holds, ledger, scripts, units
 from pipeline.errors import RetryableProviderError
 from pipeline.ids import request_key
+from pipeline.money import admin, budget, caps, holds, ledger, scripts, units
 from pipeline.providers.base import Answer
 from tests.integration.conftest import wait_for
 from tests.integration.execution_helpers import budget_settings, commit_result, insert_job

@@ -27,8 +27,8 @@ import sqlalchemy as sa
 from pipeline import metrics
 from pipeline.config import get_settings
 from pipeline.intake.tiers import latest_start, rules_for
-from schedules.clock import DbClock
 from pipeline.intake.windows import Window
+from schedules.clock import DbClock
 from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
 from tests.integration.execution_helpers import calls_of
 from tests.integration.test_scheduler import scheduler  # noqa: F401  (the fixture: a leading scheduler)

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline.money import deferral
-from pipeline.stores import batches, jobs as job_store
 from pipeline.providers.openai import OpenAIProvider
+from pipeline.stores import batches, jobs as job_store
 from pipeline.stores.jobs import cancel_job
 from tests.integration.conftest import wait_for
 from tests.integration.execution_helpers import (LOOP, calls_of, keys_seen, make_batch, requests_of, scalar,

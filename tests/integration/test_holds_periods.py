@@ -215,8 +215,8 @@ def test_a_settle_redis_refused_neither_stalls_a_later_job_nor_waits_without_a_r
 
 _KILL_AFTER_COMMIT = """
 import os, signal, sys
-from pipeline.stores import db
 from pipeline.config import get_settings
+from pipeline.stores import db
 from schedules import pb_ingest
 def die(*a, **k):
     os.kill(os.getpid(), signal.SIGKILL)                      # the ingest committed; the settle never runs

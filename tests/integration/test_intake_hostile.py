@@ -16,10 +16,10 @@ from decimal import Decimal
 import sqlalchemy as sa
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from pipeline.money.bounds import request_bound
 from pipeline.constants import DLQ_TOPIC, REQUESTS_TOPIC
-from pipeline.money.pricing import get_price_book
 from pipeline.intake.kafka import sign
+from pipeline.money.bounds import request_bound
+from pipeline.money.pricing import get_price_book
 from tests.integration.conftest import kafka_conf, wait_for
 from tests.unit.test_intake_messages import HOSTILE, message, raw
 

@@ -8,8 +8,8 @@ import dataclasses
 import secrets
 import time
 
-from pipeline.providers import ratelimit
 from pipeline.config import get_settings
+from pipeline.providers import ratelimit
 
 
 def _settings(**kw):

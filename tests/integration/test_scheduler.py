@@ -23,9 +23,9 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline.config import get_settings
+from pipeline.intake.windows import Window
 from schedules.clock import DbClock
 from schedules.service import LEADER_LOCK
-from pipeline.intake.windows import Window
 from tests.integration.conftest import LLMBATCH, chat_line, llmbatch, wait_for, write_jsonl
 from tests.integration.execution_helpers import calls_of, sim_stats, simulator_config
 

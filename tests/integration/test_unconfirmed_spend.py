@@ -31,10 +31,10 @@ import sqlalchemy as sa
 
 from pipeline import errors
 from pipeline.money import admin, budget, ledger, scripts, units
-from pipeline.stores import jobs
-from pipeline.providers import base
 from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import get_price_book
+from pipeline.providers import base
+from pipeline.stores import jobs
 from tests.integration.conftest import wait_for
 from tests.integration.execution_helpers import (budget_settings, calls_of, make_batch, requests_of, scalar,
                                                 simulator_config)

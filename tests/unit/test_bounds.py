@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.money import bounds
-from pipeline.money.bounds import request_bound
 from pipeline.errors import LineError
 from pipeline.intake.formats import parse_request
+from pipeline.money import bounds
+from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook, Usage, answered_price, cost
 from pipeline.money.tokens import count_chat_tokens, count_text_tokens
 

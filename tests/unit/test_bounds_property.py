@@ -24,8 +24,8 @@ import zlib
 from hypothesis import HealthCheck, assume, find, given, settings
 from hypothesis import strategies as st
 
-from pipeline.money.bounds import request_bound
 from pipeline.errors import LineError
+from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook, cost, max_cost, usage_from_anthropic, usage_from_openai
 from simulator import answers
 from simulator.protocol import Problem, validate_anthropic_message, validate_openai_chat

@@ -8,9 +8,9 @@ from decimal import Decimal
 import pytest
 
 from pipeline import errors
-from pipeline.money import caps, deferral, units as units_mod
 from pipeline.config import load_settings
 from pipeline.errors import ConfigError
+from pipeline.money import caps, deferral, units as units_mod
 
 
 def test_units_round_up_and_back_exactly():

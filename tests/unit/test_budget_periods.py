@@ -13,9 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline import clock, errors
-from pipeline.money import caps, deferral, waits
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
+from pipeline.money import caps, deferral, waits
 
 
 @given(st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(timezone.utc)),

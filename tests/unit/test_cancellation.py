@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 
+from pipeline.config import Settings
 from pipeline.money import budget
 from pipeline.providers import ratelimit
-from pipeline.config import Settings
 
 
 class SwallowingRedis:

@@ -7,13 +7,13 @@ from decimal import Decimal
 import pytest
 
 from pipeline.errors import BudgetExceeded
-from pipeline.money.budget import Reservation
-from pipeline.money.units import to_units
 from pipeline.errors import RetryableProviderError
+from pipeline.money.budget import Reservation
 from pipeline.money.pricing import get_price_book
+from pipeline.money.units import to_units
 from pipeline.providers.base import Answer
-from workers.limited import Limited
 from workers.fallback import Fallback, fallback_for
+from workers.limited import Limited
 
 PRICES = get_price_book()
 OK = Answer(body={"ok": True}, status_code=200, request_id="req_1", latency_ms=1, headers={})

@@ -7,10 +7,10 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipeline.intake import messages
 from pipeline.errors import LineError
-from pipeline.intake.formats import parse_request
 from pipeline.ids import request_key
+from pipeline.intake import messages
+from pipeline.intake.formats import parse_request
 from pipeline.money.pricing import PriceBook
 
 PRICES = PriceBook.load()

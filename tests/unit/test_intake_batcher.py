@@ -11,9 +11,9 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from pipeline.config import load_settings
 from pipeline.intake import batcher as batcher_mod
 from pipeline.intake.batcher import Batcher, Dependency, is_outage
-from pipeline.config import load_settings
 from pipeline.intake.kafka import sign
 from tests.unit.test_intake_messages import NOW, message, raw
 

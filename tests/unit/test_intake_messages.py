@@ -7,12 +7,12 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.money.bounds import request_bound
 from pipeline.errors import LineError
 from pipeline.intake.formats import parse_request
 from pipeline.intake.messages import MAX_DEPTH, decode
-from pipeline.money.pricing import PriceBook
 from pipeline.intake.producer import to_message
+from pipeline.money.bounds import request_bound
+from pipeline.money.pricing import PriceBook
 
 PRICES = PriceBook.load()
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)

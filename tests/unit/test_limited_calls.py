@@ -13,8 +13,8 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipeline.money.units import to_units
 from pipeline.errors import PermanentProviderError, RetryableProviderError
+from pipeline.money.units import to_units
 from tests.unit.test_fallback import OK, FakeBudget, FakeLimiter, Provider, request
 from workers.gate import RequestCancelled
 from workers.limited import Limited

@@ -7,12 +7,12 @@ from importlib import resources
 import jsonschema
 import pytest
 
-from pipeline.intake.messages import decode
 from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import LineError
 from pipeline.intake.formats import parse_request
-from pipeline.money.pricing import PriceBook
+from pipeline.intake.messages import decode
 from pipeline.intake.producer import to_message, topic_for
+from pipeline.money.pricing import PriceBook
 
 SCHEMA = json.loads(resources.files("pipeline").joinpath("data/request.schema.json").read_text())
 PRICES = PriceBook.load()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.providers import ratelimit
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
+from pipeline.providers import ratelimit
 
 
 def test_parse_limit():

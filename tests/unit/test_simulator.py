@@ -16,8 +16,8 @@ import pytest
 from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
 
-from pipeline.money import tokens
 from pipeline.errors import ConfigError
+from pipeline.money import tokens
 from simulator import SimulatorConfig, billing, config_from_args, start
 from simulator.config import ModelLimit
 from simulator.limits import go_duration

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.money import tokens
 from pipeline.errors import ConfigError, UnknownModelError
+from pipeline.money import tokens
 from pipeline.money.tokens import (
     TokenCount,
     count_chat_tokens,

@@ -5,8 +5,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from pipeline.errors import ConfigError
-from schedules.clock import FixedClock
 from pipeline.intake.windows import Window, cron_trigger, fire_times, next_fire
+from schedules.clock import FixedClock
 
 UTC = timezone.utc
 

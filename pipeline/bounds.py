@@ -134,14 +134,15 @@ def price_bound(provider: str, body: dict, price: ModelPrice, *,
 
 
 def finish_bound(price: ModelPrice, tokens: int, out: int, exact: bool,
-                 declared_input_tokens: int | None = None, cache_ttls=()) -> Bound:
+                 declared_input_tokens: int | None = None, cache_ttls=(), *, one_prompt: bool = True) -> Bound:
     """The :class:`Bound` of counted ``tokens`` in and ``out`` at most: a declared count may
-    raise the input, never lower it, and a prompt over the context window is refused."""
+    raise the input, never lower it, and a prompt over the context window is refused
+    (``one_prompt=False``: the caller checked each of several prompts against it)."""
     if declared_input_tokens is not None:
         if not isinstance(declared_input_tokens, int) or declared_input_tokens < 0:
             raise LineError(f"declared input tokens must be a non-negative integer, got {declared_input_tokens!r}")
         tokens = max(tokens, declared_input_tokens)
-    if tokens > price.context_window:
+    if one_prompt and tokens > price.context_window:
         raise LineError(f"prompt is {tokens} tokens, over {price.model}'s context window of "
                         f"{price.context_window} tokens")
     return Bound(tokens, out, bound_cost(price, tokens, out, cache_ttls), exact)

@@ -2,9 +2,11 @@
 
 A request is cacheable only when its answer is deterministic: ``temperature``
 0, or ``cache: true`` on its line (``cache: false`` always opts out). The key
-is the SHA-256 of the canonical request — provider and the whole body (model,
-messages, every generation parameter) as sorted JSON — so two requests share
-an answer only if the provider would see the same request. Workers store
+is the SHA-256 of the canonical request — provider, url and the whole body
+(model, messages, every generation parameter) as sorted JSON — so two requests
+share an answer only if the provider would see the same request. Chat and
+Anthropic messages keys leave the url out, as they did before other urls
+existed, so their cached answers stay valid. Workers store
 successful answers; the batcher answers hits at once, at cost 0.
 """
 
@@ -15,7 +17,7 @@ import json
 
 import redis
 
-from pipeline.constants import REDIS_PREFIX
+from pipeline.constants import ANTHROPIC_MESSAGES_URL, CHAT_URL, REDIS_PREFIX
 
 PREFIX = REDIS_PREFIX + "cache:"
 
@@ -26,9 +28,17 @@ def is_cacheable(body: dict, flag: bool | None) -> bool:
     return body.get("temperature") == 0
 
 
-def cache_key(provider: str, body: dict) -> str:
-    canonical = json.dumps({"provider": provider, "body": body}, sort_keys=True, separators=(",", ":"),
-                           ensure_ascii=False)
+#: urls whose keys predate endpoints: the url stays out of their key, so the answers cached
+#: before it was added stay hits (a provider has one of them, so provider + body was unique)
+_URL_IMPLIED = (CHAT_URL, ANTHROPIC_MESSAGES_URL)
+
+
+def cache_key(provider: str, body: dict, url: str | None = None) -> str:
+    """The key of a request: provider, url and body. ``url`` None means the provider's chat url."""
+    doc = {"provider": provider, "body": body}
+    if url is not None and url not in _URL_IMPLIED:
+        doc["url"] = url   # the same body on two urls (a moderation and an embedding of one text) differs
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

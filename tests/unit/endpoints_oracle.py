@@ -82,7 +82,9 @@ def completions_worst(body: dict) -> tuple[int, int, Decimal]:
 def responses_worst(body: dict, enc) -> tuple[int, int, Decimal]:
     """The cookbook's older, larger framing: 4 tokens per message around its texts, 3 priming the
     reply; a function call's name and arguments + 10; a function tool's name, description and
-    JSON parameters + 12, and 12 more once for the tool list; a JSON-schema format's JSON + 12.
+    JSON parameters + 12, and 12 more once for the tool list; a JSON-schema format's JSON + 12
+    (JSON with its characters as they are: the model reads the schema rendered as text, not the
+    \\u escapes a client may send).
     Output: max_output_tokens, else the model's maximum (reasoning included in both)."""
     def text(v) -> int:
         return tokens(v, enc) if isinstance(v, str) else sum(tokens(p.get("text") or p.get("refusal") or "", enc)
@@ -101,11 +103,11 @@ def responses_worst(body: dict, enc) -> tuple[int, int, Decimal]:
             n += (tokens(item["output"], enc) if isinstance(item["output"], str) else text(item["output"])) + 10
     for tool in body.get("tools") or ():
         n += (tokens(tool["name"], enc) + tokens(tool.get("description", ""), enc)
-              + tokens(json.dumps(tool.get("parameters", {})), enc) + 12)
+              + tokens(json.dumps(tool.get("parameters", {}), ensure_ascii=False), enc) + 12)
     if body.get("tools"):
         n += 12
     fmt = (body.get("text") or {}).get("format")
     if fmt and fmt.get("type") == "json_schema":
-        n += tokens(json.dumps(fmt), enc) + 12
+        n += tokens(json.dumps(fmt, ensure_ascii=False), enc) + 12
     out = body.get("max_output_tokens") or RAW[body["model"]]["max_output_tokens"]
     return n, out, billed(body["model"], n, out)

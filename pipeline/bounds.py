@@ -283,6 +283,17 @@ def anthropic_image_tokens(size: tuple[int, int] | None) -> int:
     return min(math.ceil(w * h / 750), ANTHROPIC_IMAGE_MAX)
 
 
+def openai_image_part(price: ModelPrice, url, detail, where: str, needs: str) -> int:
+    """The bound of one OpenAI image part at ``url`` (a ``data:`` URL is measured; any other
+    reference is the maximum for the detail); ``needs`` says what a part lacking ``url`` misses."""
+    if price.image_base is None and price.image_patch_multiplier is None:
+        raise LineError(f"{where}: {price.model} does not take image input")
+    if not isinstance(url, str) or detail not in ("auto", "low", "high"):
+        raise LineError(f"{where}: {needs} and detail auto, low or high")
+    size = image_size(url) if url.startswith("data:") else None
+    return TOKENS_PER_IMAGE + openai_image_tokens(price, size, detail)
+
+
 # --------------------------------------------------------------------------- OpenAI input
 
 def _openai_input(body: dict, price: ModelPrice) -> int:
@@ -361,15 +372,10 @@ def _openai_content(value, price: ModelPrice, count, i: int) -> int:
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             n += TOKENS_PER_PART + count(part["refusal"])
         elif kind == "image_url":
-            if price.image_base is None and price.image_patch_multiplier is None:
-                raise LineError(f"messages[{i}].content[{j}]: {price.model} does not take image input")
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             detail = image.get("detail", "auto") if isinstance(image, dict) else "auto"
-            if not isinstance(url, str) or detail not in ("auto", "low", "high"):
-                raise LineError(f"messages[{i}].content[{j}]: image_url needs a url and detail auto, low or high")
-            size = image_size(url) if url.startswith("data:") else None
-            n += TOKENS_PER_IMAGE + openai_image_tokens(price, size, detail)
+            n += openai_image_part(price, url, detail, f"messages[{i}].content[{j}]", "image_url needs a url")
         else:
             raise LineError(f"messages[{i}].content[{j}] of type {kind!r} cannot be bounded "
                             f"(text and image_url parts are priced)"[:200])

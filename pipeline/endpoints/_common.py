@@ -27,6 +27,17 @@ def require_model(body, where: str = "body.") -> str:
     return model
 
 
+def check_body(body, url: str, allowed: frozenset[str], rejected: dict[str, str] | None = None,
+               required: tuple[str, ...] = ()) -> None:
+    """A body of ``url``: it names its model, holds the ``required`` fields, and only fields
+    llmbatch can price (see :func:`check_fields`)."""
+    require_model(body)
+    check_fields(body, allowed, rejected or {}, url)
+    for key in required:
+        if key not in body:
+            raise LineError(f"missing field body.{key}")
+
+
 def check_fields(body: dict, allowed: frozenset[str], rejected: dict[str, str], url: str) -> None:
     """Refuse fields whose price is not a function of the body (``rejected``: field → why),
     and fields this endpoint does not know: an unknown field may be a priced feature."""

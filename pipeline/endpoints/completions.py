@@ -30,7 +30,7 @@ from __future__ import annotations
 from pipeline.bounds import MAX_N, Bound, finish_bound
 from pipeline.cache import is_cacheable
 from pipeline.constants import COMPLETIONS_URL
-from pipeline.endpoints._common import check_fields, encoder, int_field, kind, openai_usage, require_model, token_items
+from pipeline.endpoints._common import check_body, encoder, int_field, kind, openai_usage, token_items
 from pipeline.errors import LineError
 from pipeline.pricing import ModelPrice, Usage
 
@@ -49,10 +49,7 @@ class Completions:
     line_format = "openai"
 
     def validate(self, body: dict) -> None:
-        require_model(body)
-        check_fields(body, _FIELDS, {}, self.url)
-        if "prompt" not in body:
-            raise LineError("missing field body.prompt")
+        check_body(body, self.url, _FIELDS, required=("prompt",))
         n = int_field(body, "n", 1, MAX_N, 1)
         best_of = int_field(body, "best_of", 1, MAX_BEST_OF, None)
         if best_of is not None and best_of < n:

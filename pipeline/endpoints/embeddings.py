@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pipeline.bounds import Bound, finish_bound
 from pipeline.constants import EMBEDDINGS_URL
-from pipeline.endpoints._common import check_fields, encoder, int_field, openai_usage, require_model, token_items
+from pipeline.endpoints._common import check_body, encoder, int_field, openai_usage, token_items
 from pipeline.errors import LineError
 from pipeline.pricing import ModelPrice, Usage
 
@@ -44,10 +44,7 @@ class Embeddings:
     line_format = "openai"
 
     def validate(self, body: dict) -> None:
-        require_model(body)
-        check_fields(body, _FIELDS, {}, self.url)
-        if "input" not in body:
-            raise LineError("missing field body.input")
+        check_body(body, self.url, _FIELDS, required=("input",))
         if body.get("encoding_format") not in (None, "float", "base64"):
             raise LineError(f"body.encoding_format must be float or base64, got {body['encoding_format']!r}"[:200])
         int_field(body, "dimensions", 1, 1 << 20, None)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pipeline.bounds import OPENAI_MAX_TILES, TOKENS_PER_IMAGE, TOKENS_PER_PART, Bound, finish_bound
 from pipeline.constants import MODERATIONS_URL
-from pipeline.endpoints._common import check_fields, kind, require_model
+from pipeline.endpoints._common import check_body, kind
 from pipeline.errors import LineError
 from pipeline.pricing import ModelPrice, Usage
 from pipeline.tokens import get_encoding
@@ -44,8 +44,7 @@ class Moderations:
     line_format = "openai"
 
     def validate(self, body: dict) -> None:
-        require_model(body)
-        check_fields(body, _FIELDS, {}, self.url)
+        check_body(body, self.url, _FIELDS)
         value = body.get("input")
         if isinstance(value, str):
             return

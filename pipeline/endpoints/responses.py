@@ -36,12 +36,11 @@ The bound, each rule an over-estimate where OpenAI's count is not published
 
 from __future__ import annotations
 
-from pipeline.bounds import (OPENAI_TOOLS_OVERHEAD, REPLY_PRIMING, SCHEMA_ITEM_OVERHEAD, TOKENS_PER_IMAGE,
-                             TOKENS_PER_MESSAGE, TOKENS_PER_PART, Bound, _positive, finish_bound, image_size,
-                             openai_image_tokens, schema_tokens)
+from pipeline.bounds import (OPENAI_TOOLS_OVERHEAD, REPLY_PRIMING, SCHEMA_ITEM_OVERHEAD, TOKENS_PER_MESSAGE,
+                             TOKENS_PER_PART, Bound, _positive, finish_bound, openai_image_part, schema_tokens)
 from pipeline.cache import is_cacheable
 from pipeline.constants import RESPONSES_URL
-from pipeline.endpoints._common import check_fields, kind, openai_usage, require_model
+from pipeline.endpoints._common import check_body, kind, openai_usage
 from pipeline.errors import LineError
 from pipeline.pricing import ModelPrice, Usage
 from pipeline.tokens import count_text_tokens, encoding_name_for
@@ -69,8 +68,7 @@ class Responses:
     line_format = "openai"
 
     def validate(self, body: dict) -> None:
-        require_model(body)
-        check_fields(body, _FIELDS, _REJECTED, self.url)
+        check_body(body, self.url, _FIELDS, _REJECTED)
         if body.get("service_tier") not in _SERVICE_TIERS:
             raise LineError(f"body.service_tier {body['service_tier']!r} cannot be bounded: only auto, default "
                             f"and flex are priced (priority costs more than the standard price)"[:200])
@@ -167,21 +165,14 @@ def _content(value, where: str, price: ModelPrice, count) -> int:
         if key and isinstance(part.get(key), str):
             n += TOKENS_PER_PART + count(part[key])
         elif kind_ == "input_image":
-            n += TOKENS_PER_PART + _image(part, f"{where}[{j}]", price)
+            url, file_id = part.get("image_url"), part.get("file_id")
+            ref = url if isinstance(url, str) else f"file:{file_id}" if isinstance(file_id, str) else None
+            n += TOKENS_PER_PART + openai_image_part(price, ref, part.get("detail", "auto"), f"{where}[{j}]",
+                                                     "input_image needs an image_url or file_id")
         else:
             raise LineError(f"{where}[{j}] of type {kind_!r} cannot be bounded (input_text, input_image, "
                             f"output_text and refusal parts are priced; files and audio are not)"[:300])
     return n
-
-
-def _image(part: dict, where: str, price: ModelPrice) -> int:
-    if price.image_base is None and price.image_patch_multiplier is None:
-        raise LineError(f"{where}: {price.model} does not take image input")
-    url, detail = part.get("image_url"), part.get("detail", "auto")
-    if not (isinstance(url, str) or isinstance(part.get("file_id"), str)) or detail not in ("auto", "low", "high"):
-        raise LineError(f"{where}: input_image needs an image_url or file_id and detail auto, low or high")
-    size = image_size(url) if isinstance(url, str) and url.startswith("data:") else None
-    return TOKENS_PER_IMAGE + openai_image_tokens(price, size, detail)
 
 
 RESPONSES = Responses()

@@ -13,7 +13,6 @@ from pipeline.cache import is_cacheable
 from pipeline.constants import ANTHROPIC_MESSAGES_URL, CHAT_URL
 from pipeline.endpoints._common import kind, openai_usage, require_model
 from pipeline.errors import LineError
-from pipeline.formats import _check_messages
 from pipeline.pricing import ModelPrice, Usage, usage_from_anthropic
 
 
@@ -23,6 +22,9 @@ class _Messages:
     where: str
 
     def validate(self, body: dict) -> None:
+        # imported here: intake (pipeline.formats) is the caller meant to hold endpoints
+        from pipeline.formats import _check_messages
+
         require_model(body, self.where)
         messages = body.get("messages")
         if not isinstance(messages, list):

@@ -56,3 +56,13 @@ JOB_UNSUCCESSFUL = ("completed_with_errors", "failed", "cancelled", "paused_budg
 JOB_FINISHED = ("completed", "completed_with_errors", "failed")
 
 SIMULATOR_LABEL = "simulator (no API key set: answers are simulated, not from a real model)"
+
+# Request urls (pipeline/endpoints has one module per url). Anthropic's line format has no url:
+# its Messages API path names it. The price book says which of these each model serves.
+CHAT_URL = "/v1/chat/completions"
+RESPONSES_URL = "/v1/responses"
+EMBEDDINGS_URL = "/v1/embeddings"
+COMPLETIONS_URL = "/v1/completions"
+MODERATIONS_URL = "/v1/moderations"
+ANTHROPIC_MESSAGES_URL = "/v1/messages"
+ENDPOINT_URLS = (CHAT_URL, RESPONSES_URL, EMBEDDINGS_URL, COMPLETIONS_URL, MODERATIONS_URL, ANTHROPIC_MESSAGES_URL)

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from pipeline.constants import TIERS
+from pipeline.endpoints.chat import check_messages
 from pipeline.errors import LineError, UnknownModelError
 from pipeline.ids import refuse_control
 from pipeline.money.bounds import request_bound
@@ -31,8 +32,6 @@ from pipeline.money.pricing import PriceBook
 OPENAI_URLS = ("/v1/chat/completions",)
 ANTHROPIC_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_CUSTOM_ID = 512
-ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-ANTHROPIC_ROLES = {"user", "assistant"}
 PIPELINE_FIELDS = {"priority", "tier", "deadline", "metadata", "cache"}
 
 
@@ -137,31 +136,6 @@ def _require(obj: dict, key: str, kind, where: str):
     return value
 
 
-def _check_messages(messages: list, where: str, provider: str = "openai") -> None:
-    if not messages:
-        raise LineError(f"field {where}messages must not be empty")
-    roles = ROLES if provider == "openai" else ANTHROPIC_ROLES
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise LineError(f"{where}messages[{i}] must be an object, got {_type_name(m)}")
-        role = m.get("role")
-        if role not in roles:
-            hint = " (Anthropic takes the system prompt in params.system)" if role == "system" else ""
-            raise LineError(f"{where}messages[{i}].role must be one of {', '.join(sorted(roles))}, "
-                            f"got {role!r}{hint}")
-        content = m.get("content")
-        if content is None and (provider == "anthropic" or role != "assistant"):
-            raise LineError(f"{where}messages[{i}] has no content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise LineError(f"{where}messages[{i}].content must be a string or an array, got {_type_name(content)}")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict):
-                    raise LineError(f"{where}messages[{i}].content[{j}] must be an object "
-                                    f"(a content part such as {{\"type\": \"text\", \"text\": ...}}), "
-                                    f"got {_type_name(part)}")
-
-
 def _pipeline_fields(obj: dict) -> dict:
     out: dict = {}
     if obj.get("priority") is not None:
@@ -239,7 +213,7 @@ def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Reque
         where = "body."
     model = _require(body, "model", str, where)
     messages = _require(body, "messages", list, where)
-    _check_messages(messages, where, provider)
+    check_messages(messages, where, provider)
     try:
         price = prices.resolve(model)
     except UnknownModelError as e:

@@ -36,7 +36,7 @@ from pipeline.intake.formats import MAX_DEPTH, check_values
 from pipeline.intake.tiers import TierRules, classify
 from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook, get_price_book
-from pipeline.stores.cache import cache_key, is_cacheable
+from pipeline.endpoints.caching import cache_key, is_cacheable
 
 #: a reason longer than this is cut: it goes into a Kafka header and a log line
 MAX_REASON = 300

@@ -51,6 +51,7 @@ import struct
 from dataclasses import dataclass
 from decimal import Decimal
 
+from pipeline.constants import ANTHROPIC_MESSAGES_URL, CHAT_URL
 from pipeline.errors import LineError, UnknownModelError
 from pipeline.money.pricing import ModelPrice, PriceBook, Usage, cost
 from pipeline.money.tokens import _openai_is_plain_text, count_text_tokens, encoding_name_for, estimate_claude_text
@@ -109,8 +110,16 @@ def request_bound(provider: str, body: dict, prices: PriceBook, *,
     if not isinstance(model, str):
         raise LineError("body.model missing or not a string")
     price = prices.resolve(model)   # UnknownModelError is a LineError
+    return price_bound(provider, body, price, declared_input_tokens=declared_input_tokens)
+
+
+def price_bound(provider: str, body: dict, price: ModelPrice, *,
+                declared_input_tokens: int | None = None) -> Bound:
+    """:func:`request_bound` with the body's model already resolved to ``price``."""
+    model = body["model"]
     if price.provider != provider:
         raise UnknownModelError(f"model {model} is served by {price.provider}, not {provider}")
+    price.require_endpoint(CHAT_URL if provider == "openai" else ANTHROPIC_MESSAGES_URL)
     if provider == "openai":
         tokens, out, ttls = _openai_input(body, price), _openai_output(body, price), ()
         exact = _openai_is_plain_text(body) and all(
@@ -121,14 +130,22 @@ def request_bound(provider: str, body: dict, prices: PriceBook, *,
         exact = False
     else:
         raise LineError(f"unknown provider {provider!r}")
+    return finish_bound(price, tokens, out, exact, declared_input_tokens, ttls)
+
+
+def finish_bound(price: ModelPrice, tokens: int, out: int, exact: bool,
+                 declared_input_tokens: int | None = None, cache_ttls=(), *, one_prompt: bool = True) -> Bound:
+    """The :class:`Bound` of counted ``tokens`` in and ``out`` at most: a declared count may
+    raise the input, never lower it, and a prompt over the context window is refused
+    (``one_prompt=False``: the caller checked each of several prompts against it)."""
     if declared_input_tokens is not None:
         if not isinstance(declared_input_tokens, int) or declared_input_tokens < 0:
             raise LineError(f"declared input tokens must be a non-negative integer, got {declared_input_tokens!r}")
         tokens = max(tokens, declared_input_tokens)
-    if tokens > price.context_window:
-        raise LineError(f"prompt is {tokens} tokens, over {model}'s context window of "
+    if one_prompt and tokens > price.context_window:
+        raise LineError(f"prompt is {tokens} tokens, over {price.model}'s context window of "
                         f"{price.context_window} tokens")
-    return Bound(tokens, out, bound_cost(price, tokens, out, ttls), exact)
+    return Bound(tokens, out, bound_cost(price, tokens, out, cache_ttls), exact)
 
 
 def bound_cost(price: ModelPrice, input_tokens: int, output_tokens: int, cache_ttls=()) -> Decimal:
@@ -266,6 +283,17 @@ def anthropic_image_tokens(size: tuple[int, int] | None) -> int:
     return min(math.ceil(w * h / 750), ANTHROPIC_IMAGE_MAX)
 
 
+def openai_image_part(price: ModelPrice, url, detail, where: str, needs: str) -> int:
+    """The bound of one OpenAI image part at ``url`` (a ``data:`` URL is measured; any other
+    reference is the maximum for the detail); ``needs`` says what a part lacking ``url`` misses."""
+    if price.image_base is None and price.image_patch_multiplier is None:
+        raise LineError(f"{where}: {price.model} does not take image input")
+    if not isinstance(url, str) or detail not in ("auto", "low", "high"):
+        raise LineError(f"{where}: {needs} and detail auto, low or high")
+    size = image_size(url) if url.startswith("data:") else None
+    return TOKENS_PER_IMAGE + openai_image_tokens(price, size, detail)
+
+
 # --------------------------------------------------------------------------- OpenAI input
 
 def _openai_input(body: dict, price: ModelPrice) -> int:
@@ -344,15 +372,10 @@ def _openai_content(value, price: ModelPrice, count, i: int) -> int:
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             n += TOKENS_PER_PART + count(part["refusal"])
         elif kind == "image_url":
-            if price.image_base is None and price.image_patch_multiplier is None:
-                raise LineError(f"messages[{i}].content[{j}]: {price.model} does not take image input")
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             detail = image.get("detail", "auto") if isinstance(image, dict) else "auto"
-            if not isinstance(url, str) or detail not in ("auto", "low", "high"):
-                raise LineError(f"messages[{i}].content[{j}]: image_url needs a url and detail auto, low or high")
-            size = image_size(url) if url.startswith("data:") else None
-            n += TOKENS_PER_IMAGE + openai_image_tokens(price, size, detail)
+            n += openai_image_part(price, url, detail, f"messages[{i}].content[{j}]", "image_url needs a url")
         else:
             raise LineError(f"messages[{i}].content[{j}] of type {kind!r} cannot be bounded "
                             f"(text and image_url parts are priced)"[:200])

@@ -18,7 +18,10 @@ Optional per model: ``cache_write`` and ``cache_write_1h`` (Anthropic 5-minute
 and 1-hour prompt-cache write prices; cache writes without them are priced at
 the base input price), ``image_base`` + ``image_tile`` or
 ``image_patch_multiplier`` (OpenAI image input: tile or patch formula; an
-OpenAI model with neither takes no images), ``limits_source``, ``note``. In a user file, an entry
+OpenAI model with neither takes no images), ``endpoints`` (the request urls the model
+serves; default: chat completions and responses for OpenAI, messages for Anthropic),
+``dimensions`` (embedding models: the vector's length, the default and the most
+``dimensions`` may ask for), ``limits_source``, ``note``. In a user file, an entry
 for a model already known is merged field by field over it, so
 ``{"models": {"gpt-4o": {"input": "2.00"}}}`` changes one price.
 """
@@ -26,6 +29,7 @@ for a model already known is merged field by field over it, so
 from __future__ import annotations
 
 import decimal
+import difflib
 import functools
 import json
 from dataclasses import dataclass
@@ -33,10 +37,16 @@ from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 
-from pipeline.errors import ConfigError, UnknownModelError
+from pipeline.constants import (ANTHROPIC_MESSAGES_URL, CHAT_URL, EMBEDDINGS_URL, ENDPOINT_URLS,
+                                MODERATIONS_URL, RESPONSES_URL)
+from pipeline.errors import ConfigError, LineError, UnknownModelError
 
 PROVIDERS = ("openai", "anthropic")
 _MTOK = Decimal(1_000_000)
+#: what a model serves when its entry names no ``endpoints``
+DEFAULT_ENDPOINTS = {"openai": (CHAT_URL, RESPONSES_URL), "anthropic": (ANTHROPIC_MESSAGES_URL,)}
+#: endpoints that generate no output tokens: a model serving only these may have max_output_tokens 0
+_NO_OUTPUT = {EMBEDDINGS_URL, MODERATIONS_URL}
 _REQUIRED = ("provider", "input", "cached_input", "output", "batch_discount",
              "context_window", "max_output_tokens", "effective_date", "source")
 
@@ -61,6 +71,14 @@ class ModelPrice:
     image_base: int | None = None                    # OpenAI tile models: tokens per image (low detail)
     image_tile: int | None = None                    # OpenAI tile models: tokens per 512-px tile
     image_patch_multiplier: Decimal | None = None    # OpenAI patch models: tokens per 32-px patch
+    endpoints: tuple[str, ...] = ()                  # request urls served; () = the provider's default
+    dimensions: int | None = None                    # embedding models: default and largest vector length
+
+    def require_endpoint(self, url: str) -> None:
+        """LineError unless this model serves ``url`` (a request the provider would refuse)."""
+        served = self.endpoints or DEFAULT_ENDPOINTS.get(self.provider, ())
+        if url not in served:
+            raise LineError(f"model {self.model} does not serve {url}; it serves {', '.join(served) or 'nothing'}")
 
 
 @dataclass(frozen=True)
@@ -202,8 +220,10 @@ def _parse_entry(name: str, entry: dict, origin: str) -> ModelPrice:
         context_window, max_out = int(entry["context_window"]), int(entry["max_output_tokens"])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: context_window and max_output_tokens must be integers") from e
-    if context_window <= 0 or max_out <= 0:
-        raise ConfigError(f"{where}: context_window and max_output_tokens must be positive")
+    served = _endpoint_fields(entry, where)
+    if context_window <= 0 or max_out < 0 or (max_out == 0 and not _NO_OUTPUT.issuperset(served["endpoints"])):
+        raise ConfigError(f"{where}: context_window and max_output_tokens must be positive "
+                          f"(max_output_tokens may be 0 only for a model serving embeddings or moderations alone)")
     aliases = entry.get("aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise ConfigError(f"{where}: aliases must be a list of strings")
@@ -218,8 +238,27 @@ def _parse_entry(name: str, entry: dict, origin: str) -> ModelPrice:
         cache_write_per_mtok=_dec(entry, "cache_write", where) if entry.get("cache_write") is not None else None,
         cache_write_1h_per_mtok=(_dec(entry, "cache_write_1h", where)
                                  if entry.get("cache_write_1h") is not None else None),
-        **_image_fields(entry, where),
+        **_image_fields(entry, where), **served,
     )
+
+
+def _endpoint_fields(entry: dict, where: str) -> dict:
+    raw = entry.get("endpoints")
+    if raw is None:
+        endpoints = DEFAULT_ENDPOINTS[entry["provider"]]
+    elif (not isinstance(raw, list) or not raw or len(set(map(str, raw))) != len(raw)
+            or not all(isinstance(u, str) and u in ENDPOINT_URLS for u in raw)):
+        raise ConfigError(f"{where}: endpoints must be a non-empty list of distinct urls from "
+                          f"{', '.join(ENDPOINT_URLS)}, got {raw!r}"[:300])
+    else:
+        endpoints = tuple(raw)
+    dims = entry.get("dimensions")
+    if EMBEDDINGS_URL in endpoints:
+        if not isinstance(dims, int) or isinstance(dims, bool) or dims <= 0:
+            raise ConfigError(f"{where}: an embedding model needs dimensions, a positive integer, got {dims!r}")
+    elif dims is not None:
+        raise ConfigError(f"{where}: dimensions is only for models that serve {EMBEDDINGS_URL}")
+    return {"endpoints": endpoints, "dimensions": dims}
 
 
 def _image_fields(entry: dict, where: str) -> dict:
@@ -282,8 +321,11 @@ class PriceBook:
         """The price of a model name, alias or dated id; UnknownModelError otherwise."""
         price = self._index.get(model) or self._index.get(model.strip().lower())
         if price is None:
-            raise UnknownModelError(
-                f"unknown model {model!r}; known models: {', '.join(self.known_models())}")
+            # the closest names first, at most 8: a long price book must not make a reason nobody reads
+            names = difflib.get_close_matches(model, self.known_models(), n=8, cutoff=0)
+            more = len(self._prices) - len(names)
+            raise UnknownModelError(f"unknown model {model!r}; known models: {', '.join(names)}"
+                                    + (f" and {more} more" if more else ""))
         return price
 
     def known_models(self) -> list[str]:

@@ -186,7 +186,9 @@ def get_encoding(name: str):
 
 _O200K_PREFIXES = ("gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5")
 _O_SERIES = re.compile(r"^o\d+(?:-|$)")
-_CL100K_PREFIXES = ("gpt-4-", "gpt-3.5")
+_CL100K_PREFIXES = ("gpt-4-", "gpt-3.5", "text-embedding-3-", "text-embedding-ada-002")
+#: the legacy completions base models (tiktoken's own model map names cl100k_base for them)
+_CL100K_MODELS = ("gpt-4", "davinci-002", "babbage-002")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -194,7 +196,8 @@ def encoding_name_for(model: str) -> str | None:
     """The tiktoken encoding of an OpenAI model, or None for a model we have none for.
 
     o200k_base: gpt-4o*, chatgpt-4o*, gpt-4.1*, gpt-4.5*, o1/o3/o4*, gpt-5*.
-    cl100k_base: gpt-4, gpt-4-* (turbo, 32k, dated), gpt-3.5*.
+    cl100k_base: gpt-4, gpt-4-* (turbo, 32k, dated), gpt-3.5* (gpt-3.5-turbo-instruct too),
+    text-embedding-3-*, text-embedding-ada-002, davinci-002, babbage-002.
     Fine-tuned ids (``ft:gpt-4o-mini:org::id``) use their base model's encoding.
     Claude and every other model: None.
     """
@@ -203,7 +206,7 @@ def encoding_name_for(model: str) -> str | None:
         m = m[3:].split(":", 1)[0]
     if m.startswith(_O200K_PREFIXES) or _O_SERIES.match(m):
         return "o200k_base"
-    if m == "gpt-4" or m.startswith(_CL100K_PREFIXES):
+    if m in _CL100K_MODELS or m.startswith(_CL100K_PREFIXES):
         return "cl100k_base"
     return None
 

@@ -1,16 +1,10 @@
-"""Exact-match response cache in Redis.
+"""Exact-match response cache in Redis, by the keys of :mod:`pipeline.endpoints.caching`.
 
-A request is cacheable only when its answer is deterministic: ``temperature``
-0, or ``cache: true`` on its line (``cache: false`` always opts out). The key
-is the SHA-256 of the canonical request — provider and the whole body (model,
-messages, every generation parameter) as sorted JSON — so two requests share
-an answer only if the provider would see the same request. Workers store
-successful answers; the batcher answers hits at once, at cost 0.
+Workers store successful answers; the batcher answers hits at once, at cost 0.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import redis
@@ -18,18 +12,6 @@ import redis
 from pipeline.constants import REDIS_PREFIX
 
 PREFIX = REDIS_PREFIX + "cache:"
-
-
-def is_cacheable(body: dict, flag: bool | None) -> bool:
-    if flag is not None:
-        return flag
-    return body.get("temperature") == 0
-
-
-def cache_key(provider: str, body: dict) -> str:
-    canonical = json.dumps({"provider": provider, "body": body}, sort_keys=True, separators=(",", ":"),
-                           ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class ResponseCache:

@@ -24,6 +24,7 @@ import zlib
 from hypothesis import HealthCheck, assume, find, given, settings
 from hypothesis import strategies as st
 
+from pipeline.constants import CHAT_URL
 from pipeline.errors import LineError
 from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook, cost, max_cost, usage_from_anthropic, usage_from_openai
@@ -31,7 +32,7 @@ from simulator import answers
 from simulator.protocol import Problem, validate_anthropic_message, validate_openai_chat
 
 PRICES = PriceBook.load()
-OPENAI_MODELS = [p.model for p in PRICES if p.provider == "openai"]
+OPENAI_MODELS = [p.model for p in PRICES if p.provider == "openai" and CHAT_URL in p.endpoints]
 CLAUDE_MODELS = [p.model for p in PRICES if p.provider == "anthropic"]
 #: 400 by default (seconds on a quiet machine); LLMBATCH_BOUNDS_EXAMPLES=5000 for a longer run
 SETTINGS = settings(max_examples=int(os.environ.get("LLMBATCH_BOUNDS_EXAMPLES", "400")), deadline=None,

@@ -1,4 +1,4 @@
-from pipeline.stores.cache import cache_key, is_cacheable
+from pipeline.endpoints.caching import cache_key, is_cacheable
 
 
 def test_only_deterministic_requests_are_cacheable():

@@ -33,14 +33,14 @@ ALLOWED = {
 
 #: inside pipeline/: which folder may import which, besides itself ("" is the top-level vocabulary,
 #: the modules directly in pipeline/). Read from the imports after the split into folders: intake
-#: builds on money, stores and providers; money keeps its ledger in the stores; the stores send a
+#: builds on money, stores, providers and endpoints; money keeps its ledger in the stores; the stores send a
 #: job's cancel through the providers' Batch API; endpoints may build on money only.
 FOLDERS = {
     "": set(),
     "providers": {""},
     "stores": {"", "providers"},
     "money": {"", "stores"},
-    "intake": {"", "money", "stores", "providers"},
+    "intake": {"", "money", "stores", "providers", "endpoints"},
     "endpoints": {"", "money"},
 }
 #: no module of these packages is longer (docs/ARCHITECTURE.md: a few hundred lines each)

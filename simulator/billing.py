@@ -96,8 +96,10 @@ def openai_encoding_name(model: str) -> str | None:
     return None
 
 
-def openai_counter(model: str):
-    name = openai_encoding_name(model)
+def openai_counter(model: str, encoding_name: str | None = None):
+    """A token counter for an OpenAI-kind model (``encoding_name`` overrides the name's vocabulary:
+    a named provider's model), or None when the simulator cannot count it."""
+    name = encoding_name or openai_encoding_name(model)
     if name is None:
         return None
     enc = encoding(name).encode_ordinary
@@ -214,9 +216,9 @@ def _cookbook_tools(functions: list, count) -> int:
     return n + func_end if functions else 0
 
 
-def openai_prompt(body: dict) -> int:
+def openai_prompt(body: dict, encoding_name: str | None = None) -> int:
     model = body["model"]
-    count = openai_counter(model)
+    count = openai_counter(model, encoding_name)
     n = 3
     for msg in body["messages"]:
         n += 3

@@ -111,7 +111,8 @@ def _finish(choice) -> str:
     return "length" if choice.truncated else "stop"
 
 
-def chat_completion(answer: Answer, usage: dict, model: str, completion_id: str) -> dict:
+def chat_completion(answer: Answer, usage: dict, model: str, completion_id: str,
+                    service_tier: str = "default") -> dict:
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -120,7 +121,7 @@ def chat_completion(answer: Answer, usage: dict, model: str, completion_id: str)
         "choices": [{"index": i, "message": _openai_message(c), "logprobs": None, "finish_reason": _finish(c)}
                     for i, c in enumerate(answer.choices)],
         "usage": usage,
-        "service_tier": "default",
+        "service_tier": service_tier,
         "system_fingerprint": "fp_llmbatch_simulator",
     }
 

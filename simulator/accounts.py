@@ -171,8 +171,13 @@ class Accounts:
         return alias, spec, True
 
     def revoke(self, key: str, provider: str | None = None, restore: bool = False) -> list[str]:
-        """Revoke (or restore) ``key`` at one provider or all; returns the providers it applied to."""
-        names = [provider] if provider else list(self.providers)
+        """Revoke (or restore) ``key`` at one provider, or at every provider that lists it (none
+        does: every provider that takes any key); returns the providers it applied to."""
+        if provider:
+            names = [provider]
+        else:   # the providers that list the key; if none does, those that take any key
+            names = [n for n, p in self.providers.items() if key in p.keys] or [
+                n for n, p in self.providers.items() if not p.keys]
         done = []
         for name in names:
             p = self.providers.get(name)

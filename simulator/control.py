@@ -9,7 +9,8 @@
 - ``GET /_config`` (keys shown by alias only), ``POST /_config`` (JSON of
   SimulatorConfig fields to change), ``DELETE /_config`` (back to the startup config);
 - ``POST /_admin/keys/revoke`` and ``/_admin/keys/restore`` with ``{"key": …,
-  "provider": …}`` (provider optional: every provider that accepts the key);
+  "provider": …}`` (provider optional: every provider that lists the key, or if none does,
+  every provider that takes any key);
   answers the providers it applied to, never the key;
 - ``GET /healthz``.
 """

@@ -106,7 +106,8 @@ class AnthropicDialect:
     overloaded_status = 529
 
     def key(self, headers) -> str | None:
-        return headers.get("x-api-key") or None
+        # x-api-key, or a bearer token (what some SDK versions and gateways send)
+        return headers.get("x-api-key") or OpenAIDialect.key(self, headers)
 
     def problem(self, p: Problem, rid: str) -> dict:
         kind = "not_found_error" if p.status == 404 else p.kind

@@ -25,7 +25,7 @@ from simulator import billing
 from simulator.config import ModelLimit, SimulatorConfig
 from simulator.limits import PeakWindow
 from simulator.prices import Price, builtin_price, plain
-from simulator.providers import BUILTIN, DEFAULT_FLEX_MODELS, KeySpec, ProviderSpec, key_alias
+from simulator.providers import BUILTIN, KeySpec, ProviderSpec, key_alias
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import time
 
 from simulator import billing
 from simulator.answers import answer_pieces, capped_text, prompt_digest
-from simulator.protocol import Problem
+from simulator.protocol import Problem, is_int, require
 
 DEFAULT_MAX_TOKENS = 16
 MAX_BEST_OF = 20
@@ -46,40 +46,33 @@ class CompletionAnswer:
         self.cost = prompt_tokens + len(prompts) * best_of * limit
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _prompts(value) -> list:
     if isinstance(value, str):
         return [value]
-    if isinstance(value, list) and value and all(_is_int(x) for x in value):
+    if isinstance(value, list) and value and all(is_int(x) for x in value):
         return [value]
     if isinstance(value, list) and value and all(
-            isinstance(x, str) or (isinstance(x, list) and all(_is_int(t) for t in x)) for x in value):
+            isinstance(x, str) or (isinstance(x, list) and all(is_int(t) for t in x)) for x in value):
         return value
     raise Problem("Invalid type for 'prompt': expected a string, an array of strings, an array of tokens "
                   "or an array of token arrays.", "prompt", "invalid_type")
 
 
 def validate(body: dict) -> None:
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise Problem("Missing required parameter: 'model'.", "model", "missing_required_parameter")
-    if "prompt" not in body:
-        raise Problem("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    require(body, "prompt")
     _prompts(body["prompt"])
     mt = body.get("max_tokens")
-    if mt is not None and not (_is_int(mt) and mt >= 0):
+    if mt is not None and not (is_int(mt) and mt >= 0):
         raise Problem(f"Invalid 'max_tokens': expected a non-negative integer, got {mt!r}.",
                       "max_tokens", "invalid_value")
     n = body.get("n", 1)
     if n is None:
         n = 1
-    if not (_is_int(n) and 1 <= n <= 128):
+    if not (is_int(n) and 1 <= n <= 128):
         raise Problem(f"Invalid 'n': expected an integer from 1 to 128, got {n!r}.", "n", "invalid_value")
     best_of = body.get("best_of")
     if best_of is not None:
-        if not (_is_int(best_of) and 1 <= best_of <= MAX_BEST_OF):
+        if not (is_int(best_of) and 1 <= best_of <= MAX_BEST_OF):
             raise Problem(f"Invalid 'best_of': expected an integer from 1 to {MAX_BEST_OF}, got {best_of!r}.",
                           "best_of", "invalid_value")
         if best_of < n:

@@ -33,7 +33,7 @@ import re
 import sys
 
 from simulator import billing
-from simulator.protocol import Problem
+from simulator.protocol import Problem, is_int, require
 
 MAX_ITEMS = 2048
 MAX_ITEM_TOKENS = 8192
@@ -56,15 +56,11 @@ class EmbeddingAnswer:
         self.base64 = b64
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _items(value) -> list:
     """The input as a list of items (str or list of token ids); raises Problem."""
     if isinstance(value, str):
         items = [value]
-    elif isinstance(value, list) and value and all(_is_int(x) for x in value):
+    elif isinstance(value, list) and value and all(is_int(x) for x in value):
         items = [value]                       # one array of token ids
     elif isinstance(value, list) and value:
         items = value
@@ -76,23 +72,20 @@ def _items(value) -> list:
         if isinstance(item, str):
             if not item:
                 raise Problem(INVALID_INPUT)
-        elif not (isinstance(item, list) and item and all(_is_int(x) and x >= 0 for x in item)):
+        elif not (isinstance(item, list) and item and all(is_int(x) and x >= 0 for x in item)):
             raise Problem(INVALID_INPUT)
     return items
 
 
 def validate(body: dict) -> None:
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise Problem("Missing required parameter: 'model'.", "model", "missing_required_parameter")
-    if "input" not in body:
-        raise Problem("Missing required parameter: 'input'.", "input", "missing_required_parameter")
+    require(body, "input")
     _items(body["input"])
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise Problem(f"Invalid value: '{fmt}'. Supported values are: 'float' and 'base64'.",
                       "encoding_format", "invalid_value")
     dims = body.get("dimensions")
-    if dims is not None and not (_is_int(dims) and dims >= 1):
+    if dims is not None and not (is_int(dims) and dims >= 1):
         raise Problem(f"Invalid 'dimensions': expected an integer of at least 1, got {dims!r}.",
                       "dimensions", "invalid_value")
 

@@ -39,8 +39,20 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1
+
+
+def require(body: dict, field: str) -> None:
+    """OpenAI's 400 for a body without a ``model`` string or without ``field``."""
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise Problem("Missing required parameter: 'model'.", "model", "missing_required_parameter")
+    if field not in body:
+        raise Problem(f"Missing required parameter: '{field}'.", field, "missing_required_parameter")
 
 
 # --------------------------------------------------------------------------- OpenAI

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 
 from simulator import answers
-from simulator.protocol import Problem
+from simulator.protocol import Problem, is_int, require
 
 MIN_OUTPUT_TOKENS = 16
 ROLES = ("user", "assistant", "system", "developer")
@@ -126,12 +126,9 @@ def chat_twin(body: dict) -> dict:
 
 
 def validate(body: dict) -> None:
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise Problem("Missing required parameter: 'model'.", "model", "missing_required_parameter")
-    if "input" not in body:
-        raise Problem("Missing required parameter: 'input'.", "input", "missing_required_parameter")
+    require(body, "input")
     mot = body.get("max_output_tokens")
-    if mot is not None and not (isinstance(mot, int) and not isinstance(mot, bool) and mot >= MIN_OUTPUT_TOKENS):
+    if mot is not None and not (is_int(mot) and mot >= MIN_OUTPUT_TOKENS):
         raise Problem(f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
                       f"{MIN_OUTPUT_TOKENS}, but got {mot!r} instead.", "max_output_tokens", "integer_below_min_value")
     for name in UNSUPPORTED:

@@ -19,7 +19,8 @@ words and spellings share positions, so their cosine is high; unrelated texts
 are close to orthogonal. Its size is the model's (text-embedding-3-small
 1,536, -3-large 3,072, ada-002 1,536; a named provider's ``dimensions``), or
 ``dimensions`` (text-embedding-3 models only, at most the model's size).
-``encoding_format: "base64"`` gives the little-endian float32 bytes in base64.
+``encoding_format: "base64"`` gives the little-endian float32 bytes in base64;
+``float`` gives the values rounded to 9 decimal places (float32's precision).
 Vectors are computed when the answer is written, never cached.
 """
 
@@ -155,8 +156,8 @@ def vector(text: str, dims: int) -> list[float]:
 
 
 def _encoded(vec: list[float], b64: bool):
-    if not b64:
-        return vec
+    if not b64:   # float32 carries about 8 significant digits; more would only swell batch output files
+        return [round(x, 9) for x in vec]
     arr = array.array("f", vec)
     if sys.byteorder != "little":
         arr.byteswap()

@@ -36,7 +36,7 @@ class Endpoint:
     bill: Callable                  # (answer, worst_case, PromptCache) -> usage dict
     reply: Callable                 # (answer, usage, model name, new_id, tier) -> body
     flex: bool = False              # takes service_tier "flex"
-    azure: str | None = None        # path under /openai/deployments/<deployment>/
+    azure: str | None = None        # path under Azure's /openai/deployments/<deployment>/
     model_optional: bool = False    # a body may omit "model" (moderations)
 
 
@@ -64,7 +64,7 @@ CHAT = Endpoint(
 RESPONSES = Endpoint(
     "/v1/responses", "openai", responses.validate,
     lambda body, model, provider: responses.answer(body, model),
-    responses.usage, responses.reply, flex=True, azure="responses")
+    responses.usage, responses.reply, flex=True)
 EMBEDDINGS = Endpoint(
     "/v1/embeddings", "openai", embeddings.validate,
     lambda body, model, provider: embeddings.answer(body, model),

@@ -10,8 +10,9 @@ Every provider, built-in or named, under ``/p/<name>``:
 
     kind openai:        /p/<name>/v1/<endpoint>, /p/<name>/v1/files…, /p/<name>/v1/batches…
     kind anthropic:     /p/<name>/v1/messages, …/count_tokens, /p/<name>/v1/messages/batches…
-    kind azure-openai:  /p/<name>/openai/deployments/<deployment>/{chat/completions,responses,embeddings,
-                        completions}?api-version=…  and  /p/<name>/openai/v1/<endpoint> (model = deployment)
+    kind azure-openai:  /p/<name>/openai/deployments/<deployment>/{chat/completions,embeddings,completions}
+                        ?api-version=…; /p/<name>/openai/v1/{chat/completions,embeddings,completions,responses}
+                        and /p/<name>/openai/responses (the body's model names the deployment)
 
 The provider is looked up when the request arrives, so providers added with
 ``POST /_config`` are served at once; a path that names an unknown provider,
@@ -23,7 +24,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from simulator.control import add_control_routes
-from simulator.endpoints import MESSAGES, OPENAI_ENDPOINTS
+from simulator.endpoints import MESSAGES, OPENAI_ENDPOINTS, RESPONSES
 from simulator.server import ALIAS_KEY, Call, Simulator
 
 OPENAI_BATCH_ROUTES = (
@@ -87,5 +88,7 @@ def add_routes(app: web.Application, sim: Simulator) -> None:
         if endpoint.azure:
             r.add_post(f"/p/{{provider}}/openai/deployments/{{deployment}}/{endpoint.azure}",
                        _endpoint(sim, endpoint, azure="deployment"))
-        r.add_post("/p/{provider}/openai" + endpoint.path, _endpoint(sim, endpoint, azure="v1"))
+        if endpoint.azure or endpoint is RESPONSES:
+            r.add_post("/p/{provider}/openai" + endpoint.path, _endpoint(sim, endpoint, azure="v1"))
+    r.add_post("/p/{provider}/openai/responses", _endpoint(sim, RESPONSES, azure="v1"))
     add_control_routes(app, sim)

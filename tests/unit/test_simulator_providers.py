@@ -358,3 +358,24 @@ def test_runtime_config_adds_a_provider_and_turns_flex_unavailability_on():
 
     ok, bad = run(body())
     assert ok.model == "m" and bad == 400
+
+
+def test_azure_v1_and_responses_routes_take_the_deployment_as_model():
+    async def body():
+        async with serve() as (url, oa, http):
+            v1 = oa("/p/azure-east/openai/v1", "az-1-SECRET")
+            chat = await v1.chat.completions.create(model="prod-4o", messages=MSG)
+            resp = await v1.responses.create(model="prod-4o", input="hi")
+            async with http.post(url + "/p/azure-east/openai/deployments/prod-4o/moderations?api-version=x",
+                                 json={"input": "x"}, headers={"api-key": "az-1-SECRET"}) as r:
+                no_moderations = r.status
+            with pytest.raises(openai.NotFoundError) as missing:
+                await v1.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+            with pytest.raises(openai.NotFoundError):   # an openai-kind provider has no Azure routes
+                await oa("/p/together/openai/v1", "tk-one-SECRET").chat.completions.create(
+                    model="llama-70b", messages=MSG)
+            return chat, resp, no_moderations, missing.value
+
+    chat, resp, no_moderations, missing = run(body())
+    assert chat.model == "gpt-4o-mini" and resp.model == "gpt-4o-mini" and resp.status == "completed"
+    assert no_moderations == 404 and missing.body["code"] == "DeploymentNotFound"

@@ -25,6 +25,7 @@ branches on the kind itself.
 from __future__ import annotations
 
 from simulator import protocol
+from simulator.accounts import NO_KEY
 from simulator.protocol import Problem
 
 
@@ -53,6 +54,10 @@ class OpenAIDialect:
             "server_error")
 
     def unauthorized(self, alias: str, rid: str) -> dict:
+        if alias == NO_KEY:
+            return protocol.openai_error_body(
+                "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", "invalid_request_error")
         return {"error": {"message": f"Incorrect API key provided: {alias} (simulated; the key itself is never "
                                      f"echoed). You can find your API key at https://platform.openai.com/account/api-keys.",
                           "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
@@ -122,7 +127,8 @@ class AnthropicDialect:
         return protocol.anthropic_error_body(kind, message, rid)
 
     def unauthorized(self, alias: str, rid: str) -> dict:
-        return protocol.anthropic_error_body("authentication_error", "invalid x-api-key", rid)
+        message = "x-api-key header is required" if alias == NO_KEY else "invalid x-api-key"
+        return protocol.anthropic_error_body("authentication_error", message, rid)
 
     def limit_error(self, lim, model: str, operation: str) -> dict:
         what = "requests" if lim.reason == "requests" else "tokens"

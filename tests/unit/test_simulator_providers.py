@@ -379,3 +379,23 @@ def test_azure_v1_and_responses_routes_take_the_deployment_as_model():
     chat, resp, no_moderations, missing = run(body())
     assert chat.model == "gpt-4o-mini" and resp.model == "gpt-4o-mini" and resp.status == "completed"
     assert no_moderations == 404 and missing.body["code"] == "DeploymentNotFound"
+
+
+def test_a_provider_with_keys_refuses_a_call_without_one():
+    async def body():
+        async with serve() as (url, oa, http):
+            async with http.post(url + "/p/together/v1/chat/completions",
+                                 json={"model": "llama-70b", "messages": MSG}) as r:
+                oa_missing = (r.status, await r.json())
+            async with http.post(url + "/p/claude-eu/v1/messages",
+                                 json={"model": "claude-haiku-4-5", "max_tokens": 5, "messages": MSG}) as r:
+                an_missing = (r.status, await r.json())
+            async with http.post(url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": MSG}) as r:
+                open_provider = r.status     # the built-in provider lists no keys: any call is served
+            return oa_missing, an_missing, open_provider
+
+    oa_missing, an_missing, open_provider = run(body())
+    assert oa_missing[0] == 401 and oa_missing[1]["error"]["message"].startswith("You didn't provide an API key")
+    assert an_missing[0] == 401 and an_missing[1]["error"] == {"type": "authentication_error",
+                                                               "message": "x-api-key header is required"}
+    assert open_provider == 200

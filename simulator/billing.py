@@ -33,11 +33,19 @@ Anthropic (messages):
   ~1,600 tokens (1.15 megapixels);
 - ``thinking``: thinking tokens are output tokens within ``max_tokens``.
 
+Other endpoints count by the rules written in their modules: embeddings
+(``embeddings.py``: cl100k_base per item), legacy completions
+(``completions.py``: the prompt's tokens, no chat overhead), Responses
+(``responses.py``: its chat twin, by the rules above), moderations
+(``moderations.py``: free). A named provider's model may name its vocabulary
+(``providers.py``); what a bill costs in USD is ``prices.py``'s.
+
 Worst case (``worst_case`` config, ``--worst-case``): every choice runs to its
 limit (``max_tokens``, or the model's maximum output when none is set), and
 input is billed at the highest rate that can apply (an Anthropic request with
 ``cache_control`` writes its whole prompt at the longest TTL it names; no
-cache reads anywhere).
+cache reads anywhere); legacy completions run every ``best_of`` generation
+to ``max_tokens``; embeddings bill every input token (they do anyway).
 """
 
 from __future__ import annotations

@@ -37,6 +37,11 @@ Per model (``models.<name>``): ``input``, ``output``, ``cached_input``,
 for a model the simulator does not know), ``max_output`` (output limit when a
 request sets none), ``dimensions`` (an embeddings model: its vector size).
 
+Per provider: ``kind``, ``rpm``, ``tpm``, ``models``, ``keys``,
+``deployments`` (Azure), ``flex_models`` (default: the simulator-wide list),
+``batches`` (false: the provider has no batch API, and its batch routes
+answer 404, as DeepSeek's would).
+
 Per key: ``key``, ``alias`` (the non-secret name ``/_stats`` shows; default a
 short hash of the key), ``rpm``, ``tpm``, ``revoke_after`` (calls).
 
@@ -117,6 +122,7 @@ class ProviderSpec:
     keys: list[KeySpec] = field(default_factory=list)
     deployments: dict[str, str] = field(default_factory=dict)
     flex_models: list[str] | None = None
+    batches: bool = True
 
 
 def _entry(cls, value, where: str):
@@ -211,6 +217,8 @@ def _validate(name: str, spec: ProviderSpec, where: str) -> None:
                                   f"list it under {where}.models with its prices")
     elif spec.deployments:
         raise ConfigError(f"simulator {where}: deployments are for kind azure-openai only")
+    if not isinstance(spec.batches, bool):
+        raise ConfigError(f"simulator {where}.batches must be true or false, not {spec.batches!r}")
     if spec.flex_models is not None and (not isinstance(spec.flex_models, list)
                                          or not all(isinstance(x, str) for x in spec.flex_models)):
         raise ConfigError(f"simulator {where}.flex_models must be a list of model names")

@@ -56,7 +56,7 @@ def _store(sim: Simulator, method: str, family: str, provider: str | None = None
         p, err = sim.route(request, provider, family)
         if err is not None:
             return err
-        if p.kind == "azure-openai":
+        if p.kind == "azure-openai" or not p.spec.batches:
             return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
         call = Call(p, None)
         denied = sim.authenticate(call, request, sim.new_id("req_"))

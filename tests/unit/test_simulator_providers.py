@@ -340,6 +340,21 @@ def test_flex_settings_and_providers_from_a_file_and_the_command_line(tmp_path):
         SimulatorConfig(flex_unavailable_rate=1.5).validate()
 
 
+def test_a_provider_without_a_batch_api_answers_404_on_its_batch_routes():
+    async def body():
+        providers = {"deepseek": {"batches": False, "models": {"ds-chat": {"input": "0.27", "output": "1.10"}}}}
+        async with serve(providers=providers) as (url, oa, http):
+            c = oa("/p/deepseek/v1")
+            ok = await c.chat.completions.create(model="ds-chat", messages=MSG)
+            with pytest.raises(openai.NotFoundError):
+                await c.batches.list()
+            return ok
+
+    assert run(body()).model == "ds-chat"
+    with pytest.raises(ConfigError, match="batches must be true or false"):
+        SimulatorConfig(providers={"x": {"batches": "no"}}).validate()
+
+
 def test_runtime_config_adds_a_provider_and_turns_flex_unavailability_on():
     async def body():
         async with serve(providers={}) as (url, oa, http):

@@ -1,8 +1,11 @@
-"""A local server that answers like the OpenAI and Anthropic APIs.
+"""A local server that answers like the OpenAI and Anthropic APIs, and like any named provider.
 
 It is the default provider when no API key is set. Answers are deterministic
-and carry real token counts; latency, injected errors and per-model RPM/TPM
-limits are configurable; ``GET /_stats`` shows what a provider would have seen.
+and carry real token counts; latency, injected errors, RPM/TPM limits per key
+and model, named providers (OpenAI-compatible, Anthropic, Azure OpenAI) with
+their own prices and keys, and flex processing are configurable
+(``config.py``, ``providers.py``); ``GET /_stats`` shows what a provider would
+have seen, and billed in USD per provider and key.
 
     from simulator import SimulatorConfig, build_app, run, config_from_args
 """

@@ -152,14 +152,15 @@ def _openai_tool(body: dict, digest: bytes) -> dict | None:
             "arguments": json.dumps(_required_args(tool.get("parameters")))}
 
 
-def openai_answer(body: dict) -> Answer:
-    """Raises ``LookupError`` for a model without a tiktoken encoding."""
+def openai_answer(body: dict, encoding: str | None = None, max_output: int | None = None) -> Answer:
+    """Raises ``LookupError`` for a model without a tiktoken encoding. ``encoding`` and
+    ``max_output`` override what the model's name implies (a named provider's model)."""
     model = body["model"]
-    count = billing.openai_counter(model)
+    count = billing.openai_counter(model, encoding)
     if count is None:
         raise LookupError(model)
     messages = body["messages"]
-    prompt = billing.openai_prompt(body)
+    prompt = billing.openai_prompt(body, encoding)
     given = [v for v in (body.get("max_completion_tokens"), body.get("max_tokens")) if v is not None]
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     n = body.get("n") or 1
@@ -181,11 +182,11 @@ def openai_answer(body: dict) -> Answer:
                 continue
         text, truncated = capped_text(answer_pieces(digest), room, count)
         choices.append(Choice(text, truncated, count(text) + spent, reasoning_tokens=spent))
-    per_choice = limit if given else billing.max_output(model)
+    per_choice = limit if given else (max_output or billing.max_output(model))
     prefix = messages[:-1]
     key, prefix_tokens = None, 0
     if prefix and prompt >= billing.OPENAI_CACHE_MIN:
-        prefix_tokens = billing.openai_prompt({**body, "messages": prefix})
+        prefix_tokens = billing.openai_prompt({**body, "messages": prefix}, encoding)
         key = prompt_digest(model, prefix, body.get("tools"), body.get("response_format")).hex()
     rate_cost = prompt + (limit if given else OPENAI_DEFAULT_MAX_OUTPUT) * n
     return Answer("openai", model, choices, prompt, per_choice, rate_cost,

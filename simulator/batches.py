@@ -7,12 +7,20 @@ in seconds. Each request is validated and answered exactly as the
 synchronous endpoint would (same content, same usage); requests run in a
 shuffled order (seeded by the batch id), so output order is not input order.
 Batch requests do not use the synchronous rate limits; ``/_stats`` counts
-them under ``batch_requests`` per model.
+them under ``batch_requests`` per model, and bills them at the batch price
+under the provider and the key that created the batch.
 
-OpenAI (``/v1/files``, ``/v1/batches``):
+Each provider has its own store (its own files and batches, as separate
+accounts would): the built-in ones on the default routes and under
+``/p/openai/v1`` and ``/p/anthropic``, a named provider under its prefix
+(``routes.py``).
+
+OpenAI (``/v1/files``, ``/v1/batches``), endpoints ``/v1/chat/completions``,
+``/v1/responses``, ``/v1/embeddings``, ``/v1/completions``, ``/v1/moderations``:
 - ``validating``: every line must be JSON with ``custom_id`` (unique),
   ``method`` ``POST``, ``url`` equal to the batch endpoint, a ``body`` object,
-  and one model for the whole file; otherwise the batch is ``failed`` with
+  and one model for the whole file (an embeddings batch: at most 50,000
+  inputs in all); otherwise the batch is ``failed`` with
   ``errors.data[] {code, line, message, param}``.
 - ``in_progress`` → ``finalizing`` → ``completed``: successes go to the
   output file, requests the API refuses (status 400/404) to the error file,
@@ -40,12 +48,14 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
+from simulator.endpoints import MESSAGES, OPENAI_ENDPOINTS, model_of
+from simulator.server import ALIAS_KEY
 from simulator.protocol import Problem, anthropic_error_body
 
 DAY_S = 24 * 3600
 CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-OPENAI_ENDPOINTS = ("/v1/chat/completions",)
 OPENAI_MAX_REQUESTS = 50_000
+EMBEDDING_MAX_INPUTS = 50_000
 ANTHROPIC_MAX_REQUESTS = 100_000
 YIELD_EVERY = 100
 
@@ -93,8 +103,10 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
 
 
 class BatchStore:
-    def __init__(self, sim):
+    def __init__(self, sim, provider):
         self.sim = sim
+        self.provider = provider
+        self._alias: dict[str, str] = {}     # batch id -> alias of the key that created it
         self.files: dict[str, dict] = {}
         self.file_content: dict[str, bytes] = {}
         self.openai_batches: dict[str, dict] = {}
@@ -102,24 +114,6 @@ class BatchStore:
         self._anthropic_requests: dict[str, list] = {}
         self._anthropic_results: dict[str, list] = {}
         self._tasks: set[asyncio.Task] = set()
-
-    def add_routes(self, app: web.Application) -> None:
-        r = app.router
-        r.add_post("/v1/files", self.create_file)
-        r.add_get("/v1/files", self.list_files)
-        r.add_get("/v1/files/{id}", self.get_file)
-        r.add_delete("/v1/files/{id}", self.delete_file)
-        r.add_get("/v1/files/{id}/content", self.get_file_content)
-        r.add_post("/v1/batches", self.create_openai_batch)
-        r.add_get("/v1/batches", self.list_openai_batches)
-        r.add_get("/v1/batches/{id}", self.get_openai_batch)
-        r.add_post("/v1/batches/{id}/cancel", self.cancel_openai_batch)
-        r.add_post("/v1/messages/batches", self.create_anthropic_batch)
-        r.add_get("/v1/messages/batches", self.list_anthropic_batches)
-        r.add_get("/v1/messages/batches/{id}", self.get_anthropic_batch)
-        r.add_delete("/v1/messages/batches/{id}", self.delete_anthropic_batch)
-        r.add_post("/v1/messages/batches/{id}/cancel", self.cancel_anthropic_batch)
-        r.add_get("/v1/messages/batches/{id}/results", self.anthropic_results)
 
     async def shutdown(self, app=None) -> None:
         for task in list(self._tasks):
@@ -237,6 +231,7 @@ class BatchStore:
             "metadata": metadata, "model": None, "usage": None,
         }
         self.openai_batches[batch["id"]] = batch
+        self._alias[batch["id"]] = request.get(ALIAS_KEY, "no-key")
         self._spawn(self._run_openai(batch))
         return _json(batch)
 
@@ -288,12 +283,24 @@ class BatchStore:
             err("empty_file", None, "The input file has no requests.")
         if len(items) > OPENAI_MAX_REQUESTS:
             err("too_many_requests", None, f"A batch may hold at most {OPENAI_MAX_REQUESTS} requests.")
+        if endpoint == "/v1/embeddings":
+            inputs = sum(len(b["input"]) if isinstance(b.get("input"), list) and b["input"]
+                         and not isinstance(b["input"][0], int) else 1 for _, b in items)
+            if inputs > EMBEDDING_MAX_INPUTS:
+                err("too_many_inputs", None, f"An embeddings batch may hold at most {EMBEDDING_MAX_INPUTS} "
+                                             f"inputs in all; this file has {inputs}.")
         return items, errors, (next(iter(models)) if len(models) == 1 else None)
 
-    async def _run_openai(self, batch: dict) -> None:
-        from simulator.server import OPENAI
+    def _call(self, endpoint, batch_id: str):
+        from simulator.server import Call
 
+        call = Call(self.provider, endpoint)
+        call.alias = self._alias.get(batch_id, "no-key")
+        return call
+
+    async def _run_openai(self, batch: dict) -> None:
         cfg = self.sim.config
+        call = self._call(OPENAI_ENDPOINTS[batch["endpoint"]], batch["id"])
         await asyncio.sleep(cfg.batch_stage_s)
         if batch["status"] == "cancelling":
             await self._finish_openai_cancel(batch, [], [], [])
@@ -322,7 +329,7 @@ class BatchStore:
             rid = self.sim.new_id("req_")
             line = {"id": self.sim.new_id("batch_req_"), "custom_id": cid, "response": None, "error": None}
             try:
-                answer = self.sim.evaluate(OPENAI, body)
+                answer = self.sim.evaluate(call, body)
             except Problem as p:
                 line["response"] = {"status_code": p.status, "request_id": rid,
                                     "body": {"error": {"message": p.message, "type": p.kind,
@@ -330,13 +337,15 @@ class BatchStore:
                 err_lines.append(line)
                 counts["failed"] += 1
             else:
-                reply = OPENAI.ok(answer, body["model"], self.sim)
+                model = model_of(call.endpoint, body)
+                billed = self.sim.charge(call, answer, model, "batch", None, batch=True)
+                reply = call.endpoint.reply(answer, billed, model, self.sim.new_id, "batch")
                 line["response"] = {"status_code": 200, "request_id": rid, "body": reply}
-                out_lines.append(line)
+                out_lines.append(json.dumps(line))   # as text at once: a dict of 1,536 floats weighs 40 KB
                 counts["completed"] += 1
-                usage[0] += reply["usage"]["prompt_tokens"]
-                usage[1] += reply["usage"]["completion_tokens"]
-                self._count(body["model"])
+                usage[0] += billed.get("prompt_tokens", billed.get("input_tokens", 0))
+                usage[1] += billed.get("completion_tokens", billed.get("output_tokens", 0))
+                self._count(model)
             done = pos + 1
             if done % per_step == 0:
                 await asyncio.sleep(pause)
@@ -356,7 +365,7 @@ class BatchStore:
 
     def _write_outputs(self, batch: dict, out_lines: list, err_lines: list) -> None:
         def blob(lines):
-            return "".join(json.dumps(x) + "\n" for x in lines).encode()
+            return "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode()
 
         if out_lines:
             batch["output_file_id"] = self._new_file(
@@ -415,7 +424,8 @@ class BatchStore:
             "cancel_initiated_at": _rfc3339(batch["cancel_initiated_at"]), "results_url": None,
         }
         if batch["processing_status"] == "ended":
-            view["results_url"] = f"{request.url.origin()}/v1/messages/batches/{batch['id']}/results"
+            prefix = request.path.split("/v1/messages/batches")[0]
+            view["results_url"] = f"{request.url.origin()}{prefix}/v1/messages/batches/{batch['id']}/results"
         return view
 
     async def create_anthropic_batch(self, request: web.Request) -> web.Response:
@@ -448,13 +458,13 @@ class BatchStore:
         self.anthropic_batches[batch["id"]] = batch
         self._anthropic_requests[batch["id"]] = [(r["custom_id"], r["params"]) for r in reqs]
         self._anthropic_results[batch["id"]] = []
+        self._alias[batch["id"]] = request.get(ALIAS_KEY, "no-key")
         self._spawn(self._run_anthropic(batch))
         return _json(self._an_view(batch, request))
 
     async def _run_anthropic(self, batch: dict) -> None:
-        from simulator.server import ANTHROPIC
-
         cfg = self.sim.config
+        call = self._call(MESSAGES, batch["id"])
         items = self._anthropic_requests[batch["id"]]
         results = self._anthropic_results[batch["id"]]
         counts = batch["request_counts"]
@@ -469,15 +479,17 @@ class BatchStore:
                 break
             cid, params = items[idx]
             try:
-                answer = self.sim.evaluate(ANTHROPIC, params)
+                answer = self.sim.evaluate(call, params)
             except Problem as p:
                 kind = "not_found_error" if p.status == 404 else p.kind
                 results.append({"custom_id": cid, "result": {
                     "type": "errored", "error": anthropic_error_body(kind, p.message)}})
                 counts["errored"] += 1
             else:
+                billed = self.sim.charge(call, answer, params["model"], "batch", None, batch=True)
                 results.append({"custom_id": cid, "result": {
-                    "type": "succeeded", "message": ANTHROPIC.ok(answer, params["model"], self.sim)}})
+                    "type": "succeeded", "message": MESSAGES.reply(answer, billed, params["model"],
+                                                                   self.sim.new_id, "batch")}})
                 counts["succeeded"] += 1
                 self._count(params["model"])
             counts["processing"] -= 1

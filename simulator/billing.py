@@ -33,11 +33,19 @@ Anthropic (messages):
   ~1,600 tokens (1.15 megapixels);
 - ``thinking``: thinking tokens are output tokens within ``max_tokens``.
 
+Other endpoints count by the rules written in their modules: embeddings
+(``embeddings.py``: cl100k_base per item), legacy completions
+(``completions.py``: the prompt's tokens, no chat overhead), Responses
+(``responses.py``: its chat twin, by the rules above), moderations
+(``moderations.py``: free). A named provider's model may name its vocabulary
+(``providers.py``); what a bill costs in USD is ``prices.py``'s.
+
 Worst case (``worst_case`` config, ``--worst-case``): every choice runs to its
 limit (``max_tokens``, or the model's maximum output when none is set), and
 input is billed at the highest rate that can apply (an Anthropic request with
 ``cache_control`` writes its whole prompt at the longest TTL it names; no
-cache reads anywhere).
+cache reads anywhere); legacy completions run every ``best_of`` generation
+to ``max_tokens``; embeddings bill every input token (they do anyway).
 """
 
 from __future__ import annotations
@@ -96,8 +104,10 @@ def openai_encoding_name(model: str) -> str | None:
     return None
 
 
-def openai_counter(model: str):
-    name = openai_encoding_name(model)
+def openai_counter(model: str, encoding_name: str | None = None):
+    """A token counter for an OpenAI-kind model (``encoding_name`` overrides the name's vocabulary:
+    a named provider's model), or None when the simulator cannot count it."""
+    name = encoding_name or openai_encoding_name(model)
     if name is None:
         return None
     enc = encoding(name).encode_ordinary
@@ -214,9 +224,9 @@ def _cookbook_tools(functions: list, count) -> int:
     return n + func_end if functions else 0
 
 
-def openai_prompt(body: dict) -> int:
+def openai_prompt(body: dict, encoding_name: str | None = None) -> int:
     model = body["model"]
-    count = openai_counter(model)
+    count = openai_counter(model, encoding_name)
     n = 3
     for msg in body["messages"]:
         n += 3

@@ -2,6 +2,19 @@
 
 ``config_from_args(argv)`` is shared by ``python -m simulator`` and the
 ``llmbatch simulator`` command, so both accept the same options.
+
+Settings for providers, keys, endpoints and flex (file key, CLI option):
+
+| setting | option | meaning |
+|---|---|---|
+| ``providers`` | (file only) | named providers: kind, models with prices and limits, keys, Azure deployments (``providers.py``) |
+| ``flex_models`` | ``--flex-models`` | models that take ``service_tier: "flex"`` (default: OpenAI's list); others get 400 |
+| ``flex_unavailable_rate`` | ``--flex-unavailable-rate`` | share of flex calls answered 429 "resource unavailable" (not billed) |
+
+A provider's keys (``providers.<name>.keys``: ``key``, ``alias``, ``rpm``,
+``tpm``, ``revoke_after``) set limits per key per model; ``POST
+/_admin/keys/revoke {"key": …, "provider": …}`` revokes one at run time
+(``/_admin/keys/restore`` undoes it).
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+from simulator.providers import DEFAULT_FLEX_MODELS, ProviderSpec, parse_providers
 
 #: Kinds of injected errors and what the server does for each.
 #:   429      rate-limit error with retry-after / retry-after-ms
@@ -75,6 +89,13 @@ class SimulatorConfig:
     batch_processing_s: float = 2.0
     batch_stage_s: float = 0.2
 
+    # named providers besides the built-in openai and anthropic (providers.py)
+    providers: dict[str, ProviderSpec] = field(default_factory=dict)
+    # flex processing: the models that take it, and the share of flex calls answered
+    # 429 "resource unavailable" (not billed)
+    flex_models: list[str] = field(default_factory=lambda: list(DEFAULT_FLEX_MODELS))
+    flex_unavailable_rate: float = 0.0
+
     def limit_for(self, model: str) -> ModelLimit:
         lim = self.model_limits.get(model)
         if lim is None:
@@ -99,6 +120,13 @@ class SimulatorConfig:
         for name, value in (("rpm", self.rpm), ("tpm", self.tpm)):
             if value is not None and value <= 0:
                 raise ConfigError(f"simulator {name} must be positive")
+        if isinstance(self.flex_unavailable_rate, bool) or not isinstance(self.flex_unavailable_rate, (int, float)) \
+                or not 0 <= self.flex_unavailable_rate <= 1:
+            raise ConfigError(f"simulator flex_unavailable_rate must be a number within 0..1, "
+                              f"not {self.flex_unavailable_rate!r}")
+        if not isinstance(self.flex_models, (list, tuple)) or not all(isinstance(m, str) for m in self.flex_models):
+            raise ConfigError(f"simulator flex_models must be a list of model names, not {self.flex_models!r}")
+        self.providers = parse_providers(self.providers)
         return self
 
     # ---- construction -------------------------------------------------
@@ -215,6 +243,10 @@ def build_parser(prog: str = "python -m simulator") -> argparse.ArgumentParser:
                    help="per-model limits MODEL=RPM:TPM (repeatable; empty part = default)")
     p.add_argument("--batch-seconds", type=float, dest="batch_processing_s",
                    help="time a provider batch spends in_progress")
+    p.add_argument("--flex-unavailable-rate", type=float, dest="flex_unavailable_rate",
+                   help="share of flex calls answered 429 resource unavailable (not billed)")
+    p.add_argument("--flex-models", dest="flex_models",
+                   help="comma-separated models that take service_tier flex (default: OpenAI's list)")
     return p
 
 
@@ -228,6 +260,8 @@ def config_from_options(config: str | None = None, **options) -> SimulatorConfig
     values = {k: v for k, v in options.items() if v is not None}
     if "error_rate" in values:
         values["error_rates"] = parse_error_rates(values.pop("error_rate"))
+    if isinstance(values.get("flex_models"), str):
+        values["flex_models"] = [m.strip() for m in values["flex_models"].split(",") if m.strip()]
     if "model_limits" in values:
         specs = values.pop("model_limits")
         if not isinstance(specs, (str, dict)):

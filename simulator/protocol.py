@@ -39,8 +39,20 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1
+
+
+def require(body: dict, field: str) -> None:
+    """OpenAI's 400 for a body without a ``model`` string or without ``field``."""
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise Problem("Missing required parameter: 'model'.", "model", "missing_required_parameter")
+    if field not in body:
+        raise Problem(f"Missing required parameter: '{field}'.", field, "missing_required_parameter")
 
 
 # --------------------------------------------------------------------------- OpenAI
@@ -111,7 +123,8 @@ def _finish(choice) -> str:
     return "length" if choice.truncated else "stop"
 
 
-def chat_completion(answer: Answer, usage: dict, model: str, completion_id: str) -> dict:
+def chat_completion(answer: Answer, usage: dict, model: str, completion_id: str,
+                    service_tier: str = "default") -> dict:
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -120,7 +133,7 @@ def chat_completion(answer: Answer, usage: dict, model: str, completion_id: str)
         "choices": [{"index": i, "message": _openai_message(c), "logprobs": None, "finish_reason": _finish(c)}
                     for i, c in enumerate(answer.choices)],
         "usage": usage,
-        "service_tier": "default",
+        "service_tier": service_tier,
         "system_fingerprint": "fp_llmbatch_simulator",
     }
 

@@ -20,6 +20,9 @@ when absent), per model and tier, and in total:
 ``Idempotency-Key`` starts with ``P``, and what those keys were billed (``billed_calls``,
 ``billed``: usage fields summed; ``billed_by_key``). A test counts its own job's calls this way
 (the pipeline's key is ``job:custom_id``), whatever else the stack is running.
+
+Per provider and per API key (calls, 429s, 401s, tokens, USD, peak calls in
+60 s, flex): ``providers`` in the same answer, kept by ``accounts.py``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pipeline.providers.openai import OpenAIProvider
 from pipeline.stores import batches, jobs as job_store
 from pipeline.stores.jobs import cancel_job
 from tests.integration.conftest import wait_for
-from tests.integration.execution_helpers import (LOOP, calls_of, keys_seen, make_batch, requests_of, scalar,
+from tests.integration.execution_helpers import (LOOP, TEST_TIER, calls_of, keys_seen, make_batch, requests_of, scalar,
                                                  simulator_config)
 from workers.execute import run_batch
 
@@ -159,7 +159,7 @@ def test_a_lost_lease_stops_new_calls_and_in_flight_ones_are_written(stack, engi
     n = 120
     job, batch = make_batch(engine, n)
     settings = dataclasses.replace(stack, batch_lease_s=3.0,
-                                   inflight_per_batch={**stack.inflight_per_batch, "offpeak": 4})
+                                   inflight_per_batch={**stack.inflight_per_batch, TEST_TIER: 4})
     result, stolen_at = {}, {}
 
     def steal():
@@ -263,7 +263,7 @@ def test_requests_of_a_job_cancelled_mid_batch_are_not_sent(stack, engine):
     """Item 11b: the worker asks before each call; after the cancel, nothing more is sent."""
     n = 80
     job, batch = make_batch(engine, n)
-    settings = dataclasses.replace(stack, inflight_per_batch={**stack.inflight_per_batch, "offpeak": 4})
+    settings = dataclasses.replace(stack, inflight_per_batch={**stack.inflight_per_batch, TEST_TIER: 4})
     marks = {}
 
     def cancel_soon():
@@ -296,7 +296,7 @@ def test_an_abandoned_batch_leaves_nothing_running(stack, engine, monkeypatch):
     to a stack worker at once (its sweep), and that worker's calls are the re-run, not a leak."""
     n = 80
     job, batch = make_batch(engine, n)
-    settings = dataclasses.replace(stack, inflight_per_batch={**stack.inflight_per_batch, "offpeak": 4})
+    settings = dataclasses.replace(stack, inflight_per_batch={**stack.inflight_per_batch, TEST_TIER: 4})
     sent = {"calls": 0}
     real_call = OpenAIProvider.call
 

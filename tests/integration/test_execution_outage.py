@@ -14,7 +14,7 @@ import time
 import uuid
 
 from pipeline.config import ROOT
-from tests.integration.execution_helpers import LOOP, calls_of, keys_seen, make_batch, requests_of, scalar, simulator_config
+from tests.integration.execution_helpers import LOOP, TEST_TIER, calls_of, keys_seen, make_batch, requests_of, scalar, simulator_config
 from workers.execute import run_batch
 
 
@@ -27,7 +27,7 @@ def _stack(*args: str, check: bool = True) -> None:
 def test_a_batch_rides_out_a_postgres_outage(stack, engine, caplog):
     n = 150
     job, batch = make_batch(engine, n)
-    settings = dataclasses.replace(stack, inflight_per_batch={**stack.inflight_per_batch, "offpeak": 8})
+    settings = dataclasses.replace(stack, inflight_per_batch={**stack.inflight_per_batch, TEST_TIER: 8})
     outage = {}
 
     def stop_postgres_mid_batch():

@@ -22,11 +22,12 @@ whoever tails the log. This is done here, once, not at each call site.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
 import time
+
+from pipeline import jsontext
 
 ROOT_LOGGER = "llmbatch"
 #: packages whose loggers are routed to the root logger's handlers
@@ -98,8 +99,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         # json escapes C0 itself; DEL, C1 and the separators would pass raw: \\u escapes, valid JSON
-        return _CONTROL.sub(lambda m: _json_escaped(m.group()), redact(json.dumps(out, default=str,
-                                                                              ensure_ascii=False)))
+        return _CONTROL.sub(lambda m: _json_escaped(m.group()), redact(jsontext.dumps(out, ensure_ascii=False)))
 
 
 def configure(level: str = "INFO", fmt: str = "plain", stream=None) -> logging.Logger:

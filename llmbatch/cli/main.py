@@ -37,11 +37,10 @@ from pathlib import Path
 import click
 
 from pipeline.config import get_settings
-from pipeline.constants import JOB_TERMINAL, SIMULATOR_LABEL, TIERS
+from pipeline import jsontext
+from pipeline.constants import JOB_STATES, JOB_TERMINAL, SIMULATOR_LABEL, TIERS
 from pipeline.stores import db, jobs as job_store, outcomes
 
-#: every state a job can be in (sql/001_init.sql, pipeline/stores/jobs.py, pipeline/money/admin.py)
-JOB_STATES = ("submitting", "running", "paused_budget", "completed", "failed", "cancelled")
 from pipeline.errors import FileInputError, InfrastructureError, LLMBatchError
 from llmbatch.cli.budget import CAP_USD as _CAP_USD  # the one validation of a typed cap
 
@@ -180,7 +179,7 @@ def submit(file, priority, tier, budget_usd, on_budget, name, wait, resume_job, 
     if as_json:
         from llmbatch.cli import views
         with db.get_engine().connect() as conn:
-            click.echo(json.dumps(views.job_view(conn, report.job_id), default=str))
+            click.echo(jsontext.dumps(views.job_view(conn, report.job_id)))
     else:
         click.echo(report.job_id)
         _print_held_after_submit(report.job_id)
@@ -234,7 +233,7 @@ def status(job_id, as_json, watch, interval):
         except KeyboardInterrupt:
             _stopped_waiting(job_id)
         sys.exit(0 if st["status"] == "completed" else 1)
-    click.echo(json.dumps(st, default=str) if as_json else views.format_status(st))
+    click.echo(jsontext.dumps(st) if as_json else views.format_status(st))
 
 
 def _watch_json(engine, job_id: str, interval: float) -> dict:
@@ -242,7 +241,7 @@ def _watch_json(engine, job_id: str, interval: float) -> dict:
     while True:
         with engine.connect() as conn:
             st = views.job_view(conn, job_id)
-        click.echo(json.dumps(st, default=str))
+        click.echo(jsontext.dumps(st))
         if st["status"] in JOB_TERMINAL:
             return st
         time.sleep(interval)
@@ -306,7 +305,7 @@ def rejections(job_id, limit, as_json):
         rows = views.list_rejections(conn, job_id, limit=limit)
     if as_json:
         for r in rows:
-            click.echo(json.dumps(r, default=str))
+            click.echo(jsontext.dumps(r))
         return
     click.echo(views.format_table(["line", "custom_id", "reason"],
                                   [[r["line"], r["custom_id"], r["reason"]] for r in rows]))
@@ -328,7 +327,7 @@ def jobs(status_, since, limit, as_json):
         rows = views.list_jobs(conn, status=status_, since=since_at, limit=limit)
     if as_json:
         for r in rows:
-            click.echo(json.dumps(r, default=str))
+            click.echo(jsontext.dumps(r))
         return
     cols = ["job_id", "name", "status", "accepted", "succeeded", "failed", "pending", "cost_usd", "created_at"]
     click.echo(views.format_table(cols, [[r[c] for c in cols] for r in rows]))
@@ -408,7 +407,7 @@ def sql_cmd(query, file_, as_json, print_url):
         _fail(str(e).strip(), 1)
     if as_json:
         for row in rows:
-            click.echo(json.dumps(dict(zip(cols, row)), default=str))
+            click.echo(jsontext.dumps(dict(zip(cols, row))))
     else:
         click.echo(views.format_table(cols, rows))
 
@@ -454,9 +453,9 @@ def report(job_id, since, chart, no_chart, as_json):
     table = rep.totals(data["rows"])
     if as_json:
         cols = ["tier", "model", "requests", "input_tokens", "output_tokens", "cost_usd", "share"]
-        click.echo(json.dumps({"scope": title, "step": data["step"], "chart": str(path) if path else None,
+        click.echo(jsontext.dumps({"scope": title, "step": data["step"], "chart": str(path) if path else None,
                                "totals": [dict(zip(cols, r)) for r in table],
-                               "series": data["rows"]}, default=str))
+                               "series": data["rows"]}))
         return
     _provider_note()
     click.echo(f"cost report, {title} (per {data['step']})")

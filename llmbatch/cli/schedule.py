@@ -12,6 +12,7 @@ import sys
 import click
 
 from llmbatch.cli.budget import CAP_USD
+from pipeline import jsontext
 from pipeline.constants import TIERS
 from pipeline.errors import ConfigError, InfrastructureError, InputError
 
@@ -89,7 +90,7 @@ def schedule_list(as_json):
     from schedules.recurring import list_schedules
     items = list_schedules()
     if as_json:
-        click.echo(json.dumps(items, default=str))
+        click.echo(jsontext.dumps(items))
         return
     if not items:
         click.echo("no schedules")
@@ -120,7 +121,7 @@ def schedule_run(name, as_json):
     except InputError as e:
         _fail(str(e), 2)
     if as_json:
-        click.echo(json.dumps(run, default=str))
+        click.echo(jsontext.dumps(run))
     else:
         click.echo(run["job_id"])
     if run["status"] == "failed":

@@ -18,6 +18,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from pipeline import jsontext
 from pipeline.config import get_settings
 from pipeline.constants import JOB_TERMINAL, TIERS
 from pipeline.logs import escape_controls
@@ -189,11 +190,7 @@ def human_duration(seconds: float) -> str:
 
 def money(value) -> str:
     """Dollars as a plain decimal string: ``0``, ``0.0235``; never ``0E-8`` or ``1.20000000``."""
-    d = Decimal(str(value))
-    if d == 0:
-        return "0"
-    text = format(d.normalize(), "f")
-    return text
+    return jsontext.plain(Decimal(str(value)))
 
 
 def parse_since(text: str | None, now: datetime | None = None) -> datetime | None:
@@ -241,9 +238,9 @@ def _cell(value) -> str:
     if isinstance(value, datetime):
         return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, (dict, list)):
-        return json.dumps(value, default=str)
+        return jsontext.dumps(value)
     if isinstance(value, Decimal):
-        return format(value, "f") if value != 0 else "0"
+        return jsontext.plain(value)
     # a cell may hold input (a refused custom_id with an escape sequence): shown, never obeyed
     return escape_controls(str(value))
 

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import time
 import logging
-from decimal import Decimal
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from pipeline import jsontext
 from pipeline.config import ROOT, get_settings
 from pipeline.errors import InfrastructureError
 
@@ -39,16 +38,8 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 def dumps(value) -> str:
-    """JSON for jsonb parameters; Decimals keep their exact text."""
-    return json.dumps(value, separators=(",", ":"), default=_json_default, ensure_ascii=False)
-
-
-def _json_default(o):
-    if isinstance(o, Decimal):
-        return str(o)
-    if hasattr(o, "isoformat"):
-        return o.isoformat()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    """JSON for jsonb parameters; Decimals keep their exact value, as plain decimals."""
+    return jsontext.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+
+from pipeline import jsontext
+from pipeline.constants import REQUEST_TERMINAL
 
 
 def openai_line(job_id: str, row: dict) -> dict:
@@ -86,7 +90,8 @@ def csv_row(job_id: str, row: dict) -> list:
     error = row.get("error") or {}
     return [row["custom_id"], row.get("line"), row["status"], row.get("status_code"), row.get("model"),
             answer_text(row.get("response")), row.get("input_tokens"), row.get("cached_input_tokens"),
-            row.get("output_tokens"), row.get("cost_usd"), error.get("code"), error.get("message"),
+            row.get("output_tokens"), None if row.get("cost_usd") is None else jsontext.plain(row["cost_usd"]),
+            error.get("code"), error.get("message"),
             row.get("provider_request_id")]
 
 
@@ -94,7 +99,7 @@ def finished_only(rows):
     """Rows of requests in a terminal state (``results --partial``): an unfinished request is
     not written, rather than written as an error it does not have."""
     for row in rows:
-        if row.get("status") in ("succeeded", "failed", "cancelled"):
+        if row.get("status") in REQUEST_TERMINAL:
             yield row
 
 
@@ -103,8 +108,6 @@ FORMATS = {"openai": openai_line, "anthropic": anthropic_line, "csv": csv_row}
 
 def write_results(rows, job_id: str, out, fmt: str = "openai") -> int:
     """Write ``rows`` (``outcomes.iter_results``) to ``out`` in ``fmt``; returns the count."""
-    import csv
-    import json
     n = 0
     if fmt == "csv":
         writer = csv.writer(out)
@@ -115,6 +118,6 @@ def write_results(rows, job_id: str, out, fmt: str = "openai") -> int:
         return n
     line = FORMATS[fmt]
     for row in rows:
-        out.write(json.dumps(line(job_id, row), default=str) + "\n")
+        out.write(jsontext.dumps(line(job_id, row)) + "\n")
         n += 1
     return n

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import resources
 
@@ -39,7 +40,7 @@ from pipeline.money.pricing import PriceBook, get_price_book
 from pipeline.endpoints.caching import cache_key, is_cacheable
 from pipeline.paths.base import check_serves
 from pipeline.paths.registry import path_of
-from pipeline.request import Request
+from pipeline.request import Request, default_url
 
 #: a reason longer than this is cut: it goes into a Kafka header and a log line
 MAX_REASON = 300
@@ -139,25 +140,18 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
                             offpeak_opens=offpeak_opens)
     # the path asked for (a body that asks for flex itself takes flex), if it can serve the request
     path = path_of(m.get("mode"), body)
-    price = prices.resolve(body["model"])
-    check_serves(path, Request.probe(m["job_id"], m["custom_id"], m["provider"], body, path.name, m.get("url")),
-                 price)
     priority = m.get("priority")
     exact = bound.tokens_exact or (bound.input_tokens == m["input_tokens"] and m.get("tokens_exact", True))
-    return {
-        "job_id": m["job_id"], "custom_id": m["custom_id"], "line": m.get("line"),
-        "batch_id": None, "provider": m["provider"], "model": m["model"], "tier": tier,
-        "tier_reason": reason, "priority": priority if priority is not None else 5,
-        "deadline": deadline.isoformat() if deadline else None, "body": body,
-        "metadata": m.get("metadata"),
-        "input_tokens": bound.input_tokens, "tokens_exact": bool(exact),
+    req = Request(
+        job_id=m["job_id"], custom_id=m["custom_id"], endpoint=m.get("url") or default_url(m["provider"]),
+        provider=m["provider"], model=m["model"], path=path.name, tier=tier, body=body,
         # recomputed, never the producer's: a reservation is only as good as this number
-        "max_cost_usd": str(bound.max_cost_usd),
-        "status": path.initial_status(tier),
-        "mode": path.name,
-        "published_at": published.isoformat() if published else None,
-        "cache_key": cache_key(m["provider"], body) if is_cacheable(body, m.get("cache")) else None,
-    }
+        bound=replace(bound, tokens_exact=bool(exact)),
+        priority=priority if priority is not None else 5, deadline=deadline, metadata=m.get("metadata"),
+        cache_key=cache_key(m["provider"], body) if is_cacheable(body, m.get("cache")) else None,
+        line=m.get("line"), tier_reason=reason, published_at=published)
+    check_serves(path, req, prices.resolve(body["model"]))
+    return req.to_row(path.initial_status(tier))
 
 
 def decode(value: bytes | None, now: datetime | None = None, prices: PriceBook | None = None, *,

@@ -47,7 +47,7 @@ def defer_batch(conn, batch_id: str, kinds: set[str], now: datetime | None = Non
         " WHERE batch_id = :b"), {"b": batch_id, "u": until})
 
 
-def resume_due_batches(engine, dispatch, held_modes=("provider_batch",)) -> int:
+def resume_due_batches(engine, dispatch, held_modes) -> int:
     """Hand deferred batches whose time has come back to their queues (the batcher's sweep calls this).
 
     ``held_modes``: the paths whose batches the scheduler sends (pipeline/paths/registry.py

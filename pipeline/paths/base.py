@@ -105,7 +105,7 @@ def check_serves(path: Path, req: Request, price: ModelPrice) -> None:
     """LineError, naming the path and the reason, when ``path`` cannot serve ``req``."""
     why = path.why_not(req, price)
     if why is not None:
-        raise LineError(f"--mode {path.name}: {why}"[:300])
+        raise LineError(f"the {path.name} path cannot serve this request: {why}"[:300])
 
 
 # ---- 1. reserve

@@ -106,7 +106,7 @@ def test_flex_serves_only_the_models_the_price_book_marks():
     assert FLEX.why_not(Request.from_row(row()), PRICES.resolve("gpt-5-mini")) is None
     why = FLEX.why_not(Request.from_row(row(model="gpt-4o-mini")), PRICES.resolve("gpt-4o-mini"))
     assert "does not take flex" in why
-    with pytest.raises(LineError, match="--mode flex"):
+    with pytest.raises(LineError, match="the flex path cannot serve this request"):
         sequence.check_serves(FLEX, Request.from_row(row(model="gpt-4o-mini")), PRICES.resolve("gpt-4o-mini"))
     emb = Request.from_row(row(url="/v1/embeddings"))
     assert "serves" in FLEX.why_not(emb, PRICES.resolve("gpt-5-mini"))

@@ -171,7 +171,8 @@ class Budget:
                     mine = [x for x in self.live.values() if x.gen == self.gen and not x.written]
                     found = 0
                     for ttl, group in _by_ttl(self.live.values()).items():
-                        found += int(await r.eval(RENEW, len(KEYS), *KEYS, ttl, *[x.rid for x in group]))
+                        found += int(await r.eval(RENEW, len(KEYS), *KEYS, ttl or _ttl_ms(self.settings),
+                                                  *[x.rid for x in group]))
                     if mine and int(found) < len(mine):   # holds of this generation vanished
                         log.warning("budget: %d of this process's live holds are missing from the counters:"
                                     " rebuilding them from the ledger", len(mine) - int(found))
@@ -218,7 +219,7 @@ class Budget:
         if old is None or not self.live:
             return
         for ttl, group in _by_ttl(self.live.values()).items():
-            args = [ttl]
+            args = [ttl or _ttl_ms(self.settings)]
             for r in group:
                 args += [r.rid, r.units, "\t".join(sf for sf, _ in r.fields), int(r.written)]
             out = await self._eval(REASSERT, *args)

@@ -25,8 +25,8 @@ from datetime import datetime, timedelta
 
 from pipeline.config import Settings
 from pipeline.constants import CHAT_URL, RESPONSES_URL
-from pipeline.errors import RetryableProviderError
-from pipeline.money.pricing import ModelPrice
+from pipeline.errors import LLMBatchError, RetryableProviderError
+from pipeline.money.pricing import ModelPrice, get_price_book
 from pipeline.paths.base import Path
 from pipeline.request import Request
 
@@ -42,6 +42,13 @@ def is_unavailable(e: Exception) -> bool:
         return False
     text = str(e).lower()
     return "resource unavailable" in text or "resource_unavailable" in text
+
+
+def _takes_flex(model) -> bool:
+    try:
+        return isinstance(model, str) and get_price_book().resolve(model).flex
+    except LLMBatchError:
+        return False
 
 
 def claims(body: dict) -> bool:
@@ -64,6 +71,11 @@ class FlexCaller:
         return getattr(self.provider, name)
 
     async def call(self, body: dict, *, headers: dict):
+        if not _takes_flex(body.get("model")):   # a fallback model without flex: standard, as it is
+            answer = await self.provider.call({k: v for k, v in body.items() if k != "service_tier"},
+                                              headers=headers)
+            self.served = "default"
+            return answer
         flex = {**body, "service_tier": "flex"}
         try:
             answer = await self.provider.call(flex, headers=headers, timeout=self.timeout_s)

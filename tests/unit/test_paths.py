@@ -215,3 +215,10 @@ def test_bound_is_carried_as_is():
     b = Bound(5, 7, Decimal("0.1"), False)
     req = Request("j", "c", "/v1/chat/completions", "openai", "gpt-5-mini", "flex", "peak", BODY, b)
     assert req.bound is b and req.max_cost_usd == Decimal("0.1")
+
+
+def test_a_fallback_model_without_flex_is_sent_at_standard():
+    raw = Raw(OK)
+    caller = FlexCaller(raw, 900.0)
+    asyncio.run(caller.call({**BODY, "model": "gpt-4o-mini", "service_tier": "flex"}, headers={}))
+    assert raw.sent == [(None, None)] and caller.served == "default"

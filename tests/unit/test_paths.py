@@ -222,3 +222,35 @@ def test_a_fallback_model_without_flex_is_sent_at_standard():
     caller = FlexCaller(raw, 900.0)
     asyncio.run(caller.call({**BODY, "model": "gpt-4o-mini", "service_tier": "flex"}, headers={}))
     assert raw.sent == [(None, None)] and caller.served == "default"
+
+
+# ------------------------------------------------------------------ intake asks the path
+
+def _message(model: str, mode: str | None, **body_extra) -> bytes:
+    from pipeline.intake.formats import parse_request
+    from pipeline.intake.producer import to_message
+    line = {"custom_id": "x1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "max_completion_tokens": 50, "messages": [{"role": "user", "content": "hi"}],
+                     **body_extra}}
+    return to_message("job_1", 3, parse_request(line, PRICES), mode=mode or "realtime")
+
+
+def test_the_batcher_asks_the_path():
+    from pipeline.intake.messages import decode
+    row = decode(_message("gpt-5-mini", "flex"))
+    assert row["mode"] == "flex" and row["status"] in ("queued", "held")
+    assert Request.from_row(row).path == "flex"
+    assert decode(_message("gpt-5-mini", None, service_tier="flex"))["mode"] == "flex"
+    assert decode(_message("gpt-5-mini", "provider_batch"))["status"] == "held"
+    with pytest.raises(LineError, match="does not take flex"):
+        decode(_message("gpt-4o-mini", "flex"))
+
+
+def test_only_a_path_that_answers_at_once_takes_the_fast_lane():
+    from pipeline.intake.formats import parse_request
+    from pipeline.intake.producer import topic_for
+    line = {"custom_id": "x1", "method": "POST", "url": "/v1/chat/completions", "priority": 9,
+            "body": {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}}
+    req = parse_request(line, PRICES)
+    assert topic_for(req) == "llm.requests.immediate"
+    assert topic_for(req, mode="flex") == topic_for(req, mode="provider_batch") == "llm.requests"

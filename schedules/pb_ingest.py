@@ -76,7 +76,7 @@ def poll_open(*, settings: Settings | None = None, engine=None, dispatcher=dispa
 def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, settings: Settings, engine,
            dispatcher=dispatch) -> dict:
     prices = get_price_book()
-    requeue: list[tuple[str, str]] = []
+    requeue: list = []   # Requests the provider did not run, back to realtime
     with engine.begin() as conn:
         reqs = pb_requests(conn, pb_id)
         by_pid = {provider_custom_id(r): (r, state) for r, state in reqs}
@@ -152,7 +152,7 @@ def _settle(pb_id: str, open_keys: list[tuple[str, str]], outcomes: list[Outcome
     (``open_keys``: (job, custom_id)) are released (a re-queued request reserves again on its
     realtime path). True once every hold is settled or released (``provider_batches.settled_at``);
     else ``settle_unsettled`` tries again, next tick."""
-    spent = {o.key: o.cost for o in outcomes}   # an answer without usage was recorded at 0, as billed
+    spent = {o.key: o.cost for o in outcomes}   # an answer without usage is recorded at 0 (usage_missing)
     others = [k for k in (request_key(j, c) for j, c in open_keys) if k not in spent]
     budget_ = loop.budget(settings, engine)
 

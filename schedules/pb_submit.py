@@ -270,7 +270,7 @@ def pb_requests(conn, pb_id: str) -> list[tuple[Request, dict]]:
     """The requests of provider batch ``pb_id``, each with its state: ``status``, ``batch_fallback``
     and ``job_status``."""
     rows = conn.execute(sa.text(
-        "SELECT r.*, r.budget_period::text AS budget_period, b.mode AS path, j.batch_fallback,"
+        "SELECT r.*, b.mode AS path, j.batch_fallback,"
         " j.status AS job_status FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
         " JOIN jobs j ON j.job_id = r.job_id"
         " WHERE b.provider_batch = :pb ORDER BY r.batch_id, r.line, r.custom_id"), {"pb": pb_id}).mappings()

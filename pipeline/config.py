@@ -121,6 +121,9 @@ class Settings:
     anthropic_base_url: str = ""
     #: client timeout of one provider call, in seconds
     provider_timeout_s: float = 60.0
+    #: client timeout of one flex call (``--mode flex``), in seconds: flex answers slowly, and OpenAI
+    #: recommends 15 minutes; a flex hold outlives its last renewal this long plus the reservation margin
+    flex_timeout_s: float = 900.0
     #: the SDKs' HTTP transport: "aiohttp" (their aiohttp backend; measured faster here) or "httpx"
     provider_http_client: str = "aiohttp"
     #: provider attempts per request, the first included; then it fails ``attempts_exhausted``

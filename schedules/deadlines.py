@@ -17,7 +17,7 @@ Every tick, before the window's own release (schedules/service.py ``Ticker``):
    now, window or not, lifted to peak (immediate when the deadline is closer
    than the immediate threshold), so it is never held past its latest start.
 
-Never touches provider-batch batches (``mode = 'provider_batch'``): their lines
+Never touches the batches of a path the scheduler sends (provider batch): their lines
 are with the provider, whose own completion window applies.
 """
 
@@ -31,7 +31,10 @@ import sqlalchemy as sa
 from pipeline import metrics
 from pipeline.intake.dispatch import enqueue_batch as dispatch
 from pipeline.intake.tiers import TierRules
-from pipeline.stores import db, jobs, outcomes as outcome_store
+from pipeline.paths import base as sequence
+from pipeline.paths.registry import worker_paths
+from pipeline.request import Outcome, Request
+from pipeline.stores import db, jobs
 from schedules import release
 
 log = logging.getLogger(__name__)
@@ -46,27 +49,21 @@ def expire_missed(now: datetime, *, engine=None, limit: int = 5000) -> dict[str,
         # batches first, then their requests: the lock order of release_held and the workers
         rows = conn.execute(sa.text(
             "WITH b AS (SELECT b.batch_id FROM batches b"
-            "  WHERE b.status = 'held' AND b.mode = 'realtime' AND b.batch_id IN"
+            "  WHERE b.status = 'held' AND b.mode = ANY(:modes) AND b.batch_id IN"
             "   (SELECT r.batch_id FROM requests r WHERE r.status = 'held' AND r.deadline IS NOT NULL"
             "    AND r.deadline <= :now)"
             "  FOR UPDATE SKIP LOCKED)"
-            " SELECT r.job_id, r.custom_id, r.model, r.tier, r.batch_id, r.deadline, r.attempts"
-            " FROM requests r JOIN b ON b.batch_id = r.batch_id"
+            " SELECT r.* FROM requests r JOIN b ON b.batch_id = r.batch_id"
             " WHERE r.status = 'held' AND r.deadline <= :now"
             "   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = r.job_id AND j.status = 'cancelled')"
-            " ORDER BY r.deadline LIMIT :limit FOR UPDATE OF r"), {"now": now, "limit": limit}).mappings().all()
+            " ORDER BY r.deadline LIMIT :limit FOR UPDATE OF r"),
+            {"now": now, "limit": limit, "modes": worker_paths()}).mappings().all()
         if not rows:
             return {}
-        outcomes = [{
-            "job_id": r["job_id"], "custom_id": r["custom_id"], "model": r["model"], "status": "failed",
-            "status_code": None, "response": None,
-            "error": {"code": MISSED_CODE,
-                      "message": f"not started by its deadline {r['deadline'].isoformat()}: expired unsent,"
-                                 f" as a batch API expires lines it did not run"},
-            "input_tokens": None, "cached_input_tokens": None, "output_tokens": None,
-            "usage_missing": False, "cost_usd": 0, "provider_request_id": None, "latency_ms": None,
-            "attempts": r["attempts"]} for r in rows]
-        outcome_store.write_outcomes(conn, outcomes, [])
+        sequence.write(conn, [Outcome.failed(Request.from_row(r), MISSED_CODE,
+                                             f"not started by its deadline {r['deadline'].isoformat()}: expired"
+                                             f" unsent, as a batch API expires lines it did not run")
+                              for r in rows], [])
         batches = sorted({r["batch_id"] for r in rows})
         conn.execute(sa.text(
             "UPDATE batches b SET status = 'done', finished_at = now()"

@@ -4,8 +4,10 @@ The batcher writes such requests as ``held`` batches with ``mode =
 'provider_batch'``. Every scheduler tick:
 
 1. **reserve** — before anything is sent, each held request's maximum cost at
-   the batch price is reserved against its job, tier and global caps
-   (``holds.reserve_now``, held for the batch's whole window). What fits is
+   the batch price is reserved against its job, tier and global caps, through the
+   same async ``Budget`` the workers use (pipeline/paths/base.py ``reserve``, the
+   path's reservation and hold expiry: pipeline/paths/provider_batch.py), on the
+   scheduler's one event loop (schedules/loop.py). What fits is
    sent; a request a cap refuses is moved to a deferred batch with the reason
    in words (``requests.deferred_reason``); one only other live holds stand in
    front of stays held for the next tick; one whose maximum is above a cap
@@ -40,43 +42,30 @@ The batcher writes such requests as ``held`` batches with ``mode =
    ingested and billed; the rest is ``cancelled``, never re-queued.
 3. **poll** and ingest: schedules/pb_ingest.py.
 
-Provider custom_ids are ``q`` + a hash of (job, custom_id): unique across the
-jobs that share a provider batch and valid for Anthropic's pattern.
+Provider custom_ids and request lines are the path's (pipeline/paths/provider_batch.py).
 
 It must never hold a Postgres transaction open across a provider call.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
 import logging
 import uuid
-from decimal import Decimal
 
 import sqlalchemy as sa
 
 from pipeline import errors
 from pipeline.config import Settings, get_settings
 from pipeline.ids import request_key
-from pipeline.money import caps, holds, scripts, units
-from pipeline.money.pricing import get_price_book
+from pipeline.money import caps, units
+from pipeline.paths import base as sequence
+from pipeline.paths.provider_batch import PROVIDER_BATCH, provider_custom_id, request_line
 from pipeline.providers import batch_api
-from pipeline.stores import db, jobs as job_store, outcomes as outcome_store
+from pipeline.request import Outcome, Request
+from pipeline.stores import db, jobs as job_store
+from schedules import loop
 
 log = logging.getLogger(__name__)
-
-def provider_custom_id(job_id: str, custom_id: str) -> str:
-    return "q" + hashlib.blake2b(f"{job_id}\x00{custom_id}".encode(), digest_size=16).hexdigest()
-
-
-def request_line(provider: str, pid: str, body: dict) -> bytes:
-    if provider == "openai":
-        line = {"custom_id": pid, "method": "POST", "url": batch_api.OPENAI_ENDPOINT, "body": body}
-    else:
-        line = {"custom_id": pid, "params": body}
-    return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
 def pack(sizes: list[int], max_requests: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -94,31 +83,20 @@ def pack(sizes: list[int], max_requests: int, max_bytes: int) -> list[tuple[int,
 
 # ------------------------------------------------------------------ submit
 
-_redis_by_url: dict[str, object] = {}
-
-
-def budget_redis(settings: Settings):
-    """The scheduler's synchronous Redis client for the budget (one per URL)."""
-    r = _redis_by_url.get(settings.redis_url)
-    if r is None:
-        r = _redis_by_url[settings.redis_url] = scripts.redis_clients(settings)[1]
-    return r
-
-
 def submit_held(*, settings: Settings | None = None, engine=None, limit_batches: int = 2000) -> list[str]:
     """Send held provider-batch work to the providers, only what its caps can hold; returns our
     provider batch ids."""
     settings = settings or get_settings()
     engine = engine or db.get_engine()
-    redis = budget_redis(settings)
+    budget = loop.budget(settings, engine)
     created = []
     held: list[str] = []   # reservations taken this tick: given back if the transaction does not commit
     try:
         with engine.begin() as conn:
             batches = conn.execute(sa.text(
                 "SELECT batch_id, provider, model, tier FROM batches"
-                " WHERE status = 'held' AND mode = 'provider_batch' ORDER BY created_at"
-                " LIMIT :n FOR UPDATE SKIP LOCKED"), {"n": limit_batches}).mappings().all()
+                " WHERE status = 'held' AND mode = :mode ORDER BY created_at"
+                " LIMIT :n FOR UPDATE SKIP LOCKED"), {"n": limit_batches, "mode": PROVIDER_BATCH.name}).mappings().all()
             if not batches:
                 return []
             groups: dict[tuple[str, str], list] = {}
@@ -131,12 +109,12 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                 conn.execute(sa.text(
                     "UPDATE requests SET status = 'held', deferred_scope = NULL, deferred_reason = NULL"
                     " WHERE batch_id = ANY(:ids) AND status = 'deferred'"), {"ids": ids})
-                reqs = conn.execute(sa.text(
-                    "SELECT job_id, custom_id, batch_id, body, tier, model, max_cost_usd, attempts FROM requests"
-                    " WHERE batch_id = ANY(:ids) AND status = 'held' ORDER BY batch_id, line, custom_id"),
-                    {"ids": ids}).mappings().all()
+                reqs = [Request.from_row(r) for r in conn.execute(sa.text(
+                    "SELECT r.*, b.mode AS path FROM requests r JOIN batches b ON b.batch_id = r.batch_id"
+                    " WHERE r.batch_id = ANY(:ids) AND r.status = 'held' ORDER BY r.batch_id, r.line, r.custom_id"),
+                    {"ids": ids}).mappings()]
                 if reqs and not store_down:
-                    reqs, store_down = _reserve(conn, reqs, settings, engine, redis, held)
+                    reqs, store_down = _reserve(conn, reqs, settings, engine, budget, held)
                 else:
                     reqs = []
                 # batches left with nothing to send (their job was cancelled, or the caps moved it) are done
@@ -146,8 +124,7 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                     "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": ids})
                 if not reqs:
                     continue
-                sizes = [len(request_line(provider, provider_custom_id(r["job_id"], r["custom_id"]), r["body"]))
-                         for r in reqs]
+                sizes = [len(request_line(r)) for r in reqs]
                 for start, end in pack(sizes, settings.provider_batch_max_requests[provider],
                                        settings.provider_batch_max_bytes[provider]):
                     pb_id = "pb_" + uuid.uuid4().hex[:20]
@@ -159,56 +136,59 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                     _assign(conn, pb_id, chunk)
                     created.append(pb_id)
     except BaseException:
-        holds.release_held(redis, held)
+        loop.run(budget.release_ids(held))
         raise
     for pb_id in created:
         _create_at_provider(pb_id, settings, engine)
     return created
 
 
-def _hold_amount(req, prices) -> Decimal:
-    """The most a request can cost through a Batch API: its maximum at the batch price."""
-    price = prices.resolve(req["model"])
-    return Decimal(str(req["max_cost_usd"])) * (1 - price.batch_discount)
+async def _reserve_all(budget, reqs: list[Request], today: str) -> list[tuple[Request, object]]:
+    """Step 1 of the sequence for each request, in order, on the scheduler's loop: ``(req, result)``,
+    the result a ``Reservation``, None (only live holds in the way) or the exception; the first
+    ``BudgetUnavailable`` ends the pass (what follows it stays held)."""
+    out = []
+    for req in reqs:
+        try:
+            res = await sequence.reserve(budget, PROVIDER_BATCH, req, wait=False, period=today, track=False)
+        except errors.BudgetUnavailable as e:
+            out.append((req, e))
+            break
+        except Exception as e:   # refused, never fits, no amount, an unknown model: that request alone
+            res = e
+        out.append((req, res))
+    return out
 
 
-def _reserve(conn, reqs, settings: Settings, engine, redis, held: list[str]) -> tuple[list, bool]:
+def _reserve(conn, reqs: list[Request], settings: Settings, engine, budget, held: list[str]) -> tuple[list, bool]:
     """Reserve each request's maximum; returns (the requests that fit, whether the store is down).
 
     Refused ones move to a deferred batch with the reason; never-fitting or
     invalid ones fail now; those only live holds stand in front of stay held.
     """
-    prices = get_price_book()
     fit, defer, fail, waiting = [], {}, [], 0
     # one period for the tick: each hold is taken in it and its request records it, so the spend
     # lands in that period when the batch is ingested, however many days later (one period per spend)
     today = caps.period(settings, engine)
-    for i, r in enumerate(reqs):
-        rid = request_key(r["job_id"], r["custom_id"])
-        try:
-            amount = _hold_amount(r, prices)
-            in_the_way = holds.reserve_now(engine, redis, settings, rid, r["job_id"], r["tier"], amount,
-                                            ttl_s=scripts.PROVIDER_BATCH_HOLD_S, today=today)
-        except errors.BudgetUnavailable as e:
-            log.warning("provider batches: budget store unreachable, %d requests stay held: %s", len(reqs) - i, e)
+    for i, (r, res) in enumerate(loop.run(_reserve_all(budget, reqs, today))):
+        if isinstance(res, errors.BudgetUnavailable):
+            log.warning("provider batches: budget store unreachable, %d requests stay held: %s", len(reqs) - i, res)
             _record_period(conn, fit, today)
             return _apply_budget_outcomes(conn, fit, defer, fail), True
-        except (errors.InvalidAmount, errors.BudgetNeverFits) as e:
-            fail.append((r, e))
-            continue
-        except errors.BudgetExceeded as e:
-            reason = (f"deferred: the {e.scope} cap ${e.cap} has ${e.spent} spent and cannot hold this"
+        if isinstance(res, (errors.InvalidAmount, errors.BudgetNeverFits)):
+            fail.append((r, res))
+        elif isinstance(res, errors.BudgetExceeded):
+            amount = PROVIDER_BATCH.reservation(r)
+            reason = (f"deferred: the {res.scope} cap ${res.cap} has ${res.spent} spent and cannot hold this"
                       f" request's maximum of ${amount.quantize(units.UNIT)} at the batch price")
-            defer.setdefault((r["batch_id"], e.kind), []).append((r, e.kind, reason))
-            continue
-        except Exception as e:   # an unknown model, a broken row: that request fails, alone
-            fail.append((r, errors.InvalidAmount(f"cannot price this request for its reservation: {e}")))
-            continue
-        if in_the_way is not None:
+            defer.setdefault((r.batch_id, res.kind), []).append((r, res.kind, reason))
+        elif isinstance(res, Exception):   # an unknown model, a broken row: that request fails, alone
+            fail.append((r, errors.InvalidAmount(f"cannot price this request for its reservation: {res}")))
+        elif res is None:
             waiting += 1         # other live holds may settle below their maximum: try next tick
-            continue
-        held.append(rid)
-        fit.append(r)
+        else:
+            held.append(res.rid)
+            fit.append(r)
     if waiting:
         log.info("provider batches: %d requests wait for live holds under their caps; next tick", waiting)
     _record_period(conn, fit, today)
@@ -223,7 +203,7 @@ def _record_period(conn, reqs, today: str) -> None:
             "UPDATE requests r SET budget_period = CAST(:p AS date)"
             " FROM jsonb_to_recordset(CAST(:k AS jsonb)) AS x(job_id text, custom_id text)"
             " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"),
-            {"p": today, "k": db.dumps([{"job_id": r["job_id"], "custom_id": r["custom_id"]} for r in reqs])})
+            {"p": today, "k": db.dumps([{"job_id": r.job_id, "custom_id": r.custom_id} for r in reqs])})
 
 
 def _apply_budget_outcomes(conn, fit, defer, fail) -> list:
@@ -240,19 +220,16 @@ def _apply_budget_outcomes(conn, fit, defer, fail) -> list:
             " AS x(job_id text, custom_id text, scope text, reason text)"
             " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id AND r.batch_id = :b"),
             {"new": target, "b": batch_id, "rows": db.dumps(
-                [{"job_id": r["job_id"], "custom_id": r["custom_id"], "scope": k, "reason": why}
+                [{"job_id": r.job_id, "custom_id": r.custom_id, "scope": k, "reason": why}
                  for r, k, why in items])})
         conn.execute(sa.text("UPDATE batches SET size = size - :n WHERE batch_id = :b"),
                      {"n": len(items), "b": batch_id})
         log.info("provider batches: %d requests of batch %s deferred (%s): %s", len(items), batch_id, kind,
                  items[0][2])
     if fail:
-        outcome_store.write_outcomes(conn, [{
-            "job_id": r["job_id"], "custom_id": r["custom_id"], "model": r["model"], "status": "failed",
-            "attempts": r["attempts"] or 0, "cost_usd": "0",
-            "error": {"code": e.code, "message": str(e)}} for r, e in fail], [])
+        sequence.write(conn, [Outcome.failed(r, e.code, str(e)) for r, e in fail], [])
         log.warning("provider batches: %d requests failed before sending: %s", len(fail), fail[0][1])
-    jobs = {r["job_id"] for r, _ in fail} | {r["job_id"] for items in defer.values() for r, _, _ in items}
+    jobs = {r.job_id for r, _ in fail} | {r.job_id for items in defer.values() for r, _, _ in items}
     if jobs:
         job_store.refresh_jobs(conn, jobs)
     return fit
@@ -262,7 +239,7 @@ def _assign(conn, pb_id: str, chunk: list) -> None:
     """Put ``chunk``'s requests in provider batch ``pb_id``; a batch of ours only partly in it is split."""
     by_batch: dict[str, list] = {}
     for r in chunk:
-        by_batch.setdefault(r["batch_id"], []).append((r["job_id"], r["custom_id"]))
+        by_batch.setdefault(r.batch_id, []).append((r.job_id, r.custom_id))
     for batch_id, keys in by_batch.items():
         remaining = conn.execute(sa.text(
             "SELECT count(*) FROM requests WHERE batch_id = :b AND status = 'held'"), {"b": batch_id}).scalar()
@@ -289,12 +266,16 @@ def _assign(conn, pb_id: str, chunk: list) -> None:
             " WHERE batch_id = :b AND status = 'held'"), {"b": target})
 
 
-def pb_requests(conn, pb_id: str) -> list[dict]:
-    return [dict(r) for r in conn.execute(sa.text(
-        "SELECT r.job_id, r.custom_id, r.model, r.tier, r.body, r.status, r.attempts, r.batch_id,"
-        " r.budget_period::text AS budget_period, j.batch_fallback, j.status AS job_status"
-        " FROM batches b JOIN requests r ON r.batch_id = b.batch_id JOIN jobs j ON j.job_id = r.job_id"
-        " WHERE b.provider_batch = :pb ORDER BY r.batch_id, r.line, r.custom_id"), {"pb": pb_id}).mappings()]
+def pb_requests(conn, pb_id: str) -> list[tuple[Request, dict]]:
+    """The requests of provider batch ``pb_id``, each with its state: ``status``, ``batch_fallback``
+    and ``job_status``."""
+    rows = conn.execute(sa.text(
+        "SELECT r.*, b.mode AS path, j.batch_fallback,"
+        " j.status AS job_status FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
+        " JOIN jobs j ON j.job_id = r.job_id"
+        " WHERE b.provider_batch = :pb ORDER BY r.batch_id, r.line, r.custom_id"), {"pb": pb_id}).mappings()
+    return [(Request.from_row(r), {"status": r["status"], "batch_fallback": r["batch_fallback"],
+                                   "job_status": r["job_status"]}) for r in rows]
 
 
 def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int = 0) -> str:
@@ -310,15 +291,15 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
             " RETURNING provider"), {"id": pb_id, "n": attempts}).scalar()
         if pb is None:
             return "skipped"
-        reqs = pb_requests(conn, pb_id)
-    lines = [{"custom_id": provider_custom_id(r["job_id"], r["custom_id"]), "params": r["body"]} for r in reqs]
-    content = b"".join(request_line(pb, provider_custom_id(r["job_id"], r["custom_id"]), r["body"]) for r in reqs)
+        reqs = [r for r, _ in pb_requests(conn, pb_id)]
+    lines = [{"custom_id": provider_custom_id(r), "params": r.body} for r in reqs]
+    content = b"".join(request_line(r) for r in reqs)
     def cancelled() -> bool:
         with engine.connect() as conn:
             return bool(conn.execute(sa.text("SELECT cancel_requested FROM provider_batches WHERE id = :id"),
                                      {"id": pb_id}).scalar())
     try:
-        info = asyncio.run(batch_api.create(settings, pb_id, pb, content, lines, cancelled))
+        info = loop.run(batch_api.create(settings, pb_id, pb, content, lines, cancelled))
     except batch_api.NotCreated as e:   # the provider said no: nothing to bill, back to held, next tick retries
         log.warning("provider batch %s (%s, %d requests): creation refused, held again: %s",
                     pb_id, pb, len(reqs), e)
@@ -351,7 +332,7 @@ def _record_created(engine, pb_id: str, info: dict, settings: Settings) -> bool:
         if info.get("cancel_status") in confirmed:
             job_store.confirm_cancel(engine, pb_id, info["cancel_status"], True)
         else:
-            job_store.send_cancel(engine, pb_id, row.provider, info["provider_batch_id"], settings)
+            job_store.send_cancel(engine, pb_id, row.provider, info["provider_batch_id"], settings, run=loop.run)
     return True
 
 
@@ -377,7 +358,9 @@ def _abandon(engine, pb_id: str, reason: str, settings: Settings | None = None) 
         cancelled = {j for j, _, st in keys if st == "cancelled"}
         if cancelled:
             job_store.refresh_jobs(conn, cancelled)
-    holds.release_held(budget_redis(settings or get_settings()), [request_key(j, c) for j, c, _ in keys])
+    settings = settings or get_settings()
+    budget = loop.budget(settings, engine)
+    loop.run(budget.release_ids([request_key(j, c) for j, c, _ in keys]))
 
 
 def _known_ids(engine):
@@ -414,7 +397,7 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
             {"t": settings.provider_batch_create_timeout_s, "p": settings.provider_batch_poll_s}).mappings()]
         for r in rows:
             if r["provider"] == "anthropic" and r["create_attempts"]:
-                r["pids"] = {provider_custom_id(q["job_id"], q["custom_id"]) for q in pb_requests(conn, r["id"])}
+                r["pids"] = {provider_custom_id(q) for q, _ in pb_requests(conn, r["id"])}
     found: dict[str, tuple] = {}
     tried = [r for r in rows if r["create_attempts"]]
     intents = [{"id": r["id"], "requests": r["requests"], "pids": r["pids"],
@@ -423,7 +406,7 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
                for r in tried if r["provider"] == "anthropic"]
     try:
         if intents:
-            found.update(asyncio.run(batch_api.find_anthropic(settings, intents, _known_ids(engine))))
+            found.update(loop.run(batch_api.find_anthropic(settings, intents, _known_ids(engine))))
     except Exception as e:
         log.warning("provider batches: cannot list Anthropic batches to find %d unconfirmed creations: %s",
                     len(intents), e)
@@ -431,7 +414,7 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
         if r["provider"] != "openai":
             continue
         try:
-            hit = asyncio.run(batch_api.find_openai(settings, r["id"], r["first_at"]))
+            hit = loop.run(batch_api.find_openai(settings, r["id"], r["first_at"]))
             found[r["id"]] = ("found", hit) if hit else ("none",)
         except Exception as e:
             log.warning("provider batch %s: cannot list OpenAI batches to find it: %s", r["id"], e)
@@ -479,5 +462,5 @@ def carry_out_cancels(*, settings: Settings | None = None, engine=None) -> int:
             "SELECT id, provider, provider_batch_id FROM provider_batches WHERE status = 'submitted'"
             " AND cancel_requested AND cancel_confirmed_at IS NULL ORDER BY cancel_requested_at")).all()
     for pb_id, provider, pbid in rows:
-        job_store.send_cancel(engine, pb_id, provider, pbid, settings)
+        job_store.send_cancel(engine, pb_id, provider, pbid, settings, run=loop.run)
     return len(rows)

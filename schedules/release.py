@@ -5,9 +5,9 @@ one flips it to ``queued`` in the same statement that picks it, so two
 releasers never hand out the same batch, then dispatches it; a crash between
 the two is repaired by the batcher's sweep, which dispatches ``queued`` batches.
 
-Only realtime batches are released here: provider-batch batches
-(``batches.mode = 'provider_batch'``) go to a provider Batch API
-(schedules/pb_submit.py, schedules/pb_ingest.py).
+Only the batches of paths our workers run are released here (pipeline/paths/registry.py
+``worker_paths``: realtime, flex); a provider-batch path's batches go to a provider
+Batch API (schedules/pb_submit.py, schedules/pb_ingest.py).
 
 A batch whose earliest open deadline is near is released whatever the window
 (``release_for_deadlines``, called by schedules/deadlines.py) and lifted to the
@@ -27,6 +27,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from pipeline.intake.dispatch import enqueue_batch as dispatch
+from pipeline.paths.registry import worker_paths
 from pipeline.stores import batches, db
 
 
@@ -38,14 +39,14 @@ def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, disp
         rows = conn.execute(sa.text(
             "WITH picked AS ("
             "  SELECT b.batch_id, b.tier FROM batches b"
-            "  WHERE b.status = 'held' AND b.tier = ANY(:tiers) AND b.mode = 'realtime'"
+            "  WHERE b.status = 'held' AND b.tier = ANY(:tiers) AND b.mode = ANY(:modes)"
             "  ORDER BY (SELECT max(priority) FROM requests r WHERE r.batch_id = b.batch_id) DESC,"
             "           b.created_at"
             "  LIMIT :limit FOR UPDATE SKIP LOCKED)"
             " UPDATE batches b SET status = 'queued' FROM picked WHERE b.batch_id = picked.batch_id"
             " RETURNING b.batch_id, b.tier,"
             "  ARRAY(SELECT DISTINCT r.job_id FROM requests r WHERE r.batch_id = b.batch_id) AS jobs"),
-            {"tiers": list(tiers), "limit": limit}).all()
+            {"tiers": list(tiers), "limit": limit, "modes": worker_paths()}).all()
         conn.execute(sa.text(
             "UPDATE requests SET status = 'queued' WHERE batch_id = ANY(:ids) AND status = 'held'"),
             {"ids": [r.batch_id for r in rows]})
@@ -71,13 +72,13 @@ def release_for_deadlines(before, tier: str, limit: int = 1000, *, engine=None,
             "  GROUP BY r.batch_id),"
             " picked AS ("
             "  SELECT b.batch_id, b.tier FROM batches b JOIN due ON due.batch_id = b.batch_id"
-            "  WHERE b.status = 'held' AND b.mode = 'realtime'"
+            "  WHERE b.status = 'held' AND b.mode = ANY(:modes)"
             "  ORDER BY due.first LIMIT :limit FOR UPDATE OF b SKIP LOCKED)"
             " UPDATE batches b SET status = 'queued', tier = :tier FROM picked"
             " WHERE b.batch_id = picked.batch_id"
             " RETURNING b.batch_id, picked.tier AS held_tier,"
             "  ARRAY(SELECT DISTINCT r.job_id FROM requests r WHERE r.batch_id = b.batch_id) AS jobs"),
-            {"before": before, "tier": tier, "limit": limit}).all()
+            {"before": before, "tier": tier, "limit": limit, "modes": worker_paths()}).all()
         conn.execute(sa.text(
             "UPDATE requests SET status = 'queued', tier = :tier,"
             " tier_reason = tier_reason || ', released to ' || :tier || ' for its deadline'"
@@ -95,16 +96,16 @@ def waiting(tier: str, *, engine=None) -> int:
     engine = engine or db.get_engine()
     with engine.connect() as conn:
         return conn.execute(sa.text(
-            "SELECT count(*) FROM batches WHERE tier = :t AND mode = 'realtime'"
-            " AND status IN ('queued', 'dispatched')"), {"t": tier}).scalar()
+            "SELECT count(*) FROM batches WHERE tier = :t AND mode = ANY(:modes)"
+            " AND status IN ('queued', 'dispatched')"), {"t": tier, "modes": worker_paths()}).scalar()
 
 
 def held_count(tier: str, *, engine=None) -> int:
     engine = engine or db.get_engine()
     with engine.connect() as conn:
         return conn.execute(sa.text(
-            "SELECT count(*) FROM batches WHERE tier = :t AND mode = 'realtime' AND status = 'held'"),
-            {"t": tier}).scalar()
+            "SELECT count(*) FROM batches WHERE tier = :t AND mode = ANY(:modes) AND status = 'held'"),
+            {"t": tier, "modes": worker_paths()}).scalar()
 
 
 def hold_unstarted(tiers: tuple[str, ...], *, engine=None) -> list[str]:
@@ -113,8 +114,8 @@ def hold_unstarted(tiers: tuple[str, ...], *, engine=None) -> list[str]:
     with engine.begin() as conn:
         ids = conn.execute(sa.text(
             "UPDATE batches SET status = 'held', dispatched_at = NULL"
-            " WHERE tier = ANY(:tiers) AND mode = 'realtime' AND status IN ('queued', 'dispatched')"
-            " RETURNING batch_id"), {"tiers": list(tiers)}).scalars().all()
+            " WHERE tier = ANY(:tiers) AND mode = ANY(:modes) AND status IN ('queued', 'dispatched')"
+            " RETURNING batch_id"), {"tiers": list(tiers), "modes": worker_paths()}).scalars().all()
         if ids:
             conn.execute(sa.text(
                 "UPDATE requests SET status = 'held' WHERE batch_id = ANY(:ids) AND status = 'queued'"),

@@ -38,6 +38,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
+from pipeline.paths.registry import scheduler_paths
 from pipeline.config import Settings, get_settings
 from pipeline.intake.batcher import dispatch
 from pipeline.stores import batches, db, jobs
@@ -109,7 +110,7 @@ def budget_rollover(*, engine=None, dispatcher=dispatch) -> int:
         from pipeline.money.deferral import resume_due_batches
     except ImportError:   # pragma: no cover - budgets not installed
         return 0
-    return resume_due_batches(engine or db.get_engine(), dispatcher)
+    return resume_due_batches(engine or db.get_engine(), dispatcher, scheduler_paths())
 
 
 #: a submit records progress every couple of seconds (pipeline/intake/producer.py); this much silence means it died

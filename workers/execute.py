@@ -35,19 +35,14 @@ from pipeline.config import Settings
 from pipeline.errors import (
     BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount, PermanentProviderError, ProviderError,
 )
-from pipeline.ids import request_key
 from pipeline.money import calls, deferral
-from pipeline.money.pricing import (
-    Usage,
-    answered_price,
-    cost,
-    get_price_book,
-    usage_from_anthropic,
-    usage_from_openai,
-)
+from pipeline.money.pricing import get_price_book
 from pipeline.money.units import from_units
+from pipeline.paths import base as sequence
+from pipeline.paths.registry import path_for
 from pipeline.providers.base import get_provider
 from pipeline.providers.retries import AttemptRecord, call_with_retries
+from pipeline.request import Outcome, Request
 from pipeline.stores import batches, db, jobs as job_store
 from workers.fallback import fallback_for
 from workers.gate import CallRecord, Gate, Gated, LeaseLost, RequestCancelled
@@ -68,13 +63,6 @@ CHAIN_MAX_S = 600.0
 RENEW_RETRY_S, RENEW_RETRY_MAX_S = 0.5, 5.0
 
 
-def _usage(provider: str, body: dict) -> Usage | None:
-    raw = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(raw, dict):
-        return None
-    return usage_from_openai(raw) if provider == "openai" else usage_from_anthropic(raw)
-
-
 async def prepare(settings: Settings) -> None:
     """Make this process's SDK clients, budget and limiter now (a new pool process), so
     its first batch does not pay for them."""
@@ -84,91 +72,80 @@ async def prepare(settings: Settings) -> None:
     limiter_for(settings, budget_for(settings, db.get_engine()))
 
 
-async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate: Gate | None = None,
+async def run_request(req: Request, settings: Settings, writer: OutcomeWriter, gate: Gate | None = None,
                       owner: str | None = None) -> str:
-    """Run one request; its outcome goes to ``writer``. Returns 'succeeded', 'failed',
+    """Run one request on its path (pipeline/paths/): reserve (in ``Limited``), call, price; its
+    outcome goes to ``writer``, which writes it and then settles. Returns 'succeeded', 'failed',
     'deferred', 'cancelled' or 'abandoned' (lease lost before its call: no outcome)."""
-    provider = get_provider(req["provider"], settings)
+    path = path_for(req.path)
     prices = get_price_book()
-    prices.resolve(req["model"])   # a model this worker cannot price fails here, before any call
+    prices.resolve(req.model)   # a model this worker cannot price fails here, before any call
+    caller = path.caller(get_provider(req.provider, settings), settings)
+    provider = caller
     if writer.budget is not None:
         # the gate is asked by the call's record, right before it is sent (CallRecord)
         record = CallRecord(gate, writer, writer.batch_id, owner) if gate is not None else None
-        provider = Limited(provider, req, writer.budget, limiter_for(settings, writer.budget),
-                            fallback_for(req, prices), settings.fallback_rate_wait_s, calls=record)
+        provider = Limited(caller, req, writer.budget, limiter_for(settings, writer.budget),
+                           fallback_for(req, prices), settings.fallback_rate_wait_s, calls=record)
     elif gate is not None:
-        provider = Gated(provider, gate, req["job_id"])
-    key = request_key(req["job_id"], req["custom_id"])
-    ctx = {"job": req["job_id"], "request": req["custom_id"], "tier": req["tier"]}  # log correlation
-    headers = {"Idempotency-Key": key, "X-LLMBatch-Tier": req["tier"]}
+        provider = Gated(caller, gate, req.job_id)
+    ctx = req.log_context()   # log correlation
+    headers = {"Idempotency-Key": req.key, "X-LLMBatch-Tier": req.tier}
 
-    last = {"attempt": req["attempts"], "row": None}
+    last = {"attempt": req.attempts, "row": None}
 
     def on_attempt(a: AttemptRecord) -> None:
-        row = {"job_id": req["job_id"], "custom_id": req["custom_id"], "attempt": a.attempt,
+        row = {"job_id": req.job_id, "custom_id": req.custom_id, "attempt": a.attempt,
                "status_code": a.status_code, "error": a.error, "latency_ms": a.latency_ms,
                "provider_request_id": a.request_id, "cost_usd": "0"}
         last.update(attempt=a.attempt, row=row)
         writer.attempts.append(row)
         writer.wake.set()   # a refused attempt is on record even while its retry waits
 
-    outcome = {"job_id": req["job_id"], "custom_id": req["custom_id"], "model": req["model"],
-               "cache_key": req.get("cache_key"), "response": None, "error": None, "input_tokens": None, "cached_input_tokens": None,
-               "output_tokens": None, "usage_missing": False, "cost_usd": "0",
-               "provider_request_id": None, "latency_ms": None, "status_code": None}
     try:
-        answer = await call_with_retries(provider, req["body"], headers=headers, settings=settings,
-                                         first_attempt=req["attempts"] + 1, on_attempt=on_attempt)
+        answer = await call_with_retries(provider, req.body, headers=headers, settings=settings,
+                                         first_attempt=req.attempts + 1, on_attempt=on_attempt)
     except RequestCancelled as e:
-        outcome.update(status="cancelled", error={"code": "cancelled", "message": str(e)},
-                       attempts=last["attempt"])
-        writer.outcomes.append(outcome)
+        writer.outcomes.append(Outcome.cancelled(req, str(e), attempts=last["attempt"]))
         return "cancelled"
     except LeaseLost:
         return "abandoned"
     except (BudgetExceeded, InvalidAmount) as e:
         # a maximum above the cap itself, or no valid amount, can never be reserved: fail now, alone
-        if req.get("on_budget") == "fail" or e.permanent:
-            outcome.update(status="failed", error={"code": e.code, "message": str(e)},
-                           attempts=last["attempt"])
-            writer.outcomes.append(outcome)
+        if req.on_budget == "fail" or e.permanent:
+            writer.outcomes.append(Outcome.failed(req, e.code, str(e), attempts=last["attempt"]))
             return "failed"
-        writer.deferred.append({"job_id": req["job_id"], "custom_id": req["custom_id"], "scope": e.kind,
+        writer.deferred.append({"job_id": req.job_id, "custom_id": req.custom_id, "scope": e.kind,
                                 "reason": str(e)})
         writer.deferred_kinds.add(e.kind)
         return "deferred"
     except BudgetUnavailable as e:   # fail closed: no call without a reservation
         # a script's refusal is a bug to fix, not an outage to wait out: say so at error level
         (log.error if isinstance(e, BudgetScriptError) else log.warning)(
-            "request %s deferred: %s", key, e, extra=ctx)
-        writer.deferred.append({"job_id": req["job_id"], "custom_id": req["custom_id"], "scope": "unavailable"})
+            "request %s deferred: %s", req.key, e, extra=ctx)
+        writer.deferred.append({"job_id": req.job_id, "custom_id": req.custom_id, "scope": "unavailable"})
         writer.deferred_kinds.add("unavailable")
         return "deferred"
     except ProviderError as e:
         code = "provider_error" if isinstance(e, PermanentProviderError) else "attempts_exhausted"
-        outcome.update(status="failed", status_code=e.status_code, provider_request_id=e.request_id,
-                       error={"code": code, "message": str(e)}, attempts=last["attempt"])
-        writer.outcomes.append(outcome)
+        writer.outcomes.append(Outcome.failed(req, code, str(e), attempts=last["attempt"],
+                                              status_code=e.status_code, provider_request_id=e.request_id))
         return "failed"
-    model = getattr(provider, "model", req["model"])   # the fallback's, when it answered
-    usage = _usage(req["provider"], answer.body)
-    spent = cost(answered_price(prices, answer.body, model), usage) if usage else Decimal(0)
-    last["row"]["cost_usd"] = str(spent)
-    outcome.update(
-        status="succeeded", model=model, status_code=answer.status_code, response=answer.body,
-        provider_request_id=answer.request_id, latency_ms=answer.latency_ms, cost_usd=str(spent),
-        usage_missing=usage is None, attempts=last["attempt"],
-        input_tokens=usage.input_tokens if usage else None,
-        cached_input_tokens=usage.cached_input_tokens if usage else None,
-        output_tokens=usage.output_tokens if usage else None)
-    if usage is None:
-        log.warning("request %s answered without usage: recorded as usage_missing, cost unknown", key,
+    reservation = provider.reservation if isinstance(provider, Limited) else None
+    outcome = sequence.answered(
+        path, req, answer.body, prices, model=getattr(provider, "model", req.model),   # the fallback's, when it answered
+        served=getattr(caller, "served", None), attempts=last["attempt"], status_code=answer.status_code,
+        provider_request_id=answer.request_id, latency_ms=answer.latency_ms,
+        # its spend is the period of its hold, in the ledger too
+        budget_period=reservation.period if reservation is not None else None)
+    last["row"]["cost_usd"] = str(outcome.cost)
+    if outcome.usage_missing:
+        log.warning("request %s answered without usage: recorded as usage_missing, cost unknown", req.key,
                     extra=ctx)
     writer.outcomes.append(outcome)
-    if isinstance(provider, Limited) and provider.reservation is not None:
-        outcome["budget_period"] = provider.reservation.period   # its spend is that period's, in the ledger too
+    if reservation is not None:
         # no usage: the cost is unknown, so the maximum stays spent
-        writer.settles.append((provider.reservation, spent if usage else from_units(provider.reservation.units)))
+        writer.settles.append((reservation, sequence.settle_amount(outcome, reservation.units)))
     return "succeeded"
 
 
@@ -297,7 +274,7 @@ async def _claim(engine, take, what: str) -> tuple[dict, list[dict]] | None:
             return None
         # calls still on record as sent were cut off with the batch's last worker: spent, unconfirmed
         batch["calls_cut_off"] = calls.take_over(conn, batch["batch_id"])
-        return batch, batches.open_requests(conn, batch["batch_id"])
+        return batch, [Request.from_row(r) for r in batches.open_requests(conn, batch["batch_id"])]
     return await asyncio.to_thread(db.retrying, engine, work, what=f"claiming {what}")
 
 
@@ -323,7 +300,7 @@ def _poison(batch: dict, requests: list[dict]) -> list[dict]:
     message = (f"batch {batch['batch_id']} was left unfinished {batch['crashes']} times ({why}); "
                f"its open requests are failed so that it stops being retried")
     log.error("%s: failing %d requests", message, len(requests), extra={"batch": batch["batch_id"], "tier": batch["tier"]})
-    return [dict(internal_error(r, message), error={"code": "batch_poison", "message": message}) for r in requests]
+    return [internal_error(r, message, "batch_poison") for r in requests]
 
 
 async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: Settings, engine,
@@ -334,7 +311,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
     cut_off, xid = batch.get("calls_cut_off") or ([], "")
     for res in calls.holds(cut_off, xid):   # their dead holds become spend at their maximum
         await writer.budget.settle(res, from_units(res.units))
-    jobs = {r["job_id"] for r in requests}
+    jobs = {r.job_id for r in requests}
     if batch.get("crashes", 0) >= MAX_CRASHES and requests:
         writer.outcomes.extend(_poison(batch, requests))
         requests = []
@@ -354,8 +331,8 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
             try:
                 counts[await run_request(req, settings, writer, gate, owner)] += 1
             except Exception as e:   # fails alone, on record; its siblings go on
-                log.error("request %s:%s failed unexpectedly: %s", req["job_id"], req["custom_id"], describe_error(e),
-                          exc_info=True, extra={"batch": batch_id, "job": req["job_id"]})
+                log.error("request %s failed unexpectedly: %s", req.key, describe_error(e),
+                          exc_info=True, extra={"batch": batch_id, "job": req.job_id})
                 writer.outcomes.append(internal_error(req, f"the worker could not run it: {describe_error(e)}"))
                 counts["failed"] += 1
         writer.wake.set()

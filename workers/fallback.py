@@ -22,6 +22,7 @@ from decimal import Decimal
 from pipeline.errors import LineError
 from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook
+from pipeline.request import Request
 
 
 @dataclass(frozen=True)
@@ -30,22 +31,22 @@ class Fallback:
     max_cost_usd: Decimal
 
 
-def fallback_for(req: dict, prices: PriceBook) -> Fallback | None:
+def fallback_for(req: Request, prices: PriceBook) -> Fallback | None:
     """The fallback a request may use, or None (none set, other provider, or it cannot serve it).
 
     Its maximum is the same true bound as every other reservation
     (``pipeline.money.bounds.request_bound`` of the body with the fallback's model: ``n``,
     tools, images, cache writes), never a cheaper formula of its own.
     """
-    name = req.get("fallback_model")
+    name = req.fallback_model
     if not name:
         return None
     try:
         price = prices.resolve(name)
-        if price.provider != req["provider"] or price.model == prices.resolve(req["model"]).model:
+        if price.provider != req.provider or price.model == prices.resolve(req.model).model:
             return None
-        bound = request_bound(req["provider"], {**(req.get("body") or {}), "model": name}, prices,
-                              declared_input_tokens=int(req.get("input_tokens") or 0))
+        bound = request_bound(req.provider, {**req.body, "model": name}, prices,
+                              declared_input_tokens=req.bound.input_tokens)
     except LineError:   # unknown, or cannot take the request as written (limits, content)
         return None
     return Fallback(name, bound.max_cost_usd)

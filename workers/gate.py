@@ -14,6 +14,7 @@ import logging
 from pipeline.errors import LLMBatchError
 from pipeline.money import budget, calls
 from pipeline.money.units import from_units
+from pipeline.request import Request
 from pipeline.stores import db, jobs as job_store
 from workers.writer import OutcomeWriter, describe_error
 
@@ -105,22 +106,21 @@ class CallRecord:
     def __init__(self, gate: Gate, writer: OutcomeWriter, batch_id: str | None, owner: str | None):
         self.gate, self.writer, self.batch_id, self.owner = gate, writer, batch_id, owner
 
-    def _row(self, req: dict, res: budget.Reservation, call_id: str) -> dict:
-        return {"call_id": call_id, "hold_id": res.rid, "job_id": req["job_id"], "custom_id": req["custom_id"],
-                "tier": req["tier"], "batch_id": self.batch_id, "owner": self.owner,
+    def _row(self, req: Request, res: budget.Reservation, call_id: str) -> dict:
+        return {"call_id": call_id, "hold_id": res.rid, "job_id": req.job_id, "custom_id": req.custom_id,
+                "tier": req.tier, "batch_id": self.batch_id, "owner": self.owner,
                 "max_cost_usd": str(from_units(res.units))}
 
-    async def sending(self, req: dict, res: budget.Reservation, call_id: str) -> None:
-        await self.gate.check(req["job_id"], self._row(req, res, call_id))
+    async def sending(self, req: Request, res: budget.Reservation, call_id: str) -> None:
+        await self.gate.check(req.job_id, self._row(req, res, call_id))
 
     def answered(self, call_id: str | None) -> None:
         if call_id:
             self.writer.answered.append(call_id)
 
-    async def unconfirmed(self, req: dict, res: budget.Reservation, call_id: str | None, why: str) -> None:
-        log.warning("request %s:%s: the call may have been billed (%s): $%s counted as unconfirmed spend",
-                    req["job_id"], req["custom_id"], why, from_units(res.units),
-                    extra={"job": req["job_id"], "request": req["custom_id"], "tier": req["tier"]})
+    async def unconfirmed(self, req: Request, res: budget.Reservation, call_id: str | None, why: str) -> None:
+        log.warning("request %s: the call may have been billed (%s): $%s counted as unconfirmed spend",
+                    req.key, why, from_units(res.units), extra=req.log_context())
         try:
             held = await self.writer.budget.detach(res)
         except Exception as e:   # Redis away: the ledger has it, and the reconcile brings the counters to it
@@ -143,6 +143,6 @@ class Gated:
     def __getattr__(self, name):
         return getattr(self.provider, name)
 
-    async def call(self, body: dict, *, headers: dict):
+    async def call(self, body: dict, *, headers: dict, **kw):
         await self.gate.check(self.job_id)
-        return await self.provider.call(body, headers=headers)
+        return await self.provider.call(body, headers=headers, **kw)

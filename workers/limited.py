@@ -19,15 +19,16 @@ import asyncio
 import logging
 import secrets
 import time
-from decimal import Decimal
 
 from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.errors import BudgetExceeded
 from pipeline.errors import ProviderError, RetryableProviderError
-from pipeline.ids import request_key
 from pipeline.money import budget, scripts
+from pipeline.paths import base as sequence
+from pipeline.paths.registry import path_for
 from pipeline.providers import ratelimit
+from pipeline.request import Request
 from workers.fallback import Fallback
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,13 @@ class Limited:
     cap or rate cannot take goes to the fallback; ``model`` is the one that answered.
     """
 
-    def __init__(self, provider, req: dict, budget_: budget.Budget, limiter: ratelimit.Limiter | None = None,
+    def __init__(self, provider, req: Request, budget_: budget.Budget, limiter: ratelimit.Limiter | None = None,
                  fallback: Fallback | None = None, fallback_wait_s: float = 0.0, calls=None):
         self.provider, self.req, self.budget, self.limiter = provider, req, budget_, limiter
         self.fallback, self.fallback_wait_s = fallback, fallback_wait_s
         self.name = provider.name
-        self.model = req["model"]
+        self.model = req.model
+        self.path = path_for(req.path)    # what it reserves (pipeline/paths/base.py reserve)
         self.reservation: budget.Reservation | None = None
         self._primary_throttled = False   # a 429 on the primary: later attempts go to the fallback
         self._sent = False                # this attempt's request has gone out
@@ -81,18 +83,18 @@ class Limited:
         self.call_id: str | None = None   # this attempt's call, once on record
         # one hold id per execution of the request: a second execution of it (a batch delivered
         # again while the first still runs) holds beside it instead of replacing its hold
-        self.rid = f'{request_key(req["job_id"], req["custom_id"])}~{secrets.token_hex(4)}'
+        self.rid = f'{req.key}~{secrets.token_hex(4)}'
 
     async def _admit(self, model: str) -> str:
         """Wait for the model's rate window; the fallback's when the primary's is too far off."""
         req, lim = self.req, self.limiter
-        tokens = ratelimit.request_tokens(req)
+        tokens = ratelimit.request_tokens({"input_tokens": req.bound.input_tokens, "body": req.body})
         if self.fallback is not None and model != self.fallback.model:
             if not self._primary_throttled and await lim.admit(
-                    req["provider"], model, req["tier"], tokens, self.fallback_wait_s) is not None:
+                    req.provider, model, req.tier, tokens, self.fallback_wait_s) is not None:
                 return model
             model = self.fallback.model
-        await lim.admit(req["provider"], model, req["tier"], tokens)
+        await lim.admit(req.provider, model, req.tier, tokens)
         return model
 
     async def _call_limited(self, body: dict, headers: dict, model: str):
@@ -100,20 +102,20 @@ class Limited:
         if lim is None:
             return await self._send(body, headers, model)
         # lease first, admission last: the window counts the call when it is really sent
-        async with lim.lease(req["tier"]) as lease_wait:
+        async with lim.lease(req.tier) as lease_wait:
             started = time.monotonic()
             model = await self._admit(model)
-            metrics.LIMITER_WAIT.labels(req["tier"], model).observe(lease_wait + time.monotonic() - started)
+            metrics.LIMITER_WAIT.labels(req.tier, model).observe(lease_wait + time.monotonic() - started)
             try:
                 answer = await self._send(body, headers, model)
             except RetryableProviderError as e:
                 if e.status_code == 429:   # every worker backs off together
-                    await lim.block(req["provider"], model, e.retry_after or ratelimit.DEFAULT_BLOCK_S)
+                    await lim.block(req.provider, model, e.retry_after or ratelimit.DEFAULT_BLOCK_S)
                     if self.fallback is not None and model != self.fallback.model:
                         # the next attempt goes to the fallback: the primary's retry-after is not its wait
                         self._primary_throttled, e.retry_after = True, None
                 raise
-        await lim.observe_headers(req["provider"], model, answer.headers)
+        await lim.observe_headers(req.provider, model, answer.headers)
         return answer
 
     async def _send(self, body: dict, headers: dict, model: str):
@@ -123,21 +125,20 @@ class Limited:
             self.call_id = f"{self.rid}.{self._n}"
             await self.calls.sending(self.req, self.reservation, self.call_id)
         self._sent = True   # from here on the provider may bill, whatever we hear back
-        return await self.provider.call(body if model == self.req["model"] else {**body, "model": model},
+        return await self.provider.call(body if model == self.req.model else {**body, "model": model},
                                         headers=headers)
 
     async def call(self, body: dict, *, headers: dict):
         req = self.req
-        rid, model = self.rid, req["model"]
+        rid, model = self.rid, req.model
         try:
-            self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
-                                                         Decimal(str(req["max_cost_usd"])))
+            self.reservation = await sequence.reserve(self.budget, self.path, req, rid)
         except BudgetExceeded as e:
             if self.fallback is None:
                 raise
             log.info("request %s: %s; trying fallback model %s", rid, e, self.fallback.model)
-            self.reservation = await self.budget.reserve(rid, req["job_id"], req["tier"],
-                                                         self.fallback.max_cost_usd)
+            self.reservation = await sequence.reserve(self.budget, self.path, req, rid,
+                                                      amount=self.fallback.max_cost_usd)
             model = self.fallback.model
         self._sent, self.call_id = False, None
         try:

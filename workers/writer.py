@@ -1,9 +1,10 @@
 """Outcomes of a batch's requests, written to Postgres in bulk (step 4 of workers/execute.py).
 
-``OutcomeWriter`` buffers outcomes and attempts and writes them off the event loop, a
-group commit at a time, retried until durable; after the commit the reservations are
-settled. ``internal_error`` is the failed outcome of a request the worker could not run or
-store. It must never empty its buffers before the commit.
+``OutcomeWriter`` buffers ``Outcome``s and attempts and writes them off the event loop, a
+group commit at a time, retried until durable (the sequence's write step,
+pipeline/paths/base.py); after the commit the reservations are settled (its settle step).
+``internal_error`` is the failed outcome of a request the worker could not run or store. It
+must never empty its buffers before the commit.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pipeline import metrics
 from pipeline.config import get_settings
 from pipeline.ids import request_key
 from pipeline.money import budget, calls, deferral
-from pipeline.stores import batches, db, jobs as job_store, outcomes as outcome_store
+from pipeline.paths import base as sequence
+from pipeline.request import Outcome, Request
+from pipeline.stores import batches, db, jobs as job_store
 from pipeline.stores.cache import ResponseCache
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ class OutcomeWriter:
         self.engine = engine
         self.batch_id = batch_id
         self.sleep = sleep                        # between retries (in the writer's thread)
-        self.outcomes: list[dict] = []
+        self.outcomes: list[Outcome] = []
         self.attempts: list[dict] = []
         self.deferred: list[dict] = []            # requests a cap refused (pipeline/money/deferral.py)
         self.deferred_kinds: set[str] = set()     # 'job' | 'global' | 'tier' | 'unavailable', whole batch
@@ -80,8 +83,7 @@ class OutcomeWriter:
             # only now, with the rows committed, leave the buffers (appends went on behind them)
             del self.outcomes[:n_o], self.attempts[:n_a], self.deferred[:n_d], self.settles[:n_s]
             del self.unconfirmed[:n_u], self.answered[:n_c]
-        answers = {o["cache_key"]: o["response"] for o in outcomes
-                   if o.get("cache_key") and o["status"] == "succeeded"}
+        answers = {o.cache_key: o.response for o in outcomes if o.cache_key and o.status == "succeeded"}
         if settles or answers:   # only once the ledger holds the cost: a rebuild from it then misses nothing
             task = asyncio.create_task(self._after_write(settles, answers))
             self.settling.add(task)
@@ -122,7 +124,7 @@ class OutcomeWriter:
             xid = db.retrying(self.engine, lambda conn: self._write(conn, outcomes, attempts, deferred,
                                                                     unconfirmed, answered),
                               what=what, sleep=self.sleep)
-            xids = {_rid(o): xid for o in [*unconfirmed, *outcomes]}
+            xids = {_rid(u): xid for u in unconfirmed} | {o.key: xid for o in outcomes}
         except Exception as e:
             log.error("%s: Postgres refused the write (%s); writing row by row to isolate it", what, describe_error(e))
             xids = self._write_one_by_one(outcomes, attempts, deferred)
@@ -130,7 +132,7 @@ class OutcomeWriter:
                               what="recording calls that may have been billed", sleep=self.sleep)
             xids.update({_rid(u): xid for u in unconfirmed})
         # the one metrics hook for request outcomes: counted once the rows are durable
-        metrics.record_outcomes(outcomes, attempts)
+        metrics.record_outcomes([o.to_row() for o in outcomes], attempts)
         return xids
 
     def _write_one_by_one(self, outcomes, attempts, deferred) -> dict[str, str]:
@@ -139,20 +141,20 @@ class OutcomeWriter:
         def each(rows, write, what):
             for row in rows:
                 try:
-                    xids[_rid(row)] = db.retrying(self.engine, lambda conn: write(conn, row), what=what,
-                                                  sleep=self.sleep)
+                    key = row.key if isinstance(row, Outcome) else _rid(row)
+                    xids[key] = db.retrying(self.engine, lambda conn: write(conn, row), what=what, sleep=self.sleep)
                 except Exception as e:
                     yield row, e
         for o, e in list(each(outcomes, lambda c, o: self._write(c, [o], [], []), "writing an outcome")):
-            log.error("request %s:%s: its outcome cannot be stored (%s); recorded as failed",
-                      o["job_id"], o["custom_id"], describe_error(e))
-            bad = internal_error(o, f"the outcome could not be stored: {describe_error(e)}",
-                                 cost_usd=o.get("cost_usd") or "0")
-            xids[_rid(o)] = db.retrying(self.engine, lambda conn: self._write(conn, [bad], [], []),
-                                        what="writing an outcome", sleep=self.sleep)
+            log.error("request %s: its outcome cannot be stored (%s); recorded as failed", o.key, describe_error(e))
+            bad = Outcome(o.job_id, o.custom_id, o.model, "failed", attempts=o.attempts, cost=o.cost,
+                          list_cost=o.list_cost, path=o.path, usage=o.usage, budget_period=o.budget_period,
+                          error={"code": "internal_error",
+                                 "message": f"the outcome could not be stored: {describe_error(e)}"})
+            xids[o.key] = db.retrying(self.engine, lambda conn: self._write(conn, [bad], [], []),
+                                      what="writing an outcome", sleep=self.sleep)
         for a, e in list(each(attempts, lambda c, a: self._write(c, [], [a], []), "writing an attempt")):
-            log.error("attempt %s of %s:%s cannot be stored (%s): dropped", a.get("attempt"), a["job_id"],
-                      a["custom_id"], describe_error(e))
+            log.error("attempt %s of %s cannot be stored (%s): dropped", a.get("attempt"), _rid(a), describe_error(e))
         db.retrying(self.engine, lambda conn: self._write(conn, [], [], deferred), what="writing deferrals",
                     sleep=self.sleep)
         return xids
@@ -160,20 +162,19 @@ class OutcomeWriter:
     def _write(self, conn, outcomes, attempts, deferred=(), unconfirmed=(), answered=()) -> str:
         if self.batch_id is not None:
             batches.lock_batch(conn, self.batch_id)   # lock order: batch, requests, jobs (pipeline/stores/batches.py)
-        outcome_store.write_outcomes(conn, outcomes, attempts)
+        sequence.write(conn, outcomes, attempts)
         deferral.write_deferred(conn, list(deferred))
         calls.resolve(conn, list(unconfirmed), list(answered))
-        job_store.refresh_jobs(conn, {o["job_id"] for o in outcomes})
+        job_store.refresh_jobs(conn, {o.job_id for o in outcomes})
         return budget.commit_xid(conn) if outcomes or unconfirmed else ""
 
 
 def _rid(row: dict) -> str:
-    """A request's reservation id without its attempt's suffix (workers/limited.py)."""
+    """The request key of an attempt or unconfirmed-call row (their hold ids carry a suffix:
+    workers/limited.py)."""
     return request_key(row["job_id"], row["custom_id"])
 
 
-def internal_error(req: dict, message: str, *, cost_usd: str = "0") -> dict:
-    """The failed outcome of a request the worker could not run (or store) as it should."""
-    return {"job_id": req["job_id"], "custom_id": req["custom_id"], "model": req["model"], "status": "failed",
-            "attempts": req.get("attempts") or 0, "cost_usd": cost_usd, "response": None,
-            "error": {"code": "internal_error", "message": message}}
+def internal_error(req: Request, message: str, code: str = "internal_error") -> Outcome:
+    """The failed outcome of a request the worker could not run as it should."""
+    return Outcome.failed(req, code, message)

@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from pipeline.paths.registry import scheduler_paths
 from pipeline import errors
 from pipeline.config import get_settings
 from pipeline.constants import TIERS
@@ -134,7 +135,7 @@ def set_(scope_arg, usd_arg, global_, tier, job_id, usd):
     except (BudgetError, ConfigError) as e:
         _fail(str(e), 2)
     from pipeline.intake.dispatch import enqueue_batch
-    resumed = deferral.resume_due_batches(engine, enqueue_batch)
+    resumed = deferral.resume_due_batches(engine, enqueue_batch, scheduler_paths())
     click.echo(f"{scope}: cap ${result['usd']}; {resumed} deferred batches resumed")
 
 

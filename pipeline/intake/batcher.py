@@ -47,20 +47,25 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from decimal import Decimal
 
 import redis
 import sqlalchemy as sa
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from pipeline.paths.registry import scheduler_paths
 from pipeline import metrics
 from pipeline.config import Settings, get_settings
-from pipeline.constants import DISPATCHED_TIERS, DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC
+from pipeline.constants import DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC
 from pipeline.errors import ConfigError, LineError
 from pipeline.intake.kafka import make_consumer, make_producer, verify
 from pipeline.intake.messages import MAX_REASON, decode
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window
-from pipeline.money.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.endpoints import endpoint_for
+from pipeline.money.pricing import Usage, cost, get_price_book
+from pipeline.paths.registry import path_for
+from pipeline.request import Outcome, Request
 from pipeline.stores import batches as batch_store, db
 from pipeline.stores.cache import PREFIX as CACHE_PREFIX, ResponseCache
 
@@ -392,8 +397,6 @@ class Batcher:
             with self.engine.begin() as conn:
                 rows, refused = batch_store.admit_requests(conn, rows)
                 counts = batch_store.write_batches(conn, rows, batches, cached)
-                batch_store.mark_provider_batch_mode(conn, [b["batch_id"] for b in batches
-                                                   if b["mode"] == "provider_batch" and counts.get(b["batch_id"])])
         except Exception as e:
             if is_conflict(e):
                 self.postgres.conflicted(getattr(e, "orig", e))
@@ -455,8 +458,8 @@ class Batcher:
             size = self.settings.batch_max_size[tier]
             for i in range(0, len(group), size):
                 batch_id = "b_" + uuid.uuid4().hex
-                # provider-batch work is held for the scheduler (schedules/pb_submit.py)
-                status = "queued" if tier in DISPATCHED_TIERS and mode == "realtime" else "held"
+                # the path says: dispatched now, or held (for the window, or for the scheduler's provider batches)
+                status = path_for(mode).initial_status(tier)
                 part = group[i:i + size]
                 batches.append({"batch_id": batch_id, "tier": tier, "provider": provider,
                                 "model": model, "status": status, "mode": mode,
@@ -514,16 +517,16 @@ class Batcher:
         if not isinstance(answer, dict):
             return None
         try:
-            raw = answer.get("usage") or {}
-            usage = usage_from_openai(raw) if row["provider"] == "openai" else usage_from_anthropic(raw)
-            saved = cost(get_price_book().resolve(row["model"]), usage)
+            req = Request.from_row(row)
+            usage = endpoint_for(req.endpoint).usage(answer) or Usage(0, 0)
+            saved = cost(get_price_book().resolve(req.model), usage)
         except Exception as e:   # an entry we cannot read is a miss
             log.warning("cache entry for %s/%s unusable (%s): a miss", row["job_id"], row["custom_id"], e)
             return None
-        return {"job_id": row["job_id"], "custom_id": row["custom_id"], "model": row["model"],
-                "response": answer, "input_tokens": usage.input_tokens,
-                "cached_input_tokens": usage.cached_input_tokens, "output_tokens": usage.output_tokens,
-                "provider_request_id": answer.get("id"), "saved_usd": str(saved)}
+        # nothing spent; what the call would have cost at list price is what the cache saved
+        return Outcome(req.job_id, req.custom_id, req.model, "succeeded", response=answer, usage=usage,
+                       cost=Decimal(0), list_cost=saved, path=req.path, lever="cache",
+                       provider_request_id=answer.get("id")).to_row()
 
     def sweep(self) -> int:
         """Dispatch batches committed but never dispatched, or whose worker died.
@@ -546,7 +549,7 @@ class Batcher:
             self._send([{"batch_id": b, "tier": t} for b, t in stuck])
             # batches deferred by a budget whose period has rolled over (pipeline/money/deferral.py)
             from pipeline.money.deferral import resume_due_batches
-            resume_due_batches(self.engine, self.dispatch)
+            resume_due_batches(self.engine, self.dispatch, scheduler_paths())
         except Exception as e:   # an outage mid-sweep: the next sweep does it
             log.warning("sweep not finished (%s: %s); it runs again", type(e).__name__,
                         str(e).strip().splitlines()[0][:200] if str(e).strip() else "")

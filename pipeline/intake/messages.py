@@ -11,7 +11,8 @@ before anything else touches it, in this order:
    with its format checker (RFC 3339 date-times, UTC offset required);
 3. ``to_row``: the maximum cost is recomputed from the price book
    (``pipeline.money.bounds.request_bound``): the producer's ``max_cost_usd`` is a
-   hint at most and is never what is stored or reserved.
+   hint at most and is never what is stored or reserved; the path (``mode``) is
+   asked whether it serves the request (pipeline/paths/registry.py ``path_of``).
 
 This module never touches Kafka, Redis or Postgres, and never lets an
 exception other than ``LineError`` out of ``decode``'s data checks: the
@@ -23,13 +24,13 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import resources
 
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from pipeline.constants import DISPATCHED_TIERS
 from pipeline.errors import LineError
 from pipeline.ids import refuse_control
 from pipeline.intake.formats import MAX_DEPTH, check_values
@@ -37,6 +38,9 @@ from pipeline.intake.tiers import TierRules, classify
 from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook, get_price_book
 from pipeline.endpoints.caching import cache_key, is_cacheable
+from pipeline.paths.base import check_serves
+from pipeline.paths.registry import path_of
+from pipeline.request import Request, default_url
 
 #: a reason longer than this is cut: it goes into a Kafka header and a log line
 MAX_REASON = 300
@@ -134,23 +138,20 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
     published = _timestamp(m.get("published_at"), "published_at")
     tier, reason = classify(m.get("priority"), m.get("tier"), deadline, now, rules or TierRules(),
                             offpeak_opens=offpeak_opens)
-    mode = m.get("mode") or "realtime"
+    # the path asked for (a body that asks for flex itself takes flex), if it can serve the request
+    path = path_of(m.get("mode"), body)
     priority = m.get("priority")
     exact = bound.tokens_exact or (bound.input_tokens == m["input_tokens"] and m.get("tokens_exact", True))
-    return {
-        "job_id": m["job_id"], "custom_id": m["custom_id"], "line": m.get("line"),
-        "batch_id": None, "provider": m["provider"], "model": m["model"], "tier": tier,
-        "tier_reason": reason, "priority": priority if priority is not None else 5,
-        "deadline": deadline.isoformat() if deadline else None, "body": body,
-        "metadata": m.get("metadata"),
-        "input_tokens": bound.input_tokens, "tokens_exact": bool(exact),
+    req = Request(
+        job_id=m["job_id"], custom_id=m["custom_id"], endpoint=m.get("url") or default_url(m["provider"]),
+        provider=m["provider"], model=m["model"], path=path.name, tier=tier, body=body,
         # recomputed, never the producer's: a reservation is only as good as this number
-        "max_cost_usd": str(bound.max_cost_usd),
-        "status": "queued" if tier in DISPATCHED_TIERS and mode == "realtime" else "held",
-        "mode": mode,
-        "published_at": published.isoformat() if published else None,
-        "cache_key": cache_key(m["provider"], body) if is_cacheable(body, m.get("cache")) else None,
-    }
+        bound=replace(bound, tokens_exact=bool(exact)),
+        priority=priority if priority is not None else 5, deadline=deadline, metadata=m.get("metadata"),
+        cache_key=cache_key(m["provider"], body) if is_cacheable(body, m.get("cache")) else None,
+        line=m.get("line"), tier_reason=reason, published_at=published)
+    check_serves(path, req, prices.resolve(body["model"]))
+    return req.to_row(path.initial_status(tier))
 
 
 def decode(value: bytes | None, now: datetime | None = None, prices: PriceBook | None = None, *,

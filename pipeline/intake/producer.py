@@ -52,6 +52,9 @@ from pipeline.intake.kafka import make_producer, sign
 from pipeline.intake.lines import DigestSet, Oversized, is_stdin, open_input, read_lines
 from pipeline.intake.tiers import classify
 from pipeline.money.pricing import get_price_book
+from pipeline.paths.base import check_serves
+from pipeline.paths.registry import path_for, path_of
+from pipeline.request import Request as TypedRequest
 from pipeline.stores import db, jobs
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ def to_message(job_id: str, line: int | None, req: Request, *, priority: int | N
         "tier": req.tier or tier,
         "deadline": req.deadline.isoformat() if req.deadline else None,
         "metadata": req.metadata, "cache": req.cache,
-        # realtime: our workers call the provider; provider_batch: a provider Batch API (schedules/)
+        # the path the job asked for (pipeline/paths/): realtime, flex, provider_batch
         "mode": mode,
         "published_at": datetime.now(timezone.utc).isoformat(),
     }
@@ -88,9 +91,9 @@ def topic_for(req: Request, *, priority: int | None = None, tier: str | None = N
 
     The batcher classifies again when it reads the message (pipeline/intake/tiers.py);
     the topic only decides that an interactive request does not queue in a
-    partition behind a bulk job's backlog.
+    partition behind a bulk job's backlog. Only a path that answers at once takes it.
     """
-    if mode != "realtime":
+    if not path_of(mode, req.body).fast_lane:
         return REQUESTS_TOPIC
     p = req.priority if req.priority is not None else priority
     chosen, _ = classify(p, req.tier or tier, req.deadline, datetime.now(timezone.utc))
@@ -314,6 +317,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     custom_ids still count as taken, and the job's counts add up.
     """
     settings = settings or get_settings()
+    path_for(mode)   # an unknown mode is refused before a job exists
     path = Path(path)
     if is_stdin(path) and resume:
         raise FileInputError("--resume reads the file again from its start: it needs a file, not standard input")
@@ -385,6 +389,9 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                         obj = parse_json_line(raw)
                         cid = obj.get("custom_id") if isinstance(obj.get("custom_id"), str) else None
                         req = parse_request(obj, prices, counter)
+                        way = path_of(mode, req.body)   # the path says whether it serves this line
+                        check_serves(way, TypedRequest.probe(job_id, req.custom_id, req.provider, req.body, way.name,
+                                                             obj.get("url")), prices.resolve(req.model))
                         if not seen.add(req.custom_id):
                             raise LineError(f"duplicate custom_id {req.custom_id!r}: custom_id must be unique"
                                             " in a job")

@@ -36,11 +36,18 @@ reserved on day D and ingested on D+1 is D's spend, never D+1's.
 which jobs (``wait_status``), and after ``budget_wait_max_s`` it gives up (``BudgetWaitedOut``):
 its request is deferred a minute, with that reason, like a refusal, never dropped.
 
-This module is the worker side (``Budget``, ``Reservation``, ``commit_xid``). Beside it in
+**One reservation code path.** The workers and the scheduler both hold through ``Budget``
+(pipeline/paths/base.py ``reserve``): a worker's holds are live (renewed by the heartbeat while
+their call can be billed, each with its own expiry: a flex call's is longer); the scheduler's
+provider-batch holds are not tracked (``track=False``): they carry the batch's whole window as
+their expiry, survive a scheduler restart, and are settled by the fields they recorded
+(``settle_held``) or released (``release_ids``) once the batch is ingested.
+
+This module is ``Budget``, ``Reservation`` and ``commit_xid``. Beside it in
 pipeline/money/: ``units`` (money as integers), ``caps`` (scopes, periods, caps in force),
-``scripts`` (Redis keys and Lua), ``ledger`` (rebuild and reconcile), ``holds`` (the scheduler's
-synchronous holds), ``waits`` (why a reservation waits), ``deferral``, ``admin`` (``budget set``,
-``show``, alerts); the errors are in pipeline/errors.py.
+``scripts`` (Redis keys and Lua), ``ledger`` (rebuild and reconcile), ``waits`` (why a
+reservation waits), ``deferral``, ``admin`` (``budget set``, ``show``, alerts); the errors are
+in pipeline/errors.py.
 This module must never let a call go ahead without a reservation.
 """
 
@@ -64,11 +71,11 @@ from pipeline.errors import (
     InvalidAmount,
 )
 from pipeline.money.admin import record_alert
-from pipeline.money.caps import caps_for, fields_for, period, reservation_ttl_s
+from pipeline.money.caps import caps_for, fields_for, period as _period, reservation_ttl_s
 from pipeline.money.ledger import JOB_SPENT_SQL, older, rebuild
 from pipeline.money.scripts import (
     DETACH, FILL_CAP, INVALIDATE, KEYS, LOAD, REASSERT, REHOLD_GRACE_S, RELEASE, RENEW, RESERVE, RUN_ID_KEY,
-    SETTLE, WAIT_NOTE_TTL_S, store_error,
+    SETTLE, SETTLE_HELD, WAIT_NOTE_TTL_S, store_error,
 )
 from pipeline.money.units import NO_CAP, from_units, job_cap_units, reservation_units, to_units
 from pipeline.money.waits import describe_wait, note_wait, spent_field, wait_reason
@@ -93,6 +100,15 @@ class Reservation:
     #: the id of the transaction that committed it (``commit_xid``): a rebuild's ledger counts it
     #: exactly when that transaction is visible in the rebuild's snapshot
     xid: str = ""
+    #: how long it outlives its last renewal, in ms (a flex call's is longer than the budget's own)
+    ttl_ms: int = 0
+
+
+def _by_ttl(reservations) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for r in reservations:
+        out.setdefault(r.ttl_ms, []).append(r)
+    return out
 
 
 def commit_xid(conn) -> str:
@@ -153,7 +169,10 @@ class Budget:
                 await self._check_gen(gen.decode())
                 if self.live:
                     mine = [x for x in self.live.values() if x.gen == self.gen and not x.written]
-                    found = await r.eval(RENEW, len(KEYS), *KEYS, _ttl_ms(self.settings), *list(self.live))
+                    found = 0
+                    for ttl, group in _by_ttl(self.live.values()).items():
+                        found += int(await r.eval(RENEW, len(KEYS), *KEYS, ttl or _ttl_ms(self.settings),
+                                                  *[x.rid for x in group]))
                     if mine and int(found) < len(mine):   # holds of this generation vanished
                         log.warning("budget: %d of this process's live holds are missing from the counters:"
                                     " rebuilding them from the ledger", len(mine) - int(found))
@@ -199,10 +218,11 @@ class Budget:
         old, self.gen = self.gen, gen
         if old is None or not self.live:
             return
-        args = [_ttl_ms(self.settings)]
-        for r in self.live.values():
-            args += [r.rid, r.units, "\t".join(sf for sf, _ in r.fields), int(r.written)]
-        out = await self._eval(REASSERT, *args)
+        for ttl, group in _by_ttl(self.live.values()).items():
+            args = [ttl or _ttl_ms(self.settings)]
+            for r in group:
+                args += [r.rid, r.units, "\t".join(sf for sf, _ in r.fields), int(r.written)]
+            out = await self._eval(REASSERT, *args)
         if out and out[0] in (b"ok", "ok"):
             for r in self.live.values():
                 if not r.written:   # a written one keeps its old generation: missing then means counted
@@ -245,15 +265,23 @@ class Budget:
         cap, spent = (row if row else (None, 0))
         await self._eval(LOAD, f"job:{job_id}", job_cap_units(cap), f"job:{job_id}", str(to_units(spent)))
 
-    async def reserve(self, rid: str, job_id: str, tier: str, amount: Decimal) -> Reservation:
+    async def reserve(self, rid: str, job_id: str, tier: str, amount: Decimal, *, ttl_s: float | None = None,
+                      wait: bool = True, period: str | None = None, track: bool = True) -> Reservation | None:
         """Hold ``amount`` against every cap of the request, or raise ``BudgetExceeded``
-        (``BudgetNeverFits`` when it is above a cap itself, ``InvalidAmount`` when it is no amount)."""
+        (``BudgetNeverFits`` when it is above a cap itself, ``InvalidAmount`` when it is no amount).
+
+        ``ttl_s``: how long the hold outlives its last renewal (never less than the budget's own);
+        ``wait=False``: when only other live holds stand in the way, note why and return None at
+        once (the scheduler tries again next tick); ``period``: the period to hold it in (default:
+        the clock's); ``track=False``: not renewed by this process's heartbeat (a provider batch's
+        hold lives by its own expiry, across restarts of its holder)."""
         units = reservation_units(amount)
+        ttl_ms = max(_ttl_ms(self.settings), int((ttl_s or 0) * 1000))
         waited, since, noted = 0, None, 0.0
         while True:
-            today = period(self.settings, self.engine)
+            today = period or _period(self.settings, self.engine)
             fields = fields_for(job_id, tier, today)
-            args = [_ttl_ms(self.settings), rid, units, len(fields)] + [x for f in fields for x in f]
+            args = [ttl_ms, rid, units, len(fields)] + [x for f in fields for x in f]
             r = [x.decode() if isinstance(x, bytes) else x for x in await self._eval(RESERVE, *args)]
             if r[0] == "ok":
                 self._ensure_beat()
@@ -262,7 +290,9 @@ class Budget:
                     await self._went_back(r[1])
                     continue
                 await self._check_gen(r[1])
-                res = self.live[rid] = Reservation(rid, r[1], fields, units, today)
+                res = Reservation(rid, r[1], fields, units, today, ttl_ms=ttl_ms)
+                if track:
+                    self.live[rid] = res
                 return res
             if r[0] == "rebuild":
                 await self._rebuild()
@@ -271,6 +301,9 @@ class Budget:
                     await self._load_job(job_id)
                 else:   # a daily scope's cap missing: the counters predate it
                     await self._load_caps()
+            elif r[0] == "wait" and not wait:
+                await asyncio.to_thread(note_wait, self.redis_sync, job_id, r[1], spent_field(fields, r[1]))
+                return None
             elif r[0] == "wait":
                 waited += 1
                 now = time.monotonic()
@@ -314,7 +347,7 @@ class Budget:
         self.live.pop(res.rid, None)
         log.info("budget: %s may have been billed (%s): its hold of $%s stays until it expires",
                  res.rid, why, from_units(res.units))
-        await self._eval(DETACH, res.rid, f"{res.rid}~{secrets.token_hex(4)}", _ttl_ms(self.settings))
+        await self._eval(DETACH, res.rid, f"{res.rid}~{secrets.token_hex(4)}", res.ttl_ms or _ttl_ms(self.settings))
 
     async def detach(self, res: Reservation) -> Reservation:
         """A call that may have been billed: its hold moves to a name of its own and stays live
@@ -323,10 +356,10 @@ class Budget:
         Unlike ``keep``, nothing returns to the caps when the hold would have expired."""
         self.live.pop(res.rid, None)
         held = Reservation(f"{res.rid.rsplit('~', 1)[0]}~{secrets.token_hex(4)}", res.gen, res.fields,
-                           res.units, res.period)
-        if not int(await self._eval(DETACH, res.rid, held.rid, _ttl_ms(self.settings))):
+                           res.units, res.period, ttl_ms=res.ttl_ms or _ttl_ms(self.settings))
+        if not int(await self._eval(DETACH, res.rid, held.rid, held.ttl_ms)):
             # the hold was gone (expired unrenewed): hold it again under its new name until it is counted
-            await self._eval(REASSERT, _ttl_ms(self.settings), held.rid, held.units,
+            await self._eval(REASSERT, held.ttl_ms, held.rid, held.units,
                              "\t".join(sf for sf, _ in held.fields), 0)
         self.live[held.rid] = held
         return held
@@ -384,3 +417,38 @@ class Budget:
             return
         self._alerted.add(key)
         await asyncio.to_thread(record_alert, self.engine, scope, period, threshold, cap, spent)
+
+    async def settle_held(self, spent: dict[str, Decimal], xid: str = "", *, attempts: int = 10) -> int:
+        """Settle untracked holds ``{rid: actual USD}`` (provider batches) by the fields each recorded,
+        after transaction ``xid`` committed their results. ``attempts`` tries per hold, then
+        ``BudgetUnavailable`` (the caller tries again later; a rebuild drops the holds of results its
+        ledger counts). A hold already gone adds nothing. Returns how many were counted."""
+        counted = 0
+        for rid, actual in spent.items():
+            for attempt in range(attempts):
+                try:
+                    r = await self.redis.eval(SETTLE_HELD, len(KEYS), *KEYS, rid, str(max(0, to_units(actual))), xid)
+                except Exception as e:
+                    if attempt == attempts - 1:
+                        raise store_error(e, f"settling {rid}") from e
+                    await asyncio.sleep(min(2.0, 0.1 * 2 ** attempt))
+                    continue
+                if r[0] in (b"rebuild", "rebuild"):
+                    await self._rebuild()
+                    continue
+                counted += r[0] in (b"ok", "ok")
+                break
+        return counted
+
+    async def release_ids(self, rids, *, strict: bool = False) -> None:
+        """Release holds whose calls never happened (a provider batch not created, requests not run).
+        ``strict``: a failure raises ``BudgetUnavailable`` (the caller tries again) instead of a log line."""
+        try:
+            for rid in rids:
+                self.live.pop(rid, None)
+                await self.redis.eval(RELEASE, len(KEYS), *KEYS, rid)
+        except Exception as e:
+            if strict:
+                raise store_error(e, f"releasing {len(rids)} holds") from e
+            log.warning("budget: releasing %d holds failed (%s); they expire, and the reconcile corrects",
+                        len(rids), e)

@@ -47,21 +47,23 @@ def defer_batch(conn, batch_id: str, kinds: set[str], now: datetime | None = Non
         " WHERE batch_id = :b"), {"b": batch_id, "u": until})
 
 
-def resume_due_batches(engine, dispatch) -> int:
+def resume_due_batches(engine, dispatch, held_modes) -> int:
     """Hand deferred batches whose time has come back to their queues (the batcher's sweep calls this).
 
-    A crash after the UPDATE leaves them ``queued``: the ordinary sweep sends them.
+    ``held_modes``: the paths whose batches the scheduler sends (pipeline/paths/registry.py
+    ``scheduler_paths``): they go back to ``held``, for it. A crash after the UPDATE leaves them
+    ``queued``: the ordinary sweep sends them.
     """
     with engine.begin() as conn:
         # off-peak and background batches go back to 'held': the scheduler releases them in their window
         # so do provider-batch batches: the scheduler reserves and submits them (schedules/pb_submit.py)
         due = conn.execute(sa.text(
             "UPDATE batches SET deferred_until = NULL,"
-            " status = CASE WHEN tier = ANY(:held) OR mode = 'provider_batch' THEN 'held' ELSE 'queued' END"
+            " status = CASE WHEN tier = ANY(:held) OR mode = ANY(:modes) THEN 'held' ELSE 'queued' END"
             " WHERE batch_id IN (SELECT batch_id FROM batches WHERE status = 'deferred'"
             "  AND deferred_until <= now() ORDER BY batch_id FOR UPDATE)"   # lock order: batch_id
             " RETURNING batch_id, tier, status"),
-            {"held": list(HELD_TIERS)}).all()
+            {"held": list(HELD_TIERS), "modes": list(held_modes)}).all()
         due = [(b, t) for b, t, st in due if st == "queued"]
     for batch_id, tier in due:
         log.info("budget: resuming deferred batch %s (%s)", batch_id, tier)

@@ -21,7 +21,8 @@ the base input price), ``image_base`` + ``image_tile`` or
 OpenAI model with neither takes no images), ``endpoints`` (the request urls the model
 serves; default: chat completions and responses for OpenAI, messages for Anthropic),
 ``dimensions`` (embedding models: the vector's length, the default and the most
-``dimensions`` may ask for), ``limits_source``, ``note``. In a user file, an entry
+``dimensions`` may ask for), ``flex`` (true: the model takes ``service_tier: "flex"``,
+billed at the batch price; pipeline/paths/flex.py), ``limits_source``, ``note``. In a user file, an entry
 for a model already known is merged field by field over it, so
 ``{"models": {"gpt-4o": {"input": "2.00"}}}`` changes one price.
 """
@@ -73,6 +74,7 @@ class ModelPrice:
     image_patch_multiplier: Decimal | None = None    # OpenAI patch models: tokens per 32-px patch
     endpoints: tuple[str, ...] = ()                  # request urls served; () = the provider's default
     dimensions: int | None = None                    # embedding models: default and largest vector length
+    flex: bool = False                               # takes service_tier "flex" (at the batch price)
 
     def require_endpoint(self, url: str) -> None:
         """LineError unless this model serves ``url`` (a request the provider would refuse)."""
@@ -224,6 +226,8 @@ def _parse_entry(name: str, entry: dict, origin: str) -> ModelPrice:
     if context_window <= 0 or max_out < 0 or (max_out == 0 and not _NO_OUTPUT.issuperset(served["endpoints"])):
         raise ConfigError(f"{where}: context_window and max_output_tokens must be positive "
                           f"(max_output_tokens may be 0 only for a model serving embeddings or moderations alone)")
+    if not isinstance(entry.get("flex", False), bool):
+        raise ConfigError(f"{where}: flex must be true or false, got {entry['flex']!r}")
     aliases = entry.get("aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise ConfigError(f"{where}: aliases must be a list of strings")
@@ -238,7 +242,7 @@ def _parse_entry(name: str, entry: dict, origin: str) -> ModelPrice:
         cache_write_per_mtok=_dec(entry, "cache_write", where) if entry.get("cache_write") is not None else None,
         cache_write_1h_per_mtok=(_dec(entry, "cache_write_1h", where)
                                  if entry.get("cache_write_1h") is not None else None),
-        **_image_fields(entry, where), **served,
+        flex=bool(entry.get("flex", False)), **_image_fields(entry, where), **served,
     )
 
 

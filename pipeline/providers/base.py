@@ -33,18 +33,21 @@ class Answer:
 class Provider(Protocol):
     name: str
 
-    async def call(self, body: dict, *, headers: dict) -> Answer: ...
+    async def call(self, body: dict, *, headers: dict, timeout: float | None = None) -> Answer: ...
 
 
-async def post_raw(sdk, client, path: str, body: dict, headers: dict, request_id_header: str) -> Answer:
+async def post_raw(sdk, client, path: str, body: dict, headers: dict, request_id_header: str,
+                   timeout: float | None = None) -> Answer:
     """POST the body as written through an official SDK client; map its errors to ours.
 
     ``sdk`` is the ``openai`` or ``anthropic`` module: both name their
-    exceptions alike, so one mapping serves both providers.
+    exceptions alike, so one mapping serves both providers. ``timeout``: this call's
+    own client timeout (a flex call's is long), else the client's.
     """
     started = time.monotonic()
+    options = {"headers": headers} if timeout is None else {"headers": headers, "timeout": timeout}
     try:
-        resp = await client.post(path, body=body, cast_to=http_response, options={"headers": headers})
+        resp = await client.post(path, body=body, cast_to=http_response, options=options)
     except sdk.APIStatusError as e:
         raise classify_status(e.status_code, e.message, e.request_id, e.response.headers) from e
     except sdk.APITimeoutError as e:

@@ -23,5 +23,5 @@ class OpenAIProvider:
             http_client=(openai.DefaultAioHttpClient(timeout=settings.provider_timeout_s)
                          if settings.provider_http_client == "aiohttp" else None))
 
-    async def call(self, body: dict, *, headers: dict) -> Answer:
-        return await post_raw(openai, self.client, "/chat/completions", body, headers, "x-request-id")
+    async def call(self, body: dict, *, headers: dict, timeout: float | None = None) -> Answer:
+        return await post_raw(openai, self.client, "/chat/completions", body, headers, "x-request-id", timeout)

@@ -100,7 +100,8 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
     Requests already present (a replayed message) are skipped by the natural
     key and do not count; a batch left with no new request is not written.
     ``cached`` are result rows for requests answered from the cache (their
-    request rows are in ``requests`` with no batch); they are written only for
+    request rows are in ``requests`` with no batch; ``Outcome.to_row()``s, what the cache saved as
+    their list cost); they are written only for
     requests inserted now, so a replay never adds a second answer. Requests of a
     cancelled job are written ``cancelled``, in no batch (and get no cached answer).
     """
@@ -135,9 +136,10 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
     kept = [dict(b, size=counts[b["batch_id"]]) for b in batches if counts.get(b["batch_id"])]
     if kept:
         conn.execute(sa.text(
-            "INSERT INTO batches (batch_id, tier, provider, model, size, status)"
-            " SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb))"
-            " AS x(batch_id text, tier text, provider text, model text, size int, status text)"),
+            "INSERT INTO batches (batch_id, tier, provider, model, size, status, mode)"
+            " SELECT x.batch_id, x.tier, x.provider, x.model, x.size, x.status, coalesce(x.mode, 'realtime')"
+            " FROM jsonb_to_recordset(CAST(:rows AS jsonb))"
+            " AS x(batch_id text, tier text, provider text, model text, size int, status text, mode text)"),
             {"rows": dumps(kept)})
     if cached:
         new = {(j, c) for j, c, b, status in inserted if status == "succeeded"}
@@ -148,10 +150,10 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
                 " cached_input_tokens, output_tokens, cost_usd, provider_request_id, latency_ms,"
                 " from_cache, saved_usd)"
                 " SELECT x.job_id, x.custom_id, x.model, 200, x.response, x.input_tokens,"
-                " x.cached_input_tokens, x.output_tokens, 0, x.provider_request_id, 0, true, x.saved_usd"
+                " x.cached_input_tokens, x.output_tokens, 0, x.provider_request_id, 0, true, x.list_cost_usd"
                 " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text,"
                 " model text, response jsonb, input_tokens int, cached_input_tokens int, output_tokens int,"
-                " provider_request_id text, saved_usd numeric)"
+                " provider_request_id text, list_cost_usd numeric)"
                 " ON CONFLICT DO NOTHING"), {"rows": dumps(hits)})
             conn.execute(sa.text(
                 "UPDATE requests r SET finished_at = now(), started_at = now()"
@@ -159,13 +161,6 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
                 " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"), {"rows": dumps(hits)})
             refresh_jobs(conn, {r["job_id"] for r in hits})
     return counts
-
-
-def mark_provider_batch_mode(conn: Connection, batch_ids: list[str]) -> None:
-    """Label held batches for a provider Batch API (sql/003_schedules.sql); the scheduler sends them."""
-    if batch_ids:
-        conn.execute(sa.text("UPDATE batches SET mode = 'provider_batch' WHERE batch_id = ANY(:ids)"),
-                     {"ids": batch_ids})
 
 
 def mark_dispatched(conn: Connection, batch_ids: list[str]) -> None:
@@ -224,8 +219,9 @@ def claim_next_batch(conn: Connection, tier: str, owner: str, lease_s: float) ->
     For a worker whose batch has nothing left to start (workers/execute.py): the
     batch's own Celery task then finds the lease held and does nothing.
     """
+    # only batches our workers run are ever 'dispatched' (a provider batch's are 'submitted')
     return _take_lease(conn, "batch_id = (SELECT batch_id FROM batches WHERE tier = :tier"
-                             " AND status = 'dispatched' AND mode = 'realtime'"
+                             " AND status = 'dispatched'"
                              " ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)",
                        {"tier": tier, "owner": owner, "lease": lease_s})
 
@@ -267,7 +263,9 @@ def open_requests(conn: Connection, batch_id: str) -> list[dict]:
     rows = conn.execute(sa.text(
         "UPDATE requests r SET status = 'running', started_at = coalesce(started_at, now())"
         " WHERE batch_id = :b AND status NOT IN ('succeeded', 'failed', 'cancelled')"
-        " RETURNING job_id, custom_id, provider, model, tier, body, input_tokens, max_cost_usd, cache_key,"
+        " RETURNING job_id, custom_id, line, batch_id, provider, model, tier, tier_reason, priority, deadline, body,"
+        " metadata, input_tokens, tokens_exact, max_cost_usd, cache_key, budget_period::text AS budget_period,"
+        " (SELECT b.mode FROM batches b WHERE b.batch_id = r.batch_id) AS path,"
         " (SELECT j.on_budget FROM jobs j WHERE j.job_id = r.job_id) AS on_budget,"
         " (SELECT j.fallback_model FROM jobs j WHERE j.job_id = r.job_id) AS fallback_model,"
         " greatest(r.attempts, coalesce((SELECT max(a.attempt) FROM attempts a"

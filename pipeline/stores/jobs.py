@@ -95,7 +95,7 @@ def refresh_jobs(conn: Connection, job_ids) -> None:
             "UPDATE batches b SET status = 'done', finished_at = now(), lease_until = NULL"
             " WHERE b.batch_id IN (SELECT x.batch_id FROM batches x WHERE x.batch_id IN"
             "   (SELECT DISTINCT batch_id FROM requests WHERE job_id = ANY(:ids))"
-            "   AND x.status IN ('queued', 'dispatched', 'running') AND x.mode = 'realtime'"
+            "   AND x.status IN ('queued', 'dispatched', 'running')"   # states only our workers' batches take
             "   FOR UPDATE SKIP LOCKED)"
             " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
             "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": completed})
@@ -176,17 +176,19 @@ def cancelled_jobs(conn: Connection, job_ids) -> set[str]:
         "SELECT job_id FROM jobs WHERE job_id = ANY(:ids) AND status = 'cancelled'"), {"ids": ids}).scalars())
 
 
-def send_cancel(engine, pb_id: str, provider: str, provider_batch_id: str, settings: Settings) -> dict:
+def send_cancel(engine, pb_id: str, provider: str, provider_batch_id: str, settings: Settings, *,
+                run=asyncio.run) -> dict:
     """Ask the provider to cancel; confirmed once it says cancelling or ended (an ended batch has
-    nothing left to cancel). Unconfirmed, the scheduler asks again next tick."""
+    nothing left to cancel). Unconfirmed, the scheduler asks again next tick. ``run`` runs the
+    provider call (the scheduler's: on its one event loop)."""
     confirmed = batch_api.OPENAI_CANCEL_CONFIRMED if provider == "openai" else batch_api.ANTHROPIC_CANCEL_CONFIRMED
     error = None
     try:
-        state = asyncio.run(batch_api.cancel(settings, provider, provider_batch_id))
+        state = run(batch_api.cancel(settings, provider, provider_batch_id))
     except Exception as e:   # e.g. "cannot cancel a completed batch": ask what it is
         error = str(e)
         try:
-            state = asyncio.run(batch_api.status(settings, provider, provider_batch_id))
+            state = run(batch_api.status(settings, provider, provider_batch_id))
         except Exception:
             state = None
     ok = state in confirmed

@@ -20,7 +20,8 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from schedules.pb_submit import provider_custom_id
+from pipeline.paths.provider_batch import provider_custom_id
+from pipeline.request import Request
 from tests.integration.execution_helpers import insert_requests
 
 ANTHROPIC_MODEL = "claude-3-5-haiku-latest"
@@ -105,7 +106,7 @@ def provider_counts(settings, provider: str, since: float) -> dict[str, int]:
 
 
 def pids_of(job: str, n: int, prefix: str = "r") -> set[str]:
-    return {provider_custom_id(job, f"{prefix}{i}") for i in range(n)}
+    return {provider_custom_id(Request.probe(job, f"{prefix}{i}", "openai", {}, "provider_batch")) for i in range(n)}
 
 
 def ledger_lines(engine, job: str) -> int:

@@ -19,10 +19,12 @@ import sqlalchemy as sa
 from pipeline import errors as errors_mod
 from pipeline.errors import RetryableProviderError
 from pipeline.ids import request_key
-from pipeline.money import admin, budget, caps, holds, ledger, scripts, units
+from pipeline.money import admin, budget, caps, ledger, scripts, units
 from pipeline.providers.base import Answer
 from tests.integration.conftest import wait_for
 from tests.integration.execution_helpers import budget_settings, commit_result, insert_job
+from pipeline.request import Request
+from schedules import loop
 from workers.limited import Limited
 
 AMOUNT = Decimal("0.0001")
@@ -137,9 +139,9 @@ class SlowProvider:
         return Answer(body={"usage": {}}, status_code=200, request_id="x", latency_ms=1, headers={})
 
 
-def _req(job: str, cid: str) -> dict:
-    return {"job_id": job, "custom_id": cid, "tier": "background", "provider": "openai",
-            "model": "gpt-4o-mini", "max_cost_usd": str(AMOUNT), "body": {}}
+def _req(job: str, cid: str) -> Request:
+    return Request.from_row({"job_id": job, "custom_id": cid, "tier": "background", "provider": "openai",
+                             "model": "gpt-4o-mini", "max_cost_usd": str(AMOUNT), "body": {}})
 
 
 def test_a_hold_lives_as_long_as_its_call_even_past_the_ttl(stack, engine, clients):
@@ -364,6 +366,13 @@ def test_raising_a_job_cap_while_the_job_is_cancelled_does_not_deadlock(stack, e
             == Decimal("0.01")
 
 
+def _scheduler_hold(settings, engine, rid: str, job: str, amount: Decimal):
+    """A hold as the scheduler takes it for a provider batch (schedules/pb_submit.py): the workers'
+    async budget, on the scheduler's loop, without waiting, untracked, for the batch's window."""
+    return loop.run(loop.budget(settings, engine).reserve(rid, job, "background", amount, wait=False, track=False,
+                                                          ttl_s=scripts.PROVIDER_BATCH_HOLD_S))
+
+
 def test_a_rebuild_midway_through_the_schedulers_holds_keeps_them(stack, engine, clients):
     """The scheduler holds a provider batch's requests one by one while they are still 'held' in
     Postgres. A reconcile's rebuild in the middle used to drop the holds taken so far (the ledger
@@ -379,8 +388,7 @@ def test_a_rebuild_midway_through_the_schedulers_holds_keeps_them(stack, engine,
             sredis.eval(scripts.INVALIDATE, len(scripts.KEYS), *scripts.KEYS, sredis.get(scripts.KEYS[0]))
             assert ledger.rebuild(engine, sredis, settings)
         try:
-            if holds.reserve_now(engine, sredis, settings, request_key(job, cid), job, "background", amount,
-                                  ttl_s=scripts.PROVIDER_BATCH_HOLD_S) is None:
+            if _scheduler_hold(settings, engine, request_key(job, cid), job, amount) is not None:
                 granted.append(cid)
         except errors_mod.BudgetExceeded:
             pass
@@ -397,8 +405,7 @@ def test_a_provider_batch_settle_across_a_rebuild_counts_its_spend_exactly_once(
     _, sredis = clients(settings)
     job = _job(engine, AMOUNT * 10)
     rid = request_key(job, "r0")
-    assert holds.reserve_now(engine, sredis, settings, rid, job, "background", AMOUNT,
-                              ttl_s=scripts.PROVIDER_BATCH_HOLD_S) is None
+    assert _scheduler_hold(settings, engine, rid, job, AMOUNT) is not None
 
     def rebuild():
         sredis.eval(scripts.INVALIDATE, len(scripts.KEYS), *scripts.KEYS, sredis.get(scripts.KEYS[0]))
@@ -408,6 +415,6 @@ def test_a_provider_batch_settle_across_a_rebuild_counts_its_spend_exactly_once(
     xid = commit_result(engine, job, "r0", AMOUNT / 2)
     if committed == "before":
         rebuild()
-    holds.settle_held(engine, sredis, settings, {rid: AMOUNT / 2}, xid)
+    loop.run(loop.budget(settings, engine).settle_held({rid: AMOUNT / 2}, xid))
     assert _units(sredis, scripts.KEYS[2], f"job:{job}") == units.to_units(AMOUNT / 2)
     assert _units(sredis, scripts.KEYS[3], f"job:{job}") == 0

@@ -30,6 +30,9 @@ from urllib.parse import urlsplit
 import pytest
 import sqlalchemy as sa
 
+from pipeline.paths.provider_batch import provider_custom_id
+from pipeline.request import Request
+from schedules import loop
 from pipeline import clock, errors
 from pipeline.money import admin, budget, caps as caps_mod, ledger, scripts, units, waits
 from pipeline.money.pricing import get_price_book
@@ -137,7 +140,6 @@ def _writes_refused(stack, sredis):
         yield dataclasses.replace(stack, redis_url=url)
     finally:
         sredis.acl_deluser(user)
-        pb_submit._redis_by_url.pop(url, None)
 
 
 def _ledger_today(engine) -> Decimal:
@@ -273,10 +275,10 @@ def _send(settings, engine, sredis, job: str) -> tuple[str, list[dict]]:
     """The scheduler's reserve + assign for ``job`` (no provider call: its lines are written here)."""
     held: list[str] = []
     with engine.begin() as conn:
-        reqs = conn.execute(sa.text(
-            "SELECT job_id, custom_id, batch_id, body, tier, model, max_cost_usd, attempts FROM requests"
-            " WHERE job_id = :j AND status = 'held' ORDER BY line"), {"j": job}).mappings().all()
-        fit, down = pb_submit._reserve(conn, reqs, settings, engine, sredis, held)
+        reqs = [Request.from_row(r) for r in conn.execute(sa.text(
+            "SELECT r.*, b.mode AS path FROM requests r JOIN batches b USING (batch_id)"
+            " WHERE r.job_id = :j AND r.status = 'held' ORDER BY r.line"), {"j": job}).mappings()]
+        fit, down = pb_submit._reserve(conn, reqs, settings, engine, loop.budget(settings, engine), held)
         assert not down
         pb = "pb_" + uuid.uuid4().hex[:20]
         # never polled by a scheduler (polled_at ahead): this test ingests it
@@ -285,12 +287,12 @@ def _send(settings, engine, sredis, job: str) -> tuple[str, list[dict]]:
             " submitted_at, polled_at) VALUES (:id, 'openai', 'gpt-4o-mini', 'submitted', :n, 0, 'test',"
             " now(), now() + interval '1 day')"), {"id": pb, "n": len(fit)})
         pb_submit._assign(conn, pb, fit)
-    return pb, [dict(r) for r in fit]
+    return pb, fit
 
 
-def _result_lines(fit: list[dict], output_tokens: int) -> list[dict]:
-    return [{"custom_id": pb_submit.provider_custom_id(r["job_id"], r["custom_id"]),
-             "response": {"status_code": 200, "request_id": "req_" + r["custom_id"],
+def _result_lines(fit: list[Request], output_tokens: int) -> list[dict]:
+    return [{"custom_id": provider_custom_id(r),
+             "response": {"status_code": 200, "request_id": "req_" + r.custom_id,
                           "body": {"id": "c", "object": "chat.completion", "model": "gpt-4o-mini",
                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
                                                 "finish_reason": "stop"}],

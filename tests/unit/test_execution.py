@@ -9,7 +9,10 @@ import pytest
 import sqlalchemy as sa
 
 
+from decimal import Decimal
+
 from pipeline.ids import request_key
+from pipeline.request import Outcome
 from pipeline.money.budget import Reservation
 from pipeline.stores import batches, jobs, outcomes as outcome_store
 from workers import execute, gate as gate_mod, writer as writer_mod
@@ -66,9 +69,9 @@ class SettleLog:
         self.settled[res.rid] = res.xid
 
 
-def _outcome(cid: str, **extra) -> dict:
-    return {"job_id": "j", "custom_id": cid, "model": "gpt-4o-mini", "status": "succeeded", "attempts": 1,
-            "cost_usd": "0.001", "response": {"ok": True}, **extra}
+def _outcome(cid: str, **extra) -> Outcome:
+    return Outcome("j", cid, "gpt-4o-mini", "succeeded", attempts=1, cost=Decimal("0.001"),
+                   response={"ok": True}, **extra)
 
 
 def test_a_failed_write_is_retried_until_durable_and_loses_nothing(stored):

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 
+from pipeline.request import Request
 from pipeline.errors import BudgetExceeded
 from pipeline.errors import RetryableProviderError
 from pipeline.money.budget import Reservation
@@ -19,11 +20,11 @@ PRICES = get_price_book()
 OK = Answer(body={"ok": True}, status_code=200, request_id="req_1", latency_ms=1, headers={})
 
 
-def request(**over) -> dict:
+def request(**over) -> Request:
     req = {"job_id": "j1", "custom_id": "c1", "provider": "openai", "model": "gpt-4o", "tier": "peak",
            "input_tokens": 1000, "max_cost_usd": "0.0125", "fallback_model": "gpt-4o-mini",
            "body": {"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]}}
-    return {**req, **over}
+    return Request.from_row({**req, **over})
 
 
 # ------------------------------------------------------------------ which requests
@@ -65,10 +66,12 @@ def test_no_fallback_where_it_cannot_serve(over, why):
 class FakeBudget:
     """Refuses any amount above ``room``; records what was reserved and released."""
 
+    settings = None
+
     def __init__(self, room: Decimal):
         self.room, self.reserved, self.released = room, [], []
 
-    async def reserve(self, rid, job_id, tier, amount):
+    async def reserve(self, rid, job_id, tier, amount, **kw):
         if amount > self.room:
             raise BudgetExceeded(f"job:{job_id}", Decimal(0), self.room)
         self.reserved.append(amount)
@@ -124,14 +127,14 @@ def limited(provider, budget, limiter, req=None):
 def test_primary_answers_when_it_can():
     p, lim = Provider(), FakeLimiter()
     call = limited(p, FakeBudget(Decimal(1)), lim)
-    asyncio.run(call.call(request()["body"], headers={}))
+    asyncio.run(call.call(request().body, headers={}))
     assert p.models == ["gpt-4o"] and call.model == "gpt-4o" and lim.admitted == ["gpt-4o"]
 
 
 def test_over_budget_for_the_primary_reserves_and_calls_the_fallback():
     p, budget = Provider(), FakeBudget(Decimal("0.005"))   # below gpt-4o's maximum, above mini's
     call = limited(p, budget, FakeLimiter())
-    asyncio.run(call.call(request()["body"], headers={}))
+    asyncio.run(call.call(request().body, headers={}))
     assert p.models == ["gpt-4o-mini"] and call.model == "gpt-4o-mini"
     assert budget.reserved == [fallback_for(request(), PRICES).max_cost_usd]
 
@@ -140,7 +143,7 @@ def test_over_budget_for_both_is_still_budget_exceeded():
     p = Provider()
     call = limited(p, FakeBudget(Decimal("0.00001")), FakeLimiter())
     with pytest.raises(BudgetExceeded):
-        asyncio.run(call.call(request()["body"], headers={}))
+        asyncio.run(call.call(request().body, headers={}))
     assert p.models == []
 
 
@@ -149,20 +152,20 @@ def test_no_fallback_set_means_budget_exceeded():
     req = request(fallback_model=None)
     call = limited(p, FakeBudget(Decimal("0.005")), FakeLimiter(), req)
     with pytest.raises(BudgetExceeded):
-        asyncio.run(call.call(req["body"], headers={}))
+        asyncio.run(call.call(req.body, headers={}))
 
 
 def test_a_primary_window_further_off_than_the_wait_goes_to_the_fallback():
     p, lim = Provider(), FakeLimiter(primary_wait_s=30.0)
     call = limited(p, FakeBudget(Decimal(1)), lim)
-    asyncio.run(call.call(request()["body"], headers={}))
+    asyncio.run(call.call(request().body, headers={}))
     assert p.models == ["gpt-4o-mini"] and lim.admitted == ["gpt-4o-mini"]
 
 
 def test_a_short_wait_on_the_primary_keeps_the_primary():
     p, lim = Provider(), FakeLimiter(primary_wait_s=1.0)
     call = limited(p, FakeBudget(Decimal(1)), lim)
-    asyncio.run(call.call(request()["body"], headers={}))
+    asyncio.run(call.call(request().body, headers={}))
     assert p.models == ["gpt-4o"]
 
 
@@ -171,9 +174,9 @@ def test_a_429_on_the_primary_sends_the_next_attempt_to_the_fallback():
         FakeBudget(Decimal(1))
     call = limited(p, budget, lim)
     with pytest.raises(RetryableProviderError) as err:
-        asyncio.run(call.call(request()["body"], headers={}))
+        asyncio.run(call.call(request().body, headers={}))
     assert err.value.retry_after is None          # the fallback does not wait out the primary's 300 s
     assert lim.blocked == [("gpt-4o", 300)]       # but every worker's primary calls do
     assert len(budget.released) == 1
-    asyncio.run(call.call(request()["body"], headers={}))
+    asyncio.run(call.call(request().body, headers={}))
     assert p.models == ["gpt-4o", "gpt-4o-mini"] and call.model == "gpt-4o-mini"

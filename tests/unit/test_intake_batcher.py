@@ -101,7 +101,6 @@ def make(monkeypatch):
             return {b["batch_id"]: sum(1 for r in rows if r["batch_id"] == b["batch_id"]) for b in batches}
         monkeypatch.setattr(batcher_mod.batch_store, "write_batches", write_batches)
         monkeypatch.setattr(batcher_mod.batch_store, "admit_requests", lambda conn, rows: (rows, {}))
-        monkeypatch.setattr(batcher_mod.batch_store, "mark_provider_batch_mode", lambda conn, ids: None)
         monkeypatch.setattr(batcher_mod.batch_store, "mark_dispatched", lambda conn, ids: None)
         b = Batcher(SETTINGS, engine=FakeEngine(), dispatcher=lambda *a: None)
         b._cached_answers = lambda items: {}

@@ -40,9 +40,14 @@ FOLDERS = {
     "providers": {""},
     "stores": {"", "providers"},
     "money": {"", "stores"},
-    "intake": {"", "money", "stores", "providers", "endpoints"},
+    "intake": {"", "money", "stores", "providers", "endpoints", "request", "paths"},
     "endpoints": {"", "money"},
+    # pipeline/request.py, a module with a node of its own: the typed request carries a Bound
+    "request": {"", "money"},
+    "paths": {"", "money", "stores", "providers", "endpoints", "request"},
 }
+#: top-level modules of pipeline/ that are a node of FOLDERS, not part of the vocabulary
+MODULE_NODES = {"request"}
 #: no module of these packages is longer (docs/ARCHITECTURE.md: a few hundred lines each)
 MAX_LINES = 650
 SIZED = ("pipeline", "workers", "schedules", "llmbatch")
@@ -68,14 +73,14 @@ def folder_of(root: Path, dotted: str) -> str | None:
     parts = dotted.split(".")
     if parts[0] != "pipeline" or len(parts) < 2:
         return None if parts[0] != "pipeline" else ""
-    return parts[1] if (root / "pipeline" / parts[1]).is_dir() else ""
+    return parts[1] if (root / "pipeline" / parts[1]).is_dir() or parts[1] in MODULE_NODES else ""
 
 
 def folder_breaches(root: Path = ROOT) -> list[str]:
     found = []
     for path in sorted((root / "pipeline").rglob("*.py")):
         rel = path.relative_to(root / "pipeline").parts
-        source = rel[0] if len(rel) > 1 else ""
+        source = rel[0] if len(rel) > 1 else (path.stem if path.stem in MODULE_NODES else "")
         allowed = FOLDERS.get(source, set()) | {source}
         for line, dotted in imported_modules(path):
             target = folder_of(root, dotted)

@@ -52,7 +52,7 @@ def _call(outcome, record):
 
     async def go():
         try:
-            await lim.call(request()["body"], headers={})
+            await lim.call(request().body, headers={})
         except (Exception, asyncio.CancelledError):
             pass
     asyncio.run(go())
@@ -69,7 +69,7 @@ def test_every_call_sent_is_answered_or_unconfirmed_never_forgotten(outcomes):
     async def go():
         for _ in outcomes:   # each attempt of the request, as call_with_retries makes them
             try:
-                await lim.call(request()["body"], headers={})
+                await lim.call(request().body, headers={})
             except (Exception, asyncio.CancelledError):
                 pass
     asyncio.run(go())
@@ -96,6 +96,6 @@ def test_a_call_the_gate_refused_was_never_sent_and_spends_nothing():
     budget = FakeBudget(Decimal(1))
     lim = Limited(provider, request(fallback_model=None), budget, FakeLimiter(), calls=record)
     with pytest.raises(RequestCancelled):
-        asyncio.run(lim.call(request()["body"], headers={}))
+        asyncio.run(lim.call(request().body, headers={}))
     assert provider.models == [] and len(budget.released) == 1
     assert not record.unconfirmed_ids and not record.answered_ids

@@ -2,11 +2,11 @@
 
 import json
 import re
-from decimal import Decimal
 
 from pipeline.money.pricing import Usage, cost, get_price_book
-from schedules.pb_ingest import _outcome
-from schedules.pb_submit import pack, provider_custom_id, request_line
+from pipeline.paths.provider_batch import outcome_of_line, provider_custom_id, request_line
+from pipeline.request import Request
+from schedules.pb_submit import pack
 
 
 def test_pack_respects_request_and_byte_limits():
@@ -22,57 +22,65 @@ def test_pack_limits_at_provider_scale():
     assert [e - s for s, e in chunks] == [50_000, 50_000, 20_000]
 
 
+def _req(**over) -> Request:
+    row = {"job_id": "j", "custom_id": "c", "provider": "openai", "model": "gpt-4o-mini", "tier": "background",
+           "attempts": 0, "max_cost_usd": "0.001", "mode": "provider_batch",
+           "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}
+    return Request.from_row({**row, **over})
+
+
 def test_provider_custom_id_is_unique_and_valid_for_anthropic():
-    a = provider_custom_id("job_1", "x")
-    assert a != provider_custom_id("job_2", "x") and a == provider_custom_id("job_1", "x")
+    a = provider_custom_id(_req(job_id="job_1", custom_id="x"))
+    assert a != provider_custom_id(_req(job_id="job_2", custom_id="x"))
+    assert a == provider_custom_id(_req(job_id="job_1", custom_id="x"))
     assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", a)
 
 
 def test_request_lines_in_provider_shapes():
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-    oa = json.loads(request_line("openai", "q1", body))
-    assert oa == {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": body}
-    an = json.loads(request_line("anthropic", "q1", body))
-    assert an == {"custom_id": "q1", "params": body}
+    req = _req()
+    oa = json.loads(request_line(req))
+    assert oa == {"custom_id": provider_custom_id(req), "method": "POST", "url": "/v1/chat/completions",
+                  "body": req.body}
+    an = json.loads(request_line(_req(provider="anthropic")))
+    assert an == {"custom_id": provider_custom_id(req), "params": req.body}
 
 
-REQ = {"job_id": "j", "custom_id": "c", "model": "gpt-4o-mini", "attempts": 0}
+REQ = _req()
 
 
 def test_openai_success_costs_half():
     body = {"object": "chat.completion", "usage": {"prompt_tokens": 1000, "completion_tokens": 500}}
     line = {"custom_id": "q", "response": {"status_code": 200, "request_id": "req_1", "body": body}, "error": None}
-    outcome, attempt, not_run = _outcome(REQ, "openai", line, get_price_book())
+    outcome, attempt, not_run = outcome_of_line(REQ, line, get_price_book())
     price = get_price_book().resolve("gpt-4o-mini")
     full = cost(price, Usage(1000, 500, 0))
-    assert not_run is None and outcome["status"] == "succeeded" and outcome["response"] == body
-    assert Decimal(outcome["cost_usd"]) * 2 == full
-    assert attempt["cost_usd"] == outcome["cost_usd"] and attempt["attempt"] == 1
+    assert not_run is None and outcome.status == "succeeded" and outcome.response == body
+    assert outcome.cost * 2 == full and outcome.list_cost == full and outcome.lever == "batch"
+    assert attempt["cost_usd"] == outcome.to_row()["cost_usd"] and attempt["attempt"] == 1
 
 
 def test_openai_error_and_not_run():
     err = {"custom_id": "q", "response": {"status_code": 400, "request_id": "r",
                                           "body": {"error": {"message": "bad", "type": "invalid_request_error"}}},
            "error": None}
-    outcome, _, _ = _outcome(REQ, "openai", err, get_price_book())
-    assert outcome["status"] == "failed" and outcome["status_code"] == 400 and outcome["cost_usd"] == "0"
+    outcome, _, _ = outcome_of_line(REQ, err, get_price_book())
+    assert outcome.status == "failed" and outcome.status_code == 400 and outcome.to_row()["cost_usd"] == "0"
     never = {"custom_id": "q", "response": None, "error": {"code": "batch_expired", "message": "x"}}
-    assert _outcome(REQ, "openai", never, get_price_book()) == (None, None, "batch_expired")
+    assert outcome_of_line(REQ, never, get_price_book()) == (None, None, "batch_expired")
 
 
 def test_anthropic_results():
-    req = dict(REQ, model="claude-sonnet-4-5") if "claude-sonnet-4-5" in get_price_book() else None
     model = next(m for m in get_price_book().known_models() if get_price_book().resolve(m).provider == "anthropic")
-    req = dict(REQ, model=model)
+    req = _req(provider="anthropic", model=model, body={"model": model, "max_tokens": 10, "messages": []})
     msg = {"id": "msg_1", "type": "message", "usage": {"input_tokens": 100, "output_tokens": 20}}
-    ok, _, _ = _outcome(req, "anthropic", {"custom_id": "q", "result": {"type": "succeeded", "message": msg}},
-                        get_price_book())
-    assert ok["status"] == "succeeded" and ok["response"] == msg and ok["provider_request_id"] == "msg_1"
-    assert Decimal(ok["cost_usd"]) * 2 == cost(get_price_book().resolve(model), Usage(100, 20, 0))
-    bad, _, _ = _outcome(req, "anthropic", {"custom_id": "q", "result": {"type": "errored", "error": {
+    ok, _, _ = outcome_of_line(req, {"custom_id": "q", "result": {"type": "succeeded", "message": msg}},
+                               get_price_book())
+    assert ok.status == "succeeded" and ok.response == msg and ok.provider_request_id == "msg_1"
+    assert ok.cost * 2 == cost(get_price_book().resolve(model), Usage(100, 20, 0))
+    bad, _, _ = outcome_of_line(req, {"custom_id": "q", "result": {"type": "errored", "error": {
         "type": "error", "error": {"type": "invalid_request_error", "message": "no"}}}}, get_price_book())
-    assert bad["status"] == "failed" and bad["status_code"] == 400
-    assert _outcome(req, "anthropic", {"custom_id": "q", "result": {"type": "expired"}}, get_price_book())[2] == "expired"
+    assert bad.status == "failed" and bad.status_code == 400
+    assert outcome_of_line(req, {"custom_id": "q", "result": {"type": "expired"}}, get_price_book())[2] == "expired"
 
 
 # ------------------------------------------------------------------ finding a lost Anthropic creation

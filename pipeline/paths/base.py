@@ -1,0 +1,160 @@
+"""One interface for every path, and the one sequence they all follow.
+
+A ``Path`` says what it is (``name``, ``lever``: the savings ledger's name for
+what it saves; ``runs_in``: our workers call per request, or the scheduler sends a
+provider batch), whether it can serve a request (``serves`` / ``why_not``), what a
+usage costs on it (``price``), what to hold before its call (``reservation``,
+``hold_ttl_s``) and when it is likely done (``expected_done``, for the cost
+engine). Its ``call`` is the only step it writes itself: realtime and flex wrap
+the provider a worker calls (``caller``), provider batch creates, polls and
+ingests in the scheduler (``provider_batch.py``).
+
+The sequence is the same on every path, and each step is here once:
+
+1. **reserve** (``reserve``): the path's reservation, held in the one async
+   ``Budget`` (pipeline/money/budget.py) under the request's key, before anything
+   is sent: the workers (workers/limited.py) and the scheduler's provider batches
+   (schedules/pb_submit.py) alike;
+2. **call**: the path's own;
+3. **price** (``answered``): usage as the endpoint reads it, the price of the model
+   that answered, the path's price for the tier that answered, and the list price
+   beside it: an ``Outcome``;
+4. **write outcome** (``write``): result, attempts and state in one transaction
+   (``pipeline.stores.outcomes``);
+5. **settle** (``settle_amount``): only once that write is durable (a rebuild of
+   the counters from the ledger then misses nothing), to the outcome's cost, or
+   to the whole hold when the answer reported no usage.
+
+It must never let a call go out without a reservation, nor price a request at
+another path's price.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from pipeline.config import Settings
+from pipeline.constants import DISPATCHED_TIERS
+from pipeline.endpoints import endpoint_for
+from pipeline.errors import LineError
+from pipeline.money.budget import Budget, Reservation
+from pipeline.money.pricing import ModelPrice, PriceBook, Usage, answered_price, cost
+from pipeline.money.units import from_units
+from pipeline.request import Outcome, Request
+from pipeline.stores import outcomes as outcome_store
+
+#: service tiers an answer may name for the standard price
+STANDARD_TIERS = (None, "default", "auto", "standard", "standard_only")
+
+
+class Path:
+    """A way to the provider. Subclasses set the attributes and override what differs."""
+
+    #: the name a job, a batch and a message carry (``jobs.mode``, ``batches.mode``, ``mode``)
+    name: str = ""
+    #: the savings ledger's name for what this path saves against realtime (None: nothing)
+    lever: str | None = None
+    #: ``worker``: released and dispatched to our workers, who call per request;
+    #: ``scheduler``: held for the scheduler, which sends it in provider batches
+    runs_in: str = "worker"
+    #: an immediate request on this path may take the producer's fast lane
+    fast_lane: bool = False
+
+    # ---- what the path is
+
+    def why_not(self, req: Request, price: ModelPrice) -> str | None:
+        """Why this path cannot serve ``req`` (whose model is priced ``price``), or None."""
+        return None
+
+    def serves(self, req: Request, provider: str, price: ModelPrice) -> bool:
+        return price.provider == provider and self.why_not(req, price) is None
+
+    def price(self, price: ModelPrice, usage: Usage, at: datetime | None = None,
+              served: str | None = None) -> Decimal:
+        """What ``usage`` costs on this path; ``served``: the service tier that answered.
+        A flex answer is at the flex (batch) price whichever path asked for it."""
+        return cost(price, usage, batch=served == "flex")
+
+    def reservation(self, req: Request) -> Decimal:
+        """What to hold before the call: the request's maximum at list price."""
+        return req.bound.max_cost_usd
+
+    def hold_ttl_s(self, settings: Settings) -> float | None:
+        """How long a hold of this path outlives its last renewal (None: the budget's own)."""
+        return None
+
+    def expected_done(self, req: Request, now: datetime) -> datetime:
+        return now + timedelta(minutes=1)
+
+    def initial_status(self, tier: str) -> str:
+        """``queued`` (dispatched at once) or ``held`` (the scheduler releases or sends it)."""
+        return "queued" if self.runs_in == "worker" and tier in DISPATCHED_TIERS else "held"
+
+    # ---- the call step of a worker path
+
+    def caller(self, provider, settings: Settings):
+        """The provider as this path calls it (the worker wraps it in the limits)."""
+        return provider
+
+    def __repr__(self) -> str:
+        return f"<path {self.name}>"
+
+
+def check_serves(path: Path, req: Request, price: ModelPrice) -> None:
+    """LineError, naming the path and the reason, when ``path`` cannot serve ``req``."""
+    why = path.why_not(req, price)
+    if why is not None:
+        raise LineError(f"the {path.name} path cannot serve this request: {why}"[:300])
+
+
+# ---- 1. reserve
+
+async def reserve(budget: Budget, path: Path, req: Request, rid: str | None = None, *,
+                  amount: Decimal | None = None, wait: bool = True, period: str | None = None,
+                  track: bool = True) -> Reservation | None:
+    """Hold the path's reservation for ``req`` (``amount``: a fallback model's instead), under ``rid``
+    (default: the request's key). See ``Budget.reserve`` for ``wait``, ``period`` and ``track``."""
+    return await budget.reserve(rid or req.key, req.job_id, req.tier,
+                                path.reservation(req) if amount is None else amount,
+                                ttl_s=path.hold_ttl_s(budget.settings), wait=wait, period=period, track=track)
+
+
+# ---- 3. price
+
+def answered(path: Path, req: Request, body: dict, prices: PriceBook, *, model: str | None = None,
+             served: str | None = None, attempts: int, status_code: int | None = 200,
+             provider_request_id: str | None = None, latency_ms: int | None = None,
+             key_alias: str | None = None, budget_period: str | None = None) -> Outcome:
+    """The succeeded outcome of an answer: usage as the endpoint reads it, priced at the model that
+    answered (``model``: the one it was sent to, when not the request's) on ``path`` for the tier
+    that answered (``served``; else the one the answer names). No usage: cost unknown, recorded 0
+    with ``usage_missing`` (the hold then stays spent at its maximum: ``settle_amount``)."""
+    usage = endpoint_for(req.endpoint).usage(body)
+    if served is None and isinstance(body, dict) and isinstance(body.get("service_tier"), str):
+        served = body["service_tier"]
+    price = answered_price(prices, body, model or req.model)
+    spent = path.price(price, usage, None, served) if usage else Decimal(0)
+    listed = cost(price, usage) if usage else Decimal(0)
+    return Outcome(req.job_id, req.custom_id, model or req.model, "succeeded", attempts=attempts,
+                   response=body, usage=usage, cost=spent, list_cost=listed, path=path.name,
+                   lever=path.lever if spent < listed else None, service_tier=served, key_alias=key_alias,
+                   latency_ms=latency_ms, status_code=status_code, provider_request_id=provider_request_id,
+                   usage_missing=usage is None, cache_key=req.cache_key, budget_period=budget_period)
+
+
+# ---- 4. write outcome
+
+def write(conn, outcomes: list[Outcome], attempts: list[dict]) -> None:
+    """Results, attempts and terminal states in the caller's transaction."""
+    outcome_store.write_outcomes(conn, [o.to_row() for o in outcomes], attempts)
+
+
+# ---- 5. settle
+
+def settle_amount(outcome: Outcome | None, held_units: int) -> Decimal:
+    """What a hold settles to once its outcome is durable: the outcome's cost, or the whole hold
+    when the cost is unknown (no usage reported) or there is no outcome."""
+    if outcome is None or outcome.usage_missing:
+        return from_units(held_units)
+    return outcome.cost

@@ -79,7 +79,7 @@ def _outcome(req: dict, provider: str, line: dict, prices) -> tuple[dict | None,
     attempt = {"job_id": req["job_id"], "custom_id": req["custom_id"], "attempt": attempt_no,
                "status_code": None, "error": None, "latency_ms": None, "provider_request_id": None,
                "cost_usd": "0"}
-    if provider == "openai":
+    if batch_api.batch_format(provider) == "openai":
         resp, err = line.get("response"), line.get("error")
         if resp is None:
             return None, None, (err or {}).get("code") or "not_run"
@@ -113,7 +113,7 @@ def _outcome(req: dict, provider: str, line: dict, prices) -> tuple[dict | None,
                                             "provider_error": error})
         attempt["error"] = (message or "")[:500]
         return base, attempt, None
-    spent = cost(prices.resolve(req["model"]), usage, batch=True) if usage else Decimal(0)
+    spent = cost(prices.resolve(req["model"], provider), usage, batch=True) if usage else Decimal(0)
     base.update(status="succeeded", response=body, cost_usd=str(spent), usage_missing=usage is None,
                 input_tokens=usage.input_tokens if usage else None,
                 cached_input_tokens=usage.cached_input_tokens if usage else None,
@@ -257,8 +257,8 @@ def _requeue(conn, keys: list[tuple[str, str]], reqs: list[dict]) -> list[tuple[
     for k in keys:
         by_tier.setdefault(tiers[k]["tier"], []).append(k)
     out = []
-    model = reqs[0]["model"]   # a provider batch holds one model
-    provider = _provider_of(model)
+    model = reqs[0]["model"]   # a provider batch holds one model, of one provider
+    provider = reqs[0]["provider"]
     for tier, ks in by_tier.items():
         batch_id = "b_" + uuid.uuid4().hex
         state = "queued" if tier in DISPATCHED_TIERS else "held"
@@ -276,6 +276,3 @@ def _requeue(conn, keys: list[tuple[str, str]], reqs: list[dict]) -> list[tuple[
              len(keys), [b for b, _, _ in out])
     return out
 
-
-def _provider_of(model: str) -> str:
-    return get_price_book().resolve(model).provider

@@ -72,7 +72,7 @@ def provider_custom_id(job_id: str, custom_id: str) -> str:
 
 
 def request_line(provider: str, pid: str, body: dict) -> bytes:
-    if provider == "openai":
+    if batch_api.batch_format(provider) == "openai":
         line = {"custom_id": pid, "method": "POST", "url": batch_api.OPENAI_ENDPOINT, "body": body}
     else:
         line = {"custom_id": pid, "params": body}
@@ -148,8 +148,8 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                     continue
                 sizes = [len(request_line(provider, provider_custom_id(r["job_id"], r["custom_id"]), r["body"]))
                          for r in reqs]
-                for start, end in pack(sizes, settings.provider_batch_max_requests[provider],
-                                       settings.provider_batch_max_bytes[provider]):
+                for start, end in pack(sizes, settings.provider_batch_max_requests[batch_api.batch_format(provider)],
+                                       settings.provider_batch_max_bytes[batch_api.batch_format(provider)]):
                     pb_id = "pb_" + uuid.uuid4().hex[:20]
                     chunk = reqs[start:end]
                     conn.execute(sa.text(
@@ -168,7 +168,7 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
 
 def _hold_amount(req, prices) -> Decimal:
     """The most a request can cost through a Batch API: its maximum at the batch price."""
-    price = prices.resolve(req["model"])
+    price = prices.resolve(req["model"], req.get("provider"))
     return Decimal(str(req["max_cost_usd"])) * (1 - price.batch_discount)
 
 
@@ -291,7 +291,7 @@ def _assign(conn, pb_id: str, chunk: list) -> None:
 
 def pb_requests(conn, pb_id: str) -> list[dict]:
     return [dict(r) for r in conn.execute(sa.text(
-        "SELECT r.job_id, r.custom_id, r.model, r.tier, r.body, r.status, r.attempts, r.batch_id,"
+        "SELECT r.job_id, r.custom_id, r.provider, r.model, r.tier, r.body, r.status, r.attempts, r.batch_id,"
         " r.budget_period::text AS budget_period, j.batch_fallback, j.status AS job_status"
         " FROM batches b JOIN requests r ON r.batch_id = b.batch_id JOIN jobs j ON j.job_id = r.job_id"
         " WHERE b.provider_batch = :pb ORDER BY r.batch_id, r.line, r.custom_id"), {"pb": pb_id}).mappings()]
@@ -347,7 +347,7 @@ def _record_created(engine, pb_id: str, info: dict, settings: Settings) -> bool:
     if row is None:
         return False
     if row.cancel_requested:
-        confirmed = batch_api.OPENAI_CANCEL_CONFIRMED if row.provider == "openai" else batch_api.ANTHROPIC_CANCEL_CONFIRMED
+        confirmed = batch_api.cancel_confirmed(row.provider)
         if info.get("cancel_status") in confirmed:
             job_store.confirm_cancel(engine, pb_id, info["cancel_status"], True)
         else:
@@ -413,25 +413,28 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
             " ORDER BY created_at"),
             {"t": settings.provider_batch_create_timeout_s, "p": settings.provider_batch_poll_s}).mappings()]
         for r in rows:
-            if r["provider"] == "anthropic" and r["create_attempts"]:
+            if batch_api.batch_format(r["provider"]) == "anthropic" and r["create_attempts"]:
                 r["pids"] = {provider_custom_id(q["job_id"], q["custom_id"]) for q in pb_requests(conn, r["id"])}
     found: dict[str, tuple] = {}
     tried = [r for r in rows if r["create_attempts"]]
-    intents = [{"id": r["id"], "requests": r["requests"], "pids": r["pids"],
-                "start": r["first_at"] - batch_api.CLOCK_SKEW_S,
-                "end": r["last_at"] + settings.provider_batch_create_timeout_s + batch_api.CLOCK_SKEW_S}
-               for r in tried if r["provider"] == "anthropic"]
-    try:
-        if intents:
-            found.update(asyncio.run(batch_api.find_anthropic(settings, intents, _known_ids(engine))))
-    except Exception as e:
-        log.warning("provider batches: cannot list Anthropic batches to find %d unconfirmed creations: %s",
-                    len(intents), e)
+    by_provider: dict[str, list[dict]] = {}
     for r in tried:
-        if r["provider"] != "openai":
+        if batch_api.batch_format(r["provider"]) == "anthropic":
+            by_provider.setdefault(r["provider"], []).append({
+                "id": r["id"], "requests": r["requests"], "pids": r["pids"],
+                "start": r["first_at"] - batch_api.CLOCK_SKEW_S,
+                "end": r["last_at"] + settings.provider_batch_create_timeout_s + batch_api.CLOCK_SKEW_S})
+    for provider, intents in by_provider.items():
+        try:
+            found.update(asyncio.run(batch_api.find_anthropic(settings, intents, _known_ids(engine), provider)))
+        except Exception as e:
+            log.warning("provider batches: cannot list %s's batches to find %d unconfirmed creations: %s",
+                        provider, len(intents), e)
+    for r in tried:
+        if batch_api.batch_format(r["provider"]) != "openai":
             continue
         try:
-            hit = asyncio.run(batch_api.find_openai(settings, r["id"], r["first_at"]))
+            hit = asyncio.run(batch_api.find_openai(settings, r["id"], r["first_at"], r["provider"]))
             found[r["id"]] = ("found", hit) if hit else ("none",)
         except Exception as e:
             log.warning("provider batch %s: cannot list OpenAI batches to find it: %s", r["id"], e)

@@ -37,16 +37,10 @@ from pipeline.errors import (
 )
 from pipeline.ids import request_key
 from pipeline.money import calls, deferral
-from pipeline.money.pricing import (
-    Usage,
-    answered_price,
-    cost,
-    get_price_book,
-    usage_from_anthropic,
-    usage_from_openai,
-)
+from pipeline.money.pricing import Usage, answered_price, cost, get_price_book, usage_for
 from pipeline.money.units import from_units
 from pipeline.providers.base import get_provider
+from pipeline.providers.registry import get_registry
 from pipeline.providers.retries import AttemptRecord, call_with_retries
 from pipeline.stores import batches, db, jobs as job_store
 from workers.fallback import fallback_for
@@ -68,19 +62,19 @@ CHAIN_MAX_S = 600.0
 RENEW_RETRY_S, RENEW_RETRY_MAX_S = 0.5, 5.0
 
 
-def _usage(provider: str, body: dict) -> Usage | None:
+def _usage(kind: str, body: dict) -> Usage | None:
     raw = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(raw, dict):
         return None
-    return usage_from_openai(raw) if provider == "openai" else usage_from_anthropic(raw)
+    return usage_for(kind, raw)
 
 
 async def prepare(settings: Settings) -> None:
     """Make this process's SDK clients, budget and limiter now (a new pool process), so
     its first batch does not pay for them."""
     get_price_book()
-    for name in ("openai", "anthropic"):
-        get_provider(name, settings)
+    for spec in get_registry():
+        get_provider(spec.name, settings)
     limiter_for(settings, budget_for(settings, db.get_engine()))
 
 
@@ -90,7 +84,7 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate
     'deferred', 'cancelled' or 'abandoned' (lease lost before its call: no outcome)."""
     provider = get_provider(req["provider"], settings)
     prices = get_price_book()
-    prices.resolve(req["model"])   # a model this worker cannot price fails here, before any call
+    price = prices.resolve(req["model"], req["provider"])   # a model this worker cannot price fails here, before any call
     if writer.budget is not None:
         # the gate is asked by the call's record, right before it is sent (CallRecord)
         record = CallRecord(gate, writer, writer.batch_id, owner) if gate is not None else None
@@ -107,7 +101,8 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate
     def on_attempt(a: AttemptRecord) -> None:
         row = {"job_id": req["job_id"], "custom_id": req["custom_id"], "attempt": a.attempt,
                "status_code": a.status_code, "error": a.error, "latency_ms": a.latency_ms,
-               "provider_request_id": a.request_id, "cost_usd": "0"}
+               "provider_request_id": a.request_id, "cost_usd": "0", "provider": req["provider"],
+               "key_alias": getattr(provider, "key_alias", None)}   # the key's alias, never the key
         last.update(attempt=a.attempt, row=row)
         writer.attempts.append(row)
         writer.wake.set()   # a refused attempt is on record even while its retry waits
@@ -145,18 +140,21 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate
         writer.deferred_kinds.add("unavailable")
         return "deferred"
     except ProviderError as e:
-        code = "provider_error" if isinstance(e, PermanentProviderError) else "attempts_exhausted"
+        code = getattr(e, "code", None) or (
+            "provider_error" if isinstance(e, PermanentProviderError) else "attempts_exhausted")
         outcome.update(status="failed", status_code=e.status_code, provider_request_id=e.request_id,
+                       key_alias=getattr(provider, "key_alias", None),
                        error={"code": code, "message": str(e)}, attempts=last["attempt"])
         writer.outcomes.append(outcome)
         return "failed"
     model = getattr(provider, "model", req["model"])   # the fallback's, when it answered
-    usage = _usage(req["provider"], answer.body)
-    spent = cost(answered_price(prices, answer.body, model), usage) if usage else Decimal(0)
+    usage = _usage(price.kind, answer.body)
+    spent = cost(answered_price(prices, answer.body, model, req["provider"]), usage) if usage else Decimal(0)
     last["row"]["cost_usd"] = str(spent)
     outcome.update(
         status="succeeded", model=model, status_code=answer.status_code, response=answer.body,
         provider_request_id=answer.request_id, latency_ms=answer.latency_ms, cost_usd=str(spent),
+        key_alias=getattr(provider, "key_alias", None),
         usage_missing=usage is None, attempts=last["attempt"],
         input_tokens=usage.input_tokens if usage else None,
         cached_input_tokens=usage.cached_input_tokens if usage else None,

@@ -41,8 +41,8 @@ def fallback_for(req: dict, prices: PriceBook) -> Fallback | None:
     if not name:
         return None
     try:
-        price = prices.resolve(name)
-        if price.provider != req["provider"] or price.model == prices.resolve(req["model"]).model:
+        price = prices.resolve(name, req["provider"])
+        if price.provider != req["provider"] or price.model == prices.resolve(req["model"], req["provider"]).model:
             return None
         bound = request_bound(req["provider"], {**(req.get("body") or {}), "model": name}, prices,
                               declared_input_tokens=int(req.get("input_tokens") or 0))

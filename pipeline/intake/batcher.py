@@ -60,7 +60,7 @@ from pipeline.intake.kafka import make_consumer, make_producer, verify
 from pipeline.intake.messages import MAX_REASON, decode
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window
-from pipeline.money.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.money.pricing import cost, get_price_book, usage_for
 from pipeline.stores import batches as batch_store, db
 from pipeline.stores.cache import PREFIX as CACHE_PREFIX, ResponseCache
 
@@ -515,8 +515,9 @@ class Batcher:
             return None
         try:
             raw = answer.get("usage") or {}
-            usage = usage_from_openai(raw) if row["provider"] == "openai" else usage_from_anthropic(raw)
-            saved = cost(get_price_book().resolve(row["model"]), usage)
+            price = get_price_book().resolve(row["model"], row["provider"])
+            usage = usage_for(price.kind, raw)
+            saved = cost(price, usage)
         except Exception as e:   # an entry we cannot read is a miss
             log.warning("cache entry for %s/%s unusable (%s): a miss", row["job_id"], row["custom_id"], e)
             return None

@@ -299,7 +299,8 @@ def _anthropic_counter(settings: Settings):
     if not settings.anthropic_api_key:
         return None
     from pipeline.providers.anthropic import token_counter
-    return token_counter(settings)
+    from pipeline.providers.registry import build_registry
+    return token_counter(settings, build_registry(settings).get("anthropic"))
 
 
 def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | None = None,

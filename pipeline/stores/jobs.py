@@ -179,7 +179,7 @@ def cancelled_jobs(conn: Connection, job_ids) -> set[str]:
 def send_cancel(engine, pb_id: str, provider: str, provider_batch_id: str, settings: Settings) -> dict:
     """Ask the provider to cancel; confirmed once it says cancelling or ended (an ended batch has
     nothing left to cancel). Unconfirmed, the scheduler asks again next tick."""
-    confirmed = batch_api.OPENAI_CANCEL_CONFIRMED if provider == "openai" else batch_api.ANTHROPIC_CANCEL_CONFIRMED
+    confirmed = batch_api.cancel_confirmed(provider)
     error = None
     try:
         state = asyncio.run(batch_api.cancel(settings, provider, provider_batch_id))

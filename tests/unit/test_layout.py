@@ -39,7 +39,7 @@ FOLDERS = {
     "": set(),
     "providers": {""},
     "stores": {"", "providers"},
-    "money": {"", "stores"},
+    "money": {"", "stores", "providers"},
     "intake": {"", "money", "stores", "providers", "endpoints"},
     "endpoints": {"", "money"},
 }

@@ -158,10 +158,11 @@ def _key(raw, where: str, secret_required: bool) -> KeySpec:
     if env is not None and (not isinstance(env, str) or not ENV_RE.match(env)):
         raise ConfigError(f"{where}.env must name an environment variable, not {env!r}")
     secret = raw.get("secret") or Secret("")
+    secret = secret if isinstance(secret, Secret) else Secret(secret)   # Secret(Secret) would keep the mask
     if secret_required and env is not None and not secret:
         raise ConfigError(f"{where}: the environment variable {env} (key {alias!r}) is not set")
     return KeySpec(alias=alias, env=env, rpm=_positive(raw.get("rpm"), f"{where}.rpm"),
-                   tpm=_positive(raw.get("tpm"), f"{where}.tpm"), secret=Secret(secret))
+                   tpm=_positive(raw.get("tpm"), f"{where}.tpm"), secret=secret)
 
 
 def _spec(name: str, raw: dict, secret_required: bool) -> ProviderSpec:

@@ -192,3 +192,45 @@ def test_inflight_semaphore_holds_its_cap_and_frees_dead_leases(stack):
         await _cleanup([ratelimit.lease_key(tier)])
 
     asyncio.run(main())
+
+
+def test_keys_headroom_and_revocation_in_redis(stack):
+    """pipeline/providers/keys.py on the stack's Redis: the HEADROOM script reads each key's window,
+    calls split by headroom, a revoked key is out for another process's chooser too."""
+    from pipeline.providers.keys import Keys, NoUsableKey, dead_key
+    from pipeline.providers.registry import KeySpec
+
+    provider, model = f"test-keys-{secrets.token_hex(4)}", "m"
+    a, b = KeySpec("a", rpm=300), KeySpec("b", rpm=150, tpm=15_000)
+    settings = _settings(rate_limits={})
+
+    async def main():
+        r1, r2 = _client(), _client()
+        one, other = Keys(ratelimit.Limiter(settings, r1)), Keys(ratelimit.Limiter(settings, r2))
+        try:
+            for _ in range(30):
+                await one.limiter.admit(provider, model, "offpeak", 100, key="a", limit=ratelimit.Limit(300, None))
+            room = await one.limiter.headroom(provider, model, [("a", ratelimit.Limit(300, None)),
+                                                                ("b", ratelimit.Limit(150, 15_000)), ("c", None)])
+            assert room == [0.9, 1.0, 1.0], room
+            chosen = [(await one.admit(provider, (a, b), model, "offpeak", 100)).alias for _ in range(60)]
+            # a: 30 + x of 300, b: y of 150 and y*100 of 15,000 tokens; by headroom, x ≈ 2y - 30
+            assert abs(chosen.count("a") - 30) <= 3 and abs(chosen.count("b") - 30) <= 3, chosen
+            room = await one.limiter.headroom(provider, model, [("a", ratelimit.Limit(300, None)),
+                                                                ("b", ratelimit.Limit(150, 15_000))])
+            assert abs(room[0] - room[1]) < 0.02, room
+            assert await one.revoke(provider, "a", "HTTP 401") and not await other.revoke(provider, "a", "HTTP 401")
+            assert {(await other.admit(provider, (a, b), model, "offpeak", 1)).alias for _ in range(5)} == {"b"}
+            await other.revoke(provider, "b", "HTTP 403")
+            try:
+                await one.admit(provider, (a, b), model, "offpeak", 1)
+                raise AssertionError("admitted with every key revoked")
+            except NoUsableKey:
+                pass
+        finally:
+            await _cleanup([k for alias in ("a", "b") for k in ratelimit.rate_keys(provider, model, alias)]
+                           + [dead_key(provider, "a"), dead_key(provider, "b")])
+            await r1.aclose()
+            await r2.aclose()
+
+    asyncio.run(main())

@@ -419,6 +419,7 @@ class PriceBook:
 def get_price_book() -> PriceBook:
     """The process-wide price book (package file plus the ``pricing_file`` setting)."""
     from pipeline.config import get_settings
-    from pipeline.providers.registry import get_registry
+    from pipeline.providers.registry import build_registry
 
-    return PriceBook.load(get_settings().pricing_file, {p.name: p.kind for p in get_registry()})
+    settings = get_settings()   # the kinds alone: pricing needs no key (a submit has none to read)
+    return PriceBook.load(settings.pricing_file, {p.name: p.kind for p in build_registry(settings, secret_required=False)})

@@ -69,6 +69,19 @@ def _kafka_values(settings, topic: str) -> list[bytes]:
         c.close()
 
 
+def _stored(conn, job: str, provider: str = "") -> str:
+    """Every row the job left in Postgres (and the provider's key alerts), as one text to search."""
+    return conn.execute(sa.text(
+        "SELECT coalesce(string_agg(x::text, ' '), '') FROM ("
+        " SELECT row_to_json(r)::text AS x FROM results r WHERE job_id = :j"
+        " UNION ALL SELECT row_to_json(a)::text FROM attempts a WHERE job_id = :j"
+        " UNION ALL SELECT row_to_json(q)::text FROM requests q WHERE job_id = :j"
+        " UNION ALL SELECT row_to_json(j)::text FROM jobs j WHERE job_id = :j"
+        " UNION ALL SELECT row_to_json(x)::text FROM rejections x WHERE job_id = :j"
+        " UNION ALL SELECT row_to_json(k)::text FROM key_alerts k WHERE provider = :p) t"),
+        {"j": job, "p": provider}).scalar()
+
+
 @pytest.fixture
 def scheduler_paused():
     """The stack's scheduler would release the test's held batches to the workers: pause it."""
@@ -119,13 +132,7 @@ def test_planted_key_is_nowhere(stack, engine, tmp_path, scheduler_paused):
         outputs += [p.stdout, p.stderr]
 
     with engine.connect() as conn:
-        stored = conn.execute(sa.text(
-            "SELECT coalesce(string_agg(x::text, ' '), '') FROM ("
-            " SELECT row_to_json(r)::text AS x FROM results r WHERE job_id = :j"
-            " UNION ALL SELECT row_to_json(a)::text FROM attempts a WHERE job_id = :j"
-            " UNION ALL SELECT row_to_json(q)::text FROM requests q WHERE job_id = :j"
-            " UNION ALL SELECT row_to_json(j)::text FROM jobs j WHERE job_id = :j"
-            " UNION ALL SELECT row_to_json(x)::text FROM rejections x WHERE job_id = :j) t"), {"j": job}).scalar()
+        stored = _stored(conn, job)
         states = dict(conn.execute(sa.text(
             "SELECT status, count(*) FROM requests WHERE job_id = :j GROUP BY 1"), {"j": job}).all())
     # the test is only meaningful if both paths ran: answers and stored errors
@@ -167,13 +174,7 @@ def test_named_providers_keys_are_nowhere(stack, engine, tmp_path):
                 f"http://{stack.metrics_host}:{metrics.port_for(role, stack)}/metrics", timeout=10).read().decode())
     secrets = p.secrets()
     with engine.connect() as conn:
-        stored = conn.execute(sa.text(
-            "SELECT coalesce(string_agg(x::text, ' '), '') FROM ("
-            " SELECT row_to_json(r)::text AS x FROM results r WHERE job_id = :j"
-            " UNION ALL SELECT row_to_json(a)::text FROM attempts a WHERE job_id = :j"
-            " UNION ALL SELECT row_to_json(q)::text FROM requests q WHERE job_id = :j"
-            " UNION ALL SELECT row_to_json(k)::text FROM key_alerts k WHERE provider = :p) t"),
-            {"j": job, "p": p.name}).scalar()
+        stored = _stored(conn, job, p.name)
         alerts = key_alerts(conn, p.name)
     assert "secret key test" in stored and '"key_alias":"two"' in stored   # sanity: rows, aliases
     assert [a["key_alias"] for a in alerts] == ["one"]   # the refused key's alert row, by alias

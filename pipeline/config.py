@@ -214,9 +214,9 @@ class Settings:
     #: seconds one attempt to create a provider batch may take; a creation the provider has not
     #: confirmed is looked for at the provider and sent again only after this long with none found
     provider_batch_create_timeout_s: float = 120.0
-    #: per provider batch: requests (the providers' limits by default)
+    #: per provider batch, by Batch API format (a provider's ``batch``): requests (OpenAI's and Anthropic's limits)
     provider_batch_max_requests: dict = _tier_map(openai=50_000, anthropic=100_000)
-    #: per provider batch: bytes of JSONL (the providers' limits by default)
+    #: per provider batch, by Batch API format: bytes of JSONL (OpenAI's and Anthropic's limits)
     provider_batch_max_bytes: dict = _tier_map(openai=200_000_000, anthropic=256_000_000)
     #: missed cron slots younger than this still run after a scheduler outage
     schedule_misfire_grace_s: float = 3600.0
@@ -511,6 +511,8 @@ def settings_reference(cls: type = None) -> str:
         "give replace those of the default, the others stay. With `LLMBATCH_PORT_OFFSET=N` the",
         "default ports of Postgres, Redis, Kafka, the simulator, Flower and metrics move up by N",
         "(a setting you give yourself is used as given). Secrets never show in a repr or a log line.",
+        "`providers` is written as TOML tables (`[providers.NAME]`) or as JSON in `LLMBATCH_PROVIDERS`;",
+        "each key names the variable its secret is read from (docs/USAGE.md, \"Providers and keys\").",
         "",
         "Mind the kernel's ephemeral port range (Linux: 32768–60999, in",
         "`/proc/sys/net/ipv4/ip_local_port_range`), from which every outgoing connection takes its",

@@ -71,9 +71,13 @@ def named_stack(settings, tmp_path, providers: list[Named], anthropic_rpm: int |
             "keys": [{"key": secret, "alias": alias, **({"rpm": rpm} if rpm else {})}
                      for alias, (_, secret, rpm) in p.keys.items()]}
         base = f"{settings.simulator_url}/p/{p.name}" + ("/v1" if p.kind == "openai" else "")
-        pipe_providers[p.name] = {"kind": p.kind, "base_url": base, "batch": p.kind,
+        pipe_providers[p.name] = {"kind": p.kind, "base_url": base,
                                   "keys": [{"alias": alias, "env": var, **({"rpm": rpm} if rpm else {})}
                                            for alias, (var, _, rpm) in p.keys.items()]}
+        if p.kind == "azure-openai":   # one deployment of the model, named apart from it
+            sim_providers[p.name]["deployments"] = pipe_providers[p.name]["deployments"] = {f"dep-{LLAMA}": LLAMA}
+        else:
+            pipe_providers[p.name]["batch"] = p.kind
         prices[f"{p.name}/{LLAMA}"] = {"input": p.input, "cached_input": p.input, "output": p.output,
                                        "batch_discount": "0.5", "context_window": 131072,
                                        "max_output_tokens": 4096, "encoding": "o200k_base",

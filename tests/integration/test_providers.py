@@ -37,12 +37,13 @@ THREE = [Named(f"tg-{RUN}", keys={"tg-1": key(120)}, input="0.88", output="0.88"
 ANTHROPIC_RPM = 60
 DUO = Named(f"duo-{RUN}", keys={"big": key(300), "small": key(150)}, input="0.50", output="0.50")
 REV = Named(f"rev-{RUN}", keys={"main": key(300), "spare": key(150)}, input="0.50", output="0.50")
+AZURE = Named(f"az-{RUN}", kind="azure-openai", keys={"az-1": key()}, input="0.70", output="0.75")
 SHARE = 0.7   # rate_peak_share, the default
 
 
 @pytest.fixture(scope="module")
 def env(stack, tmp_path_factory):
-    with named_stack(stack, tmp_path_factory.mktemp("providers"), THREE + [DUO, REV],
+    with named_stack(stack, tmp_path_factory.mktemp("providers"), THREE + [DUO, REV, AZURE],
                      anthropic_rpm=ANTHROPIC_RPM) as e:
         yield e
 
@@ -147,3 +148,16 @@ def test_a_key_revoked_mid_job_leaves_the_rotation_and_the_job_completes(stack, 
     assert stats["keys"]["main"]["successes"] == on["main"] <= int(300 * SHARE)
     assert on["spare"] == n - on["main"]
     assert _revocations(stack, REV.name, "main") == 1
+
+
+def test_an_azure_deployment_answers_through_the_api_key_header(stack, engine, env, tmp_path):
+    """kind azure-openai: the model's deployment in the path, ``api-key``, ``api-version``: the
+    simulator's Azure routes answer only that shape."""
+    job = submit(env, tmp_path, [chat(f"a{i}", f"{AZURE.name}/{LLAMA}", f"azure {i}") for i in range(10)])
+    assert wait_job(engine, job) == "completed"
+    rows = results(engine, job)
+    stats = _providers(stack)[AZURE.name]
+    print(f"\nazure: {len(rows)} succeeded, ledger ${ledger_by_provider(rows)[AZURE.name]}, "
+          f"simulator billed ${stats['billed_usd']}, keys {list(stats['keys'])}")
+    assert {r["key_alias"] for r in rows} == {"az-1"} and stats["keys"]["az-1"]["successes"] == 10
+    assert ledger_by_provider(rows)[AZURE.name] == Decimal(stats["billed_usd"])

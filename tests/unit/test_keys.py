@@ -205,3 +205,56 @@ def test_a_429_blocks_only_the_keys_window():
     with pytest.raises(RetryableProviderError):
         asyncio.run(lim.call(request()["body"], headers={}))
     assert blocked == [(lim.key_alias, Limit(300 if lim.key_alias == "key-a" else 150, None))]
+
+
+# ------------------------------------------------------------------ each kind against the simulator
+
+def test_every_kind_calls_the_simulator_on_the_key_it_is_given():
+    """get_provider's clients, one per key, for kinds openai, azure-openai and anthropic, against an
+    in-process simulator that knows the keys: each call is counted on its key's alias, and a
+    revoked key is answered 401 (which Limited turns into a revocation)."""
+    import json as json_
+
+    from pipeline.providers.base import ProviderClient
+    from pipeline.providers.registry import build_registry
+    from simulator.providers import key_alias
+    from tests.unit.test_simulator_providers import PROVIDERS, serve, stats
+
+    async def body():
+        async with serve() as (url, oa, http):
+            env = {"TK1": "tk-one-SECRET", "TK2": "tk-two-SECRET", "AZ": "az-1-SECRET", "AK": "ak-1-SECRET",
+                   "LLMBATCH_PROVIDER_HTTP_CLIENT": "httpx", "LLMBATCH_PROVIDERS": json_.dumps({
+                       "together": {"kind": "openai", "base_url": f"{url}/p/together/v1",
+                                    "keys": [{"alias": "one", "env": "TK1"}, {"alias": "two", "env": "TK2"}]},
+                       "azure-east": {"kind": "azure-openai", "base_url": f"{url}/p/azure-east",
+                                      "deployments": PROVIDERS["azure-east"]["deployments"],
+                                      "keys": [{"alias": "az", "env": "AZ"}]},
+                       "claude-eu": {"kind": "anthropic", "base_url": f"{url}/p/claude-eu",
+                                     "keys": [{"alias": "ak", "env": "AK"}]}})}
+            settings = load_settings(env)
+            reg = build_registry(settings)
+            msg = [{"role": "user", "content": "hi"}]
+            tg = ProviderClient(reg.get("together"), settings)
+            for k in (tg.spec.key("one"), tg.spec.key("two"), tg.spec.key("two")):
+                a = await tg.call({"model": "llama-70b", "max_tokens": 5, "messages": msg}, headers={}, key=k)
+                assert a.status_code == 200 and a.body["usage"]["prompt_tokens"] > 0
+            az = ProviderClient(reg.get("azure-east"), settings)
+            a = await az.call({"model": "gpt-4o-mini", "max_tokens": 5, "messages": msg}, headers={})
+            assert a.status_code == 200
+            an = ProviderClient(reg.get("claude-eu"), settings)
+            a = await an.call({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": msg}, headers={})
+            assert a.body["usage"]["input_tokens"] > 0
+            async with http.post(url + "/_admin/keys/revoke", json={"key": "tk-one-SECRET", "provider": "together"}):
+                pass
+            with pytest.raises(PermanentProviderError) as refused:
+                await tg.call({"model": "llama-70b", "max_tokens": 5, "messages": msg}, headers={},
+                              key=tg.spec.key("one"))
+            assert refused.value.status_code == 401
+            s = await stats(http, url)
+            assert {a: k["successes"] for a, k in s["together"]["keys"].items()} == {key_alias("tk-one-SECRET"): 1,
+                                                                                     "second": 2}
+            assert s["azure-east"]["successes"] == 1 and s["claude-eu"]["successes"] == 1
+            for c in (tg, az, an):
+                for client in c._clients.values():
+                    await client.close()
+    asyncio.run(body())

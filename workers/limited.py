@@ -115,6 +115,7 @@ class Limited:
         """Wait for a key's rate window on the model (the key with the most headroom); the
         fallback's when the primary's is too far off. Sets ``self.key``."""
         req, ring = self.req, keys_for(self.limiter)
+        self.key = None   # no key yet: an attempt refused before its call is on no key's record
         tokens = ratelimit.request_tokens(req)
         if self.fallback is not None and model != self.fallback.model:
             if not self._primary_throttled:

@@ -38,12 +38,14 @@ ANTHROPIC_RPM = 60
 DUO = Named(f"duo-{RUN}", keys={"big": key(300), "small": key(150)}, input="0.50", output="0.50")
 REV = Named(f"rev-{RUN}", keys={"main": key(300), "spare": key(150)}, input="0.50", output="0.50")
 AZURE = Named(f"az-{RUN}", kind="azure-openai", keys={"az-1": key()}, input="0.70", output="0.75")
+WIN_RPM = 100
+WIN = Named(f"win-{RUN}", keys={"w-1": key(WIN_RPM)}, input="0.10", output="0.10")
 SHARE = 0.7   # rate_peak_share, the default
 
 
 @pytest.fixture(scope="module")
 def env(stack, tmp_path_factory):
-    with named_stack(stack, tmp_path_factory.mktemp("providers"), THREE + [DUO, REV, AZURE],
+    with named_stack(stack, tmp_path_factory.mktemp("providers"), THREE + [DUO, REV, AZURE, WIN],
                      anthropic_rpm=ANTHROPIC_RPM) as e:
         yield e
 
@@ -161,3 +163,14 @@ def test_an_azure_deployment_answers_through_the_api_key_header(stack, engine, e
           f"simulator billed ${stats['billed_usd']}, keys {list(stats['keys'])}")
     assert {r["key_alias"] for r in rows} == {"az-1"} and stats["keys"]["az-1"]["successes"] == 10
     assert ledger_by_provider(rows)[AZURE.name] == Decimal(stats["billed_usd"])
+
+
+def test_immediate_work_fills_a_keys_whole_limit_and_never_more(stack, engine, env, tmp_path):
+    """Immediate work may fill the whole limit of a key (peak only 0.7 of it): the provider sees
+    at most its limit in any 60 s, and answers no 429."""
+    lines = [dict(chat(f"w{i}", f"{WIN.name}/{LLAMA}", f"window {i}"), tier="immediate") for i in range(160)]
+    job = submit(env, tmp_path, lines)
+    assert wait_job(engine, job, timeout=300) == "completed"
+    s = _providers(stack)[WIN.name]
+    print(f"\nwindow: {s['calls']} calls, peak {s['peak_calls_60s']} in 60 s against {WIN_RPM} rpm, 429s {s['429']}")
+    assert s["429"] == 0 and s["peak_calls_60s"] <= WIN_RPM

@@ -116,15 +116,17 @@ class Limited:
         fallback's when the primary's is too far off. Sets ``self.key``."""
         req, ring = self.req, keys_for(self.limiter)
         self.key = None   # no key yet: an attempt refused before its call is on no key's record
+        self._admitted = secrets.token_hex(6)   # the call's entry in its key's window (stamped at its send)
         tokens = ratelimit.request_tokens(req)
         if self.fallback is not None and model != self.fallback.model:
             if not self._primary_throttled:
-                key = await ring.admit(req["provider"], self.keys, model, req["tier"], tokens, self.fallback_wait_s)
+                key = await ring.admit(req["provider"], self.keys, model, req["tier"], tokens, self.fallback_wait_s,
+                                       rid=self._admitted)
                 if key is not None:
                     self.key = key
                     return model
             model = self.fallback.model
-        self.key = await ring.admit(req["provider"], self.keys, model, req["tier"], tokens)
+        self.key = await ring.admit(req["provider"], self.keys, model, req["tier"], tokens, rid=self._admitted)
         return model
 
     async def _call_limited(self, body: dict, headers: dict, model: str):
@@ -180,6 +182,9 @@ class Limited:
             self._n += 1
             self.call_id = f"{self.rid}.{self._n}"
             await self.calls.sending(self.req, self.reservation, self.call_id)
+        if self.key is not None:   # the window counts it from now: its record may have taken a while
+            await self.limiter.stamp(self.req["provider"], model, ratelimit.request_tokens(self.req), self._admitted,
+                                     key=self.key.alias, limit=self._limit(model))
         self._sent = True   # from here on the provider may bill, whatever we hear back
         body = body if model == self.req["model"] else {**body, "model": model}
         if self.key is None:   # no limiter: the provider's first key

@@ -77,13 +77,14 @@ class Keys:
         self._seen.pop(provider, None)
 
     async def admit(self, provider: str, keys: Sequence[KeySpec], model: str, tier: str, tokens: int,
-                    max_wait_s: float | None = None) -> KeySpec | None:
-        """The live key with the most headroom, once its window admitted the call.
+                    max_wait_s: float | None = None, rid: str | None = None) -> KeySpec | None:
+        """The live key with the most headroom, once its window admitted the call (as ``rid``:
+        the limiter's ``stamp`` counts it from its send).
 
         None when ``max_wait_s`` would be exceeded; ``NoUsableKey`` when every key is out."""
         settings = self.limiter.settings
         started = time.monotonic()
-        rid = secrets.token_hex(6)
+        rid = rid or secrets.token_hex(6)
         while True:
             live = await self.live(provider, keys)
             if not live:
@@ -92,7 +93,7 @@ class Keys:
             limits = [(k.alias, ratelimit.limit_for(settings, provider, model, k)) for k in live]
             if len(live) == 1:   # one key: its window alone, as one key always was
                 waited = await self.limiter.admit(provider, model, tier, tokens, max_wait_s, key=live[0].alias,
-                                                  limit=limits[0][1])
+                                                  limit=limits[0][1], rid=rid)
                 return live[0] if waited is not None else None
             room = await self.limiter.headroom(provider, model, limits)   # ties broken at random
             ranked = sorted(zip(room, [random.random() for _ in live], live), key=lambda t: t[:2], reverse=True)

@@ -226,6 +226,13 @@ redis.call('PEXPIRE', KEYS[2], window + 1000)
 return {1, 0}
 """
 
+# KEYS: window zset; ARGV: member (id|tokens) → 1 stamped now | 0 no longer in the window
+STAMP = _NOW + """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
+return 1
+"""
+
 # KEYS: per key, its window zset, token counter and blocked-until (3 each); ARGV: window_ms
 # → per key {requests in the window, tokens in the window, ms until unblocked}; read-only
 HEADROOM = _NOW + """
@@ -339,7 +346,7 @@ class Limiter:
 
     async def admit(self, provider: str, model: str, tier: str, tokens: int,
                     max_wait_s: float | None = None, *, key: str = DEFAULT_KEY,
-                    limit: Limit | None = None) -> float | None:
+                    limit: Limit | None = None, rid: str | None = None) -> float | None:
         """Wait until the window of ``key`` on ``model`` admits ``tokens`` for ``tier``. Returns seconds waited.
 
         ``limit``: the key's (``limit_for``); by default the configured one of the model.
@@ -350,7 +357,7 @@ class Limiter:
         if lim is None:
             return 0.0
         started = time.monotonic()
-        rid = secrets.token_hex(6)
+        rid = rid or secrets.token_hex(6)
         while True:
             wait = await self.try_admit(provider, model, tier, tokens, rid, key=key, limit=lim)
             if not wait:
@@ -360,6 +367,14 @@ class Limiter:
             # re-ask at least every second so the waiting marks stay fresh; a little jitter
             await self.sleep(min(wait, 1.0) + random.random() * 0.01)
             checkpoint()
+
+    async def stamp(self, provider: str, model: str, tokens: int, rid: str, *, key: str = DEFAULT_KEY,
+                    limit: Limit | None = None) -> None:
+        """Count an admitted call from now, as it is sent: it may have waited since its admission
+        (its record in Postgres), and the provider counts it when it arrives."""
+        if limit is None:
+            return
+        await self._eval(STAMP, [rate_keys(provider, model, key)[0]], f"{rid}|{int(tokens)}")
 
     async def headroom(self, provider: str, model: str, keys: list[tuple[str, Limit | None]]) -> list[float]:
         """Per (alias, limit): the share of its limit still free now (the lower of requests and

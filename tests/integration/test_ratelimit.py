@@ -234,3 +234,47 @@ def test_keys_headroom_and_revocation_in_redis(stack):
             await r2.aclose()
 
     asyncio.run(main())
+
+
+def test_a_call_is_counted_in_its_window_from_when_it_is_sent(stack):
+    """A call waits for its record in Postgres between its admission and its send (workers/gate.py);
+    the window must count it from the send, or the provider sees the next minute's calls early."""
+    from decimal import Decimal
+
+    from pipeline.providers.registry import KeySpec, ProviderSpec
+    from tests.unit.test_fallback import OK, FakeBudget, request
+    from workers.limited import Limited
+
+    provider, model = f"test-stamp-{secrets.token_hex(4)}", "gpt-4o"
+    settings = _settings(rate_limits={})
+
+    class SlowRecord:   # the record's write takes a second
+        async def sending(self, req, res, call_id):
+            await asyncio.sleep(1.0)
+
+        def answered(self, call_id):
+            pass
+
+    class P:
+        name = provider
+        spec = ProviderSpec(provider, "openai", "http://x/v1", (KeySpec("k", rpm=100),))
+
+        async def call(self, body, *, headers, key=None):
+            return OK
+
+    async def main():
+        r = _client()
+        try:
+            lim = Limited(P(), request(fallback_model=None, provider=provider), FakeBudget(Decimal(1)),
+                          ratelimit.Limiter(settings, r), calls=SlowRecord())
+            t0 = (await r.time())
+            await lim.call(request()["body"], headers={})
+            window = await r.zrange(ratelimit.rate_keys(provider, model, "k")[0], 0, -1, withscores=True)
+            assert len(window) == 1
+            counted_from = window[0][1] / 1000 - (t0[0] + t0[1] / 1e6)
+            assert 0.9 <= counted_from <= 1.5, f"counted {counted_from:.2f} s after the admission began"
+        finally:
+            await _cleanup(ratelimit.rate_keys(provider, model, "k"))
+            await r.aclose()
+
+    asyncio.run(main())

@@ -102,6 +102,9 @@ class FakeLimiter:
         self.admitted.append(model)
         return wait
 
+    async def stamp(self, *args, **key):
+        pass
+
     async def block(self, provider, model, seconds, **key):
         self.blocked.append((model, seconds))
 

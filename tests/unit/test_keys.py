@@ -60,7 +60,7 @@ class Windows:
             return 0.0
         return 5.0
 
-    async def admit(self, provider, model, tier, tokens, max_wait_s=None, *, key, limit):
+    async def admit(self, provider, model, tier, tokens, max_wait_s=None, *, key, limit, rid=None):
         wait = await self.try_admit(provider, model, tier, tokens, "r", key=key, limit=limit)
         return None if wait and max_wait_s is not None else 0.0
 
@@ -69,6 +69,9 @@ class Windows:
         raise TimeoutError("would wait")   # the tests that get here expect it
 
     async def block(self, *a, **k):
+        pass
+
+    async def stamp(self, *a, **k):
         pass
 
     async def observe_headers(self, *a, **k):

@@ -145,7 +145,9 @@ def test_a_key_revoked_mid_job_leaves_the_rotation_and_the_job_completes(stack, 
     print(f"\nrevoked 'main' at the simulator after {revoked_at} results; results by key {on}; "
           f"401s on record {refused}; alerts {[dict(a) for a in alerts]}; simulator per key: {stats['keys']}")
     assert [(a["key_alias"], a["status_code"]) for a in alerts] == [("main", 401)]   # one row, by alias
-    assert 1 <= refused <= 64, refused   # a few calls in flight when it was revoked, never the rest of the job
+    # the calls its window admitted at once when it slid, before the first 401 was seen: at most
+    # one window of it (28 and 50 in two runs), never the rest of the job
+    assert 1 <= refused <= int(300 * SHARE), refused
     assert stats["revoked_keys"] == ["main"] and stats["keys"]["spare"]["401"] == 0
     assert stats["keys"]["main"]["401"] == refused
     # its first minute's share before the revocation, and not one call answered on it after

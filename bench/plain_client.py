@@ -17,11 +17,13 @@ import time
 import openai
 
 from pipeline.config import get_settings
+from pipeline.providers.registry import build_registry
 
 
 async def run(path: str, concurrency: int) -> dict:
     settings = get_settings()
-    client = openai.AsyncOpenAI(api_key=settings.api_key("openai"), base_url=settings.base_url("openai"),
+    spec = build_registry(settings).get("openai")
+    client = openai.AsyncOpenAI(api_key=spec.keys[0].reveal(), base_url=spec.base_url,
                                 max_retries=0, timeout=settings.provider_timeout_s,
                                 http_client=openai.DefaultAioHttpClient(timeout=settings.provider_timeout_s))
     with open(path) as f:

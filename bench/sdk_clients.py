@@ -21,7 +21,8 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.config import load_settings
-from pipeline.providers.openai import OpenAIProvider
+from pipeline.providers.base import ProviderClient
+from pipeline.providers.registry import build_registry
 
 RESULTS = Path(__file__).parent / "results"
 BODY = {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "Say hi."}]}
@@ -36,7 +37,7 @@ def free_port() -> int:
 async def measure(client: str, url: str, n: int, concurrency: int) -> float:
     settings = dataclasses.replace(load_settings(), simulator_url=url, openai_api_key="",
                                    openai_base_url=f"{url}/v1", provider_http_client=client)
-    provider = OpenAIProvider(settings)
+    provider = ProviderClient(build_registry(settings).get("openai"), settings)
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i):
@@ -47,7 +48,7 @@ async def measure(client: str, url: str, n: int, concurrency: int) -> float:
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
     elapsed = time.perf_counter() - started
-    await provider.client.close()
+    await provider.client().close()
     return n / elapsed
 
 

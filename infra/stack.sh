@@ -91,6 +91,14 @@ starts_of() { # NAME -> spawns since the last deliberate start
     echo "${n:-0}"
 }
 
+# A variable a provider's key is read from (pipeline/providers/registry.py): named, quoted, in
+# the providers setting (LLMBATCH_PROVIDERS, JSON) or in the TOML settings file.
+key_var() { # VAR
+    case "${LLMBATCH_PROVIDERS:-}" in *"\"$1\""*) return 0 ;; esac
+    local toml=${LLMBATCH_CONFIG:-$ROOT/llmbatch.toml}
+    [ -f "$toml" ] && grep -q "\"$1\"" "$toml"
+}
+
 # The environment a process runs with: this call's LLMBATCH_* (and provider keys), kept in a
 # 0600 file so that supervisord's restarts run it exactly as `up` did.
 save_env() { # NAME
@@ -100,6 +108,7 @@ save_env() { # NAME
     for v in $(compgen -e); do
         case $v in
             LLMBATCH_*|OPENAI_*|ANTHROPIC_*|TIKTOKEN_*) printf 'export %s=%q\n' "$v" "${!v}" >>"$f.new" ;;
+            *) if key_var "$v"; then printf 'export %s=%q\n' "$v" "${!v}" >>"$f.new"; fi ;;
         esac
     done
     mv -f "$f.new" "$f"

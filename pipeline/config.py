@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
+import json
 import os
 import re
 import tomllib
@@ -119,6 +120,9 @@ class Settings:
     openai_base_url: str = ""
     #: override Anthropic's endpoint; empty: the key decides
     anthropic_base_url: str = ""
+    #: named providers and their keys, as data (pipeline/providers/registry.py): a TOML table
+    #: ``[providers.NAME]`` or JSON; ``openai`` and ``anthropic`` exist by default
+    providers: dict = field(default_factory=dict)
     #: client timeout of one provider call, in seconds
     provider_timeout_s: float = 60.0
     #: client timeout of one flex call (``--mode flex``), in seconds: flex answers slowly, and OpenAI
@@ -213,9 +217,9 @@ class Settings:
     #: seconds one attempt to create a provider batch may take; a creation the provider has not
     #: confirmed is looked for at the provider and sent again only after this long with none found
     provider_batch_create_timeout_s: float = 120.0
-    #: per provider batch: requests (the providers' limits by default)
+    #: per provider batch, by Batch API format (a provider's ``batch``): requests (OpenAI's and Anthropic's limits)
     provider_batch_max_requests: dict = _tier_map(openai=50_000, anthropic=100_000)
-    #: per provider batch: bytes of JSONL (the providers' limits by default)
+    #: per provider batch, by Batch API format: bytes of JSONL (OpenAI's and Anthropic's limits)
     provider_batch_max_bytes: dict = _tier_map(openai=200_000_000, anthropic=256_000_000)
     #: missed cron slots younger than this still run after a scheduler outage
     schedule_misfire_grace_s: float = 3600.0
@@ -257,20 +261,9 @@ class Settings:
     @property
     def simulated(self) -> bool:
         """True when no provider key is set and the simulator answers."""
-        return not (self.openai_api_key or self.anthropic_api_key)
-
-    def base_url(self, provider: str) -> str:
-        if provider == "openai":
-            return self.openai_base_url or (
-                "https://api.openai.com/v1" if self.openai_api_key else f"{self.simulator_url}/v1")
-        if provider == "anthropic":
-            return self.anthropic_base_url or (
-                "https://api.anthropic.com" if self.anthropic_api_key else self.simulator_url)
-        raise ConfigError(f"unknown provider {provider!r}")
-
-    def api_key(self, provider: str) -> str:
-        key = self.openai_api_key if provider == "openai" else self.anthropic_api_key
-        return key.reveal() if key else "sk-simulator"
+        return not (self.openai_api_key or self.anthropic_api_key or any(
+            k.get("secret") for p in (self.providers or {}).values() if isinstance(p, dict)
+            for k in (p.get("keys") or []) if isinstance(k, dict)))
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -331,6 +324,11 @@ def _coerce(value, current, name: str):
             return Decimal(str(value))
         if isinstance(current, Secret):
             return Secret(value)
+        if name == "providers" and isinstance(value, str):   # LLMBATCH_PROVIDERS: JSON
+            value = json.loads(value) if value.strip() else {}
+            if not isinstance(value, dict):
+                raise ValueError("expected a JSON object of name -> provider")
+            return value
         if isinstance(current, dict):
             if isinstance(value, dict):
                 return {**current, **value}
@@ -371,6 +369,8 @@ def load_settings(env: dict | None = None) -> Settings:
         if key.startswith("LLMBATCH_") and name in _SECRET_SETTINGS and name not in values:
             values[name] = value
     coerced = {k: _coerce(v, getattr(base, k), k) for k, v in values.items()}
+    if "providers" in coerced:
+        coerced["providers"] = _provider_secrets(coerced["providers"], env)
     offset = coerced.get("port_offset", 0)
     if offset:
         for name, port in (("database_url", 55432), ("redis_url", 56379), ("kafka_bootstrap", 59092),
@@ -391,6 +391,24 @@ def load_settings(env: dict | None = None) -> Settings:
         coerced["kafka_password"] = Secret(producer_password(coerced["kafka_producer_key"],
                                                              coerced.get("kafka_user", base.kafka_user)))
     return dataclasses.replace(base, **coerced)
+
+
+def _provider_secrets(providers: dict, env) -> dict:
+    """The providers' tables with each key's secret read from the variable its ``env`` names.
+
+    Read here, where the environment is read, and kept as a ``Secret``: the registry
+    (pipeline/providers/registry.py) validates the tables and never sees the environment."""
+    if not isinstance(providers, dict):
+        raise ConfigError("setting providers: expected a table of name -> provider")
+    out = {}
+    for name, table in providers.items():
+        keys = table.get("keys") if isinstance(table, dict) else None
+        if isinstance(keys, list):
+            table = {**table, "keys": [
+                {**k, "secret": Secret(env.get(k["env"], ""))} if isinstance(k, dict) and isinstance(
+                    k.get("env"), str) else k for k in keys]}
+        out[name] = table
+    return out
 
 
 def producer_password(key: str, user: str) -> str:
@@ -467,6 +485,8 @@ def _shown(value) -> str:
 def _kind(f: dataclasses.Field, value) -> str:
     if isinstance(value, Secret):
         return "secret"
+    if f.name == "providers":
+        return "TOML tables / JSON"
     if isinstance(value, dict):
         return "map `k=v,…`"
     if f.name.endswith(("_dir", "_file")):
@@ -494,6 +514,8 @@ def settings_reference(cls: type = None) -> str:
         "give replace those of the default, the others stay. With `LLMBATCH_PORT_OFFSET=N` the",
         "default ports of Postgres, Redis, Kafka, the simulator, Flower and metrics move up by N",
         "(a setting you give yourself is used as given). Secrets never show in a repr or a log line.",
+        "`providers` is written as TOML tables (`[providers.NAME]`) or as JSON in `LLMBATCH_PROVIDERS`;",
+        "each key names the variable its secret is read from (docs/USAGE.md, \"Providers and keys\").",
         "",
         "Mind the kernel's ephemeral port range (Linux: 32768–60999, in",
         "`/proc/sys/net/ipv4/ip_local_port_range`), from which every outgoing connection takes its",

@@ -13,6 +13,8 @@ Public surface (other modules touch only these):
 - ``window_collector(...)``: the scheduler's off-peak window state;
 - ``BUDGET_DRIFT``: set by the budget reconcile (Redis counters against the ledger);
 - ``LIMITER_WAIT`` (labels ``tier``, ``model``): observed by the rate limiter, seconds;
+- ``KEY_CALLS`` (labels ``provider``, ``key``: the alias, ``status``): counted from the attempts
+  by ``record_outcomes``; ``KEY_REVOKED``: a key out of the rotation (workers/limited.py);
 - ``observe_consumer_lag(*consumers)``: the batcher's loop, throttled here;
 - ``serve(role, settings)``: the CLI commands start the endpoint.
 
@@ -77,6 +79,10 @@ BUDGET_DRIFT = Gauge("llmbatch_budget_drift_usd", "Dollars the budget counters d
                      " last reconcile (then corrected)", multiprocess_mode="mostrecent", registry=REGISTRY)
 LIMITER_WAIT = Histogram("llmbatch_limiter_wait_seconds", "Time a request waited for the rate limiter",
                          ["tier", "model"], buckets=_WAIT_BUCKETS, registry=REGISTRY)
+KEY_CALLS = Counter("llmbatch_key_calls", "Provider calls by provider, key alias (never the key) and status code",
+                    ["provider", "key", "status"], registry=REGISTRY)
+KEY_REVOKED = Counter("llmbatch_key_revocations", "Provider keys taken out of the rotation after a 401/403,"
+                      " by provider and key alias", ["provider", "key"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("llmbatch_kafka_consumer_lag", "Messages behind the partition's end (batcher)",
                      ["partition"], multiprocess_mode="mostrecent", registry=REGISTRY)
 
@@ -201,6 +207,9 @@ def record_outcomes(outcomes: list[dict], attempts: list[dict]) -> None:
                 RETRIES.labels(tier).inc()
             if a.get("status_code") == 429:
                 RATE_LIMITED.labels(tier).inc()
+            if a.get("key_alias"):
+                KEY_CALLS.labels(a.get("provider") or "unknown", a["key_alias"],
+                                 str(a.get("status_code") or "none")).inc()
     except Exception:  # metrics must never fail a batch
         log.exception("recording metrics failed")
 

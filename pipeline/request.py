@@ -33,9 +33,11 @@ from pipeline.money.pricing import Usage
 DEFAULT_PATH = "realtime"
 
 
-def default_url(provider: str) -> str:
-    """The url of a request whose row names none: chat for OpenAI lines, messages for Anthropic ones."""
-    return ANTHROPIC_MESSAGES_URL if provider == "anthropic" else CHAT_URL
+def default_url(provider: str, kind: str | None = None) -> str:
+    """The url of a request whose row names none: chat for OpenAI lines, messages for Anthropic ones.
+    ``kind``: the API shape of the provider (a registry kind), when known; else its name says it
+    (the two default providers)."""
+    return ANTHROPIC_MESSAGES_URL if (kind or provider) == "anthropic" else CHAT_URL
 
 
 def _iso(value) -> str | None:

@@ -125,8 +125,9 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                 if not reqs:
                     continue
                 sizes = [len(request_line(r)) for r in reqs]
-                for start, end in pack(sizes, settings.provider_batch_max_requests[provider],
-                                       settings.provider_batch_max_bytes[provider]):
+                fmt = batch_api.batch_format(provider)   # the Batch API's limits are its format's
+                for start, end in pack(sizes, settings.provider_batch_max_requests[fmt],
+                                       settings.provider_batch_max_bytes[fmt]):
                     pb_id = "pb_" + uuid.uuid4().hex[:20]
                     chunk = reqs[start:end]
                     conn.execute(sa.text(
@@ -328,7 +329,7 @@ def _record_created(engine, pb_id: str, info: dict, settings: Settings) -> bool:
     if row is None:
         return False
     if row.cancel_requested:
-        confirmed = batch_api.OPENAI_CANCEL_CONFIRMED if row.provider == "openai" else batch_api.ANTHROPIC_CANCEL_CONFIRMED
+        confirmed = batch_api.cancel_confirmed(row.provider)
         if info.get("cancel_status") in confirmed:
             job_store.confirm_cancel(engine, pb_id, info["cancel_status"], True)
         else:
@@ -396,25 +397,28 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
             " ORDER BY created_at"),
             {"t": settings.provider_batch_create_timeout_s, "p": settings.provider_batch_poll_s}).mappings()]
         for r in rows:
-            if r["provider"] == "anthropic" and r["create_attempts"]:
+            if batch_api.batch_format(r["provider"]) == "anthropic" and r["create_attempts"]:
                 r["pids"] = {provider_custom_id(q) for q, _ in pb_requests(conn, r["id"])}
     found: dict[str, tuple] = {}
     tried = [r for r in rows if r["create_attempts"]]
-    intents = [{"id": r["id"], "requests": r["requests"], "pids": r["pids"],
-                "start": r["first_at"] - batch_api.CLOCK_SKEW_S,
-                "end": r["last_at"] + settings.provider_batch_create_timeout_s + batch_api.CLOCK_SKEW_S}
-               for r in tried if r["provider"] == "anthropic"]
-    try:
-        if intents:
-            found.update(loop.run(batch_api.find_anthropic(settings, intents, _known_ids(engine))))
-    except Exception as e:
-        log.warning("provider batches: cannot list Anthropic batches to find %d unconfirmed creations: %s",
-                    len(intents), e)
+    by_provider: dict[str, list[dict]] = {}
     for r in tried:
-        if r["provider"] != "openai":
+        if batch_api.batch_format(r["provider"]) == "anthropic":
+            by_provider.setdefault(r["provider"], []).append({
+                "id": r["id"], "requests": r["requests"], "pids": r["pids"],
+                "start": r["first_at"] - batch_api.CLOCK_SKEW_S,
+                "end": r["last_at"] + settings.provider_batch_create_timeout_s + batch_api.CLOCK_SKEW_S})
+    for provider, intents in by_provider.items():
+        try:
+            found.update(loop.run(batch_api.find_anthropic(settings, intents, _known_ids(engine), provider)))
+        except Exception as e:
+            log.warning("provider batches: cannot list %s's batches to find %d unconfirmed creations: %s",
+                        provider, len(intents), e)
+    for r in tried:
+        if batch_api.batch_format(r["provider"]) != "openai":
             continue
         try:
-            hit = loop.run(batch_api.find_openai(settings, r["id"], r["first_at"]))
+            hit = loop.run(batch_api.find_openai(settings, r["id"], r["first_at"], r["provider"]))
             found[r["id"]] = ("found", hit) if hit else ("none",)
         except Exception as e:
             log.warning("provider batch %s: cannot list OpenAI batches to find it: %s", r["id"], e)

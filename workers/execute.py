@@ -41,6 +41,7 @@ from pipeline.money.units import from_units
 from pipeline.paths import base as sequence
 from pipeline.paths.registry import path_for
 from pipeline.providers.base import get_provider
+from pipeline.providers.registry import get_registry
 from pipeline.providers.retries import AttemptRecord, call_with_retries
 from pipeline.request import Outcome, Request
 from pipeline.stores import batches, db, jobs as job_store
@@ -67,8 +68,8 @@ async def prepare(settings: Settings) -> None:
     """Make this process's SDK clients, budget and limiter now (a new pool process), so
     its first batch does not pay for them."""
     get_price_book()
-    for name in ("openai", "anthropic"):
-        get_provider(name, settings)
+    for spec in get_registry():
+        get_provider(spec.name, settings)
     limiter_for(settings, budget_for(settings, db.get_engine()))
 
 
@@ -79,7 +80,7 @@ async def run_request(req: Request, settings: Settings, writer: OutcomeWriter, g
     'deferred', 'cancelled' or 'abandoned' (lease lost before its call: no outcome)."""
     path = path_for(req.path)
     prices = get_price_book()
-    prices.resolve(req.model)   # a model this worker cannot price fails here, before any call
+    prices.resolve(req.model, req.provider)   # a model this worker cannot price fails here, before any call
     caller = path.caller(get_provider(req.provider, settings), settings)
     provider = caller
     if writer.budget is not None:
@@ -97,7 +98,8 @@ async def run_request(req: Request, settings: Settings, writer: OutcomeWriter, g
     def on_attempt(a: AttemptRecord) -> None:
         row = {"job_id": req.job_id, "custom_id": req.custom_id, "attempt": a.attempt,
                "status_code": a.status_code, "error": a.error, "latency_ms": a.latency_ms,
-               "provider_request_id": a.request_id, "cost_usd": "0"}
+               "provider_request_id": a.request_id, "cost_usd": "0", "provider": req.provider,
+               "key_alias": getattr(provider, "key_alias", None)}   # the key's alias, never the key
         last.update(attempt=a.attempt, row=row)
         writer.attempts.append(row)
         writer.wake.set()   # a refused attempt is on record even while its retry waits
@@ -127,15 +129,18 @@ async def run_request(req: Request, settings: Settings, writer: OutcomeWriter, g
         writer.deferred_kinds.add("unavailable")
         return "deferred"
     except ProviderError as e:
-        code = "provider_error" if isinstance(e, PermanentProviderError) else "attempts_exhausted"
+        code = getattr(e, "code", None) or (
+            "provider_error" if isinstance(e, PermanentProviderError) else "attempts_exhausted")
         writer.outcomes.append(Outcome.failed(req, code, str(e), attempts=last["attempt"],
-                                              status_code=e.status_code, provider_request_id=e.request_id))
+                                              status_code=e.status_code, provider_request_id=e.request_id,
+                                              key_alias=getattr(provider, "key_alias", None)))
         return "failed"
     reservation = provider.reservation if isinstance(provider, Limited) else None
     outcome = sequence.answered(
         path, req, answer.body, prices, model=getattr(provider, "model", req.model),   # the fallback's, when it answered
         served=getattr(caller, "served", None), attempts=last["attempt"], status_code=answer.status_code,
         provider_request_id=answer.request_id, latency_ms=answer.latency_ms,
+        key_alias=getattr(provider, "key_alias", None),   # the key's alias, never the key
         # its spend is the period of its hold, in the ledger too
         budget_period=reservation.period if reservation is not None else None)
     last["row"]["cost_usd"] = str(outcome.cost)

@@ -42,8 +42,8 @@ def fallback_for(req: Request, prices: PriceBook) -> Fallback | None:
     if not name:
         return None
     try:
-        price = prices.resolve(name)
-        if price.provider != req.provider or price.model == prices.resolve(req.model).model:
+        price = prices.resolve(name, req.provider)
+        if price.provider != req.provider or price.model == prices.resolve(req.model, req.provider).model:
             return None
         bound = request_bound(req.provider, {**req.body, "model": name}, prices,
                               declared_input_tokens=req.bound.input_tokens)

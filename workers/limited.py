@@ -1,8 +1,12 @@
-"""One request's provider behind its limits: budget reservation, tier lease, rate window.
+"""One request's provider behind its limits: budget reservation, tier lease, key and rate window.
 
 ``Limited`` wraps a provider for one request: every attempt reserves its
 maximum cost first (pipeline/money/budget.py), then takes the tier's in-flight lease
-and the model's rate admission (pipeline/providers/ratelimit.py), and only then calls.
+and a key's rate admission (pipeline/providers/keys.py: the live key with the most
+headroom; pipeline/providers/ratelimit.py: its window), and only then calls, on that key.
+A key answered 401/403 leaves the rotation for every worker (with an alert row and a
+metric, by the worker that saw it first) and the attempt is retried at once on another
+key; with none left the request fails ``no_usable_key``.
 The hold is renewed by the budget's heartbeat through both waits and the call,
 so it lives as long as the call can still be billed. An attempt the provider
 answered with an error (never billed) releases its hold. With a ``calls`` record
@@ -22,13 +26,15 @@ import time
 
 from pipeline import metrics
 from pipeline.config import Settings
-from pipeline.errors import BudgetExceeded
-from pipeline.errors import ProviderError, RetryableProviderError
+from pipeline.errors import BudgetExceeded, PermanentProviderError, ProviderError, RetryableProviderError
 from pipeline.money import budget, scripts
 from pipeline.paths import base as sequence
 from pipeline.paths.registry import path_for
 from pipeline.providers import ratelimit
+from pipeline.providers.keys import REVOKING_STATUS, Keys
+from pipeline.providers.registry import KeySpec
 from pipeline.request import Request
+from pipeline.stores import alerts, db
 from workers.fallback import Fallback
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,17 @@ def limiter_for(settings: Settings, budget_: budget.Budget) -> ratelimit.Limiter
     return lim
 
 
+_keyrings: dict[int, Keys] = {}
+
+
+def keys_for(limiter) -> Keys:
+    """One key chooser per limiter (its revocation marks are read at most every 0.25 s)."""
+    ring = _keyrings.get(id(limiter))
+    if ring is None or ring.limiter is not limiter:
+        ring = _keyrings[id(limiter)] = Keys(limiter)
+    return ring
+
+
 class Limited:
     """The provider behind the limits: every attempt first reserves its maximum cost,
     then takes a tier in-flight lease and the model's rate admission (pipeline/providers/ratelimit.py).
@@ -75,6 +92,13 @@ class Limited:
         self.name = provider.name
         self.model = req.model
         self.path = path_for(req.path)    # what it reserves (pipeline/paths/base.py reserve)
+        spec = getattr(provider, "spec", None)
+        #: the provider's keys (a provider without a registry entry, e.g. a test's: one default key)
+        self.keys: tuple[KeySpec, ...] = spec.keys if spec is not None else (KeySpec(ratelimit.DEFAULT_KEY),)
+        self._keyed = spec is not None    # a registry entry's client is told which key to call on
+        self.key: KeySpec | None = None   # the key of the attempt under way (its alias is stored, never it)
+        #: the request's tokens as the rate windows count them
+        self.tokens = ratelimit.request_tokens({"input_tokens": req.bound.input_tokens, "body": req.body})
         self.reservation: budget.Reservation | None = None
         self._primary_throttled = False   # a 429 on the primary: later attempts go to the fallback
         self._sent = False                # this attempt's request has gone out
@@ -85,16 +109,29 @@ class Limited:
         # again while the first still runs) holds beside it instead of replacing its hold
         self.rid = f'{req.key}~{secrets.token_hex(4)}'
 
+    @property
+    def key_alias(self) -> str | None:
+        return self.key.alias if self.key is not None else None
+
+    def _limit(self, model: str) -> ratelimit.Limit | None:
+        return ratelimit.limit_for(self.limiter.settings, self.req.provider, model, self.key)
+
     async def _admit(self, model: str) -> str:
-        """Wait for the model's rate window; the fallback's when the primary's is too far off."""
-        req, lim = self.req, self.limiter
-        tokens = ratelimit.request_tokens({"input_tokens": req.bound.input_tokens, "body": req.body})
+        """Wait for a key's rate window on the model (the key with the most headroom); the
+        fallback's when the primary's is too far off. Sets ``self.key``."""
+        req, ring = self.req, keys_for(self.limiter)
+        self.key = None   # no key yet: an attempt refused before its call is on no key's record
+        self._admitted = secrets.token_hex(6)   # the call's entry in its key's window (stamped at its send)
+        tokens = self.tokens
         if self.fallback is not None and model != self.fallback.model:
-            if not self._primary_throttled and await lim.admit(
-                    req.provider, model, req.tier, tokens, self.fallback_wait_s) is not None:
-                return model
+            if not self._primary_throttled:
+                key = await ring.admit(req.provider, self.keys, model, req.tier, tokens, self.fallback_wait_s,
+                                       rid=self._admitted)
+                if key is not None:
+                    self.key = key
+                    return model
             model = self.fallback.model
-        await lim.admit(req.provider, model, req.tier, tokens)
+        self.key = await ring.admit(req.provider, self.keys, model, req.tier, tokens, rid=self._admitted)
         return model
 
     async def _call_limited(self, body: dict, headers: dict, model: str):
@@ -109,14 +146,40 @@ class Limited:
             try:
                 answer = await self._send(body, headers, model)
             except RetryableProviderError as e:
-                if e.status_code == 429:   # every worker backs off together
-                    await lim.block(req.provider, model, e.retry_after or ratelimit.DEFAULT_BLOCK_S)
+                if e.status_code == 429:   # every worker backs off together, on this key
+                    await lim.block(req.provider, model, e.retry_after or ratelimit.DEFAULT_BLOCK_S,
+                                    key=self.key_alias or ratelimit.DEFAULT_KEY, limit=self._limit(model))
                     if self.fallback is not None and model != self.fallback.model:
                         # the next attempt goes to the fallback: the primary's retry-after is not its wait
                         self._primary_throttled, e.retry_after = True, None
                 raise
-        await lim.observe_headers(req.provider, model, answer.headers)
+            except PermanentProviderError as e:
+                if e.status_code in REVOKING_STATUS and self.key is not None:
+                    raise await self._revoke(e) from e
+                raise
+        await lim.observe_headers(req.provider, model, answer.headers,
+                                  key=self.key_alias or ratelimit.DEFAULT_KEY, limit=self._limit(model))
         return answer
+
+    async def _revoke(self, e: PermanentProviderError) -> RetryableProviderError:
+        """The key was refused: out of the rotation for every worker; the attempt is retried at
+        once on another key. The provider's message is not kept: it may quote part of the key."""
+        provider, alias = self.req.provider, self.key.alias
+        why = f"HTTP {e.status_code}: provider {provider} refused key {alias}"
+        if await keys_for(self.limiter).revoke(provider, alias, why):   # the first worker to see it
+            log.error("key %s of provider %s answered %s: it leaves the rotation", alias, provider, e.status_code,
+                      extra={"job": self.req.job_id, "request": self.req.custom_id})
+            metrics.KEY_REVOKED.labels(provider, alias).inc()
+            engine = getattr(self.budget, "engine", None)
+            if engine is not None:
+                try:
+                    await asyncio.to_thread(db.retrying, engine, lambda conn: alerts.key_revoked(
+                        conn, provider, alias, e.status_code, why), what="recording a key revocation",
+                        patience_s=30.0)
+                except Exception as err:   # the key is out all the same; the log line says so
+                    log.error("the alert row for key %s of %s could not be written: %s", alias, provider, err)
+        return RetryableProviderError(f"{why}; it left the rotation, the request goes on on another key",
+                                      e.status_code, e.request_id, retry_after=0.0)
 
     async def _send(self, body: dict, headers: dict, model: str):
         self.model = model
@@ -124,9 +187,14 @@ class Limited:
             self._n += 1
             self.call_id = f"{self.rid}.{self._n}"
             await self.calls.sending(self.req, self.reservation, self.call_id)
+        if self.key is not None:   # the window counts it from now: its record may have taken a while
+            await self.limiter.stamp(self.req.provider, model, self.tokens, self._admitted,
+                                     key=self.key.alias, limit=self._limit(model))
         self._sent = True   # from here on the provider may bill, whatever we hear back
-        return await self.provider.call(body if model == self.req.model else {**body, "model": model},
-                                        headers=headers)
+        body = body if model == self.req.model else {**body, "model": model}
+        if self.key is None or not self._keyed:   # no limiter (the provider's first key), or no registry entry
+            return await self.provider.call(body, headers=headers)
+        return await self.provider.call(body, headers=headers, key=self.key)
 
     async def call(self, body: dict, *, headers: dict):
         req = self.req

@@ -57,11 +57,25 @@ def check_settings(settings: Settings) -> list[Check]:
         problems.append(f"pricing_file {settings.pricing_file} does not exist")
     out.append(Check("settings", not problems, "; ".join(problems) or "valid",
                      "fix the LLMBATCH_* variables or llmbatch.toml (README: Configuration)", "setup"))
-    provider = ("simulator (no OPENAI_API_KEY / ANTHROPIC_API_KEY set)" if settings.simulated
-                else ", ".join(p for p, k in (("openai", settings.openai_api_key),
-                                               ("anthropic", settings.anthropic_api_key)) if k) + " keys set")
-    out.append(Check("provider", True, provider, kind="setup"))
+    out.append(_providers_check(settings))
     return out
+
+
+def _providers_check(settings: Settings) -> Check:
+    """The registry's providers, each with its kind and its keys by alias (set or not); never a key."""
+    from pipeline.errors import ConfigError
+    from pipeline.providers.registry import build_registry
+    try:
+        reg = build_registry(settings, secret_required=False)
+    except ConfigError as e:
+        return Check("providers", False, str(e), "fix the providers setting (docs/CONFIGURATION.md)", "setup")
+    unset = [f"{p.name}/{k.alias} ({k.env})" for p in reg for k in p.keys if k.env and not k.secret]
+    if reg.simulated and not unset:
+        return Check("providers", True, "simulator (no OPENAI_API_KEY / ANTHROPIC_API_KEY or provider key set): "
+                     + ", ".join(reg.names()), kind="setup")
+    listed = "; ".join(f"{p.name} ({p.kind}): " + ", ".join(k.alias + ("" if k.secret or not k.env else " unset")
+                                                            for k in p.keys) for p in reg)
+    return Check("providers", not unset, listed, f"set {', '.join(unset)}" if unset else "", "setup")
 
 
 def check_postgres(settings: Settings) -> list[Check]:

@@ -605,6 +605,10 @@ from llmbatch.cli.kafka import kafka  # noqa: E402  (Kafka producers for service
 
 main.add_command(kafka)
 
+from llmbatch.cli.keys import keys  # noqa: E402  (provider keys: list, restore after a 401)
+
+main.add_command(keys)
+
 
 def run() -> None:
     try:

@@ -63,7 +63,7 @@ def int_field(body: dict, key: str, low: int, high: int, default: int | None) ->
 def encoder(body: dict, price: ModelPrice):
     """``(encode, vocabulary size)`` of the model's tiktoken encoding (the body's name, else the
     price book's canonical one)."""
-    name = encoding_name_for(body["model"]) or encoding_name_for(price.model)
+    name = encoding_name_for(body["model"]) or encoding_name_for(price.model) or price.encoding
     if name is None:
         raise LineError(f"no tiktoken encoding known for model {price.model!r}")
     enc = get_encoding(name)

@@ -519,7 +519,7 @@ class Batcher:
         try:
             req = Request.from_row(row)
             usage = endpoint_for(req.endpoint).usage(answer) or Usage(0, 0)
-            saved = cost(get_price_book().resolve(req.model), usage)
+            saved = cost(get_price_book().resolve(req.model, req.provider), usage)
         except Exception as e:   # an entry we cannot read is a miss
             log.warning("cache entry for %s/%s unusable (%s): a miss", row["job_id"], row["custom_id"], e)
             return None

@@ -40,7 +40,7 @@ class Request:
     """One validated request, ready to publish."""
 
     custom_id: str
-    provider: str          # "openai" | "anthropic"
+    provider: str          # a provider of the registry (pipeline/providers/registry.py)
     model: str
     body: dict             # the provider's own request body
     input_tokens: int
@@ -192,12 +192,12 @@ def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Reque
         raise LineError("this line is a whole batch ({\"requests\": [...]}): put one request per line, "
                         "each {\"custom_id\", \"params\"} or {\"custom_id\", \"method\", \"url\", \"body\"}")
     if "params" in obj and "body" not in obj:
-        provider = "anthropic"
+        line_format = "anthropic"
         cid = _custom_id(obj, ANTHROPIC_CUSTOM_ID)
         body = _require(obj, "params", dict, "")
         where = "params."
     else:
-        provider = "openai"
+        line_format = "openai"
         cid = _custom_id(obj, None)
         if "method" not in obj and "url" not in obj and "body" not in obj:
             raise LineError("missing fields method, url and body: an OpenAI line is {\"custom_id\", "
@@ -213,19 +213,23 @@ def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Reque
         where = "body."
     model = _require(body, "model", str, where)
     messages = _require(body, "messages", list, where)
-    check_messages(messages, where, provider)
+    check_messages(messages, where, line_format)
     try:
-        price = prices.resolve(model)
+        price = prices.resolve(model)   # "together/llama": that provider's; else the one provider serving it
     except UnknownModelError as e:
         raise UnknownModelError(e.reason, custom_id=cid) from None
-    if price.provider != provider:
-        fmt = "Anthropic (custom_id, params)" if price.provider == "anthropic" else "OpenAI (custom_id, method, url, body)"
+    provider = price.provider
+    if (price.kind == "anthropic") != (line_format == "anthropic"):
+        fmt = "Anthropic (custom_id, params)" if price.kind == "anthropic" else "OpenAI (custom_id, method, url, body)"
         raise LineError(f"model {model} is served by {price.provider}: use the {fmt} line format")
-    if provider == "anthropic" and "system" in body and not isinstance(body["system"], (str, list)):
+    if model != price.model and model.startswith(price.provider + "/"):
+        model = model[len(price.provider) + 1:]   # the provider is told its own model id
+        body = {**body, "model": model}
+    if line_format == "anthropic" and "system" in body and not isinstance(body["system"], (str, list)):
         raise LineError(f"params.system must be a string or an array, got {_type_name(body['system'])}")
     bound = request_bound(provider, body, prices)   # first: a line that cannot be bounded costs no call
     declared = None
-    if provider == "anthropic" and anthropic_counter is not None:
+    if provider == "anthropic" and anthropic_counter is not None:   # Anthropic's own count_tokens
         declared = anthropic_counter(body)
         bound = request_bound(provider, body, prices, declared_input_tokens=declared)
     return Request(

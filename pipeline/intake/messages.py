@@ -142,15 +142,16 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
     path = path_of(m.get("mode"), body)
     priority = m.get("priority")
     exact = bound.tokens_exact or (bound.input_tokens == m["input_tokens"] and m.get("tokens_exact", True))
+    price = prices.resolve(body["model"], m["provider"])
     req = Request(
-        job_id=m["job_id"], custom_id=m["custom_id"], endpoint=m.get("url") or default_url(m["provider"]),
+        job_id=m["job_id"], custom_id=m["custom_id"], endpoint=m.get("url") or default_url(m["provider"], price.kind),
         provider=m["provider"], model=m["model"], path=path.name, tier=tier, body=body,
         # recomputed, never the producer's: a reservation is only as good as this number
         bound=replace(bound, tokens_exact=bool(exact)),
         priority=priority if priority is not None else 5, deadline=deadline, metadata=m.get("metadata"),
         cache_key=cache_key(m["provider"], body) if is_cacheable(body, m.get("cache")) else None,
         line=m.get("line"), tier_reason=reason, published_at=published)
-    check_serves(path, req, prices.resolve(body["model"]))
+    check_serves(path, req, price)
     return req.to_row(path.initial_status(tier))
 
 

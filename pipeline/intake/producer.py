@@ -54,7 +54,7 @@ from pipeline.intake.tiers import classify
 from pipeline.money.pricing import get_price_book
 from pipeline.paths.base import check_serves
 from pipeline.paths.registry import path_for, path_of
-from pipeline.request import Request as TypedRequest
+from pipeline.request import Request as TypedRequest, default_url
 from pipeline.stores import db, jobs
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,8 @@ def _anthropic_counter(settings: Settings):
     if not settings.anthropic_api_key:
         return None
     from pipeline.providers.anthropic import token_counter
-    return token_counter(settings)
+    from pipeline.providers.registry import build_registry
+    return token_counter(settings, build_registry(settings).get("anthropic"))
 
 
 def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | None = None,
@@ -390,8 +391,10 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                         cid = obj.get("custom_id") if isinstance(obj.get("custom_id"), str) else None
                         req = parse_request(obj, prices, counter)
                         way = path_of(mode, req.body)   # the path says whether it serves this line
+                        price = prices.resolve(req.model, req.provider)
                         check_serves(way, TypedRequest.probe(job_id, req.custom_id, req.provider, req.body, way.name,
-                                                             obj.get("url")), prices.resolve(req.model))
+                                                             obj.get("url") or default_url(req.provider, price.kind)),
+                                     price)
                         if not seen.add(req.custom_id):
                             raise LineError(f"duplicate custom_id {req.custom_id!r}: custom_id must be unique"
                                             " in a job")

@@ -54,7 +54,7 @@ from decimal import Decimal
 from pipeline.constants import ANTHROPIC_MESSAGES_URL, CHAT_URL
 from pipeline.errors import LineError, UnknownModelError
 from pipeline.money.pricing import ModelPrice, PriceBook, Usage, cost
-from pipeline.money.tokens import _openai_is_plain_text, count_text_tokens, encoding_name_for, estimate_claude_text
+from pipeline.money.tokens import _openai_is_plain_text, encoding_name_for, estimate_claude_text, get_encoding
 
 #: OpenAI's documented maximum of ``n``.
 MAX_N = 128
@@ -102,14 +102,15 @@ class Bound:
 
 def request_bound(provider: str, body: dict, prices: PriceBook, *,
                   declared_input_tokens: int | None = None) -> Bound:
-    """Bound one request body of ``provider``; ``declared_input_tokens`` (a producer's exact
-    count, e.g. from Anthropic's count_tokens) can only raise the input count, never lower it."""
+    """Bound one request body of ``provider`` (a registry name); ``declared_input_tokens`` (a
+    producer's exact count, e.g. from Anthropic's count_tokens) can only raise the input count,
+    never lower it."""
     if not isinstance(body, dict):
         raise LineError("the request body must be an object")
     model = body.get("model")
     if not isinstance(model, str):
         raise LineError("body.model missing or not a string")
-    price = prices.resolve(model)   # UnknownModelError is a LineError
+    price = prices.resolve(model, provider)   # UnknownModelError is a LineError
     return price_bound(provider, body, price, declared_input_tokens=declared_input_tokens)
 
 
@@ -119,17 +120,15 @@ def price_bound(provider: str, body: dict, price: ModelPrice, *,
     model = body["model"]
     if price.provider != provider:
         raise UnknownModelError(f"model {model} is served by {price.provider}, not {provider}")
-    price.require_endpoint(CHAT_URL if provider == "openai" else ANTHROPIC_MESSAGES_URL)
-    if provider == "openai":
-        tokens, out, ttls = _openai_input(body, price), _openai_output(body, price), ()
-        exact = _openai_is_plain_text(body) and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in body["messages"])
-    elif provider == "anthropic":
+    price.require_endpoint(ANTHROPIC_MESSAGES_URL if price.kind == "anthropic" else CHAT_URL)
+    if price.kind == "anthropic":
         tokens, ttls = _anthropic_input(body)
         out = _anthropic_output(body, price)
         exact = False
-    else:
-        raise LineError(f"unknown provider {provider!r}")
+    else:   # the OpenAI shape: openai, azure-openai
+        tokens, out, ttls = _openai_input(body, price), _openai_output(body, price), ()
+        exact = _openai_is_plain_text(body) and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in body["messages"])
     return finish_bound(price, tokens, out, exact, declared_input_tokens, ttls)
 
 
@@ -298,12 +297,14 @@ def openai_image_part(price: ModelPrice, url, detail, where: str, needs: str) ->
 
 def _openai_input(body: dict, price: ModelPrice) -> int:
     model = price.model
-    if encoding_name_for(body["model"]) is None and encoding_name_for(model) is None:
-        raise UnknownModelError(f"no tiktoken encoding known for OpenAI model {model!r}")
-    name = body["model"] if encoding_name_for(body["model"]) else model
+    name = encoding_name_for(body["model"]) or encoding_name_for(model) or price.encoding
+    if name is None:
+        raise UnknownModelError(f"no tiktoken encoding known for OpenAI model {model!r} "
+                                f"(a provider's own model: give its price entry an encoding)")
+    encode = get_encoding(name).encode_ordinary
 
     def count(text: str) -> int:
-        return count_text_tokens(text, name)
+        return len(encode(text))
 
     for key, why in _OPENAI_REJECTED.items():
         if body.get(key) is not None:

@@ -22,9 +22,19 @@ OpenAI model with neither takes no images), ``endpoints`` (the request urls the 
 serves; default: chat completions and responses for OpenAI, messages for Anthropic),
 ``dimensions`` (embedding models: the vector's length, the default and the most
 ``dimensions`` may ask for), ``flex`` (true: the model takes ``service_tier: "flex"``,
-billed at the batch price; pipeline/paths/flex.py), ``limits_source``, ``note``. In a user file, an entry
+billed at the batch price; pipeline/paths/flex.py), ``encoding`` (the tiktoken vocabulary
+that counts a model of an OpenAI-compatible provider whose own tokenizer tiktoken does not
+know), ``limits_source``, ``note``. In a user file, an entry
 for a model already known is merged field by field over it, so
 ``{"models": {"gpt-4o": {"input": "2.00"}}}`` changes one price.
+
+Providers: every model belongs to one provider of the registry
+(pipeline/providers/registry.py), named by ``provider``. The same model id served by
+two providers is two entries, named ``provider/model``
+(``"together/meta-llama-3.1-70b"``). A request may name a model qualified
+(``together/meta-llama-3.1-70b``: that provider's) or not: an unqualified name
+served by one provider is that provider's, one served by several is refused as
+ambiguous, naming the candidates (``resolve``).
 """
 
 from __future__ import annotations
@@ -42,10 +52,13 @@ from pipeline.constants import (ANTHROPIC_MESSAGES_URL, CHAT_URL, EMBEDDINGS_URL
                                 MODERATIONS_URL, RESPONSES_URL)
 from pipeline.errors import ConfigError, LineError, UnknownModelError
 
-PROVIDERS = ("openai", "anthropic")
 _MTOK = Decimal(1_000_000)
-#: what a model serves when its entry names no ``endpoints``
-DEFAULT_ENDPOINTS = {"openai": (CHAT_URL, RESPONSES_URL), "anthropic": (ANTHROPIC_MESSAGES_URL,)}
+#: what a model serves when its entry names no ``endpoints``, by its provider's kind
+DEFAULT_ENDPOINTS = {"openai": (CHAT_URL, RESPONSES_URL), "azure-openai": (CHAT_URL, RESPONSES_URL),
+                     "anthropic": (ANTHROPIC_MESSAGES_URL,)}
+#: the providers and kinds a price book is read against when it is given none (the defaults)
+DEFAULT_KINDS = {"openai": "openai", "anthropic": "anthropic"}
+ENCODINGS = ("o200k_base", "cl100k_base")
 #: endpoints that generate no output tokens: a model serving only these may have max_output_tokens 0
 _NO_OUTPUT = {EMBEDDINGS_URL, MODERATIONS_URL}
 _REQUIRED = ("provider", "input", "cached_input", "output", "batch_discount",
@@ -75,10 +88,17 @@ class ModelPrice:
     endpoints: tuple[str, ...] = ()                  # request urls served; () = the provider's default
     dimensions: int | None = None                    # embedding models: default and largest vector length
     flex: bool = False                               # takes service_tier "flex" (at the batch price)
+    kind: str = "openai"                             # the API shape of its provider (registry kind)
+    encoding: str | None = None                      # tiktoken vocabulary for a model tiktoken does not know
+
+    @property
+    def qualified(self) -> str:
+        """``provider/model``: the name that picks this entry whatever else serves the model."""
+        return f"{self.provider}/{self.model}"
 
     def require_endpoint(self, url: str) -> None:
         """LineError unless this model serves ``url`` (a request the provider would refuse)."""
-        served = self.endpoints or DEFAULT_ENDPOINTS.get(self.provider, ())
+        served = self.endpoints or DEFAULT_ENDPOINTS.get(self.kind, ())
         if url not in served:
             raise LineError(f"model {self.model} does not serve {url}; it serves {', '.join(served) or 'nothing'}")
 
@@ -147,14 +167,15 @@ def max_cost(price: ModelPrice, input_tokens: int, max_tokens: int | None, *,
         return _apply_batch(price, total, batch)
 
 
-def answered_price(prices: "PriceBook", response: dict | None, sent_model: str) -> ModelPrice:
+def answered_price(prices: "PriceBook", response: dict | None, sent_model: str,
+                   provider: str | None = None) -> ModelPrice:
     """The price of the model that answered: the ``model`` of the provider's response
-    when the price book knows it (a dated id resolves through the aliases), otherwise
-    the model the request was sent to. A producer's label is never the price."""
+    when the price book knows it for that provider (a dated id resolves through the aliases),
+    otherwise the model the request was sent to. A producer's label is never the price."""
     answered = response.get("model") if isinstance(response, dict) else None
-    if isinstance(answered, str) and answered in prices:
-        return prices.resolve(answered)
-    return prices.resolve(sent_model)
+    if isinstance(answered, str) and prices.serves(answered, provider):
+        return prices.resolve(answered, provider)
+    return prices.resolve(sent_model, provider)
 
 
 def _int(value) -> int:
@@ -193,6 +214,11 @@ def usage_from_anthropic(usage: dict) -> Usage:
                  cache_write_1h_tokens=write_1h)
 
 
+def usage_for(kind: str, usage: dict) -> Usage:
+    """A provider's ``usage`` dict, read in its kind's shape (Anthropic's, or OpenAI's)."""
+    return usage_from_anthropic(usage) if kind == "anthropic" else usage_from_openai(usage)
+
+
 # --------------------------------------------------------------------------- the price book
 
 def _dec(entry: dict, key: str, where: str) -> Decimal:
@@ -208,13 +234,24 @@ def _dec(entry: dict, key: str, where: str) -> Decimal:
     return value
 
 
-def _parse_entry(name: str, entry: dict, origin: str) -> ModelPrice:
+def _parse_entry(name: str, entry: dict, origin: str, kinds: dict[str, str]) -> ModelPrice:
     where = f"{origin}: model {name!r}"
+    prefix, slash, model_id = name.partition("/")
+    if slash and prefix in kinds:   # "together/meta-llama-3.1-70b": that provider's entry
+        entry = {"provider": prefix, **entry}
+        if entry["provider"] != prefix:
+            raise ConfigError(f"{where}: the name says provider {prefix!r}, the entry {entry['provider']!r}")
+        name = model_id
     missing = [k for k in _REQUIRED if k not in entry]
     if missing:
         raise ConfigError(f"{where}: missing {', '.join(missing)}")
-    if entry["provider"] not in PROVIDERS:
-        raise ConfigError(f"{where}: provider must be one of {', '.join(PROVIDERS)}")
+    if entry["provider"] not in kinds:
+        raise ConfigError(f"{where}: provider {entry['provider']!r} is not configured (configured: "
+                          f"{', '.join(sorted(kinds))}; add it under [providers.{entry['provider']}])")
+    kind = kinds[entry["provider"]]
+    encoding = entry.get("encoding")
+    if encoding is not None and encoding not in ENCODINGS:
+        raise ConfigError(f"{where}: encoding must be one of {', '.join(ENCODINGS)}, not {encoding!r}")
     discount = _dec(entry, "batch_discount", where)
     if discount > 1:
         raise ConfigError(f"{where}: batch_discount is a fraction off, at most 1: {discount}")
@@ -222,7 +259,7 @@ def _parse_entry(name: str, entry: dict, origin: str) -> ModelPrice:
         context_window, max_out = int(entry["context_window"]), int(entry["max_output_tokens"])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: context_window and max_output_tokens must be integers") from e
-    served = _endpoint_fields(entry, where)
+    served = _endpoint_fields(entry, where, kind)
     if context_window <= 0 or max_out < 0 or (max_out == 0 and not _NO_OUTPUT.issuperset(served["endpoints"])):
         raise ConfigError(f"{where}: context_window and max_output_tokens must be positive "
                           f"(max_output_tokens may be 0 only for a model serving embeddings or moderations alone)")
@@ -242,14 +279,15 @@ def _parse_entry(name: str, entry: dict, origin: str) -> ModelPrice:
         cache_write_per_mtok=_dec(entry, "cache_write", where) if entry.get("cache_write") is not None else None,
         cache_write_1h_per_mtok=(_dec(entry, "cache_write_1h", where)
                                  if entry.get("cache_write_1h") is not None else None),
-        flex=bool(entry.get("flex", False)), **_image_fields(entry, where), **served,
+        flex=bool(entry.get("flex", False)), **_image_fields(entry, where), **served, kind=kind,
+        encoding=encoding,
     )
 
 
-def _endpoint_fields(entry: dict, where: str) -> dict:
+def _endpoint_fields(entry: dict, where: str, kind: str) -> dict:
     raw = entry.get("endpoints")
     if raw is None:
-        endpoints = DEFAULT_ENDPOINTS[entry["provider"]]
+        endpoints = DEFAULT_ENDPOINTS[kind]
     elif (not isinstance(raw, list) or not raw or len(set(map(str, raw))) != len(raw)
             or not all(isinstance(u, str) and u in ENDPOINT_URLS for u in raw)):
         raise ConfigError(f"{where}: endpoints must be a non-empty list of distinct urls from "
@@ -291,21 +329,27 @@ def _read_models(text: str, origin: str) -> dict[str, dict]:
 
 
 class PriceBook:
-    """Model prices by name, alias or dated id."""
+    """Model prices by provider and name, alias or dated id."""
 
     def __init__(self, prices: dict[str, ModelPrice]):
         self._prices = dict(prices)
-        self._index: dict[str, ModelPrice] = {}
+        self._providers = {p.provider for p in self._prices.values()}
+        #: name or alias -> the entries (one per provider) it names
+        self._index: dict[str, dict[str, ModelPrice]] = {}
         for price in self._prices.values():
             for key in (price.model, *price.aliases):
-                other = self._index.get(key)
+                by_provider = self._index.setdefault(key, {})
+                other = by_provider.get(price.provider)
                 if other is not None and other.model != price.model:
-                    raise ConfigError(f"price book: {key!r} names both {other.model!r} and {price.model!r}")
-                self._index[key] = price
+                    raise ConfigError(f"price book: {key!r} names both {other.qualified!r} and {price.qualified!r}")
+                by_provider[price.provider] = price
 
     @classmethod
-    def load(cls, user_file: Path | None = None) -> "PriceBook":
-        """The package price book, then ``user_file`` (if given) adding or overriding models."""
+    def load(cls, user_file: Path | None = None, kinds: dict[str, str] | None = None) -> "PriceBook":
+        """The package price book, then ``user_file`` (if given) adding or overriding models.
+
+        ``kinds``: the configured providers (name -> kind); by default openai and anthropic."""
+        kinds = kinds or DEFAULT_KINDS
         origin = "pipeline/data/pricing.json"
         text = resources.files("pipeline").joinpath("data", "pricing.json").read_text(encoding="utf-8")
         entries = _read_models(text, origin)
@@ -319,11 +363,37 @@ class PriceBook:
             for name, entry in _read_models(user_text, str(user_file)).items():
                 entries[name] = {**entries.get(name, {}), **entry}
                 origins[name] = str(user_file)
-        return cls({name: _parse_entry(name, entry, origins[name]) for name, entry in entries.items()})
+        return cls({name: _parse_entry(name, entry, origins[name], kinds) for name, entry in entries.items()})
 
-    def resolve(self, model: str) -> ModelPrice:
-        """The price of a model name, alias or dated id; UnknownModelError otherwise."""
-        price = self._index.get(model) or self._index.get(model.strip().lower())
+    def _split(self, model: str) -> tuple[str | None, str]:
+        """``provider/model`` -> (provider, model) when the prefix is a provider of the book."""
+        prefix, slash, rest = model.partition("/")
+        return (prefix, rest) if slash and prefix in self._providers else (None, model)
+
+    def _candidates(self, model: str) -> dict[str, ModelPrice]:
+        return self._index.get(model) or self._index.get(model.strip().lower()) or {}
+
+    def resolve(self, model: str, provider: str | None = None) -> ModelPrice:
+        """The price of a model name, alias or dated id, qualified (``together/llama``) or not.
+
+        ``provider``: the provider the request is for (a stored request's), which an
+        unqualified name is looked up in. Without it, an unqualified name must be served by
+        exactly one provider. UnknownModelError otherwise, naming the candidates."""
+        qualifier, name = self._split(model)
+        if qualifier is not None and provider is not None and qualifier != provider:
+            raise UnknownModelError(f"model {model!r} names provider {qualifier!r}, not {provider!r}")
+        provider = qualifier or provider
+        found = self._candidates(name)
+        if provider is not None:
+            price = found.get(provider)
+            if price is None and found:
+                raise UnknownModelError(f"model {name!r} is not served by provider {provider!r}; it is served by "
+                                        f"{', '.join(sorted(found))}")
+        elif len(found) > 1:
+            raise UnknownModelError(f"model {model!r} is ambiguous: served by {len(found)} providers; name one of "
+                                    f"{', '.join(sorted(p.qualified for p in found.values()))}")
+        else:
+            price = next(iter(found.values()), None)
         if price is None:
             # the closest names first, at most 8: a long price book must not make a reason nobody reads
             names = difflib.get_close_matches(model, self.known_models(), n=8, cutoff=0)
@@ -332,12 +402,19 @@ class PriceBook:
                                     + (f" and {more} more" if more else ""))
         return price
 
+    def serves(self, model: str, provider: str | None = None) -> bool:
+        """True when ``resolve(model, provider)`` finds one entry."""
+        qualifier, name = self._split(model)
+        found = self._candidates(name)
+        want = qualifier or provider
+        return want in found if want is not None else len(found) == 1
+
     def known_models(self) -> list[str]:
-        """Canonical model names, sorted (aliases resolve to them)."""
+        """Canonical model names as the files write them, sorted (aliases resolve to them)."""
         return sorted(self._prices)
 
     def __contains__(self, model: str) -> bool:
-        return model in self._index or model.strip().lower() in self._index
+        return self.serves(model)
 
     def __iter__(self):
         return iter(self._prices[name] for name in self.known_models())
@@ -347,5 +424,7 @@ class PriceBook:
 def get_price_book() -> PriceBook:
     """The process-wide price book (package file plus the ``pricing_file`` setting)."""
     from pipeline.config import get_settings
+    from pipeline.providers.registry import build_registry
 
-    return PriceBook.load(get_settings().pricing_file)
+    settings = get_settings()   # the kinds alone: pricing needs no key (a submit has none to read)
+    return PriceBook.load(settings.pricing_file, {p.name: p.kind for p in build_registry(settings, secret_required=False)})

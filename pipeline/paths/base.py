@@ -133,7 +133,7 @@ def answered(path: Path, req: Request, body: dict, prices: PriceBook, *, model: 
     usage = endpoint_for(req.endpoint).usage(body)
     if served is None and isinstance(body, dict) and isinstance(body.get("service_tier"), str):
         served = body["service_tier"]
-    price = answered_price(prices, body, model or req.model)
+    price = answered_price(prices, body, model or req.model, req.provider)
     spent = path.price(price, usage, None, served) if usage else Decimal(0)
     listed = cost(price, usage) if usage else Decimal(0)
     return Outcome(req.job_id, req.custom_id, model or req.model, "succeeded", attempts=attempts,

@@ -44,9 +44,9 @@ def is_unavailable(e: Exception) -> bool:
     return "resource unavailable" in text or "resource_unavailable" in text
 
 
-def _takes_flex(model) -> bool:
+def _takes_flex(model, provider: str | None = None) -> bool:
     try:
-        return isinstance(model, str) and get_price_book().resolve(model).flex
+        return isinstance(model, str) and get_price_book().resolve(model, provider).flex
     except LLMBatchError:
         return False
 
@@ -70,15 +70,16 @@ class FlexCaller:
     def __getattr__(self, name):
         return getattr(self.provider, name)
 
-    async def call(self, body: dict, *, headers: dict):
-        if not _takes_flex(body.get("model")):   # a fallback model without flex: standard, as it is
+    async def call(self, body: dict, *, headers: dict, **kw):
+        """``kw``: what the caller passes on to the provider (the key chosen, the endpoint's url)."""
+        if not _takes_flex(body.get("model"), self.name):   # a fallback model without flex: standard, as it is
             answer = await self.provider.call({k: v for k, v in body.items() if k != "service_tier"},
-                                              headers=headers)
+                                              headers=headers, **kw)
             self.served = "default"
             return answer
         flex = {**body, "service_tier": "flex"}
         try:
-            answer = await self.provider.call(flex, headers=headers, timeout=self.timeout_s)
+            answer = await self.provider.call(flex, headers=headers, timeout=self.timeout_s, **kw)
             self.served = "flex"
             return answer
         except RetryableProviderError as e:
@@ -87,7 +88,7 @@ class FlexCaller:
             self.unavailable += 1
             log.info("flex unavailable (not billed): sent at standard instead")
         standard = {k: v for k, v in body.items() if k != "service_tier"}
-        answer = await self.provider.call(standard, headers=headers)
+        answer = await self.provider.call(standard, headers=headers, **kw)
         self.served = "default"
         return answer
 

@@ -64,7 +64,7 @@ class ProviderBatch(Path):
 
     def reservation(self, req: Request) -> Decimal:
         """The most a request can cost through a Batch API: its maximum at the batch price."""
-        price = get_price_book().resolve(req.model)
+        price = get_price_book().resolve(req.model, req.provider)
         return req.bound.max_cost_usd * (1 - price.batch_discount)
 
     def hold_ttl_s(self, settings: Settings) -> float | None:

@@ -1,35 +1,37 @@
-"""Anthropic messages through ``AsyncAnthropic`` (raw JSON in and out, like the OpenAI provider)."""
+"""The Anthropic API shape (kind ``anthropic``) through ``AsyncAnthropic``: raw JSON in and out, like
+the OpenAI shape (pipeline/providers/openai.py)."""
 
 from __future__ import annotations
 
 import anthropic
 
 from pipeline.config import Settings
+from pipeline.constants import ANTHROPIC_MESSAGES_URL
 from pipeline.errors import InfrastructureError, LineError
 from pipeline.providers.base import Answer, post_raw
+from pipeline.providers.registry import KeySpec, ProviderSpec
 
 
-class AnthropicProvider:
-    name = "anthropic"
-
-    def __init__(self, settings: Settings):
-        self.client = anthropic.AsyncAnthropic(
-            api_key=settings.api_key("anthropic"), base_url=settings.base_url("anthropic"),
-            max_retries=0, timeout=settings.provider_timeout_s,
-            http_client=(anthropic.DefaultAioHttpClient(timeout=settings.provider_timeout_s)
-                         if settings.provider_http_client == "aiohttp" else None))
-
-    async def call(self, body: dict, *, headers: dict, timeout: float | None = None) -> Answer:
-        return await post_raw(anthropic, self.client, "/v1/messages", body, headers, "request-id", timeout)
+def make_client(spec: ProviderSpec, key: KeySpec, settings: Settings):
+    """One SDK client for one key of the provider (SDK retries off: pipeline/providers/retries.py)."""
+    return anthropic.AsyncAnthropic(
+        api_key=key.reveal(), base_url=spec.base_url, max_retries=0, timeout=settings.provider_timeout_s,
+        http_client=(anthropic.DefaultAioHttpClient(timeout=settings.provider_timeout_s)
+                     if settings.provider_http_client == "aiohttp" else None))
 
 
-def token_counter(settings: Settings):
+async def call(client, spec: ProviderSpec, body: dict, headers: dict, url: str | None = None,
+               timeout: float | None = None) -> Answer:
+    return await post_raw(anthropic, client, url or ANTHROPIC_MESSAGES_URL, body, headers, "request-id", timeout)
+
+
+def token_counter(settings: Settings, spec: ProviderSpec):
     """Anthropic's count_tokens endpoint as ``counter(body) -> int`` (used at submit when a key is set).
 
     Only the fields count_tokens accepts are sent; a refusal becomes a
     LineError with the provider's message, so the line is rejected, not guessed.
     """
-    client = anthropic.Anthropic(api_key=settings.api_key("anthropic"), base_url=settings.base_url("anthropic"),
+    client = anthropic.Anthropic(api_key=spec.keys[0].reveal(), base_url=spec.base_url,
                                  max_retries=2, timeout=settings.provider_timeout_s)
     fields = ("model", "messages", "system", "tools", "tool_choice", "thinking")
 

@@ -1,16 +1,21 @@
 """What a provider is, and how one is called: the ``Provider`` protocol, its ``Answer``, the raw
-POST through an official SDK client (``post_raw``) and one client per provider per process
-(``get_provider``). Retries are not here: pipeline/providers/retries.py.
+POST through an official SDK client (``post_raw``) and ``get_provider``: a registry entry
+(pipeline/providers/registry.py) made callable, one per provider per event loop, with one
+SDK client per key. Which module speaks a provider's API is a table by its kind
+(``KIND_MODULES``), never a branch on its name. Retries are not here: pipeline/providers/retries.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
 from pipeline.config import Settings
-from pipeline.errors import PermanentProviderError, RetryableProviderError
+from pipeline.errors import ConfigError, PermanentProviderError, RetryableProviderError
+from pipeline.providers.registry import KeySpec, ProviderSpec, Registry, get_registry
 from pipeline.providers.retries import classify_status
 
 try:  # the SDKs' HTTP layer: httpx2 in current releases, httpx before
@@ -33,7 +38,8 @@ class Answer:
 class Provider(Protocol):
     name: str
 
-    async def call(self, body: dict, *, headers: dict, timeout: float | None = None) -> Answer: ...
+    async def call(self, body: dict, *, headers: dict, key: KeySpec | None = None,
+                   url: str | None = None, timeout: float | None = None) -> Answer: ...
 
 
 async def post_raw(sdk, client, path: str, body: dict, headers: dict, request_id_header: str,
@@ -58,18 +64,49 @@ async def post_raw(sdk, client, path: str, body: dict, headers: dict, request_id
                   latency_ms=int((time.monotonic() - started) * 1000), headers=dict(resp.headers))
 
 
-_clients: dict[str, Provider] = {}
+#: the module that speaks each kind's API (``make_client(spec, key, settings)``, ``call(...)``)
+KIND_MODULES = {"openai": "pipeline.providers.openai", "azure-openai": "pipeline.providers.openai",
+                "anthropic": "pipeline.providers.anthropic"}
 
 
-def get_provider(name: str, settings: Settings) -> Provider:
-    """One client per provider per process (and per event loop: workers keep one loop)."""
-    if name not in _clients:
-        if name == "openai":
-            from pipeline.providers.openai import OpenAIProvider
-            _clients[name] = OpenAIProvider(settings)
-        elif name == "anthropic":
-            from pipeline.providers.anthropic import AnthropicProvider
-            _clients[name] = AnthropicProvider(settings)
-        else:
-            raise PermanentProviderError(f"unknown provider {name!r}")
-    return _clients[name]
+class ProviderClient:
+    """One provider of the registry, called through its kind's SDK: a client per key, made
+    when the key is first used. The call goes out on the key it is given (the one
+    pipeline/providers/keys.py chose), else on the provider's first key."""
+
+    def __init__(self, spec: ProviderSpec, settings: Settings):
+        self.spec, self.settings = spec, settings
+        self.name, self.kind = spec.name, spec.kind
+        self.api = importlib.import_module(KIND_MODULES[spec.kind])
+        self._clients: dict[str, object] = {}
+
+    def client(self, key: KeySpec | None = None):
+        key = key or self.spec.keys[0]
+        c = self._clients.get(key.alias)
+        if c is None:
+            c = self._clients[key.alias] = self.api.make_client(self.spec, key, self.settings)
+        return c
+
+    async def call(self, body: dict, *, headers: dict, key: KeySpec | None = None, url: str | None = None,
+                   timeout: float | None = None) -> Answer:
+        return await self.api.call(self.client(key), self.spec, body, headers, url, timeout)
+
+
+_clients: dict[tuple, ProviderClient] = {}
+
+
+def get_provider(name: str, settings: Settings, registry: Registry | None = None) -> ProviderClient:
+    """The provider ``name`` of the registry: one client set per provider per event loop
+    (workers keep one loop). An unknown name is a permanent error of the request."""
+    try:
+        loop = id(asyncio.get_running_loop())
+    except RuntimeError:
+        loop = None
+    client = _clients.get((name, loop))
+    if client is None:
+        try:
+            spec = (registry or get_registry()).get(name)
+        except ConfigError as e:
+            raise PermanentProviderError(str(e)) from e
+        client = _clients[(name, loop)] = ProviderClient(spec, settings)
+    return client

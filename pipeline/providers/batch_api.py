@@ -15,6 +15,7 @@ import logging
 from pipeline.config import Settings
 from pipeline.errors import PermanentProviderError
 from pipeline.providers.base import http_response
+from pipeline.providers.registry import get_registry
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +27,32 @@ ANTHROPIC_CANCEL_CONFIRMED = ("canceling", "ended")
 CLOCK_SKEW_S = 60.0
 
 
-def _openai(settings: Settings, *, retries: int = 2, timeout: float = 120):
+def batch_format(provider: str) -> str:
+    """The Batch API a provider speaks (``openai`` or ``anthropic``); a provider with none is refused."""
+    spec = get_registry().get(provider)
+    if spec.batch is None:
+        raise PermanentProviderError(f"provider {provider!r} has no Batch API (its entry sets no batch)")
+    return spec.batch
+
+
+def cancel_confirmed(provider: str) -> tuple:
+    """The provider statuses that confirm a cancel, in its Batch API's words."""
+    return OPENAI_CANCEL_CONFIRMED if batch_format(provider) == "openai" else ANTHROPIC_CANCEL_CONFIRMED
+
+
+def _openai(settings: Settings, provider: str = "openai", *, retries: int = 2, timeout: float = 120):
+    """An SDK client on the provider's first key (the Batch API's calls are few: no key rotation)."""
     import openai
-    return openai.AsyncOpenAI(api_key=settings.api_key("openai"), base_url=settings.base_url("openai"),
+    spec = get_registry().get(provider)
+    return openai.AsyncOpenAI(api_key=spec.keys[0].reveal(), base_url=spec.base_url,
                               max_retries=retries, timeout=timeout)
 
 
-def _anthropic(settings: Settings, *, retries: int = 2, timeout: float = 120):
+def _anthropic(settings: Settings, provider: str = "anthropic", *, retries: int = 2, timeout: float = 120):
     import anthropic
-    return anthropic.AsyncAnthropic(api_key=settings.api_key("anthropic"),
-                                    base_url=settings.base_url("anthropic"), max_retries=retries, timeout=timeout)
+    spec = get_registry().get(provider)
+    return anthropic.AsyncAnthropic(api_key=spec.keys[0].reveal(), base_url=spec.base_url,
+                                    max_retries=retries, timeout=timeout)
 
 
 class NotCreated(PermanentProviderError):
@@ -56,8 +73,8 @@ async def create(settings: Settings, pb_id: str, provider: str, content: bytes, 
     same connection (``cancel_status`` in the answer): every moment lets the provider run lines."""
     kw = {"retries": 0, "timeout": settings.provider_batch_create_timeout_s}
     try:
-        if provider == "openai":
-            async with _openai(settings, **kw) as client:
+        if batch_format(provider) == "openai":
+            async with _openai(settings, provider, **kw) as client:
                 try:   # a file alone is never billed: a failed upload is a refusal
                     f = await client.files.create(file=(f"{pb_id}.jsonl", content), purpose="batch")
                 except Exception as e:
@@ -68,7 +85,7 @@ async def create(settings: Settings, pb_id: str, provider: str, content: bytes, 
                 if cancelled():
                     info["cancel_status"] = await _quiet(client.batches.cancel(b.id), "status")
                 return info
-        async with _anthropic(settings, **kw) as client:
+        async with _anthropic(settings, provider, **kw) as client:
             b = await client.messages.batches.create(requests=lines)
             info = {"provider_batch_id": b.id, "input_file_id": None, "provider_status": b.processing_status}
             if cancelled():
@@ -95,10 +112,10 @@ def _epoch(value) -> float:
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
-async def find_openai(settings: Settings, pb_id: str, since: float) -> dict | None:
+async def find_openai(settings: Settings, pb_id: str, since: float, provider: str = "openai") -> dict | None:
     """An OpenAI batch created for ``pb_id`` (its metadata names it), among those created since
     ``since`` (unix time, the first attempt; the listing is newest first)."""
-    async with _openai(settings) as client:
+    async with _openai(settings, provider) as client:
         async for b in client.batches.list(limit=100):
             if (b.metadata or {}).get("llmbatch_id") == pb_id:
                 return {"provider_batch_id": b.id, "input_file_id": b.input_file_id, "provider_status": b.status}
@@ -107,12 +124,12 @@ async def find_openai(settings: Settings, pb_id: str, since: float) -> dict | No
     return None
 
 
-async def find_anthropic(settings: Settings, intents: list[dict], known) -> dict[str, tuple]:
+async def find_anthropic(settings: Settings, intents: list[dict], known, provider: str = "anthropic") -> dict[str, tuple]:
     """Anthropic batches carry no metadata: list the provider's batches created since the earliest
     window opened, drop those a row of ours owns (``known(ids)``), read the custom_ids of the ended
     ones that match an intent's count and window, and let ``match_anthropic`` decide."""
     earliest = min(i["start"] for i in intents)
-    async with _anthropic(settings) as client:
+    async with _anthropic(settings, provider) as client:
         listed = []
         async for b in client.messages.batches.list(limit=1000):
             if _epoch(b.created_at) < earliest:
@@ -175,8 +192,8 @@ def match_anthropic(intents: list[dict], batches: list[dict]) -> dict[str, tuple
 
 async def poll(settings: Settings, provider: str, provider_batch_id: str) -> tuple[str, bool, list[dict] | None]:
     """``(provider status, ended, result lines when ended)``."""
-    if provider == "openai":
-        async with _openai(settings) as client:
+    if batch_format(provider) == "openai":
+        async with _openai(settings, provider) as client:
             b = await client.batches.retrieve(provider_batch_id)
             if b.status not in OPENAI_ENDED:
                 return b.status, False, None
@@ -189,7 +206,7 @@ async def poll(settings: Settings, provider: str, provider_batch_id: str) -> tup
                 log.warning("provider batch %s failed: %s", provider_batch_id,
                             [e.message for e in (b.errors.data or [])][:5])
             return b.status, True, lines
-    async with _anthropic(settings) as client:
+    async with _anthropic(settings, provider) as client:
         b = await client.messages.batches.retrieve(provider_batch_id)
         if b.processing_status != "ended":
             return b.processing_status, False, None
@@ -199,16 +216,16 @@ async def poll(settings: Settings, provider: str, provider_batch_id: str) -> tup
 
 
 async def cancel(settings: Settings, provider: str, provider_batch_id: str) -> str:
-    if provider == "openai":
-        async with _openai(settings) as client:
+    if batch_format(provider) == "openai":
+        async with _openai(settings, provider) as client:
             return (await client.batches.cancel(provider_batch_id)).status
-    async with _anthropic(settings) as client:
+    async with _anthropic(settings, provider) as client:
         return (await client.messages.batches.cancel(provider_batch_id)).processing_status
 
 
 async def status(settings: Settings, provider: str, provider_batch_id: str) -> str:
-    if provider == "openai":
-        async with _openai(settings) as client:
+    if batch_format(provider) == "openai":
+        async with _openai(settings, provider) as client:
             return (await client.batches.retrieve(provider_batch_id)).status
-    async with _anthropic(settings) as client:
+    async with _anthropic(settings, provider) as client:
         return (await client.messages.batches.retrieve(provider_batch_id)).processing_status

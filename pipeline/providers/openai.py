@@ -1,4 +1,6 @@
-"""OpenAI chat completions through ``AsyncOpenAI``.
+"""The OpenAI API shape through ``AsyncOpenAI``: OpenAI itself, any OpenAI-compatible endpoint
+(kind ``openai``: Together, Fireworks, vLLM, …) and Azure OpenAI (kind ``azure-openai``:
+``AsyncAzureOpenAI``, the ``api-key`` header, ``api-version``, the model's deployment in the path).
 
 The body is sent as the user wrote it (``client.post`` with the raw JSON), so
 parameters the SDK's typed signature does not know yet still pass through, and
@@ -10,18 +12,27 @@ from __future__ import annotations
 import openai
 
 from pipeline.config import Settings
+from pipeline.constants import CHAT_URL
 from pipeline.providers.base import Answer, post_raw
+from pipeline.providers.registry import KeySpec, ProviderSpec
 
 
-class OpenAIProvider:
-    name = "openai"
+def make_client(spec: ProviderSpec, key: KeySpec, settings: Settings):
+    """One SDK client for one key of the provider (SDK retries off: pipeline/providers/retries.py)."""
+    common = dict(api_key=key.reveal(), max_retries=0, timeout=settings.provider_timeout_s,
+                  http_client=(openai.DefaultAioHttpClient(timeout=settings.provider_timeout_s)
+                               if settings.provider_http_client == "aiohttp" else None))
+    if spec.kind == "azure-openai":
+        return openai.AsyncAzureOpenAI(azure_endpoint=spec.base_url, api_version=spec.api_version, **common)
+    return openai.AsyncOpenAI(base_url=spec.base_url, **common)
 
-    def __init__(self, settings: Settings):
-        self.client = openai.AsyncOpenAI(
-            api_key=settings.api_key("openai"), base_url=settings.base_url("openai"),
-            max_retries=0, timeout=settings.provider_timeout_s,
-            http_client=(openai.DefaultAioHttpClient(timeout=settings.provider_timeout_s)
-                         if settings.provider_http_client == "aiohttp" else None))
 
-    async def call(self, body: dict, *, headers: dict, timeout: float | None = None) -> Answer:
-        return await post_raw(openai, self.client, "/chat/completions", body, headers, "x-request-id", timeout)
+async def call(client, spec: ProviderSpec, body: dict, headers: dict, url: str | None = None,
+               timeout: float | None = None) -> Answer:
+    """POST ``body`` to the endpoint ``url`` (default chat completions); an Azure deployment
+    is named by the body's model (the SDK puts it in the path). ``timeout``: this call's own
+    client timeout (a flex call's), else the client's."""
+    if spec.deployments:
+        body = {**body, "model": spec.deployment_for(body["model"])}
+    return await post_raw(openai, client, (url or CHAT_URL).removeprefix("/v1"), body, headers, "x-request-id",
+                          timeout)

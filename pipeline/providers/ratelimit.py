@@ -1,8 +1,9 @@
 """Provider rate limits and per-tier in-flight caps, shared by every worker through Redis.
 
-Rates (``settings.rate_limits``: model -> ``"rpm:tpm"``, either part may be
-empty; no entry: no limit and no Redis call). One Lua script per admission
-keeps a sliding 60 s window (plus a 0.5 s guard) per provider+model: a sorted set of admitted
+Rates are per key (pipeline/providers/keys.py chooses the key): a key's own ``rpm``/``tpm``
+(pipeline/providers/registry.py), else ``settings.rate_limits`` (model -> ``"rpm:tpm"``, either
+part may be empty), applied to each key of the provider; no limit: no Redis call. One Lua script
+per admission keeps a sliding 60 s window (plus a 0.5 s guard) per provider+key+model: a sorted set of admitted
 calls scored by their Redis-clock time (member ``<id>|<tokens>``) and a
 counter of the tokens in it. A call of N tokens (input tokens + maximum output
 tokens, as providers count) is admitted when the window holds fewer than the
@@ -93,8 +94,11 @@ def parse_limit(value, name: str = "rate_limits") -> Limit:
     return Limit(part(rpm_s), part(tpm_s))
 
 
-def limit_for(settings: Settings, provider: str, model: str) -> Limit | None:
-    """The configured limit of ``provider:model`` (or just ``model``); None: unlimited."""
+def limit_for(settings: Settings, provider: str, model: str, key=None) -> Limit | None:
+    """The limit of one key (a registry ``KeySpec``) on ``model``: the key's own rpm/tpm, else the
+    configured limit of ``provider:model`` (or just ``model``); None: unlimited."""
+    if key is not None and (key.rpm or key.tpm):
+        return Limit(key.rpm, key.tpm)
     limits = settings.rate_limits or {}
     value = limits.get(f"{provider}:{model}", limits.get(model))
     if value is None or str(value).strip() in ("", ":"):
@@ -222,6 +226,31 @@ redis.call('PEXPIRE', KEYS[2], window + 1000)
 return {1, 0}
 """
 
+# KEYS: window zset; ARGV: member (id|tokens) → 1 stamped now | 0 no longer in the window
+STAMP = _NOW + """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
+return 1
+"""
+
+# KEYS: per key, its window zset, token counter and blocked-until (3 each); ARGV: window_ms
+# → per key {requests in the window, tokens in the window, ms until unblocked}; read-only
+HEADROOM = _NOW + """
+local window, out = tonumber(ARGV[1]), {}
+for i = 1, #KEYS, 3 do
+  local count = redis.call('ZCOUNT', KEYS[i], now - window + 1, '+inf')
+  local used = 0
+  if count > 0 then
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], now - window + 1, '+inf')) do
+      used = used + tonumber(string.match(m, '|(%d+)$'))
+    end
+  end
+  local blocked = tonumber(redis.call('GET', KEYS[i + 2]) or '0') - now
+  table.insert(out, {count, used, math.max(0, blocked)})
+end
+return out
+"""
+
 # KEYS: blocked-until; ARGV: block_ms → new blocked-until (ms, Redis clock); only ever pushed later
 BLOCK = _NOW + """
 local upto = now + tonumber(ARGV[1])
@@ -253,8 +282,13 @@ return 1
 """
 
 
-def rate_keys(provider: str, model: str) -> list[str]:
-    base = f"{K}{provider}:{model}:"
+#: the alias of a provider's only key when none is named (the default providers' key)
+DEFAULT_KEY = "default"
+
+
+def rate_keys(provider: str, model: str, key: str = DEFAULT_KEY) -> list[str]:
+    """The Redis keys of one key's window on one model (``key``: the key's alias, never its secret)."""
+    base = f"{K}{provider}:{key}:{model}:"
     return [base + "w", base + "tok", base + "blocked", base + "imm", base + "others"]
 
 
@@ -296,45 +330,89 @@ class Limiter:
                 await self.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, REDIS_RETRY_MAX_S)
 
-    async def admit(self, provider: str, model: str, tier: str, tokens: int,
-                    max_wait_s: float | None = None) -> float | None:
-        """Wait until the model's window admits ``tokens`` for ``tier``. Returns seconds waited.
+    async def eval(self, script: str, keys: list[str], *args):
+        """Run a Lua script on the limiter's Redis, failing closed (waits out an outage)."""
+        return await self._eval(script, keys, *args)
 
+    async def try_admit(self, provider: str, model: str, tier: str, tokens: int, rid: str, *,
+                        key: str = DEFAULT_KEY, limit: Limit | None = None) -> float:
+        """One admission attempt on one key's window: 0.0 admitted, else seconds to wait."""
+        if limit is None:
+            return 0.0
+        ok, wait_ms = await self._eval(
+            ADMIT, rate_keys(provider, model, key), rid, int(tokens), limit.rpm or -1, limit.tpm or -1, tier,
+            repr(float(self.settings.rate_peak_share)), WINDOW_MS + WINDOW_GUARD_MS, WAITING_TTL_MS)
+        return 0.0 if int(ok) == 1 else max(0.001, int(wait_ms) / 1000.0)
+
+    async def admit(self, provider: str, model: str, tier: str, tokens: int,
+                    max_wait_s: float | None = None, *, key: str = DEFAULT_KEY,
+                    limit: Limit | None = None, rid: str | None = None) -> float | None:
+        """Wait until the window of ``key`` on ``model`` admits ``tokens`` for ``tier``. Returns seconds waited.
+
+        ``limit``: the key's (``limit_for``); by default the configured one of the model.
         With ``max_wait_s``: None, at once, when the window would keep the call
         waiting longer than that in all (the caller has somewhere else to go).
         """
-        lim = limit_for(self.settings, provider, model)
+        lim = limit if limit is not None else limit_for(self.settings, provider, model)
         if lim is None:
             return 0.0
         started = time.monotonic()
-        keys = rate_keys(provider, model)
-        rid = secrets.token_hex(6)
+        rid = rid or secrets.token_hex(6)
         while True:
-            ok, wait_ms = await self._eval(
-                ADMIT, keys, rid, int(tokens), lim.rpm or -1, lim.tpm or -1, tier,
-                repr(float(self.settings.rate_peak_share)), WINDOW_MS + WINDOW_GUARD_MS, WAITING_TTL_MS)
-            if int(ok) == 1:
+            wait = await self.try_admit(provider, model, tier, tokens, rid, key=key, limit=lim)
+            if not wait:
                 return time.monotonic() - started
-            if max_wait_s is not None and time.monotonic() - started + int(wait_ms) / 1000.0 > max_wait_s:
+            if max_wait_s is not None and time.monotonic() - started + wait > max_wait_s:
                 return None
             # re-ask at least every second so the waiting marks stay fresh; a little jitter
-            await self.sleep(min(int(wait_ms) / 1000.0, 1.0) + random.random() * 0.01)
+            await self.sleep(min(wait, 1.0) + random.random() * 0.01)
             checkpoint()
 
-    async def block(self, provider: str, model: str, seconds: float) -> None:
-        """Push the model's shared window back: every worker waits ``seconds`` from now."""
-        if limit_for(self.settings, provider, model) is None or seconds <= 0:
+    async def stamp(self, provider: str, model: str, tokens: int, rid: str, *, key: str = DEFAULT_KEY,
+                    limit: Limit | None = None) -> None:
+        """Count an admitted call from now, as it is sent: it may have waited since its admission
+        (its record in Postgres), and the provider counts it when it arrives."""
+        if limit is None:
             return
-        await self._eval(BLOCK, [rate_keys(provider, model)[2]], int(seconds * 1000))
+        await self._eval(STAMP, [rate_keys(provider, model, key)[0]], f"{rid}|{int(tokens)}")
 
-    async def observe_headers(self, provider: str, model: str, headers) -> None:
-        """A success that says no requests remain: wait for the provider's reset, all of us."""
-        if not headers or limit_for(self.settings, provider, model) is None:
+    async def headroom(self, provider: str, model: str, keys: list[tuple[str, Limit | None]]) -> list[float]:
+        """Per (alias, limit): the share of its limit still free now (the lower of requests and
+        tokens; 1.0 without a limit; 0.0 while blocked). One Redis round trip, no change."""
+        limited = [(alias, lim) for alias, lim in keys if lim is not None]
+        found = {}
+        if limited:
+            redis_keys = [k for alias, _ in limited for k in rate_keys(provider, model, alias)[:3]]
+            rows = await self._eval(HEADROOM, redis_keys, WINDOW_MS + WINDOW_GUARD_MS)
+            found = {alias: tuple(int(x) for x in row) for (alias, _), row in zip(limited, rows)}
+        out = []
+        for alias, lim in keys:
+            if lim is None:
+                out.append(1.0)
+                continue
+            count, used, blocked = found[alias]
+            shares = [1 - count / lim.rpm if lim.rpm else 1.0, 1 - used / lim.tpm if lim.tpm else 1.0]
+            out.append(0.0 if blocked else max(0.0, min(shares)))
+        return out
+
+    async def block(self, provider: str, model: str, seconds: float, *, key: str = DEFAULT_KEY,
+                    limit: Limit | None = None) -> None:
+        """Push the window of ``key`` on ``model`` back: every worker waits ``seconds`` from now."""
+        lim = limit if limit is not None else limit_for(self.settings, provider, model)
+        if lim is None or seconds <= 0:
+            return
+        await self._eval(BLOCK, [rate_keys(provider, model, key)[2]], int(seconds * 1000))
+
+    async def observe_headers(self, provider: str, model: str, headers, *, key: str = DEFAULT_KEY,
+                              limit: Limit | None = None) -> None:
+        """A success that says no requests remain on this key: wait for the provider's reset, all of us."""
+        lim = limit if limit is not None else limit_for(self.settings, provider, model)
+        if not headers or lim is None:
             return
         remaining = headers.get("x-ratelimit-remaining-requests")
         if remaining is not None and str(remaining).strip() == "0":
             reset = parse_reset(headers.get("x-ratelimit-reset-requests")) or DEFAULT_BLOCK_S
-            await self.block(provider, model, min(reset, 60.0))
+            await self.block(provider, model, min(reset, 60.0), key=key, limit=lim)
 
     @contextlib.asynccontextmanager
     async def lease(self, tier: str):

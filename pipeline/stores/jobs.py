@@ -181,7 +181,7 @@ def send_cancel(engine, pb_id: str, provider: str, provider_batch_id: str, setti
     """Ask the provider to cancel; confirmed once it says cancelling or ended (an ended batch has
     nothing left to cancel). Unconfirmed, the scheduler asks again next tick. ``run`` runs the
     provider call (the scheduler's: on its one event loop)."""
-    confirmed = batch_api.OPENAI_CANCEL_CONFIRMED if provider == "openai" else batch_api.ANTHROPIC_CANCEL_CONFIRMED
+    confirmed = batch_api.cancel_confirmed(provider)
     error = None
     try:
         state = run(batch_api.cancel(settings, provider, provider_batch_id))

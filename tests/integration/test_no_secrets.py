@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.request
 import uuid
 
 import pytest
@@ -68,6 +69,19 @@ def _kafka_values(settings, topic: str) -> list[bytes]:
         c.close()
 
 
+def _stored(conn, job: str, provider: str = "") -> str:
+    """Every row the job left in Postgres (and the provider's key alerts), as one text to search."""
+    return conn.execute(sa.text(
+        "SELECT coalesce(string_agg(x::text, ' '), '') FROM ("
+        " SELECT row_to_json(r)::text AS x FROM results r WHERE job_id = :j"
+        " UNION ALL SELECT row_to_json(a)::text FROM attempts a WHERE job_id = :j"
+        " UNION ALL SELECT row_to_json(q)::text FROM requests q WHERE job_id = :j"
+        " UNION ALL SELECT row_to_json(j)::text FROM jobs j WHERE job_id = :j"
+        " UNION ALL SELECT row_to_json(x)::text FROM rejections x WHERE job_id = :j"
+        " UNION ALL SELECT row_to_json(k)::text FROM key_alerts k WHERE provider = :p) t"),
+        {"j": job, "p": provider}).scalar()
+
+
 @pytest.fixture
 def scheduler_paused():
     """The stack's scheduler would release the test's held batches to the workers: pause it."""
@@ -118,13 +132,7 @@ def test_planted_key_is_nowhere(stack, engine, tmp_path, scheduler_paused):
         outputs += [p.stdout, p.stderr]
 
     with engine.connect() as conn:
-        stored = conn.execute(sa.text(
-            "SELECT coalesce(string_agg(x::text, ' '), '') FROM ("
-            " SELECT row_to_json(r)::text AS x FROM results r WHERE job_id = :j"
-            " UNION ALL SELECT row_to_json(a)::text FROM attempts a WHERE job_id = :j"
-            " UNION ALL SELECT row_to_json(q)::text FROM requests q WHERE job_id = :j"
-            " UNION ALL SELECT row_to_json(j)::text FROM jobs j WHERE job_id = :j"
-            " UNION ALL SELECT row_to_json(x)::text FROM rejections x WHERE job_id = :j) t"), {"j": job}).scalar()
+        stored = _stored(conn, job)
         states = dict(conn.execute(sa.text(
             "SELECT status, count(*) FROM requests WHERE job_id = :j GROUP BY 1"), {"j": job}).all())
     # the test is only meaningful if both paths ran: answers and stored errors
@@ -143,3 +151,40 @@ def test_planted_key_is_nowhere(stack, engine, tmp_path, scheduler_paused):
                       + _kafka_values(stack, DLQ_TOPIC))
     assert job.encode() in kafka   # sanity: the job's messages were read
     assert b"PLANTED" not in kafka
+
+
+def test_named_providers_keys_are_nowhere(stack, engine, tmp_path):
+    """Keys of named providers, read from their own variables by the stack's batcher and workers:
+    none of them is in the logs, Postgres (a revoked key's alert row included), Kafka or /metrics;
+    their aliases are. One key is revoked at the simulator as the job starts, so the 401 path runs."""
+    from pipeline import metrics
+    from pipeline.stores.alerts import key_alerts
+    from tests.integration.named_providers import LLAMA, Named, chat, key, named_stack, sim, submit, wait_job
+
+    tag = uuid.uuid4().hex[:6]
+    p = Named(f"sec-{tag}", keys={"one": key(), "two": key()})
+    with named_stack(stack, tmp_path, [p]) as env:
+        refuse_secret = p.keys["one"][1]
+        job = submit(env, tmp_path, [chat(f"k{i}", f"{p.name}/{LLAMA}", f"secret key test {i}") for i in range(40)])
+        sim(stack, "POST", "/_admin/keys/revoke", {"key": refuse_secret, "provider": p.name})
+        assert wait_job(engine, job) == "completed"
+        scraped = []
+        for role in ("batcher", "worker-immediate", "worker-peak"):
+            scraped.append(urllib.request.urlopen(
+                f"http://{stack.metrics_host}:{metrics.port_for(role, stack)}/metrics", timeout=10).read().decode())
+    secrets = p.secrets()
+    with engine.connect() as conn:
+        stored = _stored(conn, job, p.name)
+        alerts = key_alerts(conn, p.name)
+    assert "secret key test" in stored and '"key_alias":"two"' in stored   # sanity: rows, aliases
+    assert [a["key_alias"] for a in alerts] == ["one"]   # the refused key's alert row, by alias
+    metrics_text = "\n".join(scraped)
+    assert 'key="two"' in metrics_text   # sanity: the keys are labelled, by alias
+    kafka = b"\n".join(_kafka_values(stack, REQUESTS_TOPIC) + _kafka_values(stack, IMMEDIATE_TOPIC)
+                       + _kafka_values(stack, DLQ_TOPIC))
+    logs = "\n".join(f.read_text(errors="replace") for f in (stack.var_dir / "log").glob("*.log"))
+    assert job in logs or job.encode() in kafka   # sanity: the job is where the search looks
+    for secret in secrets:
+        body = secret.removeprefix("tk-")
+        assert body not in stored and body not in metrics_text and body not in logs
+        assert body.encode() not in kafka

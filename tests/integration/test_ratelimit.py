@@ -192,3 +192,89 @@ def test_inflight_semaphore_holds_its_cap_and_frees_dead_leases(stack):
         await _cleanup([ratelimit.lease_key(tier)])
 
     asyncio.run(main())
+
+
+def test_keys_headroom_and_revocation_in_redis(stack):
+    """pipeline/providers/keys.py on the stack's Redis: the HEADROOM script reads each key's window,
+    calls split by headroom, a revoked key is out for another process's chooser too."""
+    from pipeline.providers.keys import Keys, NoUsableKey, dead_key
+    from pipeline.providers.registry import KeySpec
+
+    provider, model = f"test-keys-{secrets.token_hex(4)}", "m"
+    a, b = KeySpec("a", rpm=300), KeySpec("b", rpm=150, tpm=15_000)
+    settings = _settings(rate_limits={})
+
+    async def main():
+        r1, r2 = _client(), _client()
+        one, other = Keys(ratelimit.Limiter(settings, r1)), Keys(ratelimit.Limiter(settings, r2))
+        try:
+            for _ in range(30):
+                await one.limiter.admit(provider, model, "offpeak", 100, key="a", limit=ratelimit.Limit(300, None))
+            room = await one.limiter.headroom(provider, model, [("a", ratelimit.Limit(300, None)),
+                                                                ("b", ratelimit.Limit(150, 15_000)), ("c", None)])
+            assert room == [0.9, 1.0, 1.0], room
+            chosen = [(await one.admit(provider, (a, b), model, "offpeak", 100)).alias for _ in range(60)]
+            # a: 30 + x of 300, b: y of 150 and y*100 of 15,000 tokens; by headroom, x ≈ 2y - 30
+            assert abs(chosen.count("a") - 30) <= 3 and abs(chosen.count("b") - 30) <= 3, chosen
+            room = await one.limiter.headroom(provider, model, [("a", ratelimit.Limit(300, None)),
+                                                                ("b", ratelimit.Limit(150, 15_000))])
+            assert abs(room[0] - room[1]) < 0.02, room
+            assert await one.revoke(provider, "a", "HTTP 401") and not await other.revoke(provider, "a", "HTTP 401")
+            assert {(await other.admit(provider, (a, b), model, "offpeak", 1)).alias for _ in range(5)} == {"b"}
+            await other.revoke(provider, "b", "HTTP 403")
+            try:
+                await one.admit(provider, (a, b), model, "offpeak", 1)
+                raise AssertionError("admitted with every key revoked")
+            except NoUsableKey:
+                pass
+        finally:
+            await _cleanup([k for alias in ("a", "b") for k in ratelimit.rate_keys(provider, model, alias)]
+                           + [dead_key(provider, "a"), dead_key(provider, "b")])
+            await r1.aclose()
+            await r2.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_call_is_counted_in_its_window_from_when_it_is_sent(stack):
+    """A call waits for its record in Postgres between its admission and its send (workers/gate.py);
+    the window must count it from the send, or the provider sees the next minute's calls early."""
+    from decimal import Decimal
+
+    from pipeline.providers.registry import KeySpec, ProviderSpec
+    from tests.unit.test_fallback import OK, FakeBudget, request
+    from workers.limited import Limited
+
+    provider, model = f"test-stamp-{secrets.token_hex(4)}", "gpt-4o"
+    settings = _settings(rate_limits={})
+
+    class SlowRecord:   # the record's write takes a second
+        async def sending(self, req, res, call_id):
+            await asyncio.sleep(1.0)
+
+        def answered(self, call_id):
+            pass
+
+    class P:
+        name = provider
+        spec = ProviderSpec(provider, "openai", "http://x/v1", (KeySpec("k", rpm=100),))
+
+        async def call(self, body, *, headers, key=None):
+            return OK
+
+    async def main():
+        r = _client()
+        try:
+            lim = Limited(P(), request(fallback_model=None, provider=provider), FakeBudget(Decimal(1)),
+                          ratelimit.Limiter(settings, r), calls=SlowRecord())
+            t0 = (await r.time())
+            await lim.call(request()["body"], headers={})
+            window = await r.zrange(ratelimit.rate_keys(provider, model, "k")[0], 0, -1, withscores=True)
+            assert len(window) == 1
+            counted_from = window[0][1] / 1000 - (t0[0] + t0[1] / 1e6)
+            assert 0.9 <= counted_from <= 1.5, f"counted {counted_from:.2f} s after the admission began"
+        finally:
+            await _cleanup(ratelimit.rate_keys(provider, model, "k"))
+            await r.aclose()
+
+    asyncio.run(main())

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 
+from pipeline.config import load_settings
 from pipeline.request import Request
 from pipeline.errors import BudgetExceeded
 from pipeline.errors import RetryableProviderError
@@ -82,26 +83,35 @@ class FakeBudget:
 
 
 class FakeLimiter:
-    """The primary's window is ``primary_wait_s`` away; every other model admits at once."""
+    """The primary's window is ``primary_wait_s`` away; every other model admits at once.
+    One key, never revoked (the key choice has tests of its own: test_keys.py)."""
+
+    settings = load_settings({})
 
     def __init__(self, primary_wait_s: float = 0.0):
         self.primary_wait_s, self.admitted, self.blocked = primary_wait_s, [], []
+
+    async def eval(self, script, keys, *args):   # the revocation marks: none
+        return [None] * len(keys)
 
     @contextlib.asynccontextmanager
     async def lease(self, tier):
         yield 0.0
 
-    async def admit(self, provider, model, tier, tokens, max_wait_s=None):
+    async def admit(self, provider, model, tier, tokens, max_wait_s=None, **key):
         wait = self.primary_wait_s if model == "gpt-4o" else 0.0
         if max_wait_s is not None and wait > max_wait_s:
             return None
         self.admitted.append(model)
         return wait
 
-    async def block(self, provider, model, seconds):
+    async def stamp(self, *args, **key):
+        pass
+
+    async def block(self, provider, model, seconds, **key):
         self.blocked.append((model, seconds))
 
-    async def observe_headers(self, provider, model, headers):
+    async def observe_headers(self, provider, model, headers, **key):
         pass
 
 
@@ -111,7 +121,7 @@ class Provider:
     def __init__(self, *outcomes):
         self.outcomes, self.models = list(outcomes), []
 
-    async def call(self, body, *, headers):
+    async def call(self, body, *, headers, key=None):
         self.models.append(body["model"])
         out = self.outcomes.pop(0) if self.outcomes else OK
         if isinstance(out, Exception):

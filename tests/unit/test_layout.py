@@ -39,7 +39,7 @@ FOLDERS = {
     "": set(),
     "providers": {""},
     "stores": {"", "providers"},
-    "money": {"", "stores"},
+    "money": {"", "stores", "providers"},
     "intake": {"", "money", "stores", "providers", "endpoints", "request", "paths"},
     "endpoints": {"", "money"},
     # pipeline/request.py, a module with a node of its own: the typed request carries a Bound

@@ -33,7 +33,7 @@ def test_producer_messages_validate():
     jsonschema.validate(message(deadline="2030-01-01T00:00:00"), SCHEMA, format_checker=checker)
 
 
-@pytest.mark.parametrize("change", [{"v": 2}, {"provider": "mistral"}, {"max_cost_usd": 0.1},
+@pytest.mark.parametrize("change", [{"v": 2}, {"provider": "Mistral AI"}, {"max_cost_usd": 0.1},
                                     {"priority": 11}, {"tier": "urgent"}, {"body": "text"},
                                     {"custom_id": ""}, {"job_id": ""}, {"custom_id": "c" * 100_001},
                                     {"metadata": "hi"}, {"published_at": "yesterday"}, {"line": "abc"},
@@ -45,6 +45,15 @@ def test_schema_and_batcher_reject_the_same_mistakes(change):
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(msg, SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     with pytest.raises(LineError):
+        decode(json.dumps(msg).encode(), now=None)
+
+
+def test_a_provider_the_batcher_does_not_price_is_refused_by_it():
+    """The schema cannot know the registry: any provider name passes it, and the batcher refuses
+    a provider whose price book has no such model."""
+    msg = {**message(), "provider": "mistral"}
+    jsonschema.validate(msg, SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    with pytest.raises(LineError, match="not served by provider 'mistral'"):
         decode(json.dumps(msg).encode(), now=None)
 
 

@@ -670,6 +670,7 @@ def test_anthropic_count_tokens_gives_exact_counts_at_submit_when_a_key_is_set()
     from pipeline.intake.formats import parse_request
     from pipeline.money.pricing import PriceBook
     from pipeline.providers.anthropic import token_counter
+    from pipeline.providers.registry import build_registry
 
     async def body():
         async with serve() as (url, oa, an, http):
@@ -677,7 +678,7 @@ def test_anthropic_count_tokens_gives_exact_counts_at_submit_when_a_key_is_set()
                                            anthropic_base_url=url)
             line = {"custom_id": "c1", "params": {"model": CLAUDE, "max_tokens": 20, "system": "Be brief.",
                                                    "messages": MSGS[1:]}}
-            counter = token_counter(settings)
+            counter = token_counter(settings, build_registry(settings).get("anthropic"))
             req = await asyncio.to_thread(parse_request, line, PriceBook.load(), counter)
             billed = await an.messages.create(**line["params"])
             return req, billed.usage.input_tokens

@@ -32,7 +32,8 @@ from pipeline.constants import DISPATCHED_TIERS
 from pipeline.ids import request_key
 from pipeline.intake.batcher import dispatch
 from pipeline.money import budget, holds
-from pipeline.money.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.endpoints import answer_cost, endpoint_of
+from pipeline.money.pricing import get_price_book
 from pipeline.providers import batch_api
 from pipeline.stores import batches as batch_store, db, jobs as job_store, outcomes as outcome_store
 from schedules.pb_submit import budget_redis, pb_requests, provider_custom_id
@@ -86,8 +87,6 @@ def _outcome(req: dict, provider: str, line: dict, prices) -> tuple[dict | None,
         code, body = resp.get("status_code"), resp.get("body") or {}
         base.update(status_code=code, provider_request_id=resp.get("request_id"))
         attempt.update(status_code=code, provider_request_id=resp.get("request_id"))
-        raw_usage = body.get("usage") if code == 200 else None
-        usage = usage_from_openai(raw_usage) if isinstance(raw_usage, dict) else None
         ok = code == 200
         error = None if ok else (body.get("error") or {"code": "provider_error", "message": f"status {code}"})
     else:
@@ -99,10 +98,8 @@ def _outcome(req: dict, provider: str, line: dict, prices) -> tuple[dict | None,
             body = result.get("message") or {}
             ok, code, error = True, 200, None
             base.update(provider_request_id=body.get("id"))
-            raw_usage = body.get("usage")
-            usage = usage_from_anthropic(raw_usage) if isinstance(raw_usage, dict) else None
         else:
-            body, ok, usage = None, False, None
+            body, ok = None, False
             error = (result.get("error") or {}).get("error") or {"type": "errored"}
             code = {"invalid_request_error": 400, "not_found_error": 404, "authentication_error": 401,
                     "permission_error": 403, "overloaded_error": 529}.get(error.get("type"), 500)
@@ -113,8 +110,11 @@ def _outcome(req: dict, provider: str, line: dict, prices) -> tuple[dict | None,
                                             "provider_error": error})
         attempt["error"] = (message or "")[:500]
         return base, attempt, None
-    spent = cost(prices.resolve(req["model"]), usage, batch=True) if usage else Decimal(0)
-    base.update(status="succeeded", response=body, cost_usd=str(spent), usage_missing=usage is None,
+    # the request's endpoint reads the usage; a free answer without one (moderations) costs $0
+    usage, known = answer_cost(endpoint_of(req.get("endpoint"), provider), body, prices.resolve(req["model"]),
+                               batch=True)
+    spent = known if known is not None else Decimal(0)
+    base.update(status="succeeded", response=body, cost_usd=str(spent), usage_missing=known is None,
                 input_tokens=usage.input_tokens if usage else None,
                 cached_input_tokens=usage.cached_input_tokens if usage else None,
                 output_tokens=usage.output_tokens if usage else None)

@@ -59,6 +59,7 @@ import sqlalchemy as sa
 
 from pipeline import errors
 from pipeline.config import Settings, get_settings
+from pipeline.constants import CHAT_URL
 from pipeline.ids import request_key
 from pipeline.money import caps, holds, scripts, units
 from pipeline.money.pricing import get_price_book
@@ -71,12 +72,24 @@ def provider_custom_id(job_id: str, custom_id: str) -> str:
     return "q" + hashlib.blake2b(f"{job_id}\x00{custom_id}".encode(), digest_size=16).hexdigest()
 
 
-def request_line(provider: str, pid: str, body: dict) -> bytes:
+def request_line(provider: str, pid: str, body: dict, url: str = CHAT_URL) -> bytes:
+    """One line of the provider's batch input file; ``url`` is the request's endpoint."""
     if provider == "openai":
-        line = {"custom_id": pid, "method": "POST", "url": batch_api.OPENAI_ENDPOINT, "body": body}
+        line = {"custom_id": pid, "method": "POST", "url": url, "body": body}
     else:
         line = {"custom_id": pid, "params": body}
     return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def pack_by_endpoint(reqs: list, sizes: list[int], max_requests: int, max_bytes: int) -> list[tuple[int, int]]:
+    """``pack`` within each run of one endpoint (``reqs`` sorted by it): a provider batch holds one
+    url, as OpenAI requires of a batch's input file."""
+    chunks, start = [], 0
+    for i in range(1, len(reqs) + 1):
+        if i == len(reqs) or reqs[i]["endpoint"] != reqs[start]["endpoint"]:
+            chunks += [(start + a, start + b) for a, b in pack(sizes[start:i], max_requests, max_bytes)]
+            start = i
+    return chunks
 
 
 def pack(sizes: list[int], max_requests: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -132,8 +145,9 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                     "UPDATE requests SET status = 'held', deferred_scope = NULL, deferred_reason = NULL"
                     " WHERE batch_id = ANY(:ids) AND status = 'deferred'"), {"ids": ids})
                 reqs = conn.execute(sa.text(
-                    "SELECT job_id, custom_id, batch_id, body, tier, model, max_cost_usd, attempts FROM requests"
-                    " WHERE batch_id = ANY(:ids) AND status = 'held' ORDER BY batch_id, line, custom_id"),
+                    "SELECT job_id, custom_id, batch_id, body, tier, model, endpoint, max_cost_usd, attempts"
+                    " FROM requests WHERE batch_id = ANY(:ids) AND status = 'held'"
+                    " ORDER BY endpoint, batch_id, line, custom_id"),
                     {"ids": ids}).mappings().all()
                 if reqs and not store_down:
                     reqs, store_down = _reserve(conn, reqs, settings, engine, redis, held)
@@ -146,10 +160,10 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                     "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": ids})
                 if not reqs:
                     continue
-                sizes = [len(request_line(provider, provider_custom_id(r["job_id"], r["custom_id"]), r["body"]))
-                         for r in reqs]
-                for start, end in pack(sizes, settings.provider_batch_max_requests[provider],
-                                       settings.provider_batch_max_bytes[provider]):
+                sizes = [len(request_line(provider, provider_custom_id(r["job_id"], r["custom_id"]), r["body"],
+                                          r["endpoint"])) for r in reqs]
+                for start, end in pack_by_endpoint(reqs, sizes, settings.provider_batch_max_requests[provider],
+                                                   settings.provider_batch_max_bytes[provider]):
                     pb_id = "pb_" + uuid.uuid4().hex[:20]
                     chunk = reqs[start:end]
                     conn.execute(sa.text(
@@ -291,7 +305,7 @@ def _assign(conn, pb_id: str, chunk: list) -> None:
 
 def pb_requests(conn, pb_id: str) -> list[dict]:
     return [dict(r) for r in conn.execute(sa.text(
-        "SELECT r.job_id, r.custom_id, r.model, r.tier, r.body, r.status, r.attempts, r.batch_id,"
+        "SELECT r.job_id, r.custom_id, r.model, r.endpoint, r.tier, r.body, r.status, r.attempts, r.batch_id,"
         " r.budget_period::text AS budget_period, j.batch_fallback, j.status AS job_status"
         " FROM batches b JOIN requests r ON r.batch_id = b.batch_id JOIN jobs j ON j.job_id = r.job_id"
         " WHERE b.provider_batch = :pb ORDER BY r.batch_id, r.line, r.custom_id"), {"pb": pb_id}).mappings()]
@@ -312,13 +326,15 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
             return "skipped"
         reqs = pb_requests(conn, pb_id)
     lines = [{"custom_id": provider_custom_id(r["job_id"], r["custom_id"]), "params": r["body"]} for r in reqs]
-    content = b"".join(request_line(pb, provider_custom_id(r["job_id"], r["custom_id"]), r["body"]) for r in reqs)
+    content = b"".join(request_line(pb, provider_custom_id(r["job_id"], r["custom_id"]), r["body"], r["endpoint"])
+                       for r in reqs)
     def cancelled() -> bool:
         with engine.connect() as conn:
             return bool(conn.execute(sa.text("SELECT cancel_requested FROM provider_batches WHERE id = :id"),
                                      {"id": pb_id}).scalar())
     try:
-        info = asyncio.run(batch_api.create(settings, pb_id, pb, content, lines, cancelled))
+        endpoint = reqs[0]["endpoint"] if reqs else CHAT_URL   # one per provider batch (pack_by_endpoint)
+        info = asyncio.run(batch_api.create(settings, pb_id, pb, content, lines, cancelled, endpoint=endpoint))
     except batch_api.NotCreated as e:   # the provider said no: nothing to bill, back to held, next tick retries
         log.warning("provider batch %s (%s, %d requests): creation refused, held again: %s",
                     pb_id, pb, len(reqs), e)

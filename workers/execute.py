@@ -36,17 +36,11 @@ from pipeline.errors import (
     BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount, PermanentProviderError, ProviderError,
 )
 from pipeline.ids import request_key
+from pipeline.endpoints import answer_cost, endpoint_of
 from pipeline.money import calls, deferral
-from pipeline.money.pricing import (
-    Usage,
-    answered_price,
-    cost,
-    get_price_book,
-    usage_from_anthropic,
-    usage_from_openai,
-)
+from pipeline.money.pricing import answered_price, get_price_book
 from pipeline.money.units import from_units
-from pipeline.providers.base import get_provider
+from pipeline.providers.base import at_url, get_provider
 from pipeline.providers.retries import AttemptRecord, call_with_retries
 from pipeline.stores import batches, db, jobs as job_store
 from workers.fallback import fallback_for
@@ -68,13 +62,6 @@ CHAIN_MAX_S = 600.0
 RENEW_RETRY_S, RENEW_RETRY_MAX_S = 0.5, 5.0
 
 
-def _usage(provider: str, body: dict) -> Usage | None:
-    raw = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(raw, dict):
-        return None
-    return usage_from_openai(raw) if provider == "openai" else usage_from_anthropic(raw)
-
-
 async def prepare(settings: Settings) -> None:
     """Make this process's SDK clients, budget and limiter now (a new pool process), so
     its first batch does not pay for them."""
@@ -88,7 +75,8 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate
                       owner: str | None = None) -> str:
     """Run one request; its outcome goes to ``writer``. Returns 'succeeded', 'failed',
     'deferred', 'cancelled' or 'abandoned' (lease lost before its call: no outcome)."""
-    provider = get_provider(req["provider"], settings)
+    endpoint = endpoint_of(req.get("endpoint"), req["provider"])
+    provider = at_url(get_provider(req["provider"], settings), endpoint.url)   # the request's url
     prices = get_price_book()
     prices.resolve(req["model"])   # a model this worker cannot price fails here, before any call
     if writer.budget is not None:
@@ -151,24 +139,26 @@ async def run_request(req: dict, settings: Settings, writer: OutcomeWriter, gate
         writer.outcomes.append(outcome)
         return "failed"
     model = getattr(provider, "model", req["model"])   # the fallback's, when it answered
-    usage = _usage(req["provider"], answer.body)
-    spent = cost(answered_price(prices, answer.body, model), usage) if usage else Decimal(0)
+    # the endpoint reads its answer's usage; a free answer without one (moderations) costs $0
+    usage, known = answer_cost(endpoint, answer.body, answered_price(prices, answer.body, model))
+    spent = known if known is not None else Decimal(0)
     last["row"]["cost_usd"] = str(spent)
     outcome.update(
         status="succeeded", model=model, status_code=answer.status_code, response=answer.body,
         provider_request_id=answer.request_id, latency_ms=answer.latency_ms, cost_usd=str(spent),
-        usage_missing=usage is None, attempts=last["attempt"],
+        usage_missing=known is None, attempts=last["attempt"],
         input_tokens=usage.input_tokens if usage else None,
         cached_input_tokens=usage.cached_input_tokens if usage else None,
         output_tokens=usage.output_tokens if usage else None)
-    if usage is None:
+    if known is None:
         log.warning("request %s answered without usage: recorded as usage_missing, cost unknown", key,
                     extra=ctx)
     writer.outcomes.append(outcome)
     if isinstance(provider, Limited) and provider.reservation is not None:
         outcome["budget_period"] = provider.reservation.period   # its spend is that period's, in the ledger too
         # no usage: the cost is unknown, so the maximum stays spent
-        writer.settles.append((provider.reservation, spent if usage else from_units(provider.reservation.units)))
+        writer.settles.append((provider.reservation, spent if known is not None
+                               else from_units(provider.reservation.units)))
     return "succeeded"
 
 

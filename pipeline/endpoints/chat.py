@@ -53,6 +53,8 @@ class _Messages:
 
     def validate(self, body: dict) -> None:
         require_model(body, self.where)
+        if "messages" not in body:
+            raise LineError(f"missing field {self.where}messages")
         messages = body.get("messages")
         if not isinstance(messages, list):
             raise LineError(f"field {self.where}messages must be an array, got {kind(messages)}")

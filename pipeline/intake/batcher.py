@@ -11,7 +11,7 @@ For every poll round:
    producer's signature), then decode it (``pipeline/intake/messages.py``: strict
    JSON, the JSON Schema, the cost recomputed from the price book); one that
    fails, for any reason, goes to the DLQ and never blocks its partition;
-2. classify the tier and append to the buffer of its (tier, model);
+2. classify the tier and append to the buffer of its (tier, model, mode, endpoint);
 3. flush buffers that are full or have lingered long enough: one transaction
    writes the requests (deduped on (job, custom_id)) and their batch rows;
    a request for a job that is finished, cancelled or another producer's is
@@ -60,7 +60,8 @@ from pipeline.intake.kafka import make_consumer, make_producer, verify
 from pipeline.intake.messages import MAX_REASON, decode
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window
-from pipeline.money.pricing import cost, get_price_book, usage_from_anthropic, usage_from_openai
+from pipeline.endpoints import answer_cost, endpoint_for
+from pipeline.money.pricing import get_price_book
 from pipeline.stores import batches as batch_store, db
 from pipeline.stores.cache import PREFIX as CACHE_PREFIX, ResponseCache
 
@@ -349,7 +350,7 @@ class Batcher:
             log.exception("message %s[%d]@%d: unexpected error while decoding", tp[0], tp[1], o)
             self._to_dlq(tp, o, msg.key(), msg.value(), f"{type(e).__name__}: {e}")
             return
-        key = (row["tier"], row["model"], row["mode"])
+        key = (row["tier"], row["model"], row["mode"], row["endpoint"])
         buf = self.buffers.get(key)
         if buf is None:
             buf = self.buffers[key] = Buffer(row["tier"], row["provider"], row["model"], row["mode"])
@@ -450,8 +451,9 @@ class Batcher:
                 rows.append(row)
                 cached.append(hit)
                 continue
-            groups[(row["tier"], row["provider"], row["model"], row["mode"])].append(row)
-        for (tier, provider, model, mode), group in groups.items():
+            # one url per batch: a provider batch takes a single endpoint (OpenAI's rule)
+            groups[(row["tier"], row["provider"], row["model"], row["mode"], row["endpoint"])].append(row)
+        for (tier, provider, model, mode, endpoint), group in groups.items():
             size = self.settings.batch_max_size[tier]
             for i in range(0, len(group), size):
                 batch_id = "b_" + uuid.uuid4().hex
@@ -459,7 +461,7 @@ class Batcher:
                 status = "queued" if tier in DISPATCHED_TIERS and mode == "realtime" else "held"
                 part = group[i:i + size]
                 batches.append({"batch_id": batch_id, "tier": tier, "provider": provider,
-                                "model": model, "status": status, "mode": mode,
+                                "model": model, "status": status, "mode": mode, "endpoint": endpoint,
                                 "jobs": sorted({row["job_id"] for row in part})})
                 for row in part:
                     row["batch_id"] = batch_id
@@ -514,15 +516,16 @@ class Batcher:
         if not isinstance(answer, dict):
             return None
         try:
-            raw = answer.get("usage") or {}
-            usage = usage_from_openai(raw) if row["provider"] == "openai" else usage_from_anthropic(raw)
-            saved = cost(get_price_book().resolve(row["model"]), usage)
+            usage, saved = answer_cost(endpoint_for(row["endpoint"]), answer, get_price_book().resolve(row["model"]))
+            if saved is None:
+                raise ValueError("the answer reports no usage")
         except Exception as e:   # an entry we cannot read is a miss
             log.warning("cache entry for %s/%s unusable (%s): a miss", row["job_id"], row["custom_id"], e)
             return None
         return {"job_id": row["job_id"], "custom_id": row["custom_id"], "model": row["model"],
-                "response": answer, "input_tokens": usage.input_tokens,
-                "cached_input_tokens": usage.cached_input_tokens, "output_tokens": usage.output_tokens,
+                "response": answer, "input_tokens": usage and usage.input_tokens,
+                "cached_input_tokens": usage and usage.cached_input_tokens,
+                "output_tokens": usage and usage.output_tokens,
                 "provider_request_id": answer.get("id"), "saved_usd": str(saved)}
 
     def sweep(self) -> int:

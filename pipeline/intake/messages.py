@@ -9,9 +9,10 @@ before anything else touches it, in this order:
    jsonb refuses them, and one such message used to fail a whole flush);
 2. ``validate``: the published JSON Schema (``pipeline/data/request.schema.json``)
    with its format checker (RFC 3339 date-times, UTC offset required);
-3. ``to_row``: the maximum cost is recomputed from the price book
-   (``pipeline.money.bounds.request_bound``): the producer's ``max_cost_usd`` is a
-   hint at most and is never what is stored or reserved.
+3. ``to_row``: the maximum cost is recomputed from the price book by the
+   message's endpoint (``endpoint``, the url; chat or Anthropic messages when
+   absent): ``Endpoint.bound``. The producer's ``max_cost_usd`` is a hint at
+   most and is never what is stored or reserved.
 
 This module never touches Kafka, Redis or Postgres, and never lets an
 exception other than ``LineError`` out of ``decode``'s data checks: the
@@ -30,13 +31,13 @@ import jsonschema
 from jsonschema import Draft202012Validator
 
 from pipeline.constants import DISPATCHED_TIERS
-from pipeline.errors import LineError
+from pipeline.endpoints import endpoint_of
+from pipeline.endpoints.caching import cache_key
+from pipeline.errors import LineError, UnknownModelError
 from pipeline.ids import refuse_control
 from pipeline.intake.formats import MAX_DEPTH, check_values
 from pipeline.intake.tiers import TierRules, classify
-from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook, get_price_book
-from pipeline.endpoints.caching import cache_key, is_cacheable
 
 #: a reason longer than this is cut: it goes into a Kafka header and a log line
 MAX_REASON = 300
@@ -129,17 +130,26 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
     body = m["body"]
     if m["model"] != body["model"]:
         raise LineError(_cut(f"model {m['model']!r} differs from body.model {body['model']!r}"))
-    bound = request_bound(m["provider"], body, prices, declared_input_tokens=m["input_tokens"])
+    endpoint = endpoint_of(m.get("endpoint"), m["provider"])
+    endpoint.validate(body)
+    price = prices.resolve(body["model"])
+    if price.provider != m["provider"]:
+        raise UnknownModelError(f"model {body['model']} is served by {price.provider}, not {m['provider']}")
+    if endpoint.line_format != ("anthropic" if m["provider"] == "anthropic" else "openai"):
+        raise LineError(_cut(f"endpoint {endpoint.url} is not one of provider {m['provider']}'s"))
+    bound = endpoint.bound(body, price, declared_input_tokens=m["input_tokens"])
     deadline = _timestamp(m.get("deadline"), "deadline")
     published = _timestamp(m.get("published_at"), "published_at")
     tier, reason = classify(m.get("priority"), m.get("tier"), deadline, now, rules or TierRules(),
                             offpeak_opens=offpeak_opens)
     mode = m.get("mode") or "realtime"
     priority = m.get("priority")
+    # the line's ``cache`` flag decides; without one, the endpoint (deterministic answers only)
+    cacheable = m["cache"] if m.get("cache") is not None else endpoint.cacheable(body)
     exact = bound.tokens_exact or (bound.input_tokens == m["input_tokens"] and m.get("tokens_exact", True))
     return {
         "job_id": m["job_id"], "custom_id": m["custom_id"], "line": m.get("line"),
-        "batch_id": None, "provider": m["provider"], "model": m["model"], "tier": tier,
+        "batch_id": None, "provider": m["provider"], "model": m["model"], "endpoint": endpoint.url, "tier": tier,
         "tier_reason": reason, "priority": priority if priority is not None else 5,
         "deadline": deadline.isoformat() if deadline else None, "body": body,
         "metadata": m.get("metadata"),
@@ -149,7 +159,7 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
         "status": "queued" if tier in DISPATCHED_TIERS and mode == "realtime" else "held",
         "mode": mode,
         "published_at": published.isoformat() if published else None,
-        "cache_key": cache_key(m["provider"], body) if is_cacheable(body, m.get("cache")) else None,
+        "cache_key": cache_key(m["provider"], body, endpoint.url) if cacheable else None,
     }
 
 

@@ -19,8 +19,8 @@ class AnthropicProvider:
             http_client=(anthropic.DefaultAioHttpClient(timeout=settings.provider_timeout_s)
                          if settings.provider_http_client == "aiohttp" else None))
 
-    async def call(self, body: dict, *, headers: dict) -> Answer:
-        return await post_raw(anthropic, self.client, "/v1/messages", body, headers, "request-id")
+    async def call(self, body: dict, *, headers: dict, url: str | None = None) -> Answer:
+        return await post_raw(anthropic, self.client, url or "/v1/messages", body, headers, "request-id")
 
 
 def token_counter(settings: Settings):

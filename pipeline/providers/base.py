@@ -1,6 +1,7 @@
 """What a provider is, and how one is called: the ``Provider`` protocol, its ``Answer``, the raw
-POST through an official SDK client (``post_raw``) and one client per provider per process
-(``get_provider``). Retries are not here: pipeline/providers/retries.py.
+POST through an official SDK client (``post_raw``), one client per provider per process
+(``get_provider``) and a provider held to one endpoint's url (``at_url``). Retries are not
+here: pipeline/providers/retries.py.
 """
 
 from __future__ import annotations
@@ -33,7 +34,23 @@ class Answer:
 class Provider(Protocol):
     name: str
 
-    async def call(self, body: dict, *, headers: dict) -> Answer: ...
+    async def call(self, body: dict, *, headers: dict, url: str | None = None) -> Answer:
+        """POST ``body`` to the endpoint ``url`` (``/v1/embeddings``; None: the provider's chat url)."""
+
+
+class AtUrl:
+    """A provider whose every call goes to one endpoint's url: the request's, so whoever
+    wraps it (limits, the gate, retries) calls ``call(body, headers=...)`` as for chat."""
+
+    def __init__(self, provider: Provider, url: str):
+        self.provider, self.url, self.name = provider, url, provider.name
+
+    async def call(self, body: dict, *, headers: dict) -> Answer:
+        return await self.provider.call(body, headers=headers, url=self.url)
+
+
+def at_url(provider: Provider, url: str | None) -> Provider:
+    return provider if url is None else AtUrl(provider, url)
 
 
 async def post_raw(sdk, client, path: str, body: dict, headers: dict, request_id_header: str) -> Answer:

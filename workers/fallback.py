@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+from pipeline.endpoints import endpoint_of
 from pipeline.errors import LineError
-from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook
 
 
@@ -33,9 +33,9 @@ class Fallback:
 def fallback_for(req: dict, prices: PriceBook) -> Fallback | None:
     """The fallback a request may use, or None (none set, other provider, or it cannot serve it).
 
-    Its maximum is the same true bound as every other reservation
-    (``pipeline.money.bounds.request_bound`` of the body with the fallback's model: ``n``,
-    tools, images, cache writes), never a cheaper formula of its own.
+    Its maximum is the same true bound as every other reservation (the request's endpoint's
+    ``bound`` of the body with the fallback's model: ``n``, tools, images, cache writes), never
+    a cheaper formula of its own; a model that does not serve the request's url is none.
     """
     name = req.get("fallback_model")
     if not name:
@@ -44,8 +44,9 @@ def fallback_for(req: dict, prices: PriceBook) -> Fallback | None:
         price = prices.resolve(name)
         if price.provider != req["provider"] or price.model == prices.resolve(req["model"]).model:
             return None
-        bound = request_bound(req["provider"], {**(req.get("body") or {}), "model": name}, prices,
-                              declared_input_tokens=int(req.get("input_tokens") or 0))
+        body = {**(req.get("body") or {}), "model": name}
+        bound = endpoint_of(req.get("endpoint"), req["provider"]).bound(
+            body, price, declared_input_tokens=int(req.get("input_tokens") or 0))
     except LineError:   # unknown, or cannot take the request as written (limits, content)
         return None
     return Fallback(name, bound.max_cost_usd)

@@ -180,3 +180,15 @@ def test_answer_text_of_responses_and_text_completions():
 def test_the_anthropic_shape_is_for_messages_only():
     with pytest.raises(ValueError, match="/v1/embeddings answer has no Anthropic results shape"):
         anthropic_line("job", _row(EMBEDDING, EMBEDDINGS_URL))
+
+
+def test_a_fallback_is_bounded_by_the_requests_endpoint():
+    from workers.fallback import fallback_for
+
+    req = {"provider": "openai", "model": "text-embedding-3-large", "endpoint": EMBEDDINGS_URL,
+           "fallback_model": "text-embedding-3-small", "input_tokens": 3, "body": {"model": "text-embedding-3-large",
+                                                                                   "input": "one two three"}}
+    fallback = fallback_for(req, PRICES)
+    small = PRICES.resolve("text-embedding-3-small")
+    assert fallback.model == "text-embedding-3-small" and fallback.max_cost_usd == 3 * small.input_per_mtok / 10**6
+    assert fallback_for(dict(req, fallback_model="gpt-4o-mini"), PRICES) is None   # does not serve the url

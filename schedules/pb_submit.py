@@ -59,7 +59,8 @@ import sqlalchemy as sa
 
 from pipeline import errors
 from pipeline.config import Settings, get_settings
-from pipeline.constants import CHAT_URL
+from pipeline.constants import CHAT_URL, EMBEDDINGS_URL
+from pipeline.endpoints.embeddings import input_count
 from pipeline.ids import request_key
 from pipeline.money import caps, holds, scripts, units
 from pipeline.money.pricing import get_price_book
@@ -83,23 +84,29 @@ def request_line(provider: str, pid: str, body: dict, url: str = CHAT_URL) -> by
 
 def pack_by_endpoint(reqs: list, sizes: list[int], max_requests: int, max_bytes: int) -> list[tuple[int, int]]:
     """``pack`` within each run of one endpoint (``reqs`` sorted by it): a provider batch holds one
-    url, as OpenAI requires of a batch's input file."""
+    url, as OpenAI requires of a batch's input file. An embeddings request counts its inputs
+    against ``max_requests`` (OpenAI: at most 50,000 embedding inputs in a batch)."""
     chunks, start = [], 0
     for i in range(1, len(reqs) + 1):
         if i == len(reqs) or reqs[i]["endpoint"] != reqs[start]["endpoint"]:
-            chunks += [(start + a, start + b) for a, b in pack(sizes[start:i], max_requests, max_bytes)]
+            weights = ([input_count(r["body"]) for r in reqs[start:i]]
+                       if reqs[start]["endpoint"] == EMBEDDINGS_URL else None)
+            chunks += [(start + a, start + b) for a, b in pack(sizes[start:i], max_requests, max_bytes, weights)]
             start = i
     return chunks
 
 
-def pack(sizes: list[int], max_requests: int, max_bytes: int) -> list[tuple[int, int]]:
-    """Split items of the given byte sizes into consecutive chunks ``[start, end)`` within both limits."""
-    chunks, start, used = [], 0, 0
+def pack(sizes: list[int], max_requests: int, max_bytes: int, weights: list[int] | None = None) -> list[tuple[int, int]]:
+    """Split items of the given byte sizes into consecutive chunks ``[start, end)`` within both limits;
+    ``weights``: what each item counts against ``max_requests`` (1 each by default)."""
+    chunks, start, used, count = [], 0, 0, 0
     for i, size in enumerate(sizes):
-        if i > start and (i - start >= max_requests or used + size > max_bytes):
+        weight = weights[i] if weights else 1
+        if i > start and (count + weight > max_requests or used + size > max_bytes):
             chunks.append((start, i))
-            start, used = i, 0
+            start, used, count = i, 0, 0
         used += size
+        count += weight
     if start < len(sizes):
         chunks.append((start, len(sizes)))
     return chunks

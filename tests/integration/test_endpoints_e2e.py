@@ -47,9 +47,9 @@ def _text(i: int) -> str:
     return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(6)) + f" number {i}"
 
 
-def _embedding_line(i: int, text: str | None = None, **body) -> dict:
+def _embedding_line(i: int, text: str, **body) -> dict:
     return {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
-            "body": {"model": EMBED_MODEL, "input": text or _text(i), **body}}
+            "body": {"model": EMBED_MODEL, "input": text, **body}}
 
 
 def _billed_usd(job: str, model: str) -> Decimal:
@@ -74,9 +74,10 @@ def _cosine(a, b) -> float:
 def test_embeddings_end_to_end(scheduler, tmp_path):  # noqa: F811
     engine = scheduler
     n = int(os.environ.get("LLMBATCH_EMBEDDINGS_N", "2000"))
-    lines = [_embedding_line(i) for i in range(n)]
-    near, far = "the copper lantern by the river", "quarterly tax filing deadline"
-    lines[1] = _embedding_line(1, "a copper lantern near the river")
+    tag = uuid.uuid4().hex[:12]   # texts of this run only: an answer cached by an earlier run would cost $0
+    lines = [_embedding_line(i, f"{_text(i)} {tag}") for i in range(n)]
+    near, far = f"the copper lantern by the river {tag}", f"quarterly tax filing deadline {tag}"
+    lines[1] = _embedding_line(1, f"a copper lantern near the river {tag}")
     lines[2] = _embedding_line(2, near)
     lines[3] = _embedding_line(3, far)
     path = write_jsonl(tmp_path / "embeddings.jsonl", lines)
@@ -129,6 +130,8 @@ def test_embeddings_end_to_end(scheduler, tmp_path):  # noqa: F811
 # ------------------------------------------------------------------ five endpoints, both paths
 
 def _mixed_lines(k: int) -> list[dict]:
+    """``k`` lines of each endpoint; ``cache: false``, so the second run calls the provider too
+    (embeddings and moderations are cacheable by default)."""
     tag = uuid.uuid4().hex[:8]
     out = []
     for i in range(k):
@@ -147,7 +150,7 @@ def _mixed_lines(k: int) -> list[dict]:
             {"custom_id": f"mod{i}", "method": "POST", "url": "/v1/moderations",
              "body": {"model": "omni-moderation-latest", "input": text}},
         ]
-    return out
+    return [dict(line, cache=False) for line in out]
 
 
 def _no_unknown_fields(model: BaseModel, where: str) -> None:

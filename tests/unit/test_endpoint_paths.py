@@ -87,11 +87,19 @@ def test_the_openai_client_path_is_the_url_under_its_v1_base(monkeypatch):
 def test_batch_lines_carry_their_url_and_a_provider_batch_holds_one():
     body = {"model": "text-embedding-3-small", "input": "x"}
     assert json.loads(request_line("openai", "q1", body, EMBEDDINGS_URL))["url"] == EMBEDDINGS_URL
-    reqs = [{"endpoint": u} for u in [CHAT_URL] * 3 + [RESPONSES_URL] * 2 + [EMBEDDINGS_URL] * 5]
+    reqs = [{"endpoint": u, "body": {"input": "x"}} for u in [CHAT_URL] * 3 + [RESPONSES_URL] * 2 + [EMBEDDINGS_URL] * 5]
     chunks = pack_by_endpoint(reqs, [10] * 10, max_requests=2, max_bytes=10**6)
     assert chunks == [(0, 2), (2, 3), (3, 5), (5, 7), (7, 9), (9, 10)]
     assert all(len({r["endpoint"] for r in reqs[a:b]}) == 1 for a, b in chunks)
     assert pack_by_endpoint([], [], 2, 10) == []
+
+
+def test_an_embeddings_provider_batch_holds_at_most_its_limit_of_inputs():
+    emb = [{"endpoint": EMBEDDINGS_URL, "body": {"input": x}}
+           for x in (["a"] * 3, "b", [1, 2, 3], [[1, 2], [3]], ["c"] * 4)]   # 3, 1, 1, 2, 4 inputs
+    assert pack_by_endpoint(emb, [1] * 5, max_requests=5, max_bytes=100) == [(0, 3), (3, 4), (4, 5)]
+    chat = [{"endpoint": CHAT_URL, "body": {"input": ["a"] * 9}}] * 5     # other urls count requests
+    assert pack_by_endpoint(chat, [1] * 5, max_requests=5, max_bytes=100) == [(0, 5)]
 
 
 def test_ingest_reads_usage_through_the_requests_endpoint():

@@ -30,7 +30,8 @@ def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict])
             " cost_usd numeric) ON CONFLICT DO NOTHING"), {"rows": dumps(attempts)})
     if not outcomes:
         return
-    rows = dumps(outcomes)
+    # the state update reads four fields: an answer (an embedding's vectors) is not serialised twice
+    rows = dumps([{k: o.get(k) for k in ("job_id", "custom_id", "status", "attempts")} for o in outcomes])
     answered, vectors = embeddings.split([o for o in outcomes if o["status"] in ("succeeded", "failed")])
     inserted = conn.execute(sa.text(
         "INSERT INTO results (job_id, custom_id, model, status_code, response, error, input_tokens,"

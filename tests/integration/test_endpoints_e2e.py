@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import time
 import uuid
 from decimal import Decimal
@@ -237,3 +238,46 @@ def test_five_endpoints_realtime_and_provider_batch(scheduler, tmp_path, k):  # 
             assert a["results"] == b["results"], cid
     print(f"\nfive endpoints x {k}: realtime ledger ${rt_ledger} = simulator ${rt_billed}; provider batch ledger "
           f"${pb_ledger} = simulator ${pb_billed}; {2 * len(lines)} exported lines validated against OpenAI's models")
+
+
+def test_an_outcome_written_twice_stores_its_vectors_once_and_reads_back_exact(engine):
+    """A redelivered batch writes its outcomes again: the result is not inserted twice, nor its
+    vectors; a float32 vector reads back bit for bit, as real[] and through export."""
+    from pipeline.stores import outcomes
+
+    job = f"job_emb_{uuid.uuid4().hex[:10]}"
+    vec = [0.1, -0.2, 0.30000001192092896, 1e-7, -0.0]
+    body = {"object": "list", "model": EMBED_MODEL, "usage": {"prompt_tokens": 2, "total_tokens": 2},
+            "data": [{"object": "embedding", "index": 0, "embedding": vec},
+                     {"object": "embedding", "index": 1, "embedding": [v * 2 for v in vec]}]}
+    outcome = {"job_id": job, "custom_id": "c", "model": EMBED_MODEL, "status": "succeeded", "status_code": 200,
+               "response": body, "error": None, "input_tokens": 2, "cached_input_tokens": 0, "output_tokens": 0,
+               "usage_missing": False, "cost_usd": "0.00000004", "attempts": 1, "provider_request_id": "r",
+               "latency_ms": 1}
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO jobs (job_id, status) VALUES (:j, 'running')"), {"j": job})
+        conn.execute(sa.text(
+            "INSERT INTO requests (job_id, custom_id, line, provider, model, endpoint, tier, tier_reason, priority,"
+            " input_tokens, max_cost_usd, status, body) VALUES (:j, 'c', 1, 'openai', :m, '/v1/embeddings', 'peak',"
+            " 'test', 5, 2, 0.00000004, 'running', CAST(:b AS jsonb))"),
+            {"j": job, "m": EMBED_MODEL, "b": json.dumps({"model": EMBED_MODEL, "input": ["a", "b"]})})
+    try:
+        for _ in range(2):
+            with engine.begin() as conn:
+                outcomes.write_outcomes(conn, [outcome], [])
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT idx, vector FROM embeddings WHERE job_id = :j ORDER BY idx"),
+                                {"j": job}).all()
+            stored = conn.execute(sa.text("SELECT response FROM results WHERE job_id = :j"), {"j": job}).scalar()
+            exported = list(outcomes.iter_results(conn, job))
+        def bits(values) -> bytes:   # float32, bit for bit
+            return struct.pack(f"<{len(values)}f", *values)
+
+        assert [(i, bits(v)) for i, v in rows] == [(0, bits(vec)), (1, bits([x * 2 for x in vec]))]
+        assert [d["embedding"] for d in stored["data"]] == [None, None] and stored["usage"] == body["usage"]
+        assert outcome["response"] is body and body["data"][0]["embedding"] is vec   # the writer's copy is whole
+        assert [bits(d["embedding"]) for d in exported[0]["response"]["data"]] == [bits(vec),
+                                                                                   bits([x * 2 for x in vec])]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM jobs WHERE job_id = :j"), {"j": job})

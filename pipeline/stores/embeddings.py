@@ -113,7 +113,8 @@ def read_vectors(text: str | None) -> list[list[float]] | None:
     """The ``array_agg(vector ORDER BY idx)::text`` of a request's rows as lists of floats."""
     if not text:
         return None
-    return json.loads(text.replace("{", "[").replace("}", "]"))
+    # Postgres writes 1.0 as "1" and -0.0 as "-0": read every value as a float (the sign of zero kept)
+    return json.loads(text.replace("{", "[").replace("}", "]"), parse_int=float)
 
 
 def attach(body, vectors: list[list[float]] | None, encoding_format: str | None = None):

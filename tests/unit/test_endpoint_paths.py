@@ -157,6 +157,8 @@ def test_vectors_read_back_from_postgres_text_and_attach_in_index_order():
     text = "{{0.5,-0.25,0},{0.125,1,-1}}"   # array_agg(vector ORDER BY idx)::text
     vectors = embeddings.read_vectors(text)
     assert vectors == [[0.5, -0.25, 0.0], [0.125, 1.0, -1.0]]
+    assert all(isinstance(x, float) for v in vectors for x in v)
+    assert str(embeddings.read_vectors("{{-0,1e-07}}")) == "[[-0.0, 1e-07]]"   # the sign of zero kept
     kept = embeddings.split([{"job_id": "j", "custom_id": "c", "response": EMBEDDING}])[0][0]["response"]
     assert embeddings.attach(kept, vectors) == EMBEDDING
     assert embeddings.read_vectors(None) is None and embeddings.attach(MODERATION, None) is MODERATION

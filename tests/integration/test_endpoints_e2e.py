@@ -14,6 +14,8 @@ provider batches, the ledger, ``embeddings`` as real[], and export in OpenAI's o
 
 from __future__ import annotations
 
+import array
+import base64
 import json
 import math
 import os
@@ -30,6 +32,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
 from pipeline.config import get_settings
+from pipeline.money.pricing import get_price_book
 from simulator import embeddings as sim_embeddings
 from simulator.prices import builtin_price
 from tests.integration.conftest import llmbatch, wait_for, write_jsonl
@@ -37,6 +40,8 @@ from tests.integration.execution_helpers import sim_stats
 from tests.integration.test_scheduler import _job_status, _submit, scheduler  # noqa: F401  (fixture)
 
 EMBED_MODEL = "text-embedding-3-small"
+#: the ledger's columns keep 8 decimals: each line's cost is within half a unit of the exact one
+HALF_UNIT = Decimal("0.000000005")
 WORDS = ("river stone lantern orchard copper meadow violin harbour thunder pepper glacier saffron "
          "compass marble falcon tulip ember quartz willow canyon").split()
 TYPED = {"/v1/chat/completions": ChatCompletion, "/v1/responses": Response,
@@ -154,9 +159,14 @@ def _mixed_lines(k: int) -> list[dict]:
     return [dict(line, cache=False) for line in out]
 
 
+#: fields of OpenAI's API reference its SDK's typed models lack (the response object's ``store``)
+NOT_IN_THE_SDK = {"store"}
+
+
 def _no_unknown_fields(model: BaseModel, where: str) -> None:
     """Every field of our body is a field of OpenAI's typed model, at every depth."""
-    assert not model.model_extra, f"{where}: fields OpenAI's model lacks: {sorted(model.model_extra)}"
+    extra = set(model.model_extra or ()) - NOT_IN_THE_SDK
+    assert not extra, f"{where}: fields OpenAI's model lacks: {sorted(extra)}"
     for name in type(model).model_fields:
         value = getattr(model, name)
         for item in value if isinstance(value, list) else value.values() if isinstance(value, dict) else [value]:
@@ -169,7 +179,11 @@ def _check_line(line: dict, url: str) -> None:
     assert line["id"].startswith("batch_req_")
     assert set(line["response"]) == {"status_code", "request_id", "body"} and line["response"]["status_code"] == 200
     assert isinstance(line["response"]["request_id"], str)
-    _no_unknown_fields(TYPED[url].model_validate(line["response"]["body"]), f"{line['custom_id']} ({url})")
+    body = line["response"]["body"]
+    if url == "/v1/embeddings" and isinstance(body["data"][0]["embedding"], str):   # base64, as asked
+        body = dict(body, data=[dict(d, embedding=array.array("f", base64.b64decode(d["embedding"])).tolist())
+                                for d in body["data"]])   # what the SDK does with it (little-endian float32)
+    _no_unknown_fields(TYPED[url].model_validate(body), f"{line['custom_id']} ({url})")
 
 
 def _run(engine, path, *args) -> tuple[str, Decimal]:
@@ -201,17 +215,26 @@ def test_five_endpoints_realtime_and_provider_batch(scheduler, tmp_path, k):  # 
     assert len(rt) == len(pb) == 5 * k
     assert {r.status for r in [*rt.values(), *pb.values()]} == {"succeeded"}
     assert not any(r.usage_missing for r in [*rt.values(), *pb.values()]), "moderations are free, not missing"
-    # one url per provider batch, one provider batch per url (chat and responses share a model)
-    assert len(per_batch) == 5 and all(n == 1 and pbid for pbid, n in per_batch), per_batch
+    # one url per provider batch (chat and responses share a model); the scheduler may have sent a url's
+    # lines in more than one, as the batcher flushed them
+    assert len(per_batch) >= 5 and all(n == 1 and pbid for pbid, n in per_batch), per_batch
+    prices = get_price_book()
+    models = {line["custom_id"]: line["body"]["model"] for line in lines}
     for cid, a in rt.items():
         b = pb[cid]
         assert (a.input_tokens, a.output_tokens) == (b.input_tokens, b.output_tokens), cid
-        assert b.cost_usd * 2 == a.cost_usd, f"{cid}: batch {b.cost_usd}, realtime {a.cost_usd}"
+        discount = prices.resolve(models[cid]).batch_discount   # the price book's batch price
+        # the ledger keeps 8 decimals: half of an odd last digit is rounded
+        assert abs(b.cost_usd - a.cost_usd * (1 - discount)) <= HALF_UNIT, f"{cid}: batch {b.cost_usd}, realtime {a.cost_usd}"
         assert (a.cost_usd == 0) == (urls[cid] == "/v1/moderations"), cid
     rt_ledger = sum(r.cost_usd for r in rt.values())
     pb_ledger = sum(r.cost_usd for r in pb.values())
-    assert rt_ledger == rt_billed > 0 and pb_ledger == pb_billed == rt_ledger / 2, (rt_ledger, rt_billed,
-                                                                                  pb_ledger, pb_billed)
+    assert abs(rt_ledger - rt_billed) <= HALF_UNIT * len(rt) and rt_billed > 0, (rt_ledger, rt_billed)
+    # KNOWN DISAGREEMENT, reported: the price book has no batch price for the legacy completion models
+    # (batch_discount 0; gpt-3.5-turbo-instruct's model page: Batch "Not supported"), while the simulator
+    # takes them in a batch and bills half. Every other line must match the simulator to the cent.
+    legacy = sum(b.cost_usd for cid, b in pb.items() if urls[cid] == "/v1/completions")
+    assert abs(pb_ledger - legacy / 2 - pb_billed) <= HALF_UNIT * len(pb), (pb_ledger, legacy, pb_billed)
     assert stored == 2 * sum(2 if i % 2 else 1 for i in range(k))   # one row per input item
     exports = {}
     for job in (realtime, batch):
@@ -237,7 +260,8 @@ def test_five_endpoints_realtime_and_provider_batch(scheduler, tmp_path, k):  # 
         elif url == "/v1/moderations":
             assert a["results"] == b["results"], cid
     print(f"\nfive endpoints x {k}: realtime ledger ${rt_ledger} = simulator ${rt_billed}; provider batch ledger "
-          f"${pb_ledger} = simulator ${pb_billed}; {2 * len(lines)} exported lines validated against OpenAI's models")
+          f"${pb_ledger}, simulator ${pb_billed} (apart by ${legacy / 2}: the legacy completions the price book has no "
+          f"batch price for); {2 * len(lines)} exported lines validated against OpenAI's models")
 
 
 def test_an_outcome_written_twice_stores_its_vectors_once_and_reads_back_exact(engine):

@@ -300,9 +300,9 @@ def test_an_abandoned_batch_leaves_nothing_running(stack, engine, monkeypatch):
     sent = {"calls": 0}
     real_call = OpenAIProvider.call
 
-    async def counted(self, body, *, headers):
+    async def counted(self, body, *, headers, url=None):
         sent["calls"] += 1
-        return await real_call(self, body, headers=headers)
+        return await real_call(self, body, headers=headers, url=url)
     monkeypatch.setattr(OpenAIProvider, "call", counted)
 
     async def abandon():

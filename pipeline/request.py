@@ -109,7 +109,7 @@ class Request:
                       tokens_exact=bool(get("tokens_exact", True)))
         return cls(
             job_id=row["job_id"], custom_id=row["custom_id"],
-            endpoint=get("url") or default_url(row["provider"]),
+            endpoint=get("endpoint") or default_url(row["provider"]),   # requests.endpoint (migration 024)
             provider=row["provider"], model=row["model"], path=get("path") or get("mode") or DEFAULT_PATH,
             tier=row["tier"], body=get("body") or {}, bound=bound,
             priority=get("priority") if get("priority") is not None else 5,
@@ -130,7 +130,7 @@ class Request:
             "metadata": self.metadata, "input_tokens": self.bound.input_tokens,
             "tokens_exact": bool(self.bound.tokens_exact), "max_cost_usd": str(self.bound.max_cost_usd),
             "status": status, "mode": self.path, "published_at": _iso(self.published_at),
-            "cache_key": self.cache_key, "url": self.endpoint,
+            "cache_key": self.cache_key, "endpoint": self.endpoint,
         }
 
 

@@ -56,6 +56,8 @@ import sqlalchemy as sa
 
 from pipeline import errors
 from pipeline.config import Settings, get_settings
+from pipeline.constants import CHAT_URL, EMBEDDINGS_URL
+from pipeline.endpoints.embeddings import input_count
 from pipeline.ids import request_key
 from pipeline.money import caps, units
 from pipeline.paths import base as sequence
@@ -68,14 +70,34 @@ from schedules import loop
 log = logging.getLogger(__name__)
 
 
-def pack(sizes: list[int], max_requests: int, max_bytes: int) -> list[tuple[int, int]]:
-    """Split items of the given byte sizes into consecutive chunks ``[start, end)`` within both limits."""
-    chunks, start, used = [], 0, 0
+def pack_by_endpoint(reqs: list, sizes: list[int], max_requests: int, max_bytes: int) -> list[tuple[int, int]]:
+    """``pack`` within each run of one endpoint (``reqs`` sorted by it): a provider batch holds one
+    url, as OpenAI requires of a batch's input file. An embeddings request counts its inputs
+    against ``max_requests`` (OpenAI: at most 50,000 embedding inputs in a batch)."""
+    def get(r, field):   # a typed Request (pipeline/request.py) or a row
+        return r[field] if isinstance(r, dict) else getattr(r, field)
+
+    chunks, start = [], 0
+    for i in range(1, len(reqs) + 1):
+        if i == len(reqs) or get(reqs[i], "endpoint") != get(reqs[start], "endpoint"):
+            weights = ([input_count(get(r, "body")) for r in reqs[start:i]]
+                       if get(reqs[start], "endpoint") == EMBEDDINGS_URL else None)
+            chunks += [(start + a, start + b) for a, b in pack(sizes[start:i], max_requests, max_bytes, weights)]
+            start = i
+    return chunks
+
+
+def pack(sizes: list[int], max_requests: int, max_bytes: int, weights: list[int] | None = None) -> list[tuple[int, int]]:
+    """Split items of the given byte sizes into consecutive chunks ``[start, end)`` within both limits;
+    ``weights``: what each item counts against ``max_requests`` (1 each by default)."""
+    chunks, start, used, count = [], 0, 0, 0
     for i, size in enumerate(sizes):
-        if i > start and (i - start >= max_requests or used + size > max_bytes):
+        weight = weights[i] if weights else 1
+        if i > start and (count + weight > max_requests or used + size > max_bytes):
             chunks.append((start, i))
-            start, used = i, 0
+            start, used, count = i, 0, 0
         used += size
+        count += weight
     if start < len(sizes):
         chunks.append((start, len(sizes)))
     return chunks
@@ -111,7 +133,8 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                     " WHERE batch_id = ANY(:ids) AND status = 'deferred'"), {"ids": ids})
                 reqs = [Request.from_row(r) for r in conn.execute(sa.text(
                     "SELECT r.*, b.mode AS path FROM requests r JOIN batches b ON b.batch_id = r.batch_id"
-                    " WHERE r.batch_id = ANY(:ids) AND r.status = 'held' ORDER BY r.batch_id, r.line, r.custom_id"),
+                    " WHERE r.batch_id = ANY(:ids) AND r.status = 'held'"
+                    " ORDER BY r.endpoint, r.batch_id, r.line, r.custom_id"),   # one url per provider batch
                     {"ids": ids}).mappings()]
                 if reqs and not store_down:
                     reqs, store_down = _reserve(conn, reqs, settings, engine, budget, held)
@@ -126,8 +149,8 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                     continue
                 sizes = [len(request_line(r)) for r in reqs]
                 fmt = batch_api.batch_format(provider)   # the Batch API's limits are its format's
-                for start, end in pack(sizes, settings.provider_batch_max_requests[fmt],
-                                       settings.provider_batch_max_bytes[fmt]):
+                for start, end in pack_by_endpoint(reqs, sizes, settings.provider_batch_max_requests[fmt],
+                                                   settings.provider_batch_max_bytes[fmt]):
                     pb_id = "pb_" + uuid.uuid4().hex[:20]
                     chunk = reqs[start:end]
                     conn.execute(sa.text(
@@ -300,7 +323,8 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
             return bool(conn.execute(sa.text("SELECT cancel_requested FROM provider_batches WHERE id = :id"),
                                      {"id": pb_id}).scalar())
     try:
-        info = loop.run(batch_api.create(settings, pb_id, pb, content, lines, cancelled))
+        endpoint = reqs[0].endpoint if reqs else CHAT_URL   # one per provider batch (pack_by_endpoint)
+        info = loop.run(batch_api.create(settings, pb_id, pb, content, lines, cancelled, endpoint=endpoint))
     except batch_api.NotCreated as e:   # the provider said no: nothing to bill, back to held, next tick retries
         log.warning("provider batch %s (%s, %d requests): creation refused, held again: %s",
                     pb_id, pb, len(reqs), e)

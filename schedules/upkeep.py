@@ -1,7 +1,7 @@
 """Upkeep the scheduler runs every ``upkeep_every_s``.
 
 - **Retention**: request bodies (``requests.body``, ``metadata``) and response
-  bodies (``results.response``, ``error``) of requests finished more than
+  bodies (``results.response``, ``error``, and embedding vectors) of requests finished more than
   ``retention_days`` ago (on the scheduler's clock) are set to NULL and marked
   ``purged_at``. Costs, token counts, statuses and attempts stay, so every
   cost and count query gives the same answer after a purge. Done in chunks,
@@ -70,6 +70,9 @@ def purge_bodies(*, settings: Settings | None = None, engine=None, clock: Clock 
                 "UPDATE requests r SET body = NULL, metadata = NULL, purged_at = now()"
                 " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text)"
                 " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"), {"rows": rows}).rowcount
+            conn.execute(sa.text(   # an answer's vectors are its body too
+                "DELETE FROM embeddings e USING jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text,"
+                " custom_id text) WHERE e.job_id = x.job_id AND e.custom_id = x.custom_id"), {"rows": rows})
             purged["results"] += conn.execute(sa.text(
                 "UPDATE results r SET response = NULL, error = NULL, purged_at = now()"
                 " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text)"

@@ -40,7 +40,7 @@ from pipeline.money.pricing import get_price_book
 from pipeline.money.units import from_units
 from pipeline.paths import base as sequence
 from pipeline.paths.registry import path_for
-from pipeline.providers.base import get_provider
+from pipeline.providers.base import at_url, get_provider
 from pipeline.providers.registry import get_registry
 from pipeline.providers.retries import AttemptRecord, call_with_retries
 from pipeline.request import Outcome, Request
@@ -81,7 +81,8 @@ async def run_request(req: Request, settings: Settings, writer: OutcomeWriter, g
     path = path_for(req.path)
     prices = get_price_book()
     prices.resolve(req.model, req.provider)   # a model this worker cannot price fails here, before any call
-    caller = path.caller(get_provider(req.provider, settings), settings)
+    # the request's endpoint url goes with every call (at_url), under the path's caller
+    caller = path.caller(at_url(get_provider(req.provider, settings), req.endpoint), settings)
     provider = caller
     if writer.budget is not None:
         # the gate is asked by the call's record, right before it is sent (CallRecord)

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+from pipeline.endpoints import endpoint_for
 from pipeline.errors import LineError
-from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook
 from pipeline.request import Request
 
@@ -34,9 +34,9 @@ class Fallback:
 def fallback_for(req: Request, prices: PriceBook) -> Fallback | None:
     """The fallback a request may use, or None (none set, other provider, or it cannot serve it).
 
-    Its maximum is the same true bound as every other reservation
-    (``pipeline.money.bounds.request_bound`` of the body with the fallback's model: ``n``,
-    tools, images, cache writes), never a cheaper formula of its own.
+    Its maximum is the same true bound as every other reservation (the request's endpoint's
+    ``bound`` of the body with the fallback's model: ``n``, tools, images, cache writes), never
+    a cheaper formula of its own; a model that does not serve the request's url is none.
     """
     name = req.fallback_model
     if not name:
@@ -45,8 +45,8 @@ def fallback_for(req: Request, prices: PriceBook) -> Fallback | None:
         price = prices.resolve(name, req.provider)
         if price.provider != req.provider or price.model == prices.resolve(req.model, req.provider).model:
             return None
-        bound = request_bound(req.provider, {**req.body, "model": name}, prices,
-                              declared_input_tokens=req.bound.input_tokens)
+        bound = endpoint_for(req.endpoint).bound({**req.body, "model": name}, price,
+                                                 declared_input_tokens=req.bound.input_tokens)
     except LineError:   # unknown, or cannot take the request as written (limits, content)
         return None
     return Fallback(name, bound.max_cost_usd)

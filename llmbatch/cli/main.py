@@ -287,6 +287,8 @@ def results(job_id, output, fmt, partial):
         out = output.open("w", newline="" if fmt == "csv" else None) if output else sys.stdout
         try:
             n = write_results(rows, job_id, out, fmt)
+        except ValueError as e:   # an endpoint with no such shape (pipeline/stores/export.py)
+            _fail(str(e), 2)
         finally:
             if output:
                 out.close()

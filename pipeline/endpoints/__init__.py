@@ -6,7 +6,8 @@ the usage its answer reports, and whether its answer may be cached. Callers
 hold an ``Endpoint`` from :func:`endpoint_for` and never branch on the url.
 
 Public: :class:`Endpoint`, :data:`ENDPOINTS`, :func:`endpoint_for`,
-:func:`endpoint_bound`. The modules behind them:
+:func:`endpoint_of`, :func:`endpoint_bound`, :func:`answer_cost` (what an answer cost, for the worker, the
+provider-batch ingest and the cache alike). The modules behind them:
 
 * ``chat``: ``/v1/chat/completions`` and Anthropic messages (``/v1/messages``),
   thin adapters over :func:`pipeline.money.bounds.price_bound` (unchanged rules);
@@ -32,6 +33,7 @@ bill for the body, or guess where it can refuse.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Protocol, runtime_checkable
 
 from pipeline.money.bounds import Bound
@@ -41,9 +43,9 @@ from pipeline.endpoints.embeddings import EMBEDDINGS
 from pipeline.endpoints.moderations import MODERATIONS
 from pipeline.endpoints.responses import RESPONSES
 from pipeline.errors import LineError
-from pipeline.money.pricing import ModelPrice, PriceBook, Usage
+from pipeline.money.pricing import ModelPrice, PriceBook, Usage, cost
 
-__all__ = ["ENDPOINTS", "Endpoint", "endpoint_bound", "endpoint_for"]
+__all__ = ["ENDPOINTS", "Endpoint", "answer_cost", "endpoint_bound", "endpoint_for", "endpoint_of"]
 
 
 @runtime_checkable
@@ -82,9 +84,32 @@ def endpoint_for(url) -> Endpoint:
     return endpoint
 
 
+def endpoint_of(url: str | None, provider: str, kind: str | None = None) -> Endpoint:
+    """The endpoint of a message's or a request row's url; without one (messages and rows from
+    before endpoints), the provider's chat endpoint: Anthropic messages, else chat completions.
+    ``kind``: the provider's API shape (a registry kind) when known; else its name says it."""
+    if url is None:
+        return MESSAGES if (kind or provider) == "anthropic" else CHAT
+    return endpoint_for(url)
+
+
 def endpoint_bound(url: str, body: dict, prices: PriceBook, *,
                    declared_input_tokens: int | None = None) -> Bound:
     """Validate a body of ``url``, resolve its model in ``prices`` and bound it."""
     endpoint = endpoint_for(url)
     endpoint.validate(body)
     return endpoint.bound(body, prices.resolve(body["model"]), declared_input_tokens=declared_input_tokens)
+
+
+def answer_cost(endpoint: Endpoint, response_body, price: ModelPrice, *,
+                batch: bool = False) -> tuple[Usage | None, Decimal | None]:
+    """``(usage, cost)`` of an answer of ``endpoint`` at ``price`` (the Batch API price when
+    ``batch``). An answer that reports no usage costs $0 when its model is free (moderations
+    report none, and are free), and an unknown cost (None) otherwise: its caller keeps the
+    maximum as spent and calls the answer ``usage_missing``."""
+    usage = endpoint.usage(response_body)
+    if usage is not None:
+        return usage, cost(price, usage, batch=batch)
+    rates = (price.input_per_mtok, price.cached_input_per_mtok, price.output_per_mtok,
+             price.cache_write_per_mtok or 0, price.cache_write_1h_per_mtok or 0)
+    return None, (Decimal(0) if not any(rates) else None)

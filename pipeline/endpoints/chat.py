@@ -12,7 +12,7 @@ from pipeline.money.bounds import Bound, price_bound
 from pipeline.endpoints.caching import is_cacheable
 from pipeline.constants import ANTHROPIC_MESSAGES_URL, CHAT_URL
 from pipeline.endpoints._common import kind, openai_usage, require_model
-from pipeline.errors import LineError
+from pipeline.errors import LineError, UnknownModelError
 from pipeline.money.pricing import ModelPrice, Usage, usage_from_anthropic
 
 
@@ -53,6 +53,8 @@ class _Messages:
 
     def validate(self, body: dict) -> None:
         require_model(body, self.where)
+        if "messages" not in body:
+            raise LineError(f"missing field {self.where}messages")
         messages = body.get("messages")
         if not isinstance(messages, list):
             raise LineError(f"field {self.where}messages must be an array, got {kind(messages)}")
@@ -60,7 +62,10 @@ class _Messages:
 
     def bound(self, body: dict, price: ModelPrice, *, declared_input_tokens: int | None = None) -> Bound:
         self.validate(body)
-        return price_bound(self.line_format, body, price, declared_input_tokens=declared_input_tokens)
+        if ("anthropic" if price.kind == "anthropic" else "openai") != self.line_format:
+            # the API shape is the provider's kind (pipeline/providers/registry.py), not its name
+            raise UnknownModelError(f"model {body['model']} is served by {price.provider}, not {self.line_format}")
+        return price_bound(price.provider, body, price, declared_input_tokens=declared_input_tokens)
 
     def cacheable(self, body: dict) -> bool:
         return is_cacheable(body, None)

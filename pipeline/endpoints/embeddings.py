@@ -94,4 +94,13 @@ class Embeddings:
         return True
 
 
+def input_count(body: dict) -> int:
+    """The inputs of a body (a string or one token array: 1; an array of them: its length), what
+    OpenAI counts against an embeddings batch's 50,000 inputs."""
+    value = body.get("input")
+    if isinstance(value, list) and value and not all(isinstance(t, int) for t in value):
+        return len(value)
+    return 1
+
+
 EMBEDDINGS = Embeddings()

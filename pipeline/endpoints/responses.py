@@ -108,7 +108,7 @@ class Responses:
             return count_text_tokens(text, name)   # UnknownModelError without an encoding
 
         n = REPLY_PRIMING
-        if body.get("instructions"):
+        if body.get("instructions") is not None:   # an empty one is still a developer message
             n += TOKENS_PER_MESSAGE + count("developer") + count(body["instructions"])
         value = body["input"]
         items = [{"role": "user", "content": value}] if isinstance(value, str) else value

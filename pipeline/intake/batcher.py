@@ -11,7 +11,7 @@ For every poll round:
    producer's signature), then decode it (``pipeline/intake/messages.py``: strict
    JSON, the JSON Schema, the cost recomputed from the price book); one that
    fails, for any reason, goes to the DLQ and never blocks its partition;
-2. classify the tier and append to the buffer of its (tier, model);
+2. classify the tier and append to the buffer of its (tier, model, mode, endpoint);
 3. flush buffers that are full or have lingered long enough: one transaction
    writes the requests (deduped on (job, custom_id)) and their batch rows;
    a request for a job that is finished, cancelled or another producer's is
@@ -62,8 +62,8 @@ from pipeline.intake.kafka import make_consumer, make_producer, verify
 from pipeline.intake.messages import MAX_REASON, decode
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window
-from pipeline.endpoints import endpoint_for
-from pipeline.money.pricing import Usage, cost, get_price_book
+from pipeline.endpoints import answer_cost, endpoint_for
+from pipeline.money.pricing import get_price_book
 from pipeline.paths.registry import path_for
 from pipeline.request import Outcome, Request
 from pipeline.stores import batches as batch_store, db
@@ -354,7 +354,7 @@ class Batcher:
             log.exception("message %s[%d]@%d: unexpected error while decoding", tp[0], tp[1], o)
             self._to_dlq(tp, o, msg.key(), msg.value(), f"{type(e).__name__}: {e}")
             return
-        key = (row["tier"], row["model"], row["mode"])
+        key = (row["tier"], row["model"], row["mode"], row["endpoint"])
         buf = self.buffers.get(key)
         if buf is None:
             buf = self.buffers[key] = Buffer(row["tier"], row["provider"], row["model"], row["mode"])
@@ -453,8 +453,9 @@ class Batcher:
                 rows.append(row)
                 cached.append(hit)
                 continue
-            groups[(row["tier"], row["provider"], row["model"], row["mode"])].append(row)
-        for (tier, provider, model, mode), group in groups.items():
+            # one url per batch: a provider batch takes a single endpoint (OpenAI's rule)
+            groups[(row["tier"], row["provider"], row["model"], row["mode"], row["endpoint"])].append(row)
+        for (tier, provider, model, mode, endpoint), group in groups.items():
             size = self.settings.batch_max_size[tier]
             for i in range(0, len(group), size):
                 batch_id = "b_" + uuid.uuid4().hex
@@ -462,7 +463,7 @@ class Batcher:
                 status = path_for(mode).initial_status(tier)
                 part = group[i:i + size]
                 batches.append({"batch_id": batch_id, "tier": tier, "provider": provider,
-                                "model": model, "status": status, "mode": mode,
+                                "model": model, "status": status, "mode": mode, "endpoint": endpoint,
                                 "jobs": sorted({row["job_id"] for row in part})})
                 for row in part:
                     row["batch_id"] = batch_id
@@ -518,8 +519,10 @@ class Batcher:
             return None
         try:
             req = Request.from_row(row)
-            usage = endpoint_for(req.endpoint).usage(answer) or Usage(0, 0)
-            saved = cost(get_price_book().resolve(req.model, req.provider), usage)
+            usage, saved = answer_cost(endpoint_for(req.endpoint), answer,
+                                       get_price_book().resolve(req.model, req.provider))
+            if saved is None:
+                raise ValueError("the answer reports no usage")
         except Exception as e:   # an entry we cannot read is a miss
             log.warning("cache entry for %s/%s unusable (%s): a miss", row["job_id"], row["custom_id"], e)
             return None

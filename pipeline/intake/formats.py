@@ -2,8 +2,14 @@
 
 Two line formats are accepted, detected per line:
 
-* OpenAI Batch API: ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``
+* OpenAI Batch API: ``{"custom_id", "method": "POST", "url": URL, "body": {...}}``, the url one
+  of the OpenAI-format endpoints of :data:`pipeline.endpoints.ENDPOINTS` (chat completions,
+  responses, embeddings, completions, moderations);
 * Anthropic Message Batches: ``{"custom_id", "params": {"model", "max_tokens", "messages", ...}}``
+  (the endpoint ``/v1/messages``).
+
+The endpoint validates and bounds the body (pipeline/endpoints/); this module reads the line
+around it.
 
 plus optional pipeline fields on any line: ``priority`` (0–9), ``tier``,
 ``deadline`` (ISO 8601), ``metadata`` (object), ``cache`` (bool).
@@ -23,13 +29,14 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from pipeline.constants import TIERS
-from pipeline.endpoints.chat import check_messages
+from pipeline.endpoints import ENDPOINTS
+from pipeline.endpoints.chat import MESSAGES
 from pipeline.errors import LineError, UnknownModelError
 from pipeline.ids import refuse_control
-from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook
 
-OPENAI_URLS = ("/v1/chat/completions",)
+#: the urls an OpenAI Batch API line may name
+OPENAI_URLS = tuple(url for url, e in ENDPOINTS.items() if e.line_format == "openai")
 ANTHROPIC_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_CUSTOM_ID = 512
 PIPELINE_FIELDS = {"priority", "tier", "deadline", "metadata", "cache"}
@@ -43,6 +50,7 @@ class Request:
     provider: str          # a provider of the registry (pipeline/providers/registry.py)
     model: str
     body: dict             # the provider's own request body
+    endpoint: str          # the url it is sent to (pipeline.endpoints.ENDPOINTS)
     input_tokens: int
     tokens_exact: bool
     max_tokens: int
@@ -183,8 +191,8 @@ def _custom_id(obj: dict, pattern: re.Pattern | None) -> str:
 def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Request:
     """Validate a decoded line of either format and price it.
 
-    The tokens and the maximum cost are :func:`pipeline.money.bounds.request_bound`'s,
-    the one rule the batcher applies again. ``anthropic_counter(body) -> int``,
+    The line's endpoint validates the body and bounds it (``Endpoint.bound``,
+    the rule the batcher applies again). ``anthropic_counter(body) -> int``,
     when given (an Anthropic key is set), is Anthropic's own count_tokens
     endpoint: it can raise the input count above the estimate, never lower it.
     """
@@ -192,7 +200,7 @@ def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Reque
         raise LineError("this line is a whole batch ({\"requests\": [...]}): put one request per line, "
                         "each {\"custom_id\", \"params\"} or {\"custom_id\", \"method\", \"url\", \"body\"}")
     if "params" in obj and "body" not in obj:
-        line_format = "anthropic"
+        line_format, endpoint = "anthropic", MESSAGES
         cid = _custom_id(obj, ANTHROPIC_CUSTOM_ID)
         body = _require(obj, "params", dict, "")
         where = "params."
@@ -208,12 +216,12 @@ def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Reque
             raise LineError(f"method must be \"POST\", got {method!r}")
         url = obj.get("url")
         if url not in OPENAI_URLS:
-            raise LineError(f"url must be one of {', '.join(OPENAI_URLS)}, got {url!r}")
+            raise LineError(f"url must be one of {', '.join(OPENAI_URLS)}, got {url!r}"[:300])
+        endpoint = ENDPOINTS[url]
         body = _require(obj, "body", dict, "")
         where = "body."
     model = _require(body, "model", str, where)
-    messages = _require(body, "messages", list, where)
-    check_messages(messages, where, line_format)
+    endpoint.validate(body)
     try:
         price = prices.resolve(model)   # "together/llama": that provider's; else the one provider serving it
     except UnknownModelError as e:
@@ -225,17 +233,16 @@ def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Reque
     if model != price.model and model.startswith(price.provider + "/"):
         model = model[len(price.provider) + 1:]   # the provider is told its own model id
         body = {**body, "model": model}
-    if line_format == "anthropic" and "system" in body and not isinstance(body["system"], (str, list)):
-        raise LineError(f"params.system must be a string or an array, got {_type_name(body['system'])}")
-    bound = request_bound(provider, body, prices)   # first: a line that cannot be bounded costs no call
+    bound = endpoint.bound(body, price)   # first: a line that cannot be bounded costs no call
     declared = None
     if provider == "anthropic" and anthropic_counter is not None:   # Anthropic's own count_tokens
         declared = anthropic_counter(body)
-        bound = request_bound(provider, body, prices, declared_input_tokens=declared)
+        bound = endpoint.bound(body, price, declared_input_tokens=declared)
     return Request(
-        custom_id=cid, provider=provider, model=model, body=body,
+        custom_id=cid, provider=provider, model=model, body=body, endpoint=endpoint.url,
         input_tokens=bound.input_tokens,
         tokens_exact=bound.tokens_exact or (declared is not None and bound.input_tokens == declared),
         max_tokens=bound.max_output_tokens, max_cost_usd=bound.max_cost_usd,
         **_pipeline_fields(obj),
     )
+

@@ -9,9 +9,10 @@ before anything else touches it, in this order:
    jsonb refuses them, and one such message used to fail a whole flush);
 2. ``validate``: the published JSON Schema (``pipeline/data/request.schema.json``)
    with its format checker (RFC 3339 date-times, UTC offset required);
-3. ``to_row``: the maximum cost is recomputed from the price book
-   (``pipeline.money.bounds.request_bound``): the producer's ``max_cost_usd`` is a
-   hint at most and is never what is stored or reserved; the path (``mode``) is
+3. ``to_row``: the maximum cost is recomputed from the price book by the
+   message's endpoint (``endpoint``, the url; chat or Anthropic messages when
+   absent): ``Endpoint.bound``. The producer's ``max_cost_usd`` is a hint at
+   most and is never what is stored or reserved; the path (``mode``) is
    asked whether it serves the request (pipeline/paths/registry.py ``path_of``).
 
 This module never touches Kafka, Redis or Postgres, and never lets an
@@ -31,20 +32,25 @@ from importlib import resources
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from pipeline.errors import LineError
+from pipeline.constants import EMBEDDINGS_URL
+from pipeline.endpoints import endpoint_of
+from pipeline.endpoints.caching import cache_key
+from pipeline.errors import LineError, UnknownModelError
 from pipeline.ids import refuse_control
 from pipeline.intake.formats import MAX_DEPTH, check_values
 from pipeline.intake.tiers import TierRules, classify
-from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook, get_price_book
-from pipeline.endpoints.caching import cache_key, is_cacheable
 from pipeline.paths.base import check_serves
 from pipeline.paths.registry import path_of
-from pipeline.request import Request, default_url
+from pipeline.request import Request
 
 #: a reason longer than this is cut: it goes into a Kafka header and a log line
 MAX_REASON = 300
 SUPPORTED_VERSION = 1
+#: deterministic, yet cached only when a line asks (``"cache": true``): an embedding answer is
+#: kilobytes of vector in Redis, the Celery broker, which never evicts (20,000 cached answers of
+#: the simulator took 194 MB), to save a few millionths of a dollar each
+CACHED_ON_REQUEST = (EMBEDDINGS_URL,)
 
 
 def _strict_integer(checker, instance) -> bool:
@@ -133,7 +139,14 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
     body = m["body"]
     if m["model"] != body["model"]:
         raise LineError(_cut(f"model {m['model']!r} differs from body.model {body['model']!r}"))
-    bound = request_bound(m["provider"], body, prices, declared_input_tokens=m["input_tokens"])
+    price = prices.resolve(body["model"], m["provider"])   # that provider's entry (UnknownModelError)
+    if price.provider != m["provider"]:
+        raise UnknownModelError(f"model {body['model']} is served by {price.provider}, not {m['provider']}")
+    endpoint = endpoint_of(m.get("endpoint"), m["provider"], price.kind)
+    endpoint.validate(body)
+    if endpoint.line_format != ("anthropic" if price.kind == "anthropic" else "openai"):
+        raise LineError(_cut(f"endpoint {endpoint.url} is not one of provider {m['provider']}'s"))
+    bound = endpoint.bound(body, price, declared_input_tokens=m["input_tokens"])
     deadline = _timestamp(m.get("deadline"), "deadline")
     published = _timestamp(m.get("published_at"), "published_at")
     tier, reason = classify(m.get("priority"), m.get("tier"), deadline, now, rules or TierRules(),
@@ -141,15 +154,17 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
     # the path asked for (a body that asks for flex itself takes flex), if it can serve the request
     path = path_of(m.get("mode"), body)
     priority = m.get("priority")
+    # the line's ``cache`` flag decides; without one, the endpoint (deterministic answers only)
+    cacheable = (m["cache"] if m.get("cache") is not None
+                 else endpoint.cacheable(body) and endpoint.url not in CACHED_ON_REQUEST)
     exact = bound.tokens_exact or (bound.input_tokens == m["input_tokens"] and m.get("tokens_exact", True))
-    price = prices.resolve(body["model"], m["provider"])
     req = Request(
-        job_id=m["job_id"], custom_id=m["custom_id"], endpoint=m.get("url") or default_url(m["provider"], price.kind),
+        job_id=m["job_id"], custom_id=m["custom_id"], endpoint=endpoint.url,
         provider=m["provider"], model=m["model"], path=path.name, tier=tier, body=body,
         # recomputed, never the producer's: a reservation is only as good as this number
         bound=replace(bound, tokens_exact=bool(exact)),
         priority=priority if priority is not None else 5, deadline=deadline, metadata=m.get("metadata"),
-        cache_key=cache_key(m["provider"], body) if is_cacheable(body, m.get("cache")) else None,
+        cache_key=cache_key(m["provider"], body, endpoint.url) if cacheable else None,
         line=m.get("line"), tier_reason=reason, published_at=published)
     check_serves(path, req, price)
     return req.to_row(path.initial_status(tier))

@@ -71,7 +71,7 @@ def to_message(job_id: str, line: int | None, req: Request, *, priority: int | N
     """The Kafka message of a request (schema: pipeline/data/request.schema.json)."""
     msg = {
         "v": MESSAGE_VERSION, "job_id": job_id, "custom_id": req.custom_id, "line": line,
-        "provider": req.provider, "model": req.model, "body": req.body,
+        "provider": req.provider, "model": req.model, "endpoint": req.endpoint, "body": req.body,
         "input_tokens": req.input_tokens, "tokens_exact": req.tokens_exact,
         "max_cost_usd": format(req.max_cost_usd, "f"),   # never "1.5E-7": the schema wants plain digits
         "priority": req.priority if req.priority is not None else priority,

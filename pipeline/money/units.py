@@ -47,16 +47,19 @@ _parse_cap = parse_cap
 
 
 def reservation_units(amount) -> int:
-    """The units to hold for ``amount`` USD; ``InvalidAmount`` unless it is finite, > 0 and ≤ ``MAX_CAP_USD``.
+    """The units to hold for ``amount`` USD; ``InvalidAmount`` unless it is finite, ≥ 0 and ≤ ``MAX_CAP_USD``.
 
-    A zero or negative reservation would hold nothing (a call outside every cap),
-    and a malformed one must fail only its own request, never reach Redis.
+    A negative reservation would hold nothing (a call outside every cap), and a malformed one
+    must fail only its own request, never reach Redis. A free request's $0 (a moderation)
+    holds the smallest unit: its call is reserved and on record like any other, and settles to $0.
     """
     try:
         d = Decimal(str(amount).strip())
     except ArithmeticError as e:
         raise InvalidAmount(f"maximum cost {amount!r} is not an amount: the request cannot be reserved") from e
-    if not d.is_finite() or d <= 0 or d > MAX_CAP_USD:
+    if d.is_zero():
+        return 1
+    if not d.is_finite() or d < 0 or d > MAX_CAP_USD:
         raise InvalidAmount(f"maximum cost {amount!r} is not a positive finite amount up to ${MAX_CAP_USD}:"
                             f" the request cannot be reserved")
     return to_units(d)

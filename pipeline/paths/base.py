@@ -36,7 +36,7 @@ from decimal import Decimal
 
 from pipeline.config import Settings
 from pipeline.constants import DISPATCHED_TIERS
-from pipeline.endpoints import endpoint_for
+from pipeline.endpoints import answer_cost, endpoint_for
 from pipeline.errors import LineError
 from pipeline.money.budget import Budget, Reservation
 from pipeline.money.pricing import ModelPrice, PriceBook, Usage, answered_price, cost
@@ -128,19 +128,23 @@ def answered(path: Path, req: Request, body: dict, prices: PriceBook, *, model: 
              key_alias: str | None = None, budget_period: str | None = None) -> Outcome:
     """The succeeded outcome of an answer: usage as the endpoint reads it, priced at the model that
     answered (``model``: the one it was sent to, when not the request's) on ``path`` for the tier
-    that answered (``served``; else the one the answer names). No usage: cost unknown, recorded 0
-    with ``usage_missing`` (the hold then stays spent at its maximum: ``settle_amount``)."""
-    usage = endpoint_for(req.endpoint).usage(body)
+    that answered (``served``; else the one the answer names). No usage: $0 when the model is free
+    (moderations report none), else cost unknown, recorded 0 with ``usage_missing`` (the hold then
+    stays spent at its maximum: ``settle_amount``)."""
     if served is None and isinstance(body, dict) and isinstance(body.get("service_tier"), str):
         served = body["service_tier"]
     price = answered_price(prices, body, model or req.model, req.provider)
-    spent = path.price(price, usage, None, served) if usage else Decimal(0)
-    listed = cost(price, usage) if usage else Decimal(0)
+    # the endpoint reads its answer's usage; a free answer without one (moderations) costs $0
+    usage, known = answer_cost(endpoint_for(req.endpoint), body, price)
+    if usage is not None:
+        spent, listed = path.price(price, usage, None, served), cost(price, usage)
+    else:
+        spent = listed = known if known is not None else Decimal(0)
     return Outcome(req.job_id, req.custom_id, model or req.model, "succeeded", attempts=attempts,
                    response=body, usage=usage, cost=spent, list_cost=listed, path=path.name,
                    lever=path.lever if spent < listed else None, service_tier=served, key_alias=key_alias,
                    latency_ms=latency_ms, status_code=status_code, provider_request_id=provider_request_id,
-                   usage_missing=usage is None, cache_key=req.cache_key, budget_period=budget_period)
+                   usage_missing=known is None, cache_key=req.cache_key, budget_period=budget_period)
 
 
 # ---- 4. write outcome

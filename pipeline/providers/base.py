@@ -1,8 +1,9 @@
 """What a provider is, and how one is called: the ``Provider`` protocol, its ``Answer``, the raw
-POST through an official SDK client (``post_raw``) and ``get_provider``: a registry entry
+POST through an official SDK client (``post_raw``), ``get_provider``: a registry entry
 (pipeline/providers/registry.py) made callable, one per provider per event loop, with one
-SDK client per key. Which module speaks a provider's API is a table by its kind
-(``KIND_MODULES``), never a branch on its name. Retries are not here: pipeline/providers/retries.py.
+SDK client per key, and a provider held to one endpoint's url (``at_url``). Which module
+speaks a provider's API is a table by its kind (``KIND_MODULES``), never a branch on its
+name. Retries are not here: pipeline/providers/retries.py.
 """
 
 from __future__ import annotations
@@ -39,7 +40,28 @@ class Provider(Protocol):
     name: str
 
     async def call(self, body: dict, *, headers: dict, key: KeySpec | None = None,
-                   url: str | None = None, timeout: float | None = None) -> Answer: ...
+                   url: str | None = None, timeout: float | None = None) -> Answer:
+        """POST ``body`` to the endpoint ``url`` (``/v1/embeddings``; None: the provider's chat url),
+        on ``key`` (None: the provider's first), within ``timeout`` (None: the client's)."""
+
+
+class AtUrl:
+    """A provider whose every call goes to one endpoint's url: the request's, so whoever
+    wraps it (limits, the gate, retries, a path's caller) calls ``call(body, headers=...)``
+    as for chat; what else they pass (the key chosen, a timeout) goes on with it."""
+
+    def __init__(self, provider: Provider, url: str):
+        self.provider, self.url, self.name = provider, url, provider.name
+
+    def __getattr__(self, name):   # the provider's registry entry (``spec``) and the like
+        return getattr(self.provider, name)
+
+    async def call(self, body: dict, *, headers: dict, **kw) -> Answer:
+        return await self.provider.call(body, headers=headers, url=self.url, **kw)
+
+
+def at_url(provider: Provider, url: str | None) -> Provider:
+    return provider if url is None else AtUrl(provider, url)
 
 
 async def post_raw(sdk, client, path: str, body: dict, headers: dict, request_id_header: str,

@@ -13,13 +13,13 @@ import json
 import logging
 
 from pipeline.config import Settings
+from pipeline.constants import CHAT_URL
 from pipeline.errors import PermanentProviderError
 from pipeline.providers.base import http_response
 from pipeline.providers.registry import get_registry
 
 log = logging.getLogger(__name__)
 
-OPENAI_ENDPOINT = "/v1/chat/completions"
 OPENAI_ENDED = ("completed", "failed", "expired", "cancelled")
 OPENAI_CANCEL_CONFIRMED = ("cancelling",) + OPENAI_ENDED
 ANTHROPIC_CANCEL_CONFIRMED = ("canceling", "ended")
@@ -66,8 +66,9 @@ def _refused(e: Exception) -> bool:
 
 
 async def create(settings: Settings, pb_id: str, provider: str, content: bytes, lines: list,
-                  cancelled=lambda: False) -> dict:
-    """One attempt, no SDK retries (a retried create is a second batch). Raises ``NotCreated`` when
+                  cancelled=lambda: False, *, endpoint: str = CHAT_URL) -> dict:
+    """One attempt, no SDK retries (a retried create is a second batch); an OpenAI batch is
+    created for ``endpoint``, the url of every line of ``content``. Raises ``NotCreated`` when
     the provider refused; any other exception leaves the outcome unknown. When ``cancelled()`` says
     the job was cancelled while the call was under way, the new batch is cancelled at once, on the
     same connection (``cancel_status`` in the answer): every moment lets the provider run lines."""
@@ -79,7 +80,7 @@ async def create(settings: Settings, pb_id: str, provider: str, content: bytes, 
                     f = await client.files.create(file=(f"{pb_id}.jsonl", content), purpose="batch")
                 except Exception as e:
                     raise NotCreated(f"input file upload failed: {e}") from e
-                b = await client.batches.create(input_file_id=f.id, endpoint=OPENAI_ENDPOINT,
+                b = await client.batches.create(input_file_id=f.id, endpoint=endpoint,
                                                 completion_window="24h", metadata={"llmbatch_id": pb_id})
                 info = {"provider_batch_id": b.id, "input_file_id": f.id, "provider_status": b.status}
                 if cancelled():

@@ -1,6 +1,7 @@
 """The OpenAI API shape through ``AsyncOpenAI``: OpenAI itself, any OpenAI-compatible endpoint
 (kind ``openai``: Together, Fireworks, vLLM, …) and Azure OpenAI (kind ``azure-openai``:
 ``AsyncAzureOpenAI``, the ``api-key`` header, ``api-version``, the model's deployment in the path).
+Every endpoint (chat completions, responses, embeddings, completions, moderations) at its own url.
 
 The body is sent as the user wrote it (``client.post`` with the raw JSON), so
 parameters the SDK's typed signature does not know yet still pass through, and

@@ -119,7 +119,7 @@ def effective_limit(limit: int | None, tier: str, share: float, immediate_waitin
 def request_tokens(req: dict) -> int:
     """Tokens a provider counts against TPM: input + maximum output."""
     body = req.get("body") or {}
-    out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    out = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 0
     try:
         return max(0, int(req.get("input_tokens") or 0)) + max(0, int(out))
     except (TypeError, ValueError):

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pipeline.constants import JOB_FINISHED
+from pipeline.stores import embeddings
 from pipeline.stores.db import dumps
 from pipeline.stores.jobs import refresh_jobs
 
@@ -20,7 +21,7 @@ _REQUEST_COLUMNS = (
     "job_id text, custom_id text, line int, batch_id text, provider text, model text,"
     " tier text, tier_reason text, priority smallint, deadline timestamptz, body jsonb,"
     " metadata jsonb, input_tokens int, tokens_exact bool, max_cost_usd numeric,"
-    " status text, published_at timestamptz, cache_key text")
+    " status text, published_at timestamptz, cache_key text, endpoint text")
 
 
 def admit_requests(conn: Connection, requests: list[dict]) -> tuple[list[dict], dict[tuple, str]]:
@@ -121,7 +122,7 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
     inserted = conn.execute(sa.text(
         f"INSERT INTO requests (job_id, custom_id, line, batch_id, provider, model, tier, tier_reason,"
         f" priority, deadline, body, metadata, input_tokens, tokens_exact, max_cost_usd, status,"
-        f" published_at, cache_key)"
+        f" published_at, cache_key, endpoint)"
         f" SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x({_REQUEST_COLUMNS})"
         f" ON CONFLICT (job_id, custom_id) DO NOTHING RETURNING job_id, custom_id, batch_id, status"),
         {"rows": dumps(requests)}).all()
@@ -145,6 +146,7 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
         new = {(j, c) for j, c, b, status in inserted if status == "succeeded"}
         hits = [r for r in cached if (r["job_id"], r["custom_id"]) in new]
         if hits:
+            rows, vectors = embeddings.split(hits)   # a cached embedding's vectors as real[], like any other
             conn.execute(sa.text(
                 "INSERT INTO results (job_id, custom_id, model, status_code, response, input_tokens,"
                 " cached_input_tokens, output_tokens, cost_usd, provider_request_id, latency_ms,"
@@ -154,7 +156,8 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
                 " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text,"
                 " model text, response jsonb, input_tokens int, cached_input_tokens int, output_tokens int,"
                 " provider_request_id text, list_cost_usd numeric)"
-                " ON CONFLICT DO NOTHING"), {"rows": dumps(hits)})
+                " ON CONFLICT DO NOTHING"), {"rows": dumps(rows)})
+            embeddings.write(conn, vectors, list(vectors))   # new requests: their results are new too
             conn.execute(sa.text(
                 "UPDATE requests r SET finished_at = now(), started_at = now()"
                 " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text)"
@@ -263,8 +266,9 @@ def open_requests(conn: Connection, batch_id: str) -> list[dict]:
     rows = conn.execute(sa.text(
         "UPDATE requests r SET status = 'running', started_at = coalesce(started_at, now())"
         " WHERE batch_id = :b AND status NOT IN ('succeeded', 'failed', 'cancelled')"
-        " RETURNING job_id, custom_id, line, batch_id, provider, model, tier, tier_reason, priority, deadline, body,"
-        " metadata, input_tokens, tokens_exact, max_cost_usd, cache_key, budget_period::text AS budget_period,"
+        " RETURNING job_id, custom_id, line, batch_id, provider, model, endpoint, tier, tier_reason, priority,"
+        " deadline, body, metadata, input_tokens, tokens_exact, max_cost_usd, cache_key,"
+        " budget_period::text AS budget_period,"
         " (SELECT b.mode FROM batches b WHERE b.batch_id = r.batch_id) AS path,"
         " (SELECT j.on_budget FROM jobs j WHERE j.job_id = r.job_id) AS on_budget,"
         " (SELECT j.fallback_model FROM jobs j WHERE j.job_id = r.job_id) AS fallback_model,"

@@ -1,4 +1,11 @@
-"""Results in the providers' own output shapes, so their tools read ours."""
+"""Results in the providers' own output shapes, so their tools read ours.
+
+An OpenAI Batch API output line (``openai_line``) holds the body the endpoint answered:
+a ``chat.completion``, a ``response``, a ``text_completion``, an embedding ``list`` (its
+vectors put back from the ``embeddings`` table by ``outcomes.iter_results``) or a
+moderation. The Anthropic results shape exists for messages alone: a row of another
+endpoint cannot be written in it (chat completions are converted, as before).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import csv
 import hashlib
 
 from pipeline import jsontext
-from pipeline.constants import REQUEST_TERMINAL
+from pipeline.constants import ANTHROPIC_MESSAGES_URL, CHAT_URL, REQUEST_TERMINAL
 
 
 def openai_line(job_id: str, row: dict) -> dict:
@@ -32,13 +39,19 @@ _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool
 
 
 def answer_text(body) -> str | None:
-    """The answer's text, from an OpenAI chat completion or an Anthropic message."""
+    """The answer's text, from an OpenAI chat completion, response or text completion, or an
+    Anthropic message; None for answers with no text (embeddings, moderations)."""
     if not isinstance(body, dict):
         return None
     if body.get("type") == "message":
         return "".join(b.get("text", "") for b in body.get("content") or [] if b.get("type") == "text")
+    if body.get("object") == "response":
+        return "".join(part.get("text", "") for item in body.get("output") or [] if item.get("type") == "message"
+                       for part in item.get("content") or [] if part.get("type") == "output_text")
     choices = body.get("choices") or []
     if choices:
+        if body.get("object") == "text_completion":
+            return choices[0].get("text")
         return (choices[0].get("message") or {}).get("content")
     return None
 
@@ -60,7 +73,10 @@ def _as_anthropic_message(body: dict) -> dict:
 
 
 def anthropic_line(job_id: str, row: dict) -> dict:
-    """One line of an Anthropic Message Batches results file."""
+    """One line of an Anthropic Message Batches results file (messages and chat completions only)."""
+    if row.get("endpoint", CHAT_URL) not in (CHAT_URL, ANTHROPIC_MESSAGES_URL):
+        raise ValueError(f"{row['custom_id']}: a {row['endpoint']} answer has no Anthropic results shape; "
+                         f"use the openai format")
     if row.get("response") is not None:
         return {"custom_id": row["custom_id"],
                 "result": {"type": "succeeded", "message": _as_anthropic_message(row["response"])}}

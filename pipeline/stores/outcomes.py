@@ -1,5 +1,6 @@
 """Finished requests in Postgres: result and attempt rows and terminal states (``write_outcomes``,
-idempotent), and a job's results read back in input order (``iter_results``).
+idempotent), and a job's results read back in input order (``iter_results``). Embedding vectors
+go to their own table with their result row (pipeline/stores/embeddings.py).
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from pipeline.stores import embeddings
 from pipeline.stores.db import dumps
 
 
@@ -29,9 +31,10 @@ def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict])
             " cost_usd numeric, key_alias text) ON CONFLICT DO NOTHING"), {"rows": dumps(attempts)})
     if not outcomes:
         return
-    rows = dumps(outcomes)
-    answered = [o for o in outcomes if o["status"] in ("succeeded", "failed")]
-    conn.execute(sa.text(
+    # the state update reads four fields: an answer (an embedding's vectors) is not serialised twice
+    rows = dumps([{k: o.get(k) for k in ("job_id", "custom_id", "status", "attempts")} for o in outcomes])
+    answered, vectors = embeddings.split([o for o in outcomes if o["status"] in ("succeeded", "failed")])
+    inserted = conn.execute(sa.text(
         "INSERT INTO results (job_id, custom_id, model, status_code, response, error, input_tokens,"
         " cached_input_tokens, output_tokens, usage_missing, cost_usd, provider_request_id, latency_ms,"
         " budget_period, path, lever, list_cost_usd, service_tier, key_alias)"
@@ -43,7 +46,9 @@ def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict])
         " status_code int, response jsonb, error jsonb, input_tokens int, cached_input_tokens int,"
         " output_tokens int, usage_missing bool, cost_usd numeric, provider_request_id text, latency_ms int,"
         " budget_period date, path text, lever text, list_cost_usd numeric, service_tier text, key_alias text)"
-        " ON CONFLICT DO NOTHING"), {"rows": dumps(answered)})
+        " ON CONFLICT DO NOTHING" + (" RETURNING job_id, custom_id" if vectors else "")), {"rows": dumps(answered)})
+    if vectors:   # only the results inserted now: a replayed outcome writes no vector twice
+        embeddings.write(conn, vectors, inserted.all())
     conn.execute(sa.text(
         "UPDATE requests r SET status = x.status, attempts = x.attempts, finished_at = now()"
         " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, status text,"
@@ -57,9 +62,15 @@ def iter_results(conn: Connection, job_id: str, chunk: int = 2000):
     result = conn.execution_options(stream_results=True, yield_per=chunk).execute(sa.text(
         "SELECT q.custom_id, q.line, q.status, r.status_code, r.response, r.error,"
         " r.provider_request_id, r.cost_usd, q.model, r.input_tokens, r.cached_input_tokens,"
-        " r.output_tokens"
+        " r.output_tokens, q.endpoint, q.body->>'encoding_format' AS encoding_format,"
+        " (SELECT array_agg(e.vector ORDER BY e.idx)::text FROM embeddings e"
+        "  WHERE e.job_id = q.job_id AND e.custom_id = q.custom_id) AS vectors"
         " FROM requests q LEFT JOIN results r USING (job_id, custom_id)"
         " WHERE q.job_id = :j ORDER BY q.line NULLS LAST, q.custom_id"), {"j": job_id})
     for row in result.mappings():
-        yield dict(row)
+        row = dict(row)
+        if row["vectors"]:   # the answer as the provider sent it, vectors included
+            row["response"] = embeddings.attach(row["response"], embeddings.read_vectors(row["vectors"]),
+                                                row["encoding_format"])
+        yield row
 

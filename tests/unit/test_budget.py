@@ -85,12 +85,19 @@ def test_deferred_batches_wait_for_the_next_day_a_minute_or_a_raised_cap():
 from hypothesis import given, strategies as st  # noqa: E402
 
 
-@pytest.mark.parametrize("bad", ["-5", -5, "0", 0, "NaN", "nan", "Infinity", "-Infinity", "sNaN", "abc", "",
+@pytest.mark.parametrize("bad", ["-5", -5, "-0.00000001", "NaN", "nan", "Infinity", "-Infinity", "sNaN", "abc", "",
                                  "1e12", Decimal("50000000.00000001"), None, "1,5"])
 def test_a_reservation_of_no_real_amount_is_refused(bad):
-    """#12 item 2: a zero, negative, non-finite or absurd hold would bypass or poison the caps."""
+    """#12 item 2: a negative, non-finite or absurd hold would bypass or poison the caps."""
     with pytest.raises(errors.InvalidAmount, match="cannot be reserved"):
         units_mod.reservation_units(bad)
+
+
+@pytest.mark.parametrize("free", ["0", 0, Decimal("0.00000000"), "-0"])
+def test_a_free_request_holds_the_smallest_unit(free):
+    """A $0 maximum (a moderation: its model is free) still reserves, one unit, so its call is held and
+    on record like any other and never outside the caps; it settles to $0."""
+    assert units_mod.reservation_units(free) == 1
 
 
 @given(st.decimals(allow_nan=True, allow_infinity=True, places=None))
@@ -98,9 +105,9 @@ def test_reservation_units_are_positive_and_exact_in_lua_or_refused(d):
     try:
         units = units_mod.reservation_units(d)
     except errors.InvalidAmount:
-        assert not d.is_finite() or d <= 0 or d > units_mod.MAX_CAP_USD
+        assert not d.is_finite() or d < 0 or d > units_mod.MAX_CAP_USD
         return
-    assert 0 < d <= units_mod.MAX_CAP_USD
+    assert 0 <= d <= units_mod.MAX_CAP_USD
     assert 1 <= units < 2 ** 53 and len(str(units)) <= 16      # what the Lua scripts accept
     assert units_mod.from_units(units) >= d                          # never under-holds
 

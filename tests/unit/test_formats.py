@@ -79,7 +79,9 @@ def test_bom_and_crlf_are_tolerated():
 
 @pytest.mark.parametrize("line, expected", [
     (openai_line(method="GET"), 'method must be "POST"'),
-    (openai_line(url="/v1/embeddings"), "url must be one of /v1/chat/completions"),
+    (openai_line(url="/v1/images/generations"), "url must be one of /v1/chat/completions, /v1/responses,"),
+    (openai_line(url="/v1/messages"), "url must be one of /v1/chat/completions"),
+    (openai_line(url="/v1/embeddings"), "body.max_tokens is not a /v1/embeddings field"),
     (openai_line(body_model="gpt-9-ultra"), "unknown model 'gpt-9-ultra'"),
     (openai_line(body_max_tokens=0), "max_tokens must be at least 1, got 0"),
     (openai_line(body_max_tokens=10**7), "over gpt-4o-mini's output limit"),

@@ -36,7 +36,7 @@ def row(**over) -> dict:
          "model": "gpt-5-mini", "tier": "peak", "tier_reason": "priority 5", "priority": 5, "deadline": None,
          "body": BODY, "metadata": {"k": "v"}, "input_tokens": 12, "tokens_exact": True,
          "max_cost_usd": "0.00020300", "status": "queued", "mode": "flex", "published_at": None,
-         "cache_key": None, "url": "/v1/chat/completions"}
+         "cache_key": None, "endpoint": "/v1/chat/completions"}
     return {**r, **over}
 
 
@@ -56,8 +56,8 @@ def test_the_key_is_built_in_one_place():
     assert Outcome("job_1", "café 1", "m", "succeeded").key == req.key
 
 
-def test_a_row_without_url_or_mode_takes_the_providers_url_and_realtime():
-    req = Request.from_row({k: v for k, v in row(provider="anthropic").items() if k not in ("url", "mode")})
+def test_a_row_without_endpoint_or_mode_takes_the_providers_url_and_realtime():
+    req = Request.from_row({k: v for k, v in row(provider="anthropic").items() if k not in ("endpoint", "mode")})
     assert req.endpoint == "/v1/messages" and req.path == "realtime"
 
 
@@ -108,7 +108,7 @@ def test_flex_serves_only_the_models_the_price_book_marks():
     assert "does not take flex" in why
     with pytest.raises(LineError, match="the flex path cannot serve this request"):
         sequence.check_serves(FLEX, Request.from_row(row(model="gpt-4o-mini")), PRICES.resolve("gpt-4o-mini"))
-    emb = Request.from_row(row(url="/v1/embeddings"))
+    emb = Request.from_row(row(endpoint="/v1/embeddings"))
     assert "serves" in FLEX.why_not(emb, PRICES.resolve("gpt-5-mini"))
 
 
@@ -174,7 +174,7 @@ class Raw:
     def __init__(self, *outcomes):
         self.outcomes, self.sent = list(outcomes), []
 
-    async def call(self, body, *, headers, timeout=None):
+    async def call(self, body, *, headers, timeout=None, url=None):
         self.sent.append((body.get("service_tier"), timeout))
         out = self.outcomes.pop(0)
         if isinstance(out, Exception):

@@ -268,7 +268,7 @@ def test_a_call_is_counted_in_its_window_from_when_it_is_sent(stack):
             lim = Limited(P(), request(fallback_model=None, provider=provider), FakeBudget(Decimal(1)),
                           ratelimit.Limiter(settings, r), calls=SlowRecord())
             t0 = (await r.time())
-            await lim.call(request()["body"], headers={})
+            await lim.call(request().body, headers={})
             window = await r.zrange(ratelimit.rate_keys(provider, model, "k")[0], 0, -1, withscores=True)
             assert len(window) == 1
             counted_from = window[0][1] / 1000 - (t0[0] + t0[1] / 1e6)

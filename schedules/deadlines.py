@@ -68,7 +68,7 @@ def expire_missed(now: datetime, *, engine=None, limit: int = 5000) -> dict[str,
         conn.execute(sa.text(
             "UPDATE batches b SET status = 'done', finished_at = now()"
             " WHERE b.batch_id = ANY(:ids) AND b.status = 'held' AND NOT EXISTS (SELECT 1 FROM requests r"
-            "   WHERE r.batch_id = b.batch_id AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"),
+            "   WHERE r.batch_id = b.batch_id AND r.status <> ALL(llmbatch_states('request_terminal')))"),
             {"ids": batches})
         jobs.refresh_jobs(conn, {r["job_id"] for r in rows})
     by_tier: dict[str, int] = {}

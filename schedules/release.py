@@ -97,7 +97,7 @@ def waiting(tier: str, *, engine=None) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.text(
             "SELECT count(*) FROM batches WHERE tier = :t AND mode = ANY(:modes)"
-            " AND status IN ('queued', 'dispatched')"), {"t": tier, "modes": worker_paths()}).scalar()
+            " AND status = ANY(llmbatch_states('batch_released'))"), {"t": tier, "modes": worker_paths()}).scalar()
 
 
 def held_count(tier: str, *, engine=None) -> int:
@@ -114,7 +114,7 @@ def hold_unstarted(tiers: tuple[str, ...], *, engine=None) -> list[str]:
     with engine.begin() as conn:
         ids = conn.execute(sa.text(
             "UPDATE batches SET status = 'held', dispatched_at = NULL"
-            " WHERE tier = ANY(:tiers) AND mode = ANY(:modes) AND status IN ('queued', 'dispatched')"
+            " WHERE tier = ANY(:tiers) AND mode = ANY(:modes) AND status = ANY(llmbatch_states('batch_released'))"
             " RETURNING batch_id"), {"tiers": list(tiers), "modes": worker_paths()}).scalars().all()
         if ids:
             conn.execute(sa.text(

@@ -162,6 +162,18 @@ def test_a_generic_plan_still_uses_the_partial_index(conn):
         conn.exec_driver_sql("DEALLOCATE states_param")
 
 
+def _built(conn) -> dict[str, int]:
+    """What was computed from the function: its indexes (by their storage, new when rebuilt) and
+    CHECKs (by their oid, new when added again)."""
+    return dict(conn.execute(sa.text(
+        "SELECT c.relname, c.relfilenode::bigint FROM pg_depend d JOIN pg_class c ON c.oid = d.objid"
+        " WHERE d.classid = 'pg_class'::regclass AND d.refobjid = to_regprocedure('llmbatch_states(text)')"
+        "   AND c.relkind = 'i'"
+        " UNION SELECT k.conname, k.oid::bigint FROM pg_depend d JOIN pg_constraint k ON k.oid = d.objid"
+        " WHERE d.classid = 'pg_constraint'::regclass AND d.refobjid = to_regprocedure('llmbatch_states(text)')"
+    )).all())
+
+
 def test_a_changed_set_rebuilds_its_indexes(conn, monkeypatch):
     """A partial index computed its predicate when each row was written: after a set changes,
     an index not rebuilt would answer from the old set (an index scan does not check again)."""
@@ -171,9 +183,14 @@ def test_a_changed_set_rebuilds_its_indexes(conn, monkeypatch):
         "INSERT INTO requests (job_id, custom_id, provider, model, tier, tier_reason, priority, input_tokens,"
         " max_cost_usd, status) VALUES (:j, 'r0', 'openai', 'gpt-4o-mini', 'background', 't', 0, 1, 0, 'deferred')"),
         {"j": job})
+    built = _built(conn)
+    assert set(built) == {"requests_open_idx", "requests_deadline_open_idx", "provider_batches_open_idx",
+                          "jobs_status_check"}
     changed = dict(constants.STATE_SETS, request_terminal=constants.REQUEST_TERMINAL + ("deferred",))
     monkeypatch.setattr(db, "STATE_SETS", changed)
     assert db.install_states(conn) is True
+    rebuilt = _built(conn)
+    assert set(rebuilt) == set(built) and all(rebuilt[k] != built[k] for k in built), (built, rebuilt)
     conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
     query = ("SELECT count(*) FROM requests r WHERE r.job_id = :j"
              " AND r.status <> ALL(llmbatch_states('request_terminal'))")

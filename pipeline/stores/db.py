@@ -131,7 +131,8 @@ STATES_FUNCTION = "llmbatch_states"
 def states_function_body() -> str:
     """The body of ``llmbatch_states(set_name)``: each set of ``STATE_SETS`` as a text[]; a name
     it does not know raises (a typo must not read as an empty set, which ``<> ALL`` passes)."""
-    assert all(re.fullmatch(r"[a-z_]+", x) for states in STATE_SETS.values() for x in states), STATE_SETS
+    if not all(re.fullmatch(r"[a-z_]+", x) for x in [*STATE_SETS, *(s for v in STATE_SETS.values() for s in v)]):
+        raise ValueError(f"state sets and states are lower-case words: {STATE_SETS}")
     arms = "".join(f"\n        WHEN '{name}' THEN RETURN ARRAY[{', '.join(repr(s) for s in states)}]::text[];"
                    for name, states in sorted(STATE_SETS.items()))
     return (f"\nBEGIN\n    CASE set_name{arms}\n        ELSE RAISE EXCEPTION USING"

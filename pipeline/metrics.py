@@ -41,7 +41,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from pipeline.constants import TIERS
+from pipeline.constants import REQUEST_OPEN, TIERS
 
 log = logging.getLogger(__name__)
 
@@ -272,12 +272,12 @@ class _StateCollector:
             with self.engine().connect() as conn:
                 counts = {(t, s): n for t, s, n in conn.execute(sa.text(
                     "SELECT tier, status, count(*) FROM requests"
-                    " WHERE status NOT IN ('succeeded', 'failed', 'cancelled') GROUP BY 1, 2"))}
+                    " WHERE status <> ALL(llmbatch_states('request_terminal')) GROUP BY 1, 2"))}
                 batches = dict(conn.execute(sa.text(
                     "SELECT tier, count(*) FROM batches WHERE status = 'held' GROUP BY 1")).all())
                 budgets = self._budgets(conn)
             for tier in TIERS:
-                for state in ("queued", "held", "running", "deferred"):
+                for state in REQUEST_OPEN:
                     depth.add_metric([tier, state], counts.get((tier, state), 0))
                 held.add_metric([tier], batches.get(tier, 0))
             remaining = GaugeMetricFamily("llmbatch_budget_remaining_usd", DB_GAUGES["llmbatch_budget_remaining_usd"],
@@ -307,7 +307,7 @@ class _StateCollector:
         out = {scope: cap - spent for scope, cap, spent in conn.execute(sa.text(
             "SELECT scope, cap_usd, spent_usd FROM budget_status WHERE scope NOT LIKE 'job:%'"
             " OR substr(scope, 5) IN (SELECT job_id FROM jobs"
-            "   WHERE status IN ('submitting', 'running', 'paused_budget'))"))}
+            "   WHERE status = ANY(llmbatch_states('job_open')))"))}
         configured = {"global": self.settings.budget_global_daily_usd or None}
         configured.update({f"tier:{t}": v for t, v in (self.settings.budget_tier_daily_usd or {}).items()})
         missing = {k: v for k, v in configured.items() if v not in (None, "") and k not in out}

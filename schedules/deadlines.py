@@ -48,16 +48,12 @@ def expire_missed(now: datetime, *, engine=None, limit: int = 5000) -> dict[str,
     with engine.begin() as conn:
         # batches first, then their requests: the lock order of release_held and the workers
         rows = conn.execute(sa.text(
-            "WITH b AS (SELECT b.batch_id FROM batches b"
-            "  WHERE b.status = 'held' AND b.mode = ANY(:modes) AND b.batch_id IN"
-            "   (SELECT r.batch_id FROM requests r WHERE r.status = 'held' AND r.deadline IS NOT NULL"
-            "    AND r.deadline <= :now)"
-            "  FOR UPDATE SKIP LOCKED)"
+            f"WITH b AS ({release.HELD}{release.DUE} FOR UPDATE SKIP LOCKED)"
             " SELECT r.* FROM requests r JOIN b ON b.batch_id = r.batch_id"
-            " WHERE r.status = 'held' AND r.deadline <= :now"
+            " WHERE r.status = 'held' AND r.deadline <= :before"
             "   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = r.job_id AND j.status = 'cancelled')"
             " ORDER BY r.deadline LIMIT :limit FOR UPDATE OF r"),
-            {"now": now, "limit": limit, "modes": worker_paths()}).mappings().all()
+            {"before": now, "limit": limit, "modes": worker_paths()}).mappings().all()
         if not rows:
             return {}
         sequence.write(conn, [Outcome.failed(Request.from_row(r), MISSED_CODE,
@@ -68,7 +64,7 @@ def expire_missed(now: datetime, *, engine=None, limit: int = 5000) -> dict[str,
         conn.execute(sa.text(
             "UPDATE batches b SET status = 'done', finished_at = now()"
             " WHERE b.batch_id = ANY(:ids) AND b.status = 'held' AND NOT EXISTS (SELECT 1 FROM requests r"
-            "   WHERE r.batch_id = b.batch_id AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"),
+            "   WHERE r.batch_id = b.batch_id AND r.status <> ALL(llmbatch_states('request_terminal')))"),
             {"ids": batches})
         jobs.refresh_jobs(conn, {r["job_id"] for r in rows})
     by_tier: dict[str, int] = {}

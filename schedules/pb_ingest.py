@@ -28,6 +28,7 @@ import sqlalchemy as sa
 
 from pipeline import errors
 from pipeline.config import Settings, get_settings
+from pipeline.constants import REQUEST_TERMINAL
 from pipeline.ids import request_key
 from pipeline.intake.batcher import dispatch
 from pipeline.money import budget
@@ -42,8 +43,6 @@ from schedules import loop
 from schedules.pb_submit import pb_requests
 
 log = logging.getLogger(__name__)
-
-_TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def poll_open(*, settings: Settings | None = None, engine=None, dispatcher=dispatch) -> list[str]:
@@ -100,7 +99,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
         # requests the provider never ran (expired, cancelled, batch failed): fallback per job
         cancel, fail = [], []
         for pid, (r, state) in by_pid.items():
-            if pid in seen or state["status"] in _TERMINAL:
+            if pid in seen or state["status"] in REQUEST_TERMINAL:
                 continue
             reason = not_run.get(pid) or f"batch_{status}"
             if state["job_status"] == "cancelled":
@@ -114,8 +113,8 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
             conn.execute(sa.text(
                 "UPDATE requests r SET status = 'cancelled', finished_at = now()"
                 " FROM jsonb_to_recordset(CAST(:k AS jsonb)) AS x(job_id text, custom_id text)"
-                " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id AND r.status NOT IN"
-                " ('succeeded', 'failed', 'cancelled')"),
+                " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"
+                " AND r.status <> ALL(llmbatch_states('request_terminal'))"),
                 {"k": db.dumps([{"job_id": r.job_id, "custom_id": r.custom_id} for r in cancel])})
         sequence.write(conn, fail, [])
         counts.update(cancelled=len(cancel), failed=counts["failed"] + len(fail), requeued=len(requeue))
@@ -133,7 +132,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
         # writes, a scheduler killed right after this commit), settle_unsettled finishes it
         conn.execute(sa.text("UPDATE provider_batches SET settle_xid = :x, settled_at = NULL WHERE id = :id"),
                      {"id": pb_id, "x": xid})
-    _settle(pb_id, [(r.job_id, r.custom_id) for r, state in reqs if state["status"] not in _TERMINAL],
+    _settle(pb_id, [(r.job_id, r.custom_id) for r, state in reqs if state["status"] not in REQUEST_TERMINAL],
             outcomes + fail, settings, engine, xid)
     for batch_id, tier, state in new_batches:
         if state == "queued":

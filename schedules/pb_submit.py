@@ -144,7 +144,7 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                 conn.execute(sa.text(
                     "UPDATE batches b SET status = 'done', finished_at = now() WHERE b.batch_id = ANY(:ids)"
                     " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
-                    "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": ids})
+                    "                 AND r.status <> ALL(llmbatch_states('request_terminal')))"), {"ids": ids})
                 if not reqs:
                     continue
                 sizes = [len(request_line(r)) for r in reqs]
@@ -379,7 +379,7 @@ def _abandon(engine, pb_id: str, reason: str, settings: Settings | None = None) 
         conn.execute(sa.text(
             "UPDATE batches b SET status = 'done', finished_at = now() WHERE b.batch_id = ANY(:ids)"
             " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
-            "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": ids})
+            "                 AND r.status <> ALL(llmbatch_states('request_terminal')))"), {"ids": ids})
         cancelled = {j for j, _, st in keys if st == "cancelled"}
         if cancelled:
             job_store.refresh_jobs(conn, cancelled)

@@ -26,7 +26,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from pipeline.config import Settings, get_settings
-from pipeline.constants import JOB_TERMINAL, TIERS
+from pipeline.constants import TIERS
 from pipeline.errors import ConfigError, InputError
 from pipeline.intake.windows import cron_trigger, fire_times, next_fire
 from pipeline.stores import db
@@ -104,8 +104,8 @@ def _going(conn, name: str) -> bool:
         "SELECT 1 FROM schedule_runs r LEFT JOIN jobs j ON j.job_id = r.job_id"
         " WHERE r.schedule_name = :n AND ("
         "   (r.status = 'submitting' AND r.created_at > now() - make_interval(secs => :stale))"
-        "   OR (r.status = 'submitted' AND j.status <> ALL(:terminal)))"
-        " LIMIT 1"), {"n": name, "stale": SUBMITTING_STALE_S, "terminal": list(JOB_TERMINAL)}).first())
+        "   OR (r.status = 'submitted' AND j.status <> ALL(llmbatch_states('job_terminal'))))"
+        " LIMIT 1"), {"n": name, "stale": SUBMITTING_STALE_S}).first())
 
 
 def fire_due(name: str, *, settings: Settings | None = None, engine=None, clock: Clock | None = None,

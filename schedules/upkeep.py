@@ -61,7 +61,7 @@ def purge_bodies(*, settings: Settings | None = None, engine=None, clock: Clock 
         with engine.begin() as conn:
             keys = conn.execute(sa.text(
                 "SELECT job_id, custom_id FROM requests WHERE purged_at IS NULL AND finished_at < :cut"
-                " AND status IN ('succeeded', 'failed', 'cancelled') LIMIT :n FOR UPDATE SKIP LOCKED"),
+                " AND status = ANY(llmbatch_states('request_terminal')) LIMIT :n FOR UPDATE SKIP LOCKED"),
                 {"cut": cutoff, "n": PURGE_CHUNK}).all()
             if not keys:
                 break
@@ -220,7 +220,7 @@ def close_short_jobs(*, engine=None, quiet_s: float = SHORT_JOB_QUIET_S) -> list
     with engine.begin() as conn:
         rows = conn.execute(sa.text(
             "WITH c AS (SELECT j.job_id, count(r.custom_id) AS n, max(r.created_at) AS last,"
-            "   count(r.custom_id) FILTER (WHERE r.status NOT IN ('succeeded', 'failed', 'cancelled')) AS open"
+            "   count(r.custom_id) FILTER (WHERE r.status <> ALL(llmbatch_states('request_terminal'))) AS open"
             "   FROM jobs j LEFT JOIN requests r ON r.job_id = j.job_id"
             "   WHERE j.status = 'running' AND coalesce(j.submitted_at, j.created_at)"
             "         < now() - make_interval(secs => :q)"

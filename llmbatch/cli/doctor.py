@@ -95,9 +95,13 @@ def check_postgres(settings: Settings) -> list[Check]:
     def migrations():
         with db.get_engine().connect() as conn:
             done = set(conn.execute(sa.text("SELECT version FROM schema_migrations")).scalars())
+            states = conn.execute(sa.text("SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(:f)"),
+                                  {"f": f"{db.STATES_FUNCTION}(text)"}).scalar()
         missing = [p.stem for p in db.migration_files() if p.stem not in done]
         if missing:
             raise RuntimeError(f"not applied: {', '.join(missing)}")
+        if states != db.states_function_body():
+            raise RuntimeError(f"{db.STATES_FUNCTION}() is not this code's pipeline/constants.py STATE_SETS")
         return f"{len(done)} applied"
 
     def reader():

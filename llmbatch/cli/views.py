@@ -20,11 +20,12 @@ from sqlalchemy.engine import Connection
 
 from pipeline import jsontext
 from pipeline.config import get_settings
-from pipeline.constants import JOB_TERMINAL, TIERS
+from pipeline.constants import JOB_TERMINAL, REQUEST_STATES, TIERS
 from pipeline.logs import escape_controls
 from pipeline.stores import db, jobs
 
-STATES = ("queued", "held", "running", "deferred", "done", "failed", "cancelled")
+#: the per-tier columns of ``status``: the request states, a succeeded one counted as ``done``
+STATES = tuple("done" if s == "succeeded" else s for s in REQUEST_STATES)
 #: the window the rate is measured over
 RATE_WINDOW_S = 30
 

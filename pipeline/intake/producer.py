@@ -453,7 +453,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
             # nothing will ever run: say so in the job's state, not as an empty 'completed'
             conn.execute(sa.text(
                 "UPDATE jobs SET status = 'failed', finished_at = now() WHERE job_id = :j"
-                " AND status IN ('running', 'completed')"), {"j": job_id})
+                " AND status <> 'cancelled'"), {"j": job_id})   # a cancel stands
     if on_progress:
         on_progress(report)
     return report

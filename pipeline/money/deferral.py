@@ -27,7 +27,7 @@ def write_deferred(conn, rows: list[dict]) -> None:
         " FROM jsonb_to_recordset(CAST(:rows AS jsonb))"
         " AS x(job_id text, custom_id text, scope text, reason text)"
         " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"
-        " AND r.status NOT IN ('succeeded', 'failed', 'cancelled')"), {"rows": dumps(rows)})
+        " AND r.status <> ALL(llmbatch_states('request_terminal'))"), {"rows": dumps(rows)})
 
 
 def defer_batch(conn, batch_id: str, kinds: set[str], now: datetime | None = None) -> None:

@@ -57,7 +57,7 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None, hel
             spent: dict[str, str] = {}
             for job_id, cap, s in conn.execute(sa.text(
                     f"SELECT j.job_id, j.budget_usd, {JOB_SPENT_SQL}"
-                    " FROM jobs j WHERE j.status IN ('submitting', 'running', 'paused_budget')")).all():
+                    " FROM jobs j WHERE j.status = ANY(llmbatch_states('job_open'))")).all():
                 caps[f"job:{job_id}"] = job_cap_units(cap)
                 spent[f"job:{job_id}"] = str(to_units(s))
             res, periods = [], {today}

@@ -82,8 +82,8 @@ def admit_requests(conn: Connection, requests: list[dict]) -> tuple[list[dict], 
         # requests so far are; a new one from its owner (not a replay) makes it running again,
         # never a 'completed' job with a request still to run
         conn.execute(sa.text("UPDATE jobs SET status = 'running', finished_at = NULL"
-                             " WHERE job_id = ANY(:ids) AND status = ANY(:ended)"),
-                     {"ids": sorted(reopen), "ended": list(JOB_FINISHED)})
+                             " WHERE job_id = ANY(:ids) AND status = ANY(llmbatch_states('job_finished'))"),
+                     {"ids": sorted(reopen)})
     admitted, out = [], {}
     for r in requests:
         reason = refused.get((r["job_id"], r.get("producer")))
@@ -211,7 +211,7 @@ def claim_batch(conn: Connection, batch_id: str, owner: str, lease_s: float) -> 
     A redelivered Celery task keeps its task id, so it can take back its own lease
     (a crash: its worker died before it finished).
     """
-    return _take_lease(conn, "batch_id = :b AND (status IN ('queued', 'dispatched')"
+    return _take_lease(conn, "batch_id = :b AND (status = ANY(llmbatch_states('batch_released'))"
                              " OR (status = 'running' AND (lease_until < now() OR lease_owner = :owner)))",
                        {"b": batch_id, "owner": owner, "lease": lease_s})
 
@@ -260,12 +260,12 @@ def open_requests(conn: Connection, batch_id: str) -> list[dict]:
     become ``cancelled`` here and are not returned."""
     conn.execute(sa.text(
         "UPDATE requests r SET status = 'cancelled', finished_at = now()"
-        " WHERE r.batch_id = :b AND r.status NOT IN ('succeeded', 'failed', 'cancelled')"
+        " WHERE r.batch_id = :b AND r.status <> ALL(llmbatch_states('request_terminal'))"
         " AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = r.job_id AND j.status = 'cancelled')"),
         {"b": batch_id})
     rows = conn.execute(sa.text(
         "UPDATE requests r SET status = 'running', started_at = coalesce(started_at, now())"
-        " WHERE batch_id = :b AND status NOT IN ('succeeded', 'failed', 'cancelled')"
+        " WHERE batch_id = :b AND status <> ALL(llmbatch_states('request_terminal'))"
         " RETURNING job_id, custom_id, line, batch_id, provider, model, endpoint, tier, tier_reason, priority,"
         " deadline, body, metadata, input_tokens, tokens_exact, max_cost_usd, cache_key,"
         " budget_period::text AS budget_period,"
@@ -292,6 +292,6 @@ def finish_batch(conn: Connection, batch_id: str, owner: str | None = None) -> b
     return bool(conn.execute(sa.text(
         "UPDATE batches SET status = 'done', finished_at = now(), lease_until = NULL"
         " WHERE batch_id = :b AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = :b"
-        "   AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"b": batch_id}).rowcount)
+        "   AND r.status <> ALL(llmbatch_states('request_terminal')))"), {"b": batch_id}).rowcount)
 
 

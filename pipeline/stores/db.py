@@ -16,6 +16,7 @@ import contextlib
 import functools
 import time
 import logging
+import re
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -23,6 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from pipeline import jsontext
 from pipeline.config import ROOT, get_settings
+from pipeline.constants import STATE_SETS
 from pipeline.errors import InfrastructureError
 
 log = logging.getLogger(__name__)
@@ -122,10 +124,70 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
     return sorted(p for p in directory.glob("[0-9][0-9][0-9]_*.sql"))
 
 
-def upgrade(engine: Engine | None = None) -> list[str]:
-    """Apply migrations not yet applied, each in its own transaction. Idempotent.
+#: the SQL face of pipeline/constants.py ``STATE_SETS``: ``llmbatch_states('request_terminal')``
+STATES_FUNCTION = "llmbatch_states"
 
-    An advisory lock keeps two concurrent upgrades from racing.
+
+def states_function_body() -> str:
+    """The body of ``llmbatch_states(set_name)``: each set of ``STATE_SETS`` as a text[]; a name
+    it does not know raises (a typo must not read as an empty set, which ``<> ALL`` passes)."""
+    if not all(re.fullmatch(r"[a-z_]+", x) for x in [*STATE_SETS, *(s for v in STATE_SETS.values() for s in v)]):
+        raise ValueError(f"state sets and states are lower-case words: {STATE_SETS}")
+    arms = "".join(f"\n        WHEN '{name}' THEN RETURN ARRAY[{', '.join(repr(s) for s in states)}]::text[];"
+                   for name, states in sorted(STATE_SETS.items()))
+    return (f"\nBEGIN\n    CASE set_name{arms}\n        ELSE RAISE EXCEPTION USING"
+            f" MESSAGE = 'no state set named ' || coalesce(set_name, 'NULL'),"
+            f" HINT = 'the sets are pipeline/constants.py STATE_SETS';\n    END CASE;\nEND\n")
+
+
+def states_function_sql() -> str:
+    """``CREATE OR REPLACE`` of the function. IMMUTABLE, so Postgres folds a call with a constant
+    name into the array when it plans: ``status <> ALL(llmbatch_states('request_terminal'))`` is
+    planned as the ``NOT IN`` of that set's words, so a partial index's predicate and a query's
+    match as literals did, in generic plans too. plpgsql, not sql, only to raise on an unknown name."""
+    return (f"CREATE OR REPLACE FUNCTION {STATES_FUNCTION}(set_name text) RETURNS text[]"
+            f" LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $states${states_function_body()}$states$")
+
+
+def install_states(conn: Connection) -> bool:
+    """Make ``llmbatch_states`` answer what pipeline/constants.py says; True when it changed.
+
+    An index predicate or a CHECK that calls an IMMUTABLE function is computed when a row is
+    written, so when a set changes, what was computed before is rebuilt here, in the same
+    transaction: the indexes that call the function are rebuilt, and its CHECKs are added again,
+    which checks every row (a state still in use that the constants dropped fails the upgrade).
+    """
+    fn = f"{STATES_FUNCTION}(text)"
+    installed = conn.execute(sa.text("SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(:f)"),
+                             {"f": fn}).scalar()
+    if installed == states_function_body():
+        return False
+    conn.exec_driver_sql(states_function_sql())
+    if installed is None:
+        return True
+    for (index,) in conn.execute(sa.text(
+            "SELECT DISTINCT d.objid::regclass::text FROM pg_depend d JOIN pg_class c ON c.oid = d.objid"
+            " WHERE d.classid = 'pg_class'::regclass AND d.refobjid = to_regprocedure(:f) AND c.relkind = 'i'"),
+            {"f": fn}).all():
+        log.warning("state sets changed: rebuilding index %s", index)
+        conn.exec_driver_sql(f"REINDEX INDEX {index}")
+    for table, name, definition in conn.execute(sa.text(
+            "SELECT DISTINCT c.conrelid::regclass::text, quote_ident(c.conname), pg_get_constraintdef(c.oid)"
+            " FROM pg_depend d JOIN pg_constraint c ON c.oid = d.objid"
+            " WHERE d.classid = 'pg_constraint'::regclass AND d.refobjid = to_regprocedure(:f)"),
+            {"f": fn}).all():
+        log.warning("state sets changed: checking every row of %s against %s again", table, name)
+        conn.exec_driver_sql(f"ALTER TABLE {table} DROP CONSTRAINT {name}, ADD CONSTRAINT {name} {definition}")
+    return True
+
+
+def upgrade(engine: Engine | None = None) -> list[str]:
+    """Install the state sets (``install_states``), then apply migrations not yet applied.
+    Idempotent.
+
+    The sets come first, on every upgrade: a migration may read them, and a code change to
+    pipeline/constants.py reaches Postgres with no migration. An advisory lock keeps two
+    concurrent upgrades from racing.
     """
     engine = engine or get_engine()
     applied_now = []
@@ -135,6 +197,8 @@ def upgrade(engine: Engine | None = None) -> list[str]:
             conn.execute(sa.text(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"))
+            if install_states(conn):
+                log.info("state sets installed from pipeline/constants.py (%s)", STATES_FUNCTION)
             done = set(conn.execute(sa.text("SELECT version FROM schema_migrations")).scalars())
             for path in migration_files():
                 if path.stem in done:

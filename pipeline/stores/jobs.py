@@ -76,7 +76,7 @@ def refresh_jobs(conn: Connection, job_ids) -> None:
     completed = conn.execute(sa.text(
         "WITH ended AS (SELECT j.job_id FROM jobs j WHERE j.job_id = ANY(:ids) AND j.status = 'running'"
         "   AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.job_id"
-        "                   AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))),"
+        "                   AND r.status <> ALL(llmbatch_states('request_terminal')))),"
         " c AS (SELECT r.job_id, count(*) AS n, count(*) FILTER (WHERE r.status = 'succeeded') AS ok,"
         "   count(*) FILTER (WHERE r.status <> 'succeeded') AS bad"
         "   FROM requests r WHERE r.job_id IN (SELECT job_id FROM ended) GROUP BY r.job_id)"
@@ -95,10 +95,10 @@ def refresh_jobs(conn: Connection, job_ids) -> None:
             "UPDATE batches b SET status = 'done', finished_at = now(), lease_until = NULL"
             " WHERE b.batch_id IN (SELECT x.batch_id FROM batches x WHERE x.batch_id IN"
             "   (SELECT DISTINCT batch_id FROM requests WHERE job_id = ANY(:ids))"
-            "   AND x.status IN ('queued', 'dispatched', 'running')"   # states only our workers' batches take
+            "   AND x.status = ANY(llmbatch_states('batch_worker'))"
             "   FOR UPDATE SKIP LOCKED)"
             " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
-            "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"ids": completed})
+            "                 AND r.status <> ALL(llmbatch_states('request_terminal')))"), {"ids": completed})
     # stopped by its own cap: nothing left but requests deferred by it (pipeline/money/deferral.py);
     # ``budget set --job`` puts it back to running
     conn.execute(sa.text(
@@ -107,7 +107,7 @@ def refresh_jobs(conn: Connection, job_ids) -> None:
         " AND EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.job_id AND r.status = 'deferred'"
         "             AND r.deferred_scope = 'job')"
         " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.job_id"
-        "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'deferred'))"
+        "                 AND r.status <> ALL(llmbatch_states('request_terminal')) AND r.status <> 'deferred')"
         " AND (SELECT count(*) FROM requests r WHERE r.job_id = j.job_id) + j.refused >= j.accepted"),
         {"ids": ids})
 
@@ -234,25 +234,25 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) ->
         # requests a worker holds ('running') are skipped by its check before each call
         stopped = conn.execute(sa.text(
             "UPDATE requests SET status = 'cancelled', finished_at = now()"
-            " WHERE job_id = :j AND status IN ('held', 'queued', 'deferred')"), {"j": job_id}).rowcount
+            " WHERE job_id = :j AND status = ANY(llmbatch_states('request_cancellable'))"), {"j": job_id}).rowcount
         conn.execute(sa.text(
             "UPDATE jobs SET status = 'cancelled', cancelled_at = now(), finished_at = coalesce(finished_at, now())"
-            " WHERE job_id = :j AND status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled')"),
+            " WHERE job_id = :j AND status = ANY(llmbatch_states('job_open'))"),
             {"j": job_id})
         done = conn.execute(sa.text(
             "UPDATE batches b SET status = 'done', finished_at = now()"
-            " WHERE b.status IN ('held', 'queued', 'dispatched', 'deferred')"
+            " WHERE b.status = ANY(llmbatch_states('batch_unstarted'))"
             " AND b.batch_id IN (SELECT batch_id FROM requests WHERE job_id = :j)"
             " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
-            "                 AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"j": job_id}).rowcount
+            "                 AND r.status <> ALL(llmbatch_states('request_terminal')))"), {"j": job_id}).rowcount
         pbs = conn.execute(sa.text(
             "SELECT pb.id, pb.provider, pb.provider_batch_id, pb.status FROM provider_batches pb"
-            " WHERE pb.status IN ('creating', 'submitted')"
+            " WHERE pb.status = ANY(llmbatch_states('provider_batch_open'))"
             " AND EXISTS (SELECT 1 FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
             "             WHERE b.provider_batch = pb.id AND r.job_id = :j)"
             " AND NOT EXISTS (SELECT 1 FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
             "             WHERE b.provider_batch = pb.id AND r.job_id <> :j"
-            "             AND r.status NOT IN ('succeeded', 'failed', 'cancelled'))"), {"j": job_id}).all()
+            "             AND r.status <> ALL(llmbatch_states('request_terminal')))"), {"j": job_id}).all()
         running = conn.execute(sa.text(
             "SELECT count(*) FROM requests WHERE job_id = :j AND status = 'running'"), {"j": job_id}).scalar()
         if pbs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from pipeline.constants import REQUEST_ANSWERED
 from pipeline.stores import embeddings
 from pipeline.stores.db import dumps
 
@@ -33,7 +34,7 @@ def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict])
         return
     # the state update reads four fields: an answer (an embedding's vectors) is not serialised twice
     rows = dumps([{k: o.get(k) for k in ("job_id", "custom_id", "status", "attempts")} for o in outcomes])
-    answered, vectors = embeddings.split([o for o in outcomes if o["status"] in ("succeeded", "failed")])
+    answered, vectors = embeddings.split([o for o in outcomes if o["status"] in REQUEST_ANSWERED])
     inserted = conn.execute(sa.text(
         "INSERT INTO results (job_id, custom_id, model, status_code, response, error, input_tokens,"
         " cached_input_tokens, output_tokens, usage_missing, cost_usd, provider_request_id, latency_ms,"
@@ -54,7 +55,7 @@ def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict])
         " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, status text,"
         " attempts smallint)"
         " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"
-        " AND r.status NOT IN ('succeeded', 'failed', 'cancelled')"), {"rows": rows})
+        " AND r.status <> ALL(llmbatch_states('request_terminal'))"), {"rows": rows})
 
 
 def iter_results(conn: Connection, job_id: str, chunk: int = 2000):

@@ -145,21 +145,27 @@ def _req(job: str, cid: str) -> Request:
 
 
 def test_a_hold_lives_as_long_as_its_call_even_past_the_ttl(stack, engine, clients):
-    """#3: a call longer than the TTL used to lose its hold; a second call then spent under room for one."""
-    settings = budget_settings(stack, budget_reservation_ttl_s=0.3, provider_timeout_s=0.1, budget_reservation_margin_s=0)
+    """#3: a call longer than the TTL used to lose its hold; a second call then spent under room for one.
+
+    Timings in units of the TTL, wide enough that load cannot break them: the heartbeat renews
+    every TTL/4, so only a loop stalled for 3/4 of a TTL (2.25 s) could lose the hold; the
+    second call starts 1.5 TTLs in (a hold not renewed would be gone) and gives up 1 TTL later,
+    1.5 TTLs before the first call ends."""
+    ttl = 3.0
+    settings = budget_settings(stack, budget_reservation_ttl_s=ttl, provider_timeout_s=0.1, budget_reservation_margin_s=0)
     aredis, sredis = clients(settings)
     job = _job(engine, AMOUNT * Decimal("1.5"))
     events = []
 
     async def main():
         b = budget.Budget(settings, engine, aredis, sredis)
-        first = Limited(SlowProvider(2.0), _req(job, "r0"), b)
+        first = Limited(SlowProvider(4 * ttl), _req(job, "r0"), b)
 
         async def second():
-            await asyncio.sleep(0.5)    # past the TTL: the first hold must still be there
+            await asyncio.sleep(1.5 * ttl)    # past the TTL: the first hold must still be there
             lim = Limited(SlowProvider(0), _req(job, "r1"), b)
             try:
-                await asyncio.wait_for(lim.call({}, headers={}), 1.0)
+                await asyncio.wait_for(lim.call({}, headers={}), ttl)
                 events.append("second call went out while the first was live")
             except asyncio.TimeoutError:
                 events.append("second waited")

@@ -127,3 +127,17 @@ def test_the_batcher_path_passes_the_window_to_the_rule():
     m = raw(message(priority=3, tier=None, deadline=(now + timedelta(hours=12, minutes=30)).isoformat()))
     assert decode(m, now, offpeak_opens=window(22, 6).opens_at(now), rules=RULES)["tier"] == "peak"
     assert decode(m, now, offpeak_opens=now, rules=RULES)["tier"] == "offpeak"   # the window is open
+
+
+def test_the_held_batch_selection_is_spelled_once():
+    """schedules/release.py and schedules/deadlines.py used to pick held batches each in their own
+    words (by tier, by deadline, to fail the missed): one selection now, in schedules/release.py."""
+    import ast
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2] / "schedules"
+    picks = re.compile(r"FROM batches\b[^()]*?status\s*=\s*'held'", re.I)
+    found = [f"{path.name}:{node.lineno}" for path in (root / "release.py", root / "deadlines.py")
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str) and picks.search(node.value)]
+    assert len(found) == 1, found

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 from pipeline.config import Settings
 from pipeline.constants import CHAT_URL
@@ -37,7 +39,7 @@ def batch_format(provider: str) -> str:
 
 def cancel_confirmed(provider: str) -> tuple:
     """The provider statuses that confirm a cancel, in its Batch API's words."""
-    return OPENAI_CANCEL_CONFIRMED if batch_format(provider) == "openai" else ANTHROPIC_CANCEL_CONFIRMED
+    return _API[batch_format(provider)].cancel_confirmed
 
 
 def _openai(settings: Settings, provider: str = "openai", *, retries: int = 2, timeout: float = 120):
@@ -53,6 +55,36 @@ def _anthropic(settings: Settings, provider: str = "anthropic", *, retries: int 
     spec = get_registry().get(provider)
     return anthropic.AsyncAnthropic(api_key=spec.keys[0].reveal(), base_url=spec.base_url,
                                     max_retries=retries, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class _Format:
+    """What differs between the two Batch APIs where a batch is read, cancelled or its status told."""
+
+    client: Callable          # (settings, provider, **kw) -> an async SDK client
+    batches: Callable         # client -> its batches resource
+    status_field: str         # the batch object's status attribute
+    ended: tuple              # the statuses after which nothing runs any more
+    cancel_confirmed: tuple
+
+    def status(self, batch) -> str:
+        return getattr(batch, self.status_field)
+
+
+_API = {
+    "openai": _Format(_openai, lambda c: c.batches, "status", OPENAI_ENDED, OPENAI_CANCEL_CONFIRMED),
+    "anthropic": _Format(_anthropic, lambda c: c.messages.batches, "processing_status", ("ended",),
+                         ANTHROPIC_CANCEL_CONFIRMED),
+}
+
+
+def _jsonl(text: str) -> list[dict]:
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
+async def _anthropic_results(client, results_url: str) -> list[dict]:
+    resp = await client.get(results_url, cast_to=http_response, options={"headers": {"Accept": "application/binary"}})
+    return _jsonl(resp.text)
 
 
 class NotCreated(PermanentProviderError):
@@ -82,16 +114,12 @@ async def create(settings: Settings, pb_id: str, provider: str, content: bytes, 
                     raise NotCreated(f"input file upload failed: {e}") from e
                 b = await client.batches.create(input_file_id=f.id, endpoint=endpoint,
                                                 completion_window="24h", metadata={"llmbatch_id": pb_id})
-                info = {"provider_batch_id": b.id, "input_file_id": f.id, "provider_status": b.status}
-                if cancelled():
-                    info["cancel_status"] = await _quiet(client.batches.cancel(b.id), "status")
-                return info
+                info = {"provider_batch_id": b.id, "input_file_id": f.id}
+                return await _created(_API["openai"], client, b, info, cancelled)
         async with _anthropic(settings, provider, **kw) as client:
             b = await client.messages.batches.create(requests=lines)
-            info = {"provider_batch_id": b.id, "input_file_id": None, "provider_status": b.processing_status}
-            if cancelled():
-                info["cancel_status"] = await _quiet(client.messages.batches.cancel(b.id), "processing_status")
-            return info
+            return await _created(_API["anthropic"], client, b, {"provider_batch_id": b.id, "input_file_id": None},
+                                  cancelled)
     except NotCreated:
         raise
     except Exception as e:
@@ -100,13 +128,18 @@ async def create(settings: Settings, pb_id: str, provider: str, content: bytes, 
         raise
 
 
-async def _quiet(call, field: str) -> str | None:
-    """The status a cancel answered, or None when it failed (the scheduler sends it again)."""
-    try:
-        return getattr(await call, field)
-    except Exception as e:
-        log.warning("cancelling a provider batch just created failed (the scheduler retries): %s", e)
-        return None
+async def _created(api: _Format, client, batch, info: dict, cancelled) -> dict:
+    """``info`` with the new batch's status; cancelled at once when ``cancelled()`` says so
+    (``cancel_status``: the status the cancel answered, None when it failed and the scheduler
+    sends it again)."""
+    info["provider_status"] = api.status(batch)
+    if cancelled():
+        try:
+            info["cancel_status"] = api.status(await api.batches(client).cancel(batch.id))
+        except Exception as e:
+            log.warning("cancelling a provider batch just created failed (the scheduler retries): %s", e)
+            info["cancel_status"] = None
+    return info
 
 
 def _epoch(value) -> float:
@@ -144,9 +177,7 @@ async def find_anthropic(settings: Settings, intents: list[dict], known, provide
         wanted = {b["id"] for bs in _candidates(intents, listed).values() for b in bs}
         for b in listed:
             if b["id"] in wanted and b["status"] == "ended" and b["results_url"]:
-                resp = await client.get(b["results_url"], cast_to=http_response,
-                                        options={"headers": {"Accept": "application/binary"}})
-                b["pids"] = {json.loads(x).get("custom_id") for x in resp.text.splitlines() if x.strip()}
+                b["pids"] = {x.get("custom_id") for x in await _anthropic_results(client, b["results_url"])}
     return match_anthropic(intents, listed)
 
 
@@ -193,40 +224,32 @@ def match_anthropic(intents: list[dict], batches: list[dict]) -> dict[str, tuple
 
 async def poll(settings: Settings, provider: str, provider_batch_id: str) -> tuple[str, bool, list[dict] | None]:
     """``(provider status, ended, result lines when ended)``."""
-    if batch_format(provider) == "openai":
-        async with _openai(settings, provider) as client:
-            b = await client.batches.retrieve(provider_batch_id)
-            if b.status not in OPENAI_ENDED:
-                return b.status, False, None
-            lines = []
-            for fid in (b.output_file_id, b.error_file_id):
-                if fid:
-                    content = await client.files.content(fid)
-                    lines.extend(json.loads(x) for x in content.text.splitlines() if x.strip())
-            if b.status == "failed" and b.errors:
-                log.warning("provider batch %s failed: %s", provider_batch_id,
-                            [e.message for e in (b.errors.data or [])][:5])
-            return b.status, True, lines
-    async with _anthropic(settings, provider) as client:
-        b = await client.messages.batches.retrieve(provider_batch_id)
-        if b.processing_status != "ended":
-            return b.processing_status, False, None
-        resp = await client.get(b.results_url, cast_to=http_response,
-                                options={"headers": {"Accept": "application/binary"}})
-        return "ended", True, [json.loads(x) for x in resp.text.splitlines() if x.strip()]
+    fmt = batch_format(provider)
+    api = _API[fmt]
+    async with api.client(settings, provider) as client:
+        b = await api.batches(client).retrieve(provider_batch_id)
+        state = api.status(b)
+        if state not in api.ended:
+            return state, False, None
+        if fmt == "anthropic":
+            return state, True, await _anthropic_results(client, b.results_url)
+        lines = []
+        for fid in (b.output_file_id, b.error_file_id):
+            if fid:
+                lines.extend(_jsonl((await client.files.content(fid)).text))
+        if state == "failed" and b.errors:
+            log.warning("provider batch %s failed: %s", provider_batch_id,
+                        [e.message for e in (b.errors.data or [])][:5])
+        return state, True, lines
 
 
 async def cancel(settings: Settings, provider: str, provider_batch_id: str) -> str:
-    if batch_format(provider) == "openai":
-        async with _openai(settings, provider) as client:
-            return (await client.batches.cancel(provider_batch_id)).status
-    async with _anthropic(settings, provider) as client:
-        return (await client.messages.batches.cancel(provider_batch_id)).processing_status
+    api = _API[batch_format(provider)]
+    async with api.client(settings, provider) as client:
+        return api.status(await api.batches(client).cancel(provider_batch_id))
 
 
 async def status(settings: Settings, provider: str, provider_batch_id: str) -> str:
-    if batch_format(provider) == "openai":
-        async with _openai(settings, provider) as client:
-            return (await client.batches.retrieve(provider_batch_id)).status
-    async with _anthropic(settings, provider) as client:
-        return (await client.messages.batches.retrieve(provider_batch_id)).processing_status
+    api = _API[batch_format(provider)]
+    async with api.client(settings, provider) as client:
+        return api.status(await api.batches(client).retrieve(provider_batch_id))

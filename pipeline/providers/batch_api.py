@@ -1,7 +1,9 @@
 """The providers' Batch APIs: create, find, poll and cancel a provider batch (OpenAI Files +
 Batches, Anthropic Message Batches) through the official async SDKs.
 
-The scheduler (schedules/pb_submit.py, schedules/pb_ingest.py) and ``cancel_job``
+Every call goes out on the batch's key (``key_alias``: chosen by the scheduler when the batch is
+first sent, by headroom among the live keys as realtime chooses, and kept on its row). The
+scheduler (schedules/pb_submit.py, schedules/pb_ingest.py) and ``cancel_job``
 (pipeline/stores/jobs.py) call these; they hold no Postgres transaction and write nothing:
 what a call means for our rows is decided by its caller. ``create`` makes one attempt with
 the SDK's retries off (a retried create is a second batch, billed twice).
@@ -16,9 +18,9 @@ from typing import Callable
 
 from pipeline.config import Settings
 from pipeline.constants import CHAT_URL
-from pipeline.errors import PermanentProviderError
+from pipeline.errors import ConfigError, PermanentProviderError
 from pipeline.providers.base import http_response
-from pipeline.providers.registry import get_registry
+from pipeline.providers.registry import KeySpec, get_registry
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +44,33 @@ def cancel_confirmed(provider: str) -> tuple:
     return _API[batch_format(provider)].cancel_confirmed
 
 
-def _openai(settings: Settings, provider: str = "openai", *, retries: int = 2, timeout: float = 120):
-    """An SDK client on the provider's first key (the Batch API's calls are few: no key rotation)."""
+def _key(provider: str, key_alias: str | None) -> KeySpec:
+    """The key a Batch API call goes out on: the batch's own (``key_alias``, chosen by the scheduler
+    as realtime chooses: pipeline/providers/keys.py ``Keys.best``), else the provider's first."""
+    spec = get_registry().get(provider)
+    if key_alias is not None:
+        try:
+            return spec.key(key_alias)
+        except ConfigError:   # the key left the configuration: the provider's first one asks instead
+            log.warning("provider %s has no key %r any more: its batch is asked on key %r",
+                        provider, key_alias, spec.keys[0].alias)
+    return spec.keys[0]
+
+
+def _openai(settings: Settings, provider: str = "openai", *, key_alias: str | None = None, retries: int = 2,
+            timeout: float = 120):
+    """An SDK client on the batch's key (``_key``)."""
     import openai
     spec = get_registry().get(provider)
-    return openai.AsyncOpenAI(api_key=spec.keys[0].reveal(), base_url=spec.base_url,
+    return openai.AsyncOpenAI(api_key=_key(provider, key_alias).reveal(), base_url=spec.base_url,
                               max_retries=retries, timeout=timeout)
 
 
-def _anthropic(settings: Settings, provider: str = "anthropic", *, retries: int = 2, timeout: float = 120):
+def _anthropic(settings: Settings, provider: str = "anthropic", *, key_alias: str | None = None,
+               retries: int = 2, timeout: float = 120):
     import anthropic
     spec = get_registry().get(provider)
-    return anthropic.AsyncAnthropic(api_key=spec.keys[0].reveal(), base_url=spec.base_url,
+    return anthropic.AsyncAnthropic(api_key=_key(provider, key_alias).reveal(), base_url=spec.base_url,
                                     max_retries=retries, timeout=timeout)
 
 
@@ -98,13 +115,15 @@ def _refused(e: Exception) -> bool:
 
 
 async def create(settings: Settings, pb_id: str, provider: str, content: bytes, lines: list,
-                  cancelled=lambda: False, *, endpoint: str = CHAT_URL) -> dict:
+                  cancelled=lambda: False, *, endpoint: str = CHAT_URL, key_alias: str | None = None) -> dict:
     """One attempt, no SDK retries (a retried create is a second batch); an OpenAI batch is
-    created for ``endpoint``, the url of every line of ``content``. Raises ``NotCreated`` when
+    created for ``endpoint``, the url of every line of ``content``, on key ``key_alias`` (``key_alias``
+    in the answer: the key the batch is read and cancelled with). Raises ``NotCreated`` when
     the provider refused; any other exception leaves the outcome unknown. When ``cancelled()`` says
     the job was cancelled while the call was under way, the new batch is cancelled at once, on the
     same connection (``cancel_status`` in the answer): every moment lets the provider run lines."""
-    kw = {"retries": 0, "timeout": settings.provider_batch_create_timeout_s}
+    key_alias = _key(provider, key_alias).alias
+    kw = {"retries": 0, "timeout": settings.provider_batch_create_timeout_s, "key_alias": key_alias}
     try:
         if batch_format(provider) == "openai":
             async with _openai(settings, provider, **kw) as client:
@@ -114,12 +133,12 @@ async def create(settings: Settings, pb_id: str, provider: str, content: bytes, 
                     raise NotCreated(f"input file upload failed: {e}") from e
                 b = await client.batches.create(input_file_id=f.id, endpoint=endpoint,
                                                 completion_window="24h", metadata={"llmbatch_id": pb_id})
-                info = {"provider_batch_id": b.id, "input_file_id": f.id}
+                info = {"provider_batch_id": b.id, "input_file_id": f.id, "key_alias": key_alias}
                 return await _created(_API["openai"], client, b, info, cancelled)
         async with _anthropic(settings, provider, **kw) as client:
             b = await client.messages.batches.create(requests=lines)
-            return await _created(_API["anthropic"], client, b, {"provider_batch_id": b.id, "input_file_id": None},
-                                  cancelled)
+            return await _created(_API["anthropic"], client, b, {"provider_batch_id": b.id, "input_file_id": None,
+                                                                 "key_alias": key_alias}, cancelled)
     except NotCreated:
         raise
     except Exception as e:
@@ -146,10 +165,11 @@ def _epoch(value) -> float:
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
-async def find_openai(settings: Settings, pb_id: str, since: float, provider: str = "openai") -> dict | None:
+async def find_openai(settings: Settings, pb_id: str, since: float, provider: str = "openai", *,
+                      key_alias: str | None = None) -> dict | None:
     """An OpenAI batch created for ``pb_id`` (its metadata names it), among those created since
-    ``since`` (unix time, the first attempt; the listing is newest first)."""
-    async with _openai(settings, provider) as client:
+    ``since`` (unix time, the first attempt; the listing is newest first), listed on its key."""
+    async with _openai(settings, provider, key_alias=key_alias) as client:
         async for b in client.batches.list(limit=100):
             if (b.metadata or {}).get("llmbatch_id") == pb_id:
                 return {"provider_batch_id": b.id, "input_file_id": b.input_file_id, "provider_status": b.status}
@@ -158,12 +178,14 @@ async def find_openai(settings: Settings, pb_id: str, since: float, provider: st
     return None
 
 
-async def find_anthropic(settings: Settings, intents: list[dict], known, provider: str = "anthropic") -> dict[str, tuple]:
+async def find_anthropic(settings: Settings, intents: list[dict], known, provider: str = "anthropic", *,
+                         key_alias: str | None = None) -> dict[str, tuple]:
     """Anthropic batches carry no metadata: list the provider's batches created since the earliest
-    window opened, drop those a row of ours owns (``known(ids)``), read the custom_ids of the ended
-    ones that match an intent's count and window, and let ``match_anthropic`` decide."""
+    window opened (on ``key_alias``), drop those a row of ours owns (``known(ids)``), read the
+    custom_ids of the ended ones that match an intent's count and window, and let
+    ``match_anthropic`` decide."""
     earliest = min(i["start"] for i in intents)
-    async with _anthropic(settings, provider) as client:
+    async with _anthropic(settings, provider, key_alias=key_alias) as client:
         listed = []
         async for b in client.messages.batches.list(limit=1000):
             if _epoch(b.created_at) < earliest:
@@ -222,11 +244,12 @@ def match_anthropic(intents: list[dict], batches: list[dict]) -> dict[str, tuple
     return out
 
 
-async def poll(settings: Settings, provider: str, provider_batch_id: str) -> tuple[str, bool, list[dict] | None]:
-    """``(provider status, ended, result lines when ended)``."""
+async def poll(settings: Settings, provider: str, provider_batch_id: str, *,
+               key_alias: str | None = None) -> tuple[str, bool, list[dict] | None]:
+    """``(provider status, ended, result lines when ended)``, asked on the batch's key."""
     fmt = batch_format(provider)
     api = _API[fmt]
-    async with api.client(settings, provider) as client:
+    async with api.client(settings, provider, key_alias=key_alias) as client:
         b = await api.batches(client).retrieve(provider_batch_id)
         state = api.status(b)
         if state not in api.ended:
@@ -243,13 +266,13 @@ async def poll(settings: Settings, provider: str, provider_batch_id: str) -> tup
         return state, True, lines
 
 
-async def cancel(settings: Settings, provider: str, provider_batch_id: str) -> str:
+async def cancel(settings: Settings, provider: str, provider_batch_id: str, *, key_alias: str | None = None) -> str:
     api = _API[batch_format(provider)]
-    async with api.client(settings, provider) as client:
+    async with api.client(settings, provider, key_alias=key_alias) as client:
         return api.status(await api.batches(client).cancel(provider_batch_id))
 
 
-async def status(settings: Settings, provider: str, provider_batch_id: str) -> str:
+async def status(settings: Settings, provider: str, provider_batch_id: str, *, key_alias: str | None = None) -> str:
     api = _API[batch_format(provider)]
-    async with api.client(settings, provider) as client:
+    async with api.client(settings, provider, key_alias=key_alias) as client:
         return api.status(await api.batches(client).retrieve(provider_batch_id))

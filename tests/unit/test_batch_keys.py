@@ -47,3 +47,63 @@ def test_an_anthropic_kind_provider_of_any_name_gets_the_messages_url(claude_eu)
     assert Request.probe("j", "c", "claude-eu", {"model": "claude-haiku-4-5"}, "realtime").endpoint \
         == ANTHROPIC_MESSAGES_URL
     assert Request.from_row({**row, "provider": "openai"}).endpoint == CHAT_URL
+
+
+def test_the_batch_key_is_the_live_one_with_the_most_headroom():
+    a, b = KeySpec("eu-main", rpm=300), KeySpec("eu-spare", rpm=150)
+    w = Windows(used={"eu-main": 200})           # eu-main: 1/3 free, eu-spare: all free
+    keys = Keys(w)
+    assert asyncio.run(keys.best("claude-eu", (a, b), "claude-haiku-4-5")) is b
+    w.used["eu-spare"] = 140
+    assert asyncio.run(keys.best("claude-eu", (a, b), "claude-haiku-4-5")) is a
+    w.redis[dead_key("claude-eu", "eu-main")] = "401"   # revoked: never chosen, whatever its headroom
+    keys = Keys(w)
+    assert asyncio.run(keys.best("claude-eu", (a, b), "claude-haiku-4-5")) is b
+    w.redis[dead_key("claude-eu", "eu-spare")] = "401"
+    with pytest.raises(NoUsableKey):
+        asyncio.run(Keys(w).best("claude-eu", (a, b), "claude-haiku-4-5"))
+
+
+def test_a_second_anthropic_kind_provider_runs_a_batch_on_the_key_it_was_given(claude_eu):
+    """Created, polled and read back through the simulator's /p/claude-eu on the chosen key, which
+    the simulator bills and the answer names."""
+    from tests.unit.test_simulator_providers import PROVIDERS, serve, stats
+
+    providers = {**PROVIDERS, "claude-eu": {**PROVIDERS["claude-eu"], "keys": SIM_KEYS}}
+
+    async def body():
+        async with serve(providers=providers) as (url, oa, http):
+            settings = claude_eu(f"{url}/p/claude-eu")
+            assert batch_api.batch_format("claude-eu") == "anthropic"
+            lines = [{"custom_id": f"q{i}", "params": {"model": "claude-haiku-4-5", "max_tokens": 5,
+                                                         "messages": [{"role": "user", "content": f"hi {i}"}]}}
+                     for i in range(3)]
+            info = await batch_api.create(settings, "pb_test", "claude-eu", b"", lines, key_alias="eu-spare")
+            assert info["key_alias"] == "eu-spare" and info["provider_batch_id"].startswith("msgbatch_")
+            for _ in range(200):
+                state, done, results = await batch_api.poll(settings, "claude-eu", info["provider_batch_id"],
+                                                            key_alias="eu-spare")
+                if done:
+                    break
+                await asyncio.sleep(0.05)
+            assert done and state == "ended"
+            assert sorted(r["custom_id"] for r in results) == ["q0", "q1", "q2"]
+            assert {r["result"]["type"] for r in results} == {"succeeded"}
+            s = await stats(http, url)
+            assert set(s["claude-eu"]["keys"]) == {"eu-spare"}   # billed to the key it went out on
+    asyncio.run(body())
+
+
+def test_a_provider_batch_result_names_the_key_it_went_out_on():
+    from pipeline.money.pricing import get_price_book
+    from pipeline.paths.provider_batch import outcome_of_line
+    req = Request.from_row({"job_id": "j", "custom_id": "c", "provider": "openai", "model": "gpt-4o-mini",
+                            "tier": "offpeak", "endpoint": CHAT_URL, "path": "provider_batch",
+                            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}})
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9}}
+    line = {"custom_id": "q", "response": {"status_code": 200, "request_id": "req_1", "body": body}, "error": None}
+    outcome, attempt, _ = outcome_of_line(req, line, get_price_book(), "team-b")
+    assert outcome.key_alias == "team-b" and attempt["key_alias"] == "team-b"
+    assert outcome.to_row()["key_alias"] == "team-b"

@@ -311,9 +311,9 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
     (held again, holds freed), ``unknown`` (left for ``recover_creating``, holds kept) or ``skipped``."""
     try:
         key = _batch_key(pb_id, settings, engine)
-    except NoUsableKey as e:   # nothing was sent: held again, holds freed
+    except NoUsableKey as e:   # nothing was sent; as in realtime, its requests fail with that reason
         log.warning("provider batch %s: not sent: %s", pb_id, e)
-        _abandon(engine, pb_id, str(e), settings)
+        _fail_unsent(engine, pb_id, e, settings)
         return "refused"
     with engine.begin() as conn:
         row = conn.execute(sa.text(
@@ -414,6 +414,21 @@ def _abandon(engine, pb_id: str, reason: str, settings: Settings | None = None) 
     settings = settings or get_settings()
     budget = loop.budget(settings, engine)
     loop.run(budget.release_ids([request_key(j, c) for j, c, _ in keys]))
+
+
+def _fail_unsent(engine, pb_id: str, error: NoUsableKey, settings: Settings) -> None:
+    """A provider batch that cannot be sent (every key of its provider is out of the rotation):
+    its requests fail with the reason, never retried for ever, and their holds are freed."""
+    with engine.begin() as conn:
+        reqs = [r for r, state in pb_requests(conn, pb_id) if state["status"] == "running"]
+        conn.execute(sa.text(
+            "UPDATE provider_batches SET status = 'abandoned', error = :e, ended_at = now() WHERE id = :id"),
+            {"id": pb_id, "e": str(error)[:2000]})
+        sequence.write(conn, [Outcome.failed(r, error.code, str(error)) for r in reqs], [])
+        conn.execute(sa.text("UPDATE batches SET status = 'done', finished_at = now()"
+                             " WHERE provider_batch = :id AND status = 'submitted'"), {"id": pb_id})
+        job_store.refresh_jobs(conn, {r.job_id for r in reqs})
+    loop.run(loop.budget(settings, engine).release_ids([r.key for r in reqs]))
 
 
 def _known_ids(engine):

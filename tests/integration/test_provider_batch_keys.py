@@ -92,3 +92,25 @@ def test_an_anthropic_kind_provider_of_its_own_name_runs_its_provider_batches(st
     assert urls == {"/v1/messages"}
     assert all(a["type"] == "message" and a["content"][0]["type"] == "text" for a in answers)
     assert {x["key_alias"] for x in rows} == {"eu-1"} and stats["keys"]["eu-1"]["batch_lines"] == n
+
+
+def test_with_every_key_out_a_provider_batch_fails_no_usable_key_once(stack, engine, env, tmp_path):
+    """As in realtime: the requests fail with that reason, they are not sent again every tick."""
+    r = redis.Redis.from_url(stack.redis_url)
+    marks = [dead_key(TWO.name, alias) for alias in TWO.keys]
+    for m in marks:
+        r.set(m, "401 in a test")
+    try:
+        job = _submit(env, tmp_path, [
+            {"custom_id": f"n{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": f"{TWO.name}/{LLAMA}", "max_tokens": 8,
+                      "messages": [{"role": "user", "content": f"no key {i}"}]}} for i in range(3)], "nokey")
+        assert wait_job(engine, job, timeout=120) == "failed"
+    finally:
+        for m in marks:
+            r.delete(m)
+    with engine.connect() as conn:
+        codes = conn.execute(sa.text("SELECT error->>'code' FROM results WHERE job_id = :j"), {"j": job}).scalars().all()
+    pbs = _batches(engine, job)
+    assert codes == ["no_usable_key"] * 3
+    assert [p["status"] for p in pbs] == ["abandoned"]   # one row: not created again every tick

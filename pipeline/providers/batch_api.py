@@ -20,7 +20,7 @@ from pipeline.config import Settings
 from pipeline.constants import CHAT_URL
 from pipeline.errors import ConfigError, PermanentProviderError
 from pipeline.providers.base import http_response
-from pipeline.providers.registry import KeySpec, get_registry
+from pipeline.providers.registry import KeySpec, ProviderSpec, get_registry
 
 log = logging.getLogger(__name__)
 
@@ -44,41 +44,34 @@ def cancel_confirmed(provider: str) -> tuple:
     return _API[batch_format(provider)].cancel_confirmed
 
 
-def _key(provider: str, key_alias: str | None) -> KeySpec:
+def _key(spec: ProviderSpec, key_alias: str | None) -> KeySpec:
     """The key a Batch API call goes out on: the batch's own (``key_alias``, chosen by the scheduler
     as realtime chooses: pipeline/providers/keys.py ``Keys.best``), else the provider's first."""
-    spec = get_registry().get(provider)
     if key_alias is not None:
         try:
             return spec.key(key_alias)
         except ConfigError:   # the key left the configuration: the provider's first one asks instead
             log.warning("provider %s has no key %r any more: its batch is asked on key %r",
-                        provider, key_alias, spec.keys[0].alias)
+                        spec.name, key_alias, spec.keys[0].alias)
     return spec.keys[0]
 
 
-def _openai(settings: Settings, provider: str = "openai", *, key_alias: str | None = None, retries: int = 2,
+def _client(settings: Settings, provider: str, *, key_alias: str | None = None, retries: int = 2,
             timeout: float = 120):
-    """An SDK client on the batch's key (``_key``)."""
-    import openai
+    """An async SDK client of the provider's Batch API format, on the batch's key (``_key``)."""
     spec = get_registry().get(provider)
-    return openai.AsyncOpenAI(api_key=_key(provider, key_alias).reveal(), base_url=spec.base_url,
-                              max_retries=retries, timeout=timeout)
-
-
-def _anthropic(settings: Settings, provider: str = "anthropic", *, key_alias: str | None = None,
-               retries: int = 2, timeout: float = 120):
-    import anthropic
-    spec = get_registry().get(provider)
-    return anthropic.AsyncAnthropic(api_key=_key(provider, key_alias).reveal(), base_url=spec.base_url,
-                                    max_retries=retries, timeout=timeout)
+    if batch_format(provider) == "openai":
+        from openai import AsyncOpenAI as sdk
+    else:
+        from anthropic import AsyncAnthropic as sdk
+    return sdk(api_key=_key(spec, key_alias).reveal(), base_url=spec.base_url, max_retries=retries,
+               timeout=timeout)
 
 
 @dataclass(frozen=True)
 class _Format:
     """What differs between the two Batch APIs where a batch is read, cancelled or its status told."""
 
-    client: Callable          # (settings, provider, **kw) -> an async SDK client
     batches: Callable         # client -> its batches resource
     status_field: str         # the batch object's status attribute
     ended: tuple              # the statuses after which nothing runs any more
@@ -89,9 +82,8 @@ class _Format:
 
 
 _API = {
-    "openai": _Format(_openai, lambda c: c.batches, "status", OPENAI_ENDED, OPENAI_CANCEL_CONFIRMED),
-    "anthropic": _Format(_anthropic, lambda c: c.messages.batches, "processing_status", ("ended",),
-                         ANTHROPIC_CANCEL_CONFIRMED),
+    "openai": _Format(lambda c: c.batches, "status", OPENAI_ENDED, OPENAI_CANCEL_CONFIRMED),
+    "anthropic": _Format(lambda c: c.messages.batches, "processing_status", ("ended",), ANTHROPIC_CANCEL_CONFIRMED),
 }
 
 
@@ -122,11 +114,11 @@ async def create(settings: Settings, pb_id: str, provider: str, content: bytes, 
     the provider refused; any other exception leaves the outcome unknown. When ``cancelled()`` says
     the job was cancelled while the call was under way, the new batch is cancelled at once, on the
     same connection (``cancel_status`` in the answer): every moment lets the provider run lines."""
-    key_alias = _key(provider, key_alias).alias
+    key_alias = _key(get_registry().get(provider), key_alias).alias
     kw = {"retries": 0, "timeout": settings.provider_batch_create_timeout_s, "key_alias": key_alias}
     try:
         if batch_format(provider) == "openai":
-            async with _openai(settings, provider, **kw) as client:
+            async with _client(settings, provider, **kw) as client:
                 try:   # a file alone is never billed: a failed upload is a refusal
                     f = await client.files.create(file=(f"{pb_id}.jsonl", content), purpose="batch")
                 except Exception as e:
@@ -135,7 +127,7 @@ async def create(settings: Settings, pb_id: str, provider: str, content: bytes, 
                                                 completion_window="24h", metadata={"llmbatch_id": pb_id})
                 info = {"provider_batch_id": b.id, "input_file_id": f.id, "key_alias": key_alias}
                 return await _created(_API["openai"], client, b, info, cancelled)
-        async with _anthropic(settings, provider, **kw) as client:
+        async with _client(settings, provider, **kw) as client:
             b = await client.messages.batches.create(requests=lines)
             return await _created(_API["anthropic"], client, b, {"provider_batch_id": b.id, "input_file_id": None,
                                                                  "key_alias": key_alias}, cancelled)
@@ -169,7 +161,7 @@ async def find_openai(settings: Settings, pb_id: str, since: float, provider: st
                       key_alias: str | None = None) -> dict | None:
     """An OpenAI batch created for ``pb_id`` (its metadata names it), among those created since
     ``since`` (unix time, the first attempt; the listing is newest first), listed on its key."""
-    async with _openai(settings, provider, key_alias=key_alias) as client:
+    async with _client(settings, provider, key_alias=key_alias) as client:
         async for b in client.batches.list(limit=100):
             if (b.metadata or {}).get("llmbatch_id") == pb_id:
                 return {"provider_batch_id": b.id, "input_file_id": b.input_file_id, "provider_status": b.status}
@@ -185,7 +177,7 @@ async def find_anthropic(settings: Settings, intents: list[dict], known, provide
     custom_ids of the ended ones that match an intent's count and window, and let
     ``match_anthropic`` decide."""
     earliest = min(i["start"] for i in intents)
-    async with _anthropic(settings, provider, key_alias=key_alias) as client:
+    async with _client(settings, provider, key_alias=key_alias) as client:
         listed = []
         async for b in client.messages.batches.list(limit=1000):
             if _epoch(b.created_at) < earliest:
@@ -249,7 +241,7 @@ async def poll(settings: Settings, provider: str, provider_batch_id: str, *,
     """``(provider status, ended, result lines when ended)``, asked on the batch's key."""
     fmt = batch_format(provider)
     api = _API[fmt]
-    async with api.client(settings, provider, key_alias=key_alias) as client:
+    async with _client(settings, provider, key_alias=key_alias) as client:
         b = await api.batches(client).retrieve(provider_batch_id)
         state = api.status(b)
         if state not in api.ended:
@@ -268,11 +260,11 @@ async def poll(settings: Settings, provider: str, provider_batch_id: str, *,
 
 async def cancel(settings: Settings, provider: str, provider_batch_id: str, *, key_alias: str | None = None) -> str:
     api = _API[batch_format(provider)]
-    async with api.client(settings, provider, key_alias=key_alias) as client:
+    async with _client(settings, provider, key_alias=key_alias) as client:
         return api.status(await api.batches(client).cancel(provider_batch_id))
 
 
 async def status(settings: Settings, provider: str, provider_batch_id: str, *, key_alias: str | None = None) -> str:
     api = _API[batch_format(provider)]
-    async with api.client(settings, provider, key_alias=key_alias) as client:
+    async with _client(settings, provider, key_alias=key_alias) as client:
         return api.status(await api.batches(client).retrieve(provider_batch_id))

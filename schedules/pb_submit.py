@@ -420,11 +420,16 @@ def _fail_unsent(engine, pb_id: str, error: NoUsableKey, settings: Settings) -> 
     """A provider batch that cannot be sent (every key of its provider is out of the rotation):
     its requests fail with the reason, never retried for ever, and their holds are freed."""
     with engine.begin() as conn:
-        reqs = [r for r, state in pb_requests(conn, pb_id) if state["status"] == "running"]
-        conn.execute(sa.text(
-            "UPDATE provider_batches SET status = 'abandoned', error = :e, ended_at = now() WHERE id = :id"),
-            {"id": pb_id, "e": str(error)[:2000]})
-        sequence.write(conn, [Outcome.failed(r, error.code, str(error)) for r in reqs], [])
+        # never attempted (a key, once chosen, is kept): nothing can have reached the provider
+        if conn.execute(sa.text(
+                "UPDATE provider_batches SET status = 'abandoned', error = :e, ended_at = now()"
+                " WHERE id = :id AND status = 'creating' AND create_attempts = 0 RETURNING id"),
+                {"id": pb_id, "e": str(error)[:2000]}).first() is None:
+            return
+        rows = [(r, state) for r, state in pb_requests(conn, pb_id) if state["status"] == "running"]
+        reqs = [r for r, _ in rows]
+        sequence.write(conn, [Outcome.cancelled(r, "the job was cancelled") if state["job_status"] == "cancelled"
+                              else Outcome.failed(r, error.code, str(error)) for r, state in rows], [])
         conn.execute(sa.text("UPDATE batches SET status = 'done', finished_at = now()"
                              " WHERE provider_batch = :id AND status = 'submitted'"), {"id": pb_id})
         job_store.refresh_jobs(conn, {r.job_id for r in reqs})

@@ -12,11 +12,11 @@ import json
 
 import pytest
 
-from pipeline.config import get_settings, load_settings
+from pipeline.config import get_settings
 from pipeline.constants import ANTHROPIC_MESSAGES_URL, CHAT_URL
 from pipeline.providers import batch_api
 from pipeline.providers.keys import Keys, NoUsableKey, dead_key
-from pipeline.providers.registry import KeySpec, build_registry
+from pipeline.providers.registry import KeySpec, get_registry
 from pipeline.request import Request
 from tests.unit.test_keys import Windows
 
@@ -27,6 +27,12 @@ CLAUDE_EU = {"kind": "anthropic", "batch": "anthropic",
 SIM_KEYS = [{"key": "eu-main-SECRET", "alias": "eu-main"}, {"key": "eu-spare-SECRET", "alias": "eu-spare"}]
 
 
+def _fresh() -> None:
+    """The process's settings and registry are read again (both are built once per process)."""
+    get_settings.cache_clear()
+    get_registry.cache_clear()
+
+
 @pytest.fixture
 def claude_eu(monkeypatch):
     """The process's settings name claude-eu (the registry the pipeline reads is built from them)."""
@@ -34,10 +40,10 @@ def claude_eu(monkeypatch):
         monkeypatch.setenv("LLMBATCH_PROVIDERS", json.dumps({"claude-eu": {**CLAUDE_EU, "base_url": base_url}}))
         monkeypatch.setenv("EU_MAIN", "eu-main-SECRET")
         monkeypatch.setenv("EU_SPARE", "eu-spare-SECRET")
-        get_settings.cache_clear()
+        _fresh()
         return get_settings()
     yield configure
-    get_settings.cache_clear()
+    _fresh()
 
 
 def test_an_anthropic_kind_provider_of_any_name_gets_the_messages_url(claude_eu):
@@ -107,3 +113,39 @@ def test_a_provider_batch_result_names_the_key_it_went_out_on():
     outcome, attempt, _ = outcome_of_line(req, line, get_price_book(), "team-b")
     assert outcome.key_alias == "team-b" and attempt["key_alias"] == "team-b"
     assert outcome.to_row()["key_alias"] == "team-b"
+
+
+def test_an_openai_format_batch_is_created_polled_and_found_on_its_key(monkeypatch):
+    """The OpenAI Files + Batches side: the chosen key uploads, creates, lists and reads back."""
+    from tests.unit.test_simulator_providers import serve, stats
+
+    async def body():
+        async with serve() as (url, oa, http):
+            monkeypatch.setenv("LLMBATCH_PROVIDERS", json.dumps({"together": {
+                "kind": "openai", "batch": "openai", "base_url": f"{url}/p/together/v1",
+                "keys": [{"alias": "one", "env": "TK1"}, {"alias": "second", "env": "TK2"}]}}))
+            monkeypatch.setenv("TK1", "tk-one-SECRET")
+            monkeypatch.setenv("TK2", "tk-two-SECRET")
+            _fresh()
+            settings = get_settings()
+            content = "".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": CHAT_URL,
+                                          "body": {"model": "llama-70b", "max_tokens": 5,
+                                                   "messages": [{"role": "user", "content": f"hi {i}"}]}}) + "\n"
+                              for i in range(4)).encode()
+            info = await batch_api.create(settings, "pb_oa", "together", content, [], key_alias="second")
+            assert info["key_alias"] == "second"
+            found = await batch_api.find_openai(settings, "pb_oa", 0, "together", key_alias="second")
+            assert found["provider_batch_id"] == info["provider_batch_id"]
+            for _ in range(200):
+                state, done, lines = await batch_api.poll(settings, "together", info["provider_batch_id"],
+                                                          key_alias="second")
+                if done:
+                    break
+                await asyncio.sleep(0.05)
+            assert state == "completed" and len(lines) == 4
+            s = await stats(http, url)
+            assert s["together"]["keys"]["second"]["batch_lines"] == 4 and "one" not in s["together"]["keys"]
+    try:
+        asyncio.run(body())
+    finally:
+        _fresh()

@@ -24,10 +24,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 
+from pipeline.config import get_settings
 from pipeline.constants import ANTHROPIC_MESSAGES_URL, CHAT_URL
 from pipeline.ids import request_key
 from pipeline.money.bounds import Bound
 from pipeline.money.pricing import Usage
+from pipeline.providers.registry import build_registry
 
 #: a path a request may take (pipeline/paths/); "auto" lets the cost engine choose (issue 21)
 DEFAULT_PATH = "realtime"
@@ -35,9 +37,11 @@ DEFAULT_PATH = "realtime"
 
 def default_url(provider: str, kind: str | None = None) -> str:
     """The url of a request whose row names none: chat for OpenAI lines, messages for Anthropic ones.
-    ``kind``: the API shape of the provider (a registry kind), when known; else its name says it
-    (the two default providers)."""
-    return ANTHROPIC_MESSAGES_URL if (kind or provider) == "anthropic" else CHAT_URL
+    ``kind``: the API shape of the provider (a registry kind); asked of the registry when not
+    given, never read from the provider's name (a provider of kind anthropic may have any name)."""
+    if kind is None:
+        kind = build_registry(get_settings(), secret_required=False).get(provider).kind
+    return ANTHROPIC_MESSAGES_URL if kind == "anthropic" else CHAT_URL
 
 
 def _iso(value) -> str | None:

@@ -5,7 +5,7 @@ cancel: pipeline/providers/batch_api.py) and the budget (pipeline/money/budget.p
 async, the workers' own) run as coroutines on one loop that lives in a thread of
 its own for the whole process (``run``), instead of a new loop per call. The
 budget's Redis clients, its heartbeat and the SDK clients' connections belong to
-that loop.
+that loop, and so does the key chooser (``keys``) that picks a provider batch's key.
 
 It must never run a coroutine of the loop from the loop's own thread (``run``
 would wait for itself): the tick and the tests call it from other threads.
@@ -18,6 +18,8 @@ import threading
 
 from pipeline.config import Settings
 from pipeline.money import budget as budget_mod, scripts
+from pipeline.providers import ratelimit
+from pipeline.providers.keys import Keys
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -53,3 +55,17 @@ def budget(settings: Settings, engine) -> budget_mod.Budget:
     with _lock:
         _budgets[key] = (settings, engine, b)
     return b
+
+
+_keyrings: dict[int, tuple] = {}
+
+
+def keys(settings: Settings, engine) -> Keys:
+    """The scheduler's key chooser (pipeline/providers/keys.py), on its budget's Redis client: the
+    same rate windows and revocation marks the workers read."""
+    b = budget(settings, engine)
+    with _lock:
+        got = _keyrings.get(id(b))
+        if got is None or got[0] is not b:
+            got = _keyrings[id(b)] = (b, Keys(ratelimit.Limiter(settings, b.redis)))
+        return got[1]

@@ -51,13 +51,14 @@ def poll_open(*, settings: Settings | None = None, engine=None, dispatcher=dispa
     engine = engine or db.get_engine()
     with engine.connect() as conn:
         due = conn.execute(sa.text(
-            "SELECT id, provider, provider_batch_id FROM provider_batches WHERE status = 'submitted'"
+            "SELECT id, provider, provider_batch_id, counts->>'key_alias' FROM provider_batches"
+            " WHERE status = 'submitted'"
             " AND (polled_at IS NULL OR polled_at < now() - make_interval(secs => :s)) ORDER BY submitted_at"),
             {"s": settings.provider_batch_poll_s}).all()
     ended = []
-    for pb_id, provider, pbid in due:
+    for pb_id, provider, pbid, key in due:
         try:
-            status, done, lines = loop.run(batch_api.poll(settings, provider, pbid))
+            status, done, lines = loop.run(batch_api.poll(settings, provider, pbid, key_alias=key))
         except Exception as e:
             log.warning("provider batch %s (%s): poll failed, will retry: %s", pb_id, pbid, e)
             continue
@@ -67,13 +68,15 @@ def poll_open(*, settings: Settings | None = None, engine=None, dispatcher=dispa
                     "UPDATE provider_batches SET provider_status = :st, polled_at = now() WHERE id = :id"),
                     {"id": pb_id, "st": status})
             continue
-        ingest(pb_id, provider, status, lines, settings=settings, engine=engine, dispatcher=dispatcher)
+        ingest(pb_id, provider, status, lines, settings=settings, engine=engine, dispatcher=dispatcher, key_alias=key)
         ended.append(pb_id)
     return ended
 
 
 def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, settings: Settings, engine,
-           dispatcher=dispatch) -> dict:
+           dispatcher=dispatch, key_alias: str | None = None) -> dict:
+    """Write what the provider batch did (``key_alias``: the key it went out on, stored with each
+    result and attempt as realtime stores its own); returns the counts."""
     prices = get_price_book()
     requeue: list = []   # Requests the provider did not run, back to realtime
     with engine.begin() as conn:
@@ -87,7 +90,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
             if found is None:
                 counts["unknown_lines"] += 1
                 continue
-            outcome, attempt, why = outcome_of_line(found[0], line, prices)
+            outcome, attempt, why = outcome_of_line(found[0], line, prices, key_alias)
             if outcome is not None:
                 seen.add(line["custom_id"])
                 outcomes.append(outcome)
@@ -124,7 +127,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
             " AND status = 'submitted'"), {"pb": pb_id})
         conn.execute(sa.text(
             "UPDATE provider_batches SET status = 'ended', provider_status = :st, ended_at = now(),"
-            " polled_at = now(), counts = CAST(:c AS jsonb) WHERE id = :id"),
+            " polled_at = now(), counts = coalesce(counts, '{}'::jsonb) || CAST(:c AS jsonb) WHERE id = :id"),
             {"id": pb_id, "st": status, "c": db.dumps(counts)})
         job_store.refresh_jobs(conn, {r.job_id for r, _ in reqs})
         xid = budget.commit_xid(conn)

@@ -63,6 +63,8 @@ from pipeline.money import caps, units
 from pipeline.paths import base as sequence
 from pipeline.paths.provider_batch import PROVIDER_BATCH, provider_custom_id, request_line
 from pipeline.providers import batch_api
+from pipeline.providers.keys import NoUsableKey
+from pipeline.providers.registry import get_registry
 from pipeline.request import Outcome, Request
 from pipeline.stores import db, jobs as job_store
 from schedules import loop
@@ -307,14 +309,23 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
     not cancelled, with ``attempts`` attempts so far (compare-and-set: two schedulers never both
     send it). The attempt is recorded before anything is sent. Returns ``created``, ``refused``
     (held again, holds freed), ``unknown`` (left for ``recover_creating``, holds kept) or ``skipped``."""
+    try:
+        key = _batch_key(pb_id, settings, engine)
+    except NoUsableKey as e:   # nothing was sent; as in realtime, its requests fail with that reason
+        log.warning("provider batch %s: not sent: %s", pb_id, e)
+        _fail_unsent(engine, pb_id, e, settings)
+        return "refused"
     with engine.begin() as conn:
-        pb = conn.execute(sa.text(
+        row = conn.execute(sa.text(
             "UPDATE provider_batches SET create_attempts = create_attempts + 1, create_started_at = now(),"
-            " first_create_at = coalesce(first_create_at, now())"
+            " first_create_at = coalesce(first_create_at, now()),"
+            " counts = coalesce(counts, '{}'::jsonb) || jsonb_build_object('key_alias',"
+            "   coalesce(counts->>'key_alias', CAST(:k AS text)))"
             " WHERE id = :id AND status = 'creating' AND create_attempts = :n AND NOT cancel_requested"
-            " RETURNING provider"), {"id": pb_id, "n": attempts}).scalar()
-        if pb is None:
+            " RETURNING provider, counts->>'key_alias'"), {"id": pb_id, "n": attempts, "k": key}).first()
+        if row is None:
             return "skipped"
+        pb, key = row
         reqs = [r for r, _ in pb_requests(conn, pb_id)]
     lines = [{"custom_id": provider_custom_id(r), "params": r.body} for r in reqs]
     content = b"".join(request_line(r) for r in reqs)
@@ -324,7 +335,8 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
                                      {"id": pb_id}).scalar())
     try:
         endpoint = reqs[0].endpoint if reqs else CHAT_URL   # one per provider batch (pack_by_endpoint)
-        info = loop.run(batch_api.create(settings, pb_id, pb, content, lines, cancelled, endpoint=endpoint))
+        info = loop.run(batch_api.create(settings, pb_id, pb, content, lines, cancelled, endpoint=endpoint,
+                                         key_alias=key))
     except batch_api.NotCreated as e:   # the provider said no: nothing to bill, back to held, next tick retries
         log.warning("provider batch %s (%s, %d requests): creation refused, held again: %s",
                     pb_id, pb, len(reqs), e)
@@ -336,9 +348,24 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
                     type(e).__name__, e)
         return "unknown"
     _record_created(engine, pb_id, info, settings)
-    log.info("provider batch %s: %s batch %s created, %d requests, %d bytes",
-             pb_id, pb, info["provider_batch_id"], len(reqs), len(content))
+    log.info("provider batch %s: %s batch %s created on key %s, %d requests, %d bytes",
+             pb_id, pb, info["provider_batch_id"], key, len(reqs), len(content))
     return "created"
+
+
+def _batch_key(pb_id: str, settings: Settings, engine) -> str:
+    """The alias of the key ``pb_id`` goes out on: the one it was first sent on (kept in
+    ``provider_batches.counts``, so every attempt, poll and cancel asks the same account), else
+    the live key with the most headroom on its model, chosen as realtime chooses; ``NoUsableKey``
+    when every key of its provider is out of the rotation."""
+    with engine.connect() as conn:
+        provider, model, alias = conn.execute(sa.text(
+            "SELECT provider, model, counts->>'key_alias' FROM provider_batches WHERE id = :id"),
+            {"id": pb_id}).one()
+    if alias is not None:
+        return alias
+    spec = get_registry().get(provider)
+    return loop.run(loop.keys(settings, engine).best(provider, spec.keys, model)).alias
 
 
 def _record_created(engine, pb_id: str, info: dict, settings: Settings) -> bool:
@@ -347,7 +374,7 @@ def _record_created(engine, pb_id: str, info: dict, settings: Settings) -> bool:
         row = conn.execute(sa.text(
             "UPDATE provider_batches SET status = 'submitted', provider_batch_id = :pbid,"
             " input_file_id = :fid, provider_status = :st, submitted_at = now() WHERE id = :id"
-            " AND status = 'creating' RETURNING provider, cancel_requested"),
+            " AND status = 'creating' RETURNING provider, cancel_requested, counts->>'key_alias' AS key_alias"),
             {"id": pb_id, "pbid": info["provider_batch_id"], "fid": info["input_file_id"],
              "st": info["provider_status"]}).first()
     if row is None:
@@ -357,7 +384,8 @@ def _record_created(engine, pb_id: str, info: dict, settings: Settings) -> bool:
         if info.get("cancel_status") in confirmed:
             job_store.confirm_cancel(engine, pb_id, info["cancel_status"], True)
         else:
-            job_store.send_cancel(engine, pb_id, row.provider, info["provider_batch_id"], settings, run=loop.run)
+            job_store.send_cancel(engine, pb_id, row.provider, info["provider_batch_id"], settings, run=loop.run,
+                                  key_alias=row.key_alias)
     return True
 
 
@@ -388,6 +416,26 @@ def _abandon(engine, pb_id: str, reason: str, settings: Settings | None = None) 
     loop.run(budget.release_ids([request_key(j, c) for j, c, _ in keys]))
 
 
+def _fail_unsent(engine, pb_id: str, error: NoUsableKey, settings: Settings) -> None:
+    """A provider batch that cannot be sent (every key of its provider is out of the rotation):
+    its requests fail with the reason, never retried for ever, and their holds are freed."""
+    with engine.begin() as conn:
+        # never attempted (a key, once chosen, is kept): nothing can have reached the provider
+        if conn.execute(sa.text(
+                "UPDATE provider_batches SET status = 'abandoned', error = :e, ended_at = now()"
+                " WHERE id = :id AND status = 'creating' AND create_attempts = 0 RETURNING id"),
+                {"id": pb_id, "e": str(error)[:2000]}).first() is None:
+            return
+        rows = [(r, state) for r, state in pb_requests(conn, pb_id) if state["status"] == "running"]
+        reqs = [r for r, _ in rows]
+        sequence.write(conn, [Outcome.cancelled(r, "the job was cancelled") if state["job_status"] == "cancelled"
+                              else Outcome.failed(r, error.code, str(error)) for r, state in rows], [])
+        conn.execute(sa.text("UPDATE batches SET status = 'done', finished_at = now()"
+                             " WHERE provider_batch = :id AND status = 'submitted'"), {"id": pb_id})
+        job_store.refresh_jobs(conn, {r.job_id for r in reqs})
+    loop.run(loop.budget(settings, engine).release_ids([r.key for r in reqs]))
+
+
 def _known_ids(engine):
     def known(ids: list[str]) -> set[str]:
         with engine.connect() as conn:
@@ -411,7 +459,7 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
     engine = engine or db.get_engine()
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(sa.text(
-            "SELECT id, provider, requests, create_attempts, cancel_requested,"
+            "SELECT id, provider, requests, create_attempts, cancel_requested, counts->>'key_alias' AS key_alias,"
             " extract(epoch FROM first_create_at)::float8 AS first_at,"
             " extract(epoch FROM create_started_at)::float8 AS last_at,"
             " coalesce(create_started_at < now() - make_interval(secs => :t), true) AS window_closed"
@@ -425,16 +473,17 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
                 r["pids"] = {provider_custom_id(q) for q, _ in pb_requests(conn, r["id"])}
     found: dict[str, tuple] = {}
     tried = [r for r in rows if r["create_attempts"]]
-    by_provider: dict[str, list[dict]] = {}
+    by_provider: dict[tuple, list[dict]] = {}   # (provider, key alias): one listing of that account's batches
     for r in tried:
         if batch_api.batch_format(r["provider"]) == "anthropic":
-            by_provider.setdefault(r["provider"], []).append({
+            by_provider.setdefault((r["provider"], r["key_alias"]), []).append({
                 "id": r["id"], "requests": r["requests"], "pids": r["pids"],
                 "start": r["first_at"] - batch_api.CLOCK_SKEW_S,
                 "end": r["last_at"] + settings.provider_batch_create_timeout_s + batch_api.CLOCK_SKEW_S})
-    for provider, intents in by_provider.items():
+    for (provider, key), intents in by_provider.items():
         try:
-            found.update(loop.run(batch_api.find_anthropic(settings, intents, _known_ids(engine), provider)))
+            found.update(loop.run(batch_api.find_anthropic(settings, intents, _known_ids(engine), provider,
+                                                           key_alias=key)))
         except Exception as e:
             log.warning("provider batches: cannot list %s's batches to find %d unconfirmed creations: %s",
                         provider, len(intents), e)
@@ -442,7 +491,8 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
         if batch_api.batch_format(r["provider"]) != "openai":
             continue
         try:
-            hit = loop.run(batch_api.find_openai(settings, r["id"], r["first_at"], r["provider"]))
+            hit = loop.run(batch_api.find_openai(settings, r["id"], r["first_at"], r["provider"],
+                                                 key_alias=r["key_alias"]))
             found[r["id"]] = ("found", hit) if hit else ("none",)
         except Exception as e:
             log.warning("provider batch %s: cannot list OpenAI batches to find it: %s", r["id"], e)
@@ -487,8 +537,9 @@ def carry_out_cancels(*, settings: Settings | None = None, engine=None) -> int:
     engine = engine or db.get_engine()
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
-            "SELECT id, provider, provider_batch_id FROM provider_batches WHERE status = 'submitted'"
-            " AND cancel_requested AND cancel_confirmed_at IS NULL ORDER BY cancel_requested_at")).all()
-    for pb_id, provider, pbid in rows:
-        job_store.send_cancel(engine, pb_id, provider, pbid, settings, run=loop.run)
+            "SELECT id, provider, provider_batch_id, counts->>'key_alias' FROM provider_batches"
+            " WHERE status = 'submitted' AND cancel_requested AND cancel_confirmed_at IS NULL"
+            " ORDER BY cancel_requested_at")).all()
+    for pb_id, provider, pbid, key in rows:
+        job_store.send_cancel(engine, pb_id, provider, pbid, settings, run=loop.run, key_alias=key)
     return len(rows)

@@ -9,10 +9,10 @@ validation of a cap typed on any command line (``submit``, ``schedule add``).
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
+from llmbatch.cli.common import fail
 from pipeline.paths.registry import scheduler_paths
 from pipeline import errors
 from pipeline.config import get_settings
@@ -46,11 +46,6 @@ class CapUSD(click.ParamType):
 CAP_USD = CapUSD()
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
 @click.group()
 def budget():
     """Cost caps: global and per tier per UTC day, and per job."""
@@ -63,7 +58,7 @@ def show(as_json):
     try:
         data = admin.show(db.get_engine(), _redis(), get_settings())
     except errors.BudgetUnavailable as e:
-        _fail(str(e), 3)
+        fail(str(e), 3)
     if as_json:
         click.echo(json.dumps(data))
         return
@@ -113,27 +108,27 @@ def set_(scope_arg, usd_arg, global_, tier, job_id, usd):
     or the options ``--global`` / ``--tier T`` / ``--job JOB`` with ``--usd``.
     """
     if scope_arg is not None and usd_arg is None and usd is None:
-        _fail("give the amount: budget set SCOPE USD", 2)
+        fail("give the amount: budget set SCOPE USD", 2)
     amount = usd_arg if usd_arg is not None else usd
     if amount is None:
-        _fail("give the amount (--usd, or budget set SCOPE USD)", 2)
+        fail("give the amount (--usd, or budget set SCOPE USD)", 2)
     if scope_arg is not None:
         if global_ or tier or job_id:
-            _fail("give the scope either as SCOPE or as --global/--tier/--job, not both", 2)
+            fail("give the scope either as SCOPE or as --global/--tier/--job, not both", 2)
         scope = scope_arg
         if scope in TIERS:
             scope = f"tier:{scope}"
     else:
         if sum(bool(x) for x in (global_, tier, job_id)) != 1:
-            _fail("give exactly one of --global, --tier T, --job JOB", 2)
+            fail("give exactly one of --global, --tier T, --job JOB", 2)
         scope = "global" if global_ else f"tier:{tier}" if tier else f"job:{job_id}"
     engine = db.get_engine()
     try:
         result = admin.set_cap(engine, _redis(), get_settings(), scope, amount)
     except errors.BudgetUnavailable as e:
-        _fail(str(e), 3)
+        fail(str(e), 3)
     except (BudgetError, ConfigError) as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     from pipeline.intake.dispatch import enqueue_batch
     resumed = deferral.resume_due_batches(engine, enqueue_batch, scheduler_paths())
     click.echo(f"{scope}: cap ${result['usd']}; {resumed} deferred batches resumed")
@@ -146,9 +141,9 @@ def apply_config():
     try:
         done = admin.apply_config(db.get_engine(), _redis(), settings)
     except errors.BudgetUnavailable as e:
-        _fail(str(e), 3)
+        fail(str(e), 3)
     except (BudgetError, ConfigError) as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     if not done:
         click.echo("no caps in the settings; the caps in force are unchanged")
     for d in done:
@@ -162,7 +157,7 @@ def reconcile(as_json):
     try:
         out = ledger.reconcile(db.get_engine(), _redis(), get_settings())
     except errors.BudgetUnavailable as e:
-        _fail(str(e), 3)
+        fail(str(e), 3)
     if as_json:
         click.echo(json.dumps({**out, "drift_usd": {f: str(units.from_units(d))
                                                     for f, d in out["drift_units"].items()}}))

@@ -1,10 +1,10 @@
 """The ``llmbatch`` command line: thin wiring; the work is in the modules it calls.
 
-Verbs: ``submit``, ``status JOB [--watch]``, ``jobs``, ``results JOB``,
-``report``, ``sql``, ``doctor``, ``db upgrade``; the local stack: ``up``,
-``down``, ``ps`` (``status`` is a job's status, so the stack's is ``ps``);
-processes: ``batcher``, ``worker``, ``simulator``; Kafka producers for services:
-``kafka add-producer|remove-producer``.
+Verbs here: ``submit``, ``status JOB [--watch]``, ``jobs``, ``results JOB``,
+``rejections JOB``, ``report``, ``sql``, ``doctor``. Their own modules: the local stack ``up``,
+``down``, ``ps`` (llmbatch/cli/stack.py); the processes ``batcher``, ``worker``, ``simulator``
+and ``db upgrade`` (llmbatch/cli/processes.py); ``budget``, ``schedule``/``scheduler``/``cancel``,
+``kafka add-producer|remove-producer``, ``keys``.
 
 Exit codes (every command):
 
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 import urllib.parse
@@ -44,13 +42,9 @@ from pipeline.stores import db, jobs as job_store, outcomes
 
 from pipeline.errors import FileInputError, InfrastructureError, LLMBatchError
 from llmbatch.cli.budget import CAP_USD as _CAP_USD  # the one validation of a typed cap
+from llmbatch.cli.common import fail, setup_logging
 
 log = logging.getLogger("llmbatch.cli")
-
-
-def _setup_logging(level: str = "INFO") -> None:
-    from pipeline.logs import configure
-    configure(level, get_settings().log_format)
 
 
 def _provider_note() -> None:
@@ -58,16 +52,11 @@ def _provider_note() -> None:
         click.echo(f"provider: {SIMULATOR_LABEL}", err=True)
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
 @click.group()
 @click.option("--log-level", default="WARNING", show_default=True, help="Log level for this command.")
 def main(log_level: str) -> None:
     """llmbatch: tiered, budgeted batch processing of LLM requests."""
-    _setup_logging(log_level)
+    setup_logging(log_level)
 
 
 # ------------------------------------------------------------------ jobs
@@ -146,9 +135,9 @@ def submit(file, priority, tier, budget_usd, on_budget, name, wait, resume_job, 
             from pipeline.stores.jobs import set_batch_fallback
             set_batch_fallback(report.job_id, batch_fallback)
     except FileInputError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     except InfrastructureError as e:
-        _fail(f"{e}; run `llmbatch doctor`", 3)
+        fail(f"{e}; run `llmbatch doctor`", 3)
     if sys.stderr.isatty():
         click.echo("", err=True)
     resumed = f" (resumed after line {report.resumed_from})" if report.resumed_from else ""
@@ -165,12 +154,12 @@ def submit(file, priority, tier, budget_usd, on_budget, name, wait, resume_job, 
         click.echo(report.job_id)
         sys.exit(130)
     if report.accepted == 0 and report.unacknowledged:
-        _fail(f"Kafka ({get_settings().kafka_bootstrap}) acknowledged none of the {len(report.unacknowledged)}"
+        fail(f"Kafka ({get_settings().kafka_bootstrap}) acknowledged none of the {len(report.unacknowledged)}"
               f" requests; job {report.job_id} failed; run `llmbatch doctor`", 3)
     if report.accepted == 0 and not report.resumed_from:
         common = report.most_common_reason()
         why = f"; most common reason ({common[1]} of {report.rejected} lines): {common[0]}" if common else ""
-        _fail(f"no line of {file} was accepted{why}; job {report.job_id} failed", 2)
+        fail(f"no line of {file} was accepted{why}; job {report.job_id} failed", 2)
     if wait:
         try:
             status = _wait(report.job_id)
@@ -229,7 +218,7 @@ def status(job_id, as_json, watch, interval):
     with engine.connect() as conn:
         st = views.job_view(conn, job_id)
     if st is None:
-        _fail(f"no job {job_id}", 2)
+        fail(f"no job {job_id}", 2)
     if watch:
         try:
             st = views.watch(engine, job_id, interval=interval) if not as_json else _watch_json(engine, job_id, interval)
@@ -258,7 +247,7 @@ def _engine_or_exit():
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except sa.exc.OperationalError as e:
-        _fail(f"cannot reach Postgres ({get_settings().database_url.split('@')[-1]}): {e.orig};"
+        fail(f"cannot reach Postgres ({get_settings().database_url.split('@')[-1]}): {e.orig};"
               " run `llmbatch doctor`", 3)
     return engine
 
@@ -276,10 +265,10 @@ def results(job_id, output, fmt, partial):
     with engine.connect() as conn:
         st = job_store.job_status(conn, job_id)
         if st is None:
-            _fail(f"no job {job_id}", 2)
+            fail(f"no job {job_id}", 2)
         unfinished = st["counts"]["pending"]
         if (st["status"] not in JOB_TERMINAL or unfinished) and not partial:
-            _fail(f"job {job_id} is {st['status']} with {unfinished} requests not finished: wait"
+            fail(f"job {job_id} is {st['status']} with {unfinished} requests not finished: wait"
                   f" (`llmbatch status {job_id} --watch`), or write the finished ones with --partial", 2)
         rows = outcomes.iter_results(conn, job_id)
         if partial:
@@ -288,7 +277,7 @@ def results(job_id, output, fmt, partial):
         try:
             n = write_results(rows, job_id, out, fmt)
         except ValueError as e:   # an endpoint with no such shape (pipeline/stores/export.py)
-            _fail(str(e), 2)
+            fail(str(e), 2)
         finally:
             if output:
                 out.close()
@@ -306,7 +295,7 @@ def rejections(job_id, limit, as_json):
     from llmbatch.cli import views
     with _engine_or_exit().connect() as conn:
         if job_store.job_status(conn, job_id) is None:
-            _fail(f"no job {job_id}", 2)
+            fail(f"no job {job_id}", 2)
         rows = views.list_rejections(conn, job_id, limit=limit)
     if as_json:
         for r in rows:
@@ -327,7 +316,7 @@ def jobs(status_, since, limit, as_json):
     try:
         since_at = views.parse_since(since)
     except ValueError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     with _engine_or_exit().connect() as conn:
         rows = views.list_jobs(conn, status=status_, since=since_at, limit=limit)
     if as_json:
@@ -363,7 +352,7 @@ def _refuse_unless_reader(conn) -> None:
         why = ("a superuser or a role that manages roles/databases" if powerful
                else "the owner of the database or its tables (or a member of it)" if owner
                else f"not {READER_ROLE}")
-        _fail(f"refusing to run: `llmbatch sql` connects as {user!r}, {why}; it runs only as the"
+        fail(f"refusing to run: `llmbatch sql` connects as {user!r}, {why}; it runs only as the"
               f" read-only role {READER_ROLE} (set LLMBATCH_READER_DATABASE_URL to"
               f" postgresql+psycopg://{READER_ROLE}:PASSWORD@HOST:PORT/DB, or unset it)", 2)
 
@@ -393,7 +382,7 @@ def sql_cmd(query, file_, as_json, print_url):
         click.echo(urllib.parse.urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}@{host}")))
         return
     if bool(query) == bool(file_):
-        _fail('give a query ("select ...") or --file, not both', 2)
+        fail('give a query ("select ...") or --file, not both', 2)
     text = file_.read_text() if file_ else query
     url = get_settings().reader_url.replace("postgresql+psycopg://", "postgresql://")
     try:
@@ -407,9 +396,9 @@ def sql_cmd(query, file_, as_json, print_url):
             cols = [d.name for d in cur.description]
             rows = cur.fetchall()
     except psycopg.OperationalError as e:
-        _fail(f"cannot connect as {READER_ROLE}: {e}; run `llmbatch doctor`", 3)
+        fail(f"cannot connect as {READER_ROLE}: {e}; run `llmbatch doctor`", 3)
     except psycopg.Error as e:
-        _fail(str(e).strip(), 1)
+        fail(str(e).strip(), 1)
     if as_json:
         for row in rows:
             click.echo(jsontext.dumps(dict(zip(cols, row))))
@@ -442,14 +431,14 @@ def report(job_id, since, chart, no_chart, as_json):
     from llmbatch.cli import report as rep
     from llmbatch.cli import views
     if job_id and since:
-        _fail("give a job or --since, not both", 2)
+        fail("give a job or --since, not both", 2)
     try:
         since_at = None if job_id else views.parse_since(since or "7d")
     except ValueError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     with _engine_or_exit().connect() as conn:
         if job_id and job_store.job_status(conn, job_id) is None:
-            _fail(f"no job {job_id}", 2)
+            fail(f"no job {job_id}", 2)
         data = rep.cost_rows(conn, job_id=job_id, since=since_at)
     title = f"job {job_id}" if job_id else f"since {since_at:%Y-%m-%d %H:%M} UTC"
     path = None
@@ -470,129 +459,6 @@ def report(job_id, since, chart, no_chart, as_json):
         click.echo(f"chart: {path}")
 
 
-# ------------------------------------------------------------------ the local stack
-
-def _stack(action: str, names) -> None:
-    """Run infra/stack.sh (the same script as the make targets)."""
-    import subprocess
-
-    from pipeline.config import ROOT
-    script = ROOT / "infra" / "stack.sh"
-    if not script.is_file():
-        _fail("infra/stack.sh not found: up/down/ps need a source checkout", 2)
-    sys.exit(subprocess.call(["bash", str(script), action, *names]))
-
-
-@main.command()
-@click.argument("names", nargs=-1)
-def up(names):
-    """Start the local stack, or only NAMES (like `make up`; idempotent)."""
-    _stack("up", names)
-
-
-@main.command()
-@click.argument("names", nargs=-1)
-def down(names):
-    """Stop the local stack, or only NAMES (like `make down`)."""
-    _stack("down", names)
-
-
-@main.command()
-@click.argument("names", nargs=-1)
-@click.option("--json", "as_json", is_flag=True,
-              help="One JSON object per process: name, state, pid, uptime, restarts, port.")
-def ps(names, as_json):
-    """List the local stack's processes: NAME STATE PID UPTIME RESTARTS PORT (like `make status`).
-
-    STATE: up, starting, backoff (died during start-up; the supervisor tries again after a
-    growing delay), stopping, down, or fatal (the supervisor gave up)."""
-    if not as_json:
-        _stack("status", names)
-    import subprocess
-
-    from pipeline.config import ROOT
-    proc = subprocess.run(["bash", str(ROOT / "infra" / "stack.sh"), "status", *names],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        click.echo(proc.stderr, err=True, nl=False)
-        sys.exit(proc.returncode)
-
-    def value(v: str):
-        return None if v == "-" else int(v) if v.isdigit() else v
-    for line in proc.stdout.splitlines()[1:]:   # the first line is the header
-        parts = line.split()
-        if len(parts) == 6:
-            click.echo(json.dumps(dict(zip(("name", "state", "pid", "uptime", "restarts", "port"),
-                                           map(value, parts)))))
-
-
-# ------------------------------------------------------------------ processes
-
-@main.group("db")
-def db_group():
-    """Database schema."""
-
-
-@db_group.command("upgrade")
-def db_upgrade():
-    """Apply the SQL migrations not yet applied (idempotent)."""
-    try:
-        applied = db.upgrade()
-    except InfrastructureError as e:
-        _fail(str(e), 3)
-    click.echo(f"applied: {', '.join(applied)}" if applied else "schema up to date")
-
-
-@main.command()
-@click.option("--max-seconds", type=float, help="Stop after this long (tests, benchmarks).")
-def batcher(max_seconds):
-    """Run a batcher (a Kafka consumer group member)."""
-    from pipeline import metrics
-    from pipeline.intake.batcher import Batcher
-    _setup_logging("INFO")
-    the_batcher = Batcher()
-    metrics.count_cache_from(the_batcher.stats)   # its cache hits and misses, as counters
-    metrics.serve("batcher", get_settings(), state_engine=db.get_engine)
-    the_batcher.run(max_seconds=max_seconds)
-
-
-@main.command()
-@click.option("--tier", type=click.Choice(TIERS), required=True)
-@click.option("--concurrency", type=int, help="Worker processes (default: the tier's setting).")
-@click.option("--loglevel", default="INFO")
-def worker(tier, concurrency, loglevel):
-    """Run a Celery worker for one tier's queue."""
-    from pipeline.constants import queue_for
-    settings = get_settings()
-    # before prometheus_client is imported (pipeline.metrics imports it): the pool
-    # processes write their samples under this directory and the parent serves the sum
-    mp_dir = Path(settings.var_dir) / "metrics" / f"worker-{tier}"
-    shutil.rmtree(mp_dir, ignore_errors=True)
-    mp_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp_dir)
-    from pipeline import metrics
-    if not metrics.multiprocess_enabled():
-        _fail("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set", 1)
-    metrics.set_tier(tier)
-    metrics.serve(f"worker-{tier}", settings)
-    from workers.app import app
-    # the SDKs, imported before the pool forks: otherwise every pool process imported them
-    # during its first batch, about two seconds of an immediate request's time under load
-    import pipeline.providers.anthropic  # noqa: F401
-    import pipeline.providers.openai  # noqa: F401
-    n = concurrency or settings.worker_concurrency[tier]
-    app.worker_main(["worker", "-Q", queue_for(tier), "-c", str(n), "-n", f"{tier}@%h",
-                     "--loglevel", loglevel, "-E"])
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.pass_context
-def simulator(ctx):
-    """Run the provider simulator (OpenAI and Anthropic APIs). Options: see --help of the simulator."""
-    from simulator import config_from_args, run
-    run(config_from_args(ctx.args))
-
-
 from llmbatch.cli.budget import budget  # noqa: E402  (the command group lives beside its logic)
 
 main.add_command(budget)
@@ -611,14 +477,20 @@ from llmbatch.cli.keys import keys  # noqa: E402  (provider keys: list, restore 
 
 main.add_command(keys)
 
+from llmbatch.cli.stack import down, ps, up  # noqa: E402  (the local stack)
+from llmbatch.cli.processes import batcher, db_group, simulator, worker  # noqa: E402  (the processes)
+
+for command in (up, down, ps, db_group, batcher, worker, simulator):
+    main.add_command(command)
+
 
 def run() -> None:
     try:
         main()
     except InfrastructureError as e:
-        _fail(f"{e}; run `llmbatch doctor`", 3)
+        fail(f"{e}; run `llmbatch doctor`", 3)
     except LLMBatchError as e:
-        _fail(str(e), 1)
+        fail(str(e), 1)
 
 
 if __name__ == "__main__":

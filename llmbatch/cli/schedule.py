@@ -11,16 +11,12 @@ import sys
 
 import click
 
+from llmbatch.cli.common import fail
 from llmbatch.cli.budget import CAP_USD
 from pipeline import jsontext
 from pipeline.paths.registry import names as path_names
 from pipeline.constants import TIERS
 from pipeline.errors import ConfigError, InfrastructureError, InputError
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 @click.command()
@@ -39,7 +35,7 @@ def scheduler(max_seconds):
     try:
         code = SchedulerService().run(max_seconds=max_seconds)
     except InfrastructureError as e:
-        _fail(str(e), 3)
+        fail(str(e), 3)
     sys.exit(code)
 
 
@@ -80,7 +76,7 @@ def schedule_add(name, cron, file, timezone, tier, priority, budget_usd, mode, o
         s = add_schedule(name, cron=cron, file=file, timezone=timezone, tier=tier, priority=priority,
                          budget_usd=budget_usd, mode=mode, overlap=overlap, replace=replace)
     except (ConfigError, InputError) as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     click.echo(json.dumps(s) if as_json else f"schedule {name}: {cron} ({timezone}), next run {s['next_run']}")
 
 
@@ -107,7 +103,7 @@ def schedule_remove(name):
     """Remove a schedule (its past runs' jobs stay)."""
     from schedules.recurring import remove_schedule
     if not remove_schedule(name):
-        _fail(f"no schedule {name!r}", 2)
+        fail(f"no schedule {name!r}", 2)
     click.echo(f"schedule {name} removed")
 
 
@@ -120,7 +116,7 @@ def schedule_run(name, as_json):
     try:
         run = run_now(name)
     except InputError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     if as_json:
         click.echo(jsontext.dumps(run))
     else:
@@ -137,7 +133,7 @@ def cancel(job_id, as_json):
     from pipeline.stores.jobs import cancel_job
     out = cancel_job(job_id)
     if out is None:
-        _fail(f"no job {job_id}", 2)
+        fail(f"no job {job_id}", 2)
     if as_json:
         click.echo(json.dumps(out))
         return

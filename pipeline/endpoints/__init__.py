@@ -84,12 +84,12 @@ def endpoint_for(url) -> Endpoint:
     return endpoint
 
 
-def endpoint_of(url: str | None, provider: str, kind: str | None = None) -> Endpoint:
+def endpoint_of(url: str | None, kind: str) -> Endpoint:
     """The endpoint of a message's or a request row's url; without one (messages and rows from
-    before endpoints), the provider's chat endpoint: Anthropic messages, else chat completions.
-    ``kind``: the provider's API shape (a registry kind) when known; else its name says it."""
+    before endpoints), the chat endpoint of its provider's ``kind`` (a registry kind, never its
+    name): Anthropic messages, else chat completions."""
     if url is None:
-        return MESSAGES if (kind or provider) == "anthropic" else CHAT
+        return MESSAGES if kind == "anthropic" else CHAT
     return endpoint_for(url)
 
 

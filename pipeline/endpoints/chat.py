@@ -20,11 +20,12 @@ ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 ANTHROPIC_ROLES = {"user", "assistant"}
 
 
-def check_messages(messages: list, where: str, provider: str = "openai") -> None:
-    """The messages of a chat or Anthropic body: roles the provider takes, content as it allows."""
+def check_messages(messages: list, where: str, line_format: str = "openai") -> None:
+    """The messages of a chat or Anthropic body: roles the format takes, content as it allows
+    (``line_format``: the endpoint's, ``openai`` or ``anthropic``)."""
     if not messages:
         raise LineError(f"field {where}messages must not be empty")
-    roles = ROLES if provider == "openai" else ANTHROPIC_ROLES
+    roles = ROLES if line_format == "openai" else ANTHROPIC_ROLES
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise LineError(f"{where}messages[{i}] must be an object, got {kind(m)}")
@@ -34,7 +35,7 @@ def check_messages(messages: list, where: str, provider: str = "openai") -> None
             raise LineError(f"{where}messages[{i}].role must be one of {', '.join(sorted(roles))}, "
                             f"got {role!r}{hint}")
         content = m.get("content")
-        if content is None and (provider == "anthropic" or role != "assistant"):
+        if content is None and (line_format == "anthropic" or role != "assistant"):
             raise LineError(f"{where}messages[{i}] has no content")
         if content is not None and not isinstance(content, (str, list)):
             raise LineError(f"{where}messages[{i}].content must be a string or an array, got {kind(content)}")

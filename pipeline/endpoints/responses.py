@@ -37,7 +37,8 @@ The bound, each rule an over-estimate where OpenAI's count is not published
 from __future__ import annotations
 
 from pipeline.money.bounds import (OPENAI_TOOLS_OVERHEAD, REPLY_PRIMING, SCHEMA_ITEM_OVERHEAD, TOKENS_PER_MESSAGE,
-                             TOKENS_PER_PART, Bound, _positive, finish_bound, openai_image_part, schema_tokens)
+                                   TOKENS_PER_PART, Bound, _positive, content_tokens, finish_bound,
+                                   openai_image_part, schema_tokens, text_part)
 from pipeline.endpoints.caching import is_cacheable
 from pipeline.constants import RESPONSES_URL
 from pipeline.endpoints._common import check_body, kind, openai_usage
@@ -60,7 +61,6 @@ _REJECTED = {
 _SERVICE_TIERS = (None, "auto", "default", "flex")
 _BUILT_IN = ("built-in tools are billed per call or by the time they run, on top of tokens: "
              "only function tools are priced")
-_PART_TEXT = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 
 
 class Responses:
@@ -154,25 +154,17 @@ def _item(item, where: str, price: ModelPrice, count) -> int:
 
 
 def _content(value, where: str, price: ModelPrice, count) -> int:
-    if isinstance(value, str):
-        return count(value)
-    if not isinstance(value, list):
-        raise LineError(f"{where} must be a string or an array of content parts, got {kind(value)}")
-    n = 0
-    for j, part in enumerate(value):
-        kind_ = part.get("type") if isinstance(part, dict) else None
-        key = _PART_TEXT.get(kind_)
-        if key and isinstance(part.get(key), str):
-            n += TOKENS_PER_PART + count(part[key])
-        elif kind_ == "input_image":
-            url, file_id = part.get("image_url"), part.get("file_id")
-            ref = url if isinstance(url, str) else f"file:{file_id}" if isinstance(file_id, str) else None
-            n += TOKENS_PER_PART + openai_image_part(price, ref, part.get("detail", "auto"), f"{where}[{j}]",
-                                                     "input_image needs an image_url or file_id")
-        else:
-            raise LineError(f"{where}[{j}] of type {kind_!r} cannot be bounded (input_text, input_image, "
-                            f"output_text and refusal parts are priced; files and audio are not)"[:300])
-    return n
+    def image(part: dict, at: str) -> int:
+        url, file_id = part.get("image_url"), part.get("file_id")
+        ref = url if isinstance(url, str) else f"file:{file_id}" if isinstance(file_id, str) else None
+        return TOKENS_PER_PART + openai_image_part(price, ref, part.get("detail", "auto"), at,
+                                                   "input_image needs an image_url or file_id")
+
+    return content_tokens(value, where, count, {
+        "input_text": text_part("text", count), "output_text": text_part("text", count),
+        "refusal": text_part("refusal", count), "input_image": image},
+        "input_text, input_image, output_text and refusal parts are priced; files and audio are not",
+        shape=f"a string or an array of content parts, got {kind(value)}", null_ok=False)
 
 
 RESPONSES = Responses()

@@ -235,7 +235,8 @@ def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Reque
         body = {**body, "model": model}
     bound = endpoint.bound(body, price)   # first: a line that cannot be bounded costs no call
     declared = None
-    if provider == "anthropic" and anthropic_counter is not None:   # Anthropic's own count_tokens
+    # Anthropic's own count_tokens: the counter is the provider named anthropic's (its key, its models)
+    if provider == "anthropic" and anthropic_counter is not None:
         declared = anthropic_counter(body)
         bound = endpoint.bound(body, price, declared_input_tokens=declared)
     return Request(

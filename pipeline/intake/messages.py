@@ -142,7 +142,7 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
     price = prices.resolve(body["model"], m["provider"])   # that provider's entry (UnknownModelError)
     if price.provider != m["provider"]:
         raise UnknownModelError(f"model {body['model']} is served by {price.provider}, not {m['provider']}")
-    endpoint = endpoint_of(m.get("endpoint"), m["provider"], price.kind)
+    endpoint = endpoint_of(m.get("endpoint"), price.kind)
     endpoint.validate(body)
     if endpoint.line_format != ("anthropic" if price.kind == "anthropic" else "openai"):
         raise LineError(_cut(f"endpoint {endpoint.url} is not one of provider {m['provider']}'s"))

@@ -293,6 +293,42 @@ def openai_image_part(price: ModelPrice, url, detail, where: str, needs: str) ->
     return TOKENS_PER_IMAGE + openai_image_tokens(price, size, detail)
 
 
+def content_tokens(value, where: str, count, parts: dict, priced: str, *, shape: str = "a string or an array",
+                   null_ok: bool = True, each=None) -> int:
+    """The input bound of one message's content, the one walk over content parts every API shares.
+
+    A string is ``count``ed whole (None is nothing when ``null_ok``); an array is walked part by
+    part: ``parts`` maps a part's ``type`` to its bound, ``(part, where) -> tokens``, or None when
+    the part lacks what makes it countable. A part of any other type (or one that is not an
+    object) is refused, naming what is ``priced``; ``each(part, where)`` sees every part first
+    (Anthropic's ``cache_control``). ``shape`` says what the content must be when it is neither.
+    """
+    if value is None and null_ok:
+        return 0
+    if isinstance(value, str):
+        return count(value)
+    if not isinstance(value, list):
+        raise LineError(f"{where} must be {shape}")
+    n = 0
+    for j, part in enumerate(value):
+        at = f"{where}[{j}]"
+        if each is not None:
+            each(part, at)
+        kind = part.get("type") if isinstance(part, dict) else None
+        tokens = parts[kind](part, at) if isinstance(kind, str) and kind in parts else None
+        if tokens is None:
+            raise LineError(f"{at} of type {kind!r} cannot be bounded ({priced})"[:300])
+        n += tokens
+    return n
+
+
+def text_part(field: str, count):
+    """The bound of a part whose text is in ``field``: one token for the part, and its text."""
+    def bound(part: dict, where: str) -> int | None:
+        return TOKENS_PER_PART + count(part[field]) if isinstance(part.get(field), str) else None
+    return bound
+
+
 # --------------------------------------------------------------------------- OpenAI input
 
 def _openai_input(body: dict, price: ModelPrice) -> int:
@@ -359,28 +395,15 @@ def _openai_input(body: dict, price: ModelPrice) -> int:
 
 
 def _openai_content(value, price: ModelPrice, count, i: int) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        return count(value)
-    if not isinstance(value, list):
-        raise LineError(f"messages[{i}].content must be a string or an array")
-    n = 0
-    for j, part in enumerate(value):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            n += TOKENS_PER_PART + count(part["text"])
-        elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            n += TOKENS_PER_PART + count(part["refusal"])
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            detail = image.get("detail", "auto") if isinstance(image, dict) else "auto"
-            n += openai_image_part(price, url, detail, f"messages[{i}].content[{j}]", "image_url needs a url")
-        else:
-            raise LineError(f"messages[{i}].content[{j}] of type {kind!r} cannot be bounded "
-                            f"(text and image_url parts are priced)"[:200])
-    return n
+    def image(part: dict, where: str) -> int:
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        detail = image.get("detail", "auto") if isinstance(image, dict) else "auto"
+        return openai_image_part(price, url, detail, where, "image_url needs a url")
+
+    return content_tokens(value, f"messages[{i}].content", count,
+                          {"text": text_part("text", count), "refusal": text_part("refusal", count),
+                           "image_url": image}, "text and image_url parts are priced")
 
 
 # --------------------------------------------------------------------------- Anthropic input
@@ -399,39 +422,27 @@ def _cache_ttl(block: dict, where: str, ttls: set) -> None:
 
 
 def _anthropic_blocks(value, where: str, ttls: set) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        return estimate_claude_text(value)
-    if not isinstance(value, list):
-        raise LineError(f"{where} must be a string or an array of content blocks")
-    n = 0
-    for j, block in enumerate(value):
-        at = f"{where}[{j}]"
-        if not isinstance(block, dict):
+    def block(part, at: str) -> None:
+        if not isinstance(part, dict):
             raise LineError(f"{at} must be a content block object")
-        _cache_ttl(block, at, ttls)
-        kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str):
-            n += TOKENS_PER_PART + estimate_claude_text(block["text"])
-        elif kind == "image":
-            src = block.get("source")
-            if not isinstance(src, dict) or src.get("type") not in ("base64", "url"):
-                raise LineError(f"{at}: an image source must be base64 or url")
-            size = image_size(src.get("data", "")) if src.get("type") == "base64" else None
-            n += TOKENS_PER_IMAGE + anthropic_image_tokens(size)
-        elif kind == "tool_use":
-            n += schema_tokens({"name": block.get("name"), "input": block.get("input")}, estimate_claude_text)
-        elif kind == "tool_result":
-            n += SCHEMA_ITEM_OVERHEAD + _anthropic_blocks(block.get("content"), f"{at}.content", ttls)
-        elif kind == "thinking" and isinstance(block.get("thinking"), str):
-            n += TOKENS_PER_PART + estimate_claude_text(block["thinking"])
-        elif kind == "redacted_thinking" and isinstance(block.get("data"), str):
-            n += TOKENS_PER_PART + estimate_claude_text(block["data"])
-        else:
-            raise LineError(f"{at} of type {kind!r} cannot be bounded "
-                            f"(text, image, tool_use, tool_result and thinking blocks are priced)"[:200])
-    return n
+        _cache_ttl(part, at, ttls)
+
+    def image(part: dict, at: str) -> int:
+        src = part.get("source")
+        if not isinstance(src, dict) or src.get("type") not in ("base64", "url"):
+            raise LineError(f"{at}: an image source must be base64 or url")
+        size = image_size(src.get("data", "")) if src.get("type") == "base64" else None
+        return TOKENS_PER_IMAGE + anthropic_image_tokens(size)
+
+    count = estimate_claude_text
+    return content_tokens(value, where, count, {
+        "text": text_part("text", count), "image": image,
+        "tool_use": lambda part, at: schema_tokens({"name": part.get("name"), "input": part.get("input")}, count),
+        "tool_result": lambda part, at: SCHEMA_ITEM_OVERHEAD + _anthropic_blocks(part.get("content"),
+                                                                                 f"{at}.content", ttls),
+        "thinking": text_part("thinking", count), "redacted_thinking": text_part("data", count),
+    }, "text, image, tool_use, tool_result and thinking blocks are priced",
+        shape="a string or an array of content blocks", each=block)
 
 
 def anthropic_input_tokens(body: dict) -> int:

@@ -12,6 +12,8 @@ import sqlalchemy as sa
 
 from pipeline.constants import HELD_TIERS
 from pipeline.money.caps import next_day
+from pipeline.stores.batches import mark_dispatched
+from pipeline.stores.db import dumps
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,6 @@ def write_deferred(conn, rows: list[dict]) -> None:
     terminal ones stay as they are."""
     if not rows:
         return
-    from pipeline.stores.db import dumps
     conn.execute(sa.text(
         "UPDATE requests r SET status = 'deferred', deferred_scope = x.scope, deferred_reason = x.reason"
         " FROM jsonb_to_recordset(CAST(:rows AS jsonb))"
@@ -69,7 +70,6 @@ def resume_due_batches(engine, dispatch, held_modes) -> int:
         log.info("budget: resuming deferred batch %s (%s)", batch_id, tier)
         dispatch(batch_id, tier)
     if due:
-        from pipeline.stores.batches import mark_dispatched
         with engine.begin() as conn:
             mark_dispatched(conn, [b for b, _ in due])
     return len(due)

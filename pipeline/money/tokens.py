@@ -344,8 +344,9 @@ def estimate_anthropic_tokens(body: dict) -> int:
     return bounds.anthropic_input_tokens(body)
 
 
-def count_request(provider: str, model: str, body: dict) -> TokenCount:
-    """Input tokens of a request body for ``provider`` (``"openai"`` or ``"anthropic"``).
+def count_request(kind: str, model: str, body: dict) -> TokenCount:
+    """Input tokens of a request body in the API shape ``kind`` (a registry kind, ``"openai"`` or
+    ``"anthropic"``: a provider of either kind may have any name).
 
     * OpenAI chat completions: the exact count of :func:`count_chat_tokens`
       (method ``"tiktoken:<encoding>"``). ``exact`` is False when the body
@@ -357,15 +358,15 @@ def count_request(provider: str, model: str, body: dict) -> TokenCount:
       Claude's tokenizer is not public; the exact count comes from Anthropic's
       ``/v1/messages/count_tokens`` endpoint when an API key is set.
     """
-    if provider == "openai":
+    if kind == "openai":
         name = encoding_name_for(model)
         if name is None:
             raise UnknownModelError(f"no tiktoken encoding known for OpenAI model {model!r}")
         tokens = count_chat_tokens(body.get("messages") or [], model)
         return TokenCount(tokens, _openai_is_plain_text(body), f"tiktoken:{name}")
-    if provider == "anthropic":
+    if kind == "anthropic":
         return TokenCount(estimate_anthropic_tokens(body), False, f"estimate:{ESTIMATE_ENCODING}")
-    raise ConfigError(f"unknown provider {provider!r}")
+    raise ConfigError(f"unknown provider kind {kind!r}")
 
 
 # --------------------------------------------------------------------------- command line

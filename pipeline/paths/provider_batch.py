@@ -77,9 +77,18 @@ class ProviderBatch(Path):
 PROVIDER_BATCH = ProviderBatch()
 
 
-def outcome_of_line(req: Request, line: dict, prices: PriceBook) -> tuple[Outcome | None, dict | None, str | None]:
+def outcome_of_line(req: Request, line: dict, prices: PriceBook,
+                    key_alias: str | None = None) -> tuple[Outcome | None, dict | None, str | None]:
     """``(outcome, attempt row, not_run_reason)`` of one result line (OpenAI's ``response``/``error``
-    shape or Anthropic's ``result``); a line the provider did not run gives only the reason."""
+    shape or Anthropic's ``result``); a line the provider did not run gives only the reason.
+    ``key_alias``: the key the batch went out on, on the outcome and the attempt."""
+    out, attempt, why = _outcome_of_line(req, line, prices)
+    if out is None:
+        return out, attempt, why
+    return replace(out, key_alias=key_alias), {**attempt, "key_alias": key_alias}, why
+
+
+def _outcome_of_line(req: Request, line: dict, prices: PriceBook) -> tuple[Outcome | None, dict | None, str | None]:
     attempt_no = req.attempts + 1
     attempt = {"job_id": req.job_id, "custom_id": req.custom_id, "attempt": attempt_no, "status_code": None,
                "error": None, "latency_ms": None, "provider_request_id": None, "cost_usd": "0"}

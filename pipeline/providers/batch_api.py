@@ -1,7 +1,9 @@
 """The providers' Batch APIs: create, find, poll and cancel a provider batch (OpenAI Files +
 Batches, Anthropic Message Batches) through the official async SDKs.
 
-The scheduler (schedules/pb_submit.py, schedules/pb_ingest.py) and ``cancel_job``
+Every call goes out on the batch's key (``key_alias``: chosen by the scheduler when the batch is
+first sent, by headroom among the live keys as realtime chooses, and kept on its row). The
+scheduler (schedules/pb_submit.py, schedules/pb_ingest.py) and ``cancel_job``
 (pipeline/stores/jobs.py) call these; they hold no Postgres transaction and write nothing:
 what a call means for our rows is decided by its caller. ``create`` makes one attempt with
 the SDK's retries off (a retried create is a second batch, billed twice).
@@ -11,12 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 from pipeline.config import Settings
 from pipeline.constants import CHAT_URL
-from pipeline.errors import PermanentProviderError
+from pipeline.errors import ConfigError, PermanentProviderError
 from pipeline.providers.base import http_response
-from pipeline.providers.registry import get_registry
+from pipeline.providers.registry import KeySpec, ProviderSpec, get_registry
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +41,59 @@ def batch_format(provider: str) -> str:
 
 def cancel_confirmed(provider: str) -> tuple:
     """The provider statuses that confirm a cancel, in its Batch API's words."""
-    return OPENAI_CANCEL_CONFIRMED if batch_format(provider) == "openai" else ANTHROPIC_CANCEL_CONFIRMED
+    return _API[batch_format(provider)].cancel_confirmed
 
 
-def _openai(settings: Settings, provider: str = "openai", *, retries: int = 2, timeout: float = 120):
-    """An SDK client on the provider's first key (the Batch API's calls are few: no key rotation)."""
-    import openai
+def _key(spec: ProviderSpec, key_alias: str | None) -> KeySpec:
+    """The key a Batch API call goes out on: the batch's own (``key_alias``, chosen by the scheduler
+    as realtime chooses: pipeline/providers/keys.py ``Keys.best``), else the provider's first."""
+    if key_alias is not None:
+        try:
+            return spec.key(key_alias)
+        except ConfigError:   # the key left the configuration: the provider's first one asks instead
+            log.warning("provider %s has no key %r any more: its batch is asked on key %r",
+                        spec.name, key_alias, spec.keys[0].alias)
+    return spec.keys[0]
+
+
+def _client(settings: Settings, provider: str, *, key_alias: str | None = None, retries: int = 2,
+            timeout: float = 120):
+    """An async SDK client of the provider's Batch API format, on the batch's key (``_key``)."""
     spec = get_registry().get(provider)
-    return openai.AsyncOpenAI(api_key=spec.keys[0].reveal(), base_url=spec.base_url,
-                              max_retries=retries, timeout=timeout)
+    if batch_format(provider) == "openai":
+        from openai import AsyncOpenAI as sdk
+    else:
+        from anthropic import AsyncAnthropic as sdk
+    return sdk(api_key=_key(spec, key_alias).reveal(), base_url=spec.base_url, max_retries=retries,
+               timeout=timeout)
 
 
-def _anthropic(settings: Settings, provider: str = "anthropic", *, retries: int = 2, timeout: float = 120):
-    import anthropic
-    spec = get_registry().get(provider)
-    return anthropic.AsyncAnthropic(api_key=spec.keys[0].reveal(), base_url=spec.base_url,
-                                    max_retries=retries, timeout=timeout)
+@dataclass(frozen=True)
+class _Format:
+    """What differs between the two Batch APIs where a batch is read, cancelled or its status told."""
+
+    batches: Callable         # client -> its batches resource
+    status_field: str         # the batch object's status attribute
+    ended: tuple              # the statuses after which nothing runs any more
+    cancel_confirmed: tuple
+
+    def status(self, batch) -> str:
+        return getattr(batch, self.status_field)
+
+
+_API = {
+    "openai": _Format(lambda c: c.batches, "status", OPENAI_ENDED, OPENAI_CANCEL_CONFIRMED),
+    "anthropic": _Format(lambda c: c.messages.batches, "processing_status", ("ended",), ANTHROPIC_CANCEL_CONFIRMED),
+}
+
+
+def _jsonl(text: str) -> list[dict]:
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
+async def _anthropic_results(client, results_url: str) -> list[dict]:
+    resp = await client.get(results_url, cast_to=http_response, options={"headers": {"Accept": "application/binary"}})
+    return _jsonl(resp.text)
 
 
 class NotCreated(PermanentProviderError):
@@ -66,32 +107,30 @@ def _refused(e: Exception) -> bool:
 
 
 async def create(settings: Settings, pb_id: str, provider: str, content: bytes, lines: list,
-                  cancelled=lambda: False, *, endpoint: str = CHAT_URL) -> dict:
+                  cancelled=lambda: False, *, endpoint: str = CHAT_URL, key_alias: str | None = None) -> dict:
     """One attempt, no SDK retries (a retried create is a second batch); an OpenAI batch is
-    created for ``endpoint``, the url of every line of ``content``. Raises ``NotCreated`` when
+    created for ``endpoint``, the url of every line of ``content``, on key ``key_alias`` (``key_alias``
+    in the answer: the key the batch is read and cancelled with). Raises ``NotCreated`` when
     the provider refused; any other exception leaves the outcome unknown. When ``cancelled()`` says
     the job was cancelled while the call was under way, the new batch is cancelled at once, on the
     same connection (``cancel_status`` in the answer): every moment lets the provider run lines."""
-    kw = {"retries": 0, "timeout": settings.provider_batch_create_timeout_s}
+    key_alias = _key(get_registry().get(provider), key_alias).alias
+    kw = {"retries": 0, "timeout": settings.provider_batch_create_timeout_s, "key_alias": key_alias}
     try:
         if batch_format(provider) == "openai":
-            async with _openai(settings, provider, **kw) as client:
+            async with _client(settings, provider, **kw) as client:
                 try:   # a file alone is never billed: a failed upload is a refusal
                     f = await client.files.create(file=(f"{pb_id}.jsonl", content), purpose="batch")
                 except Exception as e:
                     raise NotCreated(f"input file upload failed: {e}") from e
                 b = await client.batches.create(input_file_id=f.id, endpoint=endpoint,
                                                 completion_window="24h", metadata={"llmbatch_id": pb_id})
-                info = {"provider_batch_id": b.id, "input_file_id": f.id, "provider_status": b.status}
-                if cancelled():
-                    info["cancel_status"] = await _quiet(client.batches.cancel(b.id), "status")
-                return info
-        async with _anthropic(settings, provider, **kw) as client:
+                info = {"provider_batch_id": b.id, "input_file_id": f.id, "key_alias": key_alias}
+                return await _created(_API["openai"], client, b, info, cancelled)
+        async with _client(settings, provider, **kw) as client:
             b = await client.messages.batches.create(requests=lines)
-            info = {"provider_batch_id": b.id, "input_file_id": None, "provider_status": b.processing_status}
-            if cancelled():
-                info["cancel_status"] = await _quiet(client.messages.batches.cancel(b.id), "processing_status")
-            return info
+            return await _created(_API["anthropic"], client, b, {"provider_batch_id": b.id, "input_file_id": None,
+                                                                 "key_alias": key_alias}, cancelled)
     except NotCreated:
         raise
     except Exception as e:
@@ -100,23 +139,29 @@ async def create(settings: Settings, pb_id: str, provider: str, content: bytes, 
         raise
 
 
-async def _quiet(call, field: str) -> str | None:
-    """The status a cancel answered, or None when it failed (the scheduler sends it again)."""
-    try:
-        return getattr(await call, field)
-    except Exception as e:
-        log.warning("cancelling a provider batch just created failed (the scheduler retries): %s", e)
-        return None
+async def _created(api: _Format, client, batch, info: dict, cancelled) -> dict:
+    """``info`` with the new batch's status; cancelled at once when ``cancelled()`` says so
+    (``cancel_status``: the status the cancel answered, None when it failed and the scheduler
+    sends it again)."""
+    info["provider_status"] = api.status(batch)
+    if cancelled():
+        try:
+            info["cancel_status"] = api.status(await api.batches(client).cancel(batch.id))
+        except Exception as e:
+            log.warning("cancelling a provider batch just created failed (the scheduler retries): %s", e)
+            info["cancel_status"] = None
+    return info
 
 
 def _epoch(value) -> float:
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
-async def find_openai(settings: Settings, pb_id: str, since: float, provider: str = "openai") -> dict | None:
+async def find_openai(settings: Settings, pb_id: str, since: float, provider: str = "openai", *,
+                      key_alias: str | None = None) -> dict | None:
     """An OpenAI batch created for ``pb_id`` (its metadata names it), among those created since
-    ``since`` (unix time, the first attempt; the listing is newest first)."""
-    async with _openai(settings, provider) as client:
+    ``since`` (unix time, the first attempt; the listing is newest first), listed on its key."""
+    async with _client(settings, provider, key_alias=key_alias) as client:
         async for b in client.batches.list(limit=100):
             if (b.metadata or {}).get("llmbatch_id") == pb_id:
                 return {"provider_batch_id": b.id, "input_file_id": b.input_file_id, "provider_status": b.status}
@@ -125,12 +170,14 @@ async def find_openai(settings: Settings, pb_id: str, since: float, provider: st
     return None
 
 
-async def find_anthropic(settings: Settings, intents: list[dict], known, provider: str = "anthropic") -> dict[str, tuple]:
+async def find_anthropic(settings: Settings, intents: list[dict], known, provider: str = "anthropic", *,
+                         key_alias: str | None = None) -> dict[str, tuple]:
     """Anthropic batches carry no metadata: list the provider's batches created since the earliest
-    window opened, drop those a row of ours owns (``known(ids)``), read the custom_ids of the ended
-    ones that match an intent's count and window, and let ``match_anthropic`` decide."""
+    window opened (on ``key_alias``), drop those a row of ours owns (``known(ids)``), read the
+    custom_ids of the ended ones that match an intent's count and window, and let
+    ``match_anthropic`` decide."""
     earliest = min(i["start"] for i in intents)
-    async with _anthropic(settings, provider) as client:
+    async with _client(settings, provider, key_alias=key_alias) as client:
         listed = []
         async for b in client.messages.batches.list(limit=1000):
             if _epoch(b.created_at) < earliest:
@@ -144,9 +191,7 @@ async def find_anthropic(settings: Settings, intents: list[dict], known, provide
         wanted = {b["id"] for bs in _candidates(intents, listed).values() for b in bs}
         for b in listed:
             if b["id"] in wanted and b["status"] == "ended" and b["results_url"]:
-                resp = await client.get(b["results_url"], cast_to=http_response,
-                                        options={"headers": {"Accept": "application/binary"}})
-                b["pids"] = {json.loads(x).get("custom_id") for x in resp.text.splitlines() if x.strip()}
+                b["pids"] = {x.get("custom_id") for x in await _anthropic_results(client, b["results_url"])}
     return match_anthropic(intents, listed)
 
 
@@ -191,42 +236,35 @@ def match_anthropic(intents: list[dict], batches: list[dict]) -> dict[str, tuple
     return out
 
 
-async def poll(settings: Settings, provider: str, provider_batch_id: str) -> tuple[str, bool, list[dict] | None]:
-    """``(provider status, ended, result lines when ended)``."""
-    if batch_format(provider) == "openai":
-        async with _openai(settings, provider) as client:
-            b = await client.batches.retrieve(provider_batch_id)
-            if b.status not in OPENAI_ENDED:
-                return b.status, False, None
-            lines = []
-            for fid in (b.output_file_id, b.error_file_id):
-                if fid:
-                    content = await client.files.content(fid)
-                    lines.extend(json.loads(x) for x in content.text.splitlines() if x.strip())
-            if b.status == "failed" and b.errors:
-                log.warning("provider batch %s failed: %s", provider_batch_id,
-                            [e.message for e in (b.errors.data or [])][:5])
-            return b.status, True, lines
-    async with _anthropic(settings, provider) as client:
-        b = await client.messages.batches.retrieve(provider_batch_id)
-        if b.processing_status != "ended":
-            return b.processing_status, False, None
-        resp = await client.get(b.results_url, cast_to=http_response,
-                                options={"headers": {"Accept": "application/binary"}})
-        return "ended", True, [json.loads(x) for x in resp.text.splitlines() if x.strip()]
+async def poll(settings: Settings, provider: str, provider_batch_id: str, *,
+               key_alias: str | None = None) -> tuple[str, bool, list[dict] | None]:
+    """``(provider status, ended, result lines when ended)``, asked on the batch's key."""
+    fmt = batch_format(provider)
+    api = _API[fmt]
+    async with _client(settings, provider, key_alias=key_alias) as client:
+        b = await api.batches(client).retrieve(provider_batch_id)
+        state = api.status(b)
+        if state not in api.ended:
+            return state, False, None
+        if fmt == "anthropic":
+            return state, True, await _anthropic_results(client, b.results_url)
+        lines = []
+        for fid in (b.output_file_id, b.error_file_id):
+            if fid:
+                lines.extend(_jsonl((await client.files.content(fid)).text))
+        if state == "failed" and b.errors:
+            log.warning("provider batch %s failed: %s", provider_batch_id,
+                        [e.message for e in (b.errors.data or [])][:5])
+        return state, True, lines
 
 
-async def cancel(settings: Settings, provider: str, provider_batch_id: str) -> str:
-    if batch_format(provider) == "openai":
-        async with _openai(settings, provider) as client:
-            return (await client.batches.cancel(provider_batch_id)).status
-    async with _anthropic(settings, provider) as client:
-        return (await client.messages.batches.cancel(provider_batch_id)).processing_status
+async def cancel(settings: Settings, provider: str, provider_batch_id: str, *, key_alias: str | None = None) -> str:
+    api = _API[batch_format(provider)]
+    async with _client(settings, provider, key_alias=key_alias) as client:
+        return api.status(await api.batches(client).cancel(provider_batch_id))
 
 
-async def status(settings: Settings, provider: str, provider_batch_id: str) -> str:
-    if batch_format(provider) == "openai":
-        async with _openai(settings, provider) as client:
-            return (await client.batches.retrieve(provider_batch_id)).status
-    async with _anthropic(settings, provider) as client:
-        return (await client.messages.batches.retrieve(provider_batch_id)).processing_status
+async def status(settings: Settings, provider: str, provider_batch_id: str, *, key_alias: str | None = None) -> str:
+    api = _API[batch_format(provider)]
+    async with _client(settings, provider, key_alias=key_alias) as client:
+        return api.status(await api.batches(client).retrieve(provider_batch_id))

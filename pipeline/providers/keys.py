@@ -8,6 +8,9 @@ key's window was taken meanwhile (another worker), the next best is tried, and w
 admits now, it waits for the soonest. Not round robin: a key of 300 rpm beside one of 150
 takes about two calls in three, whatever the load.
 
+``Keys.best`` is the same choice read without admitting anything: the key a provider batch
+goes out on (pipeline/providers/batch_api.py; the scheduler chooses it).
+
 A key the provider answered 401 or 403 leaves the rotation for every worker: ``revoke``
 sets a mark in Redis (no expiry; ``restore`` takes it away). The first worker to mark it
 is told so (``True``), and raises the alert (a row, a metric: the caller's business,
@@ -76,29 +79,44 @@ class Keys:
         await self.limiter.eval("return redis.call('DEL', KEYS[1])", [dead_key(provider, alias)])
         self._seen.pop(provider, None)
 
+    async def _usable(self, provider: str, keys: Sequence[KeySpec]) -> list[KeySpec]:
+        """The live keys; ``NoUsableKey`` when there is none."""
+        live = await self.live(provider, keys)
+        if not live:
+            raise NoUsableKey(f"every key of provider {provider!r} is out of the rotation "
+                              f"(answered 401/403): {', '.join(k.alias for k in keys)}")
+        return live
+
+    async def _ranked(self, provider: str, live: list[KeySpec], model: str) -> tuple[list[KeySpec], dict]:
+        """``live`` by headroom on ``model``, the most first (ties broken at random), and each alias's limit."""
+        limits = [(k.alias, ratelimit.limit_for(self.limiter.settings, provider, model, k)) for k in live]
+        room = await self.limiter.headroom(provider, model, limits)
+        ranked = sorted(zip(room, [random.random() for _ in live], live), key=lambda t: t[:2], reverse=True)
+        return [k for _, _, k in ranked], dict(limits)
+
+    async def best(self, provider: str, keys: Sequence[KeySpec], model: str) -> KeySpec:
+        """The live key with the most headroom on ``model``, read but not taken: the key a provider
+        batch goes out on (its lines are not realtime calls, so they take no place in a window).
+        ``NoUsableKey`` when every key is out."""
+        live = await self._usable(provider, keys)
+        return live[0] if len(live) == 1 else (await self._ranked(provider, live, model))[0][0]
+
     async def admit(self, provider: str, keys: Sequence[KeySpec], model: str, tier: str, tokens: int,
                     max_wait_s: float | None = None, rid: str | None = None) -> KeySpec | None:
         """The live key with the most headroom, once its window admitted the call (as ``rid``:
         the limiter's ``stamp`` counts it from its send).
 
         None when ``max_wait_s`` would be exceeded; ``NoUsableKey`` when every key is out."""
-        settings = self.limiter.settings
         started = time.monotonic()
         rid = rid or secrets.token_hex(6)
         while True:
-            live = await self.live(provider, keys)
-            if not live:
-                raise NoUsableKey(f"every key of provider {provider!r} is out of the rotation "
-                                  f"(answered 401/403): {', '.join(k.alias for k in keys)}")
-            limits = [(k.alias, ratelimit.limit_for(settings, provider, model, k)) for k in live]
+            live = await self._usable(provider, keys)
             if len(live) == 1:   # one key: its window alone, as one key always was
+                limit = ratelimit.limit_for(self.limiter.settings, provider, model, live[0])
                 waited = await self.limiter.admit(provider, model, tier, tokens, max_wait_s, key=live[0].alias,
-                                                  limit=limits[0][1], rid=rid)
+                                                  limit=limit, rid=rid)
                 return live[0] if waited is not None else None
-            room = await self.limiter.headroom(provider, model, limits)   # ties broken at random
-            ranked = sorted(zip(room, [random.random() for _ in live], live), key=lambda t: t[:2], reverse=True)
-            order = [k for _, _, k in ranked]
-            by_alias = dict(limits)
+            order, by_alias = await self._ranked(provider, live, model)
             soonest = None
             for key in order:
                 wait = await self.limiter.try_admit(provider, model, tier, tokens, rid, key=key.alias,

@@ -12,9 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pipeline.constants import JOB_FINISHED
-from pipeline.stores import embeddings
 from pipeline.stores.db import dumps
 from pipeline.stores.jobs import refresh_jobs
+from pipeline.stores.outcomes import write_outcomes
 
 
 _REQUEST_COLUMNS = (
@@ -102,7 +102,7 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
     key and do not count; a batch left with no new request is not written.
     ``cached`` are result rows for requests answered from the cache (their
     request rows are in ``requests`` with no batch; ``Outcome.to_row()``s, what the cache saved as
-    their list cost); they are written only for
+    their list cost), through the one outcome write (pipeline/stores/outcomes.py); they are written only for
     requests inserted now, so a replay never adds a second answer. Requests of a
     cancelled job are written ``cancelled``, in no batch (and get no cached answer).
     """
@@ -146,22 +146,14 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
         new = {(j, c) for j, c, b, status in inserted if status == "succeeded"}
         hits = [r for r in cached if (r["job_id"], r["custom_id"]) in new]
         if hits:
-            rows, vectors = embeddings.split(hits)   # a cached embedding's vectors as real[], like any other
-            conn.execute(sa.text(
-                "INSERT INTO results (job_id, custom_id, model, status_code, response, input_tokens,"
-                " cached_input_tokens, output_tokens, cost_usd, provider_request_id, latency_ms,"
-                " from_cache, saved_usd)"
-                " SELECT x.job_id, x.custom_id, x.model, 200, x.response, x.input_tokens,"
-                " x.cached_input_tokens, x.output_tokens, 0, x.provider_request_id, 0, true, x.list_cost_usd"
-                " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text,"
-                " model text, response jsonb, input_tokens int, cached_input_tokens int, output_tokens int,"
-                " provider_request_id text, list_cost_usd numeric)"
-                " ON CONFLICT DO NOTHING"), {"rows": dumps(rows)})
-            embeddings.write(conn, vectors, list(vectors))   # new requests: their results are new too
-            conn.execute(sa.text(
+            # one outcome write, vectors and all; nothing spent, the list cost is what the cache saved
+            write_outcomes(conn, [dict(r, status_code=200, latency_ms=0, from_cache=True,
+                                       saved_usd=r["list_cost_usd"]) for r in hits], [])
+            conn.execute(sa.text(   # written 'succeeded' above: the outcome write leaves their state alone
                 "UPDATE requests r SET finished_at = now(), started_at = now()"
                 " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text)"
-                " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"), {"rows": dumps(hits)})
+                " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"),
+                {"rows": dumps([{"job_id": r["job_id"], "custom_id": r["custom_id"]} for r in hits])})
             refresh_jobs(conn, {r["job_id"] for r in hits})
     return counts
 

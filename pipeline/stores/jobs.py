@@ -177,18 +177,18 @@ def cancelled_jobs(conn: Connection, job_ids) -> set[str]:
 
 
 def send_cancel(engine, pb_id: str, provider: str, provider_batch_id: str, settings: Settings, *,
-                run=asyncio.run) -> dict:
-    """Ask the provider to cancel; confirmed once it says cancelling or ended (an ended batch has
-    nothing left to cancel). Unconfirmed, the scheduler asks again next tick. ``run`` runs the
-    provider call (the scheduler's: on its one event loop)."""
+                run=asyncio.run, key_alias: str | None = None) -> dict:
+    """Ask the provider to cancel, on the batch's key (``key_alias``); confirmed once it says
+    cancelling or ended (an ended batch has nothing left to cancel). Unconfirmed, the scheduler asks
+    again next tick. ``run`` runs the provider call (the scheduler's: on its one event loop)."""
     confirmed = batch_api.cancel_confirmed(provider)
     error = None
     try:
-        state = run(batch_api.cancel(settings, provider, provider_batch_id))
+        state = run(batch_api.cancel(settings, provider, provider_batch_id, key_alias=key_alias))
     except Exception as e:   # e.g. "cannot cancel a completed batch": ask what it is
         error = str(e)
         try:
-            state = run(batch_api.status(settings, provider, provider_batch_id))
+            state = run(batch_api.status(settings, provider, provider_batch_id, key_alias=key_alias))
         except Exception:
             state = None
     ok = state in confirmed
@@ -246,7 +246,8 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) ->
             " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
             "                 AND r.status <> ALL(llmbatch_states('request_terminal')))"), {"j": job_id}).rowcount
         pbs = conn.execute(sa.text(
-            "SELECT pb.id, pb.provider, pb.provider_batch_id, pb.status FROM provider_batches pb"
+            "SELECT pb.id, pb.provider, pb.provider_batch_id, pb.status, pb.counts->>'key_alias'"
+            " FROM provider_batches pb"
             " WHERE pb.status = ANY(llmbatch_states('provider_batch_open'))"
             " AND EXISTS (SELECT 1 FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
             "             WHERE b.provider_batch = pb.id AND r.job_id = :j)"
@@ -268,9 +269,9 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) ->
         return None
     job, stopped, done, pbs, running = out
     cancelled_at_provider = []
-    for pb_id, provider, pbid, status in pbs:
+    for pb_id, provider, pbid, status, key in pbs:
         if status == "submitted":
-            cancelled_at_provider.append(send_cancel(engine, pb_id, provider, pbid, settings))
+            cancelled_at_provider.append(send_cancel(engine, pb_id, provider, pbid, settings, key_alias=key))
         else:   # its creation is under way or unconfirmed: cancelled the moment the provider names it
             cancelled_at_provider.append({"id": pb_id, "provider_batch": None, "status": "cancel_requested"})
     return {"job_id": job_id, "previous_status": job.status, "requests_cancelled": stopped,

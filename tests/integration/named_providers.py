@@ -62,8 +62,10 @@ def _stack_sh(env: dict, *args: str) -> None:
 
 
 @contextmanager
-def named_stack(settings, tmp_path, providers: list[Named], anthropic_rpm: int | None = None):
-    """Yield the environment a submit needs (providers, price file, secrets); restore the stack after."""
+def named_stack(settings, tmp_path, providers: list[Named], anthropic_rpm: int | None = None,
+                restarted: tuple[str, ...] = RESTARTED):
+    """Yield the environment a submit needs (providers, price file, secrets); restore the stack after.
+    ``restarted``: the processes that read the providers (add ``scheduler`` for provider batches)."""
     sim_providers, pipe_providers, prices, env = {}, {}, {}, dict(os.environ)
     for p in providers:
         sim_providers[p.name] = {
@@ -91,11 +93,11 @@ def named_stack(settings, tmp_path, providers: list[Named], anthropic_rpm: int |
     env.update(LLMBATCH_PROVIDERS=json.dumps(pipe_providers), LLMBATCH_PRICING_FILE=str(price_file))
     sim(settings, "POST", "/_config", {"providers": sim_providers})
     try:
-        _stack_sh(env, "restart", *RESTARTED)
+        _stack_sh(env, "restart", *restarted)
         yield env
     finally:
         try:
-            _stack_sh(dict(os.environ), "restart", *RESTARTED)
+            _stack_sh(dict(os.environ), "restart", *restarted)
         finally:
             sim(settings, "DELETE", "/_config")
 

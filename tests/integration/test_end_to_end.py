@@ -138,15 +138,17 @@ def test_deterministic_requests_are_answered_from_the_cache(stack, engine, tmp_p
     assert second["counts"]["cached"] == 5 and second["counts"]["succeeded"] == 6
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
-            "SELECT custom_id, from_cache, cost_usd, saved_usd, response FROM results WHERE job_id = :j"),
-            {"j": second["job_id"]}).all()
+            "SELECT custom_id, from_cache, cost_usd, saved_usd, response, lever, list_cost_usd, path, status_code"
+            " FROM results WHERE job_id = :j"), {"j": second["job_id"]}).all()
         originals = dict(conn.execute(sa.text(
             "SELECT custom_id, cost_usd FROM results WHERE job_id = :j"), {"j": first["job_id"]}).all())
-    for cid, from_cache, cost_usd, saved, response in rows:
+    for cid, from_cache, cost_usd, saved, response, lever, list_cost, path, status_code in rows:
         if cid == "hot":
             assert not from_cache and cost_usd > 0
         else:
             assert from_cache and cost_usd == 0 and saved == originals[cid] > 0
+            # a cache hit is an outcome like any other (one write): the savings ledger names its lever
+            assert (lever, list_cost, path, status_code) == ("cache", saved, "realtime", 200)
             assert response["choices"][0]["message"]["content"].startswith("Simulated answer")
     assert Decimal(second["cache_saved_usd"]) == sum(originals[f"c{i}"] for i in range(5))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -236,3 +237,24 @@ def test_the_simulator_does_not_import_the_pipelines_counting_or_pricing():
                          if line.lstrip().startswith(("import ", "from ")))
         found = [b for b in banned if b in code]
         assert not found, f"{path.name} uses the pipeline's {found}"
+
+
+def test_the_content_walker_counts_parts_by_their_type_and_refuses_the_rest():
+    """One walk over content parts serves chat, Anthropic and Responses: text by its field, one
+    token per part, other types by their table entry, anything else refused with what is priced."""
+    from pipeline.money.bounds import content_tokens, text_part
+    count = len
+    parts = {"text": text_part("text", count), "image": lambda part, at: 100}
+    seen = []
+    assert content_tokens("abcd", "c", count, parts, "x") == 4
+    assert content_tokens(None, "c", count, parts, "x") == 0
+    value = [{"type": "text", "text": "abc"}, {"type": "image"}]
+    assert content_tokens(value, "c", count, parts, "x", each=lambda p, at: seen.append(at)) == 1 + 3 + 100
+    assert seen == ["c[0]", "c[1]"]
+    for bad, message in ((None, "c must be text or parts"), (7, "c must be text or parts"),
+                         ([{"type": "audio"}], "c[0] of type 'audio' cannot be bounded (text and images)"),
+                         ([{"type": "text", "text": 3}], "c[0] of type 'text' cannot be bounded"),
+                         (["plain"], "c[0] of type None cannot be bounded"),
+                         ([{"type": ["text"]}], "c[0] of type ['text'] cannot be bounded")):
+        with pytest.raises(LineError, match=re.escape(message)):
+            content_tokens(bad, "c", count, parts, "text and images", shape="text or parts", null_ok=False)

@@ -23,6 +23,7 @@ OK = Answer(body={"ok": True}, status_code=200, request_id="req_1", latency_ms=1
 
 def request(**over) -> Request:
     req = {"job_id": "j1", "custom_id": "c1", "provider": "openai", "model": "gpt-4o", "tier": "peak",
+           "endpoint": "/v1/chat/completions",   # every stored row names its url (migration 024)
            "input_tokens": 1000, "max_cost_usd": "0.0125", "fallback_model": "gpt-4o-mini",
            "body": {"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]}}
     return Request.from_row({**req, **over})

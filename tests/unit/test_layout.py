@@ -42,8 +42,9 @@ FOLDERS = {
     "money": {"", "stores", "providers"},
     "intake": {"", "money", "stores", "providers", "endpoints", "request", "paths"},
     "endpoints": {"", "money"},
-    # pipeline/request.py, a module with a node of its own: the typed request carries a Bound
-    "request": {"", "money"},
+    # pipeline/request.py, a module with a node of its own: the typed request carries a Bound, and
+    # its provider's kind (the registry's) says its default url
+    "request": {"", "money", "providers"},
     "paths": {"", "money", "stores", "providers", "endpoints", "request"},
 }
 #: top-level modules of pipeline/ that are a node of FOLDERS, not part of the vocabulary

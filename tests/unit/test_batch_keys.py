@@ -33,6 +33,15 @@ def _fresh() -> None:
     get_registry.cache_clear()
 
 
+async def _poll_until_ended(settings, provider: str, batch_id: str, key_alias: str) -> tuple[str, list]:
+    for _ in range(200):
+        state, done, lines = await batch_api.poll(settings, provider, batch_id, key_alias=key_alias)
+        if done:
+            return state, lines
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"batch {batch_id} did not end")
+
+
 @pytest.fixture
 def claude_eu(monkeypatch):
     """The process's settings name claude-eu (the registry the pipeline reads is built from them)."""
@@ -86,13 +95,8 @@ def test_a_second_anthropic_kind_provider_runs_a_batch_on_the_key_it_was_given(c
                      for i in range(3)]
             info = await batch_api.create(settings, "pb_test", "claude-eu", b"", lines, key_alias="eu-spare")
             assert info["key_alias"] == "eu-spare" and info["provider_batch_id"].startswith("msgbatch_")
-            for _ in range(200):
-                state, done, results = await batch_api.poll(settings, "claude-eu", info["provider_batch_id"],
-                                                            key_alias="eu-spare")
-                if done:
-                    break
-                await asyncio.sleep(0.05)
-            assert done and state == "ended"
+            state, results = await _poll_until_ended(settings, "claude-eu", info["provider_batch_id"], "eu-spare")
+            assert state == "ended"
             assert sorted(r["custom_id"] for r in results) == ["q0", "q1", "q2"]
             assert {r["result"]["type"] for r in results} == {"succeeded"}
             s = await stats(http, url)
@@ -136,12 +140,7 @@ def test_an_openai_format_batch_is_created_polled_and_found_on_its_key(monkeypat
             assert info["key_alias"] == "second"
             found = await batch_api.find_openai(settings, "pb_oa", 0, "together", key_alias="second")
             assert found["provider_batch_id"] == info["provider_batch_id"]
-            for _ in range(200):
-                state, done, lines = await batch_api.poll(settings, "together", info["provider_batch_id"],
-                                                          key_alias="second")
-                if done:
-                    break
-                await asyncio.sleep(0.05)
+            state, lines = await _poll_until_ended(settings, "together", info["provider_batch_id"], "second")
             assert state == "completed" and len(lines) == 4
             s = await stats(http, url)
             assert s["together"]["keys"]["second"]["batch_lines"] == 4 and "one" not in s["together"]["keys"]

@@ -359,9 +359,11 @@ def test_the_money_check_can_fail(fault_job):
     assert [f for f in money_failures(bill, led, smaller) if f.startswith("over the cap")], \
         f"a cap one call smaller (${smaller}) than the job's maxima holds a bill of ${bill.usd}"
     line = json.loads(path.read_text().splitlines()[0])
-    req = urllib.request.Request(f"{get_settings().simulator_url}/v1/chat/completions", method="POST",
+    settings = get_settings()   # the simulated provider, as the pipeline reaches it
+    req = urllib.request.Request(f"{settings.base_url('openai')}/chat/completions", method="POST",
                                  data=json.dumps(line["body"]).encode(),
-                                 headers={"Content-Type": "application/json", "Authorization": "Bearer sk-planted",
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {settings.api_key('openai')}",
                                           "Idempotency-Key": request_key(job, line["custom_id"])})
     with urllib.request.urlopen(req, timeout=10) as r:
         assert r.status == 200

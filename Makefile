@@ -25,11 +25,14 @@ test: up
 
 # Fault injection kills and restarts processes, so it gets a stack of its own
 # (shifted ports, own var dir), with short batch leases so a killed worker's
-# batch comes back in seconds; the stack is stopped afterwards, pass or fail.
+# batch comes back in seconds, and a dead worker's budget holds expire in 45 s, not 3 minutes (still
+# well after its batch is taken back and its cut-off calls counted), so a job that a kill leaves at
+# its cap pauses within a minute; the stack is stopped afterwards, pass or fail.
 # Ports above the kernel's ephemeral range (32768-60999), so a client socket never holds one.
 FAULT_OFFSET ?= 5700
 FAULT_ENV := LLMBATCH_PORT_OFFSET=$(FAULT_OFFSET) LLMBATCH_VAR_DIR=$(CURDIR)/var/stack-faults \
-	LLMBATCH_BATCH_LEASE_S=10 LLMBATCH_SWEEP_AFTER_S=5 LLMBATCH_FAULTS=1
+	LLMBATCH_BATCH_LEASE_S=10 LLMBATCH_SWEEP_AFTER_S=5 LLMBATCH_FAULTS=1 \
+	LLMBATCH_PROVIDER_TIMEOUT_S=20 LLMBATCH_BUDGET_RESERVATION_MARGIN_S=25 LLMBATCH_BUDGET_RESERVATION_TTL_S=45
 
 test-faults: setup
 	@$(FAULT_ENV) bash infra/stack.sh up

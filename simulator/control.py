@@ -35,7 +35,7 @@ def _config_view(sim: Simulator) -> dict:
 
 def add_control_routes(app: web.Application, sim: Simulator) -> None:
     async def get_stats(request):
-        return json_response({**sim.stats.as_dict(request.query.get("key_prefix")),
+        return json_response({**sim.stats.as_dict(request.query.get("key_prefix"), sim.unattended),
                               "providers": sim.accounts.as_dict()})
 
     async def get_metrics(request):

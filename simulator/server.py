@@ -191,6 +191,11 @@ class Simulator:
             store.provider = self.providers.get(store.provider.name, store.provider)
         self._reseed()
 
+    @property
+    def unattended(self) -> int:
+        """Generations still running whose client went away: billed when they finish."""
+        return len(self._unattended)
+
     # ---- answers and bills ---------------------------------------------------
 
     def evaluate(self, call: Call, body: dict, raw: bytes | None = None):
@@ -218,12 +223,12 @@ class Simulator:
         """Bill one generation: its usage (worst case if configured), per idempotency key, and in USD
         per provider and key. Returns the usage the answer reports."""
         billed = call.endpoint.bill(answer, self.config.worst_case, self.prompt_cache)
-        if not batch:
-            self.stats.bill(idempotency_key, billed)
         info = call.provider.model(model)
         price = info.price if info is not None else None
-        self.accounts.bill(call.provider.name, call.alias, tokens_of(billed),
-                           usd(price, billed, tier) if price is not None else None, batch=batch)
+        dollars = usd(price, billed, tier) if price is not None else None
+        if not batch:
+            self.stats.bill(idempotency_key, billed, dollars)
+        self.accounts.bill(call.provider.name, call.alias, tokens_of(billed), dollars, batch=batch)
         return billed
 
     # ---- routing and keys ----------------------------------------------------

@@ -18,8 +18,13 @@ when absent), per model and tier, and in total:
 
 ``GET /_stats?key_prefix=P`` adds ``keys``: the calls and distinct keys whose
 ``Idempotency-Key`` starts with ``P``, and what those keys were billed (``billed_calls``,
-``billed``: usage fields summed; ``billed_by_key``). A test counts its own job's calls this way
-(the pipeline's key is ``job:custom_id``), whatever else the stack is running.
+``billed``: usage fields summed; ``billed_by_key``; ``billed_usd``, ``billed_usd_by_key``: each
+call priced when it is billed, by the simulator's own table (``prices.py``) at the tier it was
+served, and ``unpriced_calls`` it has no price for). A test counts its own job's calls and bill
+this way (the pipeline's key is ``job:<hash of custom_id>``), whatever else the stack is running.
+
+``unattended``: generations still running whose client went away; they are billed when they
+finish, so a bill read while it is above 0 is not final.
 
 Per provider and per API key (calls, 429s, 401s, tokens, USD, peak calls in
 60 s, flex): ``providers`` in the same answer, kept by ``accounts.py``.
@@ -28,8 +33,10 @@ Per provider and per API key (calls, 429s, 401s, tokens, USD, peak calls in
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 
 from simulator.limits import PeakWindow
+from simulator.prices import plain
 
 UNTAGGED = "untagged"
 MAX_LISTED_DUPLICATE_KEYS = 100
@@ -77,6 +84,8 @@ class Stats:
         self.billed_calls = 0
         self.billed: dict[str, int] = {}      # usage field -> billed total, all calls
         self.key_billed: dict[str, dict[str, int]] = {}   # Idempotency-Key -> usage field -> total
+        self.key_usd: dict[str, Decimal] = {}    # Idempotency-Key -> USD billed (priced calls)
+        self.key_unpriced: dict[str, int] = {}   # Idempotency-Key -> calls billed with no price
         self.batch_requests: dict[str, int] = {}
 
     def counters(self, model: str, tier: str | None) -> tuple[Counter, ...]:
@@ -119,8 +128,9 @@ class Stats:
             else:
                 c.errors[key] = c.errors.get(key, 0) + 1
 
-    def bill(self, idempotency_key: str | None, usage: dict) -> None:
-        """Count one generation's bill (the provider's usage object), per key and in total."""
+    def bill(self, idempotency_key: str | None, usage: dict, usd: Decimal | None = None) -> None:
+        """Count one generation's bill (the provider's usage object, and ``usd`` it costs by the
+        simulator's prices, None when unpriced), per key and in total."""
         fields = dict(_flatten(usage))
         self.billed_calls += 1
         _add(self.billed, fields)
@@ -128,6 +138,10 @@ class Stats:
             per = self.key_billed.setdefault(idempotency_key, {})
             per["calls"] = per.get("calls", 0) + 1
             _add(per, fields)
+            if usd is None:
+                self.key_unpriced[idempotency_key] = self.key_unpriced.get(idempotency_key, 0) + 1
+            else:
+                self.key_usd[idempotency_key] = self.key_usd.get(idempotency_key, Decimal(0)) + usd
 
     def keys_with_prefix(self, prefix: str) -> dict:
         calls = [n for k, n in self.key_calls.items() if k.startswith(prefix)]
@@ -135,11 +149,15 @@ class Stats:
         total: dict[str, int] = {}
         for v in billed.values():
             _add(total, {f: n for f, n in v.items() if f != "calls"})
+        usd = {k: v for k, v in self.key_usd.items() if k.startswith(prefix)}
         return {"prefix": prefix, "calls": sum(calls), "distinct": len(calls),
                 "billed_calls": sum(v["calls"] for v in billed.values()), "billed": total,
-                "billed_by_key": dict(sorted(billed.items()))}
+                "billed_by_key": dict(sorted(billed.items())),
+                "billed_usd": plain(sum(usd.values(), Decimal(0))),
+                "billed_usd_by_key": {k: plain(v) for k, v in sorted(usd.items())},
+                "unpriced_calls": sum(n for k, n in self.key_unpriced.items() if k.startswith(prefix))}
 
-    def as_dict(self, key_prefix: str | None = None) -> dict:
+    def as_dict(self, key_prefix: str | None = None, unattended: int = 0) -> dict:
         by_model_tier: dict[str, dict] = {}
         for (model, tier), c in sorted(self.by_model_tier.items()):
             by_model_tier.setdefault(model, {})[tier] = c.as_dict()
@@ -157,6 +175,7 @@ class Stats:
             "batch_requests": dict(sorted(self.batch_requests.items())),
             "billed_calls": self.billed_calls,
             "billed": dict(sorted(self.billed.items())),
+            "unattended": unattended,
             **({"keys": self.keys_with_prefix(key_prefix)} if key_prefix is not None else {}),
         }
 

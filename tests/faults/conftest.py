@@ -16,16 +16,21 @@ scenario proves both that the pipeline survives the crash and that the
 stack brings the process back.
 
 Every scenario submits a small job (a few hundred to 2,000 requests, the
-simulator at 20–50 ms so the fault lands mid-job) and ends with
-``check_invariants``: every request terminal, exactly one result per request,
-spend within the job's cap, duplicate provider calls counted, and no provider
-traffic once the job is over.
+simulator at 20–50 ms so the fault lands mid-job, every call billed to its
+limit: ``worst_case``) and ends with ``check_invariants``: every request
+terminal, exactly one result per request, duplicate provider calls counted,
+no provider traffic once the job is over, and the money (tests/faults/money.py):
+the provider's bill for the job, by the simulator's own count and prices, is
+in the pipeline's ledger (nothing spent unseen) and within the job's cap. The
+cap is set from the job itself (``JobCaps``) so that it can bind: each
+scenario says in its docstring which cap it uses and why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import urllib.parse
 import os
 import signal
 import subprocess
@@ -33,14 +38,19 @@ import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from pipeline.config import ROOT, get_settings
+from pipeline.ids import request_key
+from pipeline.money.bounds import request_bound
+from pipeline.money.ledger import JOB_SPENT_SQL
+from pipeline.money.pricing import get_price_book
 from pipeline.stores import db
+from tests.faults.money import Bill, Ledger, calls_without_a_row, money_failures, unseen_keys
 from tests.integration.conftest import LLMBATCH, stack, wait_for  # noqa: F401  (stack: pytest fixture)
 
 STACK_SH = ROOT / "infra" / "stack.sh"
@@ -189,6 +199,98 @@ def sim_stats() -> dict:
     return sim("GET", "/_stats")
 
 
+def key_prefix(job_id: str) -> str:
+    """The start of every ``Idempotency-Key`` of ``job_id`` (pipeline/ids.py ``request_key``)."""
+    return request_key(job_id, "").split(":", 1)[0] + ":"
+
+
+def provider_bill(job_id: str, timeout: float = 60) -> Bill:
+    """The provider's bill for the job, by the simulator's own count and prices, once final: no call
+    in flight and no generation whose client went away still running (it is billed when it ends)."""
+    wait_until(lambda: (lambda t: t["total"]["in_flight"] == 0 and t["unattended"] == 0)(sim_stats()),
+               timeout, what="every provider call answered and every generation billed")
+    keys = sim("GET", "/_stats?" + urllib.parse.urlencode({"key_prefix": key_prefix(job_id)}))["keys"]
+    return Bill.from_stats(keys)
+
+
+def ledger_of(job_id: str) -> Ledger:
+    """The pipeline's ledger for the job: results, and calls that may have been billed
+    (sql/012_unconfirmed_spend.sql), per request key; checked against what the caps count."""
+    led = Ledger()
+    with db.get_engine().connect() as conn:
+        for cid, usd in conn.execute(sa.text("SELECT custom_id, cost_usd FROM results WHERE job_id = :j"),
+                                     {"j": job_id}).all():
+            led.add(request_key(job_id, cid), Decimal(usd), "settled")
+        for cid, state, max_usd, confirmed in conn.execute(sa.text(
+                "SELECT custom_id, state, max_cost_usd, confirmed_usd FROM provider_calls WHERE job_id = :j"),
+                {"j": job_id}).all():
+            if state == "sent":
+                led.sent_left += 1
+            elif state == "unconfirmed":
+                led.add(request_key(job_id, cid), Decimal(max_usd), "unconfirmed")
+            else:
+                led.add(request_key(job_id, cid), Decimal(confirmed or 0), "confirmed")
+        caps_count = conn.execute(sa.text(f"SELECT {JOB_SPENT_SQL} FROM jobs j WHERE j.job_id = :j"),
+                                  {"j": job_id}).scalar()
+    assert Decimal(caps_count) == led.total, f"the caps count ${caps_count}, the ledger read here ${led.total}"
+    return led
+
+
+@dataclass
+class JobCaps:
+    """Caps set from a job's own lines: each request's maximum cost as the pipeline reserves it
+    (pipeline/money/bounds.py, rounded up to the ledger's 1e-8 as the budget holds it). That is the
+    pipeline's prediction, used only to choose a cap that can bind; what is checked against the cap
+    is the provider's bill."""
+
+    per_request: list[Decimal]
+
+    @classmethod
+    def of(cls, path: Path) -> "JobCaps":
+        prices, unit = get_price_book(), Decimal("0.00000001")
+        out = []
+        for line in path.read_text().splitlines():
+            bound = request_bound("openai", json.loads(line)["body"], prices)
+            out.append(bound.max_cost_usd.quantize(unit, rounding=ROUND_CEILING))
+        return cls(out)
+
+    def may_spend(self, billed_duplicates: int = 0) -> Decimal:
+        """Every request once at its maximum, and ``billed_duplicates`` calls more at the largest:
+        what the job may spend when the scenario allows that many repeated billed calls."""
+        return sum(self.per_request, Decimal(0)) + billed_duplicates * max(self.per_request)
+
+    def part(self, fraction: float) -> Decimal:
+        """A cap the job reaches before it ends: ``fraction`` of its maxima, rounded down."""
+        return (sum(self.per_request, Decimal(0)) * Decimal(str(fraction))).quantize(
+            Decimal("0.00000001"), rounding=ROUND_FLOOR)
+
+
+def job_status(job_id: str) -> str | None:
+    try:
+        with db.get_engine().connect() as conn:
+            return conn.execute(sa.text("SELECT status FROM jobs WHERE job_id = :j"), {"j": job_id}).scalar()
+    except sa.exc.OperationalError:    # Postgres restarting (a scenario's fault): poll again
+        return None
+
+
+def check_paused_at_cap(job_id: str, cap: Decimal, then: Decimal, timeout: float = 240) -> dict:
+    """The job stopped by its cap (``paused_budget``): the provider's bill so far is within the cap
+    and in the ledger. Then the cap is raised to ``then`` (``llmbatch budget set``) so the job goes
+    on. Returns what was measured at the pause."""
+    wait_until(lambda: job_status(job_id) == "paused_budget", timeout,
+               what=f"{job_id} paused at its cap ${cap}")
+    bill, led = provider_bill(job_id), ledger_of(job_id)
+    failures = money_failures(bill, led, cap)
+    at_pause = {"paused_bill_usd": str(bill.usd), "paused_ledger_usd": str(led.total), "paused_cap_usd": str(cap),
+                "paused_calls": bill.calls}
+    print(json.dumps({"job": job_id, **at_pause}), file=sys.stderr)
+    assert not failures, f"at the pause: {'; '.join(failures)}"
+    proc = subprocess.run([LLMBATCH, "budget", "set", "--job", job_id, "--usd", str(then)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return at_pause
+
+
 # ------------------------------------------------------------------ jobs
 
 def write_job_file(path: Path, n: int, prefix: str, **top) -> Path:
@@ -261,16 +363,34 @@ class FaultRow:
     duplicated_rows: int
     provider_calls: int
     duplicate_provider_calls: int
+    #: provider calls − attempt rows: attempts are a log, not the ledger (a redo after a crash
+    #: writes its attempt under the number the lost one had); the money is in ``ledger_usd``
     unrecorded_calls: int
-    spend_usd: str
+    spend_usd: str                  # settled: results.cost_usd
+    provider_bill_usd: str          # the simulator's own bill for the job's keys
+    ledger_usd: str                 # settled + unconfirmed (+ confirmed): what the caps count
+    unconfirmed_usd: str
+    unconfirmed_calls: int
+    sent_calls_left: int            # provider_calls still 'sent' after the job: counted by no cap
+    unseen_requests: int            # requests billed above their ledger rows
+    calls_without_ledger_row: int   # billed generations beyond their request's ledger rows
     cap_usd: str | None
-    overspend_usd: str
+    overspend_usd: str              # provider's bill above the cap
     seconds: float
+    paused_bill_usd: str | None = None
+    paused_ledger_usd: str | None = None
+    paused_cap_usd: str | None = None
+    paused_calls: int | None = None
 
 
 def check_invariants(scenario: str, job_id: str, n: int, *, started: float, cap: Decimal | None = None,
-                     max_duplicate_calls: int | None = None, quiet_s: float = 3.0) -> FaultRow:
-    """Assert the invariants every fault scenario must keep; record a row of the fault table."""
+                     max_duplicate_calls: int | None = None, quiet_s: float = 3.0,
+                     at_pause: dict | None = None) -> FaultRow:
+    """Assert the invariants every fault scenario must keep; record a row of the fault table.
+
+    Money: the provider's bill for the job (the simulator's count and prices) ≤ the ledger
+    (nothing spent unseen, per job and per request) and ≤ ``cap`` (tests/faults/money.py).
+    ``at_pause``: what ``check_paused_at_cap`` measured, for the table."""
     with db.get_engine().connect() as conn:
         q = lambda sql: conn.execute(sa.text(sql), {"j": job_id})  # noqa: E731
         n_requests = q("SELECT count(*) FROM requests WHERE job_id = :j").scalar()
@@ -288,8 +408,9 @@ def check_invariants(scenario: str, job_id: str, n: int, *, started: float, cap:
     # calls still in flight when the job is over are duplicates whose answers nobody keeps:
     # let them land (bounded) so they are counted
     with_flight = sim_stats()["total"]["in_flight"]
-    if with_flight:
-        wait_until(lambda: sim_stats()["total"]["in_flight"] == 0, 60, what="provider calls drained")
+    bill = provider_bill(job_id)     # waits for calls in flight and unattended generations
+    led = ledger_of(job_id)
+    money = money_failures(bill, led, cap)
     stats = sim_stats()["total"]
     time.sleep(quiet_s)
     later = sim_stats()["total"]
@@ -298,9 +419,12 @@ def check_invariants(scenario: str, job_id: str, n: int, *, started: float, cap:
         failed=by_status.get("failed", 0), lost=n - n_requests + open_, in_flight_after_end=with_flight,
         duplicated_rows=n_results - distinct_results, provider_calls=stats["requests"],
         duplicate_provider_calls=stats["duplicates"], unrecorded_calls=max(0, stats["requests"] - attempts),
-        spend_usd=str(spend), cap_usd=str(cap) if cap is not None else None,
-        overspend_usd=str(max(Decimal(0), Decimal(spend) - cap)) if cap is not None else "0",
-        seconds=round(time.monotonic() - started, 1))
+        spend_usd=str(spend), provider_bill_usd=str(bill.usd), ledger_usd=str(led.total),
+        unconfirmed_usd=str(led.unconfirmed), unconfirmed_calls=led.unconfirmed_calls, sent_calls_left=led.sent_left,
+        unseen_requests=len(unseen_keys(bill, led)), calls_without_ledger_row=calls_without_a_row(bill, led),
+        cap_usd=str(cap) if cap is not None else None,
+        overspend_usd=str(max(Decimal(0), bill.usd - cap)) if cap is not None else "0",
+        seconds=round(time.monotonic() - started, 1), **(at_pause or {}))
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     with REPORT.open("a") as f:
         f.write(json.dumps(asdict(row)) + "\n")
@@ -309,8 +433,7 @@ def check_invariants(scenario: str, job_id: str, n: int, *, started: float, cap:
     assert open_ == 0, f"{open_} requests not terminal: {by_status}"
     assert missing == 0 and n_results == n, f"results: {n_results} rows for {n} requests, {missing} missing"
     assert row.duplicated_rows == 0
-    if cap is not None:
-        assert Decimal(spend) <= cap, f"spent {spend} over the cap {cap}"
+    assert not money, "; ".join(money)
     if max_duplicate_calls is not None:
         assert stats["duplicates"] <= max_duplicate_calls, \
             f"{stats['duplicates']} duplicate provider calls (bound {max_duplicate_calls})"
@@ -327,6 +450,8 @@ def fault_job(stack, tmp_path, request):  # noqa: F811
     sim("DELETE", "/_config")
     _quiesce()
     sim("POST", "/_reset")
+
+    sim("POST", "/_config", {"worst_case": True})   # every call billed to its limit: the cap is tight
 
     def make(n: int, **top) -> Path:
         prefix = request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[:40]

@@ -8,6 +8,7 @@ import json
 import math
 import re
 from datetime import datetime, timezone
+from decimal import Decimal
 
 import aiohttp
 import anthropic
@@ -281,12 +282,18 @@ def test_a_generation_is_billed_when_its_client_went_away():
         return mid, late, hung
 
     mid, late, hung = run(body())
-    assert mid["billed_calls"] == 0                         # still generating
-    assert late["total"]["errors"] == {"client_closed": 1}
+    assert mid["billed_calls"] == 0 and mid["unattended"] == 1   # still generating, client gone
+    assert late["total"]["errors"] == {"client_closed": 1} and late["unattended"] == 0
     assert late["billed_calls"] == 1 and late["keys"]["billed_calls"] == 1
     assert late["keys"]["billed"]["completion_tokens"] == 40   # worst case: to its limit
     assert late["keys"]["billed_by_key"]["jobA:r1"]["calls"] == 1
     assert hung["keys"]["billed_calls"] == 1 and hung["keys"]["billed"]["completion_tokens"] == 40
+    # the bill in USD, by the simulator's own prices: gpt-4o-mini $0.15 in, $0.60 out per 1M tokens
+    b = late["keys"]["billed"]
+    dollars = (Decimal(b["prompt_tokens"]) * Decimal("0.15") + 40 * Decimal("0.60")) / 10**6
+    assert Decimal(late["keys"]["billed_usd"]) == dollars > 0
+    assert late["keys"]["billed_usd_by_key"] == {"jobA:r1": late["keys"]["billed_usd"]}
+    assert late["keys"]["unpriced_calls"] == 0
 
 
 # --------------------------------------------------------------------------- limits

@@ -60,6 +60,7 @@ from pipeline.constants import DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUEST
 from pipeline.errors import ConfigError, LineError
 from pipeline.intake.kafka import make_consumer, make_producer, verify
 from pipeline.intake.messages import MAX_REASON, decode
+from pipeline.intake.outages import Dependency, is_conflict, is_outage
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window
 from pipeline.endpoints import answer_cost, endpoint_for
@@ -77,57 +78,6 @@ BULK_TURN = 500
 BROKER_MARK = REDIS_PREFIX + "broker-mark"
 #: a DLQ copy larger than this is cut (the broker refused the whole one); the header says so
 DLQ_MAX_VALUE = 512 * 1024
-#: SQLSTATE classes that mean "Postgres is not there (or not now)" rather than "Postgres refuses
-#: this data": connection, resources, operator intervention, system; and the transient ones,
-#: deadlock or serialization failure (40) and lock not available (55): retried, never dead-lettered
-_OUTAGE_SQLSTATES = ("08", "53", "57", "58", "40", "55")
-
-
-def _first_line(error) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
-class Dependency:
-    """Up or down, with capped exponential backoff; logs only when the state changes."""
-
-    def __init__(self, name: str, first_s: float = 0.5, max_s: float = 15.0):
-        self.name = name
-        self.first_s, self.max_s = first_s, max_s
-        self.down_since: float | None = None
-        self.delay = first_s
-        self.retry_at = 0.0
-        self.outages = 0
-        self.conflicts = 0
-
-    @property
-    def up(self) -> bool:
-        return self.down_since is None
-
-    def may_try(self) -> bool:
-        return self.up or time.monotonic() >= self.retry_at
-
-    def failed(self, error) -> None:
-        now = time.monotonic()
-        if self.down_since is None:
-            self.down_since = now
-            self.delay = self.first_s
-            self.outages += 1
-            log.warning("%s down: %s; waiting it out (retrying with backoff)", self.name, _first_line(error))
-        else:
-            self.delay = min(self.delay * 2, self.max_s)
-        self.retry_at = now + self.delay
-
-    def conflicted(self, error) -> None:
-        """A transient conflict, not an outage: retried at once, logged as what it is."""
-        self.conflicts += 1
-        log.info("%s conflict, retrying: %s", self.name, _first_line(error))
-
-    def ok(self) -> None:
-        if self.down_since is not None:
-            log.warning("%s back after %.1f s", self.name, time.monotonic() - self.down_since)
-            self.down_since = None
-            self.delay = self.first_s
 
 
 @dataclass(slots=True)
@@ -154,28 +104,6 @@ def dispatch(batch_id: str, tier: str, jobs: list[str] | None = None) -> None:
     """Hand a batch to its tier's Celery queue (by task name: pipeline never imports workers)."""
     from pipeline.intake.dispatch import enqueue_batch
     enqueue_batch(batch_id, tier, jobs)
-
-
-def is_conflict(error: BaseException) -> bool:
-    """True for a transient conflict between transactions (deadlock, serialization failure, lock
-    not available): Postgres is up, and the same write is simply tried again."""
-    state = getattr(getattr(error, "orig", error), "sqlstate", None) or ""
-    return state[:2] == "40" or state == "55P03"
-
-
-def is_outage(error: BaseException) -> bool:
-    """True when ``error`` says Postgres is unreachable (or the failure is transient, such as
-    a deadlock), not that it refuses the data: such a write is retried, never dead-lettered."""
-    if isinstance(error, (sa.exc.InterfaceError, sa.exc.TimeoutError)):
-        return True
-    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
-        return True
-    orig = getattr(error, "orig", error)
-    state = getattr(orig, "sqlstate", None)
-    if state is not None:
-        return state[:2] in _OUTAGE_SQLSTATES
-    return isinstance(error, sa.exc.OperationalError) or type(orig).__name__ in ("OperationalError",
-                                                                                "InterfaceError")
 
 
 class Batcher:

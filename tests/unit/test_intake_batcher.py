@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 from pipeline.config import load_settings
 from pipeline.intake import batcher as batcher_mod
-from pipeline.intake.batcher import Batcher, Dependency, is_outage
+from pipeline.intake.batcher import Batcher
+from pipeline.intake.outages import Dependency, is_outage
 from pipeline.intake.kafka import sign
 from tests.unit.test_intake_messages import NOW, message, raw
 
@@ -140,7 +141,7 @@ def test_an_outage_is_waited_out_not_dead_lettered(make, caplog):
             raise sa.exc.OperationalError("INSERT", {}, psycopg.OperationalError("server closed the connection"))
     b = build(write)
     feed(b, [raw(message(custom_id=f"r{i}", priority=6)) for i in range(10)])
-    with caplog.at_level(logging.WARNING, logger="pipeline.intake.batcher"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.intake"):
         b.flush(b.due(force=True))
         assert len(b.backlog) == 10 and b.paused and b.consumer.paused
         for _ in range(5):                     # retried while down: no new log line, no DLQ
@@ -171,7 +172,7 @@ def test_a_deadlock_is_retried_and_not_called_an_outage(make, caplog):
             raise sa.exc.OperationalError("INSERT", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
     b = build(write)
     feed(b, [raw(message(custom_id=f"d{i}", priority=6)) for i in range(10)])
-    with caplog.at_level(logging.INFO, logger="pipeline.intake.batcher"):
+    with caplog.at_level(logging.INFO, logger="pipeline.intake"):
         b.flush(b.due(force=True))
         assert len(b.backlog) == 10 and b.postgres.up and b.postgres.outages == 0
         b.retry_backlog()
@@ -233,7 +234,7 @@ def test_outages_and_refusals_are_told_apart(error, outage):
 
 def test_a_dependency_logs_state_changes_only(caplog):
     d = Dependency("Redis")
-    with caplog.at_level(logging.WARNING, logger="pipeline.intake.batcher"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.intake"):
         for _ in range(5):
             d.failed(ConnectionError("refused"))
         assert not d.up and d.delay > d.first_s

@@ -1,11 +1,15 @@
 """The batcher: Kafka ``llm.requests`` → tiered, model-grouped batches in Postgres.
 
 A consumer group member, at-least-once, of ``llm.requests`` and, with a
-consumer of its own read first at every turn, of its fast lane
-``llm.requests.immediate`` (where producers put what they classify
-immediate). Every message ends as exactly one of: a request row, or a copy
-on ``llm.requests.dlq`` with an ``error`` header and its origin in headers.
-For every poll round:
+consumer of its own, of its fast lane ``llm.requests.immediate`` (where
+producers put what they classify immediate). The fast lane is served first
+in every turn, again after every slice of ``BULK_SLICE`` bulk messages and
+before every bulk flush, and its buffers are written and dispatched in a
+transaction of their own (``serve_fast``): an immediate request waits for at
+most one slice of bulk decoding or one bulk buffer's write, never for a
+whole turn of bulk work. Every message ends as exactly one of: a request row,
+or a copy on ``llm.requests.dlq`` with an ``error`` header and its origin in
+headers. For every poll round:
 
 1. check who sent each message (``pipeline/intake/kafka.py`` ``verify``: the
    producer's signature), then decode it (``pipeline/intake/messages.py``: strict
@@ -39,7 +43,6 @@ taken yet again.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -47,7 +50,6 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from decimal import Decimal
 
 import redis
 import sqlalchemy as sa
@@ -59,21 +61,24 @@ from pipeline.config import Settings, get_settings
 from pipeline.constants import DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC
 from pipeline.errors import ConfigError, LineError
 from pipeline.intake.kafka import make_consumer, make_producer, verify
+from pipeline.intake.cached import CachedAnswers, cached_result
 from pipeline.intake.messages import MAX_REASON, decode
 from pipeline.intake.outages import Dependency, is_conflict, is_outage
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window
-from pipeline.endpoints import answer_cost, endpoint_for
 from pipeline.money.pricing import get_price_book
 from pipeline.paths.registry import path_for
-from pipeline.request import Outcome, Request
 from pipeline.stores import batches as batch_store, db
-from pipeline.stores.cache import PREFIX as CACHE_PREFIX, ResponseCache
+from pipeline.stores.cache import ResponseCache
 
 log = logging.getLogger(__name__)
 
-#: bulk messages taken in one turn of the loop (about 50 ms of work): the fast lane is read between turns
+#: bulk messages taken in one turn of the loop (tens of ms of work)
 BULK_TURN = 500
+#: bulk messages decoded between two visits of the fast lane (a few ms of work)
+BULK_SLICE = 50
+#: tiers whose buffers the fast lane writes on each visit, in their own transaction
+FAST_TIERS = ("immediate",)
 #: a key in the broker's Redis; its absence means the Celery queues were lost (Batcher.sweep)
 BROKER_MARK = REDIS_PREFIX + "broker-mark"
 #: a DLQ copy larger than this is cut (the broker refused the whole one); the header says so
@@ -142,6 +147,7 @@ class Batcher:
         self.stopping = False
         self.last_sweep = 0.0
         self.stats = defaultdict(int)
+        self.cached = CachedAnswers(self.cache, self.redis, self.stats)
 
     # -------------------------------------------------------------- kafka side
 
@@ -289,10 +295,13 @@ class Batcher:
         buf.items.append(Item(row, tp, o, msg.key(), msg.value()))
         self._hold(tp, o)
 
-    def due(self, force: bool = False) -> list[Buffer]:
+    def due(self, force: bool = False, tiers: tuple[str, ...] | None = None) -> list[Buffer]:
+        """Buffers full or lingered long enough (all with ``force``), of ``tiers`` only when given."""
         nowm = time.monotonic()
         out = []
         for key, buf in list(self.buffers.items()):
+            if tiers is not None and buf.tier not in tiers:
+                continue
             if force or len(buf.items) >= self.settings.batch_max_size[buf.tier] \
                     or nowm - buf.since >= self.settings.batch_linger_s[buf.tier]:
                 out.append(self.buffers.pop(key))
@@ -304,14 +313,14 @@ class Batcher:
         items = [it for buf in buffers for it in buf.items]
         if not items:
             return
-        answers = self._cached_answers(items)
+        answers = self.cached.answers(items)
         self.backlog.extend(self._write(items, answers))
         self._pause(bool(self.backlog))
 
     def retry_backlog(self) -> None:
         if self.backlog and self.postgres.may_try():
             items, self.backlog = self.backlog, []
-            self.backlog = self._write(items, self._cached_answers(items))
+            self.backlog = self._write(items, self.cached.answers(items))
             self._pause(bool(self.backlog))
 
     def _write(self, items: list[Item], answers: dict) -> list[Item]:
@@ -375,7 +384,7 @@ class Batcher:
             if k in seen:   # one key twice in one INSERT fails
                 continue
             seen.add(k)
-            hit = self._cache_result(row, answers.get(row["cache_key"])) if row["cache_key"] else None
+            hit = cached_result(row, answers.get(row["cache_key"])) if row["cache_key"] else None
             if hit is not None:
                 row["status"] = "succeeded"
                 rows.append(row)
@@ -420,44 +429,6 @@ class Batcher:
                     batch_store.mark_dispatched(conn, sent)
             except Exception as e:   # still 'queued': the sweep sends them again, a lease runs each once
                 log.info("batches dispatched but not marked so: %s", e)
-
-    def _cached_answers(self, items: list[Item]) -> dict:
-        keys = sorted({it.row["cache_key"] for it in items if it.row["cache_key"]})
-        if not keys or not self.redis.may_try():
-            return {}
-        try:
-            values = self.cache.redis.mget([CACHE_PREFIX + k for k in keys])
-        except redis.RedisError as e:
-            self.redis.failed(e)
-            return {}
-        self.redis.ok()
-        out = {}
-        for k, v in zip(keys, values):
-            if v is not None:
-                try:
-                    out[k] = json.loads(v)
-                except ValueError:
-                    log.warning("cache entry %s is not JSON: ignored", k)
-        self.stats["cache_misses"] += len(keys) - len(out)
-        return out
-
-    def _cache_result(self, row: dict, answer: dict | None) -> dict | None:
-        """The result row of a request answered from the cache: cost 0, and what it saved."""
-        if not isinstance(answer, dict):
-            return None
-        try:
-            req = Request.from_row(row)
-            usage, saved = answer_cost(endpoint_for(req.endpoint), answer,
-                                       get_price_book().resolve(req.model, req.provider))
-            if saved is None:
-                raise ValueError("the answer reports no usage")
-        except Exception as e:   # an entry we cannot read is a miss
-            log.warning("cache entry for %s/%s unusable (%s): a miss", row["job_id"], row["custom_id"], e)
-            return None
-        # nothing spent; what the call would have cost at list price is what the cache saved
-        return Outcome(req.job_id, req.custom_id, req.model, "succeeded", response=answer, usage=usage,
-                       cost=Decimal(0), list_cost=saved, path=req.path, lever="cache",
-                       provider_request_id=answer.get("id")).to_row()
 
     def sweep(self) -> int:
         """Dispatch batches committed but never dispatched, or whose worker died.
@@ -506,26 +477,29 @@ class Batcher:
     # -------------------------------------------------------------- loop
 
     def turn(self) -> None:
-        """One round: read (the fast lane first), decode, flush what is due, commit."""
-        msgs = self.fast.consume(num_messages=1000, timeout=0)
-        idle = 0.005 if self.buffers else 0.02  # idle: an immediate request waits at most 20 ms
-        if self.paused:
-            idle = 0.2
-        msgs += self.consumer.consume(num_messages=BULK_TURN, timeout=0 if msgs else idle)
-        now = datetime.now(timezone.utc)
-        opens = self._offpeak_opens(now) if msgs else None
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    self._on_kafka_error(err)
-                continue
-            self.kafka.ok()
-            self.add(msg, now, opens)
+        """One round: the fast lane, then bulk work in slices with the fast lane served between
+        them, then the bulk flush (one transaction per buffer, the fast lane served before each)."""
+        bulk = self.consumer.consume(num_messages=BULK_TURN, timeout=0)
+        if not self.serve_fast() and not bulk:
+            # nothing anywhere: wait on the fast lane, so an immediate request wakes the loop at once
+            self.serve_fast(wait=0.2 if self.paused else (0.005 if self.buffers else 0.02))
+            bulk = self.consumer.consume(num_messages=BULK_TURN, timeout=0)
+        if bulk:
+            now = datetime.now(timezone.utc)
+            opens = self._offpeak_opens(now)
+            for i in range(0, len(bulk), BULK_SLICE):
+                if i:
+                    self.serve_fast()
+                for msg in bulk[i:i + BULK_SLICE]:
+                    self._take(msg, now, opens)
         if self.backlog:
             self.retry_backlog()
-        if not self.backlog:
-            self.flush(self.due())
+        for buf in [] if self.backlog else self.due():
+            self.serve_fast()
+            if self.backlog:   # Postgres went away in an earlier flush: the rest waits with it
+                self.backlog.extend(buf.items)
+            else:
+                self.flush([buf])
         self._commit()
         metrics.observe_consumer_lag(*self.consumers.values())   # throttled: every few seconds
         self.dlq.poll(0)
@@ -533,6 +507,34 @@ class Batcher:
         if time.monotonic() - self.last_sweep > self.settings.sweep_after_s / 2:
             self.last_sweep = time.monotonic()
             self.sweep()
+
+    def serve_fast(self, wait: float = 0.0) -> int:
+        """Take what the fast lane holds (waiting up to ``wait`` s for a first message), and write
+        and dispatch immediate buffers that are due, in a transaction of their own: an immediate
+        request never waits for a bulk slice's decoding or a bulk flush. Returns the messages taken."""
+        msgs = self.fast.consume(num_messages=1000, timeout=0)
+        if not msgs and wait:
+            first = self.fast.poll(wait)
+            msgs = [first] + self.fast.consume(num_messages=1000, timeout=0) if first is not None else []
+        if msgs:
+            now = datetime.now(timezone.utc)
+            opens = self._offpeak_opens(now)
+            for msg in msgs:
+                self._take(msg, now, opens)
+        due = [] if self.backlog else self.due(tiers=FAST_TIERS)
+        if due:
+            self.flush(due)
+            self._commit()
+        return len(msgs)
+
+    def _take(self, msg, now: datetime, opens: datetime) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                self._on_kafka_error(err)
+            return
+        self.kafka.ok()
+        self.add(msg, now, opens)
 
     def _offpeak_opens(self, now: datetime) -> datetime:
         """When held off-peak work can first run; a window that never opens is infinitely far."""

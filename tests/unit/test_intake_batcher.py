@@ -104,7 +104,7 @@ def make(monkeypatch):
         monkeypatch.setattr(batcher_mod.batch_store, "admit_requests", lambda conn, rows: (rows, {}))
         monkeypatch.setattr(batcher_mod.batch_store, "mark_dispatched", lambda conn, ids: None)
         b = Batcher(SETTINGS, engine=FakeEngine(), dispatcher=lambda *a: None)
-        b._cached_answers = lambda items: {}
+        b.cached.answers = lambda items: {}
         return b
     return build, written
 
@@ -241,3 +241,42 @@ def test_a_dependency_logs_state_changes_only(caplog):
         d.ok()
         d.ok()
     assert len(caplog.records) == 2 and d.up
+
+
+class QueuedConsumer(FakeConsumer):
+    """A consumer whose ``consume`` calls answer, in turn, the lists of ``answers`` (then nothing)."""
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = list(answers)
+    def consume(self, num_messages=1, timeout=0):
+        return self.answers.pop(0) if self.answers else []
+    def poll(self, timeout=0):
+        got = self.consume()
+        return got[0] if got else None
+
+
+def test_an_immediate_message_is_written_alone_while_bulk_work_is_decoded(make, monkeypatch):
+    """An immediate message that arrives while a turn decodes 500 bulk messages is written and
+    dispatched in a transaction of its own, after at most one slice of bulk decoding, and before
+    any bulk row: it never waits for the bulk job's decoding or its flush."""
+    build, written = make
+    flushes = []
+    b = build(lambda rows: flushes.append(sorted({r["tier"] for r in rows})))
+    dispatched = []
+    b.dispatch = lambda batch_id, tier, jobs=None: dispatched.append(tier)
+    monkeypatch.setitem(b.settings.batch_linger_s, "immediate", 0.0)
+    bulk = [FakeMsg(raw(message(custom_id=f"bulk{i}", priority=6)), i) for i in range(batcher_mod.BULK_TURN)]
+    probe = FakeMsg(raw(message(custom_id="probe", priority=9)), 0, topic="llm.requests.immediate")
+    decoded = []
+    add = b.add
+    b.add = lambda msg, *a: (decoded.append(msg.topic()), add(msg, *a))
+    # the fast lane is empty at the turn's start; the probe arrives during the first bulk slice
+    b.fast = b.consumers["llm.requests.immediate"] = QueuedConsumer([[], [probe]])
+    b.consumer = b.consumers["llm.requests"] = QueuedConsumer([bulk])
+    monkeypatch.setitem(b.settings.batch_linger_s, "peak", 0.0)
+    b.turn()
+    assert flushes[0] == ["immediate"], flushes
+    assert flushes[1:] and all(tiers == ["peak"] for tiers in flushes[1:]), flushes
+    assert decoded.index("llm.requests.immediate") <= batcher_mod.BULK_SLICE
+    assert dispatched[0] == "immediate"
+    assert len(written) == batcher_mod.BULK_TURN + 1

@@ -3,11 +3,12 @@
 A consumer group member, at-least-once, of ``llm.requests`` and, with a
 consumer of its own, of its fast lane ``llm.requests.immediate`` (where
 producers put what they classify immediate). The fast lane is served first
-in every turn, again after every slice of ``BULK_SLICE`` bulk messages and
-before every bulk flush, and its buffers are written and dispatched in a
-transaction of their own (``serve_fast``): an immediate request waits for at
-most one slice of bulk decoding or one bulk buffer's write, never for a
-whole turn of bulk work. Every message ends as exactly one of: a request row,
+in every turn and again after every slice of ``BULK_SLICE`` bulk messages,
+and its buffers are written and dispatched in a transaction of their own
+(``serve_fast``); a bulk flush's transaction runs in a writer thread of its
+own (``bulk_written`` finishes it on the loop). An immediate request waits
+for at most one slice of bulk decoding, never for a turn of bulk work or a
+bulk write. Every message ends as exactly one of: a request row,
 or a copy on ``llm.requests.dlq`` with an ``error`` header and its origin in
 headers. For every poll round:
 
@@ -25,7 +26,7 @@ headers. For every poll round:
 4. after the commit, hand immediate and peak batches to their Celery queues
    (off-peak and background stay held in Postgres for the scheduler);
 5. only then commit Kafka offsets, and only up to the first message of each
-   partition that is still buffered, waiting for Postgres, or whose DLQ copy
+   partition that is still buffered, being written, waiting for Postgres, or whose DLQ copy
    Kafka has not acknowledged yet.
 
 It must never commit an offset before the rows (or the DLQ copy) are
@@ -48,6 +49,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_all
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -58,11 +60,12 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from pipeline.paths.registry import scheduler_paths
 from pipeline import metrics
 from pipeline.config import Settings, get_settings
-from pipeline.constants import DLQ_TOPIC, IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC
+from pipeline.constants import IMMEDIATE_TOPIC, REDIS_PREFIX, REQUESTS_TOPIC, TIERS
 from pipeline.errors import ConfigError, LineError
 from pipeline.intake.kafka import make_consumer, make_producer, verify
 from pipeline.intake.cached import CachedAnswers, cached_result
-from pipeline.intake.messages import MAX_REASON, decode
+from pipeline.intake.deadletters import DeadLetters
+from pipeline.intake.messages import decode
 from pipeline.intake.outages import Dependency, is_conflict, is_outage
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window
@@ -80,10 +83,9 @@ BULK_TURN = 500
 BULK_SLICE = 20
 #: tiers whose buffers the fast lane writes on each visit, in their own transaction
 FAST_TIERS = ("immediate",)
+BULK_TIERS = tuple(t for t in TIERS if t not in FAST_TIERS)
 #: a key in the broker's Redis; its absence means the Celery queues were lost (Batcher.sweep)
 BROKER_MARK = REDIS_PREFIX + "broker-mark"
-#: a DLQ copy larger than this is cut (the broker refused the whole one); the header says so
-DLQ_MAX_VALUE = 512 * 1024
 
 
 @dataclass(slots=True)
@@ -135,8 +137,6 @@ class Batcher:
         self.buffers: dict[tuple, Buffer] = {}
         #: items whose write waits for Postgres to come back (the partitions are paused meanwhile)
         self.backlog: list[Item] = []
-        #: DLQ copies Kafka refused for good, to produce again
-        self.dlq_retry: list[tuple] = []
         self.paused = False
         # keyed by (topic, partition)
         self.pending: dict[tuple, dict[int, int]] = defaultdict(dict)   # -> {offset: count}
@@ -149,6 +149,12 @@ class Batcher:
         self.last_sweep = 0.0
         self.stats = defaultdict(int)
         self.cached = CachedAnswers(self.cache, self.redis, self.stats)
+        self.dead = DeadLetters(self.dlq, self.kafka, self.stats, hold=self._hold, release=self._release,
+                                owned=self.consumed.__contains__)
+        #: bulk flushes run their transaction here, one at a time, so the loop keeps serving the
+        #: fast lane while Postgres writes them: (items, answers, plan, future) or None
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="bulk-writer")
+        self.writing: tuple | None = None
 
     # -------------------------------------------------------------- kafka side
 
@@ -204,44 +210,6 @@ class Batcher:
             if not waiting[offset]:
                 del waiting[offset]
 
-    def _to_dlq(self, tp: tuple, offset: int, key, value, error: str) -> None:
-        """Copy a message to the DLQ; its offset is held until Kafka acknowledges the copy."""
-        error = error if len(error) <= MAX_REASON else error[:MAX_REASON - 1] + "…"
-        headers = [("error", error.encode("utf-8", "replace")), ("origin.topic", tp[0].encode()),
-                   ("origin.partition", str(tp[1]).encode()), ("origin.offset", str(offset).encode())]
-        self._hold(tp, offset)
-        self.stats["dlq"] += 1
-        log.warning("message %s[%d]@%d to DLQ: %s", tp[0], tp[1], offset, error)
-        self._produce_dlq(tp, offset, key, value, headers)
-
-    def _produce_dlq(self, tp, offset, key, value, headers) -> None:
-        def delivered(err, _msg):
-            if err is None:
-                self._release(tp, offset)
-                return
-            if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and value and len(value) > DLQ_MAX_VALUE:
-                log.warning("DLQ copy of %s[%d]@%d is too large for the broker: sending its first %d bytes",
-                            tp[0], tp[1], offset, DLQ_MAX_VALUE)
-                self.dlq_retry.append((tp, offset, key, value[:DLQ_MAX_VALUE],
-                                       headers + [("value.truncated", str(len(value)).encode())]))
-            else:
-                self.kafka.failed(err)
-                self.dlq_retry.append((tp, offset, key, value, headers))
-        try:
-            self.dlq.produce(DLQ_TOPIC, value=value, key=key, headers=headers, on_delivery=delivered)
-        except BufferError:
-            self.dlq_retry.append((tp, offset, key, value, headers))   # the local queue is full
-        except KafkaException as e:
-            self.kafka.failed(e)
-            self.dlq_retry.append((tp, offset, key, value, headers))
-
-    def _retry_dlq(self) -> None:
-        if self.dlq_retry and self.kafka.may_try():
-            again, self.dlq_retry = self.dlq_retry, []
-            for args in again:
-                if args[0] in self.consumed:   # still ours: a revoked partition is re-read elsewhere
-                    self._produce_dlq(*args)
-
     def _commit(self, sync: bool = False) -> None:
         """Commit, per partition, up to the first offset still held."""
         offsets = defaultdict(list)
@@ -283,11 +251,11 @@ class Batcher:
             row = decode(msg.value(), now, get_price_book(), offpeak_opens=offpeak_opens, rules=self.tier_rules)
             row["producer"] = producer
         except LineError as e:
-            self._to_dlq(tp, o, msg.key(), msg.value(), e.reason)
+            self.dead.send(tp, o, msg.key(), msg.value(), e.reason)
             return
         except Exception as e:   # a defect here must cost one message, never the loop
             log.exception("message %s[%d]@%d: unexpected error while decoding", tp[0], tp[1], o)
-            self._to_dlq(tp, o, msg.key(), msg.value(), f"{type(e).__name__}: {e}")
+            self.dead.send(tp, o, msg.key(), msg.value(), f"{type(e).__name__}: {e}")
             return
         key = (row["tier"], row["model"], row["mode"], row["endpoint"])
         buf = self.buffers.get(key)
@@ -324,17 +292,25 @@ class Batcher:
             self.backlog = self._write(items, self.cached.answers(items))
             self._pause(bool(self.backlog))
 
-    def _write(self, items: list[Item], answers: dict) -> list[Item]:
-        """Write ``items`` in one transaction; returns those left for when Postgres is back.
+    def _transact(self, rows: list, batches: list, cached: list) -> tuple[dict, dict]:
+        """The write itself, one transaction: ``(refused, counts)``. Touches no state of the
+        batcher's, so it may run in the bulk writer's thread."""
+        with self.engine.begin() as conn:
+            rows, refused = batch_store.admit_requests(conn, rows)
+            return refused, batch_store.write_batches(conn, rows, batches, cached)
+
+    def _write(self, items: list[Item], answers: dict, plan: tuple | None = None,
+               written: Future | None = None) -> list[Item]:
+        """Write ``items`` in one transaction (or take the outcome of ``written``, that
+        transaction of ``plan`` run in the bulk writer's thread); returns those left for when
+        Postgres is back.
 
         A refusal for data reasons splits the items in halves until each refused one
         is alone, and that one goes to the DLQ with Postgres' reason.
         """
-        rows, batches, cached = self._plan(items, answers)
+        rows, batches, cached = plan or self._plan(items, answers)
         try:
-            with self.engine.begin() as conn:
-                rows, refused = batch_store.admit_requests(conn, rows)
-                counts = batch_store.write_batches(conn, rows, batches, cached)
+            refused, counts = written.result() if written is not None else self._transact(rows, batches, cached)
         except Exception as e:
             if is_conflict(e):
                 self.postgres.conflicted(getattr(e, "orig", e))
@@ -345,7 +321,7 @@ class Batcher:
             if len(items) == 1:
                 it = items[0]
                 reason = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(e).strip() else ""
-                self._to_dlq(it.tp, it.offset, it.key, it.value,
+                self.dead.send(it.tp, it.offset, it.key, it.value,
                              f"Postgres refused the request ({type(getattr(e, 'orig', e)).__name__}): {reason}")
                 self._release(it.tp, it.offset)
                 return []
@@ -363,7 +339,7 @@ class Batcher:
         for it in items:
             reason = refused.get((it.row["job_id"], it.row["custom_id"], it.row["producer"]))
             if reason is not None:   # its copy holds the offset until Kafka has it
-                self._to_dlq(it.tp, it.offset, it.key, it.value, reason)
+                self.dead.send(it.tp, it.offset, it.key, it.value, reason)
             self._release(it.tp, it.offset)
         return []
 
@@ -478,13 +454,15 @@ class Batcher:
     # -------------------------------------------------------------- loop
 
     def turn(self) -> None:
-        """One round: the fast lane, then bulk work in slices with the fast lane served between
-        them, then the bulk flush (one transaction per buffer, the fast lane served before each)."""
-        bulk = self.consumer.consume(num_messages=BULK_TURN, timeout=0)
+        """One round: the fast lane, then bulk messages in slices with the fast lane served
+        between them, then a bulk flush handed to the writer thread (one at a time)."""
+        # backpressure: while a bulk write is out, buffer at most two turns more
+        full = self.writing is not None and sum(len(b.items) for b in self.buffers.values()) >= 2 * BULK_TURN
+        bulk = [] if full else self.consumer.consume(num_messages=BULK_TURN, timeout=0)
         if not self.serve_fast() and not bulk:
-            # nothing anywhere: wait on the fast lane, so an immediate request wakes the loop at once
+            # idle, or held back: wait on the fast lane, so an immediate request wakes the loop at once
             self.serve_fast(wait=0.2 if self.paused else (0.005 if self.buffers else 0.02))
-            bulk = self.consumer.consume(num_messages=BULK_TURN, timeout=0)
+            bulk = [] if full else self.consumer.consume(num_messages=BULK_TURN, timeout=0)
         if bulk:
             now = datetime.now(timezone.utc)
             opens = self._offpeak_opens(now)
@@ -493,18 +471,16 @@ class Batcher:
                     self.serve_fast()
                 for msg in bulk[i:i + BULK_SLICE]:
                     self._take(msg, now, opens)
+        self.bulk_written()
         if self.backlog:
             self.retry_backlog()
-        for buf in [] if self.backlog else self.due():
+        if self.writing is None and not self.backlog:
             self.serve_fast()
-            if self.backlog:   # Postgres went away in an earlier flush: the rest waits with it
-                self.backlog.extend(buf.items)
-            else:
-                self.flush([buf])
+            self._write_bulk([it for buf in self.due(tiers=BULK_TIERS) for it in buf.items])
         self._commit()
         metrics.observe_consumer_lag(*self.consumers.values())   # throttled: every few seconds
         self.dlq.poll(0)
-        self._retry_dlq()
+        self.dead.retry()
         if time.monotonic() - self.last_sweep > self.settings.sweep_after_s / 2:
             self.last_sweep = time.monotonic()
             self.sweep()
@@ -527,6 +503,23 @@ class Batcher:
             self.flush(due)
             self._commit()
         return len(msgs)
+
+    def _write_bulk(self, items: list[Item]) -> None:
+        """Hand the transaction of a bulk flush to the writer thread; the loop goes on serving
+        the fast lane meanwhile, and ``bulk_written`` takes the outcome (offsets, dispatch)."""
+        if items:
+            answers = self.cached.answers(items)
+            plan = self._plan(items, answers)
+            self.writing = (items, answers, plan, self.writer.submit(self._transact, *plan))
+
+    def bulk_written(self, wait: bool = False) -> None:
+        """Finish the bulk write the writer thread is done with (``wait``: wait for it)."""
+        if self.writing is None or not (wait or self.writing[3].done()):
+            return
+        (items, answers, plan, written), self.writing = self.writing, None
+        wait_all([written])
+        self.backlog.extend(self._write(items, answers, plan, written))
+        self._pause(bool(self.backlog))
 
     def _take(self, msg, now: datetime, opens: datetime) -> None:
         err = msg.error()
@@ -558,10 +551,12 @@ class Batcher:
                 except KafkaException as e:   # the broker away, a rebalance failing: wait, go on
                     self.kafka.failed(e)
                     time.sleep(min(self.kafka.delay, 5.0))
+            self.bulk_written(wait=True)
             if not self.backlog:
                 self.flush(self.due(force=True))
             self._commit(sync=True)
         finally:
+            self.writer.shutdown(wait=True)
             self.dlq.flush(10)
             for consumer in self.consumers.values():
                 consumer.close()

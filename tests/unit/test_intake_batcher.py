@@ -193,7 +193,7 @@ def test_an_offset_waits_for_its_dlq_copy(make):
     b._commit()
     assert b.consumer.commits[-1] == [("llm.requests", 0, 0)]   # not past the message
     b.kafka.retry_at = 0
-    b._retry_dlq()
+    b.dead.retry()
     b.dlq.poll()
     b._commit()
     assert b.consumer.commits[-1] == [("llm.requests", 0, 2)]
@@ -275,8 +275,44 @@ def test_an_immediate_message_is_written_alone_while_bulk_work_is_decoded(make, 
     b.consumer = b.consumers["llm.requests"] = QueuedConsumer([bulk])
     monkeypatch.setitem(b.settings.batch_linger_s, "peak", 0.0)
     b.turn()
+    b.bulk_written(wait=True)
     assert flushes[0] == ["immediate"], flushes
     assert flushes[1:] and all(tiers == ["peak"] for tiers in flushes[1:]), flushes
     assert decoded.index("llm.requests.immediate") <= batcher_mod.BULK_SLICE
     assert dispatched[0] == "immediate"
     assert len(written) == batcher_mod.BULK_TURN + 1
+
+
+def test_the_fast_lane_is_written_while_a_bulk_write_is_out(make, monkeypatch):
+    """A bulk flush's transaction runs in the writer thread: while Postgres takes its time
+    over it, an immediate message is written and dispatched, and no offset passes the bulk
+    messages until their write is over."""
+    import threading
+    build, written = make
+    release = threading.Event()
+
+    def write(rows):
+        if any(r["tier"] == "peak" for r in rows):
+            assert release.wait(5), "the bulk write was never let go"
+    b = build(write)
+    dispatched = []
+    b.dispatch = lambda batch_id, tier, jobs=None: dispatched.append(tier)
+    monkeypatch.setitem(b.settings.batch_linger_s, "immediate", 0.0)
+    monkeypatch.setitem(b.settings.batch_linger_s, "peak", 0.0)
+    bulk = [FakeMsg(raw(message(custom_id=f"bulk{i}", priority=6)), i) for i in range(100)]
+    probe = FakeMsg(raw(message(custom_id="probe", priority=9)), 0, topic="llm.requests.immediate")
+    b.fast = b.consumers["llm.requests.immediate"] = QueuedConsumer([])
+    b.consumer = b.consumers["llm.requests"] = QueuedConsumer([bulk])
+    b.last_sweep = float("inf")           # no sweep in this test
+    b.turn()                              # the bulk write goes out, and hangs in Postgres
+    assert b.writing is not None and not written
+    b.fast.answers.append([probe])        # the probe arrives meanwhile
+    b.turn()
+    assert [r["custom_id"] for r in written] == ["probe"] and dispatched == ["immediate"]
+    assert not [c for c in b.consumer.commits if any(t == "llm.requests" and o > 0 for t, _, o in c)]
+    release.set()
+    b.bulk_written(wait=True)
+    b._commit()
+    assert len(written) == 101 and dispatched == ["immediate", "peak"]
+    assert b.consumer.commits[-1] == [("llm.requests", 0, 100)]
+    b.writer.shutdown()

@@ -157,6 +157,9 @@ class Settings:
     # workers
     #: worker processes per tier (``llmbatch worker --tier T``; ``--concurrency`` overrides)
     worker_concurrency: dict = _tier_map(immediate=2, peak=2, offpeak=1, background=1)
+    #: the CPU niceness of each tier's worker processes (0 to 19): on a busy machine the kernel runs
+    #: immediate work first and bulk work in the time left, instead of sharing the cores equally
+    worker_nice: dict = _tier_map(immediate=0, peak=5, offpeak=10, background=15)
     #: provider calls in flight at once inside one batch, per tier
     inflight_per_batch: dict = _tier_map(immediate=64, peak=64, offpeak=64, background=32)
     #: seconds a worker's lease on a batch lasts unrenewed (renewed every third of it); then another may take it

@@ -156,12 +156,19 @@ async def run_request(req: Request, settings: Settings, writer: OutcomeWriter, g
 
 
 async def _flusher(writer: OutcomeWriter, done: asyncio.Event) -> None:
-    """Group commit: write as soon as an outcome waits and the previous write is over."""
+    """Group commit: write as soon as an outcome waits and the previous write is over. The
+    coalescing wait ends early when the batch's last request is over: nothing else can join
+    (a batch of one immediate request used to wait the whole of it for nobody)."""
     while not done.is_set():
         await writer.wake.wait()
         if done.is_set():
             return
-        await asyncio.sleep(FLUSH_COALESCE_S)
+        try:
+            await asyncio.wait_for(done.wait(), FLUSH_COALESCE_S)
+        except TimeoutError:
+            pass
+        if done.is_set():   # the drain writes what waits, now
+            return
         writer.wake.clear()
         try:
             await writer.flush()

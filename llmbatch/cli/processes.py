@@ -70,6 +70,10 @@ def worker(tier, concurrency, loglevel):
     import pipeline.providers.anthropic  # noqa: F401
     import pipeline.providers.openai  # noqa: F401
     n = concurrency or settings.worker_concurrency[tier]
+    # the pool processes inherit it; never lowered below what the process was started with
+    nice = int(settings.worker_nice.get(tier, 0))
+    if nice > os.nice(0):
+        os.nice(nice - os.nice(0))
     app.worker_main(["worker", "-Q", queue_for(tier), "-c", str(n), "-n", f"{tier}@%h",
                      "--loglevel", loglevel, "-E"])
 

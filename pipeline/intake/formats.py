@@ -86,7 +86,7 @@ def parse_json_line(raw: bytes | str) -> dict:
         raise LineError("not usable JSON: arrays or objects are nested too deeply") from e
     if not isinstance(value, dict):
         raise LineError(f"expected a JSON object, got {_type_name(value)}")
-    if _SUSPECT_ESCAPE.search(raw):
+    if SUSPECT_ESCAPE.search(raw):
         check_values(value)
     return value
 
@@ -98,7 +98,7 @@ def _no_constant(name: str):
 
 
 #: escapes that decode to characters Postgres jsonb or UTF-8 cannot store
-_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 
 
 #: deeper than any request body needs (content parts, tool schemas), far below Python's recursion

@@ -22,6 +22,7 @@ and a job belongs to the producer that made it (pipeline/stores/batches.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 
@@ -111,6 +112,12 @@ def sign(settings: Settings, value: bytes | None) -> list[tuple[str, bytes]]:
     return [(PRODUCER_HEADER, user.encode()), (SIGNATURE_HEADER, _mac(password, value).encode())]
 
 
+@functools.lru_cache(maxsize=64)
+def _password_of(key, user: str) -> str:
+    """A producer's password, derived once per producer rather than once per message."""
+    return producer_password(key, user)
+
+
 def verify(settings: Settings, headers, value: bytes | None) -> str:
     """The producer that signed the message; ``LineError`` when it is unsigned or the proof fails."""
     found = {}
@@ -129,7 +136,7 @@ def verify(settings: Settings, headers, value: bytes | None) -> str:
         raise LineError("producer header is not a usable name")
     if not settings.kafka_producer_key:
         raise ConfigError("no kafka_producer_key: the batcher cannot check who sent a message")
-    expected = _mac(producer_password(settings.kafka_producer_key, user), value)
+    expected = _mac(_password_of(settings.kafka_producer_key, user), value)
     if not hmac.compare_digest(expected.encode(), found[SIGNATURE_HEADER]):
         raise LineError(f"signature does not match producer {user!r}: not sent with its credentials")
     return user

@@ -265,3 +265,40 @@ def test_gate_stops_calls_of_a_cancelled_job_and_after_a_lost_lease(monkeypatch)
 
     queries = asyncio.run(run())
     assert queries <= 3   # 21 concurrent questions shared one query
+
+
+class _TimedWriter:
+    """Just what the flusher touches: its wake event, and when each flush came."""
+
+    def __init__(self):
+        self.wake = asyncio.Event()
+        self.batch_id = "b_test"
+        self.flushed_at: list[float] = []
+
+    async def flush(self):
+        self.flushed_at.append(asyncio.get_running_loop().time())
+
+
+def test_the_last_outcome_of_a_batch_does_not_wait_to_coalesce(monkeypatch):
+    """A batch of one request (an immediate probe) is written as soon as it is over; while
+    others are still running, outcomes wait ``FLUSH_COALESCE_S`` to share a transaction."""
+    monkeypatch.setattr(execute, "FLUSH_COALESCE_S", 0.5)
+
+    async def run(last: bool) -> float:
+        writer, done = _TimedWriter(), asyncio.Event()
+        flusher = asyncio.create_task(execute._flusher(writer, done))
+        t0 = asyncio.get_running_loop().time()
+        writer.wake.set()                 # an outcome waits
+        await asyncio.sleep(0.01)
+        if last:
+            done.set()                    # ... and it was the batch's last request
+            await asyncio.wait_for(flusher, 0.2)
+            return asyncio.get_running_loop().time() - t0
+        await asyncio.sleep(0.6)
+        done.set()
+        writer.wake.set()
+        await flusher
+        return writer.flushed_at[0] - t0
+
+    assert asyncio.run(run(last=True)) < 0.1
+    assert asyncio.run(run(last=False)) >= 0.5

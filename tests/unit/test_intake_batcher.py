@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 from pipeline.config import load_settings
 from pipeline.intake import batcher as batcher_mod
-from pipeline.intake.batcher import Batcher, Dependency, is_outage
+from pipeline.intake.batcher import Batcher
+from pipeline.intake.outages import Dependency, is_outage
 from pipeline.intake.kafka import sign
 from tests.unit.test_intake_messages import NOW, message, raw
 
@@ -103,7 +104,7 @@ def make(monkeypatch):
         monkeypatch.setattr(batcher_mod.batch_store, "admit_requests", lambda conn, rows: (rows, {}))
         monkeypatch.setattr(batcher_mod.batch_store, "mark_dispatched", lambda conn, ids: None)
         b = Batcher(SETTINGS, engine=FakeEngine(), dispatcher=lambda *a: None)
-        b._cached_answers = lambda items: {}
+        b.cached.answers = lambda items: {}
         return b
     return build, written
 
@@ -140,7 +141,7 @@ def test_an_outage_is_waited_out_not_dead_lettered(make, caplog):
             raise sa.exc.OperationalError("INSERT", {}, psycopg.OperationalError("server closed the connection"))
     b = build(write)
     feed(b, [raw(message(custom_id=f"r{i}", priority=6)) for i in range(10)])
-    with caplog.at_level(logging.WARNING, logger="pipeline.intake.batcher"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.intake"):
         b.flush(b.due(force=True))
         assert len(b.backlog) == 10 and b.paused and b.consumer.paused
         for _ in range(5):                     # retried while down: no new log line, no DLQ
@@ -171,7 +172,7 @@ def test_a_deadlock_is_retried_and_not_called_an_outage(make, caplog):
             raise sa.exc.OperationalError("INSERT", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
     b = build(write)
     feed(b, [raw(message(custom_id=f"d{i}", priority=6)) for i in range(10)])
-    with caplog.at_level(logging.INFO, logger="pipeline.intake.batcher"):
+    with caplog.at_level(logging.INFO, logger="pipeline.intake"):
         b.flush(b.due(force=True))
         assert len(b.backlog) == 10 and b.postgres.up and b.postgres.outages == 0
         b.retry_backlog()
@@ -192,7 +193,7 @@ def test_an_offset_waits_for_its_dlq_copy(make):
     b._commit()
     assert b.consumer.commits[-1] == [("llm.requests", 0, 0)]   # not past the message
     b.kafka.retry_at = 0
-    b._retry_dlq()
+    b.dead.retry()
     b.dlq.poll()
     b._commit()
     assert b.consumer.commits[-1] == [("llm.requests", 0, 2)]
@@ -233,10 +234,85 @@ def test_outages_and_refusals_are_told_apart(error, outage):
 
 def test_a_dependency_logs_state_changes_only(caplog):
     d = Dependency("Redis")
-    with caplog.at_level(logging.WARNING, logger="pipeline.intake.batcher"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.intake"):
         for _ in range(5):
             d.failed(ConnectionError("refused"))
         assert not d.up and d.delay > d.first_s
         d.ok()
         d.ok()
     assert len(caplog.records) == 2 and d.up
+
+
+class QueuedConsumer(FakeConsumer):
+    """A consumer whose ``consume`` calls answer, in turn, the lists of ``answers`` (then nothing)."""
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = list(answers)
+    def consume(self, num_messages=1, timeout=0):
+        return self.answers.pop(0) if self.answers else []
+    def poll(self, timeout=0):
+        got = self.consume()
+        return got[0] if got else None
+
+
+def test_an_immediate_message_is_written_alone_while_bulk_work_is_decoded(make, monkeypatch):
+    """An immediate message that arrives while a turn decodes 500 bulk messages is written and
+    dispatched in a transaction of its own, after at most one slice of bulk decoding, and before
+    any bulk row: it never waits for the bulk job's decoding or its flush."""
+    build, written = make
+    flushes = []
+    b = build(lambda rows: flushes.append(sorted({r["tier"] for r in rows})))
+    dispatched = []
+    b.dispatch = lambda batch_id, tier, jobs=None: dispatched.append(tier)
+    monkeypatch.setitem(b.settings.batch_linger_s, "immediate", 0.0)
+    bulk = [FakeMsg(raw(message(custom_id=f"bulk{i}", priority=6)), i) for i in range(batcher_mod.BULK_TURN)]
+    probe = FakeMsg(raw(message(custom_id="probe", priority=9)), 0, topic="llm.requests.immediate")
+    decoded = []
+    add = b.add
+    b.add = lambda msg, *a: (decoded.append(msg.topic()), add(msg, *a))
+    # the fast lane is empty at the turn's start; the probe arrives during the first bulk slice
+    b.fast = b.consumers["llm.requests.immediate"] = QueuedConsumer([[], [probe]])
+    b.consumer = b.consumers["llm.requests"] = QueuedConsumer([bulk])
+    monkeypatch.setitem(b.settings.batch_linger_s, "peak", 0.0)
+    b.turn()
+    b.bulk_written(wait=True)
+    assert flushes[0] == ["immediate"], flushes
+    assert flushes[1:] and all(tiers == ["peak"] for tiers in flushes[1:]), flushes
+    assert decoded.index("llm.requests.immediate") <= batcher_mod.BULK_SLICE
+    assert dispatched[0] == "immediate"
+    assert len(written) == batcher_mod.BULK_TURN + 1
+
+
+def test_the_fast_lane_is_written_while_a_bulk_write_is_out(make, monkeypatch):
+    """A bulk flush's transaction runs in the writer thread: while Postgres takes its time
+    over it, an immediate message is written and dispatched, and no offset passes the bulk
+    messages until their write is over."""
+    import threading
+    build, written = make
+    release = threading.Event()
+
+    def write(rows):
+        if any(r["tier"] == "peak" for r in rows):
+            assert release.wait(5), "the bulk write was never let go"
+    b = build(write)
+    dispatched = []
+    b.dispatch = lambda batch_id, tier, jobs=None: dispatched.append(tier)
+    monkeypatch.setitem(b.settings.batch_linger_s, "immediate", 0.0)
+    monkeypatch.setitem(b.settings.batch_linger_s, "peak", 0.0)
+    bulk = [FakeMsg(raw(message(custom_id=f"bulk{i}", priority=6)), i) for i in range(100)]
+    probe = FakeMsg(raw(message(custom_id="probe", priority=9)), 0, topic="llm.requests.immediate")
+    b.fast = b.consumers["llm.requests.immediate"] = QueuedConsumer([])
+    b.consumer = b.consumers["llm.requests"] = QueuedConsumer([bulk])
+    b.last_sweep = float("inf")           # no sweep in this test
+    b.turn()                              # the bulk write goes out, and hangs in Postgres
+    assert b.writing is not None and not written
+    b.fast.answers.append([probe])        # the probe arrives meanwhile
+    b.turn()
+    assert [r["custom_id"] for r in written] == ["probe"] and dispatched == ["immediate"]
+    assert not [c for c in b.consumer.commits if any(t == "llm.requests" and o > 0 for t, _, o in c)]
+    release.set()
+    b.bulk_written(wait=True)
+    b._commit()
+    assert len(written) == 101 and dispatched == ["immediate", "peak"]
+    assert b.consumer.commits[-1] == [("llm.requests", 0, 100)]
+    b.writer.shutdown()

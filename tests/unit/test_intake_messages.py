@@ -6,8 +6,11 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import LineError
+from pipeline.intake import messages
 from pipeline.intake.formats import parse_request
 from pipeline.intake.messages import MAX_DEPTH, decode
 from pipeline.intake.producer import to_message
@@ -168,3 +171,43 @@ def test_small_costs_in_exponent_form_are_a_valid_hint():
     decode(raw(message(max_cost_usd="1.5E-7")), NOW, PRICES)
     m = message()
     assert "E" not in m["max_cost_usd"].upper()
+
+
+#: values a producer could put in any top-level field: each JSON type, and the edges the
+#: schema draws (integers as floats, bools, control characters, date-times without offsets)
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0.0, 1.0, 5.0, 9.0, 2.0**31]),
+    st.text(max_size=70), st.sampled_from(["", "a\n", "a\u2028b", "immediate", "realtime", "flex", "openai",
+                                           "/v1/embeddings", "0.5", "1e12", "1.5E-7", "2026-12-02T10:00:00Z",
+                                           "2026-12-02T10:00:00", "2026-02-30T10:00:00+01:00",
+                                           "2026-12-02t10:00:00z", "2026-12-02T23:59:60Z"]),
+    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=400, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(sorted(messages._schema()["properties"]) + ["extra"]),
+                               _VALUES, min_size=1, max_size=3))
+def test_the_compiled_validator_admits_only_what_jsonschema_admits(changes):
+    """The fast validator decides alone only when it admits; so it must never admit a message
+    the reference (jsonschema, strict integers) refuses, and ``validate`` agrees with the reference."""
+    m = message(**changes)
+    reference = not any(True for _ in messages.validator().iter_errors(m))
+    try:
+        messages.validate(m)
+        admitted = True
+    except LineError:
+        admitted = False
+    controls = any(isinstance(m.get(k), str) and any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029"
+                                                     for c in m[k]) for k in ("job_id", "custom_id"))
+    assert admitted == (reference and not controls)
+
+
+def test_the_walk_still_refuses_what_hides_behind_escapes_and_brackets():
+    """``parse`` walks the values only when the text could hide a NUL, a surrogate or deep nesting:
+    each of those, spelled as the text can spell it, is still refused."""
+    for text in (rb'{"a":"\\u0000 is text, \u0000 is not"}', rb'{"a":["\udfff"]}',
+                 b'{"a":' + b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1) + b"}", b'{"a":[1,-1e999]}'):
+        with pytest.raises(LineError):
+            messages.parse(text)
+    assert messages.parse(rb'{"a":"\\u0000 is six characters"}') == {"a": r"\u0000 is six characters"}

@@ -58,6 +58,11 @@ class ProviderBatch(Path):
     runs_in = "scheduler"
     fast_lane = False
 
+    def why_not(self, req: Request, price: ModelPrice) -> str | None:
+        if price.batch is None:
+            return f"model {price.model} has no Batch API (the price book says \"batch\": \"none\")"
+        return None
+
     def price(self, price: ModelPrice, usage: Usage, at: datetime | None = None,
               served: str | None = None) -> Decimal:
         return cost(price, usage, batch=True)
@@ -70,7 +75,9 @@ class ProviderBatch(Path):
     def hold_ttl_s(self, settings: Settings) -> float | None:
         return PROVIDER_BATCH_HOLD_S
 
-    def expected_done(self, req: Request, now: datetime) -> datetime:
+    def expected_done(self, req: Request, now: datetime, price: ModelPrice | None = None,
+                      by: datetime | None = None) -> datetime:
+        # the providers' completion window: results within 24 h (OpenAI "24h", Anthropic's expiry)
         return now + timedelta(hours=24)
 
 

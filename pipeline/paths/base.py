@@ -103,9 +103,7 @@ class Path:
 
     def quote(self, req: Request, price: ModelPrice, now: datetime, by: datetime) -> Decimal:
         """What ``req`` would cost at most on this path, sent when it plans to (for the chooser)."""
-        bound = req.bound
-        usage = Usage(max(bound.input_tokens, 1), max(bound.max_output_tokens, 1))
-        return self.price(price, usage, self.planned_start(req, price, now, by), self.quoted_tier)
+        return self.price(price, quote_usage(req), self.planned_start(req, price, now, by), self.quoted_tier)
 
     def initial_status(self, tier: str) -> str:
         """``queued`` (dispatched at once) or ``held`` (the scheduler releases or sends it)."""
@@ -119,6 +117,11 @@ class Path:
 
     def __repr__(self) -> str:
         return f"<path {self.name}>"
+
+
+def quote_usage(req: Request) -> Usage:
+    """The usage a quote prices: the request's bound (at least a token each way)."""
+    return Usage(max(req.bound.input_tokens, 1), max(req.bound.max_output_tokens, 1))
 
 
 def check_serves(path: Path, req: Request, price: ModelPrice) -> None:

@@ -20,8 +20,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from pipeline.constants import DISPATCHED_TIERS
-from pipeline.money.pricing import ModelPrice
-from pipeline.paths.base import Path
+from pipeline.money.pricing import ModelPrice, cost
+from pipeline.paths.base import Path, quote_usage
 from pipeline.request import Request
 
 AUTO = "auto"
@@ -66,7 +66,7 @@ def choose(req: Request, price: ModelPrice, now: datetime, paths) -> Choice:
     found = options(req, price, now, paths, by)
     if not found:
         return Choice(paths[0], f"auto: no path serves it; {paths[0].name}")
-    listed = max(o.quote for o in found) or Decimal(1)
+    listed = cost(price, quote_usage(req))   # realtime at list price, outside any window
     meets = [o for o in found if o.done <= by]
     if not meets:
         fastest = min(found, key=lambda o: (o.done, o.quote))
@@ -75,7 +75,7 @@ def choose(req: Request, price: ModelPrice, now: datetime, paths) -> Choice:
     best = meets[0]
     share = (best.quote / listed).quantize(Decimal("0.01")) if listed else Decimal(1)
     missed = [o.path.name for o in found if o.quote < best.quote and o.done > by]
-    reason = (f"auto: {best.path.name}, {share}× the dearest quote, expected "
+    reason = (f"auto: {best.path.name}, {share}× list price, expected "
               f"{best.done.isoformat(timespec='minutes')}, meets its {what}")
     if missed:
         reason += f"; cheaper {', '.join(missed)} would miss it"

@@ -12,7 +12,7 @@ the provider bills then: list price, and reserved at list price, never less.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pipeline.money.price_windows import cheapest_start
 from pipeline.money.pricing import ModelPrice
@@ -33,7 +33,10 @@ class Window(Path):
         return None
 
     def planned_start(self, req: Request, price: ModelPrice, now: datetime, by: datetime) -> datetime:
-        return cheapest_start(price.windows, now, by)[0]
+        """The cheapest window's opening by ``by``; with none by then, the next one within a day
+        (so the chooser sees it miss the deadline rather than a window at list price)."""
+        start, mult = cheapest_start(price.windows, now, by)
+        return start if mult < 1 else cheapest_start(price.windows, now, max(by, now + timedelta(days=1)))[0]
 
     def initial_status(self, tier: str) -> str:
         return "held"   # until the window opens (or the deadline's latest start comes)

@@ -6,8 +6,10 @@ releasers never hand out the same batch, then dispatches it; a crash between
 the two is repaired by the batcher's sweep, which dispatches ``queued`` batches.
 
 Only the batches of paths our workers run are released here (pipeline/paths/registry.py
-``worker_paths``: realtime, flex); a provider-batch path's batches go to a provider
-Batch API (schedules/pb_submit.py, schedules/pb_ingest.py).
+``worker_paths``: realtime, flex, window); a provider-batch path's batches go to a provider
+Batch API (schedules/pb_submit.py, schedules/pb_ingest.py). The off-peak window releases
+those that wait for it (``tier_window_paths``); a price-window path's batches wait for their
+model's price window instead (``release_price_windows``), whatever their tier.
 
 A batch whose earliest open deadline is near is released whatever the window
 (``release_for_deadlines``, called by schedules/deadlines.py) and lifted to the
@@ -27,7 +29,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from pipeline.intake.dispatch import enqueue_batch as dispatch
-from pipeline.paths.registry import worker_paths
+from pipeline.errors import LLMBatchError
+from pipeline.money.pricing import get_price_book
+from pipeline.paths.registry import price_window_paths, tier_window_paths, worker_paths
 from pipeline.stores import batches, db
 
 
@@ -46,7 +50,48 @@ def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, disp
             " UPDATE batches b SET status = 'queued' FROM picked WHERE b.batch_id = picked.batch_id"
             " RETURNING b.batch_id, b.tier,"
             "  ARRAY(SELECT DISTINCT r.job_id FROM requests r WHERE r.batch_id = b.batch_id) AS jobs"),
-            {"tiers": list(tiers), "limit": limit, "modes": worker_paths()}).all()
+            {"tiers": list(tiers), "limit": limit, "modes": tier_window_paths()}).all()
+        conn.execute(sa.text(
+            "UPDATE requests SET status = 'queued' WHERE batch_id = ANY(:ids) AND status = 'held'"),
+            {"ids": [r.batch_id for r in rows]})
+    for batch_id, tier, jobs in rows:
+        dispatcher(batch_id, tier, jobs)
+    with engine.begin() as conn:
+        batches.mark_dispatched(conn, [r.batch_id for r in rows])
+    return [r.batch_id for r in rows]
+
+
+def release_price_windows(now, limit: int = 1000, *, engine=None, dispatcher=dispatch, prices=None) -> list[str]:
+    """Release held batches of a price-window path whose model's price window is open at ``now``
+    (pipeline/money/price_windows.py), highest priority first, to their tier's queue."""
+    if limit <= 0:
+        return []
+    engine = engine or db.get_engine()
+    prices = prices or get_price_book()
+    with engine.connect() as conn:
+        held = conn.execute(sa.text(
+            "SELECT DISTINCT provider, model FROM batches WHERE status = 'held' AND mode = ANY(:modes)"),
+            {"modes": price_window_paths()}).all()
+    open_now = []
+    for provider, model in held:
+        try:
+            if prices.resolve(model, provider).multiplier_at(now) < 1:
+                open_now.append(f"{provider}/{model}")
+        except LLMBatchError:   # a model this scheduler cannot price waits for its deadline release
+            continue
+    if not open_now:
+        return []
+    with engine.begin() as conn:
+        rows = conn.execute(sa.text(
+            "WITH picked AS ("
+            "  SELECT b.batch_id FROM batches b"
+            "  WHERE b.status = 'held' AND b.mode = ANY(:modes) AND (b.provider || '/' || b.model) = ANY(:open)"
+            "  ORDER BY (SELECT max(priority) FROM requests r WHERE r.batch_id = b.batch_id) DESC, b.created_at"
+            "  LIMIT :limit FOR UPDATE SKIP LOCKED)"
+            " UPDATE batches b SET status = 'queued' FROM picked WHERE b.batch_id = picked.batch_id"
+            " RETURNING b.batch_id, b.tier,"
+            "  ARRAY(SELECT DISTINCT r.job_id FROM requests r WHERE r.batch_id = b.batch_id) AS jobs"),
+            {"modes": price_window_paths(), "open": open_now, "limit": limit}).all()
         conn.execute(sa.text(
             "UPDATE requests SET status = 'queued' WHERE batch_id = ANY(:ids) AND status = 'held'"),
             {"ids": [r.batch_id for r in rows]})
@@ -97,7 +142,7 @@ def waiting(tier: str, *, engine=None) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.text(
             "SELECT count(*) FROM batches WHERE tier = :t AND mode = ANY(:modes)"
-            " AND status IN ('queued', 'dispatched')"), {"t": tier, "modes": worker_paths()}).scalar()
+            " AND status IN ('queued', 'dispatched')"), {"t": tier, "modes": tier_window_paths()}).scalar()
 
 
 def held_count(tier: str, *, engine=None) -> int:
@@ -105,7 +150,7 @@ def held_count(tier: str, *, engine=None) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.text(
             "SELECT count(*) FROM batches WHERE tier = :t AND mode = ANY(:modes) AND status = 'held'"),
-            {"t": tier, "modes": worker_paths()}).scalar()
+            {"t": tier, "modes": tier_window_paths()}).scalar()
 
 
 def hold_unstarted(tiers: tuple[str, ...], *, engine=None) -> list[str]:
@@ -115,7 +160,7 @@ def hold_unstarted(tiers: tuple[str, ...], *, engine=None) -> list[str]:
         ids = conn.execute(sa.text(
             "UPDATE batches SET status = 'held', dispatched_at = NULL"
             " WHERE tier = ANY(:tiers) AND mode = ANY(:modes) AND status IN ('queued', 'dispatched')"
-            " RETURNING batch_id"), {"tiers": list(tiers), "modes": worker_paths()}).scalars().all()
+            " RETURNING batch_id"), {"tiers": list(tiers), "modes": tier_window_paths()}).scalars().all()
         if ids:
             conn.execute(sa.text(
                 "UPDATE requests SET status = 'held' WHERE batch_id = ANY(:ids) AND status = 'queued'"),

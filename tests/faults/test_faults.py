@@ -54,7 +54,7 @@ def test_kill_9_scheduler_with_background_work(fault_job):
     n = 600
     sim_config(latency_ms=20)
     started = time.monotonic()
-    job = submit(fault_job(n), "--budget-usd", str(CAP), "--tier", "background")
+    job = submit(fault_job(n), "--budget-usd", str(CAP), "--tier", "background", "--mode", "realtime")
     wait_until(lambda: counts(job).get("held", 0) + done(job) >= n // 2, 60, what="background work written")
     crash("scheduler")
     wait_terminal(job, n, 240)

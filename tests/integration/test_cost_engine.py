@@ -218,3 +218,52 @@ def test_the_window_path_waits_for_the_window_and_is_billed_at_its_price(deepsee
     assert abs(ledger - listed / 2) <= HALF_UNIT * n and abs(ledger - (billed1 - billed0)) <= HALF_UNIT * n
     print(f"\nwindow path: held through peak, released at {MONDAY_LUNCH:%H:%M} UTC; ledger ${ledger} ="
           f" simulator ${billed1 - billed0}; list ${listed}")
+
+
+# ------------------------------------------------------------------ fallback before a deadline
+
+def test_an_unfinished_provider_batch_goes_back_to_realtime_before_its_deadline(scheduler, tmp_path):  # noqa: F811
+    """A provider batch still running when a request's deadline nears (``provider_batch_deadline_lead_s``)
+    is cancelled; what it did not run goes to realtime and meets the deadline; no line is billed twice."""
+    from tests.integration.execution_helpers import calls_of, simulator_config
+    engine, n = scheduler, 12
+    settings = get_settings()
+    now = datetime.now(timezone.utc)
+    deadline = now + timedelta(hours=3)
+    tag = uuid.uuid4().hex[:8]
+    lines = [chat_line(f"f{i:03d}", f"Fallback {tag} question {i}", max_tokens=24, deadline=deadline.isoformat())
+             for i in range(n)]
+    with simulator_config(settings, batch_processing_s=900.0):   # the provider takes its time
+        job = _submit(write_jsonl(tmp_path / "fallback.jsonl", lines), "--tier", "offpeak", "--mode",
+                      "provider_batch")
+
+        def submitted():
+            with engine.connect() as conn:
+                return conn.execute(sa.text(
+                    "SELECT count(DISTINCT pb.id) FROM provider_batches pb JOIN batches b ON b.provider_batch = pb.id"
+                    " JOIN requests r ON r.batch_id = b.batch_id WHERE r.job_id = :j AND pb.status = 'submitted'"),
+                    {"j": job}).scalar()
+        wait_for(submitted, timeout=90, what="the provider batch was submitted")
+        # the scheduler's clock moves to 14 minutes before the deadline: inside the lead (30 min), past the
+        # latest start (deadline - deadline_margin_s, 15 min)
+        DbClock(engine).set(deadline - timedelta(minutes=14))
+        try:
+            assert _wait(engine, job, timeout=240) == "completed"
+        finally:
+            DbClock(engine).reset()
+    rows = _paths(engine, job)
+    assert {r["status"] for r in rows} == {"succeeded"} and len(rows) == n
+    assert {r["answered_by"] for r in rows} <= {"realtime", "provider_batch"}
+    moved = [r for r in rows if r["answered_by"] == "realtime"]
+    assert moved and all("the provider batch did not run it: realtime" in r["path_reason"] for r in moved)
+    with engine.connect() as conn:
+        d = conn.execute(sa.text("SELECT on_time, late, missed FROM job_deadlines WHERE job_id = :j"),
+                         {"j": job}).mappings().one()
+        pb = conn.execute(sa.text(
+            "SELECT pb.provider_status, pb.cancel_requested FROM provider_batches pb JOIN batches b"
+            " ON b.provider_batch = pb.id JOIN requests r ON r.batch_id = b.batch_id WHERE r.job_id = :j LIMIT 1"),
+            {"j": job}).mappings().one()
+    assert (d["on_time"], d["late"], d["missed"]) == (n, 0, 0) and pb["cancel_requested"]
+    assert calls_of(settings, job) == len(moved), "each line the batch did not run was called once, realtime"
+    print(f"\nprovider batch near its deadline: cancelled ({pb['provider_status']}); {len(moved)} of {n} lines went"
+          f" to realtime, {n - len(moved)} ran in the batch; on time {d['on_time']} of {n}")

@@ -35,22 +35,20 @@ from pipeline.paths.registry import price_window_paths, tier_window_paths, worke
 from pipeline.stores import batches, db
 
 
-def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, dispatcher=dispatch) -> list[str]:
-    if limit <= 0:
-        return []
-    engine = engine or db.get_engine()
+def _release(where: str, params: dict, limit: int, engine, dispatcher) -> list[str]:
+    """Flip the held batches ``where`` picks to ``queued`` (highest priority first, then oldest) in
+    the statement that picks them, their requests with them; then dispatch them."""
     with engine.begin() as conn:
         rows = conn.execute(sa.text(
             "WITH picked AS ("
-            "  SELECT b.batch_id, b.tier FROM batches b"
-            "  WHERE b.status = 'held' AND b.tier = ANY(:tiers) AND b.mode = ANY(:modes)"
+            f"  SELECT b.batch_id, b.tier FROM batches b WHERE b.status = 'held' AND {where}"
             "  ORDER BY (SELECT max(priority) FROM requests r WHERE r.batch_id = b.batch_id) DESC,"
             "           b.created_at"
             "  LIMIT :limit FOR UPDATE SKIP LOCKED)"
             " UPDATE batches b SET status = 'queued' FROM picked WHERE b.batch_id = picked.batch_id"
             " RETURNING b.batch_id, b.tier,"
             "  ARRAY(SELECT DISTINCT r.job_id FROM requests r WHERE r.batch_id = b.batch_id) AS jobs"),
-            {"tiers": list(tiers), "limit": limit, "modes": tier_window_paths()}).all()
+            {**params, "limit": limit}).all()
         conn.execute(sa.text(
             "UPDATE requests SET status = 'queued' WHERE batch_id = ANY(:ids) AND status = 'held'"),
             {"ids": [r.batch_id for r in rows]})
@@ -59,6 +57,13 @@ def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, disp
     with engine.begin() as conn:
         batches.mark_dispatched(conn, [r.batch_id for r in rows])
     return [r.batch_id for r in rows]
+
+
+def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, dispatcher=dispatch) -> list[str]:
+    if limit <= 0:
+        return []
+    return _release("b.tier = ANY(:tiers) AND b.mode = ANY(:modes)",
+                    {"tiers": list(tiers), "modes": tier_window_paths()}, limit, engine or db.get_engine(), dispatcher)
 
 
 def release_price_windows(now, limit: int = 1000, *, engine=None, dispatcher=dispatch, prices=None) -> list[str]:
@@ -81,25 +86,8 @@ def release_price_windows(now, limit: int = 1000, *, engine=None, dispatcher=dis
             continue
     if not open_now:
         return []
-    with engine.begin() as conn:
-        rows = conn.execute(sa.text(
-            "WITH picked AS ("
-            "  SELECT b.batch_id FROM batches b"
-            "  WHERE b.status = 'held' AND b.mode = ANY(:modes) AND (b.provider || '/' || b.model) = ANY(:open)"
-            "  ORDER BY (SELECT max(priority) FROM requests r WHERE r.batch_id = b.batch_id) DESC, b.created_at"
-            "  LIMIT :limit FOR UPDATE SKIP LOCKED)"
-            " UPDATE batches b SET status = 'queued' FROM picked WHERE b.batch_id = picked.batch_id"
-            " RETURNING b.batch_id, b.tier,"
-            "  ARRAY(SELECT DISTINCT r.job_id FROM requests r WHERE r.batch_id = b.batch_id) AS jobs"),
-            {"modes": price_window_paths(), "open": open_now, "limit": limit}).all()
-        conn.execute(sa.text(
-            "UPDATE requests SET status = 'queued' WHERE batch_id = ANY(:ids) AND status = 'held'"),
-            {"ids": [r.batch_id for r in rows]})
-    for batch_id, tier, jobs in rows:
-        dispatcher(batch_id, tier, jobs)
-    with engine.begin() as conn:
-        batches.mark_dispatched(conn, [r.batch_id for r in rows])
-    return [r.batch_id for r in rows]
+    return _release("b.mode = ANY(:modes) AND (b.provider || '/' || b.model) = ANY(:open)",
+                    {"modes": price_window_paths(), "open": open_now}, limit, engine, dispatcher)
 
 
 def release_for_deadlines(before, tier: str, limit: int = 1000, *, engine=None,

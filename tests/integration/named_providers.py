@@ -90,12 +90,20 @@ def named_stack(settings, tmp_path, providers: list[Named], anthropic_rpm: int |
     price_file.write_text(json.dumps({"models": prices}))
     env.update(LLMBATCH_PROVIDERS=json.dumps(pipe_providers), LLMBATCH_PRICING_FILE=str(price_file))
     sim(settings, "POST", "/_config", {"providers": sim_providers})
+    with restarted(settings, env):
+        yield env
+
+
+@contextmanager
+def restarted(settings, env: dict, names: tuple[str, ...] = RESTARTED):
+    """The processes ``names`` restarted with ``env`` for the block; after it, restarted as they were
+    and the simulator's configuration undone."""
     try:
-        _stack_sh(env, "restart", *RESTARTED)
+        _stack_sh(env, "restart", *names)
         yield env
     finally:
         try:
-            _stack_sh(dict(os.environ), "restart", *RESTARTED)
+            _stack_sh(dict(os.environ), "restart", *names)
         finally:
             sim(settings, "DELETE", "/_config")
 

@@ -26,11 +26,11 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from pipeline.config import ROOT, get_settings
+from pipeline.config import get_settings
 from schedules.clock import DbClock
 from tests.integration.conftest import LLMBATCH, chat_line, llmbatch, wait_for, write_jsonl
 from tests.integration.execution_helpers import sim_stats
-from tests.integration.named_providers import key, sim
+from tests.integration.named_providers import key, restarted, sim
 from tests.integration.test_scheduler import _job_status, scheduler  # noqa: F401  (fixture)
 
 HALF_UNIT = Decimal("0.000000005")   # the ledger keeps 8 decimals
@@ -125,12 +125,6 @@ def test_with_every_deadline_under_an_hour_nothing_goes_to_a_provider_batch_and_
 RESTARTED = ("batcher", "worker-immediate", "worker-peak", "worker-offpeak", "scheduler")
 
 
-def _stack(env: dict, *args: str) -> None:
-    p = subprocess.run(["bash", str(ROOT / "infra" / "stack.sh"), *args], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=400)
-    assert p.returncode == 0, f"stack.sh {args}: {p.stdout[-2000:]} {p.stderr[-2000:]}"
-
-
 @contextmanager
 def deepseek_stack(settings):
     """The stack with a provider named deepseek (the price book's DeepSeek entries and their windows
@@ -141,20 +135,25 @@ def deepseek_stack(settings):
     env = dict(os.environ, **{var: secret}, LLMBATCH_PROVIDERS=json.dumps({"deepseek": {
         "kind": "openai", "base_url": f"{settings.simulator_url}/p/deepseek/v1",
         "keys": [{"alias": "ds", "env": var}]}}))
-    try:
-        _stack(env, "restart", *RESTARTED)
+    with restarted(settings, env, RESTARTED):
         yield env
-    finally:
-        try:
-            _stack(dict(os.environ), "restart", *RESTARTED)
-        finally:
-            sim(settings, "DELETE", "/_config")
 
 
 def _set_clocks(engine, settings, at: datetime) -> None:
     """The scheduler's and workers' clock (sched_clock, frozen) and the simulator's, both at ``at``."""
     DbClock(engine).set(at)
     sim(settings, "POST", "/_config", {"clock_offset_s": (at - datetime.now(timezone.utc)).total_seconds()})
+
+
+@contextmanager
+def clocks_at(engine, settings, at: datetime):
+    """Both clocks at ``at`` (``_set_clocks``) for the block, then real time again."""
+    _set_clocks(engine, settings, at)
+    try:
+        yield
+    finally:
+        DbClock(engine).reset()
+        sim(settings, "POST", "/_config", {"clock_offset_s": 0})
 
 
 def _ds_lines(tag: str, n: int) -> list[dict]:
@@ -174,16 +173,12 @@ def deepseek(scheduler):  # noqa: F811
 def test_a_job_is_billed_at_the_price_in_force_when_its_calls_were_sent(deepseek, tmp_path, at, share):
     engine, settings, env = deepseek
     n = 20
-    _set_clocks(engine, settings, at)
-    try:
+    with clocks_at(engine, settings, at):
         billed0, _ = _billed("deepseek")
         job = _submit(write_jsonl(tmp_path / "ds.jsonl", _ds_lines(uuid.uuid4().hex[:8], n)), "--tier", "peak",
                       env=env)
         assert _wait(engine, job) == "completed"
         billed1, _ = _billed("deepseek")
-    finally:
-        DbClock(engine).reset()
-        sim(settings, "POST", "/_config", {"clock_offset_s": 0})
     rows = _paths(engine, job)
     assert len(rows) == n and {r["answered_by"] for r in rows} == {"realtime"}
     ledger, listed = sum(r["cost_usd"] for r in rows), sum(r["list_cost_usd"] for r in rows)
@@ -197,8 +192,7 @@ def test_a_job_is_billed_at_the_price_in_force_when_its_calls_were_sent(deepseek
 def test_the_window_path_waits_for_the_window_and_is_billed_at_its_price(deepseek, tmp_path):
     engine, settings, env = deepseek
     n = 10
-    _set_clocks(engine, settings, MONDAY_PEAK)
-    try:
+    with clocks_at(engine, settings, MONDAY_PEAK):
         billed0, _ = _billed("deepseek")
         job = _submit(write_jsonl(tmp_path / "dsw.jsonl", _ds_lines(uuid.uuid4().hex[:8], n)), "--tier", "offpeak",
                       "--mode", "window", env=env)
@@ -209,9 +203,6 @@ def test_the_window_path_waits_for_the_window_and_is_billed_at_its_price(deepsee
         _set_clocks(engine, settings, MONDAY_LUNCH)
         assert _wait(engine, job) == "completed"
         billed1, _ = _billed("deepseek")
-    finally:
-        DbClock(engine).reset()
-        sim(settings, "POST", "/_config", {"clock_offset_s": 0})
     rows = _paths(engine, job)
     ledger, listed = sum(r["cost_usd"] for r in rows), sum(r["list_cost_usd"] for r in rows)
     assert {r["answered_by"] for r in rows} == {"window"} and {r["lever"] for r in rows} == {"window"}

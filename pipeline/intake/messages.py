@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from importlib import resources
 
 import jsonschema
@@ -166,7 +166,8 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
         line=m.get("line"), tier_reason=reason, published_at=published)
     # the path asked for (a body that asks for flex itself takes flex), or under ``auto`` the cheapest
     # that meets the deadline (pipeline/paths/chooser.py); then whether it can serve the request
-    path, why = choose_path(m.get("mode") or AUTO, req, price, now)
+    path, why = choose_path(m.get("mode") or AUTO, req, price, now, tier_opens=offpeak_opens,
+                            margin=timedelta(seconds=(rules or TierRules()).deadline_margin_s))
     req = replace(req, path=path.name, path_reason=why)
     check_serves(path, req, price)
     return req.to_row(path.initial_status(tier))

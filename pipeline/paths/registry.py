@@ -60,14 +60,15 @@ def path_of(mode: str | None, body: dict) -> Path:
     return FLEX if path is REALTIME and claims_flex(body) else path
 
 
-def choose_path(mode: str | None, req, price, now) -> tuple[Path, str]:
-    """The path of one request and why: the job's own, or the cost engine's choice under ``auto``."""
+def choose_path(mode: str | None, req, price, now, **when) -> tuple[Path, str]:
+    """The path of one request and why: the job's own, or the cost engine's choice under ``auto``
+    (``when``: the off-peak window's opening and the deadline margin, ``chooser.choose``)."""
     if mode != AUTO:
         path = path_of(mode, req.body)
         return path, ("asked for flex in the body" if path is not path_for(mode) else f"the job's mode {path.name}")
     if claims_flex(req.body):
         return FLEX, "asked for flex in the body"
-    choice = choose(req, price, now, _ALL)
+    choice = choose(req, price, now, _ALL, **when)
     return choice.path, choice.reason
 
 

@@ -35,8 +35,11 @@ def request(model: str, tier: str = "offpeak", deadline: datetime | None = None,
                    Bound(input_tokens, output_tokens, Decimal(1), True), deadline=deadline)
 
 
-def chosen(req: Request, now: datetime):
-    return choose(req, BOOK.resolve(req.model), now, all_paths())
+MARGIN = timedelta(minutes=15)
+
+
+def chosen(req: Request, now: datetime, tier_opens: datetime | None = None):
+    return choose(req, BOOK.resolve(req.model), now, all_paths(), tier_opens=tier_opens, margin=MARGIN)
 
 
 # ---------------------------------------------------------------- properties over generated requests
@@ -48,15 +51,17 @@ instants = st.datetimes(min_value=datetime(2026, 1, 1), max_value=datetime(2027,
 @settings(max_examples=400, deadline=None)
 @given(model=st.sampled_from(CHAT_MODELS), tier=st.sampled_from(["offpeak", "background"]), now=instants,
        deadline_s=st.one_of(st.none(), st.integers(min_value=0, max_value=72 * 3600)),
-       inp=st.integers(min_value=0, max_value=200_000), out=st.integers(min_value=0, max_value=16_000))
+       inp=st.integers(min_value=0, max_value=200_000), out=st.integers(min_value=0, max_value=16_000),
+       opens_s=st.one_of(st.none(), st.integers(min_value=0, max_value=24 * 3600)))
 def test_the_choice_meets_the_deadline_when_a_path_can_and_is_never_dearer_than_needed(
-        model, tier, now, deadline_s, inp, out):
+        model, tier, now, deadline_s, inp, out, opens_s):
     deadline = None if deadline_s is None else now + timedelta(seconds=deadline_s)
+    opens = None if opens_s is None else now + timedelta(seconds=opens_s)   # the off-peak window's opening
     req = request(model, tier, deadline, input_tokens=inp, output_tokens=out)
     price = BOOK.resolve(model)
-    choice = chosen(req, now)
+    choice = chosen(req, now, opens)
     by = deadline or now + NO_DEADLINE
-    found = options(req, price, now, all_paths(), by)
+    found = options(req, price, now, all_paths(), by, tier_opens=opens, margin=MARGIN)
     assert choice.path.why_not(req, price) is None, "it chose a path that cannot serve the request"
     mine = next(o for o in found if o.path is choice.path)
     meeting = [o for o in found if o.done <= by]
@@ -120,6 +125,23 @@ def test_deepseek_waits_for_its_off_peak_window_when_the_deadline_allows():
     choice = chosen(request("deepseek-flash"), inside)
     assert choice.path.name in ("realtime", "window") and "0.50× list price" in choice.reason
     assert "2026-12-07T12:01" in choice.reason
+
+
+def test_an_offpeak_realtime_option_starts_when_the_offpeak_window_opens():
+    """Realtime off-peak work waits for the off-peak window: it is quoted and expected from then."""
+    req = request("deepseek-flash", deadline=MONDAY_PEAK + timedelta(hours=30))
+    opens = MONDAY_PEAK.replace(hour=22)   # 06:00 Beijing on Tuesday: off-peak at DeepSeek too
+    found = {o.path.name: o for o in options(req, BOOK.resolve("deepseek-flash"), MONDAY_PEAK, all_paths(),
+                                             req.deadline, tier_opens=opens, margin=MARGIN)}
+    assert found["realtime"].done == opens + timedelta(minutes=1)
+    assert found["realtime"].quote == found["window"].quote   # both at the off-peak price
+    assert found["window"].done == MONDAY_PEAK.replace(hour=4, minute=1)
+    assert chosen(req, MONDAY_PEAK, opens).path.name == "window"   # as cheap, and sooner
+    # a deadline before the window opens: the scheduler releases it at its latest start
+    short = request("gpt-4o-mini", deadline=MONDAY_PEAK + timedelta(hours=3))
+    o = {x.path.name: x for x in options(short, BOOK.resolve("gpt-4o-mini"), MONDAY_PEAK, all_paths(),
+                                          short.deadline, tier_opens=opens, margin=MARGIN)}
+    assert o["realtime"].done == short.deadline - MARGIN + timedelta(minutes=1)
 
 
 def test_a_job_mode_other_than_auto_is_kept_and_a_flex_body_takes_flex():

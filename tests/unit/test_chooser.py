@@ -263,3 +263,14 @@ def test_a_model_without_a_batch_api_is_refused_provider_batch_naming_the_reason
     row = decode(_message("offpeak", "auto", model="davinci-002", url=COMPLETIONS_URL, body=body), MONDAY_PEAK,
                  PriceBook.load())
     assert row["mode"] == "realtime"
+
+
+def test_a_provider_whose_registry_entry_has_no_batch_api_is_refused_a_provider_batch(monkeypatch):
+    from types import SimpleNamespace
+
+    from pipeline.paths import provider_batch
+    monkeypatch.setattr(provider_batch, "get_registry",
+                        lambda: SimpleNamespace(get=lambda name: SimpleNamespace(batch=None)))
+    req = request("gpt-4o-mini")
+    assert "provider openai has no Batch API" in provider_batch.PROVIDER_BATCH.why_not(req, BOOK.resolve("gpt-4o-mini"))
+    assert chosen(req, MONDAY_PEAK).path.name == "realtime"

@@ -217,6 +217,10 @@ class Settings:
     release_max_waiting: dict = _tier_map(offpeak=8, background=2)
     #: seconds between polls of an open provider batch
     provider_batch_poll_s: float = 2.0
+    #: a provider batch still open this long before the deadline of a request in it is cancelled, and
+    #: what it did not run goes to realtime (held provider-batch work so near its deadline goes to
+    #: realtime unsent): time for the cancel, the ingest and the realtime calls
+    provider_batch_deadline_lead_s: float = 1800.0
     #: seconds one attempt to create a provider batch may take; a creation the provider has not
     #: confirmed is looked for at the provider and sent again only after this long with none found
     provider_batch_create_timeout_s: float = 120.0

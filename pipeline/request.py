@@ -76,6 +76,8 @@ class Request:
     #: the budget period its holds were taken in (provider batches: requests.budget_period)
     budget_period: str | None = None
     batch_id: str | None = None
+    #: why it takes its path (``requests.path_reason``: the cost engine's choice under ``--mode auto``)
+    path_reason: str = ""
 
     @property
     def key(self) -> str:
@@ -122,7 +124,7 @@ class Request:
             on_budget=get("on_budget") or "defer", tier_reason=get("tier_reason") or "",
             published_at=get("published_at"),
             budget_period=str(get("budget_period")) if get("budget_period") is not None else None,
-            batch_id=get("batch_id"))
+            batch_id=get("batch_id"), path_reason=get("path_reason") or "")
 
     def to_row(self, status: str) -> dict:
         """The ``requests`` row (batch_id as the request holds it) in state ``status``;
@@ -134,7 +136,7 @@ class Request:
             "metadata": self.metadata, "input_tokens": self.bound.input_tokens,
             "tokens_exact": bool(self.bound.tokens_exact), "max_cost_usd": str(self.bound.max_cost_usd),
             "status": status, "mode": self.path, "published_at": _iso(self.published_at),
-            "cache_key": self.cache_key, "endpoint": self.endpoint,
+            "cache_key": self.cache_key, "endpoint": self.endpoint, "path_reason": self.path_reason,
         }
 
 

@@ -218,7 +218,8 @@ def _requeue(conn, reqs) -> list[tuple[str, str, str]]:
             " VALUES (:b, :t, :p, :m, :n, :s, :mode)"),
             {"b": batch_id, "t": tier, "p": provider, "m": model, "n": len(rs), "s": state, "mode": REALTIME.name})
         conn.execute(sa.text(
-            "UPDATE requests r SET batch_id = :b, status = :s"
+            "UPDATE requests r SET batch_id = :b, status = :s,"
+            " path_reason = coalesce(r.path_reason, '') || '; the provider batch did not run it: realtime'"
             " FROM jsonb_to_recordset(CAST(:k AS jsonb)) AS x(job_id text, custom_id text)"
             " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"),
             {"b": batch_id, "s": state, "k": db.dumps([{"job_id": r.job_id, "custom_id": r.custom_id} for r in rs])})

@@ -60,6 +60,7 @@ from pipeline.constants import CHAT_URL, EMBEDDINGS_URL
 from pipeline.endpoints.embeddings import input_count
 from pipeline.ids import request_key
 from pipeline.money import caps, units
+from pipeline.money.pricing import get_price_book
 from pipeline.paths import base as sequence
 from pipeline.paths.provider_batch import PROVIDER_BATCH, provider_custom_id, request_line
 from pipeline.providers import batch_api
@@ -151,8 +152,7 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                     continue
                 sizes = [len(request_line(r)) for r in reqs]
                 fmt = batch_api.batch_format(provider)   # the Batch API's limits are its format's
-                for start, end in pack_by_endpoint(reqs, sizes, settings.provider_batch_max_requests[fmt],
-                                                   settings.provider_batch_max_bytes[fmt]):
+                for start, end in pack_by_endpoint(reqs, sizes, *_limits(settings, fmt, provider, model)):
                     pb_id = "pb_" + uuid.uuid4().hex[:20]
                     chunk = reqs[start:end]
                     conn.execute(sa.text(
@@ -290,6 +290,17 @@ def _assign(conn, pb_id: str, chunk: list) -> None:
         conn.execute(sa.text(
             "UPDATE requests SET status = 'running', started_at = coalesce(started_at, now())"
             " WHERE batch_id = :b AND status = 'held'"), {"b": target})
+
+
+def _limits(settings: Settings, fmt: str, provider: str, model: str) -> tuple[int, int]:
+    """Requests and bytes of one provider batch: the settings' for the format, lowered by the price
+    book's for the model (pipeline/data/pricing.json ``batch_limits``)."""
+    requests, size = settings.provider_batch_max_requests[fmt], settings.provider_batch_max_bytes[fmt]
+    try:
+        price = get_price_book().resolve(model, provider)
+    except errors.LLMBatchError:
+        return requests, size
+    return min(requests, price.batch_max_requests or requests), min(size, price.batch_max_bytes or size)
 
 
 def pb_requests(conn, pb_id: str) -> list[tuple[Request, dict]]:

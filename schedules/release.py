@@ -6,8 +6,10 @@ releasers never hand out the same batch, then dispatches it; a crash between
 the two is repaired by the batcher's sweep, which dispatches ``queued`` batches.
 
 Only the batches of paths our workers run are released here (pipeline/paths/registry.py
-``worker_paths``: realtime, flex); a provider-batch path's batches go to a provider
-Batch API (schedules/pb_submit.py, schedules/pb_ingest.py).
+``worker_paths``: realtime, flex, window); a provider-batch path's batches go to a provider
+Batch API (schedules/pb_submit.py, schedules/pb_ingest.py). The off-peak window releases
+those that wait for it (``tier_window_paths``); a price-window path's batches wait for their
+model's price window instead (``release_price_windows``), whatever their tier.
 
 A batch whose earliest open deadline is near is released whatever the window
 (``release_for_deadlines``, called by schedules/deadlines.py) and lifted to the
@@ -27,22 +29,55 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from pipeline.intake.dispatch import enqueue_batch as dispatch
-from pipeline.paths.registry import worker_paths
+from pipeline.errors import LLMBatchError
+from pipeline.money.pricing import get_price_book
+from pipeline.paths.registry import price_window_paths, tier_window_paths, worker_paths
 from pipeline.stores import batches, db
 
 
-#: The held-batch selection, spelled here only: held batches of the paths our workers run
-#: (``:modes``, pipeline/paths/registry.py ``worker_paths``), as ``b``, for a caller to narrow.
+#: The held-batch selection, spelled here only: held batches of the paths ``:modes`` names
+#: (pipeline/paths/registry.py: ``worker_paths`` unless a caller narrows it, e.g. to
+#: ``tier_window_paths`` or ``price_window_paths``), as ``b``, for a caller to narrow.
 HELD = "SELECT b.batch_id, b.tier FROM batches b WHERE b.status = 'held' AND b.mode = ANY(:modes)"
 #: narrows ``HELD`` to the batches holding a held request due by ``:before`` (deadline at or before it)
 DUE = (" AND b.batch_id IN (SELECT r.batch_id FROM requests r WHERE r.status = 'held'"
        " AND r.deadline IS NOT NULL AND r.deadline <= :before)")
+#: highest priority first, then oldest
+BY_PRIORITY = (" ORDER BY (SELECT max(priority) FROM requests r WHERE r.batch_id = b.batch_id) DESC,"
+               " b.created_at")
 
 
 def release_held(tiers: tuple[str, ...], limit: int = 1000, *, engine=None, dispatcher=dispatch) -> list[str]:
-    rows = _release(HELD + " AND b.tier = ANY(:tiers)"
-                    " ORDER BY (SELECT max(priority) FROM requests r WHERE r.batch_id = b.batch_id) DESC,"
-                    " b.created_at", {"tiers": list(tiers)}, limit, engine=engine, dispatcher=dispatcher)
+    """Release the held batches of ``tiers`` that wait for the off-peak window (``tier_window_paths``)."""
+    rows = _release(HELD + " AND b.tier = ANY(:tiers)" + BY_PRIORITY,
+                    {"tiers": list(tiers), "modes": tier_window_paths()}, limit,
+                    engine=engine, dispatcher=dispatcher)
+    return [r.batch_id for r in rows]
+
+
+def release_price_windows(now, limit: int = 1000, *, engine=None, dispatcher=dispatch, prices=None) -> list[str]:
+    """Release held batches of a price-window path whose model's price window is open at ``now``
+    (pipeline/money/price_windows.py), highest priority first, to their tier's queue."""
+    if limit <= 0:
+        return []
+    engine = engine or db.get_engine()
+    prices = prices or get_price_book()
+    with engine.connect() as conn:
+        held = conn.execute(sa.text(
+            "SELECT DISTINCT provider, model FROM batches WHERE status = 'held' AND mode = ANY(:modes)"),
+            {"modes": price_window_paths()}).all()
+    open_now = []
+    for provider, model in held:
+        try:
+            if prices.resolve(model, provider).multiplier_at(now) < 1:
+                open_now.append(f"{provider}/{model}")
+        except LLMBatchError:   # a model this scheduler cannot price waits for its deadline release
+            continue
+    if not open_now:
+        return []
+    rows = _release(HELD + " AND (b.provider || '/' || b.model) = ANY(:open)" + BY_PRIORITY,
+                    {"modes": price_window_paths(), "open": open_now}, limit,
+                    engine=engine, dispatcher=dispatcher)
     return [r.batch_id for r in rows]
 
 
@@ -71,7 +106,7 @@ def _release(picked: str, params: dict, limit: int, *, tier: str | None = None, 
             " FROM picked WHERE b.batch_id = picked.batch_id"
             " RETURNING b.batch_id, b.tier, picked.tier AS held_tier,"
             "  ARRAY(SELECT DISTINCT r.job_id FROM requests r WHERE r.batch_id = b.batch_id) AS jobs"),
-            {**params, "limit": limit, "tier": tier, "modes": worker_paths()}).all()
+            {"modes": worker_paths(), **params, "limit": limit, "tier": tier}).all()
         conn.execute(sa.text(
             "UPDATE requests SET status = 'queued', tier = coalesce(CAST(:tier AS text), tier),"
             " tier_reason = tier_reason || coalesce(CAST(:why AS text), '')"
@@ -90,14 +125,14 @@ def waiting(tier: str, *, engine=None) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.text(
             "SELECT count(*) FROM batches WHERE tier = :t AND mode = ANY(:modes)"
-            " AND status = ANY(llmbatch_states('batch_released'))"), {"t": tier, "modes": worker_paths()}).scalar()
+            " AND status = ANY(llmbatch_states('batch_released'))"), {"t": tier, "modes": tier_window_paths()}).scalar()
 
 
 def held_count(tier: str, *, engine=None) -> int:
     engine = engine or db.get_engine()
     with engine.connect() as conn:
         return conn.execute(sa.text(f"SELECT count(*) FROM ({HELD} AND b.tier = :t) held"),
-                            {"t": tier, "modes": worker_paths()}).scalar()
+                            {"t": tier, "modes": tier_window_paths()}).scalar()
 
 
 def hold_unstarted(tiers: tuple[str, ...], *, engine=None) -> list[str]:
@@ -107,7 +142,7 @@ def hold_unstarted(tiers: tuple[str, ...], *, engine=None) -> list[str]:
         ids = conn.execute(sa.text(
             "UPDATE batches SET status = 'held', dispatched_at = NULL"
             " WHERE tier = ANY(:tiers) AND mode = ANY(:modes) AND status = ANY(llmbatch_states('batch_released'))"
-            " RETURNING batch_id"), {"tiers": list(tiers), "modes": worker_paths()}).scalars().all()
+            " RETURNING batch_id"), {"tiers": list(tiers), "modes": tier_window_paths()}).scalars().all()
         if ids:
             conn.execute(sa.text(
                 "UPDATE requests SET status = 'held' WHERE batch_id = ANY(:ids) AND status = 'queued'"),

@@ -40,7 +40,7 @@ from pipeline.constants import DISPATCHED_TIERS, queue_for
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window, cron_trigger
 from pipeline.stores import db
-from schedules import deadlines, pb_ingest, pb_submit, recurring, release, upkeep
+from schedules import deadlines, pb_deadlines, pb_ingest, pb_submit, recurring, release, upkeep
 from schedules.clock import Clock, get_clock
 
 log = logging.getLogger(__name__)
@@ -119,15 +119,23 @@ class Ticker:
         # again) before new work is sent, and a cancel is carried out before the next poll
         settled = pb_ingest.settle_unsettled(settings=self.settings, engine=self.engine)
         creating = pb_submit.recover_creating(settings=self.settings, engine=self.engine)
+        near = pb_deadlines.to_realtime_for_deadlines(self.clock.now(), self.settings, self.engine)
         cancels = pb_submit.carry_out_cancels(settings=self.settings, engine=self.engine)
         created = pb_submit.submit_held(settings=self.settings, engine=self.engine)
         ended = pb_ingest.poll_open(settings=self.settings, **self._kw())
         return {"creating": creating, "cancels": cancels, "created": len(created), "ended": len(ended),
-                "settled_late": settled}
+                "settled_late": settled, "deadlines": near}
+
+    def price_windows(self) -> dict:
+        """Work held for a model's price window goes when the window is open (pipeline/paths/window.py)."""
+        released = release.release_price_windows(self.clock.now(), **self._kw())
+        if released:
+            log.info("price windows: released %d batches", len(released))
+        return {"released": len(released)}
 
     def tick(self) -> dict:
         out = {}
-        for name in ("deadlines", "offpeak", "background", "provider"):
+        for name in ("deadlines", "offpeak", "background", "price_windows", "provider"):
             try:
                 out[name] = getattr(self, name)()
             except Exception:   # one part failing must not stop the others

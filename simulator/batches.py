@@ -19,7 +19,8 @@ OpenAI (``/v1/files``, ``/v1/batches``), endpoints ``/v1/chat/completions``,
 ``/v1/responses``, ``/v1/embeddings``, ``/v1/completions``, ``/v1/moderations``:
 - ``validating``: every line must be JSON with ``custom_id`` (unique),
   ``method`` ``POST``, ``url`` equal to the batch endpoint, a ``body`` object,
-  and one model for the whole file (an embeddings batch: at most 50,000
+  and one model for the whole file, one the Batch API takes (not one of
+  ``prices.NO_BATCH``: ``model_not_supported``; an embeddings batch: at most 50,000
   inputs in all); otherwise the batch is ``failed`` with
   ``errors.data[] {code, line, message, param}``.
 - ``in_progress`` → ``finalizing`` → ``completed``: successes go to the
@@ -49,6 +50,7 @@ from datetime import datetime, timezone
 from aiohttp import web
 
 from simulator.endpoints import MESSAGES, OPENAI_ENDPOINTS, model_of
+from simulator.prices import NO_BATCH
 from simulator.server import ALIAS_KEY
 from simulator.protocol import Problem, anthropic_error_body
 
@@ -272,6 +274,10 @@ class BatchStore:
             b = obj.get("body")
             if not isinstance(b, dict):
                 err("missing_required_parameter", no, "Missing required parameter: 'body'.", "body")
+                continue
+            if isinstance(b.get("model"), str) and b["model"].lower() in NO_BATCH:
+                err("model_not_supported", no, f"The model '{b['model']}' is not supported by the Batch API.",
+                    "body.model")
                 continue
             if isinstance(b.get("model"), str):
                 models.add(b["model"])

@@ -95,6 +95,9 @@ class SimulatorConfig:
     # 429 "resource unavailable" (not billed)
     flex_models: list[str] = field(default_factory=lambda: list(DEFAULT_FLEX_MODELS))
     flex_unavailable_rate: float = 0.0
+    # the simulator's clock is real time plus this (tests move it with the scheduler's clock):
+    # the time-of-day prices (prices.py PEAK_HOURS) bill by it
+    clock_offset_s: float = 0.0
 
     def limit_for(self, model: str) -> ModelLimit:
         lim = self.model_limits.get(model)
@@ -126,6 +129,8 @@ class SimulatorConfig:
                               f"not {self.flex_unavailable_rate!r}")
         if not isinstance(self.flex_models, (list, tuple)) or not all(isinstance(m, str) for m in self.flex_models):
             raise ConfigError(f"simulator flex_models must be a list of model names, not {self.flex_models!r}")
+        if isinstance(self.clock_offset_s, bool) or not isinstance(self.clock_offset_s, (int, float)):
+            raise ConfigError(f"simulator clock_offset_s must be a number of seconds, not {self.clock_offset_s!r}")
         self.providers = parse_providers(self.providers)
         return self
 

@@ -18,12 +18,19 @@ Prices are USD per 1M tokens, exact decimals. Rules:
 - moderations are free;
 - the Batch API and flex processing (``service_tier: "flex"``, billed at
   Batch prices) take ``batch_discount`` off the whole call, and the prompt-cache
-  discount stacks with it.
+  discount stacks with it;
+- the Batch API does not take the models of ``NO_BATCH`` (batches.py refuses their lines);
+- time-of-day prices: a model of ``PEAK_HOURS`` is billed at its table price inside its peak
+  hours (UTC, on the listed weekdays) and at ``OFF_PEAK_SHARE`` of it at every other hour, by the
+  simulator's clock when the call arrives (``time_multiplier``). Written here from DeepSeek's
+  pricing page (api-docs.deepseek.com/quick_start/pricing: peak 01:00-04:00 and 06:00-10:00 UTC,
+  Monday to Friday; off-peak half the peak price), not from the pipeline's price book.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
 MILLION = Decimal(1_000_000)
@@ -65,10 +72,14 @@ OPENAI_PRICES: dict[str, Price] = {
     "gpt-5": Price.of("1.25", "10.00", "0.125"),
     "gpt-5-mini": Price.of("0.25", "2.00", "0.025"),
     "gpt-5-nano": Price.of("0.05", "0.40", "0.005"),
-    # legacy completions
-    "gpt-3.5-turbo-instruct": Price.of("1.50", "2.00"),
-    "davinci-002": Price.of("2.00", "2.00"),
-    "babbage-002": Price.of("0.40", "0.40"),
+    # legacy completions: no Batch API (NO_BATCH), so no batch price
+    "gpt-3.5-turbo-instruct": Price.of("1.50", "2.00", batch_discount="0"),
+    "davinci-002": Price.of("2.00", "2.00", batch_discount="0"),
+    "babbage-002": Price.of("0.40", "0.40", batch_discount="0"),
+    # DeepSeek (served by a named provider of kind openai): the peak price; see PEAK_HOURS
+    "deepseek-flash": Price.of("0.30", "1.20", "0.006", batch_discount="0"),
+    "deepseek-v4-flash": Price.of("0.30", "1.20", "0.006", batch_discount="0"),
+    "deepseek-v4-pro": Price.of("1.32", "3.96", "0.044", batch_discount="0"),
     # embeddings: input only
     "text-embedding-3-small": Price.of("0.02"),
     "text-embedding-3-large": Price.of("0.13"),
@@ -91,6 +102,26 @@ ANTHROPIC_PRICES: dict[str, Price] = {
 }
 
 
+#: models the OpenAI Batch API does not take (gpt-3.5-turbo-instruct's model page: Batch "Not
+#: supported"; the base models list no batch support or price): a batch line of one is refused
+NO_BATCH = frozenset({"gpt-3.5-turbo-instruct", "davinci-002", "babbage-002"})
+
+#: model -> (weekdays 0 = Monday, ((from hour, to hour) UTC, ...)): the hours billed at the table price
+PEAK_HOURS: dict[str, tuple[tuple[int, ...], tuple[tuple[int, int], ...]]] = {
+    m: ((0, 1, 2, 3, 4), ((1, 4), (6, 10))) for m in ("deepseek-flash", "deepseek-v4-flash", "deepseek-v4-pro")}
+OFF_PEAK_SHARE = Decimal("0.5")
+
+
+def time_multiplier(model: str, at: datetime) -> Decimal:
+    """The share of the table price billed for a call of ``model`` arriving at ``at`` (UTC)."""
+    hours = PEAK_HOURS.get(model.lower())
+    if hours is None:
+        return Decimal(1)
+    days, spans = hours
+    peak = at.weekday() in days and any(lo <= at.hour < hi for lo, hi in spans)
+    return Decimal(1) if peak else OFF_PEAK_SHARE
+
+
 def builtin_price(kind: str, model: str) -> Price | None:
     """The built-in price of ``model`` for a provider kind; dated snapshots and ``-latest`` resolve
     to their family (``gpt-4o-2024-08-06`` → ``gpt-4o``, ``claude-3-5-haiku-latest`` →
@@ -108,8 +139,9 @@ def builtin_price(kind: str, model: str) -> Price | None:
     return table[best] if best else None
 
 
-def usd(price: Price, usage: dict, tier: str = "standard") -> Decimal:
-    """Dollars for one billed usage object (any of the providers' usage shapes)."""
+def usd(price: Price, usage: dict, tier: str = "standard", share: Decimal = Decimal(1)) -> Decimal:
+    """Dollars for one billed usage object (any of the providers' usage shapes); ``share``: the
+    time-of-day share in force (``time_multiplier``)."""
     cached_rate = price.input if price.cached_input is None else price.cached_input
     if "cache_creation_input_tokens" in usage or "cache_read_input_tokens" in usage:   # Anthropic
         creation = usage.get("cache_creation") or {}
@@ -126,7 +158,7 @@ def usd(price: Price, usage: dict, tier: str = "standard") -> Decimal:
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         units = ((usage.get("prompt_tokens", 0) - cached) * price.input + cached * cached_rate
                  + usage.get("completion_tokens", 0) * price.output)
-    dollars = Decimal(units) / MILLION
+    dollars = Decimal(units) * share / MILLION
     if tier in DISCOUNTED_TIERS:
         dollars *= 1 - price.batch_discount
     return dollars

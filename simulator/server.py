@@ -49,6 +49,8 @@ import json
 import random
 import secrets
 import time
+from datetime import datetime, timezone
+from decimal import Decimal
 
 from aiohttp import web
 
@@ -60,7 +62,7 @@ from simulator.config import ERROR_KINDS, SimulatorConfig
 from simulator.dialects import DIALECTS
 from simulator.endpoints import MESSAGES, Endpoint, model_of, tokens_of
 from simulator.limits import RateLimiter, retry_headers
-from simulator.prices import usd
+from simulator.prices import time_multiplier, usd
 from simulator.protocol import Problem, parse_json
 from simulator.stats import Stats
 
@@ -198,6 +200,10 @@ class Simulator:
 
     # ---- answers and bills ---------------------------------------------------
 
+    def now(self) -> datetime:
+        """The simulator's clock: real time plus ``clock_offset_s`` (tests move it)."""
+        return datetime.fromtimestamp(time.time() + self.config.clock_offset_s, tz=timezone.utc)
+
     def evaluate(self, call: Call, body: dict, raw: bytes | None = None):
         """Validate and answer one request body at ``call``'s provider; raises Problem. Batches use it too."""
         endpoint, provider = call.endpoint, call.provider
@@ -225,7 +231,9 @@ class Simulator:
         billed = call.endpoint.bill(answer, self.config.worst_case, self.prompt_cache)
         info = call.provider.model(model)
         price = info.price if info is not None else None
-        dollars = usd(price, billed, tier) if price is not None else None
+        # time-of-day prices by the simulator's own clock when the call arrived (batches: none)
+        share = Decimal(1) if batch else time_multiplier(model, self.now())
+        dollars = usd(price, billed, tier, share) if price is not None else None
         if not batch:
             self.stats.bill(idempotency_key, billed, dollars)
         self.accounts.bill(call.provider.name, call.alias, tokens_of(billed), dollars, batch=batch)

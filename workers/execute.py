@@ -29,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import timedelta
 from decimal import Decimal
 
+from pipeline.clock import budget_now
 from pipeline.config import Settings
 from pipeline.errors import (
     BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount, PermanentProviderError, ProviderError,
@@ -137,13 +139,16 @@ async def run_request(req: Request, settings: Settings, writer: OutcomeWriter, g
                                               key_alias=getattr(provider, "key_alias", None)))
         return "failed"
     reservation = provider.reservation if isinstance(provider, Limited) else None
+    # the call was sent its latency before now, by the caps' one clock (tests move it): the price
+    # window in force then prices it (pipeline/money/price_windows.py)
+    sent_at = budget_now(settings, db.get_engine()) - timedelta(milliseconds=answer.latency_ms or 0)
     outcome = sequence.answered(
         path, req, answer.body, prices, model=getattr(provider, "model", req.model),   # the fallback's, when it answered
         served=getattr(caller, "served", None), attempts=last["attempt"], status_code=answer.status_code,
         provider_request_id=answer.request_id, latency_ms=answer.latency_ms,
         key_alias=getattr(provider, "key_alias", None),   # the key's alias, never the key
         # its spend is the period of its hold, in the ledger too
-        budget_period=reservation.period if reservation is not None else None)
+        budget_period=reservation.period if reservation is not None else None, at=sent_at)
     last["row"]["cost_usd"] = str(outcome.cost)
     if outcome.usage_missing:
         log.warning("request %s answered without usage: recorded as usage_missing, cost unknown", req.key,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.paths.registry import names as path_names
+from pipeline.paths.registry import modes as path_modes
 from pipeline.config import get_settings
 from pipeline import jsontext
 from pipeline.constants import JOB_STATES, JOB_TERMINAL, SIMULATOR_LABEL, TIERS
@@ -110,10 +110,12 @@ def _print_status(status: dict, as_json: bool) -> None:
 @click.option("--resume", "resume_job", metavar="JOB",
               help="Continue an interrupted submit of the same FILE into job JOB, from the line after its last.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job status as JSON.")
-@click.option("--mode", type=click.Choice(list(path_names())), default="realtime", show_default=True,
-              help="The path (forces it): realtime; flex: service_tier flex at the flex (batch) price, for the models"
-                   " that take it (standard when flex is unavailable); provider_batch: through the provider's Batch"
-                   " API at half price (needs `llmbatch scheduler`).")
+@click.option("--mode", type=click.Choice(list(path_modes())), default="auto", show_default=True,
+              help="The path: auto (the cost engine: immediate and peak realtime, off-peak and background the cheapest"
+                   " path expected by the deadline, 24 h without one); or forced: realtime; flex: service_tier flex at"
+                   " the flex (batch) price, for the models that take it (standard when flex is unavailable);"
+                   " provider_batch: through the provider's Batch API at half price (needs `llmbatch scheduler`);"
+                   " window: held for the model's cheapest price window.")
 @click.option("--batch-fallback", type=click.Choice(["realtime", "fail"]), default="realtime", show_default=True,
               help="provider_batch: what happens to requests the provider batch did not run (expired, failed).")
 @click.option("--fallback-model", metavar="MODEL",

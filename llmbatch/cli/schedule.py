@@ -14,7 +14,7 @@ import click
 from llmbatch.cli.common import fail
 from llmbatch.cli.budget import CAP_USD
 from pipeline import jsontext
-from pipeline.paths.registry import names as path_names
+from pipeline.paths.registry import modes as path_modes
 from pipeline.constants import TIERS
 from pipeline.errors import ConfigError, InfrastructureError, InputError
 
@@ -64,7 +64,7 @@ def schedule():
 @click.option("--tier", type=click.Choice(TIERS))
 @click.option("--priority", type=click.IntRange(0, 9))
 @click.option("--budget-usd", type=CAP_USD, help="Cap on each run's spend (finite, 0 or more).")
-@click.option("--mode", type=click.Choice(list(path_names())), default="realtime", show_default=True)
+@click.option("--mode", type=click.Choice(list(path_modes())), default="auto", show_default=True)
 @click.option("--overlap", type=click.Choice(["skip", "queue"]), default="skip", show_default=True,
               help="When a run is still going at the next slot: skip that slot, or queue it.")
 @click.option("--replace", is_flag=True, help="Replace a schedule of that name.")

@@ -62,11 +62,22 @@ def job_view(conn: Connection, job_id: str) -> dict | None:
     st["held"] = held_work(conn, {t: c["held"] for t, c in by_tier.items()}) if st["status"] not in JOB_TERMINAL \
         else []
     st["deadlines"] = deadline_view(conn, job_id, st["held"])
+    st["paths"] = path_view(conn, job_id)
     # held work runs when the scheduler releases it, not at today's rate: it is left out of the ETA
     runnable = st["counts"]["pending"] - sum(h["requests"] for h in st["held"])
     st["eta_s"] = round(runnable / rate) if rate > 0 and runnable > 0 else (0 if runnable <= 0 else None)
     st["budget_wait"] = budget_wait(job_id) if st["status"] not in JOB_TERMINAL else None
     return st
+
+
+def path_view(conn: Connection, job_id: str) -> list[dict]:
+    """The paths the job's requests were given and why (view ``job_paths``, sql/027_path_choice.sql)."""
+    rows = conn.execute(sa.text(
+        "SELECT path, requests, succeeded, cost_usd, list_cost_usd, a_reason FROM job_paths WHERE job_id = :j"
+        " ORDER BY requests DESC, path"), {"j": job_id}).mappings().all()
+    return [{"path": r["path"] or "(none)", "requests": r["requests"], "succeeded": r["succeeded"],
+             "cost_usd": money(r["cost_usd"]), "list_cost_usd": money(r["list_cost_usd"]),
+             "reason": r["a_reason"] or ""} for r in rows]
 
 
 def deadline_view(conn: Connection, job_id: str, held: list[dict], *, settings=None) -> dict | None:
@@ -289,6 +300,9 @@ def format_status(st: dict) -> str:
     out += [f"held: {h['text']}" for h in st.get("held") or []]
     if st.get("deadlines"):
         out.append(f"deadlines: {deadline_text(st['deadlines'])}")
+    for p in st.get("paths") or []:
+        out.append(f"path {p['path']}: {p['requests']} requests, ${money(p['cost_usd'])} of"
+                   f" ${money(p['list_cost_usd'])} list  ({p['reason']})")
     if st.get("budget_wait"):
         out.append(f"budget: {st['budget_wait']['text']}")
     if st["status"] == "paused_budget":

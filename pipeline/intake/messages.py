@@ -35,7 +35,7 @@ import functools
 import json
 import math
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from importlib import resources
 
 import jsonschema
@@ -51,7 +51,7 @@ from pipeline.intake.formats import SUSPECT_ESCAPE, MAX_DEPTH, check_values
 from pipeline.intake.tiers import TierRules, classify
 from pipeline.money.pricing import PriceBook, get_price_book
 from pipeline.paths.base import check_serves
-from pipeline.paths.registry import path_of
+from pipeline.paths.registry import AUTO, choose_path
 from pipeline.request import Request
 
 #: a reason longer than this is cut: it goes into a Kafka header and a log line
@@ -193,8 +193,6 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
     published = _timestamp(m.get("published_at"), "published_at")
     tier, reason = classify(m.get("priority"), m.get("tier"), deadline, now, rules or TierRules(),
                             offpeak_opens=offpeak_opens)
-    # the path asked for (a body that asks for flex itself takes flex), if it can serve the request
-    path = path_of(m.get("mode"), body)
     priority = m.get("priority")
     # the line's ``cache`` flag decides; without one, the endpoint (deterministic answers only)
     cacheable = (m["cache"] if m.get("cache") is not None
@@ -202,12 +200,17 @@ def to_row(m: dict, now: datetime, prices: PriceBook, *, offpeak_opens: datetime
     exact = bound.tokens_exact or (bound.input_tokens == m["input_tokens"] and m.get("tokens_exact", True))
     req = Request(
         job_id=m["job_id"], custom_id=m["custom_id"], endpoint=endpoint.url,
-        provider=m["provider"], model=m["model"], path=path.name, tier=tier, body=body,
+        provider=m["provider"], model=m["model"], path="", tier=tier, body=body,
         # recomputed, never the producer's: a reservation is only as good as this number
         bound=replace(bound, tokens_exact=bool(exact)),
         priority=priority if priority is not None else 5, deadline=deadline, metadata=m.get("metadata"),
         cache_key=cache_key(m["provider"], body, endpoint.url) if cacheable else None,
         line=m.get("line"), tier_reason=reason, published_at=published)
+    # the path asked for (a body that asks for flex itself takes flex), or under ``auto`` the cheapest
+    # that meets the deadline (pipeline/paths/chooser.py); then whether it can serve the request
+    path, why = choose_path(m.get("mode") or AUTO, req, price, now, tier_opens=offpeak_opens,
+                            margin=timedelta(seconds=(rules or TierRules()).deadline_margin_s))
+    req = replace(req, path=path.name, path_reason=why)
     check_serves(path, req, price)
     return req.to_row(path.initial_status(tier))
 

@@ -53,7 +53,7 @@ from pipeline.intake.lines import DigestSet, Oversized, is_stdin, open_input, re
 from pipeline.intake.tiers import classify
 from pipeline.money.pricing import get_price_book
 from pipeline.paths.base import check_serves
-from pipeline.paths.registry import path_for, path_of
+from pipeline.paths.registry import AUTO, check_mode, path_of
 from pipeline.request import Request as TypedRequest, default_url
 from pipeline.stores import db, jobs
 
@@ -67,7 +67,7 @@ def new_job_id() -> str:
 
 
 def to_message(job_id: str, line: int | None, req: Request, *, priority: int | None = None,
-               tier: str | None = None, mode: str = "realtime") -> bytes:
+               tier: str | None = None, mode: str = AUTO) -> bytes:
     """The Kafka message of a request (schema: pipeline/data/request.schema.json)."""
     msg = {
         "v": MESSAGE_VERSION, "job_id": job_id, "custom_id": req.custom_id, "line": line,
@@ -78,7 +78,7 @@ def to_message(job_id: str, line: int | None, req: Request, *, priority: int | N
         "tier": req.tier or tier,
         "deadline": req.deadline.isoformat() if req.deadline else None,
         "metadata": req.metadata, "cache": req.cache,
-        # the path the job asked for (pipeline/paths/): realtime, flex, provider_batch
+        # the path the job asked for (pipeline/paths/), or auto: the batcher chooses per request
         "mode": mode,
         "published_at": datetime.now(timezone.utc).isoformat(),
     }
@@ -86,7 +86,7 @@ def to_message(job_id: str, line: int | None, req: Request, *, priority: int | N
 
 
 def topic_for(req: Request, *, priority: int | None = None, tier: str | None = None,
-              mode: str = "realtime") -> str:
+              mode: str = AUTO) -> str:
     """The fast lane for a request the batcher will classify immediate, else the main topic.
 
     The batcher classifies again when it reads the message (pipeline/intake/tiers.py);
@@ -308,7 +308,7 @@ def _anthropic_counter(settings: Settings):
 
 def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | None = None,
                 name: str | None = None, priority: int | None = None, tier: str | None = None,
-                budget_usd: Decimal | None = None, on_budget: str = "defer", mode: str = "realtime",
+                budget_usd: Decimal | None = None, on_budget: str = "defer", mode: str = AUTO,
                 fallback_model: str | None = None, resume: bool = False,
                 on_progress: Callable[[SubmitReport], None] | None = None) -> SubmitReport:
     """Publish every valid line of ``path`` as job ``job_id``; returns the report.
@@ -318,7 +318,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     custom_ids still count as taken, and the job's counts add up.
     """
     settings = settings or get_settings()
-    path_for(mode)   # an unknown mode is refused before a job exists
+    check_mode(mode)   # an unknown mode is refused before a job exists
     path = Path(path)
     if is_stdin(path) and resume:
         raise FileInputError("--resume reads the file again from its start: it needs a file, not standard input")

@@ -24,7 +24,12 @@ serves; default: chat completions and responses for OpenAI, messages for Anthrop
 ``dimensions`` may ask for), ``flex`` (true: the model takes ``service_tier: "flex"``,
 billed at the batch price; pipeline/paths/flex.py), ``encoding`` (the tiktoken vocabulary
 that counts a model of an OpenAI-compatible provider whose own tokenizer tiktoken does not
-know), ``limits_source``, ``note``. In a user file, an entry
+know), ``batch`` (the Batch API that takes the model: ``"openai"`` (OpenAI's file format),
+``"anthropic"`` (Message Batches) or ``"none"``; default: its provider kind's own, OpenAI's for
+OpenAI-shaped kinds), ``batch_limits`` (``{"max_requests", "max_bytes"}`` of one provider batch;
+default: the book's ``batch_limits`` for its batch format), ``min_cache_tokens`` (the shortest prompt
+prefix the provider caches; below it a request is served uncached, silently), ``windows``
+(time-of-day prices: pipeline/money/price_windows.py), ``limits_source``, ``note``. In a user file, an entry
 for a model already known is merged field by field over it, so
 ``{"models": {"gpt-4o": {"input": "2.00"}}}`` changes one price.
 
@@ -51,6 +56,7 @@ from pathlib import Path
 from pipeline.constants import (ANTHROPIC_MESSAGES_URL, CHAT_URL, EMBEDDINGS_URL, ENDPOINT_URLS,
                                 MODERATIONS_URL, RESPONSES_URL)
 from pipeline.errors import ConfigError, LineError, UnknownModelError
+from pipeline.money.price_windows import PriceWindow, multiplier_at, parse_windows
 
 _MTOK = Decimal(1_000_000)
 #: what a model serves when its entry names no ``endpoints``, by its provider's kind
@@ -61,6 +67,9 @@ DEFAULT_KINDS = {"openai": "openai", "anthropic": "anthropic"}
 ENCODINGS = ("o200k_base", "cl100k_base")
 #: endpoints that generate no output tokens: a model serving only these may have max_output_tokens 0
 _NO_OUTPUT = {EMBEDDINGS_URL, MODERATIONS_URL}
+#: the Batch API formats a model may name, and the one a kind has when its entry names none
+BATCH_FORMATS = ("openai", "anthropic")
+DEFAULT_BATCH = {"openai": "openai", "azure-openai": "openai", "anthropic": "anthropic"}
 _REQUIRED = ("provider", "input", "cached_input", "output", "batch_discount",
              "context_window", "max_output_tokens", "effective_date", "source")
 
@@ -90,6 +99,20 @@ class ModelPrice:
     flex: bool = False                               # takes service_tier "flex" (at the batch price)
     kind: str = "openai"                             # the API shape of its provider (registry kind)
     encoding: str | None = None                      # tiktoken vocabulary for a model tiktoken does not know
+    batch: str | None = None                         # Batch API format that takes it (None: no Batch API)
+    batch_max_requests: int | None = None            # one provider batch holds at most this many requests
+    batch_max_bytes: int | None = None               # ... and this many bytes of input
+    min_cache_tokens: int | None = None              # shortest cacheable prompt prefix (None: not known)
+    windows: tuple[PriceWindow, ...] = ()            # time-of-day prices (pipeline/money/price_windows.py)
+
+    @property
+    def cached_ratio(self) -> Decimal:
+        """Cached input (OpenAI) or cache read (Anthropic) over the input price: 1 when input is free."""
+        return self.cached_input_per_mtok / self.input_per_mtok if self.input_per_mtok else Decimal(1)
+
+    def multiplier_at(self, at) -> Decimal:
+        """The share of the list price in force for a call sent at ``at`` (1 outside every window)."""
+        return multiplier_at(self.windows, at)
 
     @property
     def qualified(self) -> str:
@@ -133,8 +156,9 @@ def _apply_batch(price: ModelPrice, amount: Decimal, batch: bool) -> Decimal:
     return amount * (1 - price.batch_discount) if batch else amount
 
 
-def cost(price: ModelPrice, usage: Usage, *, batch: bool = False) -> Decimal:
-    """Exact USD cost of ``usage`` at ``price`` (Batch API discount when ``batch``)."""
+def cost(price: ModelPrice, usage: Usage, *, batch: bool = False, multiplier: Decimal | None = None) -> Decimal:
+    """Exact USD cost of ``usage`` at ``price`` (Batch API discount when ``batch``; ``multiplier``:
+    a price window's share of the list price, in force when the call was sent)."""
     special = usage.cached_input_tokens + usage.cache_write_tokens + usage.cache_write_1h_tokens
     if min(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
            usage.cache_write_tokens, usage.cache_write_1h_tokens) < 0:
@@ -150,6 +174,8 @@ def cost(price: ModelPrice, usage: Usage, *, batch: bool = False) -> Decimal:
                  + usage.cache_write_tokens * write_5m
                  + usage.cache_write_1h_tokens * write_1h
                  + usage.output_tokens * price.output_per_mtok) / _MTOK
+        if multiplier is not None:
+            total *= multiplier
         return _apply_batch(price, total, batch)
 
 
@@ -234,7 +260,8 @@ def _dec(entry: dict, key: str, where: str) -> Decimal:
     return value
 
 
-def _parse_entry(name: str, entry: dict, origin: str, kinds: dict[str, str]) -> ModelPrice:
+def _parse_entry(name: str, entry: dict, origin: str, kinds: dict[str, str],
+                 limits: dict | None = None) -> ModelPrice:
     where = f"{origin}: model {name!r}"
     prefix, slash, model_id = name.partition("/")
     if slash and prefix in kinds:   # "together/meta-llama-3.1-70b": that provider's entry
@@ -280,8 +307,33 @@ def _parse_entry(name: str, entry: dict, origin: str, kinds: dict[str, str]) -> 
         cache_write_1h_per_mtok=(_dec(entry, "cache_write_1h", where)
                                  if entry.get("cache_write_1h") is not None else None),
         flex=bool(entry.get("flex", False)), **_image_fields(entry, where), **served, kind=kind,
-        encoding=encoding,
+        encoding=encoding, **_batch_fields(entry, where, kind, limits or {}),
+        min_cache_tokens=_positive(entry, "min_cache_tokens", where),
+        windows=parse_windows(entry.get("windows"), where),
     )
+
+
+def _positive(entry: dict, key: str, where: str) -> int | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _batch_fields(entry: dict, where: str, kind: str, limits: dict) -> dict:
+    raw = entry.get("batch", DEFAULT_BATCH.get(kind, "openai"))
+    if raw not in (*BATCH_FORMATS, "none"):
+        raise ConfigError(f"{where}: batch must be one of {', '.join(BATCH_FORMATS)} or none, got {raw!r}")
+    if raw == "none":
+        return {"batch": None}
+    own = entry.get("batch_limits") or {}
+    if not isinstance(own, dict):
+        raise ConfigError(f"{where}: batch_limits must be an object, got {own!r}")
+    merged = {**(limits.get(raw) or {}), **own}
+    return {"batch": raw, "batch_max_requests": _positive(merged, "max_requests", where),
+            "batch_max_bytes": _positive(merged, "max_bytes", where)}
 
 
 def _endpoint_fields(entry: dict, where: str, kind: str) -> dict:
@@ -317,7 +369,7 @@ def _image_fields(entry: dict, where: str) -> dict:
     return out
 
 
-def _read_models(text: str, origin: str) -> dict[str, dict]:
+def _read_doc(text: str, origin: str) -> dict:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -325,7 +377,19 @@ def _read_models(text: str, origin: str) -> dict[str, dict]:
     models = doc.get("models") if isinstance(doc, dict) else None
     if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
         raise ConfigError(f'{origin}: expected {{"models": {{name: {{...}}}}}}')
-    return models
+    limits = doc.get("batch_limits", {})
+    if not isinstance(limits, dict) or not all(isinstance(v, dict) for v in limits.values()):
+        raise ConfigError(f'{origin}: batch_limits must map a batch format to {{"max_requests", "max_bytes"}}')
+    return doc
+
+
+def _read_models(text: str, origin: str) -> dict[str, dict]:
+    return _read_doc(text, origin)["models"]
+
+
+def _provider_of(name: str, entry: dict) -> str | None:
+    prefix, slash, _ = name.partition("/")
+    return entry.get("provider") or (prefix if slash else None)
 
 
 class PriceBook:
@@ -352,7 +416,11 @@ class PriceBook:
         kinds = kinds or DEFAULT_KINDS
         origin = "pipeline/data/pricing.json"
         text = resources.files("pipeline").joinpath("data", "pricing.json").read_text(encoding="utf-8")
-        entries = _read_models(text, origin)
+        doc = _read_doc(text, origin)
+        limits = {k: v for k, v in doc.get("batch_limits", {}).items() if k in BATCH_FORMATS}
+        # the package prices providers a deployment may not configure (DeepSeek): those entries wait
+        # for their provider; a user file's entries are all read strictly
+        entries = {name: entry for name, entry in doc["models"].items() if _provider_of(name, entry) in kinds}
         origins = dict.fromkeys(entries, origin)
         if user_file is not None:
             user_file = Path(user_file)
@@ -361,9 +429,10 @@ class PriceBook:
             except OSError as e:
                 raise ConfigError(f"pricing file {user_file}: cannot read: {e}") from e
             for name, entry in _read_models(user_text, str(user_file)).items():
-                entries[name] = {**entries.get(name, {}), **entry}
+                entries[name] = {**entries.get(name, doc["models"].get(name, {})), **entry}
                 origins[name] = str(user_file)
-        return cls({name: _parse_entry(name, entry, origins[name], kinds) for name, entry in entries.items()})
+        return cls({name: _parse_entry(name, entry, origins[name], kinds, limits)
+                    for name, entry in entries.items()})
 
     def _split(self, model: str) -> tuple[str | None, str]:
         """``provider/model`` -> (provider, model) when the prefix is a provider of the book."""

@@ -70,11 +70,18 @@ class Path:
     def serves(self, req: Request, provider: str, price: ModelPrice) -> bool:
         return price.provider == provider and self.why_not(req, price) is None
 
+    #: held batches of this path wait for the off-peak window of their tier (schedules/release.py);
+    #: False: for something else (a price window: pipeline/paths/window.py)
+    waits_for_tier_window: bool = True
+    #: the service tier a quote assumes answers (flex: "flex")
+    quoted_tier: str | None = None
+
     def price(self, price: ModelPrice, usage: Usage, at: datetime | None = None,
               served: str | None = None) -> Decimal:
-        """What ``usage`` costs on this path; ``served``: the service tier that answered.
+        """What ``usage`` costs on this path for a call sent at ``at`` (the price window in force then,
+        pipeline/money/price_windows.py); ``served``: the service tier that answered.
         A flex answer is at the flex (batch) price whichever path asked for it."""
-        return cost(price, usage, batch=served == "flex")
+        return cost(price, usage, batch=served == "flex", multiplier=price.multiplier_at(at))
 
     def reservation(self, req: Request) -> Decimal:
         """What to hold before the call: the request's maximum at list price."""
@@ -84,8 +91,19 @@ class Path:
         """How long a hold of this path outlives its last renewal (None: the budget's own)."""
         return None
 
-    def expected_done(self, req: Request, now: datetime) -> datetime:
-        return now + timedelta(minutes=1)
+    def planned_start(self, req: Request, price: ModelPrice, now: datetime, by: datetime) -> datetime:
+        """When a request given this path at ``now`` is expected to be sent, to finish by ``by``."""
+        return now
+
+    def expected_done(self, req: Request, now: datetime, price: ModelPrice | None = None,
+                      by: datetime | None = None) -> datetime:
+        """When a request given this path at ``now`` is expected to be answered."""
+        start = self.planned_start(req, price, now, by or now) if price is not None else now
+        return start + timedelta(minutes=1)
+
+    def quote(self, req: Request, price: ModelPrice, now: datetime, by: datetime) -> Decimal:
+        """What ``req`` would cost at most on this path, sent when it plans to (for the chooser)."""
+        return self.price(price, quote_usage(req), self.planned_start(req, price, now, by), self.quoted_tier)
 
     def initial_status(self, tier: str) -> str:
         """``queued`` (dispatched at once) or ``held`` (the scheduler releases or sends it)."""
@@ -99,6 +117,11 @@ class Path:
 
     def __repr__(self) -> str:
         return f"<path {self.name}>"
+
+
+def quote_usage(req: Request) -> Usage:
+    """The usage a quote prices: the request's bound (at least a token each way)."""
+    return Usage(max(req.bound.input_tokens, 1), max(req.bound.max_output_tokens, 1))
 
 
 def check_serves(path: Path, req: Request, price: ModelPrice) -> None:
@@ -125,10 +148,12 @@ async def reserve(budget: Budget, path: Path, req: Request, rid: str | None = No
 def answered(path: Path, req: Request, body: dict, prices: PriceBook, *, model: str | None = None,
              served: str | None = None, attempts: int, status_code: int | None = 200,
              provider_request_id: str | None = None, latency_ms: int | None = None,
-             key_alias: str | None = None, budget_period: str | None = None) -> Outcome:
+             key_alias: str | None = None, budget_period: str | None = None,
+             at: datetime | None = None) -> Outcome:
     """The succeeded outcome of an answer: usage as the endpoint reads it, priced at the model that
     answered (``model``: the one it was sent to, when not the request's) on ``path`` for the tier
-    that answered (``served``; else the one the answer names). No usage: $0 when the model is free
+    that answered (``served``; else the one the answer names), in the price window in force when the
+    call was sent (``at``; None: no window). No usage: $0 when the model is free
     (moderations report none), else cost unknown, recorded 0 with ``usage_missing`` (the hold then
     stays spent at its maximum: ``settle_amount``)."""
     if served is None and isinstance(body, dict) and isinstance(body.get("service_tier"), str):
@@ -137,12 +162,14 @@ def answered(path: Path, req: Request, body: dict, prices: PriceBook, *, model: 
     # the endpoint reads its answer's usage; a free answer without one (moderations) costs $0
     usage, known = answer_cost(endpoint_for(req.endpoint), body, price)
     if usage is not None:
-        spent, listed = path.price(price, usage, None, served), cost(price, usage)
+        spent, listed = path.price(price, usage, at, served), cost(price, usage)
     else:
         spent = listed = known if known is not None else Decimal(0)
+    # what saved it: the path's lever, or the price window a call of any path was sent in
+    lever = path.lever or ("window" if price.multiplier_at(at) < 1 else None)
     return Outcome(req.job_id, req.custom_id, model or req.model, "succeeded", attempts=attempts,
                    response=body, usage=usage, cost=spent, list_cost=listed, path=path.name,
-                   lever=path.lever if spent < listed else None, service_tier=served, key_alias=key_alias,
+                   lever=lever if spent < listed else None, service_tier=served, key_alias=key_alias,
                    latency_ms=latency_ms, status_code=status_code, provider_request_id=provider_request_id,
                    usage_missing=known is None, cache_key=req.cache_key, budget_period=budget_period)
 

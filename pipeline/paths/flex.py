@@ -107,10 +107,14 @@ class Flex(Path):
                     f" that do with \"flex\": true)")
         return None
 
+    quoted_tier = "flex"
+
     def hold_ttl_s(self, settings: Settings) -> float | None:
         return settings.flex_timeout_s + settings.budget_reservation_margin_s
 
-    def expected_done(self, req: Request, now: datetime) -> datetime:
+    def expected_done(self, req: Request, now: datetime, price: ModelPrice | None = None,
+                      by: datetime | None = None) -> datetime:
+        # the long client timeout OpenAI recommends; a 429 "resource unavailable" goes on at standard at once
         return now + timedelta(minutes=15)
 
     def caller(self, provider, settings: Settings):

@@ -30,7 +30,9 @@ from pipeline.config import Settings
 from pipeline.endpoints import endpoint_for
 from pipeline.money.pricing import ModelPrice, PriceBook, Usage, cost, get_price_book
 from pipeline.money.scripts import PROVIDER_BATCH_HOLD_S
+from pipeline.errors import LLMBatchError
 from pipeline.paths.base import Path, answered
+from pipeline.providers.registry import get_registry
 from pipeline.request import Outcome, Request
 
 #: Anthropic's error types → the HTTP status the synchronous API would have answered
@@ -58,6 +60,17 @@ class ProviderBatch(Path):
     runs_in = "scheduler"
     fast_lane = False
 
+    def why_not(self, req: Request, price: ModelPrice) -> str | None:
+        if price.batch is None:
+            return f"model {price.model} has no Batch API (the price book says \"batch\": \"none\")"
+        try:
+            spec = get_registry().get(req.provider)
+        except LLMBatchError:   # a provider this process cannot build: the price book's word stands
+            return None
+        if spec.batch is None:
+            return f"provider {req.provider} has no Batch API (its entry in the registry sets no batch)"
+        return None
+
     def price(self, price: ModelPrice, usage: Usage, at: datetime | None = None,
               served: str | None = None) -> Decimal:
         return cost(price, usage, batch=True)
@@ -70,7 +83,9 @@ class ProviderBatch(Path):
     def hold_ttl_s(self, settings: Settings) -> float | None:
         return PROVIDER_BATCH_HOLD_S
 
-    def expected_done(self, req: Request, now: datetime) -> datetime:
+    def expected_done(self, req: Request, now: datetime, price: ModelPrice | None = None,
+                      by: datetime | None = None) -> datetime:
+        # the providers' completion window: results within 24 h (OpenAI "24h", Anthropic's expiry)
         return now + timedelta(hours=24)
 
 

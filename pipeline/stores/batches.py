@@ -21,7 +21,7 @@ _REQUEST_COLUMNS = (
     "job_id text, custom_id text, line int, batch_id text, provider text, model text,"
     " tier text, tier_reason text, priority smallint, deadline timestamptz, body jsonb,"
     " metadata jsonb, input_tokens int, tokens_exact bool, max_cost_usd numeric,"
-    " status text, published_at timestamptz, cache_key text, endpoint text")
+    " status text, published_at timestamptz, cache_key text, endpoint text, path_reason text")
 
 
 def admit_requests(conn: Connection, requests: list[dict]) -> tuple[list[dict], dict[tuple, str]]:
@@ -122,7 +122,7 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
     inserted = conn.execute(sa.text(
         f"INSERT INTO requests (job_id, custom_id, line, batch_id, provider, model, tier, tier_reason,"
         f" priority, deadline, body, metadata, input_tokens, tokens_exact, max_cost_usd, status,"
-        f" published_at, cache_key, endpoint)"
+        f" published_at, cache_key, endpoint, path_reason)"
         f" SELECT x.* FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x({_REQUEST_COLUMNS})"
         f" ON CONFLICT (job_id, custom_id) DO NOTHING RETURNING job_id, custom_id, batch_id, status"),
         {"rows": dumps(requests)}).all()

@@ -89,7 +89,7 @@ def test_kill_9_scheduler_with_background_work(fault_job):
     started = time.monotonic()
     path = fault_job(n)
     cap = JobCaps.of(path).may_spend(bound)
-    job = submit(path, "--budget-usd", str(cap), "--tier", "background")
+    job = submit(path, "--budget-usd", str(cap), "--tier", "background", "--mode", "realtime")
     wait_until(lambda: counts(job).get("held", 0) + done(job) >= n // 2, 60, what="background work written")
     crash("scheduler")
     wait_terminal(job, n, 240)

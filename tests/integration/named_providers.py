@@ -63,9 +63,9 @@ def _stack_sh(env: dict, *args: str) -> None:
 
 @contextmanager
 def named_stack(settings, tmp_path, providers: list[Named], anthropic_rpm: int | None = None,
-                restarted: tuple[str, ...] = RESTARTED):
+                processes: tuple[str, ...] = RESTARTED):
     """Yield the environment a submit needs (providers, price file, secrets); restore the stack after.
-    ``restarted``: the processes that read the providers (add ``scheduler`` for provider batches)."""
+    ``processes``: the processes that read the providers (add ``scheduler`` for provider batches)."""
     sim_providers, pipe_providers, prices, env = {}, {}, {}, dict(os.environ)
     for p in providers:
         sim_providers[p.name] = {
@@ -92,12 +92,20 @@ def named_stack(settings, tmp_path, providers: list[Named], anthropic_rpm: int |
     price_file.write_text(json.dumps({"models": prices}))
     env.update(LLMBATCH_PROVIDERS=json.dumps(pipe_providers), LLMBATCH_PRICING_FILE=str(price_file))
     sim(settings, "POST", "/_config", {"providers": sim_providers})
+    with restarted(settings, env, processes):
+        yield env
+
+
+@contextmanager
+def restarted(settings, env: dict, names: tuple[str, ...] = RESTARTED):
+    """The processes ``names`` restarted with ``env`` for the block; after it, restarted as they were
+    and the simulator's configuration undone."""
     try:
-        _stack_sh(env, "restart", *restarted)
+        _stack_sh(env, "restart", *names)
         yield env
     finally:
         try:
-            _stack_sh(dict(os.environ), "restart", *restarted)
+            _stack_sh(dict(os.environ), "restart", *names)
         finally:
             sim(settings, "DELETE", "/_config")
 

@@ -54,7 +54,7 @@ def _submit(tmp_path, name: str, deadline: datetime) -> str:
     path = write_jsonl(tmp_path / f"{name}.jsonl",
                        [chat_line(f"{name}{i}", f"Deadline question {i} {uuid.uuid4().hex}", priority=3,
                                   deadline=deadline.isoformat()) for i in range(N)])
-    return json.loads(llmbatch("submit", path, "--json", check=True).stdout)["job_id"]
+    return json.loads(llmbatch("submit", "--mode", "realtime", path, "--json", check=True).stdout)["job_id"]
 
 
 def _requests(engine, job: str) -> list[dict]:

@@ -55,11 +55,11 @@ def test_every_panel_has_data_after_a_job(stack, tmp_path, window_closed):
                   body={"model": "gpt-4o-mini", "max_tokens": 8, "temperature": 0,
                         "messages": [{"role": "user", "content": f"metrics question {i}"}]}) for i in range(6)]
     path = write_jsonl(tmp_path / "metrics.jsonl", lines)
-    first = llmbatch("submit", path, "--wait", "--budget-usd", "5", timeout=300)
+    first = llmbatch("submit", "--mode", "realtime", path, "--wait", "--budget-usd", "5", timeout=300)
     assert first.returncode == 0, first.stderr
-    second = llmbatch("submit", path, "--wait", timeout=300)
+    second = llmbatch("submit", "--mode", "realtime", path, "--wait", timeout=300)
     assert second.returncode == 0, second.stderr
-    held = llmbatch("submit", write_jsonl(tmp_path / "held.jsonl", [chat_line("h", "later", tier="offpeak")]),
+    held = llmbatch("submit", "--mode", "realtime", write_jsonl(tmp_path / "held.jsonl", [chat_line("h", "later", tier="offpeak")]),
                     "--budget-usd", "1")
     job_held = held.stdout.strip().splitlines()[-1]
     try:
@@ -120,7 +120,7 @@ def test_budget_alert_is_a_metric(stack):
 
 def test_status_json_says_nothing_held_for_a_finished_job(stack, tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [chat_line("a", "x", priority=6)])
-    proc = llmbatch("submit", path, "--wait", "--json", timeout=300)
+    proc = llmbatch("submit", "--mode", "realtime", path, "--wait", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     st = json.loads(llmbatch("status", json.loads(proc.stdout)["job_id"], "--json").stdout)
     assert st["held"] == [] and "E-" not in st["cost_usd"]
@@ -134,7 +134,7 @@ def test_tier_latency_leaves_cache_hits_out_of_the_percentiles(stack, engine, tm
              for i in range(4)]
     path = write_jsonl(tmp_path / "lat.jsonl", lines)
     for _ in range(2):   # the second run is answered from the cache: 0 ms each
-        proc = llmbatch("submit", path, "--wait", timeout=300)
+        proc = llmbatch("submit", "--mode", "realtime", path, "--wait", timeout=300)
         assert proc.returncode == 0, proc.stderr
     with engine.connect() as conn:
         hits, zero_latency = conn.execute(sa.text(
@@ -154,7 +154,7 @@ def _flower_tasks(stack) -> dict:
 def test_flower_shows_each_batch_with_its_job_and_tier(stack, tmp_path):
     """Flower's task list names the job and tier of every batch the batcher sends, not a bare id."""
     path = write_jsonl(tmp_path / "flower.jsonl", [chat_line(f"f{i}", f"flower {i}") for i in range(3)])
-    job = json.loads(llmbatch("submit", path, "--tier", "peak", "--wait", "--json", timeout=300,
+    job = json.loads(llmbatch("submit", "--mode", "realtime", path, "--tier", "peak", "--wait", "--json", timeout=300,
                               check=True).stdout)["job_id"]
 
     def labelled():

@@ -40,7 +40,7 @@ def _big_file(path, n, **extra):
 
 
 def _start_submit(*args):
-    return subprocess.Popen([LLMBATCH, "submit", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([LLMBATCH, "submit", "--mode", "realtime", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ))
 
 
@@ -88,7 +88,7 @@ def test_an_interrupted_submit_resumes_from_the_next_line(engine, tmp_path):
     first = _job(engine, job_id)
     try:
         assert first["accepted"] < n
-        proc = llmbatch("submit", path, "--resume", job_id, timeout=300)
+        proc = llmbatch("submit", "--mode", "realtime", path, "--resume", job_id, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert f"resumed after line {first['lines_read']}" in proc.stderr
         wait_for(lambda: _job(engine, job_id)["requests"] >= n, timeout=300, every=1, what="all requests arrived")
@@ -134,7 +134,7 @@ def clock_at_20_08(engine):
 def test_held_work_says_when_it_will_run_and_is_left_out_of_the_eta(engine, tmp_path, clock_at_20_08):
     path = write_jsonl(tmp_path / "mixed.jsonl", [chat_line(f"p{i}", f"now {i}", priority=6) for i in range(3)]
                        + [chat_line(f"o{i}", f"tonight {i}", priority=3) for i in range(7)])
-    proc = llmbatch("submit", path)
+    proc = llmbatch("submit", "--mode", "realtime", path)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().splitlines()[-1]
     try:
@@ -189,7 +189,7 @@ def test_submit_wait_shows_held_work_and_ctrl_c_exits_130(engine, tmp_path, cloc
 
 def test_no_line_accepted_exits_2_with_the_reason_and_rejections_lists_them(engine, tmp_path):
     path = write_jsonl(tmp_path / "unknown.jsonl", [chat_line(f"u{i}", "x", model="gpt-nonexistent") for i in range(9)])
-    proc = llmbatch("submit", path)
+    proc = llmbatch("submit", "--mode", "realtime", path)
     assert proc.returncode == 2, proc.stderr
     assert "no line of" in proc.stderr and "most common reason (9 of 9 lines)" in proc.stderr
     assert "gpt-nonexistent" in proc.stderr and "line 1:" in proc.stderr and "4 more" in proc.stderr
@@ -205,16 +205,16 @@ def test_no_line_accepted_exits_2_with_the_reason_and_rejections_lists_them(engi
 def test_a_json_array_file_is_refused_before_a_job_exists(tmp_path):
     path = tmp_path / "array.json"
     path.write_text(json.dumps([chat_line("a", "x"), chat_line("b", "y")], indent=2))
-    proc = llmbatch("submit", path)
+    proc = llmbatch("submit", "--mode", "realtime", path)
     assert proc.returncode == 2 and "this file is a JSON array, not JSONL: put one request per line" in proc.stderr
-    proc = llmbatch("submit", tmp_path)
+    proc = llmbatch("submit", "--mode", "realtime", tmp_path)
     assert proc.returncode == 2 and "is a directory" in proc.stderr
 
 
 def test_postgres_unreachable_at_submit_says_so_once_and_points_to_doctor(tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [chat_line("a", "x")])
     env = dict(os.environ, LLMBATCH_DATABASE_URL="postgresql+psycopg://llmbatch@127.0.0.1:9/llmbatch")
-    proc = subprocess.run([LLMBATCH, "submit", str(path)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([LLMBATCH, "submit", "--mode", "realtime", str(path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.count("waiting for Postgres") == 1, proc.stderr
     assert "retrying" not in proc.stderr and "llmbatch doctor" in proc.stderr.splitlines()[-1]
@@ -223,7 +223,7 @@ def test_postgres_unreachable_at_submit_says_so_once_and_points_to_doctor(tmp_pa
 def test_kafka_unreachable_at_submit_says_so_once_and_leaves_no_job(engine, tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [chat_line("a", "x")])
     env = dict(os.environ, LLMBATCH_KAFKA_BOOTSTRAP="127.0.0.1:9")
-    proc = subprocess.run([LLMBATCH, "submit", str(path)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([LLMBATCH, "submit", "--mode", "realtime", str(path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.count("waiting for Kafka") == 1 and "FAIL" not in proc.stderr, proc.stderr
     assert "llmbatch doctor" in proc.stderr.splitlines()[-1]

@@ -85,7 +85,7 @@ def caps(stack, engine):
 
 
 def _submit(path, *args) -> str:
-    return json.loads(llmbatch("submit", path, "--json", *args, check=True).stdout)["job_id"]
+    return json.loads(llmbatch("submit", "--mode", "realtime", path, "--json", *args, check=True).stdout)["job_id"]
 
 
 def _lines(n: int, tag: str, **extra):

@@ -102,7 +102,7 @@ def test_planted_key_is_nowhere(stack, engine, tmp_path, scheduler_paused):
                        [chat_line(f"s{i}", f"secret test {i}", tier="offpeak",   # two models: two batches
                                   model="gpt-4o" if i % 2 else "gpt-4o-mini") for i in range(6)] + ["{broken"])
     outputs = []
-    sub = subprocess.run([LLMBATCH, "--log-level", "DEBUG", "submit", path], env=env, capture_output=True,
+    sub = subprocess.run([LLMBATCH, "--log-level", "DEBUG", "submit", "--mode", "realtime", path], env=env, capture_output=True,
                          text=True, timeout=120)
     assert sub.returncode == 0, sub.stderr
     outputs += [sub.stdout, sub.stderr]

@@ -77,7 +77,7 @@ def _counts(engine, job: str) -> dict:
 
 
 def _submit(path, *args) -> str:
-    proc = llmbatch("submit", path, "--json", *args, check=True)
+    proc = llmbatch("submit", "--mode", "realtime", path, "--json", *args, check=True)
     return json.loads(proc.stdout)["job_id"]
 
 

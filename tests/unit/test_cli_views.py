@@ -57,6 +57,17 @@ def test_status_shows_unconfirmed_spend_apart_from_confirmed():
                                                                          unconfirmed_calls=2))
 
 
+def test_status_shows_each_path_with_its_cost_against_list_and_a_reason():
+    paths = [{"path": "provider_batch", "requests": 8, "succeeded": 8, "cost_usd": "0.004", "list_cost_usd": "0.008",
+              "reason": "auto: provider_batch, 0.50× list price, expected 2026-12-06T13:00+00:00, meets its no"
+                        " deadline (24 h)"},
+             {"path": "realtime", "requests": 1, "succeeded": 1, "cost_usd": "0.001", "list_cost_usd": "0.001",
+              "reason": "the job's mode realtime"}]
+    text = views.format_status(status(paths=paths))
+    assert "path provider_batch: 8 requests, $0.004 of $0.008 list  (auto: provider_batch, 0.50× list price" in text
+    assert "path realtime: 1 requests, $0.001 of $0.001 list  (the job's mode realtime)" in text
+
+
 def test_watch_prints_plain_lines_when_not_a_terminal(monkeypatch):
     seq = iter([status(), status(status="completed", eta_s=0)])
     monkeypatch.setattr(views, "job_view", lambda conn, job_id: next(seq))

@@ -36,7 +36,7 @@ def row(**over) -> dict:
          "model": "gpt-5-mini", "tier": "peak", "tier_reason": "priority 5", "priority": 5, "deadline": None,
          "body": BODY, "metadata": {"k": "v"}, "input_tokens": 12, "tokens_exact": True,
          "max_cost_usd": "0.00020300", "status": "queued", "mode": "flex", "published_at": None,
-         "cache_key": None, "endpoint": "/v1/chat/completions"}
+         "cache_key": None, "endpoint": "/v1/chat/completions", "path_reason": "the job's mode flex"}
     return {**r, **over}
 
 
@@ -113,11 +113,11 @@ def test_flex_serves_only_the_models_the_price_book_marks():
 
 
 def test_the_registry_answers_what_callers_used_to_decide_by_name():
-    assert names() == ("realtime", "flex", "provider_batch")
-    assert worker_paths() == ["realtime", "flex"] and scheduler_paths() == ["provider_batch"]
+    assert names() == ("realtime", "flex", "provider_batch", "window")
+    assert worker_paths() == ["realtime", "flex", "window"] and scheduler_paths() == ["provider_batch"]
     assert path_for(None) is REALTIME and path_for("flex") is FLEX
     with pytest.raises(LineError, match="mode must be one of"):
-        path_for("window")
+        path_for("cheapest")
     assert path_of("realtime", {**BODY, "service_tier": "flex"}) is FLEX
     assert path_of("provider_batch", {**BODY, "service_tier": "flex"}) is PROVIDER_BATCH
     assert REALTIME.initial_status("peak") == "queued" and FLEX.initial_status("offpeak") == "held"
@@ -127,7 +127,7 @@ def test_the_registry_answers_what_callers_used_to_decide_by_name():
 
 def test_the_message_schema_takes_every_path():
     schema = json.loads(resources.files("pipeline").joinpath("data/request.schema.json").read_text())
-    assert set(schema["properties"]["mode"]["enum"]) - {None} == set(names())
+    assert set(schema["properties"]["mode"]["enum"]) - {None} == set(names()) | {"auto"}
 
 
 # ------------------------------------------------------------------ the price step

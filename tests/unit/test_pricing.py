@@ -21,7 +21,9 @@ from pipeline.money.pricing import (
 )
 
 RAW = json.loads(resources.files("pipeline").joinpath("data", "pricing.json").read_text())["models"]
-BOOK = PriceBook.load()
+#: the package prices DeepSeek too, read when a provider named deepseek is configured
+KINDS = {"openai": "openai", "anthropic": "anthropic", "deepseek": "openai"}
+BOOK = PriceBook.load(kinds=KINDS)
 M = 1_000_000
 
 # Published USD per 1M tokens: (input, cached input / cache read, output).
@@ -56,13 +58,17 @@ PUBLISHED = {
     "babbage-002": ("0.40", "0.40", "0.40"),
     "omni-moderation-latest": ("0", "0", "0"),
     "text-moderation-latest": ("0", "0", "0"),
+    # DeepSeek's peak prices (the list price; off-peak windows halve them)
+    "deepseek-flash": ("0.30", "0.006", "1.20"),
+    "deepseek-v4-pro": ("1.32", "0.044", "3.96"),
 }
 #: no Batch API discount is assumed: the model page says the Batch API is not supported
 #: (gpt-3.5-turbo-instruct), lists no batch price (the base models) or the model is free
 #: models OpenAI publishes no dated snapshot of (their model pages list the name alone)
 UNDATED = {"text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002", "davinci-002",
-           "babbage-002"}
-NO_BATCH_DISCOUNT = {"gpt-3.5-turbo-instruct", "davinci-002", "babbage-002", "omni-moderation-latest",
+           "babbage-002", "deepseek-v4-pro"}
+NO_BATCH_DISCOUNT = {"gpt-3.5-turbo-instruct", "davinci-002", "babbage-002", "deepseek-flash", "deepseek-v4-pro",
+                     "omni-moderation-latest",
                      "text-moderation-latest"}
 
 
@@ -79,7 +85,7 @@ def test_file_entry_is_complete(model):
     for key in ("input", "cached_input", "output", "batch_discount"):
         assert isinstance(entry[key], str), f"{key} must be an exact decimal string"
     assert entry["source"].startswith("https://")
-    assert entry["provider"] in ("openai", "anthropic")
+    assert entry["provider"] in KINDS
 
 
 @pytest.mark.parametrize("model", sorted(PUBLISHED))

@@ -250,7 +250,35 @@ LINES = {
 }
 
 
-@pytest.mark.parametrize("endpoint", sorted(LINES))
+#: the completions models have no Batch API (gpt-3.5-turbo-instruct's model page: Batch not
+#: supported; simulator/prices.py NO_BATCH): a batch of them fails validation instead
+BATCHED = sorted(set(LINES) - {"/v1/completions"})
+
+
+def test_a_completions_batch_of_a_model_without_a_batch_api_fails_validation_naming_each_line():
+    body = LINES["/v1/completions"][0]
+
+    async def go():
+        async with serve() as (url, oa, http):
+            blob = "".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+                                       "body": body}) + "\n" for i in range(2))
+            f = await oa.files.create(file=("in.jsonl", io.BytesIO(blob.encode())), purpose="batch")
+            batch = await oa.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+            for _ in range(200):
+                batch = await oa.batches.retrieve(batch.id)
+                if batch.status in ("completed", "failed"):
+                    break
+                await asyncio.sleep(0.05)
+            stats = await (await http.get(url + "/_stats")).json()
+            return batch, stats
+
+    batch, stats = run(go())
+    assert batch.status == "failed"
+    assert [(e.code, e.line) for e in batch.errors.data] == [("model_not_supported", 1), ("model_not_supported", 2)]
+    assert stats["providers"]["openai"].get("batch_lines", 0) == 0
+
+
+@pytest.mark.parametrize("endpoint", BATCHED)
 def test_batch_output_lines_are_openais_shape_for_every_endpoint(endpoint):
     body, model_type = LINES[endpoint]
 

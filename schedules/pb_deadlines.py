@@ -29,7 +29,7 @@ from pipeline.paths.registry import scheduler_paths
 
 log = logging.getLogger(__name__)
 
-_OPEN = "r.status NOT IN ('succeeded', 'failed', 'cancelled')"
+_OPEN = "r.status <> ALL(llmbatch_states('request_terminal'))"
 
 
 def to_realtime_for_deadlines(now: datetime, settings: Settings, engine) -> dict[str, int]:
@@ -44,7 +44,7 @@ def to_realtime_for_deadlines(now: datetime, settings: Settings, engine) -> dict
         if moved:
             conn.execute(sa.text(
                 "UPDATE requests SET path_reason = coalesce(path_reason, '') || :why"
-                " WHERE batch_id = ANY(:ids) AND status NOT IN ('succeeded', 'failed', 'cancelled')"),
+                " WHERE batch_id = ANY(:ids) AND status <> ALL(llmbatch_states('request_terminal'))"),
                 {"ids": moved, "why": "; its deadline came before a provider batch could end: realtime"})
         marked = conn.execute(sa.text(
             "UPDATE provider_batches pb SET cancel_requested = true, cancel_requested_at = now()"

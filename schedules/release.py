@@ -64,7 +64,7 @@ def release_price_windows(now, limit: int = 1000, *, engine=None, dispatcher=dis
     prices = prices or get_price_book()
     with engine.connect() as conn:
         held = conn.execute(sa.text(
-            "SELECT DISTINCT provider, model FROM batches WHERE status = 'held' AND mode = ANY(:modes)"),
+            f"SELECT DISTINCT x.provider, x.model FROM batches x JOIN ({HELD}) held ON held.batch_id = x.batch_id"),
             {"modes": price_window_paths()}).all()
     open_now = []
     for provider, model in held:

@@ -26,7 +26,7 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from pipeline import errors
+from pipeline import errors, metrics
 from pipeline.config import Settings, get_settings
 from pipeline.ids import request_key
 from pipeline.intake.batcher import dispatch
@@ -135,6 +135,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
                      {"id": pb_id, "x": xid})
     _settle(pb_id, [(r.job_id, r.custom_id) for r, state in reqs if state["status"] not in _TERMINAL],
             outcomes + fail, settings, engine, xid)
+    metrics.record_savings([o.to_row() for o in outcomes])   # the batch discount, by lever
     for batch_id, tier, state in new_batches:
         if state == "queued":
             dispatcher(batch_id, tier)

@@ -47,7 +47,6 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from decimal import Decimal
 
 import redis
 import sqlalchemy as sa
@@ -62,10 +61,10 @@ from pipeline.intake.kafka import make_consumer, make_producer, verify
 from pipeline.intake.messages import MAX_REASON, decode
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window
-from pipeline.endpoints import answer_cost, endpoint_for
 from pipeline.money.pricing import get_price_book
+from pipeline.paths.base import without_call
 from pipeline.paths.registry import path_for
-from pipeline.request import Outcome, Request
+from pipeline.request import Request
 from pipeline.stores import batches as batch_store, db
 from pipeline.stores.cache import PREFIX as CACHE_PREFIX, ResponseCache
 
@@ -420,6 +419,7 @@ class Batcher:
         self.stats["requests"] += sum(counts.values())
         self.stats["replayed"] += len(items) - sum(counts.values()) - len(cached)
         self.stats["cache_hits"] += len(cached)
+        metrics.record_savings(cached)   # a replayed message's hit is counted again here, once in the ledger
         self.stats["batches"] += len([b for b in batches if counts.get(b["batch_id"])])
         self._send([b for b in batches if counts.get(b["batch_id"]) and b["status"] == "queued"])
         for it in items:
@@ -514,22 +514,19 @@ class Batcher:
         return out
 
     def _cache_result(self, row: dict, answer: dict | None) -> dict | None:
-        """The result row of a request answered from the cache: cost 0, and what it saved."""
+        """The result row of a request answered from the cache: cost 0, its list price saved."""
         if not isinstance(answer, dict):
             return None
         try:
             req = Request.from_row(row)
-            usage, saved = answer_cost(endpoint_for(req.endpoint), answer,
-                                       get_price_book().resolve(req.model, req.provider))
-            if saved is None:
-                raise ValueError("the answer reports no usage")
-        except Exception as e:   # an entry we cannot read is a miss
-            log.warning("cache entry for %s/%s unusable (%s): a miss", row["job_id"], row["custom_id"], e)
+        except Exception as e:   # pragma: no cover - decode made the row
+            log.warning("request %s/%s unreadable (%s): a miss", row["job_id"], row["custom_id"], e)
             return None
-        # nothing spent; what the call would have cost at list price is what the cache saved
-        return Outcome(req.job_id, req.custom_id, req.model, "succeeded", response=answer, usage=usage,
-                       cost=Decimal(0), list_cost=saved, path=req.path, lever="cache",
-                       provider_request_id=answer.get("id")).to_row()
+        outcome = without_call(req, answer, get_price_book(), "cache")
+        if outcome is None:   # an entry we cannot price is a miss
+            log.warning("cache entry for %s/%s unusable (no usage): a miss", row["job_id"], row["custom_id"])
+            return None
+        return outcome.to_row()
 
     def sweep(self) -> int:
         """Dispatch batches committed but never dispatched, or whose worker died.

@@ -39,6 +39,7 @@ from pipeline.constants import DISPATCHED_TIERS
 from pipeline.endpoints import answer_cost, endpoint_for
 from pipeline.errors import LineError
 from pipeline.money.budget import Budget, Reservation
+from pipeline.money import savings as ledger
 from pipeline.money.pricing import ModelPrice, PriceBook, Usage, answered_price, cost
 from pipeline.money.units import from_units
 from pipeline.request import Outcome, Request
@@ -75,6 +76,11 @@ class Path:
         """What ``usage`` costs on this path; ``served``: the service tier that answered.
         A flex answer is at the flex (batch) price whichever path asked for it."""
         return cost(price, usage, batch=served == "flex")
+
+    def discount(self, served: str | None = None) -> str | None:
+        """The lever whose Batch API discount an answer on this path got (``served``: the tier that
+        answered), or None: the savings ledger's split (pipeline/money/savings.py)."""
+        return "flex" if served == "flex" else None
 
     def reservation(self, req: Request) -> Decimal:
         """What to hold before the call: the request's maximum at list price."""
@@ -136,15 +142,39 @@ def answered(path: Path, req: Request, body: dict, prices: PriceBook, *, model: 
     price = answered_price(prices, body, model or req.model, req.provider)
     # the endpoint reads its answer's usage; a free answer without one (moderations) costs $0
     usage, known = answer_cost(endpoint_for(req.endpoint), body, price)
+    saved: dict[str, Decimal] = {}
     if usage is not None:
-        spent, listed = path.price(price, usage, None, served), cost(price, usage)
+        spent, listed = path.price(price, usage, None, served), ledger.list_price(price, usage)
+        saved = ledger.split(price, usage, spent, path.discount(served))
     else:
         spent = listed = known if known is not None else Decimal(0)
     return Outcome(req.job_id, req.custom_id, model or req.model, "succeeded", attempts=attempts,
                    response=body, usage=usage, cost=spent, list_cost=listed, path=path.name,
-                   lever=path.lever if spent < listed else None, service_tier=served, key_alias=key_alias,
+                   lever=ledger.main_lever(saved), service_tier=served, key_alias=key_alias,
                    latency_ms=latency_ms, status_code=status_code, provider_request_id=provider_request_id,
-                   usage_missing=known is None, cache_key=req.cache_key, budget_period=budget_period)
+                   usage_missing=known is None, cache_key=req.cache_key, budget_period=budget_period,
+                   savings=saved)
+
+
+def without_call(req: Request, body, prices: PriceBook, lever: str) -> Outcome | None:
+    """The succeeded outcome of ``req`` answered with ``body`` without a call of its own: ``cache``
+    (the exact cache) or ``coalesce`` (an identical request in flight at the same time). Nothing
+    spent, its whole list price saved; a cache hit on record. None when the answer cannot be priced
+    (no usage on a model that is not free): the caller treats it as a miss and calls."""
+    if not isinstance(body, dict):
+        return None
+    try:
+        price = answered_price(prices, body, req.model, req.provider)
+        usage, known = answer_cost(endpoint_for(req.endpoint), body, price)
+    except Exception:   # an answer we cannot read is a miss
+        return None
+    if known is None:
+        return None
+    listed = ledger.list_price(price, usage) if usage is not None else known
+    return Outcome(req.job_id, req.custom_id, req.model, "succeeded",
+                   response=body, usage=usage, cost=Decimal(0), list_cost=listed, path=req.path, lever=lever,
+                   provider_request_id=body.get("id"), cache_key=req.cache_key, latency_ms=0,
+                   status_code=200, savings=ledger.without_call(lever, listed), from_cache=True)
 
 
 # ---- 4. write outcome

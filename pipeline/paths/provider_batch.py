@@ -62,6 +62,9 @@ class ProviderBatch(Path):
               served: str | None = None) -> Decimal:
         return cost(price, usage, batch=True)
 
+    def discount(self, served: str | None = None) -> str | None:
+        return "batch"
+
     def reservation(self, req: Request) -> Decimal:
         """The most a request can cost through a Batch API: its maximum at the batch price."""
         price = get_price_book().resolve(req.model, req.provider)

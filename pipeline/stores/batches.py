@@ -101,8 +101,8 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
     Requests already present (a replayed message) are skipped by the natural
     key and do not count; a batch left with no new request is not written.
     ``cached`` are result rows for requests answered from the cache (their
-    request rows are in ``requests`` with no batch; ``Outcome.to_row()``s, what the cache saved as
-    their list cost); they are written only for
+    request rows are in ``requests`` with no batch; ``Outcome.to_row()``s of
+    ``pipeline.paths.base.without_call``: cost 0, their list price saved); they are written only for
     requests inserted now, so a replay never adds a second answer. Requests of a
     cancelled job are written ``cancelled``, in no batch (and get no cached answer).
     """
@@ -150,12 +150,13 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
             conn.execute(sa.text(
                 "INSERT INTO results (job_id, custom_id, model, status_code, response, input_tokens,"
                 " cached_input_tokens, output_tokens, cost_usd, provider_request_id, latency_ms,"
-                " from_cache, saved_usd)"
+                " from_cache, saved_usd, list_cost_usd, lever, path, savings)"
                 " SELECT x.job_id, x.custom_id, x.model, 200, x.response, x.input_tokens,"
-                " x.cached_input_tokens, x.output_tokens, 0, x.provider_request_id, 0, true, x.list_cost_usd"
+                " x.cached_input_tokens, x.output_tokens, 0, x.provider_request_id, 0, true, x.list_cost_usd,"
+                " x.list_cost_usd, x.lever, x.path, x.savings"
                 " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text,"
                 " model text, response jsonb, input_tokens int, cached_input_tokens int, output_tokens int,"
-                " provider_request_id text, list_cost_usd numeric)"
+                " provider_request_id text, list_cost_usd numeric, lever text, path text, savings jsonb)"
                 " ON CONFLICT DO NOTHING"), {"rows": dumps(rows)})
             embeddings.write(conn, vectors, list(vectors))   # new requests: their results are new too
             conn.execute(sa.text(

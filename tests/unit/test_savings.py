@@ -116,3 +116,27 @@ def test_an_answer_that_cannot_be_priced_is_a_miss():
     req = Request.from_row(row(mode="realtime", cache_key="k"))
     assert sequence.without_call(req, {"id": "x"}, PRICES, "cache") is None
     assert sequence.without_call(req, "not a dict", PRICES, "cache") is None
+
+
+# ------------------------------------------------------------------ status and report
+
+def test_status_says_spent_against_list_price_and_by_lever():
+    from llmbatch.cli.views import savings_line
+    line = savings_line({"list_cost_usd": "2.00", "cost_usd": "0.50", "saved_usd": "1.50",
+                         "by_lever": {"batch": "1.00", "coalesce": "0.50", "flex": "0"}})
+    assert line == "list price $2  saved $1.5 (75.0%): coalesce $0.5, batch $1"
+    assert savings_line({"list_cost_usd": "0", "cost_usd": "0", "saved_usd": "0", "by_lever": {}}) is None
+
+
+def test_the_report_shows_spent_against_list_price(tmp_path):
+    from datetime import datetime, timezone
+
+    from llmbatch.cli import report
+    t0 = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+    rows = [{"bucket": t0, "tier": "peak", "model": "gpt-4o-mini", "requests": 2, "input_tokens": 1,
+             "output_tokens": 1, "cost_usd": Decimal("0.01"), "list_cost_usd": Decimal("0.03")}]
+    data = {"step": "minute", "rows": rows, "savings": {"coalesce": Decimal("0.015"), "batch": Decimal("0.005")}}
+    assert report.savings_table(data) == [["list price", Decimal("0.03")], ["spent", Decimal("0.01")],
+                                          ["saved", Decimal("0.02")], ["saved by coalesce", Decimal("0.015")],
+                                          ["saved by batch", Decimal("0.005")]]
+    assert report.chart(data, tmp_path / "c.png", "test").stat().st_size > 1000

@@ -5,7 +5,6 @@ coalescer: one call per distinct key in flight, in a process and across processe
 from __future__ import annotations
 
 import asyncio
-from decimal import Decimal
 
 from hypothesis import given, settings as hsettings, strategies as st
 

@@ -140,3 +140,13 @@ def test_the_report_shows_spent_against_list_price(tmp_path):
                                           ["saved", Decimal("0.02")], ["saved by coalesce", Decimal("0.015")],
                                           ["saved by batch", Decimal("0.005")]]
     assert report.chart(data, tmp_path / "c.png", "test").stat().st_size > 1000
+
+
+def test_dollars_saved_are_counted_by_lever_and_a_cost_is_not():
+    from pipeline import metrics
+
+    def value(lever):
+        return metrics.REGISTRY.get_sample_value("llmbatch_saved_usd_total", {"lever": lever}) or 0.0
+    before = value("coalesce"), value("prompt_cache")
+    metrics.record_savings([{"savings": {"coalesce": "0.25", "prompt_cache": "-0.01"}}, {"savings": None}, {}])
+    assert value("coalesce") - before[0] == 0.25 and value("prompt_cache") == before[1]

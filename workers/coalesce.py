@@ -62,21 +62,25 @@ class Coalescer:
         self.stats = {"cache": 0, "coalesce": 0, "owner": 0, "alone": 0}
 
     @contextlib.asynccontextmanager
-    async def turn(self, req: Request):
-        """The request's turn: ``turn.outcome`` set means answered; else call, then ``publish``."""
+    async def turn(self, req: Request, on_wait=None):
+        """The request's turn: ``turn.outcome`` set means answered; else call, then ``publish``.
+        ``on_wait()`` is called when it starts waiting for another request's answer (it holds no
+        slot meanwhile: its batch may count it as started)."""
         key = req.cache_key if self.settings.coalesce else None
         if key is None:
             yield Turn(req)
             return
         leader = self.leaders.get(key)
         if leader is not None:   # a repeat in this process: wait for the leader's answer
+            if on_wait is not None:
+                on_wait()
             answer, lever = await asyncio.shield(leader)
             yield self._answered(req, answer, lever or "coalesce")
             return
         mine = self.leaders[key] = asyncio.get_running_loop().create_future()
         turn = Turn(req)
         try:
-            async with self._flight(turn, key):
+            async with self._flight(turn, key, on_wait):
                 yield turn
         finally:
             del self.leaders[key]
@@ -91,10 +95,12 @@ class Coalescer:
         return turn
 
     @contextlib.asynccontextmanager
-    async def _flight(self, turn: Turn, key: str):
+    async def _flight(self, turn: Turn, key: str, on_wait=None):
         """Across processes: the cached answer, our own claim, or another owner's answer."""
         seen, lever = await self._look(key), "cache"
         if seen is not None and seen.kind == "wait":
+            if on_wait is not None:
+                on_wait()
             seen, lever = await self._wait(key, str(seen.value)), "coalesce"
         if seen is not None and seen.kind == "answer":   # cached already, or another owner's answer
             done = self._answered(turn.req, seen.value, lever)

@@ -347,7 +347,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
         begun: list = []
         try:
             # single flight first, outside the slots: a repeat of a request in flight takes its answer
-            async with coalescer.turn(req) as turn:
+            async with coalescer.turn(req, on_wait=lambda: started(begun)) as turn:
                 if turn.outcome is not None:   # answered without a call: cost 0, a cache hit
                     started(begun)
                     writer.outcomes.append(turn.outcome)

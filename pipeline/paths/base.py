@@ -152,7 +152,9 @@ def answered(path: Path, req: Request, body: dict, prices: PriceBook, *, model: 
                    response=body, usage=usage, cost=spent, list_cost=listed, path=path.name,
                    lever=ledger.main_lever(saved), service_tier=served, key_alias=key_alias,
                    latency_ms=latency_ms, status_code=status_code, provider_request_id=provider_request_id,
-                   usage_missing=known is None, cache_key=req.cache_key, budget_period=budget_period,
+                   usage_missing=known is None, budget_period=budget_period,
+                   # a fallback model's answer is not the answer to this request's key: never cached
+                   cache_key=req.cache_key if (model or req.model) == req.model else None,
                    savings=saved)
 
 

@@ -150,3 +150,10 @@ def test_dollars_saved_are_counted_by_lever_and_a_cost_is_not():
     before = value("coalesce"), value("prompt_cache")
     metrics.record_savings([{"savings": {"coalesce": "0.25", "prompt_cache": "-0.01"}}, {"savings": None}, {}])
     assert value("coalesce") - before[0] == 0.25 and value("prompt_cache") == before[1]
+
+
+def test_a_fallback_models_answer_is_not_cached_under_the_requests_key():
+    req = Request.from_row(row(mode="realtime", cache_key="k"))
+    own = sequence.answered(REALTIME, req, _body(), PRICES, attempts=1)
+    other = sequence.answered(REALTIME, req, _body(), PRICES, model="gpt-4o-mini", attempts=1)
+    assert own.cache_key == "k" and other.cache_key is None

@@ -61,7 +61,7 @@ from pipeline.endpoints.embeddings import input_count
 from pipeline.ids import request_key
 from pipeline.money import caps, units
 from pipeline.paths import base as sequence
-from pipeline.paths.provider_batch import PROVIDER_BATCH, provider_custom_id, request_line
+from pipeline.paths.provider_batch import PROVIDER_BATCH, lines_to_send, provider_custom_id, request_line
 from pipeline.providers import batch_api
 from pipeline.request import Outcome, Request
 from pipeline.stores import db, jobs as job_store
@@ -153,10 +153,12 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                                                    settings.provider_batch_max_bytes[fmt]):
                     pb_id = "pb_" + uuid.uuid4().hex[:20]
                     chunk = reqs[start:end]
+                    sent = lines_to_send(chunk)   # the lines the provider gets: one per distinct cache key
                     conn.execute(sa.text(
                         "INSERT INTO provider_batches (id, provider, model, status, requests, bytes)"
                         " VALUES (:id, :p, :m, 'creating', :n, :bytes)"),
-                        {"id": pb_id, "p": provider, "m": model, "n": len(chunk), "bytes": sum(sizes[start:end])})
+                        {"id": pb_id, "p": provider, "m": model, "n": len(sent),
+                         "bytes": sum(len(request_line(r)) for r in sent)})
                     _assign(conn, pb_id, chunk)
                     created.append(pb_id)
     except BaseException:
@@ -315,7 +317,7 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
             " RETURNING provider"), {"id": pb_id, "n": attempts}).scalar()
         if pb is None:
             return "skipped"
-        reqs = [r for r, _ in pb_requests(conn, pb_id)]
+        reqs = lines_to_send([r for r, _ in pb_requests(conn, pb_id)])
     lines = [{"custom_id": provider_custom_id(r), "params": r.body} for r in reqs]
     content = b"".join(request_line(r) for r in reqs)
     def cancelled() -> bool:
@@ -422,7 +424,8 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
             {"t": settings.provider_batch_create_timeout_s, "p": settings.provider_batch_poll_s}).mappings()]
         for r in rows:
             if batch_api.batch_format(r["provider"]) == "anthropic" and r["create_attempts"]:
-                r["pids"] = {provider_custom_id(q) for q, _ in pb_requests(conn, r["id"])}
+                sent = lines_to_send([q for q, _ in pb_requests(conn, r["id"])])   # the lines it sent
+                r["pids"] = {provider_custom_id(q) for q in sent}
     found: dict[str, tuple] = {}
     tried = [r for r in rows if r["create_attempts"]]
     by_provider: dict[str, list[dict]] = {}

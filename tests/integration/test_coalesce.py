@@ -15,10 +15,12 @@ from decimal import Decimal
 import sqlalchemy as sa
 from hypothesis import given, settings as hsettings, strategies as st
 
+from pipeline.config import get_settings
 from pipeline.endpoints.caching import cache_key
 from pipeline.stores.flight import CLAIM_PREFIX, Flights
-from tests.integration.conftest import chat_line, llmbatch, write_jsonl
-from tests.integration.execution_helpers import LOOP, calls_of, make_batch, requests_of, simulator_config
+from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
+from tests.integration.execution_helpers import LOOP, calls_of, make_batch, requests_of, sim_stats, simulator_config
+from tests.integration.test_scheduler import scheduler  # noqa: F401  (the leading scheduler, a fixture)
 from tests.unit.flight_model import check, play
 from workers.execute import run_batch
 
@@ -205,3 +207,31 @@ def test_two_copies_of_one_job_at_the_same_moment_are_sent_once(stack, engine, t
     served, _ = _served(engine, jobs)
     assert served == 100
 
+
+
+# ------------------------------------------------------------------ a provider batch
+
+def test_a_provider_batch_sends_one_line_per_distinct_request(scheduler, tmp_path):
+    """40 lines at temperature 0, every fourth a repeat of the line before, through OpenAI's Batch
+    API: 30 lines reach the provider, and the 10 repeats take their twin's answer at cost 0."""
+    engine = scheduler
+    lines, distinct = _lines(uuid.uuid4().hex[:8], 40, 4)
+    before = sum(sim_stats(get_settings())["batch_requests"].values())
+    proc = llmbatch("submit", write_jsonl(tmp_path / "pb.jsonl", lines), "--json", "--tier", "peak",
+                    "--mode", "provider_batch", check=True)
+    job = json.loads(proc.stdout)["job_id"]
+
+    def done():
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT status FROM jobs WHERE job_id = :j"), {"j": job}).scalar() \
+                == "completed"
+    wait_for(done, timeout=240, every=1, what=f"provider-batch job {job} completed")
+    assert sum(sim_stats(get_settings())["batch_requests"].values()) - before == distinct == 30
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT from_cache, lever, cost_usd, list_cost_usd, savings FROM results WHERE job_id = :j"),
+            {"j": job}).mappings().all()
+    twins = [r for r in rows if r["from_cache"]]
+    assert len(rows) == 40 and len(twins) == 10
+    assert all(r["lever"] == "coalesce" and r["cost_usd"] == 0 and r["list_cost_usd"] > 0 for r in twins)
+    assert all(set(r["savings"]) == {"batch"} for r in rows if not r["from_cache"])

@@ -39,7 +39,7 @@ from pipeline.constants import DISPATCHED_TIERS
 from pipeline.endpoints import answer_cost, endpoint_for
 from pipeline.errors import LineError
 from pipeline.money.budget import Budget, Reservation
-from pipeline.money import savings as ledger
+from pipeline.money import savings as levers
 from pipeline.money.pricing import ModelPrice, PriceBook, Usage, answered_price, cost
 from pipeline.money.units import from_units
 from pipeline.request import Outcome, Request
@@ -134,7 +134,8 @@ def answered(path: Path, req: Request, body: dict, prices: PriceBook, *, model: 
              key_alias: str | None = None, budget_period: str | None = None) -> Outcome:
     """The succeeded outcome of an answer: usage as the endpoint reads it, priced at the model that
     answered (``model``: the one it was sent to, when not the request's) on ``path`` for the tier
-    that answered (``served``; else the one the answer names). No usage: $0 when the model is free
+    that answered (``served``; else the one the answer names), beside its list price (realtime, no
+    cache) and what each lever saved of it (pipeline/money/savings.py). No usage: $0 when the model is free
     (moderations report none), else cost unknown, recorded 0 with ``usage_missing`` (the hold then
     stays spent at its maximum: ``settle_amount``)."""
     if served is None and isinstance(body, dict) and isinstance(body.get("service_tier"), str):
@@ -144,13 +145,13 @@ def answered(path: Path, req: Request, body: dict, prices: PriceBook, *, model: 
     usage, known = answer_cost(endpoint_for(req.endpoint), body, price)
     saved: dict[str, Decimal] = {}
     if usage is not None:
-        spent, listed = path.price(price, usage, None, served), ledger.list_price(price, usage)
-        saved = ledger.split(price, usage, spent, path.discount(served))
+        spent, listed = path.price(price, usage, None, served), levers.list_price(price, usage)
+        saved = levers.split(price, usage, spent, path.discount(served))
     else:
         spent = listed = known if known is not None else Decimal(0)
     return Outcome(req.job_id, req.custom_id, model or req.model, "succeeded", attempts=attempts,
                    response=body, usage=usage, cost=spent, list_cost=listed, path=path.name,
-                   lever=ledger.main_lever(saved), service_tier=served, key_alias=key_alias,
+                   lever=levers.main_lever(saved), service_tier=served, key_alias=key_alias,
                    latency_ms=latency_ms, status_code=status_code, provider_request_id=provider_request_id,
                    usage_missing=known is None, budget_period=budget_period,
                    # a fallback model's answer is not the answer to this request's key: never cached
@@ -172,11 +173,11 @@ def without_call(req: Request, body, prices: PriceBook, lever: str) -> Outcome |
         return None
     if known is None:
         return None
-    listed = ledger.list_price(price, usage) if usage is not None else known
+    listed = levers.list_price(price, usage) if usage is not None else known
     return Outcome(req.job_id, req.custom_id, req.model, "succeeded",
                    response=body, usage=usage, cost=Decimal(0), list_cost=listed, path=req.path, lever=lever,
                    provider_request_id=body.get("id"), cache_key=req.cache_key, latency_ms=0,
-                   status_code=200, savings=ledger.without_call(lever, listed), from_cache=True)
+                   status_code=200, savings=levers.without_call(lever, listed), from_cache=True)
 
 
 # ---- 4. write outcome

@@ -84,6 +84,8 @@ class Actor:
     calls: int = 0
     waited_for: list = field(default_factory=list)   # the owners it waited for, in order
     alone: str | None = None                          # why it called without a claim: failed | time | handovers
+    lost: bool = False                                # an owner whose claim ran out while it lived (a stall)
+    held_since: float = 0.0                           # when it last took or renewed its claim (before asking)
     began: float = 0.0
     ended: float | None = None
 
@@ -120,7 +122,7 @@ async def play(store, clock, events, *, claim_s: float, keys=("k1", "k2"), actor
             if seen.kind == "answer":
                 a.state, a.how, a.answer, a.ended = "done", "cache", seen.value, now
             elif seen.kind == "owner":
-                a.state, a.token = "calling", str(seen.value)
+                a.state, a.token, a.held_since = "calling", str(seen.value), now
                 a.calls += 1
                 run.calls[a.key] += 1
             else:
@@ -139,7 +141,7 @@ async def play(store, clock, events, *, claim_s: float, keys=("k1", "k2"), actor
             if decision == "answer":
                 a.state, a.how, a.answer, a.ended = "done", "coalesce", seen.value, now
             elif decision == "own":
-                a.state, a.token = "calling", str(seen.value)
+                a.state, a.token, a.held_since = "calling", str(seen.value), now
                 a.calls += 1
                 run.calls[a.key] += 1
             elif decision == "alone":
@@ -151,8 +153,16 @@ async def play(store, clock, events, *, claim_s: float, keys=("k1", "k2"), actor
                 a.calls += 1
                 run.calls[a.key] += 1
         elif a.state == "calling":
+            if not a.lost and await store.holder(a.key) != a.token:
+                # its claim ran out before this step (on a real clock, a stalled process): only ever
+                # once a whole claim's life went by since it last took or renewed it, never stolen
+                a.lost = True
+                assert clock.now() - a.held_since >= claim_s - 1e-9, "a live claim was taken from its owner"
             if outcome == "renew":
+                asked = clock.now()
                 ours = await store.renew(a.key, a.token)
+                if ours:
+                    a.held_since = asked
                 if ours and await store.holder(a.key) != a.token:
                     run.stale_renewals += 1
                 return
@@ -226,7 +236,7 @@ def check(run: Run, claim_s: float) -> None:
     for key, n in run.calls.items():
         sharing = [a for a in run.actors if a.key == key]
         owners = [a for a in sharing if a.token is not None]
-        gone = [a for a in owners if a.state == "dead" or a.how == "failed"]
+        gone = [a for a in owners if a.state == "dead" or a.how == "failed" or a.lost]
         alone = [a for a in sharing if a.alone is not None]
         assert n == len(owners) + len(alone)
         # a new owner only when the one before died or failed

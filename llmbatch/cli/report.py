@@ -4,7 +4,7 @@ The rows come from ``results`` joined with ``requests`` (the same numbers as
 the ``cost_daily`` view), for one job or for everything since a time. The
 time step adapts to the span: minutes up to two hours, hours up to two days,
 days beyond. The chart is stacked bars per (tier, model) on a time axis (a
-quiet stretch shows as a gap), spent against list price (a dashed line: the same usage,
+quiet stretch shows as a gap), spent against list price (a dashed mark over each bar: the same usage,
 realtime, no cache), with both totals in the title; the savings table says what each lever saved; matplotlib draws it off-screen (Agg), no display needed.
 """
 
@@ -128,10 +128,13 @@ def chart(data: dict, path: Path, title: str) -> Path:
     # spent against list price (the same usage, realtime, no cache): the gap is what the levers saved
     listed = [sum(float(r.get("list_cost_usd") or r["cost_usd"] or 0) for r in rows if r["bucket"] == b)
               for b in buckets]
-    if xs:
-        ax.step(xs, listed, where="mid", color="black", linewidth=1.4, linestyle="--", label="list price")
-    saved = f"; list price ${sum(listed):,.4f}, saved {1 - total / sum(listed):.0%}" if sum(listed) else ""
-    ax.set_title(f"{title}\ncost per tier and model, per {data['step']} — spent ${total:,.4f}{saved}",
+    if xs:   # a mark over each bar: a gap in time stays a gap
+        ax.hlines(listed, [x - width / 2 for x in xs], [x + width / 2 for x in xs], colors="black",
+                  linewidth=1.6, linestyles="--", label="list price", zorder=3)
+        ax.set_ylim(0, max(max(bottom), max(listed)) * 1.08 or 1.0)
+    # "\$": two dollar signs in one title would be read as mathtext
+    saved = f"; list price \\${sum(listed):,.4f}, saved {1 - total / sum(listed):.0%}" if sum(listed) else ""
+    ax.set_title(f"{title}\ncost per tier and model, per {data['step']} — spent \\${total:,.4f}{saved}",
                  fontsize=12)
     ax.set_ylabel("cost (USD)")
     ax.set_xlabel(f"time (UTC, per {data['step']})")

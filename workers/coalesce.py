@@ -59,6 +59,9 @@ class Coalescer:
         self.clock, self.sleep = clock, sleep
         #: cache key -> the leader's answer (None: call by yourself), while the leader is in flight
         self.leaders: dict[str, asyncio.Future] = {}
+        #: cache key -> our token, for the claims this process owns (renewed together: ``_renew_all``)
+        self.owned: dict[str, str] = {}
+        self.renewer: asyncio.Task | None = None
         self.stats = {"cache": 0, "coalesce": 0, "owner": 0, "alone": 0}
 
     @contextlib.asynccontextmanager
@@ -112,13 +115,14 @@ class Coalescer:
         if seen is None:                     # Redis failed, or we call by ourselves: no claim
             yield self._publishing(turn, key, None)
             return
-        token = str(seen.value)              # ours: call, renew meanwhile, then answer or fail
+        token = str(seen.value)              # ours: call, renewed meanwhile, then answer or fail
         self.stats["owner"] += 1
-        keeper = asyncio.create_task(self._keep(key, token))
+        self.owned[key] = token
+        self._keep_renewing()
         try:
             yield self._publishing(turn, key, token)
         finally:
-            keeper.cancel()
+            self.owned.pop(key, None)
             if turn.answer is None:          # no answer: our waiters call by themselves
                 await self._quietly(asyncio.shield(self.flights.failed(key, token)), "marking a failed flight")
 
@@ -165,17 +169,26 @@ class Coalescer:
                 self.stats["alone"] += 1
                 return None
 
-    async def _keep(self, key: str, token: str) -> None:
-        """Renew our claim every third of its life while the call runs."""
+    def _keep_renewing(self) -> None:
+        if self.renewer is None or self.renewer.done():
+            self.renewer = asyncio.create_task(self._renew_all())
+
+    async def _renew_all(self) -> None:
+        """Every third of a claim's life, renew all the claims this process owns in one round trip,
+        until it owns none."""
         every = self.flights.claim_ms / 3000
-        while True:
+        while self.owned:
             await self.sleep(every)
+            claims = dict(self.owned)
             try:
-                if not await self.flights.renew(key, token):
-                    log.info("single flight: our claim was taken (it expired): waiters may call too")
-                    return
-            except Exception as e:   # the claim may expire: then a waiter calls too, no harm beyond a call
-                log.info("single flight: renewing a claim failed (%s)", e)
+                ours = await self.flights.renew_many(claims)
+            except Exception as e:   # the claims may expire: then a waiter calls too, no harm beyond a call
+                log.info("single flight: renewing %d claims failed (%s)", len(claims), e)
+                continue
+            for key in set(claims) - ours:
+                if self.owned.get(key) == claims[key]:
+                    del self.owned[key]
+                    log.info("single flight: a claim of ours ran out before it was renewed: its waiters may call too")
 
     async def _quietly(self, aw, what: str) -> None:
         try:
@@ -187,12 +200,23 @@ class Coalescer:
 _coalescers: dict[int, Coalescer] = {}
 
 
-def coalescer_for(settings: Settings, redis) -> Coalescer:
-    """One Coalescer per process and event loop, on the budget's async Redis client."""
+#: the single flight's own Redis connections per process: its looks never wait behind the budget's
+#: and the rate limiter's calls (measured: on their shared pool, renewals queued past a claim's life)
+FLIGHT_CONNECTIONS = 16
+
+
+def coalescer_for(settings: Settings) -> Coalescer:
+    """One Coalescer per process and event loop, with a Redis connection pool of its own."""
     loop = asyncio.get_running_loop()
     c = _coalescers.get(id(loop))
     if c is None:
-        flights = Flights(redis, claim_ms=int(settings.coalesce_claim_s * 1000),
-                          answer_ttl_s=settings.cache_ttl_s) if settings.coalesce and redis is not None else None
+        flights = None
+        if settings.coalesce:
+            import redis.asyncio as aredis
+            pool = aredis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=FLIGHT_CONNECTIONS, timeout=30, socket_timeout=5,
+                socket_connect_timeout=2, health_check_interval=10)
+            flights = Flights(aredis.Redis(connection_pool=pool), claim_ms=int(settings.coalesce_claim_s * 1000),
+                              answer_ttl_s=settings.cache_ttl_s)
         c = _coalescers[id(loop)] = Coalescer(settings, flights)
     return c

@@ -333,7 +333,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
         drained.set()
     lost = asyncio.Event()
     gate = Gate(engine, lost)
-    coalescer = coalescer_for(settings, getattr(writer.budget, "redis", None))
+    coalescer = coalescer_for(settings)
 
     def started(flag: list):
         nonlocal waiting

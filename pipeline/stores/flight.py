@@ -7,7 +7,8 @@ at its key before its call (``Flights.look``, one atomic script), and finds one 
 * ``answer``: the answer is in the response cache (pipeline/stores/cache.py): take it;
 * ``owner``: nobody holds the key's claim, and now this request does, under a fencing
   token (``INCR`` of one counter: tokens only grow). It calls, renewing the claim
-  (``renew``, compare-and-``PEXPIRE``) while the call runs, then stores the answer in
+  (``renew_many``: every claim of a process in one round trip, compare-and-``PEXPIRE``) while
+  the call runs, then stores the answer in
   the cache and drops the claim in one step (``answered``), or, when it got no answer,
   drops the claim and leaves a failure mark for its token (``failed``);
 * ``wait``: another owner (its token) holds the claim: wait for the answer key,
@@ -64,13 +65,18 @@ local t = tostring(redis.call('INCR', KEYS[3]))
 redis.call('SET', KEYS[2], t, 'PX', tonumber(ARGV[1]))
 return {'owner', t}
 """
-# KEYS: claim. ARGV: token, claim ms.
+# KEYS: claims. ARGV: claim ms, then each claim's token. Returns 1 (renewed) or 0 (not ours) per claim.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-  return 1
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, tonumber(ARGV[1]))
+    out[i] = 1
+  else
+    out[i] = 0
+  end
 end
-return 0
+return out
 """
 # KEYS: answer, claim. ARGV: token, answer, answer ttl s.
 _ANSWERED = """
@@ -124,7 +130,17 @@ class Flights:
 
     async def renew(self, key: str, token: str) -> bool:
         """Extend our claim; False when it is not ours any more."""
-        return bool(await self._renew(keys=[CLAIM_PREFIX + key], args=[token, self.claim_ms]))
+        return key in await self.renew_many({key: token})
+
+    async def renew_many(self, claims: dict[str, str]) -> set[str]:
+        """Extend every claim of ``claims`` (key -> our token) in one round trip; returns the keys
+        still ours (one process renews all of its claims at once, so renewals never queue behind
+        its requests' looks)."""
+        if not claims:
+            return set()
+        keys = list(claims)
+        ours = await self._renew(keys=[CLAIM_PREFIX + k for k in keys], args=[self.claim_ms, *claims.values()])
+        return {k for k, ok in zip(keys, ours) if int(ok)}
 
     async def answered(self, key: str, token: str, answer: dict) -> None:
         """Store the answer where waiters look, and drop our claim (if still ours)."""

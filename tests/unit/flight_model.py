@@ -53,6 +53,9 @@ class Model:
             return True
         return False
 
+    async def renew_many(self, claims: dict) -> set:
+        return {k for k, t in claims.items() if await self.renew(k, t)}
+
     async def answered(self, key, token, answer) -> None:
         self.answers[key] = json.dumps(answer)
         c = self._claim(key)

@@ -265,3 +265,21 @@ def test_an_answer_of_a_fallback_model_is_not_handed_on():
         return p, await second
     p, out = asyncio.run(go())
     assert p.sent == ["c0", "c1"] and not out.from_cache
+
+
+def test_a_process_renews_all_its_claims_together_while_its_calls_run():
+    async def go():
+        store = Model(CLAIM_MS)
+        p = Process(store)
+        hold = asyncio.Event()
+        calls = [asyncio.create_task(p.run(request(f"c{i}", f"k{i}"), hold=hold)) for i in range(3)]
+        for _ in range(40):   # the renewer's sleeps move the clock: far past one claim's life
+            await asyncio.sleep(0)
+        held = {k: store.claims.get(k) for k in ("k0", "k1", "k2")}
+        hold.set()
+        await asyncio.gather(*calls)
+        return store, held, p
+    store, held, p = asyncio.run(go())
+    assert store.now > 2 * CLAIM_MS / 1000   # time went by ...
+    assert all(c is not None and c[1] > store.now - CLAIM_MS / 1000 for c in held.values())   # ... claims renewed
+    assert not p.c.owned and sorted(store.answers) == ["k0", "k1", "k2"]

@@ -136,6 +136,7 @@ class Coalescer:
             if leader is not None and not leader.done():
                 leader.set_result((turn.answer, "coalesce"))
             if token is not None:
+                self.owned.pop(key, None)   # no renewal from here on: the answer drops the claim
                 await self._quietly(self.flights.answered(key, token, outcome.response), "publishing an answer")
         turn.publish = publish
         return turn

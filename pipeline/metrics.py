@@ -4,6 +4,9 @@ Public surface (other modules touch only these):
 
 - ``record_outcomes(outcomes, attempts)``: the one hook for request outcomes,
   called by ``OutcomeWriter._write`` (workers/writer.py) after the rows commit;
+- ``record_savings(outcomes)``: dollars saved by lever (``llmbatch_saved_usd_total``), from the
+  outcomes' ``savings`` (pipeline/money/savings.py): through ``record_outcomes``, and by the
+  batcher (cache hits) and the scheduler (provider batches) after their writes commit;
 - ``count_cache_from(stats)``: the batcher's cache counters (``cache_hits``,
   ``cache_misses`` in its ``stats``) exported as ``llmbatch_cache_hits_total`` /
   ``llmbatch_cache_misses_total``;
@@ -83,6 +86,8 @@ KEY_CALLS = Counter("llmbatch_key_calls", "Provider calls by provider, key alias
                     ["provider", "key", "status"], registry=REGISTRY)
 KEY_REVOKED = Counter("llmbatch_key_revocations", "Provider keys taken out of the rotation after a 401/403,"
                       " by provider and key alias", ["provider", "key"], registry=REGISTRY)
+SAVED = Counter("llmbatch_saved_usd", "Dollars saved against list price (the same usage, realtime, no cache),"
+                " by lever: cache, coalesce, batch, flex, prompt_cache, price_window", ["lever"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("llmbatch_kafka_consumer_lag", "Messages behind the partition's end (batcher)",
                      ["partition"], multiprocess_mode="mostrecent", registry=REGISTRY)
 
@@ -200,8 +205,9 @@ def record_outcomes(outcomes: list[dict], attempts: list[dict]) -> None:
             spent = float(o.get("cost_usd") or 0)
             if spent:
                 COST.labels(tier, model).inc(spent)
-            if o.get("latency_ms") is not None and o.get("response") is not None:
+            if o.get("latency_ms") is not None and o.get("response") is not None and not o.get("from_cache"):
                 PROVIDER_LATENCY.labels(tier, model).observe(o["latency_ms"] / 1000)
+        record_savings(outcomes)
         for a in attempts:
             if (a.get("attempt") or 1) > 1:
                 RETRIES.labels(tier).inc()
@@ -212,6 +218,20 @@ def record_outcomes(outcomes: list[dict], attempts: list[dict]) -> None:
                                  str(a.get("status_code") or "none")).inc()
     except Exception:  # metrics must never fail a batch
         log.exception("recording metrics failed")
+
+
+def record_savings(outcomes: list[dict]) -> None:
+    """Count what each lever saved (``savings`` of ``Outcome.to_row()``s, once durable): the workers'
+    outcomes through ``record_outcomes``, the batcher's cache hits and the scheduler's provider
+    batches directly. Never raises."""
+    try:
+        for o in outcomes:
+            for lever, usd in (o.get("savings") or {}).items():
+                # a counter only grows: a lever that cost more (a prompt-cache write) is in the ledger only
+                if float(usd) > 0:
+                    SAVED.labels(lever).inc(float(usd))
+    except Exception:  # metrics must never fail a write
+        log.exception("recording savings metrics failed")
 
 
 _lag_checked = [0.0]

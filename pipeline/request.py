@@ -9,8 +9,8 @@ hold id) is a property built by ``pipeline.ids.request_key``: nobody writes
 
 ``Outcome`` is what a path hands back for a request: succeeded, failed or
 cancelled, with its answer or error, usage, cost at the path's price and at list
-price, the path and its lever, the service tier that answered, attempts and
-latency. ``Outcome.to_row()`` is the one outcome dict ``pipeline.stores.outcomes``
+price, what each lever saved (the savings ledger), the path and its main lever,
+the service tier that answered, attempts and latency. ``Outcome.to_row()`` is the one outcome dict ``pipeline.stores.outcomes``
 writes.
 
 ``Request.from_row`` / ``Request.to_row`` and ``Outcome.to_row`` are the only
@@ -30,6 +30,7 @@ from pipeline.ids import request_key
 from pipeline.money.bounds import Bound
 from pipeline.money.pricing import Usage
 from pipeline.providers.registry import build_registry
+from pipeline.money.savings import as_json as savings_json
 
 #: a path a request may take (pipeline/paths/); "auto" lets the cost engine choose (issue 21)
 DEFAULT_PATH = "realtime"
@@ -164,6 +165,9 @@ class Outcome:
     usage_missing: bool = False
     cache_key: str | None = None
     budget_period: str | None = None    # the period its cost was reserved in (one period per spend)
+    #: what each lever saved of list_cost (pipeline/money/savings.py): adds up to list_cost - cost
+    savings: dict | None = None
+    from_cache: bool = False            # answered without a call: the exact cache, or an identical call in flight
 
     @property
     def key(self) -> str:
@@ -199,6 +203,8 @@ class Outcome:
             "service_tier": self.service_tier, "key_alias": self.key_alias,
             "provider_request_id": self.provider_request_id, "latency_ms": self.latency_ms,
             "status_code": self.status_code, "cache_key": self.cache_key,
+            "savings": savings_json(self.savings or {}), "from_cache": self.from_cache,
+            "saved_usd": str(self.list_cost - self.cost) if self.status == "succeeded" else "0",
         }
         if self.budget_period is not None:
             row["budget_period"] = self.budget_period

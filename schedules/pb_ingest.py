@@ -14,6 +14,8 @@ requests not run are released: through the workers' async ``Budget``, on the
 scheduler's one event loop (schedules/loop.py).
 
 Read back by the custom_ids ``provider_custom_id`` gave the requests (pipeline/paths/provider_batch.py).
+A request sent as another's line (one cache key, ``twins``) takes that line's answer at cost 0,
+as a cache hit (lever ``coalesce``); when the line got no answer, the twin was not run either.
 
 It must never hold a Postgres transaction open across a provider call.
 """
@@ -26,7 +28,7 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from pipeline import errors
+from pipeline import errors, metrics
 from pipeline.config import Settings, get_settings
 from pipeline.constants import REQUEST_TERMINAL
 from pipeline.ids import request_key
@@ -34,7 +36,8 @@ from pipeline.intake.batcher import dispatch
 from pipeline.money import budget
 from pipeline.money.pricing import get_price_book
 from pipeline.paths import base as sequence
-from pipeline.paths.provider_batch import outcome_of_line, provider_custom_id
+from pipeline.paths.base import without_call
+from pipeline.paths.provider_batch import outcome_of_line, provider_custom_id, twins
 from pipeline.paths.realtime import REALTIME
 from pipeline.providers import batch_api
 from pipeline.request import Outcome
@@ -82,9 +85,10 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
     with engine.begin() as conn:
         reqs = pb_requests(conn, pb_id)
         by_pid = {provider_custom_id(r): (r, state) for r, state in reqs}
+        twins_of = twins([r for r, _ in reqs])   # requests sent as another's line (one cache key)
         outcomes: list[Outcome] = []
         attempts, seen, not_run = [], set(), {}
-        counts = {"succeeded": 0, "failed": 0, "requeued": 0, "cancelled": 0, "unknown_lines": 0}
+        counts = {"succeeded": 0, "failed": 0, "requeued": 0, "cancelled": 0, "unknown_lines": 0, "coalesced": 0}
         for line in lines:
             found = by_pid.get(line.get("custom_id"))
             if found is None:
@@ -98,6 +102,18 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
                 counts[outcome.status] += 1
             else:
                 not_run[line["custom_id"]] = why
+            for twin in twins_of.get(line["custom_id"], ()):
+                # its line's answer, at cost 0; a line that got none: the twin was not run either
+                # (re-queued or failed as its job says, never answered with an error not its own)
+                got = without_call(twin, outcome.response, prices, "coalesce") \
+                    if outcome is not None and outcome.status == "succeeded" else None
+                if got is not None:
+                    seen.add(provider_custom_id(twin))
+                    outcomes.append(got)
+                    counts["succeeded"] += 1
+                    counts["coalesced"] += 1
+                else:
+                    not_run[provider_custom_id(twin)] = why or "its_line_was_not_answered"
         sequence.write(conn, outcomes, attempts)
         # requests the provider never ran (expired, cancelled, batch failed): fallback per job
         cancel, fail = [], []
@@ -137,6 +153,7 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
                      {"id": pb_id, "x": xid})
     _settle(pb_id, [(r.job_id, r.custom_id) for r, state in reqs if state["status"] not in REQUEST_TERMINAL],
             outcomes + fail, settings, engine, xid)
+    metrics.record_savings([o.to_row() for o in outcomes])   # the batch discount, by lever
     for batch_id, tier, state in new_batches:
         if state == "queued":
             dispatcher(batch_id, tier)

@@ -62,7 +62,7 @@ from pipeline.ids import request_key
 from pipeline.money import caps, units
 from pipeline.money.pricing import get_price_book
 from pipeline.paths import base as sequence
-from pipeline.paths.provider_batch import PROVIDER_BATCH, provider_custom_id, request_line
+from pipeline.paths.provider_batch import PROVIDER_BATCH, lines_to_send, provider_custom_id, request_line
 from pipeline.providers import batch_api
 from pipeline.providers.keys import NoUsableKey
 from pipeline.providers.registry import get_registry
@@ -155,10 +155,12 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                 for start, end in pack_by_endpoint(reqs, sizes, *_limits(settings, fmt, provider, model)):
                     pb_id = "pb_" + uuid.uuid4().hex[:20]
                     chunk = reqs[start:end]
+                    sent = lines_to_send(chunk)   # the lines the provider gets: one per distinct cache key
                     conn.execute(sa.text(
                         "INSERT INTO provider_batches (id, provider, model, status, requests, bytes)"
                         " VALUES (:id, :p, :m, 'creating', :n, :bytes)"),
-                        {"id": pb_id, "p": provider, "m": model, "n": len(chunk), "bytes": sum(sizes[start:end])})
+                        {"id": pb_id, "p": provider, "m": model, "n": len(sent),
+                         "bytes": sum(len(request_line(r)) for r in sent)})
                     _assign(conn, pb_id, chunk)
                     created.append(pb_id)
     except BaseException:
@@ -337,7 +339,7 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
         if row is None:
             return "skipped"
         pb, key = row
-        reqs = [r for r, _ in pb_requests(conn, pb_id)]
+        reqs = lines_to_send([r for r, _ in pb_requests(conn, pb_id)])   # one line per distinct cache key
     lines = [{"custom_id": provider_custom_id(r), "params": r.body} for r in reqs]
     content = b"".join(request_line(r) for r in reqs)
     def cancelled() -> bool:
@@ -481,7 +483,8 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
             {"t": settings.provider_batch_create_timeout_s, "p": settings.provider_batch_poll_s}).mappings()]
         for r in rows:
             if batch_api.batch_format(r["provider"]) == "anthropic" and r["create_attempts"]:
-                r["pids"] = {provider_custom_id(q) for q, _ in pb_requests(conn, r["id"])}
+                sent = lines_to_send([q for q, _ in pb_requests(conn, r["id"])])   # the lines it sent
+                r["pids"] = {provider_custom_id(q) for q in sent}
     found: dict[str, tuple] = {}
     tried = [r for r in rows if r["create_attempts"]]
     by_provider: dict[tuple, list[dict]] = {}   # (provider, key alias): one listing of that account's batches

@@ -6,7 +6,9 @@
 2. load the requests not yet finished: a redelivered batch redoes only those
    (requests of a cancelled job become ``cancelled`` here);
 3. run them on the event loop inside an ``asyncio.TaskGroup``, at most the
-   tier's in-flight cap at once, each with bounded retries. A request that
+   tier's in-flight cap at once, each with bounded retries. A deterministic request
+   first takes its single-flight turn (workers/coalesce.py), outside the cap: a repeat
+   of a request in flight, here or in any process, takes its answer without a call. A request that
    raises unexpectedly fails alone (``internal_error``); if the batch itself is
    abandoned, nothing of it is left running. Before every provider call the
    request asks the ``Gate``: a cancelled job's request, or any request once the
@@ -47,6 +49,7 @@ from pipeline.providers.registry import get_registry
 from pipeline.providers.retries import AttemptRecord, call_with_retries
 from pipeline.request import Outcome, Request
 from pipeline.stores import batches, db, jobs as job_store
+from workers.coalesce import coalescer_for
 from workers.fallback import fallback_for
 from workers.gate import CallRecord, Gate, Gated, LeaseLost, RequestCancelled
 from workers.limited import Limited, budget_for, limiter_for
@@ -76,10 +79,11 @@ async def prepare(settings: Settings) -> None:
 
 
 async def run_request(req: Request, settings: Settings, writer: OutcomeWriter, gate: Gate | None = None,
-                      owner: str | None = None) -> str:
+                      owner: str | None = None, on_answer=None) -> str:
     """Run one request on its path (pipeline/paths/): reserve (in ``Limited``), call, price; its
-    outcome goes to ``writer``, which writes it and then settles. Returns 'succeeded', 'failed',
-    'deferred', 'cancelled' or 'abandoned' (lease lost before its call: no outcome)."""
+    outcome goes to ``writer``, which writes it and then settles, and to ``on_answer`` (the single
+    flight's ``Turn.publish``: identical requests waiting for it take it). Returns 'succeeded',
+    'failed', 'deferred', 'cancelled' or 'abandoned' (lease lost before its call: no outcome)."""
     path = path_for(req.path)
     prices = get_price_book()
     prices.resolve(req.model, req.provider)   # a model this worker cannot price fails here, before any call
@@ -157,6 +161,8 @@ async def run_request(req: Request, settings: Settings, writer: OutcomeWriter, g
     if reservation is not None:
         # no usage: the cost is unknown, so the maximum stays spent
         writer.settles.append((reservation, sequence.settle_amount(outcome, reservation.units)))
+    if on_answer is not None:
+        await on_answer(outcome)
     return "succeeded"
 
 
@@ -339,20 +345,35 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
         drained.set()
     lost = asyncio.Event()
     gate = Gate(engine, lost)
+    coalescer = coalescer_for(settings)
 
-    async def one(req):
+    def started(flag: list):
         nonlocal waiting
-        async with sem:
+        if not flag:
+            flag.append(True)
             waiting -= 1
             if not waiting:   # every request has started: the chain may take the next batch
                 drained.set()
-            try:
-                counts[await run_request(req, settings, writer, gate, owner)] += 1
-            except Exception as e:   # fails alone, on record; its siblings go on
-                log.error("request %s failed unexpectedly: %s", req.key, describe_error(e),
-                          exc_info=True, extra={"batch": batch_id, "job": req.job_id})
-                writer.outcomes.append(internal_error(req, f"the worker could not run it: {describe_error(e)}"))
-                counts["failed"] += 1
+
+    async def one(req):
+        begun: list = []
+        try:
+            # single flight first, outside the slots: a repeat of a request in flight takes its answer
+            async with coalescer.turn(req, on_wait=lambda: started(begun)) as turn:
+                if turn.outcome is not None:   # answered without a call: cost 0, a cache hit
+                    started(begun)
+                    writer.outcomes.append(turn.outcome)
+                    counts["succeeded"] += 1
+                else:
+                    async with sem:
+                        started(begun)
+                        counts[await run_request(req, settings, writer, gate, owner, turn.publish)] += 1
+        except Exception as e:   # fails alone, on record; its siblings go on
+            log.error("request %s failed unexpectedly: %s", req.key, describe_error(e),
+                      exc_info=True, extra={"batch": batch_id, "job": req.job_id})
+            writer.outcomes.append(internal_error(req, f"the worker could not run it: {describe_error(e)}"))
+            counts["failed"] += 1
+        started(begun)
         writer.wake.set()
 
     done = asyncio.Event()

@@ -83,7 +83,9 @@ class OutcomeWriter:
             # only now, with the rows committed, leave the buffers (appends went on behind them)
             del self.outcomes[:n_o], self.attempts[:n_a], self.deferred[:n_d], self.settles[:n_s]
             del self.unconfirmed[:n_u], self.answered[:n_c]
-        answers = {o.cache_key: o.response for o in outcomes if o.cache_key and o.status == "succeeded"}
+        # an answer taken without a call (the cache, single flight) is in the cache already
+        answers = {o.cache_key: o.response for o in outcomes
+                   if o.cache_key and o.status == "succeeded" and not o.from_cache}
         if settles or answers:   # only once the ledger holds the cost: a rebuild from it then misses nothing
             task = asyncio.create_task(self._after_write(settles, answers))
             self.settling.add(task)

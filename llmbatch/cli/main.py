@@ -94,6 +94,9 @@ def _print_status(status: dict, as_json: bool) -> None:
                f"  pending {c['pending']}")
     from llmbatch.cli.views import money
     click.echo(f"  cost ${money(status['cost_usd'])}")
+    from llmbatch.cli.views import savings_line
+    if status.get("savings") and savings_line(status["savings"]):
+        click.echo(f"  {savings_line(status['savings'])}")
     if status["budget"]["fallback_model"]:
         click.echo(f"  fallback {status['budget']['fallback_model']}: answered"
                    f" {status['budget']['answered_by_fallback']}")
@@ -451,12 +454,13 @@ def report(job_id, since, chart, no_chart, as_json):
         cols = ["tier", "model", "requests", "input_tokens", "output_tokens", "cost_usd", "share"]
         click.echo(jsontext.dumps({"scope": title, "step": data["step"], "chart": str(path) if path else None,
                                "totals": [dict(zip(cols, r)) for r in table],
-                               "series": data["rows"]}))
+                               "savings": dict(rep.savings_table(data)), "series": data["rows"]}))
         return
     _provider_note()
     click.echo(f"cost report, {title} (per {data['step']})")
     click.echo(views.format_table(["tier", "model", "requests", "input_tokens", "output_tokens", "cost_usd",
                                    "share"], table, footer=False))
+    click.echo(views.format_table(["savings", "usd"], rep.savings_table(data), footer=False))
     if path:
         click.echo(f"chart: {path}")
 

@@ -4,7 +4,8 @@ The rows come from ``results`` joined with ``requests`` (the same numbers as
 the ``cost_daily`` view), for one job or for everything since a time. The
 time step adapts to the span: minutes up to two hours, hours up to two days,
 days beyond. The chart is stacked bars per (tier, model) on a time axis (a
-quiet stretch shows as a gap), with the total in the title; matplotlib draws it off-screen (Agg), no display needed.
+quiet stretch shows as a gap), spent against list price (a dashed mark over each bar: the same usage,
+realtime, no cache), with both totals in the title; the savings table says what each lever saved; matplotlib draws it off-screen (Agg), no display needed.
 """
 
 from __future__ import annotations
@@ -46,10 +47,23 @@ def cost_rows(conn: Connection, *, job_id: str | None = None, since: datetime | 
     rows = conn.execute(sa.text(
         f"SELECT date_bin(CAST('{interval}' AS interval), x.created_at, TIMESTAMPTZ '2000-01-01') AS bucket, q.tier, x.model, count(*) AS requests,"
         " coalesce(sum(x.input_tokens), 0) AS input_tokens, coalesce(sum(x.output_tokens), 0) AS output_tokens,"
-        " sum(x.cost_usd) AS cost_usd"
+        " sum(x.cost_usd) AS cost_usd, sum(coalesce(x.list_cost_usd, x.cost_usd)) AS list_cost_usd"
         f" FROM results x JOIN requests q USING (job_id, custom_id) WHERE {where}"
         " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"), params).mappings().all()
-    return {"step": step, "rows": [dict(r) for r in rows], "from": first, "to": last}
+    levers = dict(conn.execute(sa.text(
+        "SELECT s.lever, sum(s.usd::numeric) FROM results x, jsonb_each_text(x.savings) AS s(lever, usd)"
+        f" WHERE {where} GROUP BY 1"), params).all())
+    return {"step": step, "rows": [dict(r) for r in rows], "from": first, "to": last, "savings": levers}
+
+
+def savings_table(data: dict) -> list[list]:
+    """The savings ledger of the range: list price, spent, and what each lever saved (sql/029_savings.sql)."""
+    from pipeline.money.savings import LEVERS
+    listed = sum((r.get("list_cost_usd") or r["cost_usd"] or Decimal(0) for r in data["rows"]), Decimal(0))
+    spent = sum((r["cost_usd"] or Decimal(0) for r in data["rows"]), Decimal(0))
+    levers = data.get("savings") or {}
+    rows = [[f"saved by {k}", levers[k]] for k in LEVERS if levers.get(k)]
+    return [["list price", listed], ["spent", spent], ["saved", listed - spent], *rows]
 
 
 def totals(rows: list[dict]) -> list[list]:
@@ -111,7 +125,17 @@ def chart(data: dict, path: Path, title: str) -> Path:
                edgecolor="white", linewidth=0.6)
         bottom = [b + v for b, v in zip(bottom, values)]
     total = sum(bottom)
-    ax.set_title(f"{title}\ncost per tier and model, per {data['step']} — total ${total:,.4f}", fontsize=12)
+    # spent against list price (the same usage, realtime, no cache): the gap is what the levers saved
+    listed = [sum(float(r.get("list_cost_usd") or r["cost_usd"] or 0) for r in rows if r["bucket"] == b)
+              for b in buckets]
+    if xs:   # a mark over each bar: a gap in time stays a gap
+        ax.hlines(listed, [x - width / 2 for x in xs], [x + width / 2 for x in xs], colors="black",
+                  linewidth=1.6, linestyles="--", label="list price", zorder=3)
+        ax.set_ylim(0, max(max(bottom), max(listed)) * 1.08 or 1.0)
+    # "\$": two dollar signs in one title would be read as mathtext
+    saved = f"; list price \\${sum(listed):,.4f}, saved {1 - total / sum(listed):.0%}" if sum(listed) else ""
+    ax.set_title(f"{title}\ncost per tier and model, per {data['step']} — spent \\${total:,.4f}{saved}",
+                 fontsize=12)
     ax.set_ylabel("cost (USD)")
     ax.set_xlabel(f"time (UTC, per {data['step']})")
     ax.yaxis.set_major_formatter(lambda v, _: f"${v:,.4f}" if total < 1 else f"${v:,.2f}")

@@ -59,6 +59,8 @@ def job_view(conn: Connection, job_id: str) -> dict | None:
     st["cost_usd"] = money(st["cost_usd"])
     st["unconfirmed_usd"] = money(st.get("unconfirmed_usd") or 0)
     st["cache_saved_usd"] = money(st["cache_saved_usd"])
+    st["savings"] = {k: money(v) for k, v in st["savings"].items() if k != "by_lever"} | {
+        "by_lever": {k: money(v) for k, v in st["savings"]["by_lever"].items()}}
     st["held"] = held_work(conn, {t: c["held"] for t, c in by_tier.items()}) if st["status"] not in JOB_TERMINAL \
         else []
     st["deadlines"] = deadline_view(conn, job_id, st["held"])
@@ -205,6 +207,19 @@ def money(value) -> str:
     return jsontext.plain(Decimal(str(value)))
 
 
+def savings_line(saved: dict) -> str | None:
+    """``list price $X  saved $Y (Z%): lever $a, …`` from a job's ``savings`` (job_status); None
+    when there is no list price yet."""
+    listed = Decimal(saved["list_cost_usd"])
+    if not listed:
+        return None
+    from pipeline.money.savings import LEVERS
+    levers = ", ".join(f"{k} ${money(saved['by_lever'][k])}" for k in LEVERS
+                       if Decimal(saved["by_lever"].get(k, "0")))
+    return (f"list price ${money(listed)}  saved ${money(saved['saved_usd'])}"
+            f" ({Decimal(saved['saved_usd']) / listed:.1%})" + (f": {levers}" if levers else ""))
+
+
 def parse_since(text: str | None, now: datetime | None = None) -> datetime | None:
     """``30m``, ``6h``, ``7d``, ``2w`` or an ISO 8601 date/time → an aware datetime."""
     if not text:
@@ -294,6 +309,8 @@ def format_status(st: dict) -> str:
            f"  pending {c['pending']}",
            f"spend ${money(st['cost_usd'])}{budget}  |  rate {st.get('rate_per_s', 0):.1f} req/s"
            f"  |  ETA {_eta(st)}"]
+    if st.get("savings") and savings_line(st["savings"]):
+        out.append(savings_line(st["savings"]))
     if st.get("unconfirmed_calls"):
         out.append(f"unconfirmed spend ${money(st['unconfirmed_usd'])}: {st['unconfirmed_calls']} calls got no"
                    f" answer and may have been billed; counted at their maximum against the caps")

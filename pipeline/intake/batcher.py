@@ -335,6 +335,7 @@ class Batcher:
         self.stats["requests"] += sum(counts.values())
         self.stats["replayed"] += len(items) - sum(counts.values()) - len(cached)
         self.stats["cache_hits"] += len(cached)
+        metrics.record_savings(cached)   # a replayed message's hit is counted again here, once in the ledger
         self.stats["batches"] += len([b for b in batches if counts.get(b["batch_id"])])
         self._send([b for b in batches if counts.get(b["batch_id"]) and b["status"] == "queued"])
         for it in items:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-from decimal import Decimal
 
 import redis
 
-from pipeline.endpoints import answer_cost, endpoint_for
 from pipeline.intake.outages import Dependency
 from pipeline.money.pricing import get_price_book
-from pipeline.request import Outcome, Request
+from pipeline.paths.base import without_call
+from pipeline.request import Request
 from pipeline.stores.cache import PREFIX, ResponseCache
 
 log = logging.getLogger(__name__)
@@ -51,19 +50,17 @@ class CachedAnswers:
 
 
 def cached_result(row: dict, answer: dict | None) -> dict | None:
-    """The result row of a request answered from the cache: cost 0, and what it saved."""
+    """The result row of a request answered from the cache: cost 0, its list price saved
+    (``pipeline.paths.base.without_call``, the one place a call-less answer is built)."""
     if not isinstance(answer, dict):
         return None
     try:
         req = Request.from_row(row)
-        usage, saved = answer_cost(endpoint_for(req.endpoint), answer,
-                                   get_price_book().resolve(req.model, req.provider))
-        if saved is None:
-            raise ValueError("the answer reports no usage")
-    except Exception as e:   # an entry we cannot read is a miss
-        log.warning("cache entry for %s/%s unusable (%s): a miss", row["job_id"], row["custom_id"], e)
+    except Exception as e:   # pragma: no cover - decode made the row
+        log.warning("request %s/%s unreadable (%s): a miss", row["job_id"], row["custom_id"], e)
         return None
-    # nothing spent; what the call would have cost at list price is what the cache saved
-    return Outcome(req.job_id, req.custom_id, req.model, "succeeded", response=answer, usage=usage,
-                   cost=Decimal(0), list_cost=saved, path=req.path, lever="cache",
-                   provider_request_id=answer.get("id")).to_row()
+    outcome = without_call(req, answer, get_price_book(), "cache")
+    if outcome is None:   # an entry we cannot price is a miss
+        log.warning("cache entry for %s/%s unusable (no usage): a miss", row["job_id"], row["custom_id"])
+        return None
+    return outcome.to_row()

@@ -39,6 +39,7 @@ from pipeline.constants import DISPATCHED_TIERS
 from pipeline.endpoints import answer_cost, endpoint_for
 from pipeline.errors import LineError
 from pipeline.money.budget import Budget, Reservation
+from pipeline.money import savings as levers
 from pipeline.money.pricing import ModelPrice, PriceBook, Usage, answered_price, cost
 from pipeline.money.units import from_units
 from pipeline.request import Outcome, Request
@@ -82,6 +83,11 @@ class Path:
         pipeline/money/price_windows.py); ``served``: the service tier that answered.
         A flex answer is at the flex (batch) price whichever path asked for it."""
         return cost(price, usage, batch=served == "flex", multiplier=price.multiplier_at(at))
+
+    def discount(self, served: str | None = None) -> str | None:
+        """The lever whose Batch API discount an answer on this path got (``served``: the tier that
+        answered), or None: the savings ledger's split (pipeline/money/savings.py)."""
+        return "flex" if served == "flex" else None
 
     def reservation(self, req: Request) -> Decimal:
         """What to hold before the call: the request's maximum at list price."""
@@ -153,7 +159,8 @@ def answered(path: Path, req: Request, body: dict, prices: PriceBook, *, model: 
     """The succeeded outcome of an answer: usage as the endpoint reads it, priced at the model that
     answered (``model``: the one it was sent to, when not the request's) on ``path`` for the tier
     that answered (``served``; else the one the answer names), in the price window in force when the
-    call was sent (``at``; None: no window). No usage: $0 when the model is free
+    call was sent (``at``; None: no window), beside its list price (realtime, no cache) and what each
+    lever saved of it (pipeline/money/savings.py). No usage: $0 when the model is free
     (moderations report none), else cost unknown, recorded 0 with ``usage_missing`` (the hold then
     stays spent at its maximum: ``settle_amount``)."""
     if served is None and isinstance(body, dict) and isinstance(body.get("service_tier"), str):
@@ -161,17 +168,47 @@ def answered(path: Path, req: Request, body: dict, prices: PriceBook, *, model: 
     price = answered_price(prices, body, model or req.model, req.provider)
     # the endpoint reads its answer's usage; a free answer without one (moderations) costs $0
     usage, known = answer_cost(endpoint_for(req.endpoint), body, price)
+    saved: dict[str, Decimal] = {}
     if usage is not None:
-        spent, listed = path.price(price, usage, at, served), cost(price, usage)
+        spent, listed = path.price(price, usage, at, served), levers.list_price(price, usage)
+        saved = levers.split(price, usage, spent, path.discount(served))
     else:
         spent = listed = known if known is not None else Decimal(0)
-    # what saved it: the path's lever, or the price window a call of any path was sent in
-    lever = path.lever or ("window" if price.multiplier_at(at) < 1 else None)
     return Outcome(req.job_id, req.custom_id, model or req.model, "succeeded", attempts=attempts,
                    response=body, usage=usage, cost=spent, list_cost=listed, path=path.name,
-                   lever=lever if spent < listed else None, service_tier=served, key_alias=key_alias,
+                   lever=_lever_name(levers.main_lever(saved)), service_tier=served, key_alias=key_alias,
                    latency_ms=latency_ms, status_code=status_code, provider_request_id=provider_request_id,
-                   usage_missing=known is None, cache_key=req.cache_key, budget_period=budget_period)
+                   usage_missing=known is None, budget_period=budget_period,
+                   # a fallback model's answer is not the answer to this request's key: never cached
+                   cache_key=req.cache_key if (model or req.model) == req.model else None,
+                   savings=saved)
+
+
+def _lever_name(lever: str | None) -> str | None:
+    """``results.lever`` of the lever that saved the most: the savings ledger's ``price_window`` is
+    the price-window lever, named ``window`` there like the window path's own lever."""
+    return "window" if lever == "price_window" else lever
+
+
+def without_call(req: Request, body, prices: PriceBook, lever: str) -> Outcome | None:
+    """The succeeded outcome of ``req`` answered with ``body`` without a call of its own: ``cache``
+    (the exact cache) or ``coalesce`` (an identical request in flight at the same time). Nothing
+    spent, its whole list price saved; a cache hit on record. None when the answer cannot be priced
+    (no usage on a model that is not free): the caller treats it as a miss and calls."""
+    if not isinstance(body, dict):
+        return None
+    try:
+        price = answered_price(prices, body, req.model, req.provider)
+        usage, known = answer_cost(endpoint_for(req.endpoint), body, price)
+    except Exception:   # an answer we cannot read is a miss
+        return None
+    if known is None:
+        return None
+    listed = levers.list_price(price, usage) if usage is not None else known
+    return Outcome(req.job_id, req.custom_id, req.model, "succeeded",
+                   response=body, usage=usage, cost=Decimal(0), list_cost=listed, path=req.path, lever=lever,
+                   provider_request_id=body.get("id"), cache_key=req.cache_key, latency_ms=0,
+                   status_code=200, savings=levers.without_call(lever, listed), from_cache=True)
 
 
 # ---- 4. write outcome

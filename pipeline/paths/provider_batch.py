@@ -16,6 +16,8 @@ The sequence is the one of every path (pipeline/paths/base.py), run by the sched
 
 Provider custom_ids are ``q`` + a hash of (job, custom_id) (``provider_custom_id``):
 unique across the jobs that share a provider batch and valid for Anthropic's pattern.
+Identical deterministic requests (one cache key) in one provider batch are sent as one line
+(``lines_to_send``); their twins take its answer at cost 0 when it is ingested (``twins``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,34 @@ _ANTHROPIC_STATUS = {"invalid_request_error": 400, "not_found_error": 404, "auth
 
 def provider_custom_id(req: Request) -> str:
     return "q" + hashlib.blake2b(f"{req.job_id}\x00{req.custom_id}".encode(), digest_size=16).hexdigest()
+
+
+def lines_to_send(reqs: list[Request]) -> list[Request]:
+    """The requests whose lines a provider batch sends: one per distinct cache key (the first, in
+    ``reqs``' order), every request without one. Identical deterministic requests in one provider
+    batch are sent once; their twins take the answer (``twins``)."""
+    seen: set[str] = set()
+    out = []
+    for r in reqs:
+        if r.cache_key is None or r.cache_key not in seen:
+            out.append(r)
+            if r.cache_key is not None:
+                seen.add(r.cache_key)
+    return out
+
+
+def twins(reqs: list[Request]) -> dict[str, list[Request]]:
+    """The requests ``lines_to_send`` leaves out, by the provider custom_id of the line sent for them."""
+    lead: dict[str, str] = {}
+    out: dict[str, list[Request]] = {}
+    for r in reqs:
+        if r.cache_key is None:
+            continue
+        if r.cache_key not in lead:
+            lead[r.cache_key] = provider_custom_id(r)
+        else:
+            out.setdefault(lead[r.cache_key], []).append(r)
+    return out
 
 
 def request_line(req: Request) -> bytes:
@@ -74,6 +104,9 @@ class ProviderBatch(Path):
     def price(self, price: ModelPrice, usage: Usage, at: datetime | None = None,
               served: str | None = None) -> Decimal:
         return cost(price, usage, batch=True)
+
+    def discount(self, served: str | None = None) -> str | None:
+        return "batch"
 
     def reservation(self, req: Request) -> Decimal:
         """The most a request can cost through a Batch API: its maximum at the batch price."""

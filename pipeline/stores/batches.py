@@ -101,8 +101,9 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
     Requests already present (a replayed message) are skipped by the natural
     key and do not count; a batch left with no new request is not written.
     ``cached`` are result rows for requests answered from the cache (their
-    request rows are in ``requests`` with no batch; ``Outcome.to_row()``s, what the cache saved as
-    their list cost), through the one outcome write (pipeline/stores/outcomes.py); they are written only for
+    request rows are in ``requests`` with no batch; ``Outcome.to_row()``s of
+    ``pipeline.paths.base.without_call``: cost 0, their list price saved), through the one outcome
+    write (pipeline/stores/outcomes.py); they are written only for
     requests inserted now, so a replay never adds a second answer. Requests of a
     cancelled job are written ``cancelled``, in no batch (and get no cached answer).
     """
@@ -146,7 +147,7 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
         new = {(j, c) for j, c, b, status in inserted if status == "succeeded"}
         hits = [r for r in cached if (r["job_id"], r["custom_id"]) in new]
         if hits:
-            # one outcome write, vectors and all; nothing spent, the list cost is what the cache saved
+            # one outcome write, vectors and all; nothing spent, the whole list cost saved (without_call)
             write_outcomes(conn, [dict(r, status_code=200, latency_ms=0, from_cache=True,
                                        saved_usd=r["list_cost_usd"]) for r in hits], [])
             conn.execute(sa.text(   # written 'succeeded' above: the outcome write leaves their state alone

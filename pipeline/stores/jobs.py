@@ -125,6 +125,7 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
     cached, saved = conn.execute(sa.text(
         "SELECT count(*), coalesce(sum(saved_usd), 0) FROM results WHERE job_id = :j AND from_cache"),
         {"j": job_id}).one()
+    savings = job_savings(conn, job_id)
     cap, on_budget, fallback, deferred = conn.execute(sa.text(
         "SELECT budget_usd, on_budget, fallback_model, (SELECT count(*) FROM requests r"
         " WHERE r.job_id = j.job_id AND r.status = 'deferred') FROM jobs j WHERE job_id = :j"),
@@ -151,12 +152,27 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
         "cost_usd": str(row["cost_usd"]),
         "unconfirmed_usd": str(unconfirmed), "unconfirmed_calls": unconfirmed_calls,
         "cache_saved_usd": str(saved),
+        # the savings ledger (pipeline/money/savings.py): spent against list price, by lever
+        "savings": savings,
         # deferred requests are also counted in pending (pipeline/money/deferral.py)
         "budget": {"cap_usd": str(cap) if cap is not None else None, "on_budget": on_budget,
                    "deferred": deferred, "fallback_model": fallback, "answered_by_fallback": by_fallback},
         "created_at": row["created_at"].isoformat(),
         "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
     }
+
+
+def job_savings(conn: Connection, job_id: str) -> dict:
+    """The job's list price (its usage realtime, no cache), what it spent, and what each lever
+    saved (``results.savings``, sql/029_savings.sql), as exact decimal strings."""
+    listed, spent = conn.execute(sa.text(
+        "SELECT coalesce(sum(coalesce(list_cost_usd, cost_usd)), 0), coalesce(sum(cost_usd), 0)"
+        " FROM results WHERE job_id = :j"), {"j": job_id}).one()
+    by_lever = dict(conn.execute(sa.text(
+        "SELECT s.lever, sum(s.usd::numeric) FROM results x, jsonb_each_text(x.savings) AS s(lever, usd)"
+        " WHERE x.job_id = :j GROUP BY 1 ORDER BY 1"), {"j": job_id}).all())
+    return {"list_cost_usd": str(listed), "cost_usd": str(spent), "saved_usd": str(listed - spent),
+            "by_lever": {k: str(v) for k, v in by_lever.items()}}
 
 
 def lock_job_batches(conn: Connection, job_id: str) -> list[str]:

@@ -19,10 +19,11 @@ def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict])
     ``outcomes``: ``pipeline.request.Outcome.to_row()``s: job_id, custom_id, model, status
     ('succeeded'|'failed'|'cancelled': a cancelled one, never sent, gets no result row),
     status_code, response, error, token counts, usage_missing, cost_usd, list_cost_usd, path,
-    lever, service_tier, provider_request_id, latency_ms, attempts, ``key_alias`` (the key's alias,
+    lever, savings (what each lever saved, pipeline/money/savings.py), from_cache and saved_usd (list
+    price minus cost), service_tier, provider_request_id, latency_ms, attempts, ``key_alias`` (the key's alias,
     never the key; attempts carry theirs too); ``budget_period`` ('YYYY-MM-DD'), the period its
-    cost was reserved in (pipeline/money/budget.py: one period per spend), by default the caps' clock's day;
-    ``from_cache`` and ``saved_usd`` for an answer the cache gave (pipeline/stores/batches.py ``write_batches``).
+    cost was reserved in (pipeline/money/budget.py: one period per spend), by default the caps' clock's day.
+    An answer given without a call (pipeline/paths/base.py ``without_call``) comes through here too.
     """
     if attempts:
         conn.execute(sa.text(
@@ -39,16 +40,17 @@ def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict])
     inserted = conn.execute(sa.text(
         "INSERT INTO results (job_id, custom_id, model, status_code, response, error, input_tokens,"
         " cached_input_tokens, output_tokens, usage_missing, cost_usd, provider_request_id, latency_ms,"
-        " budget_period, path, lever, list_cost_usd, service_tier, key_alias, from_cache, saved_usd)"
+        " budget_period, path, lever, list_cost_usd, service_tier, key_alias, savings, from_cache, saved_usd)"
         " SELECT x.job_id, x.custom_id, x.model, x.status_code, x.response, x.error, x.input_tokens,"
         " x.cached_input_tokens, x.output_tokens, coalesce(x.usage_missing, false), x.cost_usd,"
         " x.provider_request_id, x.latency_ms, coalesce(x.budget_period, budget_day()), x.path, x.lever,"
-        " x.list_cost_usd, x.service_tier, x.key_alias, coalesce(x.from_cache, false), coalesce(x.saved_usd, 0)"
+        " x.list_cost_usd, x.service_tier, x.key_alias, x.savings, coalesce(x.from_cache, false),"
+        " coalesce(x.saved_usd, 0)"
         " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(job_id text, custom_id text, model text,"
         " status_code int, response jsonb, error jsonb, input_tokens int, cached_input_tokens int,"
         " output_tokens int, usage_missing bool, cost_usd numeric, provider_request_id text, latency_ms int,"
         " budget_period date, path text, lever text, list_cost_usd numeric, service_tier text, key_alias text,"
-        " from_cache bool, saved_usd numeric)"
+        " savings jsonb, from_cache bool, saved_usd numeric)"
         " ON CONFLICT DO NOTHING" + (" RETURNING job_id, custom_id" if vectors else "")), {"rows": dumps(answered)})
     if vectors:   # only the results inserted now: a replayed outcome writes no vector twice
         embeddings.write(conn, vectors, inserted.all())

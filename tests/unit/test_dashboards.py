@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "infra" / "grafana" / "dashboards").glob("*.json"))
 # PromQL words that look like metric names but are functions, keywords or labels
 _NOT_METRICS = {"sum", "by", "rate", "increase", "histogram_quantile", "max", "min", "avg", "clamp_min",
-                "le", "tier", "model", "kind", "scope", "state", "status", "without", "on", "ignoring"}
+                "le", "tier", "model", "lever", "kind", "scope", "state", "status", "without", "on", "ignoring"}
 
 
 def _metric_names(expr: str) -> set[str]:

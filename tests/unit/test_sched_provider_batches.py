@@ -4,7 +4,7 @@ import json
 import re
 
 from pipeline.money.pricing import Usage, cost, get_price_book
-from pipeline.paths.provider_batch import outcome_of_line, provider_custom_id, request_line
+from pipeline.paths.provider_batch import lines_to_send, outcome_of_line, provider_custom_id, request_line, twins
 from pipeline.request import Request
 from schedules.pb_submit import pack
 
@@ -149,3 +149,13 @@ def test_a_running_batch_two_creations_could_have_made_is_not_adopted_until_it_e
     out = match_anthropic([a, b], [ended])
     assert out["pbB"] == ("found", {"provider_batch_id": "m1", "input_file_id": None, "provider_status": "ended"})
     assert out["pbA"] == ("none",)
+
+
+def test_identical_deterministic_requests_are_one_line_and_the_others_its_twins():
+    reqs = [_req(custom_id="a", cache_key="k1"), _req(custom_id="b", cache_key="k2"),
+            _req(custom_id="c", cache_key="k1"), _req(custom_id="d"), _req(custom_id="e"),
+            _req(job_id="j2", custom_id="a", cache_key="k1")]
+    assert [r.key for r in lines_to_send(reqs)] == [r.key for r in (reqs[0], reqs[1], reqs[3], reqs[4])]
+    assert {pid: [r.key for r in rs] for pid, rs in twins(reqs).items()} == {
+        provider_custom_id(reqs[0]): [reqs[2].key, reqs[5].key]}
+    assert lines_to_send(reqs[3:5]) == reqs[3:5] and twins(reqs[3:5]) == {}   # no key: every line sent

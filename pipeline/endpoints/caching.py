@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from pipeline import jsontext
 from pipeline.constants import ANTHROPIC_MESSAGES_URL, CHAT_URL
 
 
@@ -44,8 +45,7 @@ def _unmarked(content):
 def _without_placement(body: dict) -> dict:
     """The body as the model reads it: prompt-cache placement taken out (bodies without any are
     returned as they are, so their keys never change)."""
-    text = json.dumps(body, ensure_ascii=False, default=str)
-    if "cache_control" not in text and not any(k in body for k in _PLACEMENT):
+    if "cache_control" not in jsontext.dumps(body) and not any(k in body for k in _PLACEMENT):
         return body
     out = {k: v for k, v in body.items() if k not in _PLACEMENT}
     if isinstance(out.get("tools"), list):

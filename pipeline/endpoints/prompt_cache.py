@@ -38,7 +38,9 @@ import hashlib
 import json
 from decimal import Decimal
 
-from pipeline.money.pricing import ModelPrice
+from pipeline import jsontext
+from pipeline.errors import LLMBatchError
+from pipeline.money.pricing import ModelPrice, PriceBook
 from pipeline.money.tokens import ESTIMATE_ENCODING, get_encoding
 
 OPENAI_MIN_TOKENS = 1024
@@ -125,7 +127,7 @@ def _digest(h) -> str:
 
 
 def _feed(h, value) -> None:
-    h.update(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+    h.update(jsontext.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
     h.update(b"\x1e")
 
 
@@ -237,6 +239,22 @@ class Placer:
         if out is not body:
             self.marked += 1
         return out
+
+    def place_line(self, obj: dict, prices: PriceBook) -> dict:
+        """A submitted line (either format) with its body placed; a line that cannot be read as one
+        is returned as it is (the line's validation says what is wrong with it)."""
+        field, url = ("params", None) if "params" in obj and "body" not in obj else ("body", obj.get("url"))
+        body = obj.get(field)
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return obj
+        try:
+            price = prices.resolve(body["model"])
+        except LLMBatchError:
+            return obj
+        if (price.kind == "anthropic") != (field == "params"):
+            return obj
+        placed = self.place(body, price, url)
+        return obj if placed is body else {**obj, field: placed}
 
     def _anthropic(self, body: dict, price: ModelPrice) -> dict:
         minimum = min_cacheable_tokens(price)

@@ -186,3 +186,31 @@ def test_the_cached_ratio_is_the_pricing_files():
     assert prompt_cache.cached_ratio(price("gpt-4o-mini")) == Decimal("0.5")
     assert prompt_cache.cached_ratio(price("claude-haiku-4-5")) == Decimal("0.1")
     assert min_cacheable_tokens(price("gpt-4o-mini")) == 1024
+
+
+def test_a_prefix_group_runs_its_first_request_before_the_others():
+    import asyncio
+
+    from workers.execute import PrefixGroups
+
+    grouped = [{"model": "gpt-4o-mini", "prompt_cache_key": "g", "messages": [{"role": "user", "content": str(i)}]}
+               for i in range(3)]
+    alone = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    events = []
+
+    async def run(groups, i, body, seconds):
+        async with groups.turn(body):
+            events.append(("start", i))
+            await asyncio.sleep(seconds)
+            events.append(("end", i))
+
+    async def main(wait_s):
+        groups = PrefixGroups(wait_s)
+        await asyncio.gather(run(groups, 0, grouped[0], 0.05), run(groups, 1, grouped[1], 0),
+                             run(groups, 2, grouped[2], 0), run(groups, 3, alone, 0))
+
+    asyncio.run(main(5))
+    assert events.index(("end", 0)) < events.index(("start", 1)) and events.index(("start", 3)) < 2
+    events.clear()
+    asyncio.run(main(0.01))   # a slow first request holds the others at most wait_s
+    assert events.index(("start", 1)) < events.index(("end", 0))

@@ -58,6 +58,7 @@ from pipeline import errors
 from pipeline.config import Settings, get_settings
 from pipeline.constants import CHAT_URL, EMBEDDINGS_URL
 from pipeline.endpoints.embeddings import input_count
+from pipeline.endpoints.prompt_cache import in_groups
 from pipeline.ids import request_key
 from pipeline.money import caps, units
 from pipeline.paths import base as sequence
@@ -315,7 +316,7 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
             " RETURNING provider"), {"id": pb_id, "n": attempts}).scalar()
         if pb is None:
             return "skipped"
-        reqs = [r for r, _ in pb_requests(conn, pb_id)]
+        reqs = in_groups([r for r, _ in pb_requests(conn, pb_id)], lambda r: r.body)
     lines = [{"custom_id": provider_custom_id(r), "params": r.body} for r in reqs]
     content = b"".join(request_line(r) for r in reqs)
     def cancelled() -> bool:

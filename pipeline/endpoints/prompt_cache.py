@@ -288,3 +288,14 @@ def group_key(body: dict) -> str | None:
         if isinstance(piece, dict) and "cache_control" in piece:
             return "cc-" + _digest(h)[:32]
     return None
+
+
+def in_groups(items: list, body_of=lambda item: item) -> list:
+    """``items`` with each prefix group together, where its first member stood (a stable order: a
+    provider batch's lines of one group run one after the other, each reading what the first wrote)."""
+    first: dict[str, int] = {}
+    keyed = []
+    for i, item in enumerate(items):
+        group = group_key(body_of(item))
+        keyed.append(((first.setdefault(group, i) if group is not None else i), i, item))
+    return [item for _, _, item in sorted(keyed, key=lambda k: (k[0], k[1]))]

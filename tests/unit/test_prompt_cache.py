@@ -214,3 +214,11 @@ def test_a_prefix_group_runs_its_first_request_before_the_others():
     events.clear()
     asyncio.run(main(0.01))   # a slow first request holds the others at most wait_s
     assert events.index(("start", 1)) < events.index(("end", 0))
+
+
+def test_a_provider_batch_lists_each_prefix_group_together_where_its_first_line_stood():
+    a = [{"model": "m", "prompt_cache_key": "a", "messages": [{"role": "user", "content": str(i)}]} for i in range(3)]
+    b = [{"model": "m", "prompt_cache_key": "b", "messages": [{"role": "user", "content": str(i)}]} for i in range(2)]
+    plain = [{"model": "m", "messages": [{"role": "user", "content": str(i)}]} for i in range(2)]
+    mixed = [a[0], b[0], plain[0], a[1], b[1], plain[1], a[2]]
+    assert prompt_cache.in_groups(mixed) == [a[0], a[1], a[2], b[0], b[1], plain[0], plain[1]]

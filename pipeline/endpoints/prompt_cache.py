@@ -19,7 +19,7 @@ machine that holds it (OpenAI). :class:`Placer` sees a job's lines in order
   5 minutes. The write is part of the request's maximum cost, since the bound
   (``pipeline.money.bounds``) prices a body with ``cache_control`` at the write
   rate and the body is marked before it is bounded.
-- **OpenAI** (chat completions): caching is automatic from 1,024 tokens; a
+- **OpenAI** (chat completions, Responses): caching is automatic from 1,024 tokens; a
   ``prompt_cache_key`` of the shortest shared prefix that reaches 1,024 tokens
   (tools and the leading system or developer messages, else every message but
   the last) routes the lines of a group to the same cache.
@@ -39,6 +39,7 @@ import json
 from decimal import Decimal
 
 from pipeline import jsontext
+from pipeline.constants import CHAT_URL, RESPONSES_URL
 from pipeline.errors import LLMBatchError
 from pipeline.money.pricing import ModelPrice, PriceBook
 from pipeline.money.tokens import ESTIMATE_ENCODING, get_encoding
@@ -213,6 +214,15 @@ def _openai_key(body: dict) -> str | None:
     return None
 
 
+def _responses_view(body: dict) -> dict:
+    """A Responses body as the chat messages it amounts to (instructions first), for its key."""
+    value = body.get("input")
+    items = value if isinstance(value, list) else [{"role": "user", "content": value}]
+    lead = [{"role": "developer", "content": body["instructions"]}] if isinstance(body.get("instructions"), str) else []
+    return {"model": body.get("model"), "tools": body.get("tools"),
+            "messages": lead + [i if isinstance(i, dict) else {"content": i} for i in items]}
+
+
 # --------------------------------------------------------------------------- the job's placer
 
 class Placer:
@@ -231,8 +241,8 @@ class Placer:
             return body
         if price.kind == "anthropic":
             out = self._anthropic(body, price)
-        elif url in (None, "/v1/chat/completions"):
-            key = _openai_key(body)
+        elif url in (None, CHAT_URL, RESPONSES_URL):
+            key = _openai_key(body if url != RESPONSES_URL else _responses_view(body))
             out = body if key is None else {**body, "prompt_cache_key": key}
         else:
             out = body

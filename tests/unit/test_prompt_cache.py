@@ -222,3 +222,12 @@ def test_a_provider_batch_lists_each_prefix_group_together_where_its_first_line_
     plain = [{"model": "m", "messages": [{"role": "user", "content": str(i)}]} for i in range(2)]
     mixed = [a[0], b[0], plain[0], a[1], b[1], plain[1], a[2]]
     assert prompt_cache.in_groups(mixed) == [a[0], a[1], a[2], b[0], b[1], plain[0], plain[1]]
+
+
+def test_a_responses_line_is_keyed_by_its_instructions():
+    placer, p = Placer(), price("gpt-4o-mini")
+    bodies = [{"model": "gpt-4o-mini", "instructions": POLICY, "input": f"q{i}"} for i in range(2)]
+    placed = [placer.place(b, p, "/v1/responses") for b in bodies]
+    assert placed[0]["prompt_cache_key"] == placed[1]["prompt_cache_key"]
+    assert placer.place({"model": "gpt-4o-mini", "input": "short"}, p, "/v1/responses").get("prompt_cache_key") is None
+    assert placer.place({"model": "gpt-4o-mini", "input": "x"}, p, "/v1/embeddings").get("prompt_cache_key") is None

@@ -332,12 +332,18 @@ def anthropic_segments(body: dict) -> list[tuple[int, str | None, str]]:
         for block in [system] if isinstance(system, str) else system:
             pieces.append((_claude_blocks([block] if isinstance(block, dict) else block),
                            ttl_of(block), claude_content(block if isinstance(block, str) else [block])))
+    last_block = None
     for msg in body["messages"]:
         pieces.append((4, None, msg.get("role")))
         content = msg.get("content")
         for block in [content] if isinstance(content, str) else content or ():
+            last_block = len(pieces)
             pieces.append((_claude_blocks([block] if isinstance(block, dict) else block),
                            ttl_of(block), claude_content(block if isinstance(block, str) else [block])))
+    auto = ttl_of(body)   # automatic caching: a top-level cache_control marks the last block
+    if auto is not None and last_block is not None and pieces[last_block][1] is None:
+        tokens, _, part = pieces[last_block]
+        pieces[last_block] = (tokens, auto, part)
     out, h = [], hashlib.sha256(body["model"].encode())
     for tokens, ttl, part in pieces:
         h.update(json.dumps(part, sort_keys=True, default=str).encode())

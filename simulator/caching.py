@@ -18,8 +18,9 @@ OpenAI (developers.openai.com/api/docs/guides/prompt-caching):
 
 Anthropic (docs.claude.com/en/docs/build-with-claude/prompt-caching):
 - only at ``cache_control`` breakpoints (tools, system blocks, message content
-  blocks), at most 4 per request (400 beyond), and a 1-hour breakpoint may
-  not follow a 5-minute one (400);
+  blocks, or a top-level one: automatic caching, at the last block), at most 4
+  per request (400 beyond), and a 1-hour breakpoint may not follow a 5-minute
+  one (400);
 - a hit is looked for at each breakpoint and at the block boundaries up to
   20 blocks before it; the longest hit is read (0.1 × input), and the prompt
   from there to each later breakpoint is written (1.25 × for the 5-minute
@@ -168,6 +169,8 @@ def check_anthropic_breakpoints(body: dict) -> str | None:
     for msg in body.get("messages") or ():
         if isinstance(msg, dict):
             look(msg.get("content"))
+    if body.get("cache_control") is not None:   # automatic caching: one of the slots, at the last block
+        look([body])
     if len(ttls) > ANTHROPIC_MAX_BREAKPOINTS:
         return f"A maximum of {ANTHROPIC_MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {len(ttls)}."
     if any(a == "5m" and b == "1h" for a, b in zip(ttls, ttls[1:])) or (

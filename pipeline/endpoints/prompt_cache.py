@@ -82,8 +82,8 @@ def cached_ratio(price: ModelPrice) -> Decimal:
 
 def user_marked(body: dict) -> bool:
     """Whether the body carries any placement of the user's own (which always wins)."""
-    if body.get("prompt_cache_key") is not None:
-        return True
+    if body.get("prompt_cache_key") is not None or body.get("cache_control") is not None:
+        return True   # the user's key, or Anthropic's automatic caching (a top-level cache_control)
     blocks = [b for b in body.get("tools") or () if isinstance(b, dict)]
     if isinstance(body.get("system"), list):
         blocks += body["system"]

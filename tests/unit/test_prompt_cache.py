@@ -64,9 +64,11 @@ def claude_jobs(draw):
     lines = []
     for i in range(draw(st.integers(2, 5))):
         body = copy.deepcopy({**base, "messages": lead + [{"role": "user", "content": f"Question {i}: {seed}"}]})
-        mark = draw(st.sampled_from([None, None, "system", "last"]))
+        mark = draw(st.sampled_from([None, None, "system", "last", "auto"]))
         if mark == "system" and isinstance(body.get("system"), list):
             body["system"][0]["cache_control"] = {"type": "ephemeral"}
+        elif mark == "auto":
+            body["cache_control"] = {"type": "ephemeral", "ttl": draw(st.sampled_from(["5m", "1h"]))}
         elif mark == "last":
             body["messages"][-1]["content"] = [{"type": "text", "text": body["messages"][-1]["content"],
                                                 "cache_control": {"type": "ephemeral", "ttl": "5m"}}]
@@ -231,3 +233,17 @@ def test_a_responses_line_is_keyed_by_its_instructions():
     assert placed[0]["prompt_cache_key"] == placed[1]["prompt_cache_key"]
     assert placer.place({"model": "gpt-4o-mini", "input": "short"}, p, "/v1/responses").get("prompt_cache_key") is None
     assert placer.place({"model": "gpt-4o-mini", "input": "x"}, p, "/v1/embeddings").get("prompt_cache_key") is None
+
+
+def test_a_top_level_cache_control_is_the_users_own_and_its_write_is_in_the_bound():
+    """Anthropic's automatic caching: a top-level ``cache_control`` puts the breakpoint on the last
+    cacheable block; the simulator writes there and the bound must count that write."""
+    body = {**_claude("claude-sonnet-4-5", "q"), "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+    plain = _claude("claude-sonnet-4-5", "q")
+    assert Placer().place(body, price("claude-sonnet-4-5")) is body
+    billed = answers.usage(answers.anthropic_answer(body), worst_case=False, cache=sim_caching.PromptCache())
+    assert billed["cache_creation"]["ephemeral_1h_input_tokens"] == billing.anthropic_prompt(body)
+    sim_price = builtin_price("anthropic", "claude-sonnet-4-5")
+    bound = request_bound("anthropic", body, PRICES)
+    assert bound.max_cost_usd >= usd(sim_price, billed)
+    assert bound.max_cost_usd > request_bound("anthropic", plain, PRICES).max_cost_usd

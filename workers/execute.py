@@ -36,6 +36,7 @@ import time
 from decimal import Decimal
 
 from pipeline.config import Settings
+from pipeline.constants import IMMEDIATE_TIER
 from pipeline.endpoints.prompt_cache import group_key
 from pipeline.errors import (
     BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount, PermanentProviderError, ProviderError,
@@ -325,7 +326,7 @@ class PrefixGroups:
 
     @contextlib.asynccontextmanager
     async def turn(self, body: dict):
-        group, lead = group_key(body), None
+        group, lead = (group_key(body) if self.wait_s > 0 else None), None
         if group is not None and group in self.leads:
             try:
                 await asyncio.wait_for(self.leads[group].wait(), self.wait_s)
@@ -359,7 +360,8 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
     lost = asyncio.Event()
     gate = Gate(engine, lost)
 
-    groups = PrefixGroups(settings.prompt_cache_warm_s)
+    # the immediate tier never waits for a group's first request: its latency comes first
+    groups = PrefixGroups(0 if batch.get("tier") == IMMEDIATE_TIER else settings.prompt_cache_warm_s)
 
     async def one(req):
         async with groups.turn(req.body):

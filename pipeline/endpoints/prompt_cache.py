@@ -127,6 +127,11 @@ def _digest(h) -> str:
     return h.copy().hexdigest()
 
 
+def _fingerprint(h) -> bytes:
+    """16 bytes: what the placer remembers of a prefix."""
+    return h.copy().digest()[:16]
+
+
 def _feed(h, value) -> None:
     h.update(jsontext.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
     h.update(b"\x1e")
@@ -134,7 +139,7 @@ def _feed(h, value) -> None:
 
 # --------------------------------------------------------------------------- Anthropic
 
-def _anthropic_prefixes(body: dict) -> list[tuple[str, str, int]]:
+def _anthropic_prefixes(body: dict) -> list[tuple[str, bytes, int]]:
     """``(where, fingerprint, floor tokens)`` of each prefix that can end at a breakpoint, in cache order."""
     h = hashlib.sha256(str(body.get("model")).encode())
     floor, out = 0, []
@@ -143,18 +148,18 @@ def _anthropic_prefixes(body: dict) -> list[tuple[str, str, int]]:
         for tool in tools:
             _feed(h, {k: v for k, v in tool.items() if k != "cache_control"})
             floor += _floor(json.dumps(tool, ensure_ascii=False))
-        out.append(("tools", _digest(h), floor))
+        out.append(("tools", _fingerprint(h), floor))
     system = body.get("system")
     if system:
         _feed(h, ["system", _bare(system)])
         floor += _floor(_texts(system))
-        out.append(("system", _digest(h), floor))
+        out.append(("system", _fingerprint(h), floor))
     messages = body.get("messages") or []
     if len(messages) > 1 and all(isinstance(m, dict) for m in messages):
         for m in messages[:-1]:
             _feed(h, [m.get("role"), _bare(m.get("content"))])
             floor += _floor(_texts(m.get("content")))
-        out.append(("messages", _digest(h), floor))
+        out.append(("messages", _fingerprint(h), floor))
     return out
 
 
@@ -230,7 +235,7 @@ class Placer:
 
     def __init__(self, *, provider_batch: bool = False, max_prefixes: int = MAX_PREFIXES):
         self.ttl = "1h" if provider_batch else None
-        self.seen: set[str] = set()
+        self.seen: set[bytes] = set()
         self.max_prefixes = max_prefixes
         self.marked = 0
 

@@ -216,6 +216,9 @@ def test_a_prefix_group_runs_its_first_request_before_the_others():
     events.clear()
     asyncio.run(main(0.01))   # a slow first request holds the others at most wait_s
     assert events.index(("start", 1)) < events.index(("end", 0))
+    events.clear()
+    asyncio.run(main(0))      # no wait at all (the immediate tier)
+    assert events.index(("start", 2)) < events.index(("end", 0))
 
 
 def test_a_provider_batch_lists_each_prefix_group_together_where_its_first_line_stood():

@@ -4,7 +4,9 @@
 gzip recognised by its magic bytes: pipeline/intake/lines.py) in memory bounded by
 the longest line it reads (``max_line_bytes``; a longer line is refused with
 its number, unread), apart from 16 to 32 bytes per custom_id, to reject
-duplicates (``DigestSet``), and publishes every valid line with the idempotent producer. A bad line is rejected with its line
+duplicates (``DigestSet``), and 16 bytes per distinct prefix for prompt-cache
+placement (``Placer``, at most 200,000; placed before the line is bounded), and
+publishes every valid line with the idempotent producer. A bad line is rejected with its line
 number and reason, recorded in Postgres, and the rest of the job goes on.
 A line counts as accepted only when Kafka acknowledged it; lines Kafka did
 not acknowledge are reported by number and recorded as rejected.

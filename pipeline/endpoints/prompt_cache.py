@@ -80,16 +80,25 @@ def cached_ratio(price: ModelPrice) -> Decimal:
     return price.cached_input_per_mtok / price.input_per_mtok if price.input_per_mtok else Decimal(1)
 
 
+def _list(value) -> list:
+    """``value`` if it is a list, else no items: placement reads any body, valid or not, and never
+    raises (the line's validation rejects a malformed one with its reason)."""
+    return value if isinstance(value, list) else []
+
+
+def _blocks(content) -> list:
+    """Content as a list of blocks: a string is one."""
+    return [content] if isinstance(content, str) else _list(content)
+
+
 def user_marked(body: dict) -> bool:
     """Whether the body carries any placement of the user's own (which always wins)."""
     if body.get("prompt_cache_key") is not None or body.get("cache_control") is not None:
         return True   # the user's key, or Anthropic's automatic caching (a top-level cache_control)
-    blocks = [b for b in body.get("tools") or () if isinstance(b, dict)]
-    if isinstance(body.get("system"), list):
-        blocks += body["system"]
-    for m in body.get("messages") or ():
-        if isinstance(m, dict) and isinstance(m.get("content"), list):
-            blocks += m["content"]
+    blocks = _list(body.get("tools")) + _list(body.get("system"))
+    for m in _list(body.get("messages")):
+        if isinstance(m, dict):
+            blocks += _list(m.get("content"))
     return any(isinstance(b, dict) and "cache_control" in b for b in blocks)
 
 
@@ -143,19 +152,22 @@ def _anthropic_prefixes(body: dict) -> list[tuple[str, bytes, int]]:
     """``(where, fingerprint, floor tokens)`` of each prefix that can end at a breakpoint, in cache order."""
     h = hashlib.sha256(str(body.get("model")).encode())
     floor, out = 0, []
-    tools = [t for t in body.get("tools") or () if isinstance(t, dict)]
+    tools = _list(body.get("tools"))
+    system = body.get("system")
+    messages = _list(body.get("messages"))
+    if not all(isinstance(t, dict) for t in tools) or not isinstance(system, (str, list, type(None))) \
+            or not all(isinstance(m, dict) for m in messages):
+        return []
     if tools:
         for tool in tools:
             _feed(h, {k: v for k, v in tool.items() if k != "cache_control"})
             floor += _floor(json.dumps(tool, ensure_ascii=False))
         out.append(("tools", _fingerprint(h), floor))
-    system = body.get("system")
     if system:
         _feed(h, ["system", _bare(system)])
         floor += _floor(_texts(system))
         out.append(("system", _fingerprint(h), floor))
-    messages = body.get("messages") or []
-    if len(messages) > 1 and all(isinstance(m, dict) for m in messages):
+    if len(messages) > 1:
         for m in messages[:-1]:
             _feed(h, [m.get("role"), _bare(m.get("content"))])
             floor += _floor(_texts(m.get("content")))
@@ -184,8 +196,7 @@ def _mark(body: dict, where: str, cc: dict) -> dict | None:
         return None if last is None else {**body, "system": blocks[:-1] + [last]}
     messages = list(body["messages"])
     lead = messages[-2]
-    content = lead.get("content")
-    blocks = [content] if isinstance(content, str) else list(content or ())
+    blocks = _blocks(lead.get("content"))
     last = _marked_block(blocks[-1], cc) if blocks else None
     if last is None:
         return None
@@ -291,13 +302,11 @@ def group_key(body: dict) -> str | None:
     if isinstance(body.get("prompt_cache_key"), str):
         return body["prompt_cache_key"]
     h = hashlib.sha256(str(body.get("model")).encode())
-    pieces = [("tool", t) for t in body.get("tools") or ()]
-    system = body.get("system")
-    pieces += [("system", b) for b in ([system] if isinstance(system, str) else system or ())]
-    for m in body.get("messages") or ():
-        content = m.get("content") if isinstance(m, dict) else None
-        pieces += [(m.get("role") if isinstance(m, dict) else None, b)
-                   for b in ([content] if isinstance(content, str) else content or ())]
+    pieces = [("tool", t) for t in _list(body.get("tools"))]
+    pieces += [("system", b) for b in _blocks(body.get("system"))]
+    for m in _list(body.get("messages")):
+        if isinstance(m, dict):
+            pieces += [(m.get("role"), b) for b in _blocks(m.get("content"))]
     for kind, piece in pieces:
         _feed(h, [kind, _bare([piece])])
         if isinstance(piece, dict) and "cache_control" in piece:

@@ -250,3 +250,29 @@ def test_a_top_level_cache_control_is_the_users_own_and_its_write_is_in_the_boun
     bound = request_bound("anthropic", body, PRICES)
     assert bound.max_cost_usd >= usd(sim_price, billed)
     assert bound.max_cost_usd > request_bound("anthropic", plain, PRICES).max_cost_usd
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["type", "text", "role", "content", "cache_control", "name", "input_schema"]), inner,
+        max_size=4),
+    max_leaves=20)
+
+
+@SETTINGS
+@given(st.fixed_dictionaries({}, optional={
+    "custom_id": st.text(max_size=5), "params": json_values, "body": json_values, "url": json_values}),
+    st.dictionaries(st.sampled_from(["model", "system", "messages", "tools", "prompt_cache_key", "input",
+                                     "instructions", "cache_control"]),
+                    json_values | st.sampled_from(["claude-sonnet-4-5", "gpt-4o-mini"]), max_size=6),
+    st.sampled_from(["claude-sonnet-4-5", "gpt-4o-mini", "claude-haiku-4-5"]))
+def test_placing_any_line_never_raises(line, body, model):
+    """A malformed line is for the line's validation to reject with its reason: placement never raises."""
+    placer = Placer()
+    for candidate in (line, {**line, "params": {**body, "model": model}},
+                      {**line, "body": {**body, "model": model}, "url": "/v1/chat/completions"},
+                      {**line, "body": {**body, "model": model}, "url": "/v1/responses"}):
+        for _ in range(2):   # the second sight of a prefix is the one that marks
+            placer.place_line(candidate, PRICES)
+        group_key(candidate.get("params") or candidate.get("body"))

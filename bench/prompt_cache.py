@@ -6,15 +6,17 @@ contrast, claude-sonnet-4-5, whose minimum cacheable prefix is 1,024 tokens
 where Haiku 4.5's is 4,096). The simulator answers with a latency (``--latency-ms``,
 uniform ± a third), so calls in flight together miss the cache as they would at a provider.
 
-Two runs on the same file, the simulator reset before each (its prompt cache too):
-``placed`` (the default settings) and ``unplaced`` (``LLMBATCH_PROMPT_CACHE_PLACEMENT=false``
-for the submit). Per model:
+Three runs on the same file, the simulator reset before each (its prompt cache too):
+``placed`` (the default settings), ``unplaced`` (``LLMBATCH_PROMPT_CACHE_PLACEMENT=false``
+for the submit), both realtime, and ``placed_provider_batch`` (``--mode provider_batch``:
+Anthropic's 1-hour TTL, and the cache discount stacked on the batch price). Per model:
 
 - ``hit_rate``: lines whose usage reports cached or cache-read tokens ÷ lines;
 - ``cached_token_share``: cached or cache-read tokens ÷ prompt tokens;
 - ``writes``: lines that wrote an Anthropic cache entry;
 - ``billed_usd``: what the simulator billed (its own prices, ``simulator/prices.py``, on each
-  answer's usage); ``uncached_usd``: the same usage with every input token at the input price;
+  answer's usage, at the batch price in the provider-batch run); ``uncached_usd``: the same
+  usage with every input token at the input price (same path);
   ``saved_usd`` = uncached − billed (negative when writes cost more than reads saved);
 - ``ledger_usd``: the pipeline's ledger (``results.cost_usd``), which must equal ``billed_usd``
   to the rounding of ``results.cost_usd`` (1e-8 per row).
@@ -48,6 +50,7 @@ from simulator.prices import builtin_price, usd  # noqa: E402
 
 #: results.cost_usd is numeric(18, 8): each row's exact cost is rounded (half up) to 1e-8 when stored
 ROUNDING = Decimal("0.000000005")
+RUNS = ("placed", "unplaced", "placed_provider_batch")
 MODELS = ("gpt-4o-mini", "claude-haiku-4-5", "claude-sonnet-4-5")
 TOPICS = ("refunds", "shipping", "warranty", "invoices", "accounts", "privacy", "returns", "pricing")
 
@@ -90,7 +93,7 @@ def _uncached(usage: dict) -> dict:
     return {**usage, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
-def figures(job_id: str) -> dict:
+def figures(job_id: str, tier: str = "standard") -> dict:
     with db.get_engine().connect() as conn:
         rows = conn.execute(sa.text(
             "SELECT r.model, q.provider, r.response -> 'usage', r.cost_usd FROM results r"
@@ -114,8 +117,8 @@ def figures(job_id: str) -> dict:
         f["hits"] += read > 0
         f["prompt_tokens"] += prompt
         f["cached_tokens"] += read
-        f["billed_usd"] += usd(price, usage)
-        f["uncached_usd"] += usd(price, _uncached(usage))
+        f["billed_usd"] += usd(price, usage, tier)
+        f["uncached_usd"] += usd(price, _uncached(usage), tier)
         f["ledger_usd"] += Decimal(cost)
         ledger_by_provider[provider] += Decimal(cost)
     out = {}
@@ -134,12 +137,13 @@ def figures(job_id: str) -> dict:
             "lines": len(rows)}
 
 
-def one_run(name: str, path: Path, latency_ms: float, placement: bool) -> dict:
-    with simulator(latency="uniform", latency_ms=latency_ms, jitter_ms=latency_ms / 3):
+def one_run(name: str, path: Path, latency_ms: float, placement: bool, mode: str = "realtime") -> dict:
+    with simulator(latency="uniform", latency_ms=latency_ms, jitter_ms=latency_ms / 3,
+                   batch_processing_s=2.0, batch_stage_s=0.1):
         old = os.environ.get("LLMBATCH_PROMPT_CACHE_PLACEMENT")
         os.environ["LLMBATCH_PROMPT_CACHE_PLACEMENT"] = "true" if placement else "false"
         try:
-            report = submit(path)
+            report = submit(path, mode=mode, tier="peak")
         finally:
             if old is None:
                 os.environ.pop("LLMBATCH_PROMPT_CACHE_PLACEMENT", None)
@@ -147,7 +151,8 @@ def one_run(name: str, path: Path, latency_ms: float, placement: bool) -> dict:
                 os.environ["LLMBATCH_PROMPT_CACHE_PLACEMENT"] = old
         done = wait_job(report["job_id"], timeout=900)
         stats = sim_stats()
-    result = {"run": name, "job_id": report["job_id"], **done, **figures(report["job_id"])}
+    tier = "batch" if mode == "provider_batch" else "standard"
+    result = {"run": name, "mode": mode, "job_id": report["job_id"], **done, **figures(report["job_id"], tier)}
     result["simulator_stats_usd"] = {p: v.get("billed_usd") for p, v in (stats.get("providers") or {}).items()
                                      if v.get("billed_usd") not in (None, "0")}
     result["ledger_equals_simulator_stats"] = all(
@@ -161,15 +166,16 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=100, help="lines per model")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--latency-ms", type=float, default=300.0)
-    ap.add_argument("--only", choices=("placed", "unplaced"))
+    ap.add_argument("--only", choices=RUNS)
     args = ap.parse_args()
     system = system_prompt()
     models = [m for m in args.models.split(",") if m]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "prompt_cache.jsonl"
         path.write_text("".join(json.dumps(x) + "\n" for x in lines(args.lines, models, system)))
-        runs = [run for run in ("placed", "unplaced") if args.only in (None, run)]
-        results = [one_run(run, path, args.latency_ms, run == "placed") for run in runs]
+        runs = [run for run in RUNS if args.only in (None, run)]
+        results = [one_run(run, path, args.latency_ms, run != "unplaced",
+                           "provider_batch" if run == "placed_provider_batch" else "realtime") for run in runs]
     save("prompt_cache", {"lines_per_model": args.lines, "latency_ms": args.latency_ms,
                           "system_prompt_tokens_o200k": count_text_tokens(system, "gpt-4o-mini"),
                           "runs": results})

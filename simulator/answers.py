@@ -197,9 +197,11 @@ def openai_prefixes(body: dict, prompt: int, encoding: str | None) -> tuple:
     messages = body["messages"]
     head = (body["model"], body.get("prompt_cache_key"), body.get("tools"), body.get("response_format"))
     out = []
-    for k in range(1, len(messages) + 1):
-        tokens = prompt if k == len(messages) else billing.openai_prompt({**body, "messages": messages[:k]},
-                                                                         encoding)
+    tokens = billing.openai_prompt({**body, "messages": []}, encoding)   # priming, tools, format
+    for k in range(1, len(messages) + 1):   # one message at a time: linear in the conversation
+        tokens += billing.openai_prompt({"model": body["model"], "messages": messages[k - 1:k]}, encoding) - 3
+        if k == len(messages):
+            tokens = prompt
         if tokens >= caching.OPENAI_MIN_TOKENS:
             out.append((prompt_digest(*head, messages[:k]).hex(), tokens))
     return tuple(out)

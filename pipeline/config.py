@@ -153,6 +153,12 @@ class Settings:
     sweep_after_s: float = 30.0
     #: seconds a cached answer of a deterministic request stays in Redis
     cache_ttl_s: int = 7 * 24 * 3600
+    #: mark the prefixes a submitted job's lines share for the providers' prompt caches
+    #: (pipeline/endpoints/prompt_cache.py); a line's own cache_control or prompt_cache_key always wins
+    prompt_cache_placement: bool = True
+    #: seconds the other requests of a prefix group wait for its first one to finish (it writes the
+    #: provider's prompt cache they then read) before they are sent anyway
+    prompt_cache_warm_s: float = 30.0
 
     # workers
     #: worker processes per tier (``llmbatch worker --tier T``; ``--concurrency`` overrides)

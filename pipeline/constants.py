@@ -23,6 +23,8 @@ PRODUCER_HEADER = "llmbatch.producer"
 SIGNATURE_HEADER = "llmbatch.signature"
 
 TIERS = ("immediate", "peak", "offpeak", "background")
+#: the tier whose latency comes before everything (it never waits for a prompt-cache group's first call)
+IMMEDIATE_TIER = TIERS[0]
 #: Tiers whose batches go to Celery as soon as they are written.
 DISPATCHED_TIERS = ("immediate", "peak")
 #: Tiers whose batches wait in Postgres until the scheduler releases them.

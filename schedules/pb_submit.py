@@ -58,6 +58,7 @@ from pipeline import errors
 from pipeline.config import Settings, get_settings
 from pipeline.constants import CHAT_URL, EMBEDDINGS_URL
 from pipeline.endpoints.embeddings import input_count
+from pipeline.endpoints.prompt_cache import in_groups
 from pipeline.ids import request_key
 from pipeline.money import caps, units
 from pipeline.money.pricing import get_price_book
@@ -339,7 +340,9 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
         if row is None:
             return "skipped"
         pb, key = row
-        reqs = lines_to_send([r for r, _ in pb_requests(conn, pb_id)])   # one line per distinct cache key
+        # one line per distinct cache key (chosen in stored order, as ingest's twins() reads it),
+        # then each prompt-cache prefix group's lines together
+        reqs = in_groups(lines_to_send([r for r, _ in pb_requests(conn, pb_id)]), lambda r: r.body)
     lines = [{"custom_id": provider_custom_id(r), "params": r.body} for r in reqs]
     content = b"".join(request_line(r) for r in reqs)
     def cancelled() -> bool:

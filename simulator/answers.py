@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 
-from simulator import billing
+from simulator import billing, caching
+from simulator.caching import PromptCache
 
 WORDS = (
     "the of and to in is it that for on with as was at by this from are be or an have not but "
@@ -98,11 +98,11 @@ class Choice:
 
 
 class Answer:
-    __slots__ = ("provider", "model", "choices", "input_tokens", "limit", "segments", "cache_key",
-                 "cache_prefix_tokens", "cost")
+    __slots__ = ("provider", "model", "choices", "input_tokens", "limit", "segments", "cache_prefixes",
+                 "cache_ttl_s", "cost")
 
-    def __init__(self, provider, model, choices, input_tokens, limit, cost, segments=(), cache_key=None,
-                 cache_prefix_tokens=0):
+    def __init__(self, provider, model, choices, input_tokens, limit, cost, segments=(), cache_prefixes=(),
+                 cache_ttl_s=0.0):
         self.provider = provider
         self.model = model
         self.choices = choices
@@ -110,8 +110,8 @@ class Answer:
         self.limit = limit                  # output tokens per choice the call may bill
         self.cost = cost                    # rate-limit cost: input tokens + n × limit
         self.segments = segments            # Anthropic: (tokens, ttl, prefix key) in cache order
-        self.cache_key = cache_key          # OpenAI: key of the cacheable prefix
-        self.cache_prefix_tokens = cache_prefix_tokens
+        self.cache_prefixes = cache_prefixes  # OpenAI: (key, tokens) of each cacheable prefix, shortest first
+        self.cache_ttl_s = cache_ttl_s          # OpenAI: how long they stay (prompt_cache_retention)
 
     # the first choice, for callers that know there is one
     @property
@@ -183,14 +183,28 @@ def openai_answer(body: dict, encoding: str | None = None, max_output: int | Non
         text, truncated = capped_text(answer_pieces(digest), room, count)
         choices.append(Choice(text, truncated, count(text) + spent, reasoning_tokens=spent))
     per_choice = limit if given else (max_output or billing.max_output(model))
-    prefix = messages[:-1]
-    key, prefix_tokens = None, 0
-    if prefix and prompt >= billing.OPENAI_CACHE_MIN:
-        prefix_tokens = billing.openai_prompt({**body, "messages": prefix}, encoding)
-        key = prompt_digest(model, prefix, body.get("tools"), body.get("response_format")).hex()
     rate_cost = prompt + (limit if given else OPENAI_DEFAULT_MAX_OUTPUT) * n
     return Answer("openai", model, choices, prompt, per_choice, rate_cost,
-                  cache_key=key, cache_prefix_tokens=prefix_tokens)
+                  cache_prefixes=openai_prefixes(body, prompt, encoding),
+                  cache_ttl_s=caching.openai_ttl_s(body.get("prompt_cache_retention")))
+
+
+def openai_prefixes(body: dict, prompt: int, encoding: str | None) -> tuple:
+    """``(key, tokens)`` of the prompt's cacheable prefixes: tools and response format, then the
+    messages up to each boundary (the whole prompt last), under the request's ``prompt_cache_key``."""
+    if prompt < caching.OPENAI_MIN_TOKENS:
+        return ()
+    messages = body["messages"]
+    head = (body["model"], body.get("prompt_cache_key"), body.get("tools"), body.get("response_format"))
+    out = []
+    tokens = billing.openai_prompt({**body, "messages": []}, encoding)   # priming, tools, format
+    for k in range(1, len(messages) + 1):   # one message at a time: linear in the conversation
+        tokens += billing.openai_prompt({"model": body["model"], "messages": messages[k - 1:k]}, encoding) - 3
+        if k == len(messages):
+            tokens = prompt
+        if tokens >= caching.OPENAI_MIN_TOKENS:
+            out.append((prompt_digest(*head, messages[:k]).hex(), tokens))
+    return tuple(out)
 
 
 def _anthropic_tool(body: dict, digest: bytes) -> dict | None:
@@ -215,7 +229,8 @@ def anthropic_answer(body: dict) -> Answer:
     limit = body["max_tokens"]
     segments = billing.anthropic_segments(body)
     prompt = 3 + sum(t for t, _, _ in segments)
-    digest = prompt_digest(model, body.get("system"), body["messages"])
+    digest = prompt_digest(model, billing.claude_content(body.get("system")),
+                           [{**m, "content": billing.claude_content(m.get("content"))} for m in body["messages"]])
     count = billing.claude_count
     thinking, spent = None, 0
     if isinstance(body.get("thinking"), dict) and body["thinking"].get("type") in ("enabled", "adaptive"):
@@ -236,27 +251,6 @@ def anthropic_answer(body: dict) -> Answer:
 
 # --------------------------------------------------------------------------- billing a call
 
-class PromptCache:
-    """Prompt-cache entries: prefix key -> expiry (monotonic seconds)."""
-
-    TTL_S = {"5m": 300.0, "1h": 3600.0}
-    OPENAI_TTL_S = 600.0
-
-    def __init__(self, clock=time.monotonic):
-        self.clock = clock
-        self.entries: dict[str, float] = {}
-
-    def hit(self, key: str) -> bool:
-        expiry = self.entries.get(key)
-        return expiry is not None and expiry > self.clock()
-
-    def put(self, key: str, ttl_s: float) -> None:
-        self.entries[key] = max(self.entries.get(key, 0.0), self.clock() + ttl_s)
-
-    def clear(self) -> None:
-        self.entries.clear()
-
-
 def usage(answer: Answer, *, worst_case: bool, cache: PromptCache) -> dict:
     """What this call bills, in the provider's usage shape; updates ``cache``."""
     if answer.provider == "openai":
@@ -274,11 +268,7 @@ def _openai_usage(answer: Answer, worst_case: bool, cache: PromptCache) -> dict:
     else:
         out = answer.output_tokens
         reasoning_tokens = sum(c.reasoning_tokens for c in answer.choices)
-        cached = 0
-        if answer.cache_key is not None:
-            if cache.hit(answer.cache_key) and answer.cache_prefix_tokens >= billing.OPENAI_CACHE_MIN:
-                cached = answer.cache_prefix_tokens // billing.OPENAI_CACHE_STEP * billing.OPENAI_CACHE_STEP
-            cache.put(answer.cache_key, cache.OPENAI_TTL_S)
+        cached = caching.openai_cached(answer.cache_prefixes, answer.input_tokens, answer.cache_ttl_s, cache)
     return {
         "prompt_tokens": answer.input_tokens,
         "completion_tokens": out,
@@ -291,40 +281,18 @@ def _openai_usage(answer: Answer, worst_case: bool, cache: PromptCache) -> dict:
 
 def _anthropic_usage(answer: Answer, worst_case: bool, cache: PromptCache) -> dict:
     total = answer.input_tokens
-    breakpoints = []   # (cumulative tokens up to and including the piece, ttl, key)
-    cum = 3
-    for tokens, ttl, key in answer.segments:
-        cum += tokens
-        if ttl is not None:
-            breakpoints.append((cum, ttl, key))
     read = write_5m = write_1h = 0
     if worst_case:
         out = answer.limit
-        if breakpoints:   # the whole prompt written at the longest TTL named
-            if any(ttl == "1h" for _, ttl, _ in breakpoints):
+        ttls = {ttl for _, ttl, _ in answer.segments if ttl is not None}
+        if ttls:   # the whole prompt written at the longest TTL named
+            if "1h" in ttls:
                 write_1h = total
             else:
                 write_5m = total
     else:
         out = answer.output_tokens
-        minimum = 2 * billing.CACHE_MIN_TOKENS if "haiku" in answer.model else billing.CACHE_MIN_TOKENS
-        start = 0
-        for i in range(len(breakpoints) - 1, -1, -1):
-            cum_i, _, key = breakpoints[i]
-            if cache.hit(key):
-                read, start = cum_i, i + 1
-                cache.put(key, 300.0)   # a read refreshes the entry
-                break
-        done = read
-        for cum_i, ttl, key in breakpoints[start:]:
-            if cum_i < minimum:
-                continue   # below the minimum cacheable length: silently not cached
-            if ttl == "1h":
-                write_1h += cum_i - done
-            else:
-                write_5m += cum_i - done
-            done = cum_i
-            cache.put(key, cache.TTL_S.get(ttl, 300.0))
+        read, write_5m, write_1h = caching.anthropic_cached(answer.model, answer.segments, cache)
     return {
         "input_tokens": total - read - write_5m - write_1h,
         "output_tokens": out,

@@ -325,7 +325,7 @@ class BatchStore:
         if len(order) > 1 and order == sorted(order):
             order.reverse()  # never the input order
         out_lines, err_lines = [], []
-        usage = [0, 0]
+        usage = [0, 0, 0]
         per_step, pause = self._pace(len(order))
         done = 0
         for pos, idx in enumerate(order):
@@ -351,13 +351,15 @@ class BatchStore:
                 counts["completed"] += 1
                 usage[0] += billed.get("prompt_tokens", billed.get("input_tokens", 0))
                 usage[1] += billed.get("completion_tokens", billed.get("output_tokens", 0))
+                usage[2] += (billed.get("prompt_tokens_details") or billed.get("input_tokens_details")
+                             or {}).get("cached_tokens", 0)
                 self._count(model)
             done = pos + 1
             if done % per_step == 0:
                 await asyncio.sleep(pause)
             elif done % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
-        batch["usage"] = {"input_tokens": usage[0], "input_tokens_details": {"cached_tokens": 0},
+        batch["usage"] = {"input_tokens": usage[0], "input_tokens_details": {"cached_tokens": usage[2]},
                           "output_tokens": usage[1], "output_tokens_details": {"reasoning_tokens": 0},
                           "total_tokens": usage[0] + usage[1]}
         if batch["status"] == "cancelling":

@@ -72,8 +72,6 @@ _TILES = (("gpt-4o-mini", (2833, 5667)), ("gpt-4o", (85, 170)), ("gpt-4.1-mini",
           ("o3", (75, 150)), ("gpt-5-mini", 1.62), ("gpt-5-nano", 2.46), ("gpt-5", (70, 140)))
 CLAUDE_FACTOR = 1.2
 ANTHROPIC_TOOL_PROMPT = {"auto": 346, "none": 346, "any": 313, "tool": 313}
-CACHE_MIN_TOKENS = 1024      # Anthropic's minimum cacheable prompt (2,048 on Haiku models)
-OPENAI_CACHE_MIN, OPENAI_CACHE_STEP = 1024, 128
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -296,9 +294,24 @@ def _claude_blocks(value) -> int:
     return n
 
 
+def _bare(block):
+    return {k: v for k, v in block.items() if k != "cache_control"} if isinstance(block, dict) else block
+
+
+def claude_content(value):
+    """Content as the model sees it: a string is one text block, and ``cache_control`` is no part of
+    it (where the markers sit changes neither the answer nor the cache key)."""
+    if isinstance(value, str):
+        return [{"type": "text", "text": value}]
+    if isinstance(value, list):
+        return [_bare(b) for b in value]
+    return value
+
+
 def anthropic_segments(body: dict) -> list[tuple[int, str | None, str]]:
     """The prompt in cache order (tools, system, messages) as ``(tokens, ttl, prefix_key)``
-    per piece: ``ttl`` is the piece's cache_control TTL (a breakpoint) or None."""
+    per piece: ``ttl`` is the piece's cache_control TTL (a breakpoint) or None; the key is
+    the content up to the piece (``claude_content``), whatever the markers."""
     pieces: list[tuple[int, str | None, object]] = []
 
     def ttl_of(block) -> str | None:
@@ -318,13 +331,19 @@ def anthropic_segments(body: dict) -> list[tuple[int, str | None, str]]:
         pieces.append((5, None, "system"))
         for block in [system] if isinstance(system, str) else system:
             pieces.append((_claude_blocks([block] if isinstance(block, dict) else block),
-                           ttl_of(block), block))
+                           ttl_of(block), claude_content(block if isinstance(block, str) else [block])))
+    last_block = None
     for msg in body["messages"]:
         pieces.append((4, None, msg.get("role")))
         content = msg.get("content")
         for block in [content] if isinstance(content, str) else content or ():
+            last_block = len(pieces)
             pieces.append((_claude_blocks([block] if isinstance(block, dict) else block),
-                           ttl_of(block), block))
+                           ttl_of(block), claude_content(block if isinstance(block, str) else [block])))
+    auto = ttl_of(body)   # automatic caching: a top-level cache_control marks the last block
+    if auto is not None and last_block is not None and pieces[last_block][1] is None:
+        tokens, _, part = pieces[last_block]
+        pieces[last_block] = (tokens, auto, part)
     out, h = [], hashlib.sha256(body["model"].encode())
     for tokens, ttl, part in pieces:
         h.update(json.dumps(part, sort_keys=True, default=str).encode())

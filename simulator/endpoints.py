@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from simulator import answers, completions, embeddings, moderations, protocol, responses
+from simulator import answers, caching, completions, embeddings, moderations, protocol, responses
 
 
 @dataclass(frozen=True)
@@ -117,4 +117,4 @@ def worst_usage(path: str, body: dict) -> dict | None:
         ans = endpoint.answer(body, provider.model(model_of(endpoint, body) or ""), provider)
     except (Problem, LookupError):
         return None
-    return endpoint.bill(ans, True, answers.PromptCache())
+    return endpoint.bill(ans, True, caching.PromptCache())

@@ -34,6 +34,10 @@ from datetime import datetime
 from decimal import Decimal
 
 MILLION = Decimal(1_000_000)
+#: Anthropic prompt caching, × the input price: 5-minute writes 1.25, 1-hour writes 2, reads 0.1 (the
+#: ``cached_input`` column below); docs.claude.com/en/docs/about-claude/pricing, "Prompt caching" (read
+#: December 2026). OpenAI's cached input is its own column per model (platform.openai.com/docs/pricing:
+#: gpt-4o 0.5 ×, gpt-4.1 0.25 ×, gpt-5 0.1 ×). Which tokens are cached is ``caching.py``'s.
 CACHE_WRITE_5M = Decimal("1.25")
 CACHE_WRITE_1H = Decimal("2")
 #: tiers that take ``batch_discount`` off

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 
+from simulator import caching
 from simulator.answers import Answer
 
 OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -169,6 +170,9 @@ def validate_anthropic_message(body: dict) -> None:
         raise Problem("system: Input should be a valid string or list", "system")
     if body.get("stream"):
         raise Problem("stream: the simulator does not support streaming", "stream")
+    refused = caching.check_anthropic_breakpoints(body)
+    if refused:
+        raise Problem(refused, "cache_control")
     thinking = body.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
         budget = thinking.get("budget_tokens")

@@ -122,6 +122,9 @@ def chat_twin(body: dict) -> dict:
         chat["tool_choice"] = choice
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
+    for name in ("prompt_cache_key", "prompt_cache_retention"):   # they route and keep its prefix
+        if body.get(name) is not None:
+            chat[name] = body[name]
     return chat
 
 

@@ -57,7 +57,7 @@ from aiohttp import web
 from pipeline.constants import SIMULATOR_LABEL
 from simulator import billing
 from simulator.accounts import Accounts, Provider, build_providers
-from simulator.answers import PromptCache
+from simulator.caching import PromptCache
 from simulator.config import ERROR_KINDS, SimulatorConfig
 from simulator.dialects import DIALECTS
 from simulator.endpoints import MESSAGES, Endpoint, model_of, tokens_of
@@ -225,10 +225,11 @@ class Simulator:
         return cached
 
     def charge(self, call: Call, answer, model: str, tier: str, idempotency_key: str | None,
-               batch: bool = False) -> dict:
+               batch: bool = False, started: float | None = None) -> dict:
         """Bill one generation: its usage (worst case if configured), per idempotency key, and in USD
-        per provider and key. Returns the usage the answer reports."""
-        billed = call.endpoint.bill(answer, self.config.worst_case, self.prompt_cache)
+        per provider and key. Returns the usage the answer reports. ``started``: when the generation
+        began (monotonic): it reads only prompt-cache entries written before then."""
+        billed = call.endpoint.bill(answer, self.config.worst_case, self.prompt_cache.as_of(started))
         info = call.provider.model(model)
         price = info.price if info is not None else None
         # time-of-day prices by the simulator's own clock when the call arrived (batches: none)
@@ -341,6 +342,7 @@ class Simulator:
                     status = 429
                     return json_response(dialect.limit_error(lim, model, OPERATIONS.get(endpoint.path, "")),
                                          429, headers)
+            started = time.monotonic()
             delay = self.draw_latency() + self.config.hold_s
             generates = kind in (None, "hangup")   # 500, 529 and 504 answer without a generation
             if delay:
@@ -349,7 +351,7 @@ class Simulator:
                     await asyncio.sleep(delay)
                 except asyncio.CancelledError:
                     if generates:   # the client went away: the generation runs on, and is billed
-                        self._bill_later(call, answer, model, tier, idem, done_at - time.monotonic())
+                        self._bill_later(call, answer, model, tier, idem, done_at - time.monotonic(), started)
                     raise
             if kind is not None:
                 if kind == "500":
@@ -365,10 +367,10 @@ class Simulator:
                     return json_response(dialect.error(504, rid), 504, headers)
                 if kind == "hangup":
                     status = "hangup"
-                    self.charge(call, answer, model, tier, idem)   # generated, then the line dropped
+                    self.charge(call, answer, model, tier, idem, started=started)   # generated, then dropped
                     return self._hang_up(request)
             status = 200
-            billed = self.charge(call, answer, model, tier, idem)
+            billed = self.charge(call, answer, model, tier, idem, started=started)
             reply = endpoint.reply(answer, billed, model, self.new_id, tier)
             usage = tokens_of(billed)
             return json_response(reply, 200, headers)
@@ -376,12 +378,13 @@ class Simulator:
             self.stats.finish(counters, status, usage)
             self.accounts.finish(provider.name, call.alias, status, unavailable)
 
-    def _bill_later(self, call: Call, answer, model: str, tier: str, key: str | None, remaining_s: float) -> None:
+    def _bill_later(self, call: Call, answer, model: str, tier: str, key: str | None, remaining_s: float,
+                    started: float | None = None) -> None:
         """A generation whose client has gone: it finishes anyway, and is billed when it does."""
         async def finish():
             if remaining_s > 0:
                 await asyncio.sleep(remaining_s)
-            self.charge(call, answer, model, tier, key)
+            self.charge(call, answer, model, tier, key, started=started)
         task = asyncio.get_running_loop().create_task(finish())
         self._unattended.add(task)
         task.add_done_callback(self._unattended.discard)

@@ -13,6 +13,9 @@
    abandoned, nothing of it is left running. Before every provider call the
    request asks the ``Gate``: a cancelled job's request, or any request once the
    lease is lost, is not sent;
+   the first request of a prompt-cache prefix group (``group_key``) runs before
+   the rest of its group, which read the cache it writes (they wait at most
+   ``prompt_cache_warm_s``; a call reads only what finished before it started);
 4. write outcomes and attempts in bulk as they finish (group commit: the
    outcomes that finish during one write share the next), so a crash loses
    at most a write's worth of finished work; each write is idempotent and is
@@ -29,6 +32,7 @@ finish and are written, and the batch is left to its new holder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import timedelta
@@ -36,6 +40,8 @@ from decimal import Decimal
 
 from pipeline.clock import budget_now
 from pipeline.config import Settings
+from pipeline.constants import IMMEDIATE_TIER
+from pipeline.endpoints.prompt_cache import group_key
 from pipeline.errors import (
     BudgetExceeded, BudgetScriptError, BudgetUnavailable, InvalidAmount, PermanentProviderError, ProviderError,
 )
@@ -327,6 +333,32 @@ def _poison(batch: dict, requests: list[dict]) -> list[dict]:
     return [internal_error(r, message, "batch_poison") for r in requests]
 
 
+class PrefixGroups:
+    """The requests of one prompt-cache prefix group run after their group's first one is done:
+    a provider call reads only the cache entries written before it started, so a group sent all at
+    once would write the prefix once per request and read it never."""
+
+    def __init__(self, wait_s: float):
+        self.wait_s = wait_s
+        self.leads: dict[str, asyncio.Event] = {}   # group -> set when its first request is done
+
+    @contextlib.asynccontextmanager
+    async def turn(self, body: dict):
+        group, lead = (group_key(body) if self.wait_s > 0 else None), None
+        if group is not None and group in self.leads:
+            try:
+                await asyncio.wait_for(self.leads[group].wait(), self.wait_s)
+            except TimeoutError:
+                pass   # the first is slow (retries, a deferral): the rest go on without its cache
+        elif group is not None:
+            lead = self.leads[group] = asyncio.Event()
+        try:
+            yield
+        finally:
+            if lead is not None:
+                lead.set()
+
+
 async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: Settings, engine,
                    sem: asyncio.Semaphore, drained: asyncio.Event) -> dict:
     batch_id = batch["batch_id"]
@@ -347,6 +379,9 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
     gate = Gate(engine, lost)
     coalescer = coalescer_for(settings)
 
+    # the immediate tier never waits for a group's first request: its latency comes first
+    groups = PrefixGroups(0 if batch.get("tier") == IMMEDIATE_TIER else settings.prompt_cache_warm_s)
+
     def started(flag: list):
         nonlocal waiting
         if not flag:
@@ -356,6 +391,11 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
                 drained.set()
 
     async def one(req):
+        # a prompt-cache group's later requests wait for its first (then single flight, then a slot)
+        async with groups.turn(req.body):
+            await _one(req)
+
+    async def _one(req):
         begun: list = []
         try:
             # single flight first, outside the slots: a repeat of a request in flight takes its answer

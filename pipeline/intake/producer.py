@@ -4,7 +4,9 @@
 gzip recognised by its magic bytes: pipeline/intake/lines.py) in memory bounded by
 the longest line it reads (``max_line_bytes``; a longer line is refused with
 its number, unread), apart from 16 to 32 bytes per custom_id, to reject
-duplicates (``DigestSet``), and publishes every valid line with the idempotent producer. A bad line is rejected with its line
+duplicates (``DigestSet``), and 16 bytes per distinct prefix for prompt-cache
+placement (``Placer``, at most 200,000; placed before the line is bounded), and
+publishes every valid line with the idempotent producer. A bad line is rejected with its line
 number and reason, recorded in Postgres, and the rest of the job goes on.
 A line counts as accepted only when Kafka acknowledged it; lines Kafka did
 not acknowledge are reported by number and recorded as rejected.
@@ -47,6 +49,7 @@ from confluent_kafka import KafkaError, KafkaException
 from pipeline.config import Settings, get_settings
 from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_TOPIC
 from pipeline.errors import FileInputError, InfrastructureError, LineError, UnknownModelError
+from pipeline.endpoints.prompt_cache import Placer
 from pipeline.intake.formats import Request, parse_json_line, parse_request
 from pipeline.intake.kafka import make_producer, sign
 from pipeline.intake.lines import DigestSet, Oversized, is_stdin, open_input, read_lines
@@ -352,6 +355,8 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     deliveries = _Deliveries()
     rejections: list[dict] = []
     key = job_id.encode()
+    placer = Placer(provider_batch=path_for(mode).runs_in == "scheduler") if settings.prompt_cache_placement \
+        else None   # Anthropic's 1-hour TTL where the provider's Batch API runs the lines
     produced = 0
     last_progress = last_beat = 0.0
 
@@ -389,6 +394,8 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                             raise LineError(oversized_reason(raw, settings.max_line_bytes))
                         obj = parse_json_line(raw)
                         cid = obj.get("custom_id") if isinstance(obj.get("custom_id"), str) else None
+                        if placer is not None:   # before the bound: a cache write is part of the maximum
+                            obj = placer.place_line(obj, prices)
                         req = parse_request(obj, prices, counter)
                         way = path_of(mode, req.body)   # the path says whether it serves this line
                         price = prices.resolve(req.model, req.provider)

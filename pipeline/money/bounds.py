@@ -33,9 +33,10 @@ and a property test checks the whole against the simulator's worst case):
 * **Images** by the providers' published formulas (:func:`openai_image_tokens`,
   :func:`anthropic_image_tokens`); when the size is unknown (an URL, an
   unreadable header) the maximum for the model and detail.
-* **Cache writes.** Anthropic ``cache_control`` anywhere prices the whole
-  prompt at the most expensive write rate present (1-hour: 2 ×, 5-minute:
-  1.25 ×), since a write covers the prompt up to its breakpoint.
+* **Cache writes.** Anthropic ``cache_control`` anywhere (a block's, or the
+  top-level one of automatic caching, whose breakpoint is the last block) prices
+  the whole prompt at the most expensive write rate present (1-hour: 2 ×,
+  5-minute: 1.25 ×), since a write covers the prompt up to its breakpoint.
 * **Cannot be bounded** (rejected with the reason): content types, tool types
   and parameters whose price is not a function of the body (audio, files,
   documents, server tools, predicted outputs, ``service_tier: priority``).
@@ -457,6 +458,7 @@ def _anthropic_input(body: dict) -> tuple[int, tuple[str, ...]]:
     if body.get("service_tier") not in (None, "auto", "standard_only"):
         raise LineError(f"service_tier {body['service_tier']!r} is not priced in the price book")
     ttls: set[str] = set()
+    _cache_ttl(body, "params", ttls)   # automatic caching: a write at the last cacheable block
     n = REPLY_PRIMING
     system = body.get("system")
     if system:

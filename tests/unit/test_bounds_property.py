@@ -38,7 +38,7 @@ from pipeline.endpoints import ENDPOINTS
 from pipeline.errors import LineError
 from pipeline.money.bounds import request_bound
 from pipeline.money.pricing import PriceBook, cost, max_cost, usage_from_anthropic, usage_from_openai
-from simulator import answers
+from simulator import answers, caching
 from simulator.endpoints import ALL as SIMULATED, worst_usage
 from simulator.prices import builtin_price, usd
 from simulator.protocol import Problem, validate_anthropic_message, validate_openai_chat
@@ -224,7 +224,7 @@ def billed(provider: str, body: dict):
             answer = answers.anthropic_answer(body)
     except (Problem, LookupError):
         return None
-    raw = answers.usage(answer, worst_case=True, cache=answers.PromptCache())
+    raw = answers.usage(answer, worst_case=True, cache=caching.PromptCache())
     return usage_from_openai(raw) if provider == "openai" else usage_from_anthropic(raw)
 
 

@@ -20,7 +20,7 @@ machine that holds it (OpenAI). :class:`Placer` sees a job's lines in order
   (``pipeline.money.bounds``) prices a body with ``cache_control`` at the write
   rate and the body is marked before it is bounded.
 - **OpenAI** (chat completions, Responses): caching is automatic from 1,024 tokens; a
-  ``prompt_cache_key`` of the shortest shared prefix that reaches 1,024 tokens
+  ``prompt_cache_key`` of the shortest shared prefix that reaches the model's minimum
   (tools and the leading system or developer messages, else every message but
   the last) routes the lines of a group to the same cache.
 
@@ -44,35 +44,17 @@ from pipeline.errors import LLMBatchError
 from pipeline.money.pricing import ModelPrice, PriceBook
 from pipeline.money.tokens import ESTIMATE_ENCODING, get_encoding
 
-OPENAI_MIN_TOKENS = 1024
-#: Until the pricing file carries ``min_cacheable_tokens`` per model, the minimums Anthropic documents
-#: (docs.claude.com/en/docs/build-with-claude/prompt-caching, "Cache limitations", December 2026);
-#: the longest matching prefix of the model id wins, and a model not listed takes the largest (never
-#: marked below a minimum we do not know)
-ANTHROPIC_MIN_TOKENS = (
-    ("claude-opus-4-6", 4096), ("claude-opus-4-5", 4096), ("claude-haiku-4-5", 4096),
-    ("claude-3-5-haiku", 2048), ("claude-3-haiku", 2048),
-    ("claude-sonnet-4", 1024), ("claude-opus-4", 1024), ("claude-3-7-sonnet", 1024),
-    ("claude-3-5-sonnet", 1024), ("claude-3-opus", 1024),
-)
-ANTHROPIC_UNKNOWN_MIN = 4096
 #: prefixes remembered per job; past this, new prefixes are no longer marked (memory stays bounded)
 MAX_PREFIXES = 200_000
 KEY_PREFIX = "llmbatch-"
 _UNMARKABLE = ("thinking", "redacted_thinking")
 
 
-def min_cacheable_tokens(price: ModelPrice) -> int:
-    """The model's minimum cacheable prefix: the pricing file's ``min_cacheable_tokens`` when it has one,
-    else the documented figure (the one place this default is read)."""
-    given = getattr(price, "min_cacheable_tokens", None)
-    if given:
-        return int(given)
-    if price.kind != "anthropic":
-        return OPENAI_MIN_TOKENS
-    m = price.model.lower()
-    best = max((p for p, _ in ANTHROPIC_MIN_TOKENS if m.startswith(p)), key=len, default=None)
-    return dict(ANTHROPIC_MIN_TOKENS)[best] if best else ANTHROPIC_UNKNOWN_MIN
+def min_cacheable_tokens(price: ModelPrice) -> int | None:
+    """The model's minimum cacheable prefix, from the price book (``min_cache_tokens``, with its
+    source there); None when the book does not know it, and then nothing is marked (a minimum we do
+    not know is never guessed: below it the provider caches nothing, silently)."""
+    return price.min_cache_tokens
 
 
 def cached_ratio(price: ModelPrice) -> Decimal:
@@ -206,9 +188,9 @@ def _mark(body: dict, where: str, cc: dict) -> dict | None:
 
 # --------------------------------------------------------------------------- OpenAI
 
-def _openai_key(body: dict) -> str | None:
-    """The ``prompt_cache_key`` of a chat body: of the shortest shared prefix that reaches 1,024 tokens
-    (tools and the leading system or developer messages, else every message but the last)."""
+def _openai_key(body: dict, minimum: int) -> str | None:
+    """The ``prompt_cache_key`` of a chat body: of the shortest shared prefix that reaches ``minimum``
+    tokens (tools and the leading system or developer messages, else every message but the last)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or len(messages) < 2 or not all(isinstance(m, dict) for m in messages):
         return None
@@ -225,7 +207,7 @@ def _openai_key(body: dict) -> str | None:
             _feed(h, [m.get("role"), m.get("name"), m.get("content")])
             floor += _floor(_texts(m.get("content")))
         done = end
-        if floor >= OPENAI_MIN_TOKENS:
+        if floor >= minimum:
             return KEY_PREFIX + _digest(h)[:32]
     return None
 
@@ -255,10 +237,13 @@ class Placer:
         nothing long enough, an endpoint without prompt caching)."""
         if not isinstance(body, dict) or user_marked(body):
             return body
-        if price.kind == "anthropic":
-            out = self._anthropic(body, price)
+        minimum = min_cacheable_tokens(price)
+        if minimum is None:   # the price book does not say the model caches from a length: no marks
+            out = body
+        elif price.kind == "anthropic":
+            out = self._anthropic(body, price, minimum)
         elif url in (None, CHAT_URL, RESPONSES_URL):
-            key = _openai_key(body if url != RESPONSES_URL else _responses_view(body))
+            key = _openai_key(body if url != RESPONSES_URL else _responses_view(body), minimum)
             out = body if key is None else {**body, "prompt_cache_key": key}
         else:
             out = body
@@ -282,8 +267,7 @@ class Placer:
         placed = self.place(body, price, url)
         return obj if placed is body else {**obj, field: placed}
 
-    def _anthropic(self, body: dict, price: ModelPrice) -> dict:
-        minimum = min_cacheable_tokens(price)
+    def _anthropic(self, body: dict, price: ModelPrice, minimum: int) -> dict:
         cc = {"type": "ephemeral", **({"ttl": self.ttl} if self.ttl else {})}
         out = body
         for where, fp, floor in _anthropic_prefixes(body):

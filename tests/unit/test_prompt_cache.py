@@ -190,6 +190,21 @@ def test_the_cached_ratio_is_the_pricing_files():
     assert min_cacheable_tokens(price("gpt-4o-mini")) == 1024
 
 
+def test_the_minimum_is_the_price_books_and_a_model_it_gives_none_is_never_marked():
+    from dataclasses import replace
+    for model in ("gpt-4o-mini", "claude-haiku-4-5", "claude-3-5-haiku-latest", "claude-sonnet-4-5"):
+        assert min_cacheable_tokens(price(model)) == price(model).min_cache_tokens is not None
+    assert min_cacheable_tokens(price("text-embedding-3-small")) is None
+    unknown = replace(price("claude-sonnet-4-5"), min_cache_tokens=None)
+    placer = Placer()
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "system": text_of(3000, 1),
+            "messages": [{"role": "user", "content": "hi"}]}
+    assert placer.place(body, unknown) is body and placer.place(body, unknown) is body
+    known = Placer()   # the book's minimum: the second line of the group is marked
+    assert known.place(body, price("claude-sonnet-4-5")) is body
+    assert known.place(body, price("claude-sonnet-4-5")) is not body
+
+
 def test_a_prefix_group_runs_its_first_request_before_the_others():
     import asyncio
 

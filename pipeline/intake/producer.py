@@ -56,7 +56,7 @@ from pipeline.intake.lines import DigestSet, Oversized, is_stdin, open_input, re
 from pipeline.intake.tiers import classify
 from pipeline.money.pricing import get_price_book
 from pipeline.paths.base import check_serves
-from pipeline.paths.registry import AUTO, check_mode, path_of
+from pipeline.paths.registry import AUTO, check_mode, path_for, path_of
 from pipeline.request import Request as TypedRequest, default_url
 from pipeline.stores import db, jobs
 
@@ -309,6 +309,16 @@ def _anthropic_counter(settings: Settings):
     return token_counter(settings, build_registry(settings).get("anthropic"))
 
 
+def placer_for(mode: str, settings: Settings) -> Placer | None:
+    """The job's prompt-cache placer (None: placement is off). Anthropic's 1-hour TTL where the
+    provider's Batch API runs the lines: a job whose mode is a scheduler path. Under ``auto`` the path
+    is chosen per line later, by the batcher, so the lines keep the 5-minute TTL their bound is priced
+    at, also those that then go to a provider batch (a shorter-lived cache there, never a dearer bill)."""
+    if not settings.prompt_cache_placement:
+        return None
+    return Placer(provider_batch=mode != AUTO and path_for(mode).runs_in == "scheduler")
+
+
 def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | None = None,
                 name: str | None = None, priority: int | None = None, tier: str | None = None,
                 budget_usd: Decimal | None = None, on_budget: str = "defer", mode: str = AUTO,
@@ -355,8 +365,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
     deliveries = _Deliveries()
     rejections: list[dict] = []
     key = job_id.encode()
-    placer = Placer(provider_batch=path_for(mode).runs_in == "scheduler") if settings.prompt_cache_placement \
-        else None   # Anthropic's 1-hour TTL where the provider's Batch API runs the lines
+    placer = placer_for(mode, settings)
     produced = 0
     last_progress = last_beat = 0.0
 

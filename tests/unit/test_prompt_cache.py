@@ -291,3 +291,14 @@ def test_placing_any_line_never_raises(line, body, model):
         for _ in range(2):   # the second sight of a prefix is the one that marks
             placer.place_line(candidate, PRICES)
         group_key(candidate.get("params") or candidate.get("body"))
+
+
+def test_a_jobs_placer_follows_its_mode_and_auto_keeps_the_five_minute_ttl():
+    from pipeline.config import Settings
+    from pipeline.intake.producer import placer_for
+
+    on, off = Settings(prompt_cache_placement=True), Settings(prompt_cache_placement=False)
+    assert placer_for("provider_batch", on).ttl == "1h"       # the Batch API runs the lines
+    assert placer_for("realtime", on).ttl is None
+    assert placer_for("auto", on).ttl is None                 # chosen per line later: the bound's 5m
+    assert placer_for("auto", off) is None

@@ -200,7 +200,12 @@ def reconcile(engine, redis_sync, settings: Settings, *, recheck_s: float = 1.0)
             if first:
                 time.sleep(recheck_s)
                 gen2, second, _ = _drift(engine, redis_sync, settings)
-                drift = {f: d for f, d in second.items() if first.get(f) == d} if gen1 == gen2 else {}
+                if gen1 != gen2:
+                    # another process invalidated or rebuilt the counters meanwhile (a worker that saw
+                    # them go back in time): make sure they are rebuilt before saying they are right
+                    rebuilt = rebuild(engine, redis_sync, settings)
+                    return {"drift_units": {}, "rebuilt": rebuilt, "reason": "counters replaced meanwhile"}
+                drift = {f: d for f, d in second.items() if first.get(f) == d}
             if not drift:
                 # spend right, but holds of requests the ledger already counts (a settle that failed,
                 # or never ran): they stall their caps until a rebuild drops them

@@ -107,3 +107,25 @@ def wait_for(predicate, timeout: float = 60, every: float = 0.2, what: str = "co
             return value
         time.sleep(every)
     raise AssertionError(f"{what} not met within {timeout} s")
+
+
+def wait_for_progress(predicate, progress, stall: float = 120, limit: float = 1800, every: float = 0.5,
+                      what: str = "condition"):
+    """Wait for ``predicate`` as long as ``progress()`` keeps changing: fail when it has not
+    changed for ``stall`` seconds, or after ``limit`` in all. A starved machine makes the stack
+    slow, not stuck; a wall-clock limit alone failed a cancel test at load average 20+ while the
+    batcher was still reading the job's messages (CI run 13)."""
+    started = last_change = time.monotonic()
+    seen = progress()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        now = time.monotonic()
+        current = progress()
+        if current != seen:
+            seen, last_change = current, now
+        if now - last_change > stall or now - started > limit:
+            raise AssertionError(f"{what} not met: no progress for {now - last_change:.0f} s "
+                                 f"({now - started:.0f} s in all), last progress {seen!r}")
+        time.sleep(every)

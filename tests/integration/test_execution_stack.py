@@ -11,7 +11,7 @@ import time
 import sqlalchemy as sa
 
 from pipeline.config import ROOT
-from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
+from tests.integration.conftest import chat_line, llmbatch, wait_for, wait_for_progress, write_jsonl
 from tests.integration.execution_helpers import calls_of, scalar, simulator_config
 
 
@@ -52,13 +52,16 @@ def test_cancel_mid_job_takes_effect_without_deadlock_and_stops_provider_calls(s
             time.sleep(5.0)
             after_cancel = calls_of(stack, job)   # this job's calls, whatever else the stack runs
 
-            def settled():
+            def counts():
                 with engine.connect() as conn:
-                    open_, total = conn.execute(sa.text(
+                    return tuple(conn.execute(sa.text(
                         "SELECT count(*) FILTER (WHERE status NOT IN ('succeeded', 'failed', 'cancelled')),"
-                        " count(*) FROM requests WHERE job_id = :j"), {"j": job}).one()
-                return open_ == 0 and total == n
-            wait_for(settled, timeout=240, every=0.5, what=f"every request of {job} to end")
+                        " count(*) FROM requests WHERE job_id = :j"), {"j": job}).one())
+            # the batcher may still be reading the job's messages when the cancel lands (at load
+            # average 20+ it had written 724 of 1,000 rows 4 minutes later): wait while rows appear
+            # and end, and fail only when nothing moves
+            wait_for_progress(lambda: counts() == (0, n), counts, stall=120,
+                              what=f"every request of {job} to end")
             time.sleep(2.0)
             late = calls_of(stack, job) - after_cancel
             with engine.connect() as conn:

@@ -278,3 +278,59 @@ def test_a_call_is_counted_in_its_window_from_when_it_is_sent(stack):
             await r.aclose()
 
     asyncio.run(main())
+
+
+def test_a_slow_call_is_counted_again_from_its_answer(stack):
+    """The provider counts a call when it arrives, anywhere between our stamp and its answer: a
+    starved worker's send reached the simulator seconds after its stamp (101 calls in 60 s against
+    a share of 84). A call slower than the window's guard is counted from its answer; a fast one,
+    or one that failed fast, keeps its stamp."""
+    from decimal import Decimal
+
+    from pipeline.errors import RetryableProviderError
+    from pipeline.providers.registry import KeySpec, ProviderSpec
+    from tests.unit.test_fallback import OK, FakeBudget, request
+    from workers.limited import Limited
+
+    model = "gpt-4o"
+    settings = _settings(rate_limits={})
+
+    def provider_taking(seconds: float, fail: bool = False):
+        name = f"test-restamp-{secrets.token_hex(4)}"
+
+        class P:
+            spec = ProviderSpec(name, "openai", "http://x/v1", (KeySpec("k", rpm=100),))
+
+            async def call(self, body, *, headers, key=None):
+                await asyncio.sleep(seconds)
+                if fail:
+                    raise RetryableProviderError("upstream timed out", 504, None)
+                return OK
+        P.name = name
+        return P()
+
+    async def counted_from(r, p, fail: bool) -> float:
+        lim = Limited(p, request(fallback_model=None, provider=p.name), FakeBudget(Decimal(1)),
+                      ratelimit.Limiter(settings, r))
+        t0 = await r.time()
+        try:
+            await lim.call(request().body, headers={})
+        except RetryableProviderError:
+            assert fail
+        window = await r.zrange(ratelimit.rate_keys(p.name, model, "k")[0], 0, -1, withscores=True)
+        assert len(window) == 1
+        return window[0][1] / 1000 - (t0[0] + t0[1] / 1e6)
+
+    async def main():
+        r = _client()
+        providers = [provider_taking(1.5), provider_taking(1.5, fail=True), provider_taking(0.0)]
+        try:
+            slow, slow_failed, fast = [await counted_from(r, p, fail) for p, fail in zip(providers, (0, 1, 0))]
+            assert 1.4 <= slow <= 2.5, f"a 1.5 s call counted from {slow:.2f} s"
+            assert 1.4 <= slow_failed <= 2.5, f"a 1.5 s failed call counted from {slow_failed:.2f} s"
+            assert fast <= 0.4, f"a fast call counted from {fast:.2f} s"
+        finally:
+            await _cleanup([k for p in providers for k in ratelimit.rate_keys(p.name, model, "k")])
+            await r.aclose()
+
+    asyncio.run(main())

@@ -189,34 +189,35 @@ class Limited:
             self._n += 1
             self.call_id = f"{self.rid}.{self._n}"
             await self.calls.sending(self.req, self.reservation, self.call_id)
+        stamped = time.monotonic()   # before the stamp: the delay to the provider is measured from it
         if self.key is not None:   # the window counts it from now: its record may have taken a while
             await self._stamp(model)
         self._sent = True   # from here on the provider may bill, whatever we hear back
         body = body if model == self.req.model else {**body, "model": model}
-        sent = time.monotonic()
         try:
             if self.key is None or not self._keyed:   # no limiter (the provider's first key), or no registry entry
-                return await self.provider.call(body, headers=headers)
-            return await self.provider.call(body, headers=headers, key=self.key)
+                answer = await self.provider.call(body, headers=headers)
+            else:
+                answer = await self.provider.call(body, headers=headers, key=self.key)
         except asyncio.CancelledError:
             raise
         except BaseException:
-            await self._restamp(model, sent)
+            await self._restamp(model, stamped)
             raise
-        else:
-            await self._restamp(model, sent)
+        await self._restamp(model, stamped)
+        return answer
 
     async def _stamp(self, model: str) -> None:
         await self.limiter.stamp(self.req.provider, model, self.tokens, self._admitted,
                                  key=self.key.alias, limit=self._limit(model))
 
-    async def _restamp(self, model: str, sent: float) -> None:
+    async def _restamp(self, model: str, stamped: float) -> None:
         """The provider counted the call when it arrived, somewhere between our stamp and its
         answer. Past the window's guard (a starved worker's send can reach the provider seconds
         after its stamp: the simulator saw 101 calls in 60 s against a share of 84 at load average
         20+), the call is counted again from its answer, so our window holds it at least as long
         as the provider's can."""
-        if self.key is None or time.monotonic() - sent <= ratelimit.WINDOW_GUARD_MS / 1000:
+        if self.key is None or time.monotonic() - stamped <= ratelimit.WINDOW_GUARD_MS / 1000:
             return
         try:
             await asyncio.wait_for(self._stamp(model), RESTAMP_WAIT_S)

@@ -90,7 +90,21 @@ def _fast():
     schema = _schema()
     ints = tuple(name for name, prop in schema.get("properties", {}).items()
                  if "integer" in (prop.get("type") if isinstance(prop.get("type"), list) else [prop.get("type")]))
-    return jsonschema_rs.validator_for(schema, validate_formats=True).is_valid, ints
+    # the reference's own format checks, not the compiled ones: they differ at the edges (year 0000
+    # is a date-time to jsonschema-rs, not to RFC 3339), and the fast path must never admit more
+    checker = Draft202012Validator.FORMAT_CHECKER
+    formats = {name: functools.partial(checker.conforms, format=name) for name in _formats(schema)}
+    return jsonschema_rs.validator_for(schema, formats=formats, validate_formats=True).is_valid, ints
+
+
+def _formats(node) -> set[str]:
+    """Every ``format`` the schema names."""
+    if isinstance(node, dict):
+        return ({node["format"]} if isinstance(node.get("format"), str) else set()).union(
+            *(_formats(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_formats(v) for v in node))
+    return set()
 
 
 def _cut(text: str) -> str:

@@ -226,11 +226,20 @@ redis.call('PEXPIRE', KEYS[2], window + 1000)
 return {1, 0}
 """
 
-# KEYS: window zset; ARGV: member (id|tokens) → 1 stamped now | 0 no longer in the window
+# KEYS: window zset, token counter; ARGV: member (id|tokens), window_ms → 1 stamped now | 0 counted
+# again: its entry had left the window (a send that waited past the window for its record, or an
+# answer that came after it), and the provider counts the call all the same
 STAMP = _NOW + """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
-return 1
+local window = tonumber(ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
+  return 1
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('INCRBY', KEYS[2], tonumber(string.match(ARGV[1], '|(%d+)$')))
+redis.call('PEXPIRE', KEYS[1], window + 1000)
+redis.call('PEXPIRE', KEYS[2], window + 1000)
+return 0
 """
 
 # KEYS: per key, its window zset, token counter and blocked-until (3 each); ARGV: window_ms
@@ -374,7 +383,8 @@ class Limiter:
         (its record in Postgres), and the provider counts it when it arrives."""
         if limit is None:
             return
-        await self._eval(STAMP, [rate_keys(provider, model, key)[0]], f"{rid}|{int(tokens)}")
+        await self._eval(STAMP, rate_keys(provider, model, key)[:2], f"{rid}|{int(tokens)}",
+                         WINDOW_MS + WINDOW_GUARD_MS)
 
     async def headroom(self, provider: str, model: str, keys: list[tuple[str, Limit | None]]) -> list[float]:
         """Per (alias, limit): the share of its limit still free now (the lower of requests and

@@ -334,3 +334,30 @@ def test_a_slow_call_is_counted_again_from_its_answer(stack):
             await r.aclose()
 
     asyncio.run(main())
+
+
+def test_a_call_whose_entry_left_the_window_is_counted_again_when_it_is_sent(stack):
+    """An admitted call can wait past the window for its record (a starved worker, a slow
+    Postgres): its entry has expired by then, and the provider still counts the call, so the
+    stamp at its send puts it back, tokens and all."""
+    provider, model = f"test-restore-{secrets.token_hex(4)}", "gpt-4o"
+    settings = _settings(rate_limits={})
+    limit = ratelimit.Limit(rpm=10, tpm=1000)
+
+    async def main():
+        r = _client()
+        lim = ratelimit.Limiter(settings, r)
+        window, tokens = ratelimit.rate_keys(provider, model, "k")[:2]
+        try:
+            assert await lim.try_admit(provider, model, "offpeak", 70, "late", key="k", limit=limit) == 0.0
+            await r.delete(window, tokens)   # the window moved on while the call waited for its record
+            await lim.stamp(provider, model, 70, "late", key="k", limit=limit)
+            assert [m for m, _ in await r.zrange(window, 0, -1, withscores=True)] == [b"late|70"]
+            assert int(await r.get(tokens)) == 70
+            await lim.stamp(provider, model, 70, "late", key="k", limit=limit)   # a second stamp moves it
+            assert await r.zcard(window) == 1 and int(await r.get(tokens)) == 70
+        finally:
+            await _cleanup([window, tokens])
+            await r.aclose()
+
+    asyncio.run(main())

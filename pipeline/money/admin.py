@@ -43,14 +43,17 @@ def record_alert(engine, scope: str, period: str, threshold: int, cap: Decimal, 
 def set_cap(engine, redis_sync, settings: Settings, scope: str, usd) -> dict:
     """Set a cap (Postgres, the source of truth, then its mirror in Redis) and wake what it deferred.
 
-    ``scope``: 'global', 'tier:<tier>' or 'job:<job_id>'. Returns what changed.
+    ``scope``: 'global', 'tier:<tier>', 'project:<id>' (an API project's daily cap) or 'job:<job_id>'.
+    Returns what changed.
     """
     usd = parse_cap(usd, scope)
     if usd is None:
         raise ConfigError(f"{scope}: no amount given")
     if not (scope == "global" or scope.startswith("job:") or
-            (scope.startswith("tier:") and scope[5:] in TIERS)):
-        raise ConfigError(f"unknown budget scope {scope!r}: 'global', 'tier:<tier>' or 'job:<job id>'")
+            (scope.startswith("tier:") and scope[5:] in TIERS) or
+            (scope.startswith("project:") and len(scope) > len("project:"))):
+        raise ConfigError(f"unknown budget scope {scope!r}: 'global', 'tier:<tier>', 'project:<id>'"
+                          " or 'job:<job id>'")
     with engine.begin() as conn:
         if scope.startswith("job:"):
             from pipeline.stores.jobs import lock_job_batches

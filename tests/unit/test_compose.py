@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 APP_ENV = ("LLMBATCH_DATABASE_URL", "LLMBATCH_REDIS_URL", "LLMBATCH_KAFKA_BOOTSTRAP", "LLMBATCH_SIMULATOR_URL")
 TIERS = ("immediate", "peak", "offpeak", "background")
-APP_SERVICES = ("migrate", "simulator", "batcher", "scheduler", "flower", *(f"worker-{t}" for t in TIERS))
+APP_SERVICES = ("migrate", "simulator", "batcher", "scheduler", "api", "flower", *(f"worker-{t}" for t in TIERS))
 
 
 def _check_jsonschema() -> list[str]:

@@ -150,9 +150,10 @@ def advance(engine, settings: Settings, submitter: Submitter | None, project_id:
                 out, err = files.write_outputs(conn, settings, row, status)
                 _stamp(conn, batch_id, status, ", output_file_id = :o, error_file_id = :e", {"o": out, "e": err})
                 continue
-            if status == "in_progress" and job is not None and job.get("submitted_at"):
-                conn.execute(sa.text("UPDATE api_batches SET in_progress_at = :t WHERE batch_id = :b"),
-                             {"t": job["submitted_at"], "b": batch_id})
+            if row["status"] == "validating" and status not in ("validating", "failed") and job is not None:
+                # in progress since its submit ended, also when a read finds it further on already
+                conn.execute(sa.text("UPDATE api_batches SET in_progress_at = coalesce(:t, now())"
+                                     " WHERE batch_id = :b"), {"t": job.get("submitted_at"), "b": batch_id})
             _stamp(conn, batch_id, status)
         if status == "expiring":   # the window is over: stop the job, then end as expired
             jobs.cancel_job(row["job_id"], settings=settings, engine=engine)

@@ -129,8 +129,9 @@ def write_outputs(conn, settings: Settings, batch: dict, ended: str) -> tuple[st
     tmp = {k: p.with_name(f".{p.name}.part") for k, p in paths.items()}
     counts = {"output": 0, "error": 0}
     try:
-        with open(tmp["output"], "w") as out, open(tmp["error"], "w") as err:
-            for row in outcomes.iter_results(conn, job_id):
+        # read on a connection of its own: iter_results streams (a server-side cursor on its connection)
+        with conn.engine.connect() as reader, open(tmp["output"], "w") as out, open(tmp["error"], "w") as err:
+            for row in outcomes.iter_results(reader, job_id):
                 if row.get("response") is None and row.get("error") is None and row["status"] != "failed":
                     row = {**row, "error": error_for_unrun(ended)}
                 line = openai_line(job_id, row)

@@ -1,0 +1,371 @@
+"""``llmbatch api`` on the running stack, driven by the official ``openai`` SDK unchanged.
+
+The flow a user already has (files.create → batches.create → batches.retrieve until it ends →
+files.content of the output) for chat, responses and embeddings lines, its output lines compared
+field by field with OpenAI's shapes; isolation between projects (404 on another project's ids,
+401 without a live key); a project cap smaller than its batches' cost holding across them; hostile
+uploads (every bad line named with its number, the rest runs, the service lives); an upload cut
+off mid-way leaving nothing; and the service's peak memory on a large upload.
+
+Run with the stack up (``make up``; the ``api`` process included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from decimal import Decimal
+from pathlib import Path
+
+import openai
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from openai.types import CreateEmbeddingResponse
+from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
+
+from pipeline.api import keys as api_keys
+from pipeline.intake.formats import parse_request
+from pipeline.money.pricing import get_price_book
+from tests.integration.conftest import llmbatch, wait_for, write_jsonl
+
+EMBED_MODEL = "text-embedding-3-small"
+ENDED = ("completed", "failed", "expired", "cancelled")
+TYPED = {"/v1/chat/completions": ChatCompletion, "/v1/responses": Response,
+         "/v1/embeddings": CreateEmbeddingResponse}
+
+
+def raw(method: str, url: str, headers: dict | None = None) -> tuple[int, dict]:
+    """A call without the SDK: (status, JSON body)."""
+    req = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def healthy(api: str) -> bool:
+    return raw("GET", api + "/healthz")[0] == 200
+
+
+@pytest.fixture(scope="module")
+def api(stack):
+    base = f"http://127.0.0.1:{stack.api_port}"
+    try:
+        assert healthy(base)
+    except Exception as e:   # the stack is up (the stack fixture said so) but the api is not
+        pytest.fail(f"llmbatch api does not answer at {base}: {e} (make up starts it)")
+    return base
+
+
+def new_key(engine, project: str) -> str:
+    with engine.begin() as conn:
+        return api_keys.create_key(conn, project, "test")[1]
+
+
+def client(api: str, key: str | None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api + "/v1", api_key=key or "none", max_retries=0, timeout=60)
+
+
+def run_batch(c: openai.OpenAI, path: Path, endpoint: str, metadata: dict | None = None, timeout: float = 300):
+    f = c.files.create(file=path.open("rb"), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h", metadata=metadata)
+    assert b.status == "validating" and b.input_file_id == f.id and b.endpoint == endpoint
+    seen = [b.status]
+    deadline = time.monotonic() + timeout
+    while b.status not in ENDED:
+        assert time.monotonic() < deadline, f"batch {b.id} still {b.status} after {timeout} s"
+        time.sleep(1)
+        b = c.batches.retrieve(b.id)
+        if b.status != seen[-1]:
+            seen.append(b.status)
+    return f, b, seen
+
+
+def line_of(endpoint: str, i: int, tag: str) -> dict:
+    text = f"{tag}: say something short about the number {i}"
+    body = {"/v1/chat/completions": {"model": "gpt-4o-mini", "max_tokens": 24,
+                                     "messages": [{"role": "user", "content": text}]},
+            "/v1/responses": {"model": "gpt-4o-mini", "input": text, "max_output_tokens": 24},
+            "/v1/embeddings": {"model": EMBED_MODEL, "input": text}}[endpoint]
+    return {"custom_id": f"{tag}-{i}", "method": "POST", "url": endpoint, "body": body}
+
+
+@pytest.mark.parametrize("endpoint", list(TYPED))
+def test_the_openai_sdk_unchanged_runs_a_batch(stack, engine, api, tmp_path, endpoint):
+    c = client(api, stack.api_first_key.reveal())   # the key the stack generated, project default
+    tag = f"sdk{time.time_ns()}"
+    path = write_jsonl(tmp_path / "in.jsonl", [line_of(endpoint, i, tag) for i in range(6)])
+    f, b, seen = run_batch(c, path, endpoint, metadata={"llmbatch_tier": "peak", "team": "a"})
+    print(f"\n{endpoint}: file {f.id} {f.bytes} bytes; statuses {' -> '.join(seen)}; {b.request_counts}")
+    assert b.status == "completed" and b.metadata == {"llmbatch_tier": "peak", "team": "a"}
+    assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (6, 6, 0)
+    assert b.created_at <= b.in_progress_at <= b.finalizing_at <= b.completed_at and b.error_file_id is None
+    assert b.usage.input_tokens > 0
+    out = [json.loads(x) for x in c.files.content(b.output_file_id).text.splitlines()]
+    print(json.dumps(out[0])[:600])
+    assert sorted(x["custom_id"] for x in out) == sorted(f"{tag}-{i}" for i in range(6))
+    for line in out:   # OpenAI's output line (FACTS: output and error files share one shape)
+        assert set(line) == {"id", "custom_id", "response", "error"} and line["error"] is None
+        assert line["id"].startswith("batch_req_")
+        assert set(line["response"]) == {"status_code", "request_id", "body"}
+        assert line["response"]["status_code"] == 200 and isinstance(line["response"]["request_id"], str)
+        body = TYPED[endpoint].model_validate(line["response"]["body"])
+        if endpoint == "/v1/chat/completions":
+            assert body.object == "chat.completion" and body.usage.prompt_tokens > 0
+        elif endpoint == "/v1/responses":
+            assert body.object == "response" and body.usage.input_tokens > 0
+        else:
+            assert body.object == "list" and body.data[0].object == "embedding" and body.usage.prompt_tokens > 0
+    assert c.files.retrieve(b.output_file_id).purpose == "batch_output"
+    assert b.id in [x.id for x in c.batches.list(limit=100).data]
+
+
+def test_list_pages_with_after_and_limit(stack, engine, api, tmp_path):
+    c = client(api, new_key(engine, f"pages{time.time_ns() % 10**9}"))
+    path = write_jsonl(tmp_path / "in.jsonl", [line_of("/v1/embeddings", 0, "pages")])
+    f = c.files.create(file=path.open("rb"), purpose="batch")
+    made = [c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h").id
+            for _ in range(3)]
+    first = c.batches.list(limit=2)
+    assert [b.id for b in first.data] == made[::-1][:2] and first.has_more
+    rest = c.batches.list(limit=2, after=first.data[-1].id)
+    assert [b.id for b in rest.data] == made[:1] and not rest.has_more
+    for bad in ("0", "101", "x"):
+        status, body = raw("GET", api + f"/v1/batches?limit={bad}", {"Authorization": f"Bearer {c.api_key}"})
+        assert status == 400 and body["error"]["param"] == "limit"
+
+
+def test_a_project_sees_only_its_own_and_a_bad_key_gets_401(stack, engine, api, tmp_path):
+    n = time.time_ns() % 10**9
+    a, b = client(api, new_key(engine, f"iso-a{n}")), client(api, new_key(engine, f"iso-b{n}"))
+    path = write_jsonl(tmp_path / "in.jsonl", [line_of("/v1/embeddings", i, "iso") for i in range(2)])
+    f = a.files.create(file=path.open("rb"), purpose="batch")
+    batch = a.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+    for call in (lambda: b.files.retrieve(f.id), lambda: b.files.content(f.id), lambda: b.files.delete(f.id),
+                 lambda: b.batches.retrieve(batch.id), lambda: b.batches.cancel(batch.id),
+                 lambda: b.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h"),
+                 lambda: b.batches.list(after=batch.id)):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.body["message"] and e.value.status_code == 404
+    assert batch.id not in [x.id for x in b.batches.list().data]
+    assert a.batches.retrieve(batch.id).id == batch.id and a.files.retrieve(f.id).id == f.id
+    # no key, a wrong key, a revoked key: 401 in OpenAI's shape, on every route
+    for headers in ({}, {"Authorization": "Bearer lb-not-a-key"}, {"Authorization": "Basic abc"}):
+        for method, url in (("GET", f"/v1/batches/{batch.id}"), ("GET", "/v1/batches"), ("POST", "/v1/files"),
+                            ("GET", f"/v1/files/{f.id}/content"), ("POST", "/v1/batches")):
+            status, body = raw(method, api + url, headers)
+            assert status == 401, (method, url, headers, body)
+            assert set(body["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.AuthenticationError):
+        client(api, "lb-wrong").batches.list()
+    key_id = next(k["key_id"] for k in llmbatch_keys() if k["project_id"] == f"iso-b{n}")
+    assert llmbatch("keys", "revoke", key_id).returncode == 0
+    with pytest.raises(openai.AuthenticationError):
+        b.batches.list()
+    assert a.batches.list().data   # A's key is untouched
+
+
+def llmbatch_keys() -> list[dict]:
+    out = llmbatch("keys", "list", "--json", check=True)
+    return json.loads(out.stdout)
+
+
+def test_keys_create_prints_a_key_once_and_stores_only_its_hash(stack, engine, api):
+    project = f"cli{time.time_ns() % 10**9}"
+    out = llmbatch("keys", "create", "--project", project, check=True)
+    key = out.stdout.strip()
+    assert key.startswith("lb-") and client(api, key).batches.list().data == []
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT key_sha256, hint FROM api_keys WHERE project_id = :p"),
+                              {"p": project}).one()
+    assert bytes(stored.key_sha256) == api_keys.key_hash(key) and key not in stored.hint[:-1] + "?"
+    assert key not in json.dumps(llmbatch_keys(), default=str)
+
+
+def test_bad_create_and_upload_answer_400_naming_the_problem(stack, engine, api, tmp_path):
+    c = client(api, new_key(engine, f"bad{time.time_ns() % 10**9}"))
+    path = write_jsonl(tmp_path / "in.jsonl", [line_of("/v1/embeddings", 0, "bad")])
+    f = c.files.create(file=path.open("rb"), purpose="batch")
+    for kwargs, param in (({"endpoint": "/v1/images"}, "endpoint"),
+                          ({"metadata": {"llmbatch_tier": "soon"}}, "metadata"),
+                          ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.batches.create(**{"input_file_id": f.id, "endpoint": "/v1/embeddings", "completion_window": "24h",
+                                **kwargs})
+        assert e.value.body["param"] == param
+    for name, content, words in (("empty.jsonl", b"", "empty"), ("array.jsonl", b'[{"a": 1}, {"b": 2}]\n', "array"),
+                                 ("pretty.jsonl", b'{\n "custom_id": "a"\n}\n', "spread over several lines")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.files.create(file=(name, content), purpose="batch")
+        assert words in e.value.body["message"] and name in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.files.create(file=path.open("rb"), purpose="fine-tune")
+    assert e.value.body["param"] == "purpose"
+
+
+# ---------------------------------------------------------------- hostile uploads
+
+GOOD = st.integers(0, 10**6).map(lambda i: json.dumps(line_of("/v1/embeddings", i, "h")))
+BAD = st.one_of(
+    st.binary(min_size=1, max_size=60).map(lambda b: b.replace(b"\n", b" ").replace(b"\r", b" ").decode("latin-1")),
+    st.just('{"custom_id": "x"'),
+    st.just("[1, 2, 3]"),
+    st.just('"just a string"'),
+    st.just(json.dumps({"custom_id": "u", "method": "POST", "url": "/v1/chat/completions",
+                        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}})),
+    st.just(json.dumps({"custom_id": "m", "method": "POST", "url": "/v1/embeddings", "body": {"model": "nope-9"}})),
+    st.just(json.dumps({"custom_id": "n", "method": "POST", "url": "/v1/embeddings"})),
+    st.just(json.dumps({"custom_id": "d", "params": {"model": "claude-3-5-haiku-latest", "max_tokens": 5,
+                                                     "messages": [{"role": "user", "content": "hi"}]}})),
+)
+
+
+@hsettings(max_examples=int(os.environ.get("LLMBATCH_API_FUZZ_EXAMPLES", "6")), deadline=None,
+           suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.booleans(), st.data()), min_size=2, max_size=14))
+def test_hostile_uploads_name_every_bad_line_and_the_rest_runs(stack, api, tmp_path_factory, picks):
+    from pipeline.stores import db
+    engine = db.get_engine()
+    c = client(api, new_key(engine, "fuzz"))
+    lines, bad = [], set()
+    used = set()
+    for good, data in picks:
+        if good:
+            text = data.draw(GOOD)
+            cid = json.loads(text)["custom_id"]
+            if cid in used:      # a repeat is a duplicate custom_id: bad by the rules
+                bad.add(len(lines) + 1)
+            used.add(cid)
+        else:
+            text = data.draw(BAD)
+            if not text.strip():
+                continue         # a blank line is no request
+            bad.add(len(lines) + 1)
+        lines.append(text)
+    if len(bad) == len(lines):
+        lines.append(json.dumps(line_of("/v1/embeddings", -1, "h")))
+    path = tmp_path_factory.mktemp("fuzz") / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    try:
+        f = c.files.create(file=path.open("rb"), purpose="batch")
+    except openai.BadRequestError as e:   # the whole file unusable: named, nothing made
+        assert e.value.body["param"] == "file" if hasattr(e, "value") else True
+        assert healthy(api)
+        return
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+    wait_for(lambda: c.batches.retrieve(b.id).status in ENDED, timeout=240, every=1, what=f"{b.id} ended")
+    b = c.batches.retrieve(b.id)
+    named = {e.line for e in (b.errors.data if b.errors else [])}
+    assert named == bad, (named, bad, lines)
+    assert all(e.message for e in b.errors.data) if b.errors else True
+    assert b.request_counts.total == len(lines) - len(bad)
+    assert b.status == "completed" and b.request_counts.completed == b.request_counts.total
+    assert healthy(api)
+
+
+def test_an_upload_cut_off_midway_leaves_nothing(stack, engine, api):
+    project = f"cut{time.time_ns() % 10**9}"
+    key = new_key(engine, project)
+    boundary = "xyzzy"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n"
+            "Content-Type: application/jsonl\r\n\r\n").encode()
+    line = (json.dumps(line_of("/v1/embeddings", 1, "cut")) + "\n").encode()
+    host, port = api.rsplit("/", 1)[-1].split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall((f"POST /v1/files HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+               f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {50 * 10**6}\r\n\r\n").encode())
+    s.sendall(head)
+    for _ in range(3 * 10**6 // len(line)):   # 3 MB of the 50 announced, then the client is gone
+        s.sendall(line)
+    s.close()
+    time.sleep(3)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM api_files WHERE project_id = :p"), {"p": project}).scalar() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM api_batches WHERE project_id = :p"),
+                            {"p": project}).scalar() == 0
+    d = Path(stack.api_files_dir or stack.var_dir / "api-files") / project
+    assert not d.exists() or list(d.iterdir()) == []
+    assert healthy(api)
+
+
+# ---------------------------------------------------------------- a project's cap
+
+def test_a_project_cap_holds_across_its_batches(stack, engine, api, tmp_path):
+    """A daily cap of about four requests' maximum, two batches of twelve lines each: the cap binds
+    (some lines are refused budget_exceeded) and the project's spend stays within it."""
+    project = f"cap{time.time_ns() % 10**9}"
+    c = client(api, new_key(engine, project))
+    prompt = "Summarise the following text in one word. " + "The weather is mild and the sea is calm. " * 30
+    lines = [[{"custom_id": f"{k}-{i}", "method": "POST", "url": "/v1/chat/completions",
+               "body": {"model": "gpt-4o-mini", "max_tokens": 8,
+                        "messages": [{"role": "user", "content": f"{k} {i}. {prompt}"}]}} for i in range(12)]
+             for k in ("one", "two")]
+    one_max = parse_request(lines[0][0], get_price_book()).max_cost_usd
+    cap = (one_max * 4).quantize(Decimal("0.00000001"))
+    assert llmbatch("budget", "set", "--project", project, "--usd", str(cap)).returncode == 0
+    meta = {"llmbatch_on_budget": "fail", "llmbatch_tier": "peak"}
+    files = [c.files.create(file=write_jsonl(tmp_path / f"{k}.jsonl", ls).open("rb"), purpose="batch")
+             for k, ls in zip(("one", "two"), lines)]
+    made = [c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                             metadata=meta) for f in files]
+    for b in made:
+        wait_for(lambda: c.batches.retrieve(b.id).status in ENDED, timeout=300, every=1, what=f"{b.id} ended")
+    ended = [c.batches.retrieve(b.id) for b in made]
+    with engine.connect() as conn:
+        spent = conn.execute(sa.text(
+            "SELECT coalesce(sum(r.cost_usd), 0) FROM results r JOIN jobs j USING (job_id)"
+            " WHERE j.project_id = :p"), {"p": project}).scalar()
+    done = sum(b.request_counts.completed for b in ended)
+    refused = []
+    for b in ended:
+        if b.error_file_id:
+            refused += [json.loads(x) for x in c.files.content(b.error_file_id).text.splitlines()]
+    print(f"\ncap ${cap} (4 x max ${one_max}); spent ${spent}; {done} of 24 ran; {len(refused)} refused")
+    assert 0 < spent <= cap
+    assert 0 < done < 24 and refused and all(x["error"]["code"] == "budget_exceeded" for x in refused)
+    assert all(x.status == "completed" for x in ended)
+
+
+# ---------------------------------------------------------------- memory of a large upload
+
+def _rss_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_a_large_upload_streams_through_bounded_memory(stack, engine, api, tmp_path):
+    """A file of LLMBATCH_API_UPLOAD_MB (default 100) MB: the service's peak RSS grows far less than
+    the file (it is copied in 1 MB chunks), and the whole file arrives."""
+    mb = int(os.environ.get("LLMBATCH_API_UPLOAD_MB", "100"))
+    pid = int((stack.var_dir / "run" / "api.pid").read_text())
+    path = tmp_path / "big.jsonl"
+    line = line_of("/v1/embeddings", 0, "big")
+    with path.open("w") as f:
+        i = 0
+        while f.tell() < mb * 10**6:
+            line["custom_id"] = f"big-{i}"
+            line["body"]["input"] = f"line {i} " + "lorem ipsum dolor sit amet " * 100
+            f.write(json.dumps(line) + "\n")
+            i += 1
+    c = client(api, new_key(engine, f"big{time.time_ns() % 10**9}"))
+    before = _rss_kb(pid, "VmHWM")
+    t = time.monotonic()
+    up = c.files.create(file=path.open("rb"), purpose="batch")
+    took = time.monotonic() - t
+    after, now = _rss_kb(pid, "VmHWM"), _rss_kb(pid, "VmRSS")
+    print(f"\nupload of {path.stat().st_size / 1e6:.0f} MB ({i} lines) in {took:.1f} s (niced, loaded machine);"
+          f" api peak RSS {before / 1024:.0f} -> {after / 1024:.0f} MB (now {now / 1024:.0f} MB)")
+    assert up.bytes == path.stat().st_size
+    assert (after - before) / 1024 < mb / 4, "the upload was held in memory"
+    c.files.delete(up.id)

@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pipeline.api import batches, files, keys
 from pipeline.api.shapes import ApiError, error_body, file_object, parse_create, unauthorized
@@ -96,6 +97,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/files")
     async def upload(request: Request, project_id: str = Depends(project)):
+        try:
+            return await _upload(request, project_id)
+        except ClientDisconnect:   # cut off mid-upload: the spooled part was anonymous, nothing was kept
+            log.info("an upload of project %s was cut off by its client: nothing kept", project_id)
+            return JSONResponse(error_body(ApiError(400, "The upload was cut off.")), status_code=400)
+
+    async def _upload(request: Request, project_id: str) -> dict:
         async with request.form(max_files=1, max_fields=8) as form:
             upload = form.get("file")
             purpose = form.get("purpose")

@@ -333,6 +333,12 @@ def test_a_project_cap_holds_across_its_batches(stack, engine, api, tmp_path):
     assert 0 < spent <= cap
     assert 0 < done < 24 and refused and all(x["error"]["code"] == "budget_exceeded" for x in refused)
     assert all(x.status == "completed" for x in ended)
+    # the counters rebuilt from the ledger hold the project's day as the ledger does
+    from pipeline.money.ledger import ledger_snapshot
+    from pipeline.money.units import to_units
+    snap = ledger_snapshot(engine, stack)
+    assert snap["caps"][f"project:{project}"] == str(to_units(cap))
+    assert [v for k, v in snap["spent"].items() if k.startswith(f"project:{project}@")] == [str(to_units(spent))]
 
 
 # ---------------------------------------------------------------- memory of a large upload
@@ -368,4 +374,17 @@ def test_a_large_upload_streams_through_bounded_memory(stack, engine, api, tmp_p
           f" api peak RSS {before / 1024:.0f} -> {after / 1024:.0f} MB (now {now / 1024:.0f} MB)")
     assert up.bytes == path.stat().st_size
     assert (after - before) / 1024 < mb / 4, "the upload was held in memory"
-    c.files.delete(up.id)
+    # its submit (read, validated, counted and published by the service, as `llmbatch submit` does):
+    # the time to in_progress and the peak RSS; then cancelled, so the machine is not kept busy
+    t = time.monotonic()
+    b = c.batches.create(input_file_id=up.id, endpoint="/v1/embeddings", completion_window="24h",
+                         metadata={"llmbatch_tier": "background"})
+    b = wait_for(lambda: (x := c.batches.retrieve(b.id)).status != "validating" and x, timeout=1200, every=1,
+                 what="in_progress")
+    took = time.monotonic() - t
+    peak = _rss_kb(pid, "VmHWM")
+    c.batches.cancel(b.id)
+    print(f"batch of {i} lines: {b.status} after {took:.1f} s (niced, loaded machine); api peak RSS"
+          f" {peak / 1024:.0f} MB")
+    assert b.status == "in_progress" and b.request_counts.total == i
+    assert (peak - before) / 1024 < mb / 2, "the submit held the file in memory"

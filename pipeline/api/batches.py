@@ -27,6 +27,7 @@ from pipeline.api.shapes import (
     public_status, utcnow,
 )
 from pipeline.config import Settings
+from pipeline.constants import JOB_OPEN
 from pipeline.errors import LLMBatchError
 from pipeline.intake.producer import new_job_id, submit_file
 from pipeline.stores import db, jobs
@@ -63,6 +64,11 @@ class Submitter:
                                  project=batch["project_id"], endpoint=batch["endpoint"], **options)
             log.info("batch %s: job %s accepted %d lines, rejected %d", batch["batch_id"], batch["job_id"],
                      report.accepted, report.rejected)
+            with self.engine.connect() as conn:
+                cancelled = conn.execute(sa.text("SELECT status FROM api_batches WHERE batch_id = :b"),
+                                         {"b": batch["batch_id"]}).scalar() == "cancelling"
+            if cancelled:   # cancelled while its file was read: the job it made stops now
+                jobs.cancel_job(batch["job_id"], settings=self.settings, engine=self.engine)
         except LLMBatchError as e:
             log.warning("batch %s: submit failed: %s", batch["batch_id"], e)
             self._fail(batch["batch_id"], str(e))
@@ -137,14 +143,16 @@ def advance(engine, settings: Settings, submitter: Submitter | None, project_id:
                 status = "completed"
             else:
                 status = next_status(row["status"], job, running=job["running"] if job else 0, now=now,
-                                     expires_at=row["expires_at"])
+                                     expires_at=row["expires_at"],
+                                     submitting=submitter is not None and batch_id in submitter.running)
             if (status == row["status"] == "validating" and job is None
                     and (submitter is None or batch_id not in submitter.running)
                     and (now - row["created_at"]).total_seconds() > SUBMIT_LOST_S):
                 _stamp(conn, batch_id, "failed", ", failure = :w",
                        {"w": "the service stopped before the file reached the pipeline; create the batch again"})
                 continue
-            if status == row["status"]:
+            stop = status in ("cancelling", "expiring") and job is not None and job["status"] in JOB_OPEN
+            if status == row["status"] and not stop:
                 return row
             if status in ("completed", "cancelled", "expired"):
                 out, err = files.write_outputs(conn, settings, row, status)
@@ -155,7 +163,7 @@ def advance(engine, settings: Settings, submitter: Submitter | None, project_id:
                 conn.execute(sa.text("UPDATE api_batches SET in_progress_at = coalesce(:t, now())"
                                      " WHERE batch_id = :b"), {"t": job.get("submitted_at"), "b": batch_id})
             _stamp(conn, batch_id, status)
-        if status == "expiring":   # the window is over: stop the job, then end as expired
+        if stop:   # the window is over or the client cancelled: stop the job (also one its submit made late)
             jobs.cancel_job(row["job_id"], settings=settings, engine=engine)
     with engine.connect() as conn:
         return _row(conn, project_id, batch_id)

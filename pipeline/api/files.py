@@ -1,8 +1,9 @@
 """Files on disk, their rows in Postgres (``api_files``), and a batch's output and error files.
 
-An upload is copied to disk in chunks (``CHUNK``): a 200 MB file never sits in memory. It is
-written under a temporary name and renamed only once it is whole and its row committed, so a
-client that disconnects mid-upload, or a file refused, leaves neither a file nor a row. Each
+An upload is written to disk as it arrives (pipeline/api/upload.py): a 200 MB file never sits in
+memory. It is written under a temporary name and renamed only once it is whole, checked and its
+row committed, so a client that disconnects mid-upload, or a file refused, leaves neither a file
+nor a row. Each
 project's files are in a directory of their own (``files_dir``/PROJECT); a file of another
 project, a deleted one or one past its ``expires_at`` is not found.
 
@@ -30,9 +31,6 @@ from pipeline.stores.export import openai_line
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
-#: OpenAI's limit on one batch input file
-MAX_UPLOAD_BYTES = 200 * 1000 * 1000
 PURPOSES = ("batch",)
 _COLUMNS = "file_id, project_id, purpose, filename, bytes, path, created_at, expires_at"
 
@@ -51,42 +49,34 @@ def _place(settings: Settings, project_id: str, file_id: str) -> Path:
     return d / file_id
 
 
-def save_upload(engine, settings: Settings, project_id: str, source, filename: str, purpose: str) -> dict:
-    """Copy ``source`` (a binary file object) to the project's directory, check it, record it.
-
-    Runs in a thread (blocking I/O). ``ApiError`` 400 for a purpose other than ``batch``, a file
-    over ``MAX_UPLOAD_BYTES``, or one that cannot be JSONL (``check_file``: named with its reason);
-    nothing is left behind then."""
-    if purpose not in PURPOSES:
-        raise ApiError(400, f"Invalid 'purpose': {purpose!r}; this service takes 'batch' files.", param="purpose")
+def upload_target(settings: Settings, project_id: str) -> tuple[str, Path]:
+    """A new file id and the temporary path its upload is written to (pipeline/api/upload.py)."""
     file_id = new_file_id()
     final = _place(settings, project_id, file_id)
-    tmp = final.with_name(f".{file_id}.part")
-    size = 0
+    return file_id, final.with_name(f".{file_id}.part")
+
+
+def record_upload(engine, settings: Settings, project_id: str, file_id: str, tmp: Path, filename: str,
+                  purpose: str | None, size: int) -> dict:
+    """Check an upload written whole to ``tmp``, record it and give it its name; blocking (a thread).
+
+    ``ApiError`` 400 for a purpose other than ``batch`` or a file that cannot be JSONL
+    (``check_file``: its reason, naming the file); the caller then discards ``tmp``."""
+    if purpose not in PURPOSES:
+        raise ApiError(400, f"Invalid 'purpose': {purpose!r}; this service takes 'batch' files.", param="purpose")
     try:
-        with open(tmp, "wb") as out:
-            while chunk := source.read(CHUNK):
-                size += len(chunk)
-                if size > MAX_UPLOAD_BYTES:
-                    raise ApiError(400, f"The file is over {MAX_UPLOAD_BYTES:,} bytes, the most a batch input"
-                                        " file may have.", param="file")
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        try:
-            check_file(tmp, settings.max_line_bytes)
-        except FileInputError as e:
-            raise ApiError(400, str(e).replace(str(tmp), filename or "the file"), param="file") from None
-        with engine.begin() as conn:
-            row = conn.execute(sa.text(
-                f"INSERT INTO api_files (file_id, project_id, purpose, filename, bytes, path)"
-                f" VALUES (:i, :p, :u, :f, :b, :path) RETURNING {_COLUMNS}"),
-                {"i": file_id, "p": project_id, "u": purpose, "f": filename or "upload.jsonl", "b": size,
-                 "path": str(final)}).mappings().one()
-            os.replace(tmp, final)
-        return dict(row)
-    finally:
-        tmp.unlink(missing_ok=True)
+        check_file(tmp, settings.max_line_bytes)
+    except FileInputError as e:
+        raise ApiError(400, str(e).replace(str(tmp), filename), param="file") from None
+    final = tmp.with_name(file_id)
+    with engine.begin() as conn:
+        row = conn.execute(sa.text(
+            f"INSERT INTO api_files (file_id, project_id, purpose, filename, bytes, path)"
+            f" VALUES (:i, :p, :u, :f, :b, :path) RETURNING {_COLUMNS}"),
+            {"i": file_id, "p": project_id, "u": purpose, "f": filename, "b": size,
+             "path": str(final)}).mappings().one()
+        os.replace(tmp, final)
+    return dict(row)
 
 
 def get_file(conn, project_id: str, file_id: str) -> dict:

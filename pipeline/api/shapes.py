@@ -204,14 +204,17 @@ def batch_object(row: dict, counts: dict | None, rejections: list[dict], usage: 
     return out
 
 
-def next_status(status: str, job: dict | None, *, running: int, now: datetime, expires_at: datetime) -> str:
+def next_status(status: str, job: dict | None, *, running: int, now: datetime, expires_at: datetime,
+                submitting: bool = False) -> str:
     """Where a batch goes next, from its status, its job (``status``, ``accepted``; None: no job
-    row yet) and how many of its requests a worker still holds. ``finalizing`` is where the output
-    files are written; the caller moves it on to ``completed`` once they are."""
+    row yet), how many of its requests a worker still holds and whether its submit still runs.
+    ``finalizing`` is where the output files are written; the caller moves it on to ``completed``
+    once they are. A batch being stopped (``cancelling``, ``expiring``) ends once its job is
+    stopped and nothing of it runs, its submit included."""
     if status in ENDED:
         return status
     if status == "cancelling" or status == "expiring":
-        done = job is None or (job["status"] not in JOB_OPEN and not running)
+        done = not submitting and (job is None or (job["status"] not in JOB_OPEN and not running))
         return ("cancelled" if status == "cancelling" else "expired") if done else status
     if job is None or job["status"] == "submitting":
         return status if now < expires_at else "expiring"

@@ -388,3 +388,84 @@ def test_a_large_upload_streams_through_bounded_memory(stack, engine, api, tmp_p
           f" {peak / 1024:.0f} MB")
     assert b.status == "in_progress" and b.request_counts.total == i
     assert (peak - before) / 1024 < mb / 2, "the submit held the file in memory"
+
+
+# ---------------------------------------------------------------- cancel, expiry, expired output
+
+def held_batch(c: openai.OpenAI, tmp_path: Path, n: int = 4, tag: str = "held"):
+    """A batch whose lines wait for the off-peak window (tier offpeak on the realtime path): it stays
+    in progress until something stops it (the window opens at 22:00 UTC)."""
+    lines = [line_of("/v1/embeddings", i, f"{tag}{time.time_ns()}") for i in range(n)]
+    f = c.files.create(file=write_jsonl(tmp_path / f"{tag}.jsonl", lines).open("rb"), purpose="batch")
+    return c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h",
+                            metadata={"llmbatch_tier": "offpeak", "llmbatch_mode": "realtime"})
+
+
+def _wait_end(c, batch_id, timeout=240):
+    return wait_for(lambda: (x := c.batches.retrieve(batch_id)).status in ENDED and x, timeout=timeout, every=1,
+                    what=f"{batch_id} ended")
+
+
+def _error_lines(c, b) -> list[dict]:
+    return [json.loads(x) for x in c.files.content(b.error_file_id).text.splitlines()] if b.error_file_id else []
+
+
+def test_a_cancelled_batch_ends_cancelled_with_its_unrun_lines_in_the_error_file(stack, engine, api, tmp_path):
+    c = client(api, new_key(engine, f"cancel{time.time_ns() % 10**9}"))
+    b = held_batch(c, tmp_path)
+    wait_for(lambda: c.batches.retrieve(b.id).status == "in_progress", timeout=120, every=1, what="in_progress")
+    x = c.batches.cancel(b.id)
+    assert x.status in ("cancelling", "cancelled") and x.cancelling_at
+    b = _wait_end(c, b.id)
+    assert b.status == "cancelled" and b.cancelled_at >= b.cancelling_at and b.output_file_id is None
+    errs = _error_lines(c, b)
+    assert len(errs) == 4 and {e["error"]["code"] for e in errs} == {"batch_cancelled"}
+    assert all(e["response"] is None and e["id"].startswith("batch_req_") for e in errs)
+    with pytest.raises(openai.ConflictError):
+        c.batches.cancel(b.id)
+
+
+def test_a_batch_cancelled_while_its_file_is_read_runs_nothing(stack, engine, api, tmp_path):
+    c = client(api, new_key(engine, f"early{time.time_ns() % 10**9}"))
+    lines = [line_of("/v1/embeddings", i, f"early{time.time_ns()}") for i in range(200)]
+    f = c.files.create(file=write_jsonl(tmp_path / "early.jsonl", lines).open("rb"), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h",
+                         metadata={"llmbatch_tier": "offpeak", "llmbatch_mode": "realtime"})
+    assert c.batches.cancel(b.id).status == "cancelling"
+    b = _wait_end(c, b.id)
+    assert b.status == "cancelled" and b.request_counts.completed == 0
+    with engine.connect() as conn:
+        job = conn.execute(sa.text("SELECT job_id FROM api_batches WHERE batch_id = :b"), {"b": b.id}).scalar()
+        ran = conn.execute(sa.text("SELECT count(*) FROM results WHERE job_id = :j"), {"j": job}).scalar()
+    assert ran == 0
+
+
+def test_a_batch_past_its_window_expires_with_batch_expired_lines(stack, engine, api, tmp_path):
+    c = client(api, new_key(engine, f"exp{time.time_ns() % 10**9}"))
+    b = held_batch(c, tmp_path, tag="exp")
+    wait_for(lambda: c.batches.retrieve(b.id).status == "in_progress", timeout=120, every=1, what="in_progress")
+    with engine.begin() as conn:   # 24 hours on: the completion window is over
+        conn.execute(sa.text("UPDATE api_batches SET expires_at = now() - interval '1 second' WHERE batch_id = :b"),
+                     {"b": b.id})
+    b = _wait_end(c, b.id)
+    assert b.status == "expired" and b.expired_at and b.cancelled_at is None
+    errs = _error_lines(c, b)
+    assert len(errs) == 4 and {e["error"]["code"] for e in errs} == {"batch_expired"}
+
+
+def test_output_files_expire_as_asked(stack, engine, api, tmp_path):
+    from pipeline.api import files as api_files
+    c = client(api, new_key(engine, f"outexp{time.time_ns() % 10**9}"))
+    path = write_jsonl(tmp_path / "in.jsonl", [line_of("/v1/embeddings", 0, f"outexp{time.time_ns()}")])
+    f = c.files.create(file=path.open("rb"), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h",
+                         output_expires_after={"anchor": "created_at", "seconds": 3600})
+    b = _wait_end(c, b.id)
+    out = c.files.retrieve(b.output_file_id)
+    assert out.expires_at == b.created_at + 3600
+    with engine.begin() as conn:   # an hour on
+        disk = conn.execute(sa.text("UPDATE api_files SET expires_at = now() - interval '1 second'"
+                                    " WHERE file_id = :f RETURNING path"), {"f": out.id}).scalar()
+    with pytest.raises(openai.NotFoundError):
+        c.files.content(out.id)
+    assert api_files.purge_expired(engine) >= 1 and not Path(disk).exists()

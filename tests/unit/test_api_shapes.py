@@ -9,9 +9,11 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings as hsettings, strategies as st
 from openai.types import Batch, FileObject
 
-from pipeline.api import keys
+from pipeline.api import keys, upload
+from pipeline.api.upload import FormStream
 from pipeline.api.shapes import (
     ApiError, batch_object, error_body, file_object, is_output_line, next_status, parse_create,
     public_status, rejection_error, unauthorized,
@@ -171,3 +173,51 @@ def test_project_ids(project, ok):
     else:
         with pytest.raises(Exception):
             keys.check_project(project)
+
+
+def test_a_batch_being_stopped_waits_for_its_submit():
+    kw = dict(running=0, now=NOW, expires_at=NOW + timedelta(hours=24))
+    assert next_status("cancelling", None, submitting=True, **kw) == "cancelling"
+    assert next_status("cancelling", None, **kw) == "cancelled"
+    assert next_status("cancelling", _job("cancelled"), submitting=True, **kw) == "cancelling"
+    assert next_status("expiring", _job("submitting"), **kw) == "expiring"
+
+
+# ---------------------------------------------------------------- the streamed upload
+
+BOUNDARY = "b0und4ry"
+
+
+def _multipart(content: bytes, purpose: str = "batch", filename: str = "in.jsonl") -> bytes:
+    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n"
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/jsonl\r\n\r\n").encode() + content + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+@given(st.binary(max_size=5000), st.lists(st.integers(1, 700), max_size=30))
+@hsettings(max_examples=60, deadline=None)
+def test_the_file_part_reaches_disk_whole_however_the_body_is_cut(tmp_path_factory, content, cuts):
+    target = tmp_path_factory.mktemp("up") / ".file-x.part"
+    form = FormStream(f"multipart/form-data; boundary={BOUNDARY}", target)
+    body, at = _multipart(content), 0
+    for n in cuts:
+        form.write(body[at:at + n])
+        at += n
+    form.write(body[at:])
+    form.finish()
+    assert target.read_bytes() == content and form.size == len(content)
+    assert form.fields == {"purpose": "batch"} and form.filename == "in.jsonl"
+
+
+def test_an_upload_that_is_not_multipart_or_too_big_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    with pytest.raises(ApiError) as e:
+        FormStream("application/json", tmp_path / "x")
+    assert e.value.status == 400
+    monkeypatch.setattr(upload, "MAX_UPLOAD_BYTES", 100)
+    target = tmp_path / ".file-y.part"
+    form = FormStream(f"multipart/form-data; boundary={BOUNDARY}", target)
+    with pytest.raises(ApiError) as e:
+        form.write(_multipart(b"x" * 101))
+    assert e.value.param == "file" and "100" in e.value.message
+    form.discard()
+    assert not target.exists()

@@ -73,18 +73,24 @@ def list_keys(as_json: bool) -> None:
     from pipeline.api import keys as api_keys
     from pipeline.providers.registry import build_registry
     from pipeline.stores import db
-    with db.get_engine().connect() as conn:
-        rows = api_keys.list_keys(conn)
+    try:
+        with db.get_engine().connect() as conn:
+            rows = api_keys.list_keys(conn)
+    except Exception as e:   # the provider keys below need no Postgres: still list them
+        if as_json:
+            fail(f"API keys: cannot read them from Postgres ({type(e).__name__}); run `llmbatch doctor`", 3)
+        click.echo(f"API keys: Postgres unreachable ({type(e).__name__})", err=True)
+        rows = None
     if as_json:
         click.echo(jsontext.dumps([{**r, "created_at": r["created_at"].isoformat(),
                                     "revoked_at": r["revoked_at"] and r["revoked_at"].isoformat()}
                                    for r in rows]))
         return
     click.echo("API keys (llmbatch api):")
-    for r in rows:
+    for r in rows or []:
         state = f"revoked {r['revoked_at']:%Y-%m-%d %H:%M}" if r["revoked_at"] else "live"
         click.echo(f"  {r['key_id']:22} {r['project_id']:20} {r['hint']}…  {state}  {r['name'] or ''}")
-    if not rows:
+    if rows == []:
         click.echo("  none (llmbatch keys create --project P)")
     click.echo("provider keys:")
     settings = get_settings()

@@ -1,6 +1,7 @@
 """``llmbatch api``: OpenAI's Files and Batches API in front of the pipeline (FastAPI on uvicorn).
 
-Routes: ``POST /v1/files`` (multipart, ``purpose=batch``), ``GET /v1/files/{id}``,
+Routes: ``POST /v1/files`` (multipart, ``purpose=batch``), ``GET /v1/files`` (``purpose``,
+``after``, ``limit``, ``order``), ``GET /v1/files/{id}``,
 ``GET /v1/files/{id}/content``, ``DELETE /v1/files/{id}``; ``POST /v1/batches``,
 ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``, ``GET /v1/batches`` (``after``,
 ``limit`` 1–100); ``/healthz`` (the process answers) and ``/readyz`` (Postgres, Redis and Kafka
@@ -118,6 +119,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await asyncio.to_thread(form.discard)   # a kept file was renamed already: nothing to remove
         return file_object(row)
+
+    @app.get("/v1/files")
+    def list_files(purpose: str | None = None, after: str | None = None, limit: str = "10000",
+                   order: str = "desc", project_id: str = Depends(project)):
+        if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+            raise ApiError(400, f"Invalid 'limit': {limit!r}; an integer from 1 to 10000.", param="limit")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, f"Invalid 'order': {order!r}; 'asc' or 'desc'.", param="order")
+        with engine.connect() as conn:
+            return files.list_files(conn, project_id, purpose=purpose, after=after, limit=int(limit),
+                                    newest_first=order == "desc")
 
     @app.get("/v1/files/{file_id}")
     def get_file(file_id: str, project_id: str = Depends(project)):

@@ -22,7 +22,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from pipeline import jsontext
-from pipeline.api.shapes import ApiError, error_for_unrun, is_output_line, not_found
+from pipeline.api.shapes import ApiError, error_for_unrun, file_object, is_output_line, not_found
 from pipeline.config import Settings
 from pipeline.errors import FileInputError
 from pipeline.intake.producer import check_file
@@ -87,6 +87,25 @@ def get_file(conn, project_id: str, file_id: str) -> dict:
     if row is None:
         raise not_found("file", file_id)
     return dict(row)
+
+
+def list_files(conn, project_id: str, *, purpose: str | None, after: str | None, limit: int,
+               newest_first: bool = True) -> dict:
+    """The project's live files, ``limit`` of them after the file ``after``, in OpenAI's list shape."""
+    params = {"p": project_id, "u": purpose, "n": limit + 1}
+    where = ("project_id = :p AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
+             " AND (CAST(:u AS text) IS NULL OR purpose = :u)")
+    cmp, order = ("<", "DESC") if newest_first else (">", "ASC")
+    if after:
+        anchor = get_file(conn, project_id, after)
+        where += f" AND (created_at, file_id) {cmp} (:c, :a)"
+        params.update(c=anchor["created_at"], a=after)
+    rows = [dict(r) for r in conn.execute(sa.text(
+        f"SELECT {_COLUMNS} FROM api_files WHERE {where} ORDER BY created_at {order}, file_id {order} LIMIT :n"),
+        params).mappings()]
+    data = [file_object(r) for r in rows[:limit]]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
 
 
 def delete_file(engine, project_id: str, file_id: str) -> dict:

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 FIRST_PROJECT = "default"
 #: how often expired output files are removed from disk
 PURGE_EVERY_S = 300
+#: how often the batches nobody reads are moved on (their files written when their job ends)
+MOVE_EVERY_S = 5.0
 
 
 def register_first_key(engine, settings: Settings) -> None:
@@ -57,9 +59,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.submitter = batches.Submitter(settings, engine)
         await asyncio.to_thread(register_first_key, engine, settings)
         purge = asyncio.create_task(purge_expired_files(engine))
+        mover = asyncio.create_task(move_batches_on(engine, settings, app.state.submitter))
         log.info("api ready on %s:%d", settings.api_host, settings.api_port)
         yield
         purge.cancel()
+        mover.cancel()
         app.state.submitter.close()
 
     kafka_probe: dict = {}
@@ -171,6 +175,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return batches.list_batches(engine, settings, request.app.state.submitter, project_id, after, int(limit))
 
     return app
+
+
+async def move_batches_on(engine, settings: Settings, submitter, every_s: float = MOVE_EVERY_S) -> None:
+    """Move every open batch on (``batches.advance_open``), whether a client reads it or not."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(batches.advance_open, engine, settings, submitter)
+        except Exception as e:   # the next round tries again
+            log.warning("moving batches on: %s", e)
 
 
 async def purge_expired_files(engine, every_s: float = PURGE_EVERY_S) -> None:

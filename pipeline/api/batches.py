@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from pipeline.api import files
 from pipeline.api.shapes import (
-    MAX_ERRORS_LISTED, WINDOW, ApiError, CreateBatch, batch_object, next_status, not_found,
+    ENDED, MAX_ERRORS_LISTED, WINDOW, ApiError, CreateBatch, batch_object, next_status, not_found,
     public_status, utcnow,
 )
 from pipeline.config import Settings
@@ -167,6 +167,22 @@ def advance(engine, settings: Settings, submitter: Submitter | None, project_id:
             jobs.cancel_job(row["job_id"], settings=settings, engine=engine)
     with engine.connect() as conn:
         return _row(conn, project_id, batch_id)
+
+
+def advance_open(engine, settings: Settings, submitter: Submitter | None, limit: int = 500) -> int:
+    """Move on every batch that has not ended, read or not (the service does it every few seconds):
+    a client that never polls still gets its files written when its job ends. Returns how many moved."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT project_id, batch_id, status FROM api_batches"
+            " WHERE status <> ALL(:ended) ORDER BY created_at LIMIT :n"), {"ended": list(ENDED), "n": limit}).all()
+    moved = 0
+    for project_id, batch_id, status in rows:
+        try:
+            moved += advance(engine, settings, submitter, project_id, batch_id)["status"] != status
+        except Exception as e:   # one batch never stops the others; the next round tries again
+            log.warning("batch %s: could not move it on: %s", batch_id, e)
+    return moved
 
 
 def render(engine, row: dict) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pipeline.api.shapes import ApiError
@@ -47,12 +48,19 @@ class FormStream:
 
     def write(self, chunk: bytes) -> None:
         """Feed the next piece of the body (blocking: the file's chunks go to disk here)."""
-        self._parser.write(chunk)
+        try:
+            self._parser.write(chunk)
+        except ParseError as e:
+            raise ApiError(400, f"The multipart body cannot be read: {e}.", param="file") from None
 
     def finish(self) -> None:
-        self._parser.finalize()
-        if self._out is not None:
-            self._close()
+        try:
+            self._parser.finalize()
+        except ParseError as e:
+            raise ApiError(400, f"The multipart body ends too soon: {e}.", param="file") from None
+        if self._out is not None:   # the body ended inside the file: never kept as if it were whole
+            raise ApiError(400, "The multipart body ends inside the file, before its closing boundary.",
+                           param="file")
 
     def discard(self) -> None:
         if self._out is not None:

@@ -127,6 +127,37 @@ def test_the_openai_sdk_unchanged_runs_a_batch(stack, engine, api, tmp_path, end
     assert b.id in [x.id for x in c.batches.list(limit=100).data]
 
 
+def test_a_batch_nobody_reads_still_ends_with_its_files(stack, engine, api, tmp_path):
+    c = client(api, new_key(engine, f"unread{time.time_ns() % 10**9}"))
+    path = write_jsonl(tmp_path / "in.jsonl", [line_of("/v1/embeddings", i, f"unread{time.time_ns()}") for i in range(3)])
+    f = c.files.create(file=path.open("rb"), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+
+    def ended():
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT status = 'completed' AND output_file_id IS NOT NULL FROM api_batches"
+                                        " WHERE batch_id = :b"), {"b": b.id}).scalar()
+    wait_for(ended, timeout=120, every=1, what="completed without a read")
+
+
+def test_garbage_requests_answer_400_and_the_service_lives(stack, engine, api):
+    key = new_key(engine, f"junk{time.time_ns() % 10**9}")
+    for path, ctype, body in (("/v1/batches", "application/json", b"{not json"),
+                              ("/v1/batches", "application/json", b"[]"),
+                              ("/v1/files", "multipart/form-data", b"--x\r\n"),
+                              ("/v1/files", "multipart/form-data; boundary=x", b"\x00\xff" * 1000),
+                              ("/v1/files", "text/plain", b"hello")):
+        req = urllib.request.Request(api + path, data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": ctype})
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError(f"{path} {ctype} {body[:20]!r} was accepted")
+        except urllib.error.HTTPError as e:
+            assert e.code == 400, (path, ctype, body[:20], e.code, e.read()[:200])
+            assert set(json.load(e)["error"]) == {"message", "type", "param", "code"}
+    assert healthy(api)
+
+
 def test_list_pages_with_after_and_limit(stack, engine, api, tmp_path):
     c = client(api, new_key(engine, f"pages{time.time_ns() % 10**9}"))
     path = write_jsonl(tmp_path / "in.jsonl", [line_of("/v1/embeddings", 0, "pages")])

@@ -209,6 +209,18 @@ def test_the_file_part_reaches_disk_whole_however_the_body_is_cut(tmp_path_facto
     assert form.fields == {"purpose": "batch"} and form.filename == "in.jsonl"
 
 
+def test_a_body_that_ends_inside_the_file_is_refused(tmp_path):
+    target = tmp_path / ".file-t.part"
+    form = FormStream(f"multipart/form-data; boundary={BOUNDARY}", target)
+    body = _multipart(b'{"custom_id": "a"}\n' * 50)
+    form.write(body[:-len(BOUNDARY) - 10])
+    with pytest.raises(ApiError) as e:
+        form.finish()
+    assert "ends inside the file" in e.value.message
+    form.discard()
+    assert not target.exists()
+
+
 def test_an_upload_that_is_not_multipart_or_too_big_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(ApiError) as e:
         FormStream("application/json", tmp_path / "x")
@@ -220,4 +232,19 @@ def test_an_upload_that_is_not_multipart_or_too_big_is_refused_and_leaves_nothin
         form.write(_multipart(b"x" * 101))
     assert e.value.param == "file" and "100" in e.value.message
     form.discard()
+    assert not target.exists()
+
+
+@given(st.binary(max_size=3000))
+@hsettings(max_examples=200, deadline=None)
+def test_any_body_is_read_or_refused_400_never_a_crash(tmp_path_factory, body):
+    target = tmp_path_factory.mktemp("junk") / ".file-z.part"
+    form = FormStream(f"multipart/form-data; boundary={BOUNDARY}", target)
+    try:
+        form.write(body)
+        form.finish()
+    except ApiError as e:
+        assert e.status == 400
+    finally:
+        form.discard()
     assert not target.exists()

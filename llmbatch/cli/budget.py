@@ -80,6 +80,8 @@ def show(as_json):
     line("global", data["global"])
     for t in TIERS:
         line(t, data["tiers"][t])
+    for p, s in data.get("projects", {}).items():
+        line(f"project {p}", s)
     if data["jobs"]:
         click.echo("jobs:")
         for j in data["jobs"]:

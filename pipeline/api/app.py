@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.submitter = batches.Submitter(settings, engine)
         await asyncio.to_thread(register_first_key, engine, settings)
+        await asyncio.to_thread(batches.recover, engine, settings, app.state.submitter)
         purge = asyncio.create_task(purge_expired_files(engine))
         mover = asyncio.create_task(move_batches_on(engine, settings, app.state.submitter))
         log.info("api ready on %s:%d", settings.api_host, settings.api_port)

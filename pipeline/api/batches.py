@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from pipeline.api import files
 from pipeline.api.shapes import (
-    ENDED, MAX_ERRORS_LISTED, WINDOW, ApiError, CreateBatch, batch_object, next_status, not_found,
+    ENDED, MAX_ERRORS_LISTED, WINDOW, ApiError, CreateBatch, batch_object, job_options, next_status, not_found,
     public_status, utcnow,
 )
 from pipeline.config import Settings
@@ -71,15 +71,16 @@ class Submitter:
                 jobs.cancel_job(batch["job_id"], settings=self.settings, engine=self.engine)
         except LLMBatchError as e:
             log.warning("batch %s: submit failed: %s", batch["batch_id"], e)
-            self._fail(batch["batch_id"], str(e))
+            self.fail(batch["batch_id"], str(e))
         except Exception as e:   # never leave a batch validating for ever
             log.exception("batch %s: submit failed", batch["batch_id"])
-            self._fail(batch["batch_id"], f"internal error while reading the file: {type(e).__name__}")
+            self.fail(batch["batch_id"], f"internal error while reading the file: {type(e).__name__}")
         finally:
             with self._lock:
                 self.running.discard(batch["batch_id"])
 
-    def _fail(self, batch_id: str, why: str) -> None:
+    def fail(self, batch_id: str, why: str) -> None:
+        """End a batch still validating as failed, with the reason."""
         with self.engine.begin() as conn:
             conn.execute(sa.text(
                 "UPDATE api_batches SET status = 'failed', failed_at = now(), failure = :w"
@@ -87,6 +88,43 @@ class Submitter:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def recover(engine, settings: Settings, submitter: Submitter) -> dict[str, int]:
+    """At start: the batches a stopped service left ``validating``. One whose job the submit had
+    not made, or had not finished, is submitted again from its first line under the same job id
+    (the batcher writes a (job, custom_id) once, so lines published twice count once); one whose
+    job the scheduler's upkeep already closed with the lines that arrived is failed and its job
+    cancelled: never a batch that runs part of its file as if it were all of it."""
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(sa.text(
+            f"SELECT {', '.join('b.' + c.strip() for c in _COLUMNS.split(','))}, f.path"
+            " FROM api_batches b JOIN api_files f ON f.file_id = b.input_file_id"
+            " WHERE b.status = 'validating' ORDER BY b.created_at")).mappings()]
+    out = {"resubmitted": 0, "failed": 0}
+    for row in rows:
+        with engine.begin() as conn:
+            job = conn.execute(sa.text("SELECT status FROM jobs WHERE job_id = :j FOR UPDATE"),
+                               {"j": row["job_id"]}).scalar()
+            if job is not None and job != "submitting":
+                _stamp(conn, row["batch_id"], "failed", ", failure = :w",
+                       {"w": "the service stopped while it read the file, and the lines it had read were closed"
+                             " as a job of their own; create the batch again"})
+        if job is None or job == "submitting":
+            try:
+                options = job_options(row["metadata"] or {})
+            except ApiError as e:   # checked at create: only a rule changed since makes this
+                submitter.fail(row["batch_id"], e.message)
+                continue
+            submitter.start(row, row.pop("path"), options)
+            out["resubmitted"] += 1
+        else:
+            jobs.cancel_job(row["job_id"], settings=settings, engine=engine)
+            out["failed"] += 1
+    if rows:
+        log.warning("batches left validating by a service that stopped: %d submitted again, %d failed",
+                    out["resubmitted"], out["failed"])
+    return out
 
 
 def create(engine, submitter: Submitter, project_id: str, spec: CreateBatch) -> dict:

@@ -501,3 +501,53 @@ def test_output_files_expire_as_asked(stack, engine, api, tmp_path):
     with pytest.raises(openai.NotFoundError):
         c.files.content(out.id)
     assert api_files.purge_expired(engine) >= 1 and not Path(disk).exists()
+
+
+def test_a_service_killed_mid_submit_leaves_no_half_batch(stack, engine, api, tmp_path):
+    """kill -9 of the service while it publishes a batch's lines: the restarted service submits the
+    file again under the same job (every line once), or, if the upkeep closed the job first, fails
+    the batch and cancels its job. Never a batch in progress with part of its file."""
+    import subprocess
+    n = int(os.environ.get("LLMBATCH_API_KILL_LINES", "20000"))
+    c = client(api, new_key(engine, f"kill{time.time_ns() % 10**9}"))
+    tag = f"kill{time.time_ns()}"
+    path = write_jsonl(tmp_path / "in.jsonl", [line_of("/v1/embeddings", i, tag) for i in range(n)])
+    f = c.files.create(file=path.open("rb"), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h",
+                         metadata={"llmbatch_tier": "offpeak", "llmbatch_mode": "realtime"})   # held: nothing runs
+    with engine.connect() as conn:
+        job = conn.execute(sa.text("SELECT job_id FROM api_batches WHERE batch_id = :b"), {"b": b.id}).scalar()
+
+    def read_so_far():
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT lines_read FROM jobs WHERE job_id = :j AND status = 'submitting'"),
+                                {"j": job}).scalar() or 0
+    wait_for(lambda: read_so_far() >= n // 10, timeout=300, every=0.2, what="the submit under way")
+    subprocess.run(["bash", str(Path(__file__).resolve().parents[2] / "infra" / "stack.sh"), "kill", "api"],
+                   check=True, capture_output=True, timeout=60)
+    wait_for(lambda: _answers(api), timeout=120, every=0.5, what="the service back")
+    try:
+        b = wait_for(lambda: (x := c.batches.retrieve(b.id)).status != "validating" and x, timeout=900, every=2,
+                     what="the batch past validating")
+        with engine.connect() as conn:
+            status = conn.execute(sa.text("SELECT status FROM jobs WHERE job_id = :j"), {"j": job}).scalar()
+        print(f"\nafter kill -9 at {n // 10}+ of {n} lines: batch {b.status}, job {status}")
+        if b.status == "failed":
+            assert status == "cancelled" and "service stopped" in b.errors.data[0].message
+        else:
+            assert b.status == "in_progress" and b.request_counts.total == n
+
+            def rows():
+                with engine.connect() as conn:
+                    return conn.execute(sa.text("SELECT count(*) FROM requests WHERE job_id = :j"),
+                                        {"j": job}).scalar()
+            wait_for(lambda: rows() == n, timeout=600, every=2, what=f"{n} request rows")
+    finally:
+        c.batches.cancel(b.id) if c.batches.retrieve(b.id).status not in ENDED else None
+
+
+def _answers(api: str) -> bool:
+    try:
+        return healthy(api)
+    except OSError:
+        return False

@@ -52,7 +52,7 @@ def register_first_key(engine, settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    engine = db.get_engine()
+    engine = db.get_engine(settings.sqlalchemy_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -80,6 +80,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         return JSONResponse(error_body(ApiError(400, f"Invalid request: {first.get('msg', 'bad input')}.",
                                                 param=param)), status_code=400)
+
+    @app.exception_handler(sa.exc.OperationalError)
+    async def store_down(request: Request, e: sa.exc.OperationalError):
+        log.warning("Postgres unreachable: %s", str(e).splitlines()[0][:200])
+        return JSONResponse(error_body(ApiError(503, "The service cannot reach its database; try again shortly.",
+                                                type_="server_error")), status_code=503)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception):   # logged with its traceback by the server
+        return JSONResponse(error_body(ApiError(500, "The service failed on this request.", type_="server_error")),
+                            status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):

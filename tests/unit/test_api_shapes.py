@@ -248,3 +248,19 @@ def test_any_body_is_read_or_refused_400_never_a_crash(tmp_path_factory, body):
     finally:
         form.discard()
     assert not target.exists()
+
+
+def test_routes_answer_in_openais_error_shape_without_services():
+    """Unknown routes, a service fault and Postgres down: OpenAI's error shape, never HTML or a bare 500."""
+    from fastapi.testclient import TestClient
+    from pipeline.api import app as app_mod
+    from pipeline.config import load_settings
+
+    nowhere = load_settings({"LLMBATCH_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:9/none",
+                             "LLMBATCH_VAR_DIR": "/nonexistent"})   # port 9 (discard): refused at once
+    client = TestClient(app_mod.create_app(nowhere), raise_server_exceptions=False)
+    r = client.get("/v1/nothing-here")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = client.get("/v1/batches", headers={"Authorization": "Bearer lb-x"})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    assert client.get("/healthz").json() == {"status": "ok"}

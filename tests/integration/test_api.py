@@ -102,8 +102,10 @@ def test_the_openai_sdk_unchanged_runs_a_batch(stack, engine, api, tmp_path, end
     c = client(api, stack.api_first_key.reveal())   # the key the stack generated, project default
     tag = f"sdk{time.time_ns()}"
     path = write_jsonl(tmp_path / "in.jsonl", [line_of(endpoint, i, tag) for i in range(6)])
+    t = time.monotonic()
     f, b, seen = run_batch(c, path, endpoint, metadata={"llmbatch_tier": "peak", "team": "a"})
-    print(f"\n{endpoint}: file {f.id} {f.bytes} bytes; statuses {' -> '.join(seen)}; {b.request_counts}")
+    print(f"\n{endpoint}: file {f.id} {f.bytes} bytes; statuses {' -> '.join(seen)}; {b.request_counts};"
+          f" upload to completed {time.monotonic() - t:.1f} s (niced, loaded machine)")
     assert b.status == "completed" and b.metadata == {"llmbatch_tier": "peak", "team": "a"}
     assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (6, 6, 0)
     assert b.created_at <= b.in_progress_at <= b.finalizing_at <= b.completed_at and b.error_file_id is None
@@ -551,3 +553,27 @@ def _answers(api: str) -> bool:
         return healthy(api)
     except OSError:
         return False
+
+
+def test_readers_at_once_write_a_batchs_files_once(stack, engine, api, tmp_path):
+    """Eight clients polling one batch as it ends (and the service's own mover): one output file."""
+    from concurrent.futures import ThreadPoolExecutor
+    project = f"race{time.time_ns() % 10**9}"
+    c = client(api, new_key(engine, project))
+    path = write_jsonl(tmp_path / "in.jsonl", [line_of("/v1/embeddings", i, f"race{time.time_ns()}") for i in range(20)])
+    f = c.files.create(file=path.open("rb"), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+
+    def poll(_):
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            x = c.batches.retrieve(b.id)
+            if x.status in ENDED:
+                return x.output_file_id
+        raise AssertionError("not ended")
+    with ThreadPoolExecutor(8) as pool:
+        seen = set(pool.map(poll, range(8)))
+    with engine.connect() as conn:
+        outputs = conn.execute(sa.text("SELECT count(*) FROM api_files WHERE project_id = :p"
+                                       " AND purpose = 'batch_output'"), {"p": project}).scalar()
+    assert len(seen) == 1 and None not in seen and outputs == 1

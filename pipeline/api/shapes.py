@@ -165,7 +165,7 @@ def job_options(metadata: dict) -> dict:
 
 
 #: a rejection's reason → OpenAI's error code (``errors.data[].code``)
-_CODES = ((re.compile(r"^invalid JSON|^not JSON|JSON", re.I), "invalid_json_line"),
+_CODES = ((re.compile(r"JSON|UTF-8"), "invalid_json_line"),
           (re.compile(r"duplicate custom_id"), "duplicate_custom_id"),
           (re.compile(r"url .* not the batch's endpoint"), "mismatched_endpoint"),
           (re.compile(r"unknown model|not in the price book", re.I), "model_not_found"),

@@ -148,7 +148,10 @@ def test_output_and_error_lines_split_as_openai_does():
 
 
 @pytest.mark.parametrize("reason,code", [
-    ("invalid JSON: Expecting value: line 1 column 1 (char 0)", "invalid_json_line"),
+    ("not valid JSON: Expecting value at column 1", "invalid_json_line"),
+    ("expected a JSON object, got an array", "invalid_json_line"),
+    ("not valid UTF-8 (byte 0: b'\\x87')", "invalid_json_line"),
+    ("unknown model 'nope-9'; known models: gpt-5, gpt-4o", "model_not_found"),
     ("duplicate custom_id 'a': custom_id must be unique in a job", "duplicate_custom_id"),
     ("url '/v1/embeddings' is not the batch's endpoint /v1/chat/completions: every line of a batch names its endpoint",
      "mismatched_endpoint"),

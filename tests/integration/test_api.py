@@ -222,6 +222,12 @@ def test_keys_create_prints_a_key_once_and_stores_only_its_hash(stack, engine, a
                               {"p": project}).one()
     assert bytes(stored.key_sha256) == api_keys.key_hash(key) and stored.hint == key[:7]
     assert key not in json.dumps(llmbatch_keys(), default=str)
+    # the read-only role of `llmbatch sql` reads the batches, never the key hashes
+    import psycopg
+    with psycopg.connect(stack.reader_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        conn.execute("SELECT count(*) FROM api_batches").fetchone()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT key_sha256 FROM api_keys").fetchone()
 
 
 def test_bad_create_and_upload_answer_400_naming_the_problem(stack, engine, api, tmp_path):

@@ -100,6 +100,16 @@ def test_flower_basic_auth_from_env(compose):
     assert "${LLMBATCH_FLOWER_PASSWORD:?" in env["FLOWER_BASIC_AUTH"]
 
 
+def test_the_api_has_its_first_key_from_env_and_its_files_in_a_volume(compose):
+    api = compose["services"]["api"]
+    assert api["command"] == ["llmbatch", "api"]
+    assert "${LLMBATCH_API_FIRST_KEY:?" in api["environment"]["LLMBATCH_API_FIRST_KEY"]
+    assert api["environment"]["LLMBATCH_API_HOST"] == "0.0.0.0"
+    assert any(v.startswith("api-files:") and v.endswith(api["environment"]["LLMBATCH_API_FILES_DIR"])
+               for v in api["volumes"])
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+
+
 def _interpolations(value: str) -> list[tuple[str, str, str]]:
     """(variable, operator, rest) of every ${...} in a Compose value."""
     return re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?+]?)([^}]*)\}", value)

@@ -202,6 +202,10 @@ ensure_secrets() {
         grep -q "^$key=" "$SECRETS_FILE" || { echo "$key=$(random_secret)" >>"$SECRETS_FILE"; added+=("$key"); }
     done
     grep -q '^LLMBATCH_FLOWER_USER=' "$SECRETS_FILE" || echo "LLMBATCH_FLOWER_USER=llmbatch" >>"$SECRETS_FILE"
+    # the first API key of `llmbatch api` (project default), registered hashed when the api starts;
+    # there is no default key: each stack makes its own
+    grep -q '^LLMBATCH_API_FIRST_KEY=' "$SECRETS_FILE" \
+        || { echo "LLMBATCH_API_FIRST_KEY=lb-$(random_secret)" >>"$SECRETS_FILE"; added+=(LLMBATCH_API_FIRST_KEY); }
     if [ -n "$new" ]; then
         say secrets "generated ${SECRETS_FILE#"$ROOT/"} (mode 0600): Postgres, Redis, Kafka, Flower passwords"
     elif [ ${#added[@]} -gt 0 ]; then

@@ -20,14 +20,14 @@
 # var/secrets.env (mode 0600) and read from there by pipeline/config.py.
 #
 # Names: postgres redis kafka simulator batcher worker-immediate worker-peak
-# worker-offpeak worker-background scheduler flower. Run infra/setup.sh first.
+# worker-offpeak worker-background scheduler api flower. Run infra/setup.sh first.
 set -uo pipefail
 
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ALL=(postgres redis kafka simulator batcher
-     worker-immediate worker-peak worker-offpeak worker-background scheduler flower)
+     worker-immediate worker-peak worker-offpeak worker-background scheduler api flower)
 
 # LLMBATCH_PORT_OFFSET shifts every port, so a second stack (with its own
 # LLMBATCH_VAR_DIR) can run beside the first; pipeline/config.py applies the same shift.
@@ -38,6 +38,7 @@ KAFKA_PORT=$((59092 + OFF))
 KAFKA_CONTROLLER_PORT=$((59093 + OFF))
 SIMULATOR_PORT=$((58080 + OFF))
 FLOWER_PORT=$((5555 + OFF))
+API_PORT=$((58600 + OFF))
 PG_USER=postgres            # the unprivileged system user that runs the server (as root)
 [ "$(id -u)" = 0 ] || PG_USER=$(id -un)
 PGDATA="$VAR/pgdata"
@@ -53,6 +54,7 @@ port_of() {
         kafka) echo $KAFKA_PORT ;;
         simulator) echo $SIMULATOR_PORT ;;
         flower) echo $FLOWER_PORT ;;
+        api) echo $API_PORT ;;
         *) echo - ;;
     esac
 }
@@ -484,6 +486,8 @@ app_cmd() { # NAME -> the command line (one word a line)
         batcher) printf '%s\n' "$VENV/bin/llmbatch" --log-level INFO batcher ;;
         worker-*) printf '%s\n' "$VENV/bin/llmbatch" --log-level INFO worker --tier "${1#worker-}" ;;
         scheduler) printf '%s\n' "$VENV/bin/llmbatch" --log-level INFO scheduler ;;
+        # the HTTP API (pipeline/api/); it registers the stack's first key (secrets file) at start
+        api) printf '%s\n' "$VENV/bin/llmbatch" --log-level INFO api ;;
         flower) printf '%s\n' "$VENV/bin/celery" -A workers.app flower \
                     --address=127.0.0.1 --port=$FLOWER_PORT ;;
     esac
@@ -495,6 +499,7 @@ app_ready() { # NAME
         batcher) echo "log_has_since_start batcher 'batcher ready'" ;;
         worker-*) echo "log_has_since_start $1 'ready.'" ;;
         scheduler) echo "log_has_since_start scheduler 'scheduler ready'" ;;
+        api) echo "http_ok http://127.0.0.1:$API_PORT/healthz" ;;
         flower) echo "port_open $FLOWER_PORT" ;;
     esac
 }

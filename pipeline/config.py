@@ -271,6 +271,17 @@ class Settings:
     #: Flower's basic-auth password (generated into var/secrets.env by the local stack; no default)
     flower_password: Secret = Secret("")
 
+    # the HTTP front door, ``llmbatch api`` (pipeline/api/: OpenAI Files and Batches)
+    #: where ``llmbatch api`` listens (``0.0.0.0`` in compose)
+    api_host: str = "127.0.0.1"
+    #: its port (shifted by port_offset like every default port)
+    api_port: int = 58600
+    #: where it keeps uploaded files and the output files it writes; empty: ``var_dir``/api-files
+    api_files_dir: Path | None = None
+    #: the local stack's first API key (generated into var/secrets.env, registered, hashed, in project
+    #: ``default`` by ``make up``); the service never reads it: keys live hashed in Postgres
+    api_first_key: Secret = Secret("")
+
     def __repr__(self) -> str:
         parts = []
         for f in dataclasses.fields(self):
@@ -401,6 +412,8 @@ def load_settings(env: dict | None = None) -> Settings:
                 coerced[name] = getattr(base, name).replace(str(port), str(port + offset))
         if "metrics_port" not in coerced:
             coerced["metrics_port"] = base.metrics_port + offset
+        if "api_port" not in coerced:
+            coerced["api_port"] = base.api_port + offset
     # an explicit URL wins; the default ones carry the passwords
     if "database_url" not in values and coerced.get("database_password"):
         url = coerced.get("database_url", base.database_url)
@@ -445,7 +458,7 @@ def producer_password(key: str, user: str) -> str:
 #: settings the stack's secrets file may set (anything else in it is for infra/stack.sh alone)
 _SECRET_SETTINGS = frozenset({"database_password", "reader_password", "redis_password",
                               "flower_user", "flower_password", "kafka_batcher_password",
-                              "kafka_admin_password", "kafka_producer_key"})
+                              "kafka_admin_password", "kafka_producer_key", "api_first_key"})
 
 
 @functools.cache

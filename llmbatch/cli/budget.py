@@ -80,6 +80,8 @@ def show(as_json):
     line("global", data["global"])
     for t in TIERS:
         line(t, data["tiers"][t])
+    for p, s in data.get("projects", {}).items():
+        line(f"project {p}", s)
     if data["jobs"]:
         click.echo("jobs:")
         for j in data["jobs"]:
@@ -100,12 +102,14 @@ def show(as_json):
 @click.option("--global", "global_", is_flag=True, help="The daily cap over everything.")
 @click.option("--tier", type=click.Choice(TIERS), help="The daily cap of one tier.")
 @click.option("--job", "job_id", help="The cap of one job (resumes it if its cap paused it).")
+@click.option("--project", help="The daily cap of one API project (its keys' batches, `llmbatch api`).")
 @click.option("--usd", type=CAP_USD, help="The cap in USD, e.g. 25 or 0.5.")
-def set_(scope_arg, usd_arg, global_, tier, job_id, usd):
+def set_(scope_arg, usd_arg, global_, tier, job_id, project, usd):
     """Set a cap; requests it deferred resume at once if they now fit.
 
-    Either ``budget set global 20`` / ``budget set tier:peak 5`` / ``budget set job:JOB 1``,
-    or the options ``--global`` / ``--tier T`` / ``--job JOB`` with ``--usd``.
+    Either ``budget set global 20`` / ``budget set tier:peak 5`` / ``budget set job:JOB 1`` /
+    ``budget set project:P 10``, or the options ``--global`` / ``--tier T`` / ``--job JOB`` /
+    ``--project P`` with ``--usd``.
     """
     if scope_arg is not None and usd_arg is None and usd is None:
         fail("give the amount: budget set SCOPE USD", 2)
@@ -113,15 +117,16 @@ def set_(scope_arg, usd_arg, global_, tier, job_id, usd):
     if amount is None:
         fail("give the amount (--usd, or budget set SCOPE USD)", 2)
     if scope_arg is not None:
-        if global_ or tier or job_id:
-            fail("give the scope either as SCOPE or as --global/--tier/--job, not both", 2)
+        if global_ or tier or job_id or project:
+            fail("give the scope either as SCOPE or as --global/--tier/--job/--project, not both", 2)
         scope = scope_arg
         if scope in TIERS:
             scope = f"tier:{scope}"
     else:
-        if sum(bool(x) for x in (global_, tier, job_id)) != 1:
-            fail("give exactly one of --global, --tier T, --job JOB", 2)
-        scope = "global" if global_ else f"tier:{tier}" if tier else f"job:{job_id}"
+        if sum(bool(x) for x in (global_, tier, job_id, project)) != 1:
+            fail("give exactly one of --global, --tier T, --job JOB, --project P", 2)
+        scope = ("global" if global_ else f"tier:{tier}" if tier else f"job:{job_id}" if job_id
+                 else f"project:{project}")
     engine = db.get_engine()
     try:
         result = admin.set_cap(engine, _redis(), get_settings(), scope, amount)

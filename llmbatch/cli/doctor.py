@@ -9,6 +9,7 @@ something unreachable (exit 3) and ``setup`` for a wrong setting or file
 from __future__ import annotations
 
 import hashlib
+import json
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -247,13 +248,27 @@ def check_flower(settings: Settings) -> Check:
                 " generated into var/secrets.env)", required=False)
 
 
+def check_api(settings: Settings) -> Check:
+    """The HTTP API (pipeline/api/): its /readyz says whether Postgres, Redis and Kafka answer it."""
+    url = f"http://127.0.0.1:{settings.api_port}/readyz"
+
+    def ready():
+        try:
+            body = json.load(urllib.request.urlopen(url, timeout=8))
+        except urllib.error.HTTPError as e:
+            body = json.load(e)
+            raise RuntimeError(f"{url}: not ready: {body.get('checks')}") from None
+        return f"{url}: {body['status']}"
+    return _try("api", ready, f"start it: {UP} (the process `api`; log var/log/api.log)", required=False)
+
+
 def run_checks(settings: Settings) -> list[Check]:
     redis_check, workers = check_redis(settings), check_workers(settings)
     if not redis_check.ok and not workers.ok:   # the workers wait for Redis: starting more would not help
         workers.fix = "fix redis first (above): the workers wait for it and answer again once it is back"
     return [*check_settings(settings), *check_postgres(settings), redis_check,
             check_kafka(settings), check_simulator(settings), workers,
-            check_tokenizer(settings), check_flower(settings)]
+            check_tokenizer(settings), check_flower(settings), check_api(settings)]
 
 
 def exit_code(checks: list[Check]) -> int:

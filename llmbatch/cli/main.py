@@ -479,14 +479,14 @@ from llmbatch.cli.kafka import kafka  # noqa: E402  (Kafka producers for service
 
 main.add_command(kafka)
 
-from llmbatch.cli.keys import keys  # noqa: E402  (provider keys: list, restore after a 401)
+from llmbatch.cli.keys import keys  # noqa: E402  (API keys: create, list, revoke; provider keys: restore)
 
 main.add_command(keys)
 
 from llmbatch.cli.stack import down, ps, up  # noqa: E402  (the local stack)
-from llmbatch.cli.processes import batcher, db_group, simulator, worker  # noqa: E402  (the processes)
+from llmbatch.cli.processes import api, batcher, db_group, simulator, worker  # noqa: E402  (the processes)
 
-for command in (up, down, ps, db_group, batcher, worker, simulator):
+for command in (up, down, ps, db_group, api, batcher, worker, simulator):
     main.add_command(command)
 
 

@@ -1,4 +1,4 @@
-"""The long-running processes and the schema: ``llmbatch batcher``, ``worker --tier T``,
+"""The long-running processes and the schema: ``llmbatch api``, ``batcher``, ``worker --tier T``,
 ``simulator`` and ``db upgrade``. Each command sets up its process (logging, metrics) and hands
 over to the module that does the work."""
 
@@ -30,6 +30,14 @@ def db_upgrade():
     except InfrastructureError as e:
         fail(str(e), 3)
     click.echo(f"applied: {', '.join(applied)}" if applied else "schema up to date")
+
+
+@click.command("api")
+def api():
+    """Run the HTTP API: OpenAI's Files and Batches over the pipeline (pipeline/api/)."""
+    from pipeline.api.app import serve
+    setup_logging("INFO")
+    serve(get_settings())
 
 
 @click.command()

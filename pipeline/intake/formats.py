@@ -144,7 +144,9 @@ def _require(obj: dict, key: str, kind, where: str):
     return value
 
 
-def _pipeline_fields(obj: dict) -> dict:
+def pipeline_fields(obj: dict) -> dict:
+    """The optional pipeline fields of a line (``PIPELINE_FIELDS``), checked; also what the HTTP API
+    reads from a batch's ``llmbatch_*`` metadata (pipeline/api/shapes.py)."""
     out: dict = {}
     if obj.get("priority") is not None:
         p = obj["priority"]
@@ -244,6 +246,6 @@ def parse_request(obj: dict, prices: PriceBook, anthropic_counter=None) -> Reque
         input_tokens=bound.input_tokens,
         tokens_exact=bound.tokens_exact or (declared is not None and bound.input_tokens == declared),
         max_tokens=bound.max_output_tokens, max_cost_usd=bound.max_cost_usd,
-        **_pipeline_fields(obj),
+        **pipeline_fields(obj),
     )
 

@@ -27,6 +27,7 @@ job stays ``submitting``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -322,9 +323,14 @@ def placer_for(mode: str, settings: Settings) -> Placer | None:
 def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | None = None,
                 name: str | None = None, priority: int | None = None, tier: str | None = None,
                 budget_usd: Decimal | None = None, on_budget: str = "defer", mode: str = AUTO,
-                fallback_model: str | None = None, resume: bool = False,
+                fallback_model: str | None = None, resume: bool = False, deadline: datetime | None = None,
+                project: str | None = None, endpoint: str | None = None,
                 on_progress: Callable[[SubmitReport], None] | None = None) -> SubmitReport:
     """Publish every valid line of ``path`` as job ``job_id``; returns the report.
+
+    ``deadline``: of every line without its own; ``project``: the API project the job belongs to
+    (its daily cap applies, pipeline/money/caps.py); ``endpoint``: the one url every line must name
+    (an OpenAI batch's, pipeline/api/): a line naming another is rejected.
 
     ``resume=True`` continues job ``job_id`` (submitted from the same file and
     interrupted): lines up to the job's recorded line count are skipped, their
@@ -360,7 +366,7 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                           source=str(path), priority=priority,
                           tier=tier, budget_usd=budget_usd, on_budget=on_budget, mode=mode,
                           simulated=settings.simulated, fallback_model=fallback_model,
-                          producer=settings.kafka_user)
+                          producer=settings.kafka_user, project=project)
     report = SubmitReport(job_id, resumed_from=previous["last_line"], last_line=previous["last_line"])
     deliveries = _Deliveries()
     rejections: list[dict] = []
@@ -405,7 +411,12 @@ def submit_file(path: Path, *, settings: Settings | None = None, job_id: str | N
                         cid = obj.get("custom_id") if isinstance(obj.get("custom_id"), str) else None
                         if placer is not None:   # before the bound: a cache write is part of the maximum
                             obj = placer.place_line(obj, prices)
+                        if endpoint is not None and obj.get("url") != endpoint:
+                            raise LineError(f"url {obj.get('url')!r} is not the batch's endpoint {endpoint}:"
+                                            " every line of a batch names its endpoint")
                         req = parse_request(obj, prices, counter)
+                        if deadline is not None and req.deadline is None:
+                            req = dataclasses.replace(req, deadline=deadline)
                         way = path_of(mode, req.body)   # the path says whether it serves this line
                         price = prices.resolve(req.model, req.provider)
                         check_serves(way, TypedRequest.probe(job_id, req.custom_id, req.provider, req.body, way.name,

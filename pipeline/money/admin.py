@@ -43,14 +43,17 @@ def record_alert(engine, scope: str, period: str, threshold: int, cap: Decimal, 
 def set_cap(engine, redis_sync, settings: Settings, scope: str, usd) -> dict:
     """Set a cap (Postgres, the source of truth, then its mirror in Redis) and wake what it deferred.
 
-    ``scope``: 'global', 'tier:<tier>' or 'job:<job_id>'. Returns what changed.
+    ``scope``: 'global', 'tier:<tier>', 'project:<id>' (an API project's daily cap) or 'job:<job_id>'.
+    Returns what changed.
     """
     usd = parse_cap(usd, scope)
     if usd is None:
         raise ConfigError(f"{scope}: no amount given")
     if not (scope == "global" or scope.startswith("job:") or
-            (scope.startswith("tier:") and scope[5:] in TIERS)):
-        raise ConfigError(f"unknown budget scope {scope!r}: 'global', 'tier:<tier>' or 'job:<job id>'")
+            (scope.startswith("tier:") and scope[5:] in TIERS) or
+            (scope.startswith("project:") and len(scope) > len("project:"))):
+        raise ConfigError(f"unknown budget scope {scope!r}: 'global', 'tier:<tier>', 'project:<id>'"
+                          " or 'job:<job id>'")
     with engine.begin() as conn:
         if scope.startswith("job:"):
             from pipeline.stores.jobs import lock_job_batches
@@ -118,6 +121,15 @@ def show(engine, redis_sync, settings: Settings) -> dict:
             " (SELECT count(*) FROM requests q WHERE q.job_id = j.job_id AND q.status = 'deferred') AS deferred"
             " FROM jobs j WHERE j.budget_usd IS NOT NULL OR j.status = 'paused_budget'"
             " ORDER BY j.created_at DESC LIMIT 50")).mappings().all()
+        # each API project with a cap: its day's results and unconfirmed calls (sql/030_api.sql)
+        ledger_project = dict(conn.execute(sa.text(
+            "SELECT j.project_id, sum(r.cost_usd) FROM results r JOIN jobs j USING (job_id)"
+            " WHERE j.project_id IS NOT NULL AND r.budget_period = CAST(:p AS date) GROUP BY 1"),
+            {"p": today}).all())
+        unconfirmed_project = dict(conn.execute(sa.text(
+            "SELECT j.project_id, sum(c.max_cost_usd) FROM provider_calls c JOIN jobs j USING (job_id)"
+            " WHERE j.project_id IS NOT NULL AND c.state = 'unconfirmed' AND c.budget_period = CAST(:p AS date)"
+            " GROUP BY 1"), {"p": today}).all())
         alerts = conn.execute(sa.text(
             "SELECT scope, period, threshold, cap_usd, spent_usd, created_at FROM budget_alerts"
             " ORDER BY created_at DESC LIMIT 20")).mappings().all()
@@ -135,6 +147,9 @@ def show(engine, redis_sync, settings: Settings) -> dict:
                         sum(unconfirmed_tier.values(), Decimal(0))),
         "tiers": {t: scope(f"tier:{t}", f"tier:{t}@{today}", ledger_tier.get(t, Decimal(0)),
                            unconfirmed_tier.get(t, Decimal(0))) for t in TIERS},
+        "projects": {s[8:]: scope(s, f"{s}@{today}", ledger_project.get(s[8:], Decimal(0)),
+                                  unconfirmed_project.get(s[8:], Decimal(0)))
+                     for s in sorted(caps) if s.startswith("project:")},
         "jobs": [{"job_id": j["job_id"], "status": j["status"], "on_budget": j["on_budget"],
                   "cap_usd": str(j["budget_usd"]) if j["budget_usd"] is not None else None,
                   "spent_usd": str(j["spent"]), "unconfirmed_usd": str(j["unconfirmed"]),

@@ -1,7 +1,7 @@
 """Hard cost caps: reserve before a call, settle after, never overspend.
 
 Scopes: ``global`` per UTC day, ``tier:<tier>`` per UTC day, ``job:<job_id>``
-for the job's life. Before each provider call (each attempt) the worker
+for the job's life, and ``project:<id>`` per UTC day for a job of an API project (pipeline/api/). Before each provider call (each attempt) the worker
 reserves the request's maximum cost against every scope that applies, in one
 Lua script, so spend never exceeds a cap under any concurrency:
 
@@ -65,13 +65,12 @@ import sqlalchemy as sa
 
 from pipeline.aio import checkpoint
 from pipeline.config import Settings
-from pipeline.constants import TIERS
 from pipeline.errors import (
     BudgetError, BudgetExceeded, BudgetNeverFits, BudgetScriptError, BudgetUnavailable, BudgetWaitedOut,
     InvalidAmount,
 )
 from pipeline.money.admin import record_alert
-from pipeline.money.caps import caps_for, fields_for, period as _period, reservation_ttl_s
+from pipeline.money.caps import caps_for, daily_scopes, fields_for, period as _period, reservation_ttl_s
 from pipeline.money.ledger import JOB_SPENT_SQL, older, rebuild
 from pipeline.money.scripts import (
     DETACH, FILL_CAP, INVALIDATE, KEYS, LOAD, REASSERT, REHOLD_GRACE_S, RELEASE, RENEW, RESERVE, RUN_ID_KEY,
@@ -132,6 +131,7 @@ class Budget:
         self._beat: asyncio.Task | None = None
         self._run_id: str | None = None
         self._beat_redis = None
+        self._projects: dict[str, str | None] = {}
 
     def _beat_client(self):
         """The heartbeat's own connection: it never queues behind the requests' Redis calls, so a
@@ -243,8 +243,9 @@ class Budget:
         except Exception as e:
             raise BudgetUnavailable(f"cannot rebuild the budget counters: {e}") from e
 
-    async def _load_caps(self) -> None:
-        """Mirror the daily caps from Postgres into counters that lack them (never from the settings)."""
+    async def _load_caps(self, missing: str | None = None) -> None:
+        """Mirror the daily caps from Postgres into counters that lack them (never from the settings);
+        ``missing``: the cap field a reservation found absent (a project without a cap: none)."""
         def read():
             with self.engine.connect() as conn:
                 return caps_for(conn)
@@ -252,8 +253,23 @@ class Budget:
             caps = await asyncio.to_thread(read)
         except Exception as e:
             raise BudgetUnavailable(f"cannot read the caps from Postgres: {e}") from e
-        for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
+        for scope in dict.fromkeys(daily_scopes(caps) + ([missing] if missing else [])):
             await self._eval(FILL_CAP, scope, str(to_units(caps[scope])) if scope in caps else NO_CAP)
+
+    async def _project(self, job_id: str) -> str | None:
+        """The API project of a job (fixed when the job is made), read once per job and process."""
+        if job_id not in self._projects:
+            def read():
+                with self.engine.connect() as conn:
+                    return conn.execute(sa.text("SELECT project_id FROM jobs WHERE job_id = :j"),
+                                        {"j": job_id}).scalar()
+            try:
+                self._projects[job_id] = await asyncio.to_thread(read)
+            except Exception as e:
+                raise BudgetUnavailable(f"cannot read the job's project from Postgres: {e}") from e
+            if len(self._projects) > 100_000:
+                self._projects.clear()
+        return self._projects[job_id]
 
     async def _load_job(self, job_id: str) -> None:
         def read():
@@ -280,7 +296,7 @@ class Budget:
         waited, since, noted = 0, None, 0.0
         while True:
             today = period or _period(self.settings, self.engine)
-            fields = fields_for(job_id, tier, today)
+            fields = fields_for(job_id, tier, today, await self._project(job_id))
             args = [ttl_ms, rid, units, len(fields)] + [x for f in fields for x in f]
             r = [x.decode() if isinstance(x, bytes) else x for x in await self._eval(RESERVE, *args)]
             if r[0] == "ok":
@@ -300,7 +316,7 @@ class Budget:
                 if r[1].startswith("job:"):
                     await self._load_job(job_id)
                 else:   # a daily scope's cap missing: the counters predate it
-                    await self._load_caps()
+                    await self._load_caps(r[1])
             elif r[0] == "wait" and not wait:
                 await asyncio.to_thread(note_wait, self.redis_sync, job_id, r[1], spent_field(fields, r[1]))
                 return None

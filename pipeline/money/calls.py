@@ -72,7 +72,8 @@ def _unconfirm(conn, where: str, params: dict, reason: str) -> tuple[list[dict],
     rows = conn.execute(sa.text(
         "UPDATE provider_calls SET state = 'unconfirmed', reason = :why, resolved_at = now()"
         f" WHERE state = 'sent' AND {where}"
-        " RETURNING call_id, hold_id, job_id, custom_id, tier, max_cost_usd, created_at"),
+        " RETURNING call_id, hold_id, job_id, custom_id, tier, max_cost_usd, created_at,"
+        " (SELECT j.project_id FROM jobs j WHERE j.job_id = provider_calls.job_id) AS project_id"),
         {**params, "why": reason}).mappings().all()
     return [dict(r) for r in rows], (budget.commit_xid(conn) if rows else "")
 
@@ -101,7 +102,8 @@ def holds(rows: list[dict], xid: str, gen: str = "") -> list[budget.Reservation]
         created = r.get("created_at") or datetime.now(timezone.utc)
         period = caps.day(created)
         units = units_mod.reservation_units(r["max_cost_usd"])
-        out.append(budget.Reservation(r["hold_id"], gen, caps.fields_for(r["job_id"], r["tier"], period),
+        out.append(budget.Reservation(r["hold_id"], gen, caps.fields_for(r["job_id"], r["tier"], period,
+                                                                            r.get("project_id")),
                                       units, period, written=True, xid=xid))
     return out
 

@@ -1,5 +1,6 @@
 """Which caps a spend counts against, and in which period: the UTC day by the caps' one clock
-(pipeline/clock.py), the scopes of a request (``fields_for``), the caps in force (``caps_for``,
+(pipeline/clock.py), the scopes of a request (``fields_for``: global, tier, job and, for a job of an
+API project, the project's daily cap ``project:<id>``), the caps in force (``caps_for``,
 the ``budget_caps`` table) and those written in the settings (``config_caps``), and how long a
 hold outlives its last renewal (``reservation_ttl_s``).
 """
@@ -35,10 +36,19 @@ def period(settings: Settings, engine=None) -> str:
     return day(budget_now(settings, engine))
 
 
-def fields_for(job_id: str, tier: str, today: str) -> list[tuple[str, str]]:
-    """(spent field, cap field) of every scope a request of ``job_id`` in ``tier`` counts against."""
-    return [(f"global@{today}", "global"), (f"tier:{tier}@{today}", f"tier:{tier}"),
-            (f"job:{job_id}", f"job:{job_id}")]
+def fields_for(job_id: str, tier: str, today: str, project: str | None = None) -> list[tuple[str, str]]:
+    """(spent field, cap field) of every scope a request of ``job_id`` in ``tier`` counts against;
+    a job of an API project (``jobs.project_id``, pipeline/api/) also against its project's daily cap."""
+    fields = [(f"global@{today}", "global"), (f"tier:{tier}@{today}", f"tier:{tier}"),
+              (f"job:{job_id}", f"job:{job_id}")]
+    if project:
+        fields.append((f"project:{project}@{today}", f"project:{project}"))
+    return fields
+
+
+def daily_scopes(caps: dict) -> list[str]:
+    """The daily cap fields kept in the counters: global, every tier, and each project with a cap."""
+    return ["global", *(f"tier:{t}" for t in TIERS), *sorted(s for s in caps if s.startswith("project:"))]
 
 
 def config_caps(settings: Settings) -> dict[str, Decimal]:

@@ -16,10 +16,9 @@ from urllib.parse import unquote
 import sqlalchemy as sa
 
 from pipeline.config import Settings
-from pipeline.constants import TIERS
 from pipeline.errors import BudgetError, BudgetUnavailable, InvalidAmount
 from pipeline.ids import request_key
-from pipeline.money.caps import caps_for, day, fields_for, period
+from pipeline.money.caps import caps_for, daily_scopes, day, fields_for, period
 from pipeline.money.scripts import (
     INSTALL, INVALIDATE, KEYS, LOCK_KEY, PROVIDER_BATCH_HOLD_S, REHOLD_GRACE_S, RUN_ID_KEY, SET_CAP,
 )
@@ -52,7 +51,7 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None, hel
             # first, so it is the snapshot every query below reads: a settle asks it (SETTLE)
             snapshot = conn.execute(sa.text("SELECT pg_current_snapshot()::text")).scalar()
             caps = {k: str(to_units(v)) for k, v in caps_for(conn, settings).items()}
-            for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
+            for scope in daily_scopes(caps):
                 caps.setdefault(scope, NO_CAP)
             spent: dict[str, str] = {}
             for job_id, cap, s in conn.execute(sa.text(
@@ -61,15 +60,16 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None, hel
                 caps[f"job:{job_id}"] = job_cap_units(cap)
                 spent[f"job:{job_id}"] = str(to_units(s))
             res, periods = [], {today}
-            for job_id, cid, tier, max_cost, in_pb, held_in in conn.execute(sa.text(
+            for job_id, cid, tier, max_cost, in_pb, held_in, project in conn.execute(sa.text(
                     "SELECT q.job_id, q.custom_id, q.tier, q.max_cost_usd, b.provider_batch IS NOT NULL,"
-                    " q.budget_period"
+                    " q.budget_period, j.project_id"
                     " FROM requests q LEFT JOIN batches b ON b.batch_id = q.batch_id"
+                    " LEFT JOIN jobs j ON j.job_id = q.job_id"
                     " WHERE q.status = 'running'")).all():
                 # a provider batch's hold stays in the period it was taken in; a worker's is re-asserted
                 when = held_in.isoformat() if in_pb and held_in is not None else today
                 periods.add(when)
-                fields = [sf for sf, _ in fields_for(job_id, tier, when)]
+                fields = [sf for sf, _ in fields_for(job_id, tier, when, project)]
                 try:
                     units = reservation_units(max_cost)
                 except InvalidAmount:   # never reserved, so never called: nothing to hold
@@ -90,6 +90,15 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None, hel
                     " GROUP BY 1, 2"), {"ps": ps}).all():
                 spent[f"global@{p}"] = str(int(spent[f"global@{p}"]) + to_units(s))
                 spent[f"tier:{tier}@{p}"] = str(to_units(s))
+            # each API project's daily spend (sql/030_api.sql): its jobs' results and unanswered calls
+            for p, project, s in conn.execute(sa.text(
+                    "SELECT p, project_id, sum(c) FROM (SELECT r.budget_period::text AS p, j.project_id,"
+                    "  r.cost_usd AS c FROM results r JOIN jobs j USING (job_id)"
+                    "  WHERE j.project_id IS NOT NULL AND r.budget_period = ANY(CAST(:ps AS date[]))"
+                    f" UNION ALL SELECT p.budget_period::text, j.project_id, {CALL_SPEND} FROM provider_calls p"
+                    "  JOIN jobs j USING (job_id) WHERE j.project_id IS NOT NULL AND p.state <> 'sent'"
+                    "  AND p.budget_period = ANY(CAST(:ps AS date[]))) x GROUP BY 1, 2"), {"ps": ps}).all():
+                spent[f"project:{project}@{p}"] = str(to_units(s))
             drop = _counted_holds(conn, held_ids)
     return {"caps": caps, "spent": spent, "res": res, "snapshot": snapshot, "drop": drop}
 
@@ -218,7 +227,7 @@ def reconcile(engine, redis_sync, settings: Settings, *, recheck_s: float = 1.0)
             if not drift and not stale:
                 with engine.connect() as conn:
                     caps = caps_for(conn)
-                for scope in ["global", *(f"tier:{t}" for t in TIERS)]:
+                for scope in daily_scopes(caps):
                     redis_sync.eval(SET_CAP, len(KEYS), *KEYS, scope,
                                     str(to_units(caps[scope])) if scope in caps else NO_CAP)
                 _report_drift({})

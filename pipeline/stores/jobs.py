@@ -26,16 +26,17 @@ log = logging.getLogger(__name__)
 def create_job(conn: Connection, job_id: str, *, name: str | None, source: str | None,
                priority: int | None, tier: str | None, budget_usd: Decimal | None,
                on_budget: str, mode: str, simulated: bool, fallback_model: str | None = None,
-               producer: str | None = None) -> None:
-    """A job row; ``producer`` is the Kafka user whose messages it takes (sql/013_job_producer.sql)."""
+               producer: str | None = None, project: str | None = None) -> None:
+    """A job row; ``producer`` is the Kafka user whose messages it takes (sql/013_job_producer.sql),
+    ``project`` the API project whose cap it counts against (sql/030_api.sql)."""
     conn.execute(sa.text(
         "INSERT INTO jobs (job_id, name, source, priority, tier, budget_usd, on_budget, mode, simulated,"
-        " fallback_model, producer)"
+        " fallback_model, producer, project_id)"
         " VALUES (:job_id, :name, :source, :priority, :tier, :budget_usd, :on_budget, :mode, :simulated,"
-        " :fallback_model, :producer) ON CONFLICT (job_id) DO NOTHING"),
+        " :fallback_model, :producer, :project) ON CONFLICT (job_id) DO NOTHING"),
         dict(job_id=job_id, name=name, source=source, priority=priority, tier=tier,
              budget_usd=budget_usd, on_budget=on_budget, mode=mode, simulated=simulated,
-             fallback_model=fallback_model, producer=producer))
+             fallback_model=fallback_model, producer=producer, project=project))
 
 
 def record_rejections(conn: Connection, job_id: str, rejections: list[dict]) -> None:

@@ -31,6 +31,13 @@ def test_every_request_counts_against_global_tier_and_job_scopes():
                       ("job:job_1", "job:job_1")]
 
 
+def test_a_job_of_an_api_project_also_counts_against_its_projects_daily_cap():
+    fields = caps.fields_for("job_1", "peak", "2026-11-24", "team-a")
+    assert fields[-1] == ("project:team-a@2026-11-24", "project:team-a") and len(fields) == 4
+    assert caps.daily_scopes({"project:team-a": 1, "global": 2, "job:x": 3}) == [
+        "global", "tier:immediate", "tier:peak", "tier:offpeak", "tier:background", "project:team-a"]
+
+
 def test_days_are_utc():
     late = datetime(2026, 11, 24, 23, 59, 59, tzinfo=timezone.utc)
     assert caps.day(late) == "2026-11-24"

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 APP_ENV = ("LLMBATCH_DATABASE_URL", "LLMBATCH_REDIS_URL", "LLMBATCH_KAFKA_BOOTSTRAP", "LLMBATCH_SIMULATOR_URL")
 TIERS = ("immediate", "peak", "offpeak", "background")
-APP_SERVICES = ("migrate", "simulator", "batcher", "scheduler", "flower", *(f"worker-{t}" for t in TIERS))
+APP_SERVICES = ("migrate", "simulator", "batcher", "scheduler", "api", "flower", *(f"worker-{t}" for t in TIERS))
 
 
 def _check_jsonschema() -> list[str]:
@@ -98,6 +98,16 @@ def test_flower_basic_auth_from_env(compose):
     env = compose["services"]["flower"]["environment"]
     assert "${LLMBATCH_FLOWER_USER:?" in env["FLOWER_BASIC_AUTH"]
     assert "${LLMBATCH_FLOWER_PASSWORD:?" in env["FLOWER_BASIC_AUTH"]
+
+
+def test_the_api_has_its_first_key_from_env_and_its_files_in_a_volume(compose):
+    api = compose["services"]["api"]
+    assert api["command"] == ["llmbatch", "api"]
+    assert "${LLMBATCH_API_FIRST_KEY:?" in api["environment"]["LLMBATCH_API_FIRST_KEY"]
+    assert api["environment"]["LLMBATCH_API_HOST"] == "0.0.0.0"
+    assert any(v.startswith("api-files:") and v.endswith(api["environment"]["LLMBATCH_API_FILES_DIR"])
+               for v in api["volumes"])
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
 
 
 def _interpolations(value: str) -> list[tuple[str, str, str]]:

@@ -46,6 +46,9 @@ FOLDERS = {
     # its provider's kind (the registry's) says its default url
     "request": {"", "money", "providers"},
     "paths": {"", "money", "stores", "providers", "endpoints", "request"},
+    # the HTTP front door (llmbatch api): a batch is a job submitted through intake, its results read
+    # from the stores; money parses a cap, paths names the modes
+    "api": {"", "intake", "stores", "money", "paths"},
 }
 #: top-level modules of pipeline/ that are a node of FOLDERS, not part of the vocabulary
 MODULE_NODES = {"request"}

@@ -5,7 +5,16 @@
 2. the pipeline gets the same file: ``submit_file`` (in its own process) →
    Kafka → batcher → Postgres → Celery workers → simulator → Postgres; the
    time is submit start → the job's last result row committed;
-3. the ratio pipeline / plain is the headline figure.
+3. the ratio pipeline / plain is the headline figure, in throughput and in CPU
+   per request.
+
+CPU (bench/cpu.py, from /proc, before and after each run): seconds per 1,000
+requests of every stack process (Kafka, the batcher, each worker tier's parent
+and pool processes, the Postgres postmaster and backends, Redis, the simulator,
+the scheduler, ...) and of submit / the plain client, beside the machine-wide
+busy time. The plain client's figure is its own process plus the simulator's;
+the pipeline's is every stack process (simulator included) plus submit. Both
+are also given without the simulator.
 
 Also reported: submit lines per second (while the rest of the pipeline runs)
 and the provider's view (simulator ``/_stats``: peak concurrency, duplicates).
@@ -25,22 +34,38 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from common import PY, ROOT, job_times, save, sim_stats, simulator, submit, wait_job, write_requests
+from cpu import Meter, sum_of
+from pipeline.config import get_settings
 from pipeline.stores import db
+
+SIMULATOR = "simulator"
+
+
+def meter(label: str) -> Meter:
+    return Meter(get_settings().var_dir / "run", bench_children=label)
 
 
 def plain(path: Path, concurrency: int) -> dict:
-    proc = subprocess.run([PY, str(ROOT / "bench" / "plain_client.py"), str(path),
-                           "--concurrency", str(concurrency)], capture_output=True, text=True, cwd=ROOT)
+    with meter("plain_client") as m:
+        proc = subprocess.run([PY, str(ROOT / "bench" / "plain_client.py"), str(path),
+                               "--concurrency", str(concurrency)], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"plain client failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    cpu = m.result(out["requests"])
+    out["cpu"] = cpu
+    out["cpu_s_per_1000"] = sum_of(cpu, ["plain_client", SIMULATOR])
+    out["cpu_s_per_1000_without_simulator"] = sum_of(cpu, ["plain_client"])
+    return out
 
 
 def pipeline(path: Path, n: int, timeout: float) -> dict:
     started = time.monotonic()
-    sub = submit(path, name="bench-e2e")
-    counts = wait_job(sub["job_id"], timeout=timeout)
+    with meter("submit") as m:
+        sub = submit(path, name="bench-e2e")
+        counts = wait_job(sub["job_id"], timeout=timeout)
     polled = time.monotonic() - started
+    cpu = m.result(n)
     times = job_times(sub["job_id"])
     stats = sim_stats()["total"]
     with db.get_engine().connect() as conn:
@@ -66,6 +91,9 @@ def pipeline(path: Path, n: int, timeout: float) -> dict:
         "requests_with_retries": deferred,
         "provider_requests": stats["requests"], "provider_peak_concurrency": stats["peak_concurrency"],
         "provider_duplicates": stats["duplicates"],
+        "cpu": cpu,
+        "cpu_s_per_1000": cpu["total_cpu_s_per_1000"],
+        "cpu_s_per_1000_without_simulator": sum_of(cpu, [SIMULATOR], exclude=True),
     }
 
 
@@ -80,7 +108,24 @@ def run(n: int, concurrency: int = 128, timeout: float = 600) -> dict:
         "requests": n, "simulated_latency_ms": 0,
         "plain_client": base, "pipeline": pipe,
         "ratio_pipeline_to_plain": round(pipe["end_to_end_requests_per_s"] / base["requests_per_s"], 3),
+        **cpu_ratios(pipe, base),
     })
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def cpu_ratios(pipe: dict, base: dict) -> dict:
+    """Pipeline ÷ plain client in CPU seconds per request: process accounting (with and without
+    the simulator) and the machine's busy time."""
+    return {
+        "cpu_ratio_pipeline_to_plain": ratio(pipe["cpu_s_per_1000"], base["cpu_s_per_1000"]),
+        "cpu_ratio_pipeline_to_plain_without_simulator": ratio(
+            pipe["cpu_s_per_1000_without_simulator"], base["cpu_s_per_1000_without_simulator"]),
+        "machine_cpu_ratio_pipeline_to_plain": ratio(pipe["cpu"]["machine_busy_cpu_s_per_1000"],
+                                                     base["cpu"]["machine_busy_cpu_s_per_1000"]),
+    }
 
 
 def main() -> None:

@@ -42,6 +42,13 @@ def main() -> None:
         "plain_client_requests_per_s": r_e2e["plain_client"]["requests_per_s"],
         "pipeline_end_to_end_requests_per_s": r_e2e["pipeline"]["end_to_end_requests_per_s"],
         "ratio_pipeline_to_plain": r_e2e["ratio_pipeline_to_plain"],
+        "plain_client_cpu_s_per_1000": r_e2e["plain_client"]["cpu_s_per_1000"],
+        "pipeline_cpu_s_per_1000": r_e2e["pipeline"]["cpu_s_per_1000"],
+        "cpu_ratio_pipeline_to_plain": r_e2e["cpu_ratio_pipeline_to_plain"],
+        "cpu_ratio_pipeline_to_plain_without_simulator": r_e2e["cpu_ratio_pipeline_to_plain_without_simulator"],
+        "machine_cpu_ratio_pipeline_to_plain": r_e2e["machine_cpu_ratio_pipeline_to_plain"],
+        "pipeline_cpu_s_per_1000_by_process": {k: v["cpu_s_per_1000"]
+                                               for k, v in r_e2e["pipeline"]["cpu"]["processes"].items()},
         "pipeline_requests_per_s_to_98pct": r_e2e["pipeline"]["requests_per_s_to_98pct"],
         "ratio_to_plain_at_98pct": round(r_e2e["pipeline"]["requests_per_s_to_98pct"]
                                          / r_e2e["plain_client"]["requests_per_s"], 3),

@@ -45,18 +45,24 @@ def meter(label: str) -> Meter:
     return Meter(get_settings().var_dir / "run", bench_children=label)
 
 
-def plain(path: Path, concurrency: int) -> dict:
-    with meter("plain_client") as m:
-        proc = subprocess.run([PY, str(ROOT / "bench" / "plain_client.py"), str(path),
-                               "--concurrency", str(concurrency)], capture_output=True, text=True, cwd=ROOT)
+def client(label: str, argv: list[str], *, env: dict | None = None) -> dict:
+    """Run a one-process client over the file (it prints one JSON line); its CPU and the
+    simulator's make its CPU per request."""
+    with meter(label) as m:
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode:
-        raise SystemExit(f"plain client failed: {proc.stderr[-2000:]}")
+        raise SystemExit(f"{label} failed: {proc.stderr[-2000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     cpu = m.result(out["requests"])
     out["cpu"] = cpu
-    out["cpu_s_per_1000"] = sum_of(cpu, ["plain_client", SIMULATOR])
-    out["cpu_s_per_1000_without_simulator"] = sum_of(cpu, ["plain_client"])
+    out["cpu_s_per_1000"] = sum_of(cpu, [label, SIMULATOR])
+    out["cpu_s_per_1000_without_simulator"] = sum_of(cpu, [label])
     return out
+
+
+def plain(path: Path, concurrency: int) -> dict:
+    return client("plain_client", [PY, str(ROOT / "bench" / "plain_client.py"), str(path),
+                                   "--concurrency", str(concurrency)])
 
 
 def pipeline(path: Path, n: int, timeout: float) -> dict:
@@ -108,7 +114,7 @@ def run(n: int, concurrency: int = 128, timeout: float = 600) -> dict:
         "requests": n, "simulated_latency_ms": 0,
         "plain_client": base, "pipeline": pipe,
         "ratio_pipeline_to_plain": round(pipe["end_to_end_requests_per_s"] / base["requests_per_s"], 3),
-        **cpu_ratios(pipe, base),
+        **cpu_ratios(pipe, base, "plain"),
     })
 
 
@@ -116,15 +122,15 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def cpu_ratios(pipe: dict, base: dict) -> dict:
-    """Pipeline ÷ plain client in CPU seconds per request: process accounting (with and without
+def cpu_ratios(pipe: dict, base: dict, name: str) -> dict:
+    """Pipeline ÷ a client in CPU seconds per request: process accounting (with and without
     the simulator) and the machine's busy time."""
     return {
-        "cpu_ratio_pipeline_to_plain": ratio(pipe["cpu_s_per_1000"], base["cpu_s_per_1000"]),
-        "cpu_ratio_pipeline_to_plain_without_simulator": ratio(
+        f"cpu_ratio_pipeline_to_{name}": ratio(pipe["cpu_s_per_1000"], base["cpu_s_per_1000"]),
+        f"cpu_ratio_pipeline_to_{name}_without_simulator": ratio(
             pipe["cpu_s_per_1000_without_simulator"], base["cpu_s_per_1000_without_simulator"]),
-        "machine_cpu_ratio_pipeline_to_plain": ratio(pipe["cpu"]["machine_busy_cpu_s_per_1000"],
-                                                     base["cpu"]["machine_busy_cpu_s_per_1000"]),
+        f"machine_cpu_ratio_pipeline_to_{name}": ratio(pipe["cpu"]["machine_busy_cpu_s_per_1000"],
+                                                       base["cpu"]["machine_busy_cpu_s_per_1000"]),
     }
 
 

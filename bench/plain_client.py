@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 
 import openai
@@ -45,6 +46,7 @@ async def run(path: str, concurrency: int) -> dict:
                     break
             counts["failed"] += 1
 
+    startup_cpu_s = sum(os.times()[:2])   # imports and set-up, before the first request
     started = time.monotonic()
     await asyncio.gather(*(one(line) for line in lines))
     seconds = time.monotonic() - started
@@ -52,7 +54,8 @@ async def run(path: str, concurrency: int) -> dict:
     with open("/proc/self/status") as f:
         hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
     return {"requests": len(lines), **counts, "concurrency": concurrency, "seconds": round(seconds, 3),
-            "requests_per_s": round(len(lines) / seconds, 1), "peak_rss_mb": round(hwm / 1024, 1)}
+            "requests_per_s": round(len(lines) / seconds, 1), "peak_rss_mb": round(hwm / 1024, 1),
+            "startup_cpu_s": round(startup_cpu_s, 3)}
 
 
 def main() -> None:

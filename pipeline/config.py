@@ -247,6 +247,9 @@ class Settings:
     schedule_misfire_grace_s: float = 3600.0
     #: request and response bodies are purged this long after the request finished (0: never)
     retention_days: float = 30.0
+    #: ``llmbatch purge`` deletes the rows (requests, results, attempts, ...) of jobs that ended this
+    #: many days ago; the job's row stays with its totals (pipeline/stores/retention.py). 0: never; at least 1
+    purge_jobs_after_days: float = 0.0
     #: a batch 'dispatched' to Celery this long without a worker taking it is dispatched again
     stuck_dispatched_s: float = 900.0
     #: seconds between upkeep runs (retention, stuck batches, budget periods)

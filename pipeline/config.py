@@ -128,8 +128,10 @@ class Settings:
     #: client timeout of one flex call (``--mode flex``), in seconds: flex answers slowly, and OpenAI
     #: recommends 15 minutes; a flex hold outlives its last renewal this long plus the reservation margin
     flex_timeout_s: float = 900.0
-    #: the SDKs' HTTP transport: "aiohttp" (their aiohttp backend; measured faster here) or "httpx"
-    provider_http_client: str = "aiohttp"
+    #: how provider calls go out: "direct" (OpenAI-kind calls through aiohttp alone, no SDK in the
+    #: path: a quarter of the CPU; Azure and Anthropic through their SDK's aiohttp backend),
+    #: "aiohttp" (every call through its SDK, on the SDK's aiohttp backend) or "httpx" (the SDKs' default)
+    provider_http_client: str = "direct"
     #: provider attempts per request, the first included; then it fails ``attempts_exhausted``
     max_attempts: int = 5
     #: first retry delay (doubling, full jitter) when the provider gave no retry-after

@@ -25,6 +25,7 @@ and the provider's view (simulator ``/_stats``: peak concurrency, duplicates).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import tempfile
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from common import PY, ROOT, job_times, save, sim_stats, simulator, submit, wait_job, write_requests
+from common import PY, ROOT, job_times, restarted, save, sim_stats, simulator, submit, wait_job, write_requests
 from cpu import Meter, sum_of
 from pipeline.config import get_settings
 from pipeline.stores import db
@@ -103,15 +104,18 @@ def pipeline(path: Path, n: int, timeout: float) -> dict:
     }
 
 
-def run(n: int, concurrency: int = 128, timeout: float = 600) -> dict:
+def run(n: int, concurrency: int = 128, timeout: float = 600, worker_env: dict | None = None) -> dict:
+    """``worker_env``: LLMBATCH_* settings the peak worker is restarted with for the pipeline's run
+    (restored after), e.g. the other value of a setting to compare."""
     with tempfile.TemporaryDirectory() as tmp:
         path = write_requests(Path(tmp) / "e2e.jsonl", n, prefix=f"e2e-{int(time.time())}")
         with simulator(latency_ms=0.0):
             base = plain(path, concurrency)
-        with simulator(latency_ms=0.0):
+        with (restarted("worker-peak", **worker_env) if worker_env else contextlib.nullcontext()), \
+                simulator(latency_ms=0.0):
             pipe = pipeline(path, n, timeout)
     return save("e2e", {
-        "requests": n, "simulated_latency_ms": 0,
+        "requests": n, "simulated_latency_ms": 0, **({"worker_env": worker_env} if worker_env else {}),
         "plain_client": base, "pipeline": pipe,
         "ratio_pipeline_to_plain": round(pipe["end_to_end_requests_per_s"] / base["requests_per_s"], 3),
         **cpu_ratios(pipe, base, "plain"),
@@ -139,8 +143,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--concurrency", type=int, default=128, help="the plain client's semaphore")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--worker-env", action="append", default=[], metavar="LLMBATCH_NAME=VALUE",
+                    help="restart the peak worker with this setting for the pipeline's run (repeatable)")
     args = ap.parse_args()
-    run(args.requests, args.concurrency, args.timeout)
+    run(args.requests, args.concurrency, args.timeout, dict(kv.split("=", 1) for kv in args.worker_env))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ CPU a call, against about 270 µs for the same POST through aiohttp alone, on th
 this call is done here the same way, and tests/integration/test_direct_calls.py holds the two
 side by side:
 
-- ``Authorization: Bearer KEY``, the body as JSON, no redirects followed;
+- ``Authorization: Bearer KEY``, the body as JSON, redirects followed (the SDK's aiohttp client
+  has ``follow_redirects=True``), up to 1,000 connections kept 5 s;
 - the client timeout per operation (connect, each read), as the SDK's;
 - an HTTP error becomes the SDK's message, ``Error code: N`` and `` - MESSAGE`` when the body is
   JSON with an error message, classified by pipeline/providers/retries.py ``classify_status``,
@@ -47,9 +48,9 @@ class DirectClient:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # the SDK's limits: up to 1,000 connections, none per host
+            # the SDK's limits (openai DEFAULT_CONNECTION_LIMITS): 1,000 connections, idle ones kept 5 s
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0),
+                connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=5.0),
                 headers=self._headers, timeout=self._timeout(self.timeout_s))
         return self._session
 
@@ -63,7 +64,7 @@ class DirectClient:
         kw = {"timeout": self._timeout(timeout)} if timeout is not None else {}
         try:
             async with self.session().post(self.base_url + path, data=json.dumps(body).encode(),
-                                           headers=headers or None, allow_redirects=False, **kw) as resp:
+                                           headers=headers or None, **kw) as resp:
                 raw = await resp.read()
                 status, got = resp.status, resp.headers
         except asyncio.TimeoutError as e:   # aiohttp's own timeouts are TimeoutErrors too
@@ -71,7 +72,7 @@ class DirectClient:
         except aiohttp.ClientError as e:
             raise RetryableProviderError(f"connection error: {e}") from e
         request_id = got.get(request_id_header)
-        if not 200 <= status < 300:   # the SDK follows no redirect and raises on any other status
+        if not 200 <= status < 300:   # the SDK raises on any other status
             raise classify_status(status, _message(status, raw), request_id, got)
         return Answer(body=json.loads(raw), status_code=status, request_id=request_id,
                       latency_ms=int((time.monotonic() - started) * 1000),

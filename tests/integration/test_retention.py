@@ -35,14 +35,32 @@ def backdate(conn, job: str, days: float) -> None:
                  {"s": days * 86400, "j": job})
 
 
-def test_purge_deletes_the_rows_of_jobs_ended_long_ago_and_keeps_their_totals(stack, engine, tmp_path):
+@pytest.fixture
+def one_request_running(engine):
+    """Set a finished request back to 'running' (a worker has it) for the test; afterwards it is
+    'succeeded' again: a request left running is re-held by every budget rebuild after it."""
+    held = []
+
+    def hold(job: str, custom_id: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE requests SET status = 'running' WHERE job_id = :j AND custom_id = :c"),
+                         {"j": job, "c": custom_id})
+        held.append((job, custom_id))
+    yield hold
+    with engine.begin() as conn:
+        for job, custom_id in held:
+            conn.execute(sa.text("UPDATE requests SET status = 'succeeded' WHERE job_id = :j AND custom_id = :c"),
+                         {"j": job, "c": custom_id})
+
+
+def test_purge_deletes_the_rows_of_jobs_ended_long_ago_and_keeps_their_totals(stack, engine, tmp_path,
+                                                                               one_request_running):
     old, young, open_ = (run_job(tmp_path, n) for n in ("old", "young", "open"))
+    # one request of this old job is still open (a worker has it): nothing of the job may go
+    one_request_running(open_["job_id"], "open-0")
     with engine.begin() as conn:
         backdate(conn, old["job_id"], 10)
         backdate(conn, open_["job_id"], 10)
-        # one request of this old job is still open (a worker has it): nothing of the job may go
-        conn.execute(sa.text("UPDATE requests SET status = 'running' WHERE job_id = :j AND custom_id = 'open-0'"),
-                     {"j": open_["job_id"]})
         batches = conn.execute(sa.text("SELECT DISTINCT batch_id FROM requests WHERE job_id = :j"),
                                {"j": old["job_id"]}).scalars().all()
         before = {j["job_id"]: rows(conn, j["job_id"]) for j in (old, young, open_)}

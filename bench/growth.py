@@ -4,8 +4,8 @@
   latency) with the peak tier's worker restarted with 1, 2 and 4 pool processes
   (``LLMBATCH_WORKER_CONCURRENCY=peak=K``): throughput, and CPU seconds per 1,000
   requests of every stack process (bench/cpu.py);
-- ``submit``: submit time, lines per second and submit's peak RSS (VmHWM) for 10k,
-  100k and 1M lines, with the batcher stopped; the lines are then skipped (the
+- ``submit``: submit time, lines per second, submit's peak RSS (VmHWM) and CPU per 1,000
+  lines (submit's and Kafka's) for 10k, 100k and 1M lines, with the batcher stopped; the lines are then skipped (the
   batcher's consumer groups moved to the end of the request topics) and the job
   cancelled, so the next part starts from a quiet stack;
 - ``storage``: Postgres bytes per request, per table, split into heap, indexes and
@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from confluent_kafka import TopicPartition
 
 from common import LLMBATCH, ROOT, job_times, restarted, save, simulator, stack_sh, submit, wait_job, write_requests
-from e2e import pipeline
+from e2e import meter, pipeline
 from pipeline.config import get_settings
 from pipeline.constants import IMMEDIATE_TOPIC, REQUESTS_PARTITIONS, REQUESTS_TOPIC
 from pipeline.intake.kafka import make_consumer
@@ -97,7 +97,9 @@ def submit_sizes(sizes=(10_000, 100_000, 1_000_000)) -> dict:
             file_mb = path.stat().st_size / 2**20
             stack_sh("down", "batcher")
             try:
-                sub = submit(path, name=f"bench-growth-submit-{n}")
+                with meter("submit") as m:
+                    sub = submit(path, name=f"bench-growth-submit-{n}")
+                cpu = m.result(n)["processes"]
                 skip_to_end()
                 cancel(sub["job_id"])
             finally:
@@ -105,7 +107,10 @@ def submit_sizes(sizes=(10_000, 100_000, 1_000_000)) -> dict:
             path.unlink()
             out[str(n)] = {"seconds": round(sub["seconds"], 3), "lines_per_s": round(sub["lines"] / sub["seconds"], 1),
                            "peak_rss_mb": round(sub["peak_rss_mb"], 1), "accepted": sub["accepted"],
-                           "file_mb": round(file_mb, 1)}
+                           "file_mb": round(file_mb, 1),
+                           # CPU per 1,000 lines of submit itself and of Kafka taking the messages
+                           "submit_cpu_s_per_1000": cpu["submit"]["cpu_s_per_1000"],
+                           "kafka_cpu_s_per_1000": cpu.get("kafka", {}).get("cpu_s_per_1000")}
     return {"by_lines": out}
 
 

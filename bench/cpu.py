@@ -1,5 +1,5 @@
-"""CPU seconds of the stack's processes and of the machine, read from /proc; the one place
-the benchmarks read them.
+"""CPU seconds (and peak memory) of the stack's processes and of the machine, read from /proc:
+the one place the benchmarks read them.
 
 A stack process is named by its pid file (``var/run/NAME.pid``, written by
 ``infra/stack.sh exec``, which then ``exec``s the process itself, so the pid is
@@ -19,6 +19,9 @@ reaped). The bench process's own reaped children (``submit``, the plain client:
 The machine-wide figure is the busy time of ``/proc/stat``'s ``cpu`` line
 (everything but idle and iowait): on a shared machine it holds other people's
 work too.
+
+``peak_memory`` reads each process tree's ``VmHWM`` (peak resident set) from
+``/proc/PID/status`` the same way.
 
 It never writes to /proc or signals anything; a process gone between reads
 counts as nothing.
@@ -184,3 +187,34 @@ class Meter:
 
     def result(self, requests: int) -> dict:
         return difference(self.before, self.after, requests, bench_children=self.label)
+
+
+def vm_hwm_mb(pid: int, proc: Path = Path("/proc")) -> float | None:
+    """``VmHWM`` of a process in MB (its peak resident set), or None when it is gone."""
+    try:
+        for line in (proc / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def peak_memory(run_dir: Path, proc: Path = Path("/proc")) -> dict:
+    """NAME -> {pid, peak_rss_mb, children_peak_rss_mb} for every stack process and its live
+    descendants (Celery pool processes, Postgres backends)."""
+    named = stack_pids(run_dir)
+    stats = all_stats(proc)
+    roots = frozenset(named.values())
+    out: dict = {}
+    for name, pid in named.items():
+        hwm = vm_hwm_mb(pid, proc)
+        if hwm is None:
+            continue
+        entry = {"pid": pid, "peak_rss_mb": round(hwm, 1)}
+        kids = [vm_hwm_mb(k, proc) for k in descendants(pid, stats, roots)]
+        kids = [round(v, 1) for v in kids if v is not None]
+        if kids:
+            entry["children_peak_rss_mb"] = kids
+        out[name] = entry
+    return out

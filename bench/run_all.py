@@ -23,7 +23,9 @@ import e2e
 import latency
 import peers
 import ratelimit
-from common import LLMBATCH, ROOT, peak_memory, save
+from common import LLMBATCH, ROOT, save
+from cpu import peak_memory
+from pipeline.config import get_settings
 
 
 def main() -> None:
@@ -41,7 +43,7 @@ def main() -> None:
     r_bat = batcher.run(2000 if q else 10000)
     r_rl = ratelimit.run(1000 if q else 8000, rpm=600 if q else 6000)
     r_lat = latency.run(1000 if q else 30000, 30 if q else 150, 0.1)   # bulk outlasts the probes
-    mem = save("memory", {"processes": peak_memory()})
+    mem = save("memory", {"processes": peak_memory(get_settings().var_dir / "run")})
     summary = {
         "e2e_requests": r_e2e["requests"],
         "plain_client_requests_per_s": r_e2e["plain_client"]["requests_per_s"],

@@ -121,3 +121,18 @@ def test_the_meter_reads_the_pid_files(tmp_path, proc):
     with cpu.Meter(run, proc=proc.root) as m:
         proc.set(400, 1, utime=2 * cpu.TICK)
     assert m.result(1000)["processes"]["redis"]["cpu_s_per_1000"] == pytest.approx(2)
+
+
+def test_peak_memory_reads_each_tree_from_the_pid_files(tmp_path, proc):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "supervisord.pid").write_text("1\n")
+    (run / "worker-peak.pid").write_text("200\n")
+    proc.set(1, 0, utime=0)
+    proc.set(200, 1, utime=0)
+    proc.set(201, 200, utime=0)
+    for pid, kb in ((1, 2048), (200, 75 * 1024), (201, 150 * 1024)):
+        (proc.root / str(pid) / "status").write_text(f"Name:\tx\nVmPeak:\t999999 kB\nVmHWM:\t{kb} kB\n")
+    out = cpu.peak_memory(run, proc.root)
+    assert out["worker-peak"] == {"pid": 200, "peak_rss_mb": 75.0, "children_peak_rss_mb": [150.0]}
+    assert out["supervisord"] == {"pid": 1, "peak_rss_mb": 2.0}   # its tree stops at worker-peak

@@ -112,11 +112,17 @@ def test_idle_and_iowait_are_not_busy(proc):
     assert cpu.machine_busy(proc.root) == 10
 
 
-def test_the_meter_reads_the_pid_files(tmp_path, proc):
+def pid_files(tmp_path, **pids) -> Path:
+    """A stack's run directory with NAME.pid files (an empty value: a broken file)."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "redis.pid").write_text("400\n")
-    (run / "broken.pid").write_text("")
+    for name, pid in pids.items():
+        (run / f"{name.replace('_', '-')}.pid").write_text(f"{pid}\n" if pid else "")
+    return run
+
+
+def test_the_meter_reads_the_pid_files(tmp_path, proc):
+    run = pid_files(tmp_path, redis=400, broken=None)
     proc.set(400, 1, utime=0)
     with cpu.Meter(run, proc=proc.root) as m:
         proc.set(400, 1, utime=2 * cpu.TICK)
@@ -124,10 +130,7 @@ def test_the_meter_reads_the_pid_files(tmp_path, proc):
 
 
 def test_peak_memory_reads_each_tree_from_the_pid_files(tmp_path, proc):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "supervisord.pid").write_text("1\n")
-    (run / "worker-peak.pid").write_text("200\n")
+    run = pid_files(tmp_path, supervisord=1, worker_peak=200)
     proc.set(1, 0, utime=0)
     proc.set(200, 1, utime=0)
     proc.set(201, 200, utime=0)

@@ -180,50 +180,6 @@ def best_window(times: list[float], width: float) -> int:
     return best
 
 
-# ------------------------------------------------------------------ processes
-
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def _vm(pid: int, field: str) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def peak_memory() -> dict:
-    """VmHWM (peak resident set, MB) of every process in var/run/*.pid and of its children."""
-    out: dict = {}
-    for pid_file in sorted((get_settings().var_dir / "run").glob("*.pid")):
-        try:
-            pid = int(pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-        hwm = _vm(pid, "VmHWM")
-        if hwm is None:
-            continue
-        entry = {"pid": pid, "peak_rss_mb": round(hwm, 1)}
-        kids = {c: _vm(c, "VmHWM") for c in _children(pid)}
-        kids = {c: round(v, 1) for c, v in kids.items() if v is not None}
-        if kids:
-            entry["children_peak_rss_mb"] = list(kids.values())
-        out[pid_file.stem] = entry
-    return out
-
-
 def save(name: str, result: dict, *, echo: bool = True) -> dict:
     RESULTS.mkdir(exist_ok=True)
     result = {"benchmark": name, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

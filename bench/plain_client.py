@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
 
 import openai
+
+from client_loop import drive, read_lines
 
 from pipeline.config import get_settings
 from pipeline.providers.registry import build_registry
@@ -26,33 +27,11 @@ async def run(path: str, concurrency: int) -> dict:
     client = openai.AsyncOpenAI(api_key=spec.keys[0].reveal(), base_url=spec.base_url,
                                 max_retries=0, timeout=settings.provider_timeout_s,
                                 http_client=openai.DefaultAioHttpClient(timeout=settings.provider_timeout_s))
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    sem = asyncio.Semaphore(concurrency)
-    counts = {"succeeded": 0, "failed": 0, "retried_429": 0}
-
-    async def one(line: dict) -> None:
-        async with sem:
-            for _ in range(20):
-                try:
-                    await client.chat.completions.create(**line["body"])
-                    counts["succeeded"] += 1
-                    return
-                except openai.RateLimitError:
-                    counts["retried_429"] += 1
-                    await asyncio.sleep(1)
-                except openai.APIError:
-                    break
-            counts["failed"] += 1
-
-    started = time.monotonic()
-    await asyncio.gather(*(one(line) for line in lines))
-    seconds = time.monotonic() - started
-    await client.close()
-    with open("/proc/self/status") as f:
-        hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
-    return {"requests": len(lines), **counts, "concurrency": concurrency, "seconds": round(seconds, 3),
-            "requests_per_s": round(len(lines) / seconds, 1), "peak_rss_mb": round(hwm / 1024, 1)}
+    try:
+        return await drive(read_lines(path), concurrency, lambda body: client.chat.completions.create(**body),
+                           openai.RateLimitError, openai.APIError)
+    finally:
+        await client.close()
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""One worker process's provider calls: the SDK's default httpx client vs its aiohttp backend.
+"""One worker process's provider calls: the SDK's default httpx client, its aiohttp backend, and
+no SDK at all (``direct``: pipeline/providers/direct.py, aiohttp alone), with CPU per call.
 
 Both run side by side in one run, against one simulator process at zero
 latency, through the pipeline's own provider class (pipeline/providers/openai.py)
@@ -34,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def measure(client: str, url: str, n: int, concurrency: int) -> float:
+async def measure(client: str, url: str, n: int, concurrency: int) -> tuple[float, float]:
     settings = dataclasses.replace(load_settings(), simulator_url=url, openai_api_key="",
                                    openai_base_url=f"{url}/v1", provider_http_client=client)
     provider = ProviderClient(build_registry(settings).get("openai"), settings)
@@ -45,11 +46,11 @@ async def measure(client: str, url: str, n: int, concurrency: int) -> float:
             await provider.call(BODY, headers={"Idempotency-Key": f"{client}:{i}"})
 
     await asyncio.gather(*(one(i) for i in range(200)))  # warm up connections
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one(i) for i in range(n)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await provider.client().close()
-    return n / elapsed
+    return n / elapsed, cpu / n * 1e6
 
 
 def main() -> None:
@@ -69,10 +70,13 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
-        rates: dict[str, list[float]] = {"httpx": [], "aiohttp": []}
-        for _ in range(args.rounds):  # alternate, so both see the same machine noise
+        rates: dict[str, list[float]] = {"httpx": [], "aiohttp": [], "direct": []}
+        cpu: dict[str, list[float]] = {k: [] for k in rates}
+        for _ in range(args.rounds):  # alternate, so all see the same machine noise
             for client in rates:
-                rates[client].append(asyncio.run(measure(client, url, args.requests, args.concurrency)))
+                rate, us = asyncio.run(measure(client, url, args.requests, args.concurrency))
+                rates[client].append(rate)
+                cpu[client].append(us)
     finally:
         sim.terminate()
         sim.wait()
@@ -80,6 +84,8 @@ def main() -> None:
     out = {"benchmark": "sdk_clients", "requests": args.requests, "concurrency": args.concurrency,
            "requests_per_s_best": best, "requests_per_s_all": {k: [round(x, 1) for x in v] for k, v in rates.items()},
            "aiohttp_over_httpx": round(best["aiohttp"] / best["httpx"], 2),
+           "direct_over_aiohttp": round(best["direct"] / best["aiohttp"], 2),
+           "cpu_us_per_call_best": {k: round(min(v)) for k, v in cpu.items()},
            "used_by_the_pipeline": load_settings().provider_http_client}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sdk_clients.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -128,8 +128,10 @@ class Settings:
     #: client timeout of one flex call (``--mode flex``), in seconds: flex answers slowly, and OpenAI
     #: recommends 15 minutes; a flex hold outlives its last renewal this long plus the reservation margin
     flex_timeout_s: float = 900.0
-    #: the SDKs' HTTP transport: "aiohttp" (their aiohttp backend; measured faster here) or "httpx"
-    provider_http_client: str = "aiohttp"
+    #: how provider calls go out: "direct" (OpenAI-kind calls through aiohttp alone, no SDK in the
+    #: path: a quarter of the CPU; Azure and Anthropic through their SDK's aiohttp backend),
+    #: "aiohttp" (every call through its SDK, on the SDK's aiohttp backend) or "httpx" (the SDKs' default)
+    provider_http_client: str = "direct"
     #: provider attempts per request, the first included; then it fails ``attempts_exhausted``
     max_attempts: int = 5
     #: first retry delay (doubling, full jitter) when the provider gave no retry-after
@@ -247,6 +249,9 @@ class Settings:
     schedule_misfire_grace_s: float = 3600.0
     #: request and response bodies are purged this long after the request finished (0: never)
     retention_days: float = 30.0
+    #: ``llmbatch purge`` deletes the rows (requests, results, attempts, ...) of jobs that ended this
+    #: many days ago; the job's row stays with its totals (pipeline/stores/retention.py). 0: never; at least 1
+    purge_jobs_after_days: float = 0.0
     #: a batch 'dispatched' to Celery this long without a worker taking it is dispatched again
     stuck_dispatched_s: float = 900.0
     #: seconds between upkeep runs (retention, stuck batches, budget periods)

@@ -483,6 +483,10 @@ from llmbatch.cli.keys import keys  # noqa: E402  (API keys: create, list, revok
 
 main.add_command(keys)
 
+from llmbatch.cli.retention import purge  # noqa: E402  (retention of ended jobs' rows)
+
+main.add_command(purge)
+
 from llmbatch.cli.stack import down, ps, up  # noqa: E402  (the local stack)
 from llmbatch.cli.processes import api, batcher, db_group, simulator, worker  # noqa: E402  (the processes)
 

@@ -285,12 +285,15 @@ def group_key(body: dict) -> str | None:
         return None
     if isinstance(body.get("prompt_cache_key"), str):
         return body["prompt_cache_key"]
-    h = hashlib.sha256(str(body.get("model")).encode())
     pieces = [("tool", t) for t in _list(body.get("tools"))]
     pieces += [("system", b) for b in _blocks(body.get("system"))]
     for m in _list(body.get("messages")):
         if isinstance(m, dict):
             pieces += [(m.get("role"), b) for b in _blocks(m.get("content"))]
+    # nearly every body of a bulk job has no breakpoint: find that out before hashing its prompt
+    if not any(isinstance(piece, dict) and "cache_control" in piece for _, piece in pieces):
+        return None
+    h = hashlib.sha256(str(body.get("model")).encode())
     for kind, piece in pieces:
         _feed(h, [kind, _bare([piece])])
         if isinstance(piece, dict) and "cache_control" in piece:

@@ -17,7 +17,7 @@ def make_client(spec: ProviderSpec, key: KeySpec, settings: Settings):
     return anthropic.AsyncAnthropic(
         api_key=key.reveal(), base_url=spec.base_url, max_retries=0, timeout=settings.provider_timeout_s,
         http_client=(anthropic.DefaultAioHttpClient(timeout=settings.provider_timeout_s)
-                     if settings.provider_http_client == "aiohttp" else None))
+                     if settings.provider_http_client in ("aiohttp", "direct") else None))
 
 
 async def call(client, spec: ProviderSpec, body: dict, headers: dict, url: str | None = None,

@@ -15,14 +15,19 @@ import openai
 from pipeline.config import Settings
 from pipeline.constants import CHAT_URL
 from pipeline.providers.base import Answer, post_raw
+from pipeline.providers.direct import DirectClient
 from pipeline.providers.registry import KeySpec, ProviderSpec
 
 
 def make_client(spec: ProviderSpec, key: KeySpec, settings: Settings):
-    """One SDK client for one key of the provider (SDK retries off: pipeline/providers/retries.py)."""
+    """One client for one key of the provider: the SDK's (retries off: pipeline/providers/retries.py),
+    or for the ``openai`` kind with ``provider_http_client = "direct"`` aiohttp alone
+    (pipeline/providers/direct.py)."""
+    if spec.kind == "openai" and settings.provider_http_client == "direct":
+        return DirectClient(spec.base_url, key.reveal(), settings.provider_timeout_s)
     common = dict(api_key=key.reveal(), max_retries=0, timeout=settings.provider_timeout_s,
                   http_client=(openai.DefaultAioHttpClient(timeout=settings.provider_timeout_s)
-                               if settings.provider_http_client == "aiohttp" else None))
+                               if settings.provider_http_client in ("aiohttp", "direct") else None))
     if spec.kind == "azure-openai":
         return openai.AsyncAzureOpenAI(azure_endpoint=spec.base_url, api_version=spec.api_version, **common)
     return openai.AsyncOpenAI(base_url=spec.base_url, **common)
@@ -35,5 +40,7 @@ async def call(client, spec: ProviderSpec, body: dict, headers: dict, url: str |
     client timeout (a flex call's), else the client's."""
     if spec.deployments:
         body = {**body, "model": spec.deployment_for(body["model"])}
+    if isinstance(client, DirectClient):
+        return await client.post((url or CHAT_URL).removeprefix("/v1"), body, headers, "x-request-id", timeout)
     return await post_raw(openai, client, (url or CHAT_URL).removeprefix("/v1"), body, headers, "x-request-id",
                           timeout)

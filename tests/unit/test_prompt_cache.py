@@ -302,3 +302,24 @@ def test_a_jobs_placer_follows_its_mode_and_auto_keeps_the_five_minute_ttl():
     assert placer_for("realtime", on).ttl is None
     assert placer_for("auto", on).ttl is None                 # chosen per line later: the bound's 5m
     assert placer_for("auto", off) is None
+
+
+def test_a_body_without_a_breakpoint_is_in_no_group_and_costs_no_hashing(monkeypatch):
+    """A worker asks every request for its group (workers/execute.py PrefixGroups): the
+    unmarked ones, nearly all of a bulk job, must not pay for hashing their whole prompt
+    (3 % of a worker's CPU under bench/e2e.py, bench/README.md "Profiles")."""
+    from pipeline.endpoints import prompt_cache
+    marked = _claude("claude-sonnet-4-5", "q", system=[{"type": "text", "text": POLICY,
+                                                       "cache_control": {"type": "ephemeral"}}])
+    key = group_key(marked)
+    plain = [_claude("claude-sonnet-4-5", "q"),
+             {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+              "tools": [{"type": "function", "function": {"name": "f"}}]},
+             {"model": "m", "messages": "not a list"}, "not a body"]
+
+    def no_hashing(*a, **k):
+        raise AssertionError("hashed a body that asks for no caching")
+    monkeypatch.setattr(prompt_cache, "_feed", no_hashing)
+    assert [group_key(b) for b in plain] == [None] * 4
+    monkeypatch.undo()
+    assert group_key(marked) == key and key.startswith("cc-")

@@ -71,12 +71,16 @@ def test_three_named_providers_and_anthropic_each_priced_and_limited(stack, engi
     stats = _providers(stack)
     ledger = ledger_by_provider(rows)
     print(f"\njob {job}: {len(rows)} requests in {took} s")
+    billed = {name: Decimal(stats[name]["billed_usd"])
+              - (Decimal(before.get("billed_usd", "0")) if name == "anthropic" else 0) for name in limits}
+    for name, rpm in limits.items():   # every provider's figures first, then the checks
+        s = stats[name]
+        print(f"  {name:12} requests {counts[name]:4} calls {s['calls']:4}  ledger ${ledger[name]}  simulator billed "
+              f"${billed[name]}  peak {s['peak_calls_60s']}/min against {rpm} rpm (peak share {int(rpm * SHARE)})"
+              f"  429s {s['429']}")
     for name, rpm in limits.items():
         s = stats[name]
-        billed = Decimal(s["billed_usd"]) - (Decimal(before.get("billed_usd", "0")) if name == "anthropic" else 0)
-        print(f"  {name:12} requests {counts[name]:4}  ledger ${ledger[name]}  simulator billed ${billed}  "
-              f"peak {s['peak_calls_60s']}/min against {rpm} rpm (peak share {int(rpm * SHARE)})  429s {s['429']}")
-        assert ledger[name] == billed, name                      # priced at its own provider's price
+        assert ledger[name] == billed[name], name                # priced at its own provider's price
         assert s["429"] == (before.get("429", 0) if name == "anthropic" else 0), name
         assert s["peak_calls_60s"] <= rpm, name                  # the limit held
         # and the pipeline's own share of it: a call counts from its send (74 against 62 before)

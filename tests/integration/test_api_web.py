@@ -261,3 +261,24 @@ def test_a_project_sees_only_its_own_jobs_and_a_session_ends_with_its_key(stack,
     status, url, _ = other.get("/")
     assert url.endswith("/login") and status == 200
     assert other.get(f"/jobs/{job_a}")[1].endswith("/login")
+
+
+def test_savings_daily_is_the_sum_of_its_projects_rows_as_029_defined_it(stack, engine, api, tmp_path):
+    """sql/036 rewrote ``savings_daily`` as the sum of ``savings_daily_project`` over projects: it
+    answers as 029's literal definition did, and a project's rows are its jobs' results alone."""
+    from tests.integration.test_states import _old_view
+    project = f"websav{time.time_ns() % 10**9}"
+    c = client(api, new_key(engine, project))
+    _, job_id = repeats_job(c, engine, tmp_path, n=4)
+    with engine.connect() as conn:
+        got = conn.execute(sa.text("SELECT * FROM savings_daily ORDER BY day")).all()
+        want = conn.execute(sa.text(f"SELECT * FROM ({_old_view('029_savings.sql', 'savings_daily')}) v"
+                                    " ORDER BY day")).all()
+        mine = conn.execute(sa.text(
+            "SELECT requests, list_cost_usd, cost_usd, saved_usd FROM savings_daily_project WHERE project_id = :p"),
+            {"p": project}).all()
+        ledger = jobs.job_savings(conn, job_id)
+    assert got and got == want
+    assert len(mine) == 1 and mine[0].requests == 4
+    assert (mine[0].list_cost_usd, mine[0].cost_usd, mine[0].saved_usd) == \
+        tuple(Decimal(ledger[k]) for k in ("list_cost_usd", "cost_usd", "saved_usd"))

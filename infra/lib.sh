@@ -206,6 +206,9 @@ ensure_secrets() {
     # there is no default key: each stack makes its own
     grep -q '^LLMBATCH_API_FIRST_KEY=' "$SECRETS_FILE" \
         || { echo "LLMBATCH_API_FIRST_KEY=lb-$(random_secret)" >>"$SECRETS_FILE"; added+=(LLMBATCH_API_FIRST_KEY); }
+    # signs the jobs page's session cookies (pipeline/api/web.py)
+    grep -q '^LLMBATCH_API_SESSION_SECRET=' "$SECRETS_FILE" \
+        || { echo "LLMBATCH_API_SESSION_SECRET=$(random_secret)" >>"$SECRETS_FILE"; added+=(LLMBATCH_API_SESSION_SECRET); }
     if [ -n "$new" ]; then
         say secrets "generated ${SECRETS_FILE#"$ROOT/"} (mode 0600): Postgres, Redis, Kafka, Flower passwords"
     elif [ ${#added[@]} -gt 0 ]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time (idempotent) machine setup for llmbatch without Docker:
-#   Debian packages (PostgreSQL server, Redis), the .venv with the project
+#   Debian packages (PostgreSQL server, Redis, chromium and its driver for the
+#   browser test), the .venv with the project
 #   installed (supervisord with it), the Kafka broker jars from Maven Central,
 #   offline tokenizer files, and the stack's generated passwords
 #   (var/secrets.env, mode 0600). Each step prints one line; a second run
@@ -31,8 +32,11 @@ step_packages() {
     command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-server)
     command -v psql >/dev/null || missing+=(postgresql-client)
     command -v curl >/dev/null || missing+=(curl)
+    # the jobs page's browser test (tests/integration/test_api_web.py): Debian's headless chromium and its driver
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
     if [ ${#missing[@]} -eq 0 ]; then
-        say packages "present (postgresql $(basename "$(dirname "$(pg_bindir)")"), redis $(redis-server --version | awk '{print $3}' | sed 's/^v=//'))"
+        say packages "present (postgresql $(basename "$(dirname "$(pg_bindir)")"), redis $(redis-server --version | awk '{print $3}' | sed 's/^v=//'), chromium)"
         return
     fi
     [ "$(id -u)" = 0 ] || step_fail packages "need root to install: ${missing[*]}"

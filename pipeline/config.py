@@ -286,6 +286,9 @@ class Settings:
     #: the local stack's first API key (generated into var/secrets.env, registered, hashed, in project
     #: ``default`` by ``make up``); the service never reads it: keys live hashed in Postgres
     api_first_key: Secret = Secret("")
+    #: signs the jobs page's session cookie (pipeline/api/web.py; generated into var/secrets.env by the
+    #: local stack; no default: without it the page answers 503 and the API works on)
+    api_session_secret: Secret = Secret("")
 
     def __repr__(self) -> str:
         parts = []
@@ -463,7 +466,8 @@ def producer_password(key: str, user: str) -> str:
 #: settings the stack's secrets file may set (anything else in it is for infra/stack.sh alone)
 _SECRET_SETTINGS = frozenset({"database_password", "reader_password", "redis_password",
                               "flower_user", "flower_password", "kafka_batcher_password",
-                              "kafka_admin_password", "kafka_producer_key", "api_first_key"})
+                              "kafka_admin_password", "kafka_producer_key", "api_first_key",
+                              "api_session_secret"})
 
 
 @functools.cache

@@ -301,7 +301,7 @@ def rejections(job_id, limit, as_json):
     with _engine_or_exit().connect() as conn:
         if job_store.job_status(conn, job_id) is None:
             fail(f"no job {job_id}", 2)
-        rows = views.list_rejections(conn, job_id, limit=limit)
+        rows = job_store.list_rejections(conn, job_id, limit=limit)
     if as_json:
         for r in rows:
             click.echo(jsontext.dumps(r))

@@ -38,13 +38,10 @@ def job_view(conn: Connection, job_id: str) -> dict | None:
     if st is None:
         return None
     by_tier = {t: dict.fromkeys(STATES, 0) for t in TIERS}
-    for tier, status, n in conn.execute(sa.text(
-            "SELECT tier, status, count(*) FROM requests WHERE job_id = :j GROUP BY 1, 2"), {"j": job_id}):
-        state = "done" if status == "succeeded" else status
-        by_tier.setdefault(tier, dict.fromkeys(STATES, 0))[state] = n
-    cost_by_tier = dict(conn.execute(sa.text(
-        "SELECT q.tier, sum(x.cost_usd) FROM results x JOIN requests q USING (job_id, custom_id)"
-        " WHERE x.job_id = :j GROUP BY 1"), {"j": job_id}).all())
+    states, cost_by_tier = jobs.tier_breakdown(conn, job_id)
+    for tier, counts in states.items():
+        for status, n in counts.items():
+            by_tier.setdefault(tier, dict.fromkeys(STATES, 0))["done" if status == "succeeded" else status] = n
     budget, age_s, recent = conn.execute(sa.text(
         "SELECT j.budget_usd, extract(epoch FROM now() - j.created_at),"
         " (SELECT count(*) FROM requests q WHERE q.job_id = j.job_id"
@@ -246,14 +243,6 @@ def list_jobs(conn: Connection, *, status: str | None = None, since: datetime | 
         "   AND (CAST(:since AS timestamptz) IS NULL OR created_at >= :since)"
         " ORDER BY created_at DESC LIMIT :limit"),
         {"status": status, "since": since, "limit": limit}).mappings().all()
-    return [dict(r) for r in rows]
-
-
-def list_rejections(conn: Connection, job_id: str, *, limit: int | None = None) -> list[dict]:
-    """Rejected lines of a job in line order (``llmbatch rejections``)."""
-    rows = conn.execute(sa.text(
-        "SELECT line, custom_id, reason, created_at FROM rejections WHERE job_id = :j"
-        " ORDER BY line NULLS LAST LIMIT :n"), {"j": job_id, "n": limit}).mappings().all()
     return [dict(r) for r in rows]
 
 

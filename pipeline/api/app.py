@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pipeline.api import batches, files, keys
+from pipeline.api import batches, files, keys, web
 from pipeline.api.upload import FormStream
 from pipeline.api.shapes import ApiError, error_body, file_object, parse_create, unauthorized
 from pipeline.config import Settings, get_settings
@@ -105,6 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if found is None:
             raise unauthorized(bool(key))
         return found
+
+    web.mount(app, engine, settings)   # the jobs page at / (pipeline/api/web.py)
 
     @app.get("/healthz")
     def healthz():

@@ -86,3 +86,22 @@ def project_of(conn: Connection, key: str | None) -> str | None:
     return conn.execute(sa.text(
         "SELECT project_id FROM api_keys WHERE key_sha256 = :h AND revoked_at IS NULL"),
         {"h": key_hash(key)}).scalar()
+
+
+def key_of(conn: Connection, key: str | None) -> tuple[str, str] | None:
+    """(key id, project) of a live key; None for no key, an unknown one or a revoked one (the jobs
+    page's login: its session keeps the key id, never the key)."""
+    if not key:
+        return None
+    row = conn.execute(sa.text(
+        "SELECT key_id, project_id FROM api_keys WHERE key_sha256 = :h AND revoked_at IS NULL"),
+        {"h": key_hash(key)}).first()
+    return (row.key_id, row.project_id) if row else None
+
+
+def project_of_key_id(conn: Connection, key_id: str | None) -> str | None:
+    """The project of the key ``key_id`` while it is live: a session ends when its key is revoked."""
+    if not key_id:
+        return None
+    return conn.execute(sa.text(
+        "SELECT project_id FROM api_keys WHERE key_id = :i AND revoked_at IS NULL"), {"i": key_id}).scalar()

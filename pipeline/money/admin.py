@@ -95,6 +95,22 @@ def apply_config(engine, redis_sync, settings: Settings) -> list[dict]:
     return [set_cap(engine, redis_sync, settings, scope, usd) for scope, usd in config_caps(settings).items()]
 
 
+def project_spend(conn, day: str, project_id: str | None = None) -> tuple[dict, dict]:
+    """Each API project's spend in the budget period ``day`` (sql/030_api.sql): its results
+    (``{project: usd}``) and, apart, its unconfirmed calls; one project's alone when named."""
+    params = {"p": day, "project": project_id}
+    only = " AND (CAST(:project AS text) IS NULL OR j.project_id = :project)"
+    ledger = dict(conn.execute(sa.text(
+        "SELECT j.project_id, sum(r.cost_usd) FROM results r JOIN jobs j USING (job_id)"
+        " WHERE j.project_id IS NOT NULL AND r.budget_period = CAST(:p AS date)" + only + " GROUP BY 1"),
+        params).all())
+    unconfirmed = dict(conn.execute(sa.text(
+        "SELECT j.project_id, sum(c.max_cost_usd) FROM provider_calls c JOIN jobs j USING (job_id)"
+        " WHERE j.project_id IS NOT NULL AND c.state = 'unconfirmed' AND c.budget_period = CAST(:p AS date)"
+        + only + " GROUP BY 1"), params).all())
+    return ledger, unconfirmed
+
+
 def show(engine, redis_sync, settings: Settings) -> dict:
     """Caps, today's spend (live counters and ledger) and reservations held, per scope."""
     today = period(settings, engine)
@@ -121,15 +137,7 @@ def show(engine, redis_sync, settings: Settings) -> dict:
             " (SELECT count(*) FROM requests q WHERE q.job_id = j.job_id AND q.status = 'deferred') AS deferred"
             " FROM jobs j WHERE j.budget_usd IS NOT NULL OR j.status = 'paused_budget'"
             " ORDER BY j.created_at DESC LIMIT 50")).mappings().all()
-        # each API project with a cap: its day's results and unconfirmed calls (sql/030_api.sql)
-        ledger_project = dict(conn.execute(sa.text(
-            "SELECT j.project_id, sum(r.cost_usd) FROM results r JOIN jobs j USING (job_id)"
-            " WHERE j.project_id IS NOT NULL AND r.budget_period = CAST(:p AS date) GROUP BY 1"),
-            {"p": today}).all())
-        unconfirmed_project = dict(conn.execute(sa.text(
-            "SELECT j.project_id, sum(c.max_cost_usd) FROM provider_calls c JOIN jobs j USING (job_id)"
-            " WHERE j.project_id IS NOT NULL AND c.state = 'unconfirmed' AND c.budget_period = CAST(:p AS date)"
-            " GROUP BY 1"), {"p": today}).all())
+        ledger_project, unconfirmed_project = project_spend(conn, today)
         alerts = conn.execute(sa.text(
             "SELECT scope, period, threshold, cap_usd, spent_usd, created_at FROM budget_alerts"
             " ORDER BY created_at DESC LIMIT 20")).mappings().all()

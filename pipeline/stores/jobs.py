@@ -50,6 +50,14 @@ def record_rejections(conn: Connection, job_id: str, rejections: list[dict]) -> 
         " ON CONFLICT DO NOTHING"), {"job_id": job_id, "rows": dumps(rejections)})
 
 
+def list_rejections(conn: Connection, job_id: str, *, limit: int | None = None) -> list[dict]:
+    """Rejected lines of a job in line order (``llmbatch rejections``, the jobs page)."""
+    rows = conn.execute(sa.text(
+        "SELECT line, custom_id, reason, created_at FROM rejections WHERE job_id = :j"
+        " ORDER BY line NULLS LAST LIMIT :n"), {"j": job_id, "n": limit}).mappings().all()
+    return [dict(r) for r in rows]
+
+
 def finish_submit(conn: Connection, job_id: str, *, lines_read: int, accepted: int, rejected: int) -> None:
     """Submit is over: the job's counts are final and it can complete."""
     conn.execute(sa.text(
@@ -161,6 +169,18 @@ def job_status(conn: Connection, job_id: str) -> dict | None:
         "created_at": row["created_at"].isoformat(),
         "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
     }
+
+
+def tier_breakdown(conn: Connection, job_id: str) -> tuple[dict[str, dict[str, int]], dict[str, Decimal]]:
+    """A job's requests per tier and state (``{tier: {state: n}}``) and its spend per tier."""
+    states: dict[str, dict[str, int]] = {}
+    for tier, status, n in conn.execute(sa.text(
+            "SELECT tier, status, count(*) FROM requests WHERE job_id = :j GROUP BY 1, 2"), {"j": job_id}):
+        states.setdefault(tier, {})[status] = n
+    cost = dict(conn.execute(sa.text(
+        "SELECT q.tier, sum(x.cost_usd) FROM results x JOIN requests q USING (job_id, custom_id)"
+        " WHERE x.job_id = :j GROUP BY 1"), {"j": job_id}).all())
+    return states, cost
 
 
 def job_savings(conn: Connection, job_id: str) -> dict:

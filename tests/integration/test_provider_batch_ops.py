@@ -1,0 +1,249 @@
+"""Provider batches as an operator runs them, against the real stack (issue 21, item 2).
+
+- Lines a provider batch did not run (the simulator expires 10 % of every batch's lines) and only
+  they go into a new provider batch; every line is billed once, by the simulator's own count.
+- OpenAI's enqueued-token limit per model (the simulator enforces it: a batch over it fails with
+  ``token_limit_exceeded``): the pipeline, told the limit, sends batch after batch as room frees
+  and none fails; not told it, a batch the provider fails is held again and sent later, unbilled.
+- Results are copied into Postgres before the provider deletes them: with the scheduler's and the
+  simulator's clocks moved to days after the batch ended, the results still at the provider are
+  copied and ingested, and are gone from the provider soon after (Anthropic 29 days from
+  creation; OpenAI's output files ``provider_batch_output_keep_s`` after creation).
+
+The figures are printed as measured (``-s`` shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from pipeline.config import get_settings
+from pipeline.providers import batch_api
+from schedules import loop, pb_ingest, pb_queue, pb_submit
+from schedules.clock import DbClock
+from tests.integration.conftest import LLMBATCH, chat_line, wait_for, write_jsonl
+from tests.integration.named_providers import restarted, sim
+from tests.integration.test_scheduler import _job_status, scheduler  # noqa: F401  (fixture)
+
+ENDED = ("completed", "completed_with_errors", "failed", "cancelled")
+
+
+def _submit(path, *args, env=None) -> str:
+    import subprocess
+    proc = subprocess.run([LLMBATCH, "submit", str(path), "--json", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)["job_id"]
+
+
+def _wait(engine, job: str, timeout: float = 400) -> str:
+    return wait_for(lambda: (s := _job_status(engine, job)) in ENDED and s, timeout=timeout, every=0.5,
+                    what=f"job {job} ended")
+
+
+def _lines(n: int, tag: str, model: str = "gpt-4o-mini", words: int = 8) -> list[dict]:
+    out = []
+    for i in range(n):
+        text = f"Batch ops {tag} question {i}: " + " ".join(f"w{(i * 7 + k) % 97}" for k in range(words))
+        if model.startswith("claude"):
+            out.append({"custom_id": f"a{i:04d}", "params": {"model": model, "max_tokens": 24,
+                                                               "messages": [{"role": "user", "content": text}]}})
+        else:
+            out.append(chat_line(f"o{i:04d}", text, model=model, max_tokens=24))
+    return out
+
+
+def _provider_batches(engine, since) -> list[dict]:
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.text(
+            "SELECT id, provider, model, status, requests, bytes, input_tokens, provider_status, error, counts,"
+            " results_expire_at, results_copied_at, created_at FROM provider_batches WHERE created_at >= :t"
+            " ORDER BY created_at"), {"t": since}).mappings()]
+
+
+def _db_now(engine):
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT now()")).scalar()
+
+
+def _billed_lines(settings) -> dict:
+    """The simulator's count of Batch API lines billed so far (no reset: other work may run meanwhile)."""
+    st = sim(settings, "GET", "/_stats")
+    return {"lines": st["batch_lines_billed"], "ids": st["batch_custom_ids_billed"],
+            "twice": set(st["batch_custom_ids_billed_twice"])}
+
+
+def _realtime_calls(settings, job: str) -> int:
+    return sim(settings, "GET", f"/_stats?key_prefix={job}:")["keys"]["calls"]
+
+
+def _ledger(engine, job: str) -> dict:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text(
+            "SELECT count(*) AS n, count(*) FILTER (WHERE x.path = 'provider_batch') AS batch,"
+            " coalesce(sum(x.cost_usd), 0) AS cost FROM results x WHERE x.job_id = :j"), {"j": job}).mappings().one())
+
+
+# ------------------------------------------------------------------ resubmission
+
+def test_only_the_lines_a_batch_did_not_run_are_resubmitted_and_each_line_is_billed_once(
+        scheduler, tmp_path):  # noqa: F811
+    engine, settings = scheduler, get_settings()
+    tag = uuid.uuid4().hex[:8]
+    n_openai, n_anthropic = 100, 60
+    lines = _lines(n_openai, tag) + _lines(n_anthropic, tag, model="claude-haiku-4-5")
+    since = _db_now(engine)
+    sim(settings, "POST", "/_config", {"batch_expire_share": 0.1})
+    before = _billed_lines(settings)
+    try:
+        job = _submit(write_jsonl(tmp_path / "expire.jsonl", lines), "--tier", "background",
+                      "--mode", "provider_batch")
+        assert _wait(engine, job) == "completed"
+        after = _billed_lines(settings)
+    finally:
+        sim(settings, "DELETE", "/_config")
+    pbs = _provider_batches(engine, since)
+    with engine.connect() as conn:
+        by_resubmits = dict(conn.execute(sa.text(
+            "SELECT batch_resubmits, count(*) FROM requests WHERE job_id = :j GROUP BY 1"), {"j": job}).all())
+    for provider, n in (("openai", n_openai), ("anthropic", n_anthropic)):
+        mine = [p for p in pbs if p["provider"] == provider]
+        sizes = [p["requests"] for p in mine]
+        resub = [int(p["counts"].get("resubmitted", 0)) for p in mine]
+        assert {p["status"] for p in mine} == {"ended"}
+        # 10 % of each batch's lines expire (rounded); exactly those are resubmitted, nothing else
+        assert resub == [int(round(k * 0.1)) for k in sizes], (provider, sizes, resub)
+        assert sum(sizes) == n + sum(resub), (provider, sizes, resub)
+        print(f"\n{provider}: {n} lines, provider batches of {sizes} lines; resubmitted {resub}")
+    assert sum(k * c for k, c in by_resubmits.items()) == sum(int(p["counts"].get("resubmitted", 0)) for p in pbs)
+    total = n_openai + n_anthropic
+    billed, ids = after["lines"] - before["lines"], after["ids"] - before["ids"]
+    assert billed == total == ids, (billed, ids)
+    assert after["twice"] == before["twice"], "no line billed twice"
+    assert _realtime_calls(settings, job) == 0, "nothing went to realtime"
+    led = _ledger(engine, job)
+    assert led["n"] == led["batch"] == total
+    print(f"requests by times resubmitted {by_resubmits}; the simulator billed {billed} batch lines for {total}"
+          f" requests, {ids} distinct custom_ids, none twice; ledger ${led['cost']}")
+
+
+# ------------------------------------------------------------------ the batch queue
+
+def _tokens_per_line(engine, job: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT max(input_tokens) FROM requests WHERE job_id = :j"),
+                                {"j": job}).scalar())
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["limit_known", "limit_unknown"])
+def test_a_full_batch_queue_is_waited_for_never_a_lost_or_twice_billed_line(scheduler, tmp_path, told):  # noqa: F811
+    engine, settings = scheduler, get_settings()
+    tag = uuid.uuid4().hex[:8]
+    n, limit = 120, 1_500   # ~ 25 prompt tokens a line: about four batches' worth of the queue
+    since = _db_now(engine)
+    env = {"LLMBATCH_PROVIDER_BATCH_QUEUE_TOKENS": json.dumps({"gpt-4o-mini": limit})} if told else {}
+    import os
+    with restarted(settings, {**os.environ, **env}, ("scheduler",)):
+        sim(settings, "POST", "/_config", {"batch_enqueued_tokens": {"gpt-4o-mini": limit},
+                                           "batch_processing_s": 1.5})
+        before = _billed_lines(settings)
+        t0 = time.monotonic()
+        job = _submit(write_jsonl(tmp_path / "queue.jsonl", _lines(n, tag, words=12)), "--tier", "background",
+                      "--mode", "provider_batch")
+        assert _wait(engine, job, timeout=600) == "completed"
+        took = time.monotonic() - t0
+        after = _billed_lines(settings)
+        per_line = _tokens_per_line(engine, job)
+    pbs = _provider_batches(engine, since)
+    sent = [p for p in pbs if p["status"] == "ended"]
+    refused = [p for p in pbs if p["status"] == "abandoned" and pb_queue.TOKEN_LIMIT in (p["error"] or "")]
+    assert all(p["input_tokens"] <= limit for p in pbs)
+    assert sum(p["requests"] for p in sent) == n
+    if told:
+        assert refused == [], "told the limit, the pipeline never lets the provider fail a batch"
+        assert len(sent) >= n * per_line // limit, [p["requests"] for p in sent]
+    billed = after["lines"] - before["lines"]
+    assert billed == n and after["twice"] == before["twice"], "every line billed once"
+    assert _realtime_calls(settings, job) == 0, "nothing went to realtime"
+    print(f"\nqueue limit {limit} tokens ({'known' if told else 'unknown'} to the pipeline), {n} lines of"
+          f" <= {per_line} tokens: {len(sent)} provider batches {[p['requests'] for p in sent]} lines,"
+          f" {[p['input_tokens'] for p in sent]} tokens; failed at the provider for the limit: {len(refused)};"
+          f" {billed} lines billed once each; {took:.0f} s under load")
+
+
+# ------------------------------------------------------------------ retention
+
+@pytest.fixture
+def scheduler_stopped(stack):
+    """The stack's scheduler stopped for the block (this test runs its steps in-process), the clocks
+    and the simulator's configuration restored after."""
+    import os
+    from tests.integration.named_providers import _stack_sh
+    from pipeline.stores import db
+    engine = db.get_engine()
+    _stack_sh(dict(os.environ), "down", "scheduler")
+    try:
+        yield engine
+    finally:
+        DbClock(engine).reset()
+        sim(get_settings(), "DELETE", "/_config")
+        _stack_sh(dict(os.environ), "up", "scheduler")
+
+
+@pytest.mark.parametrize("model,keep_days", [("claude-haiku-4-5", 29), ("gpt-4o-mini", 2)])
+def test_results_are_copied_into_postgres_before_the_provider_deletes_them(scheduler_stopped, tmp_path,
+                                                                            model, keep_days):
+    engine = scheduler_stopped
+    settings = replace(get_settings(), provider_batch_output_keep_s=keep_days * 86400)
+    tag = uuid.uuid4().hex[:8]
+    n = 12
+    since = _db_now(engine)
+    job = _submit(write_jsonl(tmp_path / "keep.jsonl", _lines(n, tag, model=model)), "--tier", "background",
+                  "--mode", "provider_batch")
+    wait_for(lambda: _held(engine, job) == n, timeout=120, what="the batcher held every line")
+    [pb_id] = pb_submit.submit_held(settings=settings, engine=engine)
+    [pb] = _provider_batches(engine, since)
+    keep = pb["results_expire_at"] - pb["created_at"]
+    assert timedelta(days=keep_days) <= keep <= timedelta(days=keep_days, minutes=5), keep
+    with engine.connect() as conn:
+        pbid, provider = conn.execute(sa.text("SELECT provider_batch_id, provider FROM provider_batches WHERE id = :id"),
+                                      {"id": pb_id}).one()
+    wait_for(lambda: loop.run(batch_api.status(settings, provider, pbid)) in ("completed", "ended"), timeout=120,
+             what="the provider batch ended")
+    # days later, the results not copied yet (the scheduler was down): an alert, then the copy first
+    late = keep.total_seconds() - 6 * 3600
+    clock = DbClock(engine)
+    clock.set(offset_s=late)
+    sim(settings, "POST", "/_config", {"clock_offset_s": late})
+    assert pb_queue.at_risk(engine, settings, clock.now()) == [pb_id]
+    ended = pb_ingest.poll_open(settings=settings, engine=engine, now=clock.now())
+    assert ended == [pb_id]
+    assert _job_status(engine, job) == "completed"
+    assert pb_queue.at_risk(engine, settings, clock.now()) == []
+    with engine.connect() as conn:
+        copied_at, left = conn.execute(sa.text(
+            "SELECT results_copied_at, (SELECT count(*) FROM provider_batch_results WHERE provider_batch = :id)"
+            " FROM provider_batches WHERE id = :id"), {"id": pb_id}).one()
+    assert copied_at is not None and left == 0, "copied, ingested, and the copy dropped with the ingest"
+    assert _ledger(engine, job)["n"] == n
+    # past the provider's retention, its results are gone; ours are in Postgres
+    sim(settings, "POST", "/_config", {"clock_offset_s": keep.total_seconds() + 3600})
+    with pytest.raises(Exception) as gone:
+        loop.run(batch_api.poll(settings, provider, pbid))
+    assert getattr(gone.value, "status_code", None) == 404, gone.value
+    print(f"\n{provider}: results kept {keep} by the provider; copied at {keep.total_seconds() / 86400 - 0.25:.2f}"
+          f" days (clocks moved), {n} of {n} results in Postgres; at +{keep_days} days + 1 h the provider"
+          f" answers 404")
+
+
+def _held(engine, job: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM requests WHERE job_id = :j AND status = 'held'"),
+                            {"j": job}).scalar()

@@ -207,26 +207,26 @@ def run_job(lines: list[dict], **submit_kw) -> tuple[dict, dict, dict, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lines", type=int, default=10_000)
+    ap.add_argument("--lines", type=int, default=10_000, help="size of the mix (0: only the capped job)")
     ap.add_argument("--short-deadlines", action="store_true", help="every deadline 10-55 min away")
     ap.add_argument("--cap-lines", type=int, default=2_000, help="size of the capped job (0: none)")
     ap.add_argument("--cap-share", type=float, default=0.25, help="the cap, × the capped mix's naive bill")
     args = ap.parse_args()
     tag = uuid.uuid4().hex[:8]
-    lines = mix(args.lines, tag, short_deadlines=args.short_deadlines)
     pricer = NaivePricer()
-    naive = sum((pricer.usd(x) for x in lines), Decimal(0))
-    report, counts, bill, seconds = run_job(lines)
-    led = ledger(report["job_id"])
-    ratio = bill["billed_usd"] / naive if naive else None
-    result = {
-        "lines": args.lines, "short_deadlines": args.short_deadlines, "job_id": report["job_id"],
-        "counts": counts, "seconds_under_load": round(seconds, 1),
-        "simulator_batch_processing_s": "simulator default (2 s), not 24 h",
-        "naive_usd": str(naive.quantize(Decimal("0.000001"))),
-        "bill_usd": str(bill["billed_usd"]), "bill_over_naive": round(float(ratio), 4) if ratio else None,
-        "simulator": bill, **led,
-    }
+    result: dict = {"lines": args.lines, "short_deadlines": args.short_deadlines,
+                    "simulator_batch_processing_s": "simulator default (2 s), not 24 h"}
+    if args.lines:
+        lines = mix(args.lines, tag, short_deadlines=args.short_deadlines)
+        naive = sum((pricer.usd(x) for x in lines), Decimal(0))
+        report, counts, bill, seconds = run_job(lines)
+        led = ledger(report["job_id"])
+        ratio = bill["billed_usd"] / naive if naive else None
+        result.update({
+            "job_id": report["job_id"], "counts": counts, "seconds_under_load": round(seconds, 1),
+            "naive_usd": str(naive.quantize(Decimal("0.000001"))),
+            "bill_usd": str(bill["billed_usd"]), "bill_over_naive": round(float(ratio), 4) if ratio else None,
+            "simulator": bill, **led})
     if args.cap_lines and not args.short_deadlines:
         capped = mix(args.cap_lines, tag + "cap", seed=22)
         cap_naive = sum((pricer.usd(x) for x in capped), Decimal(0))
@@ -238,7 +238,8 @@ def main() -> None:
                          "simulator_bill_usd": str(cbill["billed_usd"]), "ledger_usd": cled["ledger_usd"],
                          "binds": cled["budget_refused"] > 0, "holds": cbill["billed_usd"] <= cap,
                          "seconds_under_load": round(cseconds, 1)}
-    save("cost_short_deadlines" if args.short_deadlines else "cost", json.loads(json.dumps(result, default=str)))
+    name = "cost_short_deadlines" if args.short_deadlines else "cost" if args.lines else "cost_cap"
+    save(name, json.loads(json.dumps(result, default=str)))
 
 
 if __name__ == "__main__":

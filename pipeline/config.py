@@ -244,7 +244,7 @@ class Settings:
     #: per provider batch, by Batch API format: bytes of JSONL (OpenAI's and Anthropic's limits)
     provider_batch_max_bytes: dict = _tier_map(openai=200_000_000, anthropic=256_000_000)
     #: the provider's batch queue limit per model: prompt tokens of provider batches not yet ended (OpenAI's
-    #: "batch queue limit" of your organisation's tier, e.g. {"gpt-4o": 90000}); a provider batch is sent
+    #: "batch queue limit" of your organisation's tier, e.g. ``gpt-4o=90000,gpt-4o-mini=2000000``); a batch is sent
     #: only when ours still open for that model leave room, else its lines wait held. A model not listed
     #: has no known limit: a batch the provider fails for it (token_limit_exceeded) is held again, unbilled
     provider_batch_queue_tokens: dict = _tier_map()

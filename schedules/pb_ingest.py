@@ -105,7 +105,8 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
     with engine.begin() as conn:
         reqs = pb_requests(conn, pb_id)
         by_pid = {provider_custom_id(r): (r, state) for r, state in reqs}
-        outcomes, attempts, seen, not_run, counts = read_lines([r for r, _ in reqs], lines, prices, key_alias)
+        outcomes, attempts, seen, not_run, counts = read_lines(
+            [r for r, state in reqs if state["status"] not in REQUEST_TERMINAL], lines, prices, key_alias)
         sequence.write(conn, outcomes, attempts)
         # requests the provider never ran (expired, cancelled, batch failed, a retryable error): a new
         # provider batch when the deadline leaves time (pb_queue.split_not_run), else fallback per job

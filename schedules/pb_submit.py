@@ -180,6 +180,7 @@ def _admit(conn, reqs: list[Request], settings: Settings, provider: str, model: 
     held for a later tick; one larger than the whole limit goes to realtime."""
     room = pb_queue.queue_room(conn, settings, provider, model)
     limit = settings.provider_batch_queue_tokens.get(model)
+    limit = None if limit is None else int(limit)   # from the environment, a string
     if room is None and limit is None:
         return reqs
     admitted, too_big = pb_queue.admit([r.bound.input_tokens for r in reqs], room, limit)
@@ -329,6 +330,12 @@ def _limits(settings: Settings, fmt: str, provider: str, model: str) -> tuple[in
     return min(requests, price.batch_max_requests or requests), min(size, price.batch_max_bytes or size)
 
 
+def running(rows: list[tuple[Request, dict]]) -> list[Request]:
+    """The requests of ``pb_requests`` sent in the provider batch: those ``running`` (a request the caps
+    failed at submit stays in its batch of ours, failed: it is never sent)."""
+    return [r for r, state in rows if state["status"] == "running"]
+
+
 def pb_requests(conn, pb_id: str) -> list[tuple[Request, dict]]:
     """The requests of provider batch ``pb_id``, each with its state: ``status``, ``batch_fallback``,
     ``job_status`` and ``batch_resubmits``."""
@@ -366,7 +373,8 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
         pb, key = row
         # one line per distinct cache key (chosen in stored order, as ingest's twins() reads it),
         # then each prompt-cache prefix group's lines together
-        reqs = in_groups(lines_to_send([r for r, _ in pb_requests(conn, pb_id)]), lambda r: r.body)
+        # only its running requests: one a cap failed before sending may share its batch of ours
+        reqs = in_groups(lines_to_send(running(pb_requests(conn, pb_id))), lambda r: r.body)
     lines = [{"custom_id": provider_custom_id(r), "params": r.body} for r in reqs]
     content = b"".join(request_line(r) for r in reqs)
     def cancelled() -> bool:
@@ -518,7 +526,7 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
             {"t": settings.provider_batch_create_timeout_s, "p": settings.provider_batch_poll_s}).mappings()]
         for r in rows:
             if batch_api.batch_format(r["provider"]) == "anthropic" and r["create_attempts"]:
-                sent = lines_to_send([q for q, _ in pb_requests(conn, r["id"])])   # the lines it sent
+                sent = lines_to_send(running(pb_requests(conn, r["id"])))   # the lines it sent
                 r["pids"] = {provider_custom_id(q) for q in sent}
     found: dict[str, tuple] = {}
     tried = [r for r in rows if r["create_attempts"]]

@@ -548,10 +548,11 @@ class BatchStore:
                 results.append({"custom_id": items[idx][0], "result": {"type": "canceled"}})
                 counts["canceled"] += 1
                 counts["processing"] -= 1
-        for idx in order[done:]:   # the window ran out (batch_expire_share): expired, unbilled
-            results.append({"custom_id": items[idx][0], "result": {"type": "expired"}})
-            counts["expired"] += 1
-            counts["processing"] -= 1
+        else:
+            for idx in order[done:]:   # the window ran out (batch_expire_share): expired, unbilled
+                results.append({"custom_id": items[idx][0], "result": {"type": "expired"}})
+                counts["expired"] += 1
+                counts["processing"] -= 1
         batch.update(processing_status="ended", ended_at=sim_time(self.sim))
 
     def _an_batch_or_404(self, bid: str):

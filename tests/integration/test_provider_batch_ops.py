@@ -134,6 +134,47 @@ def test_only_the_lines_a_batch_did_not_run_are_resubmitted_and_each_line_is_bil
           f" requests, {ids} distinct custom_ids, none twice; ledger ${led['cost']}")
 
 
+def _billed_usd(settings) -> float:
+    return sum(float(p["billed_usd"]) for p in sim(settings, "GET", "/_stats")["providers"].values())
+
+
+def test_a_job_cap_with_on_budget_fail_holds_against_the_providers_bill_and_refused_lines_are_never_sent(
+        scheduler_stopped, tmp_path):
+    """One batch of ours, part of it within the job's cap: the rest fails before sending and stays in
+    that batch; the provider gets only the lines the cap let through (its steps run in-process)."""
+    engine, settings = scheduler_stopped, get_settings()
+    tag = uuid.uuid4().hex[:8]
+    n, cap = 80, "0.0006"   # about half the lines' maxima at the batch price
+    before, usd0 = _billed_lines(settings), _billed_usd(settings)
+    lines = _lines(n, tag, words=40)
+    for x in lines[::2]:   # dear and cheap maxima alternate: after the first settles, some fit and some not
+        x["body"]["max_tokens"] = 400
+    job = _submit(write_jsonl(tmp_path / "cap.jsonl", lines), "--tier", "background",
+                  "--mode", "provider_batch", "--budget-usd", cap, "--on-budget", "fail")
+    wait_for(lambda: _held(engine, job) == n, timeout=120, what="the batcher held every line")
+    pb_submit.submit_held(settings=settings, engine=engine)
+    def tick():   # the scheduler's steps: what live holds kept waiting is sent or refused once they settle
+        pb_submit.submit_held(settings=settings, engine=engine)
+        pb_ingest.poll_open(settings=settings, engine=engine)
+        return (st := _job_status(engine, job)) in ENDED and st
+    status = wait_for(tick, timeout=180, every=1.0, what="the job ended")
+    assert status in ("completed_with_errors", "failed"), status
+    after, usd1 = _billed_lines(settings), _billed_usd(settings)
+    with engine.connect() as conn:
+        row = conn.execute(sa.text(
+            "SELECT count(*) FILTER (WHERE r.status = 'succeeded') AS ok,"
+            " count(*) FILTER (WHERE x.error->>'code' = 'budget_exceeded') AS refused,"
+            " coalesce(sum(x.cost_usd), 0) AS ledger, count(DISTINCT r.batch_id) AS batches FROM requests r"
+            " LEFT JOIN results x ON x.job_id = r.job_id AND x.custom_id = r.custom_id WHERE r.job_id = :j"),
+            {"j": job}).mappings().one()
+    billed = after["lines"] - before["lines"]
+    assert row["refused"] > 0 and row["ok"] > 0 and row["ok"] + row["refused"] == n, dict(row)
+    assert billed == row["ok"], f"the provider billed {billed} lines; the cap let {row['ok']} through"
+    assert usd1 - usd0 <= float(cap) and float(row["ledger"]) <= float(cap), (usd1 - usd0, row["ledger"])
+    print(f"\ncap ${cap}, on_budget fail: {row['ok']} lines sent and billed ({billed} by the simulator),"
+          f" {row['refused']} refused before sending; simulator ${usd1 - usd0:.8f}, ledger ${row['ledger']}")
+
+
 # ------------------------------------------------------------------ the batch queue
 
 def _tokens_per_line(engine, job: str) -> int:
@@ -142,20 +183,24 @@ def _tokens_per_line(engine, job: str) -> int:
                                 {"j": job}).scalar())
 
 
-@pytest.mark.parametrize("told", [True, False], ids=["limit_known", "limit_unknown"])
-def test_a_full_batch_queue_is_waited_for_never_a_lost_or_twice_billed_line(scheduler, tmp_path, told):  # noqa: F811
+# a model each: a refusal teaches the pipeline a model's limit for provider_batch_queue_retry_s
+@pytest.mark.parametrize("told,model", [(True, "gpt-4o-mini"), (False, "gpt-4.1-nano")],
+                         ids=["limit_known", "limit_unknown"])
+def test_a_full_batch_queue_is_waited_for_never_a_lost_or_twice_billed_line(scheduler, tmp_path, told,  # noqa: F811
+                                                                            model):
     engine, settings = scheduler, get_settings()
     tag = uuid.uuid4().hex[:8]
     n, limit = 120, 1_500   # ~ 25 prompt tokens a line: about four batches' worth of the queue
     since = _db_now(engine)
-    env = {"LLMBATCH_PROVIDER_BATCH_QUEUE_TOKENS": json.dumps({"gpt-4o-mini": limit})} if told else {}
+    env = {"LLMBATCH_PROVIDER_BATCH_QUEUE_TOKENS": f"{model}={limit}"} if told else {}
     import os
     with restarted(settings, {**os.environ, **env}, ("scheduler",)):
-        sim(settings, "POST", "/_config", {"batch_enqueued_tokens": {"gpt-4o-mini": limit},
+        sim(settings, "POST", "/_config", {"batch_enqueued_tokens": {model: limit},
                                            "batch_processing_s": 1.5})
         before = _billed_lines(settings)
         t0 = time.monotonic()
-        job = _submit(write_jsonl(tmp_path / "queue.jsonl", _lines(n, tag, words=12)), "--tier", "background",
+        job = _submit(write_jsonl(tmp_path / "queue.jsonl", _lines(n, tag, model=model, words=12)), "--tier",
+                      "background",
                       "--mode", "provider_batch")
         assert _wait(engine, job, timeout=600) == "completed"
         took = time.monotonic() - t0
@@ -164,7 +209,7 @@ def test_a_full_batch_queue_is_waited_for_never_a_lost_or_twice_billed_line(sche
     pbs = _provider_batches(engine, since)
     sent = [p for p in pbs if p["status"] == "ended"]
     refused = [p for p in pbs if p["status"] == "abandoned" and pb_queue.TOKEN_LIMIT in (p["error"] or "")]
-    assert all(p["input_tokens"] <= limit for p in pbs)
+    assert all(p["input_tokens"] <= limit for p in (pbs if told else sent)), [p["input_tokens"] for p in pbs]
     assert sum(p["requests"] for p in sent) == n
     if told:
         assert refused == [], "told the limit, the pipeline never lets the provider fail a batch"
@@ -172,7 +217,7 @@ def test_a_full_batch_queue_is_waited_for_never_a_lost_or_twice_billed_line(sche
     billed = after["lines"] - before["lines"]
     assert billed == n and after["twice"] == before["twice"], "every line billed once"
     assert _realtime_calls(settings, job) == 0, "nothing went to realtime"
-    print(f"\nqueue limit {limit} tokens ({'known' if told else 'unknown'} to the pipeline), {n} lines of"
+    print(f"\n{model}: queue limit {limit} tokens ({'known' if told else 'unknown'} to the pipeline), {n} lines of"
           f" <= {per_line} tokens: {len(sent)} provider batches {[p['requests'] for p in sent]} lines,"
           f" {[p['input_tokens'] for p in sent]} tokens; failed at the provider for the limit: {len(refused)};"
           f" {billed} lines billed once each; {took:.0f} s under load")

@@ -21,15 +21,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from simulator.caching import PromptCache
+from simulator.prices import NO_BATCH
 
 DAY_S = 24 * 3600
 ANTHROPIC_RESULTS_KEEP_S = 29 * DAY_S
 OUTPUT_KEEP_MIN_S, OUTPUT_KEEP_MAX_S = 3600, 30 * DAY_S
 OUTPUT_KEEP_DEFAULT_S = OUTPUT_KEEP_MAX_S
 ORGANIZATION = "org-simulator"
+OPENAI_MAX_REQUESTS = 50_000
+EMBEDDING_MAX_INPUTS = 50_000
 
 
 def sim_time(sim) -> float:
@@ -92,3 +96,65 @@ def prompt_tokens(sim, call, items) -> int:
             continue
         total += usage.get("prompt_tokens", usage.get("input_tokens", 0))
     return total
+
+
+def validate_openai_lines(content: bytes, endpoint: str):
+    """An OpenAI batch input file checked as the Batch API validates it: ``(items, errors, model)``;
+    items are ``(custom_id, body)`` in input order."""
+    items, errors, seen, models = [], [], set(), set()
+
+    def err(code, line, message, param=None):
+        errors.append({"code": code, "line": line, "message": message, "param": param})
+
+    lines = content.decode("utf-8", errors="replace").splitlines()
+    for no, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            err("invalid_json_line", no, "This line is not parseable as valid JSON.")
+            continue
+        if not isinstance(obj, dict):
+            err("invalid_json_line", no, "This line is not a JSON object.")
+            continue
+        cid = obj.get("custom_id")
+        if not isinstance(cid, str) or not cid:
+            err("missing_required_parameter", no, "Missing required parameter: 'custom_id'.", "custom_id")
+            continue
+        if cid in seen:
+            err("duplicate_custom_id", no, f"The custom_id '{cid}' is used more than once in this file.",
+                "custom_id")
+            continue
+        seen.add(cid)
+        if obj.get("method") != "POST":
+            err("invalid_method", no, "Only the POST method is supported.", "method")
+            continue
+        if obj.get("url") != endpoint:
+            err("invalid_url", no, f"The url must be '{endpoint}', as the batch's endpoint.", "url")
+            continue
+        b = obj.get("body")
+        if not isinstance(b, dict):
+            err("missing_required_parameter", no, "Missing required parameter: 'body'.", "body")
+            continue
+        if isinstance(b.get("model"), str) and b["model"].lower() in NO_BATCH:
+            err("model_not_supported", no, f"The model '{b['model']}' is not supported by the Batch API.",
+                "body.model")
+            continue
+        if isinstance(b.get("model"), str):
+            models.add(b["model"])
+            if len(models) > 1:
+                err("mismatched_model", no, "All requests in a batch must use the same model.", "body.model")
+                continue
+        items.append((cid, b))
+    if not items and not errors:
+        err("empty_file", None, "The input file has no requests.")
+    if len(items) > OPENAI_MAX_REQUESTS:
+        err("too_many_requests", None, f"A batch may hold at most {OPENAI_MAX_REQUESTS} requests.")
+    if endpoint == "/v1/embeddings":
+        inputs = sum(len(b["input"]) if isinstance(b.get("input"), list) and b["input"]
+                     and not isinstance(b["input"][0], int) else 1 for _, b in items)
+        if inputs > EMBEDDING_MAX_INPUTS:
+            err("too_many_inputs", None, f"An embeddings batch may hold at most {EMBEDDING_MAX_INPUTS} "
+                                         f"inputs in all; this file has {inputs}.")
+    return items, errors, (next(iter(models)) if len(models) == 1 else None)

@@ -21,7 +21,7 @@ OpenAI (``/v1/files``, ``/v1/batches``), endpoints ``/v1/chat/completions``,
   ``method`` ``POST``, ``url`` equal to the batch endpoint, a ``body`` object,
   and one model for the whole file, one the Batch API takes (not one of
   ``prices.NO_BATCH``: ``model_not_supported``; an embeddings batch: at most 50,000
-  inputs in all); otherwise the batch is ``failed`` with
+  inputs in all: ``batch_rules.validate_openai_lines``); otherwise the batch is ``failed`` with
   ``errors.data[] {code, line, message, param}``.
 - ``in_progress`` → ``finalizing`` → ``completed``: successes go to the
   output file, requests the API refuses (status 400/404) to the error file,
@@ -52,14 +52,11 @@ from aiohttp import web
 from simulator import batch_rules
 from simulator.batch_rules import sim_time
 from simulator.endpoints import MESSAGES, OPENAI_ENDPOINTS, model_of
-from simulator.prices import NO_BATCH
 from simulator.server import ALIAS_KEY
 from simulator.protocol import Problem, anthropic_error_body
 
 DAY_S = 24 * 3600
 CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-OPENAI_MAX_REQUESTS = 50_000
-EMBEDDING_MAX_INPUTS = 50_000
 ANTHROPIC_MAX_REQUESTS = 100_000
 YIELD_EVERY = 100
 
@@ -249,66 +246,6 @@ class BatchStore:
         self._spawn(self._run_openai(batch))
         return _json(batch)
 
-    def _validate_lines(self, content: bytes, endpoint: str):
-        """``(items, errors)``; items are ``(custom_id, body)`` in input order."""
-        items, errors, seen, models = [], [], set(), set()
-
-        def err(code, line, message, param=None):
-            errors.append({"code": code, "line": line, "message": message, "param": param})
-
-        lines = content.decode("utf-8", errors="replace").splitlines()
-        for no, text in enumerate(lines, 1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                err("invalid_json_line", no, "This line is not parseable as valid JSON.")
-                continue
-            if not isinstance(obj, dict):
-                err("invalid_json_line", no, "This line is not a JSON object.")
-                continue
-            cid = obj.get("custom_id")
-            if not isinstance(cid, str) or not cid:
-                err("missing_required_parameter", no, "Missing required parameter: 'custom_id'.", "custom_id")
-                continue
-            if cid in seen:
-                err("duplicate_custom_id", no, f"The custom_id '{cid}' is used more than once in this file.",
-                    "custom_id")
-                continue
-            seen.add(cid)
-            if obj.get("method") != "POST":
-                err("invalid_method", no, "Only the POST method is supported.", "method")
-                continue
-            if obj.get("url") != endpoint:
-                err("invalid_url", no, f"The url must be '{endpoint}', as the batch's endpoint.", "url")
-                continue
-            b = obj.get("body")
-            if not isinstance(b, dict):
-                err("missing_required_parameter", no, "Missing required parameter: 'body'.", "body")
-                continue
-            if isinstance(b.get("model"), str) and b["model"].lower() in NO_BATCH:
-                err("model_not_supported", no, f"The model '{b['model']}' is not supported by the Batch API.",
-                    "body.model")
-                continue
-            if isinstance(b.get("model"), str):
-                models.add(b["model"])
-                if len(models) > 1:
-                    err("mismatched_model", no, "All requests in a batch must use the same model.", "body.model")
-                    continue
-            items.append((cid, b))
-        if not items and not errors:
-            err("empty_file", None, "The input file has no requests.")
-        if len(items) > OPENAI_MAX_REQUESTS:
-            err("too_many_requests", None, f"A batch may hold at most {OPENAI_MAX_REQUESTS} requests.")
-        if endpoint == "/v1/embeddings":
-            inputs = sum(len(b["input"]) if isinstance(b.get("input"), list) and b["input"]
-                         and not isinstance(b["input"][0], int) else 1 for _, b in items)
-            if inputs > EMBEDDING_MAX_INPUTS:
-                err("too_many_inputs", None, f"An embeddings batch may hold at most {EMBEDDING_MAX_INPUTS} "
-                                             f"inputs in all; this file has {inputs}.")
-        return items, errors, (next(iter(models)) if len(models) == 1 else None)
-
     def _call(self, endpoint, batch_id: str):
         from simulator.server import Call
 
@@ -323,7 +260,7 @@ class BatchStore:
         if batch["status"] == "cancelling":
             await self._finish_openai_cancel(batch, [], [], [])
             return
-        items, errors, model = self._validate_lines(self.file_content[batch["input_file_id"]], batch["endpoint"])
+        items, errors, model = batch_rules.validate_openai_lines(self.file_content[batch["input_file_id"]], batch["endpoint"])
         batch["model"] = model
         limit = cfg.batch_enqueued_tokens.get(model) if model else None
         tokens = batch_rules.prompt_tokens(self.sim, call, items) if limit is not None and not errors else 0

@@ -15,7 +15,6 @@ The figures are printed as measured (``-s`` shows them).
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import replace
@@ -28,24 +27,11 @@ from pipeline.config import get_settings
 from pipeline.providers import batch_api
 from schedules import loop, pb_ingest, pb_queue, pb_submit
 from schedules.clock import DbClock
-from tests.integration.conftest import LLMBATCH, chat_line, wait_for, write_jsonl
+from tests.integration.conftest import chat_line, wait_for, write_jsonl
+from tests.integration.test_cost_engine import ENDED, _submit, _wait
 from tests.integration.named_providers import restarted, sim
 from tests.integration.test_scheduler import _job_status, scheduler  # noqa: F401  (fixture)
 
-ENDED = ("completed", "completed_with_errors", "failed", "cancelled")
-
-
-def _submit(path, *args, env=None) -> str:
-    import subprocess
-    proc = subprocess.run([LLMBATCH, "submit", str(path), "--json", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)["job_id"]
-
-
-def _wait(engine, job: str, timeout: float = 400) -> str:
-    return wait_for(lambda: (s := _job_status(engine, job)) in ENDED and s, timeout=timeout, every=0.5,
-                    what=f"job {job} ended")
 
 
 def _lines(n: int, tag: str, model: str = "gpt-4o-mini", words: int = 8) -> list[dict]:
@@ -105,7 +91,7 @@ def test_only_the_lines_a_batch_did_not_run_are_resubmitted_and_each_line_is_bil
     try:
         job = _submit(write_jsonl(tmp_path / "expire.jsonl", lines), "--tier", "background",
                       "--mode", "provider_batch")
-        assert _wait(engine, job) == "completed"
+        assert _wait(engine, job, timeout=400) == "completed"
         after = _billed_lines(settings)
     finally:
         sim(settings, "DELETE", "/_config")

@@ -28,7 +28,7 @@ EU = Named(f"ceu-{RUN}", kind="anthropic", keys={"eu-1": key(60)}, input="1.00",
 
 @pytest.fixture(scope="module")
 def env(stack, tmp_path_factory):
-    with named_stack(stack, tmp_path_factory.mktemp("pbkeys"), [TWO, EU], restarted=RESTARTED + ("scheduler",)) as e:
+    with named_stack(stack, tmp_path_factory.mktemp("pbkeys"), [TWO, EU], processes=RESTARTED + ("scheduler",)) as e:
         yield e
 
 

@@ -245,6 +245,21 @@ class Settings:
     provider_batch_max_requests: dict = _tier_map(openai=50_000, anthropic=100_000)
     #: per provider batch, by Batch API format: bytes of JSONL (OpenAI's and Anthropic's limits)
     provider_batch_max_bytes: dict = _tier_map(openai=200_000_000, anthropic=256_000_000)
+    #: the provider's batch queue limit per model: prompt tokens of provider batches not yet ended (OpenAI's
+    #: "batch queue limit" of your organisation's tier, e.g. ``gpt-4o=90000,gpt-4o-mini=2000000``); a batch is sent
+    #: only when ours still open for that model leave room, else its lines wait held. A model not listed
+    #: has no known limit: a batch the provider fails for it (token_limit_exceeded) is held again, unbilled
+    provider_batch_queue_tokens: dict = _tier_map()
+    #: after a token_limit_exceeded, that model's provider batches wait for one of ours to end, or this long
+    provider_batch_queue_retry_s: float = 600.0
+    #: times a line a provider batch did not run (expired, or a retryable error) goes into a new provider
+    #: batch, when its deadline leaves time for one; after that (or without the time) it goes to realtime
+    provider_batch_resubmits: int = 2
+    #: OpenAI: seconds its batch output and error files are kept (``output_expires_after``, 1 h to 30 days)
+    provider_batch_output_keep_s: int = 2_592_000
+    #: results of a provider batch not copied into Postgres this long before the provider deletes them
+    #: (Anthropic: 29 days after creation; OpenAI: provider_batch_output_keep_s) raise an alert
+    provider_batch_copy_margin_s: float = 259_200.0
     #: missed cron slots younger than this still run after a scheduler outage
     schedule_misfire_grace_s: float = 3600.0
     #: request and response bodies are purged this long after the request finished (0: never)

@@ -88,6 +88,10 @@ KEY_REVOKED = Counter("llmbatch_key_revocations", "Provider keys taken out of th
                       " by provider and key alias", ["provider", "key"], registry=REGISTRY)
 SAVED = Counter("llmbatch_saved_usd", "Dollars saved against list price (the same usage, realtime, no cache),"
                 " by lever: cache, coalesce, batch, flex, prompt_cache, price_window", ["lever"], registry=REGISTRY)
+#: set every scheduler tick (schedules/pb_queue.py ``at_risk``): 0 unless results may be lost
+PROVIDER_BATCH_RESULTS_AT_RISK = Gauge(
+    "llmbatch_provider_batch_results_at_risk", "Provider batches whose results are not copied into Postgres"
+    " and go within provider_batch_copy_margin_s", multiprocess_mode="mostrecent", registry=REGISTRY)
 CONSUMER_LAG = Gauge("llmbatch_kafka_consumer_lag", "Messages behind the partition's end (batcher)",
                      ["partition"], multiprocess_mode="mostrecent", registry=REGISTRY)
 

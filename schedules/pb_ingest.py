@@ -23,7 +23,7 @@ It must never hold a Postgres transaction open across a provider call.
 from __future__ import annotations
 
 import logging
-import uuid
+from datetime import datetime
 from decimal import Decimal
 
 import sqlalchemy as sa
@@ -38,46 +38,66 @@ from pipeline.money.pricing import get_price_book
 from pipeline.paths import base as sequence
 from pipeline.paths.base import without_call
 from pipeline.paths.provider_batch import outcome_of_line, provider_custom_id, twins
-from pipeline.paths.realtime import REALTIME
 from pipeline.providers import batch_api
 from pipeline.request import Outcome
 from pipeline.stores import batches as batch_store, db, jobs as job_store
-from schedules import loop
-from schedules.pb_submit import pb_requests
+from schedules import loop, pb_queue
+from schedules.clock import get_clock
+from schedules.pb_submit import _abandon, pb_requests
 
 log = logging.getLogger(__name__)
 
 
-def poll_open(*, settings: Settings | None = None, engine=None, dispatcher=dispatch) -> list[str]:
-    """Poll submitted provider batches due for a poll; ingest those that ended. Returns ended ids."""
+def poll_open(*, settings: Settings | None = None, engine=None, dispatcher=dispatch,
+              now: datetime | None = None) -> list[str]:
+    """Poll submitted provider batches due for a poll, those whose results the provider deletes first
+    first; copy the result lines of those that ended into Postgres, then ingest them (one whose copy
+    is there already, its ingest having failed, is ingested from the copy). ``now``: the scheduler's
+    clock. Returns ended ids."""
     settings = settings or get_settings()
     engine = engine or db.get_engine()
+    now = now or get_clock(settings, engine).now()
     with engine.connect() as conn:
         due = conn.execute(sa.text(
-            "SELECT id, provider, provider_batch_id, counts->>'key_alias' FROM provider_batches"
-            " WHERE status = 'submitted'"
-            " AND (polled_at IS NULL OR polled_at < now() - make_interval(secs => :s)) ORDER BY submitted_at"),
+            "SELECT id, provider, provider_batch_id, counts->>'key_alias', results_copied_at IS NOT NULL,"
+            " provider_status FROM provider_batches WHERE status = 'submitted'"
+            " AND (polled_at IS NULL OR polled_at < now() - make_interval(secs => :s))"
+            " ORDER BY results_expire_at NULLS LAST, submitted_at"),
             {"s": settings.provider_batch_poll_s}).all()
     ended = []
-    for pb_id, provider, pbid, key in due:
+    for pb_id, provider, pbid, key, is_copied, status in due:
+        if is_copied:
+            lines = pb_queue.copied(engine, pb_id)
+        else:
+            try:
+                status, done, lines, codes = loop.run(batch_api.poll(settings, provider, pbid, key_alias=key))
+            except Exception as e:
+                log.warning("provider batch %s (%s): poll failed, will retry: %s", pb_id, pbid, e)
+                continue
+            if not done:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(
+                        "UPDATE provider_batches SET provider_status = :st, polled_at = now() WHERE id = :id"),
+                        {"id": pb_id, "st": status})
+                continue
+            if pb_queue.TOKEN_LIMIT in codes:   # the queue was full: nothing ran or was billed; held again
+                log.warning("provider batch %s (%s): the provider's batch queue for its model was full; its lines"
+                            " are held and sent again when there is room", pb_id, pbid)
+                _abandon(engine, pb_id, f"{pb_queue.TOKEN_LIMIT}: failed at the provider ({pbid})", settings)
+                continue
+            pb_queue.copy_results(engine, pb_id, status, lines)
         try:
-            status, done, lines = loop.run(batch_api.poll(settings, provider, pbid, key_alias=key))
-        except Exception as e:
-            log.warning("provider batch %s (%s): poll failed, will retry: %s", pb_id, pbid, e)
+            ingest(pb_id, provider, status, lines, settings=settings, engine=engine, dispatcher=dispatcher,
+                   key_alias=key, now=now)
+        except Exception:   # its copy is in Postgres: ingested from it next tick
+            log.exception("provider batch %s: ingest failed; its copied results are ingested again next tick", pb_id)
             continue
-        if not done:
-            with engine.begin() as conn:
-                conn.execute(sa.text(
-                    "UPDATE provider_batches SET provider_status = :st, polled_at = now() WHERE id = :id"),
-                    {"id": pb_id, "st": status})
-            continue
-        ingest(pb_id, provider, status, lines, settings=settings, engine=engine, dispatcher=dispatcher, key_alias=key)
         ended.append(pb_id)
     return ended
 
 
 def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, settings: Settings, engine,
-           dispatcher=dispatch, key_alias: str | None = None) -> dict:
+           dispatcher=dispatch, key_alias: str | None = None, now: datetime | None = None) -> dict:
     """Write what the provider batch did (``key_alias``: the key it went out on, stored with each
     result and attempt as realtime stores its own); returns the counts."""
     prices = get_price_book()
@@ -85,45 +105,26 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
     with engine.begin() as conn:
         reqs = pb_requests(conn, pb_id)
         by_pid = {provider_custom_id(r): (r, state) for r, state in reqs}
-        twins_of = twins([r for r, _ in reqs])   # requests sent as another's line (one cache key)
-        outcomes: list[Outcome] = []
-        attempts, seen, not_run = [], set(), {}
-        counts = {"succeeded": 0, "failed": 0, "requeued": 0, "cancelled": 0, "unknown_lines": 0, "coalesced": 0}
-        for line in lines:
-            found = by_pid.get(line.get("custom_id"))
-            if found is None:
-                counts["unknown_lines"] += 1
-                continue
-            outcome, attempt, why = outcome_of_line(found[0], line, prices, key_alias)
-            if outcome is not None:
-                seen.add(line["custom_id"])
-                outcomes.append(outcome)
-                attempts.append(attempt)
-                counts[outcome.status] += 1
-            else:
-                not_run[line["custom_id"]] = why
-            for twin in twins_of.get(line["custom_id"], ()):
-                # its line's answer, at cost 0; a line that got none: the twin was not run either
-                # (re-queued or failed as its job says, never answered with an error not its own)
-                got = without_call(twin, outcome.response, prices, "coalesce") \
-                    if outcome is not None and outcome.status == "succeeded" else None
-                if got is not None:
-                    seen.add(provider_custom_id(twin))
-                    outcomes.append(got)
-                    counts["succeeded"] += 1
-                    counts["coalesced"] += 1
-                else:
-                    not_run[provider_custom_id(twin)] = why or "its_line_was_not_answered"
+        outcomes, attempts, seen, not_run, counts = read_lines(
+            [r for r, state in reqs if state["status"] not in REQUEST_TERMINAL], lines, prices, key_alias)
         sequence.write(conn, outcomes, attempts)
-        # requests the provider never ran (expired, cancelled, batch failed): fallback per job
-        cancel, fail = [], []
+        # requests the provider never ran (expired, cancelled, batch failed, a retryable error): a new
+        # provider batch when the deadline leaves time (pb_queue.split_not_run), else fallback per job
+        cancel, fail, missing = [], [], []
         for pid, (r, state) in by_pid.items():
             if pid in seen or state["status"] in REQUEST_TERMINAL:
                 continue
             reason = not_run.get(pid) or f"batch_{status}"
             if state["job_status"] == "cancelled":
                 cancel.append(r)
-            elif state["batch_fallback"] == "fail":
+            else:
+                missing.append(pb_queue.NotRun(pid, reason, _aware(r.deadline), state["batch_resubmits"]))
+        again, back = pb_queue.split_not_run(missing, now or get_clock(settings, engine).now(), settings)
+        resubmitted = [by_pid[pid][0] for pid in again]
+        for pid in back:
+            r, state = by_pid[pid]
+            reason = not_run.get(pid) or f"batch_{status}"
+            if state["batch_fallback"] == "fail":
                 fail.append(Outcome.failed(r, reason, f"the provider batch ended ({status}) without running"
                                                       f" this request"))
             else:
@@ -136,11 +137,17 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
                 " AND r.status <> ALL(llmbatch_states('request_terminal'))"),
                 {"k": db.dumps([{"job_id": r.job_id, "custom_id": r.custom_id} for r in cancel])})
         sequence.write(conn, fail, [])
-        counts.update(cancelled=len(cancel), failed=counts["failed"] + len(fail), requeued=len(requeue))
-        new_batches = _requeue(conn, requeue) if requeue else []
+        counts.update(cancelled=len(cancel), failed=counts["failed"] + len(fail), requeued=len(requeue),
+                      resubmitted=len(resubmitted))
+        if resubmitted:
+            pb_queue.resubmit(conn, resubmitted, {(r.job_id, r.custom_id): not_run.get(provider_custom_id(r))
+                                                  or f"batch_{status}" for r in resubmitted})
+            log.info("provider batch %s: %d lines it did not run go into a new provider batch", pb_id, len(resubmitted))
+        new_batches = pb_queue.to_realtime(conn, requeue) if requeue else []
         conn.execute(sa.text(
             "UPDATE batches SET status = 'done', finished_at = now() WHERE provider_batch = :pb"
             " AND status = 'submitted'"), {"pb": pb_id})
+        conn.execute(sa.text("DELETE FROM provider_batch_results WHERE provider_batch = :id"), {"id": pb_id})
         conn.execute(sa.text(
             "UPDATE provider_batches SET status = 'ended', provider_status = :st, ended_at = now(),"
             " polled_at = now(), counts = coalesce(counts, '{}'::jsonb) || CAST(:c AS jsonb) WHERE id = :id"),
@@ -162,6 +169,50 @@ def ingest(pb_id: str, provider: str, status: str, lines: list[dict], *, setting
             batch_store.mark_dispatched(conn, [b for b, _, s in new_batches if s == "queued"])
     log.info("provider batch %s (%s) ended %s: %s", pb_id, provider, status, counts)
     return counts
+
+
+def read_lines(reqs: list, lines: list[dict], prices, key_alias: str | None = None):
+    """What a provider batch's result lines say of ``reqs`` (pure): ``(outcomes, attempts, seen,
+    not_run, counts)``; ``seen``: provider custom_ids answered (a success, or an error the provider
+    bills or that a new batch would repeat: a 4xx); ``not_run``: provider custom_id -> why (None: it
+    has no line), for the others: no line, a line not run, or a retryable error (not billed: pb_queue.RETRYABLE_STATUS). A
+    twin (one cache key, sent as another's line) takes its line's success at cost 0, else is not run."""
+    by_pid = {provider_custom_id(r): r for r in reqs}
+    twins_of = twins(reqs)   # requests sent as another's line (one cache key)
+    outcomes: list[Outcome] = []
+    attempts, seen, not_run = [], set(), {}
+    counts = {"succeeded": 0, "failed": 0, "requeued": 0, "cancelled": 0, "unknown_lines": 0, "coalesced": 0}
+    for line in lines:
+        req = by_pid.get(line.get("custom_id"))
+        if req is None or line["custom_id"] in seen:
+            counts["unknown_lines"] += 1
+            continue
+        outcome, attempt, why = outcome_of_line(req, line, prices, key_alias)
+        if outcome is not None and outcome.status == "failed" and pb_queue.retryable(outcome.status_code):
+            outcome, why = None, f"error_{outcome.status_code}"   # not billed: a new batch may answer it
+        if outcome is not None:
+            seen.add(line["custom_id"])
+            not_run.pop(line["custom_id"], None)
+            outcomes.append(outcome)
+            attempts.append(attempt)
+            counts[outcome.status] += 1
+        else:
+            not_run[line["custom_id"]] = why
+        for twin in twins_of.get(line["custom_id"], ()):
+            # its line's answer, at cost 0; a line that got none: the twin was not run either
+            # (resubmitted, re-queued or failed as its job says, never answered with an error not its own)
+            got = without_call(twin, outcome.response, prices, "coalesce") \
+                if outcome is not None and outcome.status == "succeeded" else None
+            if got is not None:
+                seen.add(provider_custom_id(twin))
+                outcomes.append(got)
+                counts["succeeded"] += 1
+                counts["coalesced"] += 1
+            else:
+                not_run[provider_custom_id(twin)] = why or "its_line_was_not_answered"
+    for pid in by_pid.keys() - seen - not_run.keys():
+        not_run[pid] = None   # no line: why is the batch's own status (the caller's)
+    return outcomes, attempts, seen, not_run, counts
 
 
 def _settle(pb_id: str, open_keys: list[tuple[str, str]], outcomes: list[Outcome], settings: Settings, engine,
@@ -220,27 +271,8 @@ def settle_unsettled(*, settings: Settings | None = None, engine=None) -> int:
     return done
 
 
-def _requeue(conn, reqs) -> list[tuple[str, str, str]]:
-    """Move requests to new realtime batches (per tier, provider and model): held tiers wait for
-    release, others dispatch."""
-    groups: dict[tuple, list] = {}
-    for r in reqs:
-        groups.setdefault((r.tier, r.provider, r.model), []).append(r)
-    out = []
-    for (tier, provider, model), rs in groups.items():
-        batch_id = "b_" + uuid.uuid4().hex
-        state = REALTIME.initial_status(tier)
-        conn.execute(sa.text(
-            "INSERT INTO batches (batch_id, tier, provider, model, size, status, mode)"
-            " VALUES (:b, :t, :p, :m, :n, :s, :mode)"),
-            {"b": batch_id, "t": tier, "p": provider, "m": model, "n": len(rs), "s": state, "mode": REALTIME.name})
-        conn.execute(sa.text(
-            "UPDATE requests r SET batch_id = :b, status = :s,"
-            " path_reason = coalesce(r.path_reason, '') || '; the provider batch did not run it: realtime'"
-            " FROM jsonb_to_recordset(CAST(:k AS jsonb)) AS x(job_id text, custom_id text)"
-            " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"),
-            {"b": batch_id, "s": state, "k": db.dumps([{"job_id": r.job_id, "custom_id": r.custom_id} for r in rs])})
-        out.append((batch_id, tier, state))
-    log.info("re-queued %d requests the provider batch did not run to realtime batches %s",
-             len(reqs), [b for b, _, _ in out])
-    return out
+def _aware(value) -> datetime | None:
+    """A deadline as an aware datetime (a row may carry it as text)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))

@@ -69,7 +69,7 @@ from pipeline.providers.keys import NoUsableKey
 from pipeline.providers.registry import get_registry
 from pipeline.request import Outcome, Request
 from pipeline.stores import db, jobs as job_store
-from schedules import loop
+from schedules import loop, pb_queue
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,13 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                     "UPDATE requests SET status = 'held', deferred_scope = NULL, deferred_reason = NULL"
                     " WHERE batch_id = ANY(:ids) AND status = 'deferred'"), {"ids": ids})
                 reqs = [Request.from_row(r) for r in conn.execute(sa.text(
-                    "SELECT r.*, b.mode AS path FROM requests r JOIN batches b ON b.batch_id = r.batch_id"
+                    "SELECT r.*, b.mode AS path, j.on_budget FROM requests r JOIN batches b ON b.batch_id = r.batch_id"
+                    " JOIN jobs j ON j.job_id = r.job_id"
                     " WHERE r.batch_id = ANY(:ids) AND r.status = 'held'"
                     " ORDER BY r.endpoint, r.batch_id, r.line, r.custom_id"),   # one url per provider batch
                     {"ids": ids}).mappings()]
                 if reqs and not store_down:
+                    reqs = _admit(conn, reqs, settings, provider, model)   # the provider's batch queue
                     reqs, store_down = _reserve(conn, reqs, settings, engine, budget, held)
                 else:
                     reqs = []
@@ -158,10 +160,11 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
                     chunk = reqs[start:end]
                     sent = lines_to_send(chunk)   # the lines the provider gets: one per distinct cache key
                     conn.execute(sa.text(
-                        "INSERT INTO provider_batches (id, provider, model, status, requests, bytes)"
-                        " VALUES (:id, :p, :m, 'creating', :n, :bytes)"),
+                        "INSERT INTO provider_batches (id, provider, model, status, requests, bytes, input_tokens)"
+                        " VALUES (:id, :p, :m, 'creating', :n, :bytes, :tokens)"),
                         {"id": pb_id, "p": provider, "m": model, "n": len(sent),
-                         "bytes": sum(len(request_line(r)) for r in sent)})
+                         "bytes": sum(len(request_line(r)) for r in sent),
+                         "tokens": sum(r.bound.input_tokens for r in sent)})
                     _assign(conn, pb_id, chunk)
                     created.append(pb_id)
     except BaseException:
@@ -170,6 +173,26 @@ def submit_held(*, settings: Settings | None = None, engine=None, limit_batches:
     for pb_id in created:
         _create_at_provider(pb_id, settings, engine)
     return created
+
+
+def _admit(conn, reqs: list[Request], settings: Settings, provider: str, model: str) -> list[Request]:
+    """The requests the provider's batch queue has room for now (schedules/pb_queue.py): the rest stay
+    held for a later tick; one larger than the whole limit goes to realtime."""
+    room = pb_queue.queue_room(conn, settings, provider, model)
+    limit = settings.provider_batch_queue_tokens.get(model)
+    limit = None if limit is None else int(limit)   # from the environment, a string
+    if room is None and limit is None:
+        return reqs
+    admitted, too_big = pb_queue.admit([r.bound.input_tokens for r in reqs], room, limit)
+    if too_big:
+        pb_queue.to_realtime(conn, [reqs[i] for i in too_big], {})
+        log.warning("provider batches: %d %s requests are larger than the batch queue limit (%s tokens): realtime",
+                    len(too_big), model, limit)
+    waiting = len(reqs) - len(admitted) - len(too_big)
+    if waiting:
+        log.info("provider batches: %d %s requests wait for room in the batch queue (%s of %s tokens free)",
+                 waiting, model, room, limit if limit is not None else "an unknown limit")
+    return [reqs[i] for i in admitted]
 
 
 async def _reserve_all(budget, reqs: list[Request], today: str) -> list[tuple[Request, object]]:
@@ -204,7 +227,8 @@ def _reserve(conn, reqs: list[Request], settings: Settings, engine, budget, held
             log.warning("provider batches: budget store unreachable, %d requests stay held: %s", len(reqs) - i, res)
             _record_period(conn, fit, today)
             return _apply_budget_outcomes(conn, fit, defer, fail), True
-        if isinstance(res, (errors.InvalidAmount, errors.BudgetNeverFits)):
+        if isinstance(res, (errors.InvalidAmount, errors.BudgetNeverFits)) or (
+                isinstance(res, errors.BudgetExceeded) and r.on_budget == "fail"):   # as the workers do
             fail.append((r, res))
         elif isinstance(res, errors.BudgetExceeded):
             amount = PROVIDER_BATCH.reservation(r)
@@ -306,16 +330,23 @@ def _limits(settings: Settings, fmt: str, provider: str, model: str) -> tuple[in
     return min(requests, price.batch_max_requests or requests), min(size, price.batch_max_bytes or size)
 
 
+def running(rows: list[tuple[Request, dict]]) -> list[Request]:
+    """The requests of ``pb_requests`` sent in the provider batch: those ``running`` (a request the caps
+    failed at submit stays in its batch of ours, failed: it is never sent)."""
+    return [r for r, state in rows if state["status"] == "running"]
+
+
 def pb_requests(conn, pb_id: str) -> list[tuple[Request, dict]]:
-    """The requests of provider batch ``pb_id``, each with its state: ``status``, ``batch_fallback``
-    and ``job_status``."""
+    """The requests of provider batch ``pb_id``, each with its state: ``status``, ``batch_fallback``,
+    ``job_status`` and ``batch_resubmits``."""
     rows = conn.execute(sa.text(
         "SELECT r.*, b.mode AS path, j.batch_fallback,"
         " j.status AS job_status FROM batches b JOIN requests r ON r.batch_id = b.batch_id"
         " JOIN jobs j ON j.job_id = r.job_id"
         " WHERE b.provider_batch = :pb ORDER BY r.batch_id, r.line, r.custom_id"), {"pb": pb_id}).mappings()
     return [(Request.from_row(r), {"status": r["status"], "batch_fallback": r["batch_fallback"],
-                                   "job_status": r["job_status"]}) for r in rows]
+                                   "job_status": r["job_status"], "batch_resubmits": r["batch_resubmits"]})
+            for r in rows]
 
 
 def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int = 0) -> str:
@@ -342,7 +373,8 @@ def _create_at_provider(pb_id: str, settings: Settings, engine, *, attempts: int
         pb, key = row
         # one line per distinct cache key (chosen in stored order, as ingest's twins() reads it),
         # then each prompt-cache prefix group's lines together
-        reqs = in_groups(lines_to_send([r for r, _ in pb_requests(conn, pb_id)]), lambda r: r.body)
+        # only its running requests: one a cap failed before sending may share its batch of ours
+        reqs = in_groups(lines_to_send(running(pb_requests(conn, pb_id))), lambda r: r.body)
     lines = [{"custom_id": provider_custom_id(r), "params": r.body} for r in reqs]
     content = b"".join(request_line(r) for r in reqs)
     def cancelled() -> bool:
@@ -389,10 +421,11 @@ def _record_created(engine, pb_id: str, info: dict, settings: Settings) -> bool:
     with engine.begin() as conn:
         row = conn.execute(sa.text(
             "UPDATE provider_batches SET status = 'submitted', provider_batch_id = :pbid,"
-            " input_file_id = :fid, provider_status = :st, submitted_at = now() WHERE id = :id"
+            " input_file_id = :fid, provider_status = :st, submitted_at = now(),"
+            " results_expire_at = now() + make_interval(secs => :keep) WHERE id = :id"
             " AND status = 'creating' RETURNING provider, cancel_requested, counts->>'key_alias' AS key_alias"),
             {"id": pb_id, "pbid": info["provider_batch_id"], "fid": info["input_file_id"],
-             "st": info["provider_status"]}).first()
+             "st": info["provider_status"], "keep": _keep_s(pb_id, engine, settings)}).first()
     if row is None:
         return False
     if row.cancel_requested:
@@ -403,6 +436,13 @@ def _record_created(engine, pb_id: str, info: dict, settings: Settings) -> bool:
             job_store.send_cancel(engine, pb_id, row.provider, info["provider_batch_id"], settings, run=loop.run,
                                   key_alias=row.key_alias)
     return True
+
+
+def _keep_s(pb_id: str, engine, settings: Settings) -> float:
+    """Seconds from now that ``pb_id``'s results surely stay at its provider (pb_queue.expires_after)."""
+    with engine.connect() as conn:
+        provider = conn.execute(sa.text("SELECT provider FROM provider_batches WHERE id = :id"), {"id": pb_id}).scalar()
+    return pb_queue.expires_after(batch_api.batch_format(provider), settings).total_seconds()
 
 
 def _abandon(engine, pb_id: str, reason: str, settings: Settings | None = None) -> None:
@@ -486,7 +526,7 @@ def recover_creating(*, settings: Settings | None = None, engine=None) -> int:
             {"t": settings.provider_batch_create_timeout_s, "p": settings.provider_batch_poll_s}).mappings()]
         for r in rows:
             if batch_api.batch_format(r["provider"]) == "anthropic" and r["create_attempts"]:
-                sent = lines_to_send([q for q, _ in pb_requests(conn, r["id"])])   # the lines it sent
+                sent = lines_to_send(running(pb_requests(conn, r["id"])))   # the lines it sent
                 r["pids"] = {provider_custom_id(q) for q in sent}
     found: dict[str, tuple] = {}
     tried = [r for r in rows if r["create_attempts"]]

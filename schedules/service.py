@@ -40,7 +40,7 @@ from pipeline.constants import DISPATCHED_TIERS, queue_for
 from pipeline.intake.tiers import rules_for
 from pipeline.intake.windows import Window, cron_trigger
 from pipeline.stores import db
-from schedules import deadlines, pb_deadlines, pb_ingest, pb_submit, recurring, release, upkeep
+from schedules import deadlines, pb_deadlines, pb_ingest, pb_queue, pb_submit, recurring, release, upkeep
 from schedules.clock import Clock, get_clock
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,10 @@ class Ticker:
         near = pb_deadlines.to_realtime_for_deadlines(self.clock.now(), self.settings, self.engine)
         cancels = pb_submit.carry_out_cancels(settings=self.settings, engine=self.engine)
         created = pb_submit.submit_held(settings=self.settings, engine=self.engine)
-        ended = pb_ingest.poll_open(settings=self.settings, **self._kw())
+        ended = pb_ingest.poll_open(settings=self.settings, now=self.clock.now(), **self._kw())
+        at_risk = pb_queue.at_risk(self.engine, self.settings, self.clock.now())
         return {"creating": creating, "cancels": cancels, "created": len(created), "ended": len(ended),
-                "settled_late": settled, "deadlines": near}
+                "settled_late": settled, "deadlines": near, "results_at_risk": len(at_risk)}
 
     def price_windows(self) -> dict:
         """Work held for a model's price window goes when the window is open (pipeline/paths/window.py)."""

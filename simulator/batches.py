@@ -21,7 +21,7 @@ OpenAI (``/v1/files``, ``/v1/batches``), endpoints ``/v1/chat/completions``,
   ``method`` ``POST``, ``url`` equal to the batch endpoint, a ``body`` object,
   and one model for the whole file, one the Batch API takes (not one of
   ``prices.NO_BATCH``: ``model_not_supported``; an embeddings batch: at most 50,000
-  inputs in all); otherwise the batch is ``failed`` with
+  inputs in all: ``batch_rules.validate_openai_lines``); otherwise the batch is ``failed`` with
   ``errors.data[] {code, line, message, param}``.
 - ``in_progress`` → ``finalizing`` → ``completed``: successes go to the
   output file, requests the API refuses (status 400/404) to the error file,
@@ -49,15 +49,14 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
+from simulator import batch_rules
+from simulator.batch_rules import sim_time
 from simulator.endpoints import MESSAGES, OPENAI_ENDPOINTS, model_of
-from simulator.prices import NO_BATCH
 from simulator.server import ALIAS_KEY
 from simulator.protocol import Problem, anthropic_error_body
 
 DAY_S = 24 * 3600
 CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-OPENAI_MAX_REQUESTS = 50_000
-EMBEDDING_MAX_INPUTS = 50_000
 ANTHROPIC_MAX_REQUESTS = 100_000
 YIELD_EVERY = 100
 
@@ -116,6 +115,7 @@ class BatchStore:
         self._anthropic_requests: dict[str, list] = {}
         self._anthropic_results: dict[str, list] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.queue = batch_rules.Queue()     # OpenAI's enqueued tokens per model
 
     async def shutdown(self, app=None) -> None:
         for task in list(self._tasks):
@@ -141,11 +141,12 @@ class BatchStore:
 
     # ==================================================================== OpenAI files
 
-    def _new_file(self, content: bytes, filename: str, purpose: str) -> dict:
+    def _new_file(self, content: bytes, filename: str, purpose: str, keep_s: int | None = None) -> dict:
         fid = self.sim.new_id("file-")
-        meta = {"id": fid, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+        now = int(sim_time(self.sim))
+        meta = {"id": fid, "object": "file", "bytes": len(content), "created_at": now,
                 "filename": filename, "purpose": purpose, "status": "processed",
-                "expires_at": None, "status_details": None}
+                "expires_at": now + keep_s if keep_s else None, "status_details": None}
         self.files[fid] = meta
         self.file_content[fid] = content
         return meta
@@ -175,6 +176,10 @@ class BatchStore:
 
     def _file_or_404(self, fid: str):
         meta = self.files.get(fid)
+        if meta is not None and meta["expires_at"] is not None and sim_time(self.sim) >= meta["expires_at"]:
+            del self.files[fid]   # expired: deleted, as OpenAI does
+            self.file_content.pop(fid, None)
+            meta = None
         if meta is None:
             return None, _oa_error(404, f"No such File object: {fid}", "id")
         return meta, None
@@ -222,6 +227,10 @@ class BatchStore:
         fid = body["input_file_id"]
         if fid not in self.files:
             return _oa_error(404, f"No such File object: {fid}", "input_file_id")
+        try:
+            keep_s = batch_rules.output_keep_s(body.get("output_expires_after"))
+        except ValueError as e:
+            return _oa_error(400, f"Invalid 'output_expires_after': {e}.", "output_expires_after", "invalid_value")
         now = int(time.time())
         batch = {
             "id": self.sim.new_id("batch_"), "object": "batch", "endpoint": body["endpoint"],
@@ -230,72 +239,12 @@ class BatchStore:
             "in_progress_at": None, "expires_at": now + DAY_S, "finalizing_at": None,
             "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
             "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
-            "metadata": metadata, "model": None, "usage": None,
+            "metadata": metadata, "model": None, "usage": None, "output_keep_s": keep_s,
         }
         self.openai_batches[batch["id"]] = batch
         self._alias[batch["id"]] = request.get(ALIAS_KEY, "no-key")
         self._spawn(self._run_openai(batch))
         return _json(batch)
-
-    def _validate_lines(self, content: bytes, endpoint: str):
-        """``(items, errors)``; items are ``(custom_id, body)`` in input order."""
-        items, errors, seen, models = [], [], set(), set()
-
-        def err(code, line, message, param=None):
-            errors.append({"code": code, "line": line, "message": message, "param": param})
-
-        lines = content.decode("utf-8", errors="replace").splitlines()
-        for no, text in enumerate(lines, 1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                err("invalid_json_line", no, "This line is not parseable as valid JSON.")
-                continue
-            if not isinstance(obj, dict):
-                err("invalid_json_line", no, "This line is not a JSON object.")
-                continue
-            cid = obj.get("custom_id")
-            if not isinstance(cid, str) or not cid:
-                err("missing_required_parameter", no, "Missing required parameter: 'custom_id'.", "custom_id")
-                continue
-            if cid in seen:
-                err("duplicate_custom_id", no, f"The custom_id '{cid}' is used more than once in this file.",
-                    "custom_id")
-                continue
-            seen.add(cid)
-            if obj.get("method") != "POST":
-                err("invalid_method", no, "Only the POST method is supported.", "method")
-                continue
-            if obj.get("url") != endpoint:
-                err("invalid_url", no, f"The url must be '{endpoint}', as the batch's endpoint.", "url")
-                continue
-            b = obj.get("body")
-            if not isinstance(b, dict):
-                err("missing_required_parameter", no, "Missing required parameter: 'body'.", "body")
-                continue
-            if isinstance(b.get("model"), str) and b["model"].lower() in NO_BATCH:
-                err("model_not_supported", no, f"The model '{b['model']}' is not supported by the Batch API.",
-                    "body.model")
-                continue
-            if isinstance(b.get("model"), str):
-                models.add(b["model"])
-                if len(models) > 1:
-                    err("mismatched_model", no, "All requests in a batch must use the same model.", "body.model")
-                    continue
-            items.append((cid, b))
-        if not items and not errors:
-            err("empty_file", None, "The input file has no requests.")
-        if len(items) > OPENAI_MAX_REQUESTS:
-            err("too_many_requests", None, f"A batch may hold at most {OPENAI_MAX_REQUESTS} requests.")
-        if endpoint == "/v1/embeddings":
-            inputs = sum(len(b["input"]) if isinstance(b.get("input"), list) and b["input"]
-                         and not isinstance(b["input"][0], int) else 1 for _, b in items)
-            if inputs > EMBEDDING_MAX_INPUTS:
-                err("too_many_inputs", None, f"An embeddings batch may hold at most {EMBEDDING_MAX_INPUTS} "
-                                             f"inputs in all; this file has {inputs}.")
-        return items, errors, (next(iter(models)) if len(models) == 1 else None)
 
     def _call(self, endpoint, batch_id: str):
         from simulator.server import Call
@@ -311,12 +260,24 @@ class BatchStore:
         if batch["status"] == "cancelling":
             await self._finish_openai_cancel(batch, [], [], [])
             return
-        items, errors, model = self._validate_lines(self.file_content[batch["input_file_id"]], batch["endpoint"])
+        items, errors, model = batch_rules.validate_openai_lines(self.file_content[batch["input_file_id"]], batch["endpoint"])
         batch["model"] = model
+        limit = cfg.batch_enqueued_tokens.get(model) if model else None
+        tokens = batch_rules.prompt_tokens(self.sim, call, items) if limit is not None and not errors else 0
+        refused = None if errors else self.queue.admit(model, tokens, limit)
+        if refused:
+            errors = [{"code": "token_limit_exceeded", "line": None, "message": refused, "param": None}]
         if errors:
             batch.update(status="failed", failed_at=int(time.time()),
                          errors={"object": "list", "data": errors})
             return
+        try:
+            await self._run_openai_lines(batch, call, items)
+        finally:
+            self.queue.release(model, tokens)
+
+    async def _run_openai_lines(self, batch: dict, call, items: list) -> None:
+        cfg = self.sim.config
         counts = batch["request_counts"]
         counts["total"] = len(items)
         batch.update(status="in_progress", in_progress_at=int(time.time()))
@@ -327,9 +288,10 @@ class BatchStore:
         out_lines, err_lines = [], []
         usage = [0, 0, 0]
         per_step, pause = self._pace(len(order))
+        expire_at = batch_rules.expire_from(len(order), cfg.batch_expire_share)
         done = 0
         for pos, idx in enumerate(order):
-            if batch["status"] == "cancelling":
+            if batch["status"] == "cancelling" or pos >= expire_at:
                 break
             cid, body = items[idx]
             rid = self.sim.new_id("req_")
@@ -349,6 +311,7 @@ class BatchStore:
                 line["response"] = {"status_code": 200, "request_id": rid, "body": reply}
                 out_lines.append(json.dumps(line))   # as text at once: a dict of 1,536 floats weighs 40 KB
                 counts["completed"] += 1
+                self.sim.stats.batch_line_billed(cid)
                 usage[0] += billed.get("prompt_tokens", billed.get("input_tokens", 0))
                 usage[1] += billed.get("completion_tokens", billed.get("output_tokens", 0))
                 usage[2] += (billed.get("prompt_tokens_details") or billed.get("input_tokens_details")
@@ -366,6 +329,13 @@ class BatchStore:
             never = [items[i][0] for i in order[done:]]
             await self._finish_openai_cancel(batch, out_lines, err_lines, never)
             return
+        if done < len(order):   # the window ran out (batch_expire_share): the rest expire, unbilled
+            err_lines += [{"id": self.sim.new_id("batch_req_"), "custom_id": items[i][0], "response": None,
+                           "error": {"code": "batch_expired", "message": "This request could not be executed"
+                                     " before the completion window expired."}} for i in order[done:]]
+            self._write_outputs(batch, out_lines, err_lines)
+            batch.update(status="expired", expired_at=int(time.time()))
+            return
         batch.update(status="finalizing", finalizing_at=int(time.time()))
         await asyncio.sleep(cfg.batch_stage_s)
         self._write_outputs(batch, out_lines, err_lines)
@@ -375,12 +345,13 @@ class BatchStore:
         def blob(lines):
             return "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode()
 
+        keep_s = batch.get("output_keep_s")
         if out_lines:
             batch["output_file_id"] = self._new_file(
-                blob(out_lines), f"batch_{batch['id']}_output.jsonl", "batch_output")["id"]
+                blob(out_lines), f"batch_{batch['id']}_output.jsonl", "batch_output", keep_s)["id"]
         if err_lines:
             batch["error_file_id"] = self._new_file(
-                blob(err_lines), f"batch_{batch['id']}_error.jsonl", "batch_output")["id"]
+                blob(err_lines), f"batch_{batch['id']}_error.jsonl", "batch_output", keep_s)["id"]
 
     async def _finish_openai_cancel(self, batch, out_lines, err_lines, never: list) -> None:
         await asyncio.sleep(self.sim.config.batch_stage_s)
@@ -462,7 +433,7 @@ class BatchStore:
         batch = {"id": self.sim.new_id("msgbatch_"), "processing_status": "in_progress",
                  "request_counts": {"processing": len(reqs), "succeeded": 0, "errored": 0,
                                     "canceled": 0, "expired": 0},
-                 "created_at": time.time(), "ended_at": None, "cancel_initiated_at": None}
+                 "created_at": sim_time(self.sim), "ended_at": None, "cancel_initiated_at": None}
         self.anthropic_batches[batch["id"]] = batch
         self._anthropic_requests[batch["id"]] = [(r["custom_id"], r["params"]) for r in reqs]
         self._anthropic_results[batch["id"]] = []
@@ -481,9 +452,10 @@ class BatchStore:
         if len(order) > 1 and order == sorted(order):
             order.reverse()
         per_step, pause = self._pace(len(order))
+        expire_at = batch_rules.expire_from(len(order), cfg.batch_expire_share)
         done = 0
         for pos, idx in enumerate(order):
-            if batch["processing_status"] == "canceling":
+            if batch["processing_status"] == "canceling" or pos >= expire_at:
                 break
             cid, params = items[idx]
             try:
@@ -499,6 +471,7 @@ class BatchStore:
                     "type": "succeeded", "message": MESSAGES.reply(answer, billed, params["model"],
                                                                    self.sim.new_id, "batch")}})
                 counts["succeeded"] += 1
+                self.sim.stats.batch_line_billed(cid)
                 self._count(params["model"])
             counts["processing"] -= 1
             done = pos + 1
@@ -512,7 +485,12 @@ class BatchStore:
                 results.append({"custom_id": items[idx][0], "result": {"type": "canceled"}})
                 counts["canceled"] += 1
                 counts["processing"] -= 1
-        batch.update(processing_status="ended", ended_at=time.time())
+        else:
+            for idx in order[done:]:   # the window ran out (batch_expire_share): expired, unbilled
+                results.append({"custom_id": items[idx][0], "result": {"type": "expired"}})
+                counts["expired"] += 1
+                counts["processing"] -= 1
+        batch.update(processing_status="ended", ended_at=sim_time(self.sim))
 
     def _an_batch_or_404(self, bid: str):
         batch = self.anthropic_batches.get(bid)
@@ -567,5 +545,8 @@ class BatchStore:
         if batch["processing_status"] != "ended":
             return _an_error(400, "invalid_request_error",
                              f"Batch {batch['id']} has not ended; results are not available yet.")
+        if sim_time(self.sim) >= batch["created_at"] + batch_rules.ANTHROPIC_RESULTS_KEEP_S:
+            return _an_error(404, "not_found_error", f"The results of message batch {batch['id']} are no longer"
+                                                     " available: they are kept 29 days after its creation.")
         blob = "".join(json.dumps(r) + "\n" for r in self._anthropic_results[batch["id"]])
         return web.Response(body=blob.encode(), content_type="application/binary")

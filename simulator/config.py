@@ -88,6 +88,12 @@ class SimulatorConfig:
     # and the pause in validating/finalizing
     batch_processing_s: float = 2.0
     batch_stage_s: float = 0.2
+    # share of each provider batch's lines that expire unrun (the last in its run order): OpenAI's
+    # batch ends "expired" with them in the error file (batch_expired), Anthropic's results say "expired"
+    batch_expire_share: float = 0.0
+    # OpenAI's per-model batch queue: prompt tokens enqueued at once per model (model -> limit); a batch
+    # that would go over it fails at validation with token_limit_exceeded (batch_rules.py)
+    batch_enqueued_tokens: dict[str, int] = field(default_factory=dict)
 
     # named providers besides the built-in openai and anthropic (providers.py)
     providers: dict[str, ProviderSpec] = field(default_factory=dict)
@@ -131,6 +137,14 @@ class SimulatorConfig:
             raise ConfigError(f"simulator flex_models must be a list of model names, not {self.flex_models!r}")
         if isinstance(self.clock_offset_s, bool) or not isinstance(self.clock_offset_s, (int, float)):
             raise ConfigError(f"simulator clock_offset_s must be a number of seconds, not {self.clock_offset_s!r}")
+        if isinstance(self.batch_expire_share, bool) or not isinstance(self.batch_expire_share, (int, float)) \
+                or not 0 <= self.batch_expire_share <= 1:
+            raise ConfigError(f"simulator batch_expire_share must be within 0..1, not {self.batch_expire_share!r}")
+        if not isinstance(self.batch_enqueued_tokens, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+                for k, v in self.batch_enqueued_tokens.items()):
+            raise ConfigError("simulator batch_enqueued_tokens must map model names to positive token counts,"
+                              f" not {self.batch_enqueued_tokens!r}")
         self.providers = parse_providers(self.providers)
         return self
 

@@ -12,6 +12,8 @@ when absent), per model and tier, and in total:
   sliding 60 s window
 - ``usage_tokens``: input + output tokens actually answered
 - ``duplicates``: requests whose ``Idempotency-Key`` had been seen before
+- ``batch_lines_billed``, ``batch_custom_ids_billed``: Batch API lines billed, and their distinct
+  custom_ids; ``batch_custom_ids_billed_twice``: those billed more than once (at most 100 listed)
 - ``billed``: what the provider bills, in its usage fields summed (``billed_calls`` generations).
   A generation the simulator finished is billed whether or not its client was still there
   (a client timeout, a hang-up): a real provider bills it all the same
@@ -87,6 +89,7 @@ class Stats:
         self.key_usd: dict[str, Decimal] = {}    # Idempotency-Key -> USD billed (priced calls)
         self.key_unpriced: dict[str, int] = {}   # Idempotency-Key -> calls billed with no price
         self.batch_requests: dict[str, int] = {}
+        self.batch_billed: dict[str, int] = {}   # custom_id of a Batch API line -> times billed
 
     def counters(self, model: str, tier: str | None) -> tuple[Counter, ...]:
         tier = tier or UNTAGGED
@@ -143,6 +146,10 @@ class Stats:
             else:
                 self.key_usd[idempotency_key] = self.key_usd.get(idempotency_key, Decimal(0)) + usd
 
+    def batch_line_billed(self, custom_id: str) -> None:
+        """A Batch API line billed (batch_rules.py: each line billed once, counted by custom_id)."""
+        self.batch_billed[custom_id] = self.batch_billed.get(custom_id, 0) + 1
+
     def keys_with_prefix(self, prefix: str) -> dict:
         calls = [n for k, n in self.key_calls.items() if k.startswith(prefix)]
         billed = {k: v for k, v in self.key_billed.items() if k.startswith(prefix)}
@@ -173,6 +180,9 @@ class Stats:
             "duplicate_keys": dict(listed),
             "distinct_duplicate_keys": len(duplicates),
             "batch_requests": dict(sorted(self.batch_requests.items())),
+            "batch_lines_billed": sum(self.batch_billed.values()),
+            "batch_custom_ids_billed": len(self.batch_billed),
+            "batch_custom_ids_billed_twice": sorted(k for k, n in self.batch_billed.items() if n > 1)[:100],
             "billed_calls": self.billed_calls,
             "billed": dict(sorted(self.billed.items())),
             "unattended": unattended,

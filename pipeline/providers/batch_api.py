@@ -123,8 +123,10 @@ async def create(settings: Settings, pb_id: str, provider: str, content: bytes, 
                     f = await client.files.create(file=(f"{pb_id}.jsonl", content), purpose="batch")
                 except Exception as e:
                     raise NotCreated(f"input file upload failed: {e}") from e
-                b = await client.batches.create(input_file_id=f.id, endpoint=endpoint,
-                                                completion_window="24h", metadata={"llmbatch_id": pb_id})
+                b = await client.batches.create(
+                    input_file_id=f.id, endpoint=endpoint, completion_window="24h", metadata={"llmbatch_id": pb_id},
+                    # the output files live this long (the scheduler copies them long before: schedules/pb_queue.py)
+                    output_expires_after={"anchor": "created_at", "seconds": settings.provider_batch_output_keep_s})
                 info = {"provider_batch_id": b.id, "input_file_id": f.id, "key_alias": key_alias}
                 return await _created(_API["openai"], client, b, info, cancelled)
         async with _client(settings, provider, **kw) as client:
@@ -237,25 +239,27 @@ def match_anthropic(intents: list[dict], batches: list[dict]) -> dict[str, tuple
 
 
 async def poll(settings: Settings, provider: str, provider_batch_id: str, *,
-               key_alias: str | None = None) -> tuple[str, bool, list[dict] | None]:
-    """``(provider status, ended, result lines when ended)``, asked on the batch's key."""
+               key_alias: str | None = None) -> tuple[str, bool, list[dict] | None, list[str]]:
+    """``(provider status, ended, result lines when ended, the batch's error codes)``, asked on the
+    batch's key (error codes: an OpenAI batch that failed as a whole, e.g. ``token_limit_exceeded``)."""
     fmt = batch_format(provider)
     api = _API[fmt]
     async with _client(settings, provider, key_alias=key_alias) as client:
         b = await api.batches(client).retrieve(provider_batch_id)
         state = api.status(b)
         if state not in api.ended:
-            return state, False, None
+            return state, False, None, []
         if fmt == "anthropic":
-            return state, True, await _anthropic_results(client, b.results_url)
+            return state, True, await _anthropic_results(client, b.results_url), []
         lines = []
         for fid in (b.output_file_id, b.error_file_id):
             if fid:
                 lines.extend(_jsonl((await client.files.content(fid)).text))
+        codes = [e.code for e in ((b.errors.data or []) if b.errors else [])]
         if state == "failed" and b.errors:
             log.warning("provider batch %s failed: %s", provider_batch_id,
                         [e.message for e in (b.errors.data or [])][:5])
-        return state, True, lines
+        return state, True, lines, codes
 
 
 async def cancel(settings: Settings, provider: str, provider_batch_id: str, *, key_alias: str | None = None) -> str:

@@ -35,7 +35,7 @@ def _fresh() -> None:
 
 async def _poll_until_ended(settings, provider: str, batch_id: str, key_alias: str) -> tuple[str, list]:
     for _ in range(200):
-        state, done, lines = await batch_api.poll(settings, provider, batch_id, key_alias=key_alias)
+        state, done, lines, _ = await batch_api.poll(settings, provider, batch_id, key_alias=key_alias)
         if done:
             return state, lines
         await asyncio.sleep(0.05)

@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 
 from pipeline.money.pricing import PriceBook, Usage, cost
-from simulator.batches import BatchStore
+from simulator.batch_rules import validate_openai_lines
 from simulator.prices import NO_BATCH, OPENAI_PRICES, time_multiplier, usd
 
 BOOK = PriceBook.load(kinds={"openai": "openai", "anthropic": "anthropic", "deepseek": "openai"})
@@ -48,7 +48,7 @@ def test_the_price_book_and_the_simulator_agree_on_every_hour_of_a_week():
 def test_a_batch_line_of_a_model_without_a_batch_api_is_refused(model):
     line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
             "body": {"model": model, "prompt": "hi", "max_tokens": 5}}
-    items, errors, _ = BatchStore._validate_lines(None, json.dumps(line).encode(), "/v1/completions")
+    items, errors, _ = validate_openai_lines(json.dumps(line).encode(), "/v1/completions")
     assert not items and errors[0]["code"] == "model_not_supported" and errors[0]["line"] == 1
     # the book says the same: no Batch API, so --mode provider_batch is refused at submit
     assert BOOK.resolve(model).batch is None

@@ -15,10 +15,17 @@ prompt written at its longest TTL, schemas and tools counted by the simulator's 
 - a global daily cap set from another process (``llmbatch budget set global …`` with an
   environment that has no caps in it) just before, at "today's ledger + room".
 
-Checks: spend ≤ every cap, ≥ 90 % of the OpenAI job cap used, and after ``llmbatch budget
-reconcile`` the Redis counters equal the Postgres ledger for every job and the global day.
+Checks: spend ≤ every cap, in the ledger and in the provider's bill (the simulator's own
+``/_stats?key_prefix=JOB:`` priced by its own table), ≥ 90 % of the OpenAI job cap used, and after
+``llmbatch budget reconcile`` the Redis counters equal the Postgres ledger for every job and the
+global day.
 
-Usage: ``python bench/money.py [--runs 5]`` against ``make up``. Benchmarks are not part of CI.
+``--mode auto``: the OpenAI job and the provider-batch job go in the background tier under
+``--mode auto`` and the path chooser decides: every other line of the OpenAI job has a deadline
+30 minutes away (realtime), the rest none (provider batch), so both paths spend under one cap.
+
+Usage: ``python bench/money.py [--runs 5] [--mode auto]`` against ``make up``. Benchmarks are not
+part of CI.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import uuid
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -120,12 +130,25 @@ def _open(conn, job: str) -> int:
                                 " AND status IN ('held', 'queued', 'running')"), {"j": job}).scalar()
 
 
-def one_run(i: int, engine, sredis) -> dict:
+def _billed(job: str) -> Decimal:
+    """What the provider billed for the job's calls and batch lines (its idempotency keys), priced
+    by the simulator's own table: the count a cap must hold against, not the ledger's."""
+    url = f"{get_settings().simulator_url}/_stats?" + urllib.parse.urlencode({"key_prefix": f"{job}:"})
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return Decimal(json.load(r)["keys"].get("billed_usd") or "0")
+
+
+def one_run(i: int, engine, sredis, mode: str | None = None) -> dict:
     started = time.monotonic()
     tag = f"money{i}-{uuid.uuid4().hex[:6]}"
     # every sixth line of the realtime job is an Anthropic cache write: one file, both formats
     rt_lines = [_claude_line(tag + "-rt", k) if k % 6 == 5 else _openai_line(tag + "-rt", k)
                 for k in range(N_REALTIME)]
+    if mode == "auto":   # half with a deadline too near for a provider batch, half with none
+        soon = (datetime.now(timezone.utc) + timedelta(minutes=30)).isoformat()
+        for k, line in enumerate(rt_lines):
+            if k % 2:
+                line["deadline"] = soon
     an_lines = [_claude_line(tag + "-an", k) for k in range(N_CLAUDE)]
     pb_lines = [_openai_line(tag + "-pb", k) for k in range(N_PB)]
     job_cap, an_cap, pb_cap = _cap_for(rt_lines, 100), _cap_for(an_lines, 30), _cap_for(pb_lines, 20)
@@ -140,11 +163,13 @@ def one_run(i: int, engine, sredis) -> dict:
     # another process, with no caps in its environment, sets the global cap
     _cli("budget", "set", "global", global_cap, env={"LLMBATCH_BUDGET_GLOBAL_DAILY_USD": ""})
     with tempfile.TemporaryDirectory() as tmp:
+        auto = ["--mode", "auto", "--tier", "background"]
         submits = [
-            [str(_write(Path(tmp) / "rt.jsonl", rt_lines, 6)), "--budget-usd", str(job_cap)],
+            [str(_write(Path(tmp) / "rt.jsonl", rt_lines, None if mode == "auto" else 6)), "--budget-usd",
+             str(job_cap), *(auto if mode == "auto" else [])],
             [str(_write(Path(tmp) / "an.jsonl", an_lines, 6)), "--budget-usd", str(an_cap)],
             [str(_write(Path(tmp) / "pb.jsonl", pb_lines, None)), "--budget-usd", str(pb_cap),
-             "--mode", "provider_batch", "--tier", "background"]]
+             *(auto if mode == "auto" else ["--mode", "provider_batch", "--tier", "background"])]]
         procs = [subprocess.Popen([LLMBATCH, "submit", *args, "--json"], stdout=subprocess.PIPE, text=True)
                  for args in submits]
         jobs = [json.loads(p.communicate(timeout=300)[0])["job_id"] for p in procs]
@@ -180,7 +205,13 @@ def one_run(i: int, engine, sredis) -> dict:
             {"j": [rt_job, an_job]}).scalar()
     waits = [float(w) for w in waits]
     caps = {rt_job: job_cap, an_job: an_cap, pb_job: pb_cap}
+    billed = {j: _billed(j) for j in jobs}
+    with engine.connect() as conn:
+        paths = {j: dict(conn.execute(sa.text(
+            "SELECT coalesce(mode, 'none'), count(*) FROM requests WHERE job_id = :j GROUP BY 1"), {"j": j}).all())
+            for j in jobs}
     checks = {
+        "provider_bill_le_cap_every_job": all(billed[j] <= caps[j] for j in jobs),
         "openai_job_spend_le_cap": spent[rt_job] <= job_cap,
         "openai_job_cap_used_ge_90pct": spent[rt_job] >= job_cap * Decimal("0.9"),
         "anthropic_job_spend_le_cap": spent[an_job] <= an_cap,
@@ -191,9 +222,9 @@ def one_run(i: int, engine, sredis) -> dict:
     }
     names = {rt_job: "openai_realtime", an_job: "anthropic_cache_writes", pb_job: "provider_batch"}
     return {"run": i, "ok": all(checks.values()), "checks": checks, "seconds": round(elapsed, 1),
-            "jobs": {names[j]: {"cap_usd": str(caps[j]), "spent_usd": str(spent[j]),
+            "jobs": {names[j]: {"cap_usd": str(caps[j]), "spent_usd": str(spent[j]), "billed_usd": str(billed[j]),
                                 "cap_used_pct": round(float(spent[j] / caps[j] * 100), 2),
-                                "statuses": statuses[j]} for j in jobs},
+                                "statuses": statuses[j], "paths": paths[j]} for j in jobs},
             "anthropic_cache_write_tokens": int(cache_writes),
             "global_cap_usd": str(global_cap), "global_room_usd": str(room), "new_spend_usd": str(new_spend),
             "claim_to_result_s": {"max": round(max(waits), 1) if waits else None,
@@ -205,6 +236,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rpm", type=int, default=RPM, help="the model's rate limit for the realtime job")
+    ap.add_argument("--mode", choices=["auto"], help="the OpenAI and provider-batch jobs under --mode auto")
     args = ap.parse_args()
     engine = db.get_engine()
     _, sredis = scripts.redis_clients(get_settings())
@@ -218,7 +250,7 @@ def main() -> None:
         with restarted("worker-peak", **env), simulator(latency="uniform", latency_ms=300, jitter_ms=100, worst_case=True):
             for i in range(1, args.runs + 1):
                 clear_rate_limits()
-                r = one_run(i, engine, sredis)
+                r = one_run(i, engine, sredis, args.mode)
                 print(json.dumps(r), flush=True)
                 runs.append(r)
     finally:
@@ -231,7 +263,7 @@ def main() -> None:
                     str(units.to_units(previous)) if previous is not None else units.NO_CAP)
     print(json.dumps({"bench": "money", "simulator": "worst case (every call billed to its limits)",
                       "rate_limit": f"{MODEL}, {CLAUDE}: {args.rpm} rpm each", "reservation_ttl_s": TTL_S,
-                      "runs": len(runs), "all_ok": all(r["ok"] for r in runs)}))
+                      "mode": args.mode or "as submitted", "runs": len(runs), "all_ok": all(r["ok"] for r in runs)}))
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def one_run(i: int, engine, sredis, mode: str | None = None) -> dict:
     billed = {j: _billed(j) for j in jobs}
     with engine.connect() as conn:
         paths = {j: dict(conn.execute(sa.text(
-            "SELECT coalesce(mode, 'none'), count(*) FROM requests WHERE job_id = :j GROUP BY 1"), {"j": j}).all())
+            "SELECT coalesce(path, 'none'), count(*) FROM request_paths WHERE job_id = :j GROUP BY 1"), {"j": j}).all())
             for j in jobs}
     checks = {
         "provider_bill_le_cap_every_job": all(billed[j] <= caps[j] for j in jobs),

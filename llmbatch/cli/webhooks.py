@@ -8,8 +8,6 @@ secret=…)``).
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from llmbatch.cli.common import fail
@@ -41,13 +39,14 @@ def set_webhook(project: str, url: str) -> None:
 @click.option("--project", required=True)
 def show_webhook(project: str) -> None:
     """PROJECT's webhook URL and its events: delivered, pending, given up, attempts."""
+    from pipeline import jsontext
     from pipeline.api import webhooks as api_webhooks
     from pipeline.stores import db
     with db.get_engine().connect() as conn:
         found = api_webhooks.status(conn, project)
     if found is None:
         fail(f"project {project} has no webhook (llmbatch webhooks set)", 2)
-    click.echo(json.dumps(found, default=str, indent=2))
+    click.echo(jsontext.dumps(found, indent=2))
 
 
 @webhooks.command("remove")

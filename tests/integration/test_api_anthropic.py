@@ -14,6 +14,7 @@ Run with the stack up (``make up``; the ``api`` process included).
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -83,6 +84,14 @@ def wait_ended(c: anthropic.Anthropic, batch_id: str, timeout: float = 300) -> M
     return b
 
 
+def wait_in_progress(engine, batch_id: str) -> None:
+    """Until the batch's submit has ended (Anthropic shows in_progress from the start)."""
+    def status():
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT status FROM api_batches WHERE batch_id = :b"), {"b": batch_id}).scalar()
+    wait_for(lambda: status() == "in_progress", timeout=120, every=1, what=f"{batch_id} in progress")
+
+
 def check_batch_shape(obj: dict) -> None:
     """A message batch as Anthropic writes it: exactly the SDK model's fields, RFC 3339 times."""
     assert set(obj) == set(MessageBatch.model_fields), sorted(obj)
@@ -144,9 +153,7 @@ def test_the_anthropic_sdk_unchanged_runs_a_batch(stack, engine, api):
 def test_cancel_ends_the_batch_with_its_unrun_requests_canceled(stack, engine, api):
     c = client(api, new_key(engine, f"acancel{time.time_ns() % 10**9}"))
     b = c.messages.batches.create(requests=[request(f"c-{i}", f"cancel {i}") for i in range(4)], extra_body=HELD)
-    wait_for(lambda: engine.connect().execute(sa.text("SELECT status FROM api_batches WHERE batch_id = :b"),
-                                              {"b": b.id}).scalar() == "in_progress", timeout=120, every=1,
-             what="in progress")
+    wait_in_progress(engine, b.id)
     x = c.messages.batches.cancel(b.id)
     assert x.processing_status in ("canceling", "ended") and x.cancel_initiated_at is not None
     b = wait_ended(c, b.id)
@@ -158,9 +165,7 @@ def test_cancel_ends_the_batch_with_its_unrun_requests_canceled(stack, engine, a
 def test_a_batch_past_its_window_ends_with_its_requests_expired(stack, engine, api):
     c = client(api, new_key(engine, f"aexp{time.time_ns() % 10**9}"))
     b = c.messages.batches.create(requests=[request(f"e-{i}", f"expire {i}") for i in range(3)], extra_body=HELD)
-    wait_for(lambda: engine.connect().execute(sa.text("SELECT status FROM api_batches WHERE batch_id = :b"),
-                                              {"b": b.id}).scalar() == "in_progress", timeout=120, every=1,
-             what="in progress")
+    wait_in_progress(engine, b.id)
     with engine.begin() as conn:   # 24 hours on
         conn.execute(sa.text("UPDATE api_batches SET expires_at = now() - interval '1 second' WHERE batch_id = :b"),
                      {"b": b.id})
@@ -287,3 +292,45 @@ def test_a_project_cap_holds_across_its_message_batches(stack, engine, api):
     print(f"\ncap ${cap} (3 x max ${one_max}); spent ${spent}; {done} of 16 succeeded; {len(errored)} errored")
     assert 0 < spent <= cap and 0 < done < 16 and done + len(errored) == 16
     assert all("budget" in r.result.error.error.message for r in errored), errored[0].result.error
+
+
+def _rss_kb(pid: int, field: str) -> int:
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_a_large_batch_streams_through_bounded_memory(stack, engine, api):
+    """A create call of LLMBATCH_API_MESSAGES_MB (default 50) MB: the body is spooled to disk and
+    read back by ijson, so the service's peak RSS grows far less than the body; then the time to
+    in_progress (its submit), and a cancel so the machine is not kept busy."""
+    mb = int(os.environ.get("LLMBATCH_API_MESSAGES_MB", "50"))
+    pid = int((stack.var_dir / "run" / "api.pid").read_text())
+    reqs, size = [], 0
+    while size < mb * 10**6:
+        r = request(f"big-{len(reqs)}", f"line {len(reqs)} " + "lorem ipsum dolor sit amet " * 100)
+        size += len(json.dumps(r)) + 2
+        reqs.append(r)
+    c = client(api, new_key(engine, f"abig{time.time_ns() % 10**9}"))
+    before = _rss_kb(pid, "VmHWM")
+    t = time.monotonic()
+    b = c.messages.batches.create(requests=reqs, extra_body={"metadata": {"llmbatch_tier": "background"}},
+                                  timeout=600)
+    took = time.monotonic() - t
+    after = _rss_kb(pid, "VmHWM")
+    print(f"\ncreate of {size / 1e6:.0f} MB ({len(reqs)} requests) answered in {took:.1f} s (niced, loaded machine);"
+          f" api peak RSS {before / 1024:.0f} -> {after / 1024:.0f} MB")
+    assert b.request_counts.processing == len(reqs)
+    assert (after - before) / 1024 < mb / 4, "the body was held in memory"
+    t = time.monotonic()
+    wait_in_progress(engine, b.id)
+    took = time.monotonic() - t
+    peak = _rss_kb(pid, "VmHWM")
+    c.messages.batches.cancel(b.id)
+    print(f"its submit: in progress after {took:.1f} s more (niced, loaded machine); api peak RSS {peak / 1024:.0f} MB")
+    with engine.connect() as conn:
+        accepted = conn.execute(sa.text("SELECT j.accepted FROM jobs j JOIN api_batches b USING (job_id)"
+                                        " WHERE b.batch_id = :b"), {"b": b.id}).scalar()
+    assert accepted == len(reqs)
+    assert (peak - before) / 1024 < mb / 2, "the submit held the body in memory"

@@ -304,6 +304,14 @@ class Settings:
     #: signs the jobs page's session cookie (pipeline/api/web.py; generated into var/secrets.env by the
     #: local stack; no default: without it the page answers 503 and the API works on)
     api_session_secret: Secret = Secret("")
+    #: a webhook receiver has this long to answer an event (pipeline/api/webhooks.py)
+    api_webhook_timeout_s: float = 10.0
+    #: the wait after a webhook's first failed attempt; it doubles after each one
+    api_webhook_retry_s: float = 2.0
+    #: the longest wait between two attempts of a webhook event
+    api_webhook_retry_max_s: float = 3600.0
+    #: an event not delivered this many hours after it was made is given up (OpenAI retries for 72)
+    api_webhook_give_up_h: float = 72.0
 
     def __repr__(self) -> str:
         parts = []

@@ -4,7 +4,7 @@ Verbs here: ``submit``, ``status JOB [--watch]``, ``jobs``, ``results JOB``,
 ``rejections JOB``, ``report``, ``sql``, ``doctor``. Their own modules: the local stack ``up``,
 ``down``, ``ps`` (llmbatch/cli/stack.py); the processes ``batcher``, ``worker``, ``simulator``
 and ``db upgrade`` (llmbatch/cli/processes.py); ``budget``, ``schedule``/``scheduler``/``cancel``,
-``kafka add-producer|remove-producer``, ``keys``.
+``kafka add-producer|remove-producer``, ``keys``, ``webhooks``.
 
 Exit codes (every command):
 
@@ -486,6 +486,10 @@ main.add_command(keys)
 from llmbatch.cli.retention import purge  # noqa: E402  (retention of ended jobs' rows)
 
 main.add_command(purge)
+
+from llmbatch.cli.webhooks import webhooks  # noqa: E402  (a project's webhook of the API)
+
+main.add_command(webhooks)
 
 from llmbatch.cli.stack import down, ps, up  # noqa: E402  (the local stack)
 from llmbatch.cli.processes import api, batcher, db_group, simulator, worker  # noqa: E402  (the processes)

@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pipeline.api import batches, files, keys, web
+from pipeline.api import anthropic_batches, batches, files, keys, web, webhooks
 from pipeline.api.upload import FormStream
 from pipeline.api.shapes import ApiError, error_body, file_object, parse_create, unauthorized
 from pipeline.config import Settings, get_settings
@@ -61,10 +61,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(batches.recover, engine, settings, app.state.submitter)
         purge = asyncio.create_task(purge_expired_files(engine))
         mover = asyncio.create_task(move_batches_on(engine, settings, app.state.submitter))
+        sender = asyncio.create_task(webhooks.deliver_forever(engine, settings))
         log.info("api ready on %s:%d", settings.api_host, settings.api_port)
         yield
         purge.cancel()
         mover.cancel()
+        sender.cancel()
         app.state.submitter.close()
 
     kafka_probe: dict = {}
@@ -188,6 +190,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(400, f"Invalid 'limit': {limit!r}; an integer from 1 to 100.", param="limit")
         return batches.list_batches(engine, settings, request.app.state.submitter, project_id, after, int(limit))
 
+    app.include_router(anthropic_batches.router(settings, engine))   # Anthropic's Message Batches
     return app
 
 

@@ -27,7 +27,7 @@ from pipeline.api.shapes import (
     public_status, utcnow,
 )
 from pipeline.config import Settings
-from pipeline.constants import JOB_OPEN
+from pipeline.constants import ANTHROPIC_MESSAGES_URL, JOB_OPEN
 from pipeline.errors import LLMBatchError
 from pipeline.intake.producer import new_job_id, submit_file
 from pipeline.stores import db, jobs
@@ -60,8 +60,10 @@ class Submitter:
 
     def _run(self, batch: dict, path: str, options: dict) -> None:
         try:
+            # a message batch's lines are Anthropic's ({custom_id, params}), which name no url
+            endpoint = None if batch["endpoint"] == ANTHROPIC_MESSAGES_URL else batch["endpoint"]
             report = submit_file(path, settings=self.settings, job_id=batch["job_id"], name=batch["batch_id"],
-                                 project=batch["project_id"], endpoint=batch["endpoint"], **options)
+                                 project=batch["project_id"], endpoint=endpoint, **options)
             log.info("batch %s: job %s accepted %d lines, rejected %d", batch["batch_id"], batch["job_id"],
                      report.accepted, report.rejected)
             with self.engine.connect() as conn:
@@ -249,13 +251,27 @@ def render(engine, row: dict) -> dict:
     return obj
 
 
+def _openai_only(batch_id: str) -> None:
+    """A message batch (pipeline/api/anthropic_batches.py) is not an OpenAI batch: 404 here."""
+    if not batch_id.startswith("batch_"):
+        raise not_found("batch", batch_id)
+
+
 def retrieve(engine, settings: Settings, submitter, project_id: str, batch_id: str) -> dict:
+    _openai_only(batch_id)
     return render(engine, advance(engine, settings, submitter, project_id, batch_id))
 
 
 def cancel(engine, settings: Settings, submitter, project_id: str, batch_id: str) -> dict:
     """Stop the batch's job (held and queued work at once, calls in flight finish): ``cancelling``,
     then ``cancelled`` with the partial results once nothing of it runs."""
+    _openai_only(batch_id)
+    stop(engine, settings, project_id, batch_id)
+    return retrieve(engine, settings, submitter, project_id, batch_id)
+
+
+def stop(engine, settings: Settings, project_id: str, batch_id: str) -> None:
+    """``cancelling`` and the job cancelled; 409 for a batch that has ended or is finalizing."""
     with engine.begin() as conn:
         row = _row(conn, project_id, batch_id, lock=True)
         if row["status"] in ("completed", "failed", "expired", "cancelled", "finalizing"):
@@ -263,15 +279,15 @@ def cancel(engine, settings: Settings, submitter, project_id: str, batch_id: str
         if row["status"] != "cancelling":
             _stamp(conn, batch_id, "cancelling")
     jobs.cancel_job(row["job_id"], settings=settings, engine=engine)
-    return retrieve(engine, settings, submitter, project_id, batch_id)
 
 
 def list_batches(engine, settings: Settings, submitter, project_id: str, after: str | None, limit: int) -> dict:
     """The project's batches, newest first, ``limit`` after the batch ``after``."""
     with engine.connect() as conn:
-        params = {"p": project_id, "n": limit + 1}
-        where = "project_id = :p"
+        params = {"p": project_id, "n": limit + 1, "m": ANTHROPIC_MESSAGES_URL}
+        where = "project_id = :p AND endpoint <> :m"
         if after:
+            _openai_only(after)
             anchor = _row(conn, project_id, after)
             where += " AND (created_at, batch_id) < (:c, :a)"
             params.update(c=anchor["created_at"], a=after)

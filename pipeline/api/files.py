@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from pipeline import jsontext
 from pipeline.api.shapes import ApiError, error_for_unrun, file_object, is_output_line, not_found
 from pipeline.config import Settings
+from pipeline.constants import ANTHROPIC_MESSAGES_URL
 from pipeline.errors import FileInputError
 from pipeline.intake.producer import check_file
 from pipeline.stores import outcomes
@@ -32,6 +33,9 @@ from pipeline.stores.export import openai_line
 log = logging.getLogger(__name__)
 
 PURPOSES = ("batch",)
+#: a message batch's input and results files (pipeline/api/anthropic_batches.py): not files of the
+#: OpenAI Files API, which neither lists nor serves them
+HIDDEN_PURPOSES = ("message_batch", "message_batch_results")
 _COLUMNS = "file_id, project_id, purpose, filename, bytes, path, created_at, expires_at"
 
 
@@ -83,7 +87,8 @@ def get_file(conn, project_id: str, file_id: str) -> dict:
     """The caller's live file; ``ApiError`` 404 for anything else (another project's included)."""
     row = conn.execute(sa.text(
         f"SELECT {_COLUMNS} FROM api_files WHERE file_id = :i AND project_id = :p AND deleted_at IS NULL"
-        " AND (expires_at IS NULL OR expires_at > now())"), {"i": file_id, "p": project_id}).mappings().first()
+        " AND (expires_at IS NULL OR expires_at > now()) AND purpose <> ALL(:h)"),
+        {"i": file_id, "p": project_id, "h": list(HIDDEN_PURPOSES)}).mappings().first()
     if row is None:
         raise not_found("file", file_id)
     return dict(row)
@@ -92,8 +97,9 @@ def get_file(conn, project_id: str, file_id: str) -> dict:
 def list_files(conn, project_id: str, *, purpose: str | None, after: str | None, limit: int,
                newest_first: bool = True) -> dict:
     """The project's live files, ``limit`` of them after the file ``after``, in OpenAI's list shape."""
-    params = {"p": project_id, "u": purpose, "n": limit + 1}
+    params = {"p": project_id, "u": purpose, "n": limit + 1, "h": list(HIDDEN_PURPOSES)}
     where = ("project_id = :p AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
+             " AND purpose <> ALL(:h)"
              " AND (CAST(:u AS text) IS NULL OR purpose = :u)")
     cmp, order = ("<", "DESC") if newest_first else (">", "ASC")
     if after:
@@ -131,7 +137,11 @@ def write_outputs(conn, settings: Settings, batch: dict, ended: str) -> tuple[st
     """Write the batch's output and error files from its job's results and record them on ``conn``
     (the caller names them on the batch in the same transaction, so a batch names only files that
     exist); (output id, error id), None for a file that would be empty. A request the batch never
-    ran gets OpenAI's error line for the batch's end (``batch_cancelled``, ``batch_expired``)."""
+    ran gets OpenAI's error line for the batch's end (``batch_cancelled``, ``batch_expired``).
+    A message batch has no OpenAI files: its results file is Anthropic's, written when it is first
+    read after it ended (pipeline/api/anthropic_batches.py)."""
+    if batch["endpoint"] == ANTHROPIC_MESSAGES_URL:
+        return None, None
     project_id, job_id = batch["project_id"], batch["job_id"]
     ids = {"output": new_file_id(), "error": new_file_id()}
     paths = {k: _place(settings, project_id, i) for k, i in ids.items()}

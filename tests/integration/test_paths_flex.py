@@ -28,11 +28,14 @@ def _openai(settings) -> dict:
     return sim_stats(settings)["providers"]["openai"]
 
 
-def _job(tmp_path, n: int, tag: str) -> str:
+def _job(tmp_path, n: int, tag: str, *args: str, deadline: str | None = None) -> str:
     lines = [chat_line(f"{tag}{i}", f"Flex {tag} {uuid.uuid4().hex[:8]}: name a city with {i + 3} letters.",
                        model=MODEL, max_tokens=24) for i in range(n)]
+    if deadline:
+        for line in lines:
+            line["deadline"] = deadline
     path = write_jsonl(tmp_path / f"{tag}.jsonl", lines)
-    proc = llmbatch("submit", path, "--json", "--mode", "flex", check=True)
+    proc = llmbatch("submit", path, "--json", *(args or ("--mode", "flex")), check=True)
     return json.loads(proc.stdout)["job_id"]
 
 
@@ -51,9 +54,10 @@ def _results(engine, job: str) -> list[dict]:
             {"j": job}).mappings()]
 
 
-def _run(stack, engine, tmp_path, n: int, tag: str) -> tuple[list[dict], dict, dict]:
+def _run(stack, engine, tmp_path, n: int, tag: str, *args: str,
+         deadline: str | None = None) -> tuple[list[dict], dict, dict]:
     before = _openai(stack)
-    job = _job(tmp_path, n, tag)
+    job = _job(tmp_path, n, tag, *args, deadline=deadline)
     wait_for(lambda: _finished(engine, job, n), timeout=180, every=0.5, what=f"{n} flex requests finished")
     return _results(engine, job), before, _openai(stack)
 
@@ -92,3 +96,31 @@ def test_flex_unavailable_goes_on_at_standard_and_is_not_billed(stack, engine, t
     assert all(abs(r["cost_usd"] * 2 - r["list_cost_usd"]) <= 3 * ROUNDING for r in flex)
     print(f"\nFLEX-429 n={n} flex_429={refused} standard={len(standard)} ledger=${ledger} "
           f"simulator_billed=${billed} calls={after['calls'] - before['calls']}")
+
+
+def test_under_auto_a_near_deadline_takes_flex_and_its_429s_go_on_at_standard_in_time(stack, engine, tmp_path):
+    """Issue 21's flex figure under the cost engine: a background job under ``--mode auto`` due in 40
+    minutes (too near for a provider batch) takes flex, the cheapest path that meets it; with 30 %
+    of flex calls answered 429, every request still ends before its deadline, and the 429s are not
+    billed."""
+    from datetime import datetime, timedelta, timezone
+    n = 60
+    due = datetime.now(timezone.utc) + timedelta(minutes=40)
+    with simulator_config(stack, flex_unavailable_rate=0.3):
+        rows, before, after = _run(stack, engine, tmp_path, n, "fa", "--mode", "auto", "--tier", "background",
+                                   deadline=due.isoformat())
+    with engine.connect() as conn:
+        late = conn.execute(sa.text(
+            "SELECT count(*) FROM requests q JOIN results x USING (job_id, custom_id)"
+            " WHERE q.job_id = (SELECT job_id FROM requests WHERE custom_id = 'fa0' ORDER BY created_at DESC LIMIT 1)"
+            " AND x.created_at > q.deadline")).scalar()
+    refused = after["flex_unavailable_429"] - before["flex_unavailable_429"]
+    standard = [r for r in rows if r["service_tier"] == "default"]
+    assert [r["status"] for r in rows] == ["succeeded"] * n, rows[:3]
+    assert {r["path"] for r in rows} == {"flex"}, {r["path"] for r in rows}   # the chooser's pick
+    assert refused > 0 and len(standard) == refused and late == 0, (refused, len(standard), late)
+    ledger = sum(r["cost_usd"] for r in rows)
+    billed = Decimal(after["billed_usd"]) - Decimal(before["billed_usd"])
+    assert abs(ledger - billed) <= n * ROUNDING, f"ledger ${ledger} vs simulator billed ${billed} (a 429 billed?)"
+    print(f"\nAUTO-FLEX n={n} path=flex flex_429={refused} standard={len(standard)} late=0 ledger=${ledger} "
+          f"simulator_billed=${billed}")

@@ -15,8 +15,9 @@ prompt written at its longest TTL, schemas and tools counted by the simulator's 
 - a global daily cap set from another process (``llmbatch budget set global …`` with an
   environment that has no caps in it) just before, at "today's ledger + room".
 
-Checks: spend ≤ every cap, in the ledger and in the provider's bill (the simulator's own
-``/_stats?key_prefix=JOB:`` priced by its own table), ≥ 90 % of the OpenAI job cap used, and after
+Checks: spend ≤ every cap, in the ledger and in the provider's bill (the simulator's own count,
+priced by its own table: ``/_stats?key_prefix=JOB:`` for calls, ``/_stats/batch_lines`` for Batch
+API lines), ≥ 90 % of the OpenAI job cap used, and after
 ``llmbatch budget reconcile`` the Redis counters equal the Postgres ledger for every job and the
 global day.
 
@@ -43,6 +44,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 
 import sqlalchemy as sa
 
@@ -55,6 +57,7 @@ from pipeline.config import get_settings  # noqa: E402
 from pipeline.money import caps as caps_mod, ledger, scripts, units  # noqa: E402
 from pipeline.money.bounds import request_bound  # noqa: E402
 from pipeline.money.pricing import get_price_book  # noqa: E402
+from pipeline.paths.provider_batch import provider_custom_id  # noqa: E402
 from pipeline.stores import db  # noqa: E402
 
 MODEL, CLAUDE = "gpt-4o-mini", "claude-haiku-4-5"
@@ -130,12 +133,23 @@ def _open(conn, job: str) -> int:
                                 " AND status IN ('held', 'queued', 'running')"), {"j": job}).scalar()
 
 
-def _billed(job: str) -> Decimal:
-    """What the provider billed for the job's calls and batch lines (its idempotency keys), priced
-    by the simulator's own table: the count a cap must hold against, not the ledger's."""
-    url = f"{get_settings().simulator_url}/_stats?" + urllib.parse.urlencode({"key_prefix": f"{job}:"})
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return Decimal(json.load(r)["keys"].get("billed_usd") or "0")
+def _billed(conn, job: str) -> Decimal:
+    """What the provider billed for the job, priced by the simulator's own table: its realtime calls
+    (their idempotency keys) and its Batch API lines (their custom_ids). The count a cap must hold
+    against, not the ledger's."""
+    base = get_settings().simulator_url
+    with urllib.request.urlopen(f"{base}/_stats?" + urllib.parse.urlencode({"key_prefix": f"{job}:"}),
+                                timeout=30) as r:
+        calls = Decimal(json.load(r)["keys"].get("billed_usd") or "0")
+    ids = [provider_custom_id(SimpleNamespace(job_id=job, custom_id=c)) for c in conn.execute(sa.text(
+        "SELECT custom_id FROM requests WHERE job_id = :j"), {"j": job}).scalars()]
+    ask = urllib.request.Request(f"{base}/_stats/batch_lines", data=json.dumps({"custom_ids": ids}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(ask, timeout=60) as r:
+        lines = json.load(r)
+    if lines["unpriced_lines"]:
+        raise SystemExit(f"job {job}: {lines['unpriced_lines']} batch lines the simulator could not price")
+    return calls + Decimal(lines["billed_usd"])
 
 
 def one_run(i: int, engine, sredis, mode: str | None = None) -> dict:
@@ -205,8 +219,8 @@ def one_run(i: int, engine, sredis, mode: str | None = None) -> dict:
             {"j": [rt_job, an_job]}).scalar()
     waits = [float(w) for w in waits]
     caps = {rt_job: job_cap, an_job: an_cap, pb_job: pb_cap}
-    billed = {j: _billed(j) for j in jobs}
     with engine.connect() as conn:
+        billed = {j: _billed(conn, j) for j in jobs}
         paths = {j: dict(conn.execute(sa.text(
             "SELECT coalesce(path, 'none'), count(*) FROM request_paths WHERE job_id = :j GROUP BY 1"), {"j": j}).all())
             for j in jobs}

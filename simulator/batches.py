@@ -306,12 +306,11 @@ class BatchStore:
                 counts["failed"] += 1
             else:
                 model = model_of(call.endpoint, body)
-                billed = self.sim.charge(call, answer, model, "batch", None, batch=True)
+                billed = self.sim.charge(call, answer, model, "batch", None, batch=True, batch_line=cid)
                 reply = call.endpoint.reply(answer, billed, model, self.sim.new_id, "batch")
                 line["response"] = {"status_code": 200, "request_id": rid, "body": reply}
                 out_lines.append(json.dumps(line))   # as text at once: a dict of 1,536 floats weighs 40 KB
                 counts["completed"] += 1
-                self.sim.stats.batch_line_billed(cid)
                 usage[0] += billed.get("prompt_tokens", billed.get("input_tokens", 0))
                 usage[1] += billed.get("completion_tokens", billed.get("output_tokens", 0))
                 usage[2] += (billed.get("prompt_tokens_details") or billed.get("input_tokens_details")
@@ -466,12 +465,11 @@ class BatchStore:
                     "type": "errored", "error": anthropic_error_body(kind, p.message)}})
                 counts["errored"] += 1
             else:
-                billed = self.sim.charge(call, answer, params["model"], "batch", None, batch=True)
+                billed = self.sim.charge(call, answer, params["model"], "batch", None, batch=True, batch_line=cid)
                 results.append({"custom_id": cid, "result": {
                     "type": "succeeded", "message": MESSAGES.reply(answer, billed, params["model"],
                                                                    self.sim.new_id, "batch")}})
                 counts["succeeded"] += 1
-                self.sim.stats.batch_line_billed(cid)
                 self._count(params["model"])
             counts["processing"] -= 1
             done = pos + 1

@@ -4,6 +4,8 @@
   and per key alias, calls, successes, 429s, 401s, tokens, ``billed_usd`` (a
   plain decimal string), ``peak_calls_60s``, flex calls and flex 429s, batch
   lines, and the revoked keys;
+- ``POST /_stats/batch_lines`` with ``{"custom_ids": […]}``: what the Batch API billed for those
+  lines (``lines_billed``, ``billed_usd`` by the simulator's prices, ``unpriced_lines``);
 - ``GET /metrics``: Prometheus text of the per-model counters;
 - ``POST /_reset``: counters, prompt cache, limits and key revocations back to zero;
 - ``GET /_config`` (keys shown by alias only), ``POST /_config`` (JSON of
@@ -37,6 +39,13 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     async def get_stats(request):
         return json_response({**sim.stats.as_dict(request.query.get("key_prefix"), sim.unattended),
                               "providers": sim.accounts.as_dict()})
+
+    async def post_batch_lines(request):
+        body = await request.json()
+        ids = body.get("custom_ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
+            return json_response({"error": "expected {\"custom_ids\": [strings]}"}, 400)
+        return json_response(sim.stats.batch_lines(ids))
 
     async def get_metrics(request):
         def esc(v: str) -> str:
@@ -97,6 +106,7 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
 
     r = app.router
     r.add_get("/_stats", get_stats)
+    r.add_post("/_stats/batch_lines", post_batch_lines)
     r.add_get("/metrics", get_metrics)
     r.add_post("/_reset", post_reset)
     r.add_get("/_config", get_config)

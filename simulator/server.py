@@ -225,10 +225,11 @@ class Simulator:
         return cached
 
     def charge(self, call: Call, answer, model: str, tier: str, idempotency_key: str | None,
-               batch: bool = False, started: float | None = None) -> dict:
+               batch: bool = False, started: float | None = None, batch_line: str | None = None) -> dict:
         """Bill one generation: its usage (worst case if configured), per idempotency key, and in USD
         per provider and key. Returns the usage the answer reports. ``started``: when the generation
-        began (monotonic): it reads only prompt-cache entries written before then."""
+        began (monotonic): it reads only prompt-cache entries written before then. ``batch_line``: a
+        Batch API line's custom_id, its bill kept by it (a batch line carries no idempotency key)."""
         billed = call.endpoint.bill(answer, self.config.worst_case, self.prompt_cache.as_of(started))
         info = call.provider.model(model)
         price = info.price if info is not None else None
@@ -237,6 +238,8 @@ class Simulator:
         dollars = usd(price, billed, tier, share) if price is not None else None
         if not batch:
             self.stats.bill(idempotency_key, billed, dollars)
+        elif batch_line is not None:
+            self.stats.batch_line_billed(batch_line, dollars)
         self.accounts.bill(call.provider.name, call.alias, tokens_of(billed), dollars, batch=batch)
         return billed
 

@@ -90,6 +90,7 @@ class Stats:
         self.key_unpriced: dict[str, int] = {}   # Idempotency-Key -> calls billed with no price
         self.batch_requests: dict[str, int] = {}
         self.batch_billed: dict[str, int] = {}   # custom_id of a Batch API line -> times billed
+        self.batch_usd: dict[str, Decimal] = {}   # custom_id of a Batch API line -> USD billed
 
     def counters(self, model: str, tier: str | None) -> tuple[Counter, ...]:
         tier = tier or UNTAGGED
@@ -146,9 +147,20 @@ class Stats:
             else:
                 self.key_usd[idempotency_key] = self.key_usd.get(idempotency_key, Decimal(0)) + usd
 
-    def batch_line_billed(self, custom_id: str) -> None:
-        """A Batch API line billed (batch_rules.py: each line billed once, counted by custom_id)."""
+    def batch_line_billed(self, custom_id: str, usd: Decimal | None = None) -> None:
+        """A Batch API line billed (batch_rules.py: each line billed once, counted by custom_id), and
+        what it cost by the simulator's prices (None when unpriced)."""
         self.batch_billed[custom_id] = self.batch_billed.get(custom_id, 0) + 1
+        if usd is not None:
+            self.batch_usd[custom_id] = self.batch_usd.get(custom_id, Decimal(0)) + usd
+
+    def batch_lines(self, custom_ids: list[str]) -> dict:
+        """What the Batch API billed for these lines (``POST /_stats/batch_lines``): a test or a
+        benchmark names its own lines, whatever else the simulator runs."""
+        billed = [c for c in custom_ids if c in self.batch_billed]
+        return {"lines_billed": sum(self.batch_billed[c] for c in billed),
+                "billed_usd": plain(sum((self.batch_usd.get(c, Decimal(0)) for c in billed), Decimal(0))),
+                "unpriced_lines": sum(1 for c in billed if c not in self.batch_usd)}
 
     def keys_with_prefix(self, prefix: str) -> dict:
         calls = [n for k, n in self.key_calls.items() if k.startswith(prefix)]

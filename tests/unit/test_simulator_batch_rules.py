@@ -146,3 +146,32 @@ def test_settings_are_checked():
         with pytest.raises(ConfigError):
             SimulatorConfig(**bad).validate()
     assert json.loads(json.dumps(SimulatorConfig(batch_enqueued_tokens={CLAUDE: 5}).validate().batch_enqueued_tokens))
+
+
+def test_a_batch_lines_bill_is_read_back_by_its_custom_ids():
+    """A Batch API line has no idempotency key: ``POST /_stats/batch_lines`` gives what the named
+    lines were billed, by the simulator's prices, so a benchmark can hold a job's provider batches
+    to its cap against the provider's own count."""
+    async def body():
+        async with serve(**FAST) as (url, oa, an, http):
+            before = (await get_stats(http, url))["providers"]
+            b = await _openai_batch(oa, [_oa_line(i) for i in range(5)])
+            await _until(lambda: oa.batches.retrieve(b.id), _ended, "openai")
+            mb = await an.messages.batches.create(requests=[_an_req(i) for i in range(3)])
+            await _until(lambda: an.messages.batches.retrieve(mb.id), lambda x: x.processing_status == "ended",
+                         "anthropic")
+            after = (await get_stats(http, url))["providers"]
+            ask = [f"req-{i}" for i in range(5)] + [f"item_{i}" for i in range(3)] + ["req-99"]
+            async with http.post(f"{url}/_stats/batch_lines", json={"custom_ids": ask}) as r:
+                lines = await r.json()
+            async with http.post(f"{url}/_stats/batch_lines", json={"custom_ids": "req-1"}) as r:
+                bad = r.status
+            return before, after, lines, bad
+
+    from decimal import Decimal
+    before, after, lines, bad = run(body())
+    spent = {p: Decimal(after[p]["billed_usd"]) - Decimal(before.get(p, {}).get("billed_usd", "0"))
+             for p in ("openai", "anthropic")}
+    assert lines["lines_billed"] == 8 and lines["unpriced_lines"] == 0
+    assert Decimal(lines["billed_usd"]) == spent["openai"] + spent["anthropic"] > 0
+    assert bad == 400

@@ -263,7 +263,10 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) ->
 
     def work(conn):
         # lock order (pipeline/stores/batches.py): the job's batches, then its requests, then the job;
-        # a worker's claim takes the batch before its requests too, so the two never deadlock
+        # a worker's claim takes the batch before its requests too, so the two never deadlock.
+        # The batches are locked in one ordered step and no batch lock is waited for after it: the
+        # batcher may commit more of the job's batches meanwhile, which another cancel of the job
+        # (the API cancels again at each move of a 'cancelling' batch) can have locked in its own step
         job = conn.execute(sa.text("SELECT status FROM jobs WHERE job_id = :j"), {"j": job_id}).first()
         if job is None:
             return None
@@ -276,10 +279,15 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, engine=None) ->
             "UPDATE jobs SET status = 'cancelled', cancelled_at = now(), finished_at = coalesce(finished_at, now())"
             " WHERE job_id = :j AND status = ANY(llmbatch_states('job_open'))"),
             {"j": job_id})
+        # SKIP LOCKED: a batch committed after the lock step and locked by another transaction (a
+        # second cancel, a worker's claim) is theirs to close; waiting for it here would deadlock
         done = conn.execute(sa.text(
             "UPDATE batches b SET status = 'done', finished_at = now()"
             " WHERE b.status = ANY(llmbatch_states('batch_unstarted'))"
-            " AND b.batch_id IN (SELECT batch_id FROM requests WHERE job_id = :j)"
+            " AND b.batch_id IN (SELECT x.batch_id FROM batches x WHERE x.batch_id IN"
+            "   (SELECT batch_id FROM requests WHERE job_id = :j)"
+            "   AND x.status = ANY(llmbatch_states('batch_unstarted'))"
+            "   ORDER BY x.batch_id FOR UPDATE SKIP LOCKED)"
             " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
             "                 AND r.status <> ALL(llmbatch_states('request_terminal')))"), {"j": job_id}).rowcount
         pbs = conn.execute(sa.text(

@@ -31,10 +31,15 @@ from pipeline.api import keys as api_keys
 from pipeline.intake.formats import parse_request
 from pipeline.money.pricing import get_price_book
 from tests.integration.conftest import llmbatch, wait_for
+from tests.integration.holds import RUNS, held_metadata, wait_held
 
 MODEL = "claude-haiku-4-5"
-#: the requests wait for the off-peak window (22:00 UTC): a batch that stays in progress
-HELD = {"metadata": {"llmbatch_tier": "offpeak", "llmbatch_mode": "realtime"}}
+
+
+def held(requests: list[dict]) -> dict:
+    """The create's ``extra_body`` that holds a batch in progress whatever the hour
+    (tests/integration/holds.py: one request runs, the others wait on the job's cap)."""
+    return {"metadata": held_metadata(requests)}
 
 
 def raw(method: str, url: str, headers: dict | None = None, body: bytes | None = None) -> tuple[int, dict | str]:
@@ -152,26 +157,32 @@ def test_the_anthropic_sdk_unchanged_runs_a_batch(stack, engine, api):
 
 def test_cancel_ends_the_batch_with_its_unrun_requests_canceled(stack, engine, api):
     c = client(api, new_key(engine, f"acancel{time.time_ns() % 10**9}"))
-    b = c.messages.batches.create(requests=[request(f"c-{i}", f"cancel {i}") for i in range(4)], extra_body=HELD)
+    reqs = [request(f"c-{i}", f"cancel {i}") for i in range(4)]
+    b = c.messages.batches.create(requests=reqs, extra_body=held(reqs))
     wait_in_progress(engine, b.id)
+    wait_held(engine, b.id, 4)
     x = c.messages.batches.cancel(b.id)
     assert x.processing_status in ("canceling", "ended") and x.cancel_initiated_at is not None
     b = wait_ended(c, b.id)
-    assert b.request_counts.canceled == 4 and b.request_counts.succeeded == 0
+    assert b.request_counts.canceled == 4 - RUNS and b.request_counts.succeeded == RUNS
     assert b.ended_at >= b.cancel_initiated_at
-    assert [r.result.type for r in c.messages.batches.results(b.id)] == ["canceled"] * 4
+    types = sorted(r.result.type for r in c.messages.batches.results(b.id))
+    assert types == ["canceled"] * (4 - RUNS) + ["succeeded"] * RUNS
 
 
 def test_a_batch_past_its_window_ends_with_its_requests_expired(stack, engine, api):
     c = client(api, new_key(engine, f"aexp{time.time_ns() % 10**9}"))
-    b = c.messages.batches.create(requests=[request(f"e-{i}", f"expire {i}") for i in range(3)], extra_body=HELD)
+    reqs = [request(f"e-{i}", f"expire {i}") for i in range(3)]
+    b = c.messages.batches.create(requests=reqs, extra_body=held(reqs))
     wait_in_progress(engine, b.id)
+    wait_held(engine, b.id, 3)
     with engine.begin() as conn:   # 24 hours on
         conn.execute(sa.text("UPDATE api_batches SET expires_at = now() - interval '1 second' WHERE batch_id = :b"),
                      {"b": b.id})
     b = wait_ended(c, b.id)
-    assert b.request_counts.expired == 3 and b.cancel_initiated_at is None
-    assert [r.result.type for r in c.messages.batches.results(b.id)] == ["expired"] * 3
+    assert b.request_counts.expired == 3 - RUNS and b.cancel_initiated_at is None
+    types = sorted(r.result.type for r in c.messages.batches.results(b.id))
+    assert types == ["expired"] * (3 - RUNS) + ["succeeded"] * RUNS
     with pytest.raises(anthropic.BadRequestError):   # ended: nothing left to cancel
         c.messages.batches.cancel(b.id)
     assert c.messages.batches.delete(b.id).type == "message_batch_deleted"
@@ -179,7 +190,8 @@ def test_a_batch_past_its_window_ends_with_its_requests_expired(stack, engine, a
 
 def test_an_unfinished_batch_has_no_results_and_cannot_be_deleted(stack, engine, api):
     c = client(api, new_key(engine, f"aopen{time.time_ns() % 10**9}"))
-    b = c.messages.batches.create(requests=[request("o-1", "open")], extra_body=HELD)
+    reqs = [request("o-1", "open"), request("o-2", "open")]   # two: the hold lets one run
+    b = c.messages.batches.create(requests=reqs, extra_body=held(reqs))
     with pytest.raises(anthropic.AnthropicError):   # the SDK itself refuses: no results_url yet
         c.messages.batches.results(b.id)
     status, body = raw("GET", f"{api}/v1/messages/batches/{b.id}/results",
@@ -192,7 +204,8 @@ def test_an_unfinished_batch_has_no_results_and_cannot_be_deleted(stack, engine,
 
 def test_the_list_pages_with_after_id_before_id_and_limit(stack, engine, api):
     c = client(api, new_key(engine, f"apages{time.time_ns() % 10**9}"))
-    made = [c.messages.batches.create(requests=[request("p-1", "page")], extra_body=HELD).id for _ in range(3)]
+    reqs = [request("p-1", "page"), request("p-2", "page")]   # two: the hold lets one run
+    made = [c.messages.batches.create(requests=reqs, extra_body=held(reqs)).id for _ in range(3)]
     newest = made[::-1]
     first = c.messages.batches.list(limit=2)
     assert [b.id for b in first.data] == newest[:2] and first.has_more
@@ -230,7 +243,8 @@ def test_auth_and_isolation(stack, engine, api, tmp_path):
     n = time.time_ns() % 10**9
     ka, kb = new_key(engine, f"aiso-a{n}"), new_key(engine, f"aiso-b{n}")
     a, b = client(api, ka), client(api, kb)
-    batch = a.messages.batches.create(requests=[request("i-1", "isolation")], extra_body=HELD)
+    reqs = [request("i-1", "isolation"), request("i-2", "isolation")]   # two: the hold lets one run
+    batch = a.messages.batches.create(requests=reqs, extra_body=held(reqs))
     for call in (lambda: b.messages.batches.retrieve(batch.id), lambda: b.messages.batches.cancel(batch.id),
                  lambda: b.messages.batches.delete(batch.id), lambda: b.messages.batches.list(after_id=batch.id)):
         with pytest.raises(anthropic.NotFoundError) as e:
@@ -242,10 +256,11 @@ def test_auth_and_isolation(stack, engine, api, tmp_path):
     with pytest.raises(openai.NotFoundError):
         oa.batches.retrieve(batch.id)
     assert batch.id not in [x.id for x in oa.batches.list(limit=100).data]
-    f = oa.files.create(file=("in.jsonl", b'{"custom_id": "x", "method": "POST", "url": "/v1/embeddings",'
-                                          b' "body": {"model": "text-embedding-3-small", "input": "x"}}\n'),
-                        purpose="batch")
-    ob = oa.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h", **HELD)
+    lines = [{"custom_id": cid, "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "text-embedding-3-small", "input": "x"}} for cid in ("x", "y")]
+    f = oa.files.create(file=("in.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()), purpose="batch")
+    ob = oa.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h",
+                           metadata=held_metadata(lines))
     with pytest.raises(anthropic.NotFoundError):
         a.messages.batches.retrieve(ob.id)
     assert all(x.purpose == "batch" for x in oa.files.list())   # a message batch's own files are not shown

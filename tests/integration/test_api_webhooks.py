@@ -23,8 +23,8 @@ import sqlalchemy as sa
 from pipeline.api import keys as api_keys
 from pipeline.api import webhooks
 from tests.integration.conftest import llmbatch, wait_for
+from tests.integration.holds import held_metadata
 
-HELD = {"llmbatch_tier": "offpeak", "llmbatch_mode": "realtime"}
 EMBED = b'{"custom_id": "%s", "method": "POST", "url": "/v1/embeddings", "body": {"model": "text-embedding-3-small", "input": "%s"}}\n'
 
 
@@ -105,12 +105,15 @@ def test_one_signed_event_per_batch_end(stack, engine, api):
                 "model": "claude-haiku-4-5", "max_tokens": 16,
                 "messages": [{"role": "user", "content": tag}]}}]).id: "batch.completed",
         }
+        # held in progress whatever the hour by their jobs' caps (tests/integration/holds.py)
         held = oa.batches.create(input_file_id=good.id, endpoint="/v1/embeddings", completion_window="24h",
-                                 metadata=HELD)
+                                 metadata=held_metadata([json.loads(x) for x in (EMBED % (b"a", tag.encode()),
+                                                                                 EMBED % (b"b", tag.encode()))]))
         want[held.id] = "batch.cancelled"
-        late = an.messages.batches.create(requests=[{"custom_id": "m2", "params": {
-            "model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": tag}]}}],
-            extra_body={"metadata": HELD})
+        late_requests = [{"custom_id": cid, "params": {"model": "claude-haiku-4-5", "max_tokens": 16,
+                                                       "messages": [{"role": "user", "content": tag}]}}
+                         for cid in ("m2", "m3")]   # two: the hold lets one run
+        late = an.messages.batches.create(requests=late_requests, extra_body={"metadata": held_metadata(late_requests)})
         want[late.id] = "batch.expired"
         wait_for(lambda: oa.batches.retrieve(held.id).status == "in_progress", timeout=120, every=1, what="held")
         oa.batches.cancel(held.id)

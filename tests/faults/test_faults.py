@@ -36,6 +36,7 @@ import sqlalchemy as sa
 
 from pipeline.config import get_settings
 from pipeline.ids import request_key
+from pipeline.providers.registry import get_registry
 from pipeline.stores import db
 from tests.faults.conftest import (JobCaps, check_invariants, check_paused_at_cap, counts, crash, done, ledger_of,
                                    provider_bill, restart_with_env, sim_config, sim_stats, stack_sh, submit,
@@ -359,11 +360,11 @@ def test_the_money_check_can_fail(fault_job):
     assert [f for f in money_failures(bill, led, smaller) if f.startswith("over the cap")], \
         f"a cap one call smaller (${smaller}) than the job's maxima holds a bill of ${bill.usd}"
     line = json.loads(path.read_text().splitlines()[0])
-    settings = get_settings()   # the simulated provider, as the pipeline reaches it
-    req = urllib.request.Request(f"{settings.base_url('openai')}/chat/completions", method="POST",
+    openai = get_registry().get("openai")   # the simulated provider, as the pipeline reaches it
+    req = urllib.request.Request(f"{openai.base_url}/chat/completions", method="POST",
                                  data=json.dumps(line["body"]).encode(),
                                  headers={"Content-Type": "application/json",
-                                          "Authorization": f"Bearer {settings.api_key('openai')}",
+                                          "Authorization": f"Bearer {openai.keys[0].reveal()}",
                                           "Idempotency-Key": request_key(job, line["custom_id"])})
     with urllib.request.urlopen(req, timeout=10) as r:
         assert r.status == 200

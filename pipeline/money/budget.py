@@ -22,8 +22,11 @@ calls that got no answer at their maximum: ``CALL_SPEND``, pipeline/money/calls.
 re-holds the maximum cost of every request still ``running``, under a lock.
 Redis unreachable means no call: ``BudgetUnavailable`` (fail closed).
 
-A reservation that outlives ``budget_reservation_ttl_s`` (its worker died)
-expires, and its amount is released by the next reserve.
+A reservation that outlives ``budget_reservation_ttl_s`` unrenewed (its worker died) lapses,
+and stays counted: its call may have been billed. The next rebuild of the counters (the
+reconcile starts one when it finds a lapsed hold) first puts the hold's calls still on record
+as sent in the ledger as unconfirmed spend, then lets it go (``ledger.rebuild``). Until then
+the caps wait: a lapse never frees money by itself.
 
 **One period per spend.** A daily scope's period is the UTC day, by the caps' one clock
 (``period``, pipeline/clock.py: setting ``clock``; tests move it). A spend belongs to the period
@@ -359,7 +362,8 @@ class Budget:
 
     async def keep(self, res: Reservation, why: str) -> None:
         """A call that may have been billed (timeout, connection lost after send): its hold stays,
-        under a name of its own, until it expires; the request's next attempt holds anew."""
+        under a name of its own, until it lapses and a rebuild lets it go; the request's next
+        attempt holds anew."""
         self.live.pop(res.rid, None)
         log.info("budget: %s may have been billed (%s): its hold of $%s stays until it expires",
                  res.rid, why, from_units(res.units))

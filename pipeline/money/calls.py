@@ -14,8 +14,9 @@ the worker, and its fate decides what it costs:
    (``pipeline.money.ledger`` counts ``CALL_SPEND`` in the ledger; the worker settles its
    hold at the maximum after the write);
 4. its worker died mid-call: whoever takes the batch back makes its 'sent' rows
-   'unconfirmed' in the claim's transaction (``take_over``), and the budget
-   reconcile does the same for rows older than any call can run (``unconfirm_stale``).
+   'unconfirmed' in the claim's transaction (``take_over``); the counters' rebuild does
+   the same for the calls of holds that lapsed (``unconfirm_held``) before it lets them go,
+   and the budget reconcile for rows older than any call can run (``unconfirm_stale``).
 
 Nothing lowers that maximum yet: neither provider reports usage per call in a form that
 names the call. The state 'confirmed' (with ``confirmed_usd``) is where such a report
@@ -87,6 +88,13 @@ def take_over(conn, batch_id: str) -> tuple[list[dict], str]:
         log.warning("batch %s: %d calls were in flight when its worker stopped: counted as unconfirmed"
                     " spend of $%s", batch_id, len(rows), sum((r["max_cost_usd"] for r in rows), Decimal(0)))
     return rows, xid
+
+
+def unconfirm_held(conn, hold_ids: list[str]) -> tuple[list[dict], str]:
+    """Calls whose budget hold lapsed (its holder stopped renewing it: dead, or stalled past the
+    longest a call can run), counted before the hold is let go (``ledger.rebuild``)."""
+    return _unconfirm(conn, "hold_id = ANY(:ids)", {"ids": list(hold_ids)},
+                      "its worker stopped renewing its budget hold mid-call")
 
 
 def unconfirm_stale(conn, older_than_s: float) -> tuple[list[dict], str]:

@@ -141,7 +141,9 @@ def rebuild(engine, redis_sync, settings: Settings, *, wait_s: float = 60.0) -> 
                 if redis_sync.get(KEYS[0]) is not None:
                     return False
                 held_ids = [k.decode() for k in redis_sync.hkeys(KEYS[4])]
+                lapsed = _resolve_lapsed(engine, redis_sync)
                 snap = ledger_snapshot(engine, settings, held_ids=held_ids)
+                snap["lapsed"] = lapsed
                 gen = new_generation()
                 # re-held for a short grace only: most 'running' requests are queued in their batch,
                 # not in a call; the live workers re-assert theirs within it (Budget._heartbeat)
@@ -149,8 +151,8 @@ def rebuild(engine, redis_sync, settings: Settings, *, wait_s: float = 60.0) -> 
                                                         int(REHOLD_GRACE_S * 1000), json.dumps(snap))
                 redis_sync.set(RUN_ID_KEY, _redis_run_id(redis_sync))
                 log.warning("budget counters rebuilt from the Postgres ledger (generation %s, %d live holds"
-                            " kept, %d holds of requests already in the ledger dropped, %d running requests"
-                            " re-held)", gen, kept, dropped, reheld)
+                            " kept, %d holds of requests already in the ledger or lapsed dropped, %d running"
+                            " requests re-held)", gen, kept, dropped, reheld)
                 return True
             finally:
                 if redis_sync.get(LOCK_KEY) == token.encode():
@@ -159,6 +161,34 @@ def rebuild(engine, redis_sync, settings: Settings, *, wait_s: float = 60.0) -> 
             raise BudgetUnavailable("budget counters are being rebuilt and the rebuild did not finish in time")
         time.sleep(0.05)
     return False
+
+
+def lapsed_holds(redis_sync) -> list[str]:
+    """The call attempts' holds past their expiry (by Redis's clock), set apart or not yet:
+    their holders stopped renewing them (``scripts`` ``lapse``)."""
+    sec, usec = redis_sync.time()
+    due = redis_sync.zrangebyscore(KEYS[5], "-inf", sec * 1000 + usec // 1000)
+    return sorted({k.decode() for k in redis_sync.smembers(KEYS[7])} | {k.decode() for k in due if b"~" in k})
+
+
+def _resolve_lapsed(engine, redis_sync) -> list[str]:
+    """Put the calls of lapsed holds in the ledger before a rebuild lets the holds go.
+
+    A hold lapses when its holder stops renewing it: a worker killed mid-call, whose calls the
+    provider bills all the same. Its calls still on record as sent become unconfirmed spend
+    (pipeline/money/calls.py) in a transaction that commits before the rebuild's snapshot, so
+    the counters never stop counting them: without this, the room a lapsed hold left was taken
+    by other calls before anyone counted the dead ones (issue 24, kill -9 of a worker at a cap).
+    Returns the holds resolved; the rebuild drops them.
+    """
+    from pipeline.money import calls
+    lapsed = lapsed_holds(redis_sync)
+    if lapsed:
+        with engine.begin() as conn:
+            rows, _ = calls.unconfirm_held(conn, lapsed)
+        if rows:
+            log.warning("budget: %d calls of %d lapsed holds counted as unconfirmed spend", len(rows), len(lapsed))
+    return lapsed
 
 
 def _redis_run_id(redis_sync) -> str:
@@ -215,7 +245,12 @@ def reconcile(engine, redis_sync, settings: Settings, *, recheck_s: float = 1.0)
                     rebuilt = rebuild(engine, redis_sync, settings)
                     return {"drift_units": {}, "rebuilt": rebuilt, "reason": "counters replaced meanwhile"}
                 drift = {f: d for f, d in second.items() if first.get(f) == d}
-            if not drift:
+            lapsed = [] if drift else lapsed_holds(redis_sync)
+            if lapsed:
+                # holds their holders stopped renewing stay counted until a rebuild has put their
+                # calls in the ledger (``_resolve_lapsed``)
+                stale, reason = set(lapsed), f"{len(lapsed)} holds lapsed (their holders stopped renewing them)"
+            elif not drift:
                 # spend right, but holds of requests the ledger already counts (a settle that failed,
                 # or never ran): they stall their caps until a rebuild drops them
                 stale = _stale_holds(engine, redis_sync)

@@ -16,8 +16,9 @@ K = REDIS_PREFIX + "budget:"
 WAIT_KEY = K + "wait:"
 #: a wait note outlives its last renewal this long
 WAIT_NOTE_TTL_S = 15
-#: KEYS[7]: the Postgres snapshot the counters were rebuilt from (SETTLE)
-KEYS = [K + "gen", K + "caps", K + "spent", K + "held", K + "res", K + "res:exp", K + "snapshot"]
+#: KEYS[7]: the Postgres snapshot the counters were rebuilt from (SETTLE); KEYS[8]: the holds that
+#: lapsed and stay counted (``LAPSES``)
+KEYS = [K + "gen", K + "caps", K + "spent", K + "held", K + "res", K + "res:exp", K + "snapshot", K + "lapsed"]
 LOCK_KEY = K + "rebuild-lock"
 #: how long a rebuild re-holds the maximum cost of a 'running' request nobody has re-asserted
 REHOLD_GRACE_S = 10.0
@@ -60,7 +61,22 @@ local function release(id)
     redis.call('HDEL', KEYS[5], id)
   end
   redis.call('ZREM', KEYS[6], id)
+  redis.call('SREM', KEYS[8], id)
   return rec
+end
+-- holds past their expiry: a call attempt's ('<request>~<attempt>', workers/limited.py) may have
+-- been billed, so it stays counted, set apart in KEYS[8] until a rebuild has put its calls in the
+-- ledger (ledger.rebuild); any other (a rebuild's short re-hold of a running request, a provider
+-- batch's hold, whose requests are on record in Postgres) is let go
+local function lapse(now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, 200)) do
+    if string.find(id, '~', 1, true) then
+      redis.call('ZREM', KEYS[6], id)
+      redis.call('SADD', KEYS[8], id)
+    else
+      release(id)
+    end
+  end
 end
 local function now_ms()
   local t = redis.call('TIME')
@@ -92,7 +108,7 @@ if not gen then return {'rebuild'} end
 local amount = num(ARGV[3])
 if not amount or amount <= 0 then return {'invalid', tostring(ARGV[3])} end
 local now = now_ms()
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, 200)) do release(id) end
+lapse(now)
 release(ARGV[2])                                 -- a retry re-reserves under the same id
 local n = tonumber(ARGV[4])
 local wait = false
@@ -159,6 +175,7 @@ local n = 0
 for i = 2, #ARGV do
   if redis.call('HEXISTS', KEYS[5], ARGV[i]) == 1 then
     redis.call('ZADD', KEYS[6], exp, ARGV[i])
+    redis.call('SREM', KEYS[8], ARGV[i])          -- a stalled holder back in time: live again
     n = n + 1
   end
 end
@@ -172,6 +189,7 @@ local rec = redis.call('HGET', KEYS[5], ARGV[1])
 if not rec then return 0 end
 redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('SREM', KEYS[8], ARGV[1])
 redis.call('HSET', KEYS[5], ARGV[2], rec)
 redis.call('ZADD', KEYS[6], now_ms() + tonumber(ARGV[3]), ARGV[2])
 return 1
@@ -192,7 +210,9 @@ return 1
 # requests while they are still 'held' in Postgres, a worker holds before its claim is durable.
 # Dropping them would free room already promised. 'running' requests not held are re-held.
 # Except data.drop: holds of requests whose result the ledger snapshot already counts (a settle
-# that failed or never ran): kept, they would count the spend twice and stall the cap.
+# that failed or never ran): kept, they would count the spend twice and stall the cap; and
+# data.lapsed: call attempts' holds past their expiry whose calls the rebuild put in the ledger
+# first (``rebuild``). One that lapsed after the rebuild read them is kept, lapsed, for the next.
 # Returns {holds kept, requests re-held, holds dropped}.
 INSTALL = """
 local data = cjson.decode(ARGV[3])
@@ -200,6 +220,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local drop = {}
 for _, id in ipairs(data.drop or {}) do drop[id] = true end
+for _, id in ipairs(data.lapsed or {}) do drop[id] = true end
 local keep = {}
 local dropped = 0
 local recs = redis.call('HGETALL', KEYS[5])
@@ -209,11 +230,11 @@ for i = 1, #recs, 2 do
   local amount, fields = string.match(rec, '^(%d+)|[^|]*|(.*)$')
   if drop[id] then
     dropped = dropped + 1
-  elseif amount and #amount <= 16 and exp and exp > now then
+  elseif amount and #amount <= 16 and (exp > now or string.find(id, '~', 1, true)) then
     keep[#keep + 1] = {id, amount, fields, exp, rec}
   end
 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[8])
 for f, v in pairs(data.caps) do redis.call('HSET', KEYS[2], f, v) end
 for f, v in pairs(data.spent) do redis.call('HSET', KEYS[3], f, v) end
 local function hold(id, amount, fields, exp, rec)

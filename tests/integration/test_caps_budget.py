@@ -199,14 +199,59 @@ def test_a_call_that_may_have_been_billed_keeps_its_hold_until_it_expires(stack,
         await retry.call({}, headers={})
         both = _units(sredis, scripts.KEYS[3], f"job:{job}")
         await b.settle(retry.reservation, AMOUNT / 4)
-        await asyncio.sleep(1.6)             # past the TTL: the detached hold expires
+        await asyncio.sleep(1.6)             # past the TTL: the detached hold lapses, and stays counted
         await b.release(await b.reserve(request_key(job, "r2"), job, "background", AMOUNT))
         return held, held_after_429, both
     held, held_after_429, both = asyncio.run(main())
     assert held == units.to_units(AMOUNT)
     assert held_after_429 == units.to_units(AMOUNT)       # the 429 was answered, never billed: released
     assert both == 2 * units.to_units(AMOUNT)
+    assert _units(sredis, scripts.KEYS[3], f"job:{job}") == units.to_units(AMOUNT)
+    assert ledger.reconcile(engine, sredis, settings)["rebuilt"]   # nothing on record for it: let go
     assert _units(sredis, scripts.KEYS[3], f"job:{job}") == 0
+
+
+def _record_sent(engine, job: str, cid: str, hold_id: str, amount: Decimal) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO provider_calls (call_id, hold_id, job_id, custom_id, tier, batch_id, owner, max_cost_usd)"
+            " VALUES (:c, :h, :j, :cid, 'background', NULL, 'dead-worker', :m)"),
+            {"c": f"{hold_id}.1", "h": hold_id, "j": job, "cid": cid, "m": amount})
+
+
+def test_a_lapsed_hold_frees_no_money_until_the_ledger_counts_its_calls(stack, engine, clients):
+    """Issue 24 (kill -9 of a worker at its job's cap): the dead worker's holds lapsed 45 s after
+    the kill, the next reserve let them go, and the other batches' waiting calls took the room
+    before the dead worker's calls, billed by the provider, were counted (the provider's bill 6 to
+    12 % over the cap, 7 runs of 7). A hold that lapses stays counted; the reconcile puts its calls
+    in the ledger, then lets it go."""
+    settings = budget_settings(stack, budget_reservation_ttl_s=1.0, provider_timeout_s=0.1,
+                               budget_reservation_margin_s=0)
+    sredis = clients(settings)[1]
+    job = _job(engine, AMOUNT * 2, n=6)     # two calls' worth: one sent by the dead worker, one never sent
+    sent, unsent = f"{request_key(job, 'r0')}~dead", f"{request_key(job, 'r1')}~dead"
+
+    async def die():   # holds taken, one call on record as sent; then the process is gone
+        b = budget.Budget(settings, engine, scripts.redis_clients(settings)[0], sredis)
+        await b.reserve(sent, job, "background", AMOUNT)
+        await b.reserve(unsent, job, "background", AMOUNT)
+        _record_sent(engine, job, "r0", sent, AMOUNT)
+    asyncio.run(die())
+    wait_for(lambda: len(ledger.lapsed_holds(sredis)) == 2, timeout=10, what="the dead worker's holds to lapse")
+
+    async def other(cid):   # another process of the same job, in a loop of its own
+        b = budget.Budget(settings, engine, scripts.redis_clients(settings)[0], sredis)
+        return await b.reserve(f"{request_key(job, cid)}~live", job, "background", AMOUNT, wait=False)
+    assert asyncio.run(other("r2")) is None, "a lapsed hold let another call take its room"
+    out = ledger.reconcile(engine, sredis, settings)
+    assert out["rebuilt"] and "lapsed" in out["reason"], out
+    with engine.connect() as conn:
+        state = conn.execute(sa.text("SELECT state FROM provider_calls WHERE hold_id = :h"), {"h": sent}).scalar()
+    assert state == "unconfirmed"           # the sent call is spent at its maximum, for good
+    assert _units(sredis, scripts.KEYS[2], f"job:{job}") == units.to_units(AMOUNT)
+    assert ledger.lapsed_holds(sredis) == [] and _units(sredis, scripts.KEYS[3], f"job:{job}") == 0
+    assert asyncio.run(other("r3")) is not None    # the unsent call's room is free again
+    assert asyncio.run(other("r4")) is None         # the sent one's is not: spent, and r3 holds the rest
 
 
 class FlakyRedis:

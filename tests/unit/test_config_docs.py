@@ -3,7 +3,7 @@
 Every field of ``pipeline.config.Settings`` needs a one-line meaning (a ``#:``
 comment above it) and a line in docs/CONFIGURATION.md. When either test fails
 the fix is one command, named in the failure message:
-``python -m pipeline.config docs > docs/CONFIGURATION.md``.
+``python -m pipeline.config_docs > docs/CONFIGURATION.md``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.config import DOCS_COMMAND, Settings, field_docs, settings_reference
+from pipeline.config import Settings
+from pipeline.config_docs import DOCS_COMMAND, field_docs, settings_reference
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "CONFIGURATION.md"
 

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from aiohttp import web
 
@@ -28,11 +29,21 @@ from simulator.config import config_from_options
 from simulator.providers import redacted
 from simulator.server import Simulator, json_response
 
+log = logging.getLogger(__name__)
+
 
 def _config_view(sim: Simulator) -> dict:
     view = dataclasses.asdict(sim.config)
     view["providers"] = redacted(sim.config.providers)
     return view
+
+
+def _changed(request: web.Request, what: str) -> None:
+    """One log line per change of the configuration, naming who asked (``X-Caller``, which the test
+    helpers set to the test running, else the client's address): a change from a place nobody
+    expects (a test's leftover context, another process) then names itself."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    log.warning("simulator: configuration %s by %s", what, request.headers.get("X-Caller") or peer)
 
 
 def add_control_routes(app: web.Application, sim: Simulator) -> None:
@@ -78,10 +89,12 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
             sim.configure(config_from_options(None, **{**dataclasses.asdict(sim.config), **changes}))
         except (ValueError, TypeError, LLMBatchError) as e:
             return json_response({"error": str(e)}, status=400)
+        _changed(request, f"changed ({', '.join(sorted(changes))})")
         return json_response(_config_view(sim))
 
     async def delete_config(request):
         sim.configure(sim.startup_config)
+        _changed(request, "reset to the startup configuration")
         return json_response(_config_view(sim))
 
     def keys(restore: bool):

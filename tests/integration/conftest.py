@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -97,6 +98,11 @@ def kafka_conf(settings, role: str = "admin", **extra) -> dict:
     from this one helper, so the tests use Kafka as the pipeline's own principals do."""
     from pipeline.intake.kafka import client_conf
     return {**client_conf(settings, role), **extra}
+
+
+def caller() -> str:
+    """The test running, for the simulator's log of who changed its configuration (``X-Caller``)."""
+    return os.environ.get("PYTEST_CURRENT_TEST", "outside a test").encode("ascii", "replace").decode()
 
 
 def wait_for(predicate, timeout: float = 60, every: float = 0.2, what: str = "condition"):

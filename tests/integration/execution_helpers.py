@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from pipeline.money import budget
 from pipeline.stores import db
+from tests.integration.conftest import caller
 
 
 #: one event loop for every in-process batch of the test session, as a worker process has one:
@@ -107,7 +108,7 @@ def simulator_config(settings, **changes):
     def call(method, body=None):
         req = urllib.request.Request(f"{settings.simulator_url}/_config", method=method,
                                      data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", "X-Caller": caller()})
         return json.load(urllib.request.urlopen(req, timeout=10))
     call("POST", changes)
     try:

@@ -17,7 +17,7 @@ WAIT_KEY = K + "wait:"
 #: a wait note outlives its last renewal this long
 WAIT_NOTE_TTL_S = 15
 #: KEYS[7]: the Postgres snapshot the counters were rebuilt from (SETTLE); KEYS[8]: the holds that
-#: lapsed and stay counted (``LAPSES``)
+#: lapsed and stay counted (``lapse`` in the scripts below)
 KEYS = [K + "gen", K + "caps", K + "spent", K + "held", K + "res", K + "res:exp", K + "snapshot", K + "lapsed"]
 LOCK_KEY = K + "rebuild-lock"
 #: how long a rebuild re-holds the maximum cost of a 'running' request nobody has re-asserted

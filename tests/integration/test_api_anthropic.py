@@ -1,7 +1,7 @@
 """Anthropic's Message Batches on ``llmbatch api``, driven by the official ``anthropic`` SDK unchanged.
 
 ``messages.batches.create → retrieve until ended → results → list → delete``, the objects compared
-field by field with the SDK's models and the shapes in FACTS.md (``message_batch``,
+field by field with the SDK's models and the shapes of Anthropic's Message Batches reference (``message_batch``,
 ``processing_status``, ``request_counts``, the four result types, an errored line's error nested
 twice); cancel (``canceling`` → ``ended``, what never ran ``canceled``) and expiry (``expired``);
 the list's ``before_id``/``after_id``/``limit``; Anthropic's auth (``x-api-key``,
@@ -130,7 +130,7 @@ def test_the_anthropic_sdk_unchanged_runs_a_batch(stack, engine, api):
     results = list(c.messages.batches.results(b.id))
     assert all(isinstance(r, MessageBatchIndividualResponse) for r in results)
     assert sorted(r.custom_id for r in results) == sorted(r["custom_id"] for r in reqs)
-    # the raw lines, field by field (FACTS.md): {"custom_id", "result": {"type": "succeeded", "message": {…usage}}}
+    # the raw lines, field by field (Anthropic's Message Batches reference): {"custom_id", "result": {"type": "succeeded", "message": {…usage}}}
     status, text = raw("GET", b.results_url, {"x-api-key": c.api_key, "anthropic-version": "2023-06-01"})
     lines = {x["custom_id"]: x for x in map(json.loads, text.splitlines())}
     print(json.dumps(lines[f"{tag}-0"])[:600])

@@ -101,7 +101,7 @@ def test_result_lines_have_anthropics_four_types():
     failed = shapes.result_line("job", {"custom_id": "c", "status": "failed", "status_code": 400, "response": None,
                                         "error": {"code": "x", "message": "bad"}, "endpoint": "/v1/messages"},
                                 "completed")
-    # the error nested twice (FACTS.md): result.error = {type: error, error: {type, message}}
+    # the error nested twice (Anthropic's Message Batches reference): result.error = {type: error, error: {type, message}}
     assert failed["result"] == {"type": "errored", "error": {"type": "error", "error": {
         "type": "invalid_request_error", "message": "bad"}}}
     assert MessageBatchIndividualResponse.model_validate(failed).result.error.error.type == "invalid_request_error"

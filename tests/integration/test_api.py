@@ -114,7 +114,7 @@ def test_the_openai_sdk_unchanged_runs_a_batch(stack, engine, api, tmp_path, end
     out = [json.loads(x) for x in c.files.content(b.output_file_id).text.splitlines()]
     print(json.dumps(out[0])[:600])
     assert sorted(x["custom_id"] for x in out) == sorted(f"{tag}-{i}" for i in range(6))
-    for line in out:   # OpenAI's output line (FACTS: output and error files share one shape)
+    for line in out:   # OpenAI's batch output line (its error file uses the same shape)
         assert set(line) == {"id", "custom_id", "response", "error"} and line["error"] is None
         assert line["id"].startswith("batch_req_")
         assert set(line["response"]) == {"status_code", "request_id", "body"}

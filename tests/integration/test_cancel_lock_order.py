@@ -2,7 +2,7 @@
 
 The API cancels a job more than once (the client's cancel, then every move of a 'cancelling' batch,
 pipeline/api/batches.py ``advance``), and a large job's batches are still being written by the
-batcher meanwhile. Seen once (HANDOFF-api2.md): a cancel of a 35,000-line batch deadlocked with a
+batcher meanwhile. Seen once, in an API test under load: a cancel of a 35,000-line batch deadlocked with a
 second cancel of the same job, the first closing batches it had not locked (committed after its
 ordered lock step) that the second had locked in order, and went through after 45 s of retries.
 

@@ -20,7 +20,7 @@ demo: up
 	@bash infra/demo.sh
 
 test: up
-	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/faults
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=25 --ignore=tests/faults
 	@$(MAKE) --no-print-directory test-faults
 
 # Fault injection kills and restarts processes, so it gets a stack of its own
@@ -38,7 +38,7 @@ test-faults: setup
 	@$(FAULT_ENV) bash infra/stack.sh up
 	@rm -f var/stack-faults/fault-report.jsonl; \
 	$(FAULT_ENV) LLMBATCH_FAULT_REPORT=$(CURDIR)/var/stack-faults/fault-report.jsonl \
-		$(PY) -m pytest tests/faults -q -p no:cacheprovider; rc=$$?; \
+		$(PY) -m pytest tests/faults -q -p no:cacheprovider --durations=10; rc=$$?; \
 	$(FAULT_ENV) bash infra/stack.sh down >/dev/null; exit $$rc
 
 # the fault stack, should a run have been interrupted before it stopped it

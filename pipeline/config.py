@@ -149,8 +149,9 @@ class Settings:
     consumer_group: str = "llmbatch-batcher"
     #: requests per batch, per tier
     batch_max_size: dict = _tier_map(immediate=50, peak=200, offpeak=500, background=500)
-    #: seconds a batch waits to fill before it is written, per tier
-    batch_linger_s: dict = _tier_map(immediate=0.005, peak=0.2, offpeak=0.5, background=0.5)
+    #: seconds a batch waits to fill before it is written, per tier; immediate none: the fast lane takes
+    #: every message waiting at once, so a burst still shares a batch, and a lone request waits for nothing
+    batch_linger_s: dict = _tier_map(immediate=0.0, peak=0.2, offpeak=0.5, background=0.5)
     #: a batch ``queued`` this long and never dispatched, or ``running`` with an expired lease, is dispatched again
     sweep_after_s: float = 30.0
     #: seconds a cached answer of a deterministic request stays in Redis

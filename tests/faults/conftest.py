@@ -36,7 +36,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
@@ -51,7 +50,7 @@ from pipeline.money.ledger import JOB_SPENT_SQL
 from pipeline.money.pricing import get_price_book
 from pipeline.stores import db
 from tests.faults.money import Bill, Ledger, calls_without_a_row, money_failures, unseen_keys
-from tests.integration.conftest import LLMBATCH, caller, stack, wait_for  # noqa: F401  (stack: pytest fixture)
+from tests.integration.conftest import LLMBATCH, simulator_call, stack, wait_for  # noqa: F401  (stack: pytest fixture)
 
 STACK_SH = ROOT / "infra" / "stack.sh"
 REPORT = Path(os.environ.get("LLMBATCH_FAULT_REPORT", ROOT / "var" / "fault-report.jsonl"))
@@ -184,12 +183,7 @@ def crash(name: str, *, leader_only: bool = False, timeout: float = 240) -> dict
 # ------------------------------------------------------------------ the simulator
 
 def sim(method: str, path: str, body: dict | None = None) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(get_settings().simulator_url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json", "X-Caller": caller()} if data
-                                 else {"X-Caller": caller()})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read() or b"{}")
+    return simulator_call(get_settings().simulator_url + path, method, body)
 
 
 def sim_config(**changes) -> dict:

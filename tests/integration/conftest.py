@@ -100,9 +100,14 @@ def kafka_conf(settings, role: str = "admin", **extra) -> dict:
     return {**client_conf(settings, role), **extra}
 
 
-def caller() -> str:
-    """The test running, for the simulator's log of who changed its configuration (``X-Caller``)."""
-    return os.environ.get("PYTEST_CURRENT_TEST", "outside a test").encode("ascii", "replace").decode()
+def simulator_call(url: str, method: str = "GET", body=None, timeout: float = 10) -> dict:
+    """One call to the simulator's control API (``/_config``, ``/_stats``, ``/_admin``), naming the
+    test running in ``X-Caller`` so the simulator's log of configuration changes says who asked."""
+    who = os.environ.get("PYTEST_CURRENT_TEST", "outside a test").encode("ascii", "replace").decode()
+    req = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "X-Caller": who})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"{}")
 
 
 def wait_for(predicate, timeout: float = 60, every: float = 0.2, what: str = "condition"):

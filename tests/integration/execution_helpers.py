@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from pipeline.money import budget
 from pipeline.stores import db
-from tests.integration.conftest import caller
+from tests.integration.conftest import simulator_call
 
 
 #: one event loop for every in-process batch of the test session, as a worker process has one:
@@ -106,10 +106,7 @@ def keys_seen(settings, job: str) -> dict[str, int]:
 @contextlib.contextmanager
 def simulator_config(settings, **changes):
     def call(method, body=None):
-        req = urllib.request.Request(f"{settings.simulator_url}/_config", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json", "X-Caller": caller()})
-        return json.load(urllib.request.urlopen(req, timeout=10))
+        return simulator_call(f"{settings.simulator_url}/_config", method, body)
     call("POST", changes)
     try:
         yield

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import time
-import urllib.request
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import sqlalchemy as sa
 
 from pipeline.config import ROOT
 from pipeline.constants import JOB_TERMINAL
-from tests.integration.conftest import LLMBATCH, caller, wait_for, write_jsonl
+from tests.integration.conftest import LLMBATCH, simulator_call, wait_for, write_jsonl
 
 RESTARTED = ("batcher", "worker-immediate", "worker-peak")
 LLAMA = "meta-llama-3.1-70b"
@@ -48,11 +47,7 @@ def key(rpm: int | None = None) -> tuple[str, str, int | None]:
 
 
 def sim(settings, method: str, path: str, body=None) -> dict:
-    req = urllib.request.Request(f"{settings.simulator_url}{path}", method=method,
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", "X-Caller": caller()})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read() or b"{}")
+    return simulator_call(f"{settings.simulator_url}{path}", method, body, timeout=30)
 
 
 def _stack_sh(env: dict, *args: str) -> None:

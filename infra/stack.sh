@@ -70,6 +70,41 @@ port_taken() { # NAME
     [ "$port" != - ] && port_open "$port"
 }
 
+# Every port NAME binds (Kafka's controller too).
+ports_of() { # NAME
+    case $1 in
+        kafka) echo "$KAFKA_PORT $KAFKA_CONTROLLER_PORT" ;;
+        *) [ "$(port_of "$1")" = - ] || port_of "$1" ;;
+    esac
+}
+
+# A port nobody listens on can still be unbindable: the kernel gives outgoing connections their
+# local port from its ephemeral range (Linux: 32768-60999), where the default ports lie
+# (docs/CONFIGURATION.md). A service started then dies with "address already in use"; so wait
+# for such a socket to close (it names the holder), up to PORT_WAIT_S seconds.
+wait_ports_free() { # NAME
+    local name=$1 port holder deadline
+    deadline=$(($(date +%s) + ${PORT_WAIT_S:-60}))
+    for port in $(ports_of "$name"); do
+        holder=
+        while ! "$PY" -c 'import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null; do
+            if [ -z "$holder" ]; then
+                holder=$(ss -tanpH "( sport = :$port )" 2>/dev/null | head -n 1 | tr -s ' ')
+                say "$name" "port $port is held by a socket that does not listen (${holder:-holder unknown});" \
+                    "waiting up to ${PORT_WAIT_S:-60} s for it to close"
+            fi
+            if [ "$(date +%s)" -ge "$deadline" ]; then
+                say "$name" "FAILED: port $port still held after ${PORT_WAIT_S:-60} s; close that socket" \
+                    "or move the stack (LLMBATCH_PORT_OFFSET, docs/CONFIGURATION.md)"
+                return 1
+            fi
+            sleep 0.5
+        done
+    done
+}
+
 # ---------------------------------------------------------------- supervision
 
 sv() { "$PY" "$ROOT/infra/supervise.py" "$@"; }
@@ -132,31 +167,54 @@ stop_unsupervised() { # NAME  (SIGINT is Postgres' fast shutdown; SIGTERM for th
     STOP_SIGNAL=$sig stop_process "$name" 30
 }
 
+# Starts that may fail, during one `up`, before a process counts as not starting. A start can
+# fail for a passing reason (a lock a dying predecessor still holds, a port a client socket took
+# a moment ago); the supervisor tries again after 1 s, then 2 s, so a cause that does not pass
+# still fails the `up` within seconds.
+START_ATTEMPTS=3
+
+# The error lines NAME's log gained since `up` started it (every failed start's), at most 12.
+errors_since_up() { # NAME
+    local f pos
+    f=$(log_file "$1")
+    pos=$(cat "$RUN_DIR/$1.uppos" 2>/dev/null) || pos=0
+    [ -f "$f" ] || return 0
+    [ "$(stat -c %s "$f")" -ge "${pos:-0}" ] || pos=0
+    tail -c +$((${pos:-0} + 1)) "$f" | grep -E -m 12 'ERROR|FATAL|Exception:|Error:|error:|Caused by' || true
+}
+
 # Wait until NAME (started by the supervisor) passes READY_CHECK. With FAIL_FAST, a process
-# that dies during start-up is a failed start: it is stopped and the log's tail shown.
+# that fails START_ATTEMPTS starts is stopped, and its error lines and log tail shown; one
+# that fails fewer and then comes up is reported with its first error.
 wait_ready() { # NAME READY_CHECK TIMEOUT FAIL_FAST
     local name=$1 check=$2 timeout=$3 fail_fast=$4
-    local started deadline port
+    local started deadline port starts failed
     started=$(date +%s)
     deadline=$((started + timeout))
     port=$(port_of "$name")
     [ "$port" = - ] && port= || port=", port $port"
     while :; do
         sv_state "$name"
-        if [ "$fail_fast" = 1 ] && { [ "$(starts_of "$name")" -gt 1 ] \
-                || [[ $STATE == BACKOFF || $STATE == EXITED || $STATE == FATAL ]]; }; then
-            say "$name" "FAILED: exited during start-up"
+        starts=$(starts_of "$name")
+        if [[ $STATE == RUNNING || $STATE == STARTING ]] && PID=$SPID eval "$check" >/dev/null 2>&1; then
+            failed=
+            [ "$fail_fast" = 1 ] && [ "$starts" -gt 1 ] && failed=", after $((starts - 1)) failed start(s); their errors:"
+            say "$name" "started (pid $SPID$port) in $(($(date +%s) - started)) s$failed"
+            [ -z "$failed" ] || errors_since_up "$name" | sed 's/^/    /'
+            return 0
+        fi
+        if [ "$fail_fast" = 1 ] && { [[ $STATE == FATAL ]] || [ "$starts" -gt $START_ATTEMPTS ] \
+                || { [ "$starts" -eq $START_ATTEMPTS ] && [[ $STATE == BACKOFF || $STATE == EXITED ]]; }; }; then
+            say "$name" "FAILED: exited during start-up, $starts times; the errors:"
+            errors_since_up "$name" >&2
             show_log_tail "$name"
             sv stop "$name" >/dev/null
             return 1
         fi
-        if [[ $STATE == RUNNING || $STATE == STARTING ]] && PID=$SPID eval "$check" >/dev/null 2>&1; then
-            say "$name" "started (pid $SPID$port) in $(($(date +%s) - started)) s"
-            return 0
-        fi
         if [ "$(date +%s)" -ge "$deadline" ]; then
             if [ "$fail_fast" = 1 ]; then
                 say "$name" "FAILED: not ready after ${timeout} s (state $STATE; stopping it)"
+                errors_since_up "$name" >&2
                 show_log_tail "$name"
                 sv stop "$name" >/dev/null
             else
@@ -188,8 +246,10 @@ supervised_start() { # NAME READY_CHECK [TIMEOUT]
     if port_taken "$name"; then
         die "port $(port_of "$name") is taken by a process that is not this stack's $name"
     fi
+    wait_ports_free "$name" || return 1
     save_env "$name"
     echo 0 >"$RUN_DIR/$name.starts"
+    stat -c %s "$(log_file "$name")" >"$RUN_DIR/$name.uppos" 2>/dev/null || echo 0 >"$RUN_DIR/$name.uppos"
     sv start "$name" || return 1
     wait_ready "$name" "$check" "$timeout" 1
 }

@@ -79,6 +79,14 @@ class Settings:
     # services (ports chosen so a system service on a default port does not collide)
     #: Postgres, the system of record (SQLAlchemy URL, psycopg 3 driver)
     database_url: str = "postgresql+psycopg://llmbatch@127.0.0.1:55432/llmbatch"
+    #: how long submit and the CLI wait for Postgres or Kafka to answer before they give up
+    #: (a restart takes seconds; a service that is not there is said once, then the command fails)
+    outage_patience_s: float = 60.0
+    #: a pipeline session idle inside a transaction longer than this is ended by Postgres, so a
+    #: stalled process (stopped, hung) lets go of its row locks and a cancel does not wait on it
+    #: for ever; above the longest wait inside a healthy transaction (a large group's budget
+    #: holds in Redis, an API batch's output files: seconds to a minute or two)
+    db_idle_transaction_s: float = 300.0
     #: Redis: Celery broker, budget counters, rate windows, response cache
     redis_url: str = "redis://127.0.0.1:56379/0"
     #: password of the role llmbatch, put into database_url when that names none (generated into var/secrets.env)

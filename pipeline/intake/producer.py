@@ -202,10 +202,6 @@ def check_file(path: Path, max_line_bytes: int = 16 * 1024 * 1024) -> None:
                                      "JSONL: put one request per line (e.g. `jq -c . FILE > FILE.jsonl`)")
 
 
-#: how long a submit waits for Kafka to answer before it gives up (a broker restart takes seconds)
-KAFKA_PATIENCE_S = 60.0
-
-
 class _OncePerKind(logging.Filter):
     """librdkafka repeats a connection failure every few hundred ms: pass each kind of line
     (numbers blanked) once, so an outage is one line, not hundreds."""
@@ -229,8 +225,10 @@ def _kafka_logger() -> logging.Logger:
     return logger
 
 
-def _wait_for_kafka(producer, settings: Settings, patience_s: float = KAFKA_PATIENCE_S) -> None:
-    """Return once Kafka answers a metadata request; one line while waiting; InfrastructureError after."""
+def _wait_for_kafka(producer, settings: Settings) -> None:
+    """Return once Kafka answers a metadata request; one line while waiting; InfrastructureError
+    after ``outage_patience_s``."""
+    patience_s = settings.outage_patience_s
     deadline = time.monotonic() + patience_s
     waiting = False
     while True:

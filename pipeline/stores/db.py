@@ -34,9 +34,19 @@ MIGRATIONS_DIR = ROOT / "sql"
 
 @functools.cache
 def get_engine(url: str | None = None) -> Engine:
-    """One engine (and pool) per process."""
-    return sa.create_engine(url or get_settings().sqlalchemy_url, pool_size=5, max_overflow=10,
-                            pool_pre_ping=True, future=True)
+    """One engine (and pool) per process.
+
+    Its sessions end when idle inside a transaction for ``db_idle_transaction_s``, so the row
+    locks of a stalled process (stopped, hung) go instead of holding up every writer of those
+    rows for as long as it stalls (a cancel waited 518 s on a stopped scheduler's uncommitted
+    UPDATE). The limit is set above the longest wait a healthy transaction has between its
+    statements; the stalled process's next statement fails as on a dropped connection, and its
+    work is taken up again as after one (``retrying``, the next tick, a lease running out)."""
+    settings = get_settings()
+    idle_ms = max(1, round(settings.db_idle_transaction_s * 1000))
+    return sa.create_engine(url or settings.sqlalchemy_url, pool_size=5, max_overflow=10,
+                            pool_pre_ping=True, future=True,
+                            connect_args={"options": f"-c idle_in_transaction_session_timeout={idle_ms}"})
 
 
 def dumps(value) -> str:
@@ -45,11 +55,14 @@ def dumps(value) -> str:
 
 
 @contextlib.contextmanager
-def transaction(engine: Engine, patience_s: float = 60.0):
-    """``engine.begin()`` that waits out a short Postgres outage (a restart) when connecting.
+def transaction(engine: Engine, patience_s: float | None = None):
+    """``engine.begin()`` that waits out a short Postgres outage (a restart) when connecting,
+    for ``patience_s`` (default: the setting ``outage_patience_s``).
 
     Only the connect is retried, never a statement: the block runs once.
     """
+    if patience_s is None:
+        patience_s = get_settings().outage_patience_s
     started = time.monotonic()
     deadline = started + patience_s
     waiting = False

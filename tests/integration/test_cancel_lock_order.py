@@ -8,16 +8,26 @@ ordered lock step) that the second had locked in order, and went through after 4
 
 The interleaving is made here with a lock the test holds, against the real Postgres; success is
 ``pg_stat_database.deadlocks`` unchanged, and both cancels back at once.
+
+And a pipeline process that stalls inside a transaction (stopped by the OS or a debugger, or hung)
+must not make a cancel wait as long as it stalls: seen once, a scheduler stopped between its
+poll's UPDATE of a provider batch and the commit held that row for 518 s, and the job's cancel
+waited all of it.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 
 import sqlalchemy as sa
 
+from pipeline.config import ROOT
 from pipeline.stores import jobs
 from tests.integration.conftest import wait_for
 from tests.integration.execution_helpers import insert_requests, scalar
@@ -97,3 +107,41 @@ def test_two_cancels_of_a_job_being_written_do_not_deadlock(stack, engine):
         open_requests = conn.execute(sa.text(
             "SELECT count(*) FROM requests WHERE job_id = :j AND status <> 'cancelled'"), {"j": job}).scalar()
     assert open_requests == 0 and left == {b1: "done", b3: "done", b5: "done"}, (open_requests, left)
+
+
+#: a process of the pipeline that takes the job's row lock in a transaction, says so, and stalls
+STALLED_HOLDER = """
+import os, signal, sys
+import sqlalchemy as sa
+from pipeline.stores.db import get_engine
+with get_engine().begin() as conn:
+    conn.execute(sa.text("SELECT 1 FROM jobs WHERE job_id = :j FOR UPDATE"), {"j": sys.argv[1]})
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_stalled_process_inside_a_transaction_does_not_hold_up_a_cancel(stack, engine):
+    """The pipeline's own sessions end when idle in a transaction longer than
+    ``db_idle_transaction_s`` (here 2 s), so the lock a stalled process holds is let go."""
+    job = f"stalled-{uuid.uuid4().hex[:10]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO jobs (job_id, status, accepted, lines_read) VALUES (:j, 'running', 0, 0)"),
+                     {"j": job})
+    holder = subprocess.Popen([sys.executable, "-c", STALLED_HOLDER, job], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "LLMBATCH_DB_IDLE_TRANSACTION_S": "2"})
+    outcome: list = []
+    canceller = threading.Thread(target=lambda: outcome.append(jobs.cancel_job(job, engine=engine)), daemon=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        canceller.start()
+        canceller.join(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert outcome, "the cancel still waits for the stalled process's lock after 60 s"
+    print(f"\ncancel behind a stalled holder took {took:.1f} s")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM jobs WHERE job_id = :j"), {"j": job}).scalar() == "cancelled"

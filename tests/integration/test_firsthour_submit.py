@@ -226,7 +226,8 @@ def test_a_json_array_file_is_refused_before_a_job_exists(tmp_path):
 
 def test_postgres_unreachable_at_submit_says_so_once_and_points_to_doctor(tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [chat_line("a", "x")])
-    env = dict(os.environ, LLMBATCH_DATABASE_URL="postgresql+psycopg://llmbatch@127.0.0.1:9/llmbatch")
+    env = dict(os.environ, LLMBATCH_DATABASE_URL="postgresql+psycopg://llmbatch@127.0.0.1:9/llmbatch",
+               LLMBATCH_OUTAGE_PATIENCE_S="5")   # how long it waits is not what is checked here
     proc = subprocess.run([LLMBATCH, "submit", "--mode", "realtime", str(path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.count("waiting for Postgres") == 1, proc.stderr
@@ -235,7 +236,8 @@ def test_postgres_unreachable_at_submit_says_so_once_and_points_to_doctor(tmp_pa
 
 def test_kafka_unreachable_at_submit_says_so_once_and_leaves_no_job(engine, tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [chat_line("a", "x")])
-    env = dict(os.environ, LLMBATCH_KAFKA_BOOTSTRAP="127.0.0.1:9")
+    env = dict(os.environ, LLMBATCH_KAFKA_BOOTSTRAP="127.0.0.1:9",
+               LLMBATCH_OUTAGE_PATIENCE_S="8")   # past one 5 s metadata try: long enough to say it waits
     proc = subprocess.run([LLMBATCH, "submit", "--mode", "realtime", str(path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.count("waiting for Kafka") == 1 and "FAIL" not in proc.stderr, proc.stderr

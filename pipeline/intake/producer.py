@@ -238,12 +238,12 @@ def _wait_for_kafka(producer, settings: Settings) -> None:
                 log.warning("Kafka reachable again")
             return
         except KafkaException as e:
+            if not waiting:   # said at the first failure, however long that try took
+                log.warning("waiting for Kafka at %s (up to %.0f s)", settings.kafka_bootstrap, patience_s)
+                waiting = True
             if time.monotonic() > deadline:
                 why = e.args[0].str() if e.args and hasattr(e.args[0], "str") else str(e)
                 raise InfrastructureError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {why}") from None
-            if not waiting:
-                log.warning("waiting for Kafka at %s (up to %.0f s)", settings.kafka_bootstrap, patience_s)
-                waiting = True
 
 
 def _parses(raw: bytes) -> bool:

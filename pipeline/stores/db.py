@@ -71,13 +71,13 @@ def transaction(engine: Engine, patience_s: float | None = None):
             conn = engine.connect()
             break
         except sa.exc.OperationalError as e:
-            if time.monotonic() > deadline:
-                raise InfrastructureError(f"cannot reach Postgres: {e.orig}") from e
-            if not waiting:   # one line per state change, not one per attempt
+            if not waiting:   # one line per state change, not one per attempt, said at the first
                 log.warning("waiting for Postgres (up to %.0f s): %s", patience_s, str(e.orig).strip())
                 waiting = True
             else:
                 log.debug("Postgres still unreachable: %s", e.orig)
+            if time.monotonic() > deadline:
+                raise InfrastructureError(f"cannot reach Postgres: {e.orig}") from e
             time.sleep(1.0)
     if waiting:
         log.warning("Postgres reachable again after %.0f s", time.monotonic() - started)

@@ -215,7 +215,8 @@ def test_the_window_path_waits_for_the_window_and_is_billed_at_its_price(deepsee
 
 def test_an_unfinished_provider_batch_goes_back_to_realtime_before_its_deadline(scheduler, tmp_path):  # noqa: F811
     """A provider batch still running when a request's deadline nears (``provider_batch_deadline_lead_s``)
-    is cancelled; what it did not run goes to realtime and meets the deadline; no line is billed twice."""
+    is cancelled; what it did not run goes to realtime and meets the deadline; no line is billed twice.
+    Whether the provider ran a line before the cancel reached it depends on timing: both are right."""
     from tests.integration.execution_helpers import calls_of, simulator_config
     engine, n = scheduler, 12
     settings = get_settings()
@@ -231,10 +232,11 @@ def test_an_unfinished_provider_batch_goes_back_to_realtime_before_its_deadline(
         def submitted():
             with engine.connect() as conn:
                 return conn.execute(sa.text(
-                    "SELECT count(DISTINCT pb.id) FROM provider_batches pb JOIN batches b ON b.provider_batch = pb.id"
+                    "SELECT DISTINCT pb.id FROM provider_batches pb JOIN batches b ON b.provider_batch = pb.id"
                     " JOIN requests r ON r.batch_id = b.batch_id WHERE r.job_id = :j AND pb.status = 'submitted'"),
-                    {"j": job}).scalar()
-        wait_for(submitted, timeout=90, what="the provider batch was submitted")
+                    {"j": job}).scalars().all()
+        # kept by id: once its lines have moved to realtime, no request of the job points at it any more
+        pb_ids = wait_for(submitted, timeout=90, what="the provider batch was submitted")
         # the scheduler's clock moves to 14 minutes before the deadline: inside the lead (30 min), past the
         # latest start (deadline - deadline_margin_s, 15 min)
         DbClock(engine).set(deadline - timedelta(minutes=14))
@@ -251,9 +253,8 @@ def test_an_unfinished_provider_batch_goes_back_to_realtime_before_its_deadline(
         d = conn.execute(sa.text("SELECT on_time, late, missed FROM job_deadlines WHERE job_id = :j"),
                          {"j": job}).mappings().one()
         pb = conn.execute(sa.text(
-            "SELECT pb.provider_status, pb.cancel_requested FROM provider_batches pb JOIN batches b"
-            " ON b.provider_batch = pb.id JOIN requests r ON r.batch_id = b.batch_id WHERE r.job_id = :j LIMIT 1"),
-            {"j": job}).mappings().one()
+            "SELECT provider_status, cancel_requested FROM provider_batches WHERE id = ANY(:ids) LIMIT 1"),
+            {"ids": pb_ids}).mappings().one()
     assert (d["on_time"], d["late"], d["missed"]) == (n, 0, 0) and pb["cancel_requested"]
     assert calls_of(settings, job) == len(moved), "each line the batch did not run was called once, realtime"
     print(f"\nprovider batch near its deadline: cancelled ({pb['provider_status']}); {len(moved)} of {n} lines went"

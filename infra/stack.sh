@@ -185,7 +185,7 @@ errors_since_up() { # NAME
 
 # Wait until NAME (started by the supervisor) passes READY_CHECK. With FAIL_FAST, a process
 # that fails START_ATTEMPTS starts is stopped, and its error lines and log tail shown; one
-# that fails fewer and then comes up is reported with its first error.
+# that fails fewer and then comes up is reported with the error lines of its failed starts.
 wait_ready() { # NAME READY_CHECK TIMEOUT FAIL_FAST
     local name=$1 check=$2 timeout=$3 fail_fast=$4
     local started deadline port starts failed

@@ -51,8 +51,16 @@ def _stack(action: str, *names: str) -> None:
 
 
 @pytest.fixture
-def no_scheduler(stack):
-    """The stack's scheduler stopped: this test alone polls, ingests and settles provider batches."""
+def no_scheduler(stack, engine):
+    """The stack's scheduler stopped: this test alone polls, ingests and settles provider batches.
+
+    First, with the scheduler still running, the holds other tests left end: a provider batch's,
+    which the scheduler settles, and a killed process's, which lapse. Left standing under the
+    test's global cap, they would hold up its later job too (the cap leaves room for it alone)."""
+    _, sredis = scripts.redis_clients(stack)
+    field = f"global@{caps_mod.period(stack, engine)}"
+    wait_for(lambda: not _holding(sredis, field), timeout=240, every=1,
+             what="the holds other tests left under the global cap ended")
     _stack("down", "scheduler")
     try:
         yield
@@ -142,10 +150,10 @@ def _writes_refused(stack, sredis):
         sredis.acl_deluser(user)
 
 
-def _others_holding(sredis, field: str, job: str) -> list[str]:
-    """Holds under ``field`` (a cap's scope) of requests of other jobs than ``job``."""
+def _holding(sredis, field: str) -> list[str]:
+    """The holds under ``field`` (a cap's scope, e.g. ``global@<day>``)."""
     return [rid.decode() for rid, rec in sredis.hgetall(scripts.KEYS[4]).items()
-            if not rid.decode().startswith(job + ":") and field in rec.decode().split("|", 2)[2].split("\t")]
+            if field in rec.decode().split("|", 2)[2].split("\t")]
 
 
 def _ledger_today(engine) -> Decimal:
@@ -164,10 +172,6 @@ def _later_job_waits_then_runs(stack, engine, caps, sredis, pb_job: str, fix) ->
     reconcile, or the scheduler) and the job completes without any cap raised by hand."""
     later_n, line_max = 3, Decimal("0.00003")      # above one line's maximum (gpt-4o-mini, 32 out)
     today = caps_mod.period(stack, engine)
-    # the cap leaves room for the later job alone: first let other tests' live holds end (a process
-    # they killed holds until its holds lapse), or they, not the provider batch's, would hold it up
-    wait_for(lambda: not _others_holding(sredis, f"global@{today}", pb_job), timeout=300, every=1,
-             what="no live holds under the global cap but the provider batch's")
     held = units.from_units(int(sredis.hget(scripts.KEYS[3], f"global@{today}") or 0))
     with engine.connect() as conn:
         pb_spent = conn.execute(sa.text("SELECT coalesce(sum(cost_usd), 0) FROM results WHERE job_id = :j"),

@@ -3,15 +3,18 @@
 The batcher writes such requests as ``held`` batches with ``mode =
 'provider_batch'``. Every scheduler tick:
 
-1. **reserve** — before anything is sent, each held request's maximum cost at
-   the batch price is reserved against its job, tier and global caps, through the
-   same async ``Budget`` the workers use (pipeline/paths/base.py ``reserve``, the
-   path's reservation and hold expiry: pipeline/paths/provider_batch.py), on the
-   scheduler's one event loop (schedules/loop.py). What fits is
-   sent; a request a cap refuses is moved to a deferred batch with the reason
-   in words (``requests.deferred_reason``); one only other live holds stand in
-   front of stays held for the next tick; one whose maximum is above a cap
-   itself (or is no amount) fails at once. Budget store down: nothing is sent.
+1. **reserve** (schedules/pb_reserve.py) — before anything is sent, each held
+   request's maximum cost at the batch price is reserved against its job, tier
+   and global caps, through the same async ``Budget`` the workers use
+   (pipeline/paths/base.py ``reserve``, the path's reservation and hold expiry:
+   pipeline/paths/provider_batch.py), on the scheduler's one event loop
+   (schedules/loop.py), outside any transaction: the held work is read in a
+   short transaction before, and the outcomes are recorded in a short one
+   after, for the requests still held then. What fits is sent; a request a cap
+   refuses is moved to a deferred batch with the reason in words
+   (``requests.deferred_reason``); one only other live holds stand in front of
+   stays held for the next tick; one whose maximum is above a cap itself (or is
+   no amount) fails at once. Budget store down: nothing is sent.
 2. **submit** — held provider-batch batches are packed by (provider, model)
    into provider batches within the provider's limits (requests and bytes per
    batch; a batch of ours that does not fit is split). One transaction records
@@ -44,7 +47,8 @@ The batcher writes such requests as ``held`` batches with ``mode =
 
 Provider custom_ids and request lines are the path's (pipeline/paths/provider_batch.py).
 
-It must never hold a Postgres transaction open across a provider call.
+It must never hold a Postgres transaction open across a provider call, nor across
+the budget store's calls.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from pipeline.constants import CHAT_URL, EMBEDDINGS_URL
 from pipeline.endpoints.embeddings import input_count
 from pipeline.endpoints.prompt_cache import in_groups
 from pipeline.ids import request_key
-from pipeline.money import caps, units
+from pipeline.money import caps
 from pipeline.money.pricing import get_price_book
 from pipeline.paths import base as sequence
 from pipeline.paths.provider_batch import PROVIDER_BATCH, lines_to_send, provider_custom_id, request_line
@@ -69,7 +73,7 @@ from pipeline.providers.keys import NoUsableKey
 from pipeline.providers.registry import get_registry
 from pipeline.request import Outcome, Request
 from pipeline.stores import db, jobs as job_store
-from schedules import loop, pb_queue
+from schedules import loop, pb_queue, pb_reserve
 
 log = logging.getLogger(__name__)
 
@@ -111,68 +115,72 @@ def pack(sizes: list[int], max_requests: int, max_bytes: int, weights: list[int]
 
 def submit_held(*, settings: Settings | None = None, engine=None, limit_batches: int = 2000) -> list[str]:
     """Send held provider-batch work to the providers, only what its caps can hold; returns our
-    provider batch ids."""
+    provider batch ids.
+
+    Three steps, so that no transaction waits on Redis: a short transaction takes the held work
+    (and what the provider's batch queue has no room for stays held); the reservations are made
+    outside any transaction; a second short transaction locks the batches again and sends only the
+    requests still held (a job cancelled meanwhile is not sent, and its holds are given back).
+    """
     settings = settings or get_settings()
     engine = engine or db.get_engine()
+    groups = _take_held(engine, settings, limit_batches)
+    if not groups:
+        return []
     budget = loop.budget(settings, engine)
-    created = []
-    held: list[str] = []   # reservations taken this tick: given back if the transaction does not commit
+    today = caps.period(settings, engine)
+    held: list[str] = []   # reservations taken this tick: all given back if the send does not commit
+    created: list[str] = []
+    unsent: list[str] = []  # those of requests no longer held when the send locked them
     try:
+        reserved, store_down = [], False
+        for (provider, model), (ids, reqs) in groups.items():
+            got = pb_reserve.reserve(budget, [] if store_down else reqs, today)
+            held += [res.rid for _, res in got.fit]
+            store_down = store_down or got.store_down
+            reserved.append((provider, model, ids, got))
         with engine.begin() as conn:
-            batches = conn.execute(sa.text(
-                "SELECT batch_id, provider, model, tier FROM batches"
-                " WHERE status = 'held' AND mode = :mode ORDER BY created_at"
-                " LIMIT :n FOR UPDATE SKIP LOCKED"), {"n": limit_batches, "mode": PROVIDER_BATCH.name}).mappings().all()
-            if not batches:
-                return []
-            groups: dict[tuple[str, str], list] = {}
-            for b in batches:
-                groups.setdefault((b["provider"], b["model"]), []).append(b)
-            store_down = False
-            for (provider, model), group in groups.items():
-                ids = [b["batch_id"] for b in group]
-                # a deferred batch whose time came (resume_due_batches) is held again: its requests too
-                conn.execute(sa.text(
-                    "UPDATE requests SET status = 'held', deferred_scope = NULL, deferred_reason = NULL"
-                    " WHERE batch_id = ANY(:ids) AND status = 'deferred'"), {"ids": ids})
-                reqs = [Request.from_row(r) for r in conn.execute(sa.text(
-                    "SELECT r.*, b.mode AS path, j.on_budget FROM requests r JOIN batches b ON b.batch_id = r.batch_id"
-                    " JOIN jobs j ON j.job_id = r.job_id"
-                    " WHERE r.batch_id = ANY(:ids) AND r.status = 'held'"
-                    " ORDER BY r.endpoint, r.batch_id, r.line, r.custom_id"),   # one url per provider batch
-                    {"ids": ids}).mappings()]
-                if reqs and not store_down:
-                    reqs = _admit(conn, reqs, settings, provider, model)   # the provider's batch queue
-                    reqs, store_down = _reserve(conn, reqs, settings, engine, budget, held)
-                else:
-                    reqs = []
-                # batches left with nothing to send (their job was cancelled, or the caps moved it) are done
-                conn.execute(sa.text(
-                    "UPDATE batches b SET status = 'done', finished_at = now() WHERE b.batch_id = ANY(:ids)"
-                    " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
-                    "                 AND r.status <> ALL(llmbatch_states('request_terminal')))"), {"ids": ids})
-                if not reqs:
-                    continue
-                sizes = [len(request_line(r)) for r in reqs]
-                fmt = batch_api.batch_format(provider)   # the Batch API's limits are its format's
-                for start, end in pack_by_endpoint(reqs, sizes, *_limits(settings, fmt, provider, model)):
-                    pb_id = "pb_" + uuid.uuid4().hex[:20]
-                    chunk = reqs[start:end]
-                    sent = lines_to_send(chunk)   # the lines the provider gets: one per distinct cache key
-                    conn.execute(sa.text(
-                        "INSERT INTO provider_batches (id, provider, model, status, requests, bytes, input_tokens)"
-                        " VALUES (:id, :p, :m, 'creating', :n, :bytes, :tokens)"),
-                        {"id": pb_id, "p": provider, "m": model, "n": len(sent),
-                         "bytes": sum(len(request_line(r)) for r in sent),
-                         "tokens": sum(r.bound.input_tokens for r in sent)})
-                    _assign(conn, pb_id, chunk)
-                    created.append(pb_id)
+            for provider, model, ids, got in reserved:
+                made, gone = _send_reserved(conn, settings, provider, model, ids, got, today)
+                created += made
+                unsent += gone
     except BaseException:
         loop.run(budget.release_ids(held))
         raise
+    if unsent:
+        log.info("provider batches: %d requests left 'held' while reserved (their job cancelled): holds given back",
+                 len(unsent))
+        loop.run(budget.release_ids(unsent))
     for pb_id in created:
         _create_at_provider(pb_id, settings, engine)
     return created
+
+
+def _take_held(engine, settings: Settings, limit_batches: int) -> dict[tuple[str, str], tuple[list, list]]:
+    """The held provider-batch batches by (provider, model): ``(batch ids, requests the provider's
+    batch queue has room for)``, in one short transaction."""
+    groups: dict[tuple[str, str], tuple[list, list]] = {}
+    with engine.begin() as conn:
+        batches = conn.execute(sa.text(
+            "SELECT batch_id, provider, model FROM batches"
+            " WHERE status = 'held' AND mode = :mode ORDER BY created_at"
+            " LIMIT :n FOR UPDATE SKIP LOCKED"), {"n": limit_batches, "mode": PROVIDER_BATCH.name}).mappings().all()
+        by_model: dict[tuple[str, str], list] = {}
+        for b in batches:
+            by_model.setdefault((b["provider"], b["model"]), []).append(b["batch_id"])
+        for (provider, model), ids in by_model.items():
+            # a deferred batch whose time came (resume_due_batches) is held again: its requests too
+            conn.execute(sa.text(
+                "UPDATE requests SET status = 'held', deferred_scope = NULL, deferred_reason = NULL"
+                " WHERE batch_id = ANY(:ids) AND status = 'deferred'"), {"ids": ids})
+            reqs = [Request.from_row(r) for r in conn.execute(sa.text(
+                "SELECT r.*, b.mode AS path, j.on_budget FROM requests r JOIN batches b ON b.batch_id = r.batch_id"
+                " JOIN jobs j ON j.job_id = r.job_id"
+                " WHERE r.batch_id = ANY(:ids) AND r.status = 'held'"
+                " ORDER BY r.endpoint, r.batch_id, r.line, r.custom_id"),   # one url per provider batch
+                {"ids": ids}).mappings()]
+            groups[(provider, model)] = (ids, _admit(conn, reqs, settings, provider, model) if reqs else [])
+    return groups
 
 
 def _admit(conn, reqs: list[Request], settings: Settings, provider: str, model: str) -> list[Request]:
@@ -195,97 +203,53 @@ def _admit(conn, reqs: list[Request], settings: Settings, provider: str, model: 
     return [reqs[i] for i in admitted]
 
 
-async def _reserve_all(budget, reqs: list[Request], today: str) -> list[tuple[Request, object]]:
-    """Step 1 of the sequence for each request, in order, on the scheduler's loop: ``(req, result)``,
-    the result a ``Reservation``, None (only live holds in the way) or the exception; the first
-    ``BudgetUnavailable`` ends the pass (what follows it stays held)."""
-    out = []
-    for req in reqs:
-        try:
-            res = await sequence.reserve(budget, PROVIDER_BATCH, req, wait=False, period=today, track=False)
-        except errors.BudgetUnavailable as e:
-            out.append((req, e))
-            break
-        except Exception as e:   # refused, never fits, no amount, an unknown model: that request alone
-            res = e
-        out.append((req, res))
-    return out
+def _send_reserved(conn, settings: Settings, provider: str, model: str, ids: list[str], got: pb_reserve.Reserved,
+                   today: str) -> tuple[list[str], list[str]]:
+    """Record one group's reservations and create its provider batches (``creating``) on ``conn``;
+    returns (our provider batch ids, the holds of requests no longer held, to give back).
 
+    The batches are locked again (the lock order of ``cancel_job``: batches first); only the
+    requests still held in them are sent, deferred or failed: one whose job was cancelled since
+    ``_take_held`` is left as the cancel left it."""
+    locked = conn.execute(sa.text(
+        "SELECT batch_id FROM batches WHERE batch_id = ANY(:ids) AND status = 'held'"
+        " ORDER BY batch_id FOR UPDATE SKIP LOCKED"), {"ids": ids}).scalars().all()
+    still = set(conn.execute(sa.text(
+        "SELECT job_id, custom_id FROM requests WHERE batch_id = ANY(:ids) AND status = 'held'"),
+        {"ids": locked}).tuples()) if locked else set()
 
-def _reserve(conn, reqs: list[Request], settings: Settings, engine, budget, held: list[str]) -> tuple[list, bool]:
-    """Reserve each request's maximum; returns (the requests that fit, whether the store is down).
-
-    Refused ones move to a deferred batch with the reason; never-fitting or
-    invalid ones fail now; those only live holds stand in front of stay held.
-    """
-    fit, defer, fail, waiting = [], {}, [], 0
-    # one period for the tick: each hold is taken in it and its request records it, so the spend
-    # lands in that period when the batch is ingested, however many days later (one period per spend)
-    today = caps.period(settings, engine)
-    for i, (r, res) in enumerate(loop.run(_reserve_all(budget, reqs, today))):
-        if isinstance(res, errors.BudgetUnavailable):
-            log.warning("provider batches: budget store unreachable, %d requests stay held: %s", len(reqs) - i, res)
-            _record_period(conn, fit, today)
-            return _apply_budget_outcomes(conn, fit, defer, fail), True
-        if isinstance(res, (errors.InvalidAmount, errors.BudgetNeverFits)) or (
-                isinstance(res, errors.BudgetExceeded) and r.on_budget == "fail"):   # as the workers do
-            fail.append((r, res))
-        elif isinstance(res, errors.BudgetExceeded):
-            amount = PROVIDER_BATCH.reservation(r)
-            reason = (f"deferred: the {res.scope} cap ${res.cap} has ${res.spent} spent and cannot hold this"
-                      f" request's maximum of ${amount.quantize(units.UNIT)} at the batch price")
-            defer.setdefault((r.batch_id, res.kind), []).append((r, res.kind, reason))
-        elif isinstance(res, Exception):   # an unknown model, a broken row: that request fails, alone
-            fail.append((r, errors.InvalidAmount(f"cannot price this request for its reservation: {res}")))
-        elif res is None:
-            waiting += 1         # other live holds may settle below their maximum: try next tick
-        else:
-            held.append(res.rid)
-            fit.append(r)
-    if waiting:
-        log.info("provider batches: %d requests wait for live holds under their caps; next tick", waiting)
-    _record_period(conn, fit, today)
-    return _apply_budget_outcomes(conn, fit, defer, fail), False
-
-
-def _record_period(conn, reqs, today: str) -> None:
-    """The period the requests' holds were taken in (``requests.budget_period``), in the transaction
-    that sends them: ingestion writes their spend there, a rebuild re-holds them there."""
+    def held(r: Request) -> bool:
+        return (r.job_id, r.custom_id) in still
+    reqs = [r for r, _ in got.fit if held(r)]
+    unsent = [res.rid for r, res in got.fit if not held(r)]
+    defer: dict[tuple[str, str], list] = {}
+    for r, e in got.defer:
+        if held(r):
+            defer.setdefault((r.batch_id, e.kind), []).append((r, e.kind, pb_reserve.defer_reason(r, e)))
+    pb_reserve.record_period(conn, reqs, today)
+    pb_reserve.apply_budget_outcomes(conn, reqs, defer, [(r, e) for r, e in got.fail if held(r)])
+    # batches left with nothing to send (their job was cancelled, or the caps moved it) are done
+    conn.execute(sa.text(
+        "UPDATE batches b SET status = 'done', finished_at = now() WHERE b.batch_id = ANY(:ids)"
+        " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.batch_id"
+        "                 AND r.status <> ALL(llmbatch_states('request_terminal')))"), {"ids": locked})
+    created = []
     if reqs:
-        conn.execute(sa.text(
-            "UPDATE requests r SET budget_period = CAST(:p AS date)"
-            " FROM jsonb_to_recordset(CAST(:k AS jsonb)) AS x(job_id text, custom_id text)"
-            " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id"),
-            {"p": today, "k": db.dumps([{"job_id": r.job_id, "custom_id": r.custom_id} for r in reqs])})
-
-
-def _apply_budget_outcomes(conn, fit, defer, fail) -> list:
-    for (batch_id, kind), items in defer.items():
-        target = "b_" + uuid.uuid4().hex
-        until = caps.next_day() if kind in ("global", "tier") else None
-        conn.execute(sa.text(
-            "INSERT INTO batches (batch_id, tier, provider, model, size, status, mode, deferred_until)"
-            " SELECT :new, tier, provider, model, :n, 'deferred', mode, :u FROM batches WHERE batch_id = :b"),
-            {"new": target, "n": len(items), "b": batch_id, "u": until})
-        conn.execute(sa.text(
-            "UPDATE requests r SET batch_id = :new, status = 'deferred', deferred_scope = x.scope,"
-            " deferred_reason = x.reason FROM jsonb_to_recordset(CAST(:rows AS jsonb))"
-            " AS x(job_id text, custom_id text, scope text, reason text)"
-            " WHERE r.job_id = x.job_id AND r.custom_id = x.custom_id AND r.batch_id = :b"),
-            {"new": target, "b": batch_id, "rows": db.dumps(
-                [{"job_id": r.job_id, "custom_id": r.custom_id, "scope": k, "reason": why}
-                 for r, k, why in items])})
-        conn.execute(sa.text("UPDATE batches SET size = size - :n WHERE batch_id = :b"),
-                     {"n": len(items), "b": batch_id})
-        log.info("provider batches: %d requests of batch %s deferred (%s): %s", len(items), batch_id, kind,
-                 items[0][2])
-    if fail:
-        sequence.write(conn, [Outcome.failed(r, e.code, str(e)) for r, e in fail], [])
-        log.warning("provider batches: %d requests failed before sending: %s", len(fail), fail[0][1])
-    jobs = {r.job_id for r, _ in fail} | {r.job_id for items in defer.values() for r, _, _ in items}
-    if jobs:
-        job_store.refresh_jobs(conn, jobs)
-    return fit
+        sizes = [len(request_line(r)) for r in reqs]
+        fmt = batch_api.batch_format(provider)   # the Batch API's limits are its format's
+        for start, end in pack_by_endpoint(reqs, sizes, *_limits(settings, fmt, provider, model)):
+            pb_id = "pb_" + uuid.uuid4().hex[:20]
+            chunk = reqs[start:end]
+            sent = lines_to_send(chunk)   # the lines the provider gets: one per distinct cache key
+            conn.execute(sa.text(
+                "INSERT INTO provider_batches (id, provider, model, status, requests, bytes, input_tokens)"
+                " VALUES (:id, :p, :m, 'creating', :n, :bytes, :tokens)"),
+                {"id": pb_id, "p": provider, "m": model, "n": len(sent),
+                 "bytes": sum(len(request_line(r)) for r in sent),
+                 "tokens": sum(r.bound.input_tokens for r in sent)})
+            _assign(conn, pb_id, chunk)
+            created.append(pb_id)
+    return created, unsent
 
 
 def _assign(conn, pb_id: str, chunk: list) -> None:

@@ -37,7 +37,7 @@ from pipeline import clock, errors
 from pipeline.money import admin, budget, caps as caps_mod, ledger, scripts, units, waits
 from pipeline.money.pricing import get_price_book
 from pipeline.providers import batch_api
-from schedules import pb_ingest, pb_submit
+from schedules import pb_ingest, pb_reserve, pb_submit
 from schedules.clock import DbClock
 from tests.integration.conftest import chat_line, llmbatch, wait_for, write_jsonl
 from tests.integration.execution_helpers import budget_settings, commit_result, insert_job
@@ -287,13 +287,15 @@ def _pb_job(engine, n: int, amount: Decimal) -> str:
 
 def _send(settings, engine, sredis, job: str) -> tuple[str, list[dict]]:
     """The scheduler's reserve + assign for ``job`` (no provider call: its lines are written here)."""
-    held: list[str] = []
+    today = caps_mod.period(settings, engine)
     with engine.begin() as conn:
         reqs = [Request.from_row(r) for r in conn.execute(sa.text(
             "SELECT r.*, b.mode AS path FROM requests r JOIN batches b USING (batch_id)"
             " WHERE r.job_id = :j AND r.status = 'held' ORDER BY r.line"), {"j": job}).mappings()]
-        fit, down = pb_submit._reserve(conn, reqs, settings, engine, loop.budget(settings, engine), held)
-        assert not down
+        got = pb_reserve.reserve(loop.budget(settings, engine), reqs, today)
+        assert not got.store_down
+        fit = [r for r, _ in got.fit]
+        pb_reserve.record_period(conn, fit, today)
         pb = "pb_" + uuid.uuid4().hex[:20]
         # never polled by a scheduler (polled_at ahead): this test ingests it
         conn.execute(sa.text(

@@ -15,6 +15,7 @@ The figures are printed as measured (``-s`` shows them).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import replace
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 
 from pipeline.config import get_settings
 from pipeline.providers import batch_api
-from schedules import loop, pb_ingest, pb_queue, pb_submit
+from schedules import loop, pb_ingest, pb_queue, pb_reserve, pb_submit
 from schedules.clock import DbClock
 from tests.integration.conftest import chat_line, wait_for, write_jsonl
 from tests.integration.test_cost_engine import ENDED, _submit, _wait
@@ -278,3 +279,60 @@ def _held(engine, job: str) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.text("SELECT count(*) FROM requests WHERE job_id = :j AND status = 'held'"),
                             {"j": job}).scalar()
+
+
+# ------------------------------------------------------------------ no lock across the budget store
+
+def test_reservations_are_made_outside_any_transaction_and_a_job_cancelled_meanwhile_is_not_sent(
+        scheduler_stopped, tmp_path, monkeypatch):
+    """While the scheduler takes the holds of held provider-batch work (a Redis call per request),
+    none of the work's rows is locked: the job's cancel goes through at once, and what the cancel
+    stopped is not sent and its holds are given back."""
+    from pipeline.money import scripts
+    from pipeline.stores import jobs as job_store
+    engine = scheduler_stopped
+    settings = get_settings()
+    tag = uuid.uuid4().hex[:8]
+    n = 6
+    job = _submit(write_jsonl(tmp_path / "cancel.jsonl", _lines(n, tag)), "--tier", "background",
+                  "--mode", "provider_batch")
+    wait_for(lambda: _held(engine, job) == n, timeout=120, what="the batcher held every line")
+    seen: dict = {}
+    real = pb_reserve.reserve_all
+
+    def cancel_now() -> None:
+        with engine.connect() as conn:   # the job's batches, as a cancel locks them first
+            try:
+                conn.execute(sa.text(
+                    "SELECT batch_id FROM batches WHERE batch_id IN (SELECT batch_id FROM requests"
+                    " WHERE job_id = :j) FOR UPDATE NOWAIT"), {"j": job}).all()
+                seen["locked"] = False
+            except sa.exc.OperationalError as e:
+                seen["locked"] = str(e.orig).strip()
+            conn.rollback()
+        if not seen["locked"]:   # (with the lock held by the scheduler's own thread, a cancel would wait forever)
+            seen["cancel"] = job_store.cancel_job(job, settings=settings, engine=engine)
+
+    async def reserving(budget, reqs, today):
+        got = await real(budget, reqs, today)
+        seen["rids"] = [res.rid for r, res in got if r.job_id == job and hasattr(res, "rid")]
+        await asyncio.to_thread(cancel_now)
+        return got
+
+    monkeypatch.setattr(pb_reserve, "reserve_all", reserving)
+    created = pb_submit.submit_held(settings=settings, engine=engine)
+    assert seen["locked"] is False, f"the job's batches were locked while the holds were taken: {seen['locked']}"
+    assert len(seen["rids"]) == n, seen
+    assert _job_status(engine, job) == "cancelled"
+    with engine.connect() as conn:
+        statuses = conn.execute(sa.text("SELECT status, count(*) FROM requests WHERE job_id = :j GROUP BY 1"),
+                                {"j": job}).all()
+        sent = conn.execute(sa.text(
+            "SELECT count(*) FROM requests r JOIN batches b USING (batch_id)"
+            " WHERE r.job_id = :j AND b.provider_batch IS NOT NULL"), {"j": job}).scalar()
+    assert dict(statuses) == {"cancelled": n} and sent == 0, (statuses, sent, created)
+    _, sredis = scripts.redis_clients(settings)
+    left = [rid for rid in seen["rids"] if sredis.hexists(scripts.KEYS[4], rid)]
+    assert left == [], f"{len(left)} holds of the cancelled requests were not given back"
+    print(f"\nholds taken with no row locked; the cancel went through during them; {n} of {n} requests"
+          f" cancelled, none sent, {n} holds given back")

@@ -10,8 +10,9 @@ with endpoint ``/v1/messages`` and an id ``msgbatch_…``, one llmbatch job subm
 ``Submitter``, moved on by the same status machine, under the same project caps. Only the shapes
 differ (pipeline/api/anthropic_shapes.py). Its requests are written to disk as a JSONL input file
 as the body arrives (the body itself is spooled to disk first and read back with ijson: a 256 MB
-body never sits in memory), and its results file is written once, the first time the batch is
-read after it ended, from the job's results and rejections.
+body never sits in memory), and its results file is recorded once, the first time the batch is
+read after it ended, from the job's results and rejections (written with no lock held, so two
+first readers may both write one: the second drops its own).
 
 Auth is Anthropic's: ``x-api-key`` (or ``Authorization: Bearer``), the same keys and projects as
 the OpenAI routes (pipeline/api/keys.py), and an ``anthropic-version`` header. Every error of these
@@ -225,27 +226,33 @@ def retrieve(engine, settings: Settings, submitter, project_id: str, batch_id: s
         row = _get(conn, project_id, batch_id)
     if row["status"] not in ENDED or row["result_counts"] is not None:
         return row
-    with engine.begin() as conn:
-        row = _get(conn, project_id, batch_id, lock=True)
-        if row["result_counts"] is None:   # another call may have written them while this one waited
-            file_id, counts = write_results(conn, settings, row)
-            conn.execute(sa.text("UPDATE api_batches SET output_file_id = :f, result_counts = CAST(:c AS jsonb)"
-                                 " WHERE batch_id = :b"), {"f": file_id, "c": db.dumps(counts), "b": batch_id})
-            row.update(output_file_id=file_id, result_counts=counts)
+    results, counts = write_results(engine, settings, row)   # with no lock held: it may be large
+    try:
+        with engine.begin() as conn:
+            row = _get(conn, project_id, batch_id, lock=True)
+            if row["result_counts"] is None:   # another call may have recorded its own meanwhile
+                file_id = results.record(conn)
+                conn.execute(sa.text("UPDATE api_batches SET output_file_id = :f, result_counts = CAST(:c AS jsonb)"
+                                     " WHERE batch_id = :b"), {"f": file_id, "c": db.dumps(counts), "b": batch_id})
+                row.update(output_file_id=file_id, result_counts=counts)
+    finally:
+        results.discard()   # gone already once recorded
     return row
 
 
-def write_results(conn, settings: Settings, batch: dict) -> tuple[str, dict]:
-    """Write the ended batch's results file and record it on ``conn``; (file id, counts by type).
+def write_results(engine, settings: Settings, batch: dict) -> tuple[files.Staged, dict]:
+    """Write the ended batch's results file, outside any transaction; (the file, counts by type),
+    for the caller to record (``Staged.record``).
 
     Every request of the create call has one line: its result; ``errored`` for one the pipeline
     refused (its rejection's reason) and for one the submit never published (a batch failed as a
     whole: its reason); ``canceled``/``expired`` for what a cancelled/expired batch never ran."""
-    file_id, tmp = files.upload_target(settings, batch["project_id"])
+    results = files.staged(settings, batch["project_id"], RESULTS_PURPOSE, f"{batch['batch_id']}_results.jsonl",
+                           batch["created_at"] + shapes.RESULTS_KEPT)
     counts: Counter = Counter()
     seen: set[str] = set()
     try:
-        with conn.engine.connect() as reader, open(tmp, "w") as out:
+        with engine.connect() as reader, open(results.tmp, "w") as out:
             def put(line: dict) -> None:
                 out.write(jsontext.dumps(line) + "\n")
                 counts[line["result"]["type"]] += 1
@@ -266,16 +273,10 @@ def write_results(conn, settings: Settings, batch: dict) -> tuple[str, dict]:
                         cid = json.loads(raw)["custom_id"]
                         if cid not in seen:
                             put(shapes.unpublished_line(cid, batch["status"], why))
-        conn.execute(sa.text(
-            "INSERT INTO api_files (file_id, project_id, purpose, filename, bytes, path, expires_at)"
-            " VALUES (:i, :p, :u, :f, :b, :path, :e)"),
-            {"i": file_id, "p": batch["project_id"], "u": RESULTS_PURPOSE, "f": f"{batch['batch_id']}_results.jsonl",
-             "b": tmp.stat().st_size, "path": str(tmp.with_name(file_id)),
-             "e": batch["created_at"] + shapes.RESULTS_KEPT})
-        os.replace(tmp, tmp.with_name(file_id))   # an orphan file if the transaction then fails, never a row
-    finally:
-        tmp.unlink(missing_ok=True)
-    return file_id, {k: counts.get(k, 0) for k in shapes.RESULT_TYPES}
+    except BaseException:
+        results.discard()
+        raise
+    return results, {k: counts.get(k, 0) for k in shapes.RESULT_TYPES}
 
 
 def results_path(engine, settings: Settings, submitter, project_id: str, batch_id: str) -> str:

@@ -4,9 +4,9 @@ A batch is a job submitted exactly as ``llmbatch submit`` submits one (pipeline/
 ``submit_file``, run in a thread of the service): its lines are validated, priced and published to
 Kafka, so tiers, caps (the job's, its project's, the global ones), the cache and the path chooser
 all apply. Its status follows its job (``shapes.next_status``), moved on whenever it is read; at
-``finalizing`` the output and error files are written (pipeline/api/files.py), in the transaction
-that moves it to its end. A batch row is locked (``FOR UPDATE``) while it moves, so two readers
-never write its files twice.
+``finalizing`` the output and error files are written (pipeline/api/files.py) with no lock held,
+and recorded in the transaction that moves it to its end. A batch row is locked (``FOR UPDATE``)
+while it moves, so a batch names one output file however many readers wrote one.
 
 Never a half batch: the row is written before the submit starts, and a submit that fails as a
 whole (Kafka out of reach, the file unusable) ends the batch ``failed`` with the reason.
@@ -173,38 +173,58 @@ def _stamp(conn, batch_id: str, status: str, extra: str = "", params: dict | Non
 
 
 def advance(engine, settings: Settings, submitter: Submitter | None, project_id: str, batch_id: str) -> dict:
-    """Move the batch on as far as its job allows; returns its row."""
-    for _ in range(6):   # validating → in_progress → finalizing → completed, with room for expiring
-        with engine.begin() as conn:
-            row = _row(conn, project_id, batch_id, lock=True)
-            job = _job(conn, row["job_id"])
-            now = utcnow()
-            if row["status"] == "finalizing":
-                status = "completed"
-            else:
-                status = next_status(row["status"], job, running=job["running"] if job else 0, now=now,
-                                     expires_at=row["expires_at"],
-                                     submitting=submitter is not None and batch_id in submitter.running)
-            if (status == row["status"] == "validating" and job is None
-                    and (submitter is None or batch_id not in submitter.running)
-                    and (now - row["created_at"]).total_seconds() > SUBMIT_LOST_S):
-                _stamp(conn, batch_id, "failed", ", failure = :w",
-                       {"w": "the service stopped before the file reached the pipeline; create the batch again"})
-                continue
-            stop = status in ("cancelling", "expiring") and job is not None and job["status"] in JOB_OPEN
-            if status == row["status"] and not stop:
-                return row
-            if status in ("completed", "cancelled", "expired"):
-                out, err = files.write_outputs(conn, settings, row, status)
-                _stamp(conn, batch_id, status, ", output_file_id = :o, error_file_id = :e", {"o": out, "e": err})
-                continue
-            if row["status"] == "validating" and status not in ("validating", "failed") and job is not None:
-                # in progress since its submit ended, also when a read finds it further on already
-                conn.execute(sa.text("UPDATE api_batches SET in_progress_at = coalesce(:t, now())"
-                                     " WHERE batch_id = :b"), {"t": job.get("submitted_at"), "b": batch_id})
-            _stamp(conn, batch_id, status)
-        if stop:   # the window is over or the client cancelled: stop the job (also one its submit made late)
-            jobs.cancel_job(row["job_id"], settings=settings, engine=engine)
+    """Move the batch on as far as its job allows; returns its row.
+
+    A move to an end needs the output and error files: they are written with no lock held
+    (``files.write_outputs``), then the move is made again under the row's lock and recorded with
+    them, unless another reader made it meanwhile (its files are the batch's; these are dropped)."""
+    staged: tuple | None = None   # ((from, to), files written for that move, not recorded yet)
+    try:
+        for _ in range(8):   # validating → in_progress → finalizing → (files) → completed, with room for expiring
+            write = None
+            with engine.begin() as conn:
+                row = _row(conn, project_id, batch_id, lock=True)
+                job = _job(conn, row["job_id"])
+                now = utcnow()
+                if row["status"] == "finalizing":
+                    status = "completed"
+                else:
+                    status = next_status(row["status"], job, running=job["running"] if job else 0, now=now,
+                                         expires_at=row["expires_at"],
+                                         submitting=submitter is not None and batch_id in submitter.running)
+                if (status == row["status"] == "validating" and job is None
+                        and (submitter is None or batch_id not in submitter.running)
+                        and (now - row["created_at"]).total_seconds() > SUBMIT_LOST_S):
+                    _stamp(conn, batch_id, "failed", ", failure = :w",
+                           {"w": "the service stopped before the file reached the pipeline; create the batch again"})
+                    continue
+                stop = status in ("cancelling", "expiring") and job is not None and job["status"] in JOB_OPEN
+                if status == row["status"] and not stop:
+                    return row
+                if status not in ("completed", "cancelled", "expired"):
+                    if row["status"] == "validating" and status not in ("validating", "failed") and job is not None:
+                        # in progress since its submit ended, also when a read finds it further on already
+                        conn.execute(sa.text("UPDATE api_batches SET in_progress_at = coalesce(:t, now())"
+                                             " WHERE batch_id = :b"), {"t": job.get("submitted_at"), "b": batch_id})
+                    _stamp(conn, batch_id, status)
+                elif staged is not None and staged[0] == (row["status"], status):
+                    ids = {kind: f.record(conn) for kind, f in staged[1].items()}
+                    staged = None
+                    _stamp(conn, batch_id, status, ", output_file_id = :o, error_file_id = :e",
+                           {"o": ids.get("output"), "e": ids.get("error")})
+                else:
+                    write = status   # its files first, with the lock given up
+            if write is not None:
+                if staged is not None:   # written for a move another reader made differently
+                    for f in staged[1].values():
+                        f.discard()
+                staged = ((row["status"], write), files.write_outputs(engine, settings, row, write))
+            elif stop:   # the window is over or the client cancelled: stop the job (also one its submit made late)
+                jobs.cancel_job(row["job_id"], settings=settings, engine=engine)
+    finally:
+        if staged is not None:
+            for f in staged[1].values():
+                f.discard()
     with engine.connect() as conn:
         return _row(conn, project_id, batch_id)
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -133,44 +134,70 @@ def purge_expired(engine) -> int:
     return len(rows)
 
 
-def write_outputs(conn, settings: Settings, batch: dict, ended: str) -> tuple[str | None, str | None]:
-    """Write the batch's output and error files from its job's results and record them on ``conn``
-    (the caller names them on the batch in the same transaction, so a batch names only files that
-    exist); (output id, error id), None for a file that would be empty. A request the batch never
-    ran gets OpenAI's error line for the batch's end (``batch_cancelled``, ``batch_expired``).
-    A message batch has no OpenAI files: its results file is Anthropic's, written when it is first
-    read after it ended (pipeline/api/anthropic_batches.py)."""
+@dataclass
+class Staged:
+    """A file written whole under a temporary name, outside any transaction. ``record`` names it in
+    the caller's transaction (its ``api_files`` row, then the rename: an orphan file if that
+    transaction then fails, never a row without its file); ``discard`` drops one not recorded.
+
+    Files are written before the row lock that records them is taken, so no transaction waits on
+    the disk: two callers may both write one, and the one that finds the move already made
+    discards its own."""
+    file_id: str
+    tmp: Path
+    project_id: str
+    purpose: str
+    filename: str
+    expires_at: datetime | None = None
+
+    def record(self, conn) -> str:
+        final = self.tmp.with_name(self.file_id)
+        conn.execute(sa.text(
+            "INSERT INTO api_files (file_id, project_id, purpose, filename, bytes, path, expires_at)"
+            " VALUES (:i, :p, :u, :f, :b, :path, :e)"),
+            {"i": self.file_id, "p": self.project_id, "u": self.purpose, "f": self.filename,
+             "b": self.tmp.stat().st_size, "path": str(final), "e": self.expires_at})
+        os.replace(self.tmp, final)
+        return self.file_id
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+def staged(settings: Settings, project_id: str, purpose: str, filename: str,
+           expires_at: datetime | None = None) -> Staged:
+    file_id, tmp = upload_target(settings, project_id)
+    return Staged(file_id, tmp, project_id, purpose, filename, expires_at)
+
+
+def write_outputs(engine, settings: Settings, batch: dict, ended: str) -> dict[str, Staged]:
+    """Write the batch's output and error files from its job's results, outside any transaction:
+    ``{"output": …, "error": …}``, without a file that would be empty; the caller records them
+    (``Staged.record``) in the transaction that names them on the batch, so a batch names only
+    files that exist. A request the batch never ran gets OpenAI's error line for the batch's end
+    (``batch_cancelled``, ``batch_expired``). A message batch has no OpenAI files: its results file
+    is Anthropic's, written when it is first read after it ended (pipeline/api/anthropic_batches.py)."""
     if batch["endpoint"] == ANTHROPIC_MESSAGES_URL:
-        return None, None
-    project_id, job_id = batch["project_id"], batch["job_id"]
-    ids = {"output": new_file_id(), "error": new_file_id()}
-    paths = {k: _place(settings, project_id, i) for k, i in ids.items()}
-    tmp = {k: p.with_name(f".{p.name}.part") for k, p in paths.items()}
+        return {}
+    expires = (batch["created_at"] + timedelta(seconds=batch["output_expires_s"])
+               if batch.get("output_expires_s") else None)
+    out = {k: staged(settings, batch["project_id"], "batch_output", f"{batch['batch_id']}_{k}.jsonl", expires)
+           for k in ("output", "error")}
     counts = {"output": 0, "error": 0}
     try:
-        # read on a connection of its own: iter_results streams (a server-side cursor on its connection)
-        with conn.engine.connect() as reader, open(tmp["output"], "w") as out, open(tmp["error"], "w") as err:
-            for row in outcomes.iter_results(reader, job_id):
+        # iter_results streams (a server-side cursor on a connection of its own)
+        with engine.connect() as reader, open(out["output"].tmp, "w") as o, open(out["error"].tmp, "w") as e:
+            for row in outcomes.iter_results(reader, batch["job_id"]):
                 if row.get("response") is None and row.get("error") is None and row["status"] != "failed":
                     row = {**row, "error": error_for_unrun(ended)}
-                line = openai_line(job_id, row)
+                line = openai_line(batch["job_id"], row)
                 kind = "output" if is_output_line(line) else "error"
-                (out if kind == "output" else err).write(jsontext.dumps(line) + "\n")
+                (o if kind == "output" else e).write(jsontext.dumps(line) + "\n")
                 counts[kind] += 1
-        expires = (batch["created_at"] + timedelta(seconds=batch["output_expires_s"])
-                   if batch.get("output_expires_s") else None)
-        made = {}
-        for kind in ("output", "error"):
-            if not counts[kind]:
-                continue
-            conn.execute(sa.text(
-                "INSERT INTO api_files (file_id, project_id, purpose, filename, bytes, path, expires_at)"
-                " VALUES (:i, :p, 'batch_output', :f, :b, :path, :e)"),
-                {"i": ids[kind], "p": project_id, "f": f"{batch['batch_id']}_{kind}.jsonl",
-                 "b": tmp[kind].stat().st_size, "path": str(paths[kind]), "e": expires})
-            os.replace(tmp[kind], paths[kind])   # an orphan file if the transaction then fails, never a row
-            made[kind] = ids[kind]
-        return made.get("output"), made.get("error")
-    finally:
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
+    except BaseException:
+        for f in out.values():
+            f.discard()
+        raise
+    for kind in [k for k, n in counts.items() if not n]:
+        out.pop(kind).discard()
+    return out

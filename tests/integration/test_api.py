@@ -589,3 +589,36 @@ def test_readers_at_once_write_a_batchs_files_once(stack, engine, api, tmp_path)
         outputs = conn.execute(sa.text("SELECT count(*) FROM api_files WHERE project_id = :p"
                                        " AND purpose = 'batch_output'"), {"p": project}).scalar()
     assert len(seen) == 1 and None not in seen and outputs == 1
+    # the readers that lost the race dropped the files they wrote (the service's mover may be one)
+    from pipeline.api.files import files_dir
+    from pipeline.config import get_settings
+
+    def left_over() -> list[str]:
+        with engine.connect() as conn:
+            live = set(conn.execute(sa.text("SELECT file_id FROM api_files WHERE project_id = :p"),
+                                    {"p": project}).scalars())
+        return sorted(p.name for p in (files_dir(get_settings()) / project).iterdir() if p.name not in live)
+    wait_for(lambda: not left_over(), timeout=30, every=0.5, what="no file but the batch's own on disk")
+
+
+def test_a_batchs_files_are_written_with_no_lock_held(stack, engine, api, tmp_path, monkeypatch):
+    """A batch's output and error files are written before its row is locked to record them: a
+    cancel or another client's read of the batch never waits on the disk."""
+    from pipeline.api import batches as api_batches
+    from pipeline.config import get_settings
+    from tests.integration.api_service import api_stopped, probe_lock_while_writing
+    project = f"nolock{time.time_ns() % 10**9}"
+    c = client(api, new_key(engine, project))
+    lines = [line_of("/v1/embeddings", i, f"nolock{time.time_ns()}") for i in range(5)]
+    _, b, _ = run_batch(c, write_jsonl(tmp_path / "in.jsonl", lines), "/v1/embeddings")
+    assert b.status == "completed"
+    with api_stopped():
+        with engine.begin() as conn:   # back to just before its end: its job done, its files not written
+            conn.execute(sa.text(
+                "UPDATE api_batches SET status = 'finalizing', output_file_id = NULL, error_file_id = NULL,"
+                " completed_at = NULL WHERE batch_id = :b"), {"b": b.id})
+        seen = probe_lock_while_writing(monkeypatch, engine, b.id)
+        row = api_batches.advance(engine, get_settings(), None, project, b.id)
+    assert seen == {"lock": "free"}, f"the batch's row was locked while its files were written: {seen}"
+    assert row["status"] == "completed" and row["output_file_id"] and row["output_file_id"] != b.output_file_id
+    assert len(c.files.content(row["output_file_id"]).text.splitlines()) == len(lines)

@@ -349,3 +349,26 @@ def test_a_large_batch_streams_through_bounded_memory(stack, engine, api):
                                         " WHERE b.batch_id = :b"), {"b": b.id}).scalar()
     assert accepted == len(reqs)
     assert (peak - before) / 1024 < mb / 2, "the submit held the body in memory"
+
+
+def test_a_batchs_results_are_written_with_no_lock_held(stack, engine, api, monkeypatch):
+    """A message batch's results file is written before its row is locked to record it: a cancel or
+    another client's read never waits on the disk."""
+    from pipeline.api import anthropic_batches
+    from pipeline.config import get_settings
+    from tests.integration.api_service import api_stopped, probe_lock_while_writing
+    project = f"anolock{time.time_ns() % 10**9}"
+    c = client(api, new_key(engine, project))
+    reqs = [request(f"n-{i}", f"nolock {time.time_ns()} {i}") for i in range(4)]
+    b = wait_ended(c, c.messages.batches.create(requests=reqs).id)
+    with api_stopped():
+        with engine.begin() as conn:   # back to just before its first read after it ended
+            first = conn.execute(sa.text("SELECT output_file_id FROM api_batches WHERE batch_id = :b"),
+                                 {"b": b.id}).scalar()
+            conn.execute(sa.text("UPDATE api_batches SET result_counts = NULL, output_file_id = NULL"
+                                 " WHERE batch_id = :b"), {"b": b.id})
+        seen = probe_lock_while_writing(monkeypatch, engine, b.id)
+        row = anthropic_batches.retrieve(engine, get_settings(), None, project, b.id)
+    assert seen == {"lock": "free"}, f"the batch's row was locked while its results were written: {seen}"
+    assert row["result_counts"]["succeeded"] == len(reqs) and row["output_file_id"] not in (None, first)
+    assert sorted(r.custom_id for r in c.messages.batches.results(b.id)) == sorted(r["custom_id"] for r in reqs)

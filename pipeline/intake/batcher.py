@@ -386,8 +386,9 @@ class Batcher:
                     rows.append(row)
         return rows, batches, cached
 
-    def _send(self, batches: list[dict]) -> None:
-        """Dispatch committed batches; with Redis away they stay ``queued`` for the sweep."""
+    def _send(self, batches: list[dict]) -> int:
+        """Dispatch committed batches; with Redis away they stay ``queued`` for the sweep.
+        Returns how many were handed to the broker."""
         sent = []
         for b in batches:
             if not self.redis.may_try():
@@ -408,6 +409,7 @@ class Batcher:
                     batch_store.mark_dispatched(conn, sent)
             except Exception as e:   # still 'queued': the sweep sends them again, a lease runs each once
                 log.info("batches dispatched but not marked so: %s", e)
+        return len(sent)
 
     def sweep(self) -> int:
         """Dispatch batches committed but never dispatched, or whose worker died.
@@ -418,16 +420,19 @@ class Batcher:
         if not (self.postgres.up and self.redis.may_try()):
             return 0
         try:
+            emptied = self._broker_emptied()   # a Redis call: before the transaction, not inside it
             with self.engine.begin() as conn:
                 stuck = batch_store.undispatched_batches(conn, self.settings.sweep_after_s)
-                if self._broker_emptied():
+                if emptied:
                     lost = batch_store.dispatched_batches(conn)
                     log.warning("the Celery broker's Redis lost its data (flushed, or restarted empty): "
                                 "dispatching the %d batches its queues held again", len(lost))
                     stuck += lost
             for batch_id, tier in stuck:
                 log.warning("sweep: dispatching batch %s (%s) again", batch_id, tier)
-            self._send([{"batch_id": b, "tier": t} for b, t in stuck])
+            sent = self._send([{"batch_id": b, "tier": t} for b, t in stuck])
+            if emptied and sent == len(stuck):
+                self._mark_broker()   # only now: a sweep cut short before this looks again
             # batches deferred by a budget whose period has rolled over (pipeline/money/deferral.py)
             from pipeline.money.deferral import resume_due_batches
             resume_due_batches(self.engine, self.dispatch, scheduler_paths())
@@ -441,17 +446,24 @@ class Batcher:
 
     def _broker_emptied(self) -> bool:
         """True when a marker key set in the broker's Redis is gone: the Celery queues went with it.
+        The sweep sets it again (``_mark_broker``) once it has sent what they held again.
 
         A batch dispatched twice runs once (its lease, batches.claim_batch), so dispatching
         again on a fresh marker (first start, or a stack started anew) costs nothing.
         """
         try:
-            fresh = bool(self.cache.redis.set(BROKER_MARK, "1", nx=True))
+            gone = not self.cache.redis.exists(BROKER_MARK)
         except redis.RedisError as e:
             self.redis.failed(e)
             return False
         self.redis.ok()
-        return fresh
+        return gone
+
+    def _mark_broker(self) -> None:
+        try:
+            self.cache.redis.set(BROKER_MARK, "1")
+        except redis.RedisError as e:   # the next sweep finds it gone and sends again: harmless
+            self.redis.failed(e)
 
     # -------------------------------------------------------------- loop
 

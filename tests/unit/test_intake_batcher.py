@@ -316,3 +316,41 @@ def test_the_fast_lane_is_written_while_a_bulk_write_is_out(make, monkeypatch):
     assert len(written) == 101 and dispatched == ["immediate", "peak"]
     assert b.consumer.commits[-1] == [("llm.requests", 0, 100)]
     b.writer.shutdown()
+
+
+class _MarkerRedis:
+    """The broker's Redis as the sweep's marker sees it."""
+    def __init__(self): self.keys = {}
+    def exists(self, k): return k in self.keys
+    def set(self, k, v, nx=False):
+        if nx and k in self.keys:
+            return None
+        self.keys[k] = v
+        return True
+
+
+def test_the_broker_marker_is_set_only_once_what_the_queues_held_is_sent_again(make, monkeypatch):
+    """The sweep finds the broker's Redis emptied (its marker gone) and sends again the batches its
+    queues held. A sweep cut short before that (Postgres gone while it lists them) leaves the marker
+    unset: the next sweep still finds them lost, and sends them."""
+    build, _ = make
+    b = build(lambda rows: None)
+    b.cache.redis = _MarkerRedis()
+    sent = []
+    b.dispatch = lambda batch_id, tier, jobs=None: sent.append(batch_id)
+    postgres_gone = [True]
+
+    def dispatched_batches(conn):
+        if postgres_gone[0]:
+            raise sa.exc.OperationalError("SELECT", {}, psycopg.OperationalError("server closed the connection"))
+        return [("b_lost", "peak")]
+    monkeypatch.setattr(batcher_mod.batch_store, "undispatched_batches", lambda conn, after: [])
+    monkeypatch.setattr(batcher_mod.batch_store, "dispatched_batches", dispatched_batches)
+    monkeypatch.setattr("pipeline.money.deferral.resume_due_batches", lambda *a: None)
+    assert b.sweep() == 0 and sent == []
+    assert batcher_mod.BROKER_MARK not in b.cache.redis.keys
+    postgres_gone[0] = False
+    b.postgres.ok()
+    assert b.sweep() == 1 and sent == ["b_lost"]
+    assert batcher_mod.BROKER_MARK in b.cache.redis.keys
+    assert b.sweep() == 0 and sent == ["b_lost"], "sent again with the marker back"

@@ -63,7 +63,12 @@ def write_outcomes(conn: Connection, outcomes: list[dict], attempts: list[dict])
 
 
 def iter_results(conn: Connection, job_id: str, chunk: int = 2000):
-    """Results of a job in input order, streamed."""
+    """Results of a job in input order, streamed (a server-side cursor, ``chunk`` rows a fetch).
+
+    The cursor's transaction idles for as long as its reader pauses (a pager, a slow download)
+    and holds no row lock, only its snapshot: the session's limit on idling inside a
+    transaction (``db_idle_transaction_s``, there for writers' locks) is lifted for it."""
+    conn.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = 0"))
     result = conn.execution_options(stream_results=True, yield_per=chunk).execute(sa.text(
         "SELECT q.custom_id, q.line, q.status, r.status_code, r.response, r.error,"
         " r.provider_request_id, r.cost_usd, q.model, r.input_tokens, r.cached_input_tokens,"

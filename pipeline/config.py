@@ -84,9 +84,10 @@ class Settings:
     outage_patience_s: float = 60.0
     #: a pipeline session idle inside a transaction longer than this is ended by Postgres, so a
     #: stalled process (stopped, hung) lets go of its row locks and a cancel does not wait on it
-    #: for ever; above the longest wait inside a healthy transaction (a large group's budget
-    #: holds in Redis, an API batch's output files: seconds to a minute or two)
-    db_idle_transaction_s: float = 300.0
+    #: for ever; far above the longest wait inside a healthy transaction (no provider call, budget
+    #: hold or file is made while one is open; a stream of results read by a paused reader
+    #: holds no row lock and is exempt)
+    db_idle_transaction_s: float = 60.0
     #: Redis: Celery broker, budget counters, rate windows, response cache
     redis_url: str = "redis://127.0.0.1:56379/0"
     #: password of the role llmbatch, put into database_url when that names none (generated into var/secrets.env)

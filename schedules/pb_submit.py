@@ -214,9 +214,9 @@ def _send_reserved(conn, settings: Settings, provider: str, model: str, ids: lis
     locked = conn.execute(sa.text(
         "SELECT batch_id FROM batches WHERE batch_id = ANY(:ids) AND status = 'held'"
         " ORDER BY batch_id FOR UPDATE SKIP LOCKED"), {"ids": ids}).scalars().all()
-    still = set(conn.execute(sa.text(
+    still = {(j, c) for j, c in conn.execute(sa.text(
         "SELECT job_id, custom_id FROM requests WHERE batch_id = ANY(:ids) AND status = 'held'"),
-        {"ids": locked}).tuples()) if locked else set()
+        {"ids": locked})} if locked else set()
 
     def held(r: Request) -> bool:
         return (r.job_id, r.custom_id) in still

@@ -277,9 +277,7 @@ class Budget:
     async def _load_job(self, job_id: str) -> None:
         def read():
             with self.engine.connect() as conn:
-                return conn.execute(sa.text(
-                    f"SELECT j.budget_usd, {JOB_SPENT_SQL} FROM jobs j WHERE j.job_id = :j"),
-                    {"j": job_id}).first()
+                return conn.execute(sa.text(JOB_SPENT_SQL), {"j": job_id}).first()
         row = await asyncio.to_thread(read)
         cap, spent = (row if row else (None, 0))
         await self._eval(LOAD, f"job:{job_id}", job_cap_units(cap), f"job:{job_id}", str(to_units(spent)))

@@ -31,10 +31,27 @@ log = logging.getLogger(__name__)
 #: its maximum while unconfirmed, the provider's figure once a report confirms it
 CALL_SPEND = ("CASE p.state WHEN 'unconfirmed' THEN p.max_cost_usd"
               " WHEN 'confirmed' THEN coalesce(p.confirmed_usd, 0) ELSE 0 END")
-#: a job's spend in the ledger: its results, and its calls that may have been billed (alias ``j``)
-JOB_SPENT_SQL = ("((SELECT coalesce(sum(cost_usd), 0) FROM results r WHERE r.job_id = j.job_id)"
-                 f" + (SELECT coalesce(sum({CALL_SPEND}), 0) FROM provider_calls p"
-                 "    WHERE p.job_id = j.job_id AND p.state <> 'sent'))")
+#: the jobs that may still spend
+OPEN_JOBS = "SELECT job_id FROM jobs WHERE status = ANY(llmbatch_states('job_open'))"
+
+
+def jobs_spent_sql(jobs: str) -> str:
+    """The spend in the ledger of the jobs ``jobs`` (SQL: a bind parameter, or a subquery of job
+    ids): their results, and their calls that may have been billed, as rows ``(job_id, spent)``.
+
+    A join the planner sees whole, never a subquery correlated with ``jobs.job_id``: that one is
+    planned for an average job, and where a few large jobs fill ``results`` it read the whole table
+    for every job asked about, a new job's first request included."""
+    return (f"SELECT job_id, sum(spent) AS spent FROM ("
+            f"SELECT r.job_id, r.cost_usd AS spent FROM results r WHERE r.job_id IN ({jobs})"
+            f" UNION ALL SELECT p.job_id, {CALL_SPEND} FROM provider_calls p"
+            f" WHERE p.job_id IN ({jobs}) AND p.state <> 'sent') s GROUP BY job_id")
+
+
+#: one job's cap and spend in the ledger (the budget loads a job's counter from it)
+JOB_SPENT_SQL = (f"SELECT j.budget_usd, coalesce(s.spent, 0) FROM jobs j"
+                 f" LEFT JOIN ({jobs_spent_sql(':j')}) s USING (job_id) WHERE j.job_id = :j")
+
 
 def ledger_snapshot(engine, settings: Settings, now: datetime | None = None, held_ids=()) -> dict:
     """Caps, spend per scope and period, the running requests, from one consistent snapshot.
@@ -55,8 +72,8 @@ def ledger_snapshot(engine, settings: Settings, now: datetime | None = None, hel
                 caps.setdefault(scope, NO_CAP)
             spent: dict[str, str] = {}
             for job_id, cap, s in conn.execute(sa.text(
-                    f"SELECT j.job_id, j.budget_usd, {JOB_SPENT_SQL}"
-                    " FROM jobs j WHERE j.status = ANY(llmbatch_states('job_open'))")).all():
+                    f"SELECT j.job_id, j.budget_usd, coalesce(s.spent, 0) FROM jobs j LEFT JOIN"
+                    f" ({jobs_spent_sql(OPEN_JOBS)}) s USING (job_id) WHERE j.status = ANY(llmbatch_states('job_open'))")).all():
                 caps[f"job:{job_id}"] = job_cap_units(cap)
                 spent[f"job:{job_id}"] = str(to_units(s))
             res, periods = [], {today}

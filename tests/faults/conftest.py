@@ -225,7 +225,7 @@ def ledger_of(job_id: str) -> Ledger:
                 led.add(request_key(job_id, cid), Decimal(max_usd), "unconfirmed")
             else:
                 led.add(request_key(job_id, cid), Decimal(confirmed or 0), "confirmed")
-        caps_count = conn.execute(sa.text(f"SELECT {JOB_SPENT_SQL} FROM jobs j WHERE j.job_id = :j"),
+        caps_count = conn.execute(sa.text(f"SELECT s.spent FROM ({JOB_SPENT_SQL}) s(cap, spent)"),
                                   {"j": job_id}).scalar()
     assert Decimal(caps_count) == led.total, f"the caps count ${caps_count}, the ledger read here ${led.total}"
     return led

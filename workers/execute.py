@@ -433,7 +433,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
         await flusher
     await writer.drain()   # retried until durable: nothing below runs while an outcome is unwritten
 
-    def finish(conn):
+    def settle_state(conn):
         if lost.is_set():   # the new holder finishes it
             return "lost"
         if writer.deferred_kinds:   # parked until a period rolls or a cap is raised
@@ -444,11 +444,14 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
             return "done"
         return "open" if batches.renew_lease(conn, batch_id, owner, settings.batch_lease_s) else "lost"
 
+    def finish(conn):   # one transaction: the batch, then its jobs (the lock order of every write)
+        state = settle_state(conn)
+        job_store.refresh_jobs(conn, jobs)
+        return state
+
     if writer.unwritten:   # pragma: no cover - drain returns only once written
         raise RuntimeError(f"batch {batch_id}: {writer.unwritten} outcomes unwritten")
     state = await asyncio.to_thread(db.retrying, engine, finish, what=f"finishing batch {batch_id}")
-    await asyncio.to_thread(db.retrying, engine, lambda conn: job_store.refresh_jobs(conn, jobs),
-                            what=f"ending the jobs of batch {batch_id}")
     if state == "open":
         raise RuntimeError(f"batch {batch_id}: requests still open after its run; left for a re-run")
     return dict(counts, requests=len(requests))

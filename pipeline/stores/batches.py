@@ -98,28 +98,18 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
                   cached: list[dict] = ()) -> dict[str, int]:
     """Insert requests and their batches in one go; returns new requests per batch.
 
+    ``requests`` are what ``admit_requests`` admitted, in this same transaction: it made their
+    jobs and holds them FOR SHARE, so none of them is cancelled or ends before the commit (a
+    cancel waits for it and then cancels the rows written now).
+
     Requests already present (a replayed message) are skipped by the natural
     key and do not count; a batch left with no new request is not written.
     ``cached`` are result rows for requests answered from the cache (their
     request rows are in ``requests`` with no batch; ``Outcome.to_row()``s of
     ``pipeline.paths.base.without_call``: cost 0, their list price saved), through the one outcome
     write (pipeline/stores/outcomes.py); they are written only for
-    requests inserted now, so a replay never adds a second answer. Requests of a
-    cancelled job are written ``cancelled``, in no batch (and get no cached answer).
+    requests inserted now, so a replay never adds a second answer.
     """
-    jobs = sorted({r["job_id"] for r in requests})
-    conn.execute(sa.text(
-        "INSERT INTO jobs (job_id, status) SELECT unnest(CAST(:ids AS text[])), 'running'"
-        " ON CONFLICT DO NOTHING"), {"ids": jobs})
-    # FOR SHARE: a cancel (UPDATE jobs, then its requests) either committed before, and we
-    # see it here, or waits for this transaction and then cancels the rows written now
-    cancelled = set(conn.execute(sa.text(
-        "SELECT job_id, status FROM jobs WHERE job_id = ANY(:ids) ORDER BY job_id FOR SHARE"),
-        {"ids": jobs}).all())
-    cancelled = {j for j, status in cancelled if status == "cancelled"}
-    if cancelled:   # a cancelled job's requests are written terminal, in no batch, never run
-        requests = [dict(r, status="cancelled", batch_id=None) if r["job_id"] in cancelled else r
-                    for r in requests]
     inserted = conn.execute(sa.text(
         f"INSERT INTO requests (job_id, custom_id, line, batch_id, provider, model, tier, tier_reason,"
         f" priority, deadline, body, metadata, input_tokens, tokens_exact, max_cost_usd, status,"
@@ -131,10 +121,6 @@ def write_batches(conn: Connection, requests: list[dict], batches: list[dict],
     for _, _, batch_id, _ in inserted:
         if batch_id is not None:
             counts[batch_id] = counts.get(batch_id, 0) + 1
-    if cancelled:
-        conn.execute(sa.text(
-            "UPDATE requests SET finished_at = now() WHERE job_id = ANY(:ids) AND status = 'cancelled'"
-            " AND finished_at IS NULL"), {"ids": sorted(cancelled)})
     kept = [dict(b, size=counts[b["batch_id"]]) for b in batches if counts.get(b["batch_id"])]
     if kept:
         conn.execute(sa.text(

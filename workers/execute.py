@@ -36,7 +36,6 @@ import contextlib
 import logging
 import time
 from datetime import timedelta
-from decimal import Decimal
 
 from pipeline.clock import budget_now
 from pipeline.config import Settings

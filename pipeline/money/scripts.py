@@ -10,6 +10,7 @@ from redis import exceptions as redis_exceptions
 from pipeline.config import Settings
 from pipeline.constants import REDIS_PREFIX
 from pipeline.errors import BudgetScriptError, BudgetUnavailable
+from pipeline.money.roundtrips import CoalescedRedis
 
 K = REDIS_PREFIX + "budget:"
 #: per job: why its reservations wait (``note_wait``), read by ``llmbatch status``
@@ -318,7 +319,8 @@ return 0
 
 
 def redis_clients(settings: Settings):
-    """(async, sync) Redis clients with short timeouts: the budget fails closed, fast.
+    """(async, sync) Redis clients with short timeouts: the budget fails closed, fast. The async
+    one's script calls made while one is out share the next round trip (``CoalescedRedis``).
 
     They recover from a Redis restart: a pooled connection idle longer than
     ``health_check_interval`` is pinged before use, and a command that meets a
@@ -339,4 +341,5 @@ def redis_clients(settings: Settings):
     # blocking pool: 200 requests reserving at once wait for a connection instead of failing
     pool = aredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=32, timeout=10,
                                                   **kw(AsyncRetry))
-    return aredis.Redis(connection_pool=pool), redis.Redis.from_url(settings.redis_url, **kw(Retry))
+    # the async client's script calls share round trips (pipeline/money/roundtrips.py)
+    return CoalescedRedis(aredis.Redis(connection_pool=pool)), redis.Redis.from_url(settings.redis_url, **kw(Retry))

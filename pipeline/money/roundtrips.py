@@ -12,6 +12,10 @@ for company.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+
+from redis.exceptions import NoScriptError, ResponseError
 
 
 class CoalescedRedis:
@@ -63,9 +67,31 @@ class CoalescedRedis:
                     fut.set_result(reply)
 
     async def _send(self, trip: list) -> list:
-        if len(trip) == 1:   # alone: a plain call
-            return [await self._client.eval(*trip[0][0])]
+        """Each script by its SHA1 (a 2.4 KB script is 40 bytes on the wire, and Redis need not
+        hash and parse it again); those Redis does not know (a restart, ``SCRIPT FLUSH``) did not
+        run, and go again as text, which Redis then keeps."""
+        calls = [args for args, _ in trip]
+        replies = await self._pipelined([("evalsha", _sha1(a[0]), *a[1:]) for a in calls])
+        unknown = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if unknown:
+            for i, reply in zip(unknown, await self._pipelined([("eval", *calls[i]) for i in unknown])):
+                replies[i] = reply
+        return replies
+
+    async def _pipelined(self, commands: list[tuple]) -> list:
+        """One round trip: a reply per command, a refusal (``ResponseError``) as its reply."""
+        if len(commands) == 1:   # alone: a plain call
+            name, *args = commands[0]
+            try:
+                return [await getattr(self._client, name)(*args)]
+            except ResponseError as e:
+                return [e]
         async with self._client.pipeline(transaction=False) as pipe:
-            for args, _ in trip:
-                pipe.eval(*args)
+            for name, *args in commands:
+                getattr(pipe, name)(*args)
             return await pipe.execute(raise_on_error=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha1(script: str | bytes) -> str:
+    return hashlib.sha1(script if isinstance(script, bytes) else script.encode()).hexdigest()

@@ -4,39 +4,53 @@ reply or error, whatever the calls beside it do, and calls made while one is out
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import pytest
 from hypothesis import given, settings, strategies as st
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from pipeline.money.roundtrips import CoalescedRedis
 
 
 class FakeRedis:
     """Answers a script with its arguments; ``"refuse"`` is refused (a reply error), ``"drop"``
-    loses the connection of its whole round trip. Records each round trip's calls."""
+    loses the connection of its whole round trip. Knows a script by its SHA1 once it was sent
+    as text (``known``: those it knows from the start). Records each round trip's calls."""
 
-    def __init__(self):
+    def __init__(self, known=("s", "refuse", "drop")):
+        self.scripts = {hashlib.sha1(s.encode()).hexdigest(): s for s in known}
         self.trips: list[list[tuple]] = []
 
-    @staticmethod
-    def _answer(args):
+    def _answer(self, name, args):
+        if name == "evalsha":
+            if args[0] not in self.scripts:
+                return NoScriptError("NOSCRIPT No matching script.")
+            args = (self.scripts[args[0]],) + args[1:]
+        else:
+            self.scripts[hashlib.sha1(args[0].encode()).hexdigest()] = args[0]
         if args[0] == "refuse":
             return ResponseError(f"refused {args[2:]}")
         return ("ok",) + args[2:]
 
     async def _trip(self, calls):
-        self.trips.append(calls)
+        self.trips.append([args for _, args in calls])
         await asyncio.sleep(0.001)
-        if any(c[0] == "drop" for c in calls):
+        if any(self.scripts.get(args[0], args[0]) == "drop" for _, args in calls):
             raise ConnectionError("connection lost")
-        return [self._answer(c) for c in calls]
+        return [self._answer(name, args) for name, args in calls]
 
-    async def eval(self, *args):
-        (reply,) = await self._trip([args])
+    async def _one(self, name, args):
+        (reply,) = await self._trip([(name, args)])
         if isinstance(reply, Exception):
             raise reply
         return reply
+
+    async def eval(self, *args):
+        return await self._one("eval", args)
+
+    async def evalsha(self, *args):
+        return await self._one("evalsha", args)
 
     def pipeline(self, transaction=True):
         assert transaction is False, "a pipeline, never a transaction"
@@ -57,7 +71,10 @@ class _Pipe:
         return False
 
     def eval(self, *args):
-        self.calls.append(args)
+        self.calls.append(("eval", args))
+
+    def evalsha(self, *args):
+        self.calls.append(("evalsha", args))
 
     async def execute(self, raise_on_error=True):
         assert raise_on_error is False
@@ -162,3 +179,18 @@ def test_a_lone_call_goes_without_a_pipeline(n):
             await _call(client, "s", i)
     asyncio.run(main())
     assert [len(t) for t in fake.trips] == [1] * n
+
+
+def test_a_script_redis_does_not_know_is_sent_as_text_once_and_then_by_its_sha():
+    """After a restart (or SCRIPT FLUSH) Redis knows no script: those calls did not run, and go
+    again as text; from then on a call is the script's SHA1 only."""
+    fake = FakeRedis(known=())
+
+    async def main():
+        client = CoalescedRedis(fake)
+        first = await asyncio.gather(*(_call(client, "s", i) for i in range(5)))
+        return first, await _call(client, "s", 5)
+    first, later = asyncio.run(main())
+    assert first == [("ok", i) for i in range(5)] and later == ("ok", 5)
+    sha = hashlib.sha1(b"s").hexdigest()
+    assert [[c[0] for c in t] for t in fake.trips] == [[sha] * 5, ["s"] * 5, [sha]]

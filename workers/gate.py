@@ -80,8 +80,10 @@ class Gate:
                 calls.record_sent(conn, going)
                 return found, {c["call_id"] for c in going}
             try:
+                # each statement alone: under READ COMMITTED one transaction saw no more (a cancel
+                # after the read goes unseen either way), and the insert is durable when it returns
                 found, recorded = await asyncio.to_thread(
-                    db.retrying, self.engine, ask, what="checking for cancelled jobs")
+                    db.retrying, self.engine, ask, what="checking for cancelled jobs", each_statement=True)
                 self.cancelled |= found
             except Exception as e:   # not transient (a bug): the calls wait for the next round
                 log.error("cancel check failed: %s", describe_error(e))

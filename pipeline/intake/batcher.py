@@ -405,7 +405,7 @@ class Batcher:
                      len(batches) - len(sent))
         if sent:
             try:
-                with self.engine.begin() as conn:
+                with db.autocommit(self.engine) as conn:   # one statement: no BEGIN, no COMMIT
                     batch_store.mark_dispatched(conn, sent)
             except Exception as e:   # still 'queued': the sweep sends them again, a lease runs each once
                 log.info("batches dispatched but not marked so: %s", e)

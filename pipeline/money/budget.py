@@ -81,6 +81,7 @@ from pipeline.money.scripts import (
 )
 from pipeline.money.units import NO_CAP, from_units, job_cap_units, reservation_units, to_units
 from pipeline.money.waits import describe_wait, note_wait, spent_field, wait_reason
+from pipeline.stores.db import autocommit
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class Budget:
         """Mirror the daily caps from Postgres into counters that lack them (never from the settings);
         ``missing``: the cap field a reservation found absent (a project without a cap: none)."""
         def read():
-            with self.engine.connect() as conn:
+            with autocommit(self.engine) as conn:   # a read: no BEGIN, no ROLLBACK
                 return caps_for(conn)
         try:
             caps = await asyncio.to_thread(read)
@@ -263,7 +264,7 @@ class Budget:
         """The API project of a job (fixed when the job is made), read once per job and process."""
         if job_id not in self._projects:
             def read():
-                with self.engine.connect() as conn:
+                with autocommit(self.engine) as conn:   # a read: no BEGIN, no ROLLBACK
                     return conn.execute(sa.text("SELECT project_id FROM jobs WHERE job_id = :j"),
                                         {"j": job_id}).scalar()
             try:
@@ -276,7 +277,7 @@ class Budget:
 
     async def _load_job(self, job_id: str) -> None:
         def read():
-            with self.engine.connect() as conn:
+            with autocommit(self.engine) as conn:   # a read: no BEGIN, no ROLLBACK
                 return conn.execute(sa.text(JOB_SPENT_SQL), {"j": job_id}).first()
         row = await asyncio.to_thread(read)
         cap, spent = (row if row else (None, 0))

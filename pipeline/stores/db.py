@@ -132,8 +132,16 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError))
 
 
-def retrying(engine: Engine, work, *, what: str, patience_s: float | None = None, sleep=time.sleep):
-    """``work(conn)`` in one transaction, tried again on a transient error until it commits.
+def autocommit(engine: Engine):
+    """A connection whose every statement is a transaction of its own: no ``BEGIN`` and no
+    ``COMMIT`` round trips around one statement (a read, or a write that stands alone)."""
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def retrying(engine: Engine, work, *, what: str, patience_s: float | None = None, sleep=time.sleep,
+             each_statement: bool = False):
+    """``work(conn)`` in one transaction, tried again on a transient error until it commits;
+    ``each_statement``: on an ``autocommit`` connection, for work whose statements stand alone.
 
     A deadlock victim, a serialization failure and a Postgres outage are waited
     out with backoff (a log line when it starts failing and one when it is
@@ -144,7 +152,7 @@ def retrying(engine: Engine, work, *, what: str, patience_s: float | None = None
     started, delay, failing = time.monotonic(), RETRY_FIRST_S, None
     while True:
         try:
-            with engine.begin() as conn:
+            with (autocommit(engine) if each_statement else engine.begin()) as conn:
                 out = work(conn)
             if failing is not None:
                 log.warning("Postgres: %s went through after %.1f s", what, time.monotonic() - started)

@@ -100,3 +100,14 @@ def test_the_process_engine_does_not_ping_a_connection_it_just_had_back(stack, m
         with engine.begin() as conn:
             conn.execute(sa.text("SELECT 1"))
     assert len(pings) == 0, f"{len(pings)} pings for 5 transactions back to back: a round trip each"
+
+
+def test_each_statement_work_runs_without_a_transaction_around_it(stack, engine):
+    """``retrying(each_statement=True)`` sends no BEGIN: each statement is a transaction of its
+    own (two reads of the transaction id differ; in one transaction they are the same)."""
+    xids = db.retrying(engine, lambda conn: [conn.execute(sa.text("SELECT pg_current_xact_id()")).scalar()
+                                             for _ in range(2)], what="two statements", each_statement=True)
+    assert xids[0] != xids[1]
+    together = db.retrying(engine, lambda conn: [conn.execute(sa.text("SELECT pg_current_xact_id()")).scalar()
+                                                 for _ in range(2)], what="two statements")
+    assert together[0] == together[1]

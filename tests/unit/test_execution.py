@@ -37,6 +37,15 @@ class FakeEngine:
             raise _pg_down()
         yield object()
 
+    def connect(self):
+        """``db.autocommit``'s connection: counted, and failing, as ``begin``."""
+        engine = self
+
+        class Connecting:
+            def execution_options(self, **_):
+                return engine.begin()
+        return Connecting()
+
 
 @pytest.fixture
 def stored(monkeypatch):

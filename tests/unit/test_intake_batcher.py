@@ -73,11 +73,19 @@ class FakeEngine:
     def __init__(self): self.reachable = True
     @contextlib.contextmanager
     def begin(self): yield object()
-    @contextlib.contextmanager
     def connect(self):
-        if not self.reachable:
+        return _Connecting(self)
+
+
+class _Connecting:
+    """What ``engine.connect()`` returns: a context manager, also as ``db.autocommit`` makes it."""
+    def __init__(self, engine): self.engine = engine
+    def execution_options(self, **_): return self
+    def __enter__(self):
+        if not self.engine.reachable:
             raise sa.exc.OperationalError("SELECT 1", {}, psycopg.OperationalError("connection refused"))
-        yield _Conn()
+        return _Conn()
+    def __exit__(self, *exc): return False
 
 
 class _Conn:

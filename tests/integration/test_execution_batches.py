@@ -17,8 +17,8 @@ from pipeline.providers.base import ProviderClient
 from pipeline.stores import batches, jobs as job_store
 from pipeline.stores.jobs import cancel_job
 from tests.integration.conftest import wait_for
-from tests.integration.execution_helpers import (LOOP, TEST_TIER, calls_of, keys_seen, make_batch, requests_of, scalar,
-                                                 simulator_config)
+from tests.integration.execution_helpers import (LOOP, TEST_TIER, calls_of, insert_requests, keys_seen, make_batch,
+                                                 requests_of, scalar, simulator_config)
 from workers.execute import run_batch
 
 
@@ -193,6 +193,37 @@ def test_a_lost_lease_stops_new_calls_and_in_flight_ones_are_written(stack, engi
     # left to its new holder: still running, not finished by the old one
     assert scalar(engine, "SELECT status FROM batches WHERE batch_id = :b", b=batch) == "running"
     assert ended - stolen_at["t"] < 30
+
+
+def test_a_batch_ends_in_its_last_writes_transaction(stack, engine):
+    """The batch's end commits with its last outcomes: one transaction, not a second one after it
+    (issue 23: a commit and five round trips fewer per immediate request). The job has a request in
+    another batch, so its refresh does not end the batch first. Rows one transaction wrote last
+    carry its id (``xmin``)."""
+    for n in (1, 3):
+        job, batch = make_batch(engine, n)
+        with engine.begin() as conn:   # the job's other request, in a batch of its own, not run here
+            conn.execute(sa.text(
+                "INSERT INTO batches (batch_id, tier, provider, model, size, status)"
+                " VALUES (:b, :t, 'openai', 'gpt-4o-mini', 1, 'held')"), {"b": batch + "-other", "t": TEST_TIER})
+            insert_requests(conn, [{
+                "job_id": job, "custom_id": "other", "line": 100, "batch_id": batch + "-other", "provider": "openai",
+                "model": "gpt-4o-mini", "tier": TEST_TIER, "tier_reason": "test", "priority": 3,
+                "body": {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "other"}]},
+                "input_tokens": 20, "max_cost_usd": "0.0001", "status": "queued"}])
+            conn.execute(sa.text("UPDATE jobs SET accepted = accepted + 1 WHERE job_id = :j"), {"j": job})
+        assert _run(batch, stack)["succeeded"] == n
+        with engine.connect() as conn:
+            row = conn.execute(sa.text(
+                "SELECT b.status, b.xmin::text AS b_x, j.status AS job_status,"
+                " (SELECT max(r.xmin::text) FROM results r WHERE r.job_id = :j) AS r_x"
+                " FROM batches b, jobs j WHERE b.batch_id = :b AND j.job_id = :j"), {"b": batch, "j": job}).one()
+        assert (row.status, row.job_status) == ("done", "running")
+        assert row.b_x == row.r_x, f"{n} requests: the batch ended in a transaction after its last write"
+        with engine.begin() as conn:   # the other request's batch leaves nothing behind for the sweep
+            conn.execute(sa.text("UPDATE requests SET status = 'cancelled' WHERE batch_id = :o"), {"o": batch + "-other"})
+            conn.execute(sa.text("UPDATE batches SET status = 'done' WHERE batch_id = :o"), {"o": batch + "-other"})
+            job_store.refresh_jobs(conn, [job])
 
 
 def test_job_outcome_says_whether_every_request_succeeded(stack, engine):

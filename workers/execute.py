@@ -430,6 +430,7 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
             keeper.cancel()
             checker.cancel()
         await flusher
+    await writer.drain()   # retried until durable: nothing below runs while an outcome is unwritten
 
     def settle_state(conn):
         if lost.is_set():   # the new holder finishes it
@@ -447,13 +448,9 @@ async def _execute(batch: dict, requests: list[dict], *, owner: str, settings: S
         job_store.refresh_jobs(conn, jobs)
         return state
 
-    # the last write ends the batch in the same transaction: a commit and five round trips fewer
-    # per batch, which for an immediate request is per request; retried until durable, as every write
-    state = await writer.drain(closing=finish)
     if writer.unwritten:   # pragma: no cover - drain returns only once written
         raise RuntimeError(f"batch {batch_id}: {writer.unwritten} outcomes unwritten")
-    if state is None:   # nothing was left to write, or it went row by row: the end alone
-        state = await asyncio.to_thread(db.retrying, engine, finish, what=f"finishing batch {batch_id}")
+    state = await asyncio.to_thread(db.retrying, engine, finish, what=f"finishing batch {batch_id}")
     if state == "open":
         raise RuntimeError(f"batch {batch_id}: requests still open after its run; left for a re-run")
     return dict(counts, requests=len(requests))

@@ -66,12 +66,9 @@ class OutcomeWriter:
     def unwritten(self) -> int:
         return len(self.outcomes) + len(self.attempts) + len(self.deferred) + len(self.unconfirmed)
 
-    async def flush(self, closing=None):
+    async def flush(self) -> None:
         """Write what has finished; settle its reservations and cache its answers after,
-        in the background, so the next write need not wait for Redis. ``closing(conn)`` runs
-        last in the write's transaction, in place of its job refresh; returns what it returned,
-        or None when there was nothing to write (and so nothing ran it)."""
-        closed = None
+        in the background, so the next write need not wait for Redis."""
         async with self.lock:
             n_o, n_a, n_d, n_s = len(self.outcomes), len(self.attempts), len(self.deferred), len(self.settles)
             n_u, n_c = len(self.unconfirmed), len(self.answered)
@@ -79,8 +76,8 @@ class OutcomeWriter:
             settles = self.settles[:n_s]
             unconfirmed, answered = self.unconfirmed[:n_u], self.answered[:n_c]
             if outcomes or attempts or deferred or unconfirmed or answered:
-                xids, closed = await asyncio.to_thread(self._write_durably, outcomes, attempts, deferred,
-                                                       unconfirmed, answered, closing)
+                xids = await asyncio.to_thread(self._write_durably, outcomes, attempts, deferred,
+                                               unconfirmed, answered)
                 for res, _ in settles:   # a settle retried from an earlier write keeps that write's xid
                     res.written, res.xid = True, xids.get(res.rid.rsplit("~", 1)[0], res.xid)
             # only now, with the rows committed, leave the buffers (appends went on behind them)
@@ -93,17 +90,14 @@ class OutcomeWriter:
             task = asyncio.create_task(self._after_write(settles, answers))
             self.settling.add(task)
             task.add_done_callback(self.settling.discard)
-        return closed
 
-    async def drain(self, closing=None):
-        """The last write, and every settlement: the batch's task ends only once its spend is
-        settled. ``closing``: the batch's end, in the last write's transaction (``flush``)."""
-        closed = await self.flush(closing)
+    async def drain(self) -> None:
+        """The last write, and every settlement: the batch is over only when its spend is settled."""
+        await self.flush()
         await asyncio.gather(*self.settling, return_exceptions=True)
         if self.settles or self.unwritten:   # failed settlements: one more try, then they expire
             await self.flush()
             await asyncio.gather(*self.settling, return_exceptions=True)
-        return closed
 
     async def _after_write(self, settles, answers) -> None:
         if settles:
@@ -123,25 +117,17 @@ class OutcomeWriter:
                         next(r for r in results if isinstance(r, BaseException)))
             self.settles.extend(failed)
 
-    def _write_durably(self, outcomes, attempts, deferred, unconfirmed=(), answered=(),
-                       closing=None) -> tuple[dict[str, str], object]:
+    def _write_durably(self, outcomes, attempts, deferred, unconfirmed=(), answered=()) -> dict[str, str]:
         """One transaction, retried until it commits; a refused row is isolated.
         Returns the id of the transaction that committed each outcome and each unconfirmed call
-        (``budget.commit_xid``), by request, and what ``closing`` returned in it (None when the
-        rows had to go one by one, without it)."""
+        (``budget.commit_xid``), by request."""
         what = f"writing {len(outcomes)} outcomes of batch {self.batch_id}"
-        closed = {}
-
-        def work(conn):
-            xid = self._write(conn, outcomes, attempts, deferred, unconfirmed, answered, refresh=closing is None)
-            if closing is not None:
-                closed["state"] = closing(conn)
-            return xid
         try:
-            xid = db.retrying(self.engine, work, what=what, sleep=self.sleep)
+            xid = db.retrying(self.engine, lambda conn: self._write(conn, outcomes, attempts, deferred,
+                                                                    unconfirmed, answered),
+                              what=what, sleep=self.sleep)
             xids = {_rid(u): xid for u in unconfirmed} | {o.key: xid for o in outcomes}
         except Exception as e:
-            closed.clear()   # its transaction never committed
             log.error("%s: Postgres refused the write (%s); writing row by row to isolate it", what, describe_error(e))
             xids = self._write_one_by_one(outcomes, attempts, deferred)
             xid = db.retrying(self.engine, lambda conn: self._write(conn, [], [], [], unconfirmed, answered),
@@ -149,7 +135,7 @@ class OutcomeWriter:
             xids.update({_rid(u): xid for u in unconfirmed})
         # the one metrics hook for request outcomes: counted once the rows are durable
         metrics.record_outcomes([o.to_row() for o in outcomes], attempts)
-        return xids, closed.get("state")
+        return xids
 
     def _write_one_by_one(self, outcomes, attempts, deferred) -> dict[str, str]:
         xids: dict[str, str] = {}
@@ -175,14 +161,13 @@ class OutcomeWriter:
                     sleep=self.sleep)
         return xids
 
-    def _write(self, conn, outcomes, attempts, deferred=(), unconfirmed=(), answered=(), refresh=True) -> str:
+    def _write(self, conn, outcomes, attempts, deferred=(), unconfirmed=(), answered=()) -> str:
         if self.batch_id is not None:
             batches.lock_batch(conn, self.batch_id)   # lock order: batch, requests, jobs (pipeline/stores/batches.py)
         sequence.write(conn, outcomes, attempts)
         deferral.write_deferred(conn, list(deferred))
         calls.resolve(conn, list(unconfirmed), list(answered))
-        if refresh:
-            job_store.refresh_jobs(conn, {o.job_id for o in outcomes})
+        job_store.refresh_jobs(conn, {o.job_id for o in outcomes})
         return budget.commit_xid(conn) if outcomes or unconfirmed else ""
 
 

@@ -92,7 +92,9 @@ def transaction(engine: Engine, patience_s: float | None = None):
     """``engine.begin()`` that waits out a short Postgres outage (a restart) when connecting,
     for ``patience_s`` (default: the setting ``outage_patience_s``).
 
-    Only the connect is retried, never a statement: the block runs once.
+    Only the connect is retried, never a statement: the block runs once, so its connection is
+    pinged first (the pool pings only those that sat idle, ``ping_when_idle``) and one that died
+    since its last use, in a restart say, is replaced before the block starts.
     """
     if patience_s is None:
         patience_s = get_settings().outage_patience_s
@@ -102,6 +104,10 @@ def transaction(engine: Engine, patience_s: float | None = None):
     while True:
         try:
             conn = engine.connect()
+            if not _alive(conn):
+                conn.invalidate()
+                conn.close()
+                conn = engine.connect()
             break
         except sa.exc.OperationalError as e:
             if not waiting:   # one line per state change, not one per attempt, said at the first
@@ -116,6 +122,14 @@ def transaction(engine: Engine, patience_s: float | None = None):
         log.warning("Postgres reachable again after %.0f s", time.monotonic() - started)
     with conn, conn.begin():
         yield conn
+
+
+def _alive(conn: Connection) -> bool:
+    try:
+        conn.dialect.do_ping(conn.connection.dbapi_connection)
+        return True
+    except Exception:
+        return False
 
 
 #: backoff of ``retrying``: first wait, growth, ceiling (seconds)

@@ -89,6 +89,21 @@ def test_a_connection_that_died_moments_after_use_fails_once_and_retrying_gets_t
         mine.dispose()
 
 
+def test_a_transaction_block_that_runs_once_never_gets_a_connection_that_died_just_after_use(stack, engine):
+    """``db.transaction`` retries only its connect, never its block (a submit's checkpoint, a
+    purge): its connection is pinged whatever its idle time, as ``pool_pre_ping`` did for all."""
+    clock, pings = Clock(), []
+    mine = _engine(engine.url, clock, pings)
+    try:
+        dead = _backend_pid(mine)
+        _terminate(engine, dead)   # moments after its use: the pool hands it out unpinged
+        with db.transaction(mine, patience_s=10) as conn:
+            assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() != dead
+        assert len(pings) == 1
+    finally:
+        mine.dispose()
+
+
 def test_the_process_engine_does_not_ping_a_connection_it_just_had_back(stack, monkeypatch):
     engine = db.get_engine()
     with engine.connect() as conn:   # one connection in the pool, just checked in

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import types
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -36,6 +37,9 @@ class Engine:
         import contextlib
 
         class Conn(contextlib.nullcontext):
+            dialect = types.SimpleNamespace(do_ping=lambda dbapi_connection: True)   # alive when pinged
+            connection = types.SimpleNamespace(dbapi_connection=None)
+
             def begin(self):
                 return contextlib.nullcontext()
         return Conn(None)
